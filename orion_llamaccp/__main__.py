@@ -1,0 +1,3 @@
+from orion_llamaccp.cli import main
+
+raise SystemExit(main())

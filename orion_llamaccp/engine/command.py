@@ -1,0 +1,196 @@
+"""Where the llama-server command line is built.
+
+One function, ``build_launch``, turns (profile, overrides, model files, binary capabilities)
+into the argv (a list, never a shell string) and the environment variables we set. Every
+knob maps to its current flag; a knob whose flag the probed binary does not accept is an
+error naming the knob, the flag and the binary, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from orion_llamaccp.engine.binary import BinaryInfo
+from orion_llamaccp.errors import ConfigError, UnsupportedKnob
+from orion_llamaccp.model.paths import ModelFiles
+from orion_llamaccp.profiles.models import LlamaCppConfig, Profile
+from orion_llamaccp.settings import Overrides
+
+API_KEY_ENV = "LLAMA_ARG_API_KEY"
+MASK = "***"
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _floats(values: tuple[float, ...]) -> str:
+    return ",".join(_plain(v) for v in values)
+
+
+# knob -> (flag, how to render the value; None = a switch with no value)
+KNOBS: dict[str, tuple[str, Callable[[Any], str] | None]] = {
+    "ctx_size": ("--ctx-size", _plain),
+    "n_gpu_layers": ("--n-gpu-layers", _plain),
+    "threads": ("--threads", _plain),
+    "parallel": ("--parallel", _plain),
+    "batch_size": ("--batch-size", _plain),
+    "ubatch_size": ("--ubatch-size", _plain),
+    "flash_attn": ("--flash-attn", _plain),
+    "split_mode": ("--split-mode", _plain),
+    "tensor_split": ("--tensor-split", _floats),
+    "no_context_shift": ("--no-context-shift", None),
+    "chat_template_kwargs": ("--chat-template-kwargs", _json),
+    "reasoning_budget": ("--reasoning-budget", _plain),
+    "reasoning": ("--reasoning", _plain),
+    "reasoning_format": ("--reasoning-format", _plain),
+    "image_min_tokens": ("--image-min-tokens", _plain),
+    "image_max_tokens": ("--image-max-tokens", _plain),
+    "rope_scaling": ("--rope-scaling", _plain),
+    "rope_scale": ("--rope-scale", _plain),
+    "yarn_orig_ctx": ("--yarn-orig-ctx", _plain),
+    "temperature": ("--temp", _plain),
+    "top_k": ("--top-k", _plain),
+    "top_p": ("--top-p", _plain),
+    "min_p": ("--min-p", _plain),
+    "presence_penalty": ("--presence-penalty", _plain),
+    "n_predict": ("--n-predict", _plain),
+    "spec_type": ("--spec-type", _plain),
+    "spec_draft_n_max": ("--spec-draft-n-max", _plain),
+    "n_gpu_layers_draft": ("--n-gpu-layers-draft", _plain),
+    "draft_min": ("--draft-min", _plain),
+    "draft_max": ("--draft-max", _plain),
+    "metrics": ("--metrics", None),
+}
+# The environment's overrides win over these profile knobs.
+OVERRIDABLE = ("ctx_size", "n_gpu_layers", "threads", "parallel", "batch_size")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to start llama-server, and a masked view of it for humans."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    host: str
+    port: int
+    secret_env: frozenset[str] = field(default_factory=frozenset)
+    api_key: str | None = field(default=None, repr=False)
+
+    def masked_env(self) -> dict[str, str]:
+        return {k: (MASK if k in self.secret_env else v) for k, v in self.env.items()}
+
+    def masked_argv(self) -> list[str]:
+        return mask_argv(self.argv)
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def mask_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
+    """Hide values of secret-bearing flags, in case ``extra_args`` carries one."""
+    masked = list(argv)
+    for i, arg in enumerate(masked[:-1]):
+        if arg in ("--api-key", "--hf-token", "-hft"):
+            masked[i + 1] = MASK
+    return masked
+
+
+def _effective(cfg: LlamaCppConfig, overrides: Overrides) -> dict[str, Any]:
+    values = {knob: getattr(cfg, knob) for knob in KNOBS}
+    for knob in OVERRIDABLE:
+        override = getattr(overrides, knob)
+        if override is not None:
+            values[knob] = override
+    return values
+
+
+def _check(binary: BinaryInfo | None, profile: str, key: str, flag: str) -> None:
+    if binary is not None and not binary.accepts(flag):
+        raise UnsupportedKnob(
+            f"profile '{profile}' sets {key}, which needs the flag {flag}, but "
+            f"{binary.path} (build {binary.build}) does not accept it: remove the knob, "
+            f"or use a llama-server build that has {flag} (see `llama-server --help`)"
+        )
+
+
+def _knob_args(profile: Profile, values: dict[str, Any], binary: BinaryInfo | None) -> list[str]:
+    args: list[str] = []
+    for knob, (flag, render) in KNOBS.items():
+        value = values[knob]
+        if value is None or value is False:
+            continue
+        _check(binary, profile.name, f"llamacpp.{knob}", flag)
+        args.extend([flag] if render is None else [flag, render(value)])
+    return args
+
+
+def _extra_args(profile: Profile, binary: BinaryInfo | None) -> list[str]:
+    extra = list(profile.llamacpp.extra_args)
+    for arg in extra:
+        if arg.startswith("-") and not arg.lstrip("-").replace(".", "").isdigit():
+            _check(binary, profile.name, f"llamacpp.extra_args ({arg})", arg.split("=", 1)[0])
+    return extra
+
+
+def gpu_env(profile: Profile, overrides: Overrides) -> dict[str, str]:
+    """Pin llama-server to GPUs: the override, else the profile's ``gpu.device_ids``."""
+    if overrides.cuda_visible_devices is not None:
+        visible = overrides.cuda_visible_devices.strip()
+    elif profile.gpu.device_ids:
+        visible = ",".join(str(i) for i in profile.gpu.device_ids)
+    else:
+        return {}
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible}
+
+
+def build_launch(
+    profile: Profile,
+    overrides: Overrides,
+    files: ModelFiles,
+    *,
+    binary: BinaryInfo | None,
+    binary_path: str,
+    environ: Mapping[str, str],
+) -> LaunchSpec:
+    """The argv and environment for ``profile``; ``binary=None`` skips the flag check."""
+    cfg = profile.llamacpp
+    host = overrides.host or cfg.host
+    port = overrides.port or cfg.port
+    argv = [binary_path, "--model", str(files.model), "--host", host, "--port", str(port)]
+    if files.mmproj is not None:
+        _check(binary, profile.name, "llamacpp.mmproj_filename", "--mmproj")
+        argv += ["--mmproj", str(files.mmproj)]
+    if files.draft is not None:
+        _check(binary, profile.name, "llamacpp.hf_draft_filename", "--model-draft")
+        argv += ["--model-draft", str(files.draft)]
+    argv += _knob_args(profile, _effective(cfg, overrides), binary)
+    argv += _extra_args(profile, binary)
+
+    env = gpu_env(profile, overrides)
+    secret: set[str] = set()
+    api_key = None
+    if cfg.api_key_env:
+        api_key = environ.get(cfg.api_key_env)
+        if not api_key:
+            raise ConfigError(
+                f"profile '{profile.name}' sets llamacpp.api_key_env={cfg.api_key_env}, "
+                f"but that variable is empty or unset"
+            )
+        _check(binary, profile.name, "llamacpp.api_key_env", "--api-key")
+        # Through the environment, not argv: argv is visible to every user in `ps`.
+        env[API_KEY_ENV] = api_key
+        secret.add(API_KEY_ENV)
+    return LaunchSpec(tuple(argv), env, host, port, frozenset(secret), api_key)

@@ -1,0 +1,74 @@
+"""From settings to "what exactly we would launch": registry, profile, files, command line.
+
+This is the one place that strings the layers together before anything runs, so ``command``,
+``doctor``, ``run`` and the worker all agree on the same answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from orion_llamaccp.engine.binary import BinaryInfo, find_binary, probe
+from orion_llamaccp.engine.command import LaunchSpec, build_launch
+from orion_llamaccp.errors import EngineError
+from orion_llamaccp.model.paths import ModelFiles, plan_files
+from orion_llamaccp.profiles.models import Profile
+from orion_llamaccp.profiles.registry import Registry, load_registry
+from orion_llamaccp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    """The selected profile and the llama-server launch it produces."""
+
+    settings: Settings
+    registry: Registry
+    profile: Profile
+    files: ModelFiles
+    binary: BinaryInfo | None
+    launch: LaunchSpec
+
+
+def select_profile(settings: Settings, name: str | None = None) -> tuple[Registry, Profile]:
+    """Load the registry and pick the profile; other profiles' problems become warnings."""
+    registry = load_registry(settings.profiles_config_path)
+    wanted = name or settings.profile_name
+    profile = registry.select(wanted)
+    for other, problem in registry.problems.items():
+        if other != wanted:
+            log.warning("ignoring broken profile %s: %s", other, problem)
+    return registry, profile
+
+
+def build_plan(
+    settings: Settings, *, profile_name: str | None = None, require_binary: bool = True
+) -> ServicePlan:
+    """Resolve everything needed to start llama-server, without starting it.
+
+    With ``require_binary=False`` a missing binary is tolerated (the flag check is skipped),
+    so ``command`` still shows what would run on a machine without llama-server.
+    """
+    registry, profile = select_profile(settings, profile_name)
+    overrides = settings.overrides
+    files = plan_files(profile, overrides.model_path, settings.environ())
+    binary: BinaryInfo | None = None
+    try:
+        path = find_binary(settings.llama_server_bin, settings.build_path)
+        binary = probe(path)
+        binary_path = str(path)
+    except EngineError:
+        if require_binary:
+            raise
+        binary_path = settings.llama_server_bin or "llama-server"
+    launch = build_launch(
+        profile,
+        overrides,
+        files,
+        binary=binary,
+        binary_path=binary_path,
+        environ=settings.environ(),
+    )
+    return ServicePlan(settings, registry, profile, files, binary, launch)

@@ -1,0 +1,125 @@
+"""Where a profile's files live on disk: pure path logic, no I/O beyond ``resolve()``.
+
+Precedence for the main model file:
+``LLAMACPP_MODEL_PATH_OVERRIDE`` > ``llamacpp.model_path`` > ``model_root/hf_filename`` >
+``model_id`` when it is an absolute ``.gguf`` path.
+
+Names that come from the registry (``model_path``, ``hf_filename``, ``mmproj_filename``,
+``hf_draft_filename``) can never resolve outside ``model_root``. Only the operator's own
+override may point anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from orion_llamaccp.errors import ModelNotFound, UnsafeModelPath
+from orion_llamaccp.profiles.models import Profile, expand_path
+
+SPLIT_PART = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The files llama-server needs, and where each one comes from."""
+
+    root: Path
+    model: Path
+    parts: tuple[Path, ...]
+    mmproj: Path | None = None
+    draft: Path | None = None
+    source: str = "hf_filename"
+
+    @property
+    def all(self) -> tuple[Path, ...]:
+        extra = tuple(p for p in (self.mmproj, self.draft) if p is not None)
+        return (*self.parts, *extra)
+
+
+def model_root(profile: Profile, env: Mapping[str, str]) -> Path:
+    return expand_path(profile.llamacpp.model_root, env)
+
+
+def safe_join(root: Path, name: str, key: str) -> Path:
+    """``root / name``, refusing anything that would land outside ``root``."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if not name or pure.is_absolute() or ".." in pure.parts or name.startswith("~"):
+        raise UnsafeModelPath(
+            f"llamacpp.{key} = {name!r} would resolve outside model_root {root}: "
+            f"give a plain relative file name (sub-folders allowed, no '..', no absolute path)"
+        )
+    candidate = (root / pure).resolve()
+    if not candidate.is_relative_to(root.resolve()):
+        raise UnsafeModelPath(
+            f"llamacpp.{key} = {name!r} resolves to {candidate}, outside model_root {root} "
+            f"(through a symbolic link): refuse to use it"
+        )
+    return root / pure
+
+
+def split_parts(path: Path) -> tuple[Path, ...]:
+    """All parts of a split GGUF named ``x-00001-of-0000N.gguf``; just ``path`` otherwise."""
+    match = SPLIT_PART.match(path.name)
+    if not match:
+        return (path,)
+    count = int(match.group("count"))
+    stem = match.group("stem")
+    return tuple(path.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1))
+
+
+def main_model_path(
+    profile: Profile, override: str | None, env: Mapping[str, str]
+) -> tuple[Path, str]:
+    """The main model file and which setting chose it."""
+    root = model_root(profile, env)
+    cfg = profile.llamacpp
+    if override:
+        path = Path(override).expanduser()
+        return (path if path.is_absolute() else safe_join(root, override, "model_path")), (
+            "LLAMACPP_MODEL_PATH_OVERRIDE"
+        )
+    if cfg.model_path:
+        path = Path(cfg.model_path).expanduser()
+        if path.is_absolute():
+            if not path.resolve().is_relative_to(root.resolve()):
+                raise UnsafeModelPath(
+                    f"llamacpp.model_path = {cfg.model_path!r} is outside model_root {root}: "
+                    f"put the file under model_root, or set LLAMACPP_MODEL_PATH_OVERRIDE"
+                )
+            return path, "llamacpp.model_path"
+        return safe_join(root, cfg.model_path, "model_path"), "llamacpp.model_path"
+    if cfg.hf_filename:
+        return safe_join(root, cfg.hf_filename, "hf_filename"), "llamacpp.hf_filename"
+    if (
+        profile.model_id
+        and profile.model_id.endswith(".gguf")
+        and Path(profile.model_id).is_absolute()
+    ):
+        return Path(profile.model_id), "model_id"
+    raise ModelNotFound(
+        f"profile '{profile.name}' names no model file: set llamacpp.hf_repo_id + "
+        f"llamacpp.hf_filename (downloaded into {root}), llamacpp.model_path, "
+        f"or an absolute .gguf path as model_id"
+    )
+
+
+def plan_files(profile: Profile, override: str | None, env: Mapping[str, str]) -> ModelFiles:
+    """Every file the profile needs, without touching the network or checking they exist."""
+    root = model_root(profile, env)
+    cfg = profile.llamacpp
+    model, source = main_model_path(profile, override, env)
+    mmproj = (
+        safe_join(root, cfg.mmproj_filename, "mmproj_filename") if cfg.mmproj_filename else None
+    )
+    draft = (
+        safe_join(root, cfg.hf_draft_filename, "hf_draft_filename")
+        if cfg.hf_draft_filename
+        else None
+    )
+    parts = split_parts(model)
+    return ModelFiles(
+        root=root, model=parts[0], parts=parts, mmproj=mmproj, draft=draft, source=source
+    )

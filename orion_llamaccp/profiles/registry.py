@@ -1,0 +1,136 @@
+"""Load ``llm_profiles.yaml`` and pick the active profile, with errors a user can act on.
+
+A real-world registry holds profiles of other backends too (vLLM, ``llama-cola``, ...):
+those are listed but never validated here. A broken llama.cpp profile that is not the one
+selected does not stop the service; ``validate`` reports every problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from orion_llamaccp.errors import ConfigError, ProfileNotFound
+from orion_llamaccp.profiles.models import GpuConfig, LlamaCppConfig, Profile, known_keys
+
+BACKEND = "llamacpp"
+_BLOCKS: dict[str, type[BaseModel]] = {"gpu": GpuConfig, "llamacpp": LlamaCppConfig}
+
+
+@dataclass(frozen=True)
+class OtherProfile:
+    """A profile for another backend: shown in listings, never served by us."""
+
+    name: str
+    backend: str
+    display_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The parsed registry: valid llama.cpp profiles, others, and per-profile problems."""
+
+    path: Path
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    others: dict[str, OtherProfile] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted({*self.profiles, *self.others, *self.problems})
+
+    def select(self, name: str) -> Profile:
+        """The profile to serve, or the error that says why it cannot be served."""
+        if name in self.profiles:
+            return self.profiles[name]
+        if name in self.problems:
+            raise ConfigError(self.problems[name])
+        if name in self.others:
+            other = self.others[name]
+            raise ConfigError(
+                f"LLM PROFILE '{name}' has backend '{other.backend}', not '{BACKEND}': "
+                f"this service only serves llama.cpp profiles "
+                f"({', '.join(sorted(self.profiles)) or 'none in this registry'})"
+            )
+        raise ProfileNotFound(_not_found(name, self.names, self.path))
+
+
+def _not_found(name: str, names: list[str], path: Path) -> str:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.4)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return (
+        f"LLM PROFILE '{name}' not found in registry {path}.{hint} "
+        f"Available: {', '.join(names) or '(none)'}. Set LLM_PROFILE_NAME to one of them."
+    )
+
+
+def describe_errors(name: str, exc: ValidationError) -> str:
+    """Turn pydantic's errors into ``profiles.NAME.block.key: problem`` lines."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        where = ".".join(["profiles", name, *loc])
+        if err["type"] == "extra_forbidden" and loc and loc[0] in _BLOCKS:
+            known = known_keys(_BLOCKS[loc[0]])
+            close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            extra = " Raw llama-server flags go in extra_args." if loc[0] == "llamacpp" else ""
+            lines.append(f"{where}: unknown key{hint}.{extra}")
+        else:
+            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_profile(name: str, raw: Any) -> Profile:
+    """Validate one llama.cpp profile entry, raising ``ConfigError`` with key paths."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"profiles.{name}: expected a mapping, got {type(raw).__name__}")
+    try:
+        return Profile.model_validate({**raw, "name": name})
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(name, exc)) from None
+
+
+def read_yaml(path: Path) -> Mapping[str, Any]:
+    """The registry file's ``profiles:`` mapping."""
+    if not path.is_file():
+        raise ConfigError(
+            f"llm_profiles.yaml not found at {path} (resolved to {path.resolve()}). "
+            f"Set LLM_PROFILES_CONFIG_PATH to the registry file "
+            f"(default config/llm_profiles.yaml; /app/config/llm_profiles.yaml in the image)."
+        )
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(document, Mapping) or "profiles" not in document:
+        raise ConfigError(
+            f"{path} has no top-level 'profiles:' key: the registry must start with it"
+        )
+    profiles = document["profiles"]
+    if not isinstance(profiles, Mapping):
+        raise ConfigError(f"{path}: 'profiles:' must be a mapping of name -> profile")
+    return profiles
+
+
+def load_registry(path: Path) -> Registry:
+    """Read and validate every llama.cpp profile; other backends are listed, not validated."""
+    registry = Registry(path=path)
+    for name, raw in read_yaml(path).items():
+        name = str(name)
+        backend = raw.get("backend", BACKEND) if isinstance(raw, Mapping) else BACKEND
+        if backend != BACKEND:
+            display = raw.get("display_name") if isinstance(raw, Mapping) else None
+            registry.others[name] = OtherProfile(name, str(backend), display)
+            continue
+        try:
+            registry.profiles[name] = parse_profile(name, raw)
+        except ConfigError as exc:
+            registry.problems[name] = str(exc)
+    return registry

@@ -1,0 +1,163 @@
+"""Settings: the only place that reads the environment.
+
+The environment selects a profile (``LLM_PROFILE_NAME``) and overrides a handful of knobs;
+everything else lives in the profile registry. A blank variable counts as unset, so an
+``.env`` file can list every variable with no value. A value that does not parse is a
+startup error that names the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from orion_llamaccp import __version__
+from orion_llamaccp.errors import ConfigError
+
+DEFAULT_PROFILE = "gemma3-270m-cpu"
+DEFAULT_CONFIG_PATH = "config/llm_profiles.yaml"
+DEFAULT_CACHE_DIR = "~/.cache/orion-llamaccp/models"
+
+NGpuLayers = int | Literal["auto", "all"]
+
+
+def _env(name: str) -> Any:
+    return Field(default=None, validation_alias=AliasChoices(name))
+
+
+class Overrides(BaseSettings):
+    """Per-deployment overrides of the profile's llama-server knobs (``None`` = use profile)."""
+
+    model_config = SettingsConfigDict(
+        env_ignore_empty=True, extra="ignore", frozen=True, protected_namespaces=()
+    )
+
+    model_path: str | None = _env("LLAMACPP_MODEL_PATH_OVERRIDE")
+    host: str | None = _env("LLAMACPP_HOST_OVERRIDE")
+    port: Annotated[int, Field(ge=1, le=65535)] | None = _env("LLAMACPP_PORT_OVERRIDE")
+    ctx_size: Annotated[int, Field(ge=0)] | None = _env("LLAMACPP_CTX_SIZE_OVERRIDE")
+    n_gpu_layers: NGpuLayers | None = _env("LLAMACPP_N_GPU_LAYERS_OVERRIDE")
+    threads: Annotated[int, Field(ge=-1)] | None = _env("LLAMACPP_THREADS_OVERRIDE")
+    parallel: Annotated[int, Field(ge=1)] | None = _env("LLAMACPP_PARALLEL_OVERRIDE")
+    batch_size: Annotated[int, Field(ge=1)] | None = _env("LLAMACPP_BATCH_SIZE_OVERRIDE")
+    cuda_visible_devices: str | None = _env("CUDA_VISIBLE_DEVICES_OVERRIDE")
+
+    @field_validator("n_gpu_layers", mode="before")
+    @classmethod
+    def _ngl(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        return value
+
+
+class Settings(BaseSettings):
+    """Everything the process reads from its environment (and an optional ``.env``)."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_ignore_empty=True, extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    profile_name: str = Field(DEFAULT_PROFILE, validation_alias="LLM_PROFILE_NAME")
+    profiles_config_path: Path = Field(
+        Path(DEFAULT_CONFIG_PATH), validation_alias="LLM_PROFILES_CONFIG_PATH"
+    )
+    cache_dir: str = Field(DEFAULT_CACHE_DIR, validation_alias="LLM_CACHE_DIR")
+    hf_token: SecretStr | None = Field(None, validation_alias="HF_TOKEN")
+    hf_hub_offline: bool = Field(False, validation_alias="HF_HUB_OFFLINE")
+    bus_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"), validation_alias="ORION_BUS_URL"
+    )
+    service_name: str = Field("orion-llamaccp", validation_alias="SERVICE_NAME")
+    service_version: str = Field(__version__, validation_alias="SERVICE_VERSION")
+    node_name: str = Field(default_factory=socket.gethostname, validation_alias="NODE_NAME")
+    instance_id_setting: str | None = Field(None, validation_alias="INSTANCE_ID")
+    llama_server_bin: str | None = Field(None, validation_alias="LLAMA_SERVER_BIN")
+    build_dir: str = Field(
+        "~/.cache/orion-llamaccp/llama-server", validation_alias="ORION_LLAMACPP_BUILD_DIR"
+    )
+
+    heartbeat_interval_sec: float = Field(10.0, gt=0, validation_alias="HEARTBEAT_INTERVAL_SEC")
+    announce_interval_sec: float = Field(60.0, gt=0, validation_alias="ANNOUNCE_INTERVAL_SEC")
+    metrics_port: int | None = Field(None, ge=0, le=65535, validation_alias="METRICS_PORT")
+    log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
+
+    # Bus behaviour. Channel names default to the contract's; see bus/channels.py.
+    intake_channel: str | None = Field(None, validation_alias="ORION_LLAMACPP_INTAKE_CHANNEL")
+    intake_stream: str | None = Field(None, validation_alias="ORION_LLAMACPP_INTAKE_STREAM")
+    stream_group: str | None = Field(None, validation_alias="ORION_LLAMACPP_STREAM_GROUP")
+    dlq_stream: str | None = Field(None, validation_alias="ORION_LLAMACPP_DLQ_STREAM")
+    health_channel: str = Field("orion:system:health", validation_alias="ORION_HEALTH_CHANNEL")
+    error_channel: str = Field("orion:system:error", validation_alias="ORION_ERROR_CHANNEL")
+    announce_channel: str = Field(
+        "orion:llm:profile:announce", validation_alias="ORION_LLM_ANNOUNCE_CHANNEL"
+    )
+    discover_channel: str = Field(
+        "orion:llm:profile:discover", validation_alias="ORION_LLM_DISCOVER_CHANNEL"
+    )
+    cancel_channel: str = Field(
+        "orion:llamacpp:cancel", validation_alias="ORION_LLAMACPP_CANCEL_CHANNEL"
+    )
+    transports: str = Field("pubsub,stream", validation_alias="ORION_LLAMACPP_TRANSPORTS")
+    local_queue_size: int = Field(16, ge=0, validation_alias="ORION_LLAMACPP_LOCAL_QUEUE")
+    stream_claim_idle_ms: int = Field(
+        600_000, ge=1000, validation_alias="ORION_LLAMACPP_CLAIM_IDLE_MS"
+    )
+    stream_max_deliveries: int = Field(5, ge=1, validation_alias="ORION_LLAMACPP_MAX_DELIVERIES")
+    dedup_ttl_sec: int = Field(600, ge=1, validation_alias="ORION_LLAMACPP_DEDUP_TTL_SEC")
+    coalesce_ms: float = Field(10.0, ge=0, validation_alias="ORION_LLAMACPP_COALESCE_MS")
+    drain_timeout_sec: float = Field(
+        60.0, ge=0, validation_alias="ORION_LLAMACPP_DRAIN_TIMEOUT_SEC"
+    )
+    request_timeout_sec: float = Field(
+        600.0, gt=0, validation_alias="ORION_LLAMACPP_REQUEST_TIMEOUT_SEC"
+    )
+
+    @cached_property
+    def overrides(self) -> Overrides:
+        return Overrides()
+
+    @property
+    def instance_id(self) -> str:
+        """Stable per host and profile, so a restarted worker finds its own stream entries."""
+        return self.instance_id_setting or f"{self.node_name}:{self.profile_name}"
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(os.path.expandvars(self.cache_dir)).expanduser()
+
+    @property
+    def build_path(self) -> Path:
+        return Path(os.path.expandvars(self.build_dir)).expanduser()
+
+    def environ(self) -> dict[str, str]:
+        """The variables ``${VAR}`` in the registry may use (``LLM_CACHE_DIR`` always set)."""
+        return {**os.environ, "LLM_CACHE_DIR": str(self.cache_path)}
+
+
+def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        info = model.model_fields.get(field)
+        alias = info.validation_alias if info else None
+        names = alias.choices if isinstance(alias, AliasChoices) else [alias or field]
+        value = err.get("input")
+        lines.append(f"{names[0]}={value!r}: {err['msg']}")
+    return "invalid environment: " + "; ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings and their overrides now, turning parse errors into a ``ConfigError``."""
+    try:
+        settings = Settings(**overrides)
+        _ = settings.overrides
+    except ValidationError as exc:
+        model = Overrides if exc.title == "Overrides" else Settings
+        raise ConfigError(_explain(exc, model)) from None
+    return settings
