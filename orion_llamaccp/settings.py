@@ -13,6 +13,7 @@ import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -118,6 +119,14 @@ class Settings(BaseSettings):
         600.0, gt=0, validation_alias="ORION_LLAMACPP_REQUEST_TIMEOUT_SEC"
     )
 
+    engine_silence_timeout_sec: float = Field(
+        120.0, gt=0, validation_alias="ORION_LLAMACPP_SILENCE_TIMEOUT_SEC"
+    )
+    engine_health_interval_sec: float = Field(
+        2.0, gt=0, validation_alias="ORION_LLAMACPP_HEALTH_INTERVAL_SEC"
+    )
+    engine_crash_limit: int = Field(5, ge=1, validation_alias="ORION_LLAMACPP_CRASH_LIMIT")
+
     @cached_property
     def overrides(self) -> Overrides:
         return Overrides()
@@ -135,9 +144,33 @@ class Settings(BaseSettings):
     def build_path(self) -> Path:
         return Path(os.path.expandvars(self.build_dir)).expanduser()
 
+    @property
+    def bus_url_display(self) -> str:
+        """The bus URL with any password replaced, safe to print."""
+        return mask_url(self.bus_url.get_secret_value())
+
+    def secrets(self) -> list[str]:
+        """Secret values that must never appear in logs, announcements or errors."""
+        found = [self.hf_token.get_secret_value() if self.hf_token else ""]
+        found.append(urlsplit(self.bus_url.get_secret_value()).password or "")
+        return [value for value in found if len(value) >= 4]
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets():
+            text = text.replace(secret, "***")
+        return text
+
     def environ(self) -> dict[str, str]:
         """The variables ``${VAR}`` in the registry may use (``LLM_CACHE_DIR`` always set)."""
         return {**os.environ, "LLM_CACHE_DIR": str(self.cache_path)}
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:

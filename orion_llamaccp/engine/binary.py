@@ -19,7 +19,9 @@ from orion_llamaccp.errors import BinaryNotFound, EngineError
 IMAGE_BINARY = Path("/app/llama-server")
 BUILD_HINT = "run `make llama-server` (builds the pinned llama.cpp into the cache, once)"
 _FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9-]*)")
-_ENV = re.compile(r"\(env: (LLAMA_ARG_[A-Z0-9_]+)\)")
+_ENV = re.compile(r"\(env: (LLAMA_[A-Z0-9_]+)\)")
+# The description starts after a gap of 2+ spaces that does not follow an alias comma.
+_DESC_GAP = re.compile(r"(?<![,\s])\s{2,}")
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,15 @@ class BinaryInfo:
 
     path: Path
     flags: frozenset[str]
-    env_vars: frozenset[str]
+    env_of: dict[str, str]
     build: str
 
     def accepts(self, flag: str) -> bool:
         return flag in self.flags
+
+    def env_var(self, flag: str) -> str | None:
+        """The ``LLAMA_*`` variable that sets ``flag``, per this build's ``--help``."""
+        return self.env_of.get(flag)
 
 
 def cached_build_path(build_dir: Path) -> Path:
@@ -61,16 +67,36 @@ def find_binary(configured: str | None, build_dir: Path) -> Path:
     )
 
 
-def parse_help(text: str) -> tuple[frozenset[str], frozenset[str]]:
-    """Flags and ``LLAMA_ARG_*`` variables named in ``--help`` output."""
-    flags: set[str] = set()
+def _entries(text: str) -> list[tuple[str, str]]:
+    """Split ``--help`` into (option column, description incl. continuation lines)."""
+    entries: list[tuple[str, str]] = []
     for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped.startswith("-"):
+        if line.startswith("-"):
+            parts = _DESC_GAP.split(line, maxsplit=1)
+            entries.append((parts[0], parts[1] if len(parts) > 1 else ""))
+        elif line.startswith(" ") and entries:
+            head, desc = entries[-1]
+            entries[-1] = (head, f"{desc} {line.strip()}")
+    return entries
+
+
+def parse_help(text: str) -> tuple[frozenset[str], dict[str, str]]:
+    """Accepted flags, and each flag's environment variable, from ``--help`` output.
+
+    Flags whose description says "the argument has been removed" are still listed by
+    llama.cpp but rejected at run time: they do not count as accepted.
+    """
+    flags: set[str] = set()
+    env_of: dict[str, str] = {}
+    for head, desc in _entries(text):
+        names = [m.group(1) for m in _FLAG.finditer(head)]
+        if "has been removed" in desc:
             continue
-        head = re.split(r"\s{2,}", stripped, maxsplit=1)[0]
-        flags.update(match.group(1) for match in _FLAG.finditer(head))
-    return frozenset(flags), frozenset(_ENV.findall(text))
+        flags.update(names)
+        env = _ENV.search(desc)
+        if env:
+            env_of.update(dict.fromkeys(names, env.group(1)))
+    return frozenset(flags), env_of
 
 
 def _build_label(path: Path) -> str:
@@ -103,13 +129,13 @@ def _probe(path: str, mtime_ns: int) -> BinaryInfo:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EngineError(f"could not run {path} --help: {exc}") from exc
     text = out.stdout + out.stderr
-    flags, env_vars = parse_help(text)
+    flags, env_of = parse_help(text)
     if "--port" not in flags:
         raise EngineError(
             f"{path} --help does not look like llama-server's (no --port; exit {out.returncode}): "
             f"{text.strip()[-300:]}"
         )
-    return BinaryInfo(Path(path), flags, env_vars, _build_label(Path(path)))
+    return BinaryInfo(Path(path), flags, env_of, _build_label(Path(path)))
 
 
 def probe(path: Path) -> BinaryInfo:

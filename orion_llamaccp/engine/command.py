@@ -20,7 +20,7 @@ from orion_llamaccp.model.paths import ModelFiles
 from orion_llamaccp.profiles.models import LlamaCppConfig, Profile
 from orion_llamaccp.settings import Overrides
 
-API_KEY_ENV = "LLAMA_ARG_API_KEY"
+API_KEY_ENV = "LLAMA_API_KEY"  # what --help names for --api-key in the pinned build
 MASK = "***"
 
 
@@ -68,8 +68,8 @@ KNOBS: dict[str, tuple[str, Callable[[Any], str] | None]] = {
     "spec_type": ("--spec-type", _plain),
     "spec_draft_n_max": ("--spec-draft-n-max", _plain),
     "n_gpu_layers_draft": ("--n-gpu-layers-draft", _plain),
-    "draft_min": ("--draft-min", _plain),
-    "draft_max": ("--draft-max", _plain),
+    "draft_min": ("--spec-draft-n-min", _plain),
+    "draft_max": ("--spec-draft-n-max", _plain),
     "metrics": ("--metrics", None),
 }
 # The environment's overrides win over these profile knobs.
@@ -191,6 +191,7 @@ def build_launch(
             )
         _check(binary, profile.name, "llamacpp.api_key_env", "--api-key")
         # Through the environment, not argv: argv is visible to every user in `ps`.
-        env[API_KEY_ENV] = api_key
-        secret.add(API_KEY_ENV)
+        name = (binary.env_var("--api-key") if binary else None) or API_KEY_ENV
+        env[name] = api_key
+        secret.add(name)
     return LaunchSpec(tuple(argv), env, host, port, frozenset(secret), api_key)

@@ -1,0 +1,66 @@
+"""The ``orion-llamaccp`` command line: the only place that configures logging.
+
+Each group of subcommands lives in its own module with a ``register(subparsers)`` function;
+every handler takes ``(args, settings)`` and returns an exit code. A package error is
+printed as one line, ``error: ...``, with exit status 1: no traceback for a user mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from orion_llamaccp import __version__
+from orion_llamaccp.errors import OrionLlamaError
+from orion_llamaccp.settings import load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    from orion_llamaccp.cli import bus_cmds, config_cmds, model_cmds, serve_cmds
+
+    parser = argparse.ArgumentParser(
+        prog="orion-llamaccp",
+        description="Serve a GGUF model with llama-server on the Orion bus.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (config_cmds, model_cmds, serve_cmds, bus_cmds):
+        module.register(sub)
+    return parser
+
+
+def setup_logging(level: str, verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpcore", "filelock", "huggingface_hub", "httpx2", "httpcore2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_async(coro: Coroutine[Any, Any, int]) -> int:
+    """Run the one event loop of the process (uvloop when installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return asyncio.run(coro, loop_factory=uvloop.new_event_loop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        setup_logging(settings.log_level, args.verbose)
+        return int(args.handler(args, settings) or 0)
+    except OrionLlamaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

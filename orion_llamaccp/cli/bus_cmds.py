@@ -1,0 +1,7 @@
+"""Placeholder until this group lands."""
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """No subcommands yet."""

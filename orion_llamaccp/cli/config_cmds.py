@@ -1,0 +1,229 @@
+"""Subcommands that read configuration and never serve: profiles, show, validate, command,
+doctor."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+
+import orjson
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from orion_llamaccp.engine.binary import find_binary, probe
+from orion_llamaccp.engine.plan import ServicePlan, build_plan
+from orion_llamaccp.errors import OrionLlamaError
+from orion_llamaccp.profiles.registry import load_registry
+from orion_llamaccp.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profiles", help="table of every profile in the registry")
+    p.set_defaults(handler=cmd_profiles)
+    p = sub.add_parser("show", help="one profile, as validated")
+    p.add_argument("name", nargs="?", help="profile name (default: LLM_PROFILE_NAME)")
+    p.set_defaults(handler=cmd_show)
+    p = sub.add_parser("validate", help="check the whole registry; exit 1 on any error")
+    p.set_defaults(handler=cmd_validate)
+    p = sub.add_parser("command", help="the effective llama-server argv and env (secrets masked)")
+    p.add_argument("--json", action="store_true", help="print {argv: [...], env: {...}}")
+    p.add_argument("--profile", help="profile name (default: LLM_PROFILE_NAME)")
+    p.set_defaults(handler=cmd_command)
+    p = sub.add_parser("doctor", help="check config, profile, binary, model, Redis, GPUs")
+    p.set_defaults(handler=cmd_doctor)
+
+
+def cmd_profiles(args: argparse.Namespace, settings: Settings) -> int:
+    registry = load_registry(settings.profiles_config_path)
+    table = Table(title=f"profiles in {registry.path}")
+    for column in ("name", "backend", "model_id", "GPUs", "ctx", "slots", "status"):
+        table.add_column(column)
+    for name in registry.names:
+        marker = " *" if name == settings.profile_name else ""
+        if name in registry.profiles:
+            p = registry.profiles[name]
+            gpus = ",".join(map(str, p.gpu.device_ids)) or "-"
+            ctx, slots = p.llamacpp.ctx_size, p.llamacpp.parallel
+            table.add_row(
+                name + marker,
+                p.backend,
+                p.model_id or "",
+                gpus,
+                str(ctx or "model"),
+                str(slots or "auto"),
+                "ok",
+            )
+        elif name in registry.others:
+            other = registry.others[name]
+            table.add_row(name + marker, other.backend, "", "", "", "", "skipped (other backend)")
+        else:
+            table.add_row(name + marker, "llamacpp", "", "", "", "", "[red]invalid[/red]")
+    Console(width=200).print(table)
+    print("* = selected by LLM_PROFILE_NAME")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    registry = load_registry(settings.profiles_config_path)
+    profile = registry.select(args.name or settings.profile_name)
+    data = profile.model_dump(mode="json", exclude_none=True)
+    print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    registry = load_registry(settings.profiles_config_path)
+    for name in registry.profiles:
+        print(f"ok       {name}")
+    for name, other in registry.others.items():
+        print(f"skipped  {name} (backend {other.backend})")
+    for problem in registry.problems.values():
+        for line in problem.splitlines():
+            print(f"ERROR    {line}")
+    total = len(registry.profiles) + len(registry.problems)
+    print(f"{len(registry.profiles)}/{total} llama.cpp profiles valid in {registry.path}")
+    return 1 if registry.problems else 0
+
+
+def cmd_command(args: argparse.Namespace, settings: Settings) -> int:
+    plan = build_plan(settings, profile_name=args.profile, require_binary=False)
+    launch = plan.launch
+    if args.json:
+        out = {"argv": launch.masked_argv(), "env": launch.masked_env()}
+        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    if plan.binary is None:
+        print("# note: no llama-server binary found; flags were not checked against one")
+    print(f"# profile {plan.profile.name}; model from {plan.files.source}")
+    exists = "present" if plan.files.model.is_file() else "not downloaded yet"
+    print(f"# model file: {plan.files.model} ({exists})")
+    for key, value in launch.masked_env().items():
+        print(f"{key}={value} \\")
+    print(" \\\n  ".join(_pairs(launch.masked_argv())))
+    return 0
+
+
+def _pairs(argv: list[str]) -> list[str]:
+    """Group each flag with its value, one per line, shell-quoted."""
+    lines: list[str] = [shlex.quote(argv[0])]
+    for arg in argv[1:]:
+        if arg.startswith("-") or len(lines) == 1 or " " in lines[-1]:
+            lines.append(shlex.quote(arg))
+        else:
+            lines[-1] += " " + shlex.quote(arg)
+    return lines
+
+
+# ----------------------------------------------------------------------------- doctor
+
+
+def _check_plan(settings: Settings) -> tuple[list[tuple[str, bool, str]], ServicePlan | None]:
+    lines: list[tuple[str, bool, str]] = []
+    try:
+        registry = load_registry(settings.profiles_config_path)
+        lines.append(
+            (
+                "config",
+                True,
+                f"{registry.path}: {len(registry.profiles)} llama.cpp profiles, "
+                f"{len(registry.others)} of other backends, {len(registry.problems)} invalid",
+            )
+        )
+        profile = registry.select(settings.profile_name)
+        lines.append(("profile", True, f"{profile.name} ({profile.label})"))
+    except OrionLlamaError as exc:
+        lines.append(("config", False, str(exc)))
+        return lines, None
+    try:
+        path = find_binary(settings.llama_server_bin, settings.build_path)
+        info = probe(path)
+        lines.append(("binary", True, f"{path} (build {info.build}, {len(info.flags)} flags)"))
+    except OrionLlamaError as exc:
+        lines.append(("binary", False, str(exc)))
+    try:
+        plan = build_plan(settings, require_binary=False)
+    except OrionLlamaError as exc:
+        lines.append(("flags", False, str(exc)))
+        return lines, None
+    if plan.binary is not None:
+        lines.append(("flags", True, "every knob of the profile maps to a flag this build accepts"))
+    return lines, plan
+
+
+def _check_model(plan: ServicePlan) -> tuple[str, bool, str]:
+    path = plan.files.model
+    if not path.is_file():
+        cfg = plan.profile.llamacpp
+        how = (
+            f"it will be downloaded from {cfg.hf_repo_id} on `run` (or `orion-llamaccp fetch`)"
+            if cfg.hf_repo_id
+            else "copy the GGUF there"
+        )
+        return ("model", False, f"{path} is missing: {how}")
+    try:
+        from orion_llamaccp.model.gguf_check import verify_gguf
+
+        info = verify_gguf(path)
+        return ("model", True, f"{path} ({info.size / 1e6:.1f} MB, GGUF v{info.version})")
+    except ImportError:
+        return ("model", True, f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+    except OrionLlamaError as exc:
+        return ("model", False, str(exc))
+
+
+def _check_redis(settings: Settings) -> tuple[str, bool, str]:
+    import redis
+
+    url = settings.bus_url.get_secret_value()
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        client.ping()
+        client.close()
+        return ("redis", True, f"{settings.bus_url_display} answers")
+    except (redis.RedisError, OSError, ValueError) as exc:
+        return (
+            "redis",
+            False,
+            f"{settings.bus_url_display}: {type(exc).__name__}: "
+            f"{settings.redact(str(exc))}; start Redis or set ORION_BUS_URL",
+        )
+
+
+def _check_gpus(plan: ServicePlan) -> tuple[str, bool, str]:
+    wanted = plan.launch.env.get("CUDA_VISIBLE_DEVICES")
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        if wanted:
+            return (
+                "gpus",
+                False,
+                f"profile pins CUDA_VISIBLE_DEVICES={wanted}, but no "
+                "nvidia-smi here: run on a GPU host (or set n_gpu_layers 0 for CPU)",
+            )
+        return ("gpus", True, "none visible; profile needs none")
+    out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False)
+    found = [line for line in out.stdout.splitlines() if line.startswith("GPU ")]
+    return (
+        "gpus",
+        bool(found) or not wanted,
+        f"{len(found)} visible; profile pins CUDA_VISIBLE_DEVICES={wanted or '(unset)'}",
+    )
+
+
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    lines, plan = _check_plan(settings)
+    if plan is not None:
+        lines.append(_check_model(plan))
+    lines.append(_check_redis(settings))
+    if plan is not None:
+        lines.append(_check_gpus(plan))
+    for name, ok, detail in lines:
+        print(f"{'ok  ' if ok else 'FAIL'}  {name:8} {detail}")
+    return 0 if all(ok for _, ok, _ in lines) else 1

@@ -1,0 +1,89 @@
+"""Recognise llama-server's known fatal messages and say what to do about them.
+
+Other wrappers surface these as "exited with status 1"; we turn the line that matters into
+an error a person can act on. Patterns are matched case-insensitively, line by line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Cause(StrEnum):
+    CORRUPT_MODEL = "corrupt_model"
+    UNKNOWN_FLAG = "unknown_flag"
+    OUT_OF_MEMORY = "out_of_memory"
+    PORT_IN_USE = "port_in_use"
+    MODEL_NOT_FOUND = "model_not_found"
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    cause: Cause
+    line: str
+    advice: str
+
+    def __str__(self) -> str:
+        return f"{self.advice} (llama-server said: {self.line.strip()[:300]})"
+
+
+_RULES: list[tuple[Cause, re.Pattern[str], str]] = [
+    (
+        Cause.CORRUPT_MODEL,
+        re.compile(
+            r"missing tensor|wrong number of tensors|not within the file bounds|"
+            r"tensor .* data is not within|failed to read magic|invalid magic|"
+            r"gguf_init_from_file.*failed|unexpectedly reached end of file",
+            re.I,
+        ),
+        "the model file is corrupt, truncated or not the expected file: verify it with "
+        "`orion-llamaccp verify` and re-download it (a wrong quant or an incompatible "
+        "llama.cpp build gives the same message)",
+    ),
+    (
+        Cause.UNKNOWN_FLAG,
+        re.compile(r"invalid argument: \S+|unknown argument: \S+|error: unrecognized", re.I),
+        "this llama-server build does not know a flag we passed: check the flag's current "
+        "name in `llama-server --help`, then fix the profile knob or llamacpp.extra_args",
+    ),
+    (
+        Cause.OUT_OF_MEMORY,
+        re.compile(
+            r"out of memory|cudaMalloc failed|failed to allocate .*buffer|"
+            r"unable to allocate|not enough memory|std::bad_alloc",
+            re.I,
+        ),
+        "out of memory loading the model: lower n_gpu_layers (LLAMACPP_N_GPU_LAYERS_OVERRIDE) "
+        "or ctx_size (LLAMACPP_CTX_SIZE_OVERRIDE), or use a smaller quant",
+    ),
+    (
+        Cause.PORT_IN_USE,
+        re.compile(r"address already in use|couldn't bind|failed to bind|bind\(\) failed", re.I),
+        "llama-server's port is already taken: stop whatever listens there or set "
+        "LLAMACPP_PORT_OVERRIDE",
+    ),
+    (
+        Cause.MODEL_NOT_FOUND,
+        re.compile(r"failed to open .*gguf|No such file or directory", re.I),
+        "llama-server cannot open the model file: check the path (`orion-llamaccp command`)",
+    ),
+]
+
+
+def diagnose(line: str) -> Diagnosis | None:
+    """The first known fatal pattern in ``line``, or ``None``."""
+    for cause, pattern, advice in _RULES:
+        if pattern.search(line):
+            return Diagnosis(cause, line, advice)
+    return None
+
+
+def diagnose_all(lines: list[str]) -> Diagnosis | None:
+    """The most specific diagnosis in a tail of output (corrupt beats a generic failure)."""
+    found = [d for d in (diagnose(line) for line in lines) if d is not None]
+    if not found:
+        return None
+    order = list(Cause)
+    return min(found, key=lambda d: order.index(d.cause))

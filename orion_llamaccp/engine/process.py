@@ -1,0 +1,143 @@
+"""One llama-server child process: spawn, pump its output, stop it, leave nothing behind.
+
+The child runs in its own process group (so a stop reaches every thread and helper it has)
+and gets the parent-death signal SIGKILL, so it cannot outlive the wrapper even when the
+wrapper itself is SIGKILLed. Output is read in raw chunks, not lines: llama-server prints
+its loading progress as dots without newlines, and those bytes are what tell a slow load
+from a hung one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Mapping
+
+from orion_llamaccp.engine.command import LaunchSpec
+from orion_llamaccp.engine.diagnostics import Diagnosis, diagnose, diagnose_all
+
+log = logging.getLogger("orion_llamaccp.llama_server")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: SIGKILL us when the wrapper dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the process group still covers stop()
+        pass
+    if os.getppid() == 1:  # the wrapper died before prctl took effect
+        os._exit(1)
+
+
+class LlamaProcess:
+    """A started llama-server; ``stop()`` is safe to call twice."""
+
+    def __init__(self, launch: LaunchSpec, *, environ: Mapping[str, str], tail: int = 200) -> None:
+        self.launch = launch
+        self._environ = environ
+        self.tail: deque[str] = deque(maxlen=tail)
+        self.last_output_at = time.monotonic()
+        self.output_bytes = 0
+        self.diagnosis: Diagnosis | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    async def start(self) -> None:
+        env = {**self._environ, **self.launch.env}
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.launch.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.last_output_at = time.monotonic()
+        self._pump = asyncio.create_task(self._read_output(), name=f"llama-server-{self.pid}")
+        log.info("started llama-server pid %s: %s", self.pid, " ".join(self.launch.masked_argv()))
+
+    async def _read_output(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        stream = self._proc.stdout
+        partial = b""
+        prefix = f"[llama-server {self.pid}]"
+        while chunk := await stream.read(65536):
+            self.output_bytes += len(chunk)
+            self.last_output_at = time.monotonic()
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            for raw in lines:
+                self._line(prefix, raw)
+        if partial:
+            self._line(prefix, partial)
+
+    def _line(self, prefix: str, raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip()
+        if not line or set(line) == {"."}:
+            return
+        self.tail.append(line)
+        if self.diagnosis is None:
+            self.diagnosis = diagnose(line)
+        log.info("%s %s", prefix, line)
+
+    def tail_text(self, lines: int = 30) -> str:
+        return "\n".join(list(self.tail)[-lines:])
+
+    def final_diagnosis(self) -> Diagnosis | None:
+        return self.diagnosis or diagnose_all(list(self.tail))
+
+    async def wait(self) -> int:
+        assert self._proc is not None
+        code = await self._proc.wait()
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), 2.0)
+        return code
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group now (a wedged server ignores SIGTERM)."""
+        self._signal_group(signal.SIGKILL)
+        # A SIGSTOPped process still dies of SIGKILL; SIGCONT is for the rest of its group.
+        self._signal_group(signal.SIGCONT)
+
+    async def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM to the group, wait ``grace`` seconds, then SIGKILL; always reaps."""
+        if self._proc is None:
+            return None
+        if self._proc.returncode is None:
+            self._signal_group(signal.SIGTERM)
+            self._signal_group(signal.SIGCONT)
+            try:
+                await asyncio.wait_for(self._proc.wait(), grace)
+            except TimeoutError:
+                log.warning(
+                    "llama-server pid %s ignored SIGTERM for %.0fs: SIGKILL", self.pid, grace
+                )
+                self.kill()
+        code = await self.wait()
+        if self._pump is not None and not self._pump.done():
+            self._pump.cancel()
+        return code

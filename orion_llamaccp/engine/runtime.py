@@ -1,0 +1,64 @@
+"""Start the engine for a profile: plan, make sure the model is on disk, supervise.
+
+This is where the model layer and the engine meet: the supervisor is given a way to
+verify and re-fetch the model when llama-server says the file is corrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from orion_llamaccp.engine.plan import ServicePlan, build_plan
+from orion_llamaccp.engine.supervisor import Supervisor, SupervisorPolicy
+from orion_llamaccp.settings import Settings
+
+if TYPE_CHECKING:
+    from orion_llamaccp.model.progress import ProgressHook
+
+log = logging.getLogger(__name__)
+
+
+async def prepare_model(plan: ServicePlan, progress: ProgressHook | None = None) -> object:
+    """Download (if needed) and verify the profile's files, off the event loop."""
+    from orion_llamaccp.model.fetch import ensure_model
+
+    return await asyncio.to_thread(ensure_model, plan.profile, plan.settings, progress=progress)
+
+
+def make_supervisor(
+    plan: ServicePlan,
+    *,
+    policy: SupervisorPolicy | None = None,
+    progress: ProgressHook | None = None,
+) -> Supervisor:
+    """A supervisor whose corrupt-model reaction goes through the model layer once."""
+    from orion_llamaccp.model.fetch import refetch_corrupt
+
+    async def on_corrupt() -> None:
+        await asyncio.to_thread(refetch_corrupt, plan.profile, plan.settings, progress=progress)
+
+    return Supervisor(
+        plan.launch,
+        environ=plan.settings.environ(),
+        policy=policy or policy_from(plan.settings),
+        on_corrupt=on_corrupt,
+    )
+
+
+def policy_from(settings: Settings) -> SupervisorPolicy:
+    return SupervisorPolicy(
+        silence_timeout=settings.engine_silence_timeout_sec,
+        health_interval=settings.engine_health_interval_sec,
+        crash_limit=settings.engine_crash_limit,
+    )
+
+
+async def start_engine(settings: Settings, progress: ProgressHook | None = None) -> Supervisor:
+    """Plan, fetch and verify the model, start llama-server and return once it is ready."""
+    plan = build_plan(settings)
+    await prepare_model(plan, progress)
+    supervisor = make_supervisor(plan, progress=progress)
+    await supervisor.start()
+    return supervisor

@@ -1,0 +1,344 @@
+"""The llama-server lifecycle as a state machine with one owner.
+
+    starting -> loading -> ready -> restarting -> starting ...
+                                 -> draining -> stopped
+               (any)   -> failed   (crash loop, or a fault that a restart cannot fix)
+
+One task (``_run``) owns the state and the child process; everything else only reads the
+state or asks for a change (``begin_drain``, ``stop``, ``report_wedged``). State changes
+are emitted as ``EngineEvent``s to listeners the supervisor knows nothing about: the bus
+layer turns them into heartbeats and announcements.
+
+Readiness has no fixed timeout: while llama-server keeps printing (a 70B model loading for
+minutes), the deadline moves; a server silent for ``silence_timeout`` is declared hung.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from tenacity import wait_exponential
+
+from orion_llamaccp.engine.client import LlamaClient, Props
+from orion_llamaccp.engine.command import LaunchSpec
+from orion_llamaccp.engine.diagnostics import Cause, Diagnosis
+from orion_llamaccp.engine.process import LlamaProcess
+from orion_llamaccp.errors import EngineStartError, EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class EngineState(StrEnum):
+    STARTING = "starting"
+    LOADING = "loading"
+    READY = "ready"
+    RESTARTING = "restarting"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+# Faults that a plain restart cannot fix: fail at once instead of looping.
+FATAL = frozenset({Cause.UNKNOWN_FLAG, Cause.OUT_OF_MEMORY, Cause.MODEL_NOT_FOUND})
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    state: EngineState
+    previous: EngineState | None
+    reason: str | None
+    restarts: int
+    pid: int | None
+    at: float
+
+
+@dataclass(frozen=True)
+class SupervisorPolicy:
+    silence_timeout: float = 120.0
+    health_interval: float = 2.0
+    health_timeout: float = 5.0
+    health_failures: int = 3
+    poll_interval: float = 0.05
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    crash_limit: int = 5
+    crash_window: float = 300.0
+    stop_grace: float = 10.0
+
+
+Listener = Callable[[EngineEvent], None]
+CorruptHandler = Callable[[], Awaitable[None]]
+
+
+class _Crashed(Exception):
+    def __init__(self, reason: str, diagnosis: Diagnosis | None = None, tail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.diagnosis = diagnosis
+        self.tail = tail
+
+
+class Supervisor:
+    """Starts llama-server, keeps it ready, restarts it when it dies, stops it cleanly."""
+
+    def __init__(
+        self,
+        launch: LaunchSpec,
+        *,
+        environ: Mapping[str, str],
+        policy: SupervisorPolicy | None = None,
+        on_corrupt: CorruptHandler | None = None,
+    ) -> None:
+        self.launch = launch
+        self.policy = policy or SupervisorPolicy()
+        self.client = LlamaClient(launch.base_url, api_key=launch.api_key)
+        self.state = EngineState.STOPPED
+        self.props: Props | None = None
+        self.restarts = 0
+        self.failure: EngineStartError | None = None
+        self._environ = environ
+        self._on_corrupt = on_corrupt
+        self._refetched = False
+        self._listeners: list[Listener] = []
+        self._proc: LlamaProcess | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._state_changed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._wedged = asyncio.Event()
+        self._crashes: deque[float] = deque()
+        self._backoff = wait_exponential(
+            multiplier=self.policy.backoff_initial,
+            min=self.policy.backoff_initial,
+            max=self.policy.backoff_max,
+        )
+
+    # ------------------------------------------------------------------ observation
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is EngineState.READY
+
+    def _set(self, state: EngineState, reason: str | None = None) -> None:
+        if state is self.state and reason is None:
+            return
+        previous, self.state = self.state, state
+        event = EngineEvent(state, previous, reason, self.restarts, self.pid, time.time())
+        log.info("engine %s -> %s%s", previous, state, f": {reason}" if reason else "")
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a listener must never break the engine
+                log.exception("engine listener failed")
+
+    async def wait_for(self, *states: EngineState, timeout: float | None = None) -> EngineState:
+        """Wait until the state is one of ``states``; returns it."""
+        async with asyncio.timeout(timeout):
+            while self.state not in states:
+                await self._state_changed.wait()
+        return self.state
+
+    # ------------------------------------------------------------------ control
+
+    async def start(self) -> None:
+        """Start supervising and return once ready; raise ``EngineStartError`` if it failed."""
+        if self._task is not None:
+            raise RuntimeError("supervisor already started")
+        self._set(EngineState.STARTING)
+        self._task = asyncio.create_task(self._run(), name="llama-server-supervisor")
+        state = await self.wait_for(EngineState.READY, EngineState.FAILED, EngineState.STOPPED)
+        if state is not EngineState.READY:
+            raise self.failure or EngineStartError("llama-server stopped before it was ready")
+
+    def begin_drain(self) -> None:
+        """Stop being ``ready`` (no new work); llama-server keeps running for in-flight work."""
+        if self.state in (
+            EngineState.READY,
+            EngineState.LOADING,
+            EngineState.STARTING,
+            EngineState.RESTARTING,
+        ):
+            self._set(EngineState.DRAINING, "graceful stop")
+
+    def report_wedged(self, reason: str) -> None:
+        """A caller saw llama-server stop making progress: kill and restart it."""
+        log.warning("llama-server reported wedged: %s", reason)
+        self._wedged.set()
+
+    async def stop(self) -> None:
+        """Stop llama-server and the supervisor; safe to call twice."""
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        elif self._proc is not None:
+            await self._proc.stop(self.policy.stop_grace)
+        await self.client.aclose()
+        if self.state is not EngineState.FAILED:
+            self._set(EngineState.STOPPED)
+
+    # ------------------------------------------------------------------ the owner task
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._one_life()
+                except _Crashed as crash:
+                    if not await self._after_crash(crash):
+                        return
+        finally:
+            if self._proc is not None:
+                await self._proc.stop(self.policy.stop_grace)
+
+    async def _one_life(self) -> None:
+        self._set(EngineState.STARTING)
+        self._wedged.clear()
+        self._proc = proc = LlamaProcess(self.launch, environ=self._environ)
+        await proc.start()
+        self._set(EngineState.LOADING)
+        await self._until_ready(proc)
+        if self._stopping.is_set():
+            return
+        self.props = await self.client.props()
+        if self.state is not EngineState.DRAINING:
+            self._set(EngineState.READY)
+        await self._watch(proc)
+
+    async def _until_ready(self, proc: LlamaProcess) -> None:
+        """Poll /health until 200; the deadline moves with every byte llama-server prints."""
+        policy = self.policy
+        while not self._stopping.is_set():
+            if proc.returncode is not None:
+                await proc.wait()
+                raise self._crash(
+                    proc, f"llama-server exited with code {proc.returncode} while loading"
+                )
+            silent = time.monotonic() - proc.last_output_at
+            if silent > policy.silence_timeout:
+                proc.kill()
+                await proc.wait()
+                raise self._crash(
+                    proc,
+                    f"llama-server hung while loading: no output and no "
+                    f"health for {silent:.0f}s (silence_timeout)",
+                )
+            with contextlib.suppress(EngineUnavailable):
+                health = await self.client.health(timeout=policy.health_timeout)
+                if health.ready:
+                    return
+            await asyncio.sleep(policy.poll_interval)
+
+    async def _watch(self, proc: LlamaProcess) -> None:
+        """While ready: return on stop; raise ``_Crashed`` when it dies or stops answering."""
+        policy = self.policy
+        failures = 0
+        exited = asyncio.create_task(proc.wait())
+        try:
+            while not self._stopping.is_set():
+                stop = asyncio.create_task(self._stopping.wait())
+                wedged = asyncio.create_task(self._wedged.wait())
+                done, _ = await asyncio.wait(
+                    {exited, stop, wedged},
+                    timeout=policy.health_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                stop.cancel()
+                wedged.cancel()
+                if exited in done:
+                    raise self._crash(proc, f"llama-server exited with code {proc.returncode}")
+                if self._wedged.is_set():
+                    proc.kill()
+                    await proc.wait()
+                    raise self._crash(proc, "llama-server stopped making progress (wedged)")
+                if self._stopping.is_set():
+                    return
+                failures = 0 if await self._healthy() else failures + 1
+                if failures >= policy.health_failures:
+                    proc.kill()
+                    await proc.wait()
+                    raise self._crash(
+                        proc,
+                        f"llama-server stopped answering /health "
+                        f"({failures} checks failed): wedged",
+                    )
+        finally:
+            exited.cancel()
+
+    async def _healthy(self) -> bool:
+        try:
+            return (await self.client.health(timeout=self.policy.health_timeout)).ready
+        except EngineUnavailable:
+            return False
+
+    def _crash(self, proc: LlamaProcess, reason: str) -> _Crashed:
+        return _Crashed(reason, proc.final_diagnosis(), proc.tail_text())
+
+    async def _after_crash(self, crash: _Crashed) -> bool:
+        """Decide: refetch, restart with backoff, or fail. Returns False to stop the loop."""
+        if self._stopping.is_set():
+            return False
+        diagnosis = crash.diagnosis
+        reason = f"{crash.reason}: {diagnosis}" if diagnosis else crash.reason
+        log.error("%s\n--- last lines of llama-server ---\n%s", reason, crash.tail)
+        if (
+            diagnosis
+            and diagnosis.cause is Cause.CORRUPT_MODEL
+            and self._on_corrupt
+            and not self._refetched
+        ):
+            self._refetched = True
+            self._set(EngineState.RESTARTING, f"{reason}; verifying and re-fetching the model")
+            try:
+                await self._on_corrupt()
+            except Exception as exc:  # the model layer says why; that is the failure
+                return self._fail(f"{reason}; re-fetch failed: {exc}", diagnosis, crash.tail)
+            return True
+        if diagnosis and (diagnosis.cause in FATAL or diagnosis.cause is Cause.CORRUPT_MODEL):
+            return self._fail(reason, diagnosis, crash.tail)
+        now = time.monotonic()
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > self.policy.crash_window:
+            self._crashes.popleft()
+        if len(self._crashes) >= self.policy.crash_limit:
+            return self._fail(
+                f"crash loop: {len(self._crashes)} failures within "
+                f"{self.policy.crash_window:.0f}s; last: {reason}",
+                diagnosis,
+                crash.tail,
+            )
+        self.restarts += 1
+        delay = self._backoff(_Attempt(len(self._crashes)))
+        self._set(EngineState.RESTARTING, f"{reason}; restart #{self.restarts} in {delay:.1f}s")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        return not self._stopping.is_set()
+
+    def _fail(self, reason: str, diagnosis: Diagnosis | None, tail: str) -> bool:
+        self.failure = EngineStartError(
+            reason, diagnosis=str(diagnosis) if diagnosis else None, tail=tail
+        )
+        self._set(EngineState.FAILED, reason)
+        return False
+
+
+@dataclass
+class _Attempt:
+    """The one attribute tenacity's wait strategies read from a retry state."""
+
+    attempt_number: int
