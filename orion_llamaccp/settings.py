@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     cache_dir: str = Field(DEFAULT_CACHE_DIR, validation_alias="LLM_CACHE_DIR")
     hf_token: SecretStr | None = Field(None, validation_alias="HF_TOKEN")
     hf_hub_offline: bool = Field(False, validation_alias="HF_HUB_OFFLINE")
+    hf_endpoint: str | None = Field(None, validation_alias="HF_ENDPOINT")
+    # Model downloads: no bytes for `stall` seconds aborts an attempt (it resumes);
+    # no bytes for `deadline` seconds across retries gives up.
+    download_stall_sec: float = Field(
+        30.0, gt=0, validation_alias="ORION_LLAMACPP_DOWNLOAD_STALL_SEC"
+    )
+    download_deadline_sec: float = Field(
+        600.0, gt=0, validation_alias="ORION_LLAMACPP_DOWNLOAD_DEADLINE_SEC"
+    )
     bus_url: SecretStr = Field(
         SecretStr("redis://127.0.0.1:6379/0"), validation_alias="ORION_BUS_URL"
     )
