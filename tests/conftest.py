@@ -1,0 +1,128 @@
+"""Shared fixtures: one real Redis per session (flushed per test), the built llama-server,
+a tiny random-weight GGUF, and a registry file with a profile that serves it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from orion_llamaccp.devtools.random_gguf import write_random_llama
+from orion_llamaccp.engine.binary import find_binary
+from orion_llamaccp.errors import BinaryNotFound
+from orion_llamaccp.settings import Settings
+from tests.support.procs import RedisServer, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+# Variables of ours that must not leak from the developer's shell into a test.
+_OURS = (
+    "LLM_",
+    "LLAMACPP_",
+    "ORION_",
+    "CUDA_VISIBLE_DEVICES_OVERRIDE",
+    "HF_",
+    "SERVICE_",
+    "NODE_NAME",
+    "INSTANCE_ID",
+    "LLAMA_SERVER_BIN",
+    "HEARTBEAT_",
+    "ANNOUNCE_",
+    "METRICS_",
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(_OURS):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> Path:
+    try:
+        return find_binary(os.environ.get("LLAMA_SERVER_BIN"), Settings().build_path)
+    except BinaryNotFound as exc:
+        pytest.fail(f"{exc} (make test builds it)")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_llama(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+TINY_PROFILE = """\
+profiles:
+  tiny:
+    display_name: "Tiny random llama (tests)"
+    task_type: chat
+    backend: llamacpp
+    model_id: tiny-random-llama
+    gpu:
+      device_ids: []
+    llamacpp:
+      model_root: "${{LLM_CACHE_DIR}}"
+      model_path: tiny.gguf
+      host: 127.0.0.1
+      port: {port}
+      ctx_size: {ctx}
+      parallel: {parallel}
+      threads: 1
+{extra}
+  other-backend:
+    backend: vllm
+    model_id: some/model
+"""
+
+
+def write_tiny_registry(
+    path: Path, *, port: int, ctx: int = 2048, parallel: int = 2, extra: str = ""
+) -> Path:
+    path.write_text(TINY_PROFILE.format(port=port, ctx=ctx, parallel=parallel, extra=extra))
+    return path
+
+
+@pytest.fixture
+def tiny_env(tmp_path: Path, tiny_model: Path, llama_server_bin: Path, redis_url: str) -> dict:
+    """Environment variables that select the tiny profile on a free port."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(tiny_model, cache / "tiny.gguf")
+    registry = write_tiny_registry(tmp_path / "profiles.yaml", port=free_port())
+    return {
+        "LLM_PROFILE_NAME": "tiny",
+        "LLM_PROFILES_CONFIG_PATH": str(registry),
+        "LLM_CACHE_DIR": str(cache),
+        "LLAMA_SERVER_BIN": str(llama_server_bin),
+        "ORION_BUS_URL": redis_url,
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+@pytest.fixture
+def subprocess_env(tiny_env: dict) -> dict:
+    """A full environment for running the CLI in a child process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
+    env.update(tiny_env)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

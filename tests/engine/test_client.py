@@ -1,0 +1,89 @@
+"""The HTTP client against the real llama-server: events, usage, cancellation, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from orion_llamaccp.engine.sse import SSEDecoder, parse_chunk
+from orion_llamaccp.engine.supervisor import Supervisor
+from orion_llamaccp.errors import ContextExceeded, UpstreamError
+from tests.support.procs import wait_until_async
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+async def test_streamed_chat_is_parsed_into_events(ready_engine: Supervisor) -> None:
+    async with ready_engine.client.chat_stream(
+        {"messages": HELLO, "max_tokens": 12, "seed": 1, "temperature": 0}
+    ) as stream:
+        events = [e async for e in stream]
+    assert events[0].role == "assistant"
+    text = "".join(e.content for e in events)
+    finishes = [e.finish_reason for e in events if e.finish_reason]
+    assert finishes == ["length"]
+    usage = next(e.usage for e in events if e.usage)
+    assert usage["completion_tokens"] == 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 12
+    timings = next(e.timings for e in events if e.timings)
+    assert timings["predicted_n"] == 12
+    assert len(text) > 0
+
+
+async def _busy_slots(engine: Supervisor) -> list[dict]:
+    return [s for s in await engine.client.slots() if s.get("is_processing")]
+
+
+async def test_leaving_the_stream_early_cancels_the_generation(ready_engine: Supervisor) -> None:
+    body = {"messages": HELLO, "max_tokens": 1000, "temperature": 0, "seed": 1}
+    seen = 0
+    async with ready_engine.client.chat_stream(body) as stream:
+        async for event in stream:
+            seen += bool(event.content)
+            if seen == 5:
+                break
+    await wait_until_async(lambda: _no_busy(ready_engine), timeout=5, what="slot idle")
+    slots = await ready_engine.client.slots()
+    decoded = max(int(s.get("n_decoded") or 0) for s in slots)
+    assert decoded < 1000, f"generation ran to the end ({decoded} tokens) despite the cancel"
+
+
+async def _no_busy(engine: Supervisor) -> bool:
+    return not await _busy_slots(engine)
+
+
+async def test_prompt_longer_than_context_is_context_exceeded(ready_engine: Supervisor) -> None:
+    messages = [{"role": "user", "content": "word " * 3000}]
+    with pytest.raises(ContextExceeded) as err:
+        async with ready_engine.client.chat_stream({"messages": messages}) as stream:
+            async for _ in stream:
+                pass
+    assert err.value.retryable is False
+
+
+async def test_server_killed_mid_stream_is_an_error_not_a_short_answer(
+    ready_engine: Supervisor,
+) -> None:
+    body = {"messages": HELLO, "max_tokens": 1000, "temperature": 0}
+    with pytest.raises(UpstreamError):
+        async with ready_engine.client.chat_stream(body) as stream:
+            async for event in stream:
+                if event.content and ready_engine.pid:
+                    os.kill(ready_engine.pid, signal.SIGKILL)
+
+
+def test_sse_decoder_handles_split_chunks_comments_and_crlf() -> None:
+    decoder = SSEDecoder()
+    payload = b'data: {"choices":[{"delta":{"content":"a"},"finish_reason":null}]}'
+    assert decoder.feed(b": keep-alive\n\n" + payload[:10]) == []
+    assert decoder.feed(payload[10:] + b"\r\n\r\ndata: [DONE]\n\n") == [payload[6:], b"[DONE]"]
+    assert parse_chunk(payload[6:]).content == "a"
+    assert decoder.feed(b'data: {"x":1}') == []
+    assert decoder.flush() == [b'{"x":1}']
+
+
+def test_mid_stream_error_payload_is_typed() -> None:
+    events = parse_chunk(b'{"error":{"code":500,"message":"boom","type":"server_error"}}')
+    assert events.error == {"code": 500, "message": "boom", "type": "server_error"}

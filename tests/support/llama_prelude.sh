@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs before the real llama-server to imitate a slow start (test-only switches):
+#   PRELUDE_LINES=N PRELUDE_DELAY=S  print N progress lines, S seconds apart, then start
+#   PRELUDE_SILENT=S                 sleep S seconds without a word first (a hung loader)
+#   PRELUDE_EXIT=CODE                print a line and exit with CODE instead of starting
+# The real binary comes from REAL_LLAMA_SERVER; all arguments pass through unchanged.
+set -u
+if [ -n "${PRELUDE_EXIT:-}" ]; then echo "prelude: exiting with ${PRELUDE_EXIT}"; exit "${PRELUDE_EXIT}"; fi
+if [ -n "${PRELUDE_SILENT:-}" ]; then sleep "${PRELUDE_SILENT}"; fi
+for i in $(seq 1 "${PRELUDE_LINES:-0}"); do
+  echo "llama_model_load: loading tensors ... ${i}/${PRELUDE_LINES}"
+  sleep "${PRELUDE_DELAY:-0.1}"
+done
+exec "${REAL_LLAMA_SERVER}" "$@"
