@@ -137,7 +137,7 @@ def test_broken_other_profile_warns_for_run_but_fails_validate(
     assert profile.name == "good"
     assert "ignoring broken profile bad" in caplog.text
     assert "profiles.bad.llamacpp.port" in registry.problems["bad"]
-    with pytest.raises(ConfigError, match="profiles.bad.llamacpp.port"):
+    with pytest.raises(ConfigError, match=r"profiles\.bad\.llamacpp\.port"):
         select_profile(Settings(LLM_PROFILES_CONFIG_PATH=str(path), LLM_PROFILE_NAME="bad"))
 
 
@@ -174,7 +174,8 @@ def test_model_path_precedence(tmp_path: Path) -> None:
     both = "      model_path: sub/local.gguf\n      hf_filename: hub.gguf\n"
     profile = _profile(tmp_path, both, model_id="/abs/id.gguf")
     files = plan_files(profile, "/override/x.gguf", {})
-    assert (files.model, files.source) == (Path("/override/x.gguf"), "LLAMACPP_MODEL_PATH_OVERRIDE")
+    assert files.model == Path("/override/x.gguf")
+    assert files.source == "LLAMACPP_MODEL_PATH_OVERRIDE"
     files = plan_files(profile, None, {})
     assert (files.model, files.source) == (
         Path("/models/gguf/sub/local.gguf"),
