@@ -46,7 +46,8 @@ def model_root(profile: Profile, env: Mapping[str, str]) -> Path:
 def safe_join(root: Path, name: str, key: str) -> Path:
     """``root / name``, refusing anything that would land outside ``root``."""
     pure = PurePosixPath(name.replace("\\", "/"))
-    if not name or pure.is_absolute() or ".." in pure.parts or name.startswith("~"):
+    bad = not name or "\x00" in name or pure.is_absolute() or ".." in pure.parts
+    if bad or name.startswith("~") or not pure.parts:
         raise UnsafeModelPath(
             f"llamacpp.{key} = {name!r} would resolve outside model_root {root}: "
             f"give a plain relative file name (sub-folders allowed, no '..', no absolute path)"
@@ -58,6 +59,11 @@ def safe_join(root: Path, name: str, key: str) -> Path:
             f"(through a symbolic link): refuse to use it"
         )
     return root / pure
+
+
+def repo_name(root: Path, path: Path) -> str:
+    """The file's name inside its Hub repo: its path under ``model_root``, with ``/``."""
+    return path.relative_to(root).as_posix()
 
 
 def split_parts(path: Path) -> tuple[Path, ...]:
