@@ -94,7 +94,7 @@ class _Cursor:
 
     def skip(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.end:
-            raise _Bad(f"{what} of {n} bytes at byte {self.pos} runs past the end of the file")
+            raise _Bad(f"{what} of {n} bytes at byte {self.pos} runs past the end (truncated?)")
         self.pos += n
 
     def string(self, what: str) -> str:
@@ -110,7 +110,7 @@ def _skip_array(cur: _Cursor, key: str) -> None:
         cur.skip(count * struct.calcsize(_SCALARS[elem_type]), f"array {key!r}")
     elif elem_type == _STRING:
         if count > (cur.end - cur.pos) // 8:
-            raise _Bad(f"array {key!r} claims {count} strings, more than the file can hold")
+            raise _Bad(f"array {key!r} of {count} strings runs past the end (truncated?)")
         for _ in range(count):
             cur.skip(cur.u64(), f"a string of array {key!r}")
     elif elem_type == _ARRAY:

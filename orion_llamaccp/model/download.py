@@ -1,0 +1,213 @@
+"""Bring one file's bytes from the Hub into its ``.part`` file: resume, retry, give up.
+
+Each attempt asks the Hub for the file's metadata (a fresh, possibly re-signed URL), then
+GETs from the first byte not yet on disk. An attempt fails on a network error, a 5xx/429,
+or a stall (no byte for ``stall_sec``: the read timeout); tenacity retries it with
+exponential backoff. We give up only when no byte has arrived for ``deadline_sec``, so a
+slow but moving 70 GB download is never killed, and a dead network fails in bounded time.
+The finished ``.part`` is handed back unverified; ``fetch`` checks it before it becomes
+the model file.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
+
+from orion_llamaccp.errors import DownloadError
+from orion_llamaccp.model import store
+from orion_llamaccp.model.hub import HubClient, HubFile, RangeNotSatisfiable, RemoteFile, Transient
+from orion_llamaccp.model.partial import PartialFile
+from orion_llamaccp.model.progress import Reporter
+from orion_llamaccp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DISK_MARGIN = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DownloadPolicy:
+    """Bounds of one file's download; tests shrink them through ``Settings``."""
+
+    stall_sec: float = 30.0
+    deadline_sec: float = 600.0
+    backoff_max_sec: float = 30.0
+
+    @property
+    def backoff_initial_sec(self) -> float:
+        """1 s, or less when the deadline is short, so that several retries fit in it."""
+        return min(1.0, self.deadline_sec / 20)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DownloadPolicy:
+        return cls(
+            stall_sec=settings.download_stall_sec, deadline_sec=settings.download_deadline_sec
+        )
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A complete ``.part`` file: its bytes, what the Hub said, and their sha256."""
+
+    partial: Path
+    remote: RemoteFile
+    sha256: str
+    attempts: int
+
+
+class _Download:
+    """One file's download: state shared by its attempts."""
+
+    def __init__(
+        self,
+        client: HubClient,
+        hub: HubFile,
+        target: Path,
+        root: Path,
+        reporter: Reporter,
+        cancel: threading.Event | None,
+    ) -> None:
+        self.client, self.hub, self.target, self.root = client, hub, target, root
+        self.reporter, self.cancel = reporter, cancel
+        self.attempt = 0
+        self.last_progress = time.monotonic()
+        self.partial: PartialFile | None = None
+        self.name = target.relative_to(root).as_posix()
+
+    def run_attempt(self) -> Fetched:
+        self.attempt += 1
+        self._check_cancel()
+        remote = self.client.describe(self.hub)
+        partial = self._partial_for(remote)
+        self.reporter.emit(
+            "downloading", self.name, done=partial.size, total=remote.size, attempt=self.attempt
+        )
+        try:
+            self._transfer(remote, partial)
+        except RangeNotSatisfiable:
+            log.warning("server refused to resume %s: starting over", self.hub.filename)
+            partial.reset()
+            raise Transient("resume offset refused; starting over") from None
+        if remote.size is not None and partial.size != remote.size:
+            raise Transient(f"got {partial.size} of {remote.size} bytes")
+        return Fetched(partial.path, remote, partial.sha256(), self.attempt)
+
+    def _partial_for(self, remote: RemoteFile) -> PartialFile:
+        path = store.partial_path(self.root, self.target, remote.etag)
+        if self.partial is None or self.partial.path != path:
+            for stale in store.stale_partials(self.root, self.target, keep=path):
+                log.info("removing partial download of an older version: %s", stale)
+                stale.unlink(missing_ok=True)
+            self.partial = PartialFile(path)
+        if remote.size is not None and self.partial.size > remote.size:
+            self.partial.reset()
+        return self.partial
+
+    def _transfer(self, remote: RemoteFile, partial: PartialFile) -> None:
+        offset = partial.size
+        if remote.size is not None and offset == remote.size:
+            return
+        if offset:
+            log.info("resuming %s at byte %d of %s", self.hub.filename, offset, remote.size)
+        _check_space(partial.path.parent, (remote.size or 0) - offset, self.hub.label)
+        with (
+            self.client.stream(remote, offset) as (start, chunks),
+            partial.appender(start) as write,
+        ):
+            done = start
+            for chunk in chunks:
+                write(chunk)
+                done += len(chunk)
+                self.last_progress = time.monotonic()
+                self.reporter.emit(
+                    "downloading", self.name, done=done, total=remote.size, attempt=self.attempt
+                )
+                self._check_cancel()
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise DownloadError(
+                f"download of {self.hub.label} cancelled; the partial file is kept and resumed "
+                f"next time"
+            )
+
+
+def _check_space(folder: Path, needed: int, label: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed + DISK_MARGIN > free:
+        raise DownloadError(
+            f"not enough disk space for {label}: {needed / 1e9:.2f} GB more needed in "
+            f"{folder}, {free / 1e9:.2f} GB free; free some space or move model_root"
+        )
+
+
+def fetch_file(
+    client: HubClient,
+    hub: HubFile,
+    *,
+    target: Path,
+    root: Path,
+    policy: DownloadPolicy,
+    reporter: Reporter,
+    cancel: threading.Event | None = None,
+) -> Fetched:
+    """Download ``hub`` into its ``.part`` file under ``root``, retrying until the deadline."""
+    job = _Download(client, hub, target, root, reporter, cancel)
+
+    def stop(state: RetryCallState) -> bool:
+        idle = time.monotonic() - job.last_progress
+        cancelled = cancel is not None and cancel.is_set()
+        return cancelled or idle + _next_wait(policy, state) >= policy.deadline_sec
+
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "download of %s failed (attempt %d): %s; retrying", hub.label, job.attempt, error
+        )
+
+    retrying = Retrying(
+        retry=retry_if_exception_type(Transient),
+        stop=stop,
+        wait=wait_exponential(multiplier=policy.backoff_initial_sec, max=policy.backoff_max_sec),
+        before_sleep=before_sleep,
+        sleep=_sleeper(cancel),
+        reraise=True,
+    )
+    try:
+        return retrying(job.run_attempt)
+    except Transient as exc:
+        raise DownloadError(_give_up(job, policy, str(exc))) from None
+
+
+def _next_wait(policy: DownloadPolicy, state: RetryCallState) -> float:
+    wait = policy.backoff_initial_sec * 2 ** (state.attempt_number - 1)
+    return min(wait, policy.backoff_max_sec)
+
+
+def _sleeper(cancel: threading.Event | None) -> Callable[[float], None]:
+    def sleep(seconds: float) -> None:
+        if cancel is None:
+            time.sleep(seconds)
+        else:
+            cancel.wait(seconds)
+
+    return sleep
+
+
+def _give_up(job: _Download, policy: DownloadPolicy, error: str) -> str:
+    kept = job.partial.path if job.partial is not None and job.partial.size else None
+    resume = f"; {kept} is kept and the next try resumes from it" if kept else ""
+    return (
+        f"gave up downloading {job.hub.label} after {job.attempt} attempts with no progress "
+        f"for {policy.deadline_sec:g} s (last error: {error}){resume}. Check the network and "
+        f"HF_ENDPOINT, then run `orion-llamaccp fetch` again"
+    )

@@ -1,0 +1,358 @@
+"""Make a profile's files present and sound before llama-server ever sees them.
+
+For each file (every part of a split model, the mmproj, the draft model):
+
+1. A file already at its path that passes ``verify_gguf`` is used as is, with no network:
+   that is how hand-copied files and ``HF_HUB_OFFLINE=1`` work.
+2. A missing file is downloaded (``download.fetch_file``) under a per-file lock, into a
+   ``.part`` file that only becomes the model file after its sha256 matches the Hub's and
+   its header checks out. No reader ever sees a half-written model file.
+3. A file that fails is moved aside (never deleted) and downloaded again, once. A second
+   failure is an error that says what is wrong and what to do.
+
+``refetch_corrupt`` is the deeper check the engine runs when llama-server reports a broken
+model: it also hashes each file against the recorded (or the Hub's) sha256.
+Both functions block: async callers run them in a thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from orion_llamaccp.errors import ModelCorrupt, ModelError, ModelNotFound
+from orion_llamaccp.model import store
+from orion_llamaccp.model.download import DownloadPolicy, Fetched, fetch_file
+from orion_llamaccp.model.gguf_check import (
+    GgufInfo,
+    diagnose_gguf,
+    sha256_file,
+    verify_split_set,
+)
+from orion_llamaccp.model.hub import HubClient, HubFile, Transient
+from orion_llamaccp.model.lock import file_lock
+from orion_llamaccp.model.paths import ModelFiles, plan_files, repo_name, safe_join, split_parts
+from orion_llamaccp.model.progress import ProgressHook, Reporter
+from orion_llamaccp.profiles.models import Profile
+from orion_llamaccp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The profile's files, checked: what the engine launches and the presence announces."""
+
+    files: ModelFiles
+    info: GgufInfo
+    sha256: str | None
+    size: int
+    file_sha256: Mapping[Path, str | None] = dataclasses.field(default_factory=dict)
+    downloaded: tuple[Path, ...] = ()
+    moved_aside: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    """One file the profile needs, and the Hub file it comes from (if any)."""
+
+    path: Path
+    role: str
+    hub: HubFile | None = None
+
+
+@dataclass(frozen=True)
+class _Checked:
+    path: Path
+    info: GgufInfo
+    sha256: str | None
+    downloaded: bool = False
+    moved_aside: tuple[Path, ...] = ()
+
+
+def plan_targets(profile: Profile, files: ModelFiles) -> list[Target]:
+    """Every file with its Hub source; a file chosen by a path setting has none."""
+    cfg = profile.llamacpp
+    root = files.root
+    from_hub = bool(cfg.hf_repo_id and cfg.hf_filename) and (
+        split_parts(safe_join(root, cfg.hf_filename or "", "hf_filename"))[0] == files.model
+    )
+    count = len(files.parts)
+    targets = [
+        Target(
+            part,
+            "model" if count == 1 else f"model part {index} of {count}",
+            HubFile(cfg.hf_repo_id or "", repo_name(root, part), cfg.hf_revision)
+            if from_hub
+            else None,
+        )
+        for index, part in enumerate(files.parts, 1)
+    ]
+    extras = (
+        (files.mmproj, "mmproj", cfg.mmproj_repo_id),
+        (files.draft, "draft model", cfg.hf_draft_repo_id),
+    )
+    for path, role, repo in extras:
+        if path is not None:
+            targets.append(Target(path, role, _extra_source(profile, root, path, repo)))
+    return targets
+
+
+def _extra_source(profile: Profile, root: Path, path: Path, repo: str | None) -> HubFile | None:
+    cfg = profile.llamacpp
+    repo = repo or cfg.hf_repo_id
+    if not repo:
+        return None
+    revision = cfg.hf_revision if repo == cfg.hf_repo_id else None
+    return HubFile(repo, repo_name(root, path), revision)
+
+
+class _Fetcher:
+    """Brings one profile's targets to a verified state; one instance per call."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        root: Path,
+        reporter: Reporter,
+        cancel: threading.Event | None,
+        *,
+        download: bool = True,
+    ) -> None:
+        self.settings, self.root, self.reporter, self.cancel = settings, root, reporter, cancel
+        self.may_download = download and not settings.hf_hub_offline
+        self.policy = DownloadPolicy.from_settings(settings)
+        token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        self.client = HubClient(
+            endpoint=settings.hf_endpoint, token=token, timeout=self.policy.stall_sec
+        )
+
+    def resolve(self, files: ModelFiles, targets: Sequence[Target], deep: bool) -> ResolvedModel:
+        checked = [self.ensure(target, deep=deep) for target in targets]
+        parts = checked[: len(files.parts)]
+        verify_split_set([c.info for c in parts])
+        return ResolvedModel(
+            files=files,
+            info=parts[0].info,
+            sha256=parts[0].sha256,
+            size=sum(c.info.size for c in parts),
+            file_sha256={c.path: c.sha256 for c in checked},
+            downloaded=tuple(c.path for c in checked if c.downloaded),
+            moved_aside=tuple(p for c in checked for p in c.moved_aside),
+        )
+
+    def ensure(self, target: Target, *, deep: bool) -> _Checked:
+        name = self.name(target.path)
+        self.reporter.emit("checking", name)
+        try:
+            checked = self._ensure(target, deep)
+        except ModelError as exc:
+            self.reporter.emit("failed", name, message=str(exc))
+            raise
+        size = checked.info.size
+        self.reporter.emit("ready", name, done=size, total=size)
+        return checked
+
+    def _ensure(self, target: Target, deep: bool) -> _Checked:
+        found, problem = self.check_existing(target, deep)
+        if found is not None:
+            return found
+        self._refuse_unfetchable(target, problem)
+        assert target.hub is not None
+        lock = store.lock_path(self.root, target.path)
+        with file_lock(lock, what=self.name(target.path), cancel=self.cancel):
+            found, problem = self.check_existing(target, deep)  # another process may have won
+            if found is not None:
+                return found
+            aside = (store.move_aside(target.path),) if target.path.exists() else ()
+            if aside:
+                store.forget_record(self.root, target.path)
+                log.warning("%s: %s; downloading it again", target.role, problem)
+            checked = self.download_verified(target, target.hub)
+            return dataclasses.replace(checked, moved_aside=aside + checked.moved_aside)
+
+    def _refuse_unfetchable(self, target: Target, problem: str | None) -> None:
+        """Raise the right error when the file is bad or missing and will not be downloaded."""
+        if target.hub is not None and self.may_download:
+            return
+        what, how = f"{target.role} {target.path}", self._how_to_fix(target)
+        if problem is None:
+            raise ModelNotFound(f"{what} does not exist; {how}")
+        raise ModelCorrupt(f"{what} is not usable: {problem}; {how}")
+
+    def _how_to_fix(self, target: Target) -> str:
+        hub = target.hub
+        if hub is None:
+            return "copy a good file there, or name it in the profile with hf_repo_id + hf_filename"
+        if self.settings.hf_hub_offline:
+            return (
+                f"HF_HUB_OFFLINE=1 forbids downloading it: copy {hub.filename} from "
+                f"https://huggingface.co/{hub.repo_id} to {target.path}, or unset HF_HUB_OFFLINE"
+            )
+        return f"run `orion-llamaccp fetch` to download it from {hub.label}"
+
+    def check_existing(self, target: Target, deep: bool) -> tuple[_Checked | None, str | None]:
+        """A usable file already in place, or what is wrong with the one there."""
+        path = target.path
+        if not path.is_file():
+            return None, None
+        info, problem = diagnose_gguf(path)
+        if info is None:
+            return None, problem
+        record = store.read_record(self.root, path) if self.under_root(path) else None
+        sha = record.sha256 if record else None
+        if deep:
+            expected = sha or self._hub_sha256(target)
+            sha = self.hash(path)
+            if expected and sha != expected:
+                return None, f"its sha256 {sha} does not match the expected {expected}"
+        return _Checked(path, info, sha), None
+
+    def download_verified(self, target: Target, hub: HubFile) -> _Checked:
+        """Download, check, and move into place; one more download if the bytes are bad."""
+        aside: list[Path] = []
+        while True:
+            fetched = fetch_file(
+                self.client,
+                hub,
+                target=target.path,
+                root=self.root,
+                policy=self.policy,
+                reporter=self.reporter,
+                cancel=self.cancel,
+            )
+            self.reporter.emit("verifying", self.name(target.path), attempt=fetched.attempts)
+            info, problem = self._check_fetched(fetched)
+            if info is not None:
+                return self._install(target, fetched, info, tuple(aside))
+            aside.append(store.move_aside(fetched.partial, beside=target.path))
+            self._give_up_if_hopeless(hub, fetched, problem or "", aside)
+            log.warning(
+                "%s from %s failed its check: %s; downloading once more",
+                target.role,
+                hub.label,
+                problem,
+            )
+
+    def _check_fetched(self, fetched: Fetched) -> tuple[GgufInfo | None, str | None]:
+        expected = fetched.remote.sha256
+        if expected and fetched.sha256 != expected:
+            return None, f"sha256 {fetched.sha256} does not match the Hub's {expected}"
+        return diagnose_gguf(fetched.partial)
+
+    def _give_up_if_hopeless(
+        self, hub: HubFile, fetched: Fetched, problem: str, aside: list[Path]
+    ) -> None:
+        kept = ", ".join(str(p) for p in aside)
+        if fetched.remote.sha256 and fetched.remote.sha256 == fetched.sha256:
+            raise ModelCorrupt(
+                f"{hub.label} on the Hub is not a usable GGUF: {problem}. Its sha256 matches "
+                f"the Hub's, so downloading again cannot help: pick another file or revision "
+                f"(the download is kept at {kept})"
+            )
+        if len(aside) >= 2:
+            raise ModelCorrupt(
+                f"{hub.label} failed its check twice: {problem}. The downloads are kept at "
+                f"{kept}. Something alters the bytes on the way (proxy, disk, HF_ENDPOINT "
+                f"mirror): check it, then run `orion-llamaccp fetch` again"
+            )
+
+    def _install(
+        self, target: Target, fetched: Fetched, info: GgufInfo, aside: tuple[Path, ...]
+    ) -> _Checked:
+        target.path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(fetched.partial, target.path)
+        store.write_record(
+            self.root,
+            target.path,
+            sha256=fetched.sha256,
+            repo_id=fetched.remote.source.repo_id,
+            revision=fetched.remote.source.revision,
+            commit=fetched.remote.commit,
+        )
+        log.info("downloaded %s (%d bytes, sha256 %s)", target.path, info.size, fetched.sha256)
+        info = dataclasses.replace(info, path=target.path)
+        return _Checked(target.path, info, fetched.sha256, downloaded=True, moved_aside=aside)
+
+    def _hub_sha256(self, target: Target) -> str | None:
+        """The Hub's sha256 for a file we have no record of (deep check only)."""
+        if target.hub is None or not self.may_download:
+            return None
+        try:
+            return self.client.describe(target.hub).sha256
+        except (ModelError, Transient) as exc:
+            log.warning("cannot ask the Hub for %s's sha256: %s", target.hub.label, exc)
+            return None
+
+    def hash(self, path: Path) -> str:
+        name, total = self.name(path), path.stat().st_size
+
+        def on_bytes(done: int) -> None:
+            self.reporter.emit("verifying", name, done=done, total=total)
+
+        return sha256_file(path, on_bytes)
+
+    def under_root(self, path: Path) -> bool:
+        return path.is_relative_to(self.root)
+
+    def name(self, path: Path) -> str:
+        return repo_name(self.root, path) if self.under_root(path) else path.name
+
+
+def _run(
+    profile: Profile,
+    settings: Settings,
+    progress: ProgressHook | None,
+    cancel: threading.Event | None,
+    *,
+    deep: bool,
+    download: bool = True,
+) -> ResolvedModel:
+    files = plan_files(profile, settings.overrides.model_path, settings.environ())
+    fetcher = _Fetcher(settings, files.root, Reporter(progress), cancel, download=download)
+    return fetcher.resolve(files, plan_targets(profile, files), deep)
+
+
+def ensure_model(
+    profile: Profile,
+    settings: Settings,
+    *,
+    progress: ProgressHook | None = None,
+    cancel: threading.Event | None = None,
+) -> ResolvedModel:
+    """Every file of the profile present and verified, downloading what is missing."""
+    return _run(profile, settings, progress, cancel, deep=False)
+
+
+def refetch_corrupt(
+    profile: Profile,
+    settings: Settings,
+    *,
+    progress: ProgressHook | None = None,
+    cancel: threading.Event | None = None,
+) -> ResolvedModel:
+    """Like ``ensure_model``, but hash every file too; a bad one is moved aside and re-fetched.
+
+    For the engine, when llama-server says ``missing tensor`` or similar. ``moved_aside`` /
+    ``downloaded`` of the result say whether anything was wrong.
+    """
+    return _run(profile, settings, progress, cancel, deep=True)
+
+
+def verify_model(
+    profile: Profile,
+    settings: Settings,
+    *,
+    deep: bool = False,
+    progress: ProgressHook | None = None,
+) -> ResolvedModel:
+    """Check the profile's files where they are, never touching the network or the files.
+
+    ``deep`` hashes each file and compares it with the sha256 recorded at download.
+    """
+    return _run(profile, settings, progress, None, deep=deep, download=False)
