@@ -1,0 +1,271 @@
+"""Cut connections, stalls, 5xx, wrong bytes and two processes at once, against a real Hub."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orion_llamaccp.errors import DownloadError, ModelCorrupt
+from orion_llamaccp.model import ProgressEvent, ensure_model, refetch_corrupt, verify_gguf
+from orion_llamaccp.model.store import STATE_DIR
+from orion_llamaccp.settings import Settings
+from tests.model.conftest import FILENAME, REPO_ID, make_profile
+from tests.model.hub_server import FakeHub, Fault
+
+SettingsFactory = Callable[..., Settings]
+Bytes = Callable[[int], bytes]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _partials(root: Path) -> list[Path]:
+    return list((root / STATE_DIR).rglob("*.part"))
+
+
+def _aside(root: Path) -> list[Path]:
+    return sorted(root.glob(f"{FILENAME}.corrupt-*"))
+
+
+def test_cut_connection_resumes_from_where_it_broke(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    hub.fault("cdn", Fault("cut", after=40_000))
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    first, second = hub.cdn_gets(sha)
+    assert first.sent == 40_000
+    assert second.range == "bytes=40000-"
+    assert second.sent == len(data) - 40_000 < len(data)
+    assert hub.bytes_sent(sha) == len(data)  # not one byte fetched twice
+    assert resolved.sha256 == sha
+    assert (cache_dir / FILENAME).read_bytes() == data
+
+
+def test_interrupted_download_resumes_in_the_next_run(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    hub.fault("cdn", Fault("cut", after=50_000))
+    hub.fault("cdn", Fault("cut", after=0), times=1000)  # then the network is gone
+
+    with pytest.raises(DownloadError, match="next try resumes") as err:
+        ensure_model(make_profile(), make_settings(download_deadline_sec=0.5))
+
+    assert "gave up downloading" in str(err.value)
+    assert not (cache_dir / FILENAME).exists()  # never a half file at the final path
+    [partial] = _partials(cache_dir)
+    assert partial.stat().st_size == 50_000
+    assert all(r.sent == 0 for r in hub.cdn_gets(sha)[1:])
+    mark = len(hub.cdn_gets(sha))
+    hub.clear_faults()
+
+    resolved = ensure_model(make_profile(), make_settings())  # "the process restarted"
+
+    [resumed] = hub.cdn_gets(sha)[mark:]
+    assert resumed.range == "bytes=50000-"
+    assert resumed.sent == len(data) - 50_000 < len(data)
+    assert resolved.sha256 == sha  # the digest covers the bytes of both runs
+    assert _partials(cache_dir) == []
+
+
+def test_stalled_download_is_aborted_and_resumed(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    stall = hub.fault("cdn", Fault("stall", after=30_000))  # holds the connection open, silent
+    events: list[ProgressEvent] = []
+
+    settings = make_settings(download_stall_sec=0.3)
+    resolved = ensure_model(make_profile(), settings, progress=events.append)
+
+    assert stall.reached.is_set()
+    first, second = hub.cdn_gets(sha)
+    assert first.sent == 30_000
+    assert second.range == "bytes=30000-"
+    assert resolved.sha256 == sha
+    assert max(e.attempt for e in events if e.phase == "downloading") == 2
+
+
+def test_server_errors_are_retried_with_backoff(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.fault("resolve", Fault("status", status=500), times=2)
+    hub.fault("cdn", Fault("status", status=503))
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    assert [r.status for r in hub.resolves(FILENAME)] == [500, 500, 302, 302]
+    assert [r.status for r in hub.cdn_gets(sha)] == [503, 200]
+    assert resolved.sha256 == sha
+
+
+def test_gives_up_with_a_clear_error_when_nothing_moves(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.fault("resolve", Fault("status", status=503), times=1000)
+
+    with pytest.raises(DownloadError) as err:
+        ensure_model(make_profile(), make_settings(download_deadline_sec=1.0))
+
+    message = str(err.value)
+    assert "gave up downloading orion-test/tiny-llama/" in message
+    assert "HTTP 503" in message
+    assert "orion-llamaccp fetch" in message
+    assert 2 <= len(hub.resolves(FILENAME)) < 1000
+    assert not (cache_dir / FILENAME).exists()
+
+
+def test_corrupt_file_on_disk_is_moved_aside_and_fetched_again(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    bad = data[: len(data) // 2]  # an earlier copy that was cut short
+    (cache_dir / FILENAME).write_bytes(bad)
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    [aside] = _aside(cache_dir)
+    assert aside.read_bytes() == bad  # kept for inspection, never deleted
+    assert resolved.moved_aside == (aside,)
+    assert (cache_dir / FILENAME).read_bytes() == data
+    assert resolved.sha256 == sha
+
+
+def test_wrong_bytes_from_the_hub_are_caught_by_sha256_and_fetched_again(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    hub.fault("cdn", Fault("corrupt"))
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    assert len(hub.cdn_gets(sha)) == 2
+    [aside] = _aside(cache_dir)
+    assert len(aside.read_bytes()) == len(data) and aside.read_bytes() != data
+    assert verify_gguf(aside).size == len(data)  # the header was fine: only the hash knew
+    assert (cache_dir / FILENAME).read_bytes() == data
+    assert resolved.moved_aside == (aside,)
+
+
+def test_wrong_bytes_twice_is_an_error_that_keeps_both_downloads(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.fault("cdn", Fault("corrupt"), times=2)
+
+    with pytest.raises(ModelCorrupt, match="failed its check twice") as err:
+        ensure_model(make_profile(), make_settings())
+
+    assert "does not match the Hub's" in str(err.value)
+    assert len(_aside(cache_dir)) == 2
+    assert all(str(p) in str(err.value) for p in _aside(cache_dir))
+    assert not (cache_dir / FILENAME).exists()
+    assert len(hub.cdn_gets(sha)) == 2
+
+
+def test_a_broken_file_on_the_hub_is_not_downloaded_in_a_loop(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data[:-4096])  # published truncated: its sha256 "matches"
+
+    with pytest.raises(ModelCorrupt, match="on the Hub is not a usable GGUF") as err:
+        ensure_model(make_profile(), make_settings())
+
+    assert "truncated" in str(err.value)
+    assert len(hub.cdn_gets(sha)) == 1
+    assert not (cache_dir / FILENAME).exists()
+
+
+def test_refetch_corrupt_finds_damage_only_a_hash_can_see(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    ensure_model(make_profile(), make_settings())
+    target = cache_dir / FILENAME
+    damaged = bytearray(data)
+    damaged[-100] ^= 0xFF
+    target.write_bytes(bytes(damaged))  # a new mtime: the record no longer applies
+
+    assert ensure_model(make_profile(), make_settings()).downloaded == ()  # header is fine
+    resolved = refetch_corrupt(make_profile(), make_settings())
+
+    assert resolved.downloaded == (target,)
+    assert [p.read_bytes() for p in resolved.moved_aside] == [bytes(damaged)]
+    assert target.read_bytes() == data
+    assert resolved.sha256 == sha
+    assert len(hub.cdn_gets(sha)) == 2
+
+
+def test_refetch_corrupt_leaves_a_sound_file_alone(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+
+    resolved = refetch_corrupt(make_profile(), make_settings())
+
+    assert resolved.downloaded == () and resolved.moved_aside == ()
+    assert resolved.sha256 == sha
+    assert len(hub.cdn_gets(sha)) == 1
+
+
+def _worker(spec: dict[str, object]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-u", "-m", "tests.model.fetch_worker", json.dumps(spec)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_processes_fetching_one_file_download_it_once(
+    hub: FakeHub, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    hold = hub.fault("cdn", Fault("hold", after=20_000))
+    spec = {
+        "settings": {"cache_dir": str(cache_dir), "hf_endpoint": hub.endpoint},
+        "llamacpp": {"model_root": "${LLM_CACHE_DIR}", "hf_repo_id": REPO_ID,
+                     "hf_filename": FILENAME},
+    }  # fmt: skip
+
+    first = _worker(spec)
+    assert hold.reached.wait(30), "first process never started downloading"
+    second = _worker(spec)
+    assert second.stderr is not None
+    for line in second.stderr:  # the second process blocks on the first one's lock
+        if "waiting for another process" in line:
+            break
+    else:
+        pytest.fail("the second process never waited for the lock")
+    assert not (cache_dir / FILENAME).exists()
+    hold.release.set()
+    out_first, err_first = first.communicate(timeout=60)
+    out_second, _ = second.communicate(timeout=60)
+
+    assert first.returncode == 0, err_first
+    assert second.returncode == 0
+    results = [json.loads(out_first), json.loads(out_second)]
+    assert [r["downloaded"] for r in results] == [True, False]
+    assert {r["sha256"] for r in results} == {sha}
+    assert len(hub.cdn_gets(sha)) == 1
+    assert hub.bytes_sent(sha) == len(data)
+    assert len(hub.resolves(FILENAME)) == 1  # the second never even asked the Hub
+    assert (cache_dir / FILENAME).read_bytes() == data

@@ -1,0 +1,268 @@
+"""ensure_model against a real local Hub: downloads, hand-copied files, splits, extras."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orion_llamaccp.errors import ModelCorrupt, ModelNotFound
+from orion_llamaccp.model import ProgressEvent, ensure_model, verify_gguf, verify_model
+from orion_llamaccp.model.store import STATE_DIR, read_record
+from orion_llamaccp.settings import Settings
+from tests.model.conftest import FILENAME, REPO_ID, make_profile, make_split_gguf
+from tests.model.hub_server import FakeHub
+
+SettingsFactory = Callable[..., Settings]
+Bytes = Callable[[int], bytes]
+
+
+def test_clean_download_lands_at_model_root_with_its_sha256(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    events: list[ProgressEvent] = []
+
+    resolved = ensure_model(make_profile(), make_settings(), progress=events.append)
+
+    target = cache_dir / FILENAME
+    assert resolved.files.model == target
+    assert target.read_bytes() == data
+    assert resolved.sha256 == sha
+    assert resolved.size == len(data)
+    assert resolved.info.architecture == "llama"
+    assert resolved.downloaded == (target,)
+    assert [r.range for r in hub.cdn_gets(sha)] == [None]
+    assert hub.bytes_sent(sha) == len(data)
+    # Nothing but the model and our hidden state folder is left in model_root.
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([FILENAME, STATE_DIR])
+    assert not list((cache_dir / STATE_DIR).rglob("*.part"))
+    phases = [e.phase for e in events]
+    assert phases[0] == "checking" and phases[-1] == "ready"
+    assert phases.index("downloading") < phases.index("verifying") < phases.index("ready")
+    assert events[-1].bytes_done == events[-1].bytes_total == len(data)
+
+
+def test_second_run_uses_the_file_and_its_record_without_network(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+    mark = hub.mark()
+
+    again = ensure_model(make_profile(), make_settings())
+
+    assert hub.requests[mark:] == []
+    assert again.sha256 == sha
+    assert again.downloaded == ()
+
+
+def test_record_of_a_replaced_file_is_not_trusted(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+    target = cache_dir / FILENAME
+    target.write_bytes(gguf_bytes(1))  # a human copies another build over it
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    assert resolved.sha256 is None
+    assert read_record(cache_dir, target) is None
+
+
+def test_file_copied_by_hand_is_used_without_any_network(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(1))  # the Hub has another file: must not matter
+    target = cache_dir / FILENAME
+    target.write_bytes(gguf_bytes(0))
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    assert hub.requests == []
+    assert resolved.files.model == target
+    assert target.read_bytes() == gguf_bytes(0)
+    assert resolved.downloaded == ()
+    assert resolved.sha256 is None  # never hashed on start: a 70 GB file would take minutes
+
+
+def test_file_in_a_profile_without_hub_source_is_used(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    (cache_dir / "mine").mkdir()
+    (cache_dir / "mine" / "model.gguf").write_bytes(gguf_bytes(0))
+    profile = make_profile(hf_repo_id=None, hf_filename=None, model_path="mine/model.gguf")
+
+    resolved = ensure_model(profile, make_settings())
+
+    assert resolved.files.model == cache_dir / "mine" / "model.gguf"
+    assert hub.requests == []
+
+
+def test_missing_file_without_hub_source_says_where_to_copy_it(
+    make_settings: SettingsFactory, cache_dir: Path
+) -> None:
+    profile = make_profile(hf_repo_id=None, hf_filename=None, model_path="mine/model.gguf")
+
+    with pytest.raises(ModelNotFound, match="copy a good file there") as err:
+        ensure_model(profile, make_settings())
+
+    assert str(cache_dir / "mine" / "model.gguf") in str(err.value)
+
+
+def test_pinned_revision_is_downloaded(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    pinned = hub.add(REPO_ID, FILENAME, gguf_bytes(1), revision="v1")
+
+    resolved = ensure_model(make_profile(hf_revision="v1"), make_settings())
+
+    assert resolved.sha256 == pinned
+    assert (cache_dir / FILENAME).read_bytes() == gguf_bytes(1)
+    assert all("/resolve/v1/" in r.path for r in hub.resolves(FILENAME))
+    record = read_record(cache_dir, cache_dir / FILENAME)
+    assert record is not None and record.revision == "v1"
+
+
+def test_file_missing_on_the_hub_is_a_clear_error(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    hub.add(REPO_ID, "other.gguf", gguf_bytes(0))
+
+    with pytest.raises(ModelNotFound, match="is not in orion-test/tiny-llama") as err:
+        ensure_model(make_profile(), make_settings())
+
+    assert FILENAME in str(err.value)
+
+
+def test_split_gguf_fetches_all_parts_and_serves_part_one(
+    hub: FakeHub, make_settings: SettingsFactory, cache_dir: Path, tmp_path: Path
+) -> None:
+    parts = make_split_gguf(tmp_path, "big", 3)
+    shas = [hub.add(REPO_ID, f"split/{p.name}", p.read_bytes()) for p in parts]
+    profile = make_profile(hf_filename="split/big-00001-of-00003.gguf")
+
+    resolved = ensure_model(profile, make_settings())
+
+    local = [cache_dir / "split" / p.name for p in parts]
+    assert resolved.files.model == local[0]
+    assert resolved.files.parts == tuple(local)
+    assert [p.read_bytes() for p in local] == [p.read_bytes() for p in parts]
+    assert resolved.size == sum(p.stat().st_size for p in parts)
+    assert resolved.info.split_count == 3
+    assert [resolved.file_sha256[p] for p in local] == shas
+    assert all(len(hub.cdn_gets(sha)) == 1 for sha in shas)
+
+
+def test_split_gguf_with_a_part_missing_on_the_hub_fails_clearly(
+    hub: FakeHub, make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    parts = make_split_gguf(tmp_path, "big", 3)
+    for part in parts[:2]:
+        hub.add(REPO_ID, part.name, part.read_bytes())
+
+    with pytest.raises(ModelNotFound, match=r"big-00003-of-00003\.gguf"):
+        ensure_model(make_profile(hf_filename=parts[0].name), make_settings())
+
+
+def test_split_parts_from_different_models_are_refused(
+    make_settings: SettingsFactory, cache_dir: Path, tmp_path: Path
+) -> None:
+    one = make_split_gguf(tmp_path / "a", "m", 2)
+    other = make_split_gguf(tmp_path / "b", "m", 3)
+    (cache_dir / one[0].name).write_bytes(one[0].read_bytes())
+    (cache_dir / one[1].name).write_bytes(other[1].read_bytes())  # part 2 of 3, named 2 of 2
+
+    with pytest.raises(ModelCorrupt, match="do not belong together"):
+        ensure_model(make_profile(hf_filename=one[0].name), make_settings())
+
+
+def test_mmproj_from_its_own_repo_and_draft_model_are_fetched(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    mmproj_sha = hub.add("orion-test/vision", "mmproj-f16.gguf", gguf_bytes(1))
+    draft_sha = hub.add("orion-test/draft", "draft.gguf", gguf_bytes(2))
+    profile = make_profile(
+        mmproj_filename="mmproj-f16.gguf",
+        mmproj_repo_id="orion-test/vision",
+        hf_draft_repo_id="orion-test/draft",
+        hf_draft_filename="draft.gguf",
+    )
+
+    resolved = ensure_model(profile, make_settings())
+
+    assert resolved.files.mmproj == cache_dir / "mmproj-f16.gguf"
+    assert resolved.files.draft == cache_dir / "draft.gguf"
+    assert resolved.file_sha256[cache_dir / "mmproj-f16.gguf"] == mmproj_sha
+    assert resolved.file_sha256[cache_dir / "draft.gguf"] == draft_sha
+    assert len(resolved.downloaded) == 3
+    assert hub.resolves("mmproj-f16.gguf")[0].path.startswith("/orion-test/vision/")
+
+
+def test_mmproj_defaults_to_the_main_repo(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.add(REPO_ID, "mmproj.gguf", gguf_bytes(1))
+
+    resolved = ensure_model(make_profile(mmproj_filename="mmproj.gguf"), make_settings())
+
+    assert resolved.files.mmproj is not None
+    assert resolved.files.mmproj.read_bytes() == gguf_bytes(1)
+
+
+def test_truncated_gguf_is_refused_before_launch(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    (cache_dir / FILENAME).write_bytes(data[: len(data) - 1000])
+    profile = make_profile(hf_repo_id=None)  # nothing to re-download from
+
+    with pytest.raises(ModelCorrupt, match="truncated") as err:
+        ensure_model(profile, make_settings())
+
+    assert str(cache_dir / FILENAME) in str(err.value)
+    assert (cache_dir / FILENAME).exists()  # left in place: nothing to replace it with
+    assert hub.requests == []
+
+
+def test_verify_model_never_downloads(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+
+    with pytest.raises(ModelNotFound, match="orion-llamaccp fetch"):
+        verify_model(make_profile(), make_settings())
+
+    assert hub.requests == []
+
+
+def test_verify_model_deep_compares_with_the_recorded_sha256(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+    assert verify_model(make_profile(), make_settings(), deep=True).sha256 == sha
+    target = cache_dir / FILENAME
+    stat = target.stat()
+    _flip_tensor_byte(target)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # bit rot keeps the mtime
+
+    with pytest.raises(ModelCorrupt, match="does not match"):
+        verify_model(make_profile(), make_settings(), deep=True)
+
+
+def _flip_tensor_byte(path: Path) -> None:
+    """Damage tensor data only: the header still parses, only a hash can tell."""
+    info = verify_gguf(path)
+    with path.open("r+b") as handle:
+        handle.seek(info.data_end - 10)
+        byte = handle.read(1)
+        handle.seek(info.data_end - 10)
+        handle.write(bytes([byte[0] ^ 0xFF]))

@@ -1,0 +1,185 @@
+"""Offline mode, gated repos and the token, and file names that try to leave model_root."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orion_llamaccp.errors import DownloadError, ModelCorrupt, ModelNotFound, UnsafeModelPath
+from orion_llamaccp.model import ensure_model, plan_files
+from orion_llamaccp.settings import Settings
+from tests.model.conftest import FILENAME, REPO_ID, make_profile
+from tests.model.hub_server import FakeHub
+
+SettingsFactory = Callable[..., Settings]
+Bytes = Callable[[int], bytes]
+TOKEN = "hf_SECRETtoken4242abcdef"
+WRONG_TOKEN = "hf_WRONGtoken9999zyxwvu"
+
+
+# ----------------------------------------------------------------------------- offline
+
+
+def test_offline_missing_file_names_the_path_to_copy_to(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+
+    with pytest.raises(ModelNotFound) as err:
+        ensure_model(make_profile(), make_settings(hf_hub_offline=True))
+
+    message = str(err.value)
+    assert "HF_HUB_OFFLINE=1" in message
+    assert f"to {cache_dir / FILENAME}" in message
+    assert f"https://huggingface.co/{REPO_ID}" in message
+    assert hub.requests == []
+
+
+def test_offline_uses_a_file_already_there(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    (cache_dir / FILENAME).write_bytes(gguf_bytes(0))
+
+    resolved = ensure_model(make_profile(), make_settings(hf_hub_offline=True))
+
+    assert resolved.files.model == cache_dir / FILENAME
+    assert hub.requests == []
+
+
+def test_offline_corrupt_file_is_reported_not_moved(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    (cache_dir / FILENAME).write_bytes(b"GGUF" + b"\x00" * 100)
+
+    with pytest.raises(ModelCorrupt, match="HF_HUB_OFFLINE=1 forbids downloading it"):
+        ensure_model(make_profile(), make_settings(hf_hub_offline=True))
+
+    assert (cache_dir / FILENAME).exists()
+    assert hub.requests == []
+
+
+# ----------------------------------------------------------------------------- gated repos
+
+
+@pytest.fixture
+def gated(hub: FakeHub, gguf_bytes: Bytes) -> str:
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.gate(REPO_ID, TOKEN)
+    return sha
+
+
+def test_gated_repo_without_token_says_to_set_hf_token(
+    hub: FakeHub, gated: str, make_settings: SettingsFactory
+) -> None:
+    with pytest.raises(DownloadError, match="is gated: set HF_TOKEN") as err:
+        ensure_model(make_profile(), make_settings())
+
+    assert f"https://huggingface.co/{REPO_ID}" in str(err.value)
+    assert [r.authorization for r in hub.requests] == [None]  # no implicit token either
+    assert hub.cdn_gets(gated) == []
+
+
+def test_rejected_token_is_never_printed_or_logged(
+    hub: FakeHub,
+    gated: str,
+    make_settings: SettingsFactory,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    with pytest.raises(DownloadError, match="HF_TOKEN has no access") as err:
+        ensure_model(make_profile(), make_settings(hf_token=WRONG_TOKEN))
+
+    assert hub.requests[0].authorization == f"Bearer {WRONG_TOKEN}"  # it was really sent
+    captured = capsys.readouterr()
+    for text in (str(err.value), repr(err.value), caplog.text, captured.out, captured.err):
+        assert WRONG_TOKEN not in text
+
+
+def test_valid_token_downloads_and_stays_off_the_cdn(
+    hub: FakeHub,
+    gated: str,
+    make_settings: SettingsFactory,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    resolved = ensure_model(make_profile(), make_settings(hf_token=TOKEN))
+
+    assert resolved.sha256 == gated
+    assert {r.authorization for r in hub.resolves(FILENAME)} == {f"Bearer {TOKEN}"}
+    assert [r.authorization for r in hub.cdn_gets(gated)] == [None]
+    captured = capsys.readouterr()
+    assert TOKEN not in caplog.text + captured.out + captured.err
+
+
+def test_unknown_repo_is_a_clear_error(make_settings: SettingsFactory) -> None:
+    with pytest.raises(DownloadError, match="repo orion-test/nope not found"):
+        ensure_model(make_profile(hf_repo_id="orion-test/nope"), make_settings())
+
+
+def test_unknown_revision_is_a_clear_error(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+
+    with pytest.raises(DownloadError, match=r"revision 'v9' not found.*check hf_revision"):
+        ensure_model(make_profile(hf_revision="v9"), make_settings())
+
+
+# ----------------------------------------------------------------------------- path safety
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"hf_filename": "../escape.gguf"},
+        {"hf_filename": "sub/../../escape.gguf"},
+        {"hf_filename": "/etc/passwd"},
+        {"hf_filename": "..\\escape.gguf"},
+        {"hf_filename": "~/escape.gguf"},
+        {"hf_filename": "ok.gguf\x00.txt"},
+        {"mmproj_filename": "../../mmproj.gguf"},
+        {"hf_draft_filename": "/tmp/draft.gguf"},
+        {"hf_filename": None, "model_path": "../../../etc/shadow"},
+        {"hf_filename": None, "model_path": "/etc/passwd"},
+    ],
+)
+def test_names_that_leave_model_root_are_refused(
+    hub: FakeHub, make_settings: SettingsFactory, block: dict[str, str | None]
+) -> None:
+    with pytest.raises(UnsafeModelPath):
+        ensure_model(make_profile(**block), make_settings())
+
+    assert hub.requests == []
+
+
+def test_a_symlink_out_of_model_root_is_refused(
+    hub: FakeHub, make_settings: SettingsFactory, cache_dir: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (cache_dir / "link").symlink_to(outside)
+
+    with pytest.raises(UnsafeModelPath, match="symbolic link"):
+        ensure_model(make_profile(hf_filename="link/model.gguf"), make_settings())
+
+    assert list(outside.iterdir()) == []
+    assert hub.requests == []
+
+
+def test_the_operator_override_may_point_anywhere(
+    make_settings: SettingsFactory, gguf_bytes: Bytes, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere.gguf"
+    elsewhere.write_bytes(gguf_bytes(0))
+
+    files = plan_files(make_profile(), str(elsewhere), make_settings().environ())
+
+    assert files.model == elsewhere
+    assert files.source == "LLAMACPP_MODEL_PATH_OVERRIDE"

@@ -1,0 +1,131 @@
+"""verify_gguf on real GGUF files and on the ways they break."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+
+import pytest
+
+from orion_llamaccp.errors import ModelCorrupt, ModelError, ModelNotFound
+from orion_llamaccp.model.gguf_check import sha256_file, verify_gguf, verify_split_set
+from tests.model.conftest import make_gguf, make_split_gguf
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return make_gguf(tmp_path / "model.gguf")
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_reads_the_header_of_a_real_model(model: Path) -> None:
+    info = verify_gguf(model)
+
+    assert info.path == model
+    assert info.size == model.stat().st_size
+    assert info.version == 3
+    assert info.architecture == "llama"
+    assert info.name == "orion-random-llama"
+    assert info.tensor_count == 12
+    assert info.kv_count > 10
+    assert info.context_length == 2048
+    assert info.data_end == info.size  # the last tensor ends exactly at the end of the file
+    assert not info.is_split
+
+
+@pytest.mark.parametrize("missing", [1, 100, 5000])
+def test_truncated_tensor_data_is_caught(model: Path, tmp_path: Path, missing: int) -> None:
+    data = model.read_bytes()
+    short = _write(tmp_path / "short.gguf", data[:-missing])
+
+    with pytest.raises(ModelCorrupt, match="truncated") as err:
+        verify_gguf(short)
+
+    assert str(short) in str(err.value)
+    assert f"only {len(data) - missing} bytes" in str(err.value)
+
+
+def test_truncated_header_is_caught(model: Path, tmp_path: Path) -> None:
+    short = _write(tmp_path / "short.gguf", model.read_bytes()[:2000])
+
+    with pytest.raises(ModelCorrupt, match="truncated"):
+        verify_gguf(short)
+
+
+def test_not_a_gguf(tmp_path: Path) -> None:
+    html = _write(tmp_path / "model.gguf", b"<!DOCTYPE html><html>Rate limited</html>" * 10)
+
+    with pytest.raises(ModelCorrupt, match="not a GGUF file"):
+        verify_gguf(html)
+
+
+def test_unsupported_version(model: Path, tmp_path: Path) -> None:
+    data = bytearray(model.read_bytes())
+    data[4:8] = struct.pack("<I", 7)
+
+    with pytest.raises(ModelCorrupt, match="version 7 is not supported"):
+        verify_gguf(_write(tmp_path / "v7.gguf", bytes(data)))
+
+
+def test_garbage_counts_do_not_allocate_or_hang(model: Path, tmp_path: Path) -> None:
+    data = bytearray(model.read_bytes())
+    data[16:24] = struct.pack("<Q", 2**62)  # kv_count
+
+    with pytest.raises(ModelCorrupt, match="garbage header"):
+        verify_gguf(_write(tmp_path / "garbage.gguf", bytes(data)))
+
+
+def test_empty_and_tiny_files(tmp_path: Path) -> None:
+    for data in (b"", b"GGUF"):
+        with pytest.raises(ModelCorrupt, match="too small"):
+            verify_gguf(_write(tmp_path / "tiny.gguf", data))
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound):
+        verify_gguf(tmp_path / "absent.gguf")
+    with pytest.raises(ModelError, match="directory"):
+        verify_gguf(tmp_path)
+
+
+def test_split_parts_each_check_and_agree(tmp_path: Path) -> None:
+    parts = make_split_gguf(tmp_path, "m", 3)
+
+    infos = [verify_gguf(p) for p in parts]
+    verify_split_set(infos)
+
+    assert [(i.split_no, i.split_count) for i in infos] == [(0, 3), (1, 3), (2, 3)]
+    assert infos[0].split_tensors_count == sum(i.tensor_count for i in infos)
+    assert infos[0].is_split
+
+
+def test_split_parts_out_of_order_are_refused(tmp_path: Path) -> None:
+    infos = [verify_gguf(p) for p in make_split_gguf(tmp_path, "m", 3)]
+
+    with pytest.raises(ModelCorrupt, match="do not belong together"):
+        verify_split_set([infos[0], infos[2], infos[1]])
+    with pytest.raises(ModelCorrupt, match="do not belong together"):
+        verify_split_set(infos[:2])
+
+
+def test_a_truncated_split_part_is_caught_on_its_own(tmp_path: Path) -> None:
+    parts = make_split_gguf(tmp_path, "m", 3)
+    parts[1].write_bytes(parts[1].read_bytes()[:-64])
+
+    verify_gguf(parts[0])
+    with pytest.raises(ModelCorrupt, match="truncated"):
+        verify_gguf(parts[1])
+
+
+def test_sha256_file_matches_hashlib_and_reports_progress(model: Path) -> None:
+    seen: list[int] = []
+
+    digest = sha256_file(model, seen.append)
+
+    assert digest == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert seen[-1] == model.stat().st_size
