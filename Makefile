@@ -58,6 +58,10 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+.PHONY: lint-docker
+lint-docker: venv
+	$(BIN)/hadolint Dockerfile
+
 format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .

@@ -1,0 +1,59 @@
+"""The env examples, the compose environment and the image's ENV name only variables the
+service reads (its settings' aliases) or Compose itself uses, so they cannot drift."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices
+from pydantic_settings import BaseSettings
+
+from orion_llamaccp.settings import Overrides, Settings
+from tests.deploy.container import (
+    ENV_EXAMPLES,
+    GPU_SERVICE,
+    dockerfile_env,
+    load_compose,
+    read_env_example,
+    referenced_variables,
+    service,
+)
+
+# Read by Compose (interpolation), never by the service.
+COMPOSE_ONLY = {"LLAMACPP_HOST_PORT"}
+# Set in the image for Python itself.
+IMAGE_ONLY = {"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
+
+
+def _aliases(model: type[BaseSettings]) -> set[str]:
+    names: set[str] = set()
+    for info in model.model_fields.values():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+        elif isinstance(alias, str):
+            names.add(alias)
+    return names
+
+
+SERVICE_READS = _aliases(Settings) | _aliases(Overrides)
+
+
+def test_every_example_variable_is_read_by_the_service_or_by_compose() -> None:
+    assert {"LLM_PROFILE_NAME", "ORION_BUS_URL", "CUDA_VISIBLE_DEVICES_OVERRIDE"} <= SERVICE_READS
+    for path in ENV_EXAMPLES:
+        unknown = sorted(set(read_env_example(path).values) - SERVICE_READS - COMPOSE_ONLY)
+        assert not unknown, f"{path.name}: nothing reads {unknown}"
+    assert not COMPOSE_ONLY - referenced_variables(load_compose()), "stale COMPOSE_ONLY entry"
+
+
+def test_container_environment_and_image_env_are_read_by_the_service() -> None:
+    unknown = sorted(set(service(GPU_SERVICE)["environment"]) - SERVICE_READS)
+    assert not unknown, f"compose environment: nothing reads {unknown}"
+    unknown = sorted(set(dockerfile_env()) - SERVICE_READS - IMAGE_ONLY)
+    assert not unknown, f"Dockerfile ENV: nothing reads {unknown}"
+
+
+def test_the_examples_are_the_seed_selection_and_overrides_and_shared_stack_apart() -> None:
+    root, svc = (set(read_env_example(path).values) for path in ENV_EXAMPLES)
+    assert not root & svc, f"listed in both env examples: {sorted(root & svc)}"
+    assert "ORION_BUS_URL" in root
+    assert {"LLM_PROFILE_NAME", "LLM_CACHE_DIR", "LLAMACPP_HOST_PORT"} <= svc
