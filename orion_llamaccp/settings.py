@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     drain_timeout_sec: float = Field(
         60.0, ge=0, validation_alias="ORION_LLAMACPP_DRAIN_TIMEOUT_SEC"
     )
+    engine_wait_sec: float = Field(30.0, ge=0, validation_alias="ORION_LLAMACPP_ENGINE_WAIT_SEC")
+    max_message_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, validation_alias="ORION_LLAMACPP_MAX_MESSAGE_BYTES"
+    )
     request_timeout_sec: float = Field(
         600.0, gt=0, validation_alias="ORION_LLAMACPP_REQUEST_TIMEOUT_SEC"
     )

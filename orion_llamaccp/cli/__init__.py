@@ -48,9 +48,12 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
     """Run the one event loop of the process (uvloop when installed)."""
     try:
         import uvloop
+
+        factory = uvloop.new_event_loop
     except ImportError:
-        return asyncio.run(coro)
-    return asyncio.run(coro, loop_factory=uvloop.new_event_loop)
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,107 @@
+"""Who serves a message, and whether a request was already served.
+
+- Pub/sub claims: every replica subscribed to the intake channel sees each message; the
+  one that wins ``SET NX`` on the message's identity serves it, the others stay silent.
+- Idempotency records: a request's key (its ``idempotency_key``, else its correlation id
+  plus a digest of what it asks) holds first a running marker, leased and renewed by the
+  worker generating it, then the stored result. A duplicate gets the stored result or
+  waits for the running one; it never generates again. A marker whose owner died expires
+  with its lease; a redelivery of the same message takes its own marker over at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from orion_llamaccp.bus import keys
+from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope
+
+# Compare-and-renew / compare-and-delete: only the marker's owner may touch it.
+_RENEW = """
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v)['owner'] == ARGV[1] then
+  return redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
+return 0
+"""
+_RELEASE = """
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v)['owner'] == ARGV[1] and cjson.decode(v)['state'] == 'running' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def idempotency_key(envelope: Envelope, chat: ChatRequestPayload) -> str:
+    """The caller's ``idempotency_key``, else correlation id + digest of the request.
+
+    Orion keeps one correlation id for a whole flow, which may ask several different
+    questions; only a resend of the same question is a duplicate.
+    """
+    explicit = envelope.work.get("idempotency_key")
+    if explicit:
+        return f"key:{explicit}"
+    body = chat.model_dump(mode="json", include={"messages", "options", "attachments"})
+    digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:24]
+    return f"corr:{envelope.correlation_id}:{digest}"
+
+
+@dataclass(frozen=True)
+class Record:
+    state: str  # "new" (we own it now), "running" (someone else), "done"
+    owner: str | None = None
+    payload: dict[str, Any] | None = None
+
+
+class Claims:
+    def __init__(
+        self, redis: aioredis.Redis, *, profile: str, dedup_ttl: int, lease_sec: int = 30
+    ) -> None:
+        self.redis = redis
+        self.profile = profile
+        self.dedup_ttl = dedup_ttl
+        self.lease_sec = lease_sec
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+
+    async def claim_message(self, message_key: str, instance: str) -> bool:
+        """Pub/sub: True for the one replica that may serve this message."""
+        return bool(
+            await self.redis.set(keys.claim(message_key), instance, nx=True, ex=self.dedup_ttl)
+        )
+
+    async def begin(self, key: str, owner: str, *, take_over: bool = False) -> Record:
+        """Start serving ``key``, or learn who did. ``owner`` identifies this message."""
+        redis_key = keys.dedup(self.profile, key)
+        marker = orjson.dumps({"state": "running", "owner": owner})
+        if await self.redis.set(redis_key, marker, nx=True, ex=self.lease_sec):
+            return Record("new", owner)
+        raw = await self.redis.get(redis_key)
+        if raw is None:  # expired between the two calls
+            return await self.begin(key, owner, take_over=take_over)
+        record = orjson.loads(raw)
+        if record.get("state") == "done":
+            return Record("done", record.get("owner"), record.get("payload"))
+        if record.get("owner") == owner and take_over:
+            await self.redis.set(redis_key, marker, ex=self.lease_sec)
+            return Record("new", owner)
+        return Record("running", record.get("owner"))
+
+    async def renew(self, key: str, owner: str) -> bool:
+        return bool(
+            await self._renew(keys=[keys.dedup(self.profile, key)], args=[owner, self.lease_sec])
+        )
+
+    async def finish(self, key: str, owner: str, payload: dict[str, Any]) -> None:
+        record = {"state": "done", "owner": owner, "payload": payload}
+        await self.redis.set(keys.dedup(self.profile, key), orjson.dumps(record), ex=self.dedup_ttl)
+
+    async def release(self, key: str, owner: str) -> None:
+        """Give up a running marker (the request failed): a resend may run again."""
+        await self._release(keys=[keys.dedup(self.profile, key)], args=[owner])

@@ -1,0 +1,125 @@
+"""Bytes <-> envelopes. Tolerant on the way in, exact on the way out.
+
+Decoding never raises anything but ``DecodeError``, whose ``errors`` list says what was
+wrong, and ``salvage`` recovers where to send that error when the message was too broken
+to decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+from uuid import UUID
+
+import orjson
+from pydantic import ValidationError
+
+from orion_llamaccp.bus.envelope import (
+    CHAT_REQUEST,
+    LEGACY_CHAT_EVENTS,
+    LEGACY_KIND,
+    SCHEMA,
+    ChatRequestPayload,
+    Envelope,
+)
+from orion_llamaccp.errors import DecodeError
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Field errors, JSON-safe and short (inputs are not echoed: they can be huge)."""
+    return [
+        {"loc": ".".join(str(p) for p in err["loc"]), "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors()[:20]
+    ]
+
+
+def loads_object(raw: bytes | str) -> dict[str, Any]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"message is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DecodeError(f"message is JSON but not an object (got {type(data).__name__})")
+    return data
+
+
+def _legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """Orion's wrapping of a dict without ``schema: orion.envelope``."""
+    event = data.get("event")
+    if event in LEGACY_CHAT_EVENTS or data.get("kind") == CHAT_REQUEST:
+        kind = CHAT_REQUEST
+        inner = data.get("payload", data.get("body"))
+        payload = inner if isinstance(inner, dict) else {}
+    else:
+        kind = data.get("kind") or LEGACY_KIND
+        payload = data
+    wrapped: dict[str, Any] = {
+        "schema": SCHEMA,
+        "kind": kind,
+        "source": {"name": "legacy"},
+        "reply_to": data.get("reply_to") or data.get("reply_channel"),
+        "payload": payload,
+    }
+    for key in ("correlation_id", "corr_id"):
+        if data.get(key):
+            wrapped["correlation_id"] = data[key]
+            break
+    return wrapped
+
+
+def decode_envelope(raw: bytes | str) -> Envelope:
+    """An envelope from the wire: Orion's envelope (with input aliases) or a legacy dict."""
+    data = loads_object(raw)
+    if data.get("schema") != SCHEMA:
+        data = _legacy(data)
+    try:
+        return Envelope.model_validate(data)
+    except ValidationError as exc:
+        raise DecodeError(
+            "envelope does not match orion.envelope 2.0.0", errors=_errors(exc)
+        ) from None
+
+
+def decode_chat(envelope: Envelope) -> ChatRequestPayload:
+    try:
+        return ChatRequestPayload.model_validate(envelope.payload)
+    except ValidationError as exc:
+        raise DecodeError(
+            "payload is not a valid ChatRequestPayload", errors=_errors(exc)
+        ) from None
+
+
+def _uuid(value: Any) -> str | None:
+    try:
+        return str(UUID(str(value)))
+    except (ValueError, TypeError):
+        return None
+
+
+def salvage(raw: bytes | str) -> dict[str, Any]:
+    """What can be read from a message that failed to decode: reply_to, ids, trace."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    reply_to = data.get("reply_to") or data.get("reply_channel")
+    return {
+        "reply_to": reply_to if isinstance(reply_to, str) and reply_to else None,
+        "correlation_id": _uuid(data.get("correlation_id") or data.get("corr_id")),
+        "id": _uuid(data.get("id")),
+        "trace": data["trace"] if isinstance(data.get("trace"), dict) else {},
+    }
+
+
+def message_key(raw: bytes | str, envelope: Envelope | None) -> str:
+    """Identity of a message that every replica computes alike (the claim key)."""
+    if envelope is not None and envelope.source.name != "legacy":
+        return str(envelope.id)
+    data = raw.encode() if isinstance(raw, str) else raw
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:40]

@@ -1,0 +1,162 @@
+"""The Orion envelope and chat payloads, as Orion's strict decoder sees them.
+
+Inbound we are tolerant (input aliases, legacy dicts: see ``codec.decode_envelope``);
+outbound we emit exactly Orion's keys and nothing else, because Orion rejects a message
+with one extra key.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+from uuid import UUID, uuid4
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA = "orion.envelope"
+SCHEMA_VERSION = "2.0.0"
+
+CHAT_REQUEST = "llm.chat.request"
+CHAT_RESULT = "llm.chat.result"
+CHAT_CHUNK = "llm.chat.chunk"
+CHAT_CANCEL = "llm.chat.cancel"
+HEALTH = "system.health.v1"
+SYSTEM_ERROR = "system.error"
+PROFILE_ANNOUNCE = "llm.profile.announce.v1"
+PROFILE_DISCOVER = "llm.profile.discover.v1"
+LEGACY_KIND = "legacy.message"
+LEGACY_CHAT_EVENTS = frozenset({"chat", "llm.chat", CHAT_REQUEST})
+
+_STRICT = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ServiceRef(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(validation_alias=AliasChoices("name", "service"))
+    node: str | None = None
+    version: str | None = None
+    instance: str | None = None
+
+
+class CausalityLink(BaseModel):
+    model_config = _STRICT
+
+    correlation_id: UUID
+    kind: str
+    source: ServiceRef
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Envelope(BaseModel):
+    """Orion's ``BaseEnvelope``: the one shape of every message on the bus."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, str_strip_whitespace=True
+    )
+
+    schema_id: Literal["orion.envelope"] = Field(SCHEMA, alias="schema")
+    schema_version: str = SCHEMA_VERSION
+    id: UUID = Field(default_factory=uuid4)
+    correlation_id: UUID = Field(
+        default_factory=uuid4, validation_alias=AliasChoices("correlation_id", "corr_id")
+    )
+    kind: str = Field(validation_alias=AliasChoices("kind", "event"))
+    causality_chain: list[CausalityLink] = Field(default_factory=list)
+    source: ServiceRef = Field(validation_alias=AliasChoices("source", "service"))
+    created_at: datetime = Field(
+        default_factory=utcnow, validation_alias=AliasChoices("created_at", "ts")
+    )
+    ttl_ms: int | None = None
+    trace: dict[str, Any] = Field(default_factory=dict)
+    reply_to: str | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("created_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    def link(self) -> CausalityLink:
+        """This message as a link in a reply's causality chain."""
+        return CausalityLink(
+            correlation_id=self.correlation_id,
+            kind=self.kind,
+            source=self.source,
+            created_at=self.created_at,
+        )
+
+    @property
+    def work(self) -> dict[str, Any]:
+        """Orion work-queue hints (``trace.work``): attempt, expiry, idempotency key..."""
+        work = self.trace.get("work")
+        return work if isinstance(work, dict) else {}
+
+    @property
+    def trace_id(self) -> str | None:
+        value = self.trace.get("trace_id")
+        return str(value) if value is not None else None
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON-ready dict Orion decodes: ``schema`` key, no extras."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class LLMMessage(BaseModel):
+    model_config = _STRICT
+
+    role: Literal["system", "user", "assistant", "tool"] = "user"
+    content: str
+
+
+class AttachmentRef(BaseModel):
+    """An image by reference (sha256 + URL); a text-only model ignores it."""
+
+    model_config = _STRICT
+
+    kind: Literal["image"] = "image"
+    sha256: str
+    mime: str
+    bytes: int = Field(ge=1)
+    width: int | None = Field(default=None, ge=1)
+    height: int | None = Field(default=None, ge=1)
+    source_url: str
+    filename: str | None = None
+
+
+class ChatRequestPayload(BaseModel):
+    """Orion's ``ChatRequestPayload``; per-request switches live in ``options``."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=()
+    )
+
+    model: str | None = None
+    profile: str | None = None
+    messages: list[LLMMessage] = Field(min_length=1)
+    raw_user_text: str | None = None
+    route: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    attachments: list[AttachmentRef] = Field(default_factory=list)
+    user_id: str | None = None
+    session_id: str | None = None
+
+
+class SystemHealthV1(BaseModel):
+    """Orion's heartbeat payload, exactly (extra keys forbidden)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    service: str
+    node: str | None = None
+    version: str | None = None
+    instance: str | None = None
+    boot_id: str
+    status: Literal["ok", "degraded", "down"] = "ok"
+    last_seen_ts: datetime
+    heartbeat_interval_sec: float = 10.0
+    details: dict[str, Any] = Field(default_factory=dict)

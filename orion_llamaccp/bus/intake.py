@@ -1,0 +1,340 @@
+"""Messages in: one pub/sub connection for all our channels, and a Streams consumer.
+
+Both survive their broker. The pub/sub listener pings on its own connection and, when no
+pong comes back in time (a frozen or half-dead Redis that redis-py would keep waiting on),
+tears the connection down, reconnects and subscribes again. The stream consumer recreates
+its consumer group when a restarted Redis lost it.
+
+The stream consumer never holds more entries than it has free slots for: it reserves slots
+first and reads at most that many, so the backlog waits in Redis, not in our memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from orion_llamaccp.bus.replies import TRANSIENT
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+class PubSubListener:
+    """Subscribes ``channels`` and hands each message to ``handler(channel, data)``."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        channels: list[str],
+        handler: MessageHandler,
+        *,
+        ping_interval: float = 2.0,
+        ping_timeout: float = 6.0,
+    ) -> None:
+        self.redis = redis
+        self.channels = channels
+        self.handler = handler
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.subscribed = asyncio.Event()
+        self.reconnects = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                delay = 0.1
+            except (*TRANSIENT, ConnectionAbortedError) as exc:
+                self.subscribed.clear()
+                self.reconnects += 1
+                log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
+                await _pause(stop, delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(*self.channels)
+            self.subscribed.set()
+            log.info("subscribed to %s", ", ".join(self.channels))
+            last_pong = last_ping = time.monotonic()
+            while not stop.is_set():
+                message = await pubsub.get_message(timeout=min(1.0, self.ping_interval))
+                now = time.monotonic()
+                if message is not None:
+                    last_pong = now  # any traffic proves the connection alive
+                    if message["type"] == "message":
+                        self._dispatch(message)
+                if now - last_pong > self.ping_timeout:
+                    raise ConnectionAbortedError(
+                        f"no answer to PING on the pub/sub connection for {now - last_pong:.1f}s"
+                    )
+                if now - last_ping >= self.ping_interval:
+                    last_ping = now
+                    await asyncio.wait_for(pubsub.ping(), self.ping_timeout)
+        finally:
+            self.subscribed.clear()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.aclose(), 1.0)
+
+    def _dispatch(self, message: dict) -> None:
+        channel = message["channel"]
+        channel = channel.decode() if isinstance(channel, bytes) else channel
+        data = message["data"]
+        try:
+            self.handler(channel, data if isinstance(data, bytes) else str(data).encode())
+        except Exception:  # a bad message must never stop the listener
+            log.exception("pub/sub handler failed on %s", channel)
+
+
+class Slots:
+    """The engine's free slots: how much work may be in flight right now."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._free = total
+        self._changed = asyncio.Condition()
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+    @property
+    def busy(self) -> int:
+        return self.total - self._free
+
+    async def wait_free(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._free > 0)
+
+    async def acquire(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._free > 0)
+            self._free -= 1
+
+    def try_acquire(self) -> bool:
+        if self._free > 0:
+            self._free -= 1
+            return True
+        return False
+
+    async def release(self, count: int = 1) -> None:
+        async with self._changed:
+            self._free += count
+            self._changed.notify_all()
+
+    async def resize(self, total: int) -> None:
+        async with self._changed:
+            self._free += total - self.total
+            self.total = total
+            self._changed.notify_all()
+
+
+@dataclass
+class StreamEntry:
+    entry_id: str
+    fields: dict[bytes, bytes]
+    deliveries: int
+    reclaimed: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+EntryHandler = Callable[[StreamEntry], Awaitable[None]]
+
+
+class StreamConsumer:
+    """A consumer-group reader that takes only as many entries as it has slots for.
+
+    ``handler`` is called with a slot already held for the entry; it must release it.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        slots: Slots,
+        handler: EntryHandler,
+        ready: Callable[[], Awaitable[None]],
+        claim_idle_ms: int,
+        block_ms: int = 1000,
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.slots = slots
+        self.handler = handler
+        self.ready = ready
+        self.claim_idle_ms = claim_idle_ms
+        self.block_ms = block_ms
+        self.in_flight: set[str] = set()
+        self.started = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            log.info("created consumer group %s on %s", self.group, self.stream)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                await self.ensure_group()
+                await self._drain_own_pending(stop)
+                self.started.set()
+                await self._loop(stop)
+                delay = 0.1
+            except (*TRANSIENT, ResponseError) as exc:
+                log.warning(
+                    "stream intake on %s failed (%s); retrying in %.1fs", self.stream, exc, delay
+                )
+                await _pause(stop, delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _free_slots(self, stop: asyncio.Event) -> int:
+        """Wait for a ready engine and a free slot; how many slots are free (none taken).
+
+        Slots are taken per entry after the read, not reserved across the blocking read:
+        a pub/sub request arriving meanwhile must not wait for our XREADGROUP to time out.
+        """
+        await self.ready()
+        waiter = asyncio.create_task(self.slots.wait_free())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
+        return 0 if stop.is_set() else self.slots.free
+
+    async def _dispatch_all(self, entries: list[StreamEntry]) -> None:
+        for entry in entries:
+            await self.slots.acquire()
+            self._spawn(entry)
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        next_claim = 0.0
+        while not stop.is_set():
+            free = await self._free_slots(stop)
+            if free == 0:
+                return
+            entries: list[StreamEntry] = []
+            if time.monotonic() >= next_claim:
+                next_claim = time.monotonic() + max(self.claim_idle_ms / 4000, 0.2)
+                entries = await self._autoclaim(free)
+            if not entries:
+                entries = await self._read_new(free)
+            await self._dispatch_all(entries)
+
+    async def _read_new(self, count: int) -> list[StreamEntry]:
+        block = min(self.block_ms, max(int(self.claim_idle_ms / 4), 100))
+        reply = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=count, block=block
+        )
+        return [
+            StreamEntry(_text(eid), fields, 1) for _, items in reply or [] for eid, fields in items
+        ]
+
+    async def _autoclaim(self, count: int) -> list[StreamEntry]:
+        """Entries another (dead) consumer left pending for longer than ``claim_idle_ms``."""
+        reply = await self.redis.xautoclaim(
+            self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, count=count
+        )
+        claimed = [(eid, fields) for eid, fields in reply[1] if fields is not None]
+        for deleted in reply[2] if len(reply) > 2 else []:
+            await self.redis.xack(self.stream, self.group, deleted)
+        entries = []
+        for eid, fields in claimed:
+            entry_id = _text(eid)
+            entries.append(
+                StreamEntry(entry_id, fields, await self._deliveries(entry_id), reclaimed=True)
+            )
+        if entries:
+            log.warning("reclaimed %d stream entries left pending by other consumers", len(entries))
+        return entries
+
+    async def _drain_own_pending(self, stop: asyncio.Event) -> None:
+        """On start: this consumer's own unfinished entries first (a restart's leftovers)."""
+        last = "0"
+        while not stop.is_set():
+            free = await self._free_slots(stop)
+            if free == 0:
+                return
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: last}, count=free
+            )
+            items = [(_text(eid), f) for _, batch in reply or [] for eid, f in batch]
+            if not items:
+                return
+            last = items[-1][0]
+            entries = []
+            for entry_id, fields in items:
+                if entry_id in self.in_flight:
+                    continue
+                if not fields:  # deleted from the stream while pending
+                    await self.redis.xack(self.stream, self.group, entry_id)
+                    continue
+                deliveries = await self._deliveries(entry_id)
+                entries.append(StreamEntry(entry_id, fields, deliveries, reclaimed=True))
+            await self._dispatch_all(entries)
+
+    async def _deliveries(self, entry_id: str) -> int:
+        info = await self.redis.xpending_range(
+            self.stream, self.group, min=entry_id, max=entry_id, count=1
+        )
+        return int(info[0]["times_delivered"]) if info else 1
+
+    def _spawn(self, entry: StreamEntry) -> None:
+        self.in_flight.add(entry.entry_id)
+        task = asyncio.create_task(self._handle(entry), name=f"stream-{entry.entry_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, entry: StreamEntry) -> None:
+        try:
+            await self.handler(entry)
+        finally:
+            self.in_flight.discard(entry.entry_id)
+
+    async def keep_claims_fresh(self) -> None:
+        """Reset the idle time of our in-flight entries so nobody reclaims live work."""
+        if self.in_flight:
+            await self.redis.xclaim(
+                self.stream,
+                self.group,
+                self.consumer,
+                min_idle_time=0,
+                message_ids=list(self.in_flight),
+                justid=True,
+            )
+
+    async def ack(self, entry_id: str) -> None:
+        await self.redis.xack(self.stream, self.group, entry_id)
+
+    @property
+    def tasks(self) -> set[asyncio.Task[None]]:
+        return self._tasks
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,61 @@
+"""Every Redis key and default channel name the service uses, in one place."""
+
+from __future__ import annotations
+
+PREFIX = "orion:llamacpp"
+SERVICE_CLASS = "LlamaCppHost"
+
+
+def intake_channel(profile: str) -> str:
+    return f"orion:exec:request:{SERVICE_CLASS}:{profile}"
+
+
+def intake_stream(profile: str) -> str:
+    return f"orion:stream:llamacpp:{profile}:request"
+
+
+def stream_group(profile: str) -> str:
+    return f"llamacpp:{profile}"
+
+
+def dlq_stream(stream: str) -> str:
+    return f"{stream}:dlq"
+
+
+def chunk_channel(reply_to: str) -> str:
+    return f"{reply_to}:chunks"
+
+
+def claim(message_key: str) -> str:
+    """Pub/sub: the one replica that may serve a message (SET NX)."""
+    return f"{PREFIX}:claim:{message_key}"
+
+
+def dedup(profile: str, key: str) -> str:
+    """A request's idempotency record: running marker, then the stored result."""
+    return f"{PREFIX}:dedup:{profile}:{key}"
+
+
+def answered(request_id: str) -> str:
+    """Set when the one final result of a request has been published."""
+    return f"{PREFIX}:answered:{request_id}"
+
+
+def chunk_seq(request_id: str, attempt: int) -> str:
+    """The last chunk ``seq`` published for one attempt of a request."""
+    return f"{PREFIX}:seq:{request_id}:{attempt}"
+
+
+def liveness(service: str, instance: str) -> str:
+    return f"{PREFIX}:alive:{service}:{instance}"
+
+
+LIVENESS_PATTERN = f"{PREFIX}:alive:*"
+
+
+def registry(profile: str, instance: str) -> str:
+    """The latest profile announcement of one instance (a hash, with expiry)."""
+    return f"orion:llm:profile:registry:{profile}:{instance}"
+
+
+REGISTRY_PATTERN = "orion:llm:profile:registry:*"

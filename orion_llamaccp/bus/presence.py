@@ -1,0 +1,192 @@
+"""Presence on the bus: heartbeats, profile announcements, discovery, a Redis registry.
+
+Heartbeats run on their own fixed schedule (``t0 + k * interval``, not "sleep after
+work"), so the period Orion's monitor sees is the one we claim, whatever else the worker
+is doing: a download, a long generation, a slow Redis call. Every periodic job runs under
+``every``: a failure is logged and the next tick comes on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from orion_llamaccp.bus import keys
+from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE, SystemHealthV1
+from orion_llamaccp.bus.outbox import Outbox
+from orion_llamaccp.bus.replies import Publisher
+
+log = logging.getLogger(__name__)
+
+Snapshot = Callable[[], Awaitable[dict[str, Any]]]
+
+# Engine state -> heartbeat status. Downloading counts as "degraded": alive, not serving.
+STATUS = {
+    "ready": "ok",
+    "downloading": "degraded",
+    "starting": "degraded",
+    "loading": "degraded",
+    "restarting": "degraded",
+    "draining": "down",
+    "stopped": "down",
+    "failed": "down",
+}
+
+
+async def every(
+    interval: float,
+    job: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    name: str,
+    *,
+    first_delay: float = 0.0,
+) -> None:
+    """Run ``job`` at ``t0 + k * interval`` until ``stop``; log failures and carry on."""
+    loop = asyncio.get_running_loop()
+    start = loop.time() + first_delay
+    tick = 0
+    while not stop.is_set():
+        wait = start + tick * interval - loop.time()
+        if wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            if stop.is_set():
+                return
+        try:
+            await asyncio.wait_for(job(), timeout=max(interval, 1.0))
+        except Exception as exc:
+            log.warning("%s failed: %s", name, exc)
+        tick += 1
+        behind = loop.time() - (start + tick * interval)
+        if behind > interval:  # skip missed ticks instead of bursting to catch up
+            tick += int(behind // interval) + 1
+
+
+class Presence:
+    """Heartbeats and announcements of one worker; ``snapshot`` supplies live figures."""
+
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis,
+        publisher: Publisher,
+        outbox: Outbox,
+        service: dict[str, str | None],
+        interval: float,
+        announce_interval: float,
+        health_channel: str,
+        announce_channel: str,
+        profile: str,
+        snapshot: Snapshot,
+        announcement: Snapshot,
+    ) -> None:
+        self.redis = redis
+        self.publisher = publisher
+        self.outbox = outbox
+        self.service = service
+        self.interval = interval
+        self.announce_interval = announce_interval
+        self.health_channel = health_channel
+        self.announce_channel = announce_channel
+        self.profile = profile
+        self.snapshot = snapshot
+        self.announcement = announcement
+        self.boot_id = str(uuid.uuid4())
+        self.beats = 0
+        self.announcements = 0
+        self._pending_announce = asyncio.Event()
+
+    @property
+    def instance(self) -> str:
+        return str(self.service["instance"])
+
+    async def heartbeat(self) -> dict[str, Any]:
+        details = await self.snapshot()
+        payload = SystemHealthV1(
+            service=str(self.service["name"]),
+            node=self.service.get("node"),
+            version=self.service.get("version"),
+            instance=self.instance,
+            boot_id=self.boot_id,
+            status=STATUS.get(str(details.get("state")), "degraded"),
+            last_seen_ts=datetime.now(UTC),
+            heartbeat_interval_sec=self.interval,
+            details=details,
+        ).model_dump(mode="json")
+        message = self.outbox.encode(HEALTH, payload)
+        ttl = max(int(self.interval * 3 + 0.999), 1)
+        liveness = keys.liveness(str(self.service["name"]), self.instance)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.publish(self.health_channel, message)
+            pipe.set(liveness, message, ex=ttl)
+            await pipe.execute()
+        self.beats += 1
+        return payload
+
+    async def announce(
+        self, reply_to: str | None = None, correlation_id: str | None = None
+    ) -> dict[str, Any]:
+        payload = await self.announcement()
+        message = self.outbox.encode(PROFILE_ANNOUNCE, payload, correlation_id=correlation_id)
+        registry = keys.registry(self.profile, self.instance)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.publish(reply_to or self.announce_channel, message)
+            if reply_to:
+                pipe.publish(self.announce_channel, message)
+            pipe.hset(registry, mapping={"announcement": message, "updated_at": time.time()})
+            pipe.expire(registry, max(int(self.announce_interval * 3), 30))
+            await pipe.execute()
+        self.announcements += 1
+        return payload
+
+    def announce_soon(self) -> None:
+        """Ask for an announcement now (engine state changed); coalesces bursts."""
+        self._pending_announce.set()
+
+    async def _announcer(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            waiter = asyncio.create_task(self._pending_announce.wait())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if stop.is_set():
+                return
+            self._pending_announce.clear()
+            try:
+                await self.announce()
+            except Exception as exc:
+                log.warning("announcement failed: %s", exc)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Beat, announce on change and periodically, until ``stop``."""
+        await asyncio.gather(
+            every(self.interval, self.heartbeat, stop, "heartbeat"),
+            every(
+                self.announce_interval,
+                self.announce,
+                stop,
+                "announcement",
+                first_delay=self.announce_interval,
+            ),
+            self._announcer(stop),
+        )
+
+    async def farewell(self) -> None:
+        """Clean stop: a last beat and announcement, then remove our liveness key."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.heartbeat(), 2.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.announce(), 2.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self.redis.delete(keys.liveness(str(self.service["name"]), self.instance)), 2.0
+            )

@@ -1,0 +1,165 @@
+"""Everything we send back to a caller: ordered, coalesced chunks and the one result.
+
+``Publisher`` is the only writer of replies. Each write is idempotent (see ``scripts``),
+so it can be retried through a Redis outage without a caller ever seeing a chunk ``seq`` or
+a final result twice.
+
+``ChunkStream`` keeps the token loop free of Redis round trips: ``push`` only appends to a
+buffer, and one sender task per request publishes, at most once per coalescing window.
+The first token goes out at once (no added time-to-first-token); after that, tokens that
+arrive faster than the window share one chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from orion_llamaccp.bus import keys
+from orion_llamaccp.bus.outbox import ChunkTemplate
+from orion_llamaccp.bus.scripts import PUBLISH_IN_ORDER, PUBLISH_ONCE
+
+log = logging.getLogger(__name__)
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+GUARD_TTL_SEC = 24 * 3600
+
+
+class Publisher:
+    """Publishes replies through guard scripts, retrying through Redis outages."""
+
+    def __init__(self, redis: aioredis.Redis, *, retry_for: float = 120.0) -> None:
+        self.redis = redis
+        self.retry_for = retry_for
+        self._once = redis.register_script(PUBLISH_ONCE)
+        self._ordered = redis.register_script(PUBLISH_IN_ORDER)
+        self.commands = 0
+
+    async def _retrying(self, what: str, call) -> int:
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        while True:
+            try:
+                self.commands += 1
+                return int(await call())
+            except TRANSIENT as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("publishing %s failed (%s); retrying in %.2fs", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def chunk(
+        self, channel: str, request_id: str, attempt: int, seq: int, message: bytes
+    ) -> bool:
+        key = keys.chunk_seq(request_id, attempt)
+        sent = await self._retrying(
+            f"chunk {seq}",
+            lambda: self._ordered(keys=[key], args=[channel, seq, message, GUARD_TTL_SEC]),
+        )
+        return sent >= 0
+
+    async def result_once(self, channel: str, request_id: str, message: bytes) -> bool:
+        """Publish the final result unless this request was answered before."""
+        key = keys.answered(request_id)
+        sent = await self._retrying(
+            "result", lambda: self._once(keys=[key], args=[channel, message, GUARD_TTL_SEC])
+        )
+        return sent >= 0
+
+    async def already_answered(self, request_id: str) -> bool:
+        return bool(await self.redis.exists(keys.answered(request_id)))
+
+    async def event(self, channel: str, message: bytes) -> None:
+        """A plain PUBLISH for events that tolerate loss (heartbeats, announcements)."""
+        self.commands += 1
+        await self.redis.publish(channel, message)
+
+
+class ChunkStream:
+    """Ordered, coalesced ``llm.chat.chunk`` messages of one request attempt."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        template: ChunkTemplate,
+        *,
+        channel: str,
+        request_id: str,
+        attempt: int,
+        coalesce_sec: float,
+    ) -> None:
+        self._publisher = publisher
+        self._template = template
+        self._channel = channel
+        self._request_id = request_id
+        self._attempt = attempt
+        self._window = coalesce_sec
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._last_sent = -1e9
+        self.seq = 0
+        self.tokens = 0
+        self._task = asyncio.create_task(self._send_loop(), name=f"chunks-{request_id}")
+
+    def push(self, delta: str, reasoning: str = "") -> None:
+        """Queue a delta; never waits on Redis."""
+        if delta:
+            self._content.append(delta)
+        if reasoning:
+            self._reasoning.append(reasoning)
+        self.tokens += 1
+        self._wake.set()
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            wait = self._last_sent + self._window - time.monotonic()
+            if wait > 0 and not self._closed:
+                await asyncio.sleep(wait)
+            if self._window <= 0:
+                await self._send_each()
+            elif self._content or self._reasoning:
+                await self._send("".join(self._content), "".join(self._reasoning))
+            if self._closed and not (self._content or self._reasoning):
+                return
+
+    async def _send_each(self) -> None:
+        """Coalescing off: one chunk per delta, as a naive relay would."""
+        while self._content or self._reasoning:
+            delta = self._content.pop(0) if self._content else ""
+            reasoning = self._reasoning.pop(0) if self._reasoning else ""
+            await self._publish(delta, reasoning)
+
+    async def _send(self, delta: str, reasoning: str) -> None:
+        self._content.clear()
+        self._reasoning.clear()
+        await self._publish(delta, reasoning)
+
+    async def _publish(self, delta: str, reasoning: str) -> None:
+        message = self._template.render(self.seq, delta, reasoning, self._attempt)
+        await self._publisher.chunk(
+            self._channel, self._request_id, self._attempt, self.seq, message
+        )
+        self.seq += 1
+        self._last_sent = time.monotonic()
+
+    async def close(self) -> None:
+        """Send what is buffered, then stop; the result may be published after this."""
+        self._closed = True
+        self._wake.set()
+        await self._task
+
+    async def abort(self) -> None:
+        """Stop without sending what is buffered (the request is being cut off)."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -1,0 +1,27 @@
+"""Lua scripts that make publishing idempotent.
+
+A PUBLISH that timed out may still happen: a frozen Redis runs the bytes already in its
+socket once it resumes. Retrying a plain PUBLISH would then deliver twice. These scripts
+pair the PUBLISH with a guard key in one atomic step, so a retry of the same message is a
+no-op and callers see each chunk ``seq`` and each final result once.
+"""
+
+from __future__ import annotations
+
+# KEYS[1] guard; ARGV: channel, message, ttl seconds. Returns receivers, or -1 if done before.
+PUBLISH_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[3])) then
+  return redis.call('PUBLISH', ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+# KEYS[1] last seq; ARGV: channel, seq, message, ttl. Publishes only seq > last published.
+PUBLISH_IN_ORDER = """
+local last = redis.call('GET', KEYS[1])
+if (not last) or tonumber(last) < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[4]))
+  return redis.call('PUBLISH', ARGV[1], ARGV[3])
+end
+return -1
+"""

@@ -1,0 +1,214 @@
+"""A reference client for Orion callers: ask a chat question over the bus.
+
+It does what Orion's ``rpc_request`` does (subscribe to ``reply_to``, publish, take the
+first message there as the answer) and adds what streaming needs: chunks are read from
+``{reply_to}:chunks`` and applied in ``seq`` order per attempt, so a duplicate or a chunk
+of an abandoned attempt is never shown twice.
+
+    async with BusClient("redis://127.0.0.1:6379/0") as bus:
+        result = await bus.chat([{"role": "user", "content": "hi"}], profile="gemma3-270m-cpu",
+                                stream=True, on_delta=print)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+import redis.asyncio as aioredis
+
+from orion_llamaccp.bus import keys
+from orion_llamaccp.bus.codec import decode_envelope
+from orion_llamaccp.bus.envelope import CHAT_CANCEL, CHAT_REQUEST, Envelope, ServiceRef
+from orion_llamaccp.bus.outbox import Outbox
+
+Via = Literal["pubsub", "stream"]
+
+
+@dataclass
+class ChatResult:
+    envelope: Envelope
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    streamed_text: str = ""
+    first_chunk_at: float | None = None
+    sent_at: float = 0.0
+    done_at: float = 0.0
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return self.envelope.payload
+
+    @property
+    def ok(self) -> bool:
+        return "error" not in self.payload
+
+    @property
+    def content(self) -> str | None:
+        return self.payload.get("content")
+
+
+class ChunkAssembler:
+    """Applies chunks in order: the next ``seq`` of the newest attempt, nothing else."""
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self.next_seq = 0
+        self.parts: list[str] = []
+        self.accepted: list[dict[str, Any]] = []
+
+    def add(self, payload: dict[str, Any]) -> str | None:
+        attempt, seq = int(payload.get("attempt", 1)), int(payload.get("seq", -1))
+        if attempt > self.attempt:  # a retry started over: drop the old attempt's text
+            self.attempt, self.next_seq, self.parts = attempt, 0, []
+        if attempt < self.attempt or seq != self.next_seq:
+            return None
+        self.next_seq += 1
+        delta = str(payload.get("delta", ""))
+        self.parts.append(delta)
+        self.accepted.append(payload)
+        return delta
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class BusClient:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        redis: aioredis.Redis | None = None,
+        name: str = "orion-llamaccp-client",
+    ) -> None:
+        self.redis = redis or aioredis.Redis.from_url(url or "redis://127.0.0.1:6379/0")
+        self._owns = redis is None
+        self.outbox = Outbox(ServiceRef(name=name, instance=uuid.uuid4().hex[:8]))
+
+    async def __aenter__(self) -> BusClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._owns:
+            await self.redis.aclose()
+
+    def request(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        profile: str | None = None,
+        options: dict[str, Any] | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        trace: dict[str, Any] | None = None,
+        ttl_ms: int | None = None,
+    ) -> dict[str, Any]:
+        """A ``llm.chat.request`` envelope, as a dict."""
+        envelope = self.outbox.envelope(
+            CHAT_REQUEST,
+            {"messages": messages, "profile": profile, "options": options or {}},
+            correlation_id=correlation_id,
+            reply_to=reply_to or f"orion:llamacpp:reply:{uuid.uuid4()}",
+        )
+        envelope["trace"] = trace or {}
+        envelope["ttl_ms"] = ttl_ms
+        return envelope
+
+    async def send(
+        self,
+        envelope: dict[str, Any],
+        *,
+        profile: str,
+        via: Via = "pubsub",
+        channel: str | None = None,
+        stream: str | None = None,
+    ) -> None:
+        data = orjson.dumps(envelope)
+        if via == "pubsub":
+            await self.redis.publish(channel or keys.intake_channel(profile), data)
+        else:
+            await self.redis.xadd(stream or keys.intake_stream(profile), work_queue_entry(envelope))
+
+    async def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        profile: str,
+        via: Via = "pubsub",
+        stream: bool = False,
+        options: dict[str, Any] | None = None,
+        timeout: float = 300.0,
+        on_delta: Callable[[str], None] | None = None,
+        channel: str | None = None,
+        stream_name: str | None = None,
+        envelope: dict[str, Any] | None = None,
+    ) -> ChatResult:
+        """Send one request and wait for its result (and its chunks, when streaming)."""
+        opts = {**(options or {}), "stream": stream} if stream else dict(options or {})
+        envelope = envelope or self.request(messages, profile=profile, options=opts)
+        reply_to = envelope["reply_to"]
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(reply_to, keys.chunk_channel(reply_to))
+        try:
+            sent = time.monotonic()
+            await self.send(envelope, profile=profile, via=via, channel=channel, stream=stream_name)
+            return await self._collect(pubsub, reply_to, sent, timeout, on_delta)
+        finally:
+            await pubsub.aclose()
+
+    async def _collect(
+        self,
+        pubsub: Any,
+        reply_to: str,
+        sent: float,
+        timeout: float,
+        on_delta: Callable[[str], None] | None,
+    ) -> ChatResult:
+        assembler = ChunkAssembler()
+        first_chunk = None
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None or message["type"] != "message":
+                    continue
+                channel = message["channel"].decode()
+                envelope = decode_envelope(message["data"])
+                if channel == reply_to:
+                    result = ChatResult(
+                        envelope,
+                        assembler.accepted,
+                        assembler.text,
+                        first_chunk,
+                        sent,
+                        time.monotonic(),
+                    )
+                    return result
+                delta = assembler.add(envelope.payload)
+                if delta is not None:
+                    first_chunk = first_chunk or time.monotonic()
+                    if on_delta is not None:
+                        on_delta(delta)
+
+    async def cancel(self, correlation_id: str, *, channel: str = "orion:llamacpp:cancel") -> None:
+        message = self.outbox.encode(
+            CHAT_CANCEL, {"correlation_id": correlation_id}, correlation_id=correlation_id
+        )
+        await self.redis.publish(channel, message)
+
+
+def work_queue_entry(envelope: dict[str, Any]) -> dict[str, Any]:
+    """An Orion work-queue stream entry (``work_queue.entry.v1``) carrying ``envelope``."""
+    return {
+        "schema_version": "work_queue.entry.v1",
+        "envelope": orjson.dumps(envelope),
+        "enqueued_at_ms": str(int(time.time() * 1000)),
+        "kind": envelope.get("kind", CHAT_REQUEST),
+        "correlation_id": str(envelope.get("correlation_id", "")),
+        "reply_to": envelope.get("reply_to") or "",
+        "source": orjson.dumps(envelope.get("source", {})),
+    }

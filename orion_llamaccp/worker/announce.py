@@ -1,0 +1,162 @@
+"""What the worker tells the fleet about itself: heartbeat details and announcements.
+
+``WorkerView`` reads the worker's live state; it never changes it. Download progress comes
+from the model layer's worker thread and is handed to the event loop thread-safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orion_llamaccp.bus import keys
+
+if TYPE_CHECKING:
+    from orion_llamaccp.model.progress import ProgressEvent
+    from orion_llamaccp.worker.service import Worker
+
+
+@dataclass(frozen=True)
+class Channels:
+    intake: str
+    stream: str
+    group: str
+    dlq: str
+
+
+def channels_for(settings: Any, profile: str) -> Channels:
+    stream = settings.intake_stream or keys.intake_stream(profile)
+    return Channels(
+        intake=settings.intake_channel or keys.intake_channel(profile),
+        stream=stream,
+        group=settings.stream_group or keys.stream_group(profile),
+        dlq=settings.dlq_stream or keys.dlq_stream(stream),
+    )
+
+
+class WorkerView:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.channels = channels_for(worker.settings, worker.profile.name)
+        self.state = "starting"
+        self.engine_reason: str | None = None
+        self.error: str | None = None
+        self.received = 0
+        self.progress: dict[str, Any] | None = None
+        self.model: dict[str, Any] = {}
+        self._loop = asyncio.get_event_loop()
+
+    def on_progress(self, event: ProgressEvent) -> None:
+        """Called from the download thread."""
+        data = {
+            "phase": event.phase,
+            "filename": event.filename,
+            "bytes_done": event.bytes_done,
+            "bytes_total": event.bytes_total,
+            "rate_bps": round(event.rate_bps or 0.0),
+            "attempt": event.attempt,
+        }
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody to tell
+            self._loop.call_soon_threadsafe(self._set_progress, data)
+
+    def _set_progress(self, data: dict[str, Any]) -> None:
+        changed = self.progress is None or self.progress.get("phase") != data["phase"]
+        self.progress = data
+        if changed:
+            self.worker.presence.announce_soon()
+
+    def model_ready(self, resolved: Any = None) -> None:
+        files = self.worker.plan.files
+        path = Path(files.model)
+        self.model = {
+            "file": path.name,
+            "path": str(path),
+            "size_bytes": getattr(resolved, "size", None) or _size(path),
+            "sha256": getattr(resolved, "sha256", None),
+            "parts": len(files.parts),
+        }
+        self.progress = None
+
+    async def _stream_backlog(self) -> int | None:
+        worker = self.worker
+        if worker.consumer is None:
+            return None
+        with contextlib.suppress(Exception):
+            for group in await worker.redis.xinfo_groups(self.channels.stream):
+                name = group.get("name")
+                name = name.decode() if isinstance(name, bytes) else name
+                if name == self.channels.group:
+                    return int(group.get("lag") or 0) + int(group.get("pending") or 0)
+        return None
+
+    async def details(self) -> dict[str, Any]:
+        worker = self.worker
+        stats = worker.stats
+        details: dict[str, Any] = {
+            "profile": worker.profile.name,
+            "model_id": worker.profile.model_id,
+            "state": self.state,
+            "slots_busy": worker.slots.busy,
+            "slots_total": worker.slots.total,
+            "queue_local": worker.local.qsize(),
+            "queue_stream_backlog": await self._stream_backlog(),
+            "requests_served": stats.served,
+            "requests_failed": stats.failed,
+            "tokens_generated": stats.tokens,
+            "tokens_per_sec_recent": stats.recent_tokens_per_sec(),
+            "uptime_sec": stats.uptime_sec,
+            "restarts": worker.supervisor.restarts,
+        }
+        if self.progress:
+            details["progress"] = self.progress
+        if self.error or self.engine_reason:
+            details["reason"] = worker.settings.redact(self.error or self.engine_reason or "")
+        return details
+
+    async def announcement(self) -> dict[str, Any]:
+        worker = self.worker
+        profile = worker.profile
+        props = worker.supervisor.props
+        launch = worker.plan.launch
+        return {
+            "service": worker.settings.service_name,
+            "node": worker.settings.node_name,
+            "instance": worker.settings.instance_id,
+            "version": worker.settings.service_version,
+            "boot_id": worker.presence.boot_id,
+            "profile": profile.name,
+            "display_name": profile.display_name,
+            "model_id": profile.model_id,
+            "task_type": profile.task_type,
+            "supports_tools": profile.supports_tools,
+            "supports_embeddings": profile.supports_embeddings,
+            "supports_vision": profile.supports_vision,
+            "ctx_size": profile.llamacpp.ctx_size,
+            "n_ctx_per_slot": props.n_ctx if props else None,
+            "slots": worker.slots.total,
+            "gpu_ids": list(profile.gpu.device_ids),
+            "cuda_visible_devices": launch.env.get("CUDA_VISIBLE_DEVICES"),
+            "intake_channel": self.channels.intake,
+            "intake_stream": self.channels.stream,
+            "stream_group": self.channels.group,
+            "dlq_stream": self.channels.dlq,
+            "engine_url": launch.base_url,
+            "model": self.model or {"file": Path(worker.plan.files.model).name},
+            "llama_server_build": (props.build_info if props else None)
+            or (worker.plan.binary.build if worker.plan.binary else None),
+            "argv": [worker.settings.redact(a) for a in launch.masked_argv()],
+            "state": self.state,
+            "progress": self.progress,
+            "updated_at": time.time(),
+        }
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None

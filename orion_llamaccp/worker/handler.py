@@ -1,0 +1,450 @@
+"""The life of one chat request, from decoded envelope to exactly one final result.
+
+Whatever happens (bad input, expiry, a dead llama-server, a cancel, a duplicate) the
+request ends in exactly one of three ways:
+
+- answered: one ``llm.chat.result`` on ``reply_to`` (success, or ``payload.error``), and a
+  stream entry acked (dead-lettered too when it can never succeed);
+- left pending (streams only): the worker is stopping or its engine is gone, so the entry
+  stays in Redis for another worker; no result is sent, because the next attempt sends it;
+- reported: nothing to reply to, so the failure goes to ``orion:system:error`` (pub/sub)
+  or the dead-letter stream (streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from orion_llamaccp.bus import keys
+from orion_llamaccp.bus.claims import Claims, idempotency_key
+from orion_llamaccp.bus.codec import decode_chat
+from orion_llamaccp.bus.envelope import CHAT_REQUEST, ChatRequestPayload, Envelope
+from orion_llamaccp.bus.outbox import Outbox
+from orion_llamaccp.bus.replies import ChunkStream, Publisher
+from orion_llamaccp.engine.supervisor import EngineState, Supervisor
+from orion_llamaccp.errors import ContextExceeded, DecodeError, EngineUnavailable, UpstreamError
+from orion_llamaccp.profiles.models import Profile
+from orion_llamaccp.settings import Settings
+from orion_llamaccp.worker.jobs import Failure, Job
+from orion_llamaccp.worker.llama_request import ChatOptions, build_body, parse_options
+from orion_llamaccp.worker.stats import Stats
+
+log = logging.getLogger(__name__)
+
+StreamOp = Callable[[Job], Awaitable[None]]
+DeadLetter = Callable[[Job, str, str], Awaitable[None]]
+
+
+class LeavePending(Exception):
+    """Stop working on a stream entry without answering: another attempt will."""
+
+
+@dataclass
+class Generation:
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[Any] = field(default_factory=list)
+    tokens: int = 0
+    first_token_at: float | None = None
+
+
+class ChatHandler:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        profile: Profile,
+        supervisor: Supervisor,
+        outbox: Outbox,
+        publisher: Publisher,
+        claims: Claims,
+        stats: Stats,
+        ack: StreamOp,
+        dead_letter: DeadLetter,
+    ) -> None:
+        self.settings = settings
+        self.profile = profile
+        self.supervisor = supervisor
+        self.outbox = outbox
+        self.publisher = publisher
+        self.claims = claims
+        self.stats = stats
+        self._ack = ack
+        self._dead_letter = dead_letter
+        self.observers: list[Callable[[str, float | None, float], None]] = []
+
+    # ------------------------------------------------------------------ entry point
+
+    async def handle(self, job: Job) -> None:
+        """Serve one job; never raises (except cancellation at shutdown)."""
+        self.stats.in_flight += 1
+        outcome, tokens, ttft = "ok", 0, None
+        try:
+            tokens, ttft = await self._serve(job)
+        except Failure as failure:
+            outcome = failure.code
+            await self.fail(job, failure)
+        except LeavePending as why:
+            outcome = "left_pending"
+            log.warning(
+                "leaving stream entry %s pending: %s", job.entry.entry_id if job.entry else "?", why
+            )
+        except asyncio.CancelledError:
+            outcome = "cancelled" if job.user_cancelled else "interrupted"
+            await self._interrupted(job)
+            if not job.user_cancelled:
+                raise
+        except Exception as exc:  # a bug must not take the worker down, nor lose the answer
+            log.exception("request %s failed unexpectedly", job.request_id)
+            outcome = "internal_error"
+            await self.fail(
+                job, Failure("internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
+            )
+        finally:
+            self.stats.in_flight -= 1
+            self.stats.finished(outcome, tokens)
+            for observe in self.observers:
+                observe(outcome, ttft, time.monotonic() - job.received)
+
+    # ------------------------------------------------------------------ the happy path
+
+    async def _serve(self, job: Job) -> tuple[int, float | None]:
+        envelope, chat, options = self._validate(job)
+        if job.user_cancelled:
+            raise Failure("cancelled", "cancelled by an llm.chat.cancel request before it started")
+        self._check_expiry(envelope)
+        await self._not_before(envelope)
+        if job.redelivered and await self.publisher.already_answered(job.request_id):
+            log.info(
+                "stream entry %s was answered before its worker died: ack only",
+                job.entry.entry_id if job.entry else "?",
+            )
+            await self._ack(job)
+            return 0, None
+        key = idempotency_key(envelope, chat)
+        stored = await self._claim_or_wait(job, key)
+        if stored is not None:
+            self.stats.duplicates += 1
+            meta = {**stored.get("meta", {}), "duplicate_of_key": key}
+            await self._answer(job, {**stored, "meta": meta})
+            return 0, None
+        try:
+            generation, attempt = await self._generate_with_retries(
+                job, envelope, chat, options, key
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.claims.release(key, job.request_id)
+            raise
+        payload = self._success_payload(generation, attempt, job)
+        await self.claims.finish(key, job.request_id, payload)
+        await self._answer(job, payload)
+        ttft = (generation.first_token_at - job.received) if generation.first_token_at else None
+        return generation.tokens, ttft
+
+    def _validate(self, job: Job) -> tuple[Envelope, ChatRequestPayload, ChatOptions]:
+        if job.decode_error is not None or job.envelope is None:
+            error = job.decode_error or DecodeError("message could not be decoded")
+            raise Failure("validation_failed", str(error), details={"errors": error.errors})
+        envelope = job.envelope
+        if envelope.kind != CHAT_REQUEST:
+            raise Failure(
+                "unsupported_kind",
+                f"kind '{envelope.kind}' is not served here; send {CHAT_REQUEST}",
+                details={"kind": envelope.kind},
+            )
+        try:
+            chat = decode_chat(envelope)
+            options = parse_options(chat)
+        except DecodeError as exc:
+            raise Failure("validation_failed", str(exc), details={"errors": exc.errors}) from None
+        if not envelope.reply_to and not envelope.work.get("reply_optional"):
+            raise Failure(
+                "validation_failed",
+                "request has no reply_to: nowhere to answer",
+                details={"errors": [{"loc": "reply_to", "msg": "required"}]},
+            )
+        return envelope, chat, options
+
+    def _check_expiry(self, envelope: Envelope) -> None:
+        now_ms = time.time() * 1000
+        if envelope.ttl_ms is not None:
+            deadline = envelope.created_at.timestamp() * 1000 + envelope.ttl_ms
+            if now_ms > deadline:
+                raise Failure(
+                    "expired",
+                    f"request expired {now_ms - deadline:.0f} ms ago "
+                    f"(ttl_ms={envelope.ttl_ms}); not generated",
+                )
+        expires = envelope.work.get("expires_at_ms")
+        if isinstance(expires, int | float) and now_ms > expires:
+            raise Failure(
+                "expired",
+                f"request expired {now_ms - expires:.0f} ms ago "
+                f"(trace.work.expires_at_ms); not generated",
+            )
+
+    async def _not_before(self, envelope: Envelope) -> None:
+        not_before = envelope.work.get("not_before_ms")
+        if isinstance(not_before, int | float):
+            wait = not_before / 1000 - time.time()
+            if wait > 0:
+                await asyncio.sleep(min(wait, self.settings.request_timeout_sec))
+
+    async def _claim_or_wait(self, job: Job, key: str) -> dict[str, Any] | None:
+        """Own the idempotency record (returns None) or get the stored result of a twin."""
+        deadline = time.monotonic() + self.settings.request_timeout_sec
+        delay = 0.05
+        while True:
+            record = await self.claims.begin(key, job.request_id, take_over=job.redelivered)
+            if record.state == "new":
+                return None
+            if record.state == "done" and record.payload is not None:
+                return record.payload
+            if time.monotonic() > deadline:
+                raise Failure(
+                    "upstream_failed",
+                    "a duplicate of this request is still running",
+                    retryable=True,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    async def _engine_ready(self, job: Job) -> None:
+        supervisor = self.supervisor
+        if supervisor.state is EngineState.READY:
+            return
+        if supervisor.state in (EngineState.FAILED, EngineState.STOPPED, EngineState.DRAINING):
+            if job.transport == "stream":
+                raise LeavePending(f"engine is {supervisor.state}")
+            raise Failure(
+                "engine_unavailable",
+                f"llama-server is {supervisor.state}",
+                retryable=True,
+                details={"engine_state": str(supervisor.state)},
+            )
+        wait = None if job.transport == "stream" else self.settings.engine_wait_sec
+        try:
+            state = await supervisor.wait_for(
+                EngineState.READY,
+                EngineState.FAILED,
+                EngineState.STOPPED,
+                EngineState.DRAINING,
+                timeout=wait,
+            )
+        except TimeoutError:
+            raise Failure(
+                "engine_unavailable",
+                f"llama-server not ready within {wait:.0f}s ({supervisor.state})",
+                retryable=True,
+                details={"engine_state": str(supervisor.state)},
+            ) from None
+        if state is not EngineState.READY:
+            await self._engine_ready(job)
+
+    async def _generate_with_retries(
+        self,
+        job: Job,
+        envelope: Envelope,
+        chat: ChatRequestPayload,
+        options: ChatOptions,
+        key: str,
+    ) -> tuple[Generation, int]:
+        """Pub/sub: one try. Streams: a broken upstream is retried up to max deliveries."""
+        attempt = job.first_attempt
+        while True:
+            await self._engine_ready(job)
+            renew = asyncio.create_task(self._renew(key, job.request_id))
+            try:
+                return await self._generate(job, envelope, chat, options, attempt), attempt
+            except (UpstreamError, EngineUnavailable) as exc:
+                if isinstance(exc, ContextExceeded):
+                    raise Failure("context_exceeded", str(exc), retryable=False) from None
+                if job.transport == "pubsub" or attempt >= self.settings.stream_max_deliveries:
+                    raise Failure(
+                        "upstream_failed", str(exc), retryable=True, details={"attempt": attempt}
+                    ) from None
+                log.warning("attempt %d of %s failed (%s): retrying", attempt, job.request_id, exc)
+                attempt += 1
+            finally:
+                renew.cancel()
+
+    async def _renew(self, key: str, owner: str) -> None:
+        while True:
+            await asyncio.sleep(self.claims.lease_sec / 3)
+            with contextlib.suppress(Exception):
+                await self.claims.renew(key, owner)
+
+    async def _generate(
+        self,
+        job: Job,
+        envelope: Envelope,
+        chat: ChatRequestPayload,
+        options: ChatOptions,
+        attempt: int,
+    ) -> Generation:
+        body, ignored = build_body(chat, options, self.profile)
+        if ignored:
+            log.debug("options not forwarded to llama-server: %s", ignored)
+        chunks = self._chunk_stream(job, envelope, options, attempt)
+        generation = Generation()
+        timeout = options.timeout_sec or self.settings.request_timeout_sec
+        try:
+            async with asyncio.timeout(timeout):
+                await self._relay(body, generation, chunks)
+        except TimeoutError:
+            if chunks is not None:
+                await chunks.abort()
+            raise Failure(
+                "upstream_failed", f"generation exceeded {timeout:.0f}s", retryable=True
+            ) from None
+        except BaseException:
+            if chunks is not None:
+                await chunks.abort()
+            raise
+        if chunks is not None:
+            await chunks.close()
+        return generation
+
+    async def _relay(
+        self, body: dict[str, Any], gen: Generation, chunks: ChunkStream | None
+    ) -> None:
+        """The per-token loop: keep it free of awaits other than the next event."""
+        push = chunks.push if chunks is not None else None
+        async with self.supervisor.client.chat_stream(body) as events:
+            async for event in events:
+                if event.content or event.reasoning:
+                    if gen.first_token_at is None:
+                        gen.first_token_at = time.monotonic()
+                    gen.content.append(event.content)
+                    gen.reasoning.append(event.reasoning)
+                    gen.tokens += 1
+                    if push is not None:
+                        push(event.content, event.reasoning)
+                if event.finish_reason:
+                    gen.finish_reason = event.finish_reason
+                if event.usage:
+                    gen.usage = event.usage
+                if event.timings:
+                    gen.timings = event.timings
+                if event.tool_calls:
+                    gen.tool_calls.extend(event.tool_calls)
+
+    def _chunk_stream(
+        self, job: Job, envelope: Envelope, options: ChatOptions, attempt: int
+    ) -> ChunkStream | None:
+        if not options.stream:
+            return None
+        channel = options.stream_channel or (
+            keys.chunk_channel(envelope.reply_to) if envelope.reply_to else None
+        )
+        if channel is None:
+            return None
+        return ChunkStream(
+            self.publisher,
+            self.outbox.chunks_for(envelope),
+            channel=channel,
+            request_id=job.request_id,
+            attempt=attempt,
+            coalesce_sec=self.settings.coalesce_ms / 1000,
+        )
+
+    def _success_payload(self, gen: Generation, attempt: int, job: Job) -> dict[str, Any]:
+        usage = gen.usage or {}
+        reasoning = "".join(gen.reasoning)
+        meta: dict[str, Any] = {
+            "served_by": self.settings.service_name,
+            "profile": self.profile.name,
+            "instance": self.settings.instance_id,
+            "finish_reason": gen.finish_reason,
+            "timings": gen.timings,
+            "attempt": attempt,
+            "transport": job.transport,
+        }
+        return {
+            "content": "".join(gen.content),
+            "reasoning_content": reasoning or None,
+            "model_used": self.profile.model_id or self.profile.name,
+            "usage": {
+                "prompt_tokens": int(usage.get("prompt_tokens", 0)),
+                "completion_tokens": int(usage.get("completion_tokens", gen.tokens)),
+                "total_tokens": int(usage.get("total_tokens", 0)),
+            },
+            "meta": meta,
+            "raw": {"tool_calls": gen.tool_calls} if gen.tool_calls else {},
+        }
+
+    # ------------------------------------------------------------------ answering
+
+    async def _answer(self, job: Job, payload: dict[str, Any]) -> None:
+        """Publish the one final result (if there is a reply_to), then ack the entry."""
+        envelope = job.envelope
+        if envelope is not None and envelope.reply_to:
+            await self.publisher.result_once(
+                envelope.reply_to, job.request_id, self.outbox.result(envelope, payload)
+            )
+        if job.entry is not None:
+            await self._ack(job)
+
+    async def fail(self, job: Job, failure: Failure) -> None:
+        log.info("request %s failed: %s: %s", job.request_id, failure.code, failure.message)
+        details = failure.payload_details()
+        reply_to = job.envelope.reply_to if job.envelope else None
+        await self._system_error(job, failure.code, details)
+        if job.entry is not None and (reply_to is None or failure.code in _DEAD_LETTER_CODES):
+            await self._dead_letter(job, failure.code, failure.message)
+        if reply_to:
+            meta = {
+                "served_by": self.settings.service_name,
+                "profile": self.profile.name,
+                "instance": self.settings.instance_id,
+                "transport": job.transport,
+            }
+            await self._answer(job, {"error": failure.code, "details": details, "meta": meta})
+        elif job.entry is not None:
+            await self._ack(job)
+
+    async def _system_error(self, job: Job, code: str, details: dict[str, Any]) -> None:
+        try:
+            message = self.outbox.system_error(
+                code,
+                {
+                    **details,
+                    "request_id": job.request_id,
+                    "transport": job.transport,
+                    "profile": self.profile.name,
+                },
+                request=job.envelope if job.envelope else None,
+                correlation_id=job.correlation_id,
+            )
+            await self.publisher.event(self.settings.error_channel, message)
+        except Exception as exc:  # the error report must not hide the error itself
+            log.warning("could not publish system.error: %s", exc)
+
+    async def _interrupted(self, job: Job) -> None:
+        """Cancelled: by the caller (answer ``cancelled``) or by shutdown."""
+        if job.user_cancelled:
+            failure = Failure("cancelled", "cancelled by an llm.chat.cancel request")
+            await asyncio.shield(self.fail(job, failure))
+            return
+        if job.transport == "pubsub" and job.envelope and job.envelope.reply_to:
+            failure = Failure(
+                "engine_unavailable", "worker stopped before finishing the request", retryable=True
+            )
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.fail(job, failure))
+
+
+# Codes after which a stream entry can never succeed: keep a copy in the dead-letter stream.
+_DEAD_LETTER_CODES = frozenset(
+    {"validation_failed", "unsupported_kind", "upstream_failed", "internal_error"}
+)

@@ -1,0 +1,72 @@
+"""A unit of work as the worker sees it, whichever transport it came from."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from orion_llamaccp.bus.envelope import Envelope
+from orion_llamaccp.bus.intake import StreamEntry
+from orion_llamaccp.errors import DecodeError
+
+Transport = Literal["pubsub", "stream"]
+
+
+@dataclass(eq=False)  # identity: jobs live in sets
+class Job:
+    raw: bytes
+    transport: Transport
+    key: str
+    envelope: Envelope | None = None
+    decode_error: DecodeError | None = None
+    entry: StreamEntry | None = None
+    received: float = field(default_factory=time.monotonic)
+    user_cancelled: bool = False
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def request_id(self) -> str:
+        return (
+            str(self.envelope.id)
+            if self.envelope and self.envelope.source.name != "legacy"
+            else self.key
+        )
+
+    @property
+    def first_attempt(self) -> int:
+        """The attempt number this delivery starts at (producer's hint or redeliveries)."""
+        hinted = self.envelope.work.get("attempt") if self.envelope else None
+        base = int(hinted) if isinstance(hinted, int) and hinted > 0 else 1
+        deliveries = self.entry.deliveries if self.entry else 1
+        return base + deliveries - 1
+
+    @property
+    def redelivered(self) -> bool:
+        return self.entry is not None and (self.entry.reclaimed or self.entry.deliveries > 1)
+
+    @property
+    def correlation_id(self) -> str | None:
+        return str(self.envelope.correlation_id) if self.envelope else None
+
+
+class Failure(Exception):
+    """A request that ends with an error result; ``code`` is the contract's error code."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.details = details or {}
+
+    def payload_details(self) -> dict[str, Any]:
+        return {"message": self.message, "retryable": self.retryable, **self.details}

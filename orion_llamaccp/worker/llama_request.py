@@ -1,0 +1,122 @@
+"""From an Orion chat request to llama-server's ``/v1/chat/completions`` body.
+
+``options`` carries the per-request switches. Known sampling knobs are type-checked here
+(a bad value is a ``validation_failed`` answer, not a llama-server 400); the profile's
+sampling defaults fill what the request leaves out; our own switches (``stream``,
+``stream_channel``, ``timeout_sec``) never reach llama-server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orion_llamaccp.bus.envelope import ChatRequestPayload
+from orion_llamaccp.errors import DecodeError
+from orion_llamaccp.profiles.models import Profile
+
+# Passed to llama-server as they are (it validates them itself).
+PASSTHROUGH = frozenset(
+    {
+        "typical_p",
+        "repeat_penalty",
+        "repeat_last_n",
+        "logit_bias",
+        "n_probs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "grammar",
+        "json_schema",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "dry_multiplier",
+        "dry_base",
+        "dry_allowed_length",
+        "dry_penalty_last_n",
+        "xtc_probability",
+        "xtc_threshold",
+        "top_n_sigma",
+        "cache_prompt",
+        "n_keep",
+        "reasoning_format",
+        "logprobs",
+        "top_logprobs",
+        "samplers",
+        "ignore_eos",
+    }
+)
+
+
+class ChatOptions(BaseModel):
+    """``ChatRequestPayload.options``: typed where we act on a value, open otherwise."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    stream: bool = False
+    stream_channel: str | None = None
+    timeout_sec: float | None = Field(None, gt=0)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_json: bool = False
+
+
+_OURS = {"stream", "stream_channel", "timeout_sec", "return_json"}
+
+
+def parse_options(chat: ChatRequestPayload) -> ChatOptions:
+    try:
+        return ChatOptions.model_validate(chat.options)
+    except ValidationError as exc:
+        errors = [
+            {
+                "loc": "payload.options." + ".".join(str(p) for p in e["loc"]),
+                "msg": e["msg"],
+                "type": e["type"],
+            }
+            for e in exc.errors()
+        ]
+        raise DecodeError("invalid options", errors=errors) from None
+
+
+def build_body(
+    chat: ChatRequestPayload, options: ChatOptions, profile: Profile
+) -> tuple[dict[str, Any], list[str]]:
+    """The JSON body for llama-server, and the option keys we did not forward."""
+    cfg = profile.llamacpp
+    body: dict[str, Any] = {
+        "messages": [{"role": m.role, "content": m.content} for m in chat.messages],
+    }
+    defaults = {
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "min_p": cfg.min_p,
+        "presence_penalty": cfg.presence_penalty,
+        "max_tokens": cfg.n_predict if cfg.n_predict and cfg.n_predict > 0 else None,
+    }
+    typed = options.model_dump(exclude=_OURS, exclude_none=True)
+    extras = options.model_extra or {}
+    for key, value in {**{k: v for k, v in defaults.items() if v is not None}, **typed}.items():
+        if key in ChatOptions.model_fields:
+            body[key] = value
+    if options.return_json and "response_format" not in body:
+        body["response_format"] = {"type": "json_object"}
+    ignored = []
+    for key, value in extras.items():
+        if key in PASSTHROUGH:
+            body[key] = value
+        else:
+            ignored.append(key)
+    return body, sorted(ignored)

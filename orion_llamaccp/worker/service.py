@@ -1,0 +1,444 @@
+"""The worker: wires settings, model, engine and bus together, and stops cleanly.
+
+Start-up order matters to callers: we subscribe first (a request sent while the model
+loads waits instead of vanishing), then fetch the model and start llama-server, then take
+stream work. Stop order (SIGTERM): stop taking work, announce ``draining``, let in-flight
+requests finish within the drain timeout, leave unfinished stream entries pending for
+another worker, stop llama-server, say goodbye on the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from orion_llamaccp.bus import keys
+from orion_llamaccp.bus.claims import Claims
+from orion_llamaccp.bus.codec import decode_envelope, loads_object, message_key
+from orion_llamaccp.bus.envelope import ServiceRef
+from orion_llamaccp.bus.intake import PubSubListener, Slots, StreamConsumer, StreamEntry
+from orion_llamaccp.bus.outbox import Outbox
+from orion_llamaccp.bus.presence import Presence, every
+from orion_llamaccp.bus.replies import Publisher
+from orion_llamaccp.engine.plan import ServicePlan, build_plan
+from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
+from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
+from orion_llamaccp.errors import DecodeError, OrionLlamaError
+from orion_llamaccp.settings import Settings
+from orion_llamaccp.worker.announce import WorkerView
+from orion_llamaccp.worker.handler import ChatHandler
+from orion_llamaccp.worker.jobs import Failure, Job
+from orion_llamaccp.worker.stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+def connect(settings: Settings) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        settings.bus_url.get_secret_value(),
+        socket_timeout=5.0,
+        socket_connect_timeout=3.0,
+        health_check_interval=15,
+        retry_on_timeout=False,
+        max_connections=512,
+    )
+
+
+class Worker:
+    """One profile served on the bus. ``run(stop)`` returns the process exit code."""
+
+    def __init__(self, settings: Settings, plan: ServicePlan, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.profile = plan.profile
+        self.redis = redis
+        self.stats = Stats()
+        self.outbox = Outbox(
+            ServiceRef(
+                name=settings.service_name,
+                node=settings.node_name,
+                version=settings.service_version,
+                instance=settings.instance_id,
+            )
+        )
+        self.publisher = Publisher(redis)
+        self.claims = Claims(redis, profile=self.profile.name, dedup_ttl=settings.dedup_ttl_sec)
+        self.view = WorkerView(self)
+        self.supervisor = make_supervisor(plan, progress=self.view.on_progress)
+        self.supervisor.add_listener(self._on_engine_event)
+        self.slots = Slots(self.profile.llamacpp.parallel or 1)
+        self.local: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.local_queue_size, 1))
+        self.inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.jobs: dict[str, set[Job]] = defaultdict(set)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.channels = self.view.channels
+        transports = {t.strip() for t in settings.transports.split(",")}
+        self.handler = ChatHandler(
+            settings=settings,
+            profile=self.profile,
+            supervisor=self.supervisor,
+            outbox=self.outbox,
+            publisher=self.publisher,
+            claims=self.claims,
+            stats=self.stats,
+            ack=self._ack,
+            dead_letter=self._dead_letter,
+        )
+        self.listener = PubSubListener(
+            redis,
+            [
+                c
+                for c in (
+                    self.channels.intake if "pubsub" in transports else None,
+                    settings.cancel_channel,
+                    settings.discover_channel,
+                )
+                if c
+            ],
+            self._on_pubsub,
+        )
+        self.consumer = (
+            StreamConsumer(
+                redis,
+                stream=self.channels.stream,
+                group=self.channels.group,
+                consumer=settings.instance_id,
+                slots=self.slots,
+                handler=self._on_entry,
+                ready=self._engine_ready,
+                claim_idle_ms=settings.stream_claim_idle_ms,
+            )
+            if "stream" in transports
+            else None
+        )
+        self.presence = Presence(
+            redis=redis,
+            publisher=self.publisher,
+            outbox=self.outbox,
+            service=self.outbox.source.model_dump(),
+            interval=settings.heartbeat_interval_sec,
+            announce_interval=settings.announce_interval_sec,
+            health_channel=settings.health_channel,
+            announce_channel=settings.announce_channel,
+            profile=self.profile.name,
+            snapshot=self.view.details,
+            announcement=self.view.announcement,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> int:
+        intake_stop, presence_stop = asyncio.Event(), asyncio.Event()
+        background = [
+            asyncio.create_task(self.listener.run(intake_stop), name="pubsub"),
+            asyncio.create_task(self._pubsub_intake(), name="pubsub-intake"),
+            asyncio.create_task(self.presence.run(presence_stop), name="presence"),
+        ]
+        code = 0
+        try:
+            code = await self._serve(stop, intake_stop)
+        finally:
+            intake_stop.set()
+            await self._drain()
+            presence_stop.set()
+            await self.presence.farewell()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+        return code
+
+    async def _serve(self, stop: asyncio.Event, intake_stop: asyncio.Event) -> int:
+        self.view.state = "downloading"
+        self.presence.announce_soon()
+        try:
+            resolved = await prepare_model(self.plan, self.view.on_progress)
+            self.view.model_ready(resolved)
+            await self.supervisor.start()
+        except OrionLlamaError as exc:
+            return await self._fatal(exc)
+        await self.slots.resize(
+            self.supervisor.props.total_slots if self.supervisor.props else self.slots.total
+        )
+        workers = [asyncio.create_task(self._dispatch_local(), name="dispatch")]
+        if self.consumer is not None:
+            workers.append(asyncio.create_task(self.consumer.run(intake_stop), name="stream"))
+            workers.append(
+                asyncio.create_task(
+                    every(
+                        self.settings.stream_claim_idle_ms / 3000,
+                        self.consumer.keep_claims_fresh,
+                        intake_stop,
+                        "stream claim refresh",
+                    ),
+                    name="claims",
+                )
+            )
+        failed = asyncio.create_task(self.supervisor.wait_for(EngineState.FAILED))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        failed.cancel()
+        stopped.cancel()
+        intake_stop.set()
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        if self.supervisor.state is EngineState.FAILED:
+            return await self._fatal(self.supervisor.failure or OrionLlamaError("engine failed"))
+        return 0
+
+    async def _fatal(self, exc: BaseException) -> int:
+        message = self.settings.redact(str(exc))
+        log.error("cannot serve profile %s: %s", self.profile.name, message)
+        self.view.state = "failed"
+        self.view.error = message
+        with contextlib.suppress(Exception):
+            await self.publisher.event(
+                self.settings.error_channel,
+                self.outbox.system_error(
+                    "engine_unavailable",
+                    {"message": message, "profile": self.profile.name, "retryable": False},
+                ),
+            )
+        return 1
+
+    async def _drain(self) -> None:
+        self.supervisor.begin_drain()
+        while not self.local.empty():
+            job = self.local.get_nowait()
+            self._spawn(
+                self.handler.fail(
+                    job, Failure("engine_unavailable", "worker is stopping", retryable=True)
+                ),
+                job,
+            )
+        pending = [t for t in self.tasks if not t.done()]
+        if self.consumer is not None:
+            pending += [t for t in self.consumer.tasks if not t.done()]
+        if pending:
+            log.info(
+                "draining %d in-flight requests (up to %.0fs)",
+                len(pending),
+                self.settings.drain_timeout_sec,
+            )
+            _, late = await asyncio.wait(pending, timeout=self.settings.drain_timeout_sec)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        await self.supervisor.stop()
+
+    # ------------------------------------------------------------------ engine and slots
+
+    def _on_engine_event(self, event: EngineEvent) -> None:
+        self.view.state = str(event.state)
+        self.view.engine_reason = event.reason
+        self.presence.announce_soon()
+
+    async def _engine_ready(self) -> None:
+        await self.supervisor.wait_for(EngineState.READY)
+
+    def _spawn(self, coro: Any, job: Job | None = None) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        if job is not None and job.correlation_id:
+            job.task = task
+            self.jobs[job.correlation_id].add(job)
+        task.add_done_callback(lambda t: self._forget(t, job))
+        return task
+
+    def _forget(self, task: asyncio.Task[None], job: Job | None) -> None:
+        self.tasks.discard(task)
+        if job is not None and job.correlation_id:
+            jobs = self.jobs.get(job.correlation_id)
+            if jobs is not None:
+                jobs.discard(job)
+                if not jobs:
+                    del self.jobs[job.correlation_id]
+
+    async def _with_slot(self, job: Job) -> None:
+        try:
+            await self.handler.handle(job)
+        finally:
+            await self.slots.release()
+
+    # ------------------------------------------------------------------ pub/sub intake
+
+    def _on_pubsub(self, channel: str, data: bytes) -> None:
+        self.inbox.put_nowait((channel, data))
+
+    async def _pubsub_intake(self) -> None:
+        while True:
+            channel, data = await self.inbox.get()
+            try:
+                if channel == self.settings.cancel_channel:
+                    self._on_cancel(data)
+                elif channel == self.settings.discover_channel:
+                    self._spawn(self._on_discover(data))
+                else:
+                    await self._accept_pubsub(data)
+            except Exception:
+                log.exception("pub/sub message on %s could not be handled", channel)
+
+    def _job(self, data: bytes, transport: str, entry: StreamEntry | None = None) -> Job:
+        envelope, error = None, None
+        if len(data) > self.settings.max_message_bytes:
+            error = DecodeError(
+                f"message of {len(data)} bytes exceeds the limit of "
+                f"{self.settings.max_message_bytes} (ORION_LLAMACPP_MAX_MESSAGE_BYTES)"
+            )
+        else:
+            try:
+                envelope = decode_envelope(data)
+            except DecodeError as exc:
+                error = exc
+        return Job(
+            raw=data,
+            transport=transport,
+            key=message_key(data, envelope),  # type: ignore[arg-type]
+            envelope=envelope,
+            decode_error=error,
+            entry=entry,
+        )
+
+    async def _accept_pubsub(self, data: bytes) -> None:
+        job = self._job(data, "pubsub")
+        self.view.received += 1
+        if not await self.claims.claim_message(job.key, self.settings.instance_id):
+            return  # another replica serves it
+        if job.decode_error is not None:
+            self._spawn(self.handler.handle(job), job)
+        elif self.local.full():
+            self.stats.finished("overloaded", 0)
+            self._spawn(
+                self.handler.fail(
+                    job,
+                    Failure(
+                        "overloaded",
+                        f"{self.slots.total} slots busy and {self.local.qsize()} requests "
+                        f"queued; try again later",
+                        retryable=True,
+                    ),
+                ),
+                job,
+            )
+        else:
+            self.local.put_nowait(job)
+            self.stats.local_queue = self.local.qsize()
+            if job.correlation_id:
+                self.jobs[job.correlation_id].add(job)
+
+    async def _dispatch_local(self) -> None:
+        while True:
+            job = await self.local.get()
+            self.stats.local_queue = self.local.qsize()
+            await self.slots.acquire()
+            self._spawn(self._with_slot(job), job)
+
+    def _on_cancel(self, data: bytes) -> None:
+        try:
+            message = loads_object(data)
+        except DecodeError:
+            return
+        payload = message.get("payload") if isinstance(message.get("payload"), dict) else {}
+        target = str(payload.get("correlation_id") or message.get("correlation_id") or "")
+        for job in list(self.jobs.get(target, ())):
+            job.user_cancelled = True
+            if job.task is not None:
+                log.info("cancelling request %s (correlation %s)", job.request_id, target)
+                job.task.cancel()
+
+    async def _on_discover(self, data: bytes) -> None:
+        try:
+            request = decode_envelope(data)
+        except DecodeError:
+            request = None
+        await self.presence.announce(
+            reply_to=request.reply_to if request else None,
+            correlation_id=str(request.correlation_id) if request else None,
+        )
+
+    # ------------------------------------------------------------------ stream intake
+
+    async def _on_entry(self, entry: StreamEntry) -> None:
+        """Called with a slot held for the entry."""
+        try:
+            raw = _entry_envelope(entry)
+            job = self._job(raw, "stream", entry)
+            self.view.received += 1
+            if entry.deliveries > self.settings.stream_max_deliveries:
+                await self.handler.fail(
+                    job,
+                    Failure(
+                        "upstream_failed",
+                        f"delivered {entry.deliveries} times without an answer "
+                        f"(limit {self.settings.stream_max_deliveries})",
+                        retryable=False,
+                    ),
+                )
+                return
+            task = asyncio.current_task()
+            if job.correlation_id and task is not None:
+                job.task = task
+                self.jobs[job.correlation_id].add(job)
+            try:
+                await self.handler.handle(job)
+            finally:
+                self._forget_job(job)
+        finally:
+            await self.slots.release()
+
+    def _forget_job(self, job: Job) -> None:
+        jobs = self.jobs.get(job.correlation_id or "")
+        if jobs is not None:
+            jobs.discard(job)
+            if not jobs:
+                self.jobs.pop(job.correlation_id or "", None)
+
+    async def _ack(self, job: Job) -> None:
+        if job.entry is not None and self.consumer is not None:
+            await self.consumer.ack(job.entry.entry_id)
+
+    async def _dead_letter(self, job: Job, reason: str, error: str) -> None:
+        if job.entry is None:
+            return
+        await self.redis.xadd(
+            self.channels.dlq,
+            {
+                "original_stream": self.channels.stream,
+                "original_message_id": job.entry.entry_id,
+                "error": self.settings.redact(error)[:2000],
+                "reason": reason,
+                "attempt": str(job.first_attempt),
+                "failed_at_ms": str(int(time.time() * 1000)),
+                "envelope": job.raw[: self.settings.max_message_bytes],
+            },
+        )
+
+
+def _entry_envelope(entry: StreamEntry) -> bytes:
+    """The envelope JSON of an Orion work-queue entry (or of a plain one-field entry)."""
+    fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in entry.fields.items()}
+    for name in ("envelope", "data", "message", "payload"):
+        if name in fields:
+            value = fields[name]
+            return value if isinstance(value, bytes) else str(value).encode()
+    return orjson.dumps({"invalid_entry_fields": sorted(fields)})
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> int:
+    """``orion-llamaccp run``: build the plan, serve until ``stop``, return the exit code."""
+    plan = build_plan(settings)
+    redis = connect(settings)
+    try:
+        return await Worker(settings, plan, redis).run(stop)
+    finally:
+        await redis.aclose()
+
+
+__all__ = ["Worker", "keys", "serve"]

@@ -1,0 +1,49 @@
+"""What the worker has done, for heartbeats, announcements and the metrics endpoint.
+
+Plain counters updated on the event loop (no locks needed); ``recent_tokens_per_sec`` is a
+sliding window over the last minute of finished requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    started_at: float = field(default_factory=time.monotonic)
+    served: int = 0
+    failed: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    tokens: int = 0
+    in_flight: int = 0
+    local_queue: int = 0
+    duplicates: int = 0
+    _window: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def finished(self, outcome: str, tokens: int) -> None:
+        self.outcomes[outcome] += 1
+        if outcome == "ok":
+            self.served += 1
+        else:
+            self.failed += 1
+        self.tokens += tokens
+        now = time.monotonic()
+        self._window.append((now, tokens))
+        while self._window and now - self._window[0][0] > 60:
+            self._window.popleft()
+
+    def recent_tokens_per_sec(self) -> float:
+        now = time.monotonic()
+        while self._window and now - self._window[0][0] > 60:
+            self._window.popleft()
+        if not self._window:
+            return 0.0
+        span = max(now - self._window[0][0], 1.0)
+        return round(sum(t for _, t in self._window) / span, 1)
+
+    @property
+    def uptime_sec(self) -> float:
+        return round(time.monotonic() - self.started_at, 1)
