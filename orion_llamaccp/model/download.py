@@ -186,6 +186,11 @@ def fetch_file(
         return retrying(job.run_attempt)
     except Transient as exc:
         raise DownloadError(_give_up(job, policy, str(exc))) from None
+    except OSError as exc:  # the disk, not the network: free space, permissions
+        raise DownloadError(
+            f"cannot write the download of {hub.label} under {root}: {exc.strerror or exc}; "
+            f"check free space and permissions"
+        ) from exc
 
 
 def _next_wait(policy: DownloadPolicy, state: RetryCallState) -> float:

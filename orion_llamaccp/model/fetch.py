@@ -162,24 +162,29 @@ class _Fetcher:
         found, problem = self.check_existing(target, deep)
         if found is not None:
             return found
-        self._refuse_unfetchable(target, problem)
-        assert target.hub is not None
+        hub = self._source_or_refuse(target, problem)
+        name = self.name(target.path)
+
+        def on_wait() -> None:
+            self.reporter.emit("checking", name, message="waiting for another process")
+
         lock = store.lock_path(self.root, target.path)
-        with file_lock(lock, what=self.name(target.path), cancel=self.cancel):
+        with file_lock(lock, what=name, cancel=self.cancel, on_wait=on_wait):
             found, problem = self.check_existing(target, deep)  # another process may have won
             if found is not None:
                 return found
-            aside = (store.move_aside(target.path),) if target.path.exists() else ()
-            if aside:
-                store.forget_record(self.root, target.path)
-                log.warning("%s: %s; downloading it again", target.role, problem)
-            checked = self.download_verified(target, target.hub)
-            return dataclasses.replace(checked, moved_aside=aside + checked.moved_aside)
+            if not target.path.exists():
+                return self.download_verified(target, hub, tries=2)
+            log.warning("%s: %s; moving it aside and downloading it again", target.role, problem)
+            aside = store.move_aside(target.path)
+            store.forget_record(self.root, target.path)
+            checked = self.download_verified(target, hub, tries=1)
+            return dataclasses.replace(checked, moved_aside=(aside, *checked.moved_aside))
 
-    def _refuse_unfetchable(self, target: Target, problem: str | None) -> None:
-        """Raise the right error when the file is bad or missing and will not be downloaded."""
+    def _source_or_refuse(self, target: Target, problem: str | None) -> HubFile:
+        """Where to download the file from, or the error for a file we will not download."""
         if target.hub is not None and self.may_download:
-            return
+            return target.hub
         what, how = f"{target.role} {target.path}", self._how_to_fix(target)
         if problem is None:
             raise ModelNotFound(f"{what} does not exist; {how}")
@@ -213,8 +218,8 @@ class _Fetcher:
                 return None, f"its sha256 {sha} does not match the expected {expected}"
         return _Checked(path, info, sha), None
 
-    def download_verified(self, target: Target, hub: HubFile) -> _Checked:
-        """Download, check, and move into place; one more download if the bytes are bad."""
+    def download_verified(self, target: Target, hub: HubFile, *, tries: int) -> _Checked:
+        """Download, check, move into place; bad bytes are moved aside and fetched again."""
         aside: list[Path] = []
         while True:
             fetched = fetch_file(
@@ -231,13 +236,8 @@ class _Fetcher:
             if info is not None:
                 return self._install(target, fetched, info, tuple(aside))
             aside.append(store.move_aside(fetched.partial, beside=target.path))
-            self._give_up_if_hopeless(hub, fetched, problem or "", aside)
-            log.warning(
-                "%s from %s failed its check: %s; downloading once more",
-                target.role,
-                hub.label,
-                problem,
-            )
+            self._give_up_if_hopeless(hub, fetched, problem or "", aside, last=len(aside) >= tries)
+            log.warning("%s failed its check: %s; downloading it again", hub.label, problem)
 
     def _check_fetched(self, fetched: Fetched) -> tuple[GgufInfo | None, str | None]:
         expected = fetched.remote.sha256
@@ -246,7 +246,7 @@ class _Fetcher:
         return diagnose_gguf(fetched.partial)
 
     def _give_up_if_hopeless(
-        self, hub: HubFile, fetched: Fetched, problem: str, aside: list[Path]
+        self, hub: HubFile, fetched: Fetched, problem: str, aside: list[Path], *, last: bool
     ) -> None:
         kept = ", ".join(str(p) for p in aside)
         if fetched.remote.sha256 and fetched.remote.sha256 == fetched.sha256:
@@ -255,9 +255,10 @@ class _Fetcher:
                 f"the Hub's, so downloading again cannot help: pick another file or revision "
                 f"(the download is kept at {kept})"
             )
-        if len(aside) >= 2:
+        if last:
+            times = "twice" if len(aside) > 1 else "again after replacing a corrupt file"
             raise ModelCorrupt(
-                f"{hub.label} failed its check twice: {problem}. The downloads are kept at "
+                f"{hub.label} failed its check {times}: {problem}. The downloads are kept at "
                 f"{kept}. Something alters the bytes on the way (proxy, disk, HF_ENDPOINT "
                 f"mirror): check it, then run `orion-llamaccp fetch` again"
             )
@@ -265,8 +266,13 @@ class _Fetcher:
     def _install(
         self, target: Target, fetched: Fetched, info: GgufInfo, aside: tuple[Path, ...]
     ) -> _Checked:
-        target.path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(fetched.partial, target.path)
+        try:
+            target.path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(fetched.partial, target.path)
+        except OSError as exc:
+            raise ModelError(
+                f"cannot move the downloaded {fetched.partial} to {target.path}: {exc.strerror}"
+            ) from exc
         store.write_record(
             self.root,
             target.path,

@@ -162,7 +162,10 @@ class HubClient:
         match = CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
         if not match:
             raise Transient(f"206 without a usable Content-Range from {_host(remote.url)}")
-        return int(match.group(1))
+        start = int(match.group(1))
+        if start > offset:
+            raise Transient(f"asked for bytes from {offset}, got them from {start}")
+        return start
 
     def _chunks(self, response: httpx2.Response, remote: RemoteFile) -> Iterator[bytes]:
         try:

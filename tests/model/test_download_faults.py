@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def test_stalled_download_is_aborted_and_resumed(
     stall = hub.fault("cdn", Fault("stall", after=30_000))  # holds the connection open, silent
     events: list[ProgressEvent] = []
 
-    settings = make_settings(download_stall_sec=0.3)
+    settings = make_settings(download_stall_sec=1.0)
     resolved = ensure_model(make_profile(), settings, progress=events.append)
 
     assert stall.reached.is_set()
@@ -158,6 +159,55 @@ def test_wrong_bytes_from_the_hub_are_caught_by_sha256_and_fetched_again(
     assert verify_gguf(aside).size == len(data)  # the header was fine: only the hash knew
     assert (cache_dir / FILENAME).read_bytes() == data
     assert resolved.moved_aside == (aside,)
+
+
+def test_a_corrupt_file_on_disk_is_replaced_by_one_download_only(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    (cache_dir / FILENAME).write_bytes(data[:1000])
+    hub.fault("cdn", Fault("corrupt"))
+
+    with pytest.raises(ModelCorrupt, match="again after replacing a corrupt file"):
+        ensure_model(make_profile(), make_settings())
+
+    assert len(hub.cdn_gets(sha)) == 1
+    assert sorted(len(p.read_bytes()) for p in _aside(cache_dir)) == [1000, len(data)]
+
+
+def test_cancel_stops_the_download_and_keeps_the_partial_file(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    hold = hub.fault("cdn", Fault("hold", after=30_000))
+    cancel = threading.Event()
+    errors: list[Exception] = []
+
+    def fetch() -> None:
+        try:
+            ensure_model(make_profile(), make_settings(), cancel=cancel)
+        except Exception as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=fetch)
+    worker.start()
+    assert hold.reached.wait(20)
+    cancel.set()
+    hold.release.set()
+    worker.join(20)
+
+    [error] = errors
+    assert isinstance(error, DownloadError) and "cancelled" in str(error)
+    assert not (cache_dir / FILENAME).exists()
+    [partial] = _partials(cache_dir)
+    kept = partial.stat().st_size
+    assert 0 < kept < len(data)  # what had arrived when the cancel was seen
+
+    ensure_model(make_profile(), make_settings())  # the next run picks it up
+
+    assert [r.range for r in hub.cdn_gets(sha)] == [None, f"bytes={kept}-"]
 
 
 def test_wrong_bytes_twice_is_an_error_that_keeps_both_downloads(
