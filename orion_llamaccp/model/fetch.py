@@ -78,29 +78,36 @@ class _Checked:
 def plan_targets(profile: Profile, files: ModelFiles) -> list[Target]:
     """Every file with its Hub source; a file chosen by a path setting has none."""
     cfg = profile.llamacpp
-    root = files.root
-    from_hub = bool(cfg.hf_repo_id and cfg.hf_filename) and (
-        split_parts(safe_join(root, cfg.hf_filename or "", "hf_filename"))[0] == files.model
-    )
-    count = len(files.parts)
-    targets = [
-        Target(
-            part,
-            "model" if count == 1 else f"model part {index} of {count}",
-            HubFile(cfg.hf_repo_id or "", repo_name(root, part), cfg.hf_revision)
-            if from_hub
-            else None,
-        )
-        for index, part in enumerate(files.parts, 1)
-    ]
+    targets = _model_targets(profile, files)
     extras = (
         (files.mmproj, "mmproj", cfg.mmproj_repo_id),
         (files.draft, "draft model", cfg.hf_draft_repo_id),
     )
     for path, role, repo in extras:
         if path is not None:
-            targets.append(Target(path, role, _extra_source(profile, root, path, repo)))
+            targets.append(Target(path, role, _extra_source(profile, files.root, path, repo)))
     return targets
+
+
+def _model_targets(profile: Profile, files: ModelFiles) -> list[Target]:
+    cfg, count = profile.llamacpp, len(files.parts)
+    repo = cfg.hf_repo_id if _model_from_hub(profile, files) else None
+    return [
+        Target(
+            part,
+            "model" if count == 1 else f"model part {index} of {count}",
+            HubFile(repo, repo_name(files.root, part), cfg.hf_revision) if repo else None,
+        )
+        for index, part in enumerate(files.parts, 1)
+    ]
+
+
+def _model_from_hub(profile: Profile, files: ModelFiles) -> bool:
+    """The model comes from the Hub only when it is the file at ``model_root/hf_filename``."""
+    cfg = profile.llamacpp
+    if not (cfg.hf_repo_id and cfg.hf_filename):
+        return False
+    return split_parts(safe_join(files.root, cfg.hf_filename, "hf_filename"))[0] == files.model
 
 
 def _extra_source(profile: Profile, root: Path, path: Path, repo: str | None) -> HubFile | None:

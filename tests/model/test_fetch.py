@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from orion_llamaccp.errors import ModelCorrupt, ModelNotFound
-from orion_llamaccp.model import ProgressEvent, ensure_model, verify_gguf, verify_model
+from orion_llamaccp.model import (
+    ProgressEvent,
+    ensure_model,
+    plan_files,
+    verify_gguf,
+    verify_model,
+)
+from orion_llamaccp.model.fetch import plan_targets
+from orion_llamaccp.model.hub import HubFile
 from orion_llamaccp.model.store import STATE_DIR, read_record
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile, make_split_gguf
@@ -266,3 +274,30 @@ def _flip_tensor_byte(path: Path) -> None:
         byte = handle.read(1)
         handle.seek(info.data_end - 10)
         handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_plan_targets_takes_each_file_from_the_right_repo_and_revision(
+    make_settings: SettingsFactory,
+) -> None:
+    profile = make_profile(
+        hf_revision="v1",
+        mmproj_filename="mmproj.gguf",
+        mmproj_repo_id="orion-test/vision",
+        hf_draft_filename="draft.gguf",
+    )
+    files = plan_files(profile, None, make_settings().environ())
+
+    model, mmproj, draft = plan_targets(profile, files)
+
+    assert model.hub == HubFile(REPO_ID, FILENAME, "v1")
+    assert mmproj.hub == HubFile("orion-test/vision", "mmproj.gguf", None)
+    assert draft.hub == HubFile(REPO_ID, "draft.gguf", "v1")
+
+
+def test_a_model_chosen_by_model_path_is_never_downloaded(make_settings: SettingsFactory) -> None:
+    profile = make_profile(model_path="elsewhere/model.gguf")
+    files = plan_files(profile, None, make_settings().environ())
+
+    [model] = plan_targets(profile, files)
+
+    assert model.hub is None
