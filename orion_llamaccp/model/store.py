@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def record_path(root: Path, path: Path) -> Path:
 
 
 def partial_path(root: Path, path: Path, etag: str) -> Path:
-    return _state(root, path, "partial", f".{etag[:16]}.part")
+    tag = re.sub(r"[^0-9a-zA-Z]", "", etag)[:16] or "x"
+    return _state(root, path, "partial", f".{tag}.part")
 
 
 def stale_partials(root: Path, path: Path, keep: Path) -> list[Path]:
@@ -71,8 +73,8 @@ def stale_partials(root: Path, path: Path, keep: Path) -> list[Path]:
     folder = _state(root, path, "partial", "").parent
     if not folder.is_dir():
         return []
-    prefix = f"{path.name}."
-    return [p for p in folder.iterdir() if p.name.startswith(prefix) and p != keep]
+    mine = re.compile(re.escape(path.name) + r"\.[0-9a-zA-Z]{1,16}\.part")
+    return [p for p in folder.iterdir() if mine.fullmatch(p.name) and p != keep]
 
 
 def read_record(root: Path, path: Path) -> FileRecord | None:

@@ -319,3 +319,22 @@ def test_two_processes_fetching_one_file_download_it_once(
     assert hub.bytes_sent(sha) == len(data)
     assert len(hub.resolves(FILENAME)) == 1  # the second never even asked the Hub
     assert (cache_dir / FILENAME).read_bytes() == data
+
+
+def test_a_file_changed_on_the_hub_drops_the_old_partial_and_starts_over(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    old_sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.fault("cdn", Fault("cut", after=50_000))
+    hub.fault("cdn", Fault("cut", after=0), times=1000)
+    with pytest.raises(DownloadError):
+        ensure_model(make_profile(), make_settings(download_deadline_sec=0.5))
+    [old_partial] = _partials(cache_dir)
+    hub.clear_faults()
+    new_sha = hub.add(REPO_ID, FILENAME, gguf_bytes(1))  # a new commit on main
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    assert resolved.sha256 == new_sha != old_sha
+    assert [r.range for r in hub.cdn_gets(new_sha)] == [None]
+    assert not old_partial.exists() and _partials(cache_dir) == []
