@@ -109,11 +109,17 @@ def salvage(raw: bytes | str) -> dict[str, Any]:
     if not isinstance(data, dict):
         return {}
     reply_to = data.get("reply_to") or data.get("reply_channel")
+    kind = data.get("kind") or data.get("event")
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
     return {
         "reply_to": reply_to if isinstance(reply_to, str) and reply_to else None,
         "correlation_id": _uuid(data.get("correlation_id") or data.get("corr_id")),
         "id": _uuid(data.get("id")),
-        "trace": data["trace"] if isinstance(data.get("trace"), dict) else {},
+        "kind": kind if isinstance(kind, str) and kind else "unknown",
+        "source": str(source.get("name") or source.get("service") or "unknown"),
+        "trace_id": str(data["trace"]["trace_id"])
+        if isinstance(data.get("trace"), dict) and data["trace"].get("trace_id")
+        else None,
     }
 
 

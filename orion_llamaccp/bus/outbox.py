@@ -77,6 +77,26 @@ class Outbox:
     def result(self, request: Envelope, payload: dict[str, Any]) -> bytes:
         return self.encode(CHAT_RESULT, payload, request=request)
 
+    def result_for_undecodable(self, salvaged: dict[str, Any], payload: dict[str, Any]) -> bytes:
+        """A result for a request too broken to decode, linked to what could be read of it."""
+        message = self.envelope(CHAT_RESULT, payload, correlation_id=salvaged.get("correlation_id"))
+        message["causality_chain"] = [
+            {
+                "correlation_id": message["correlation_id"],
+                "kind": salvaged.get("kind", "unknown"),
+                "source": {
+                    "name": salvaged.get("source", "unknown"),
+                    "node": None,
+                    "version": None,
+                    "instance": None,
+                },
+                "created_at": message["created_at"],
+            }
+        ]
+        if salvaged.get("trace_id"):
+            message["trace"] = {"trace_id": salvaged["trace_id"]}
+        return orjson.dumps(message)
+
     def system_error(
         self,
         error: str,

@@ -102,7 +102,7 @@ class WorkerView:
             "state": self.state,
             "slots_busy": worker.slots.busy,
             "slots_total": worker.slots.total,
-            "queue_local": worker.local.qsize(),
+            "queue_local": worker.waiting,
             "queue_stream_backlog": await self._stream_backlog(),
             "requests_served": stats.served,
             "requests_failed": stats.failed,
@@ -145,6 +145,7 @@ class WorkerView:
             "stream_group": self.channels.group,
             "dlq_stream": self.channels.dlq,
             "engine_url": launch.base_url,
+            "engine_pid": worker.supervisor.pid,
             "model": self.model or {"file": Path(worker.plan.files.model).name},
             "llama_server_build": (props.build_info if props else None)
             or (worker.plan.binary.build if worker.plan.binary else None),

@@ -387,18 +387,21 @@ class ChatHandler:
 
     async def _answer(self, job: Job, payload: dict[str, Any]) -> None:
         """Publish the one final result (if there is a reply_to), then ack the entry."""
-        envelope = job.envelope
-        if envelope is not None and envelope.reply_to:
-            await self.publisher.result_once(
-                envelope.reply_to, job.request_id, self.outbox.result(envelope, payload)
+        reply_to = job.reply_to
+        if reply_to:
+            message = (
+                self.outbox.result(job.envelope, payload)
+                if job.envelope is not None
+                else self.outbox.result_for_undecodable(job.salvaged, payload)
             )
+            await self.publisher.result_once(reply_to, job.request_id, message)
         if job.entry is not None:
             await self._ack(job)
 
     async def fail(self, job: Job, failure: Failure) -> None:
         log.info("request %s failed: %s: %s", job.request_id, failure.code, failure.message)
         details = failure.payload_details()
-        reply_to = job.envelope.reply_to if job.envelope else None
+        reply_to = job.reply_to
         await self._system_error(job, failure.code, details)
         if job.entry is not None and (reply_to is None or failure.code in _DEAD_LETTER_CODES):
             await self._dead_letter(job, failure.code, failure.message)

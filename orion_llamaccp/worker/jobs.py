@@ -25,6 +25,14 @@ class Job:
     received: float = field(default_factory=time.monotonic)
     user_cancelled: bool = False
     task: asyncio.Task[None] | None = None
+    salvaged: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reply_to(self) -> str | None:
+        """Where to answer: the envelope's, or what could be read of a broken message."""
+        if self.envelope is not None:
+            return self.envelope.reply_to
+        return self.salvaged.get("reply_to")
 
     @property
     def request_id(self) -> str:
@@ -48,7 +56,9 @@ class Job:
 
     @property
     def correlation_id(self) -> str | None:
-        return str(self.envelope.correlation_id) if self.envelope else None
+        if self.envelope is not None:
+            return str(self.envelope.correlation_id)
+        return self.salvaged.get("correlation_id")
 
 
 class Failure(Exception):

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.claims import Claims
-from orion_llamaccp.bus.codec import decode_envelope, loads_object, message_key
+from orion_llamaccp.bus.codec import decode_envelope, loads_object, message_key, salvage
 from orion_llamaccp.bus.envelope import ServiceRef
 from orion_llamaccp.bus.intake import PubSubListener, Slots, StreamConsumer, StreamEntry
 from orion_llamaccp.bus.outbox import Outbox
@@ -74,7 +74,8 @@ class Worker:
         self.supervisor = make_supervisor(plan, progress=self.view.on_progress)
         self.supervisor.add_listener(self._on_engine_event)
         self.slots = Slots(self.profile.llamacpp.parallel or 1)
-        self.local: asyncio.Queue[Job] = asyncio.Queue(maxsize=max(settings.local_queue_size, 1))
+        self.local: asyncio.Queue[Job] = asyncio.Queue()
+        self.waiting = 0  # accepted pub/sub jobs that do not hold a slot yet
         self.inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self.jobs: dict[str, set[Job]] = defaultdict(set)
         self.tasks: set[asyncio.Task[None]] = set()
@@ -155,43 +156,62 @@ class Worker:
         return code
 
     async def _serve(self, stop: asyncio.Event, intake_stop: asyncio.Event) -> int:
-        self.view.state = "downloading"
-        self.presence.announce_soon()
+        workers = [asyncio.create_task(self._dispatch_local(), name="dispatch")]
         try:
-            resolved = await prepare_model(self.plan, self.view.on_progress)
-            self.view.model_ready(resolved)
-            await self.supervisor.start()
+            if not await self._start_engine(stop):
+                return 0
+            if self.consumer is not None:
+                workers += self._stream_tasks(self.consumer, intake_stop)
+            failed = asyncio.create_task(self.supervisor.wait_for(EngineState.FAILED))
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            failed.cancel()
+            stopped.cancel()
         except OrionLlamaError as exc:
             return await self._fatal(exc)
-        await self.slots.resize(
-            self.supervisor.props.total_slots if self.supervisor.props else self.slots.total
-        )
-        workers = [asyncio.create_task(self._dispatch_local(), name="dispatch")]
-        if self.consumer is not None:
-            workers.append(asyncio.create_task(self.consumer.run(intake_stop), name="stream"))
-            workers.append(
-                asyncio.create_task(
-                    every(
-                        self.settings.stream_claim_idle_ms / 3000,
-                        self.consumer.keep_claims_fresh,
-                        intake_stop,
-                        "stream claim refresh",
-                    ),
-                    name="claims",
-                )
-            )
-        failed = asyncio.create_task(self.supervisor.wait_for(EngineState.FAILED))
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        failed.cancel()
-        stopped.cancel()
-        intake_stop.set()
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        finally:
+            intake_stop.set()
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
         if self.supervisor.state is EngineState.FAILED:
             return await self._fatal(self.supervisor.failure or OrionLlamaError("engine failed"))
         return 0
+
+    async def _start_engine(self, stop: asyncio.Event) -> bool:
+        """Fetch the model and start llama-server; False if asked to stop meanwhile."""
+        self.view.state = "downloading"
+        self.presence.announce_soon()
+
+        async def start() -> None:
+            resolved = await prepare_model(self.plan, self.view.on_progress)
+            self.view.model_ready(resolved)
+            await self.supervisor.start()
+
+        starting = asyncio.create_task(start(), name="engine-start")
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return False
+        starting.result()
+        props = self.supervisor.props
+        await self.slots.resize(props.total_slots if props else self.slots.total)
+        return True
+
+    def _stream_tasks(self, consumer: StreamConsumer, stop: asyncio.Event) -> list[asyncio.Task]:
+        refresh = every(
+            self.settings.stream_claim_idle_ms / 3000,
+            consumer.keep_claims_fresh,
+            stop,
+            "stream claim refresh",
+        )
+        return [
+            asyncio.create_task(consumer.run(stop), name="stream"),
+            asyncio.create_task(refresh, name="claims"),
+        ]
 
     async def _fatal(self, exc: BaseException) -> int:
         message = self.settings.redact(str(exc))
@@ -212,6 +232,7 @@ class Worker:
         self.supervisor.begin_drain()
         while not self.local.empty():
             job = self.local.get_nowait()
+            self.waiting -= 1
             self._spawn(
                 self.handler.fail(
                     job, Failure("engine_unavailable", "worker is stopping", retryable=True)
@@ -304,6 +325,7 @@ class Worker:
             envelope=envelope,
             decode_error=error,
             entry=entry,
+            salvaged=salvage(data) if envelope is None and len(data) < 1 << 20 else {},
         )
 
     async def _accept_pubsub(self, data: bytes) -> None:
@@ -313,15 +335,15 @@ class Worker:
             return  # another replica serves it
         if job.decode_error is not None:
             self._spawn(self.handler.handle(job), job)
-        elif self.local.full():
+        elif self.waiting - self.slots.free >= self.settings.local_queue_size:
             self.stats.finished("overloaded", 0)
             self._spawn(
                 self.handler.fail(
                     job,
                     Failure(
                         "overloaded",
-                        f"{self.slots.total} slots busy and {self.local.qsize()} requests "
-                        f"queued; try again later",
+                        f"{self.slots.total} slots busy and {self.waiting} requests "
+                        f"waiting; try again later",
                         retryable=True,
                     ),
                 ),
@@ -329,15 +351,17 @@ class Worker:
             )
         else:
             self.local.put_nowait(job)
-            self.stats.local_queue = self.local.qsize()
+            self.waiting += 1
+            self.stats.local_queue = self.waiting
             if job.correlation_id:
                 self.jobs[job.correlation_id].add(job)
 
     async def _dispatch_local(self) -> None:
         while True:
             job = await self.local.get()
-            self.stats.local_queue = self.local.qsize()
             await self.slots.acquire()
+            self.waiting -= 1
+            self.stats.local_queue = self.waiting
             self._spawn(self._with_slot(job), job)
 
     def _on_cancel(self, data: bytes) -> None:
@@ -369,7 +393,20 @@ class Worker:
         """Called with a slot held for the entry."""
         try:
             raw = _entry_envelope(entry)
-            job = self._job(raw, "stream", entry)
+            if raw is None:
+                names = sorted(k.decode() if isinstance(k, bytes) else k for k in entry.fields)
+                raw = orjson.dumps({"fields": names})
+                job = Job(
+                    raw=raw,
+                    transport="stream",
+                    key=entry.entry_id,
+                    entry=entry,
+                    decode_error=DecodeError(
+                        f"stream entry has no 'envelope' field (fields: {names})"
+                    ),
+                )
+            else:
+                job = self._job(raw, "stream", entry)
             self.view.received += 1
             if entry.deliveries > self.settings.stream_max_deliveries:
                 await self.handler.fail(
@@ -421,14 +458,14 @@ class Worker:
         )
 
 
-def _entry_envelope(entry: StreamEntry) -> bytes:
+def _entry_envelope(entry: StreamEntry) -> bytes | None:
     """The envelope JSON of an Orion work-queue entry (or of a plain one-field entry)."""
     fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in entry.fields.items()}
     for name in ("envelope", "data", "message", "payload"):
         if name in fields:
             value = fields[name]
             return value if isinstance(value, bytes) else str(value).encode()
-    return orjson.dumps({"invalid_entry_fields": sorted(fields)})
+    return None
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> int:

@@ -1,0 +1,269 @@
+"""Every error code of the contract, each produced by a real situation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import redis.asyncio as aioredis
+
+from orion_llamaccp.client import BusClient
+from tests.bus.conftest import SpawnWorker
+from tests.engine.conftest import PRELUDE
+from tests.support.procs import wait_until_async
+from tests.support.workers import BusRecorder
+
+HI = [{"role": "user", "content": "hello there"}]
+INTAKE = "orion:exec:request:LlamaCppHost:tiny"
+STREAM = "orion:stream:llamacpp:tiny:request"
+
+
+async def _publish_raw(redis_url: str, data: bytes, channel: str = INTAKE) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.publish(channel, data)
+    finally:
+        await client.aclose()
+
+
+async def _answer_on(recorder: BusRecorder, channel: str, timeout: float = 20) -> dict:
+    found = await wait_until_async(
+        lambda: recorder.on(channel), timeout=timeout, what=f"an answer on {channel}"
+    )
+    return found[0].message  # type: ignore[index]
+
+
+async def test_validation_failed_for_extra_key_bad_uuid_and_bad_option(
+    spawn_worker: SpawnWorker, bus: BusClient, redis_url: str, recorder: BusRecorder
+) -> None:
+    spawn_worker()
+    extra = bus.request(HI, profile="tiny")
+    extra["unexpected"] = 1
+    bad_uuid = bus.request(HI, profile="tiny")
+    bad_uuid["correlation_id"] = "not-a-uuid"
+    bad_option = bus.request(HI, profile="tiny", options={"temperature": "hot"})
+    bad_message = bus.request(HI, profile="tiny")
+    bad_message["payload"]["messages"] = [{"role": "user", "content": ["parts"]}]
+    for message in (extra, bad_uuid, bad_option, bad_message):
+        await _publish_raw(redis_url, orjson.dumps(message))
+    for message, loc in (
+        (extra, "unexpected"),
+        (bad_uuid, "correlation_id"),
+        (bad_option, "payload.options.temperature"),
+        (bad_message, "messages.0.content"),
+    ):
+        answer = await _answer_on(recorder, message["reply_to"])
+        assert answer["payload"]["error"] == "validation_failed"
+        locs = [e["loc"] for e in answer["payload"]["details"]["errors"]]
+        assert any(loc in entry for entry in locs), (loc, locs)
+        assert answer["payload"]["details"]["retryable"] is False
+    errors = recorder.kinds("system.error")
+    assert len(errors) >= 4
+
+
+async def test_unsupported_kind(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    spawn_worker()
+    envelope = bus.request(HI, profile="tiny")
+    envelope["kind"] = "llm.embed.request"
+    await bus.send(envelope, profile="tiny")
+    answer = await _answer_on(recorder, envelope["reply_to"])
+    assert answer["payload"]["error"] == "unsupported_kind"
+
+
+async def test_expired_request_is_not_generated(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    worker = spawn_worker()
+    old = bus.request(HI, profile="tiny", ttl_ms=1000)
+    old["created_at"] = (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
+    work = bus.request(
+        HI, profile="tiny", trace={"work": {"expires_at_ms": int(time.time() * 1000) - 10}}
+    )
+    await bus.send(old, profile="tiny")
+    await bus.send(work, profile="tiny", via="stream")
+    for envelope in (old, work):
+        answer = await _answer_on(recorder, envelope["reply_to"])
+        assert answer["payload"]["error"] == "expired"
+    await asyncio.sleep(1.5)
+    details = _health_details(recorder, worker.name)
+    assert details["tokens_generated"] == 0
+
+
+def _health_details(recorder: BusRecorder, instance: str) -> dict:
+    beats = [
+        m.message
+        for m in recorder.kinds("system.health.v1")
+        if m.message["payload"]["instance"] == instance
+    ]
+    return beats[-1]["payload"]["details"]
+
+
+async def test_overloaded_beyond_slots_and_local_queue(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    spawn_worker(slow=True, parallel=1, ORION_LLAMACPP_LOCAL_QUEUE="1")
+    envelopes = [bus.request(HI, profile="tiny", options={"max_tokens": 300}) for _ in range(6)]
+    for envelope in envelopes:
+        await bus.send(envelope, profile="tiny")
+    answers = [await _answer_on(recorder, e["reply_to"], timeout=60) for e in envelopes]
+    codes = [a["payload"].get("error", "ok") for a in answers]
+    assert codes.count("ok") == 2, codes  # one in the slot, one in the local queue
+    assert codes.count("overloaded") == 4, codes
+    overloaded = next(a for a in answers if a["payload"].get("error") == "overloaded")
+    assert overloaded["payload"]["details"]["retryable"] is True
+
+
+async def test_context_exceeded(spawn_worker: SpawnWorker, bus: BusClient) -> None:
+    spawn_worker(ctx=512, parallel=1)
+    long = [{"role": "user", "content": "word " * 2000}]
+    result = await bus.chat(long, profile="tiny", timeout=30)
+    assert result.payload["error"] == "context_exceeded"
+    assert result.payload["details"]["retryable"] is False
+
+
+async def test_engine_unavailable_while_loading(
+    spawn_worker: SpawnWorker, bus: BusClient, llama_server_bin
+) -> None:
+    worker = spawn_worker(
+        ready=False,
+        LLAMA_SERVER_BIN=str(PRELUDE),
+        REAL_LLAMA_SERVER=str(llama_server_bin),
+        PRELUDE_LINES="60",
+        PRELUDE_DELAY="0.1",
+        ORION_LLAMACPP_ENGINE_WAIT_SEC="0.5",
+    )
+    worker.wait_state("loading")
+    result = await bus.chat(HI, profile="tiny", timeout=30)
+    assert result.payload["error"] == "engine_unavailable"
+    assert result.payload["details"]["retryable"] is True
+    assert result.payload["details"]["engine_state"] == "loading"
+    worker.wait_ready()
+    assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=30)).ok
+
+
+async def test_upstream_failed_when_llama_server_dies_mid_stream(
+    spawn_worker: SpawnWorker, bus: BusClient
+) -> None:
+    worker = spawn_worker(slow=True)
+    pid = worker.engine_pid()
+    killed: list[int] = []
+
+    def kill_on_first(delta: str) -> None:
+        if not killed:
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+
+    result = await bus.chat(
+        HI,
+        profile="tiny",
+        stream=True,
+        options={"max_tokens": 2000},
+        on_delta=kill_on_first,
+        timeout=60,
+    )
+    assert killed
+    assert result.payload["error"] == "upstream_failed"
+    assert result.payload["details"]["retryable"] is True
+    worker.wait_ready()
+    assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=30)).ok
+
+
+async def test_cancel_stops_generation_and_frees_the_slot(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    import httpx
+
+    worker = spawn_worker(slow=True, parallel=1)
+    envelope = bus.request(HI, profile="tiny", options={"stream": True, "max_tokens": 4000})
+    chat = asyncio.create_task(bus.chat(HI, profile="tiny", envelope=envelope, timeout=60))
+    await wait_until_async(
+        lambda: recorder.on(envelope["reply_to"] + ":chunks"), timeout=20, what="first chunk"
+    )
+    await bus.cancel(envelope["correlation_id"])
+    result = await chat
+    assert result.payload["error"] == "cancelled"
+    url = worker.announcement()["engine_url"]
+    async with httpx.AsyncClient(base_url=url) as http:
+
+        async def idle() -> bool:
+            slots = (await http.get("/slots")).json()
+            return not any(s.get("is_processing") for s in slots)
+
+        await wait_until_async(idle, timeout=5, what="llama-server slot idle")
+        decoded = max(int(s.get("n_decoded") or 0) for s in (await http.get("/slots")).json())
+    assert decoded < 4000
+
+
+async def test_nothing_to_reply_to(
+    spawn_worker: SpawnWorker, bus: BusClient, redis_url: str, recorder: BusRecorder
+) -> None:
+    spawn_worker()
+    pubsub = bus.request(HI, profile="tiny")
+    pubsub["reply_to"] = None
+    stream = bus.request(HI, profile="tiny")
+    stream["reply_to"] = None
+    await bus.send(pubsub, profile="tiny")
+    await bus.send(stream, profile="tiny", via="stream")
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+
+        async def dead_lettered() -> list:
+            return await client.xrange(STREAM + ":dlq")
+
+        entries = await wait_until_async(dead_lettered, timeout=20, what="dead letter")
+        fields = {k.decode(): v for k, v in entries[0][1].items()}  # type: ignore[index]
+        assert set(fields) == {
+            "original_stream",
+            "original_message_id",
+            "error",
+            "reason",
+            "attempt",
+            "failed_at_ms",
+            "envelope",
+        }
+        assert fields["original_stream"].decode() == STREAM
+        assert orjson.loads(fields["envelope"])["id"] == stream["id"]
+        pending = await client.xpending(STREAM, "llamacpp:tiny")
+        assert pending["pending"] == 0
+    finally:
+        await client.aclose()
+    reports = [m.message for m in recorder.kinds("system.error")]
+    assert any(r["correlation_id"] == pubsub["correlation_id"] for r in reports)
+
+
+async def test_undecodable_stream_entries_are_dead_lettered(
+    spawn_worker: SpawnWorker, redis_url: str
+) -> None:
+    spawn_worker()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.xadd(STREAM, {"envelope": b"{not json"})
+        await client.xadd(STREAM, {"something": b"else"})
+
+        async def two() -> bool:
+            return len(await client.xrange(STREAM + ":dlq")) == 2
+
+        await wait_until_async(two, timeout=20, what="two dead letters")
+        reasons = {e[1][b"reason"] for e in await client.xrange(STREAM + ":dlq")}
+        assert reasons == {b"validation_failed"}
+        assert (await client.xpending(STREAM, "llamacpp:tiny"))["pending"] == 0
+    finally:
+        await client.aclose()
+
+
+async def test_worker_survives_garbage(
+    spawn_worker: SpawnWorker, bus: BusClient, redis_url: str
+) -> None:
+    worker = spawn_worker()
+    for data in (b"\xff\xfe", b"[]", b"null", b'"text"', b"{}", b'{"schema": "orion.envelope"}'):
+        await _publish_raw(redis_url, data)
+    assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=30)).ok
+    assert worker.proc is not None and worker.proc.poll() is None
+    assert uuid.UUID(str((await bus.chat(HI, profile="tiny", timeout=30)).envelope.id))

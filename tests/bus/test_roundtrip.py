@@ -1,0 +1,145 @@
+"""Round trips through a real worker process: pub/sub and streams, streamed chunks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from orion_llamaccp.client import BusClient
+from tests.bus.conftest import SpawnWorker
+from tests.support.workers import BusRecorder
+
+HI = [{"role": "user", "content": "hello there"}]
+PROFILE = "tiny"
+
+
+async def test_pubsub_round_trip(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    spawn_worker()
+    envelope = bus.request(
+        HI, profile=PROFILE, options={"max_tokens": 8, "seed": 3}, trace={"trace_id": "t-123"}
+    )
+    result = await bus.chat(HI, profile=PROFILE, envelope=envelope, timeout=30)
+    assert result.ok, result.payload
+    payload = result.payload
+    assert payload["usage"]["completion_tokens"] == 8
+    assert payload["usage"]["total_tokens"] == payload["usage"]["prompt_tokens"] + 8
+    assert payload["model_used"] == "tiny-random-llama"
+    assert payload["meta"]["served_by"] == "orion-llamaccp"
+    assert payload["meta"]["finish_reason"] == "length"
+    assert payload["meta"]["timings"]["predicted_n"] == 8
+    assert payload["meta"]["attempt"] == 1
+    reply = result.envelope
+    assert str(reply.correlation_id) == envelope["correlation_id"]
+    assert reply.reply_to is None
+    assert [str(link.correlation_id) for link in reply.causality_chain] == [
+        envelope["correlation_id"]
+    ]
+    assert reply.causality_chain[-1].kind == "llm.chat.request"
+    assert reply.trace == {"trace_id": "t-123"}
+    await asyncio.sleep(0.3)
+    assert len(recorder.on(envelope["reply_to"])) == 1
+
+
+async def test_stream_round_trip_acks_the_entry(
+    spawn_worker: SpawnWorker, bus: BusClient, redis_url: str
+) -> None:
+    spawn_worker()
+    result = await bus.chat(
+        HI, profile=PROFILE, via="stream", options={"max_tokens": 5}, timeout=30
+    )
+    assert result.ok, result.payload
+    assert result.payload["meta"]["transport"] == "stream"
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        pending = await client.xpending("orion:stream:llamacpp:tiny:request", "llamacpp:tiny")
+        assert pending["pending"] == 0
+    finally:
+        await client.aclose()
+
+
+async def test_streamed_chunks_are_gapless_then_one_result(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    spawn_worker()
+    for via in ("pubsub", "stream"):
+        envelope = bus.request(
+            HI, profile=PROFILE, options={"stream": True, "max_tokens": 200, "temperature": 0}
+        )
+        result = await bus.chat(HI, profile=PROFILE, via=via, envelope=envelope, timeout=30)
+        assert result.ok, result.payload
+        await asyncio.sleep(0.2)
+        chunks = [m.message["payload"] for m in recorder.on(envelope["reply_to"] + ":chunks")]
+        assert [c["seq"] for c in chunks] == list(range(len(chunks)))
+        assert {c["attempt"] for c in chunks} == {1}
+        assert "".join(c["delta"] for c in chunks) == result.payload["content"]
+        results = recorder.on(envelope["reply_to"])
+        assert len(results) == 1
+        last_chunk_at = max(m.at for m in recorder.on(envelope["reply_to"] + ":chunks"))
+        assert results[0].at >= last_chunk_at
+
+
+async def test_stream_channel_option_and_coalescing(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    spawn_worker(ORION_LLAMACPP_COALESCE_MS="50")
+    channel = "test:my-chunks"
+    envelope = bus.request(
+        HI,
+        profile=PROFILE,
+        options={"stream": True, "stream_channel": channel, "max_tokens": 400, "temperature": 0},
+    )
+    result = await bus.chat(HI, profile=PROFILE, envelope=envelope, timeout=30)
+    await asyncio.sleep(0.2)
+    chunks = [m.message["payload"] for m in recorder.on(channel)]
+    assert chunks and "".join(c["delta"] for c in chunks) == result.payload["content"]
+    # 400 tokens at thousands per second in 50 ms windows: far fewer chunks than tokens.
+    assert len(chunks) < result.payload["usage"]["completion_tokens"] / 4
+    assert recorder.on(envelope["reply_to"] + ":chunks") == []
+
+
+async def test_legacy_chat_dict_and_input_aliases(
+    spawn_worker: SpawnWorker, redis_url: str, recorder: BusRecorder
+) -> None:
+    import orjson
+
+    spawn_worker()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        legacy = {
+            "event": "chat",
+            "reply_channel": "test:legacy-reply",
+            "correlation_id": "6f1c1a8e-0c55-4b8e-9a61-1f0f6d3b7a10",
+            "payload": {"messages": HI, "options": {"max_tokens": 3}},
+        }
+        aliased = {
+            "schema": "orion.envelope",
+            "schema_version": "2.0.0",
+            "event": "llm.chat.request",
+            "corr_id": "0b7d0c3e-3b43-4c2c-8d6e-6a1d2f9c0e11",
+            "service": {"service": "old-caller"},
+            "ts": "2026-01-01T00:00:00",
+            "reply_to": "test:aliased-reply",
+            "payload": {"messages": HI, "options": {"max_tokens": 3}},
+        }
+        for message in (legacy, aliased):
+            await client.publish("orion:exec:request:LlamaCppHost:tiny", orjson.dumps(message))
+    finally:
+        await client.aclose()
+
+    async def answered() -> bool:
+        return bool(recorder.on("test:legacy-reply")) and bool(recorder.on("test:aliased-reply"))
+
+    for _ in range(200):
+        if await answered():
+            break
+        await asyncio.sleep(0.05)
+    legacy_reply = recorder.on("test:legacy-reply")[0].message
+    aliased_reply = recorder.on("test:aliased-reply")[0].message
+    assert legacy_reply["correlation_id"] == "6f1c1a8e-0c55-4b8e-9a61-1f0f6d3b7a10"
+    assert "content" in legacy_reply["payload"], legacy_reply["payload"]
+    assert aliased_reply["correlation_id"] == "0b7d0c3e-3b43-4c2c-8d6e-6a1d2f9c0e11"
+    assert aliased_reply["causality_chain"][-1]["source"]["name"] == "old-caller"
+    assert "content" in aliased_reply["payload"], aliased_reply["payload"]

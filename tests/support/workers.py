@@ -1,0 +1,189 @@
+"""Real worker processes (``python -m orion_llamaccp run``) and a recorder of the bus."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from tests.support.procs import pid_alive, wait_until
+
+
+@dataclass
+class Published:
+    channel: str
+    data: bytes
+    at: float
+
+    @property
+    def message(self) -> dict[str, Any]:
+        return orjson.loads(self.data)
+
+
+class BusRecorder:
+    """Records every PUBLISH on a Redis (PSUBSCRIBE *) from a background thread."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.psubscribe("*")
+        self.messages: list[Published] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = self.pubsub.get_message(timeout=0.2)
+            except (redis.ConnectionError, ValueError, OSError):
+                if self._stop.is_set():
+                    return
+                time.sleep(0.2)
+                continue
+            if message and message["type"] == "pmessage":
+                with self._lock:
+                    self.messages.append(
+                        Published(message["channel"].decode(), message["data"], time.monotonic())
+                    )
+
+    def on(self, channel: str) -> list[Published]:
+        with self._lock:
+            return [m for m in self.messages if m.channel == channel]
+
+    def kinds(self, kind: str) -> list[Published]:
+        with self._lock:
+            found = []
+            for m in self.messages:
+                try:
+                    if orjson.loads(m.data).get("kind") == kind:
+                        found.append(m)
+                except orjson.JSONDecodeError:
+                    continue
+            return found
+
+    def from_service(self, service: str = "orion-llamaccp") -> list[Published]:
+        with self._lock:
+            mine = []
+            for m in self.messages:
+                try:
+                    data = orjson.loads(m.data)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(data, dict) and (data.get("source") or {}).get("name") == service:
+                    mine.append(m)
+            return mine
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.pubsub.close()
+        self.client.close()
+
+
+class WorkerProc:
+    """``orion-llamaccp run`` in a child process of its own session."""
+
+    def __init__(self, env: dict[str, str], *, name: str, log_dir: Path, redis_url: str) -> None:
+        self.env = {**env, "INSTANCE_ID": name}
+        self.name = name
+        self.log_path = log_dir / f"worker-{name}.log"
+        self.redis = redis.Redis.from_url(redis_url)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.engine_pids: list[int] = []
+
+    def start(self) -> WorkerProc:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orion_llamaccp", "run"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def announcement(self) -> dict[str, Any] | None:
+        profile = self.env["LLM_PROFILE_NAME"]
+        raw = self.redis.hget(f"orion:llm:profile:registry:{profile}:{self.name}", "announcement")
+        return orjson.loads(raw)["payload"] if raw else None
+
+    def state(self) -> str | None:
+        found = self.announcement()
+        return found["state"] if found else None
+
+    def wait_state(self, state: str, timeout: float = 60) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"worker {self.name} exited {self.proc.returncode}:\n{self.log()[-3000:]}"
+                )
+            found = self.announcement()
+            return found if found and found["state"] == state else None
+
+        found = wait_until(
+            reached, timeout=timeout, interval=0.05, what=f"worker {self.name} {state}"
+        )
+        assert isinstance(found, dict)
+        if found.get("engine_pid"):
+            self.engine_pids.append(int(found["engine_pid"]))
+        return found
+
+    def wait_ready(self, timeout: float = 60) -> dict[str, Any]:
+        return self.wait_state("ready", timeout)
+
+    def engine_pid(self) -> int:
+        found = self.announcement()
+        assert found and found.get("engine_pid"), "no engine pid announced"
+        pid = int(found["engine_pid"])
+        self.engine_pids.append(pid)
+        return pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        os.kill(self.pid, sig)
+
+    def terminate(self, timeout: float = 60) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with_group = self.proc.pid
+            os.kill(with_group, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def engines_gone(self) -> bool:
+        return not any(pid_alive(pid) for pid in self.engine_pids)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def close(self) -> None:
+        self.terminate()
+        wait_until(self.engines_gone, timeout=15, what=f"llama-server of {self.name} gone")
+        self.redis.close()
+        if hasattr(self, "_log"):
+            self._log.close()
