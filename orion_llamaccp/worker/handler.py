@@ -149,7 +149,8 @@ class ChatHandler:
         await self.claims.finish(key, job.request_id, payload)
         await self._answer(job, payload)
         ttft = (generation.first_token_at - job.received) if generation.first_token_at else None
-        return generation.tokens, ttft
+        tokens = int(generation.usage.get("completion_tokens", generation.tokens))
+        return tokens, ttft
 
     def _validate(self, job: Job) -> tuple[Envelope, ChatRequestPayload, ChatOptions]:
         if job.decode_error is not None or job.envelope is None:
