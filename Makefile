@@ -48,7 +48,9 @@ demo: venv llama-server demo-model redis
 	$(BIN)/orion-llamaccp demo
 
 test: venv llama-server
-	$(BIN)/ruff check orion_llamaccp tests bench
+	@command -v redis-server >/dev/null || { echo "tests start their own redis-server: apt-get install -y redis-server" >&2; exit 1; }
+	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: venv

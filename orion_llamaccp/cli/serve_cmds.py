@@ -17,6 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="start llama-server and keep it ready, without joining the bus",
     )
     p.set_defaults(handler=cmd_run)
+    p = sub.add_parser("demo", help="serve, ask one streamed question over the bus, stop")
+    p.add_argument("prompt", nargs="?", default="Tell me a short story about a lighthouse.")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.set_defaults(handler=cmd_demo)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -46,6 +50,60 @@ async def _serve(settings: Settings) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
     return await serve(settings, stop)
+
+
+async def _demo(settings: Settings, prompt: str, max_tokens: int) -> int:
+    """Serve the profile in this process, ask one streamed question over the bus, stop."""
+    import sys
+
+    from orion_llamaccp.client import BusClient
+    from orion_llamaccp.engine.plan import build_plan
+    from orion_llamaccp.engine.supervisor import EngineState
+    from orion_llamaccp.worker.service import Worker, connect
+
+    stop = asyncio.Event()
+    redis = connect(settings)
+    worker = Worker(settings, build_plan(settings), redis)
+    serving = asyncio.create_task(worker.run(stop))
+    try:
+        print(
+            f"starting {settings.profile_name} (downloading/loading if needed)...", file=sys.stderr
+        )
+        waiter = asyncio.create_task(
+            worker.supervisor.wait_for(EngineState.READY, EngineState.FAILED)
+        )
+        await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)
+        if worker.supervisor.state is not EngineState.READY:
+            return await serving if serving.done() else 1
+        await worker.listener.subscribed.wait()
+        print(f"> {prompt}", file=sys.stderr)
+        async with BusClient(redis=redis) as bus:
+            result = await bus.chat(
+                [{"role": "user", "content": prompt}],
+                profile=settings.profile_name,
+                stream=True,
+                options={"max_tokens": max_tokens},
+                on_delta=lambda d: print(d, end="", flush=True),
+            )
+        print()
+        usage = result.payload.get("usage", {})
+        print(
+            f"--- {result.payload.get('error') or 'ok'}: {usage.get('completion_tokens')} "
+            f"tokens, first token after "
+            f"{((result.first_chunk_at or result.done_at) - result.sent_at) * 1000:.0f} ms",
+            file=sys.stderr,
+        )
+        return 0 if result.ok else 1
+    finally:
+        stop.set()
+        await asyncio.gather(serving, return_exceptions=True)
+        await redis.aclose()
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from orion_llamaccp.cli import run_async
+
+    return run_async(_demo(settings, args.prompt, args.max_tokens))
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:

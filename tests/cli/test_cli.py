@@ -1,0 +1,159 @@
+"""The command line, run as a user would: a child process with an environment."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.support.procs import free_port, pid_alive, wait_until
+from tests.support.workers import WorkerProc
+
+
+def cli(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orion_llamaccp", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_doctor_all_ok(subprocess_env: dict) -> None:
+    done = cli(subprocess_env, "doctor")
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = [line.split()[1] for line in lines]
+    assert names == ["config", "profile", "binary", "flags", "model", "redis", "gpus"]
+    assert all(line.startswith("ok") for line in lines)
+    assert "tiny.gguf" in lines[names.index("model")]
+
+
+def test_doctor_says_what_to_fix(subprocess_env: dict, tmp_path: Path) -> None:
+    env = {
+        **subprocess_env,
+        "LLAMA_SERVER_BIN": str(tmp_path / "nope"),
+        "ORION_BUS_URL": f"redis://:hunter22@127.0.0.1:{free_port()}/0",
+        "LLM_CACHE_DIR": str(tmp_path / "empty"),
+    }
+    done = cli(env, "doctor")
+    assert done.returncode == 1
+    by_name = {line.split()[1]: line for line in done.stdout.splitlines()}
+    assert by_name["binary"].startswith("FAIL") and "LLAMA_SERVER_BIN" in by_name["binary"]
+    assert by_name["model"].startswith("FAIL") and "copy the GGUF there" in by_name["model"]
+    assert by_name["redis"].startswith("FAIL") and "ORION_BUS_URL" in by_name["redis"]
+    assert "hunter22" not in done.stdout + done.stderr
+    assert by_name["config"].startswith("ok") and by_name["profile"].startswith("ok")
+
+
+def test_command_json_works_before_the_model_exists(subprocess_env: dict, tmp_path: Path) -> None:
+    env = {
+        **subprocess_env,
+        "LLM_CACHE_DIR": str(tmp_path / "not-yet"),
+        "LLAMACPP_CTX_SIZE_OVERRIDE": "1024",
+    }
+    done = cli(env, "command", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["argv"][1:3] == ["--model", str(tmp_path / "not-yet" / "tiny.gguf")]
+    assert out["argv"][out["argv"].index("--ctx-size") + 1] == "1024"
+    assert isinstance(out["env"], dict)
+    human = cli(env, "command")
+    assert "not downloaded yet" in human.stdout
+
+
+def test_validate_profiles_and_show(subprocess_env: dict, tmp_path: Path) -> None:
+    assert cli(subprocess_env, "validate").returncode == 0
+    listing = cli(subprocess_env, "profiles")
+    assert "tiny" in listing.stdout and "other-backend" in listing.stdout
+    shown = cli(subprocess_env, "show")
+    assert "model_id: tiny-random-llama" in shown.stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("profiles:\n  a:\n    backend: llamacpp\n    llamacpp: {ctx_sise: 1}\n")
+    done = cli({**subprocess_env, "LLM_PROFILES_CONFIG_PATH": str(broken)}, "validate")
+    assert done.returncode == 1
+    assert "ERROR    profiles.a.llamacpp.ctx_sise: unknown key (did you mean 'ctx_size'?)" in (
+        done.stdout
+    )
+
+
+def test_user_errors_are_one_line_without_traceback(subprocess_env: dict) -> None:
+    for env, expected in (
+        ({"LLM_PROFILE_NAME": "tiyn"}, "error: LLM PROFILE 'tiyn' not found in registry"),
+        (
+            {"LLAMACPP_CTX_SIZE_OVERRIDE": "big"},
+            "error: invalid environment: LLAMACPP_CTX_SIZE_OVERRIDE='big'",
+        ),
+        ({"LLM_PROFILES_CONFIG_PATH": "/no/such.yaml"}, "error: llm_profiles.yaml not found"),
+    ):
+        done = cli({**subprocess_env, **env}, "run", timeout=30)
+        assert done.returncode == 1
+        assert done.stderr.startswith(expected), done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_run_reaches_health_and_stops_cleanly(
+    subprocess_env: dict, tmp_path: Path, redis_url: str
+) -> None:
+    port = free_port()
+    worker = WorkerProc(
+        {**subprocess_env, "LLAMACPP_PORT_OVERRIDE": str(port)},
+        name="cli",
+        log_dir=tmp_path,
+        redis_url=redis_url,
+    ).start()
+    try:
+        worker.wait_ready()
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        engine = worker.engine_pid()
+        assert worker.terminate() == 0
+        assert not pid_alive(engine)
+        assert "engine draining -> stopped" in worker.log()
+    finally:
+        worker.close()
+
+
+def test_sigkill_of_the_wrapper_leaves_no_llama_server(
+    subprocess_env: dict, tmp_path: Path, redis_url: str
+) -> None:
+    worker = WorkerProc(
+        subprocess_env, name="doomed", log_dir=tmp_path, redis_url=redis_url
+    ).start()
+    try:
+        worker.wait_ready()
+        engine = worker.engine_pid()
+        worker.signal(signal.SIGKILL)
+        wait_until(
+            lambda: not pid_alive(engine), timeout=10, what="llama-server to die with its parent"
+        )
+    finally:
+        worker.close()
+
+
+def test_engine_only_run(subprocess_env: dict) -> None:
+    port = free_port()
+    env = {**subprocess_env, "LLAMACPP_PORT_OVERRIDE": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orion_llamaccp", "run", "--engine-only"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"llama-server ready at http://127.0.0.1:{port}" in line
+        pid = int(line.rsplit("pid ", 1)[1].rstrip(")\n"))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert not pid_alive(pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
