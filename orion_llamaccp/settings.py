@@ -138,7 +138,11 @@ class Settings(BaseSettings):
     engine_health_interval_sec: float = Field(
         2.0, gt=0, validation_alias="ORION_LLAMACPP_HEALTH_INTERVAL_SEC"
     )
+    engine_health_timeout_sec: float = Field(
+        5.0, gt=0, validation_alias="ORION_LLAMACPP_HEALTH_TIMEOUT_SEC"
+    )
     engine_crash_limit: int = Field(5, ge=1, validation_alias="ORION_LLAMACPP_CRASH_LIMIT")
+    redis_retry_sec: float = Field(120.0, gt=0, validation_alias="ORION_LLAMACPP_REDIS_RETRY_SEC")
 
     @cached_property
     def overrides(self) -> Overrides:

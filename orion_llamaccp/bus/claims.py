@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope
+from orion_llamaccp.bus.retry import with_retry
 
 # Compare-and-renew / compare-and-delete: only the marker's owner may touch it.
 _RENEW = """
@@ -61,34 +62,61 @@ class Record:
 
 class Claims:
     def __init__(
-        self, redis: aioredis.Redis, *, profile: str, dedup_ttl: int, lease_sec: int = 30
+        self,
+        redis: aioredis.Redis,
+        *,
+        profile: str,
+        dedup_ttl: int,
+        lease_sec: int = 30,
+        retry_for: float = 60.0,
     ) -> None:
         self.redis = redis
         self.profile = profile
         self.dedup_ttl = dedup_ttl
         self.lease_sec = lease_sec
+        self.retry_for = retry_for
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 
     async def claim_message(self, message_key: str, instance: str) -> bool:
-        """Pub/sub: True for the one replica that may serve this message."""
-        return bool(
-            await self.redis.set(keys.claim(message_key), instance, nx=True, ex=self.dedup_ttl)
+        """Pub/sub: True for the one replica that may serve this message.
+
+        A retried claim that had in fact succeeded finds its own instance in the key.
+        """
+        redis_key = keys.claim(message_key)
+
+        async def claim() -> bool:
+            if await self.redis.set(redis_key, instance, nx=True, ex=self.dedup_ttl):
+                return True
+            holder = await self.redis.get(redis_key)
+            return holder is not None and holder.decode() == instance
+
+        return await with_retry("claiming a message", claim, retry_for=5.0)
+
+    async def begin(self, key: str, owner: str) -> Record:
+        """Start serving ``key``, or learn who did. ``owner`` identifies this message.
+
+        A marker already owned by this message is ours: a redelivery of a message whose
+        worker died, or a retry of our own ``SET`` that had succeeded. One message is never
+        served twice at once (pub/sub claims it once; a stream entry is only reclaimed
+        when its holder stopped refreshing it), so taking it over is safe.
+        """
+        return await with_retry(
+            "claiming a request", lambda: self._begin(key, owner), retry_for=self.retry_for
         )
 
-    async def begin(self, key: str, owner: str, *, take_over: bool = False) -> Record:
-        """Start serving ``key``, or learn who did. ``owner`` identifies this message."""
+    async def _begin(self, key: str, owner: str) -> Record:
         redis_key = keys.dedup(self.profile, key)
         marker = orjson.dumps({"state": "running", "owner": owner})
         if await self.redis.set(redis_key, marker, nx=True, ex=self.lease_sec):
             return Record("new", owner)
         raw = await self.redis.get(redis_key)
         if raw is None:  # expired between the two calls
-            return await self.begin(key, owner, take_over=take_over)
+            return await self._begin(key, owner)
         record = orjson.loads(raw)
         if record.get("state") == "done":
             return Record("done", record.get("owner"), record.get("payload"))
-        if record.get("owner") == owner and take_over:
+        if record.get("owner") == owner:
             await self.redis.set(redis_key, marker, ex=self.lease_sec)
             return Record("new", owner)
         return Record("running", record.get("owner"))
@@ -99,8 +127,12 @@ class Claims:
         )
 
     async def finish(self, key: str, owner: str, payload: dict[str, Any]) -> None:
-        record = {"state": "done", "owner": owner, "payload": payload}
-        await self.redis.set(keys.dedup(self.profile, key), orjson.dumps(record), ex=self.dedup_ttl)
+        record = orjson.dumps({"state": "done", "owner": owner, "payload": payload})
+        await with_retry(
+            "storing a result",
+            lambda: self.redis.set(keys.dedup(self.profile, key), record, ex=self.dedup_ttl),
+            retry_for=self.retry_for,
+        )
 
     async def release(self, key: str, owner: str) -> None:
         """Give up a running marker (the request failed): a resend may run again."""

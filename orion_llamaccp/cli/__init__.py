@@ -34,11 +34,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class SafeFormatter(logging.Formatter):
+    """Escapes control characters, so text from the bus cannot forge log lines.
+
+    A request's kind or a llama-server line may hold a newline or a terminal escape;
+    logged as is, it could fake an entry or repaint an operator's terminal.
+    """
+
+    _TABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        message, sep, rest = text.partition("\nTraceback")
+        return message.translate(self._TABLE) + sep + rest
+
+
 def setup_logging(level: str, verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     logging.basicConfig(
         level=logging.DEBUG if verbose else getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
     for noisy in ("httpx", "httpcore", "filelock", "huggingface_hub", "httpx2", "httpcore2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,9 +1,10 @@
-"""Subcommands that talk to the bus as a client: ``chat``."""
+"""Subcommands that talk to the bus as a client: ``chat``, ``ps``, ``watch``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import orjson
 
@@ -11,6 +12,12 @@ from orion_llamaccp.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ps", help="every llama.cpp host on the bus, once")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_ps)
+    p = sub.add_parser("watch", help="a live table of every llama.cpp host on the bus")
+    p.add_argument("--refresh", type=float, default=1.0, help="seconds between redraws")
+    p.set_defaults(handler=cmd_watch)
     p = sub.add_parser("chat", help="ask one question over the bus and print the answer")
     p.add_argument("prompt")
     p.add_argument("--profile", help="profile to ask (default: LLM_PROFILE_NAME)")
@@ -70,3 +77,110 @@ def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
     from orion_llamaccp.cli import run_async
 
     return run_async(_chat(args, settings))
+
+
+COLUMNS = (
+    "service",
+    "node",
+    "instance",
+    "profile",
+    "model",
+    "state",
+    "slots",
+    "tok/s",
+    "served",
+    "last beat",
+)
+
+
+def fleet_table(rows: list[dict]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"llama.cpp hosts on the bus ({len(rows)})")
+    for column in COLUMNS:
+        table.add_column(column)
+    for row in rows:
+        state = "[red]down[/red]" if row["down"] else str(row["state"] or "?")
+        slots = (
+            f"{row['slots_busy'] if row['slots_busy'] is not None else '?'}/"
+            f"{row['slots_total'] if row['slots_total'] is not None else '?'}"
+        )
+        age = "never" if row["beat_age_sec"] is None else f"{row['beat_age_sec']:.1f}s ago"
+        table.add_row(
+            row["service"],
+            row["node"] or "",
+            row["instance"],
+            row["profile"] or "",
+            row["model"] or "",
+            state,
+            slots,
+            str(row["tokens_per_sec"] or 0),
+            str(row["requests_served"] or 0),
+            age,
+        )
+    return table
+
+
+async def _ps(args: argparse.Namespace, settings: Settings) -> int:
+    import redis.asyncio as aioredis
+    from rich.console import Console
+
+    from orion_llamaccp.fleet import Fleet
+
+    redis = aioredis.Redis.from_url(settings.bus_url.get_secret_value())
+    try:
+        rows = (await Fleet().load(redis)).rows()
+    finally:
+        await redis.aclose()
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    else:
+        Console(width=200).print(fleet_table(rows))
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
+    from orion_llamaccp.cli import run_async
+
+    return run_async(_ps(args, settings))
+
+
+async def _watch(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    import redis.asyncio as aioredis
+    from rich.live import Live
+
+    from orion_llamaccp.fleet import Fleet
+
+    redis = aioredis.Redis.from_url(settings.bus_url.get_secret_value())
+    fleet = await Fleet().load(redis)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(settings.health_channel, settings.announce_channel)
+    loop = asyncio.get_running_loop()
+    next_draw = reload_at = 0.0
+    try:
+        with Live(fleet_table(fleet.rows()), auto_refresh=False) as live:
+            while True:
+                message = await pubsub.get_message(timeout=args.refresh)
+                if message is not None:
+                    fleet.ingest(message["data"])
+                now = loop.time()
+                if now >= reload_at:  # hosts that went silent before we subscribed
+                    await fleet.load(redis)
+                    reload_at = now + 10
+                if now >= next_draw:
+                    live.update(fleet_table(fleet.rows()), refresh=True)
+                    next_draw = now + args.refresh
+    finally:
+        await pubsub.aclose()
+        await redis.aclose()
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from orion_llamaccp.cli import run_async
+
+    try:
+        return run_async(_watch(args, settings))
+    except KeyboardInterrupt:
+        return 0

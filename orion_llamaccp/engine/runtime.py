@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 from orion_llamaccp.engine.plan import ServicePlan, build_plan
@@ -15,16 +16,30 @@ from orion_llamaccp.engine.supervisor import Supervisor, SupervisorPolicy
 from orion_llamaccp.settings import Settings
 
 if TYPE_CHECKING:
+    from orion_llamaccp.model.fetch import ResolvedModel
     from orion_llamaccp.model.progress import ProgressHook
 
 log = logging.getLogger(__name__)
 
 
-async def prepare_model(plan: ServicePlan, progress: ProgressHook | None = None) -> object:
-    """Download (if needed) and verify the profile's files, off the event loop."""
+async def prepare_model(plan: ServicePlan, progress: ProgressHook | None = None) -> ResolvedModel:
+    """Download (if needed) and verify the profile's files, off the event loop.
+
+    Cancelling this coroutine stops the download thread at its next chunk, so a SIGTERM
+    during a 40 GB download does not wait for it to finish.
+    """
     from orion_llamaccp.model.fetch import ensure_model
 
-    return await asyncio.to_thread(ensure_model, plan.profile, plan.settings, progress=progress)
+    cancel = threading.Event()
+    try:
+        return await asyncio.shield(
+            asyncio.to_thread(
+                ensure_model, plan.profile, plan.settings, progress=progress, cancel=cancel
+            )
+        )
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
 
 
 def make_supervisor(
@@ -51,6 +66,7 @@ def policy_from(settings: Settings) -> SupervisorPolicy:
     return SupervisorPolicy(
         silence_timeout=settings.engine_silence_timeout_sec,
         health_interval=settings.engine_health_interval_sec,
+        health_timeout=settings.engine_health_timeout_sec,
         crash_limit=settings.engine_crash_limit,
     )
 

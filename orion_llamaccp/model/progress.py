@@ -10,6 +10,7 @@ interval while bytes flow, and always the first event of a new phase or attempt.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,11 @@ ProgressHook = Callable[[ProgressEvent], None]
 
 
 class Reporter:
-    """Turns many byte counts into few events; a failing hook never stops a download."""
+    """Turns many byte counts into few events; a failing hook never stops a download.
+
+    A throttled event is not lost: the latest one is sent when the interval is up, so a
+    download that stalls right after a burst still reports how far it got.
+    """
 
     def __init__(
         self,
@@ -70,6 +75,9 @@ class Reporter:
         self._last: ProgressEvent | None = None
         self._last_at = 0.0
         self._rate_from: tuple[float, int] = (0.0, 0)
+        self._lock = threading.Lock()
+        self._pending: ProgressEvent | None = None
+        self._timer: threading.Timer | None = None
 
     def emit(
         self,
@@ -90,11 +98,34 @@ class Reporter:
         )
         if fresh:
             self._rate_from = (now, done)
-        elif phase in ("downloading", "verifying") and now - self._last_at < self._interval:
-            return
         event = ProgressEvent(phase, filename, done, total, self._rate(now, done), attempt, message)
+        if not fresh and phase in ("downloading", "verifying"):
+            wait = self._interval - (now - self._last_at)
+            if wait > 0:
+                self._hold(event, wait)
+                return
+        with self._lock:
+            self._pending = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
         self._last, self._last_at = event, now
         self._send(event)
+
+    def _hold(self, event: ProgressEvent, wait: float) -> None:
+        with self._lock:
+            self._pending = event
+            if self._timer is None:
+                self._timer = threading.Timer(wait, self._flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _flush(self) -> None:
+        with self._lock:
+            event, self._pending, self._timer = self._pending, None, None
+        if event is not None:
+            self._last, self._last_at = event, self._clock()
+            self._send(event)
 
     def _rate(self, now: float, done: int) -> float:
         since, base = self._rate_from

@@ -48,6 +48,7 @@ class WorkerView:
         self.received = 0
         self.progress: dict[str, Any] | None = None
         self.model: dict[str, Any] = {}
+        self.metrics_port: int | None = None
         self._loop = asyncio.get_event_loop()
 
     def on_progress(self, event: ProgressEvent) -> None:
@@ -146,6 +147,8 @@ class WorkerView:
             "dlq_stream": self.channels.dlq,
             "engine_url": launch.base_url,
             "engine_pid": worker.supervisor.pid,
+            "metrics_port": self.metrics_port,
+            "heartbeat_interval_sec": worker.settings.heartbeat_interval_sec,
             "model": self.model or {"file": Path(worker.plan.files.model).name},
             "llama_server_build": (props.build_info if props else None)
             or (worker.plan.binary.build if worker.plan.binary else None),

@@ -27,6 +27,7 @@ from orion_llamaccp.bus.codec import decode_chat
 from orion_llamaccp.bus.envelope import CHAT_REQUEST, ChatRequestPayload, Envelope
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import ChunkStream, Publisher
+from orion_llamaccp.bus.retry import TRANSIENT
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor
 from orion_llamaccp.errors import ContextExceeded, DecodeError, EngineUnavailable, UpstreamError
 from orion_llamaccp.profiles.models import Profile
@@ -103,6 +104,15 @@ class ChatHandler:
             await self._interrupted(job)
             if not job.user_cancelled:
                 raise
+        except TRANSIENT as exc:  # Redis stayed away longer than our retries
+            outcome = "redis_unavailable"
+            log.error("request %s: Redis unavailable (%s)", job.request_id, exc)
+            if job.entry is None:
+                with contextlib.suppress(*TRANSIENT):
+                    await self.fail(
+                        job, Failure("engine_unavailable", "bus unavailable", retryable=True)
+                    )
+            # A stream entry stays pending: it is reclaimed and answered later.
         except Exception as exc:  # a bug must not take the worker down, nor lose the answer
             log.exception("request %s failed unexpectedly", job.request_id)
             outcome = "internal_error"
@@ -206,7 +216,7 @@ class ChatHandler:
         deadline = time.monotonic() + self.settings.request_timeout_sec
         delay = 0.05
         while True:
-            record = await self.claims.begin(key, job.request_id, take_over=job.redelivered)
+            record = await self.claims.begin(key, job.request_id)
             if record.state == "new":
                 return None
             if record.state == "done" and record.payload is not None:

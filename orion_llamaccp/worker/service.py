@@ -27,6 +27,7 @@ from orion_llamaccp.bus.intake import PubSubListener, Slots, StreamConsumer, Str
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.presence import Presence, every
 from orion_llamaccp.bus.replies import Publisher
+from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.engine.plan import ServicePlan, build_plan
 from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
@@ -35,6 +36,7 @@ from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import WorkerView
 from orion_llamaccp.worker.handler import ChatHandler
 from orion_llamaccp.worker.jobs import Failure, Job
+from orion_llamaccp.worker.metrics import Metrics
 from orion_llamaccp.worker.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -135,8 +137,18 @@ class Worker:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _start_metrics(self) -> Metrics | None:
+        if self.settings.metrics_port is None:
+            return None
+        metrics = Metrics(self)
+        self.view.metrics_port = metrics.serve(self.settings.metrics_port)
+        self.handler.observers.append(metrics.observe)
+        log.info("metrics on :%d/metrics", self.view.metrics_port)
+        return metrics
+
     async def run(self, stop: asyncio.Event) -> int:
         intake_stop, presence_stop = asyncio.Event(), asyncio.Event()
+        metrics = self._start_metrics()
         background = [
             asyncio.create_task(self.listener.run(intake_stop), name="pubsub"),
             asyncio.create_task(self._pubsub_intake(), name="pubsub-intake"),
@@ -153,6 +165,8 @@ class Worker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if metrics is not None:
+                metrics.close()
         return code
 
     async def _serve(self, stop: asyncio.Event, intake_stop: asyncio.Event) -> int:
@@ -439,22 +453,29 @@ class Worker:
 
     async def _ack(self, job: Job) -> None:
         if job.entry is not None and self.consumer is not None:
-            await self.consumer.ack(job.entry.entry_id)
+            entry_id = job.entry.entry_id
+            await with_retry(
+                "acking a stream entry",
+                lambda: self.consumer.ack(entry_id),
+                retry_for=self.settings.redis_retry_sec,
+            )
 
     async def _dead_letter(self, job: Job, reason: str, error: str) -> None:
         if job.entry is None:
             return
-        await self.redis.xadd(
-            self.channels.dlq,
-            {
-                "original_stream": self.channels.stream,
-                "original_message_id": job.entry.entry_id,
-                "error": self.settings.redact(error)[:2000],
-                "reason": reason,
-                "attempt": str(job.first_attempt),
-                "failed_at_ms": str(int(time.time() * 1000)),
-                "envelope": job.raw[: self.settings.max_message_bytes],
-            },
+        fields = {
+            "original_stream": self.channels.stream,
+            "original_message_id": job.entry.entry_id,
+            "error": self.settings.redact(error)[:2000],
+            "reason": reason,
+            "attempt": str(job.first_attempt),
+            "failed_at_ms": str(int(time.time() * 1000)),
+            "envelope": job.raw[: self.settings.max_message_bytes],
+        }
+        await with_retry(
+            "dead-lettering a stream entry",
+            lambda: self.redis.xadd(self.channels.dlq, fields),
+            retry_for=self.settings.redis_retry_sec,
         )
 
 

@@ -1,0 +1,37 @@
+"""Retrying Redis calls through an outage, for calls that are safe to repeat.
+
+Only idempotent operations go through here (guarded publishes, SET NX claims, XACK, ...):
+a call that timed out may still have happened, and a repeat must change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+async def with_retry(what: str, call: Callable[[], Awaitable[T]], *, retry_for: float) -> T:
+    """``await call()``, retried with backoff on connection errors for up to ``retry_for`` s."""
+    deadline = time.monotonic() + retry_for
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except TRANSIENT as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning(
+                "%s failed (%s: %s); retrying in %.2fs", what, type(exc).__name__, exc, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -1,0 +1,100 @@
+"""A Prometheus endpoint for the worker (off unless ``METRICS_PORT`` is set).
+
+Counters and histograms are fed by the request handler's observer hook; gauges read the
+worker's live state when scraped, so nothing is updated on the per-token path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from orion_llamaccp.worker.service import Worker
+
+ENGINE_STATES = (
+    "downloading",
+    "starting",
+    "loading",
+    "ready",
+    "restarting",
+    "draining",
+    "stopped",
+    "failed",
+)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, worker: Worker) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"profile": worker.profile.name, "instance": worker.settings.instance_id}
+        reg = self.registry
+        self.requests = Counter(
+            "orion_llamacpp_requests", "Requests by outcome", ["outcome", *labels], registry=reg
+        )
+        self.ttft = Histogram(
+            "orion_llamacpp_time_to_first_token_seconds",
+            "From receiving a request to its first token",
+            list(labels),
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.duration = Histogram(
+            "orion_llamacpp_request_duration_seconds",
+            "From receiving a request to its answer",
+            list(labels),
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self._labels = labels
+        tokens = Gauge(
+            "orion_llamacpp_tokens_generated",
+            "Completion tokens generated",
+            list(labels),
+            registry=reg,
+        )
+        tokens.labels(**labels).set_function(lambda: worker.stats.tokens)
+        restarts = Gauge(
+            "orion_llamacpp_engine_restarts", "llama-server restarts", list(labels), registry=reg
+        )
+        restarts.labels(**labels).set_function(lambda: worker.supervisor.restarts)
+        queue = Gauge(
+            "orion_llamacpp_queue_depth",
+            "Requests waiting for a slot (local)",
+            list(labels),
+            registry=reg,
+        )
+        queue.labels(**labels).set_function(lambda: worker.waiting)
+        busy = Gauge("orion_llamacpp_slots_busy", "Slots in use", list(labels), registry=reg)
+        busy.labels(**labels).set_function(lambda: worker.slots.busy)
+        total = Gauge("orion_llamacpp_slots_total", "Slots", list(labels), registry=reg)
+        total.labels(**labels).set_function(lambda: worker.slots.total)
+        state = Gauge(
+            "orion_llamacpp_engine_state",
+            "1 for the current engine state",
+            ["state", *labels],
+            registry=reg,
+        )
+        for name in ENGINE_STATES:
+            state.labels(state=name, **labels).set_function(
+                lambda name=name: 1.0 if worker.view.state == name else 0.0
+            )
+
+    def observe(self, outcome: str, ttft: float | None, duration: float) -> None:
+        self.requests.labels(outcome=outcome, **self._labels).inc()
+        self.duration.labels(**self._labels).observe(duration)
+        if ttft is not None:
+            self.ttft.labels(**self._labels).observe(ttft)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the HTTP endpoint in a thread; returns the bound port (0 picks one)."""
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
