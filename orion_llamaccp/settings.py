@@ -143,6 +143,10 @@ class Settings(BaseSettings):
     )
     engine_crash_limit: int = Field(5, ge=1, validation_alias="ORION_LLAMACPP_CRASH_LIMIT")
     redis_retry_sec: float = Field(120.0, gt=0, validation_alias="ORION_LLAMACPP_REDIS_RETRY_SEC")
+    redis_socket_timeout_sec: float = Field(
+        5.0, gt=0, validation_alias="ORION_LLAMACPP_REDIS_SOCKET_TIMEOUT_SEC"
+    )
+    pubsub_ping_sec: float = Field(2.0, gt=0, validation_alias="ORION_LLAMACPP_PUBSUB_PING_SEC")
 
     @cached_property
     def overrides(self) -> Overrides:

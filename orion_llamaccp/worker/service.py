@@ -43,10 +43,13 @@ log = logging.getLogger(__name__)
 
 
 def connect(settings: Settings) -> aioredis.Redis:
+    """The worker's Redis client. No silent retries inside redis-py: every retry is ours,
+    and only where repeating a call is safe (see ``bus.retry``)."""
+    timeout = settings.redis_socket_timeout_sec
     return aioredis.Redis.from_url(
         settings.bus_url.get_secret_value(),
-        socket_timeout=5.0,
-        socket_connect_timeout=3.0,
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 3.0),
         health_check_interval=15,
         retry_on_timeout=False,
         max_connections=512,
@@ -106,6 +109,8 @@ class Worker:
                 if c
             ],
             self._on_pubsub,
+            ping_interval=settings.pubsub_ping_sec,
+            ping_timeout=3 * settings.pubsub_ping_sec,
         )
         self.consumer = (
             StreamConsumer(
@@ -117,6 +122,8 @@ class Worker:
                 handler=self._on_entry,
                 ready=self._engine_ready,
                 claim_idle_ms=settings.stream_claim_idle_ms,
+                # A blocking read must end well before the socket timeout would cut it.
+                block_ms=int(min(1000, settings.redis_socket_timeout_sec * 500)),
             )
             if "stream" in transports
             else None
@@ -339,7 +346,7 @@ class Worker:
             envelope=envelope,
             decode_error=error,
             entry=entry,
-            salvaged=salvage(data) if envelope is None and len(data) < 1 << 20 else {},
+            salvaged=salvage(data) if envelope is None else {},
         )
 
     async def _accept_pubsub(self, data: bytes) -> None:

@@ -76,7 +76,14 @@ def llama_servers_under(pid: int) -> list[int]:
 class RedisServer:
     """A redis-server of our own on a free port; kill, freeze and restart it at will."""
 
-    def __init__(self, workdir: Path, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        appendonly: bool = False,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -84,6 +91,7 @@ class RedisServer:
         self.workdir = workdir
         self.appendonly = appendonly
         self.port = port or free_port()
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -108,6 +116,7 @@ class RedisServer:
             str(self.workdir / "redis.log"),
             "--protected-mode",
             "no",
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._answers, timeout=10, what=f"redis-server on port {self.port}")

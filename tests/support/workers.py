@@ -33,9 +33,11 @@ class BusRecorder:
     """Records every PUBLISH on a Redis (PSUBSCRIBE *) from a background thread."""
 
     def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(url)
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=1)
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.psubscribe("*")
+        self.subscribed = threading.Event()
+        self.subscribed.set()
         self.messages: list[Published] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -46,16 +48,30 @@ class BusRecorder:
         while not self._stop.is_set():
             try:
                 message = self.pubsub.get_message(timeout=0.2)
-            except (redis.ConnectionError, ValueError, OSError):
+            except (redis.ConnectionError, redis.TimeoutError, ValueError, OSError):
                 if self._stop.is_set():
                     return
-                time.sleep(0.2)
+                self._resubscribe()
                 continue
             if message and message["type"] == "pmessage":
                 with self._lock:
                     self.messages.append(
                         Published(message["channel"].decode(), message["data"], time.monotonic())
                     )
+
+    def _resubscribe(self) -> None:
+        """Redis went away (a fault test): subscribe again once it is back."""
+        self.subscribed.clear()
+        while not self._stop.is_set():
+            try:
+                self.pubsub.close()
+                self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                self.pubsub.psubscribe("*")
+                self.pubsub.get_message(timeout=0.2)
+                self.subscribed.set()
+                return
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                time.sleep(0.1)
 
     def on(self, channel: str) -> list[Published]:
         with self._lock:

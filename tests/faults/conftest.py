@@ -1,0 +1,152 @@
+"""The fault suite's harness: a Redis of each scenario's own, workers on it, and a ledger.
+
+Every scenario counts every request it sends and what came back for it; the counts are
+printed at the end of the run (``pytest_terminal_summary``) so a reader sees the numbers,
+and each scenario asserts ``answered twice == 0`` and ``lost == 0``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from orion_llamaccp.client import BusClient
+from tests.conftest import write_tiny_registry
+from tests.support.procs import RedisServer, free_port
+from tests.support.workers import BusRecorder, WorkerProc
+
+REPORTS: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if REPORTS:
+        terminalreporter.section("fault suite: every request counted")
+        for line in REPORTS:
+            terminalreporter.write_line(line)
+
+
+@dataclass
+class Ledger:
+    """Requests sent in a scenario, and how many answers each one got."""
+
+    name: str
+    recorder: BusRecorder
+    sent: list[dict] = field(default_factory=list)
+
+    def add(self, envelope: dict) -> dict:
+        self.sent.append(envelope)
+        return envelope
+
+    def answers(self, envelope: dict) -> list[dict]:
+        return [m.message for m in self.recorder.on(envelope["reply_to"])]
+
+    def counts(self) -> dict[str, int]:
+        tally = [len(self.answers(e)) for e in self.sent]
+        return {
+            "sent": len(self.sent),
+            "answered once": tally.count(1),
+            "answered twice": sum(1 for n in tally if n > 1),
+            "lost": tally.count(0),
+        }
+
+    async def settle(self, timeout: float = 60.0, grace: float = 1.0) -> dict[str, int]:
+        """Wait until everything is answered (or the deadline), then a grace period in which
+        a second answer would show up; record and return the counts."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.counts()["lost"]:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(grace)
+        counts = self.counts()
+        REPORTS.append(f"{self.name:<58} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+        return counts
+
+
+@dataclass
+class Fault:
+    redis: RedisServer
+    recorder: BusRecorder
+    client: BusClient
+    ledger: Ledger
+    spawn: Callable[..., WorkerProc]
+    raw: aioredis.Redis
+
+
+@pytest.fixture
+def fault_redis_args() -> tuple[str, ...]:
+    return ()
+
+
+@pytest.fixture
+def fault_appendonly() -> bool:
+    return False
+
+
+@pytest.fixture
+async def fault(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    subprocess_env: dict,
+    tiny_model: Path,
+    slow_model: Path,
+    fault_appendonly: bool,
+    fault_redis_args: tuple[str, ...],
+) -> AsyncIterator[Fault]:
+    server = RedisServer(
+        tmp_path / "redis", appendonly=fault_appendonly, extra_args=fault_redis_args
+    ).start()
+    recorder = BusRecorder(server.url)
+    workers: list[WorkerProc] = []
+    registry = write_tiny_registry(
+        tmp_path / "fault-profiles.yaml", port=free_port(), extra="      n_predict: 64"
+    )
+
+    def spawn(
+        name: str, *, slow: bool = False, parallel: int = 2, ready: bool = True, **env: str
+    ) -> WorkerProc:
+        worker_env = {
+            **subprocess_env,
+            "ORION_BUS_URL": server.url,
+            "LLM_PROFILES_CONFIG_PATH": str(registry),
+            "LLAMACPP_PORT_OVERRIDE": str(free_port()),
+            "LLAMACPP_PARALLEL_OVERRIDE": str(parallel),
+            "LLAMACPP_CTX_SIZE_OVERRIDE": "16384",
+            "HEARTBEAT_INTERVAL_SEC": "1",
+            "ANNOUNCE_INTERVAL_SEC": "5",
+            "ORION_LLAMACPP_HEALTH_INTERVAL_SEC": "0.5",
+            "ORION_LLAMACPP_HEALTH_TIMEOUT_SEC": "1",
+            "ORION_LLAMACPP_REDIS_SOCKET_TIMEOUT_SEC": "2",
+            "ORION_LLAMACPP_PUBSUB_PING_SEC": "0.5",
+            **({"LLAMACPP_MODEL_PATH_OVERRIDE": str(slow_model)} if slow else {}),
+            **env,
+        }
+        worker = WorkerProc(worker_env, name=name, log_dir=tmp_path, redis_url=server.url)
+        workers.append(worker.start())
+        if ready:
+            worker.wait_ready()
+        return worker
+
+    raw = aioredis.Redis.from_url(server.url)
+    async with BusClient(server.url) as client:
+        yield Fault(server, recorder, client, Ledger(request.node.name, recorder), spawn, raw)
+    for worker in workers:
+        worker.close()
+    recorder.close()
+    await raw.aclose()
+    server.stop()
+
+
+def assert_exactly_once(counts: dict[str, int]) -> None:
+    assert counts["answered twice"] == 0, counts
+    assert counts["lost"] == 0, counts
+    assert counts["answered once"] == counts["sent"], counts
+
+
+@pytest.fixture
+def hi() -> Iterator[list[dict[str, str]]]:
+    yield [{"role": "user", "content": "hello there"}]

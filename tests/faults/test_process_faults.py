@@ -1,0 +1,143 @@
+"""Processes die or hang: the worker (SIGKILL, SIGTERM) and llama-server (SIGKILL, SIGSTOP)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from tests.faults.conftest import Fault, assert_exactly_once
+from tests.support.procs import pid_alive, wait_until_async
+
+RECLAIM = {"ORION_LLAMACPP_CLAIM_IDLE_MS": "1500"}
+
+
+def chunks_of(fault: Fault, envelope: dict) -> list[dict]:
+    return [m.message["payload"] for m in fault.recorder.on(envelope["reply_to"] + ":chunks")]
+
+
+async def first_chunk(fault: Fault, envelope: dict) -> None:
+    await wait_until_async(lambda: chunks_of(fault, envelope), timeout=30, what="a first chunk")
+
+
+async def test_worker_sigkill_mid_generation_stream(fault: Fault, hi: list) -> None:
+    victim = fault.spawn("victim", slow=True, parallel=1, **RECLAIM)
+    doomed = fault.ledger.add(
+        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 4000})
+    )
+    await fault.client.send(doomed, profile="tiny", via="stream")
+    await first_chunk(fault, doomed)
+    engine = victim.engine_pid()
+    victim.kill()
+    await wait_until_async(lambda: not pid_alive(engine), timeout=10, what="engine gone too")
+    fault.spawn("rescuer", slow=True, parallel=1, **RECLAIM)
+    for _ in range(3):
+        await fault.client.send(
+            fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 20})),
+            profile="tiny",
+            via="stream",
+        )
+    assert_exactly_once(await fault.ledger.settle(timeout=90))
+    answer = fault.ledger.answers(doomed)[0]["payload"]
+    assert answer["meta"]["instance"] == "rescuer" and answer["meta"]["attempt"] == 2
+    second = [c for c in chunks_of(fault, doomed) if c["attempt"] == 2]
+    assert [c["seq"] for c in second] == list(range(len(second)))
+    assert "".join(c["delta"] for c in second) == answer["content"]
+
+
+async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) -> None:
+    first = fault.spawn(
+        "first", slow=True, parallel=2, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="2", **RECLAIM
+    )
+    long = [
+        fault.ledger.add(
+            fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 6000})
+        )
+        for _ in range(2)
+    ]
+    short = [
+        fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 10}))
+        for _ in range(3)
+    ]
+    for envelope in long:
+        await fault.client.send(envelope, profile="tiny", via="stream")
+    for envelope in long:
+        await first_chunk(fault, envelope)
+    for envelope in short:  # wait in the stream: both slots are busy
+        await fault.client.send(envelope, profile="tiny", via="stream")
+    pubsub = fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 5}))
+    await fault.client.send(pubsub, profile="tiny")
+    await asyncio.sleep(0.3)
+    first.signal(signal.SIGTERM)
+    assert first.proc is not None and first.proc.wait(30) == 0
+    states = [
+        m.message["payload"]["state"]
+        for m in fault.recorder.on("orion:llm:profile:announce")
+        if m.message["payload"]["instance"] == "first"
+    ]
+    assert "draining" in states
+    pending = await fault.raw.xpending("orion:stream:llamacpp:tiny:request", "llamacpp:tiny")
+    assert pending["pending"] == 2  # the long ones, left for another worker
+    fault.spawn("second", slow=True, parallel=2, **RECLAIM)
+    assert_exactly_once(await fault.ledger.settle(timeout=120))
+    for envelope in long:
+        meta = fault.ledger.answers(envelope)[0]["payload"]["meta"]
+        assert (meta["instance"], meta["attempt"]) == ("second", 2)
+    answer = fault.ledger.answers(pubsub)[0]["payload"]
+    assert "content" in answer or answer["error"] == "engine_unavailable", answer
+
+
+async def test_llama_server_sigkill_mid_stream(fault: Fault, hi: list) -> None:
+    worker = fault.spawn("w", slow=True, parallel=2)
+    via_pubsub = fault.ledger.add(
+        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 4000})
+    )
+    via_stream = fault.ledger.add(
+        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 4000})
+    )
+    await fault.client.send(via_pubsub, profile="tiny")
+    await fault.client.send(via_stream, profile="tiny", via="stream")
+    await first_chunk(fault, via_pubsub)
+    await first_chunk(fault, via_stream)
+    os.kill(worker.engine_pid(), signal.SIGKILL)
+    worker.wait_ready()
+    after = fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 8}))
+    await fault.client.send(after, profile="tiny")
+    assert_exactly_once(await fault.ledger.settle(timeout=90))
+    # Pub/sub is at-most-once and the caller already holds partial chunks: it is told.
+    assert fault.ledger.answers(via_pubsub)[0]["payload"]["error"] == "upstream_failed"
+    # A durable request is retried once the engine is back, under a new attempt number.
+    retried = fault.ledger.answers(via_stream)[0]["payload"]
+    assert retried["meta"]["attempt"] == 2 and retried["usage"]["completion_tokens"] == 4000
+    assert "content" in fault.ledger.answers(after)[0]["payload"]
+
+
+async def test_llama_server_wedged(fault: Fault, hi: list) -> None:
+    worker = fault.spawn("w", slow=True, parallel=2)
+    via_pubsub = fault.ledger.add(
+        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 6000})
+    )
+    via_stream = fault.ledger.add(
+        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 3000})
+    )
+    await fault.client.send(via_pubsub, profile="tiny")
+    await fault.client.send(via_stream, profile="tiny", via="stream")
+    await first_chunk(fault, via_pubsub)
+    await first_chunk(fault, via_stream)
+    wedged = worker.engine_pid()
+    os.kill(wedged, signal.SIGSTOP)
+    # Detected by /health (3 checks of 0.5 s + 1 s timeout), killed, restarted.
+    await wait_until_async(
+        lambda: fault.ledger.answers(via_pubsub),
+        timeout=30,
+        what="the pub/sub caller told within the detection bound",
+    )
+    assert fault.ledger.answers(via_pubsub)[0]["payload"]["error"] == "upstream_failed"
+    assert not pid_alive(wedged)
+    worker.wait_ready()
+    after = fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 8}))
+    await fault.client.send(after, profile="tiny")
+    assert_exactly_once(await fault.ledger.settle(timeout=90))
+    assert fault.ledger.answers(via_stream)[0]["payload"]["meta"]["attempt"] == 2
+    assert "content" in fault.ledger.answers(after)[0]["payload"]
+    assert "stopped answering /health" in worker.log()
