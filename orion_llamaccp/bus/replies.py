@@ -13,7 +13,6 @@ arrive faster than the window share one chunk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -104,7 +103,9 @@ class ChunkStream:
         self._reasoning: list[str] = []
         self._wake = asyncio.Event()
         self._closed = False
+        self._aborted = False
         self._last_sent = -1e9
+        self._napping: asyncio.Future[None] | None = None
         self.seq = 0
         self.tokens = 0
         self._task = asyncio.create_task(self._send_loop(), name=f"chunks-{request_id}")
@@ -119,12 +120,14 @@ class ChunkStream:
         self._wake.set()
 
     async def _send_loop(self) -> None:
-        while True:
+        while not self._aborted:
             await self._wake.wait()
             self._wake.clear()
+            if self._aborted:
+                return
             wait = self._last_sent + self._window - time.monotonic()
             if wait > 0 and not self._closed:
-                await asyncio.sleep(wait)
+                await self._nap(wait)
             if self._window <= 0:
                 await self._send_each()
             elif self._content or self._reasoning:
@@ -152,14 +155,41 @@ class ChunkStream:
         self.seq += 1
         self._last_sent = time.monotonic()
 
+    async def _nap(self, seconds: float) -> None:
+        """Wait out the rest of the coalescing window; ``close()`` cuts it short."""
+        loop = asyncio.get_running_loop()
+        self._napping = nap = loop.create_future()
+        timer = loop.call_later(seconds, _settle, nap)
+        try:
+            await nap
+        finally:
+            timer.cancel()
+            self._napping = None
+
     async def close(self) -> None:
-        """Send what is buffered, then stop; the result may be published after this."""
+        """Send what is buffered now, then stop; the result may be published after this.
+
+        The generation is over, so the last chunk does not wait for its window to end.
+        """
         self._closed = True
         self._wake.set()
+        if self._napping is not None:
+            _settle(self._napping)
         await self._task
 
     async def abort(self) -> None:
-        """Stop without sending what is buffered (the request is being cut off)."""
+        """Stop without sending what is buffered (the request is being cut off).
+
+        Does not rely on cancellation alone: a Redis client can swallow a cancel that lands
+        inside a command (see tests/bus/test_redis_client.py), so the loop also checks a
+        flag, and we wait a bounded time for it.
+        """
+        self._aborted = True
+        self._wake.set()
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await asyncio.wait({self._task}, timeout=2.0)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -28,6 +28,19 @@ def install_stop_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: log every asyncio task and where it waits (for a worker that seems stuck)."""
+    import io
+    import logging
+
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        out.write(f"--- {task.get_name()}\n")
+        task.print_stack(limit=12, file=out)
+    logging.getLogger("orion_llamaccp.tasks").warning("asyncio tasks:\n%s", out.getvalue())
 
 
 async def _engine_only(settings: Settings) -> int:

@@ -70,7 +70,7 @@ class SupervisorPolicy:
     backoff_max: float = 30.0
     crash_limit: int = 5
     crash_window: float = 300.0
-    stop_grace: float = 10.0
+    stop_grace: float = 5.0
 
 
 Listener = Callable[[EngineEvent], None]

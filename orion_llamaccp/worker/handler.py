@@ -270,16 +270,31 @@ class ChatHandler:
         options: ChatOptions,
         key: str,
     ) -> tuple[Generation, int]:
-        """Pub/sub: one try. Streams: a broken upstream is retried up to max deliveries."""
+        """Pub/sub: one try. Streams: a broken upstream is retried up to max deliveries.
+
+        Only a generation that reached llama-server counts as an attempt: when the stream
+        breaks, llama-server may be dead before the supervisor has noticed, and a request
+        that cannot connect yet simply waits for the restart under the same attempt.
+        """
         attempt = job.first_attempt
+        deadline = time.monotonic() + self.settings.request_timeout_sec
         while True:
             await self._engine_ready(job)
             renew = asyncio.create_task(self._renew(key, job.request_id))
             try:
                 return await self._generate(job, envelope, chat, options, attempt), attempt
-            except (UpstreamError, EngineUnavailable) as exc:
-                if isinstance(exc, ContextExceeded):
-                    raise Failure("context_exceeded", str(exc), retryable=False) from None
+            except ContextExceeded as exc:
+                raise Failure("context_exceeded", str(exc), retryable=False) from None
+            except EngineUnavailable as exc:
+                if job.transport == "pubsub" or time.monotonic() > deadline:
+                    raise Failure(
+                        "engine_unavailable",
+                        str(exc),
+                        retryable=True,
+                        details={"engine_state": str(self.supervisor.state)},
+                    ) from None
+                await asyncio.sleep(0.25)  # the supervisor is about to see the crash
+            except UpstreamError as exc:
                 if job.transport == "pubsub" or attempt >= self.settings.stream_max_deliveries:
                     raise Failure(
                         "upstream_failed", str(exc), retryable=True, details={"attempt": attempt}

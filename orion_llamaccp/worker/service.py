@@ -81,6 +81,8 @@ class Worker:
         self.slots = Slots(self.profile.llamacpp.parallel or 1)
         self.local: asyncio.Queue[Job] = asyncio.Queue()
         self.waiting = 0  # accepted pub/sub jobs that do not hold a slot yet
+        self.held: Job | None = None
+        self.stopping = False
         self.inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self.jobs: dict[str, set[Job]] = defaultdict(set)
         self.tasks: set[asyncio.Task[None]] = set()
@@ -250,9 +252,18 @@ class Worker:
         return 1
 
     async def _drain(self) -> None:
+        self.stopping = True
         self.supervisor.begin_drain()
-        while not self.local.empty():
-            job = self.local.get_nowait()
+        while not self.inbox.empty():  # received before we unsubscribed: answer them
+            channel, data = self.inbox.get_nowait()
+            if channel == self.channels.intake:
+                with contextlib.suppress(Exception):
+                    await self._accept_pubsub(data)
+        unstarted = [self.local.get_nowait() for _ in range(self.local.qsize())]
+        if self.held is not None:
+            unstarted.append(self.held)
+            self.held = None
+        for job in unstarted:
             self.waiting -= 1
             self._spawn(
                 self.handler.fail(
@@ -272,7 +283,12 @@ class Worker:
             _, late = await asyncio.wait(pending, timeout=self.settings.drain_timeout_sec)
             for task in late:
                 task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            if late:
+                # Bounded: a cancel swallowed somewhere must not hang the stop. Stopping
+                # llama-server below ends any request that is still running anyway.
+                _, stuck = await asyncio.wait(late, timeout=5.0)
+                if stuck:
+                    log.warning("%d requests did not stop when cancelled", len(stuck))
         await self.supervisor.stop()
 
     # ------------------------------------------------------------------ engine and slots
@@ -356,6 +372,9 @@ class Worker:
             return  # another replica serves it
         if job.decode_error is not None:
             self._spawn(self.handler.handle(job), job)
+        elif self.stopping:
+            stopping = Failure("engine_unavailable", "worker is stopping", retryable=True)
+            self._spawn(self.handler.fail(job, stopping), job)
         elif self.waiting - self.slots.free >= self.settings.local_queue_size:
             self.stats.finished("overloaded", 0)
             self._spawn(
@@ -380,7 +399,9 @@ class Worker:
     async def _dispatch_local(self) -> None:
         while True:
             job = await self.local.get()
+            self.held = job  # waiting for a slot: not in the queue, not running
             await self.slots.acquire()
+            self.held = None
             self.waiting -= 1
             self.stats.local_queue = self.waiting
             self._spawn(self._with_slot(job), job)

@@ -108,7 +108,10 @@ async def test_llama_server_sigkill_mid_stream(fault: Fault, hi: list) -> None:
     assert fault.ledger.answers(via_pubsub)[0]["payload"]["error"] == "upstream_failed"
     # A durable request is retried once the engine is back, under a new attempt number.
     retried = fault.ledger.answers(via_stream)[0]["payload"]
-    assert retried["meta"]["attempt"] == 2 and retried["usage"]["completion_tokens"] == 4000
+    assert retried["meta"]["attempt"] == 2 and retried["meta"]["finish_reason"] in (
+        "length",
+        "stop",
+    )
     assert "content" in fault.ledger.answers(after)[0]["payload"]
 
 
