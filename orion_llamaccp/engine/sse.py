@@ -1,8 +1,10 @@
 """llama-server's streamed chat completions, decoded: pure functions, no I/O.
 
-``SSEDecoder`` splits bytes into ``data:`` payloads (keep-alive comments dropped), and
-``parse_chunk`` turns one OpenAI-style chunk into typed events. This is the per-token hot
-path, so it avoids per-line object churn: one ``orjson.loads`` per event and plain tuples.
+``ResponseDecoder`` reads the HTTP/1.1 response (status, headers, a chunked or sized
+body), ``SSEDecoder`` splits the body into ``data:`` payloads (keep-alive comments
+dropped), and ``parse_chunk`` turns one OpenAI-style chunk into typed events. This is the
+per-token hot path, so it avoids per-line object churn: one ``orjson.loads`` per event,
+slices of the received bytes, no per-chunk objects.
 """
 
 from __future__ import annotations
@@ -15,6 +17,128 @@ import orjson
 DONE = b"[DONE]"
 
 
+class ProtocolError(ValueError):
+    """Bytes that are not a valid HTTP/1.1 response."""
+
+
+_HEAD, _CHUNKED, _SIZED, _UNTIL_CLOSE, _DONE = range(5)
+MAX_HEAD = 64 * 1024
+
+
+class ResponseDecoder:
+    """One HTTP/1.1 response, fed as it arrives: ``feed`` returns the body bytes it freed.
+
+    ``status`` and ``headers`` (lower-case names) are set once the head is complete;
+    ``complete`` once the body ended (last chunk, ``Content-Length`` reached, or ``eof``
+    for a body delimited by the connection's close).
+    """
+
+    __slots__ = ("_buffer", "_mode", "_remaining", "headers", "status")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._mode = _HEAD
+        self._remaining = 0
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    @property
+    def head_done(self) -> bool:
+        return self._mode != _HEAD
+
+    @property
+    def complete(self) -> bool:
+        return self._mode == _DONE
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the connection may carry another request after this response."""
+        return self._mode == _DONE and "close" not in self.headers.get("connection", "").lower()
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self._buffer + data if self._buffer else data
+        self._buffer = b""
+        if self._mode == _HEAD:
+            buffer = self._head(buffer)
+            if self._mode == _HEAD:
+                return b""
+        if self._mode == _CHUNKED:
+            return self._chunks(buffer)
+        if self._mode == _SIZED:
+            body = buffer[: self._remaining]
+            self._remaining -= len(body)
+            if self._remaining == 0:
+                self._mode = _DONE
+            return body
+        if self._mode == _UNTIL_CLOSE:
+            return buffer
+        if buffer.strip():
+            raise ProtocolError(f"bytes after the end of the response: {buffer[:80]!r}")
+        return b""
+
+    def eof(self) -> None:
+        """The connection closed: the end of an until-close body, else a truncated one."""
+        if self._mode == _UNTIL_CLOSE:
+            self._mode = _DONE
+
+    def _head(self, buffer: bytes) -> bytes:
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                raise ProtocolError("response head larger than 64 KiB")
+            self._buffer = buffer
+            return b""
+        lines = buffer[:end].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
+        self.status = int(parts[1])
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            self._mode = _CHUNKED
+        elif "content-length" in self.headers:
+            self._remaining = int(self.headers["content-length"])
+            self._mode = _SIZED if self._remaining else _DONE
+        elif self.status in (204, 304) or 100 <= self.status < 200:
+            self._mode = _DONE
+        else:
+            self._mode = _UNTIL_CLOSE
+        return buffer[end + 4 :]
+
+    def _chunks(self, buffer: bytes) -> bytes:
+        pieces = []
+        pos = 0
+        size_of = int
+        while True:
+            eol = buffer.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            try:
+                size = size_of(buffer[pos:eol].split(b";", 1)[0], 16)
+            except ValueError:
+                raise ProtocolError(f"bad chunk size line: {buffer[pos:eol][:80]!r}") from None
+            if size == 0:  # the last chunk, then optional trailers and a blank line
+                end = buffer.find(b"\r\n\r\n", eol)
+                if end < 0:
+                    break
+                self._mode = _DONE
+                pos = end + 4
+                break
+            start = eol + 2
+            stop = start + size
+            if len(buffer) < stop + 2:
+                break
+            pieces.append(buffer[start:stop])
+            pos = stop + 2
+        if pos < len(buffer):
+            self._buffer = buffer[pos:]
+        if len(pieces) == 1:
+            return pieces[0]
+        return b"".join(pieces)
+
+
 class SSEDecoder:
     """Incremental Server-Sent Events decoder yielding each event's ``data`` bytes."""
 
@@ -24,6 +148,14 @@ class SSEDecoder:
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if (  # llama-server's usual read: exactly one "data: ...\n\n" event
+            not self._buffer
+            and chunk.startswith(b"data: ")
+            and chunk.find(b"\n", 6) == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+        ):
+            return [chunk[6:-2]]
         buffer = self._buffer + chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")

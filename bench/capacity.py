@@ -1,0 +1,213 @@
+"""Relay capacity: the worker's own ceiling, with a synthetic upstream that is never the limit.
+
+One real worker process relays requests from the bench (pub/sub intake) to the synthetic
+llama-server of ``bench/upstream.py`` and back as chunks and results, closed loop, at 1, 8
+and 64 requests in flight, with coalescing on (``ORION_LLAMACPP_COALESCE_MS=10``) and off
+(``0``: one chunk per token). Reported: relayed tokens/s and requests/s, worker CPU per
+token and per request, the worker's share of a core, and Redis commands per token (round
+trips the worker made, and everything Redis executed for it, script internals included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.callers import BusCaller, Outcome
+from bench.harness import (
+    PROFILE,
+    CpuMeter,
+    Worker,
+    WorkerSpec,
+    Workspace,
+    diff_counts,
+    redis_counts,
+)
+from bench.report import summary, table, target, targets_table, write_result
+
+MESSAGES = [{"role": "user", "content": "Relay as fast as you can."}]
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    tokens: int = 256  # per request
+    seconds: float = 4.0  # per measured point
+    concurrency: tuple[int, ...] = (1, 8, 64)
+    coalesce: tuple[float, ...] = (10.0, 0.0)
+    burst: int = 16  # upstream events per socket write
+    token_interval_us: float = 0.0  # upstream pause per token (0: as fast as it can)
+
+
+async def _lane(bus: BusCaller, tokens: int, stop_at: float, out: list[Outcome]) -> None:
+    options = {"max_tokens": tokens, "stream": True}
+    while time.perf_counter() < stop_at:
+        out.append(await bus.chat(bus.envelope(MESSAGES, options), "pubsub", keep_text=False))
+
+
+async def measure(
+    ws: Workspace, worker: Worker, bus: BusCaller, concurrency: int, cfg: CapacityConfig
+) -> dict[str, Any]:
+    redis = ws.redis()
+    try:
+        # warm up: connections in the worker's pools, caches
+        warm: list[Outcome] = []
+        await asyncio.gather(
+            *(_lane(bus, cfg.tokens, time.perf_counter() + 0.3, warm) for _ in range(concurrency))
+        )
+        outcomes: list[Outcome] = []
+        before = await redis_counts(redis)
+        commands_before = bus.commands
+        meter = CpuMeter(
+            {"worker": worker.pid, "upstream": worker.engine_pid, "redis": ws.redis_pid()}
+        ).start()
+        bench_cpu0 = time.process_time()
+        stop_at = time.perf_counter() + cfg.seconds
+        started = time.perf_counter()
+        await asyncio.gather(
+            *(_lane(bus, cfg.tokens, stop_at, outcomes) for _ in range(concurrency))
+        )
+        wall = time.perf_counter() - started
+        cpu = meter.stop()
+        bench_cpu = time.process_time() - bench_cpu0
+        after = await redis_counts(redis)
+    finally:
+        await redis.aclose()
+    ok = [o for o in outcomes if o.error is None]
+    tokens = sum(o.tokens for o in ok)
+    chunks = sum(o.messages for o in outcomes)
+    delta = diff_counts(after, before)
+    caller = bus.commands - commands_before
+    executed = delta.get("_total", 0) - delta.get("info", 0) - caller
+    # Script internals: the chunk script runs GET, SET, PUBLISH; the result script SET, PUBLISH.
+    round_trips = executed - 3 * chunks - 2 * len(outcomes)
+    worker_cpu = cpu["worker"]
+    return {
+        "concurrency": concurrency,
+        "requests": len(outcomes),
+        "errors": len(outcomes) - len(ok),
+        "error_sample": next((o.error for o in outcomes if o.error), None),
+        "out_of_order": sum(not o.ok_order for o in outcomes),
+        "wall_s": round(wall, 3),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 1),
+        "requests_per_s": round(len(outcomes) / wall, 1),
+        "chunks": chunks,
+        "tokens_per_chunk": round(tokens / chunks, 2) if chunks else None,
+        "worker_cpu_s": round(worker_cpu, 3),
+        "worker_core_share": round(worker_cpu / wall, 3),
+        "worker_cpu_us_per_token": round(worker_cpu / tokens * 1e6, 2) if tokens else None,
+        "worker_cpu_us_per_request": round(worker_cpu / len(outcomes) * 1e6, 1)
+        if outcomes
+        else None,
+        "one_core_tokens_per_s": round(tokens / worker_cpu, 0) if worker_cpu else None,
+        "upstream_core_share": round(cpu.get("upstream", 0) / wall, 3),
+        "redis_core_share": round(cpu.get("redis", 0) / wall, 3),
+        "bench_core_share": round(bench_cpu / wall, 3),
+        "redis_round_trips_per_token": round(round_trips / tokens, 4) if tokens else None,
+        "redis_commands_per_token": round(executed / tokens, 4) if tokens else None,
+        "redis_commands": {k: v for k, v in delta.items() if k not in ("_total", "info")},
+        "request_latency_ms": summary(o.total * 1000 for o in ok if o.total),
+    }
+
+
+async def run(ws: Workspace, cfg: CapacityConfig | None = None) -> dict[str, Any]:
+    cfg = cfg or CapacityConfig()
+    points: list[dict[str, Any]] = []
+    for coalesce in cfg.coalesce:
+        spec = WorkerSpec(
+            model=ws.tiny_model(),
+            binary=ws.synthetic_launcher(),
+            parallel=max(cfg.concurrency),
+            ctx=65536,
+            coalesce_ms=coalesce,
+            env={
+                "BENCH_BURST": str(cfg.burst),
+                "BENCH_TOKEN_INTERVAL_US": str(cfg.token_interval_us),
+            },
+        )
+        worker = Worker(ws, spec, f"capacity-{coalesce:g}").start()
+        bus = None
+        redis = ws.redis()
+        try:
+            await worker.wait_ready(redis)
+            bus = await BusCaller(ws.url, PROFILE).start()
+            for concurrency in cfg.concurrency:
+                point = await measure(ws, worker, bus, concurrency, cfg)
+                point["coalesce_ms"] = coalesce
+                points.append(point)
+        finally:
+            if bus is not None:
+                await bus.close()
+            await redis.aclose()
+            worker.stop()
+    return _finish(cfg, points)
+
+
+def _finish(cfg: CapacityConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
+    rows = [
+        (
+            f"{p['coalesce_ms']:g}",
+            p["concurrency"],
+            p["tokens_per_s"],
+            p["requests_per_s"],
+            p["tokens_per_chunk"],
+            p["worker_cpu_us_per_token"],
+            p["worker_cpu_us_per_request"],
+            p["worker_core_share"],
+            p["one_core_tokens_per_s"],
+            p["redis_round_trips_per_token"],
+            p["redis_commands_per_token"],
+            p["errors"],
+        )
+        for p in points
+    ]
+    text = table(
+        f"2. Relay capacity: one worker, synthetic upstream, {cfg.tokens} tokens/request, "
+        f"{cfg.seconds:g} s per point",
+        [
+            "coalesce ms",
+            "in flight",
+            "tokens/s",
+            "req/s",
+            "tok/chunk",
+            "CPU us/tok",
+            "CPU us/req",
+            "worker core",
+            "tok/s per core",
+            "Redis RT/tok",
+            "Redis cmd/tok",
+            "errors",
+        ],
+        rows,
+    )
+    on = [p for p in points if p["coalesce_ms"] > 0]
+    best = max(on, key=lambda p: p["one_core_tokens_per_s"] or 0) if on else None
+    at64 = next((p for p in on if p["concurrency"] == max(cfg.concurrency)), best)
+    targets = [
+        target(
+            "tokens/s on one core, coalescing on",
+            best["one_core_tokens_per_s"] if best else None,
+            50_000,
+            higher_is_better=True,
+        ),
+        target(
+            f"worker CPU us/token, coalescing on, {max(cfg.concurrency)} in flight",
+            at64["worker_cpu_us_per_token"] if at64 else None,
+            5.0,
+            higher_is_better=False,
+        ),
+    ]
+    text += "\n" + targets_table(targets)
+    settings = {
+        "tokens_per_request": cfg.tokens,
+        "seconds_per_point": cfg.seconds,
+        "concurrency": list(cfg.concurrency),
+        "coalesce_ms": list(cfg.coalesce),
+        "upstream": f"bench/upstream.py, {cfg.burst} SSE events per socket write, "
+        "llama-server framing (chunked, one HTTP chunk per event)",
+        "intake": "pub/sub",
+    }
+    path = write_result("capacity", settings, {"points": points}, targets=targets)
+    return {"text": text, "path": str(path), "points": points, "targets": targets}

@@ -1,0 +1,166 @@
+"""Intake latency: from the caller's PUBLISH / XADD to the HTTP request reaching the upstream.
+
+The upstream is the synthetic llama-server, which stamps each chat request's arrival with
+``time.monotonic_ns()`` (one clock for every process on Linux) under the request's unique
+prompt; the bench stamps the same clock right before it sends. One request at a time, so
+the figure is the worker's own path (decode, claim, idempotency record, HTTP request), not
+queueing. The same requests also give the bus time to first token with an upstream that
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from bench.callers import BusCaller
+from bench.harness import PROFILE, Worker, WorkerSpec, Workspace
+from bench.report import summary, table, target, targets_table, write_result
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    requests: int = 300  # per transport
+    warmup: int = 20
+    gap_s: float = 0.002  # pause between requests: an idle worker each time
+    trace: bool = False  # run bench/trace_worker.py and split the latency into its steps
+
+
+async def _probe(bus: BusCaller, via: str) -> tuple[str, int, float | None, float | None]:
+    marker = f"bench-probe {uuid.uuid4()}"
+    envelope = bus.envelope(
+        [{"role": "user", "content": marker}], {"max_tokens": 1, "stream": True}
+    )
+    sent_ns = time.monotonic_ns()
+    outcome = await bus.chat(envelope, via)
+    if outcome.error:
+        raise RuntimeError(f"intake probe failed: {outcome.error}")
+    # Outcome times are perf_counter seconds; both clocks are CLOCK_MONOTONIC on Linux.
+    return marker, sent_ns, outcome.ttft, outcome.total
+
+
+async def run(ws: Workspace, cfg: IntakeConfig | None = None) -> dict[str, Any]:
+    cfg = cfg or IntakeConfig()
+    spec = WorkerSpec(model=ws.tiny_model(), binary=ws.synthetic_launcher(), parallel=4, ctx=8192)
+    trace_file = ws.root / "trace.jsonl"
+    if cfg.trace:
+        spec.command = ("-m", "bench.trace_worker")
+        spec.env["BENCH_TRACE_FILE"] = str(trace_file)
+    worker = Worker(ws, spec, "intake").start()
+    sends: dict[str, list[int]] = {}
+    redis = ws.redis()
+    results: dict[str, Any] = {}
+    try:
+        await worker.wait_ready(redis)
+        bus = await BusCaller(ws.url, PROFILE).start()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{worker.llama_port}") as http:
+            for via in ("pubsub", "stream"):
+                for _ in range(cfg.warmup):
+                    await _probe(bus, via)
+                await http.get("/bench/arrivals")  # forget the warm-up
+                probes = []
+                for _ in range(cfg.requests):
+                    probes.append(await _probe(bus, via))
+                    await asyncio.sleep(cfg.gap_s)
+                sends[via] = [sent for _, sent, _, _ in probes]
+                arrivals = (await http.get("/bench/arrivals")).json()["arrivals"]
+                intake = [(arrivals[m] - sent) / 1e6 for m, sent, _, _ in probes if m in arrivals]
+                results[via] = {
+                    "intake_ms": summary(intake),
+                    "ttft_ms": summary(t * 1000 for _, _, t, _ in probes if t is not None),
+                    "total_ms": summary(t * 1000 for _, _, _, t in probes if t is not None),
+                    "missing_arrivals": len(probes) - len(intake),
+                }
+        await bus.close()
+    finally:
+        await redis.aclose()
+        worker.stop()
+    if cfg.trace:
+        return {"text": _steps(trace_file, sends), "path": str(trace_file), "results": results}
+    return _finish(cfg, results)
+
+
+def _steps(trace_file: Path, sends: dict[str, list[int]]) -> str:
+    """Median time from the send to each traced step, per transport."""
+    stamps = [orjson.loads(line) for line in trace_file.read_bytes().splitlines()]
+    blocks = []
+    for via, starts in sends.items():
+        offsets: dict[str, list[float]] = {}
+        for i, start in enumerate(starts):
+            end = starts[i + 1] if i + 1 < len(starts) else start + 10**9
+            seen: set[str] = set()
+            for stamp in stamps:
+                if start <= stamp["ns"] < end and stamp["label"] not in seen:
+                    seen.add(stamp["label"])
+                    offsets.setdefault(stamp["label"], []).append((stamp["ns"] - start) / 1e6)
+        rows = sorted(
+            ((label, len(v), summary(v)["p50"], summary(v)["p90"]) for label, v in offsets.items()),
+            key=lambda row: row[2],
+        )
+        blocks.append(
+            table(f"{via}: ms from PUBLISH/XADD to each step", ["step", "n", "p50", "p90"], rows)
+        )
+    return "\n".join(blocks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.intake")
+    parser.add_argument("--trace", action="store_true", help="split the latency into steps")
+    parser.add_argument("--requests", type=int, default=300)
+    args = parser.parse_args(argv)
+
+    async def go() -> None:
+        ws = Workspace()
+        try:
+            result = await run(ws, IntakeConfig(requests=args.requests, trace=args.trace))
+            print(result["text"])
+        finally:
+            ws.close()
+
+    asyncio.run(go())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def _finish(cfg: IntakeConfig, results: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    for via, r in results.items():
+        for what, key in (
+            ("PUBLISH/XADD -> upstream has the request", "intake_ms"),
+            ("PUBLISH/XADD -> first chunk", "ttft_ms"),
+            ("PUBLISH/XADD -> result", "total_ms"),
+        ):
+            s = r[key]
+            rows.append((via, what, s["n"], s["p50"], s["p90"], s["p99"], s["max"]))
+    text = table(
+        f"3. Intake latency (ms): one request at a time, synthetic upstream, "
+        f"{cfg.requests} requests per transport",
+        ["intake", "interval", "n", "p50", "p90", "p99", "max"],
+        rows,
+    )
+    targets = [
+        target(f"{via} intake p50 ms", r["intake_ms"]["p50"], 1.0, higher_is_better=False)
+        for via, r in results.items()
+    ]
+    text += "\n" + targets_table(targets)
+    settings = {
+        "requests_per_transport": cfg.requests,
+        "warmup": cfg.warmup,
+        "gap_between_requests_s": cfg.gap_s,
+        "upstream": "bench/upstream.py (stamps arrival with time.monotonic_ns)",
+        "clock": "CLOCK_MONOTONIC in both processes",
+    }
+    path = write_result("intake", settings, results, targets=targets)
+    return {"text": text, "path": str(path), "results": results, "targets": targets}

@@ -1,0 +1,329 @@
+"""Relay overhead: the same llama-server, called directly and through the bus, interleaved.
+
+One worker serves a profile; the bench calls that worker's own llama-server directly (an
+async SSE client on a keep-alive connection) and through the bus (PUBLISH to the pub/sub
+intake, or XADD to the stream intake; chunks and the result read from pub/sub). Same
+prompts, temperature 0, fixed seed, fixed ``max_tokens`` with ``ignore_eos``, so both
+paths generate the same tokens. Modes take turns round by round, in rotating order, so
+drift and noise hit them alike; each bus request is paired with the direct request of the
+same round and lane.
+
+- time to first token: send -> first content delta (direct) or first chunk (bus);
+- tokens/s per request while streaming: the tokens after the first / (first token -> end
+  of the answer: ``[DONE]``, or the result), the rate a reader sees once text flows;
+- tokens/s per request end to end: completion tokens / (send -> end of the answer).
+
+CPU is accounted per mode (the worker, llama-server, Redis and the bench process itself),
+so the worker's CPU per relayed token sits next to what the bench's own direct SSE reader
+spends per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.callers import BusCaller, DirectLane, Outcome
+from bench.harness import (
+    DEMO_MODEL,
+    PROFILE,
+    CpuMeter,
+    Worker,
+    WorkerSpec,
+    Workspace,
+    llama_server_binary,
+)
+from bench.report import summary, table, target, targets_table, write_result
+
+PROMPTS = [
+    "Tell me a story about a lighthouse keeper.",
+    "Explain how a bicycle stays upright.",
+    "Write a short poem about rain on a tin roof.",
+    "List three uses of copper and say why.",
+    "Describe the taste of a ripe mango to someone who never had one.",
+    "What happens inside a star when it runs out of hydrogen?",
+    "Give advice to someone learning to play the violin.",
+    "Summarise the rules of chess in a few sentences.",
+]
+MODES = ("direct", "pubsub", "stream")
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    name: str
+    model: Path
+    max_tokens: int
+    rounds: int  # measured rounds per concurrency level
+    warmup: int = 2
+    concurrency: tuple[int, ...] = (1, 2)
+    coalesce_ms: float = 10.0
+
+
+@dataclass
+class Samples:
+    outcomes: dict[str, list[Outcome]] = field(default_factory=lambda: {m: [] for m in MODES})
+    cpu: dict[str, dict[str, float]] = field(default_factory=lambda: {m: {} for m in MODES})
+    wall: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODES, 0.0))
+
+
+def default_runs() -> list[ModelRun]:
+    runs = [
+        ModelRun("tiny", Path(), max_tokens=256, rounds=120),
+        ModelRun("tiny, coalescing off", Path(), 256, rounds=40, concurrency=(1,), coalesce_ms=0),
+    ]
+    if DEMO_MODEL.is_file():
+        runs.insert(0, ModelRun("demo", DEMO_MODEL, max_tokens=32, rounds=20))
+    return runs
+
+
+def _body(prompt: str, max_tokens: int, seed: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    messages = [{"role": "user", "content": prompt}]
+    options = {
+        "temperature": 0,
+        "seed": seed,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "cache_prompt": False,  # every request evaluates its whole prompt, whoever came first
+    }
+    return messages, options
+
+
+async def _one(mode: str, lane: DirectLane, bus: BusCaller, prompt: str, run: ModelRun) -> Outcome:
+    messages, options = _body(prompt, run.max_tokens, 42)
+    if mode == "direct":
+        return await lane.chat({"messages": messages, **options})
+    return await bus.chat(bus.envelope(messages, {**options, "stream": True}), mode)
+
+
+async def _rounds(
+    lanes: list[DirectLane],
+    bus: BusCaller,
+    run: ModelRun,
+    rounds: int,
+    samples: Samples | None,
+    meter: CpuMeter | None = None,
+) -> None:
+    width = len(lanes)
+    for r in range(rounds):
+        order = MODES[r % 3 :] + MODES[: r % 3]
+        for mode in order:
+            prompts = [PROMPTS[(r * width + j) % len(PROMPTS)] for j in range(width)]
+            if meter is not None:
+                meter.start()
+                bench_cpu = time.process_time()
+            done = await asyncio.gather(
+                *(_one(mode, lanes[j], bus, prompts[j], run) for j in range(width))
+            )
+            if samples is None or meter is None:
+                continue
+            samples.outcomes[mode].extend(done)
+            cpu = samples.cpu[mode]
+            for name, seconds in meter.stop().items():
+                cpu[name] = cpu.get(name, 0.0) + seconds
+            cpu["bench"] = cpu.get("bench", 0.0) + time.process_time() - bench_cpu
+            samples.wall[mode] += meter.wall
+
+
+def _analyse(samples: Samples) -> dict[str, Any]:
+    out: dict[str, Any] = {"modes": {}, "pairs": {}}
+    direct = samples.outcomes["direct"]
+    for mode, outcomes in samples.outcomes.items():
+        ok = [o for o in outcomes if o.error is None]
+        tokens = sum(o.tokens for o in ok) or 1
+        wall = samples.wall[mode] or 1.0
+        out["modes"][mode] = {
+            "requests": len(outcomes),
+            "errors": len(outcomes) - len(ok),
+            "error_sample": next((o.error for o in outcomes if o.error), None),
+            "ttft_ms": summary(o.ttft * 1000 for o in ok if o.ttft is not None),
+            "stream_tokens_per_s": summary(
+                (o.stream_tokens_per_sec for o in ok if o.stream_tokens_per_sec), 1
+            ),
+            "tokens_per_s": summary((o.tokens_per_sec for o in ok if o.tokens_per_sec), 1),
+            "cpu_us_per_token": {
+                name: round(sec / tokens * 1e6, 2) for name, sec in samples.cpu[mode].items()
+            },
+            "core_share": {name: round(sec / wall, 3) for name, sec in samples.cpu[mode].items()},
+            "tokens": summary((o.tokens for o in ok), 0),
+            "server_decode_tokens_per_s": summary((o.server_tps for o in ok if o.server_tps), 1),
+        }
+        if mode == "direct":
+            continue
+        pairs = [
+            (d, b)
+            for d, b in zip(direct, outcomes, strict=True)
+            if d.error is None and b.error is None and d.ttft and b.ttft and d.total and b.total
+        ]
+        out["pairs"][mode] = {
+            "pairs": len(pairs),
+            "ttft_overhead_ms": summary((b.ttft - d.ttft) * 1000 for d, b in pairs),
+            "stream_throughput_ratio": summary(
+                (
+                    b.stream_tokens_per_sec / d.stream_tokens_per_sec
+                    for d, b in pairs
+                    if b.stream_tokens_per_sec and d.stream_tokens_per_sec
+                ),
+                4,
+            ),
+            "throughput_ratio": summary(
+                ((b.tokens / b.total) / (d.tokens / d.total) for d, b in pairs), 4
+            ),
+            "server_decode_ratio": summary(
+                (b.server_tps / d.server_tps for d, b in pairs if b.server_tps and d.server_tps),
+                4,
+            ),
+            "same_text": sum("".join(d.text) == "".join(b.text) for d, b in pairs),
+            "same_tokens": sum(d.tokens == b.tokens for d, b in pairs),
+            "out_of_order": sum(not b.ok_order for _, b in pairs),
+        }
+    return out
+
+
+async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
+    model = run.model if run.model != Path() else ws.tiny_model()
+    spec = WorkerSpec(
+        model=model,
+        binary=llama_server_binary(),
+        parallel=max(run.concurrency),
+        ctx=2048 * max(run.concurrency),
+        threads=1,
+        coalesce_ms=run.coalesce_ms,
+    )
+    worker = Worker(ws, spec, f"relay-{len(run.name)}-{run.coalesce_ms:g}").start()
+    redis = ws.redis()
+    results: dict[str, Any] = {}
+    try:
+        await worker.wait_ready(redis)
+        bus = await BusCaller(ws.url, PROFILE).start()
+        for concurrency in run.concurrency:
+            lanes = [DirectLane("127.0.0.1", worker.llama_port) for _ in range(concurrency)]
+            await _rounds(lanes, bus, run, run.warmup, None)
+            samples = Samples()
+            meter = CpuMeter(
+                {"worker": worker.pid, "llama-server": worker.engine_pid, "redis": ws.redis_pid()}
+            )
+            await _rounds(lanes, bus, run, run.rounds, samples, meter)
+            for lane in lanes:
+                lane.close()
+            results[f"c{concurrency}"] = {"concurrency": concurrency, **_analyse(samples)}
+        await bus.close()
+    finally:
+        await redis.aclose()
+        worker.stop()
+    return {"model": str(model), "max_tokens": run.max_tokens, "rounds": run.rounds, **results}
+
+
+async def run(ws: Workspace, runs: list[ModelRun] | None = None) -> dict[str, Any]:
+    runs = runs or default_runs()
+    results = {}
+    for model_run in runs:
+        results[model_run.name] = await run_model(ws, model_run)
+    return _finish(runs, results)
+
+
+def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    targets = []
+    for model_run in runs:
+        res = results[model_run.name]
+        for key in (f"c{c}" for c in model_run.concurrency):
+            point = res[key]
+            d = point["modes"]["direct"]
+            for mode in ("pubsub", "stream"):
+                b, p = point["modes"][mode], point["pairs"][mode]
+                rows.append(
+                    (
+                        model_run.name,
+                        point["concurrency"],
+                        mode,
+                        p["pairs"],
+                        d["ttft_ms"].get("p50"),
+                        b["ttft_ms"].get("p50"),
+                        p["ttft_overhead_ms"].get("p50"),
+                        p["ttft_overhead_ms"].get("p99"),
+                        d["stream_tokens_per_s"].get("p50"),
+                        b["stream_tokens_per_s"].get("p50"),
+                        p["stream_throughput_ratio"].get("p50"),
+                        p["throughput_ratio"].get("p50"),
+                        p["server_decode_ratio"].get("p50"),
+                        b["cpu_us_per_token"].get("worker"),
+                        d["cpu_us_per_token"].get("bench"),
+                        b["errors"] + d["errors"],
+                    )
+                )
+                if model_run.coalesce_ms > 0:
+                    targets += _targets(model_run, point, mode)
+    text = table(
+        "1. Relay overhead: direct SSE vs through the bus (same llama-server, interleaved)",
+        [
+            "model",
+            "conc",
+            "intake",
+            "pairs",
+            "TTFT direct ms",
+            "TTFT bus ms",
+            "overhead p50 ms",
+            "overhead p99 ms",
+            "tok/s direct",
+            "tok/s bus",
+            "bus/direct",
+            "e2e bus/direct",
+            "decode bus/direct",
+            "worker us/tok",
+            "direct reader us/tok",
+            "errors",
+        ],
+        rows,
+    )
+    text += "\n" + targets_table(targets)
+    settings = {
+        m.name: {
+            "model": str(m.model) if m.model != Path() else "random llama (bench/harness)",
+            "max_tokens": m.max_tokens,
+            "rounds": m.rounds,
+            "warmup_rounds": m.warmup,
+            "concurrency": list(m.concurrency),
+            "coalesce_ms": m.coalesce_ms,
+        }
+        for m in runs
+    }
+    settings["common"] = {
+        "llama_server": "--threads 1, --parallel = max concurrency, --ctx-size 2048 per slot",
+        "sampling": "temperature 0, seed 42, ignore_eos (same tokens both ways), cache_prompt "
+        "false (no request profits from the prompt cache another one filled)",
+        "direct_client": "bench/callers.py DirectLane: asyncio HTTP/1.1 keep-alive SSE reader",
+        "bus_client": "bench/callers.py BusCaller: PUBLISH/XADD + PSUBSCRIBE reader (hiredis)",
+        "pairing": "round-robin rounds in rotating order; bus request paired with the direct "
+        "request of the same round and lane",
+    }
+    path = write_result("relay", settings, results, targets=targets)
+    return {"text": text, "path": str(path), "results": results, "targets": targets}
+
+
+def _targets(run: ModelRun, point: dict[str, Any], mode: str) -> list[dict]:
+    label = f"{run.name} c{point['concurrency']} {mode}"
+    pairs = point["pairs"][mode]
+    kept = 0.98 if run.name == "demo" else 0.95
+    return [
+        target(
+            f"{label} TTFT overhead p50 ms",
+            pairs["ttft_overhead_ms"].get("p50"),
+            1.0,
+            higher_is_better=False,
+        ),
+        target(
+            f"{label} TTFT overhead p99 ms",
+            pairs["ttft_overhead_ms"].get("p99"),
+            5.0,
+            higher_is_better=False,
+        ),
+        target(
+            f"{label} streaming tok/s bus/direct p50",
+            pairs["stream_throughput_ratio"].get("p50"),
+            kept,
+            higher_is_better=True,
+        ),
+    ]
