@@ -63,7 +63,7 @@ class Outbox:
             "correlation_id": correlation_id or str(uuid4()),
             "kind": kind,
             "causality_chain": chain,
-            "source": self._source,
+            "source": dict(self._source),  # a copy: callers may edit what they get
             "created_at": _now(),
             "ttl_ms": None,
             "trace": _trace(request),

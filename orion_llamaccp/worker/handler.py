@@ -133,7 +133,7 @@ class ChatHandler:
             raise Failure("cancelled", "cancelled by an llm.chat.cancel request before it started")
         self._check_expiry(envelope)
         await self._not_before(envelope)
-        if job.redelivered and await self.publisher.already_answered(job.request_id):
+        if job.redelivered and await self.publisher.already_answered(job.delivery_id):
             log.info(
                 "stream entry %s was answered before its worker died: ack only",
                 job.entry.entry_id if job.entry else "?",
@@ -379,7 +379,7 @@ class ChatHandler:
             self.publisher,
             self.outbox.chunks_for(envelope),
             channel=channel,
-            request_id=job.request_id,
+            request_id=job.delivery_id,
             attempt=attempt,
             coalesce_sec=self.settings.coalesce_ms / 1000,
         )
@@ -420,7 +420,7 @@ class ChatHandler:
                 if job.envelope is not None
                 else self.outbox.result_for_undecodable(job.salvaged, payload)
             )
-            await self.publisher.result_once(reply_to, job.request_id, message)
+            await self.publisher.result_once(reply_to, job.delivery_id, message)
         if job.entry is not None:
             await self._ack(job)
 

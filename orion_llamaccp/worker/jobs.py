@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,6 +42,16 @@ class Job:
             if self.envelope and self.envelope.source.name != "legacy"
             else self.key
         )
+
+    @property
+    def delivery_id(self) -> str:
+        """What the exactly-once guards key on: the request and where it is answered.
+
+        Ids are unique per message, but a caller that reuses one with another reply_to
+        still gets its own answer instead of being taken for a duplicate delivery.
+        """
+        reply = hashlib.sha1((self.reply_to or "").encode()).hexdigest()[:12]
+        return f"{self.request_id}:{reply}"
 
     @property
     def first_attempt(self) -> int:

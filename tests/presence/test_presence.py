@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -24,24 +25,36 @@ from tests.support.procs import free_port, wait_until, wait_until_async
 from tests.support.workers import BusRecorder
 
 HI = [{"role": "user", "content": "hello there"}]
-HEALTH_KEYS = {"service", "node", "version", "instance", "boot_id", "status", "last_seen_ts",
-               "heartbeat_interval_sec", "details"}
+HEALTH_KEYS = {
+    "service",
+    "node",
+    "version",
+    "instance",
+    "boot_id",
+    "status",
+    "last_seen_ts",
+    "heartbeat_interval_sec",
+    "details",
+}
 
 
 def beats(recorder: BusRecorder, instance: str) -> list[dict]:
-    return [m.message["payload"] for m in recorder.on("orion:system:health")
-            if m.message["payload"]["instance"] == instance]
+    return [
+        m.message["payload"]
+        for m in recorder.on("orion:system:health")
+        if m.message["payload"]["instance"] == instance
+    ]
 
 
-def announcements(recorder: BusRecorder, instance: str, channel: str = "orion:llm:profile:announce"
-                  ) -> list[dict]:
-    return [m.message for m in recorder.on(channel)
-            if m.message["payload"]["instance"] == instance]
+def announcements(
+    recorder: BusRecorder, instance: str, channel: str = "orion:llm:profile:announce"
+) -> list[dict]:
+    return [m.message for m in recorder.on(channel) if m.message["payload"]["instance"] == instance]
 
 
 def periods(payloads: list[dict]) -> list[float]:
     stamps = [datetime.fromisoformat(p["last_seen_ts"]).timestamp() for p in payloads]
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 HUB_PROFILE = """\
@@ -60,25 +73,44 @@ profiles:
 
 
 async def test_heartbeat_period_holds_during_a_download_and_a_generation(
-    spawn_worker: SpawnWorker, recorder: BusRecorder, bus: BusClient, slow_model: Path,
+    spawn_worker: SpawnWorker,
+    recorder: BusRecorder,
+    bus: BusClient,
+    slow_model: Path,
     tmp_path: Path,
 ) -> None:
-    data = slow_model.read_bytes()
+    data = slow_model.read_bytes()  # noqa: ASYNC240 - a test fixture file, read once
     with FakeHub() as hub:
         hub.add("org/slow-random", "slow.gguf", data)
         hold = hub.fault("cdn", Fault("hold", after=len(data) // 2))
         registry = tmp_path / "hub-profiles.yaml"
         registry.write_text(HUB_PROFILE.format(port=free_port()))
         worker = spawn_worker(
-            ready=False, parallel=1, ctx=16384,
-            LLM_PROFILES_CONFIG_PATH=str(registry), HF_HUB_OFFLINE="0",
-            HF_ENDPOINT=hub.endpoint, HEARTBEAT_INTERVAL_SEC="0.5",
+            ready=False,
+            parallel=1,
+            ctx=16384,
+            LLM_PROFILES_CONFIG_PATH=str(registry),
+            HF_HUB_OFFLINE="0",
+            HF_ENDPOINT=hub.endpoint,
+            HEARTBEAT_INTERVAL_SEC="0.5",
         )
-        await wait_until_async(lambda: len([b for b in beats(recorder, worker.name)
-                                            if b["details"]["state"] == "downloading"]) >= 8,
-                               timeout=30, what="8 beats while downloading")
-        during_download = [b for b in beats(recorder, worker.name)
-                           if b["details"]["state"] == "downloading"]
+        await wait_until_async(
+            lambda: (
+                len(
+                    [
+                        b
+                        for b in beats(recorder, worker.name)
+                        if b["details"]["state"] == "downloading"
+                    ]
+                )
+                >= 8
+            ),
+            timeout=30,
+            what="8 beats while downloading",
+        )
+        during_download = [
+            b for b in beats(recorder, worker.name) if b["details"]["state"] == "downloading"
+        ]
         assert hold.reached.is_set()
         assert {b["status"] for b in during_download} == {"degraded"}
         progress = during_download[-1]["details"]["progress"]
@@ -98,21 +130,33 @@ async def test_heartbeat_period_holds_during_a_download_and_a_generation(
     assert {b["heartbeat_interval_sec"] for b in beats(recorder, worker.name)} == {0.5}
 
 
-async def test_status_follows_real_engine_events(spawn_worker: SpawnWorker,
-                                                 recorder: BusRecorder,
-                                                 llama_server_bin: Path) -> None:
+async def test_status_follows_real_engine_events(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, llama_server_bin: Path
+) -> None:
     # A loading phase of ~2 s (a prelude before the real binary) so beats see the restart.
-    worker = spawn_worker(LLAMA_SERVER_BIN=str(PRELUDE), REAL_LLAMA_SERVER=str(llama_server_bin),
-                          PRELUDE_LINES="20", PRELUDE_DELAY="0.1")
-    await wait_until_async(lambda: any(b["status"] == "ok" for b in beats(recorder, worker.name)),
-                           what="an ok beat")
+    worker = spawn_worker(
+        LLAMA_SERVER_BIN=str(PRELUDE),
+        REAL_LLAMA_SERVER=str(llama_server_bin),
+        PRELUDE_LINES="20",
+        PRELUDE_DELAY="0.1",
+    )
+    await wait_until_async(
+        lambda: any(b["status"] == "ok" for b in beats(recorder, worker.name)), what="an ok beat"
+    )
     os.kill(worker.engine_pid(), signal.SIGKILL)
     await wait_until_async(
-        lambda: any(b["status"] == "degraded" and b["details"]["restarts"] == 1
-                    for b in beats(recorder, worker.name)), timeout=15, what="a degraded beat")
+        lambda: any(
+            b["status"] == "degraded" and b["details"]["restarts"] == 1
+            for b in beats(recorder, worker.name)
+        ),
+        timeout=15,
+        what="a degraded beat",
+    )
     await wait_until_async(
-        lambda: beats(recorder, worker.name)[-1]["status"] == "ok", timeout=15,
-        what="ok again after the restart")
+        lambda: beats(recorder, worker.name)[-1]["status"] == "ok",
+        timeout=15,
+        what="ok again after the restart",
+    )
     worker.terminate()
     statuses = [b["status"] for b in beats(recorder, worker.name)]
     assert statuses[-1] == "down"
@@ -123,17 +167,29 @@ async def test_status_follows_real_engine_events(spawn_worker: SpawnWorker,
     assert len(boot_ids) == 1  # one process, one boot id, restarts of llama-server included
 
 
-async def test_every_heartbeat_is_exactly_system_health_v1(spawn_worker: SpawnWorker,
-                                                           recorder: BusRecorder) -> None:
+async def test_every_heartbeat_is_exactly_system_health_v1(
+    spawn_worker: SpawnWorker, recorder: BusRecorder
+) -> None:
     worker = spawn_worker()
     await wait_until_async(lambda: len(beats(recorder, worker.name)) >= 3, what="3 beats")
     for beat in beats(recorder, worker.name):
         assert set(beat) == HEALTH_KEYS
         assert beat["service"] == "orion-llamaccp" and beat["instance"] == worker.name
         details = beat["details"]
-        for key in ("profile", "model_id", "state", "slots_busy", "slots_total", "queue_local",
-                    "queue_stream_backlog", "requests_served", "requests_failed",
-                    "tokens_generated", "tokens_per_sec_recent", "uptime_sec"):
+        for key in (
+            "profile",
+            "model_id",
+            "state",
+            "slots_busy",
+            "slots_total",
+            "queue_local",
+            "queue_stream_backlog",
+            "requests_served",
+            "requests_failed",
+            "tokens_generated",
+            "tokens_per_sec_recent",
+            "uptime_sec",
+        ):
             assert key in details, key
 
 
@@ -143,22 +199,30 @@ async def test_announcements_on_start_on_change_and_on_discovery(
     worker = spawn_worker()
     states = [a["payload"]["state"] for a in announcements(recorder, worker.name)]
     assert "ready" in states
-    ready = next(a["payload"] for a in announcements(recorder, worker.name)
-                 if a["payload"]["state"] == "ready")
+    ready = next(
+        a["payload"]
+        for a in announcements(recorder, worker.name)
+        if a["payload"]["state"] == "ready"
+    )
     assert ready["profile"] == "tiny" and ready["model_id"] == "tiny-random-llama"
     assert ready["slots"] == 2 and ready["intake_channel"].endswith(":tiny")
     assert ready["model"]["file"] == "tiny.gguf" and ready["model"]["size_bytes"] > 0
     assert ready["argv"][0].endswith("llama-server") and "--port" in ready["argv"]
     os.kill(worker.engine_pid(), signal.SIGKILL)
     await wait_until_async(
-        lambda: "restarting" in [a["payload"]["state"] for a in announcements(recorder, worker.name)],
-        timeout=10, what="an announcement of the restart")
+        lambda: (
+            "restarting" in [a["payload"]["state"] for a in announcements(recorder, worker.name)]
+        ),
+        timeout=10,
+        what="an announcement of the restart",
+    )
     worker.wait_ready()
     discover = bus.outbox.envelope("llm.profile.discover.v1", {}, reply_to="test:who-is-there")
     await bus.redis.publish("orion:llm:profile:discover", orjson.dumps(discover))
-    answer = await wait_until_async(lambda: announcements(recorder, worker.name,
-                                                          "test:who-is-there"),
-                                    what="an announcement in answer to discovery")
+    answer = await wait_until_async(
+        lambda: announcements(recorder, worker.name, "test:who-is-there"),
+        what="an announcement in answer to discovery",
+    )
     assert answer[0]["correlation_id"] == discover["correlation_id"]  # type: ignore[index]
     assert answer[0]["kind"] == "llm.profile.announce.v1"  # type: ignore[index]
 
@@ -170,8 +234,9 @@ async def test_liveness_key_expires_after_sigkill_and_goes_on_clean_stop(
     stopped = spawn_worker("stopped")
     client = aioredis.Redis.from_url(redis_url)
     try:
-        keys = {name: f"orion:llamacpp:alive:orion-llamaccp:{name}" for name in ("killed",
-                                                                                  "stopped")}
+        keys = {
+            name: f"orion:llamacpp:alive:orion-llamaccp:{name}" for name in ("killed", "stopped")
+        }
         for key in keys.values():
             await wait_until_async(lambda key=key: client.exists(key), what=key)
             assert 0 < await client.ttl(key) <= 3  # 3 x the 1 s interval
@@ -179,8 +244,11 @@ async def test_liveness_key_expires_after_sigkill_and_goes_on_clean_stop(
         assert not await client.exists(keys["stopped"])
         killed.signal(signal.SIGKILL)
         assert await client.exists(keys["killed"])
-        await wait_until_async(lambda: _gone(client, keys["killed"]), timeout=5,
-                               what="the killed worker's liveness key to expire")
+        await wait_until_async(
+            lambda: _gone(client, keys["killed"]),
+            timeout=5,
+            what="the killed worker's liveness key to expire",
+        )
     finally:
         await client.aclose()
 
@@ -189,12 +257,16 @@ async def _gone(client: aioredis.Redis, key: str) -> bool:
     return not await client.exists(key)
 
 
-def test_ps_json_lists_two_real_workers(spawn_worker: SpawnWorker, subprocess_env: dict,
-                                        redis_url: str) -> None:
+def test_ps_json_lists_two_real_workers(
+    spawn_worker: SpawnWorker, subprocess_env: dict, redis_url: str
+) -> None:
     spawn_worker("left")
     spawn_worker("right")
-    wait_until(lambda: _ps(subprocess_env) and len(_ps(subprocess_env)) == 2, timeout=10,
-               what="two hosts in ps")
+    wait_until(
+        lambda: _ps(subprocess_env) and len(_ps(subprocess_env)) == 2,
+        timeout=10,
+        what="two hosts in ps",
+    )
     rows = {row["instance"]: row for row in _ps(subprocess_env)}
     assert set(rows) == {"left", "right"}
     for row in rows.values():
@@ -204,8 +276,14 @@ def test_ps_json_lists_two_real_workers(spawn_worker: SpawnWorker, subprocess_en
 
 
 def _ps(env: dict) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "orion_llamaccp", "ps", "--json"], env=env,
-                          capture_output=True, text=True, timeout=30, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "orion_llamaccp", "ps", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
@@ -218,8 +296,11 @@ async def test_metrics_endpoint_is_scraped(spawn_worker: SpawnWorker, bus: BusCl
     await bus.chat(HI, profile="tiny", envelope=bad, timeout=30)
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
-    lines = {line.split(" ")[0]: line.split(" ")[1] for line in text.splitlines()
-             if line and not line.startswith("#")}
+    lines = {
+        line.split(" ")[0]: line.split(" ")[1]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     labels = 'instance="w1",profile="tiny"'
     assert lines[f'orion_llamacpp_requests_total{{outcome="ok",{labels}}}'] == "2.0"
     assert lines[f'orion_llamacpp_requests_total{{outcome="validation_failed",{labels}}}'] == "1.0"
