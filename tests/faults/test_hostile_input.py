@@ -137,10 +137,18 @@ async def test_fixed_corpus_on_both_intakes(fault: Fault) -> None:
     dead = await fault.raw.xlen(STREAM + ":dlq")
     assert dead >= len(RAW), dead
     await wait_until_async(
-        lambda: "Connection closed by server" in worker.log(),
+        lambda: "pub/sub connection lost" in worker.log(),
         what="Redis dropping the worker's subscription",
     )
     await wait_until_async(lambda: _subscribed(fault), what="the worker subscribed again")
+    # Redis may cut off the new connection too if the big message was still on its way
+    # (a busy Redis, a ping timeout): wait until a discovery probe makes the round trip.
+    await wait_until_async(
+        lambda: _discovery_answered(fault),
+        timeout=30,
+        interval=0.5,
+        what="the worker's subscription to work again",
+    )
     after = await fault.client.chat(
         [{"role": "user", "content": "still there?"}],
         profile="tiny",
@@ -156,6 +164,23 @@ async def test_fixed_corpus_on_both_intakes(fault: Fault) -> None:
 
 async def _subscribed(fault: Fault) -> bool:
     return (await fault.raw.pubsub_numsub(INTAKE))[0][1] == 1
+
+
+async def _discovery_answered(fault: Fault) -> bool:
+    probe = fault.client.outbox.envelope(
+        "llm.profile.discover.v1", {}, reply_to=f"test:probe:{uuid.uuid4().hex}"
+    )
+    pubsub = fault.raw.pubsub()
+    await pubsub.subscribe(probe["reply_to"])
+    try:
+        await fault.raw.publish("orion:llm:profile:discover", orjson.dumps(probe))
+        for _ in range(10):
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+            if message is not None:
+                return True
+        return False
+    finally:
+        await pubsub.aclose()
 
 
 def json_values() -> st.SearchStrategy[Any]:
