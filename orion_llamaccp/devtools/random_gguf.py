@@ -11,7 +11,9 @@ relay); the GPU benchmark writes a realistic one on the device machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import string
+from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -23,6 +25,16 @@ CHAT_TEMPLATE = (
 )
 
 
+def _pieces() -> Iterator[str]:
+    """Word pieces, shortest first: enough for a realistic vocabulary (tens of thousands)."""
+    letters = string.ascii_lowercase
+    for length in (1, 2, 3, 4):
+        for combo in itertools.product(letters, repeat=length):
+            word = "".join(combo)
+            yield "\u2581" + word
+            yield word
+
+
 def _vocab(size: int) -> tuple[list[str], list[float], list[int]]:
     """An SPM vocabulary: control tokens, the 256 byte tokens, then word pieces."""
     tokens = ["<unk>", "<s>", "</s>"]
@@ -30,11 +42,7 @@ def _vocab(size: int) -> tuple[list[str], list[float], list[int]]:
     for byte in range(256):
         tokens.append(f"<0x{byte:02X}>")
         types.append(gguf.TokenType.BYTE)
-    letters = string.ascii_lowercase
-    pieces = ["\u2581" + c for c in letters] + list(letters)
-    pieces += ["\u2581" + a + b for a in letters for b in letters]
-    pieces += [a + b for a in letters for b in letters]
-    for piece in pieces:
+    for piece in _pieces():
         if len(tokens) >= size:
             break
         tokens.append(piece)
