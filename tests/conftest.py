@@ -135,7 +135,11 @@ def subprocess_env(tiny_env: dict) -> dict:
 def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 1,400 tokens/s on one thread here: long enough to act mid-generation."""
     return write_random_llama(
-        tmp_path_factory.mktemp("models") / "slow.gguf", n_embd=256, n_layers=4, n_ff=512
+        tmp_path_factory.mktemp("models") / "slow.gguf",
+        n_embd=256,
+        n_layers=4,
+        n_ff=512,
+        n_ctx=16384,
     )
 
 

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
-from tests.support.procs import pid_alive, wait_until_async
+from tests.support.procs import pid_alive, wait_stream_acked, wait_until_async
 from tests.support.workers import BusRecorder
 
 HI = [{"role": "user", "content": "hello there"}]
@@ -150,8 +150,7 @@ async def test_backlog_beyond_slots_waits_in_the_stream(
             samples.append(pending)
             assert pending <= 1, f"{pending} entries delivered to a worker with 1 slot"
             await asyncio.sleep(0.02)
-        groups = await client.xinfo_groups(STREAM)
-        assert groups[0]["pending"] == 0 and groups[0]["lag"] == 0
+        await wait_stream_acked(client, STREAM, GROUP)
     finally:
         await client.aclose()
     assert max(samples) == 1 and len(samples) > 10

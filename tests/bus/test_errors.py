@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
-from tests.support.procs import wait_until_async
+from tests.support.procs import wait_stream_acked, wait_until_async
 from tests.support.workers import BusRecorder
 
 HI = [{"role": "user", "content": "hello there"}]
@@ -230,8 +230,7 @@ async def test_nothing_to_reply_to(
         }
         assert fields["original_stream"].decode() == STREAM
         assert orjson.loads(fields["envelope"])["id"] == stream["id"]
-        pending = await client.xpending(STREAM, "llamacpp:tiny")
-        assert pending["pending"] == 0
+        await wait_stream_acked(client, STREAM, "llamacpp:tiny")
     finally:
         await client.aclose()
     reports = [m.message for m in recorder.kinds("system.error")]
@@ -253,7 +252,7 @@ async def test_undecodable_stream_entries_are_dead_lettered(
         await wait_until_async(two, timeout=20, what="two dead letters")
         reasons = {e[1][b"reason"] for e in await client.xrange(STREAM + ":dlq")}
         assert reasons == {b"validation_failed"}
-        assert (await client.xpending(STREAM, "llamacpp:tiny"))["pending"] == 0
+        await wait_stream_acked(client, STREAM, "llamacpp:tiny")
     finally:
         await client.aclose()
 

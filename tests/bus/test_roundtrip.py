@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
+from tests.support.procs import wait_stream_acked
 from tests.support.workers import BusRecorder
 
 HI = [{"role": "user", "content": "hello there"}]
@@ -54,8 +55,7 @@ async def test_stream_round_trip_acks_the_entry(
     assert result.payload["meta"]["transport"] == "stream"
     client = aioredis.Redis.from_url(redis_url)
     try:
-        pending = await client.xpending("orion:stream:llamacpp:tiny:request", "llamacpp:tiny")
-        assert pending["pending"] == 0
+        await wait_stream_acked(client, "orion:stream:llamacpp:tiny:request", "llamacpp:tiny")
     finally:
         await client.aclose()
 

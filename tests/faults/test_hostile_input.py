@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from orion_llamaccp.client import work_queue_entry
 from tests.faults.conftest import Fault, assert_exactly_once
-from tests.support.procs import wait_until_async
+from tests.support.procs import wait_stream_acked, wait_until_async
 
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
 STREAM = "orion:stream:llamacpp:tiny:request"
@@ -132,8 +132,7 @@ async def test_fixed_corpus_on_both_intakes(fault: Fault) -> None:
         answer = fault.ledger.answers(envelope)[0]["payload"]
         if "error" in answer:
             assert answer["details"]["message"], answer
-    pending = await fault.raw.xpending(STREAM, "llamacpp:tiny")
-    assert pending["pending"] == 0
+    await wait_stream_acked(fault.raw, STREAM, "llamacpp:tiny")
     dead = await fault.raw.xlen(STREAM + ":dlq")
     assert dead >= len(RAW), dead
     await wait_until_async(

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.faults.conftest import Fault, assert_exactly_once
-from tests.support.procs import wait_until_async
+from tests.support.procs import wait_stream_acked, wait_until_async
 
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
 
@@ -61,8 +61,7 @@ async def test_redis_killed_and_restarted(fault: Fault, hi: list, fault_appendon
     )
     await send_batch(fault, hi, streams=5, pubsubs=3)
     assert_exactly_once(await fault.ledger.settle(timeout=60))
-    groups = await fault.raw.xinfo_groups("orion:stream:llamacpp:tiny:request")
-    assert groups[0]["pending"] == 0
+    await wait_stream_acked(fault.raw, "orion:stream:llamacpp:tiny:request", "llamacpp:tiny")
 
 
 async def test_redis_frozen_longer_than_socket_timeouts(fault: Fault, hi: list) -> None:

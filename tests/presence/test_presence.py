@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -119,10 +118,13 @@ async def test_heartbeat_period_holds_during_a_download_and_a_generation(
         hold.release.set()
         worker.wait_ready()
     before = len(beats(recorder, worker.name))
-    result = await bus.chat(HI, profile="tiny", options={"max_tokens": 8000}, timeout=90)
+    result = await bus.chat(
+        HI, profile="tiny", options={"max_tokens": 8000, "ignore_eos": True}, timeout=90
+    )
     assert result.ok
     during_generation = beats(recorder, worker.name)[before:]
-    assert len(during_generation) >= 4, "the generation should span several beats"
+    assert len(during_generation) >= 4, ("the generation should span several beats",
+                                         result.payload["usage"], result.payload["meta"])
     for window in (during_download, during_generation):
         gaps = periods(window)
         assert abs(statistics.mean(gaps) - 0.5) <= 0.05, gaps
@@ -288,27 +290,32 @@ def _ps(env: dict) -> list[dict]:
 
 
 async def test_metrics_endpoint_is_scraped(spawn_worker: SpawnWorker, bus: BusClient) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
     port = free_port()
     spawn_worker(METRICS_PORT=str(port))
+    options = {"max_tokens": 5, "ignore_eos": True}
     for _ in range(2):
-        assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 5}, timeout=30)).ok
+        assert (await bus.chat(HI, profile="tiny", options=options, timeout=30)).ok
     bad = bus.request(HI, profile="tiny", options={"max_tokens": -3})
     await bus.chat(HI, profile="tiny", envelope=bad, timeout=30)
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
-    lines = {
-        line.split(" ")[0]: line.split(" ")[1]
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
-    labels = 'instance="w1",profile="tiny"'
-    assert lines[f'orion_llamacpp_requests_total{{outcome="ok",{labels}}}'] == "2.0"
-    assert lines[f'orion_llamacpp_requests_total{{outcome="validation_failed",{labels}}}'] == "1.0"
-    assert lines[f"orion_llamacpp_tokens_generated{{{labels}}}"] == "10.0"
-    assert lines[f"orion_llamacpp_time_to_first_token_seconds_count{{{labels}}}"] == "2.0"
-    assert lines[f"orion_llamacpp_request_duration_seconds_count{{{labels}}}"] == "3.0"
-    assert lines[f'orion_llamacpp_engine_state{{{labels},state="ready"}}'] == "1.0"
-    assert lines[f"orion_llamacpp_slots_total{{{labels}}}"] == "2.0"
-    assert f"orion_llamacpp_engine_restarts{{{labels}}}" in lines
-    assert f"orion_llamacpp_queue_depth{{{labels}}}" in lines
-    await asyncio.sleep(0)
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+    def value(name: str, **labels: str) -> float:
+        wanted = {"instance": "w1", "profile": "tiny", **labels}
+        found = [s.value for s in samples if s.name == name and s.labels == wanted]
+        assert len(found) == 1, (name, labels, [s for s in samples if s.name == name])
+        return found[0]
+
+    assert value("orion_llamacpp_requests_total", outcome="ok") == 2
+    assert value("orion_llamacpp_requests_total", outcome="validation_failed") == 1
+    assert value("orion_llamacpp_tokens_generated") == 10
+    assert value("orion_llamacpp_time_to_first_token_seconds_count") == 2
+    assert value("orion_llamacpp_request_duration_seconds_count") == 3
+    assert value("orion_llamacpp_engine_state", state="ready") == 1
+    assert value("orion_llamacpp_engine_state", state="loading") == 0
+    assert value("orion_llamacpp_slots_total") == 2
+    assert value("orion_llamacpp_engine_restarts") == 0
+    assert value("orion_llamacpp_queue_depth") == 0

@@ -157,3 +157,14 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+async def wait_stream_acked(client: object, stream: str, group: str, timeout: float = 10.0) -> None:
+    """Every entry of ``group`` acked (a worker acks just after publishing the result)."""
+
+    async def acked() -> bool:
+        groups = await client.xinfo_groups(stream)  # type: ignore[attr-defined]
+        mine = [g for g in groups if g["name"] in (group, group.encode())]
+        return bool(mine) and mine[0]["pending"] == 0 and not mine[0].get("lag")
+
+    await wait_until_async(acked, timeout=timeout, what=f"{stream} fully acked by {group}")
