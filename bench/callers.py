@@ -57,8 +57,8 @@ class Outcome:
     @property
     def stream_tokens_per_sec(self) -> float | None:
         """While streaming: the tokens after the first / (first token -> end of the answer)."""
-        if self.first is None or self.done is None or self.tokens < 2:
-            return None
+        if self.first is None or self.done is None or self.tokens < 2 or self.done <= self.first:
+            return None  # (all of it in one socket read: the reader was stalled, no rate)
         return (self.tokens - 1) / (self.done - self.first)
 
 
@@ -82,6 +82,8 @@ class _SSEProtocol(asyncio.Protocol):
         self.length = 0
         self.sse = b""
         self.status = 0
+        self.close_after = False
+        self.received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -94,6 +96,7 @@ class _SSEProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
+        self.received += len(data)
         self.buf += data
         if self.head:
             end = self.buf.find(b"\r\n\r\n")
@@ -120,6 +123,8 @@ class _SSEProtocol(asyncio.Protocol):
                 self.chunked = True
             elif name == b"content-length":
                 self.length = int(value)
+            elif name == b"connection" and b"close" in value.lower():
+                self.close_after = True  # llama-server: the 100th request on a connection
 
     def _chunks(self, now: float) -> None:
         buf, pos = self.buf, 0
@@ -175,6 +180,8 @@ class _SSEProtocol(asyncio.Protocol):
 
     def _complete(self) -> None:
         waiter = self.waiter
+        if self.close_after and self.transport is not None:
+            self.transport.close()
         self._reset(None, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -211,12 +218,17 @@ class DirectLane:
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (self.host.encode(), self.port, len(payload), payload)
         )
-        outcome = Outcome()
-        proto = await self._connection()
-        try:
-            await proto.request(raw, outcome)
-        except ConnectionError as exc:
-            outcome.error = str(exc)
+        for attempt in (1, 2):
+            outcome = Outcome()
+            proto = await self._connection()
+            try:
+                await proto.request(raw, outcome)
+                return outcome
+            except ConnectionError as exc:
+                outcome.error = str(exc)
+                if proto.received or attempt == 2:
+                    return outcome
+                # a keep-alive connection the server closed just then: once more, fresh
         return outcome
 
     def close(self) -> None:

@@ -130,10 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _finish(cfg: IntakeConfig, results: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for via, r in results.items():
@@ -164,3 +160,7 @@ def _finish(cfg: IntakeConfig, results: dict[str, Any]) -> dict[str, Any]:
     }
     path = write_result("intake", settings, results, targets=targets)
     return {"text": text, "path": str(path), "results": results, "targets": targets}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

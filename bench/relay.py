@@ -6,7 +6,10 @@ intake, or XADD to the stream intake; chunks and the result read from pub/sub). 
 prompts, temperature 0, fixed seed, fixed ``max_tokens`` with ``ignore_eos``, so both
 paths generate the same tokens. Modes take turns round by round, in rotating order, so
 drift and noise hit them alike; each bus request is paired with the direct request of the
-same round and lane.
+same round that llama-server served in the same place (ranked by time to first token
+within the round; with one request in flight, simply the round's direct request), and a
+second direct request per round (``direct again``) measures what pairing two identical
+requests shows: the noise floor of this machine.
 
 - time to first token: send -> first content delta (direct) or first chunk (bus);
 - tokens/s per request while streaming: the tokens after the first / (first token -> end
@@ -21,6 +24,7 @@ spends per token.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +52,9 @@ PROMPTS = [
     "Give advice to someone learning to play the violin.",
     "Summarise the rules of chess in a few sentences.",
 ]
-MODES = ("direct", "pubsub", "stream")
+# "control" is a second direct request: its difference to "direct" is the noise floor.
+MODES = ("direct", "pubsub", "stream", "control")
+LABELS = {"pubsub": "bus, pub/sub", "stream": "bus, stream", "control": "direct again (A/A)"}
 
 
 @dataclass(frozen=True)
@@ -72,10 +78,10 @@ class Samples:
 def default_runs() -> list[ModelRun]:
     runs = [
         ModelRun("tiny", Path(), max_tokens=256, rounds=120),
-        ModelRun("tiny, coalescing off", Path(), 256, rounds=40, concurrency=(1,), coalesce_ms=0),
+        ModelRun("tiny, coalescing off", Path(), 256, rounds=30, concurrency=(1,), coalesce_ms=0),
     ]
     if DEMO_MODEL.is_file():
-        runs.insert(0, ModelRun("demo", DEMO_MODEL, max_tokens=32, rounds=20))
+        runs.insert(0, ModelRun("demo", DEMO_MODEL, max_tokens=24, rounds=24))
     return runs
 
 
@@ -93,7 +99,7 @@ def _body(prompt: str, max_tokens: int, seed: int) -> tuple[list[dict[str, str]]
 
 async def _one(mode: str, lane: DirectLane, bus: BusCaller, prompt: str, run: ModelRun) -> Outcome:
     messages, options = _body(prompt, run.max_tokens, 42)
-    if mode == "direct":
+    if mode in ("direct", "control"):
         return await lane.chat({"messages": messages, **options})
     return await bus.chat(bus.envelope(messages, {**options, "stream": True}), mode)
 
@@ -108,7 +114,7 @@ async def _rounds(
 ) -> None:
     width = len(lanes)
     for r in range(rounds):
-        order = MODES[r % 3 :] + MODES[: r % 3]
+        order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
         for mode in order:
             prompts = [PROMPTS[(r * width + j) % len(PROMPTS)] for j in range(width)]
             if meter is not None:
@@ -119,12 +125,19 @@ async def _rounds(
             )
             if samples is None or meter is None:
                 continue
-            samples.outcomes[mode].extend(done)
+            # Requests of one round are paired with the other rounds' by the order llama-server
+            # served them (fastest first), not by lane: which lane's prompt it takes up first
+            # is its choice and would otherwise show as overhead.
+            samples.outcomes[mode].extend(sorted(done, key=_first_token_order))
             cpu = samples.cpu[mode]
             for name, seconds in meter.stop().items():
                 cpu[name] = cpu.get(name, 0.0) + seconds
             cpu["bench"] = cpu.get("bench", 0.0) + time.process_time() - bench_cpu
             samples.wall[mode] += meter.wall
+
+
+def _first_token_order(outcome: Outcome) -> float:
+    return outcome.ttft if outcome.ttft is not None else float("inf")
 
 
 def _analyse(samples: Samples) -> dict[str, Any]:
@@ -205,7 +218,12 @@ async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
             meter = CpuMeter(
                 {"worker": worker.pid, "llama-server": worker.engine_pid, "redis": ws.redis_pid()}
             )
-            await _rounds(lanes, bus, run, run.rounds, samples, meter)
+            gc.collect()
+            gc.disable()  # no collector pauses in the bench's own readers while measuring
+            try:
+                await _rounds(lanes, bus, run, run.rounds, samples, meter)
+            finally:
+                gc.enable()
             for lane in lanes:
                 lane.close()
             results[f"c{concurrency}"] = {"concurrency": concurrency, **_analyse(samples)}
@@ -232,13 +250,13 @@ def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
         for key in (f"c{c}" for c in model_run.concurrency):
             point = res[key]
             d = point["modes"]["direct"]
-            for mode in ("pubsub", "stream"):
+            for mode in ("pubsub", "stream", "control"):
                 b, p = point["modes"][mode], point["pairs"][mode]
                 rows.append(
                     (
                         model_run.name,
                         point["concurrency"],
-                        mode,
+                        LABELS[mode],
                         p["pairs"],
                         d["ttft_ms"].get("p50"),
                         b["ttft_ms"].get("p50"),
@@ -249,19 +267,19 @@ def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
                         p["stream_throughput_ratio"].get("p50"),
                         p["throughput_ratio"].get("p50"),
                         p["server_decode_ratio"].get("p50"),
-                        b["cpu_us_per_token"].get("worker"),
+                        b["cpu_us_per_token"].get("worker") if mode != "control" else None,
                         d["cpu_us_per_token"].get("bench"),
                         b["errors"] + d["errors"],
                     )
                 )
-                if model_run.coalesce_ms > 0:
+                if model_run.coalesce_ms > 0 and mode != "control":
                     targets += _targets(model_run, point, mode)
     text = table(
         "1. Relay overhead: direct SSE vs through the bus (same llama-server, interleaved)",
         [
             "model",
             "conc",
-            "intake",
+            "path",
             "pairs",
             "TTFT direct ms",
             "TTFT bus ms",
@@ -296,8 +314,9 @@ def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
         "false (no request profits from the prompt cache another one filled)",
         "direct_client": "bench/callers.py DirectLane: asyncio HTTP/1.1 keep-alive SSE reader",
         "bus_client": "bench/callers.py BusCaller: PUBLISH/XADD + PSUBSCRIBE reader (hiredis)",
-        "pairing": "round-robin rounds in rotating order; bus request paired with the direct "
-        "request of the same round and lane",
+        "pairing": "modes take turns round by round in rotating order; within a round, requests "
+        "are ranked by time to first token and paired by rank with the direct round; "
+        "'direct again' (A/A) is a second direct request per round: the noise floor",
     }
     path = write_result("relay", settings, results, targets=targets)
     return {"text": text, "path": str(path), "results": results, "targets": targets}

@@ -126,6 +126,8 @@ def machine() -> dict[str, Any]:
         "git_dirty": bool(
             _run(["git", "-C", str(REPO), "status", "--porcelain", "--", "orion_llamaccp"])
         ),
+        # Other work on the machine shows here (1, 5, 15 minutes); the A/A rows measure it.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
