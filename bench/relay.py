@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,28 @@ class Samples:
     wall: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODES, 0.0))
 
 
+def gpu_runs(model: Path) -> list[ModelRun]:
+    """``BENCH_RELAY_MODEL`` set (the GPU run, bench/gpu/run.sh): that model only, with
+    coalescing on and off, at concurrency 1 and = slots (``BENCH_SLOTS``)."""
+    tokens = int(os.environ.get("BENCH_MAX_TOKENS", "512"))
+    rounds = int(os.environ.get("BENCH_ROUNDS", "30"))
+    slots = int(os.environ.get("BENCH_SLOTS", "4"))
+    return [
+        ModelRun("gpu", model, tokens, rounds=rounds, concurrency=(1, slots)),
+        ModelRun(
+            "gpu, coalescing off",
+            model,
+            tokens,
+            rounds=max(rounds // 2, 4),
+            concurrency=(1, slots),
+            coalesce_ms=0,
+        ),
+    ]
+
+
 def default_runs() -> list[ModelRun]:
+    if os.environ.get("BENCH_RELAY_MODEL"):
+        return gpu_runs(Path(os.environ["BENCH_RELAY_MODEL"]))
     runs = [
         ModelRun("tiny", Path(), max_tokens=256, rounds=120),
         ModelRun("tiny, coalescing off", Path(), 256, rounds=30, concurrency=(1,), coalesce_ms=0),
@@ -195,6 +217,16 @@ def _analyse(samples: Samples) -> dict[str, Any]:
     return out
 
 
+def _gpu_env() -> dict[str, str]:
+    """Layers on the GPU and its pinning, when the GPU run asks for them."""
+    env = {}
+    if os.environ.get("BENCH_N_GPU_LAYERS"):
+        env["LLAMACPP_N_GPU_LAYERS_OVERRIDE"] = os.environ["BENCH_N_GPU_LAYERS"]
+    if os.environ.get("BENCH_CUDA_DEVICES"):
+        env["CUDA_VISIBLE_DEVICES_OVERRIDE"] = os.environ["BENCH_CUDA_DEVICES"]
+    return env
+
+
 async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
     model = run.model if run.model != Path() else ws.tiny_model()
     spec = WorkerSpec(
@@ -202,8 +234,9 @@ async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
         binary=llama_server_binary(),
         parallel=max(run.concurrency),
         ctx=2048 * max(run.concurrency),
-        threads=1,
+        threads=int(os.environ.get("BENCH_THREADS", "1")),
         coalesce_ms=run.coalesce_ms,
+        env=_gpu_env(),
     )
     worker = Worker(ws, spec, f"relay-{len(run.name)}-{run.coalesce_ms:g}").start()
     redis = ws.redis()
@@ -309,7 +342,8 @@ def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
         for m in runs
     }
     settings["common"] = {
-        "llama_server": "--threads 1, --parallel = max concurrency, --ctx-size 2048 per slot",
+        "llama_server": f"--threads {os.environ.get('BENCH_THREADS', '1')}, --parallel = max "
+        f"concurrency, --ctx-size 2048 per slot, extra: {_gpu_env() or 'none'}",
         "sampling": "temperature 0, seed 42, ignore_eos (same tokens both ways), cache_prompt "
         "false (no request profits from the prompt cache another one filled)",
         "direct_client": "bench/callers.py DirectLane: asyncio HTTP/1.1 keep-alive SSE reader",

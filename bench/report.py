@@ -122,6 +122,7 @@ def machine() -> dict[str, Any]:
         "packages": _versions(),
         "redis_server": _run([redis_server, "--version"]) if redis_server else "missing",
         "llama_server_build": llama_build,
+        "gpus": _run(["nvidia-smi", "-L"]) if shutil.which("nvidia-smi") else None,
         "git_commit": _run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
         "git_dirty": bool(
             _run(["git", "-C", str(REPO), "status", "--porcelain", "--", "orion_llamaccp"])
