@@ -1,21 +1,17 @@
 """An async HTTP client for one llama-server: health, props, slots, streamed chat.
 
-Errors are translated here, once: connection failures and 503 become
-``EngineUnavailable``, a broken or unfinished stream becomes ``UpstreamError``, a prompt too
-long for the context becomes ``ContextExceeded``. Leaving ``chat_stream``'s context early
+Connection failures become ``EngineUnavailable``; llama-server's error answers are
+translated by ``http_errors``; a stream that breaks off or ends without a finish reason is
+an ``UpstreamError``, never a silent short answer. Leaving ``chat_stream``'s context early
 closes the connection, which is how llama-server is told to stop generating.
 
-The JSON endpoints go through httpx. ``chat_stream`` is the per-token hot path, so it
-speaks HTTP/1.1 itself on pooled keep-alive connections (``_StreamConnection``): bytes are
-decoded in the protocol callback as they arrive and the reader awaits once per socket
-read, not once per library layer per token. With a custom httpx ``transport`` (tests) or
-a non-``http`` URL, streaming goes through httpx too.
+The JSON endpoints go through httpx. ``chat_stream``, the per-token hot path, runs on the
+keep-alive connections of ``engine.stream``; with a custom httpx ``transport`` (tests) or a
+non-``http`` URL, streaming goes through httpx too.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,17 +21,14 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
+from orion_llamaccp.engine.http_errors import parse_event, raise_for_response, raise_stream_error
 from orion_llamaccp.engine.sse import (
     DONE,
     ChunkEvents,
-    ProtocolError,
-    ResponseDecoder,
     SSEDecoder,
-    parse_chunk,
 )
-from orion_llamaccp.errors import ContextExceeded, EngineUnavailable, UpstreamError
-
-_CONTEXT_MARKERS = ("exceed_context_size", "exceeds the available context", "context size")
+from orion_llamaccp.engine.stream import StreamPool, stream_events
+from orion_llamaccp.errors import EngineUnavailable, UpstreamError
 
 
 @dataclass(frozen=True)
@@ -72,30 +65,6 @@ class Props:
         )
 
 
-def _error_message(body: bytes) -> tuple[str, str]:
-    try:
-        data = orjson.loads(body)
-        error = data.get("error", data) if isinstance(data, dict) else {}
-        return str(error.get("message", body[:300])), str(error.get("type", ""))
-    except (orjson.JSONDecodeError, AttributeError):
-        return body[:300].decode(errors="replace"), ""
-
-
-def raise_for_response(status: int, body: bytes) -> None:
-    """Translate an HTTP error answer from llama-server into our exceptions."""
-    message, kind = _error_message(body)
-    text = f"{kind} {message}".lower()
-    if status == 400 and any(marker in text for marker in _CONTEXT_MARKERS):
-        raise ContextExceeded(
-            f"prompt does not fit the context window: {message}", status=400, retryable=False
-        )
-    if status == 503:
-        raise EngineUnavailable(f"llama-server is not ready: {message}")
-    raise UpstreamError(
-        f"llama-server answered {status}: {message}", status=status, retryable=status >= 500
-    )
-
-
 class LlamaClient:
     """One llama-server at ``base_url``; ``transport`` lets tests swap the network."""
 
@@ -119,7 +88,7 @@ class LlamaClient:
         )
         url = urlsplit(base_url)
         self._streams = (
-            _StreamPool(
+            StreamPool(
                 url.hostname or "127.0.0.1",
                 url.port or 80,
                 path=url.path.rstrip("/") + "/v1/chat/completions",
@@ -177,7 +146,7 @@ class LlamaClient:
             return
         conn = await streams.open(payload)
         try:
-            yield _stream_events(conn)
+            yield stream_events(conn)
         finally:
             streams.finish(conn)
 
@@ -217,7 +186,7 @@ async def _events(response: httpx.Response) -> AsyncIterator[ChunkEvents]:
                         raise UpstreamError("stream ended ([DONE]) without a finish reason")
                     done = True
                     break
-                events = _parse(data)
+                events = parse_event(data)
                 if events.error is not None:
                     raise_stream_error(events.error)
                 if events.finish_reason:
@@ -227,342 +196,10 @@ async def _events(response: httpx.Response) -> AsyncIterator[ChunkEvents]:
             return
         for data in decoder.flush():
             if data != DONE:
-                yield _parse(data)
+                yield parse_event(data)
     except httpx.HTTPError as exc:
         raise UpstreamError(
             f"stream from llama-server broke off: {type(exc).__name__}: {exc}"
         ) from exc
-    if not finished:
-        raise UpstreamError("stream from llama-server ended without a finish reason")
-
-
-def raise_stream_error(error: dict[str, Any]) -> None:
-    """An error that arrived inside the stream, as ``data: {"error": ...}``."""
-    message = str(error.get("message", error))
-    kind = str(error.get("type", ""))
-    if any(marker in f"{kind} {message}".lower() for marker in _CONTEXT_MARKERS):
-        raise ContextExceeded(f"prompt does not fit the context window: {message}", retryable=False)
-    raise UpstreamError(f"llama-server reported an error mid-stream: {message}")
-
-
-def _parse(data: bytes) -> ChunkEvents:
-    try:
-        return parse_chunk(data)
-    except orjson.JSONDecodeError as exc:
-        raise UpstreamError(f"llama-server sent a malformed stream event: {data[:200]!r}") from exc
-
-
-# ---------------------------------------------------------------------------- streamed chat
-
-_HIGH_WATER = 1024  # decoded events waiting for the reader: stop reading the socket
-_LOW_WATER = 128  # ... and read again once the reader is down to this many
-_FINISH_GRACE = 5.0  # seconds a response may take to end after [DONE] and still be reused
-
-
-class _StreamConnection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection carrying one streamed response at a time.
-
-    ``data_received`` decodes at once (HTTP framing, then SSE) into ``payloads``; the
-    reader (``_stream_events``) awaits ``wait()`` only when it has consumed them all. A
-    timer per response fails it after ``read_timeout`` seconds without a byte.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.active = False
-        self.paused = False
-        self.saw_done = False
-        self.on_complete: Any = None
-        self.grace: asyncio.TimerHandle | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timeout = 0.0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.decoder = ResponseDecoder()
-        self.sse = SSEDecoder()
-        self.payloads: deque[bytes] = deque()
-        self.body: list[bytes] = []
-        self.failure: BaseException | None = None
-        self.received = 0
-        self.waiter: asyncio.Future[None] | None = None
-        self.last_read = self.loop.time()
-        self.saw_done = False
-
-    # -- asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        if not self.active:  # bytes nobody asked for: this connection cannot be trusted
-            self.close()
-            return
-        self.received += len(data)
-        self.last_read = self.loop.time()
-        decoder = self.decoder
-        try:
-            body = decoder.feed(data)
-        except (ProtocolError, ValueError) as exc:
-            self._fail(exc)
-            self.close()
-            return
-        if body:
-            if decoder.status == 200:
-                payloads = self.payloads
-                payloads.extend(self.sse.feed(body))
-                if len(payloads) > _HIGH_WATER and not self.paused and self.transport:
-                    self.paused = True
-                    self.transport.pause_reading()
-            else:
-                self.body.append(body)
-        if decoder.complete and self.on_complete is not None:
-            done, self.on_complete = self.on_complete, None
-            done(self)
-        self._wake()
-
-    def eof_received(self) -> bool:
-        if self.active:
-            self.decoder.eof()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.active and not self.decoder.complete:
-            self._fail(exc or ConnectionResetError("llama-server closed the connection"))
-        self._cancel_timer()
-
-    # -- the reader's side
-
-    def start(self, request: bytes, timeout: float) -> None:
-        """Send one request on this (idle) connection."""
-        assert self.transport is not None
-        self._reset()
-        self.active = True
-        self._timeout = timeout
-        self._timer = self.loop.call_at(self.last_read + timeout, self._check_idle)
-        self.transport.write(request)
-
-    async def wait(self) -> None:
-        """Until more bytes are decoded, the response ends, or it fails."""
-        if self.paused and len(self.payloads) <= _LOW_WATER and self.transport:
-            self.paused = False
-            self.transport.resume_reading()
-        if self.failure is not None or self.decoder.complete:
-            return
-        self.waiter = waiter = self.loop.create_future()
-        try:
-            await waiter
-        finally:
-            self.waiter = None
-
-    async def head(self) -> None:
-        while not self.decoder.head_done:
-            if self.failure is not None:
-                raise self.failure
-            await self.wait()
-
-    async def read_body(self) -> bytes:
-        while not self.decoder.complete:
-            if self.failure is not None:
-                raise self.failure
-            await self.wait()
-        return b"".join(self.body)
-
-    def close(self) -> None:
-        self.active = False
-        self.closed = True
-        self.on_complete = None
-        self._cancel_timer()
-        if self.grace is not None:
-            self.grace.cancel()
-            self.grace = None
-        if self.transport is not None:
-            self.transport.close()
-
-    def idle(self) -> None:
-        """The response ended: wait, reading, for the next request."""
-        self.active = False
-        self._cancel_timer()
-        if self.grace is not None:
-            self.grace.cancel()
-            self.grace = None
-        self.payloads.clear()
-        if self.paused and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
-
-    # -- internals
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.failure is None:
-            self.failure = exc
-        self._wake()
-
-    def _check_idle(self) -> None:
-        self._timer = None
-        if not self.active:
-            return
-        silent = self.loop.time() - self.last_read
-        if silent >= self._timeout:
-            self._fail(TimeoutError(f"no bytes from llama-server for {silent:.1f}s"))
-            self.close()
-        else:
-            self._timer = self.loop.call_at(self.last_read + self._timeout, self._check_idle)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-
-class _StreamPool:
-    """Keep-alive connections for streamed chats; a used one goes back when its response ended."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        path: str,
-        api_key: str | None,
-        connect_timeout: float,
-        read_timeout: float,
-        max_idle: int = 64,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.max_idle = max_idle
-        self.idle: list[_StreamConnection] = []
-        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
-        self._head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}"
-        ).encode("latin-1")
-
-    async def _connect(self) -> _StreamConnection:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _StreamConnection(loop), self.host, self.port
-                )
-        except (OSError, TimeoutError) as exc:
-            raise EngineUnavailable(
-                f"cannot reach llama-server: {type(exc).__name__}: {exc}"
-            ) from exc
-        return conn
-
-    async def open(self, payload: bytes) -> _StreamConnection:
-        """Send the request; the connection once a 200 head arrived, else the error raised."""
-        request = self._head + b"Content-Length: %d\r\n\r\n" % len(payload) + payload
-        while True:
-            conn = self._take_idle()
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect()
-            conn.start(request, self.read_timeout)
-            try:
-                await conn.head()
-            except asyncio.CancelledError:
-                conn.close()
-                raise
-            except Exception as exc:
-                conn.close()
-                if reused and conn.received == 0 and not isinstance(exc, TimeoutError):
-                    continue  # a keep-alive connection the server had closed: use a fresh one
-                raise EngineUnavailable(
-                    f"cannot reach llama-server: {type(exc).__name__}: {exc}"
-                ) from exc
-            if conn.decoder.status == 200:
-                return conn
-            try:
-                body = await conn.read_body()
-            except Exception as exc:
-                conn.close()
-                raise EngineUnavailable(
-                    f"llama-server answered {conn.decoder.status} and broke off: {exc}"
-                ) from exc
-            self.finish(conn)
-            raise_for_response(conn.decoder.status, body)
-
-    def _take_idle(self) -> _StreamConnection | None:
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.closed:
-                return conn
-        return None
-
-    def finish(self, conn: _StreamConnection) -> None:
-        """Back to the pool if the response ended cleanly, else closed (cancels generation)."""
-        if conn.decoder.complete and not conn.closed:
-            self._release(conn)
-        elif conn.saw_done and conn.failure is None and not conn.closed:
-            # [DONE] came, the last chunk is on its way: reuse the connection when it lands
-            conn.on_complete = self._release
-            conn.grace = conn.loop.call_later(_FINISH_GRACE, conn.close)
-        else:
-            conn.close()
-
-    def _release(self, conn: _StreamConnection) -> None:
-        if conn.closed or not conn.decoder.keep_alive or len(self.idle) >= self.max_idle:
-            conn.close()
-            return
-        conn.idle()
-        self.idle.append(conn)
-
-    def close(self) -> None:
-        for conn in self.idle:
-            conn.close()
-        self.idle.clear()
-
-
-async def _stream_events(conn: _StreamConnection) -> AsyncIterator[ChunkEvents]:
-    """The events of one streamed response, as fast as they were decoded."""
-    payloads = conn.payloads
-    finished = False
-    while True:
-        while payloads:
-            data = payloads.popleft()
-            if data == DONE:
-                if not finished:
-                    raise UpstreamError("stream ended ([DONE]) without a finish reason")
-                conn.saw_done = True
-                return
-            events = _parse(data)
-            if events.error is not None:
-                raise_stream_error(events.error)
-            if events.finish_reason:
-                finished = True
-            yield events
-        failure = conn.failure
-        if failure is not None:
-            raise UpstreamError(
-                f"stream from llama-server broke off: {type(failure).__name__}: {failure}"
-            ) from failure
-        if conn.decoder.complete:
-            break
-        if conn.paused:
-            await conn.wait()
-            continue
-        conn.waiter = waiter = conn.loop.create_future()  # conn.wait(), inlined: per token
-        try:
-            await waiter
-        finally:
-            conn.waiter = None
-    for data in conn.sse.flush():
-        if data != DONE:
-            events = _parse(data)
-            finished = finished or bool(events.finish_reason)
-            yield events
     if not finished:
         raise UpstreamError("stream from llama-server ended without a finish reason")

@@ -5,42 +5,39 @@ Hugging Face Hub (resuming, retrying, locked against a second process), verify e
 before llama-server sees it, and report progress through a ``ProgressHook``.
 """
 
-from orion_llamaccp.model.download import DownloadPolicy
-from orion_llamaccp.model.fetch import (
-    ResolvedModel,
-    Target,
-    ensure_model,
-    refetch_corrupt,
-    verify_model,
-)
-from orion_llamaccp.model.gguf_check import GgufInfo, sha256_file, verify_gguf, verify_split_set
-from orion_llamaccp.model.paths import ModelFiles, plan_files, safe_join, split_parts
-from orion_llamaccp.model.progress import (
-    LogProgress,
-    ProgressEvent,
-    ProgressHook,
-    TerminalProgress,
-    describe,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DownloadPolicy",
-    "GgufInfo",
-    "LogProgress",
-    "ModelFiles",
-    "ProgressEvent",
-    "ProgressHook",
-    "ResolvedModel",
-    "Target",
-    "TerminalProgress",
-    "describe",
-    "ensure_model",
-    "plan_files",
-    "refetch_corrupt",
-    "safe_join",
-    "sha256_file",
-    "split_parts",
-    "verify_gguf",
-    "verify_model",
-    "verify_split_set",
-]
+import importlib
+from typing import Any
+
+# Names resolve lazily: importing ``orion_llamaccp.model.paths`` (as planning does) must not
+# pull in huggingface_hub, gguf and numpy, which cost the worker half a second at start.
+_WHERE = {
+    "DownloadPolicy": "download",
+    "ResolvedModel": "fetch",
+    "Target": "fetch",
+    "ensure_model": "fetch",
+    "refetch_corrupt": "fetch",
+    "verify_model": "fetch",
+    "GgufInfo": "gguf_check",
+    "sha256_file": "gguf_check",
+    "verify_gguf": "gguf_check",
+    "verify_split_set": "gguf_check",
+    "ModelFiles": "paths",
+    "plan_files": "paths",
+    "safe_join": "paths",
+    "split_parts": "paths",
+    "LogProgress": "progress",
+    "ProgressEvent": "progress",
+    "ProgressHook": "progress",
+    "TerminalProgress": "progress",
+    "describe": "progress",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -17,8 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from orion_llamaccp.errors import ModelCorrupt, ModelError, ModelNotFound
 
 MAGIC = b"GGUF"
@@ -153,6 +151,9 @@ def _read_tensor(cur: _Cursor) -> _Tensor:
 
 def _nbytes(tensor: _Tensor) -> int | None:
     """Bytes of tensor data, or ``None`` for a type this gguf package does not know."""
+    # Imported here: gguf pulls in numpy, and the worker must subscribe before it pays that.
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     try:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor.ggml_type)]
     except (ValueError, KeyError):

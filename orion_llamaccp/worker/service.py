@@ -165,6 +165,10 @@ class Worker:
         ]
         code = 0
         try:
+            # Subscribed before the model check starts: its thread holds the GIL for long
+            # stretches, and a request sent meanwhile should wait, not go unheard.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.listener.subscribed.wait(), 5.0)
             code = await self._serve(stop, intake_stop)
         finally:
             intake_stop.set()

@@ -1,0 +1,57 @@
+"""llama-server's error answers, translated into our exceptions, in one place.
+
+A 400 about the context size is ``ContextExceeded`` (retrying cannot help), a 503 is
+``EngineUnavailable`` (loading), anything else ``UpstreamError``; the same rules apply to
+an error that arrives inside a stream, and to a stream event that is not JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from orion_llamaccp.engine.sse import ChunkEvents, parse_chunk
+from orion_llamaccp.errors import ContextExceeded, EngineUnavailable, UpstreamError
+
+_CONTEXT_MARKERS = ("exceed_context_size", "exceeds the available context", "context size")
+
+
+def _error_message(body: bytes) -> tuple[str, str]:
+    try:
+        data = orjson.loads(body)
+        error = data.get("error", data) if isinstance(data, dict) else {}
+        return str(error.get("message", body[:300])), str(error.get("type", ""))
+    except (orjson.JSONDecodeError, AttributeError):
+        return body[:300].decode(errors="replace"), ""
+
+
+def raise_for_response(status: int, body: bytes) -> None:
+    """Translate an HTTP error answer from llama-server into our exceptions."""
+    message, kind = _error_message(body)
+    text = f"{kind} {message}".lower()
+    if status == 400 and any(marker in text for marker in _CONTEXT_MARKERS):
+        raise ContextExceeded(
+            f"prompt does not fit the context window: {message}", status=400, retryable=False
+        )
+    if status == 503:
+        raise EngineUnavailable(f"llama-server is not ready: {message}")
+    raise UpstreamError(
+        f"llama-server answered {status}: {message}", status=status, retryable=status >= 500
+    )
+
+
+def raise_stream_error(error: dict[str, Any]) -> None:
+    """An error that arrived inside the stream, as ``data: {"error": ...}``."""
+    message = str(error.get("message", error))
+    kind = str(error.get("type", ""))
+    if any(marker in f"{kind} {message}".lower() for marker in _CONTEXT_MARKERS):
+        raise ContextExceeded(f"prompt does not fit the context window: {message}", retryable=False)
+    raise UpstreamError(f"llama-server reported an error mid-stream: {message}")
+
+
+def parse_event(data: bytes) -> ChunkEvents:
+    try:
+        return parse_chunk(data)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError(f"llama-server sent a malformed stream event: {data[:200]!r}") from exc

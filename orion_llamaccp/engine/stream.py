@@ -1,0 +1,332 @@
+"""Streamed chat completions on pooled keep-alive HTTP/1.1 connections.
+
+This is the per-token hot path, so it does not go through a general HTTP library: bytes
+are decoded in the protocol callback as they arrive and the reader awaits once per socket
+read, not once per library layer per token. A response is read to its end so that its
+connection can carry the next request; leaving a stream early closes the connection,
+which tells llama-server to stop generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from orion_llamaccp.engine.http_errors import parse_event, raise_for_response, raise_stream_error
+from orion_llamaccp.engine.sse import DONE, ChunkEvents, ProtocolError, ResponseDecoder, SSEDecoder
+from orion_llamaccp.errors import EngineUnavailable, UpstreamError
+
+_HIGH_WATER = 1024  # decoded events waiting for the reader: stop reading the socket
+_LOW_WATER = 128  # ... and read again once the reader is down to this many
+_FINISH_GRACE = 5.0  # seconds a response may take to end after [DONE] and still be reused
+
+
+class StreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection carrying one streamed response at a time.
+
+    ``data_received`` decodes at once (HTTP framing, then SSE) into ``payloads``; the
+    reader (``_stream_events``) awaits ``wait()`` only when it has consumed them all. A
+    timer per response fails it after ``read_timeout`` seconds without a byte.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.active = False
+        self.paused = False
+        self.saw_done = False
+        self.on_complete: Any = None
+        self.grace: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.decoder = ResponseDecoder()
+        self.sse = SSEDecoder()
+        self.payloads: deque[bytes] = deque()
+        self.body: list[bytes] = []
+        self.failure: BaseException | None = None
+        self.received = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self.last_read = self.loop.time()
+        self.saw_done = False
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active:  # bytes nobody asked for: this connection cannot be trusted
+            self.close()
+            return
+        self.received += len(data)
+        self.last_read = self.loop.time()
+        decoder = self.decoder
+        try:
+            body = decoder.feed(data)
+        except (ProtocolError, ValueError) as exc:
+            self._fail(exc)
+            self.close()
+            return
+        if body:
+            if decoder.status == 200:
+                payloads = self.payloads
+                payloads.extend(self.sse.feed(body))
+                if len(payloads) > _HIGH_WATER and not self.paused and self.transport:
+                    self.paused = True
+                    self.transport.pause_reading()
+            else:
+                self.body.append(body)
+        if decoder.complete and self.on_complete is not None:
+            done, self.on_complete = self.on_complete, None
+            done(self)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        if self.active:
+            self.decoder.eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.active and not self.decoder.complete:
+            self._fail(exc or ConnectionResetError("llama-server closed the connection"))
+        self._cancel_timer()
+
+    # -- the reader's side
+
+    def start(self, request: bytes, timeout: float) -> None:
+        """Send one request on this (idle) connection."""
+        assert self.transport is not None
+        self._reset()
+        self.active = True
+        self._timeout = timeout
+        self._timer = self.loop.call_at(self.last_read + timeout, self._check_idle)
+        self.transport.write(request)
+
+    async def wait(self) -> None:
+        """Until more bytes are decoded, the response ends, or it fails."""
+        if self.paused and len(self.payloads) <= _LOW_WATER and self.transport:
+            self.paused = False
+            self.transport.resume_reading()
+        if self.failure is not None or self.decoder.complete:
+            return
+        self.waiter = waiter = self.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+
+    async def head(self) -> None:
+        while not self.decoder.head_done:
+            if self.failure is not None:
+                raise self.failure
+            await self.wait()
+
+    async def read_body(self) -> bytes:
+        while not self.decoder.complete:
+            if self.failure is not None:
+                raise self.failure
+            await self.wait()
+        return b"".join(self.body)
+
+    def close(self) -> None:
+        self.active = False
+        self.closed = True
+        self.on_complete = None
+        self._cancel_timer()
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def idle(self) -> None:
+        """The response ended: wait, reading, for the next request."""
+        self.active = False
+        self._cancel_timer()
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+        self.payloads.clear()
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    # -- internals
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self._wake()
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if not self.active:
+            return
+        silent = self.loop.time() - self.last_read
+        if silent >= self._timeout:
+            self._fail(TimeoutError(f"no bytes from llama-server for {silent:.1f}s"))
+            self.close()
+        else:
+            self._timer = self.loop.call_at(self.last_read + self._timeout, self._check_idle)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class StreamPool:
+    """Keep-alive connections for streamed chats; a used one goes back when its response ended."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        path: str,
+        api_key: str | None,
+        connect_timeout: float,
+        read_timeout: float,
+        max_idle: int = 64,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        self.idle: list[StreamConnection] = []
+        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+        self._head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}"
+        ).encode("latin-1")
+
+    async def _connect(self) -> StreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: StreamConnection(loop), self.host, self.port
+                )
+        except (OSError, TimeoutError) as exc:
+            raise EngineUnavailable(
+                f"cannot reach llama-server: {type(exc).__name__}: {exc}"
+            ) from exc
+        return conn
+
+    async def open(self, payload: bytes) -> StreamConnection:
+        """Send the request; the connection once a 200 head arrived, else the error raised."""
+        request = self._head + b"Content-Length: %d\r\n\r\n" % len(payload) + payload
+        while True:
+            conn = self._take_idle()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
+            conn.start(request, self.read_timeout)
+            try:
+                await conn.head()
+            except asyncio.CancelledError:
+                conn.close()
+                raise
+            except Exception as exc:
+                conn.close()
+                if reused and conn.received == 0 and not isinstance(exc, TimeoutError):
+                    continue  # a keep-alive connection the server had closed: use a fresh one
+                raise EngineUnavailable(
+                    f"cannot reach llama-server: {type(exc).__name__}: {exc}"
+                ) from exc
+            if conn.decoder.status == 200:
+                return conn
+            try:
+                body = await conn.read_body()
+            except Exception as exc:
+                conn.close()
+                raise EngineUnavailable(
+                    f"llama-server answered {conn.decoder.status} and broke off: {exc}"
+                ) from exc
+            self.finish(conn)
+            raise_for_response(conn.decoder.status, body)
+
+    def _take_idle(self) -> StreamConnection | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    def finish(self, conn: StreamConnection) -> None:
+        """Back to the pool if the response ended cleanly, else closed (cancels generation)."""
+        if conn.decoder.complete and not conn.closed:
+            self._release(conn)
+        elif conn.saw_done and conn.failure is None and not conn.closed:
+            # [DONE] came, the last chunk is on its way: reuse the connection when it lands
+            conn.on_complete = self._release
+            conn.grace = conn.loop.call_later(_FINISH_GRACE, conn.close)
+        else:
+            conn.close()
+
+    def _release(self, conn: StreamConnection) -> None:
+        if conn.closed or not conn.decoder.keep_alive or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle()
+        self.idle.append(conn)
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+async def stream_events(conn: StreamConnection) -> AsyncIterator[ChunkEvents]:
+    """The events of one streamed response, as fast as they were decoded."""
+    payloads = conn.payloads
+    finished = False
+    while True:
+        while payloads:
+            data = payloads.popleft()
+            if data == DONE:
+                if not finished:
+                    raise UpstreamError("stream ended ([DONE]) without a finish reason")
+                conn.saw_done = True
+                return
+            events = parse_event(data)
+            if events.error is not None:
+                raise_stream_error(events.error)
+            if events.finish_reason:
+                finished = True
+            yield events
+        failure = conn.failure
+        if failure is not None:
+            raise UpstreamError(
+                f"stream from llama-server broke off: {type(failure).__name__}: {failure}"
+            ) from failure
+        if conn.decoder.complete:
+            break
+        if conn.paused:
+            await conn.wait()
+            continue
+        conn.waiter = waiter = conn.loop.create_future()  # conn.wait(), inlined: per token
+        try:
+            await waiter
+        finally:
+            conn.waiter = None
+    for data in conn.sse.flush():
+        if data != DONE:
+            events = parse_event(data)
+            finished = finished or bool(events.finish_reason)
+            yield events
+    if not finished:
+        raise UpstreamError("stream from llama-server ended without a finish reason")
