@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus import keys
 from orion_llamaccp.devtools.random_gguf import write_random_llama
 from orion_llamaccp.engine.binary import find_binary
+from orion_llamaccp.settings import ENV_PREFIXES
 from tests.support.procs import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,21 +37,7 @@ DEMO_MODEL = MODELS_DIR / "gguf" / "gemma-3-270m-q4_k_m.gguf"
 PROFILE = "bench"
 
 # Our variables that must not leak from the shell into a worker under test.
-_OURS = (
-    "LLM_",
-    "LLAMACPP_",
-    "ORION_",
-    "CUDA_VISIBLE_DEVICES_OVERRIDE",
-    "HF_",
-    "SERVICE_",
-    "NODE_NAME",
-    "INSTANCE_ID",
-    "LLAMA_SERVER_BIN",
-    "HEARTBEAT_",
-    "ANNOUNCE_",
-    "METRICS_",
-    "BENCH_",
-)
+_OURS = (*ENV_PREFIXES, "BENCH_")
 
 REGISTRY = """\
 profiles:
@@ -74,7 +61,7 @@ profiles:
 SYNTHETIC_LAUNCHER = """\
 #!/bin/sh
 # The synthetic llama-server of bench/upstream.py, launched like the real binary.
-PYTHONPATH="{repo}" exec "{python}" -m bench.upstream "$@"
+PYTHONPATH="{repo}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{python}" -m bench.upstream "$@"
 """
 
 
@@ -172,7 +159,9 @@ class Worker:
                 "INSTANCE_ID": self.name,
                 "ORION_LLAMACPP_COALESCE_MS": str(spec.coalesce_ms),
                 "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": str(REPO),
+                "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p
+                ),
                 **spec.env,
             }
         )

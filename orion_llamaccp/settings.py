@@ -21,6 +21,24 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from orion_llamaccp import __version__
 from orion_llamaccp.errors import ConfigError
 
+# Every variable this service reads starts with one of these. Tests and benchmarks clear
+# them, so that a developer's shell cannot leak into a worker under test.
+ENV_PREFIXES = (
+    "LLM_",
+    "LLAMACPP_",
+    "ORION_",
+    "CUDA_VISIBLE_DEVICES_OVERRIDE",
+    "HF_",
+    "SERVICE_",
+    "NODE_NAME",
+    "INSTANCE_ID",
+    "LLAMA_SERVER_BIN",
+    "HEARTBEAT_",
+    "ANNOUNCE_",
+    "METRICS_",
+    "LOG_LEVEL",
+)
+
 DEFAULT_PROFILE = "gemma3-270m-cpu"
 DEFAULT_CONFIG_PATH = "config/llm_profiles.yaml"
 DEFAULT_CACHE_DIR = "~/.cache/orion-llamaccp/models"

@@ -15,27 +15,14 @@ from orion_llamaccp.client import BusClient
 from orion_llamaccp.devtools.random_gguf import write_random_llama
 from orion_llamaccp.engine.binary import find_binary
 from orion_llamaccp.errors import BinaryNotFound
-from orion_llamaccp.settings import Settings
+from orion_llamaccp.settings import ENV_PREFIXES, Settings
 from tests.support.orion_contract import check_message
 from tests.support.procs import RedisServer, free_port
 from tests.support.workers import BusRecorder, WorkerProc
 
 REPO = Path(__file__).resolve().parent.parent
 # Variables of ours that must not leak from the developer's shell into a test.
-_OURS = (
-    "LLM_",
-    "LLAMACPP_",
-    "ORION_",
-    "CUDA_VISIBLE_DEVICES_OVERRIDE",
-    "HF_",
-    "SERVICE_",
-    "NODE_NAME",
-    "INSTANCE_ID",
-    "LLAMA_SERVER_BIN",
-    "HEARTBEAT_",
-    "ANNOUNCE_",
-    "METRICS_",
-)
+_OURS = ENV_PREFIXES
 
 
 @pytest.fixture(autouse=True)

@@ -68,6 +68,8 @@ profiles:
       ctx_size: 8192
       n_gpu_layers: all
       parallel: 4
+      # At the default verbosity this build does not print where the layers went.
+      extra_args: ["--log-verbosity", "4"]
 YAML
 }
 
@@ -95,9 +97,9 @@ pinning() {
   engine_once pinned
   engine_once override CUDA_VISIBLE_DEVICES_OVERRIDE=1
   log "pinned to device 0 (profile):"
-  grep -E "CUDA_VISIBLE_DEVICES|ggml_cuda_init|Device 0|offloaded|CUDA0 model buffer|ready at" "$OUT/pinned.log" | sed 's/^/    /' | head -12
+  grep -E "ggml_cuda_init|Device 0|offload|CUDA0|ready at" "$OUT/pinned.log" | sed 's/^/    /' | head -12
   log "CUDA_VISIBLE_DEVICES_OVERRIDE=1 (no such GPU on a one-GPU machine):"
-  grep -E "CUDA_VISIBLE_DEVICES|ggml_cuda_init|no CUDA|offloaded|CPU model buffer|ready at" "$OUT/override.log" | sed 's/^/    /' | head -12
+  grep -E "ggml_cuda_init|no CUDA|no usable GPU|offload|CPU_Mapped|ready at" "$OUT/override.log" | sed 's/^/    /' | head -12
 }
 
 bench() {

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from orion_llamaccp.bus.replies import TRANSIENT
+from orion_llamaccp.bus.retry import TRANSIENT
 
 log = logging.getLogger(__name__)
 

@@ -15,17 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.outbox import ChunkTemplate
+from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.bus.scripts import PUBLISH_IN_ORDER, PUBLISH_ONCE
 
 log = logging.getLogger(__name__)
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 GUARD_TTL_SEC = 24 * 3600
 
 
@@ -39,19 +39,12 @@ class Publisher:
         self._ordered = redis.register_script(PUBLISH_IN_ORDER)
         self.commands = 0
 
-    async def _retrying(self, what: str, call) -> int:
-        deadline = time.monotonic() + self.retry_for
-        delay = 0.05
-        while True:
-            try:
-                self.commands += 1
-                return int(await call())
-            except TRANSIENT as exc:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("publishing %s failed (%s); retrying in %.2fs", what, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[Any]]) -> int:
+        async def counted() -> Any:
+            self.commands += 1
+            return await call()
+
+        return int(await with_retry(f"publishing {what}", counted, retry_for=self.retry_for))
 
     async def chunk(
         self, channel: str, request_id: str, attempt: int, seq: int, message: bytes

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from orion_llamaccp.engine.http_errors import parse_event, raise_for_response, raise_stream_error
+from orion_llamaccp.engine.http_errors import chat_event, parse_event, raise_for_response
 from orion_llamaccp.engine.sse import (
     DONE,
     ChunkEvents,
@@ -181,16 +181,11 @@ async def _events(response: httpx.Response) -> AsyncIterator[ChunkEvents]:
             if done:
                 continue
             for data in decoder.feed(raw):
-                if data == DONE:
-                    if not finished:
-                        raise UpstreamError("stream ended ([DONE]) without a finish reason")
+                events = chat_event(data, finished)
+                if events is None:
                     done = True
                     break
-                events = parse_event(data)
-                if events.error is not None:
-                    raise_stream_error(events.error)
-                if events.finish_reason:
-                    finished = True
+                finished = finished or bool(events.finish_reason)
                 yield events
         if done:
             return

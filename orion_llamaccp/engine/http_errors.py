@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from orion_llamaccp.engine.sse import ChunkEvents, parse_chunk
+from orion_llamaccp.engine.sse import DONE, ChunkEvents, parse_chunk
 from orion_llamaccp.errors import ContextExceeded, EngineUnavailable, UpstreamError
 
 _CONTEXT_MARKERS = ("exceed_context_size", "exceeds the available context", "context size")
@@ -55,3 +55,18 @@ def parse_event(data: bytes) -> ChunkEvents:
         return parse_chunk(data)
     except orjson.JSONDecodeError as exc:
         raise UpstreamError(f"llama-server sent a malformed stream event: {data[:200]!r}") from exc
+
+
+def chat_event(data: bytes, finished: bool) -> ChunkEvents | None:
+    """One ``data:`` payload of a chat stream: its events, or ``None`` at ``[DONE]``.
+
+    ``[DONE]`` before any finish reason, and an error sent inside the stream, raise.
+    """
+    if data == DONE:
+        if not finished:
+            raise UpstreamError("stream ended ([DONE]) without a finish reason")
+        return None
+    events = parse_event(data)
+    if events.error is not None:
+        raise_stream_error(events.error)
+    return events

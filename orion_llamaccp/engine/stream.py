@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from orion_llamaccp.engine.http_errors import parse_event, raise_for_response, raise_stream_error
+from orion_llamaccp.engine.http_errors import chat_event, parse_event, raise_for_response
 from orion_llamaccp.engine.sse import DONE, ChunkEvents, ProtocolError, ResponseDecoder, SSEDecoder
 from orion_llamaccp.errors import EngineUnavailable, UpstreamError
 
@@ -296,17 +296,11 @@ async def stream_events(conn: StreamConnection) -> AsyncIterator[ChunkEvents]:
     finished = False
     while True:
         while payloads:
-            data = payloads.popleft()
-            if data == DONE:
-                if not finished:
-                    raise UpstreamError("stream ended ([DONE]) without a finish reason")
+            events = chat_event(payloads.popleft(), finished)
+            if events is None:
                 conn.saw_done = True
                 return
-            events = parse_event(data)
-            if events.error is not None:
-                raise_stream_error(events.error)
-            if events.finish_reason:
-                finished = True
+            finished = finished or bool(events.finish_reason)
             yield events
         failure = conn.failure
         if failure is not None:

@@ -229,3 +229,73 @@ async def test_stop_while_loading_leaves_nothing(make_launch: LaunchFactory, pre
     with pytest.raises(EngineStartError):
         await task
     assert pid is not None and not pid_alive(pid)
+
+
+def test_known_fatal_messages_are_diagnosed() -> None:
+    from orion_llamaccp.engine.diagnostics import diagnose
+
+    cases = {
+        "error loading model: missing tensor 'blk.0.attn_q.weight'": Cause.CORRUPT_MODEL,
+        "error loading model: wrong number of tensors; expected 291, got 290": Cause.CORRUPT_MODEL,
+        "error: invalid argument: --n-parallel": Cause.UNKNOWN_FLAG,
+        "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000 MiB on device 0: "
+        "cudaMalloc failed: out of memory": Cause.OUT_OF_MEMORY,
+        "start: couldn't bind HTTP server socket, port: 8080": Cause.PORT_IN_USE,
+    }
+    for line, cause in cases.items():
+        diagnosis = diagnose(line)
+        assert diagnosis is not None and diagnosis.cause is cause, line
+    assert diagnose("srv  load_model: loading model '/m.gguf'") is None
+    oom = diagnose("cudaMalloc failed: out of memory")
+    assert oom is not None and "n_gpu_layers" in oom.advice and "ctx_size" in oom.advice
+
+
+async def test_api_key_is_passed_to_llama_server_and_used_by_the_client(
+    make_launch: LaunchFactory, model_dir: Path, llama_server_bin: Path
+) -> None:
+    import httpx
+
+    from orion_llamaccp.engine.binary import probe
+    from orion_llamaccp.engine.command import build_launch
+    from orion_llamaccp.model.paths import plan_files
+    from orion_llamaccp.profiles.registry import parse_profile
+    from orion_llamaccp.settings import Overrides
+    from tests.support.procs import free_port
+
+    profile = parse_profile(
+        "keyed",
+        {
+            "backend": "llamacpp",
+            "llamacpp": {
+                "model_path": "tiny.gguf",
+                "port": free_port(),
+                "threads": 1,
+                "api_key_env": "TEST_KEY",
+            },
+        },
+    )
+    files = plan_files(profile, None, {"LLM_CACHE_DIR": str(model_dir)})
+    launch = build_launch(
+        profile,
+        Overrides(),
+        files,
+        binary=probe(llama_server_bin),
+        binary_path=str(llama_server_bin),
+        environ={"TEST_KEY": "k-123456"},
+    )
+    assert "k-123456" not in " ".join(launch.argv)
+    supervisor = Supervisor(launch, environ=dict(os.environ), policy=FAST)
+    await supervisor.start()
+    try:
+        async with supervisor.client.chat_stream(
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        ) as stream:
+            assert [e async for e in stream][-1].usage is not None
+        async with httpx.AsyncClient(base_url=launch.base_url) as bare:
+            refused = await bare.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            )
+        assert refused.status_code == 401
+    finally:
+        await supervisor.stop()

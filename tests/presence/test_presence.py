@@ -123,8 +123,11 @@ async def test_heartbeat_period_holds_during_a_download_and_a_generation(
     )
     assert result.ok
     during_generation = beats(recorder, worker.name)[before:]
-    assert len(during_generation) >= 4, ("the generation should span several beats",
-                                         result.payload["usage"], result.payload["meta"])
+    assert len(during_generation) >= 4, (
+        "the generation should span several beats",
+        result.payload["usage"],
+        result.payload["meta"],
+    )
     for window in (during_download, during_generation):
         gaps = periods(window)
         assert abs(statistics.mean(gaps) - 0.5) <= 0.05, gaps
@@ -319,3 +322,26 @@ async def test_metrics_endpoint_is_scraped(spawn_worker: SpawnWorker, bus: BusCl
     assert value("orion_llamacpp_slots_total") == 2
     assert value("orion_llamacpp_engine_restarts") == 0
     assert value("orion_llamacpp_queue_depth") == 0
+
+
+def test_watch_draws_the_live_fleet(spawn_worker: SpawnWorker, subprocess_env: dict) -> None:
+    spawn_worker("watched")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orion_llamaccp", "watch", "--refresh", "0.2"],
+        env={**subprocess_env, "COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: proc.poll() is None, timeout=5, what="watch running")
+        import time
+
+        time.sleep(2)  # a few redraws from live heartbeats; the test counts nothing in time
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "watched" in out and "tiny-random-llama" in out and "ready" in out
