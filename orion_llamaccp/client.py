@@ -207,8 +207,8 @@ def work_queue_entry(envelope: dict[str, Any]) -> dict[str, Any]:
         "schema_version": "work_queue.entry.v1",
         "envelope": orjson.dumps(envelope),
         "enqueued_at_ms": str(int(time.time() * 1000)),
-        "kind": envelope.get("kind", CHAT_REQUEST),
+        "kind": str(envelope.get("kind") or ""),  # every stream field is a string
         "correlation_id": str(envelope.get("correlation_id", "")),
-        "reply_to": envelope.get("reply_to") or "",
+        "reply_to": str(envelope.get("reply_to") or ""),
         "source": orjson.dumps(envelope.get("source", {})),
     }
