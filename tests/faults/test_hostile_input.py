@@ -6,6 +6,8 @@ input reaches the logs unescaped."""
 from __future__ import annotations
 
 import copy
+import json
+import os
 import uuid
 from typing import Any
 
@@ -183,7 +185,13 @@ async def _discovery_answered(fault: Fault) -> bool:
 
 
 def json_values() -> st.SearchStrategy[Any]:
-    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text()
+    )
     return st.recursive(
         scalars,
         lambda inner: (
@@ -245,16 +253,17 @@ async def test_generated_envelopes_on_both_intakes(fault: Fault) -> None:
         max_examples=150,
         deadline=None,
         database=None,
-        derandomize=True,
+        derandomize=os.environ.get("HYPOTHESIS_RANDOM") is None,
         suppress_health_check=list(HealthCheck),
     )
     @given(envelope=mutated(template), via_stream=st.booleans())
     def send(envelope: dict[str, Any], via_stream: bool) -> None:
         envelope = fault.ledger.add(with_reply(envelope, "hyp"))
         if via_stream:
-            sync.xadd(STREAM, work_queue_entry(envelope))
+            # The stdlib encoder: generated values include integers beyond 64 bits.
+            sync.xadd(STREAM, {"envelope": json.dumps(envelope), "kind": "llm.chat.request"})
         else:
-            sync.publish(INTAKE, orjson.dumps(envelope))
+            sync.publish(INTAKE, json.dumps(envelope))
 
     try:
         send()
