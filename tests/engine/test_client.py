@@ -66,12 +66,17 @@ async def test_prompt_longer_than_context_is_context_exceeded(ready_engine: Supe
 async def test_server_killed_mid_stream_is_an_error_not_a_short_answer(
     ready_engine: Supervisor,
 ) -> None:
-    body = {"messages": HELLO, "max_tokens": 1000, "temperature": 0}
+    body = {"messages": HELLO, "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    pid = ready_engine.pid
+    assert pid is not None
+    killed = False
     with pytest.raises(UpstreamError):
         async with ready_engine.client.chat_stream(body) as stream:
             async for event in stream:
-                if event.content and ready_engine.pid:
-                    os.kill(ready_engine.pid, signal.SIGKILL)
+                if event.content and not killed:
+                    killed = True
+                    os.kill(pid, signal.SIGKILL)
+    assert killed
 
 
 def test_sse_decoder_handles_split_chunks_comments_and_crlf() -> None:
