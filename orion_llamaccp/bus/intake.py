@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -127,12 +127,6 @@ class Slots:
             await self._changed.wait_for(lambda: self._free > 0)
             self._free -= 1
 
-    def try_acquire(self) -> bool:
-        if self._free > 0:
-            self._free -= 1
-            return True
-        return False
-
     async def release(self, count: int = 1) -> None:
         async with self._changed:
             self._free += count
@@ -151,7 +145,6 @@ class StreamEntry:
     fields: dict[bytes, bytes]
     deliveries: int
     reclaimed: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 EntryHandler = Callable[[StreamEntry], Awaitable[None]]

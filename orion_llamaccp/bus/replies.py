@@ -13,7 +13,6 @@ arrive faster than the window share one chunk.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,7 +24,6 @@ from orion_llamaccp.bus.outbox import ChunkTemplate
 from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.bus.scripts import PUBLISH_IN_ORDER, PUBLISH_ONCE
 
-log = logging.getLogger(__name__)
 GUARD_TTL_SEC = 24 * 3600
 
 

@@ -40,10 +40,6 @@ class Health:
     def ready(self) -> bool:
         return self.status == 200
 
-    @property
-    def loading(self) -> bool:
-        return self.status == 503
-
 
 @dataclass(frozen=True)
 class Props:

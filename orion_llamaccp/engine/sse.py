@@ -9,7 +9,7 @@ slices of the received bytes, no per-chunk objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -197,7 +197,6 @@ class ChunkEvents:
     timings: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     model: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_chunk(data: bytes) -> ChunkEvents:

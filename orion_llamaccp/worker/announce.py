@@ -49,7 +49,7 @@ class WorkerView:
         self.progress: dict[str, Any] | None = None
         self.model: dict[str, Any] = {}
         self.metrics_port: int | None = None
-        self._loop = asyncio.get_event_loop()
+        self._loop = asyncio.get_running_loop()  # built inside the worker's loop
 
     def on_progress(self, event: ProgressEvent) -> None:
         """Called from the download thread."""

@@ -19,7 +19,6 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.claims import Claims
 from orion_llamaccp.bus.codec import decode_envelope, loads_object, message_key, salvage
 from orion_llamaccp.bus.envelope import ServiceRef
@@ -396,7 +395,6 @@ class Worker:
         else:
             self.local.put_nowait(job)
             self.waiting += 1
-            self.stats.local_queue = self.waiting
             if job.correlation_id:
                 self.jobs[job.correlation_id].add(job)
 
@@ -407,7 +405,6 @@ class Worker:
             await self.slots.acquire()
             self.held = None
             self.waiting -= 1
-            self.stats.local_queue = self.waiting
             self._spawn(self._with_slot(job), job)
 
     def _on_cancel(self, data: bytes) -> None:
@@ -531,4 +528,4 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         await redis.aclose()
 
 
-__all__ = ["Worker", "keys", "serve"]
+__all__ = ["Worker", "serve"]

@@ -19,7 +19,6 @@ class Stats:
     outcomes: Counter[str] = field(default_factory=Counter)
     tokens: int = 0
     in_flight: int = 0
-    local_queue: int = 0
     duplicates: int = 0
     _window: deque[tuple[float, int]] = field(default_factory=deque)
 
