@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orion_llamaccp.engine.binary import BinaryInfo, parse_help, probe
-from orion_llamaccp.engine.command import build_launch
+from orion_llamaccp.engine.command import LaunchSpec, build_launch
 from orion_llamaccp.engine.plan import build_plan
 from orion_llamaccp.errors import ConfigError, UnsupportedKnob
 from orion_llamaccp.model.paths import plan_files
@@ -206,12 +206,12 @@ def test_cpu_profile_leaves_cuda_alone_without_override(binary_env: None) -> Non
     assert "CUDA_VISIBLE_DEVICES" not in build_plan(load_settings()).launch.env
 
 
-def _build(raw: dict, binary: BinaryInfo | None, environ: dict | None = None) -> list[str]:
+def _launch(raw: dict, binary: BinaryInfo | None, environ: dict | None = None) -> LaunchSpec:
     profile = parse_profile(
         "p", {"backend": "llamacpp", "llamacpp": {"model_path": "m.gguf", **raw}}
     )
     files = plan_files(profile, None, {"LLM_CACHE_DIR": "/c"})
-    launch = build_launch(
+    return build_launch(
         profile,
         Overrides(),
         files,
@@ -219,7 +219,10 @@ def _build(raw: dict, binary: BinaryInfo | None, environ: dict | None = None) ->
         binary_path="llama-server",
         environ=environ or {},
     )
-    return list(launch.argv)
+
+
+def _build(raw: dict, binary: BinaryInfo | None) -> list[str]:
+    return list(_launch(raw, binary).argv)
 
 
 def test_flag_removed_in_this_build_is_refused(llama_server_bin: Path) -> None:
@@ -257,34 +260,14 @@ def test_knob_missing_from_an_older_build_is_refused() -> None:
 
 def test_api_key_goes_through_env_and_is_masked(llama_server_bin: Path) -> None:
     binary = probe(llama_server_bin)
-    profile = parse_profile(
-        "p",
-        {
-            "backend": "llamacpp",
-            "llamacpp": {
-                "model_path": "m.gguf",
-                "api_key_env": "MY_KEY",
-                "extra_args": ["--api-key", "inline"],
-            },
-        },
-    )
-    files = plan_files(profile, None, {"LLM_CACHE_DIR": "/c"})
-    launch = build_launch(
-        profile,
-        Overrides(),
-        files,
-        binary=binary,
-        binary_path="llama-server",
-        environ={"MY_KEY": "sekrit-value"},
-    )
+    raw = {"api_key_env": "MY_KEY", "extra_args": ["--api-key", "inline"]}
+    launch = _launch(raw, binary, {"MY_KEY": "sekrit-value"})
     assert "sekrit-value" not in launch.argv
     assert launch.env[binary.env_var("--api-key")] == "sekrit-value"
     assert "sekrit-value" not in str(launch.masked_env())
     assert "inline" not in launch.masked_argv()
     with pytest.raises(ConfigError, match="MY_KEY"):
-        build_launch(
-            profile, Overrides(), files, binary=binary, binary_path="llama-server", environ={}
-        )
+        _launch(raw, binary, {})
 
 
 def test_knob_values_render_to_current_flag_syntax() -> None:

@@ -87,18 +87,25 @@ async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) ->
     assert "content" in answer or answer["error"] == "engine_unavailable", answer
 
 
+async def streaming_on_both_intakes(
+    fault: Fault, hi: list, pubsub_tokens: int, stream_tokens: int
+) -> tuple[dict, dict]:
+    """One streamed request through each intake, both generating once this returns."""
+    sent = []
+    for via, tokens in (("pubsub", pubsub_tokens), ("stream", stream_tokens)):
+        envelope = fault.ledger.add(
+            fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": tokens})
+        )
+        await fault.client.send(envelope, profile="tiny", via=via)
+        sent.append(envelope)
+    for envelope in sent:
+        await first_chunk(fault, envelope)
+    return sent[0], sent[1]
+
+
 async def test_llama_server_sigkill_mid_stream(fault: Fault, hi: list) -> None:
     worker = fault.spawn("w", slow=True, parallel=2)
-    via_pubsub = fault.ledger.add(
-        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 4000})
-    )
-    via_stream = fault.ledger.add(
-        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 4000})
-    )
-    await fault.client.send(via_pubsub, profile="tiny")
-    await fault.client.send(via_stream, profile="tiny", via="stream")
-    await first_chunk(fault, via_pubsub)
-    await first_chunk(fault, via_stream)
+    via_pubsub, via_stream = await streaming_on_both_intakes(fault, hi, 4000, 4000)
     os.kill(worker.engine_pid(), signal.SIGKILL)
     worker.wait_ready()
     after = fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 8}))
@@ -117,16 +124,7 @@ async def test_llama_server_sigkill_mid_stream(fault: Fault, hi: list) -> None:
 
 async def test_llama_server_wedged(fault: Fault, hi: list) -> None:
     worker = fault.spawn("w", slow=True, parallel=2)
-    via_pubsub = fault.ledger.add(
-        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 6000})
-    )
-    via_stream = fault.ledger.add(
-        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 3000})
-    )
-    await fault.client.send(via_pubsub, profile="tiny")
-    await fault.client.send(via_stream, profile="tiny", via="stream")
-    await first_chunk(fault, via_pubsub)
-    await first_chunk(fault, via_stream)
+    via_pubsub, via_stream = await streaming_on_both_intakes(fault, hi, 6000, 3000)
     wedged = worker.engine_pid()
     os.kill(wedged, signal.SIGSTOP)
     # Detected by /health (3 checks of 0.5 s + 1 s timeout), killed, restarted.

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.faults.conftest import Fault, assert_exactly_once
+from tests.faults.conftest import Fault, assert_exactly_once, subscribers
 from tests.support.procs import wait_stream_acked, wait_until_async
 
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
@@ -36,8 +36,19 @@ async def send_batch(
 
 
 async def subscribed(fault: Fault, channel: str) -> bool:
-    counts = await fault.raw.pubsub_numsub(channel)
-    return bool(counts) and counts[0][1] >= 1
+    return await subscribers(fault, channel) >= 1
+
+
+async def back_on_the_bus(fault: Fault, since: float, beat_within: float) -> None:
+    """A heartbeat after ``since``, and the worker subscribed to its intake again."""
+    await wait_until_async(
+        lambda: [m for m in beats_of(fault, "w") if m.at > since],
+        timeout=beat_within,
+        what=f"a heartbeat within {beat_within}s",
+    )
+    await wait_until_async(
+        lambda: subscribed(fault, INTAKE), timeout=10, what="the worker subscribed again"
+    )
 
 
 @pytest.mark.parametrize("fault_appendonly", [False, True], ids=["no-persistence", "aof"])
@@ -51,14 +62,7 @@ async def test_redis_killed_and_restarted(fault: Fault, hi: list, fault_appendon
     restarted = time.monotonic()
     await wait_until_async(fault.recorder.subscribed.is_set, what="recorder back")
     # Heartbeats resume within two intervals (1 s each here).
-    await wait_until_async(
-        lambda: [m for m in beats_of(fault, "w") if m.at > restarted],
-        timeout=2.5,
-        what="a heartbeat within two intervals",
-    )
-    await wait_until_async(
-        lambda: subscribed(fault, INTAKE), timeout=10, what="the worker subscribed again"
-    )
+    await back_on_the_bus(fault, restarted, beat_within=2.5)
     await send_batch(fault, hi, streams=5, pubsubs=3)
     assert_exactly_once(await fault.ledger.settle(timeout=60))
     await wait_stream_acked(fault.raw, "orion:stream:llamacpp:tiny:request", "llamacpp:tiny")
@@ -86,14 +90,7 @@ async def test_redis_frozen_longer_than_socket_timeouts(fault: Fault, hi: list) 
     thawed = time.monotonic()
     # Pub/sub is at-most-once while Redis is unreachable: a caller publishing before the
     # worker's new SUBSCRIBE is processed would not be heard, so wait for it (and a beat).
-    await wait_until_async(
-        lambda: [m for m in beats_of(fault, "w") if m.at > thawed],
-        timeout=10,
-        what="a heartbeat after the thaw",
-    )
-    await wait_until_async(
-        lambda: subscribed(fault, INTAKE), timeout=10, what="the worker subscribed again"
-    )
+    await back_on_the_bus(fault, thawed, beat_within=10)
     await send_batch(fault, hi, streams=2, pubsubs=2)
     assert_exactly_once(await fault.ledger.settle(timeout=90))
     for envelope in streaming:
