@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from orion_llamaccp.errors import ModelCorrupt, ModelError, ModelNotFound
-from orion_llamaccp.model.gguf_check import sha256_file, verify_gguf, verify_split_set
+from orion_llamaccp.model.gguf_check import (
+    GGML_BLOCKS,
+    _nbytes,
+    _Tensor,
+    sha256_file,
+    verify_gguf,
+    verify_split_set,
+)
 from tests.model.conftest import make_gguf, make_split_gguf
 
 
@@ -129,3 +136,21 @@ def test_sha256_file_matches_hashlib_and_reports_progress(model: Path) -> None:
 
     assert digest == hashlib.sha256(model.read_bytes()).hexdigest()
     assert seen[-1] == model.stat().st_size
+
+
+def test_block_table_matches_the_gguf_package() -> None:
+    # Our copy spares the worker numpy; it must stay what gguf (and so llama.cpp) says.
+    from gguf import GGML_QUANT_SIZES
+
+    theirs = {int(kind): size for kind, size in GGML_QUANT_SIZES.items()}
+    assert theirs == GGML_BLOCKS
+
+
+@pytest.mark.parametrize("ggml_type", [4, 5, 31, 999])
+def test_an_unknown_tensor_type_has_no_size(ggml_type: int) -> None:
+    assert _nbytes(_Tensor("t", (256, 4), ggml_type, 0)) is None
+
+
+def test_tensor_sizes_follow_the_block_table() -> None:
+    assert _nbytes(_Tensor("f32", (64, 3), 0, 0)) == 64 * 3 * 4
+    assert _nbytes(_Tensor("q4_k", (512, 2), 12, 0)) == 2 * 2 * 144
