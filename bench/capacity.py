@@ -4,8 +4,9 @@ One real worker process relays requests from the bench (pub/sub intake) to the s
 llama-server of ``bench/upstream.py`` and back as chunks and results, closed loop, at 1, 8
 and 64 requests in flight, with coalescing on (``ORION_LLAMACPP_COALESCE_MS=10``) and off
 (``0``: one chunk per token). Reported: relayed tokens/s and requests/s, worker CPU per
-token and per request, the worker's share of a core, and Redis commands per token (round
-trips the worker made, and everything Redis executed for it, script internals included).
+token and per request, the worker's share of a core, and Redis commands per token (the
+commands the worker sent, some of them pipelined together, and everything Redis executed
+for it, script internals included).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ async def measure(
     caller = bus.commands - commands_before
     executed = delta.get("_total", 0) - delta.get("info", 0) - caller
     # Script internals: the chunk script runs GET, SET, PUBLISH; the result script SET, PUBLISH.
-    round_trips = executed - 3 * chunks - 2 * len(outcomes)
+    sent = executed - 3 * chunks - 2 * len(outcomes)
     worker_cpu = cpu["worker"]
     return {
         "concurrency": concurrency,
@@ -105,7 +106,7 @@ async def measure(
         "upstream_core_share": round(cpu.get("upstream", 0) / wall, 3),
         "redis_core_share": round(cpu.get("redis", 0) / wall, 3),
         "bench_core_share": round(bench_cpu / wall, 3),
-        "redis_round_trips_per_token": round(round_trips / tokens, 4) if tokens else None,
+        "redis_commands_sent_per_token": round(sent / tokens, 4) if tokens else None,
         "redis_commands_per_token": round(executed / tokens, 4) if tokens else None,
         "redis_commands": {k: v for k, v in delta.items() if k not in ("_total", "info")},
         "request_latency_ms": summary(o.total * 1000 for o in ok if o.total),
@@ -157,7 +158,7 @@ def _finish(cfg: CapacityConfig, points: list[dict[str, Any]]) -> dict[str, Any]
             p["worker_cpu_us_per_request"],
             p["worker_core_share"],
             p["one_core_tokens_per_s"],
-            p["redis_round_trips_per_token"],
+            p["redis_commands_sent_per_token"],
             p["redis_commands_per_token"],
             p["errors"],
         )
@@ -176,7 +177,7 @@ def _finish(cfg: CapacityConfig, points: list[dict[str, Any]]) -> dict[str, Any]
             "CPU us/req",
             "worker core",
             "tok/s per core",
-            "Redis RT/tok",
+            "Redis sent/tok",
             "Redis cmd/tok",
             "errors",
         ],

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope
+from orion_llamaccp.bus.replies import Stage
 from orion_llamaccp.bus.retry import with_retry
 
 # Compare-and-renew / compare-and-delete: only the marker's owner may touch it.
@@ -126,13 +127,11 @@ class Claims:
             await self._renew(keys=[keys.dedup(self.profile, key)], args=[owner, self.lease_sec])
         )
 
-    async def finish(self, key: str, owner: str, payload: dict[str, Any]) -> None:
+    def stage_finish(self, key: str, owner: str, payload: dict[str, Any]) -> Stage:
+        """Store the result for duplicates; staged to go out in the same round trip as it."""
+        redis_key = keys.dedup(self.profile, key)
         record = orjson.dumps({"state": "done", "owner": owner, "payload": payload})
-        await with_retry(
-            "storing a result",
-            lambda: self.redis.set(keys.dedup(self.profile, key), record, ex=self.dedup_ttl),
-            retry_for=self.retry_for,
-        )
+        return lambda pipe: pipe.set(redis_key, record, ex=self.dedup_ttl)
 
     async def release(self, key: str, owner: str) -> None:
         """Give up a running marker (the request failed): a resend may run again."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from orion_llamaccp.bus.replies import Stage
 from orion_llamaccp.bus.retry import TRANSIENT
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,10 @@ class StreamConsumer:
 
     async def ack(self, entry_id: str) -> None:
         await self.redis.xack(self.stream, self.group, entry_id)
+
+    def stage_ack(self, entry_id: str) -> Stage:
+        """The ack as a pipeline stage, to follow the result in one round trip."""
+        return lambda pipe: pipe.xack(self.stream, self.group, entry_id)
 
     @property
     def tasks(self) -> set[asyncio.Task[None]]:

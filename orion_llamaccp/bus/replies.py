@@ -8,16 +8,22 @@ a final result twice.
 buffer, and one sender task per request publishes, at most once per coalescing window.
 The first token goes out at once (no added time-to-first-token); after that, tokens that
 arrive faster than the window share one chunk.
+
+The end of a request is one round trip: the last chunk, the stored result, the result and
+the stream ack go out as ``Stage``s of one pipeline (``Publisher.commit``), in that order on
+one connection, instead of four calls one after the other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.outbox import ChunkTemplate
@@ -25,6 +31,9 @@ from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.bus.scripts import PUBLISH_IN_ORDER, PUBLISH_ONCE
 
 GUARD_TTL_SEC = 24 * 3600
+
+Stage = Callable[[Pipeline], None]
+"""Queues one command on a pipeline; ``Publisher.commit`` sends a list of them at once."""
 
 
 class Publisher:
@@ -54,13 +63,52 @@ class Publisher:
         )
         return sent >= 0
 
+    def stage_chunk(
+        self, channel: str, request_id: str, attempt: int, seq: int, message: bytes
+    ) -> Stage:
+        key = keys.chunk_seq(request_id, attempt)
+        sha = self._ordered.sha
+        return lambda pipe: pipe.evalsha(sha, 1, key, channel, seq, message, GUARD_TTL_SEC)
+
+    def stage_result(self, channel: str, request_id: str, message: bytes) -> Stage:
+        """The final result, published unless this request was answered before."""
+        key, sha = keys.answered(request_id), self._once.sha
+        return lambda pipe: pipe.evalsha(sha, 1, key, channel, message, GUARD_TTL_SEC)
+
     async def result_once(self, channel: str, request_id: str, message: bytes) -> bool:
         """Publish the final result unless this request was answered before."""
-        key = keys.answered(request_id)
-        sent = await self._retrying(
-            "result", lambda: self._once(keys=[key], args=[channel, message, GUARD_TTL_SEC])
-        )
-        return sent >= 0
+        (sent,) = await self.commit("result", [self.stage_result(channel, request_id, message)])
+        return int(sent) >= 0
+
+    async def commit(self, what: str, stages: Sequence[Stage]) -> list[Any]:
+        """Run ``stages`` in order in one round trip; every stage must be safe to repeat.
+
+        A Redis restart forgets our scripts: on ``NOSCRIPT`` they are loaded again and the
+        whole list is repeated, which the guards make harmless.
+        """
+
+        async def once() -> list[Any]:
+            replies = await self._execute(stages)
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                await self._load_scripts()
+                replies = await self._execute(stages)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+
+        return await with_retry(f"publishing {what}", once, retry_for=self.retry_for)
+
+    async def _execute(self, stages: Sequence[Stage]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for stage in stages:
+            stage(pipe)
+        self.commands += len(stages)
+        return await pipe.execute(raise_on_error=False)
+
+    async def _load_scripts(self) -> None:
+        for script in (self._once, self._ordered):
+            await self.redis.script_load(script.script)
 
     async def already_answered(self, request_id: str) -> bool:
         return bool(await self.redis.exists(keys.answered(request_id)))
@@ -72,7 +120,11 @@ class Publisher:
 
 
 class ChunkStream:
-    """Ordered, coalesced ``llm.chat.chunk`` messages of one request attempt."""
+    """Ordered, coalesced ``llm.chat.chunk`` messages of one request attempt.
+
+    ``gate``: nothing is published before it is set. The worker starts llama-server on a
+    request while Redis still records it as ours, and a duplicate must never leak a chunk.
+    """
 
     def __init__(
         self,
@@ -83,6 +135,7 @@ class ChunkStream:
         request_id: str,
         attempt: int,
         coalesce_sec: float,
+        gate: asyncio.Event | None = None,
     ) -> None:
         self._publisher = publisher
         self._template = template
@@ -90,6 +143,7 @@ class ChunkStream:
         self._request_id = request_id
         self._attempt = attempt
         self._window = coalesce_sec
+        self._gate = gate
         self._content: list[str] = []
         self._reasoning: list[str] = []
         self._wake = asyncio.Event()
@@ -111,27 +165,32 @@ class ChunkStream:
         self._wake.set()
 
     async def _send_loop(self) -> None:
-        while not self._aborted:
+        if self._gate is not None:
+            await self._gate.wait()
+        while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._aborted:
-                return
+            if self._closed or self._aborted:
+                return  # what is left goes out with the result (``finish``)
             wait = self._last_sent + self._window - time.monotonic()
-            if wait > 0 and not self._closed:
+            if wait > 0:
                 await self._nap(wait)
+                if self._closed or self._aborted:
+                    return
             if self._window <= 0:
                 await self._send_each()
             elif self._content or self._reasoning:
                 await self._send("".join(self._content), "".join(self._reasoning))
-            if self._closed and not (self._content or self._reasoning):
-                return
 
     async def _send_each(self) -> None:
         """Coalescing off: one chunk per delta, as a naive relay would."""
-        while self._content or self._reasoning:
-            delta = self._content.pop(0) if self._content else ""
-            reasoning = self._reasoning.pop(0) if self._reasoning else ""
-            await self._publish(delta, reasoning)
+        while (self._content or self._reasoning) and not self._closed:
+            await self._publish(*self._pop_one())
+
+    def _pop_one(self) -> tuple[str, str]:
+        delta = self._content.pop(0) if self._content else ""
+        reasoning = self._reasoning.pop(0) if self._reasoning else ""
+        return delta, reasoning
 
     async def _send(self, delta: str, reasoning: str) -> None:
         self._content.clear()
@@ -147,7 +206,7 @@ class ChunkStream:
         self._last_sent = time.monotonic()
 
     async def _nap(self, seconds: float) -> None:
-        """Wait out the rest of the coalescing window; ``close()`` cuts it short."""
+        """Wait out the rest of the coalescing window; ``finish()`` cuts it short."""
         loop = asyncio.get_running_loop()
         self._napping = nap = loop.create_future()
         timer = loop.call_later(seconds, _settle, nap)
@@ -157,16 +216,34 @@ class ChunkStream:
             timer.cancel()
             self._napping = None
 
-    async def close(self) -> None:
-        """Send what is buffered now, then stop; the result may be published after this.
+    async def finish(self) -> list[Stage]:
+        """Stop the sender and hand back what is still buffered, as pipeline stages.
 
-        The generation is over, so the last chunk does not wait for its window to end.
+        The generation is over: the last chunk does not wait for its window to end, and it
+        travels in the same round trip as the result that must follow it.
         """
         self._closed = True
         self._wake.set()
         if self._napping is not None:
             _settle(self._napping)
         await self._task
+        if self._window <= 0:
+            parts = [self._pop_one() for _ in range(max(len(self._content), len(self._reasoning)))]
+        elif self._content or self._reasoning:
+            parts = [("".join(self._content), "".join(self._reasoning))]
+        else:
+            parts = []
+        self._content.clear()
+        self._reasoning.clear()
+        return [self._stage(delta, reasoning) for delta, reasoning in parts]
+
+    def _stage(self, delta: str, reasoning: str) -> Stage:
+        message = self._template.render(self.seq, delta, reasoning, self._attempt)
+        stage = self._publisher.stage_chunk(
+            self._channel, self._request_id, self._attempt, self.seq, message
+        )
+        self.seq += 1
+        return stage
 
     async def abort(self) -> None:
         """Stop without sending what is buffered (the request is being cut off).

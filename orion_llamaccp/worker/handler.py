@@ -26,7 +26,7 @@ from orion_llamaccp.bus.claims import Claims, idempotency_key
 from orion_llamaccp.bus.codec import decode_chat
 from orion_llamaccp.bus.envelope import CHAT_REQUEST, ChatRequestPayload, Envelope
 from orion_llamaccp.bus.outbox import Outbox
-from orion_llamaccp.bus.replies import ChunkStream, Publisher
+from orion_llamaccp.bus.replies import ChunkStream, Publisher, Stage
 from orion_llamaccp.bus.retry import TRANSIENT
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor
 from orion_llamaccp.errors import ContextExceeded, DecodeError, EngineUnavailable, UpstreamError
@@ -39,6 +39,7 @@ from orion_llamaccp.worker.stats import Stats
 log = logging.getLogger(__name__)
 
 StreamOp = Callable[[Job], Awaitable[None]]
+StageAck = Callable[[Job], Stage | None]
 DeadLetter = Callable[[Job, str, str], Awaitable[None]]
 
 
@@ -56,6 +57,7 @@ class Generation:
     tool_calls: list[Any] = field(default_factory=list)
     tokens: int = 0
     first_token_at: float | None = None
+    tail: list[Stage] = field(default_factory=list)  # unsent chunks, to go with the result
 
 
 class ChatHandler:
@@ -70,6 +72,7 @@ class ChatHandler:
         claims: Claims,
         stats: Stats,
         ack: StreamOp,
+        stage_ack: StageAck,
         dead_letter: DeadLetter,
     ) -> None:
         self.settings = settings
@@ -80,6 +83,7 @@ class ChatHandler:
         self.claims = claims
         self.stats = stats
         self._ack = ack
+        self._stage_ack = stage_ack
         self._dead_letter = dead_letter
         self.observers: list[Callable[[str, float | None, float], None]] = []
 
@@ -141,26 +145,58 @@ class ChatHandler:
             await self._ack(job)
             return 0, None
         key = idempotency_key(envelope, chat)
-        stored = await self._claim_or_wait(job, key)
-        if stored is not None:
-            self.stats.duplicates += 1
-            meta = {**stored.get("meta", {}), "duplicate_of_key": key}
-            await self._answer(job, {**stored, "meta": meta})
-            return 0, None
+        owned = asyncio.Event()
+        generating = self._speculate(job, envelope, chat, options, owned)
         try:
-            generation, attempt = await self._generate_with_retries(
-                job, envelope, chat, options, key
-            )
+            stored, twin = await self._claim_or_wait(job, key, generating)
+            if stored is not None:
+                await _cancel(generating)
+                self.stats.duplicates += 1
+                meta = {**stored.get("meta", {}), "duplicate_of_key": key}
+                await self._answer(job, {**stored, "meta": meta})
+                return 0, None
+        except BaseException:
+            await _cancel(generating)
+            raise
+        if twin:  # ours was cancelled for a twin that then gave the request up
+            await _cancel(generating)
+            generating = self._speculate(job, envelope, chat, options, owned)
+        owned.set()
+        renew = asyncio.create_task(self._renew(key, job.request_id))
+        try:
+            generation, attempt = await generating
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.claims.release(key, job.request_id)
             raise
+        finally:
+            renew.cancel()
         payload = self._success_payload(generation, attempt, job)
-        await self.claims.finish(key, job.request_id, payload)
-        await self._answer(job, payload)
+        stored_result = self.claims.stage_finish(key, job.request_id, payload)
+        await self._answer(job, payload, before=[*generation.tail, stored_result])
         ttft = (generation.first_token_at - job.received) if generation.first_token_at else None
         tokens = int(generation.usage.get("completion_tokens", generation.tokens))
         return tokens, ttft
+
+    def _speculate(
+        self,
+        job: Job,
+        envelope: Envelope,
+        chat: ChatRequestPayload,
+        options: ChatOptions,
+        owned: asyncio.Event,
+    ) -> asyncio.Task[tuple[Generation, int]]:
+        """Start generating before Redis confirms the request is ours (``owned``).
+
+        The idempotency record costs a round trip; llama-server reads the prompt meanwhile.
+        Nothing is published before ``owned`` is set, and a duplicate's generation is
+        cancelled: a duplicate costs a cut-off prompt, every other request one round trip
+        less before its first token.
+        """
+        return asyncio.create_task(
+            self._generate_with_retries(job, envelope, chat, options, owned),
+            name=f"generate-{job.request_id}",
+        )
 
     def _validate(self, job: Job) -> tuple[Envelope, ChatRequestPayload, ChatOptions]:
         if job.decode_error is not None or job.envelope is None:
@@ -211,16 +247,25 @@ class ChatHandler:
             if wait > 0:
                 await asyncio.sleep(min(wait, self.settings.request_timeout_sec))
 
-    async def _claim_or_wait(self, job: Job, key: str) -> dict[str, Any] | None:
-        """Own the idempotency record (returns None) or get the stored result of a twin."""
+    async def _claim_or_wait(
+        self, job: Job, key: str, speculation: asyncio.Task[Any]
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """Own the idempotency record, or get the stored result of a twin.
+
+        Returns (stored result or None when we own the record, whether a twin was seen).
+        While a twin runs, ours must not: the speculative generation is cancelled.
+        """
         deadline = time.monotonic() + self.settings.request_timeout_sec
-        delay = 0.05
+        delay, twin = 0.05, False
         while True:
             record = await self.claims.begin(key, job.request_id)
             if record.state == "new":
-                return None
+                return None, twin
+            if not twin:
+                twin = True
+                speculation.cancel()
             if record.state == "done" and record.payload is not None:
-                return record.payload
+                return record.payload, twin
             if time.monotonic() > deadline:
                 raise Failure(
                     "upstream_failed",
@@ -268,7 +313,7 @@ class ChatHandler:
         envelope: Envelope,
         chat: ChatRequestPayload,
         options: ChatOptions,
-        key: str,
+        owned: asyncio.Event,
     ) -> tuple[Generation, int]:
         """Pub/sub: one try. Streams: a broken upstream is retried up to max deliveries.
 
@@ -280,9 +325,8 @@ class ChatHandler:
         deadline = time.monotonic() + self.settings.request_timeout_sec
         while True:
             await self._engine_ready(job)
-            renew = asyncio.create_task(self._renew(key, job.request_id))
             try:
-                return await self._generate(job, envelope, chat, options, attempt), attempt
+                return await self._generate(job, envelope, chat, options, attempt, owned), attempt
             except ContextExceeded as exc:
                 raise Failure("context_exceeded", str(exc), retryable=False) from None
             except EngineUnavailable as exc:
@@ -301,8 +345,6 @@ class ChatHandler:
                     ) from None
                 log.warning("attempt %d of %s failed (%s): retrying", attempt, job.request_id, exc)
                 attempt += 1
-            finally:
-                renew.cancel()
 
     async def _renew(self, key: str, owner: str) -> None:
         while True:
@@ -317,16 +359,19 @@ class ChatHandler:
         chat: ChatRequestPayload,
         options: ChatOptions,
         attempt: int,
+        owned: asyncio.Event,
     ) -> Generation:
         body, ignored = build_body(chat, options, self.profile)
         if ignored:
             log.debug("options not forwarded to llama-server: %s", ignored)
-        chunks = self._chunk_stream(job, envelope, options, attempt)
+        chunks = self._chunk_stream(job, envelope, options, attempt, owned)
         generation = Generation()
         timeout = options.timeout_sec or self.settings.request_timeout_sec
         try:
             async with asyncio.timeout(timeout):
                 await self._relay(body, generation, chunks)
+                if chunks is not None:
+                    generation.tail = await chunks.finish()
         except TimeoutError:
             if chunks is not None:
                 await chunks.abort()
@@ -337,8 +382,6 @@ class ChatHandler:
             if chunks is not None:
                 await chunks.abort()
             raise
-        if chunks is not None:
-            await chunks.close()
         return generation
 
     async def _relay(
@@ -366,7 +409,7 @@ class ChatHandler:
                     gen.tool_calls.extend(event.tool_calls)
 
     def _chunk_stream(
-        self, job: Job, envelope: Envelope, options: ChatOptions, attempt: int
+        self, job: Job, envelope: Envelope, options: ChatOptions, attempt: int, owned: asyncio.Event
     ) -> ChunkStream | None:
         if not options.stream:
             return None
@@ -382,6 +425,7 @@ class ChatHandler:
             request_id=job.delivery_id,
             attempt=attempt,
             coalesce_sec=self.settings.coalesce_ms / 1000,
+            gate=owned,
         )
 
     def _success_payload(self, gen: Generation, attempt: int, job: Job) -> dict[str, Any]:
@@ -411,8 +455,16 @@ class ChatHandler:
 
     # ------------------------------------------------------------------ answering
 
-    async def _answer(self, job: Job, payload: dict[str, Any]) -> None:
-        """Publish the one final result (if there is a reply_to), then ack the entry."""
+    async def _answer(
+        self, job: Job, payload: dict[str, Any], *, before: list[Stage] | None = None
+    ) -> None:
+        """Publish the one final result (if there is a reply_to) and ack the entry.
+
+        One round trip, in this order: ``before`` (the last chunk, the stored result), the
+        result, the ack. A worker that dies before it leaves the entry pending, and its
+        redelivery finds the request answered (or not) by the guards.
+        """
+        stages = list(before or ())
         reply_to = job.reply_to
         if reply_to:
             message = (
@@ -420,9 +472,12 @@ class ChatHandler:
                 if job.envelope is not None
                 else self.outbox.result_for_undecodable(job.salvaged, payload)
             )
-            await self.publisher.result_once(reply_to, job.delivery_id, message)
-        if job.entry is not None:
-            await self._ack(job)
+            stages.append(self.publisher.stage_result(reply_to, job.delivery_id, message))
+        ack = self._stage_ack(job)
+        if ack is not None:
+            stages.append(ack)
+        if stages:
+            await self.publisher.commit("result", stages)
 
     async def fail(self, job: Job, failure: Failure) -> None:
         log.info("request %s failed: %s: %s", job.request_id, failure.code, failure.message)
@@ -477,3 +532,11 @@ class ChatHandler:
 _DEAD_LETTER_CODES = frozenset(
     {"validation_failed", "unsupported_kind", "upstream_failed", "internal_error"}
 )
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to end; what it raised no longer matters."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()

@@ -25,7 +25,7 @@ from orion_llamaccp.bus.envelope import ServiceRef
 from orion_llamaccp.bus.intake import PubSubListener, Slots, StreamConsumer, StreamEntry
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.presence import Presence, every
-from orion_llamaccp.bus.replies import Publisher
+from orion_llamaccp.bus.replies import Publisher, Stage
 from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.engine.plan import ServicePlan, build_plan
 from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
@@ -96,6 +96,7 @@ class Worker:
             claims=self.claims,
             stats=self.stats,
             ack=self._ack,
+            stage_ack=self._stage_ack,
             dead_letter=self._dead_letter,
         )
         self.listener = PubSubListener(
@@ -488,6 +489,11 @@ class Worker:
                 lambda: self.consumer.ack(entry_id),
                 retry_for=self.settings.redis_retry_sec,
             )
+
+    def _stage_ack(self, job: Job) -> Stage | None:
+        if job.entry is None or self.consumer is None:
+            return None
+        return self.consumer.stage_ack(job.entry.entry_id)
 
     async def _dead_letter(self, job: Job, reason: str, error: str) -> None:
         if job.entry is None:

@@ -96,9 +96,10 @@ async def test_duplicate_request_generates_once(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
 ) -> None:
     worker = spawn_worker()
-    first = bus.request(HI, profile="tiny", options={"max_tokens": 16, "seed": 7})
+    streamed = {"max_tokens": 16, "seed": 7, "stream": True}
+    first = bus.request(HI, profile="tiny", options=streamed)
     resend = {
-        **bus.request(HI, profile="tiny", options={"max_tokens": 16, "seed": 7}),
+        **bus.request(HI, profile="tiny", options=streamed),
         "correlation_id": first["correlation_id"],
     }
     other_question = {
@@ -123,6 +124,10 @@ async def test_duplicate_request_generates_once(
     assert [len(a) for a in answers] == [1] * 5
     assert payloads[1]["content"] == payloads[0]["content"]
     assert "duplicate_of_key" in payloads[1]["meta"]
+    # The resend's own generation starts before Redis says it is a duplicate (to save a
+    # round trip): it must be cut off without one chunk reaching the caller.
+    assert recorder.on(first["reply_to"] + ":chunks")
+    assert recorder.on(resend["reply_to"] + ":chunks") == []
     assert "duplicate_of_key" not in payloads[2]["meta"]  # same flow, different question
     assert payloads[4]["content"] == payloads[3]["content"]
     assert "duplicate_of_key" in payloads[4]["meta"]

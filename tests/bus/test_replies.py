@@ -1,0 +1,106 @@
+"""The reply writer against a real Redis: the ownership gate, the tail that goes out with
+the result in one round trip, and scripts that Redis forgot."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from orion_llamaccp.bus.outbox import ChunkTemplate
+from orion_llamaccp.bus.replies import ChunkStream, Publisher
+from tests.support.procs import wait_until_async
+from tests.support.workers import BusRecorder
+
+CHANNEL = "orion:test:reply:chunks"
+RESULT = "orion:test:reply"
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def _stream(publisher: Publisher, gate: asyncio.Event | None, window: float) -> ChunkStream:
+    return ChunkStream(
+        publisher,
+        ChunkTemplate({"kind": "llm.chat.chunk"}),
+        channel=CHANNEL,
+        request_id="req-1",
+        attempt=1,
+        coalesce_sec=window,
+        gate=gate,
+    )
+
+
+def _seqs_and_text(recorder: BusRecorder) -> tuple[list[int], str]:
+    payloads = [m.message["payload"] for m in recorder.on(CHANNEL)]
+    return [p["seq"] for p in payloads], "".join(p["delta"] for p in payloads)
+
+
+async def test_nothing_is_published_before_the_gate_opens(
+    redis: aioredis.Redis, recorder: BusRecorder
+) -> None:
+    gate = asyncio.Event()
+    chunks = _stream(Publisher(redis), gate, window=0.0)
+    for token in ("a", "b", "c"):
+        chunks.push(token)
+    await asyncio.sleep(0.3)
+    assert recorder.on(CHANNEL) == []
+    gate.set()
+    await wait_until_async(lambda: len(recorder.on(CHANNEL)) == 3, timeout=5, what="3 chunks")
+    assert _seqs_and_text(recorder) == ([0, 1, 2], "abc")
+    assert await chunks.finish() == []
+
+
+async def test_aborted_before_the_gate_publishes_nothing(
+    redis: aioredis.Redis, recorder: BusRecorder
+) -> None:
+    chunks = _stream(Publisher(redis), asyncio.Event(), window=0.01)
+    chunks.push("leak")
+    await chunks.abort()
+    await asyncio.sleep(0.3)
+    assert recorder.on(CHANNEL) == []
+
+
+@pytest.mark.parametrize("window", [0.0, 10.0])
+async def test_tail_goes_out_with_the_result_in_order(
+    redis: aioredis.Redis, recorder: BusRecorder, window: float
+) -> None:
+    publisher = Publisher(redis)
+    chunks = _stream(publisher, None, window)
+    chunks.push("first ")
+    await wait_until_async(lambda: recorder.on(CHANNEL), timeout=5, what="first chunk at once")
+    for token in ("se", "co", "nd"):
+        chunks.push(token)
+    tail = await chunks.finish()
+    # Coalescing on: the rest waits for its window, so it is all in one tail chunk.
+    assert len(tail) == (3 if window == 0 else 1)
+    replies = await publisher.commit(
+        "result", [*tail, publisher.stage_result(RESULT, "req-1", b'{"done": true}')]
+    )
+    assert replies[-1] == 1  # one receiver: the recorder
+    await wait_until_async(lambda: recorder.on(RESULT), timeout=5, what="result")
+    seqs, text = _seqs_and_text(recorder)
+    assert text == "first second"
+    assert seqs == list(range(len(seqs)))
+    order = [m.channel for m in recorder.messages if m.channel in (CHANNEL, RESULT)]
+    assert order[-1] == RESULT and order.count(RESULT) == 1
+
+
+async def test_commit_repeats_nothing_and_survives_a_script_flush(
+    redis: aioredis.Redis, recorder: BusRecorder
+) -> None:
+    publisher = Publisher(redis)
+    result = publisher.stage_result(RESULT, "req-2", b'{"n": 1}')
+    chunk = publisher.stage_chunk(CHANNEL, "req-2", 1, 0, b'{"payload": {"seq": 0}}')
+    await redis.script_flush()  # what a Redis restart does to our scripts
+    assert await publisher.commit("result", [chunk, result]) == [1, 1]
+    assert await publisher.commit("result", [chunk, result]) == [-1, -1]  # a retry: no-op
+    await asyncio.sleep(0.2)
+    assert len(recorder.on(RESULT)) == 1
+    assert len(recorder.on(CHANNEL)) == 1
