@@ -55,7 +55,7 @@ def _wrap_async(owner: Any, name: str, enter: str | None, leave: str | None) -> 
 
 def install() -> None:
     from orion_llamaccp.bus import claims, intake, replies
-    from orion_llamaccp.engine import client
+    from orion_llamaccp.engine import stream
     from orion_llamaccp.worker import handler, service
 
     _wrap_sync(intake.PubSubListener, "_dispatch", "pubsub message read")
@@ -64,7 +64,7 @@ def install() -> None:
     _wrap_async(claims.Claims, "claim_message", None, "message claimed (SET NX)")
     _wrap_async(handler.ChatHandler, "handle", "handler starts", None)
     _wrap_async(claims.Claims, "begin", None, "idempotency record (SET NX)")
-    _wrap_async(client._StreamPool, "open", "HTTP request sent", "HTTP 200 head read")
+    _wrap_async(stream.StreamPool, "open", "HTTP request sent", "HTTP 200 head read")
     _wrap_sync(replies.ChunkStream, "push", "token pushed")
     _wrap_async(replies.Publisher, "chunk", None, "chunk published")
     _wrap_async(replies.Publisher, "commit", "result publish starts", "result published")

@@ -188,7 +188,14 @@ class StreamConnection(asyncio.Protocol):
 
 
 class StreamPool:
-    """Keep-alive connections for streamed chats; a used one goes back when its response ended."""
+    """Keep-alive connections for streamed chats; a used one goes back when its response ended.
+
+    llama-server (cpp-httplib) closes the connection after every streamed response, so
+    reuse alone would make each request connect first. The pool therefore keeps ``spares``
+    connections opened ahead of need: taking one starts opening the next in the background.
+    An unused spare is closed by llama-server after its keep-alive timeout (5 s) and not
+    replaced until the next request, so an idle worker holds no connection for long.
+    """
 
     def __init__(
         self,
@@ -200,13 +207,19 @@ class StreamPool:
         connect_timeout: float,
         read_timeout: float,
         max_idle: int = 64,
+        spares: int = 1,
     ) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
+        self.spares = spares
         self.idle: list[StreamConnection] = []
+        self.connects = 0
+        self.connects_waited = 0  # ... of which a request had to wait for
+        self._opening = 0
+        self._refills: set[asyncio.Task[None]] = set()
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self._head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
@@ -214,6 +227,7 @@ class StreamPool:
         ).encode("latin-1")
 
     async def _connect(self) -> StreamConnection:
+        self.connects += 1
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -233,8 +247,10 @@ class StreamPool:
             conn = self._take_idle()
             reused = conn is not None
             if conn is None:
+                self.connects_waited += 1
                 conn = await self._connect()
             conn.start(request, self.read_timeout)
+            self._refill()
             try:
                 await conn.head()
             except asyncio.CancelledError:
@@ -258,6 +274,27 @@ class StreamPool:
                 ) from exc
             self.finish(conn)
             raise_for_response(conn.decoder.status, body)
+
+    def _refill(self) -> None:
+        """Open connections in the background until ``spares`` wait unused."""
+        self.idle = [conn for conn in self.idle if not conn.closed]
+        for _ in range(self.spares - len(self.idle) - self._opening):
+            self._opening += 1
+            task = asyncio.get_running_loop().create_task(self._open_spare())
+            self._refills.add(task)
+            task.add_done_callback(self._refills.discard)
+
+    async def _open_spare(self) -> None:
+        try:
+            conn = await self._connect()
+        except EngineUnavailable:
+            return  # llama-server is down or restarting: the next request finds out itself
+        finally:
+            self._opening -= 1
+        if len(self.idle) < self.max_idle:
+            self.idle.append(conn)
+        else:
+            conn.close()
 
     def _take_idle(self) -> StreamConnection | None:
         while self.idle:
@@ -285,6 +322,8 @@ class StreamPool:
         self.idle.append(conn)
 
     def close(self) -> None:
+        for task in self._refills:
+            task.cancel()
         for conn in self.idle:
             conn.close()
         self.idle.clear()

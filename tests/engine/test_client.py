@@ -92,3 +92,21 @@ def test_sse_decoder_handles_split_chunks_comments_and_crlf() -> None:
 def test_mid_stream_error_payload_is_typed() -> None:
     events = parse_chunk(b'{"error":{"code":500,"message":"boom","type":"server_error"}}')
     assert events.error == {"code": 500, "message": "boom", "type": "server_error"}
+
+
+async def test_requests_find_a_connection_opened_ahead(ready_engine: Supervisor) -> None:
+    """llama-server closes the connection after each streamed response; only the first
+    request of a worker may wait for a TCP connect, the others take a spare."""
+    client = ready_engine.client
+    pool = client._streams
+    assert pool is not None
+    for n in range(5):
+        await wait_until_async(
+            lambda: n == 0 or any(not c.closed for c in pool.idle),
+            timeout=5,
+            what="a spare connection open",
+        )
+        async with client.chat_stream({"messages": HELLO, "max_tokens": 3}) as stream:
+            assert [e async for e in stream]
+    assert pool.connects_waited <= 1
+    assert pool.connects >= 5  # llama-server did close every streamed connection
