@@ -183,9 +183,15 @@ class ChunkStream:
                 await self._send("".join(self._content), "".join(self._reasoning))
 
     async def _send_each(self) -> None:
-        """Coalescing off: one chunk per delta, as a naive relay would."""
-        while (self._content or self._reasoning) and not self._closed:
-            await self._publish(*self._pop_one())
+        """Coalescing off: one chunk per delta. Deltas that queued up while the previous
+        chunk was on its way go out together, one command each, in one round trip."""
+        stages = [self._stage(*self._pop_one()) for _ in range(self._pending())]
+        if stages:
+            await self._publisher.commit("chunks", stages)
+            self._last_sent = time.monotonic()
+
+    def _pending(self) -> int:
+        return max(len(self._content), len(self._reasoning))
 
     def _pop_one(self) -> tuple[str, str]:
         delta = self._content.pop(0) if self._content else ""
@@ -228,7 +234,7 @@ class ChunkStream:
             _settle(self._napping)
         await self._task
         if self._window <= 0:
-            parts = [self._pop_one() for _ in range(max(len(self._content), len(self._reasoning)))]
+            parts = [self._pop_one() for _ in range(self._pending())]
         elif self._content or self._reasoning:
             parts = [("".join(self._content), "".join(self._reasoning))]
         else:
