@@ -18,22 +18,21 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.claims import Claims, idempotency_key
 from orion_llamaccp.bus.codec import decode_chat
 from orion_llamaccp.bus.envelope import CHAT_REQUEST, ChatRequestPayload, Envelope
 from orion_llamaccp.bus.outbox import Outbox
-from orion_llamaccp.bus.replies import ChunkStream, Publisher, Stage
+from orion_llamaccp.bus.replies import Publisher, Stage
 from orion_llamaccp.bus.retry import TRANSIENT
-from orion_llamaccp.engine.supervisor import EngineState, Supervisor
-from orion_llamaccp.errors import ContextExceeded, DecodeError, EngineUnavailable, UpstreamError
+from orion_llamaccp.engine.supervisor import Supervisor
+from orion_llamaccp.errors import DecodeError
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.settings import Settings
-from orion_llamaccp.worker.jobs import Failure, Job
-from orion_llamaccp.worker.llama_request import ChatOptions, build_body, parse_options
+from orion_llamaccp.worker.generation import Generation, Generator
+from orion_llamaccp.worker.jobs import Failure, Job, LeavePending
+from orion_llamaccp.worker.llama_request import ChatOptions, parse_options
 from orion_llamaccp.worker.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -41,23 +40,6 @@ log = logging.getLogger(__name__)
 StreamOp = Callable[[Job], Awaitable[None]]
 StageAck = Callable[[Job], Stage | None]
 DeadLetter = Callable[[Job, str, str], Awaitable[None]]
-
-
-class LeavePending(Exception):
-    """Stop working on a stream entry without answering: another attempt will."""
-
-
-@dataclass
-class Generation:
-    content: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, Any] = field(default_factory=dict)
-    tool_calls: list[Any] = field(default_factory=list)
-    tokens: int = 0
-    first_token_at: float | None = None
-    tail: list[Stage] = field(default_factory=list)  # unsent chunks, to go with the result
 
 
 class ChatHandler:
@@ -77,9 +59,15 @@ class ChatHandler:
     ) -> None:
         self.settings = settings
         self.profile = profile
-        self.supervisor = supervisor
         self.outbox = outbox
         self.publisher = publisher
+        self.generator = Generator(
+            settings=settings,
+            profile=profile,
+            supervisor=supervisor,
+            outbox=outbox,
+            publisher=publisher,
+        )
         self.claims = claims
         self.stats = stats
         self._ack = ack
@@ -194,7 +182,7 @@ class ChatHandler:
         less before its first token.
         """
         return asyncio.create_task(
-            self._generate_with_retries(job, envelope, chat, options, owned),
+            self.generator.run(job, envelope, chat, options, owned),
             name=f"generate-{job.request_id}",
         )
 
@@ -275,158 +263,11 @@ class ChatHandler:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 
-    async def _engine_ready(self, job: Job) -> None:
-        supervisor = self.supervisor
-        if supervisor.state is EngineState.READY:
-            return
-        if supervisor.state in (EngineState.FAILED, EngineState.STOPPED, EngineState.DRAINING):
-            if job.transport == "stream":
-                raise LeavePending(f"engine is {supervisor.state}")
-            raise Failure(
-                "engine_unavailable",
-                f"llama-server is {supervisor.state}",
-                retryable=True,
-                details={"engine_state": str(supervisor.state)},
-            )
-        wait = None if job.transport == "stream" else self.settings.engine_wait_sec
-        try:
-            state = await supervisor.wait_for(
-                EngineState.READY,
-                EngineState.FAILED,
-                EngineState.STOPPED,
-                EngineState.DRAINING,
-                timeout=wait,
-            )
-        except TimeoutError:
-            raise Failure(
-                "engine_unavailable",
-                f"llama-server not ready within {wait:.0f}s ({supervisor.state})",
-                retryable=True,
-                details={"engine_state": str(supervisor.state)},
-            ) from None
-        if state is not EngineState.READY:
-            await self._engine_ready(job)
-
-    async def _generate_with_retries(
-        self,
-        job: Job,
-        envelope: Envelope,
-        chat: ChatRequestPayload,
-        options: ChatOptions,
-        owned: asyncio.Event,
-    ) -> tuple[Generation, int]:
-        """Pub/sub: one try. Streams: a broken upstream is retried up to max deliveries.
-
-        Only a generation that reached llama-server counts as an attempt: when the stream
-        breaks, llama-server may be dead before the supervisor has noticed, and a request
-        that cannot connect yet simply waits for the restart under the same attempt.
-        """
-        attempt = job.first_attempt
-        deadline = time.monotonic() + self.settings.request_timeout_sec
-        while True:
-            await self._engine_ready(job)
-            try:
-                return await self._generate(job, envelope, chat, options, attempt, owned), attempt
-            except ContextExceeded as exc:
-                raise Failure("context_exceeded", str(exc), retryable=False) from None
-            except EngineUnavailable as exc:
-                if job.transport == "pubsub" or time.monotonic() > deadline:
-                    raise Failure(
-                        "engine_unavailable",
-                        str(exc),
-                        retryable=True,
-                        details={"engine_state": str(self.supervisor.state)},
-                    ) from None
-                await asyncio.sleep(0.25)  # the supervisor is about to see the crash
-            except UpstreamError as exc:
-                if job.transport == "pubsub" or attempt >= self.settings.stream_max_deliveries:
-                    raise Failure(
-                        "upstream_failed", str(exc), retryable=True, details={"attempt": attempt}
-                    ) from None
-                log.warning("attempt %d of %s failed (%s): retrying", attempt, job.request_id, exc)
-                attempt += 1
-
     async def _renew(self, key: str, owner: str) -> None:
         while True:
             await asyncio.sleep(self.claims.lease_sec / 3)
             with contextlib.suppress(Exception):
                 await self.claims.renew(key, owner)
-
-    async def _generate(
-        self,
-        job: Job,
-        envelope: Envelope,
-        chat: ChatRequestPayload,
-        options: ChatOptions,
-        attempt: int,
-        owned: asyncio.Event,
-    ) -> Generation:
-        body, ignored = build_body(chat, options, self.profile)
-        if ignored:
-            log.debug("options not forwarded to llama-server: %s", ignored)
-        chunks = self._chunk_stream(job, envelope, options, attempt, owned)
-        generation = Generation()
-        timeout = options.timeout_sec or self.settings.request_timeout_sec
-        try:
-            async with asyncio.timeout(timeout):
-                await self._relay(body, generation, chunks)
-                if chunks is not None:
-                    generation.tail = await chunks.finish()
-        except TimeoutError:
-            if chunks is not None:
-                await chunks.abort()
-            raise Failure(
-                "upstream_failed", f"generation exceeded {timeout:.0f}s", retryable=True
-            ) from None
-        except BaseException:
-            if chunks is not None:
-                await chunks.abort()
-            raise
-        return generation
-
-    async def _relay(
-        self, body: dict[str, Any], gen: Generation, chunks: ChunkStream | None
-    ) -> None:
-        """The per-token loop: keep it free of awaits other than the next event."""
-        push = chunks.push if chunks is not None else None
-        async with self.supervisor.client.chat_stream(body) as events:
-            async for event in events:
-                if event.content or event.reasoning:
-                    if gen.first_token_at is None:
-                        gen.first_token_at = time.monotonic()
-                    gen.content.append(event.content)
-                    gen.reasoning.append(event.reasoning)
-                    gen.tokens += 1
-                    if push is not None:
-                        push(event.content, event.reasoning)
-                if event.finish_reason:
-                    gen.finish_reason = event.finish_reason
-                if event.usage:
-                    gen.usage = event.usage
-                if event.timings:
-                    gen.timings = event.timings
-                if event.tool_calls:
-                    gen.tool_calls.extend(event.tool_calls)
-
-    def _chunk_stream(
-        self, job: Job, envelope: Envelope, options: ChatOptions, attempt: int, owned: asyncio.Event
-    ) -> ChunkStream | None:
-        if not options.stream:
-            return None
-        channel = options.stream_channel or (
-            keys.chunk_channel(envelope.reply_to) if envelope.reply_to else None
-        )
-        if channel is None:
-            return None
-        return ChunkStream(
-            self.publisher,
-            self.outbox.chunks_for(envelope),
-            channel=channel,
-            request_id=job.delivery_id,
-            attempt=attempt,
-            coalesce_sec=self.settings.coalesce_ms / 1000,
-            gate=owned,
-        )
 
     def _success_payload(self, gen: Generation, attempt: int, job: Job) -> dict[str, Any]:
         usage = gen.usage or {}

@@ -72,6 +72,10 @@ class Job:
         return self.salvaged.get("correlation_id")
 
 
+class LeavePending(Exception):
+    """Stop working on a stream entry without answering: another attempt will."""
+
+
 class Failure(Exception):
     """A request that ends with an error result; ``code`` is the contract's error code."""
 
