@@ -12,8 +12,6 @@ from collections.abc import Callable
 
 import orjson
 import yaml
-from rich.console import Console
-from rich.table import Table
 
 from orion_llamaccp.engine.binary import find_binary, probe
 from orion_llamaccp.engine.plan import ServicePlan, build_plan
@@ -41,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_profiles(args: argparse.Namespace, settings: Settings) -> int:
+    # Imported here: every command builds this parser, and `run` must not wait for rich.
+    from rich.console import Console
+    from rich.table import Table
+
     registry = load_registry(settings.profiles_config_path)
     table = Table(title=f"profiles in {registry.path}")
     for column in ("name", "backend", "model_id", "GPUs", "ctx", "slots", "status"):

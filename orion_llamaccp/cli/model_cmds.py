@@ -12,15 +12,19 @@ import argparse
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
 from orion_llamaccp.engine.plan import select_profile
-from orion_llamaccp.model.fetch import ResolvedModel, ensure_model, verify_model
-from orion_llamaccp.model.gguf_check import GgufInfo, sha256_file, verify_gguf, verify_split_set
-from orion_llamaccp.model.paths import split_parts
-from orion_llamaccp.model.progress import LogProgress, ProgressHook, TerminalProgress
 from orion_llamaccp.settings import Settings
+
+# The model modules are imported by the commands that use them: every command builds this
+# parser, and `run` must not wait for huggingface_hub before it subscribes.
+if TYPE_CHECKING:
+    from orion_llamaccp.model.fetch import ResolvedModel
+    from orion_llamaccp.model.gguf_check import GgufInfo
+    from orion_llamaccp.model.progress import ProgressHook
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace, settings: Settings) -> int:
+    from orion_llamaccp.model.fetch import ensure_model
+
     _, profile = select_profile(settings, args.profile)
     with ExitStack() as stack:
         resolved = ensure_model(profile, settings, progress=_progress_hook(stack))
@@ -62,6 +68,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     if target is not None and _looks_like_path(target):
         _verify_path(Path(target).expanduser(), args.hash, args.json)
         return 0
+    from orion_llamaccp.model.fetch import verify_model
+
     _, profile = select_profile(settings, target)
     with ExitStack() as stack:
         hook = _progress_hook(stack) if args.hash else None
@@ -75,12 +83,17 @@ def _looks_like_path(target: str) -> bool:
 
 
 def _progress_hook(stack: ExitStack) -> ProgressHook:
+    from orion_llamaccp.model.progress import LogProgress, TerminalProgress
+
     if sys.stderr.isatty():
         return stack.enter_context(TerminalProgress())
     return LogProgress()
 
 
 def _verify_path(path: Path, with_hash: bool, as_json: bool) -> None:
+    from orion_llamaccp.model.gguf_check import sha256_file, verify_gguf, verify_split_set
+    from orion_llamaccp.model.paths import split_parts
+
     infos = [verify_gguf(part) for part in split_parts(path)]
     verify_split_set(infos)
     rows = [_row(info, sha256_file(info.path) if with_hash else None) for info in infos]
