@@ -58,7 +58,7 @@ async def _engine_only(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
-    from orion_llamaccp.worker import serve
+    from orion_llamaccp.worker.startup import serve
 
     stop = asyncio.Event()
     install_stop_signals(stop)
@@ -72,7 +72,8 @@ async def _demo(settings: Settings, prompt: str, max_tokens: int) -> int:
     from orion_llamaccp.client import BusClient
     from orion_llamaccp.engine.plan import build_plan
     from orion_llamaccp.engine.supervisor import EngineState
-    from orion_llamaccp.worker.service import Worker, connect
+    from orion_llamaccp.worker.service import Worker
+    from orion_llamaccp.worker.startup import connect
 
     stop = asyncio.Event()
     redis = connect(settings)

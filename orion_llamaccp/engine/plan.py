@@ -52,6 +52,13 @@ def build_plan(
     so ``command`` still shows what would run on a machine without llama-server.
     """
     registry, profile = select_profile(settings, profile_name)
+    return plan_profile(settings, registry, profile, require_binary=require_binary)
+
+
+def plan_profile(
+    settings: Settings, registry: Registry, profile: Profile, *, require_binary: bool = True
+) -> ServicePlan:
+    """``build_plan`` for a profile already selected; runs the binary's ``--help``."""
     overrides = settings.overrides
     files = plan_files(profile, overrides.model_path, settings.environ())
     binary: BinaryInfo | None = None

@@ -165,6 +165,12 @@ class Supervisor:
         if state is not EngineState.READY:
             raise self.failure or EngineStartError("llama-server stopped before it was ready")
 
+    def expect_start(self) -> None:
+        """``start`` will follow (after the model check or download): from now on, callers
+        wait for readiness instead of being told that llama-server is stopped."""
+        if self._task is None and self.state is EngineState.STOPPED:
+            self._set(EngineState.STARTING)
+
     def begin_drain(self) -> None:
         """Stop being ``ready`` (no new work); llama-server keeps running for in-flight work."""
         if self.state in (

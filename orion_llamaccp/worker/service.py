@@ -22,12 +22,12 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus.claims import Claims
 from orion_llamaccp.bus.codec import decode_envelope, loads_object, message_key, salvage
 from orion_llamaccp.bus.envelope import ServiceRef
-from orion_llamaccp.bus.intake import PubSubListener, Slots, StreamConsumer, StreamEntry
+from orion_llamaccp.bus.intake import Slots, StreamConsumer, StreamEntry
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.presence import Presence, every
 from orion_llamaccp.bus.replies import Publisher, Stage
 from orion_llamaccp.bus.retry import with_retry
-from orion_llamaccp.engine.plan import ServicePlan, build_plan
+from orion_llamaccp.engine.plan import ServicePlan
 from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
 from orion_llamaccp.errors import DecodeError, OrionLlamaError
@@ -36,29 +36,22 @@ from orion_llamaccp.worker.announce import WorkerView
 from orion_llamaccp.worker.handler import ChatHandler
 from orion_llamaccp.worker.jobs import Failure, Job
 from orion_llamaccp.worker.metrics import Metrics
+from orion_llamaccp.worker.startup import Intake, transports
 from orion_llamaccp.worker.stats import Stats
 
 log = logging.getLogger(__name__)
 
 
-def connect(settings: Settings) -> aioredis.Redis:
-    """The worker's Redis client. No silent retries inside redis-py: every retry is ours,
-    and only where repeating a call is safe (see ``bus.retry``)."""
-    timeout = settings.redis_socket_timeout_sec
-    return aioredis.Redis.from_url(
-        settings.bus_url.get_secret_value(),
-        socket_timeout=timeout,
-        socket_connect_timeout=min(timeout, 3.0),
-        health_check_interval=15,
-        retry_on_timeout=False,
-        max_connections=512,
-    )
-
-
 class Worker:
     """One profile served on the bus. ``run(stop)`` returns the process exit code."""
 
-    def __init__(self, settings: Settings, plan: ServicePlan, redis: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        plan: ServicePlan,
+        redis: aioredis.Redis,
+        intake: Intake | None = None,
+    ) -> None:
         self.settings = settings
         self.plan = plan
         self.profile = plan.profile
@@ -82,11 +75,13 @@ class Worker:
         self.waiting = 0  # accepted pub/sub jobs that do not hold a slot yet
         self.held: Job | None = None
         self.stopping = False
-        self.inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self.jobs: dict[str, set[Job]] = defaultdict(set)
         self.tasks: set[asyncio.Task[None]] = set()
         self.channels = self.view.channels
-        transports = {t.strip() for t in settings.transports.split(",")}
+        # ``serve`` listens before building us (see startup.py): its intake, if given.
+        self.intake = intake or Intake(settings, redis, self.channels)
+        self.inbox = self.intake.inbox
+        self.listener = self.intake.listener
         self.handler = ChatHandler(
             settings=settings,
             profile=self.profile,
@@ -98,21 +93,6 @@ class Worker:
             ack=self._ack,
             stage_ack=self._stage_ack,
             dead_letter=self._dead_letter,
-        )
-        self.listener = PubSubListener(
-            redis,
-            [
-                c
-                for c in (
-                    self.channels.intake if "pubsub" in transports else None,
-                    settings.cancel_channel,
-                    settings.discover_channel,
-                )
-                if c
-            ],
-            self._on_pubsub,
-            ping_interval=settings.pubsub_ping_sec,
-            ping_timeout=3 * settings.pubsub_ping_sec,
         )
         self.consumer = (
             StreamConsumer(
@@ -127,7 +107,7 @@ class Worker:
                 # A blocking read must end well before the socket timeout would cut it.
                 block_ms=int(min(1000, settings.redis_socket_timeout_sec * 500)),
             )
-            if "stream" in transports
+            if "stream" in transports(settings)
             else None
         )
         self.presence = Presence(
@@ -156,10 +136,13 @@ class Worker:
         return metrics
 
     async def run(self, stop: asyncio.Event) -> int:
-        intake_stop, presence_stop = asyncio.Event(), asyncio.Event()
+        intake_stop, presence_stop = self.intake.stop, asyncio.Event()
+        # From here a request waits for the engine instead of being told it is stopped,
+        # those heard while ``serve`` built us included.
+        self.supervisor.expect_start()
         metrics = self._start_metrics()
         background = [
-            asyncio.create_task(self.listener.run(intake_stop), name="pubsub"),
+            self.intake.start(),
             asyncio.create_task(self._pubsub_intake(), name="pubsub-intake"),
             asyncio.create_task(self.presence.run(presence_stop), name="presence"),
         ]
@@ -330,9 +313,6 @@ class Worker:
             await self.slots.release()
 
     # ------------------------------------------------------------------ pub/sub intake
-
-    def _on_pubsub(self, channel: str, data: bytes) -> None:
-        self.inbox.put_nowait((channel, data))
 
     async def _pubsub_intake(self) -> None:
         while True:
@@ -524,14 +504,4 @@ def _entry_envelope(entry: StreamEntry) -> bytes | None:
     return None
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> int:
-    """``orion-llamaccp run``: build the plan, serve until ``stop``, return the exit code."""
-    plan = build_plan(settings)
-    redis = connect(settings)
-    try:
-        return await Worker(settings, plan, redis).run(stop)
-    finally:
-        await redis.aclose()
-
-
-__all__ = ["Worker", "serve"]
+__all__ = ["Worker"]

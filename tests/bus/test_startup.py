@@ -1,0 +1,65 @@
+"""Start-up: the worker listens before it is built, and a request sent meanwhile is served."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from orion_llamaccp.client import BusClient
+from tests.bus.conftest import SpawnWorker
+from tests.engine.conftest import PRELUDE
+from tests.support.procs import wait_until_async
+
+HI = [{"role": "user", "content": "hello there"}]
+INTAKE = "orion:exec:request:LlamaCppHost:tiny"
+
+
+async def _subscribers(redis_url: str, channel: str) -> int:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        counts = await client.pubsub_numsub(channel)
+    finally:
+        await client.aclose()
+    return int(counts[0][1]) if counts else 0
+
+
+async def test_request_sent_while_the_worker_is_built_is_served(
+    spawn_worker: SpawnWorker, bus: BusClient, redis_url: str, llama_server_bin: Path
+) -> None:
+    # Every run of the binary, `--help` included, first sleeps: the plan takes seconds.
+    worker = spawn_worker(
+        ready=False,
+        LLAMA_SERVER_BIN=str(PRELUDE),
+        REAL_LLAMA_SERVER=str(llama_server_bin),
+        PRELUDE_SILENT="1.5",
+    )
+    await wait_until_async(
+        lambda: _subscribers(redis_url, INTAKE), timeout=30, what="the intake subscribed"
+    )
+    assert worker.announcement() is None  # subscribed, but no worker announcing yet
+
+    result = await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=60)
+
+    assert result.ok, result.payload
+    assert result.payload["usage"]["completion_tokens"] == 2
+
+
+def test_a_missing_binary_still_fails_the_run_at_once(subprocess_env: dict, tmp_path: Path) -> None:
+    env = {**subprocess_env, "LLAMA_SERVER_BIN": str(tmp_path / "nope")}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "orion_llamaccp", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert f"error: LLAMA_SERVER_BIN={tmp_path / 'nope'} does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 10
