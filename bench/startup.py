@@ -9,7 +9,8 @@ stamps (``time.monotonic()``, one clock for all processes on Linux):
   on a keep-alive connection, beside the supervisor's own polling);
 - ``ready``: the worker's first ``llm.profile.announce.v1`` with ``state: ready`` arrives.
 
-Interpreter start and the import of the worker's modules are timed too, for scale.
+Interpreter start and the import of the worker's modules are timed too, for scale: those
+the worker needs before it subscribes (``worker.startup``), and all of them.
 """
 
 from __future__ import annotations
@@ -168,6 +169,9 @@ async def run(ws: Workspace, cfg: StartupConfig | None = None) -> dict[str, Any]
         key: summary((r[key] for r in rounds if r[key] is not None), 1) for key in rounds[0]
     }
     results["python_start_ms"] = _time_python(["-c", "pass"], cfg.import_runs)
+    results["import_subscribe_ms"] = _time_python(
+        ["-c", "import orion_llamaccp.cli, orion_llamaccp.worker.startup"], cfg.import_runs
+    )
     results["import_worker_ms"] = _time_python(
         ["-c", "import orion_llamaccp.cli, orion_llamaccp.worker.service"], cfg.import_runs
     )
@@ -182,6 +186,7 @@ def _finish(cfg: StartupConfig, results: dict[str, Any]) -> dict[str, Any]:
         "spawn_to_health_200_ms": "worker spawned -> llama-server /health 200",
         "spawn_to_ready_ms": "worker spawned -> `ready` announced",
         "python_start_ms": "for scale: `python -c pass`",
+        "import_subscribe_ms": "for scale: python + import of what subscribing needs",
         "import_worker_ms": "for scale: python + import of the worker's modules",
     }
     rows = [
