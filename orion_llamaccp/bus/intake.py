@@ -17,12 +17,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from orion_llamaccp.bus.replies import Stage
 from orion_llamaccp.bus.retry import TRANSIENT
+
+if TYPE_CHECKING:  # replies pulls in the envelope models, which the worker needs only later
+    from orion_llamaccp.bus.replies import Stage
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,10 @@ class PubSubListener:
         try:
             await pubsub.subscribe(*self.channels)
             self.subscribed.set()
-            log.info("subscribed to %s", ", ".join(self.channels))
+            # The first time is the owner's to report (the worker does once it is built);
+            # subscribing again after a lost connection is news.
+            level = logging.INFO if self.reconnects else logging.DEBUG
+            log.log(level, "subscribed to %s", ", ".join(self.channels))
             last_pong = last_ping = time.monotonic()
             while not stop.is_set():
                 message = await pubsub.get_message(timeout=min(1.0, self.ping_interval))

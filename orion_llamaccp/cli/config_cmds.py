@@ -9,15 +9,17 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import orjson
-import yaml
 
-from orion_llamaccp.engine.binary import find_binary, probe
-from orion_llamaccp.engine.plan import ServicePlan, build_plan
 from orion_llamaccp.errors import OrionLlamaError
-from orion_llamaccp.profiles.registry import load_registry
 from orion_llamaccp.settings import Settings
+
+# The registry, the engine and rich are imported by the commands that use them: every
+# command builds this parser, and `run` subscribes before it reads the profile.
+if TYPE_CHECKING:
+    from orion_llamaccp.engine.plan import ServicePlan
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -39,9 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_profiles(args: argparse.Namespace, settings: Settings) -> int:
-    # Imported here: every command builds this parser, and `run` must not wait for rich.
     from rich.console import Console
     from rich.table import Table
+
+    from orion_llamaccp.profiles.registry import load_registry
 
     registry = load_registry(settings.profiles_config_path)
     table = Table(title=f"profiles in {registry.path}")
@@ -73,6 +76,10 @@ def cmd_profiles(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    import yaml
+
+    from orion_llamaccp.profiles.registry import load_registry
+
     registry = load_registry(settings.profiles_config_path)
     profile = registry.select(args.name or settings.profile_name)
     data = profile.model_dump(mode="json", exclude_none=True)
@@ -81,6 +88,8 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    from orion_llamaccp.profiles.registry import load_registry
+
     registry = load_registry(settings.profiles_config_path)
     for name in registry.profiles:
         print(f"ok       {name}")
@@ -95,6 +104,8 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_command(args: argparse.Namespace, settings: Settings) -> int:
+    from orion_llamaccp.engine.plan import build_plan
+
     plan = build_plan(settings, profile_name=args.profile, require_binary=False)
     launch = plan.launch
     if args.json:
@@ -127,6 +138,10 @@ def _pairs(argv: list[str]) -> list[str]:
 
 
 def _check_plan(settings: Settings) -> tuple[list[tuple[str, bool, str]], ServicePlan | None]:
+    from orion_llamaccp.engine.binary import find_binary, probe
+    from orion_llamaccp.engine.plan import build_plan
+    from orion_llamaccp.profiles.registry import load_registry
+
     lines: list[tuple[str, bool, str]] = []
     try:
         registry = load_registry(settings.profiles_config_path)

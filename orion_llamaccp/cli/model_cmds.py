@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from orion_llamaccp.engine.plan import select_profile
 from orion_llamaccp.settings import Settings
 
-# The model modules are imported by the commands that use them: every command builds this
-# parser, and `run` must not wait for huggingface_hub before it subscribes.
+# The model modules and the registry are imported by the commands that use them: every
+# command builds this parser, and `run` subscribes before it reads the profile.
 if TYPE_CHECKING:
     from orion_llamaccp.model.fetch import ResolvedModel
     from orion_llamaccp.model.gguf_check import GgufInfo
@@ -54,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace, settings: Settings) -> int:
+    from orion_llamaccp.engine.plan import select_profile
     from orion_llamaccp.model.fetch import ensure_model
 
     _, profile = select_profile(settings, args.profile)
@@ -68,6 +68,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     if target is not None and _looks_like_path(target):
         _verify_path(Path(target).expanduser(), args.hash, args.json)
         return 0
+    from orion_llamaccp.engine.plan import select_profile
     from orion_llamaccp.model.fetch import verify_model
 
     _, profile = select_profile(settings, target)

@@ -150,8 +150,8 @@ class Worker:
         try:
             # Subscribed before the model check starts: its thread holds the GIL for long
             # stretches, and a request sent meanwhile should wait, not go unheard.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.listener.subscribed.wait(), 5.0)
+            if await self.intake.listening(timeout=5.0):
+                log.info("listening on %s", ", ".join(self.listener.channels))
             code = await self._serve(stop, intake_stop)
         finally:
             intake_stop.set()

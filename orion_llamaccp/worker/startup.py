@@ -1,9 +1,9 @@
 """Start-up: listen on the bus first, then build the worker.
 
 A request published while the worker starts must wait in its inbox, not go unheard. So
-``serve`` subscribes as soon as it knows the profile, and only then probes llama-server's
-``--help`` and imports the rest of the worker (engine, HTTP client, handler: about half of
-the start-up time). This module imports no more than subscribing needs.
+``serve`` subscribes first, and only then reads the profile, probes llama-server's
+``--help`` and imports the rest of the worker (registry, engine, HTTP client, handler:
+more than half of the start-up time). This module imports no more than subscribing needs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import contextlib
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus.intake import PubSubListener
-from orion_llamaccp.engine.plan import plan_profile, select_profile
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import Channels, channels_for
 
@@ -63,6 +62,12 @@ class Intake:
     def _received(self, channel: str, data: bytes) -> None:
         self.inbox.put_nowait((channel, data))
 
+    async def listening(self, timeout: float) -> bool:
+        """Subscribed yet? Waits up to ``timeout``; the listener goes on trying after it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.listener.subscribed.wait(), timeout)
+        return self.listener.subscribed.is_set()
+
     def start(self) -> asyncio.Task[None]:
         """Start listening; a second call returns the same task."""
         if self._task is None:
@@ -78,28 +83,23 @@ class Intake:
 
 async def serve(settings: Settings, stop: asyncio.Event) -> int:
     """``orion-llamaccp run``: listen, build the plan and the worker, serve until ``stop``."""
-    # Before the bus: a profile that does not exist must fail alone, and names our channels.
-    registry, profile = select_profile(settings)
     redis = connect(settings)
-    intake = Intake(settings, redis, channels_for(settings, profile.name))
-    listening = asyncio.ensure_future(intake.listener.subscribed.wait())
+    # The channels of the profile asked for: a profile that does not exist is found out
+    # right after, and exits with nothing but its error said (the worker reports listening).
+    intake = Intake(settings, redis, channels_for(settings, settings.profile_name))
     intake.start()
     try:
-        planning = asyncio.ensure_future(
-            asyncio.to_thread(plan_profile, settings, registry, profile)
-        )
-        # The imports below would hold up the subscription: wait for it, unless the plan fails
-        # (nothing to serve) or Redis is slow (``Worker.run`` waits longer, and retries go on).
-        await asyncio.wait({listening, planning}, timeout=1.0, return_when=asyncio.FIRST_EXCEPTION)
-        plan = await planning
-        # Imported only now: it is most of the start-up time, and we listen already.
+        # Anything imported below would hold up the subscription. A Redis that is down only
+        # delays the start by this much: the listener goes on trying, and the worker waits.
+        await intake.listening(timeout=1.0)
+        from orion_llamaccp.engine.plan import plan_profile, select_profile
+
+        registry, profile = select_profile(settings)
+        plan = await asyncio.to_thread(plan_profile, settings, registry, profile)
         from orion_llamaccp.worker.service import Worker
 
         return await Worker(settings, plan, redis, intake).run(stop)
     finally:
-        listening.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listening
         await intake.close()
         await redis.aclose()
 
