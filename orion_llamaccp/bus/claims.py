@@ -94,6 +94,11 @@ class Claims:
 
         return await with_retry("claiming a message", claim, retry_for=5.0)
 
+    async def subscribers(self, channel: str) -> int:
+        """How many clients listen on ``channel`` (replicas, on an intake channel)."""
+        counts = await self.redis.pubsub_numsub(channel)
+        return int(counts[0][1]) if counts else 0
+
     async def begin(self, key: str, owner: str) -> Record:
         """Start serving ``key``, or learn who did. ``owner`` identifies this message.
 

@@ -31,7 +31,7 @@ from orion_llamaccp.errors import DecodeError
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.generation import Generation, Generator
-from orion_llamaccp.worker.jobs import Failure, Job, LeavePending
+from orion_llamaccp.worker.jobs import ClaimedElsewhere, Failure, Job, LeavePending
 from orion_llamaccp.worker.llama_request import ChatOptions, parse_options
 from orion_llamaccp.worker.stats import Stats
 
@@ -80,9 +80,17 @@ class ChatHandler:
     async def handle(self, job: Job) -> None:
         """Serve one job; never raises (except cancellation at shutdown)."""
         self.stats.in_flight += 1
-        outcome, tokens, ttft = "ok", 0, None
+        outcome: str | None = "ok"
+        tokens, ttft = 0, None
         try:
             tokens, ttft = await self._serve(job)
+        except ClaimedElsewhere:
+            outcome = None  # not ours: no answer, and nothing to count
+            log.info(
+                "message %s went to another replica after this worker had started on it "
+                "(a replica joined the channel): dropped",
+                job.request_id,
+            )
         except Failure as failure:
             outcome = failure.code
             await self.fail(job, failure)
@@ -113,9 +121,10 @@ class ChatHandler:
             )
         finally:
             self.stats.in_flight -= 1
-            self.stats.finished(outcome, tokens)
-            for observe in self.observers:
-                observe(outcome, ttft, time.monotonic() - job.received)
+            if outcome is not None:
+                self.stats.finished(outcome, tokens)
+                for observe in self.observers:
+                    observe(outcome, ttft, time.monotonic() - job.received)
 
     # ------------------------------------------------------------------ the happy path
 
@@ -136,6 +145,8 @@ class ChatHandler:
         owned = asyncio.Event()
         generating = self._speculate(job, envelope, chat, options, owned)
         try:
+            if not await job.ours():
+                raise ClaimedElsewhere
             stored, twin = await self._claim_or_wait(job, key, generating)
             if stored is not None:
                 await _cancel(generating)
@@ -176,10 +187,11 @@ class ChatHandler:
     ) -> asyncio.Task[tuple[Generation, int]]:
         """Start generating before Redis confirms the request is ours (``owned``).
 
-        The idempotency record costs a round trip; llama-server reads the prompt meanwhile.
-        Nothing is published before ``owned`` is set, and a duplicate's generation is
-        cancelled: a duplicate costs a cut-off prompt, every other request one round trip
-        less before its first token.
+        The idempotency record (and, for a worker alone on its channel, the pub/sub claim:
+        ``Job.claim``) costs round trips; llama-server reads the prompt meanwhile. Nothing
+        is published before ``owned`` is set, and the generation of a duplicate or of a
+        message another replica won is cancelled: such a message costs a cut-off prompt,
+        every other one round trips less before its first token.
         """
         return asyncio.create_task(
             self.generator.run(job, envelope, chat, options, owned),
@@ -321,6 +333,8 @@ class ChatHandler:
             await self.publisher.commit("result", stages)
 
     async def fail(self, job: Job, failure: Failure) -> None:
+        if not await job.ours():
+            return
         log.info("request %s failed: %s: %s", job.request_id, failure.code, failure.message)
         details = failure.payload_details()
         reply_to = job.reply_to

@@ -27,6 +27,13 @@ class Job:
     user_cancelled: bool = False
     task: asyncio.Task[None] | None = None
     salvaged: dict[str, Any] = field(default_factory=dict)
+    # Pub/sub, started before the claim came back (a worker alone on its channel): the
+    # claim in flight. Nothing may be published for the job unless it resolves to True.
+    claim: asyncio.Task[bool] | None = None
+
+    async def ours(self) -> bool:
+        """False when another replica claimed this message: stay silent about it."""
+        return self.claim is None or await asyncio.shield(self.claim)
 
     @property
     def reply_to(self) -> str | None:
@@ -70,6 +77,10 @@ class Job:
         if self.envelope is not None:
             return str(self.envelope.correlation_id)
         return self.salvaged.get("correlation_id")
+
+
+class ClaimedElsewhere(Exception):
+    """Another replica won the message this worker had started on: drop it silently."""
 
 
 class LeavePending(Exception):

@@ -73,6 +73,7 @@ class Worker:
         self.slots = Slots(self.profile.llamacpp.parallel or 1)
         self.local: asyncio.Queue[Job] = asyncio.Queue()
         self.waiting = 0  # accepted pub/sub jobs that do not hold a slot yet
+        self.alone = False  # the only subscriber of the intake channel, last we counted
         self.held: Job | None = None
         self.stopping = False
         self.jobs: dict[str, set[Job]] = defaultdict(set)
@@ -145,6 +146,15 @@ class Worker:
             self.intake.start(),
             asyncio.create_task(self._pubsub_intake(), name="pubsub-intake"),
             asyncio.create_task(self.presence.run(presence_stop), name="presence"),
+            asyncio.create_task(
+                every(
+                    self.settings.heartbeat_interval_sec,
+                    self._count_replicas,
+                    presence_stop,
+                    "counting replicas",
+                ),
+                name="replicas",
+            ),
         ]
         code = 0
         try:
@@ -349,10 +359,31 @@ class Worker:
             salvaged=salvage(data) if envelope is None else {},
         )
 
+    async def _count_replicas(self) -> None:
+        self.alone = await self.claims.subscribers(self.channels.intake) == 1
+
+    def _start_before_claim(self, job: Job) -> bool:
+        """Alone on the channel, with a slot free and nothing waiting: the claim is a round
+        trip no other replica contests, so the job starts while it is in flight. A replica
+        that joined since we counted costs a cut-off prompt, never a second answer."""
+        return (
+            self.alone
+            and job.decode_error is None
+            and not self.stopping
+            and self.waiting == 0
+            and self.slots.free > 0
+            and self.supervisor.state is EngineState.READY
+        )
+
     async def _accept_pubsub(self, data: bytes) -> None:
         job = self._job(data, "pubsub")
         self.view.received += 1
-        if not await self.claims.claim_message(job.key, self.settings.instance_id):
+        claim = self.claims.claim_message(job.key, self.settings.instance_id)
+        if self._start_before_claim(job):
+            job.claim = asyncio.create_task(claim)
+            self._queue(job)
+            return
+        if not await claim:
             return  # another replica serves it
         if job.decode_error is not None:
             self._spawn(self.handler.handle(job), job)
@@ -374,10 +405,13 @@ class Worker:
                 job,
             )
         else:
-            self.local.put_nowait(job)
-            self.waiting += 1
-            if job.correlation_id:
-                self.jobs[job.correlation_id].add(job)
+            self._queue(job)
+
+    def _queue(self, job: Job) -> None:
+        self.local.put_nowait(job)
+        self.waiting += 1
+        if job.correlation_id:
+            self.jobs[job.correlation_id].add(job)
 
     async def _dispatch_local(self) -> None:
         while True:

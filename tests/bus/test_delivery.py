@@ -9,6 +9,7 @@ from collections import Counter
 
 import redis.asyncio as aioredis
 
+from orion_llamaccp.bus import keys
 from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
 from tests.support.procs import pid_alive, wait_stream_acked, wait_until_async
@@ -159,3 +160,29 @@ async def test_backlog_beyond_slots_waits_in_the_stream(
     finally:
         await client.aclose()
     assert max(samples) == 1 and len(samples) > 10
+
+
+async def test_alone_on_its_channel_it_starts_before_the_claim_and_is_silent_if_it_loses(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
+) -> None:
+    """A worker alone on its channel sends the request to llama-server while its claim is in
+    flight. If a replica that joined meanwhile won the claim, not one chunk or result of
+    ours may go out, and the worker goes on serving."""
+    worker = spawn_worker(parallel=1)
+    await asyncio.sleep(2.5)  # it counts the channel's subscribers once per heartbeat (1 s)
+    taken = bus.request(HI, profile="tiny", options={"max_tokens": 200, "stream": True})
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.set(keys.claim(taken["id"]), "a-replica-that-just-joined")
+    finally:
+        await client.aclose()
+    await bus.send(taken, profile="tiny")
+    await wait_until_async(
+        lambda: "went to another replica" in worker.log(),
+        timeout=15,
+        what="the worker started on the message, then dropped it",
+    )
+    after = await bus.chat(HI, profile="tiny", options={"max_tokens": 4}, timeout=30)
+    assert after.ok, after.payload
+    assert recorder.on(taken["reply_to"]) == []
+    assert recorder.on(taken["reply_to"] + ":chunks") == []
