@@ -141,9 +141,10 @@ class ChatHandler:
             )
             await self._ack(job)
             return 0, None
-        key = idempotency_key(envelope, chat)
         owned = asyncio.Event()
         generating = self._speculate(job, envelope, chat, options, owned)
+        await asyncio.sleep(0)  # the request goes to llama-server before our Redis calls
+        key = idempotency_key(envelope, chat)
         try:
             if not await job.ours():
                 raise ClaimedElsewhere
