@@ -46,6 +46,7 @@ class LlamaProcess:
         self.tail: deque[str] = deque(maxlen=tail)
         self.last_output_at = time.monotonic()
         self.output_bytes = 0
+        self.output = asyncio.Event()  # set on every read: a reason to look at /health again
         self.diagnosis: Diagnosis | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -81,6 +82,7 @@ class LlamaProcess:
         while chunk := await stream.read(65536):
             self.output_bytes += len(chunk)
             self.last_output_at = time.monotonic()
+            self.output.set()
             lines = (partial + chunk).split(b"\n")
             partial = lines.pop()
             for raw in lines:

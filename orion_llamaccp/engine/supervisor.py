@@ -33,6 +33,7 @@ from orion_llamaccp.engine.process import LlamaProcess
 from orion_llamaccp.errors import EngineStartError, EngineUnavailable
 
 log = logging.getLogger(__name__)
+_MIN_POLL_GAP = 0.01
 
 
 class EngineState(StrEnum):
@@ -244,11 +245,18 @@ class Supervisor:
                     f"llama-server hung while loading: no output and no "
                     f"health for {silent:.0f}s (silence_timeout)",
                 )
+            proc.output.clear()
+            polled = time.monotonic()
             with contextlib.suppress(EngineUnavailable):
                 health = await self.client.health(timeout=policy.health_timeout)
                 if health.ready:
                     return
-            await asyncio.sleep(policy.poll_interval)
+            # llama-server says when it is done loading ("server is listening", "all slots
+            # are idle"): what it prints is worth a look at once, not at the next tick, but
+            # no more than once per _MIN_POLL_GAP (its loading dots come a few at a time).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.output.wait(), policy.poll_interval)
+            await asyncio.sleep(max(0.0, polled + _MIN_POLL_GAP - time.monotonic()))
 
     async def _watch(self, proc: LlamaProcess) -> None:
         """While ready: return on stop; raise ``_Crashed`` when it dies or stops answering."""

@@ -27,6 +27,20 @@ def record(supervisor: Supervisor) -> list[EngineEvent]:
     return events
 
 
+async def test_readiness_is_noticed_from_llama_server_output_not_the_poll_timer(
+    make_launch: LaunchFactory,
+) -> None:
+    """With a /health poll interval far longer than the test's patience, the engine is
+    still found ready: what llama-server prints when it is done triggers the look."""
+    policy = FAST.__class__(**{**FAST.__dict__, "poll_interval": 600.0})
+    supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=policy)
+    try:
+        await asyncio.wait_for(supervisor.start(), timeout=60)
+        assert supervisor.state is EngineState.READY
+    finally:
+        await supervisor.stop()
+
+
 async def test_ready_reached_then_stopped_cleanly(make_launch: LaunchFactory) -> None:
     supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=FAST)
     events = record(supervisor)
