@@ -72,8 +72,14 @@ _RULES: list[tuple[Cause, re.Pattern[str], str]] = [
 ]
 
 
+# Every rule at once: most lines match none, and one search rules them all out.
+_ANY = re.compile("|".join(f"(?:{pattern.pattern})" for _, pattern, _ in _RULES), re.I)
+
+
 def diagnose(line: str) -> Diagnosis | None:
     """The first known fatal pattern in ``line``, or ``None``."""
+    if not _ANY.search(line):
+        return None
     for cause, pattern, advice in _RULES:
         if pattern.search(line):
             return Diagnosis(cause, line, advice)

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import time
 from collections import deque
@@ -23,6 +24,8 @@ from orion_llamaccp.engine.command import LaunchSpec
 from orion_llamaccp.engine.diagnostics import Diagnosis, diagnose, diagnose_all
 
 log = logging.getLogger("orion_llamaccp.llama_server")
+# Once llama-server serves, these still deserve INFO; its per-request lines go to DEBUG.
+_NOTEWORTHY = re.compile(r"error|warn|fail|fatal|abort|exception|out of memory", re.I)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -48,6 +51,10 @@ class LlamaProcess:
         self.output_bytes = 0
         self.output = asyncio.Event()  # set on every read: a reason to look at /health again
         self.diagnosis: Diagnosis | None = None
+        # Set once llama-server is ready: its routine per-request lines (slot launched,
+        # timings, released: about ten a request) are logged at DEBUG, not INFO. Each one
+        # was a write to our stderr, several percent of the worker's CPU at GPU speeds.
+        self.quiet = False
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
 
@@ -97,7 +104,9 @@ class LlamaProcess:
         self.tail.append(line)
         if self.diagnosis is None:
             self.diagnosis = diagnose(line)
-        log.info("%s %s", prefix, line)
+        level = logging.DEBUG if self.quiet and not _NOTEWORTHY.search(line) else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s", prefix, line)
 
     def tail_text(self, lines: int = 30) -> str:
         return "\n".join(list(self.tail)[-lines:])

@@ -39,6 +39,8 @@ class StreamConnection(asyncio.Protocol):
         self.paused = False
         self.saw_done = False
         self.on_complete: Any = None
+        self.on_idle_close: Any = None
+        self.served = False  # has carried a whole response
         self.grace: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timeout = 0.0
@@ -94,6 +96,8 @@ class StreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.served and not self.active and self.on_idle_close is not None:
+            self.on_idle_close()  # the server closes connections after a response
         if self.active and not self.decoder.complete:
             self._fail(exc or ConnectionResetError("llama-server closed the connection"))
         self._cancel_timer()
@@ -149,6 +153,7 @@ class StreamConnection(asyncio.Protocol):
     def idle(self) -> None:
         """The response ended: wait, reading, for the next request."""
         self.active = False
+        self.served = True
         self._cancel_timer()
         if self.grace is not None:
             self.grace.cancel()
@@ -218,6 +223,7 @@ class StreamPool:
         self.idle: list[StreamConnection] = []
         self.connects = 0
         self.connects_waited = 0  # ... of which a request had to wait for
+        self.server_closes = False  # learnt: the server ends a connection after a response
         self._opening = 0
         self._refills: set[asyncio.Task[None]] = set()
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
@@ -259,6 +265,8 @@ class StreamPool:
             except Exception as exc:
                 conn.close()
                 if reused and conn.received == 0 and not isinstance(exc, TimeoutError):
+                    if conn.served:
+                        self._learn_server_closes()
                     continue  # a keep-alive connection the server had closed: use a fresh one
                 raise EngineUnavailable(
                     f"cannot reach llama-server: {type(exc).__name__}: {exc}"
@@ -315,11 +323,22 @@ class StreamPool:
             conn.close()
 
     def _release(self, conn: StreamConnection) -> None:
-        if conn.closed or not conn.decoder.keep_alive or len(self.idle) >= self.max_idle:
+        if (
+            conn.closed
+            or self.server_closes
+            or not conn.decoder.keep_alive
+            or len(self.idle) >= self.max_idle
+        ):
             conn.close()
             return
+        conn.on_idle_close = self._learn_server_closes
         conn.idle()
         self.idle.append(conn)
+
+    def _learn_server_closes(self) -> None:
+        """A used connection was closed by the server while idle: llama-server does that
+        after every streamed response, so reusing one would only cost a failed write."""
+        self.server_closes = True
 
     def close(self) -> None:
         for task in self._refills:

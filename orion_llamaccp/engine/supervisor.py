@@ -223,6 +223,7 @@ class Supervisor:
         if self._stopping.is_set():
             return
         self.props = await self.client.props()
+        proc.quiet = True
         if self.state is not EngineState.DRAINING:
             self._set(EngineState.READY)
         await self._watch(proc)

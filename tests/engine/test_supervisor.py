@@ -7,6 +7,7 @@ Slow and hung loaders are imitated by a shell prelude that runs before the real 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -313,3 +314,20 @@ async def test_api_key_is_passed_to_llama_server_and_used_by_the_client(
         assert refused.status_code == 401
     finally:
         await supervisor.stop()
+
+
+async def test_llama_server_routine_lines_drop_to_debug_once_ready(
+    ready_engine: Supervisor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """About ten lines a request from llama-server were each an INFO write to our stderr;
+    once it serves they go to DEBUG, while anything that looks like trouble stays INFO."""
+    proc = ready_engine._proc
+    assert proc is not None and proc.quiet
+    caplog.set_level(logging.DEBUG, logger="orion_llamaccp.llama_server")
+    proc._line("[llama-server]", b"slot release: id  0 | task 7 | stop processing")
+    proc._line("[llama-server]", b"srv  send_error: task id = 9, error: out of context")
+    levels = [(r.levelno, r.getMessage().split("|")[0]) for r in caplog.records]
+    assert levels == [
+        (logging.DEBUG, "[llama-server] slot release: id  0 "),
+        (logging.INFO, "[llama-server] srv  send_error: task id = 9, error: out of context"),
+    ]
