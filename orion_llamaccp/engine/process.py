@@ -102,7 +102,7 @@ class LlamaProcess:
         if not line or set(line) == {"."}:
             return
         self.tail.append(line)
-        if self.diagnosis is None:
+        if self.diagnosis is None and not self.quiet:  # serving: a crash reads the tail
             self.diagnosis = diagnose(line)
         level = logging.DEBUG if self.quiet and not _NOTEWORTHY.search(line) else logging.INFO
         if log.isEnabledFor(level):
