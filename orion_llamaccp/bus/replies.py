@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -46,22 +46,12 @@ class Publisher:
         self._ordered = redis.register_script(PUBLISH_IN_ORDER)
         self.commands = 0
 
-    async def _retrying(self, what: str, call: Callable[[], Awaitable[Any]]) -> int:
-        async def counted() -> Any:
-            self.commands += 1
-            return await call()
-
-        return int(await with_retry(f"publishing {what}", counted, retry_for=self.retry_for))
-
     async def chunk(
         self, channel: str, request_id: str, attempt: int, seq: int, message: bytes
     ) -> bool:
-        key = keys.chunk_seq(request_id, attempt)
-        sent = await self._retrying(
-            f"chunk {seq}",
-            lambda: self._ordered(keys=[key], args=[channel, seq, message, GUARD_TTL_SEC]),
-        )
-        return sent >= 0
+        stage = self.stage_chunk(channel, request_id, attempt, seq, message)
+        (sent,) = await self.commit(f"chunk {seq}", [stage])
+        return int(sent) >= 0
 
     def stage_chunk(
         self, channel: str, request_id: str, attempt: int, seq: int, message: bytes
@@ -74,11 +64,6 @@ class Publisher:
         """The final result, published unless this request was answered before."""
         key, sha = keys.answered(request_id), self._once.sha
         return lambda pipe: pipe.evalsha(sha, 1, key, channel, message, GUARD_TTL_SEC)
-
-    async def result_once(self, channel: str, request_id: str, message: bytes) -> bool:
-        """Publish the final result unless this request was answered before."""
-        (sent,) = await self.commit("result", [self.stage_result(channel, request_id, message)])
-        return int(sent) >= 0
 
     async def commit(self, what: str, stages: Sequence[Stage]) -> list[Any]:
         """Run ``stages`` in order in one round trip; every stage must be safe to repeat.
