@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
-from tests.support.procs import wait_until_async
+from tests.support.procs import subscribers, wait_until_async
 
 HI = [{"role": "user", "content": "hello there"}]
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
@@ -21,10 +21,9 @@ INTAKE = "orion:exec:request:LlamaCppHost:tiny"
 async def _subscribers(redis_url: str, channel: str) -> int:
     client = aioredis.Redis.from_url(redis_url)
     try:
-        counts = await client.pubsub_numsub(channel)
+        return await subscribers(client, channel)
     finally:
         await client.aclose()
-    return int(counts[0][1]) if counts else 0
 
 
 async def test_request_sent_while_the_worker_is_built_is_served(

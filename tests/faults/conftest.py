@@ -141,12 +141,6 @@ async def fault(
     server.stop()
 
 
-async def subscribers(fault: Fault, channel: str) -> int:
-    """How many connections are subscribed to ``channel`` (PUBSUB NUMSUB)."""
-    counts = await fault.raw.pubsub_numsub(channel)
-    return int(counts[0][1]) if counts else 0
-
-
 async def assert_still_serving(fault: Fault) -> None:
     """A fresh request is answered: the worker came through whatever the test did to it."""
     result = await fault.client.chat(

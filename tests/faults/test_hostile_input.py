@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orion_llamaccp.client import work_queue_entry
-from tests.faults.conftest import Fault, assert_exactly_once, assert_still_serving, subscribers
-from tests.support.procs import wait_stream_acked, wait_until_async
+from tests.faults.conftest import Fault, assert_exactly_once, assert_still_serving
+from tests.support.procs import subscribers, wait_stream_acked, wait_until_async
 
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
 STREAM = "orion:stream:llamacpp:tiny:request"
@@ -158,7 +158,7 @@ async def test_fixed_corpus_on_both_intakes(fault: Fault) -> None:
 
 
 async def _subscribed(fault: Fault) -> bool:
-    return await subscribers(fault, INTAKE) == 1  # the new connection only
+    return await subscribers(fault.raw, INTAKE) == 1  # the new connection only
 
 
 async def _discovery_answered(fault: Fault) -> bool:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tests.faults.conftest import Fault, assert_exactly_once, subscribers
-from tests.support.procs import wait_stream_acked, wait_until_async
+from tests.faults.conftest import Fault, assert_exactly_once
+from tests.support.procs import subscribers, wait_stream_acked, wait_until_async
 
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
 
@@ -36,7 +36,7 @@ async def send_batch(
 
 
 async def subscribed(fault: Fault, channel: str) -> bool:
-    return await subscribers(fault, channel) >= 1
+    return await subscribers(fault.raw, channel) >= 1
 
 
 async def back_on_the_bus(fault: Fault, since: float, beat_within: float) -> None:

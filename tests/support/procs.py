@@ -159,6 +159,12 @@ class RedisServer:
                 self.proc.wait(10)
 
 
+async def subscribers(client: object, channel: str) -> int:
+    """How many connections are subscribed to ``channel`` (PUBSUB NUMSUB)."""
+    counts = await client.pubsub_numsub(channel)  # type: ignore[attr-defined]
+    return int(counts[0][1]) if counts else 0
+
+
 async def wait_stream_acked(client: object, stream: str, group: str, timeout: float = 10.0) -> None:
     """Every entry of ``group`` acked (a worker acks just after publishing the result)."""
 
