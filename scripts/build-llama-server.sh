@@ -58,6 +58,9 @@ if [ -n "$CUDA_ARCH" ]; then
   FLAGS+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH")
 fi
 echo "building llama-server ($VARIANT) with $JOBS jobs: ${FLAGS[*]}"
+# The sdist has no .git: without a ceiling, llama.cpp's build stamps the commit of any
+# checkout the cache sits in (the GPU run builds inside ours) as its own version.
+export GIT_CEILING_DIRECTORIES="$WORK"
 START=$(date +%s)
 cmake -S "$SRC/llama.cpp" -B "$BUILD" "${GEN[@]}" "${FLAGS[@]}" >"$WORK/cmake-$VARIANT.log" 2>&1 \
   || { tail -30 "$WORK/cmake-$VARIANT.log" >&2; exit 1; }

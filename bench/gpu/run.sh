@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU run (issue 10): CUDA llama-server under the wrapper, GPU pinning checked, and the
 # relay benchmarks at GPU speed. Made for the device machine (no network: everything it
-# needs travels in .gpu/, see bench/gpu/README.md), tested step by step on a CPU first.
+# needs travels in .gpu/, filled by bench/gpu/prepare.sh), tested step by step on a CPU first.
 #
 #   bench/gpu/run.sh build   # 1-2: CUDA build of llama-server, a ~0.3B random model, pinning
+#   bench/gpu/run.sh pinning # 4 alone, with the engine already built
 #   bench/gpu/run.sh bench   # 5: relay overhead (c1, c=slots, coalescing on/off), capacity
 #   bench/gpu/run.sh all
 #
@@ -85,6 +86,9 @@ engine_once() {  # start the engine under the wrapper, keep its output, stop it
     kill -0 $pid 2>/dev/null || break
     sleep 0.1
   done
+  # The driver's own view while llama-server serves: which processes hold GPU memory.
+  nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv \
+    >"$OUT/$name-gpu-apps.csv" 2>&1 || true
   kill -INT $pid 2>/dev/null || true
   wait $pid || true
 }
@@ -97,9 +101,13 @@ pinning() {
   engine_once pinned
   engine_once override CUDA_VISIBLE_DEVICES_OVERRIDE=1
   log "pinned to device 0 (profile):"
-  grep -E "ggml_cuda_init|Device 0|offload|CUDA0|ready at" "$OUT/pinned.log" | sed 's/^/    /' | head -12
+  grep -E "ggml_cuda_init|Device 0|offload|CUDA0|ready at" "$OUT/pinned.log" | sed 's/^/    /' | head -16
+  log "GPU memory per process while the pinned engine served (nvidia-smi):"
+  sed 's/^/    /' "$OUT/pinned-gpu-apps.csv"
   log "CUDA_VISIBLE_DEVICES_OVERRIDE=1 (no such GPU on a one-GPU machine):"
-  grep -E "ggml_cuda_init|no CUDA|no usable GPU|offload|CPU_Mapped|ready at" "$OUT/override.log" | sed 's/^/    /' | head -12
+  grep -E "ggml_cuda_init|no CUDA|no usable GPU|offload|CPU_Mapped|ready at" "$OUT/override.log" | sed 's/^/    /' | head -16
+  log "GPU memory per process while the override engine served (nvidia-smi):"
+  sed 's/^/    /' "$OUT/override-gpu-apps.csv"
 }
 
 bench() {
@@ -116,16 +124,20 @@ bench() {
     chmod +x "$WORK/bin/redis-server"
     export PATH="$WORK/bin:$PATH"
   fi
-  python3 -m bench relay capacity
-  for name in relay capacity; do cp "bench/results/$name.json" "$OUT/gpu-$name.json"; done
+  # One at a time, each copied out at once: if the call hits its time limit, what ran comes back.
+  for name in relay capacity; do
+    python3 -m bench "$name"
+    cp "bench/results/$name.json" "$OUT/gpu-$name.json"
+  done
 }
 
 log "phase $PHASE on $(hostname): $(nproc) cores; $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no GPU')"
 setup_python
 case "$PHASE" in
   build) build; make_model >/dev/null; pinning ;;
+  pinning) make_model >/dev/null; pinning ;;
   bench) bench ;;
   all) build; make_model >/dev/null; pinning; bench ;;
-  *) echo "usage: $0 build|bench|all" >&2; exit 2 ;;
+  *) echo "usage: $0 build|pinning|bench|all" >&2; exit 2 ;;
 esac
 log "done"
