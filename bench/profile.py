@@ -34,6 +34,8 @@ def top_frames(folded: str, limit: int = 20) -> str:
     busy = 0
     for line in folded.splitlines():
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue  # a thread name with a line break in it, not a stack
         frames = stack.split(";")
         if not frames or frames[-1].startswith(IDLE):
             continue  # the event loop waiting for I/O

@@ -115,6 +115,7 @@ class Slots:
     def __init__(self, total: int) -> None:
         self.total = total
         self._free = total
+        self._queued = 0  # tasks waiting in acquire() or wait_free()
         self._changed = asyncio.Condition()
 
     @property
@@ -127,12 +128,26 @@ class Slots:
 
     async def wait_free(self) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: self._free > 0)
+            await self._wait()
 
     async def acquire(self) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: self._free > 0)
+            await self._wait()
             self._free -= 1
+
+    def try_acquire(self) -> bool:
+        """Take a slot without waiting, if one is free and no one is queued for one."""
+        if self._free > 0 and self._queued == 0:
+            self._free -= 1
+            return True
+        return False
+
+    async def _wait(self) -> None:
+        self._queued += 1
+        try:
+            await self._changed.wait_for(lambda: self._free > 0)
+        finally:
+            self._queued -= 1
 
     async def release(self, count: int = 1) -> None:
         async with self._changed:

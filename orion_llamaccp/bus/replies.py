@@ -109,12 +109,14 @@ class ChunkStream:
 
     ``gate``: nothing is published before it is set. The worker starts llama-server on a
     request while Redis still records it as ours, and a duplicate must never leak a chunk.
+    ``template`` makes the envelope's fixed part; the sender calls it first thing, so it is
+    built while llama-server reads the prompt, not in front of the request.
     """
 
     def __init__(
         self,
         publisher: Publisher,
-        template: ChunkTemplate,
+        template: Callable[[], ChunkTemplate],
         *,
         channel: str,
         request_id: str,
@@ -123,7 +125,8 @@ class ChunkStream:
         gate: asyncio.Event | None = None,
     ) -> None:
         self._publisher = publisher
-        self._template = template
+        self._make_template = template
+        self._made: ChunkTemplate | None = None
         self._channel = channel
         self._request_id = request_id
         self._attempt = attempt
@@ -149,7 +152,15 @@ class ChunkStream:
         self.tokens += 1
         self._wake.set()
 
+    @property
+    def _template(self) -> ChunkTemplate:
+        if self._made is None:
+            self._made = self._make_template()
+        return self._made
+
     async def _send_loop(self) -> None:
+        if self._made is None:  # now, while llama-server reads the prompt
+            self._made = self._make_template()
         if self._gate is not None:
             await self._gate.wait()
         while True:

@@ -21,13 +21,10 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from orion_llamaccp.engine.http_errors import chat_event, parse_event, raise_for_response
-from orion_llamaccp.engine.sse import (
-    DONE,
-    ChunkEvents,
-    SSEDecoder,
-)
-from orion_llamaccp.engine.stream import StreamPool, stream_events
+from orion_llamaccp.engine.events import ChatStream, Delta, EventReader
+from orion_llamaccp.engine.http_errors import raise_for_response
+from orion_llamaccp.engine.sse import SSEDecoder
+from orion_llamaccp.engine.stream import StreamPool, stream_batches
 from orion_llamaccp.errors import EngineUnavailable, UpstreamError
 
 
@@ -132,7 +129,7 @@ class LlamaClient:
         return data if isinstance(data, list) else []
 
     @asynccontextmanager
-    async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[ChunkEvents]]:
+    async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[ChatStream]:
         """Stream ``/v1/chat/completions``; exiting the block early cancels the generation."""
         payload = orjson.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
         streams = self._streams
@@ -142,12 +139,12 @@ class LlamaClient:
             return
         conn = await streams.open(payload)
         try:
-            yield stream_events(conn)
+            yield ChatStream(stream_batches(conn))
         finally:
             streams.finish(conn)
 
     @asynccontextmanager
-    async def _httpx_stream(self, payload: bytes) -> AsyncIterator[AsyncIterator[ChunkEvents]]:
+    async def _httpx_stream(self, payload: bytes) -> AsyncIterator[ChatStream]:
         request = self._http.build_request(
             "POST",
             "/v1/chat/completions",
@@ -163,34 +160,29 @@ class LlamaClient:
         try:
             if response.status_code != 200:
                 raise_for_response(response.status_code, await response.aread())
-            yield _events(response)
+            yield ChatStream(_batches(response))
         finally:
             await response.aclose()
 
 
-async def _events(response: httpx.Response) -> AsyncIterator[ChunkEvents]:
-    """The httpx path: events of one response (read to its end, so the connection is reused)."""
+async def _batches(response: httpx.Response) -> AsyncIterator[list[Delta]]:
+    """The httpx path: a batch per read (the response is read to its end, so that its
+    connection is reused)."""
     decoder = SSEDecoder()
-    finished = done = False
+    reader = EventReader()
     try:
         async for raw in response.aiter_raw():
-            if done:
+            if reader.done:
                 continue
-            for data in decoder.feed(raw):
-                events = chat_event(data, finished)
-                if events is None:
-                    done = True
-                    break
-                finished = finished or bool(events.finish_reason)
-                yield events
-        if done:
+            batch = reader.take(decoder.feed(raw))
+            if batch:
+                yield batch
+        if reader.done:
             return
-        for data in decoder.flush():
-            if data != DONE:
-                yield parse_event(data)
     except httpx.HTTPError as exc:
         raise UpstreamError(
             f"stream from llama-server broke off: {type(exc).__name__}: {exc}"
         ) from exc
-    if not finished:
-        raise UpstreamError("stream from llama-server ended without a finish reason")
+    rest = reader.end(decoder.flush())
+    if rest:
+        yield rest

@@ -4,7 +4,8 @@
 body), ``SSEDecoder`` splits the body into ``data:`` payloads (keep-alive comments
 dropped), and ``parse_chunk`` turns one OpenAI-style chunk into typed events. This is the
 per-token hot path, so it avoids per-line object churn: one ``orjson.loads`` per event,
-slices of the received bytes, no per-chunk objects.
+slices of the received bytes, no per-chunk objects; a chunk that carries only a token's
+text (nearly all of them) is read by ``content_only`` without parsing the whole object.
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ class ResponseDecoder:
             if eol < 0:
                 break
             try:
-                size = size_of(buffer[pos:eol].split(b";", 1)[0], 16)
+                size = size_of(buffer[pos:eol], 16)
             except ValueError:
-                raise ProtocolError(f"bad chunk size line: {buffer[pos:eol][:80]!r}") from None
+                size = _chunk_size(buffer[pos:eol])
             if size == 0:  # the last chunk, then optional trailers and a blank line
                 end = buffer.find(b"\r\n\r\n", eol)
                 if end < 0:
@@ -137,6 +138,14 @@ class ResponseDecoder:
         if len(pieces) == 1:
             return pieces[0]
         return b"".join(pieces)
+
+
+def _chunk_size(line: bytes) -> int:
+    """A chunk-size line with an extension (``1a;name=value``): rare, so not on the fast path."""
+    try:
+        return int(line.split(b";", 1)[0], 16)
+    except ValueError:
+        raise ProtocolError(f"bad chunk size line: {line[:80]!r}") from None
 
 
 class SSEDecoder:
@@ -161,12 +170,11 @@ class SSEDecoder:
             buffer = buffer.replace(b"\r\n", b"\n")
         events = buffer.split(b"\n\n")
         self._buffer = events.pop()
-        out: list[bytes] = []
-        for event in events:
-            data = _data_of(event)
-            if data is not None:
-                out.append(data)
-        return out
+        # llama-server's events are single "data: " lines; anything else takes _data_of
+        out = [event[6:] for event in events if event[:6] == b"data: " and b"\n" not in event]
+        if len(out) == len(events):
+            return out
+        return [data for data in map(_data_of, events) if data is not None]
 
     def flush(self) -> list[bytes]:
         """The last event when the stream ended without a blank line."""
@@ -196,7 +204,6 @@ class ChunkEvents:
     usage: dict[str, int] | None = None
     timings: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-    model: str | None = None
 
 
 def parse_chunk(data: bytes) -> ChunkEvents:
@@ -223,5 +230,36 @@ def parse_chunk(data: bytes) -> ChunkEvents:
         events.usage = obj["usage"]
     if obj.get("timings"):
         events.timings = obj["timings"]
-    events.model = obj.get("model")
     return events
+
+
+# A chunk with only a token's text, as llama-server lays it out (its JSON keeps insertion
+# order): {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"..."}}],
+# "created":...,"id":"...","model":"...","system_fingerprint":"...",
+# "object":"chat.completion.chunk"}
+_CONTENT_HEAD = b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"'
+_CONTENT_END = b'"}}],"created":'
+_CHUNK_END = b',"object":"chat.completion.chunk"}'
+_TEXT_AT = len(_CONTENT_HEAD) - 1  # the opening quote of the text
+
+
+def content_only(data: bytes) -> str | None:
+    """The text of a chunk that carries a content delta and nothing else, or ``None``.
+
+    The per-token fast path: two bound checks, one search and a parse of the string alone,
+    where ``parse_chunk`` builds the whole object (about 1 µs more per token). Any other
+    layout (role, reasoning, tool calls, a finish reason, usage, timings, an error, another
+    server's key order) returns ``None`` and goes through ``parse_chunk``. The search cannot
+    stop inside the text: in JSON every quote in a string is escaped, so ``],"`` never
+    occurs there.
+    """
+    if not (data.startswith(_CONTENT_HEAD) and data.endswith(_CHUNK_END)):
+        return None
+    end = data.find(_CONTENT_END, _TEXT_AT)
+    if end < 0:
+        return None
+    try:
+        text = orjson.loads(data[_TEXT_AT : end + 1])
+    except orjson.JSONDecodeError:
+        return None  # parse_chunk reports it
+    return text or None  # an empty delta is not a token: parse_chunk says what it is

@@ -14,8 +14,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from orion_llamaccp.engine.http_errors import chat_event, parse_event, raise_for_response
-from orion_llamaccp.engine.sse import DONE, ChunkEvents, ProtocolError, ResponseDecoder, SSEDecoder
+from orion_llamaccp.engine.events import Delta, EventReader
+from orion_llamaccp.engine.http_errors import raise_for_response
+from orion_llamaccp.engine.sse import ProtocolError, ResponseDecoder, SSEDecoder
 from orion_llamaccp.errors import EngineUnavailable, UpstreamError
 
 _HIGH_WATER = 1024  # decoded events waiting for the reader: stop reading the socket
@@ -27,7 +28,7 @@ class StreamConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection carrying one streamed response at a time.
 
     ``data_received`` decodes at once (HTTP framing, then SSE) into ``payloads``; the
-    reader (``_stream_events``) awaits ``wait()`` only when it has consumed them all. A
+    reader (``stream_batches``) awaits ``wait()`` only when it has consumed them all. A
     timer per response fails it after ``read_timeout`` seconds without a byte.
     """
 
@@ -348,18 +349,20 @@ class StreamPool:
         self.idle.clear()
 
 
-async def stream_events(conn: StreamConnection) -> AsyncIterator[ChunkEvents]:
-    """The events of one streamed response, as fast as they were decoded."""
+async def stream_batches(conn: StreamConnection) -> AsyncIterator[list[Delta]]:
+    """The events of one streamed response, a batch per wake-up, as fast as decoded."""
     payloads = conn.payloads
-    finished = False
+    reader = EventReader()
     while True:
-        while payloads:
-            events = chat_event(payloads.popleft(), finished)
-            if events is None:
-                conn.saw_done = True
+        if payloads:
+            batch = reader.take(list(payloads))
+            payloads.clear()
+            conn.saw_done = reader.done
+            if batch:
+                yield batch
+            if reader.done:
                 return
-            finished = finished or bool(events.finish_reason)
-            yield events
+            continue
         failure = conn.failure
         if failure is not None:
             raise UpstreamError(
@@ -370,15 +373,11 @@ async def stream_events(conn: StreamConnection) -> AsyncIterator[ChunkEvents]:
         if conn.paused:
             await conn.wait()
             continue
-        conn.waiter = waiter = conn.loop.create_future()  # conn.wait(), inlined: per token
+        conn.waiter = waiter = conn.loop.create_future()  # conn.wait(), inlined: per read
         try:
             await waiter
         finally:
             conn.waiter = None
-    for data in conn.sse.flush():
-        if data != DONE:
-            events = parse_event(data)
-            finished = finished or bool(events.finish_reason)
-            yield events
-    if not finished:
-        raise UpstreamError("stream from llama-server ended without a finish reason")
+    rest = reader.end(conn.sse.flush())
+    if rest:
+        yield rest

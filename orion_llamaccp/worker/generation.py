@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import ChunkStream, Publisher, Stage
+from orion_llamaccp.engine.events import ChatStream
+from orion_llamaccp.engine.sse import ChunkEvents
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor
 from orion_llamaccp.errors import ContextExceeded, EngineUnavailable, UpstreamError
 from orion_llamaccp.profiles.models import Profile
@@ -146,7 +150,8 @@ class Generator:
         timeout = options.timeout_sec or self.settings.request_timeout_sec
         try:
             async with asyncio.timeout(timeout):
-                await self._relay(body, generation, chunks)
+                async with self.supervisor.client.chat_stream(body) as stream:
+                    await self._relay(stream, generation, chunks)
                 if chunks is not None:
                     generation.tail = await chunks.finish()
         except TimeoutError:
@@ -161,29 +166,21 @@ class Generator:
             raise
         return generation
 
-    async def _relay(
-        self, body: dict[str, Any], gen: Generation, chunks: ChunkStream | None
-    ) -> None:
-        """The per-token loop: keep it free of awaits other than the next event."""
+    async def _relay(self, stream: ChatStream, gen: Generation, chunks: ChunkStream | None) -> None:
+        """The per-token loop: one await per read from llama-server, none per token."""
         push = chunks.push if chunks is not None else None
-        async with self.supervisor.client.chat_stream(body) as events:
-            async for event in events:
-                if event.content or event.reasoning:
+        content = gen.content
+        async for batch in stream.batches():
+            for event in batch:
+                if isinstance(event, str):  # a token's text: nearly every event
                     if gen.first_token_at is None:
                         gen.first_token_at = time.monotonic()
-                    gen.content.append(event.content)
-                    gen.reasoning.append(event.reasoning)
+                    content.append(event)
                     gen.tokens += 1
                     if push is not None:
-                        push(event.content, event.reasoning)
-                if event.finish_reason:
-                    gen.finish_reason = event.finish_reason
-                if event.usage:
-                    gen.usage = event.usage
-                if event.timings:
-                    gen.timings = event.timings
-                if event.tool_calls:
-                    gen.tool_calls.extend(event.tool_calls)
+                        push(event)
+                else:
+                    _take(gen, event, push)
 
     def _chunk_stream(
         self, job: Job, envelope: Envelope, options: ChatOptions, attempt: int, owned: asyncio.Event
@@ -197,10 +194,30 @@ class Generator:
             return None
         return ChunkStream(
             self.publisher,
-            self.outbox.chunks_for(envelope),
+            partial(self.outbox.chunks_for, envelope),
             channel=channel,
             request_id=job.delivery_id,
             attempt=attempt,
             coalesce_sec=self.settings.coalesce_ms / 1000,
             gate=owned,
         )
+
+
+def _take(gen: Generation, event: ChunkEvents, push: Callable[[str, str], None] | None) -> None:
+    """Any event other than a plain token: role, reasoning, tool calls, finish, usage."""
+    if event.content or event.reasoning:
+        if gen.first_token_at is None:
+            gen.first_token_at = time.monotonic()
+        gen.content.append(event.content)
+        gen.reasoning.append(event.reasoning)
+        gen.tokens += 1
+        if push is not None:
+            push(event.content, event.reasoning)
+    if event.finish_reason:
+        gen.finish_reason = event.finish_reason
+    if event.usage:
+        gen.usage = event.usage
+    if event.timings:
+        gen.timings = event.timings
+    if event.tool_calls:
+        gen.tool_calls.extend(event.tool_calls)

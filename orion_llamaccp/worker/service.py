@@ -381,7 +381,7 @@ class Worker:
         claim = self.claims.claim_message(job.key, self.settings.instance_id)
         if self._start_before_claim(job):
             job.claim = asyncio.create_task(claim)
-            self._queue(job)
+            self._dispatch(job)
             return
         if not await claim:
             return  # another replica serves it
@@ -404,6 +404,14 @@ class Worker:
                 ),
                 job,
             )
+        else:
+            self._dispatch(job)
+
+    def _dispatch(self, job: Job) -> None:
+        """Straight to its handler when a slot is free and nothing waits (no queue hop
+        before the request reaches llama-server), else into the local queue."""
+        if self.waiting == 0 and self.slots.try_acquire():
+            self._spawn(self._with_slot(job), job)
         else:
             self._queue(job)
 

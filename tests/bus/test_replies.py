@@ -28,7 +28,7 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 def _stream(publisher: Publisher, gate: asyncio.Event | None, window: float) -> ChunkStream:
     return ChunkStream(
         publisher,
-        ChunkTemplate({"kind": "llm.chat.chunk"}),
+        lambda: ChunkTemplate({"kind": "llm.chat.chunk"}),
         channel=CHANNEL,
         request_id="req-1",
         attempt=1,

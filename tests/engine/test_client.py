@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import signal
 
+import httpx
 import pytest
 
-from orion_llamaccp.engine.sse import SSEDecoder, parse_chunk
+from orion_llamaccp.engine.sse import ChunkEvents, SSEDecoder, content_only, parse_chunk
 from orion_llamaccp.engine.supervisor import Supervisor
 from orion_llamaccp.errors import ContextExceeded, UpstreamError
 from tests.support.procs import wait_until_async
@@ -92,6 +93,40 @@ def test_sse_decoder_handles_split_chunks_comments_and_crlf() -> None:
 def test_mid_stream_error_payload_is_typed() -> None:
     events = parse_chunk(b'{"error":{"code":500,"message":"boom","type":"server_error"}}')
     assert events.error == {"code": 500, "message": "boom", "type": "server_error"}
+
+
+async def _raw_payloads(engine: Supervisor, body: dict) -> list[bytes]:
+    decoder = SSEDecoder()
+    payloads: list[bytes] = []
+    async with httpx.AsyncClient(base_url=engine.client.base_url) as http:
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for raw in response.aiter_raw():
+                payloads += decoder.feed(raw)
+    return payloads
+
+
+async def test_token_fast_path_reads_real_llama_server_chunks_as_the_full_parse_does(
+    ready_engine: Supervisor,
+) -> None:
+    """``content_only`` relies on llama-server's layout of a token's chunk: if a new
+    llama-server writes it differently, this fails instead of the fast path going quiet."""
+    body = {"messages": HELLO, "max_tokens": 24, "temperature": 0, "seed": 3}
+    plain = await _raw_payloads(ready_engine, body)
+    timed = await _raw_payloads(ready_engine, {**body, "timings_per_token": True})
+    assert plain[-1] == timed[-1] == b"[DONE]"
+    for data in plain[:-1] + timed[:-1]:
+        text = content_only(data)
+        if text is not None:
+            assert parse_chunk(data) == ChunkEvents(content=text)
+    plain_tokens = [
+        data
+        for data in plain[:-1]
+        if (event := parse_chunk(data)).content and event == ChunkEvents(content=event.content)
+    ]
+    assert len(plain_tokens) >= 10  # (a random model's token may decode to no text yet)
+    assert [data for data in plain if content_only(data) is not None] == plain_tokens
+    assert not [data for data in timed if content_only(data) is not None]  # all carry timings
 
 
 async def test_requests_find_a_connection_opened_ahead(ready_engine: Supervisor) -> None:
