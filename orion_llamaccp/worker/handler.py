@@ -146,9 +146,7 @@ class ChatHandler:
         await asyncio.sleep(0)  # the request goes to llama-server before our Redis calls
         key = idempotency_key(envelope, chat)
         try:
-            if not await job.ours():
-                raise ClaimedElsewhere
-            stored, twin = await self._claim_or_wait(job, key, generating)
+            stored, twin = await self._own(job, key, generating)
             if stored is not None:
                 await _cancel(generating)
                 self.stats.duplicates += 1
@@ -247,6 +245,30 @@ class ChatHandler:
             wait = not_before / 1000 - time.time()
             if wait > 0:
                 await asyncio.sleep(min(wait, self.settings.request_timeout_sec))
+
+    async def _own(
+        self, job: Job, key: str, speculation: asyncio.Task[Any]
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """The pub/sub claim and the idempotency record: both ours, or ``ClaimedElsewhere``.
+
+        A claim still in flight (a worker alone on its channel) and the record go to Redis
+        side by side, not one after the other. A replica that loses the claim may have
+        written the record too, harmlessly: the record's owner is the message's request id,
+        the same on every replica, so the winner finds it its own.
+        """
+        if job.claim is None or job.claim.done():
+            if not await job.ours():
+                raise ClaimedElsewhere
+            return await self._claim_or_wait(job, key, speculation)
+        recording = asyncio.create_task(self._claim_or_wait(job, key, speculation))
+        try:
+            if not await job.ours():
+                raise ClaimedElsewhere
+            return await recording
+        finally:
+            recording.cancel()  # a no-op once it is done; awaiting it collects its error
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await recording
 
     async def _claim_or_wait(
         self, job: Job, key: str, speculation: asyncio.Task[Any]
