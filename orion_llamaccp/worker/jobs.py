@@ -6,8 +6,12 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
+import orjson
+
+from orion_llamaccp.bus.codec import decode_envelope, message_key, salvage
 from orion_llamaccp.bus.envelope import Envelope
 from orion_llamaccp.bus.intake import StreamEntry
 from orion_llamaccp.errors import DecodeError
@@ -72,11 +76,56 @@ class Job:
     def redelivered(self) -> bool:
         return self.entry is not None and (self.entry.reclaimed or self.entry.deliveries > 1)
 
-    @property
+    @cached_property  # read on every cancel-registry update; a UUID's str() is not free
     def correlation_id(self) -> str | None:
         if self.envelope is not None:
             return str(self.envelope.correlation_id)
         return self.salvaged.get("correlation_id")
+
+
+def decode_job(
+    data: bytes, transport: Transport, max_bytes: int, entry: StreamEntry | None = None
+) -> Job:
+    """A job from a message's bytes; one that cannot be decoded still becomes a job, which
+    answers with a precise error (``decode_error``) wherever it can be told apart."""
+    envelope, error = None, None
+    if len(data) > max_bytes:
+        error = DecodeError(
+            f"message of {len(data)} bytes exceeds the limit of {max_bytes} "
+            f"(ORION_LLAMACPP_MAX_MESSAGE_BYTES)"
+        )
+    else:
+        try:
+            envelope = decode_envelope(data)
+        except DecodeError as exc:
+            error = exc
+    return Job(
+        raw=data,
+        transport=transport,
+        key=message_key(data, envelope),  # type: ignore[arg-type]
+        envelope=envelope,
+        decode_error=error,
+        entry=entry,
+        salvaged=salvage(data) if envelope is None else {},
+    )
+
+
+def entry_job(entry: StreamEntry, max_bytes: int) -> Job:
+    """A job from a stream entry: its envelope field, or an error naming the fields seen."""
+    fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in entry.fields.items()}
+    for name in ("envelope", "data", "message", "payload"):  # Orion's, then plain entries
+        if name in fields:
+            value = fields[name]
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            return decode_job(raw, "stream", max_bytes, entry)
+    names = sorted(fields)
+    return Job(
+        raw=orjson.dumps({"fields": names}),
+        transport="stream",
+        key=entry.entry_id,
+        entry=entry,
+        decode_error=DecodeError(f"stream entry has no 'envelope' field (fields: {names})"),
+    )
 
 
 class ClaimedElsewhere(Exception):

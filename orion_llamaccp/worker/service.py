@@ -13,14 +13,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
-from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus.claims import Claims
-from orion_llamaccp.bus.codec import decode_envelope, loads_object, message_key, salvage
+from orion_llamaccp.bus.codec import decode_envelope, loads_object
 from orion_llamaccp.bus.envelope import ServiceRef
 from orion_llamaccp.bus.intake import Slots, StreamConsumer, StreamEntry
 from orion_llamaccp.bus.outbox import Outbox
@@ -34,7 +31,8 @@ from orion_llamaccp.errors import DecodeError, OrionLlamaError
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import WorkerView
 from orion_llamaccp.worker.handler import ChatHandler
-from orion_llamaccp.worker.jobs import Failure, Job
+from orion_llamaccp.worker.inflight import InFlight
+from orion_llamaccp.worker.jobs import Failure, Job, decode_job, entry_job
 from orion_llamaccp.worker.metrics import Metrics
 from orion_llamaccp.worker.startup import Intake, transports
 from orion_llamaccp.worker.stats import Stats
@@ -76,8 +74,7 @@ class Worker:
         self.alone = False  # the only subscriber of the intake channel, last we counted
         self.held: Job | None = None
         self.stopping = False
-        self.jobs: dict[str, set[Job]] = defaultdict(set)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.inflight = InFlight()
         self.channels = self.view.channels
         # ``serve`` listens before building us (see startup.py): its intake, if given.
         self.intake = intake or Intake(settings, redis, self.channels)
@@ -262,13 +259,13 @@ class Worker:
             self.held = None
         for job in unstarted:
             self.waiting -= 1
-            self._spawn(
+            self.inflight.spawn(
                 self.handler.fail(
                     job, Failure("engine_unavailable", "worker is stopping", retryable=True)
                 ),
                 job,
             )
-        pending = [t for t in self.tasks if not t.done()]
+        pending = self.inflight.pending()
         if self.consumer is not None:
             pending += [t for t in self.consumer.tasks if not t.done()]
         if pending:
@@ -298,24 +295,6 @@ class Worker:
     async def _engine_ready(self) -> None:
         await self.supervisor.wait_for(EngineState.READY)
 
-    def _spawn(self, coro: Any, job: Job | None = None) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        if job is not None and job.correlation_id:
-            job.task = task
-            self.jobs[job.correlation_id].add(job)
-        task.add_done_callback(lambda t: self._forget(t, job))
-        return task
-
-    def _forget(self, task: asyncio.Task[None], job: Job | None) -> None:
-        self.tasks.discard(task)
-        if job is not None and job.correlation_id:
-            jobs = self.jobs.get(job.correlation_id)
-            if jobs is not None:
-                jobs.discard(job)
-                if not jobs:
-                    del self.jobs[job.correlation_id]
-
     async def _with_slot(self, job: Job) -> None:
         try:
             await self.handler.handle(job)
@@ -331,33 +310,11 @@ class Worker:
                 if channel == self.settings.cancel_channel:
                     self._on_cancel(data)
                 elif channel == self.settings.discover_channel:
-                    self._spawn(self._on_discover(data))
+                    self.inflight.spawn(self._on_discover(data))
                 else:
                     await self._accept_pubsub(data)
             except Exception:
                 log.exception("pub/sub message on %s could not be handled", channel)
-
-    def _job(self, data: bytes, transport: str, entry: StreamEntry | None = None) -> Job:
-        envelope, error = None, None
-        if len(data) > self.settings.max_message_bytes:
-            error = DecodeError(
-                f"message of {len(data)} bytes exceeds the limit of "
-                f"{self.settings.max_message_bytes} (ORION_LLAMACPP_MAX_MESSAGE_BYTES)"
-            )
-        else:
-            try:
-                envelope = decode_envelope(data)
-            except DecodeError as exc:
-                error = exc
-        return Job(
-            raw=data,
-            transport=transport,
-            key=message_key(data, envelope),  # type: ignore[arg-type]
-            envelope=envelope,
-            decode_error=error,
-            entry=entry,
-            salvaged=salvage(data) if envelope is None else {},
-        )
 
     async def _count_replicas(self) -> None:
         self.alone = await self.claims.subscribers(self.channels.intake) == 1
@@ -376,7 +333,7 @@ class Worker:
         )
 
     async def _accept_pubsub(self, data: bytes) -> None:
-        job = self._job(data, "pubsub")
+        job = decode_job(data, "pubsub", self.settings.max_message_bytes)
         self.view.received += 1
         claim = self.claims.claim_message(job.key, self.settings.instance_id)
         if self._start_before_claim(job):
@@ -386,13 +343,13 @@ class Worker:
         if not await claim:
             return  # another replica serves it
         if job.decode_error is not None:
-            self._spawn(self.handler.handle(job), job)
+            self.inflight.spawn(self.handler.handle(job), job)
         elif self.stopping:
             stopping = Failure("engine_unavailable", "worker is stopping", retryable=True)
-            self._spawn(self.handler.fail(job, stopping), job)
+            self.inflight.spawn(self.handler.fail(job, stopping), job)
         elif self.waiting - self.slots.free >= self.settings.local_queue_size:
             self.stats.finished("overloaded", 0)
-            self._spawn(
+            self.inflight.spawn(
                 self.handler.fail(
                     job,
                     Failure(
@@ -411,15 +368,14 @@ class Worker:
         """Straight to its handler when a slot is free and nothing waits (no queue hop
         before the request reaches llama-server), else into the local queue."""
         if self.waiting == 0 and self.slots.try_acquire():
-            self._spawn(self._with_slot(job), job)
+            self.inflight.spawn(self._with_slot(job), job)
         else:
             self._queue(job)
 
     def _queue(self, job: Job) -> None:
         self.local.put_nowait(job)
         self.waiting += 1
-        if job.correlation_id:
-            self.jobs[job.correlation_id].add(job)
+        self.inflight.file(job)
 
     async def _dispatch_local(self) -> None:
         while True:
@@ -428,7 +384,7 @@ class Worker:
             await self.slots.acquire()
             self.held = None
             self.waiting -= 1
-            self._spawn(self._with_slot(job), job)
+            self.inflight.spawn(self._with_slot(job), job)
 
     def _on_cancel(self, data: bytes) -> None:
         try:
@@ -436,12 +392,9 @@ class Worker:
         except DecodeError:
             return
         payload = message.get("payload") if isinstance(message.get("payload"), dict) else {}
-        target = str(payload.get("correlation_id") or message.get("correlation_id") or "")
-        for job in list(self.jobs.get(target, ())):
-            job.user_cancelled = True
-            if job.task is not None:
-                log.info("cancelling request %s (correlation %s)", job.request_id, target)
-                job.task.cancel()
+        self.inflight.cancel(
+            str(payload.get("correlation_id") or message.get("correlation_id") or "")
+        )
 
     async def _on_discover(self, data: bytes) -> None:
         try:
@@ -458,21 +411,7 @@ class Worker:
     async def _on_entry(self, entry: StreamEntry) -> None:
         """Called with a slot held for the entry."""
         try:
-            raw = _entry_envelope(entry)
-            if raw is None:
-                names = sorted(k.decode() if isinstance(k, bytes) else k for k in entry.fields)
-                raw = orjson.dumps({"fields": names})
-                job = Job(
-                    raw=raw,
-                    transport="stream",
-                    key=entry.entry_id,
-                    entry=entry,
-                    decode_error=DecodeError(
-                        f"stream entry has no 'envelope' field (fields: {names})"
-                    ),
-                )
-            else:
-                job = self._job(raw, "stream", entry)
+            job = entry_job(entry, self.settings.max_message_bytes)
             self.view.received += 1
             if entry.deliveries > self.settings.stream_max_deliveries:
                 await self.handler.fail(
@@ -485,23 +424,13 @@ class Worker:
                     ),
                 )
                 return
-            task = asyncio.current_task()
-            if job.correlation_id and task is not None:
-                job.task = task
-                self.jobs[job.correlation_id].add(job)
+            self.inflight.file(job, asyncio.current_task())
             try:
                 await self.handler.handle(job)
             finally:
-                self._forget_job(job)
+                self.inflight.forget(job)
         finally:
             await self.slots.release()
-
-    def _forget_job(self, job: Job) -> None:
-        jobs = self.jobs.get(job.correlation_id or "")
-        if jobs is not None:
-            jobs.discard(job)
-            if not jobs:
-                self.jobs.pop(job.correlation_id or "", None)
 
     async def _ack(self, job: Job) -> None:
         if job.entry is not None and self.consumer is not None:
@@ -534,16 +463,6 @@ class Worker:
             lambda: self.redis.xadd(self.channels.dlq, fields),
             retry_for=self.settings.redis_retry_sec,
         )
-
-
-def _entry_envelope(entry: StreamEntry) -> bytes | None:
-    """The envelope JSON of an Orion work-queue entry (or of a plain one-field entry)."""
-    fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in entry.fields.items()}
-    for name in ("envelope", "data", "message", "payload"):
-        if name in fields:
-            value = fields[name]
-            return value if isinstance(value, bytes) else str(value).encode()
-    return None
 
 
 __all__ = ["Worker"]
