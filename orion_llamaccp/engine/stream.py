@@ -355,7 +355,7 @@ async def stream_batches(conn: StreamConnection) -> AsyncIterator[list[Delta]]:
     reader = EventReader()
     while True:
         if payloads:
-            batch = reader.take(list(payloads))
+            batch = reader.take(payloads)  # nothing adds to it meanwhile: no await in take
             payloads.clear()
             conn.saw_done = reader.done
             if batch:
