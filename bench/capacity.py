@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+import redis.asyncio as aioredis
 
 from bench.callers import BusCaller, Outcome
 from bench.harness import (
@@ -113,9 +115,54 @@ async def measure(
     }
 
 
+async def redis_round_trip_cpu(url: str, n: int = 2000) -> dict[str, float]:
+    """Client CPU (µs) of one Redis round trip from this process: redis-py ``SET NX EX``
+    (what a claim costs the worker) and a bare asyncio socket ``ECHO`` (the system calls
+    alone), the floor under the per-request part of the worker's CPU."""
+    client = aioredis.Redis.from_url(url)
+    await client.ping()
+    cpu0 = time.process_time()
+    for i in range(n):
+        await client.set(f"bench:rtt:{i}", b"1", nx=True, ex=5)
+    redis_py = (time.process_time() - cpu0) / n * 1e6
+    await client.aclose()
+    where = client.connection_pool.connection_kwargs
+    reader, writer = await asyncio.open_connection(where["host"], where["port"])
+    cpu0 = time.process_time()
+    for _ in range(n):
+        writer.write(b"*2\r\n$4\r\nECHO\r\n$1\r\nx\r\n")
+        await reader.readuntil(b"\r\n")
+        await reader.readuntil(b"\r\n")
+    raw = (time.process_time() - cpu0) / n * 1e6
+    writer.close()
+    return {"redis_py_set_nx_us": round(redis_py, 1), "raw_asyncio_us": round(raw, 1)}
+
+
+async def split(
+    ws: Workspace, worker: Worker, bus: BusCaller, cfg: CapacityConfig
+) -> dict[str, Any]:
+    """The all-in CPU per token, split into a per-request and a per-token part, from two
+    extra points: 1-token answers (all per request) and 4096-token answers (nearly all per
+    token), at the largest concurrency, coalescing on."""
+    concurrency = max(cfg.concurrency)
+    short = await measure(ws, worker, bus, concurrency, replace(cfg, tokens=1))
+    long = await measure(ws, worker, bus, concurrency, replace(cfg, tokens=4096))
+    per_request = short["worker_cpu_us_per_request"]
+    per_token = (long["worker_cpu_us_per_request"] - per_request) / 4095
+    return {
+        "concurrency": concurrency,
+        "per_request_us": per_request,
+        "per_token_us": round(per_token, 2),
+        "implied_us_per_token": round(per_token + per_request / cfg.tokens, 2),
+        "per_request_budget_us": round((5.0 - per_token) * cfg.tokens, 0),
+        **await redis_round_trip_cpu(ws.url),
+    }
+
+
 async def run(ws: Workspace, cfg: CapacityConfig | None = None) -> dict[str, Any]:
     cfg = cfg or CapacityConfig()
     points: list[dict[str, Any]] = []
+    costs: dict[str, Any] = {}
     for coalesce in cfg.coalesce:
         spec = WorkerSpec(
             model=ws.tiny_model(),
@@ -138,15 +185,37 @@ async def run(ws: Workspace, cfg: CapacityConfig | None = None) -> dict[str, Any
                 point = await measure(ws, worker, bus, concurrency, cfg)
                 point["coalesce_ms"] = coalesce
                 points.append(point)
+            if coalesce > 0 and not costs:
+                costs = await split(ws, worker, bus, cfg)
         finally:
             if bus is not None:
                 await bus.close()
             await redis.aclose()
             worker.stop()
-    return _finish(cfg, points)
+    return _finish(cfg, points, costs)
 
 
-def _finish(cfg: CapacityConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
+def _split_table(cfg: CapacityConfig, costs: dict[str, Any]) -> str:
+    if not costs:
+        return ""
+    rows = [
+        ("worker CPU per request (1-token answers)", costs["per_request_us"]),
+        ("worker CPU per relayed token (from 4096-token answers)", costs["per_token_us"]),
+        (f"implied all-in per token at {cfg.tokens}-token answers", costs["implied_us_per_token"]),
+        (f"per-request budget, 5 us/token at {cfg.tokens} tokens", costs["per_request_budget_us"]),
+        ("one Redis round trip, redis-py SET NX, client CPU", costs["redis_py_set_nx_us"]),
+        ("one Redis round trip, bare asyncio socket, client CPU", costs["raw_asyncio_us"]),
+    ]
+    return "\n" + table(
+        f"2b. Where the all-in CPU goes: {costs['concurrency']} in flight, coalescing on (us)",
+        ["part", "us"],
+        rows,
+    )
+
+
+def _finish(
+    cfg: CapacityConfig, points: list[dict[str, Any]], costs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     rows = [
         (
             f"{p['coalesce_ms']:g}",
@@ -200,6 +269,7 @@ def _finish(cfg: CapacityConfig, points: list[dict[str, Any]]) -> dict[str, Any]
             higher_is_better=False,
         ),
     ]
+    text += _split_table(cfg, costs or {})
     text += "\n" + targets_table(targets)
     settings = {
         "tokens_per_request": cfg.tokens,
@@ -210,5 +280,7 @@ def _finish(cfg: CapacityConfig, points: list[dict[str, Any]]) -> dict[str, Any]
         "llama-server framing (chunked, one HTTP chunk per event)",
         "intake": "pub/sub",
     }
-    path = write_result("capacity", settings, {"points": points}, targets=targets)
+    path = write_result(
+        "capacity", settings, {"points": points, "split": costs or {}}, targets=targets
+    )
     return {"text": text, "path": str(path), "points": points, "targets": targets}
