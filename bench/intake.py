@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import orjson
 
+from bench import floor
 from bench.callers import BusCaller
 from bench.harness import PROFILE, Worker, WorkerSpec, Workspace
 from bench.report import summary, table, target, targets_table, write_result
@@ -86,7 +87,7 @@ async def run(ws: Workspace, cfg: IntakeConfig | None = None) -> dict[str, Any]:
         worker.stop()
     if cfg.trace:
         return {"text": _steps(trace_file, sends), "path": str(trace_file), "results": results}
-    return _finish(cfg, results)
+    return _finish(cfg, results, await floor.measure(ws))
 
 
 def _steps(trace_file: Path, sends: dict[str, list[int]]) -> str:
@@ -130,7 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _finish(cfg: IntakeConfig, results: dict[str, Any]) -> dict[str, Any]:
+def _floor_table(found: dict[str, Any]) -> str:
+    rows = [
+        (what, found[key]["n"], found[key]["p50"], found[key]["p90"], found[key]["p99"])
+        for what, key in (
+            ("message through Redis and a bare relay process, and back", "through_redis_ms"),
+            ("the same process echoing over a direct TCP connection", "direct_tcp_ms"),
+            ("difference, sample by sample: what crossing Redis costs", "difference_ms"),
+        )
+    ]
+    return "\n" + table(
+        "3b. The floor (ms): bench/echo.py, the leanest relay, one message in flight",
+        ["round trip", "n", "p50", "p90", "p99"],
+        rows,
+    )
+
+
+def _finish(
+    cfg: IntakeConfig, results: dict[str, Any], found: dict[str, Any] | None = None
+) -> dict[str, Any]:
     rows = []
     for via, r in results.items():
         for what, key in (
@@ -150,6 +169,8 @@ def _finish(cfg: IntakeConfig, results: dict[str, Any]) -> dict[str, Any]:
         target(f"{via} intake p50 ms", r["intake_ms"]["p50"], 1.0, higher_is_better=False)
         for via, r in results.items()
     ]
+    if found:
+        text += _floor_table(found)
     text += "\n" + targets_table(targets)
     settings = {
         "requests_per_transport": cfg.requests,
@@ -158,7 +179,7 @@ def _finish(cfg: IntakeConfig, results: dict[str, Any]) -> dict[str, Any]:
         "upstream": "bench/upstream.py (stamps arrival with time.monotonic_ns)",
         "clock": "CLOCK_MONOTONIC in both processes",
     }
-    path = write_result("intake", settings, results, targets=targets)
+    path = write_result("intake", settings, {**results, "floor": found or {}}, targets=targets)
     return {"text": text, "path": str(path), "results": results, "targets": targets}
 
 

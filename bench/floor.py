@@ -1,0 +1,98 @@
+"""The floor under the bus path's time to first token, measured on this machine.
+
+A bus request crosses Redis twice more than a direct one: caller -> Redis -> worker on
+the way in, worker -> Redis -> caller on the way out. ``bench/echo.py`` is the leanest
+possible worker (raw sockets, no decoding): a message sent through it and Redis and back
+costs what any relay between two processes pays for those crossings, and the same echo
+over a direct TCP connection is the direct path's share. Their difference is a floor
+that no worker code can go below; the relay benchmark's overhead sits on top of it.
+Alternating samples, one message in flight, both sides raw asyncio sockets on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+import hiredis
+
+from bench.echo import command
+from bench.harness import REPO, Workspace
+from bench.report import summary
+from tests.support.procs import free_port
+
+
+class _Replies(asyncio.Protocol):
+    """Resolves ``waiting`` with each pub/sub message (or each TCP read)."""
+
+    def __init__(self, pubsub: bool) -> None:
+        self.reader = hiredis.Reader() if pubsub else None
+        self.waiting: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.reader is not None:
+            self.reader.feed(data)
+            got = False
+            while (reply := self.reader.gets()) is not False:
+                got = got or (isinstance(reply, list) and reply[0] == b"message")
+            if not got:
+                return
+        if self.waiting is not None and not self.waiting.done():
+            self.waiting.set_result(None)
+
+
+async def _round_trip(send: asyncio.Transport, replies: _Replies, message: bytes) -> float:
+    replies.waiting = asyncio.get_running_loop().create_future()
+    started = time.perf_counter()
+    send.write(message)
+    await asyncio.wait_for(replies.waiting, 5)
+    return (time.perf_counter() - started) * 1000
+
+
+async def measure(ws: Workspace, samples: int = 400) -> dict[str, Any]:
+    host, port = "127.0.0.1", ws.redis_server.port
+    tcp_port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    echo_module = (sys.executable, "-m", "bench.echo")
+    relay = await asyncio.create_subprocess_exec(
+        *echo_module, "redis", host, str(port), "floor:in", "floor:out", env=env
+    )
+    echo = await asyncio.create_subprocess_exec(*echo_module, "tcp", str(tcp_port), env=env)
+    loop = asyncio.get_running_loop()
+    try:
+        publish, _ = await loop.create_connection(lambda: _Replies(False), host, port)
+        via_redis = _Replies(True)
+        listen, _ = await loop.create_connection(lambda: via_redis, host, port)
+        listen.write(command(b"SUBSCRIBE", b"floor:out"))
+        payload = b"x" * 300  # about a chunk envelope's size
+        through = command(b"PUBLISH", b"floor:in", payload)
+        direct_replies = _Replies(False)
+        for _ in range(100):  # both helpers listening
+            try:
+                direct, _ = await loop.create_connection(lambda: direct_replies, host, tcp_port)
+                await _round_trip(publish, via_redis, through)
+                break
+            except (OSError, TimeoutError):
+                await asyncio.sleep(0.05)
+        redis_ms, direct_ms = [], []
+        for i in range(samples + 20):
+            a = await _round_trip(publish, via_redis, through)
+            b = await _round_trip(direct, direct_replies, payload)
+            if i >= 20:  # warm-up
+                redis_ms.append(a)
+                direct_ms.append(b)
+        for transport in (publish, listen, direct):
+            transport.close()
+    finally:
+        for helper in (relay, echo):
+            helper.kill()
+            await helper.wait()
+    pairs = [a - b for a, b in zip(redis_ms, direct_ms, strict=True)]
+    return {
+        "through_redis_ms": summary(redis_ms),
+        "direct_tcp_ms": summary(direct_ms),
+        "difference_ms": summary(pairs),
+    }
