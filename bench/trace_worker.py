@@ -66,7 +66,7 @@ def install() -> None:
     _wrap_async(claims.Claims, "begin", None, "idempotency record (SET NX)")
     _wrap_async(stream.StreamPool, "open", "HTTP request sent", "HTTP 200 head read")
     _wrap_sync(replies.ChunkStream, "push", "token pushed")
-    _wrap_async(replies.Publisher, "chunk", None, "chunk published")
+    _wrap_async(replies.ChunkStream, "_send", None, "chunk published")
     _wrap_async(handler.ChatHandler, "_answer", "result publish starts", "result published")
 
     path = os.environ.get("BENCH_TRACE_FILE")

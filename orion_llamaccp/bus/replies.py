@@ -46,13 +46,6 @@ class Publisher:
         self._ordered = redis.register_script(PUBLISH_IN_ORDER)
         self.commands = 0
 
-    async def chunk(
-        self, channel: str, request_id: str, attempt: int, seq: int, message: bytes
-    ) -> bool:
-        stage = self.stage_chunk(channel, request_id, attempt, seq, message)
-        (sent,) = await self.commit(f"chunk {seq}", [stage])
-        return int(sent) >= 0
-
     def stage_chunk(
         self, channel: str, request_id: str, attempt: int, seq: int, message: bytes
     ) -> Stage:
@@ -152,15 +145,13 @@ class ChunkStream:
         self.tokens += 1
         self._wake.set()
 
-    @property
     def _template(self) -> ChunkTemplate:
         if self._made is None:
             self._made = self._make_template()
         return self._made
 
     async def _send_loop(self) -> None:
-        if self._made is None:  # now, while llama-server reads the prompt
-            self._made = self._make_template()
+        self._template()  # made now, while llama-server reads the prompt
         if self._gate is not None:
             await self._gate.wait()
         while True:
@@ -197,14 +188,7 @@ class ChunkStream:
     async def _send(self, delta: str, reasoning: str) -> None:
         self._content.clear()
         self._reasoning.clear()
-        await self._publish(delta, reasoning)
-
-    async def _publish(self, delta: str, reasoning: str) -> None:
-        message = self._template.render(self.seq, delta, reasoning, self._attempt)
-        await self._publisher.chunk(
-            self._channel, self._request_id, self._attempt, self.seq, message
-        )
-        self.seq += 1
+        await self._publisher.commit(f"chunk {self.seq}", [self._stage(delta, reasoning)])
         self._last_sent = time.monotonic()
 
     async def _nap(self, seconds: float) -> None:
@@ -240,7 +224,7 @@ class ChunkStream:
         return [self._stage(delta, reasoning) for delta, reasoning in parts]
 
     def _stage(self, delta: str, reasoning: str) -> Stage:
-        message = self._template.render(self.seq, delta, reasoning, self._attempt)
+        message = self._template().render(self.seq, delta, reasoning, self._attempt)
         stage = self._publisher.stage_chunk(
             self._channel, self._request_id, self._attempt, self.seq, message
         )

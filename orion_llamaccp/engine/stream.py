@@ -97,7 +97,7 @@ class StreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.served and not self.active and self.on_idle_close is not None:
+        if not self.active and self.on_idle_close is not None:  # set once it has served
             self.on_idle_close()  # the server closes connections after a response
         if self.active and not self.decoder.complete:
             self._fail(exc or ConnectionResetError("llama-server closed the connection"))

@@ -143,16 +143,15 @@ class Worker:
             self.intake.start(),
             asyncio.create_task(self._pubsub_intake(), name="pubsub-intake"),
             asyncio.create_task(self.presence.run(presence_stop), name="presence"),
-            asyncio.create_task(
-                every(
-                    self.settings.heartbeat_interval_sec,
-                    self._count_replicas,
-                    presence_stop,
-                    "counting replicas",
-                ),
-                name="replicas",
-            ),
         ]
+        if "pubsub" in transports(self.settings):  # only pub/sub messages are claimed
+            counting = every(
+                self.settings.heartbeat_interval_sec,
+                self._count_replicas,
+                presence_stop,
+                "counting replicas",
+            )
+            background.append(asyncio.create_task(counting, name="replicas"))
         code = 0
         try:
             # Subscribed before the model check starts: its thread holds the GIL for long
