@@ -260,6 +260,8 @@ class StreamConsumer:
             if not entries:
                 entries = await self._read_new(free)
             await self._dispatch_all(entries)
+            if entries:  # their handlers write their requests before our next XREADGROUP
+                await asyncio.sleep(0)
 
     async def _read_new(self, count: int) -> list[StreamEntry]:
         block = min(self.block_ms, max(int(self.claim_idle_ms / 4), 100))

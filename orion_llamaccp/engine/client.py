@@ -24,7 +24,7 @@ import orjson
 from orion_llamaccp.engine.events import ChatStream, Delta, EventReader
 from orion_llamaccp.engine.http_errors import raise_for_response
 from orion_llamaccp.engine.sse import SSEDecoder
-from orion_llamaccp.engine.stream import StreamPool, stream_batches
+from orion_llamaccp.engine.stream import StreamConnection, StreamPool, stream_batches
 from orion_llamaccp.errors import EngineUnavailable, UpstreamError
 
 
@@ -56,6 +56,25 @@ class Props:
             build_info=str(data.get("build_info") or ""),
             raw=data,
         )
+
+
+@dataclass
+class Sent:
+    """A streamed chat request already on the wire (``LlamaClient.send``), waiting for
+    ``chat_stream`` to read its answer. One that is never read must be ``drop``-ped: its
+    connection is closed, which stops llama-server generating for nobody."""
+
+    payload: bytes
+    conn: StreamConnection
+    taken: bool = False
+
+    def drop(self) -> None:
+        if not self.taken:
+            self.conn.close()
+
+
+def _stream_payload(body: dict[str, Any]) -> bytes:
+    return orjson.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
 
 
 class LlamaClient:
@@ -128,16 +147,33 @@ class LlamaClient:
         data = await self._get_json("/slots")
         return data if isinstance(data, list) else []
 
+    def send(self, body: dict[str, Any]) -> Sent | None:
+        """Write a streamed chat request now, without yielding to the event loop, when a
+        connection is open ahead; None when there is none (``chat_stream`` sends it then)."""
+        if self._streams is None:
+            return None
+        payload = _stream_payload(body)
+        conn = self._streams.send(payload)
+        return None if conn is None else Sent(payload, conn)
+
     @asynccontextmanager
-    async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[ChatStream]:
-        """Stream ``/v1/chat/completions``; exiting the block early cancels the generation."""
-        payload = orjson.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
+    async def chat_stream(
+        self, body: dict[str, Any], sent: Sent | None = None
+    ) -> AsyncIterator[ChatStream]:
+        """Stream ``/v1/chat/completions``; exiting the block early cancels the generation.
+
+        ``sent``: the same request, already written by ``send``; its answer is read here.
+        """
         streams = self._streams
-        if streams is None:
-            async with self._httpx_stream(payload) as events:
+        if sent is not None and streams is not None:
+            sent.taken = True
+            conn = await streams.open(sent.payload, sent.conn)
+        elif streams is None:
+            async with self._httpx_stream(_stream_payload(body)) as events:
                 yield events
             return
-        conn = await streams.open(payload)
+        else:
+            conn = await streams.open(_stream_payload(body))
         try:
             yield ChatStream(stream_batches(conn))
         finally:

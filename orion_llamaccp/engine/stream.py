@@ -198,7 +198,8 @@ class StreamPool:
 
     llama-server (cpp-httplib) closes the connection after every streamed response, so
     reuse alone would make each request connect first. The pool therefore keeps ``spares``
-    connections opened ahead of need: taking one starts opening the next in the background.
+    connections opened ahead of need: a response that ends starts opening the next in the
+    background (and a request that found none connects itself).
     An unused spare is closed by llama-server after its keep-alive timeout (5 s) and not
     replaced until the next request, so an idle worker holds no connection for long.
     """
@@ -247,17 +248,34 @@ class StreamPool:
             ) from exc
         return conn
 
-    async def open(self, payload: bytes) -> StreamConnection:
-        """Send the request; the connection once a 200 head arrived, else the error raised."""
-        request = self._head + b"Content-Length: %d\r\n\r\n" % len(payload) + payload
+    def send(self, payload: bytes) -> StreamConnection | None:
+        """Write the request now on a connection opened ahead; None when there is none.
+
+        Synchronous on purpose: a caller can put the request on the wire before it yields
+        to the event loop, ahead of whatever else is ready to run (``open`` goes on).
+        """
+        conn = self._take_idle()
+        if conn is not None:
+            conn.start(self._request(payload), self.read_timeout)
+        return conn
+
+    def _request(self, payload: bytes) -> bytes:
+        return self._head + b"Content-Length: %d\r\n\r\n" % len(payload) + payload
+
+    async def open(self, payload: bytes, sent: StreamConnection | None = None) -> StreamConnection:
+        """Send the request (unless ``sent`` carries it already); the connection once a 200
+        head arrived, else the error raised."""
+        request = self._request(payload)
         while True:
-            conn = self._take_idle()
+            conn, sent = sent, None
             reused = conn is not None
             if conn is None:
-                self.connects_waited += 1
-                conn = await self._connect()
-            conn.start(request, self.read_timeout)
-            self._refill()
+                conn = self._take_idle()
+                reused = conn is not None
+                if conn is None:
+                    self.connects_waited += 1
+                    conn = await self._connect()
+                conn.start(request, self.read_timeout)
             try:
                 await conn.head()
             except asyncio.CancelledError:
@@ -313,7 +331,13 @@ class StreamPool:
         return None
 
     def finish(self, conn: StreamConnection) -> None:
-        """Back to the pool if the response ended cleanly, else closed (cancels generation)."""
+        """Back to the pool if the response ended cleanly, else closed (cancels generation).
+
+        The spare for the next request is opened now, not when this one was sent: then
+        the connect (the worker's and llama-server's CPU) would compete with llama-server
+        reading this request's prompt, which delays its first token on a small machine.
+        """
+        self._refill()
         if conn.decoder.complete and not conn.closed:
             self._release(conn)
         elif conn.saw_done and conn.failure is None and not conn.closed:

@@ -19,6 +19,7 @@ from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import ChunkStream, Publisher, Stage
+from orion_llamaccp.engine.client import Sent
 from orion_llamaccp.engine.events import ChatStream
 from orion_llamaccp.engine.sse import ChunkEvents
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor
@@ -94,6 +95,31 @@ class Generator:
         if state is not EngineState.READY:
             await self._engine_ready(job)
 
+    def start(
+        self,
+        job: Job,
+        envelope: Envelope,
+        chat: ChatRequestPayload,
+        options: ChatOptions,
+        owned: asyncio.Event,
+    ) -> asyncio.Task[tuple[Generation, int]]:
+        """``run`` as a task, with the request already written to llama-server if it can be.
+
+        A task's first step waits its turn behind whatever else is ready to run (the next
+        intake read, a claim: each a redis-py command, about 0.1 ms here). When llama-server
+        is ready and a connection is open ahead, the request is written in the caller's
+        own step instead, before it yields to the event loop.
+        """
+        sent = None
+        if self.supervisor.state is EngineState.READY:
+            sent = self.supervisor.client.send(build_body(chat, options, self.profile)[0])
+        task = asyncio.create_task(
+            self.run(job, envelope, chat, options, owned, sent), name=f"generate-{job.request_id}"
+        )
+        if sent is not None:  # cancelled before it read the answer: stop llama-server
+            task.add_done_callback(lambda _: sent.drop())
+        return task
+
     async def run(
         self,
         job: Job,
@@ -101,19 +127,25 @@ class Generator:
         chat: ChatRequestPayload,
         options: ChatOptions,
         owned: asyncio.Event,
+        sent: Sent | None = None,
     ) -> tuple[Generation, int]:
         """Pub/sub: one try. Streams: a broken upstream is retried up to max deliveries.
 
         Only a generation that reached llama-server counts as an attempt: when the stream
         breaks, llama-server may be dead before the supervisor has noticed, and a request
         that cannot connect yet simply waits for the restart under the same attempt.
+        ``sent``: the first try's request, already written (``start``).
         """
         attempt = job.first_attempt
         deadline = time.monotonic() + self.settings.request_timeout_sec
         while True:
-            await self._engine_ready(job)
+            if sent is None:
+                await self._engine_ready(job)
+            written, sent = sent, None  # a retry writes its own request
             try:
-                return await self._generate(job, envelope, chat, options, attempt, owned), attempt
+                return await self._generate(
+                    job, envelope, chat, options, attempt, owned, written
+                ), attempt
             except ContextExceeded as exc:
                 raise Failure("context_exceeded", str(exc), retryable=False) from None
             except EngineUnavailable as exc:
@@ -141,6 +173,7 @@ class Generator:
         options: ChatOptions,
         attempt: int,
         owned: asyncio.Event,
+        sent: Sent | None,
     ) -> Generation:
         body, ignored = build_body(chat, options, self.profile)
         if ignored:
@@ -150,7 +183,7 @@ class Generator:
         timeout = options.timeout_sec or self.settings.request_timeout_sec
         try:
             async with asyncio.timeout(timeout):
-                async with self.supervisor.client.chat_stream(body) as stream:
+                async with self.supervisor.client.chat_stream(body, sent) as stream:
                     await self._relay(stream, generation, chunks)
                 if chunks is not None:
                     generation.tail = await chunks.finish()

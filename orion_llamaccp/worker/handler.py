@@ -192,10 +192,7 @@ class ChatHandler:
         message another replica won is cancelled: such a message costs a cut-off prompt,
         every other one round trips less before its first token.
         """
-        return asyncio.create_task(
-            self.generator.run(job, envelope, chat, options, owned),
-            name=f"generate-{job.request_id}",
-        )
+        return self.generator.start(job, envelope, chat, options, owned)
 
     def _validate(self, job: Job) -> tuple[Envelope, ChatRequestPayload, ChatOptions]:
         if job.decode_error is not None or job.envelope is None:

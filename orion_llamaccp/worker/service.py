@@ -336,8 +336,8 @@ class Worker:
         self.view.received += 1
         claim = self.claims.claim_message(job.key, self.settings.instance_id)
         if self._start_before_claim(job):
+            self._dispatch(job)  # its first step writes the request: it runs before the claim
             job.claim = asyncio.create_task(claim)
-            self._dispatch(job)
             return
         if not await claim:
             return  # another replica serves it

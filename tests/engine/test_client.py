@@ -55,6 +55,59 @@ async def _no_busy(engine: Supervisor) -> bool:
     return not await _busy_slots(engine)
 
 
+async def _spare_open(engine: Supervisor) -> None:
+    pool = engine.client._streams
+    assert pool is not None
+    await wait_until_async(
+        lambda: pool._opening == 0 and any(not c.closed for c in pool.idle),
+        timeout=5,
+        what="a spare connection open",
+    )
+
+
+async def test_a_request_sent_ahead_is_read_by_chat_stream_like_any_other(
+    ready_engine: Supervisor,
+) -> None:
+    """``send`` writes the request before the caller yields (the worker's first step puts
+    it on the wire ahead of its Redis calls); ``chat_stream(sent=...)`` reads its answer."""
+    client = ready_engine.client
+    body = {"messages": HELLO, "max_tokens": 8, "seed": 1, "temperature": 0}
+    async with client.chat_stream(body) as stream:
+        plain = [e async for e in stream]
+    await _spare_open(ready_engine)  # opened when that response ended
+    sent = client.send(body)
+    assert sent is not None
+    assert sent.conn.active and sent.conn.transport is not None  # written, no await yet
+    async with client.chat_stream(body, sent) as stream:
+        ahead = [e async for e in stream]
+    assert "".join(e.content for e in ahead) == "".join(e.content for e in plain)
+    assert [e.finish_reason for e in ahead if e.finish_reason] == ["length"]
+    assert client._streams is not None and client._streams.connects_waited <= 1
+
+
+async def test_a_request_sent_ahead_and_never_read_stops_llama_server(
+    ready_engine: Supervisor,
+) -> None:
+    """A generation cancelled before it read its answer (a duplicate found at once) must
+    not leave llama-server generating for nobody: ``drop`` closes the connection."""
+    client = ready_engine.client
+    async with client.chat_stream({"messages": HELLO, "max_tokens": 2}) as stream:
+        _ = [e async for e in stream]
+    await _spare_open(ready_engine)
+    sent = client.send({"messages": HELLO, "max_tokens": 1000, "temperature": 0, "seed": 1})
+    assert sent is not None
+    await wait_until_async(lambda: _busy(ready_engine), timeout=5, what="generating")
+    sent.drop()
+    assert sent.conn.closed  # what tells llama-server to stop (see the test above)
+    await wait_until_async(lambda: _no_busy(ready_engine), timeout=5, what="slot idle")
+    async with client.chat_stream({"messages": HELLO, "max_tokens": 3}) as stream:
+        assert [e async for e in stream]  # and the client goes on serving
+
+
+async def _busy(engine: Supervisor) -> bool:
+    return bool(await _busy_slots(engine))
+
+
 async def test_prompt_longer_than_context_is_context_exceeded(ready_engine: Supervisor) -> None:
     messages = [{"role": "user", "content": "word " * 3000}]
     with pytest.raises(ContextExceeded) as err:
