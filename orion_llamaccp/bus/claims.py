@@ -136,7 +136,7 @@ class Claims:
         """Store the result for duplicates; staged to go out in the same round trip as it."""
         redis_key = keys.dedup(self.profile, key)
         record = orjson.dumps({"state": "done", "owner": owner, "payload": payload})
-        return lambda pipe: pipe.set(redis_key, record, ex=self.dedup_ttl)
+        return ("SET", redis_key, record, "EX", self.dedup_ttl)
 
     async def release(self, key: str, owner: str) -> None:
         """Give up a running marker (the request failed): a resend may run again."""

@@ -349,8 +349,8 @@ class StreamConsumer:
         await self.redis.xack(self.stream, self.group, entry_id)
 
     def stage_ack(self, entry_id: str) -> Stage:
-        """The ack as a pipeline stage, to follow the result in one round trip."""
-        return lambda pipe: pipe.xack(self.stream, self.group, entry_id)
+        """The ack as a stage, to follow the result in the same round trip."""
+        return ("XACK", self.stream, self.group, entry_id)
 
     @property
     def tasks(self) -> set[asyncio.Task[None]]:

@@ -10,7 +10,7 @@ The first token goes out at once (no added time-to-first-token); after that, tok
 arrive faster than the window share one chunk.
 
 The end of a request is one round trip: the last chunk, the stored result, the result and
-the stream ack go out as ``Stage``s of one pipeline (``Publisher.commit``), in that order on
+the stream ack go out as ``Stage``s of one write (``Publisher.commit``), in that order on
 one connection, instead of four calls one after the other.
 """
 
@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, ResponseError
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.outbox import ChunkTemplate
@@ -32,31 +32,39 @@ from orion_llamaccp.bus.scripts import PUBLISH_IN_ORDER, PUBLISH_ONCE
 
 GUARD_TTL_SEC = 24 * 3600
 
-Stage = Callable[[Pipeline], None]
-"""Queues one command on a pipeline; ``Publisher.commit`` sends a list of them at once."""
+Stage = tuple[Any, ...]
+"""One Redis command, as its arguments; ``Publisher.commit`` sends a list of them at once."""
 
 
 class Publisher:
-    """Publishes replies through guard scripts, retrying through Redis outages."""
+    """Publishes replies through guard scripts, retrying through Redis outages.
+
+    ``commit`` writes its commands on connections of its own, made by redis-py and used
+    through ``send_packed_command`` / ``read_response``: the pipeline and client layers
+    above them (pool locks, command stack, retry wrappers) cost about 110 µs per round
+    trip here, next to the 120 µs of the round trip itself (send to subscriber: pipeline
+    238 µs, the bare connection 128 µs), and every chunk pays them before its first token
+    reaches the caller. Connecting, auth, TLS, timeouts and reply parsing stay redis-py's.
+    """
 
     def __init__(self, redis: aioredis.Redis, *, retry_for: float = 120.0) -> None:
         self.redis = redis
         self.retry_for = retry_for
         self._once = redis.register_script(PUBLISH_ONCE)
         self._ordered = redis.register_script(PUBLISH_IN_ORDER)
+        self._idle: list[AbstractConnection] = []
         self.commands = 0
 
     def stage_chunk(
         self, channel: str, request_id: str, attempt: int, seq: int, message: bytes
     ) -> Stage:
         key = keys.chunk_seq(request_id, attempt)
-        sha = self._ordered.sha
-        return lambda pipe: pipe.evalsha(sha, 1, key, channel, seq, message, GUARD_TTL_SEC)
+        return ("EVALSHA", self._ordered.sha, 1, key, channel, seq, message, GUARD_TTL_SEC)
 
     def stage_result(self, channel: str, request_id: str, message: bytes) -> Stage:
         """The final result, published unless this request was answered before."""
-        key, sha = keys.answered(request_id), self._once.sha
-        return lambda pipe: pipe.evalsha(sha, 1, key, channel, message, GUARD_TTL_SEC)
+        key = keys.answered(request_id)
+        return ("EVALSHA", self._once.sha, 1, key, channel, message, GUARD_TTL_SEC)
 
     async def commit(self, what: str, stages: Sequence[Stage]) -> list[Any]:
         """Run ``stages`` in order in one round trip; every stage must be safe to repeat.
@@ -78,11 +86,27 @@ class Publisher:
         return await with_retry(f"publishing {what}", once, retry_for=self.retry_for)
 
     async def _execute(self, stages: Sequence[Stage]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
-        for stage in stages:
-            stage(pipe)
+        """One write, then one reply per stage (an error reply in its place)."""
+        conn = self._idle.pop() if self._idle else self.redis.connection_pool.make_connection()
         self.commands += len(stages)
-        return await pipe.execute(raise_on_error=False)
+        try:
+            await conn.send_packed_command(conn.pack_commands(stages))
+            replies: list[Any] = []
+            for _ in stages:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            await conn.disconnect(nowait=True)  # replies may be on their way: never reuse it
+            raise
+        self._idle.append(conn)
+        return replies
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
 
     async def _load_scripts(self) -> None:
         for script in (self._once, self._ordered):

@@ -164,6 +164,7 @@ class Worker:
             await self._drain()
             presence_stop.set()
             await self.presence.farewell()
+            await self.publisher.aclose()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

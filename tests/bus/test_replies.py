@@ -104,3 +104,21 @@ async def test_commit_repeats_nothing_and_survives_a_script_flush(
     await asyncio.sleep(0.2)
     assert len(recorder.on(RESULT)) == 1
     assert len(recorder.on(CHANNEL)) == 1
+
+
+async def test_a_commit_cut_off_mid_round_trip_leaves_no_reply_for_the_next(
+    redis: aioredis.Redis, recorder: BusRecorder
+) -> None:
+    """``commit`` reads its replies off a connection of its own; one cancelled while a
+    reply is still on its way must not hand that reply to the next commit."""
+    publisher = Publisher(redis)
+    slow = ("BLPOP", "orion:test:never-filled", 1)  # a reply that takes a second
+    committing = asyncio.create_task(publisher.commit("slow", [slow]))
+    await asyncio.sleep(0.2)
+    committing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await committing
+    chunk = publisher.stage_chunk(CHANNEL, "req-3", 1, 0, b'{"payload": {"seq": 0}}')
+    assert await publisher.commit("chunk", [chunk]) == [1]
+    await wait_until_async(lambda: len(recorder.on(CHANNEL)) == 1, timeout=5, what="the chunk")
+    await publisher.aclose()
