@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope
+from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.replies import Stage
 from orion_llamaccp.bus.retry import with_retry
 
@@ -76,6 +77,7 @@ class Claims:
         self.dedup_ttl = dedup_ttl
         self.lease_sec = lease_sec
         self.retry_for = retry_for
+        self.lane = Lane(redis)  # the claim and the record stand before a first token
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 
@@ -87,9 +89,9 @@ class Claims:
         redis_key = keys.claim(message_key)
 
         async def claim() -> bool:
-            if await self.redis.set(redis_key, instance, nx=True, ex=self.dedup_ttl):
+            if await self.lane.call("SET", redis_key, instance, "NX", "EX", self.dedup_ttl):
                 return True
-            holder = await self.redis.get(redis_key)
+            holder = await self.lane.call("GET", redis_key)
             return holder is not None and holder.decode() == instance
 
         return await with_retry("claiming a message", claim, retry_for=5.0)
@@ -114,16 +116,16 @@ class Claims:
     async def _begin(self, key: str, owner: str) -> Record:
         redis_key = keys.dedup(self.profile, key)
         marker = orjson.dumps({"state": "running", "owner": owner})
-        if await self.redis.set(redis_key, marker, nx=True, ex=self.lease_sec):
+        if await self.lane.call("SET", redis_key, marker, "NX", "EX", self.lease_sec):
             return Record("new", owner)
-        raw = await self.redis.get(redis_key)
+        raw = await self.lane.call("GET", redis_key)
         if raw is None:  # expired between the two calls
             return await self._begin(key, owner)
         record = orjson.loads(raw)
         if record.get("state") == "done":
             return Record("done", record.get("owner"), record.get("payload"))
         if record.get("owner") == owner:
-            await self.redis.set(redis_key, marker, ex=self.lease_sec)
+            await self.lane.call("SET", redis_key, marker, "EX", self.lease_sec)
             return Record("new", owner)
         return Record("running", record.get("owner"))
 

@@ -22,29 +22,25 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from orion_llamaccp.bus import keys
+from orion_llamaccp.bus.lane import Command, Lane
 from orion_llamaccp.bus.outbox import ChunkTemplate
 from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.bus.scripts import PUBLISH_IN_ORDER, PUBLISH_ONCE
 
 GUARD_TTL_SEC = 24 * 3600
 
-Stage = tuple[Any, ...]
+Stage = Command
 """One Redis command, as its arguments; ``Publisher.commit`` sends a list of them at once."""
 
 
 class Publisher:
     """Publishes replies through guard scripts, retrying through Redis outages.
 
-    ``commit`` writes its commands on connections of its own, made by redis-py and used
-    through ``send_packed_command`` / ``read_response``: the pipeline and client layers
-    above them (pool locks, command stack, retry wrappers) cost about 110 µs per round
-    trip here, next to the 120 µs of the round trip itself (send to subscriber: pipeline
-    238 µs, the bare connection 128 µs), and every chunk pays them before its first token
-    reaches the caller. Connecting, auth, TLS, timeouts and reply parsing stay redis-py's.
+    ``commit`` goes through a ``Lane``, not a redis-py pipeline: every chunk would pay
+    the pipeline's layers before its token reaches the caller (see ``bus.lane``).
     """
 
     def __init__(self, redis: aioredis.Redis, *, retry_for: float = 120.0) -> None:
@@ -52,7 +48,7 @@ class Publisher:
         self.retry_for = retry_for
         self._once = redis.register_script(PUBLISH_ONCE)
         self._ordered = redis.register_script(PUBLISH_IN_ORDER)
-        self._idle: list[AbstractConnection] = []
+        self.lane = Lane(redis)
         self.commands = 0
 
     def stage_chunk(
@@ -86,27 +82,11 @@ class Publisher:
         return await with_retry(f"publishing {what}", once, retry_for=self.retry_for)
 
     async def _execute(self, stages: Sequence[Stage]) -> list[Any]:
-        """One write, then one reply per stage (an error reply in its place)."""
-        conn = self._idle.pop() if self._idle else self.redis.connection_pool.make_connection()
         self.commands += len(stages)
-        try:
-            await conn.send_packed_command(conn.pack_commands(stages))
-            replies: list[Any] = []
-            for _ in stages:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:
-            await conn.disconnect(nowait=True)  # replies may be on their way: never reuse it
-            raise
-        self._idle.append(conn)
-        return replies
+        return await self.lane.run(stages)
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.disconnect()
+        await self.lane.aclose()
 
     async def _load_scripts(self) -> None:
         for script in (self._once, self._ordered):

@@ -165,6 +165,7 @@ class Worker:
             presence_stop.set()
             await self.presence.farewell()
             await self.publisher.aclose()
+            await self.claims.lane.aclose()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
