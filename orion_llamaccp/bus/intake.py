@@ -17,11 +17,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.retry import TRANSIENT
 
 if TYPE_CHECKING:  # replies pulls in the envelope models, which the worker needs only later
@@ -200,6 +201,7 @@ class StreamConsumer:
         self.ready = ready
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
+        self.lane = Lane(redis)  # the read that wakes on a new entry: before its first token
         self.in_flight: set[str] = set()
         self.started = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -265,11 +267,14 @@ class StreamConsumer:
 
     async def _read_new(self, count: int) -> list[StreamEntry]:
         block = min(self.block_ms, max(int(self.claim_idle_ms / 4), 100))
-        reply = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=count, block=block
-        )
+        reply = await self.lane.call(
+            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, "BLOCK", block,
+            "STREAMS", self.stream, ">",
+        )  # fmt: skip
         return [
-            StreamEntry(_text(eid), fields, 1) for _, items in reply or [] for eid, fields in items
+            StreamEntry(_text(eid), _pairs(fields), 1)
+            for _, items in reply or []
+            for eid, fields in items
         ]
 
     async def _autoclaim(self, count: int) -> list[StreamEntry]:
@@ -355,6 +360,12 @@ class StreamConsumer:
     @property
     def tasks(self) -> set[asyncio.Task[None]]:
         return self._tasks
+
+
+def _pairs(flat: list[Any]) -> dict[Any, Any]:
+    """An entry's fields as the server sends them (name, value, name, value, ...)."""
+    it = iter(flat)
+    return dict(zip(it, it, strict=True))
 
 
 def _text(value: bytes | str) -> str:

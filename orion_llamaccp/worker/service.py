@@ -166,6 +166,8 @@ class Worker:
             await self.presence.farewell()
             await self.publisher.aclose()
             await self.claims.lane.aclose()
+            if self.consumer is not None:
+                await self.consumer.lane.aclose()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
