@@ -2,6 +2,9 @@
 
     python -m bench.echo redis HOST PORT IN OUT   # SUBSCRIBE IN, PUBLISH each message to OUT
     python -m bench.echo tcp PORT                 # echo bytes back on the same connection
+    python -m bench.echo llama HOST PORT IN OUT LLAMA_PORT
+        # SUBSCRIBE IN; each message is a chat body: POST it to llama-server, PUBLISH the
+        # read that holds the first token to OUT
 
 Raw asyncio protocols on uvloop with hiredis parsing: no validation, no claims, no task per
 message. ``bench/floor.py`` times a message through it, through Redis and back, against
@@ -52,6 +55,79 @@ class Echo(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[attr-defined]
 
 
+class Upstream(asyncio.Protocol):
+    """One streamed response from llama-server; the read with the first token goes out."""
+
+    def __init__(self, relay: LlamaRelay) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self.sent = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.sent and b'"content":"' in data:
+            self.sent = True
+            self.relay.publish.write(command(b"PUBLISH", self.relay.out, data))
+        if b"data: [DONE]" in data:
+            self.relay.publish.write(command(b"PUBLISH", self.relay.out, b"done"))
+        if data == b"0\r\n\r\n" or data.endswith(b"\r\n0\r\n\r\n"):  # the body's last chunk
+            self.transport.close()  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.relay.spare is self or self.relay.spare is None:
+            self.relay.open_spare()
+
+
+class LlamaRelay(Relay):
+    """The leanest bus worker in front of llama-server: no decoding, no claims, a
+    connection opened ahead (llama-server closes each one after a streamed response)."""
+
+    def __init__(self, publish: asyncio.Transport, out: bytes, llama_port: int) -> None:
+        super().__init__(publish, out)
+        self.llama_port = llama_port
+        self.spare: Upstream | None = None
+        self.head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+    def open_spare(self) -> None:
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> Upstream:
+        loop = asyncio.get_running_loop()
+        _, self.spare = await loop.create_connection(
+            lambda: Upstream(self), "127.0.0.1", self.llama_port
+        )
+        return self.spare
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            if isinstance(reply, list) and reply[0] == b"message":
+                body = reply[2]
+                request = self.head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                upstream, self.spare = self.spare, None
+                if upstream is not None and not upstream.transport.is_closing():  # type: ignore[union-attr]
+                    upstream.transport.write(request)
+                else:  # no connection ready: open one first
+                    asyncio.get_running_loop().create_task(self._send_fresh(request))
+
+    async def _send_fresh(self, request: bytes) -> None:
+        upstream = await self._connect()
+        self.spare = None
+        upstream.transport.write(request)  # type: ignore[union-attr]
+
+
+async def llama_relay(host: str, port: int, inbound: str, outbound: str, llama: int) -> None:
+    loop = asyncio.get_running_loop()
+    publish, _ = await loop.create_connection(Drain, host, port)
+    relay = LlamaRelay(publish, outbound.encode(), llama)
+    await relay._connect()
+    subscribe, _ = await loop.create_connection(lambda: relay, host, port)
+    subscribe.write(command(b"SUBSCRIBE", inbound.encode()))
+    await asyncio.Event().wait()
+
+
 async def redis_relay(host: str, port: int, inbound: str, outbound: str) -> None:
     loop = asyncio.get_running_loop()
     publish, _ = await loop.create_connection(Drain, host, port)
@@ -68,7 +144,9 @@ async def tcp_echo(port: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if argv[0] == "redis":
+    if argv[0] == "llama":
+        uvloop.run(llama_relay(argv[1], int(argv[2]), argv[3], argv[4], int(argv[5])))
+    elif argv[0] == "redis":
         uvloop.run(redis_relay(argv[1], int(argv[2]), argv[3], argv[4]))
     else:
         uvloop.run(tcp_echo(int(argv[1])))

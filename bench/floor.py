@@ -18,7 +18,9 @@ import time
 from typing import Any
 
 import hiredis
+import orjson
 
+from bench.callers import DirectLane
 from bench.echo import command
 from bench.harness import REPO, Workspace
 from bench.report import summary
@@ -95,4 +97,87 @@ async def measure(ws: Workspace, samples: int = 400) -> dict[str, Any]:
         "through_redis_ms": summary(redis_ms),
         "direct_tcp_ms": summary(direct_ms),
         "difference_ms": summary(pairs),
+    }
+
+
+class _Through(_Replies):
+    """The lean relay's two messages per request: the first token's read, then ``done``."""
+
+    def __init__(self) -> None:
+        super().__init__(True)
+        self.first: asyncio.Future[float] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        assert self.reader is not None
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            if not (isinstance(reply, list) and reply[0] == b"message"):
+                continue
+            if reply[2] == b"done":
+                if self.waiting is not None and not self.waiting.done():
+                    self.waiting.set_result(None)
+            elif self.first is not None and not self.first.done():
+                self.first.set_result(time.perf_counter())
+
+
+async def measure_llama(
+    ws: Workspace, llama_port: int, bodies: list[dict[str, Any]], samples: int = 120
+) -> dict[str, Any]:
+    """Time to first token through the leanest relay (``bench.echo llama``) and Redis,
+    against the same llama-server called directly, alternating, one request in flight."""
+
+    host, port = "127.0.0.1", ws.redis_server.port
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = ("llama", host, str(port), "floor:llama:in", "floor:llama:out", str(llama_port))
+    relay = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.echo", *args, env=env)
+    loop = asyncio.get_running_loop()
+    lane = DirectLane("127.0.0.1", llama_port)
+    try:
+        publish, _ = await loop.create_connection(lambda: _Replies(False), host, port)
+        through = _Through()
+        listen, _ = await loop.create_connection(lambda: through, host, port)
+        listen.write(command(b"SUBSCRIBE", b"floor:llama:out"))
+
+        async def via_relay(body: dict[str, Any]) -> float:
+            through.first = loop.create_future()
+            through.waiting = loop.create_future()
+            payload = orjson.dumps({**body, "stream": True})
+            started = time.perf_counter()
+            publish.write(command(b"PUBLISH", b"floor:llama:in", payload))
+            first = await asyncio.wait_for(through.first, 30)
+            await asyncio.wait_for(through.waiting, 30)
+            return (first - started) * 1000
+
+        for _ in range(100):  # the relay is subscribed
+            try:
+                await asyncio.wait_for(via_relay(bodies[0]), 1.0)
+                break
+            except TimeoutError:
+                await asyncio.sleep(0.05)
+        relay_ms, direct_ms, control_ms = [], [], []
+        for i in range(samples + 4):
+            body = bodies[i % len(bodies)]
+            order = (0, 1, 2) if i % 2 else (2, 1, 0)
+            got: dict[int, float] = {}
+            for which in order:
+                if which == 1:
+                    got[1] = await via_relay(body)
+                else:
+                    outcome = await lane.chat(body)
+                    got[which] = (outcome.ttft or 0.0) * 1000
+            if i >= 4:  # warm-up
+                direct_ms.append(got[0])
+                relay_ms.append(got[1])
+                control_ms.append(got[2])
+        lane.close()
+        for transport in (publish, listen):
+            transport.close()
+    finally:
+        relay.kill()
+        await relay.wait()
+    return {
+        "direct_ttft_ms": summary(direct_ms),
+        "lean_relay_ttft_ms": summary(relay_ms),
+        "lean_relay_overhead_ms": summary(b - a for a, b in zip(direct_ms, relay_ms, strict=True)),
+        "control_overhead_ms": summary(c - a for a, c in zip(direct_ms, control_ms, strict=True)),
     }

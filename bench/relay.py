@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import floor
 from bench.callers import BusCaller, DirectLane, Outcome
 from bench.harness import (
     DEMO_MODEL,
@@ -55,6 +56,7 @@ PROMPTS = [
 ]
 # "control" is a second direct request: its difference to "direct" is the noise floor.
 MODES = ("direct", "pubsub", "stream", "control")
+FLOOR_TOKENS = 16
 LABELS = {"pubsub": "bus, pub/sub", "stream": "bus, stream", "control": "direct again (A/A)"}
 
 
@@ -67,6 +69,7 @@ class ModelRun:
     warmup: int = 2
     concurrency: tuple[int, ...] = (1, 2)
     coalesce_ms: float = 10.0
+    floor: bool = False  # also time the leanest relay possible in front of this llama-server
 
 
 @dataclass
@@ -83,7 +86,7 @@ def gpu_runs(model: Path) -> list[ModelRun]:
     rounds = int(os.environ.get("BENCH_ROUNDS", "30"))
     slots = int(os.environ.get("BENCH_SLOTS", "4"))
     return [
-        ModelRun("gpu", model, tokens, rounds=rounds, concurrency=(1, slots)),
+        ModelRun("gpu", model, tokens, rounds=rounds, concurrency=(1, slots), floor=True),
         ModelRun(
             "gpu, coalescing off",
             model,
@@ -99,7 +102,7 @@ def default_runs() -> list[ModelRun]:
     if os.environ.get("BENCH_RELAY_MODEL"):
         return gpu_runs(Path(os.environ["BENCH_RELAY_MODEL"]))
     runs = [
-        ModelRun("tiny", Path(), max_tokens=256, rounds=120),
+        ModelRun("tiny", Path(), max_tokens=256, rounds=120, floor=True),
         ModelRun("tiny, coalescing off", Path(), 256, rounds=30, concurrency=(1,), coalesce_ms=0),
     ]
     if DEMO_MODEL.is_file():
@@ -156,6 +159,11 @@ async def _rounds(
                 cpu[name] = cpu.get(name, 0.0) + seconds
             cpu["bench"] = cpu.get("bench", 0.0) + time.process_time() - bench_cpu
             samples.wall[mode] += meter.wall
+
+
+def _floor_bodies() -> list[dict[str, Any]]:
+    """The relay's prompts and sampling; few tokens, since only the first one is timed."""
+    return [{"messages": m, **o} for m, o in (_body(p, FLOOR_TOKENS, 42) for p in PROMPTS)]
 
 
 def _first_token_order(outcome: Outcome) -> float:
@@ -261,6 +269,10 @@ async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
                 lane.close()
             results[f"c{concurrency}"] = {"concurrency": concurrency, **_analyse(samples)}
         await bus.close()
+        if run.floor:
+            results["floor"] = await floor.measure_llama(
+                ws, worker.llama_port, _floor_bodies(), samples=run.rounds
+            )
     finally:
         await redis.aclose()
         worker.stop()
@@ -329,6 +341,7 @@ def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
         ],
         rows,
     )
+    text += _floor_table(runs, results)
     text += "\n" + targets_table(targets)
     settings = {
         m.name: {
@@ -354,6 +367,46 @@ def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
     }
     path = write_result("relay", settings, results, targets=targets)
     return {"text": text, "path": str(path), "results": results, "targets": targets}
+
+
+def _floor_table(runs: list[ModelRun], results: dict[str, Any]) -> str:
+    rows = []
+    for model_run in runs:
+        found = results[model_run.name].get("floor")
+        if not found:
+            continue
+        lean, aa = found["lean_relay_overhead_ms"], found["control_overhead_ms"]
+        rows.append(
+            (
+                model_run.name,
+                lean.get("n"),
+                found["direct_ttft_ms"].get("p50"),
+                found["lean_relay_ttft_ms"].get("p50"),
+                lean.get("p50"),
+                lean.get("p90"),
+                lean.get("p99"),
+                aa.get("p50"),
+                aa.get("p99"),
+            )
+        )
+    if not rows:
+        return ""
+    return "\n" + table(
+        "1b. The floor: the leanest relay possible (bench/echo.py llama: raw sockets, no "
+        "decoding, no claims) through Redis to the same llama-server, 1 in flight",
+        [
+            "model",
+            "n",
+            "TTFT direct ms",
+            "TTFT lean relay ms",
+            "overhead p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "A/A p50 ms",
+            "A/A p99 ms",
+        ],
+        rows,
+    )
 
 
 def _targets(run: ModelRun, point: dict[str, Any], mode: str) -> list[dict]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import os
 import sys
 import time
@@ -53,22 +54,63 @@ def _wrap_async(owner: Any, name: str, enter: str | None, leave: str | None) -> 
     setattr(owner, name, wrapper)
 
 
+def _number_reads(owner: Any) -> None:
+    """Stamp the first few reads of each response apart: head, role chunk, first token."""
+    received, start = owner.data_received, owner.start
+
+    def data_received(self: Any, data: bytes) -> None:
+        self._trace_reads = reads = getattr(self, "_trace_reads", 0) + 1
+        if reads <= 4:
+            _stamp(f"read {reads} from upstream ({'head' if reads == 1 else 'body'})")
+        received(self, data)
+
+    def started(self: Any, *args: Any) -> None:
+        self._trace_reads = 0
+        start(self, *args)
+
+    owner.data_received, owner.start = data_received, started
+
+
+def _time_collections() -> None:
+    """Stamp each garbage collection (its generation and its start and end)."""
+    started: list[int] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[:] = [time.monotonic_ns()]
+        elif started:
+            gen = info["generation"]
+            STAMPS.append((f"gc {gen} start", started[0]))
+            _stamp(f"gc {gen} end")
+
+    gc.callbacks.append(on_gc)
+
+
 def install() -> None:
     from orion_llamaccp.bus import claims, intake, replies
     from orion_llamaccp.engine import stream
-    from orion_llamaccp.worker import handler, service
+    from orion_llamaccp.worker import generation, handler, service
 
     _wrap_sync(intake.PubSubListener, "_dispatch", "pubsub message read")
     _wrap_async(intake.StreamConsumer, "_read_new", None, "stream entry read")
     _wrap_async(service.Worker, "_accept_pubsub", "accept (decode) starts", None)
     _wrap_async(claims.Claims, "claim_message", None, "message claimed (SET NX)")
+    _wrap_async(service.Worker, "_on_entry", "stream entry handed over", None)
     _wrap_async(handler.ChatHandler, "handle", "handler starts", None)
-    _wrap_async(claims.Claims, "begin", None, "idempotency record (SET NX)")
-    _wrap_async(stream.StreamPool, "open", "HTTP request sent", "HTTP 200 head read")
+    _wrap_async(generation.Generator, "run", "generation starts", None)
+    _wrap_sync(stream.StreamConnection, "start", "HTTP request written")
+    _wrap_sync(generation, "_take", "non-token event (role, finish)")
+    _number_reads(stream.StreamConnection)
+    _wrap_async(handler.ChatHandler, "_own", None, "request owned (claim and record)")
+    _wrap_async(claims.Claims, "begin", "idempotency record sent", "idempotency record (SET NX)")
+    _wrap_async(stream.StreamPool, "_open_spare", "spare connection opening", None)
+    _wrap_sync(replies.ChunkStream, "_template", "chunk template")
+    _wrap_async(stream.StreamPool, "open", None, "HTTP 200 head read")
     _wrap_sync(replies.ChunkStream, "push", "token pushed")
-    _wrap_async(replies.ChunkStream, "_send", None, "chunk published")
+    _wrap_async(replies.ChunkStream, "_send", "chunk send starts", "chunk published")
     _wrap_async(handler.ChatHandler, "_answer", "result publish starts", "result published")
 
+    _time_collections()
     path = os.environ.get("BENCH_TRACE_FILE")
     if path:
         atexit.register(_dump, path)
