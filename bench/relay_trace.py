@@ -1,0 +1,99 @@
+"""The relay benchmark's first-token path, step by step (a diagnostic, not a bench).
+
+    python -m bench.relay_trace [--rounds 120] [--tokens 64]
+
+Runs the relay benchmark's rounds (tiny model, one request in flight, direct, pub/sub,
+stream and the A/A control in turn) against a worker started as ``bench/trace_worker.py``,
+and prints, per intake, the median time from the caller's PUBLISH / XADD to each step the
+worker stamped, next to the caller's own first chunk. The stamps cost about a
+microsecond each, so the overheads printed here run a little above the benchmark's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import sys
+from pathlib import Path
+
+import orjson
+
+from bench import relay
+from bench.callers import BusCaller, DirectLane
+from bench.harness import PROFILE, CpuMeter, Worker, WorkerSpec, Workspace, llama_server_binary
+from bench.report import summary, table
+
+
+async def run(ws: Workspace, rounds: int, tokens: int) -> str:
+    model_run = relay.ModelRun("tiny", Path(), max_tokens=tokens, rounds=rounds, concurrency=(1,))
+    spec = WorkerSpec(model=ws.tiny_model(), binary=llama_server_binary(), parallel=1, ctx=2048)
+    trace_file = ws.root / "trace.jsonl"
+    spec.command = ("-m", "bench.trace_worker")
+    spec.env["BENCH_TRACE_FILE"] = str(trace_file)
+    worker = Worker(ws, spec, "relay-trace").start()
+    redis = ws.redis()
+    samples = relay.Samples()
+    try:
+        await worker.wait_ready(redis)
+        bus = await BusCaller(ws.url, PROFILE).start()
+        lanes = [DirectLane("127.0.0.1", worker.llama_port)]
+        await relay._rounds(lanes, bus, model_run, model_run.warmup, None)
+        gc.disable()
+        try:
+            await relay._rounds(lanes, bus, model_run, rounds, samples, CpuMeter({}))
+        finally:
+            gc.enable()
+        lanes[0].close()
+        await bus.close()
+    finally:
+        await redis.aclose()
+        worker.stop()  # the worker writes its stamps as it exits
+    analysed = relay._analyse(samples)
+    pairs, direct = analysed["pairs"], analysed["modes"]["direct"]["ttft_ms"]["p50"]
+    stamps = [orjson.loads(line) for line in trace_file.read_bytes().splitlines()]
+    blocks = []
+    for mode in ("pubsub", "stream"):
+        overhead = pairs[mode]["ttft_overhead_ms"]
+        offsets: dict[str, list[float]] = {"caller: first chunk": []}
+        for outcome in samples.outcomes[mode]:
+            start = int(outcome.sent * 1e9)  # perf_counter and monotonic_ns: one clock here
+            seen: set[str] = set()
+            for stamp in stamps:
+                label = stamp["label"]
+                if start <= stamp["ns"] < start + 10**9 and label not in seen:
+                    seen.add(label)
+                    offsets.setdefault(label, []).append((stamp["ns"] - start) / 1e6)
+            if outcome.ttft is not None:
+                offsets["caller: first chunk"].append(outcome.ttft * 1000)
+        rows = sorted(
+            ((k, len(v), summary(v)["p50"], summary(v)["p90"]) for k, v in offsets.items()),
+            key=lambda row: row[2],
+        )
+        title = (
+            f"{mode}: ms from PUBLISH/XADD to each step (TTFT overhead p50 "
+            f"{overhead['p50']} ms, direct TTFT p50 {direct} ms)"
+        )
+        blocks.append(table(title, ["step", "n", "p50", "p90"], rows))
+    return "\n".join(blocks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.relay_trace")
+    parser.add_argument("--rounds", type=int, default=120)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    async def go() -> None:
+        ws = Workspace()
+        try:
+            print(await run(ws, args.rounds, args.tokens))
+        finally:
+            ws.close()
+
+    asyncio.run(go())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
