@@ -207,7 +207,7 @@ class ChunkStream:
             self._napping = None
 
     async def finish(self) -> list[Stage]:
-        """Stop the sender and hand back what is still buffered, as pipeline stages.
+        """Stop the sender and hand back what is still buffered, as stages for the result's commit.
 
         The generation is over: the last chunk does not wait for its window to end, and it
         travels in the same round trip as the result that must follow it.

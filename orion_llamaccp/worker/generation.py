@@ -105,8 +105,15 @@ class Generator:
     ) -> asyncio.Task[tuple[Generation, int]]:
         """``run`` as a task, with the request already written to llama-server if it can be.
 
+        The generation starts before Redis confirms the request is ours (``owned``): the
+        idempotency record (and, for a worker alone on its channel, the pub/sub claim:
+        ``Job.claim``) costs round trips, and llama-server reads the prompt meanwhile.
+        Nothing is published before ``owned`` is set, and the generation of a duplicate
+        or of a message another replica won is cancelled: such a message costs a cut-off
+        prompt, every other one round trips less before its first token.
+
         A task's first step waits its turn behind whatever else is ready to run (the next
-        intake read, a claim: each a redis-py command, about 0.1 ms here). When llama-server
+        intake read, a claim: each a Redis command, about 0.1 ms here). When llama-server
         is ready and a connection is open ahead, the request is written in the caller's
         own step instead, before it yields to the event loop.
         """

@@ -142,7 +142,7 @@ class ChatHandler:
             await self._ack(job)
             return 0, None
         owned = asyncio.Event()
-        generating = self._speculate(job, envelope, chat, options, owned)
+        generating = self.generator.start(job, envelope, chat, options, owned)
         await asyncio.sleep(0)  # the request goes to llama-server before our Redis calls
         key = idempotency_key(envelope, chat)
         try:
@@ -158,7 +158,7 @@ class ChatHandler:
             raise
         if twin:  # ours was cancelled for a twin that then gave the request up
             await _cancel(generating)
-            generating = self._speculate(job, envelope, chat, options, owned)
+            generating = self.generator.start(job, envelope, chat, options, owned)
         owned.set()
         renew = asyncio.create_task(self._renew(key, job.request_id))
         try:
@@ -175,24 +175,6 @@ class ChatHandler:
         ttft = (generation.first_token_at - job.received) if generation.first_token_at else None
         tokens = int(generation.usage.get("completion_tokens", generation.tokens))
         return tokens, ttft
-
-    def _speculate(
-        self,
-        job: Job,
-        envelope: Envelope,
-        chat: ChatRequestPayload,
-        options: ChatOptions,
-        owned: asyncio.Event,
-    ) -> asyncio.Task[tuple[Generation, int]]:
-        """Start generating before Redis confirms the request is ours (``owned``).
-
-        The idempotency record (and, for a worker alone on its channel, the pub/sub claim:
-        ``Job.claim``) costs round trips; llama-server reads the prompt meanwhile. Nothing
-        is published before ``owned`` is set, and the generation of a duplicate or of a
-        message another replica won is cancelled: such a message costs a cut-off prompt,
-        every other one round trips less before its first token.
-        """
-        return self.generator.start(job, envelope, chat, options, owned)
 
     def _validate(self, job: Job) -> tuple[Envelope, ChatRequestPayload, ChatOptions]:
         if job.decode_error is not None or job.envelope is None:
