@@ -29,14 +29,19 @@ _NOTEWORTHY = re.compile(r"error|warn|fail|fatal|abort|exception|out of memory",
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: SIGKILL us when the wrapper dies."""
+def die_with_parent() -> None:
+    """Runs in the child between fork and exec: SIGKILL it when its parent dies.
+
+    Here llama-server goes with the wrapper; the tests and benchmarks use it too, so that a
+    run cut off by a signal leaves no worker or Redis behind. The kernel ties this to the
+    thread that started the child: start it from one that lives as long as the parent.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the process group still covers stop()
         pass
-    if os.getppid() == 1:  # the wrapper died before prctl took effect
+    if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
 
 
@@ -75,7 +80,7 @@ class LlamaProcess:
             stderr=asyncio.subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.last_output_at = time.monotonic()
         self._pump = asyncio.create_task(self._read_output(), name=f"llama-server-{self.pid}")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 
+from orion_llamaccp.engine.process import die_with_parent
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -118,7 +120,12 @@ class RedisServer:
             "no",
             *self.extra_args,
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # a test or bench killed mid-run leaves no Redis
+        )
         wait_until(self._answers, timeout=10, what=f"redis-server on port {self.port}")
         return self
 

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import redis
 
+from orion_llamaccp.engine.process import die_with_parent
 from tests.support.procs import pid_alive, wait_until
 
 
@@ -126,6 +127,7 @@ class WorkerProc:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,  # and its llama-server with it
         )
         return self
 
