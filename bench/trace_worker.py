@@ -97,7 +97,7 @@ def install() -> None:
     _wrap_async(claims.Claims, "claim_message", None, "message claimed (SET NX)")
     _wrap_async(service.Worker, "_on_entry", "stream entry handed over", None)
     _wrap_async(handler.ChatHandler, "handle", "handler starts", None)
-    _wrap_async(generation.Generator, "run", "generation starts", None)
+    _wrap_async(generation.Generator, "_run", "generation starts", None)
     _wrap_sync(stream.StreamConnection, "start", "HTTP request written")
     _wrap_sync(generation, "_take", "non-token event (role, finish)")
     _number_reads(stream.StreamConnection)

@@ -165,13 +165,13 @@ class LlamaClient:
         ``sent``: the same request, already written by ``send``; its answer is read here.
         """
         streams = self._streams
-        if sent is not None and streams is not None:
-            sent.taken = True
-            conn = await streams.open(sent.payload, sent.conn)
-        elif streams is None:
+        if streams is None:
             async with self._httpx_stream(_stream_payload(body)) as events:
                 yield events
             return
+        if sent is not None:
+            sent.taken = True
+            conn = await streams.open(sent.payload, sent.conn)
         else:
             conn = await streams.open(_stream_payload(body))
         try:

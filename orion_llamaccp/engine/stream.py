@@ -265,17 +265,13 @@ class StreamPool:
     async def open(self, payload: bytes, sent: StreamConnection | None = None) -> StreamConnection:
         """Send the request (unless ``sent`` carries it already); the connection once a 200
         head arrived, else the error raised."""
-        request = self._request(payload)
         while True:
-            conn, sent = sent, None
+            conn, sent = sent or self.send(payload), None
             reused = conn is not None
             if conn is None:
-                conn = self._take_idle()
-                reused = conn is not None
-                if conn is None:
-                    self.connects_waited += 1
-                    conn = await self._connect()
-                conn.start(request, self.read_timeout)
+                self.connects_waited += 1
+                conn = await self._connect()
+                conn.start(self._request(payload), self.read_timeout)
             try:
                 await conn.head()
             except asyncio.CancelledError:

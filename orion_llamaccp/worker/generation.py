@@ -103,7 +103,8 @@ class Generator:
         options: ChatOptions,
         owned: asyncio.Event,
     ) -> asyncio.Task[tuple[Generation, int]]:
-        """``run`` as a task, with the request already written to llama-server if it can be.
+        """The generation as a task, with the request already written to llama-server if it
+        can be.
 
         The generation starts before Redis confirms the request is ours (``owned``): the
         idempotency record (and, for a worker alone on its channel, the pub/sub claim:
@@ -117,24 +118,27 @@ class Generator:
         is ready and a connection is open ahead, the request is written in the caller's
         own step instead, before it yields to the event loop.
         """
+        body, ignored = build_body(chat, options, self.profile)
+        if ignored:
+            log.debug("options not forwarded to llama-server: %s", ignored)
         sent = None
         if self.supervisor.state is EngineState.READY:
-            sent = self.supervisor.client.send(build_body(chat, options, self.profile)[0])
+            sent = self.supervisor.client.send(body)
         task = asyncio.create_task(
-            self.run(job, envelope, chat, options, owned, sent), name=f"generate-{job.request_id}"
+            self._run(job, envelope, options, body, owned, sent), name=f"generate-{job.request_id}"
         )
         if sent is not None:  # cancelled before it read the answer: stop llama-server
             task.add_done_callback(lambda _: sent.drop())
         return task
 
-    async def run(
+    async def _run(
         self,
         job: Job,
         envelope: Envelope,
-        chat: ChatRequestPayload,
         options: ChatOptions,
+        body: dict[str, Any],
         owned: asyncio.Event,
-        sent: Sent | None = None,
+        sent: Sent | None,
     ) -> tuple[Generation, int]:
         """Pub/sub: one try. Streams: a broken upstream is retried up to max deliveries.
 
@@ -151,7 +155,7 @@ class Generator:
             written, sent = sent, None  # a retry writes its own request
             try:
                 return await self._generate(
-                    job, envelope, chat, options, attempt, owned, written
+                    job, envelope, options, body, attempt, owned, written
                 ), attempt
             except ContextExceeded as exc:
                 raise Failure("context_exceeded", str(exc), retryable=False) from None
@@ -176,15 +180,12 @@ class Generator:
         self,
         job: Job,
         envelope: Envelope,
-        chat: ChatRequestPayload,
         options: ChatOptions,
+        body: dict[str, Any],
         attempt: int,
         owned: asyncio.Event,
         sent: Sent | None,
     ) -> Generation:
-        body, ignored = build_body(chat, options, self.profile)
-        if ignored:
-            log.debug("options not forwarded to llama-server: %s", ignored)
         chunks = self._chunk_stream(job, envelope, options, attempt, owned)
         generation = Generation()
         timeout = options.timeout_sec or self.settings.request_timeout_sec
