@@ -71,13 +71,14 @@ class Claims:
         dedup_ttl: int,
         lease_sec: int = 30,
         retry_for: float = 60.0,
+        lane: Lane | None = None,
     ) -> None:
         self.redis = redis
         self.profile = profile
         self.dedup_ttl = dedup_ttl
         self.lease_sec = lease_sec
         self.retry_for = retry_for
-        self.lane = Lane(redis)  # the claim and the record stand before a first token
+        self.lane = lane or Lane(redis)  # the claim and the record stand before a first token
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 

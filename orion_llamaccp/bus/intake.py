@@ -191,6 +191,7 @@ class StreamConsumer:
         ready: Callable[[], Awaitable[None]],
         claim_idle_ms: int,
         block_ms: int = 1000,
+        lane: Lane | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -201,7 +202,9 @@ class StreamConsumer:
         self.ready = ready
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
-        self.lane = Lane(redis)  # the read that wakes on a new entry: before its first token
+        self.lane = lane or Lane(
+            redis
+        )  # the read that wakes on a new entry: before its first token
         self.in_flight: set[str] = set()
         self.started = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()

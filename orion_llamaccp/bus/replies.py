@@ -43,12 +43,14 @@ class Publisher:
     the pipeline's layers before its token reaches the caller (see ``bus.lane``).
     """
 
-    def __init__(self, redis: aioredis.Redis, *, retry_for: float = 120.0) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, *, retry_for: float = 120.0, lane: Lane | None = None
+    ) -> None:
         self.redis = redis
         self.retry_for = retry_for
         self._once = redis.register_script(PUBLISH_ONCE)
         self._ordered = redis.register_script(PUBLISH_IN_ORDER)
-        self.lane = Lane(redis)
+        self.lane = lane or Lane(redis)
         self.commands = 0
 
     def stage_chunk(
@@ -84,9 +86,6 @@ class Publisher:
     async def _execute(self, stages: Sequence[Stage]) -> list[Any]:
         self.commands += len(stages)
         return await self.lane.run(stages)
-
-    async def aclose(self) -> None:
-        await self.lane.aclose()
 
     async def _load_scripts(self) -> None:
         for script in (self._once, self._ordered):

@@ -20,6 +20,7 @@ from orion_llamaccp.bus.claims import Claims
 from orion_llamaccp.bus.codec import decode_envelope, loads_object
 from orion_llamaccp.bus.envelope import ServiceRef
 from orion_llamaccp.bus.intake import Slots, StreamConsumer, StreamEntry
+from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.presence import Presence, every
 from orion_llamaccp.bus.replies import Publisher, Stage
@@ -63,8 +64,13 @@ class Worker:
                 instance=settings.instance_id,
             )
         )
-        self.publisher = Publisher(redis)
-        self.claims = Claims(redis, profile=self.profile.name, dedup_ttl=settings.dedup_ttl_sec)
+        # One set of connections below redis-py's client layers for every round trip that
+        # stands before a caller's answer (bus/lane.py), closed once at the end.
+        self.lane = Lane(redis)
+        self.publisher = Publisher(redis, lane=self.lane)
+        self.claims = Claims(
+            redis, profile=self.profile.name, dedup_ttl=settings.dedup_ttl_sec, lane=self.lane
+        )
         self.view = WorkerView(self)
         self.supervisor = make_supervisor(plan, progress=self.view.on_progress)
         self.supervisor.add_listener(self._on_engine_event)
@@ -104,6 +110,7 @@ class Worker:
                 claim_idle_ms=settings.stream_claim_idle_ms,
                 # A blocking read must end well before the socket timeout would cut it.
                 block_ms=int(min(1000, settings.redis_socket_timeout_sec * 500)),
+                lane=self.lane,
             )
             if "stream" in transports(settings)
             else None
@@ -164,10 +171,7 @@ class Worker:
             await self._drain()
             presence_stop.set()
             await self.presence.farewell()
-            await self.publisher.aclose()
-            await self.claims.lane.aclose()
-            if self.consumer is not None:
-                await self.consumer.lane.aclose()
+            await self.lane.aclose()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

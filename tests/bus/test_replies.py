@@ -121,4 +121,4 @@ async def test_a_commit_cut_off_mid_round_trip_leaves_no_reply_for_the_next(
     chunk = publisher.stage_chunk(CHANNEL, "req-3", 1, 0, b'{"payload": {"seq": 0}}')
     assert await publisher.commit("chunk", [chunk]) == [1]
     await wait_until_async(lambda: len(recorder.on(CHANNEL)) == 1, timeout=5, what="the chunk")
-    await publisher.aclose()
+    await publisher.lane.aclose()
