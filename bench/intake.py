@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 
 from bench import floor
 from bench.callers import BusCaller
 from bench.harness import PROFILE, Worker, WorkerSpec, Workspace
 from bench.report import summary, table, target, targets_table, write_result
+from bench.trace_worker import offsets
 
 
 @dataclass(frozen=True)
@@ -92,19 +92,12 @@ async def run(ws: Workspace, cfg: IntakeConfig | None = None) -> dict[str, Any]:
 
 def _steps(trace_file: Path, sends: dict[str, list[int]]) -> str:
     """Median time from the send to each traced step, per transport."""
-    stamps = [orjson.loads(line) for line in trace_file.read_bytes().splitlines()]
     blocks = []
     for via, starts in sends.items():
-        offsets: dict[str, list[float]] = {}
-        for i, start in enumerate(starts):
-            end = starts[i + 1] if i + 1 < len(starts) else start + 10**9
-            seen: set[str] = set()
-            for stamp in stamps:
-                if start <= stamp["ns"] < end and stamp["label"] not in seen:
-                    seen.add(stamp["label"])
-                    offsets.setdefault(stamp["label"], []).append((stamp["ns"] - start) / 1e6)
+        ends = [*starts[1:], starts[-1] + 10**9]
+        steps = offsets(trace_file, zip(starts, ends, strict=True))
         rows = sorted(
-            ((label, len(v), summary(v)["p50"], summary(v)["p90"]) for label, v in offsets.items()),
+            ((label, len(v), summary(v)["p50"], summary(v)["p90"]) for label, v in steps.items()),
             key=lambda row: row[2],
         )
         blocks.append(

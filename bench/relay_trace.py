@@ -17,12 +17,11 @@ import gc
 import sys
 from pathlib import Path
 
-import orjson
-
 from bench import relay
 from bench.callers import BusCaller, DirectLane
 from bench.harness import PROFILE, CpuMeter, Worker, WorkerSpec, Workspace, llama_server_binary
 from bench.report import summary, table
+from bench.trace_worker import offsets
 
 
 async def run(ws: Workspace, rounds: int, tokens: int) -> str:
@@ -51,23 +50,15 @@ async def run(ws: Workspace, rounds: int, tokens: int) -> str:
         worker.stop()  # the worker writes its stamps as it exits
     analysed = relay._analyse(samples)
     pairs, direct = analysed["pairs"], analysed["modes"]["direct"]["ttft_ms"]["p50"]
-    stamps = [orjson.loads(line) for line in trace_file.read_bytes().splitlines()]
     blocks = []
     for mode in ("pubsub", "stream"):
         overhead = pairs[mode]["ttft_overhead_ms"]
-        offsets: dict[str, list[float]] = {"caller: first chunk": []}
-        for outcome in samples.outcomes[mode]:
-            start = int(outcome.sent * 1e9)  # perf_counter and monotonic_ns: one clock here
-            seen: set[str] = set()
-            for stamp in stamps:
-                label = stamp["label"]
-                if start <= stamp["ns"] < start + 10**9 and label not in seen:
-                    seen.add(label)
-                    offsets.setdefault(label, []).append((stamp["ns"] - start) / 1e6)
-            if outcome.ttft is not None:
-                offsets["caller: first chunk"].append(outcome.ttft * 1000)
+        outcomes = samples.outcomes[mode]
+        starts = [int(o.sent * 1e9) for o in outcomes]  # perf_counter: monotonic_ns's clock
+        steps = offsets(trace_file, ((s, s + 10**9) for s in starts))
+        steps["caller: first chunk"] = [o.ttft * 1000 for o in outcomes if o.ttft is not None]
         rows = sorted(
-            ((k, len(v), summary(v)["p50"], summary(v)["p90"]) for k, v in offsets.items()),
+            ((k, len(v), summary(v)["p50"], summary(v)["p90"]) for k, v in steps.items()),
             key=lambda row: row[2],
         )
         title = (

@@ -17,6 +17,8 @@ import gc
 import os
 import sys
 import time
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -114,6 +116,24 @@ def install() -> None:
     path = os.environ.get("BENCH_TRACE_FILE")
     if path:
         atexit.register(_dump, path)
+
+
+def offsets(path: Path, windows: Iterable[tuple[int, int]]) -> dict[str, list[float]]:
+    """Per step, ms from each window's start to the first stamp of that step inside it.
+
+    A window is one request: from its send (``time.monotonic_ns()``, the clock of the
+    stamps) to where the next request's stamps may begin.
+    """
+    stamps = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    found: dict[str, list[float]] = {}
+    for start, end in windows:
+        seen: set[str] = set()
+        for stamp in stamps:
+            label = stamp["label"]
+            if start <= stamp["ns"] < end and label not in seen:
+                seen.add(label)
+                found.setdefault(label, []).append((stamp["ns"] - start) / 1e6)
+    return found
 
 
 def _dump(path: str) -> None:
