@@ -4,9 +4,10 @@ One real worker process relays requests from the bench (pub/sub intake) to the s
 llama-server of ``bench/upstream.py`` and back as chunks and results, closed loop, at 1, 8
 and 64 requests in flight, with coalescing on (``ORION_LLAMACPP_COALESCE_MS=10``) and off
 (``0``: one chunk per token). Reported: relayed tokens/s and requests/s, worker CPU per
-token and per request, the worker's share of a core, and Redis commands per token (the
+token and per request, the worker's share of a core, Redis commands per token (the
 commands the worker sent, some of them pipelined together, and everything Redis executed
-for it, script internals included).
+for it, script internals included) and the worker's writes to Redis per request (each a
+system call on both sides; commands of one loop step share one, ``bus.lane``).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ async def measure(
     executed = delta.get("_total", 0) - delta.get("info", 0) - caller
     # Script internals: the chunk script runs GET, SET, PUBLISH; the result script SET, PUBLISH.
     sent = executed - 3 * chunks - 2 * len(outcomes)
+    # The caller writes once per command; the counters' own INFO calls add two reads.
+    writes = delta.get("_reads", 0) - caller - 2
     worker_cpu = cpu["worker"]
     return {
         "concurrency": concurrency,
@@ -110,7 +113,8 @@ async def measure(
         "bench_core_share": round(bench_cpu / wall, 3),
         "redis_commands_sent_per_token": round(sent / tokens, 4) if tokens else None,
         "redis_commands_per_token": round(executed / tokens, 4) if tokens else None,
-        "redis_commands": {k: v for k, v in delta.items() if k not in ("_total", "info")},
+        "redis_writes_per_request": round(writes / len(outcomes), 2) if outcomes else None,
+        "redis_commands": {k: v for k, v in delta.items() if k not in ("_total", "_reads", "info")},
         "request_latency_ms": summary(o.total * 1000 for o in ok if o.total),
     }
 
@@ -229,6 +233,7 @@ def _finish(
             p["one_core_tokens_per_s"],
             p["redis_commands_sent_per_token"],
             p["redis_commands_per_token"],
+            p.get("redis_writes_per_request"),
             p["errors"],
         )
         for p in points
@@ -248,6 +253,7 @@ def _finish(
             "tok/s per core",
             "Redis sent/tok",
             "Redis cmd/tok",
+            "writes/req",
             "errors",
         ],
         rows,

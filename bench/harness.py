@@ -262,10 +262,12 @@ class CpuMeter:
 
 
 async def redis_counts(redis: aioredis.Redis) -> dict[str, int]:
-    """Commands executed so far, in total and per command (script internals included)."""
+    """Commands executed so far, in total and per command (script internals included), and
+    ``_reads``: the reads Redis made from its clients' sockets, about one per client write."""
     info = await redis.info("commandstats")
     counts = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
     counts["_total"] = sum(counts.values())
+    counts["_reads"] = int((await redis.info("stats"))["total_reads_processed"])
     return counts
 
 

@@ -162,6 +162,27 @@ class Slots:
             self._changed.notify_all()
 
 
+class SlotLease:
+    """One taken slot, given back once: when its generation ends (llama-server's slot is
+    free from then on, while the result still travels to Redis), else when its job ends.
+
+    Held until the result was committed, a slot stayed busy for a Redis round trip after
+    llama-server had let it go: a queued request started that much later, and a caller
+    that sends its next request as soon as it has an answer could find every slot busy
+    and be told ``overloaded``.
+    """
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: Slots) -> None:
+        self._slots: Slots | None = slots
+
+    async def release(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            await slots.release()
+
+
 @dataclass
 class StreamEntry:
     entry_id: str
@@ -272,7 +293,7 @@ class StreamConsumer:
         block = min(self.block_ms, max(int(self.claim_idle_ms / 4), 100))
         reply = await self.lane.call(
             "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, "BLOCK", block,
-            "STREAMS", self.stream, ">",
+            "STREAMS", self.stream, ">", alone=True,
         )  # fmt: skip
         return [
             StreamEntry(_text(eid), _pairs(fields), 1)

@@ -193,6 +193,8 @@ class Generator:
             async with asyncio.timeout(timeout):
                 async with self.supervisor.client.chat_stream(body, sent) as stream:
                     await self._relay(stream, generation, chunks)
+                if job.lease is not None:  # llama-server is done with it: the next may start
+                    await job.lease.release()
                 if chunks is not None:
                     generation.tail = await chunks.finish()
         except TimeoutError:

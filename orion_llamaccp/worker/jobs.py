@@ -13,7 +13,7 @@ import orjson
 
 from orion_llamaccp.bus.codec import decode_envelope, message_key, salvage
 from orion_llamaccp.bus.envelope import Envelope
-from orion_llamaccp.bus.intake import StreamEntry
+from orion_llamaccp.bus.intake import SlotLease, StreamEntry
 from orion_llamaccp.errors import DecodeError
 
 Transport = Literal["pubsub", "stream"]
@@ -34,6 +34,8 @@ class Job:
     # Pub/sub, started before the claim came back (a worker alone on its channel): the
     # claim in flight. Nothing may be published for the job unless it resolves to True.
     claim: asyncio.Task[bool] | None = None
+    # The slot this job runs in, once it has one; given back when its generation ends.
+    lease: SlotLease | None = None
 
     async def ours(self) -> bool:
         """False when another replica claimed this message: stay silent about it."""

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus.claims import Claims
 from orion_llamaccp.bus.codec import decode_envelope, loads_object
 from orion_llamaccp.bus.envelope import ServiceRef
-from orion_llamaccp.bus.intake import Slots, StreamConsumer, StreamEntry
+from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.presence import Presence, every
@@ -303,10 +303,12 @@ class Worker:
         await self.supervisor.wait_for(EngineState.READY)
 
     async def _with_slot(self, job: Job) -> None:
+        """Called with a slot taken for ``job``; it is given back by the time the job ends."""
+        job.lease = lease = SlotLease(self.slots)
         try:
             await self.handler.handle(job)
         finally:
-            await self.slots.release()
+            await lease.release()
 
     # ------------------------------------------------------------------ pub/sub intake
 
@@ -416,9 +418,12 @@ class Worker:
     # ------------------------------------------------------------------ stream intake
 
     async def _on_entry(self, entry: StreamEntry) -> None:
-        """Called with a slot held for the entry."""
+        """Called with a slot held for the entry; it is given back by the time the entry's
+        job ends."""
+        lease = SlotLease(self.slots)
         try:
             job = entry_job(entry, self.settings.max_message_bytes)
+            job.lease = lease
             self.view.received += 1
             if entry.deliveries > self.settings.stream_max_deliveries:
                 await self.handler.fail(
@@ -437,7 +442,7 @@ class Worker:
             finally:
                 self.inflight.forget(job)
         finally:
-            await self.slots.release()
+            await lease.release()
 
     async def _ack(self, job: Job) -> None:
         if job.entry is not None and self.consumer is not None:

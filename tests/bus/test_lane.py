@@ -1,5 +1,6 @@
 """Round trips below redis-py's client layers, against a real Redis: replies in order,
-error replies in their place, and a connection that failed never reused."""
+error replies in their place, a connection that failed never reused, and the commands of
+one loop step sharing one write."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from orion_llamaccp.bus.lane import Lane
@@ -44,4 +46,49 @@ async def test_concurrent_callers_each_get_their_own_replies(redis: aioredis.Red
     await asyncio.gather(*(lane.call("SET", k, k, "EX", 30) for k in keys))
     got = await asyncio.gather(*(lane.call("GET", k) for k in keys))
     assert got == [k.encode() for k in keys]
+    await lane.aclose()
+
+
+async def test_commands_of_one_loop_step_share_one_write(redis: aioredis.Redis) -> None:
+    lane = Lane(redis)
+    keys = [f"orion:test:lane:{os.getpid()}:batch:{n}" for n in range(16)]
+    got = await asyncio.gather(
+        *(lane.run([("SET", k, k, "EX", 30), ("GET", k)]) for k in keys),
+        lane.call("INCR", keys[0]),  # an error reply stays its own caller's
+        return_exceptions=True,
+    )
+    assert lane.writes == 1
+    assert got[:-1] == [[b"OK", k.encode()] for k in keys]
+    assert isinstance(got[-1], ResponseError)
+    await lane.aclose()
+
+
+async def test_a_blocking_command_alone_holds_up_no_one(redis: aioredis.Redis) -> None:
+    lane = Lane(redis)
+    key = f"orion:test:lane:{os.getpid()}:blocked"
+    blocked = asyncio.create_task(lane.call("BLPOP", key, "2", alone=True))
+    await asyncio.sleep(0.05)
+    assert await lane.call("SET", key + ":other", "v", "EX", 30) == b"OK"
+    assert not blocked.done()  # the quick command did not wait for it
+    await lane.call("RPUSH", key, "x")
+    assert await blocked == [key.encode(), b"x"]
+    await lane.call("DEL", key)
+    await lane.aclose()
+
+
+async def test_callers_sharing_a_cut_off_round_trip_get_a_retryable_error(
+    redis: aioredis.Redis,
+) -> None:
+    """The first caller of a batch cancelled while its replies were due: the others must
+    not wait forever for replies that will never be read; they get a connection error,
+    which ``bus.retry`` retries (everything sent through a lane is safe to repeat)."""
+    lane = Lane(redis)
+    key = f"orion:test:lane:{os.getpid()}:cut"
+    first = asyncio.create_task(lane.call("BLPOP", key, "2"))  # holds the shared exchange
+    rider = asyncio.create_task(lane.call("SET", key + ":rider", "v", "EX", 30))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    with pytest.raises(RedisConnectionError):
+        await asyncio.wait_for(rider, 1.0)
+    assert await lane.call("SET", key + ":rider", "w", "EX", 30) == b"OK"  # the retry
     await lane.aclose()

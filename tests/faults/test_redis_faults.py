@@ -1,4 +1,5 @@
-"""Redis misbehaves: killed and restarted, frozen, and a caller that never reads."""
+"""Redis misbehaves: killed and restarted, frozen, refusing writes, and a caller that never
+reads."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import asyncio
 import socket
 import time
 
+import httpx
 import pytest
 
 from tests.faults.conftest import Fault, assert_exactly_once
-from tests.support.procs import subscribers, wait_stream_acked, wait_until_async
+from tests.support.procs import free_port, subscribers, wait_stream_acked, wait_until_async
 
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
 
@@ -157,3 +159,37 @@ async def test_slow_caller_that_never_reads_its_chunks(fault: Fault, hi: list) -
 
 async def _not(check) -> bool:
     return not await check()
+
+
+def slots_busy(port: int) -> float:
+    """The worker's ``orion_llamacpp_slots_busy`` gauge, from its /metrics endpoint (served
+    from a thread of its own, so it answers while the event loop waits on Redis)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    line = next(x for x in text.splitlines() if x.startswith("orion_llamacpp_slots_busy{"))
+    return float(line.rsplit(" ", 1)[1])
+
+
+async def test_a_slot_is_free_while_its_result_waits_on_redis(fault: Fault, hi: list) -> None:
+    """Redis takes no writes (``CLIENT PAUSE ... WRITE``) when a generation ends: its slot
+    is free at once, since llama-server is done with it, while the result waits to be
+    published; once Redis takes writes again the result goes out, once."""
+    port = free_port()
+    fault.spawn("w", slow=True, parallel=1, METRICS_PORT=str(port))
+    envelope = fault.ledger.add(
+        fault.client.request(
+            hi, profile="tiny", options={"stream": True, "max_tokens": 800, "ignore_eos": True}
+        )
+    )
+    await fault.client.send(envelope, profile="tiny")
+    await wait_until_async(
+        lambda: fault.recorder.on(envelope["reply_to"] + ":chunks"), what="first chunk"
+    )
+    await fault.raw.client_pause(8000, all=False)  # writes (PUBLISH, EVALSHA) wait
+    try:
+        assert slots_busy(port) == 1  # about half a second of generation still to go
+        await wait_until_async(lambda: slots_busy(port) == 0, timeout=5, what="the slot given back")
+        assert fault.ledger.answers(envelope) == []  # the result is still waiting on Redis
+    finally:
+        await fault.raw.client_unpause()
+    assert_exactly_once(await fault.ledger.settle(timeout=30))
+    assert fault.ledger.answers(envelope)[0]["payload"]["usage"]["completion_tokens"] == 800
