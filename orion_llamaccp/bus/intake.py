@@ -169,7 +169,8 @@ class SlotLease:
     Held until the result was committed, a slot stayed busy for a Redis round trip after
     llama-server had let it go: a queued request started that much later, and a caller
     that sends its next request as soon as it has an answer could find every slot busy
-    and be told ``overloaded``.
+    and be told ``overloaded``. Pub/sub jobs only: a stream entry keeps its slot until it
+    is acked, so that a worker never holds more entries than slots.
     """
 
     __slots__ = ("_slots",)

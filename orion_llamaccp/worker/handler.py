@@ -142,8 +142,10 @@ class ChatHandler:
             await self._ack(job)
             return 0, None
         owned = asyncio.Event()
+        # The request is on its way to llama-server (``start``) before any Redis command:
+        # a lane holds the first command of a step back a turn of the loop, and the record
+        # below joins the pub/sub claim sent beside this handler (one write, not two).
         generating = self.generator.start(job, envelope, chat, options, owned)
-        await asyncio.sleep(0)  # the request goes to llama-server before our Redis calls
         key = idempotency_key(envelope, chat)
         try:
             stored, twin = await self._own(job, key, generating)

@@ -34,7 +34,8 @@ class Job:
     # Pub/sub, started before the claim came back (a worker alone on its channel): the
     # claim in flight. Nothing may be published for the job unless it resolves to True.
     claim: asyncio.Task[bool] | None = None
-    # The slot this job runs in, once it has one; given back when its generation ends.
+    # Pub/sub: the slot this job runs in, once it has one; given back when its generation
+    # ends (a stream entry's slot is given back when it is acked).
     lease: SlotLease | None = None
 
     async def ours(self) -> bool:

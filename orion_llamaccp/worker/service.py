@@ -418,12 +418,11 @@ class Worker:
     # ------------------------------------------------------------------ stream intake
 
     async def _on_entry(self, entry: StreamEntry) -> None:
-        """Called with a slot held for the entry; it is given back by the time the entry's
-        job ends."""
-        lease = SlotLease(self.slots)
+        """Called with a slot held for the entry, given back when its job ends (acked or
+        left pending): a worker never holds more entries than slots, the backlog waits in
+        Redis."""
         try:
             job = entry_job(entry, self.settings.max_message_bytes)
-            job.lease = lease
             self.view.received += 1
             if entry.deliveries > self.settings.stream_max_deliveries:
                 await self.handler.fail(
@@ -442,7 +441,7 @@ class Worker:
             finally:
                 self.inflight.forget(job)
         finally:
-            await lease.release()
+            await self.slots.release()
 
     async def _ack(self, job: Job) -> None:
         if job.entry is not None and self.consumer is not None:
