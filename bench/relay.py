@@ -19,6 +19,10 @@ requests shows: the noise floor of this machine.
 CPU is accounted per mode (the worker, llama-server, Redis and the bench process itself),
 so the worker's CPU per relayed token sits next to what the bench's own direct SSE reader
 spends per token.
+
+``BENCH_PIN=1`` adds a tiny-model run with llama-server's threads alone on the first CPU
+and the worker, Redis and the bench on the others: decode no longer competes with the
+relay for a core, as with a GPU, so what is left of the loss is the relay's own.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench import floor
 from bench.callers import BusCaller, DirectLane, Outcome
@@ -70,6 +76,9 @@ class ModelRun:
     concurrency: tuple[int, ...] = (1, 2)
     coalesce_ms: float = 10.0
     floor: bool = False  # also time the leanest relay possible in front of this llama-server
+    # llama-server alone on the first CPU, the worker, Redis and the bench on the others:
+    # decode does not compete with the relay for a core, as on a GPU (``BENCH_PIN=1``).
+    pin: bool = False
 
 
 @dataclass
@@ -107,6 +116,12 @@ def default_runs() -> list[ModelRun]:
     ]
     if DEMO_MODEL.is_file():
         runs.insert(0, ModelRun("demo", DEMO_MODEL, max_tokens=24, rounds=24))
+    if os.environ.get("BENCH_PIN") == "1":
+        runs.append(
+            ModelRun(
+                "tiny, llama-server pinned", Path(), 256, rounds=60, concurrency=(1,), pin=True
+            )
+        )
     return runs
 
 
@@ -249,8 +264,11 @@ async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
     worker = Worker(ws, spec, f"relay-{len(run.name)}-{run.coalesce_ms:g}").start()
     redis = ws.redis()
     results: dict[str, Any] = {}
+    ours = os.sched_getaffinity(0)
     try:
         await worker.wait_ready(redis)
+        if run.pin:
+            _pin(worker, ws)
         bus = await BusCaller(ws.url, PROFILE).start()
         for concurrency in run.concurrency:
             lanes = [DirectLane("127.0.0.1", worker.llama_port) for _ in range(concurrency)]
@@ -274,9 +292,26 @@ async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
                 ws, worker.llama_port, _floor_bodies(), samples=run.rounds
             )
     finally:
+        _set_affinity(os.getpid(), ours)
         await redis.aclose()
         worker.stop()
     return {"model": str(model), "max_tokens": run.max_tokens, "rounds": run.rounds, **results}
+
+
+def _pin(worker: Worker, ws: Workspace) -> None:
+    """llama-server's threads on the first CPU; the worker's, Redis's and ours on the rest."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or worker.engine_pid is None:
+        raise RuntimeError("pinning needs two CPUs and llama-server's pid")
+    _set_affinity(worker.engine_pid, {cpus[0]})
+    for pid in (worker.pid, ws.redis_pid(), os.getpid()):
+        _set_affinity(pid, set(cpus[1:]))
+
+
+def _set_affinity(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (``sched_setaffinity`` on a pid moves its main thread only)."""
+    for thread in psutil.Process(pid).threads():
+        os.sched_setaffinity(thread.id, cpus)
 
 
 async def run(ws: Workspace, runs: list[ModelRun] | None = None) -> dict[str, Any]:
