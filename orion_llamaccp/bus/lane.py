@@ -74,7 +74,7 @@ class Lane:
         self._pool = redis.connection_pool
         self._idle: list[AbstractConnection] = []
         self._forming: _Batch | None = None
-        self.writes = 0
+        self.writes = 0  # command lists written: what sharing a write saves shows here
 
     async def call(self, *command: Any, alone: bool = False) -> Any:
         """One command's reply; an error reply is raised.
