@@ -20,6 +20,9 @@ CPU is accounted per mode (the worker, llama-server, Redis and the bench process
 so the worker's CPU per relayed token sits next to what the bench's own direct SSE reader
 spends per token.
 
+``python -m bench.relay [--rounds 60] [--pin]`` runs the tiny model alone at one request in
+flight and prints a few lines (no results file): what ``python -m bench.ab`` compares.
+
 ``BENCH_PIN=1`` adds a tiny-model run with llama-server's threads alone on the first CPU
 and the worker, Redis and the bench on the others: decode no longer competes with the
 relay for a core, as with a GPU, so what is left of the loss is the relay's own.
@@ -27,9 +30,11 @@ relay for a core, as with a GPU, so what is left of the loss is the relay's own.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -468,3 +473,48 @@ def _targets(run: ModelRun, point: dict[str, Any], mode: str) -> list[dict]:
             higher_is_better=True,
         ),
     ]
+
+
+async def quick(rounds: int, pin: bool) -> str:
+    """The tiny model alone, one request in flight, a few lines and no results file: what
+    an A/B comparison needs (``python -m bench.ab``)."""
+    ws = Workspace()
+    try:
+        name = "tiny, llama-server pinned" if pin else "tiny"
+        found = await run_model(
+            ws, ModelRun(name, Path(), 256, rounds=rounds, concurrency=(1,), pin=pin)
+        )
+    finally:
+        ws.close()
+    point = found["c1"]
+    direct = point["modes"]["direct"]
+    lines = [
+        f"{name}, {rounds} rounds: direct TTFT p50 {direct['ttft_ms']['p50']:.2f} ms, "
+        f"{direct['stream_tokens_per_s']['p50']:,.0f} tok/s"
+    ]
+    for mode in ("pubsub", "stream", "control"):
+        pairs, ours = point["pairs"][mode], point["modes"][mode]
+        overhead = pairs["ttft_overhead_ms"]
+        lines.append(
+            f"{LABELS[mode]:>18}: TTFT overhead p50 {overhead['p50']:.2f} p99 "
+            f"{overhead['p99']:.2f} ms, throughput kept "
+            f"{pairs['stream_throughput_ratio']['p50']:.3f}, worker "
+            f"{ours['cpu_us_per_token'].get('worker', 0):.1f} us/token"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.relay",
+        description="The tiny model alone, one request in flight, printed in a few lines.",
+    )
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--pin", action="store_true", help="llama-server alone on CPU 0")
+    args = parser.parse_args(argv)
+    print(asyncio.run(quick(args.rounds, args.pin)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
