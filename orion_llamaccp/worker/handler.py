@@ -120,6 +120,8 @@ class ChatHandler:
                 job, Failure("internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
             )
         finally:
+            if job.ahead is not None:  # a no-op unless its generation never took it
+                job.ahead.drop()
             self.stats.in_flight -= 1
             if outcome is not None:
                 self.stats.finished(outcome, tokens)

@@ -14,9 +14,28 @@ import orjson
 from orion_llamaccp.bus.codec import decode_envelope, message_key, salvage
 from orion_llamaccp.bus.envelope import Envelope
 from orion_llamaccp.bus.intake import SlotLease, StreamEntry
+from orion_llamaccp.engine.client import Sent
 from orion_llamaccp.errors import DecodeError
 
 Transport = Literal["pubsub", "stream"]
+
+
+@dataclass
+class Ahead:
+    """A request written before its message was validated (``Generator.ahead``)."""
+
+    body: dict[str, Any]
+    sent: Sent
+
+    def take(self, body: dict[str, Any]) -> Sent | None:
+        """The request on the wire if it is ``body``'s; else it is dropped."""
+        if body == self.body:
+            return self.sent
+        self.sent.drop()
+        return None
+
+    def drop(self) -> None:
+        self.sent.drop()
 
 
 @dataclass(eq=False)  # identity: jobs live in sets
@@ -37,6 +56,8 @@ class Job:
     # Pub/sub: the slot this job runs in, once it has one; given back when its generation
     # ends (a stream entry's slot is given back when it is acked).
     lease: SlotLease | None = None
+    # Its request, written before the message was validated (Generator.ahead), if it was.
+    ahead: Ahead | None = None
 
     async def ours(self) -> bool:
         """False when another replica claimed this message: stay silent about it."""
@@ -113,14 +134,22 @@ def decode_job(
     )
 
 
-def entry_job(entry: StreamEntry, max_bytes: int) -> Job:
-    """A job from a stream entry: its envelope field, or an error naming the fields seen."""
+def entry_bytes(entry: StreamEntry) -> bytes | None:
+    """The message a stream entry carries: its envelope field (Orion's), else a plain one."""
     fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in entry.fields.items()}
-    for name in ("envelope", "data", "message", "payload"):  # Orion's, then plain entries
+    for name in ("envelope", "data", "message", "payload"):
         if name in fields:
             value = fields[name]
-            raw = value if isinstance(value, bytes) else str(value).encode()
-            return decode_job(raw, "stream", max_bytes, entry)
+            return value if isinstance(value, bytes) else str(value).encode()
+    return None
+
+
+def entry_job(entry: StreamEntry, max_bytes: int) -> Job:
+    """A job from a stream entry: its envelope field, or an error naming the fields seen."""
+    raw = entry_bytes(entry)
+    if raw is not None:
+        return decode_job(raw, "stream", max_bytes, entry)
+    fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in entry.fields.items()}
     names = sorted(fields)
     return Job(
         raw=orjson.dumps({"fields": names}),

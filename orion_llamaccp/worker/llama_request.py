@@ -73,6 +73,7 @@ class ChatOptions(BaseModel):
 
 
 _OURS = {"stream", "stream_channel", "timeout_sec", "return_json"}
+_TYPED = frozenset(ChatOptions.model_fields)
 
 
 def parse_options(chat: ChatRequestPayload) -> ChatOptions:
@@ -94,9 +95,18 @@ def build_body(
     chat: ChatRequestPayload, options: ChatOptions, profile: Profile
 ) -> tuple[dict[str, Any], list[str]]:
     """The JSON body for llama-server, and the option keys we did not forward."""
+    messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+    return body_of(messages, options.model_dump(), profile)
+
+
+def body_of(
+    messages: list[Any], options: dict[str, Any], profile: Profile
+) -> tuple[dict[str, Any], list[str]]:
+    """``build_body`` from plain values: the validated request's, or, when the request is
+    written before pydantic has seen it (``Generator.ahead``), a message's raw JSON."""
     cfg = profile.llamacpp
     body: dict[str, Any] = {
-        "messages": [{"role": m.role, "content": m.content} for m in chat.messages],
+        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
     }
     defaults = {
         "temperature": cfg.temperature,
@@ -106,17 +116,18 @@ def build_body(
         "presence_penalty": cfg.presence_penalty,
         "max_tokens": cfg.n_predict if cfg.n_predict and cfg.n_predict > 0 else None,
     }
-    typed = options.model_dump(exclude=_OURS, exclude_none=True)
-    extras = options.model_extra or {}
-    for key, value in {**{k: v for k, v in defaults.items() if v is not None}, **typed}.items():
-        if key in ChatOptions.model_fields:
+    for key, value in defaults.items():
+        if value is not None:
             body[key] = value
-    if options.return_json and "response_format" not in body:
-        body["response_format"] = {"type": "json_object"}
     ignored = []
-    for key, value in extras.items():
-        if key in PASSTHROUGH:
+    for key, value in options.items():
+        if key in _TYPED:
+            if value is not None and key not in _OURS:
+                body[key] = value
+        elif key in PASSTHROUGH:
             body[key] = value
         else:
             ignored.append(key)
+    if options.get("return_json") and "response_format" not in body:
+        body["response_format"] = {"type": "json_object"}
     return body, sorted(ignored)

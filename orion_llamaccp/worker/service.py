@@ -33,7 +33,7 @@ from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import WorkerView
 from orion_llamaccp.worker.handler import ChatHandler
 from orion_llamaccp.worker.inflight import InFlight
-from orion_llamaccp.worker.jobs import Failure, Job, decode_job, entry_job
+from orion_llamaccp.worker.jobs import Failure, Job, decode_job, entry_bytes, entry_job
 from orion_llamaccp.worker.metrics import Metrics
 from orion_llamaccp.worker.startup import Intake, transports
 from orion_llamaccp.worker.stats import Stats
@@ -328,13 +328,12 @@ class Worker:
     async def _count_replicas(self) -> None:
         self.alone = await self.claims.subscribers(self.channels.intake) == 1
 
-    def _start_before_claim(self, job: Job) -> bool:
+    def _start_before_claim(self) -> bool:
         """Alone on the channel, with a slot free and nothing waiting: the claim is a round
         trip no other replica contests, so the job starts while it is in flight. A replica
         that joined since we counted costs a cut-off prompt, never a second answer."""
         return (
             self.alone
-            and job.decode_error is None
             and not self.stopping
             and self.waiting == 0
             and self.slots.free > 0
@@ -342,13 +341,19 @@ class Worker:
         )
 
     async def _accept_pubsub(self, data: bytes) -> None:
+        early = self._start_before_claim() and len(data) <= self.settings.max_message_bytes
+        ahead = self.handler.generator.ahead(data) if early else None
         job = decode_job(data, "pubsub", self.settings.max_message_bytes)
+        job.ahead = ahead
         self.view.received += 1
         claim = self.claims.claim_message(job.key, self.settings.instance_id)
-        if self._start_before_claim(job):
+        if early and job.decode_error is None:
             self._dispatch(job)  # its first step writes the request: it runs before the claim
             job.claim = asyncio.create_task(claim)
             return
+        if ahead is not None:  # not started before its claim after all
+            ahead.drop()
+            job.ahead = None
         if not await claim:
             return  # another replica serves it
         if job.decode_error is not None:
@@ -422,7 +427,10 @@ class Worker:
         left pending): a worker never holds more entries than slots, the backlog waits in
         Redis."""
         try:
+            raw = entry_bytes(entry) if entry.deliveries == 1 and not entry.reclaimed else None
+            ahead = self.handler.generator.ahead(raw) if raw is not None else None
             job = entry_job(entry, self.settings.max_message_bytes)
+            job.ahead = ahead
             self.view.received += 1
             if entry.deliveries > self.settings.stream_max_deliveries:
                 await self.handler.fail(

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -266,3 +267,37 @@ async def test_worker_survives_garbage(
     assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=30)).ok
     assert worker.proc is not None and worker.proc.poll() is None
     assert uuid.UUID(str((await bus.chat(HI, profile="tiny", timeout=30)).envelope.id))
+
+
+async def test_a_request_written_before_validation_is_cut_off_when_invalid(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """The worker writes a request to llama-server from the message's raw JSON, before
+    pydantic has validated it (``Generator.ahead``). One that then fails validation is
+    answered ``validation_failed``, and llama-server stops generating it."""
+    import httpx
+
+    worker = spawn_worker(slow=True, parallel=1)
+    url = worker.announcement()["engine_url"]
+    async with httpx.AsyncClient(base_url=url) as http:
+
+        async def slot() -> dict:
+            return (await http.get("/slots")).json()[0]
+
+        for via in ("pubsub", "stream"):
+            assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2})).ok  # warm
+            before = (await slot())["id_task"]
+            envelope = bus.request(
+                HI, profile="tiny", options={"max_tokens": 4000, "ignore_eos": True, "top_p": 2}
+            )
+            await bus.send(envelope, profile="tiny", via=via)
+            answer = await _answer_on(recorder, envelope["reply_to"])
+            assert answer["payload"]["error"] == "validation_failed", answer
+            await wait_until_async(lambda: _idle(slot), timeout=5, what="llama-server slot idle")
+            after = await slot()
+            assert after["id_task"] > before, f"{via}: the request was not written ahead"
+            assert int(after.get("n_decoded") or 0) < 4000, f"{via}: it was not cut off"
+
+
+async def _idle(slot: Callable[[], Awaitable[dict]]) -> bool:
+    return not (await slot()).get("is_processing")

@@ -1,0 +1,49 @@
+"""llama-server's request body: built from the raw JSON of a message (written before pydantic
+has validated it) it must equal the one built from the validated request, or the worker
+drops the early request and writes it again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from orion_llamaccp.bus.envelope import ChatRequestPayload
+from orion_llamaccp.profiles.models import Profile
+from orion_llamaccp.worker.llama_request import body_of, build_body, parse_options
+
+PROFILE = Profile.model_validate(
+    {
+        "name": "p",
+        "model_id": "m",
+        "model_file": "m.gguf",
+        "llamacpp": {"temperature": 0.7, "top_k": 40, "n_predict": 512},
+    }
+)
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"temperature": 0, "seed": 42, "max_tokens": 256, "ignore_eos": True, "stream": True},
+        {"top_p": 0.9, "stop": ["\n"], "stream_channel": "x", "timeout_sec": 5, "grammar": "g"},
+        {"return_json": True, "unknown_knob": 1, "cache_prompt": False, "temperature": None},
+        {"response_format": {"type": "text"}, "return_json": True},
+    ],
+)
+def test_the_raw_body_equals_the_validated_one(options: dict[str, Any]) -> None:
+    raw = orjson.loads(orjson.dumps({"messages": MESSAGES, "options": options}))
+    chat = ChatRequestPayload.model_validate(raw)
+    validated = build_body(chat, parse_options(chat), PROFILE)
+    assert body_of(raw["messages"], raw["options"], PROFILE) == validated
+    assert validated[0]["messages"] == MESSAGES
+
+
+def test_the_profile_fills_what_the_request_leaves_out() -> None:
+    body, ignored = body_of(MESSAGES, {"top_k": 5, "unknown_knob": 1, "stream": True}, PROFILE)
+    assert (body["temperature"], body["top_k"], body["max_tokens"]) == (0.7, 5, 512)
+    assert "stream" not in body and "unknown_knob" not in body
+    assert ignored == ["unknown_knob"]
