@@ -224,9 +224,8 @@ class StreamConsumer:
         self.ready = ready
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
-        self.lane = lane or Lane(
-            redis
-        )  # the read that wakes on a new entry: before its first token
+        # The read that wakes on a new entry stands before its first token.
+        self.lane = lane or Lane(redis)
         self.in_flight: set[str] = set()
         self.started = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()

@@ -144,13 +144,12 @@ def entry_bytes(entry: StreamEntry) -> bytes | None:
     return None
 
 
-def entry_job(entry: StreamEntry, max_bytes: int) -> Job:
-    """A job from a stream entry: its envelope field, or an error naming the fields seen."""
-    raw = entry_bytes(entry)
+def entry_job(entry: StreamEntry, raw: bytes | None, max_bytes: int) -> Job:
+    """A job from a stream entry and the message it carries (``entry_bytes``, which the
+    worker reads first to write the request ahead), or an error naming the fields seen."""
     if raw is not None:
         return decode_job(raw, "stream", max_bytes, entry)
-    fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in entry.fields.items()}
-    names = sorted(fields)
+    names = sorted(k.decode() if isinstance(k, bytes) else k for k in entry.fields)
     return Job(
         raw=orjson.dumps({"fields": names}),
         transport="stream",

@@ -427,9 +427,10 @@ class Worker:
         left pending): a worker never holds more entries than slots, the backlog waits in
         Redis."""
         try:
-            raw = entry_bytes(entry) if entry.deliveries == 1 and not entry.reclaimed else None
-            ahead = self.handler.generator.ahead(raw) if raw is not None else None
-            job = entry_job(entry, self.settings.max_message_bytes)
+            raw = entry_bytes(entry)
+            fresh = entry.deliveries == 1 and not entry.reclaimed
+            ahead = self.handler.generator.ahead(raw) if raw is not None and fresh else None
+            job = entry_job(entry, raw, self.settings.max_message_bytes)
             job.ahead = ahead
             self.view.received += 1
             if entry.deliveries > self.settings.stream_max_deliveries:
