@@ -41,7 +41,8 @@ async def test_request_sent_while_the_worker_is_built_is_served(
     )
     assert worker.announcement() is None  # subscribed, but no worker announcing yet
 
-    result = await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=60)
+    options = {"max_tokens": 2, "ignore_eos": True}  # unseeded: no early EOS to count
+    result = await bus.chat(HI, profile="tiny", options=options, timeout=60)
 
     assert result.ok, result.payload
     assert result.payload["usage"]["completion_tokens"] == 2
