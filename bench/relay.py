@@ -475,21 +475,22 @@ def _targets(run: ModelRun, point: dict[str, Any], mode: str) -> list[dict]:
     ]
 
 
-async def quick(rounds: int, pin: bool) -> str:
-    """The tiny model alone, one request in flight, a few lines and no results file: what
-    an A/B comparison needs (``python -m bench.ab``)."""
+async def quick(rounds: int, pin: bool, concurrency: int = 1) -> str:
+    """The tiny model alone, ``concurrency`` requests in flight, a few lines and no results
+    file: what an A/B comparison needs (``python -m bench.ab``)."""
     ws = Workspace()
     try:
         name = "tiny, llama-server pinned" if pin else "tiny"
         found = await run_model(
-            ws, ModelRun(name, Path(), 256, rounds=rounds, concurrency=(1,), pin=pin)
+            ws, ModelRun(name, Path(), 256, rounds=rounds, concurrency=(concurrency,), pin=pin)
         )
     finally:
         ws.close()
-    point = found["c1"]
+    point = found[f"c{concurrency}"]
     direct = point["modes"]["direct"]
     lines = [
-        f"{name}, {rounds} rounds: direct TTFT p50 {direct['ttft_ms']['p50']:.2f} ms, "
+        f"{name}, {concurrency} in flight, {rounds} rounds: "
+        f"direct TTFT p50 {direct['ttft_ms']['p50']:.2f} ms, "
         f"{direct['stream_tokens_per_s']['p50']:,.0f} tok/s"
     ]
     for mode in ("pubsub", "stream", "control"):
@@ -507,12 +508,13 @@ async def quick(rounds: int, pin: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.relay",
-        description="The tiny model alone, one request in flight, printed in a few lines.",
+        description="The tiny model alone, printed in a few lines.",
     )
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--pin", action="store_true", help="llama-server alone on CPU 0")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight")
     args = parser.parse_args(argv)
-    print(asyncio.run(quick(args.rounds, args.pin)))
+    print(asyncio.run(quick(args.rounds, args.pin, args.concurrency)))
     return 0
 
 
