@@ -20,12 +20,13 @@ CPU is accounted per mode (the worker, llama-server, Redis and the bench process
 so the worker's CPU per relayed token sits next to what the bench's own direct SSE reader
 spends per token.
 
-``python -m bench.relay [--rounds 60] [--pin]`` runs the tiny model alone at one request in
-flight and prints a few lines (no results file): what ``python -m bench.ab`` compares.
+``python -m bench.relay [--rounds 60] [--pin] [--concurrency N]`` runs the tiny model alone
+and prints a few lines (no results file): what ``python -m bench.ab`` compares.
 
-``BENCH_PIN=1`` adds a tiny-model run with llama-server's threads alone on the first CPU
-and the worker, Redis and the bench on the others: decode no longer competes with the
-relay for a core, as with a GPU, so what is left of the loss is the relay's own.
+On a machine with two CPUs or more, a last tiny-model run puts llama-server's threads
+alone on the first CPU and the worker, Redis and the bench on the others (``BENCH_PIN=0``
+skips it): decode no longer competes with the relay for a core, as with a GPU, so what is
+left of the overhead is the relay's own.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class ModelRun:
     coalesce_ms: float = 10.0
     floor: bool = False  # also time the leanest relay possible in front of this llama-server
     # llama-server alone on the first CPU, the worker, Redis and the bench on the others:
-    # decode does not compete with the relay for a core, as on a GPU (``BENCH_PIN=1``).
+    # decode does not compete with the relay for a core, as on a GPU (see the docstring).
     pin: bool = False
 
 
@@ -121,12 +122,8 @@ def default_runs() -> list[ModelRun]:
     ]
     if DEMO_MODEL.is_file():
         runs.insert(0, ModelRun("demo", DEMO_MODEL, max_tokens=24, rounds=24))
-    if os.environ.get("BENCH_PIN") == "1":
-        runs.append(
-            ModelRun(
-                "tiny, llama-server pinned", Path(), 256, rounds=60, concurrency=(1,), pin=True
-            )
-        )
+    if os.environ.get("BENCH_PIN") != "0" and len(os.sched_getaffinity(0)) >= 2:
+        runs.append(ModelRun("tiny, llama-server pinned", Path(), 256, rounds=60, pin=True))
     return runs
 
 

@@ -24,9 +24,13 @@ from bench.report import summary, table
 from bench.trace_worker import offsets
 
 
-async def run(ws: Workspace, rounds: int, tokens: int) -> str:
-    model_run = relay.ModelRun("tiny", Path(), max_tokens=tokens, rounds=rounds, concurrency=(1,))
-    spec = WorkerSpec(model=ws.tiny_model(), binary=llama_server_binary(), parallel=1, ctx=2048)
+async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1) -> str:
+    model_run = relay.ModelRun(
+        "tiny", Path(), max_tokens=tokens, rounds=rounds, concurrency=(width,)
+    )
+    spec = WorkerSpec(
+        model=ws.tiny_model(), binary=llama_server_binary(), parallel=width, ctx=2048 * width
+    )
     trace_file = ws.root / "trace.jsonl"
     spec.command = ("-m", "bench.trace_worker")
     spec.env["BENCH_TRACE_FILE"] = str(trace_file)
@@ -36,14 +40,15 @@ async def run(ws: Workspace, rounds: int, tokens: int) -> str:
     try:
         await worker.wait_ready(redis)
         bus = await BusCaller(ws.url, PROFILE).start()
-        lanes = [DirectLane("127.0.0.1", worker.llama_port)]
+        lanes = [DirectLane("127.0.0.1", worker.llama_port) for _ in range(width)]
         await relay._rounds(lanes, bus, model_run, model_run.warmup, None)
         gc.disable()
         try:
             await relay._rounds(lanes, bus, model_run, rounds, samples, CpuMeter({}))
         finally:
             gc.enable()
-        lanes[0].close()
+        for lane in lanes:
+            lane.close()
         await bus.close()
     finally:
         await redis.aclose()
@@ -54,9 +59,19 @@ async def run(ws: Workspace, rounds: int, tokens: int) -> str:
     for mode in ("pubsub", "stream"):
         overhead = pairs[mode]["ttft_overhead_ms"]
         outcomes = samples.outcomes[mode]
-        starts = [int(o.sent * 1e9) for o in outcomes]  # perf_counter: monotonic_ns's clock
-        steps = offsets(trace_file, ((s, s + 10**9) for s in starts))
-        steps["caller: first chunk"] = [o.ttft * 1000 for o in outcomes if o.ttft is not None]
+        # perf_counter is monotonic_ns's clock; a round's requests share its window
+        starts = [
+            int(min(o.sent for o in outcomes[i : i + width]) * 1e9)
+            for i in range(0, len(outcomes), width)
+        ]
+        steps = offsets(trace_file, ((s, s + 10**9) for s in starts), occurrences=width)
+        for nth in range(width):
+            label = "caller: first chunk" + (f" #{nth + 1}" if nth else "")
+            steps[label] = [
+                (o.sent + o.ttft) * 1000 - s / 1e6
+                for o, s in zip(outcomes[nth::width], starts, strict=False)
+                if o.ttft is not None
+            ]
         rows = sorted(
             ((k, len(v), summary(v)["p50"], summary(v)["p90"]) for k, v in steps.items()),
             key=lambda row: row[2],
@@ -73,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.relay_trace")
     parser.add_argument("--rounds", type=int, default=120)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="requests per round (the n-th step: #n)"
+    )
     args = parser.parse_args(argv)
 
     async def go() -> None:
         ws = Workspace()
         try:
-            print(await run(ws, args.rounds, args.tokens))
+            print(await run(ws, args.rounds, args.tokens, args.concurrency))
         finally:
             ws.close()
 

@@ -118,21 +118,27 @@ def install() -> None:
         atexit.register(_dump, path)
 
 
-def offsets(path: Path, windows: Iterable[tuple[int, int]]) -> dict[str, list[float]]:
-    """Per step, ms from each window's start to the first stamp of that step inside it.
+def offsets(
+    path: Path, windows: Iterable[tuple[int, int]], occurrences: int = 1
+) -> dict[str, list[float]]:
+    """Per step, ms from each window's start to the first ``occurrences`` stamps of that
+    step inside it (the second as ``step #2``, ...).
 
-    A window is one request: from its send (``time.monotonic_ns()``, the clock of the
-    stamps) to where the next request's stamps may begin.
+    A window is one request, or the requests of one round: from its send
+    (``time.monotonic_ns()``, the clock of the stamps) to where the next round's stamps
+    may begin.
     """
     stamps = [orjson.loads(line) for line in path.read_bytes().splitlines()]
     found: dict[str, list[float]] = {}
     for start, end in windows:
-        seen: set[str] = set()
+        seen: dict[str, int] = {}
         for stamp in stamps:
             label = stamp["label"]
-            if start <= stamp["ns"] < end and label not in seen:
-                seen.add(label)
-                found.setdefault(label, []).append((stamp["ns"] - start) / 1e6)
+            nth = seen.get(label, 0)
+            if start <= stamp["ns"] < end and nth < occurrences:
+                seen[label] = nth + 1
+                name = label + (f" #{nth + 1}" if nth else "")
+                found.setdefault(name, []).append((stamp["ns"] - start) / 1e6)
     return found
 
 
