@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = tuple[Any, ...]
 """One Redis command, as its arguments."""
@@ -110,7 +111,7 @@ class Lane:
         conn = self._idle.pop() if self._idle else self._pool.make_connection()
         try:
             self.writes += 1
-            await conn.send_packed_command(conn.pack_commands(commands))
+            await _send(conn, conn.pack_commands(commands))
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -127,3 +128,26 @@ class Lane:
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.disconnect()
+
+
+async def _send(conn: AbstractConnection, packed: list[bytes]) -> None:
+    """Write in the caller's own step.
+
+    redis-py's ``send_packed_command`` puts the write in a task of its own whenever the
+    client has a socket timeout (``asyncio.wait_for`` on Python 3.11): a task and a loop
+    turn before the bytes leave, 7 µs of a 30 µs round trip here. A write to a socket
+    that has room does not wait, so only a full buffer is waited on, under the timeout.
+    """
+    if not conn.is_connected:
+        await conn.connect()
+    await conn.check_health()  # a PING when the connection sat idle past the interval
+    writer = conn._writer  # the stream redis-py connected: below its layers, as the rest
+    try:
+        writer.writelines(packed)
+        if writer.transport.get_write_buffer_size():
+            async with asyncio.timeout(conn.socket_timeout):
+                await writer.drain()
+    except TimeoutError:
+        raise RedisTimeoutError("timeout writing to Redis") from None
+    except OSError as exc:
+        raise RedisConnectionError(f"error writing to Redis: {exc}") from exc

@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orion_llamaccp.bus.lane import Lane
+from tests.support.procs import RedisServer
 
 
 @pytest.fixture
@@ -92,3 +95,28 @@ async def test_callers_sharing_a_cut_off_round_trip_get_a_retryable_error(
         await asyncio.wait_for(rider, 1.0)
     assert await lane.call("SET", key + ":rider", "w", "EX", 30) == b"OK"  # the retry
     await lane.aclose()
+
+
+async def test_a_write_that_cannot_leave_times_out_and_its_connection_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """The lane writes below redis-py's ``send_packed_command``; a write the socket cannot
+    take (a frozen Redis, its buffers full) must still end in the client's socket timeout
+    as a retryable error, and the lane must not hand that connection out again."""
+    server = RedisServer(tmp_path / "redis").start()
+    client = aioredis.Redis.from_url(server.url, socket_timeout=1.0)
+    lane = Lane(client)
+    try:
+        assert await lane.call("PING") == b"PONG"
+        server.freeze()
+        with pytest.raises(RedisTimeoutError, match="writing"):
+            await lane.call("SET", "big", b"x" * (64 << 20))
+        server.thaw()
+        assert await lane.call("PING") == b"PONG"
+        assert lane.writes == 3
+        assert len(lane._idle) == 1  # the timed-out connection was not put back
+    finally:
+        server.thaw()
+        await lane.aclose()
+        await client.aclose()
+        server.stop()
