@@ -141,7 +141,11 @@ class LlamaClient:
         return orjson.loads(response.content)
 
     async def props(self) -> Props:
-        return Props.from_json(await self._get_json("/props"))
+        """``/props``; the stream pool learns from it how many requests may start at once."""
+        props = Props.from_json(await self._get_json("/props"))
+        if self._streams is not None:
+            self._streams.slots = props.total_slots
+        return props
 
     async def slots(self) -> list[dict[str, Any]]:
         data = await self._get_json("/slots")

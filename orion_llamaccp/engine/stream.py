@@ -197,9 +197,14 @@ class StreamPool:
     """Keep-alive connections for streamed chats; a used one goes back when its response ended.
 
     llama-server (cpp-httplib) closes the connection after every streamed response, so
-    reuse alone would make each request connect first. The pool therefore keeps ``spares``
+    reuse alone would make each request connect first. The pool therefore keeps
     connections opened ahead of need: a response that ends starts opening the next in the
-    background (and a request that found none connects itself).
+    background (and a request that found none connects itself). It keeps one spare per
+    slot not streaming (``slots``, set from llama-server's ``/props``), and at least one:
+    requests that arrive together each find a connection open (with one spare, the second
+    of two connected first and reached llama-server after its first prompt batch had
+    started), while the connections open stay within slots + 1, since each one holds one
+    of llama-server's HTTP threads (slots + 2 of them by default).
     An unused spare is closed by llama-server after its keep-alive timeout (5 s) and not
     replaced until the next request, so an idle worker holds no connection for long.
     """
@@ -214,15 +219,16 @@ class StreamPool:
         connect_timeout: float,
         read_timeout: float,
         max_idle: int = 64,
-        spares: int = 1,
+        slots: int = 1,
     ) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
-        self.spares = spares
+        self.slots = slots
         self.idle: list[StreamConnection] = []
+        self._out: list[StreamConnection] = []  # handed to requests: streaming, or about to
         self.connects = 0
         self.connects_waited = 0  # ... of which a request had to wait for
         self.server_closes = False  # learnt: the server ends a connection after a response
@@ -257,6 +263,7 @@ class StreamPool:
         conn = self._take_idle()
         if conn is not None:
             conn.start(self._request(payload), self.read_timeout)
+            self._out.append(conn)
         return conn
 
     def _request(self, payload: bytes) -> bytes:
@@ -272,6 +279,7 @@ class StreamPool:
                 self.connects_waited += 1
                 conn = await self._connect()
                 conn.start(self._request(payload), self.read_timeout)
+                self._out.append(conn)
             try:
                 await conn.head()
             except asyncio.CancelledError:
@@ -297,6 +305,12 @@ class StreamPool:
                 ) from exc
             self.finish(conn)
             raise_for_response(conn.decoder.status, body)
+
+    @property
+    def spares(self) -> int:
+        """How many connections to keep open unused: one per slot not streaming, at least one."""
+        self._out = [conn for conn in self._out if conn.active and not conn.closed]
+        return max(1, self.slots - len(self._out))
 
     def _refill(self) -> None:
         """Open connections in the background until ``spares`` wait unused."""
@@ -333,6 +347,7 @@ class StreamPool:
         the connect (the worker's and llama-server's CPU) would compete with llama-server
         reading this request's prompt, which delays its first token on a small machine.
         """
+        self._out = [out for out in self._out if out is not conn]
         self._refill()
         if conn.decoder.complete and not conn.closed:
             self._release(conn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -200,3 +201,37 @@ async def test_requests_find_a_connection_opened_ahead(ready_engine: Supervisor)
     assert pool.connects_waited <= 1
     assert pool.connects >= 5  # llama-server did close every streamed connection
     assert pool.server_closes  # ... and the pool learnt not to put them back
+
+
+async def test_requests_that_arrive_together_each_find_a_connection_open(
+    ready_engine: Supervisor,
+) -> None:
+    """One spare per slot not streaming: two requests written in the same step (what a
+    worker does with two messages that arrived together) both go out at once, neither
+    waits for a connect; and the connections open never exceed slots + 1, since each
+    holds one of llama-server's HTTP threads."""
+    client = ready_engine.client
+    pool = client._streams
+    assert pool is not None and pool.slots == 2  # learnt from /props
+    body = {"messages": HELLO, "max_tokens": 4, "seed": 1, "temperature": 0}
+    async with client.chat_stream(body) as stream:  # spares are opened as a response ends
+        _ = [e async for e in stream]
+    for _ in range(3):
+        await wait_until_async(
+            lambda: pool._opening == 0 and sum(not c.closed for c in pool.idle) == 2,
+            timeout=5,
+            what="two spare connections open",
+        )
+        waited = pool.connects_waited
+        sent = [client.send(body), client.send(body)]
+        assert all(s is not None for s in sent)
+        assert pool.spares == 1 and pool._opening == 0  # none opened while they stream
+
+        async def read(s: object) -> str:
+            async with client.chat_stream(body, s) as stream:  # type: ignore[arg-type]
+                return "".join([e.content async for e in stream])
+
+        first, second = await asyncio.gather(*(read(s) for s in sent))
+        assert first == second
+        assert pool.connects_waited == waited
+        assert sum(not c.closed for c in pool.idle) + pool._opening <= pool.slots + 1
