@@ -190,15 +190,20 @@ class StreamEntry:
     fields: dict[bytes, bytes]
     deliveries: int
     reclaimed: bool = False
+    prepared: Any = None  # what ``prepare`` made of it, for its handler
 
 
 EntryHandler = Callable[[StreamEntry], Awaitable[None]]
+EntryPreparer = Callable[[StreamEntry], None]
 
 
 class StreamConsumer:
     """A consumer-group reader that takes only as many entries as it has slots for.
 
     ``handler`` is called with a slot already held for the entry; it must release it.
+    ``prepare``, if given, is called on every entry of a read, in order and in one step,
+    before any of their handlers runs (the worker writes their requests to llama-server
+    there, so that entries read together reach it together).
     """
 
     def __init__(
@@ -214,6 +219,7 @@ class StreamConsumer:
         claim_idle_ms: int,
         block_ms: int = 1000,
         lane: Lane | None = None,
+        prepare: EntryPreparer | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -224,6 +230,7 @@ class StreamConsumer:
         self.ready = ready
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
+        self.prepare = prepare
         # The read that wakes on a new entry stands before its first token.
         self.lane = lane or Lane(redis)
         self.in_flight: set[str] = set()
@@ -261,6 +268,8 @@ class StreamConsumer:
         a pub/sub request arriving meanwhile must not wait for our XREADGROUP to time out.
         """
         await self.ready()
+        if self.slots.free > 0:  # the usual case: no tasks, no turn of the loop
+            return 0 if stop.is_set() else self.slots.free
         waiter = asyncio.create_task(self.slots.wait_free())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -271,6 +280,11 @@ class StreamConsumer:
     async def _dispatch_all(self, entries: list[StreamEntry]) -> None:
         for entry in entries:
             await self.slots.acquire()
+            if self.prepare is not None:
+                try:
+                    self.prepare(entry)
+                except Exception:  # its handler meets the same problem, and answers it
+                    log.exception("preparing stream entry %s failed", entry.entry_id)
             self._spawn(entry)
 
     async def _loop(self, stop: asyncio.Event) -> None:
@@ -285,9 +299,10 @@ class StreamConsumer:
                 entries = await self._autoclaim(free)
             if not entries:
                 entries = await self._read_new(free)
+            # No yield before the next read: ``prepare`` wrote these entries' requests, and
+            # an entry added just after them (a second caller's) must not wait for their
+            # handlers' first steps before it is read (1.4 ms at two in flight).
             await self._dispatch_all(entries)
-            if entries:  # their handlers write their requests before our next XREADGROUP
-                await asyncio.sleep(0)
 
     async def _read_new(self, count: int) -> list[StreamEntry]:
         block = min(self.block_ms, max(int(self.claim_idle_ms / 4), 100))

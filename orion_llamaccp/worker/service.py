@@ -33,7 +33,7 @@ from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import WorkerView
 from orion_llamaccp.worker.handler import ChatHandler
 from orion_llamaccp.worker.inflight import InFlight
-from orion_llamaccp.worker.jobs import Failure, Job, decode_job, entry_bytes, entry_job
+from orion_llamaccp.worker.jobs import Ahead, Failure, Job, decode_job, entry_bytes, entry_job
 from orion_llamaccp.worker.metrics import Metrics
 from orion_llamaccp.worker.startup import Intake, transports
 from orion_llamaccp.worker.stats import Stats
@@ -77,6 +77,7 @@ class Worker:
         self.slots = Slots(self.profile.llamacpp.parallel or 1)
         self.local: asyncio.Queue[Job] = asyncio.Queue()
         self.waiting = 0  # accepted pub/sub jobs that do not hold a slot yet
+        self.aheads_queued = 0  # messages in the inbox whose requests are written already
         self.alone = False  # the only subscriber of the intake channel, last we counted
         self.held: Job | None = None
         self.stopping = False
@@ -98,6 +99,7 @@ class Worker:
             stage_ack=self._stage_ack,
             dead_letter=self._dead_letter,
         )
+        self.intake.prepare = self._write_ahead
         self.consumer = (
             StreamConsumer(
                 redis,
@@ -111,6 +113,7 @@ class Worker:
                 # A blocking read must end well before the socket timeout would cut it.
                 block_ms=int(min(1000, settings.redis_socket_timeout_sec * 500)),
                 lane=self.lane,
+                prepare=self._prepare_entry,
             )
             if "stream" in transports(settings)
             else None
@@ -256,10 +259,10 @@ class Worker:
         self.stopping = True
         self.supervisor.begin_drain()
         while not self.inbox.empty():  # received before we unsubscribed: answer them
-            channel, data = self.inbox.get_nowait()
+            channel, data, ahead = self.inbox.get_nowait()
             if channel == self.channels.intake:
                 with contextlib.suppress(Exception):
-                    await self._accept_pubsub(data)
+                    await self._accept_pubsub(data, ahead)  # stopping: its early request dropped
         unstarted = [self.local.get_nowait() for _ in range(self.local.qsize())]
         if self.held is not None:
             unstarted.append(self.held)
@@ -314,16 +317,36 @@ class Worker:
 
     async def _pubsub_intake(self) -> None:
         while True:
-            channel, data = await self.inbox.get()
+            channel, data, ahead = await self.inbox.get()
+            if ahead is not None:
+                self.aheads_queued -= 1
             try:
                 if channel == self.settings.cancel_channel:
                     self._on_cancel(data)
                 elif channel == self.settings.discover_channel:
                     self.inflight.spawn(self._on_discover(data))
                 else:
-                    await self._accept_pubsub(data)
+                    await self._accept_pubsub(data, ahead)
             except Exception:
                 log.exception("pub/sub message on %s could not be handled", channel)
+
+    def _write_ahead(self, channel: str, data: bytes) -> Ahead | None:
+        """A request's message, as the listener reads it (``Intake.prepare``): written to
+        llama-server now if it will start before its claim, as far as slots are free.
+
+        Written as the intake task took each message, the second of two requests published
+        together reached llama-server 0.1-0.3 ms after the first (the first's validation and
+        claim in between), after its first prompt batch had started: one decode step later.
+        """
+        if channel != self.channels.intake or self.aheads_queued >= self.slots.free:
+            return None
+        ahead = self.handler.generator.ahead(data) if self._early(data) else None
+        if ahead is not None:
+            self.aheads_queued += 1
+        return ahead
+
+    def _early(self, data: bytes) -> bool:
+        return self._start_before_claim() and len(data) <= self.settings.max_message_bytes
 
     async def _count_replicas(self) -> None:
         self.alone = await self.claims.subscribers(self.channels.intake) == 1
@@ -340,9 +363,10 @@ class Worker:
             and self.supervisor.state is EngineState.READY
         )
 
-    async def _accept_pubsub(self, data: bytes) -> None:
-        early = self._start_before_claim() and len(data) <= self.settings.max_message_bytes
-        ahead = self.handler.generator.ahead(data) if early else None
+    async def _accept_pubsub(self, data: bytes, ahead: Ahead | None = None) -> None:
+        """``ahead``: its request, already written (``_write_ahead``); dropped unless the
+        message starts before its claim after all."""
+        early = self._early(data)
         job = decode_job(data, "pubsub", self.settings.max_message_bytes)
         job.ahead = ahead
         self.view.received += 1
@@ -422,14 +446,22 @@ class Worker:
 
     # ------------------------------------------------------------------ stream intake
 
+    def _prepare_entry(self, entry: StreamEntry) -> None:
+        """A first delivery's request, written to llama-server before any entry of the same
+        read is validated (``StreamConsumer.prepare``; as ``_write_ahead`` for pub/sub)."""
+        raw = entry_bytes(entry)
+        fresh = entry.deliveries == 1 and not entry.reclaimed
+        ahead = self.handler.generator.ahead(raw) if raw is not None and fresh else None
+        entry.prepared = (raw, ahead)
+
     async def _on_entry(self, entry: StreamEntry) -> None:
         """Called with a slot held for the entry, given back when its job ends (acked or
         left pending): a worker never holds more entries than slots, the backlog waits in
         Redis."""
         try:
-            raw = entry_bytes(entry)
-            fresh = entry.deliveries == 1 and not entry.reclaimed
-            ahead = self.handler.generator.ahead(raw) if raw is not None and fresh else None
+            if entry.prepared is None:
+                self._prepare_entry(entry)
+            raw, ahead = entry.prepared
             job = entry_job(entry, raw, self.settings.max_message_bytes)
             job.ahead = ahead
             self.view.received += 1

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus.intake import PubSubListener
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import Channels, channels_for
+
+log = logging.getLogger(__name__)
 
 
 def connect(settings: Settings) -> aioredis.Redis:
@@ -40,10 +45,16 @@ class Intake:
     """The worker's pub/sub listener and the inbox it fills, startable before the worker.
 
     Messages wait in ``inbox`` until the worker reads them; ``stop`` ends the listening.
+    ``prepare``, once the worker sets it, runs on each message as it is read, in the
+    listener's own step, and what it returns waits in the inbox beside the message (the
+    worker writes the request to llama-server there: a hop through the inbox and a step of
+    the worker's intake task sooner, and the second of two messages read one after the
+    other is no longer written after the first one's validation).
     """
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, channels: Channels) -> None:
-        self.inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.inbox: asyncio.Queue[tuple[str, bytes, Any]] = asyncio.Queue()
+        self.prepare: Callable[[str, bytes], Any] | None = None
         self.stop = asyncio.Event()
         names = (
             channels.intake if "pubsub" in transports(settings) else None,
@@ -60,7 +71,13 @@ class Intake:
         self._task: asyncio.Task[None] | None = None
 
     def _received(self, channel: str, data: bytes) -> None:
-        self.inbox.put_nowait((channel, data))
+        prepared = None
+        if self.prepare is not None:
+            try:
+                prepared = self.prepare(channel, data)
+            except Exception:  # the message itself must still reach the worker
+                log.exception("preparing a message on %s failed", channel)
+        self.inbox.put_nowait((channel, data, prepared))
 
     async def listening(self, timeout: float) -> bool:
         """Subscribed yet? Waits up to ``timeout``; the listener goes on trying after it."""
