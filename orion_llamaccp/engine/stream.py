@@ -199,8 +199,9 @@ class StreamPool:
     llama-server (cpp-httplib) closes the connection after every streamed response, so
     reuse alone would make each request connect first. The pool therefore keeps
     connections opened ahead of need: a response that ends starts opening the next in the
-    background (and a request that found none connects itself). It keeps one spare per
-    slot not streaming (``slots``, set from llama-server's ``/props``), and at least one:
+    background (and a request that found none connects itself). Once it has seen the
+    server close them, it keeps one spare per slot not streaming (``slots``, set from
+    llama-server's ``/props``), and at least one:
     requests that arrive together each find a connection open (with one spare, the second
     of two connected first and reached llama-server after its first prompt batch had
     started), while the connections open stay within slots + 1, since each one holds one
@@ -233,6 +234,7 @@ class StreamPool:
         self.connects_waited = 0  # ... of which a request had to wait for
         self.server_closes = False  # learnt: the server ends a connection after a response
         self._opening = 0
+        self._closed = False
         self._refills: set[asyncio.Task[None]] = set()
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self._head = (
@@ -308,12 +310,15 @@ class StreamPool:
 
     @property
     def spares(self) -> int:
-        """How many connections to keep open unused: one per slot not streaming, at least one."""
-        self._out = [conn for conn in self._out if conn.active and not conn.closed]
-        return max(1, self.slots - len(self._out))
+        """How many connections to keep open unused: one per slot not streaming (at least
+        one) once the server is known to close them after a response; else one, since a
+        connection that ended its response comes back for the next request."""
+        return max(1, self.slots - len(self._out)) if self.server_closes else 1
 
     def _refill(self) -> None:
         """Open connections in the background until ``spares`` wait unused."""
+        if self._closed:
+            return
         self.idle = [conn for conn in self.idle if not conn.closed]
         for _ in range(self.spares - len(self.idle) - self._opening):
             self._opening += 1
@@ -347,7 +352,7 @@ class StreamPool:
         the connect (the worker's and llama-server's CPU) would compete with llama-server
         reading this request's prompt, which delays its first token on a small machine.
         """
-        self._out = [out for out in self._out if out is not conn]
+        self._out = [out for out in self._out if out is not conn and out.active and not out.closed]
         self._refill()
         if conn.decoder.complete and not conn.closed:
             self._release(conn)
@@ -373,10 +378,14 @@ class StreamPool:
 
     def _learn_server_closes(self) -> None:
         """A used connection was closed by the server while idle: llama-server does that
-        after every streamed response, so reusing one would only cost a failed write."""
-        self.server_closes = True
+        after every streamed response, so reusing one would only cost a failed write, and
+        the spares to keep open are one per slot from now on."""
+        if not self.server_closes:
+            self.server_closes = True
+            self._refill()
 
     def close(self) -> None:
+        self._closed = True
         for task in self._refills:
             task.cancel()
         for conn in self.idle:
