@@ -2,9 +2,9 @@
 
     python -m bench.echo redis HOST PORT IN OUT   # SUBSCRIBE IN, PUBLISH each message to OUT
     python -m bench.echo tcp PORT                 # echo bytes back on the same connection
-    python -m bench.echo llama HOST PORT IN OUT LLAMA_PORT
-        # SUBSCRIBE IN; each message is a chat body: POST it to llama-server, PUBLISH the
-        # read that holds the first token to OUT
+    python -m bench.echo llama HOST PORT IN OUT LLAMA_PORT [SLOTS]
+        # SUBSCRIBE IN; each message is an 8-byte tag and a chat body: POST it to
+        # llama-server, PUBLISH the tag and the read that holds the first token to OUT
 
 Raw asyncio protocols on uvloop with hiredis parsing: no validation, no claims, no task per
 message. ``bench/floor.py`` times a message through it, through Redis and back, against
@@ -55,12 +55,16 @@ class Echo(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[attr-defined]
 
 
+TAG = 8  # bytes before a llama message's body: echoed before each reply, to tell requests apart
+
+
 class Upstream(asyncio.Protocol):
     """One streamed response from llama-server; the read with the first token goes out."""
 
     def __init__(self, relay: LlamaRelay) -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
+        self.tag = b""
         self.sent = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -69,60 +73,75 @@ class Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.sent and b'"content":"' in data:
             self.sent = True
-            self.relay.publish.write(command(b"PUBLISH", self.relay.out, data))
+            self.relay.publish.write(command(b"PUBLISH", self.relay.out, self.tag + data))
         if b"data: [DONE]" in data:
-            self.relay.publish.write(command(b"PUBLISH", self.relay.out, b"done"))
+            self.relay.publish.write(command(b"PUBLISH", self.relay.out, self.tag + b"done"))
         if data == b"0\r\n\r\n" or data.endswith(b"\r\n0\r\n\r\n"):  # the body's last chunk
             self.transport.close()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.relay.spare is self or self.relay.spare is None:
-            self.relay.open_spare()
+        if self in self.relay.spares:
+            self.relay.spares.remove(self)
+        self.relay.refill()
 
 
 class LlamaRelay(Relay):
-    """The leanest bus worker in front of llama-server: no decoding, no claims, a
-    connection opened ahead (llama-server closes each one after a streamed response)."""
+    """The leanest bus worker in front of llama-server: no decoding, no claims, one
+    connection opened ahead per slot (llama-server closes each one after a streamed
+    response). A message is a tag of ``TAG`` bytes, then the chat body."""
 
-    def __init__(self, publish: asyncio.Transport, out: bytes, llama_port: int) -> None:
+    def __init__(self, publish: asyncio.Transport, out: bytes, llama_port: int, slots: int) -> None:
         super().__init__(publish, out)
         self.llama_port = llama_port
-        self.spare: Upstream | None = None
+        self.slots = slots
+        self.spares: list[Upstream] = []
+        self.opening = 0
         self.head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 
-    def open_spare(self) -> None:
-        asyncio.get_running_loop().create_task(self._connect())
+    def refill(self) -> None:
+        for _ in range(self.slots - len(self.spares) - self.opening):
+            self.opening += 1
+            asyncio.get_running_loop().create_task(self._open_spare())
+
+    async def _open_spare(self) -> None:
+        try:
+            self.spares.append(await self._connect())
+        finally:
+            self.opening -= 1
 
     async def _connect(self) -> Upstream:
         loop = asyncio.get_running_loop()
-        _, self.spare = await loop.create_connection(
+        _, upstream = await loop.create_connection(
             lambda: Upstream(self), "127.0.0.1", self.llama_port
         )
-        return self.spare
+        return upstream
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             if isinstance(reply, list) and reply[0] == b"message":
-                body = reply[2]
+                tag, body = reply[2][:TAG], reply[2][TAG:]
                 request = self.head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-                upstream, self.spare = self.spare, None
+                upstream = self.spares.pop() if self.spares else None
                 if upstream is not None and not upstream.transport.is_closing():  # type: ignore[union-attr]
-                    upstream.transport.write(request)
+                    upstream.tag = tag
+                    upstream.transport.write(request)  # type: ignore[union-attr]
                 else:  # no connection ready: open one first
-                    asyncio.get_running_loop().create_task(self._send_fresh(request))
+                    asyncio.get_running_loop().create_task(self._send_fresh(tag, request))
 
-    async def _send_fresh(self, request: bytes) -> None:
+    async def _send_fresh(self, tag: bytes, request: bytes) -> None:
         upstream = await self._connect()
-        self.spare = None
+        upstream.tag = tag
         upstream.transport.write(request)  # type: ignore[union-attr]
 
 
-async def llama_relay(host: str, port: int, inbound: str, outbound: str, llama: int) -> None:
+async def llama_relay(
+    host: str, port: int, inbound: str, outbound: str, llama: int, slots: int
+) -> None:
     loop = asyncio.get_running_loop()
     publish, _ = await loop.create_connection(Drain, host, port)
-    relay = LlamaRelay(publish, outbound.encode(), llama)
-    await relay._connect()
+    relay = LlamaRelay(publish, outbound.encode(), llama, slots)
+    relay.refill()
     subscribe, _ = await loop.create_connection(lambda: relay, host, port)
     subscribe.write(command(b"SUBSCRIBE", inbound.encode()))
     await asyncio.Event().wait()
@@ -145,7 +164,8 @@ async def tcp_echo(port: int) -> None:
 
 def main(argv: list[str]) -> None:
     if argv[0] == "llama":
-        uvloop.run(llama_relay(argv[1], int(argv[2]), argv[3], argv[4], int(argv[5])))
+        slots = int(argv[6]) if len(argv) > 6 else 1
+        uvloop.run(llama_relay(argv[1], int(argv[2]), argv[3], argv[4], int(argv[5]), slots))
     elif argv[0] == "redis":
         uvloop.run(redis_relay(argv[1], int(argv[2]), argv[3], argv[4]))
     else:

@@ -21,7 +21,7 @@ import hiredis
 import orjson
 
 from bench.callers import DirectLane
-from bench.echo import command
+from bench.echo import TAG, command
 from bench.harness import REPO, Workspace
 from bench.report import summary
 from tests.support.procs import free_port
@@ -101,11 +101,13 @@ async def measure(ws: Workspace, samples: int = 400) -> dict[str, Any]:
 
 
 class _Through(_Replies):
-    """The lean relay's two messages per request: the first token's read, then ``done``."""
+    """The lean relay's two messages per request, each behind its tag: the first token's
+    read, then ``done``."""
 
     def __init__(self) -> None:
         super().__init__(True)
-        self.first: asyncio.Future[float] | None = None
+        self.first: dict[bytes, asyncio.Future[float]] = {}
+        self.done: dict[bytes, asyncio.Future[None]] = {}
 
     def data_received(self, data: bytes) -> None:
         assert self.reader is not None
@@ -113,69 +115,95 @@ class _Through(_Replies):
         while (reply := self.reader.gets()) is not False:
             if not (isinstance(reply, list) and reply[0] == b"message"):
                 continue
-            if reply[2] == b"done":
-                if self.waiting is not None and not self.waiting.done():
-                    self.waiting.set_result(None)
-            elif self.first is not None and not self.first.done():
-                self.first.set_result(time.perf_counter())
+            tag, rest = reply[2][:TAG], reply[2][TAG:]
+            waiting = self.done if rest == b"done" else self.first
+            future = waiting.get(tag)
+            if future is not None and not future.done():
+                future.set_result(time.perf_counter() if waiting is self.first else None)
 
 
 async def measure_llama(
-    ws: Workspace, llama_port: int, bodies: list[dict[str, Any]], samples: int = 120
+    ws: Workspace,
+    llama_port: int,
+    bodies: list[dict[str, Any]],
+    samples: int = 120,
+    width: int = 1,
 ) -> dict[str, Any]:
     """Time to first token through the leanest relay (``bench.echo llama``) and Redis,
-    against the same llama-server called directly, alternating, one request in flight."""
+    against the same llama-server called directly, alternating, ``width`` requests in
+    flight (sent in the same instant both ways; ranked by time to first token within a
+    round and paired by rank, as in the relay benchmark)."""
 
     host, port = "127.0.0.1", ws.redis_server.port
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = ("llama", host, str(port), "floor:llama:in", "floor:llama:out", str(llama_port))
-    relay = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.echo", *args, env=env)
+    relay = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.echo", *args, str(width), env=env
+    )
     loop = asyncio.get_running_loop()
-    lane = DirectLane("127.0.0.1", llama_port)
+    lanes = [DirectLane("127.0.0.1", llama_port) for _ in range(width)]
+    sent = 0
     try:
         publish, _ = await loop.create_connection(lambda: _Replies(False), host, port)
         through = _Through()
         listen, _ = await loop.create_connection(lambda: through, host, port)
         listen.write(command(b"SUBSCRIBE", b"floor:llama:out"))
 
-        async def via_relay(body: dict[str, Any]) -> float:
-            through.first = loop.create_future()
-            through.waiting = loop.create_future()
-            payload = orjson.dumps({**body, "stream": True})
+        async def via_relay(round_bodies: list[dict[str, Any]]) -> list[float]:
+            nonlocal sent
+            tags = []
+            for _ in round_bodies:
+                sent += 1
+                tag = b"%08d" % (sent % 10**8)
+                tags.append(tag)
+                through.first[tag] = loop.create_future()
+                through.done[tag] = loop.create_future()
             started = time.perf_counter()
-            publish.write(command(b"PUBLISH", b"floor:llama:in", payload))
-            first = await asyncio.wait_for(through.first, 30)
-            await asyncio.wait_for(through.waiting, 30)
-            return (first - started) * 1000
+            for tag, body in zip(tags, round_bodies, strict=True):
+                payload = tag + orjson.dumps({**body, "stream": True})
+                publish.write(command(b"PUBLISH", b"floor:llama:in", payload))
+            try:
+                firsts = [await asyncio.wait_for(through.first[t], 30) for t in tags]
+                for tag in tags:
+                    await asyncio.wait_for(through.done[tag], 30)
+            finally:
+                for tag in tags:
+                    through.first.pop(tag, None)
+                    through.done.pop(tag, None)
+            return sorted((first - started) * 1000 for first in firsts)
+
+        async def direct(round_bodies: list[dict[str, Any]]) -> list[float]:
+            outcomes = await asyncio.gather(
+                *(lane.chat(body) for lane, body in zip(lanes, round_bodies, strict=True))
+            )
+            return sorted((o.ttft or 0.0) * 1000 for o in outcomes)
 
         for _ in range(100):  # the relay is subscribed
             try:
-                await asyncio.wait_for(via_relay(bodies[0]), 1.0)
+                await asyncio.wait_for(via_relay(bodies[:1]), 1.0)
                 break
             except TimeoutError:
                 await asyncio.sleep(0.05)
         relay_ms, direct_ms, control_ms = [], [], []
         for i in range(samples + 4):
-            body = bodies[i % len(bodies)]
+            round_bodies = [bodies[(i * width + j) % len(bodies)] for j in range(width)]
             order = (0, 1, 2) if i % 2 else (2, 1, 0)
-            got: dict[int, float] = {}
+            got: dict[int, list[float]] = {}
             for which in order:
-                if which == 1:
-                    got[1] = await via_relay(body)
-                else:
-                    outcome = await lane.chat(body)
-                    got[which] = (outcome.ttft or 0.0) * 1000
+                got[which] = await (via_relay if which == 1 else direct)(round_bodies)
             if i >= 4:  # warm-up
-                direct_ms.append(got[0])
-                relay_ms.append(got[1])
-                control_ms.append(got[2])
-        lane.close()
+                direct_ms += got[0]
+                relay_ms += got[1]
+                control_ms += got[2]
+        for lane in lanes:
+            lane.close()
         for transport in (publish, listen):
             transport.close()
     finally:
         relay.kill()
         await relay.wait()
     return {
+        "concurrency": width,
         "direct_ttft_ms": summary(direct_ms),
         "lean_relay_ttft_ms": summary(relay_ms),
         "lean_relay_overhead_ms": summary(b - a for a, b in zip(direct_ms, relay_ms, strict=True)),

@@ -289,9 +289,9 @@ async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
                 lane.close()
             results[f"c{concurrency}"] = {"concurrency": concurrency, **_analyse(samples)}
         await bus.close()
-        if run.floor:
-            results["floor"] = await floor.measure_llama(
-                ws, worker.llama_port, _floor_bodies(), samples=run.rounds
+        for width in run.concurrency if run.floor else ():
+            results["floor" if width == 1 else f"floor_c{width}"] = await floor.measure_llama(
+                ws, worker.llama_port, _floor_bodies(), samples=run.rounds, width=width
             )
     finally:
         _set_affinity(os.getpid(), ours)
@@ -409,30 +409,17 @@ def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
 def _floor_table(runs: list[ModelRun], results: dict[str, Any]) -> str:
     rows = []
     for model_run in runs:
-        found = results[model_run.name].get("floor")
-        if not found:
-            continue
-        lean, aa = found["lean_relay_overhead_ms"], found["control_overhead_ms"]
-        rows.append(
-            (
-                model_run.name,
-                lean.get("n"),
-                found["direct_ttft_ms"].get("p50"),
-                found["lean_relay_ttft_ms"].get("p50"),
-                lean.get("p50"),
-                lean.get("p90"),
-                lean.get("p99"),
-                aa.get("p50"),
-                aa.get("p99"),
-            )
-        )
+        for key, found in results[model_run.name].items():
+            if key.startswith("floor"):
+                rows.append(_floor_row(model_run.name, found))
     if not rows:
         return ""
     return "\n" + table(
         "1b. The floor: the leanest relay possible (bench/echo.py llama: raw sockets, no "
-        "decoding, no claims) through Redis to the same llama-server, 1 in flight",
+        "decoding, no claims) through Redis to the same llama-server",
         [
             "model",
+            "conc",
             "n",
             "TTFT direct ms",
             "TTFT lean relay ms",
@@ -443,6 +430,22 @@ def _floor_table(runs: list[ModelRun], results: dict[str, Any]) -> str:
             "A/A p99 ms",
         ],
         rows,
+    )
+
+
+def _floor_row(name: str, found: dict[str, Any]) -> tuple[Any, ...]:
+    lean, aa = found["lean_relay_overhead_ms"], found["control_overhead_ms"]
+    return (
+        name,
+        found.get("concurrency", 1),
+        lean.get("n"),
+        found["direct_ttft_ms"].get("p50"),
+        found["lean_relay_ttft_ms"].get("p50"),
+        lean.get("p50"),
+        lean.get("p90"),
+        lean.get("p99"),
+        aa.get("p50"),
+        aa.get("p99"),
     )
 
 
