@@ -9,6 +9,7 @@ they run, wait in the local queue, or hold a stream entry.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Coroutine
@@ -47,12 +48,19 @@ class InFlight:
                 del self.jobs[job.correlation_id or ""]
 
     def cancel(self, correlation_id: str) -> None:
-        """A caller's ``llm.chat.cancel``: stop every job of that correlation id."""
+        """A caller's ``llm.chat.cancel``: stop every job of that correlation id.
+
+        A job whose task has not run yet (its request and the cancel came in one read) is
+        only marked: cancelled before its first step, the task would never run its own
+        code, so it would neither answer nor give back its slot. Marked, it answers
+        ``cancelled`` as it starts, as a job still in the queue does.
+        """
         for job in list(self.jobs.get(correlation_id, ())):
             job.user_cancelled = True
-            if job.task is not None:
+            task = job.task
+            if task is not None and not _not_started(task):
                 log.info("cancelling request %s (correlation %s)", job.request_id, correlation_id)
-                job.task.cancel()
+                task.cancel()
 
     def pending(self) -> list[asyncio.Task[None]]:
         return [task for task in self.tasks if not task.done()]
@@ -61,3 +69,8 @@ class InFlight:
         self.tasks.discard(task)
         if job is not None:
             self.forget(job)
+
+
+def _not_started(task: asyncio.Task[Any]) -> bool:
+    coro = task.get_coro()
+    return inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import redis.asyncio as aioredis
 
+from orion_llamaccp.bus.envelope import CHAT_CANCEL
 from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
@@ -301,3 +302,42 @@ async def test_a_request_written_before_validation_is_cut_off_when_invalid(
 
 async def _idle(slot: Callable[[], Awaitable[dict]]) -> bool:
     return not (await slot()).get("is_processing")
+
+
+async def test_a_cancel_read_with_its_request_gets_one_answer_and_frees_the_slot(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
+) -> None:
+    """A request and its ``llm.chat.cancel`` in one write reach the worker in one read: the
+    request's task is spawned and cancelled before it ever ran. It must still answer
+    ``cancelled`` once, give its slot back and stop llama-server (its request was written
+    as the message was read)."""
+    import httpx
+
+    worker = spawn_worker(slow=True, parallel=1)
+    assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2})).ok  # warm
+    envelope = bus.request(
+        HI, profile="tiny", options={"max_tokens": 4000, "ignore_eos": True, "stream": True}
+    )
+    cancel = bus.outbox.encode(
+        CHAT_CANCEL,
+        {"correlation_id": envelope["correlation_id"]},
+        correlation_id=envelope["correlation_id"],
+    )
+    client = aioredis.Redis.from_url(redis_url)
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.publish(INTAKE, orjson.dumps(envelope))
+        pipe.publish("orion:llamacpp:cancel", cancel)
+        await pipe.execute()
+    await client.aclose()
+    answer = await _answer_on(recorder, envelope["reply_to"])
+    assert answer["payload"]["error"] == "cancelled", answer
+    assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=30)).ok
+    await asyncio.sleep(0.5)
+    assert len(recorder.on(envelope["reply_to"])) == 1
+    url = worker.announcement()["engine_url"]
+    async with httpx.AsyncClient(base_url=url) as http:
+
+        async def slot() -> dict:
+            return (await http.get("/slots")).json()[0]
+
+        await wait_until_async(lambda: _idle(slot), timeout=5, what="llama-server slot idle")
