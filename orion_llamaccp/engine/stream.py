@@ -201,11 +201,11 @@ class StreamPool:
     connections opened ahead of need: a response that ends starts opening the next in the
     background (and a request that found none connects itself). Once it has seen the
     server close them, it keeps one spare per slot not streaming (``slots``, set from
-    llama-server's ``/props``), and at least one:
-    requests that arrive together each find a connection open (with one spare, the second
-    of two connected first and reached llama-server after its first prompt batch had
-    started), while the connections open stay within slots + 1, since each one holds one
-    of llama-server's HTTP threads (slots + 2 of them by default).
+    llama-server's ``/props``), and at least one: requests that arrive together each find
+    a connection open (with one spare, the second of two connected first). The
+    connections open stay within slots + 1: idle ones cost llama-server a socket each
+    (measured here, six idle connections to a 2-slot llama-server did not delay a
+    request), and there is no use for more.
     An unused spare is closed by llama-server after its keep-alive timeout (5 s) and not
     replaced until the next request, so an idle worker holds no connection for long.
     """

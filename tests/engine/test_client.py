@@ -208,8 +208,7 @@ async def test_requests_that_arrive_together_each_find_a_connection_open(
 ) -> None:
     """One spare per slot not streaming: two requests written in the same step (what a
     worker does with two messages that arrived together) both go out at once, neither
-    waits for a connect; and the connections open never exceed slots + 1, since each
-    holds one of llama-server's HTTP threads."""
+    waits for a connect; and the connections open never exceed slots + 1."""
     client = ready_engine.client
     pool = client._streams
     assert pool is not None and pool.slots == 2  # learnt from /props
