@@ -334,9 +334,9 @@ class Worker:
         """A request's message, as the listener reads it (``Intake.prepare``): written to
         llama-server now if it will start before its claim, as far as slots are free.
 
-        Written as the intake task took each message, the second of two requests published
-        together reached llama-server 0.1-0.3 ms after the first (the first's validation and
-        claim in between), after its first prompt batch had started: one decode step later.
+        In the listener's step the request leaves as soon as its message is parsed, without
+        the hop through the inbox into the intake task (read to write 0.14 → 0.07 ms in
+        the two-in-flight trace, ``docs/benchmarks.md`` item 31).
         """
         if channel != self.channels.intake or self.aheads_queued >= self.slots.free:
             return None

@@ -48,8 +48,7 @@ class Intake:
     ``prepare``, once the worker sets it, runs on each message as it is read, in the
     listener's own step, and what it returns waits in the inbox beside the message (the
     worker writes the request to llama-server there: a hop through the inbox and a step of
-    the worker's intake task sooner, and the second of two messages read one after the
-    other is no longer written after the first one's validation).
+    the worker's intake task sooner).
     """
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, channels: Channels) -> None:
