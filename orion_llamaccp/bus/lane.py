@@ -6,8 +6,9 @@ token. redis-py's client and pipeline layers (pool locks, command stacks, retry
 wrappers, reply callbacks) cost about 110 µs per round trip on the 2-vCPU machine of
 ``docs/benchmarks.md``, next to the 120 µs of the round trip itself (send to subscriber:
 pipeline 238 µs, a bare connection 128 µs). A ``Lane`` keeps connections made by redis-py,
-so connecting, auth, TLS, timeouts and reply parsing stay the library's, and talks to
-them with ``send_packed_command`` / ``read_response``.
+so connecting, auth, TLS, health checks, timeouts and reply parsing stay the library's;
+it packs with ``pack_commands``, writes to the connection's stream itself (``_send``) and
+reads with ``read_response``.
 
 Commands that callers send in the same step of the event loop share one write and one
 read (auto-pipelining, as ioredis and node-redis do): with many requests in flight, the

@@ -56,13 +56,14 @@ async def _no_busy(engine: Supervisor) -> bool:
     return not await _busy_slots(engine)
 
 
-async def _spare_open(engine: Supervisor) -> None:
+async def _spare_open(engine: Supervisor, count: int = 1) -> None:
+    """Until ``count`` spare connections (at least) are open and none is still opening."""
     pool = engine.client._streams
     assert pool is not None
     await wait_until_async(
-        lambda: pool._opening == 0 and any(not c.closed for c in pool.idle),
+        lambda: pool._opening == 0 and sum(not c.closed for c in pool.idle) >= count,
         timeout=5,
-        what="a spare connection open",
+        what=f"{count} spare connection(s) open",
     )
 
 
@@ -191,11 +192,7 @@ async def test_requests_find_a_connection_opened_ahead(ready_engine: Supervisor)
     assert pool is not None
     for n in range(5):
         if n:
-            await wait_until_async(
-                lambda: pool._opening == 0 and any(not c.closed for c in pool.idle),
-                timeout=5,
-                what="a spare connection open",
-            )
+            await _spare_open(ready_engine)
         async with client.chat_stream({"messages": HELLO, "max_tokens": 3}) as stream:
             assert [e async for e in stream]
     assert pool.connects_waited <= 1
@@ -216,11 +213,8 @@ async def test_requests_that_arrive_together_each_find_a_connection_open(
     async with client.chat_stream(body) as stream:  # spares are opened as a response ends
         _ = [e async for e in stream]
     for _ in range(3):
-        await wait_until_async(
-            lambda: pool._opening == 0 and sum(not c.closed for c in pool.idle) == 2,
-            timeout=5,
-            what="two spare connections open",
-        )
+        await _spare_open(ready_engine, count=2)
+        assert sum(not c.closed for c in pool.idle) == 2
         waited = pool.connects_waited
         sent = [client.send(body), client.send(body)]
         assert all(s is not None for s in sent)
