@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.harness import REPO, python_path
 
 
 def _git(*args: str, cwd: Path = REPO) -> str:
@@ -44,10 +44,7 @@ def prepare(base: str, root: Path) -> tuple[Path, Path]:
 
 
 def run_in(tree: Path, args: list[str]) -> str:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])),
-    }
+    env = {**os.environ, "PYTHONPATH": python_path(tree)}
     done = subprocess.run(
         [sys.executable, *args], cwd=tree, env=env, capture_output=True, text=True
     )

@@ -22,7 +22,7 @@ import orjson
 
 from bench.callers import DirectLane
 from bench.echo import TAG, command
-from bench.harness import REPO, Workspace
+from bench.harness import Workspace, python_path
 from bench.report import summary
 from tests.support.procs import free_port
 
@@ -57,7 +57,7 @@ async def _round_trip(send: asyncio.Transport, replies: _Replies, message: bytes
 async def measure(ws: Workspace, samples: int = 400) -> dict[str, Any]:
     host, port = "127.0.0.1", ws.redis_server.port
     tcp_port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": python_path()}
     echo_module = (sys.executable, "-m", "bench.echo")
     relay = await asyncio.create_subprocess_exec(
         *echo_module, "redis", host, str(port), "floor:in", "floor:out", env=env
@@ -135,7 +135,7 @@ async def measure_llama(
     round and paired by rank, as in the relay benchmark)."""
 
     host, port = "127.0.0.1", ws.redis_server.port
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": python_path()}
     args = ("llama", host, str(port), "floor:llama:in", "floor:llama:out", str(llama_port))
     relay = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.echo", *args, str(width), env=env

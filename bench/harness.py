@@ -31,6 +31,14 @@ from orion_llamaccp.settings import ENV_PREFIXES
 from tests.support.procs import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def python_path(first: Path = REPO) -> str:
+    """``first`` ahead of the inherited ``PYTHONPATH``: a bench child process imports this
+    checkout and still finds what the GPU run installs beside it (bench/gpu/run.sh)."""
+    return os.pathsep.join(p for p in (str(first), os.environ.get("PYTHONPATH")) if p)
+
+
 CACHE = Path(os.environ.get("ORION_LLAMACPP_CACHE", "~/.cache/orion-llamaccp")).expanduser()
 BUILD_DIR = Path(os.environ.get("ORION_LLAMACPP_BUILD_DIR", str(CACHE / "llama-server")))
 MODELS_DIR = Path(os.environ.get("LLM_CACHE_DIR", str(CACHE / "models"))).expanduser()
@@ -160,9 +168,7 @@ class Worker:
                 "INSTANCE_ID": self.name,
                 "ORION_LLAMACPP_COALESCE_MS": str(spec.coalesce_ms),
                 "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": os.pathsep.join(
-                    p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p
-                ),
+                "PYTHONPATH": python_path(),
                 **spec.env,
             }
         )
