@@ -30,6 +30,7 @@ from bench.harness import (
     redis_counts,
 )
 from bench.report import summary, table, target, targets_table, write_result
+from orion_llamaccp.bus.lane import Lane
 
 MESSAGES = [{"role": "user", "content": "Relay as fast as you can."}]
 
@@ -120,15 +121,23 @@ async def measure(
 
 
 async def redis_round_trip_cpu(url: str, n: int = 2000) -> dict[str, float]:
-    """Client CPU (µs) of one Redis round trip from this process: redis-py ``SET NX EX``
-    (what a claim costs the worker) and a bare asyncio socket ``ECHO`` (the system calls
-    alone), the floor under the per-request part of the worker's CPU."""
+    """Client CPU (µs) of one Redis round trip from this process: ``SET NX EX`` through
+    redis-py's client and through the worker's ``Lane`` (what a claim costs the worker),
+    and a bare asyncio socket ``ECHO`` (the system calls alone), the floor under the
+    per-request part of the worker's CPU."""
     client = aioredis.Redis.from_url(url)
     await client.ping()
     cpu0 = time.process_time()
     for i in range(n):
         await client.set(f"bench:rtt:{i}", b"1", nx=True, ex=5)
     redis_py = (time.process_time() - cpu0) / n * 1e6
+    lane = Lane(client)
+    await lane.call("PING")
+    cpu0 = time.process_time()
+    for i in range(n):
+        await lane.call("SET", f"bench:rtt:lane:{i}", b"1", "NX", "EX", 5)
+    lane_us = (time.process_time() - cpu0) / n * 1e6
+    await lane.aclose()
     await client.aclose()
     where = client.connection_pool.connection_kwargs
     reader, writer = await asyncio.open_connection(where["host"], where["port"])
@@ -139,7 +148,11 @@ async def redis_round_trip_cpu(url: str, n: int = 2000) -> dict[str, float]:
         await reader.readuntil(b"\r\n")
     raw = (time.process_time() - cpu0) / n * 1e6
     writer.close()
-    return {"redis_py_set_nx_us": round(redis_py, 1), "raw_asyncio_us": round(raw, 1)}
+    return {
+        "redis_py_set_nx_us": round(redis_py, 1),
+        "lane_set_nx_us": round(lane_us, 1),
+        "raw_asyncio_us": round(raw, 1),
+    }
 
 
 async def split(
@@ -208,6 +221,7 @@ def _split_table(cfg: CapacityConfig, costs: dict[str, Any]) -> str:
         (f"implied all-in per token at {cfg.tokens}-token answers", costs["implied_us_per_token"]),
         (f"per-request budget, 5 us/token at {cfg.tokens} tokens", costs["per_request_budget_us"]),
         ("one Redis round trip, redis-py SET NX, client CPU", costs["redis_py_set_nx_us"]),
+        ("one Redis round trip, the worker's Lane, SET NX, client CPU", costs["lane_set_nx_us"]),
         ("one Redis round trip, bare asyncio socket, client CPU", costs["raw_asyncio_us"]),
     ]
     return "\n" + table(

@@ -43,6 +43,25 @@ async def test_replies_come_back_in_order_with_errors_in_their_place(
     await lane.aclose()
 
 
+async def test_arguments_of_every_kind_reach_redis_as_redis_py_would_send_them(
+    redis: aioredis.Redis,
+) -> None:
+    """The lane packs with hiredis, the client with redis-py: both must store the same."""
+    lane = Lane(redis)
+    base = f"orion:test:lane:{os.getpid()}:kinds"
+    values: list[str | bytes | int | float] = ["ключ ü", b"\x00\xffraw", -3, 2**70, 0.1, 1e20]
+    for n, value in enumerate(values):
+        await lane.call("SET", f"{base}:{n}:ключ", value, "EX", 30)
+        await redis.set(f"{base}:{n}:client", value, ex=30)
+    for n in range(len(values)):
+        got = await lane.call("GET", f"{base}:{n}:ключ")
+        assert got == await redis.get(f"{base}:{n}:client")
+    with pytest.raises(TypeError):  # not sent at all: a caller's bug, raised before a write
+        await lane.call("SET", f"{base}:none", None)
+    assert await lane.call("GET", f"{base}:0:ключ") == "ключ ü".encode()  # still in step
+    await lane.aclose()
+
+
 async def test_concurrent_callers_each_get_their_own_replies(redis: aioredis.Redis) -> None:
     lane = Lane(redis)
     keys = [f"orion:test:lane:{os.getpid()}:{n}" for n in range(20)]
