@@ -33,6 +33,12 @@ from tests.support.procs import RedisServer, free_port
 REPO = Path(__file__).resolve().parent.parent
 
 
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (``sched_setaffinity`` on a pid moves its main thread only)."""
+    for thread in psutil.Process(pid).threads():
+        os.sched_setaffinity(thread.id, cpus)
+
+
 def python_path(first: Path = REPO) -> str:
     """``first`` ahead of the inherited ``PYTHONPATH``: a bench child process imports this
     checkout and still finds what the GPU run installs beside it (bench/gpu/run.sh)."""

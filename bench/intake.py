@@ -6,12 +6,21 @@ prompt; the bench stamps the same clock right before it sends. One request at a 
 the figure is the worker's own path (decode, claim, idempotency record, HTTP request), not
 queueing. The same requests also give the bus time to first token with an upstream that
 answers at once.
+
+``--burst N`` (a diagnostic, not part of ``make bench``) sends N requests at once, as the
+relay benchmark's caller does at N in flight, and reports when the k-th of them reached
+the upstream after the burst's first PUBLISH / XADD. llama-server takes into its next
+batch only the requests that have arrived when it starts one: the spread is what decides
+whether requests sent together start together. ``--pin`` gives the worker a CPU of its
+own, as on a many-core GPU machine, where the caller's sends trickle in while the
+worker works.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 import uuid
@@ -23,7 +32,7 @@ import httpx
 
 from bench import floor
 from bench.callers import BusCaller
-from bench.harness import PROFILE, Worker, WorkerSpec, Workspace
+from bench.harness import PROFILE, Worker, WorkerSpec, Workspace, set_affinity
 from bench.report import summary, table, target, targets_table, write_result
 from bench.trace_worker import offsets
 
@@ -106,15 +115,93 @@ def _steps(trace_file: Path, sends: dict[str, list[int]]) -> str:
     return "\n".join(blocks)
 
 
+async def burst(ws: Workspace, size: int, rounds: int, pin: bool = False) -> str:
+    """Bursts of ``size`` requests: when each reached the upstream, in order of arrival,
+    after the burst's first send (see the module's docstring)."""
+    spec = WorkerSpec(
+        model=ws.tiny_model(), binary=ws.synthetic_launcher(), parallel=size, ctx=2048 * size
+    )
+    worker = Worker(ws, spec, "intake-burst").start()
+    redis = ws.redis()
+    ours = os.sched_getaffinity(0)
+    rows = []
+    try:
+        await worker.wait_ready(redis)
+        if pin:
+            _worker_alone(worker, ws, ours)
+        bus = await BusCaller(ws.url, PROFILE).start()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{worker.llama_port}") as http:
+            for via in ("pubsub", "stream"):
+                for _ in range(10):
+                    await asyncio.gather(*(_probe(bus, via) for _ in range(size)))
+                await http.get("/bench/arrivals")  # forget the warm-up
+                bursts = []
+                for _ in range(rounds):
+                    bursts.append(await asyncio.gather(*(_probe(bus, via) for _ in range(size))))
+                    await asyncio.sleep(0.005)
+                arrivals = (await http.get("/bench/arrivals")).json()["arrivals"]
+                rows += _burst_rows(via, bursts, arrivals)
+        await bus.close()
+    finally:
+        set_affinity(os.getpid(), ours)
+        await redis.aclose()
+        worker.stop()
+    where = "the worker alone on a CPU" if pin else "no pinning"
+    return table(
+        f"Intake of bursts of {size} (ms after the burst's first PUBLISH/XADD; {rounds} "
+        f"bursts per transport, synthetic upstream, {where})",
+        ["intake", "what", "n", "p50", "p90"],
+        rows,
+    )
+
+
+def _worker_alone(worker: Worker, ws: Workspace, cpus: set[int]) -> None:
+    last = max(cpus)
+    if len(cpus) < 2 or worker.engine_pid is None:
+        raise RuntimeError("pinning needs two CPUs and the upstream's pid")
+    set_affinity(worker.pid, {last})
+    for pid in (worker.engine_pid, ws.redis_pid(), os.getpid()):
+        set_affinity(pid, cpus - {last})
+
+
+def _burst_rows(
+    via: str, bursts: list[list[tuple[str, int, Any, Any]]], arrivals: dict[str, int]
+) -> list[tuple[Any, ...]]:
+    size = len(bursts[0])
+    ranks: list[list[float]] = [[] for _ in range(size)]
+    last_send: list[float] = []
+    for probes in bursts:
+        first = min(sent for _, sent, _, _ in probes)
+        last_send.append((max(sent for _, sent, _, _ in probes) - first) / 1e6)
+        got = sorted(arrivals[m] for m, _, _, _ in probes if m in arrivals)
+        for k, arrived in enumerate(got):
+            ranks[k].append((arrived - first) / 1e6)
+    rows = [(via, "caller: last send", len(last_send), *_p50_p90(last_send))]
+    for k, found in enumerate(ranks):
+        what = f"request {k + 1} of {size} at the upstream"
+        rows.append((via, what, len(found), *_p50_p90(found)))
+    return rows
+
+
+def _p50_p90(values: list[float]) -> tuple[float, float]:
+    found = summary(values)
+    return found["p50"], found["p90"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.intake")
     parser.add_argument("--trace", action="store_true", help="split the latency into steps")
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--burst", type=int, default=0, help="N requests at once (diagnostic)")
+    parser.add_argument("--pin", action="store_true", help="with --burst: the worker alone")
     args = parser.parse_args(argv)
 
     async def go() -> None:
         ws = Workspace()
         try:
+            if args.burst:
+                print(await burst(ws, args.burst, args.requests // args.burst, args.pin))
+                return
             result = await run(ws, IntakeConfig(requests=args.requests, trace=args.trace))
             print(result["text"])
         finally:

@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench import floor
 from bench.callers import BusCaller, DirectLane, Outcome
 from bench.harness import (
@@ -53,6 +51,7 @@ from bench.harness import (
     WorkerSpec,
     Workspace,
     llama_server_binary,
+    set_affinity,
 )
 from bench.report import summary, table, target, targets_table, write_result
 
@@ -294,7 +293,7 @@ async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
                 ws, worker.llama_port, _floor_bodies(), samples=run.rounds, width=width
             )
     finally:
-        _set_affinity(os.getpid(), ours)
+        set_affinity(os.getpid(), ours)
         await redis.aclose()
         worker.stop()
     return {"model": str(model), "max_tokens": run.max_tokens, "rounds": run.rounds, **results}
@@ -305,15 +304,9 @@ def _pin(worker: Worker, ws: Workspace) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2 or worker.engine_pid is None:
         raise RuntimeError("pinning needs two CPUs and llama-server's pid")
-    _set_affinity(worker.engine_pid, {cpus[0]})
+    set_affinity(worker.engine_pid, {cpus[0]})
     for pid in (worker.pid, ws.redis_pid(), os.getpid()):
-        _set_affinity(pid, set(cpus[1:]))
-
-
-def _set_affinity(pid: int, cpus: set[int]) -> None:
-    """Every thread of ``pid`` (``sched_setaffinity`` on a pid moves its main thread only)."""
-    for thread in psutil.Process(pid).threads():
-        os.sched_setaffinity(thread.id, cpus)
+        set_affinity(pid, set(cpus[1:]))
 
 
 async def run(ws: Workspace, runs: list[ModelRun] | None = None) -> dict[str, Any]:

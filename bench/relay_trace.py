@@ -1,6 +1,6 @@
 """The relay benchmark's first-token path, step by step (a diagnostic, not a bench).
 
-    python -m bench.relay_trace [--rounds 120] [--tokens 64]
+    python -m bench.relay_trace [--rounds 120] [--tokens 64] [--concurrency N] [--pin]
 
 Runs the relay benchmark's rounds (tiny model, one request in flight, direct, pub/sub,
 stream and the A/A control in turn) against a worker started as ``bench/trace_worker.py``,
@@ -14,17 +14,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import sys
 from pathlib import Path
 
 from bench import relay
 from bench.callers import BusCaller, DirectLane
-from bench.harness import PROFILE, CpuMeter, Worker, WorkerSpec, Workspace, llama_server_binary
+from bench.harness import (
+    PROFILE,
+    CpuMeter,
+    Worker,
+    WorkerSpec,
+    Workspace,
+    llama_server_binary,
+    set_affinity,
+)
 from bench.report import summary, table
 from bench.trace_worker import offsets
 
 
-async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1) -> str:
+async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1, pin: bool = False) -> str:
     model_run = relay.ModelRun(
         "tiny", Path(), max_tokens=tokens, rounds=rounds, concurrency=(width,)
     )
@@ -37,8 +46,11 @@ async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1) -> str:
     worker = Worker(ws, spec, "relay-trace").start()
     redis = ws.redis()
     samples = relay.Samples()
+    ours = os.sched_getaffinity(0)
     try:
         await worker.wait_ready(redis)
+        if pin:
+            relay._pin(worker, ws)
         bus = await BusCaller(ws.url, PROFILE).start()
         lanes = [DirectLane("127.0.0.1", worker.llama_port) for _ in range(width)]
         await relay._rounds(lanes, bus, model_run, model_run.warmup, None)
@@ -51,6 +63,7 @@ async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1) -> str:
             lane.close()
         await bus.close()
     finally:
+        set_affinity(os.getpid(), ours)
         await redis.aclose()
         worker.stop()  # the worker writes its stamps as it exits
     analysed = relay._analyse(samples)
@@ -91,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency", type=int, default=1, help="requests per round (the n-th step: #n)"
     )
+    parser.add_argument("--pin", action="store_true", help="llama-server alone on CPU 0")
     args = parser.parse_args(argv)
 
     async def go() -> None:
         ws = Workspace()
         try:
-            print(await run(ws, args.rounds, args.tokens, args.concurrency))
+            print(await run(ws, args.rounds, args.tokens, args.concurrency, args.pin))
         finally:
             ws.close()
 
