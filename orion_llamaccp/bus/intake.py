@@ -279,13 +279,17 @@ class StreamConsumer:
 
     async def _dispatch_all(self, entries: list[StreamEntry]) -> None:
         for entry in entries:
-            await self.slots.acquire()
-            if self.prepare is not None:
-                try:
-                    self.prepare(entry)
-                except Exception:  # its handler meets the same problem, and answers it
-                    log.exception("preparing stream entry %s failed", entry.entry_id)
+            await self._take(entry)
             self._spawn(entry)
+
+    async def _take(self, entry: StreamEntry) -> None:
+        """A slot and ``prepare`` for the entry; its handler is not started yet."""
+        await self.slots.acquire()
+        if self.prepare is not None:
+            try:
+                self.prepare(entry)
+            except Exception:  # its handler meets the same problem, and answers it
+                log.exception("preparing stream entry %s failed", entry.entry_id)
 
     async def _loop(self, stop: asyncio.Event) -> None:
         next_claim = 0.0
@@ -297,16 +301,40 @@ class StreamConsumer:
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + max(self.claim_idle_ms / 4000, 0.2)
                 entries = await self._autoclaim(free)
-            if not entries:
-                entries = await self._read_new(free)
-            # No yield before the next read: ``prepare`` wrote these entries' requests
-            # already, so the next XREADGROUP goes out now, not after their handlers' steps.
-            await self._dispatch_all(entries)
+            if entries:
+                await self._dispatch_all(entries)
+            else:
+                await self._read_together(free)
 
-    async def _read_new(self, count: int) -> list[StreamEntry]:
-        block = min(self.block_ms, max(int(self.claim_idle_ms / 4), 100))
+    async def _read_together(self, free: int) -> None:
+        """New entries: a blocking read, then reads that do not block for as long as they
+        find more and slots are free. Each entry is taken (and prepared) as it is read;
+        their handlers start after the last read, or if a read fails.
+
+        Callers that send together send a little apart (about 0.05 ms per XADD from
+        redis-py). Had the first entry's handler started at once, its steps would run
+        before the next read's reply is read, and the entries behind it would reach
+        llama-server after it had begun its batch without them (``bench.intake --burst``).
+        """
+        taken: list[StreamEntry] = []
+        try:
+            got = await self._read_new(free)
+            while got:
+                for entry in got:
+                    await self._take(entry)
+                    taken.append(entry)
+                free = self.slots.free
+                if free == 0:
+                    break
+                got = await self._read_new(free, block=False)
+        finally:
+            for entry in taken:  # delivered to us, slots held, requests written: handled
+                self._spawn(entry)
+
+    async def _read_new(self, count: int, block: bool = True) -> list[StreamEntry]:
+        wait = ("BLOCK", min(self.block_ms, max(int(self.claim_idle_ms / 4), 100))) if block else ()
         reply = await self.lane.call(
-            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, "BLOCK", block,
+            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, *wait,
             "STREAMS", self.stream, ">", alone=True,
         )  # fmt: skip
         return [

@@ -5,37 +5,40 @@ and a preparation that fails loses no message."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis import Redis as SyncRedis
 
 from orion_llamaccp.bus.intake import Slots, StreamConsumer, StreamEntry
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import channels_for
 from orion_llamaccp.worker.startup import Intake
-from tests.support.procs import wait_until_async
+from tests.support.procs import RedisServer, wait_until_async
 
 STREAM = "orion:test:consumer"
 
 
-async def test_entries_read_together_are_all_prepared_before_any_handler_runs(
-    redis_url: str,
-) -> None:
-    """The worker writes each entry's request to llama-server in ``prepare``: entries that
-    one read brings must all be written before the first of them is validated, so that
-    llama-server takes them up in the same batch."""
-    redis = aioredis.Redis.from_url(redis_url)
-    events: list[str] = []
-    handled = asyncio.Event()
+def _consumer(
+    redis: aioredis.Redis,
+    events: list[str],
+    done: asyncio.Event,
+    on_prepare: Callable[[int], None] = lambda n: None,
+) -> StreamConsumer:
+    """A consumer of three slots that logs each entry's ``prepare`` and handler start."""
 
     def prepare(entry: StreamEntry) -> None:
-        events.append(f"prepare {entry.fields[b'n'].decode()}")
-        entry.prepared = entry.fields[b"n"]
+        n = int(entry.fields[b"n"])
+        events.append(f"prepare {n}")
+        entry.prepared = n
+        on_prepare(n)
 
     async def handler(entry: StreamEntry) -> None:
-        events.append(f"handle {entry.prepared.decode()}")
+        events.append(f"handle {entry.prepared}")
         await consumer.slots.release()
-        if len(events) == 6:
-            handled.set()
+        if sum(e.startswith("handle") for e in events) == 3:
+            done.set()
 
     async def ready() -> None:
         return None
@@ -52,27 +55,99 @@ async def test_entries_read_together_are_all_prepared_before_any_handler_runs(
         block_ms=100,
         prepare=prepare,
     )
+    return consumer
+
+
+async def _run_until(consumer: StreamConsumer, done: asyncio.Event) -> None:
+    stop = asyncio.Event()
+    runner = asyncio.create_task(consumer.run(stop))
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 5)
+
+
+PREPARED_FIRST = ["prepare 0", "prepare 1", "prepare 2", "handle 0", "handle 1", "handle 2"]
+
+
+async def test_entries_read_together_are_all_prepared_before_any_handler_runs(
+    redis_url: str,
+) -> None:
+    """The worker writes each entry's request to llama-server in ``prepare``: entries that
+    one read brings must all be written before the first of them is validated, so that
+    llama-server takes them up in the same batch."""
+    redis = aioredis.Redis.from_url(redis_url)
+    events: list[str] = []
+    done = asyncio.Event()
+    consumer = _consumer(redis, events, done)
     await consumer.ensure_group()
     async with redis.pipeline(transaction=False) as pipe:
         for n in range(3):
             pipe.xadd(STREAM, {"n": str(n)})
         await pipe.execute()
+    try:
+        await _run_until(consumer, done)
+    finally:
+        await redis.aclose()
+    assert events == PREPARED_FIRST
+
+
+async def test_entries_sent_just_after_the_first_are_prepared_before_its_handler_runs(
+    redis_url: str,
+) -> None:
+    """Callers that send together send a little apart: entries that arrive while the first
+    is being prepared are read (without blocking) and prepared before its handler runs,
+    where they had waited for its handler's first steps before."""
+    redis = aioredis.Redis.from_url(redis_url)
+    late = SyncRedis.from_url(redis_url)
+    events: list[str] = []
+    done = asyncio.Event()
+
+    def send_the_rest(n: int) -> None:
+        if n == 0:  # in Redis before the consumer's next read, after its first one
+            late.xadd(STREAM, {"n": "1"})
+            late.xadd(STREAM, {"n": "2"})
+
+    consumer = _consumer(redis, events, done, send_the_rest)
+    await consumer.ensure_group()
+    await redis.xadd(STREAM, {"n": "0"})
+    try:
+        await _run_until(consumer, done)
+    finally:
+        await redis.aclose()
+        late.close()
+    assert events == PREPARED_FIRST
+
+
+async def test_an_entry_read_just_before_redis_goes_away_is_still_handled(
+    tmp_path: Path,
+) -> None:
+    """Entries are taken (slot, request written) read by read and handled after the last
+    read: when a later read fails, the entries already taken must still reach their
+    handlers, not wait in the group's pending list for a reclaim."""
+    server = RedisServer(tmp_path / "redis").start()
+    redis = aioredis.Redis.from_url(server.url, socket_timeout=2.0)
+    events: list[str] = []
+    done = asyncio.Event()
+
+    def kill_redis(n: int) -> None:
+        server.kill()  # the read that follows fails
+
+    consumer = _consumer(redis, events, done, kill_redis)
+    await consumer.ensure_group()
+    await redis.xadd(STREAM, {"n": "0"})
     stop = asyncio.Event()
     runner = asyncio.create_task(consumer.run(stop))
     try:
-        await asyncio.wait_for(handled.wait(), 10)
+        await wait_until_async(lambda: "handle 0" in events, timeout=10, what="entry 0 handled")
     finally:
         stop.set()
-        await asyncio.wait_for(runner, 5)
+        await asyncio.wait_for(runner, 10)
         await redis.aclose()
-    assert events == [
-        "prepare 0",
-        "prepare 1",
-        "prepare 2",
-        "handle 0",
-        "handle 1",
-        "handle 2",
-    ]
+        server.stop()
+    assert events == ["prepare 0", "handle 0"]
+    assert consumer.slots.free == 3
 
 
 async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url: str) -> None:
