@@ -100,17 +100,16 @@ async def measure(ws: Workspace, samples: int = 400) -> dict[str, Any]:
     }
 
 
-class _Through(_Replies):
+class _Through(asyncio.Protocol):
     """The lean relay's two messages per request, each behind its tag: the first token's
     read, then ``done``."""
 
     def __init__(self) -> None:
-        super().__init__(True)
+        self.reader = hiredis.Reader()
         self.first: dict[bytes, asyncio.Future[float]] = {}
         self.done: dict[bytes, asyncio.Future[None]] = {}
 
     def data_received(self, data: bytes) -> None:
-        assert self.reader is not None
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             if not (isinstance(reply, list) and reply[0] == b"message"):

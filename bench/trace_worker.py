@@ -89,7 +89,7 @@ def _time_collections() -> None:
 
 
 def install() -> None:
-    from orion_llamaccp.bus import claims, intake, replies
+    from orion_llamaccp.bus import claims, intake, lane, replies
     from orion_llamaccp.engine import stream
     from orion_llamaccp.worker import generation, handler, service
 
@@ -111,6 +111,7 @@ def install() -> None:
     _wrap_sync(replies.ChunkStream, "push", "token pushed")
     _wrap_async(replies.ChunkStream, "_send", "chunk send starts", "chunk published")
     _wrap_async(handler.ChatHandler, "_answer", "result publish starts", "result published")
+    _wrap_async(lane, "_send", "lane write", None)
 
     _time_collections()
     path = os.environ.get("BENCH_TRACE_FILE")
