@@ -43,6 +43,7 @@ class IntakeConfig:
     warmup: int = 20
     gap_s: float = 0.002  # pause between requests: an idle worker each time
     trace: bool = False  # run bench/trace_worker.py and split the latency into its steps
+    bursts: int = 100  # table 3c: bursts of four requests per transport
 
 
 async def _probe(bus: BusCaller, via: str) -> tuple[str, int, float | None, float | None]:
@@ -96,7 +97,9 @@ async def run(ws: Workspace, cfg: IntakeConfig | None = None) -> dict[str, Any]:
         worker.stop()
     if cfg.trace:
         return {"text": _steps(trace_file, sends), "path": str(trace_file), "results": results}
-    return _finish(cfg, results, await floor.measure(ws))
+    found = await floor.measure(ws)
+    bursts = await burst(ws, 4, cfg.bursts, pin=len(os.sched_getaffinity(0)) >= 2)
+    return _finish(cfg, results, found, bursts)
 
 
 def _steps(trace_file: Path, sends: dict[str, list[int]]) -> str:
@@ -115,7 +118,7 @@ def _steps(trace_file: Path, sends: dict[str, list[int]]) -> str:
     return "\n".join(blocks)
 
 
-async def burst(ws: Workspace, size: int, rounds: int, pin: bool = False) -> str:
+async def burst(ws: Workspace, size: int, rounds: int, pin: bool = False) -> dict[str, Any]:
     """Bursts of ``size`` requests: when each reached the upstream, in order of arrival,
     after the burst's first send (see the module's docstring)."""
     spec = WorkerSpec(
@@ -146,12 +149,16 @@ async def burst(ws: Workspace, size: int, rounds: int, pin: bool = False) -> str
         set_affinity(os.getpid(), ours)
         await redis.aclose()
         worker.stop()
-    where = "the worker alone on a CPU" if pin else "no pinning"
+    return {"size": size, "rounds": rounds, "worker_pinned": pin, "rows": rows}
+
+
+def burst_table(found: dict[str, Any]) -> str:
+    where = "the worker alone on a CPU" if found["worker_pinned"] else "no pinning"
     return table(
-        f"Intake of bursts of {size} (ms after the burst's first PUBLISH/XADD; {rounds} "
-        f"bursts per transport, synthetic upstream, {where})",
+        f"3c. Intake of bursts of {found['size']} (ms after the burst's first PUBLISH/XADD; "
+        f"{found['rounds']} bursts per transport, synthetic upstream, {where})",
         ["intake", "what", "n", "p50", "p90"],
-        rows,
+        found["rows"],
     )
 
 
@@ -200,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         ws = Workspace()
         try:
             if args.burst:
-                print(await burst(ws, args.burst, args.requests // args.burst, args.pin))
+                found = await burst(ws, args.burst, args.requests // args.burst, args.pin)
+                print(burst_table(found))
                 return
             result = await run(ws, IntakeConfig(requests=args.requests, trace=args.trace))
             print(result["text"])
@@ -228,7 +236,10 @@ def _floor_table(found: dict[str, Any]) -> str:
 
 
 def _finish(
-    cfg: IntakeConfig, results: dict[str, Any], found: dict[str, Any] | None = None
+    cfg: IntakeConfig,
+    results: dict[str, Any],
+    found: dict[str, Any] | None = None,
+    bursts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     rows = []
     for via, r in results.items():
@@ -251,6 +262,8 @@ def _finish(
     ]
     if found:
         text += _floor_table(found)
+    if bursts:
+        text += "\n" + burst_table(bursts)
     text += "\n" + targets_table(targets)
     settings = {
         "requests_per_transport": cfg.requests,
@@ -259,7 +272,12 @@ def _finish(
         "upstream": "bench/upstream.py (stamps arrival with time.monotonic_ns)",
         "clock": "CLOCK_MONOTONIC in both processes",
     }
-    path = write_result("intake", settings, {**results, "floor": found or {}}, targets=targets)
+    path = write_result(
+        "intake",
+        settings,
+        {**results, "floor": found or {}, "bursts": bursts or {}},
+        targets=targets,
+    )
     return {"text": text, "path": str(path), "results": results, "targets": targets}
 
 
