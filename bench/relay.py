@@ -241,7 +241,7 @@ def _analyse(samples: Samples) -> dict[str, Any]:
     return out
 
 
-def _gpu_env() -> dict[str, str]:
+def gpu_env() -> dict[str, str]:
     """Layers on the GPU and its pinning, when the GPU run asks for them."""
     env = {}
     if os.environ.get("BENCH_N_GPU_LAYERS"):
@@ -260,7 +260,7 @@ async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
         ctx=2048 * max(run.concurrency),
         threads=int(os.environ.get("BENCH_THREADS", "1")),
         coalesce_ms=run.coalesce_ms,
-        env=_gpu_env(),
+        env=gpu_env(),
     )
     worker = Worker(ws, spec, f"relay-{len(run.name)}-{run.coalesce_ms:g}").start()
     redis = ws.redis()
@@ -386,7 +386,7 @@ def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
     }
     settings["common"] = {
         "llama_server": f"--threads {os.environ.get('BENCH_THREADS', '1')}, --parallel = max "
-        f"concurrency, --ctx-size 2048 per slot, extra: {_gpu_env() or 'none'}",
+        f"concurrency, --ctx-size 2048 per slot, extra: {gpu_env() or 'none'}",
         "sampling": "temperature 0, seed 42, ignore_eos (same tokens both ways), cache_prompt "
         "false (no request profits from the prompt cache another one filled)",
         "direct_client": "bench/callers.py DirectLane: asyncio HTTP/1.1 keep-alive SSE reader",

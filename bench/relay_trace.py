@@ -2,8 +2,9 @@
 
     python -m bench.relay_trace [--rounds 120] [--tokens 64] [--concurrency N] [--pin]
 
-Runs the relay benchmark's rounds (tiny model, one request in flight, direct, pub/sub,
-stream and the A/A control in turn) against a worker started as ``bench/trace_worker.py``,
+Runs the relay benchmark's rounds (tiny model, or ``BENCH_RELAY_MODEL`` with the GPU
+settings of ``bench/gpu/run.sh``; direct, pub/sub, stream and the A/A control in turn)
+against a worker started as ``bench/trace_worker.py``,
 and prints, per intake, the median time from the caller's PUBLISH / XADD to each step the
 worker stamped, next to the caller's own first chunk. The stamps cost about a
 microsecond each, so the overheads printed here run a little above the benchmark's.
@@ -37,8 +38,15 @@ async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1, pin: bool
     model_run = relay.ModelRun(
         "tiny", Path(), max_tokens=tokens, rounds=rounds, concurrency=(width,)
     )
+    # BENCH_RELAY_MODEL and the GPU settings as in the relay benchmark (bench/gpu/run.sh)
+    model = Path(os.environ.get("BENCH_RELAY_MODEL") or ws.tiny_model())
     spec = WorkerSpec(
-        model=ws.tiny_model(), binary=llama_server_binary(), parallel=width, ctx=2048 * width
+        model=model,
+        binary=llama_server_binary(),
+        parallel=width,
+        ctx=2048 * width,
+        threads=int(os.environ.get("BENCH_THREADS", "1")),
+        env=relay.gpu_env(),
     )
     trace_file = ws.root / "trace.jsonl"
     spec.command = ("-m", "bench.trace_worker")

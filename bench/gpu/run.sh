@@ -6,6 +6,7 @@
 #   bench/gpu/run.sh build   # 1-2: CUDA build of llama-server, a ~0.3B random model, pinning
 #   bench/gpu/run.sh pinning # 4 alone, with the engine already built
 #   bench/gpu/run.sh bench   # 5: relay overhead (c1, c=slots, coalescing on/off), capacity
+#   bench/gpu/run.sh diagnose # where the first token waits at c=slots: burst intake, trace
 #   bench/gpu/run.sh all
 #
 # Output goes to $OUT (the device tool brings it back) or to .gpu-out/.
@@ -48,7 +49,7 @@ make_model() {
   local model="$WORK/models/gpu-random-0.3b.gguf"
   if [ ! -f "$model" ]; then
     python3 -m orion_llamaccp.devtools.random_gguf "$model" --n-embd 1024 --layers 16 \
-      --heads 16 --n-ff 2816 --vocab 32000 --ctx 8192 --f16
+      --heads 16 --n-ff 2816 --vocab 32000 --ctx 8192 --f16 >&2  # stdout is the path alone
   fi
   echo "$model"
 }
@@ -110,7 +111,7 @@ pinning() {
   sed 's/^/    /' "$OUT/override-gpu-apps.csv"
 }
 
-bench() {
+bench_env() {
   local model; model=$(make_model)
   export BENCH_RELAY_MODEL="$model" BENCH_N_GPU_LAYERS=all BENCH_CUDA_DEVICES=0 \
     BENCH_THREADS=4 BENCH_SLOTS="${BENCH_SLOTS:-4}" BENCH_ROUNDS="${BENCH_ROUNDS:-30}" \
@@ -124,11 +125,22 @@ bench() {
     chmod +x "$WORK/bin/redis-server"
     export PATH="$WORK/bin:$PATH"
   fi
+}
+
+bench() {
+  bench_env
   # One at a time, each copied out at once: if the call hits its time limit, what ran comes back.
   for name in relay capacity; do
     python3 -m bench "$name"
     cp "bench/results/$name.json" "$OUT/gpu-$name.json"
   done
+}
+
+diagnose() {  # both print only; what they print is in the phase's log
+  bench_env
+  python3 -m bench.intake --burst "$BENCH_SLOTS" --requests $((BENCH_SLOTS * 100))
+  python3 -m bench.relay_trace --concurrency "$BENCH_SLOTS" --rounds "${BENCH_TRACE_ROUNDS:-40}" \
+    --tokens "$BENCH_MAX_TOKENS"
 }
 
 log "phase $PHASE on $(hostname): $(nproc) cores; $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no GPU')"
@@ -137,7 +149,8 @@ case "$PHASE" in
   build) build; make_model >/dev/null; pinning ;;
   pinning) make_model >/dev/null; pinning ;;
   bench) bench ;;
-  all) build; make_model >/dev/null; pinning; bench ;;
-  *) echo "usage: $0 build|pinning|bench|all" >&2; exit 2 ;;
+  diagnose) diagnose ;;
+  all) build; make_model >/dev/null; pinning; bench; diagnose ;;
+  *) echo "usage: $0 build|pinning|bench|diagnose|all" >&2; exit 2 ;;
 esac
 log "done"
