@@ -201,9 +201,10 @@ class StreamConsumer:
     """A consumer-group reader that takes only as many entries as it has slots for.
 
     ``handler`` is called with a slot already held for the entry; it must release it.
-    ``prepare``, if given, is called on every entry of a read, in order and in one step,
-    before any of their handlers runs (the worker writes their requests to llama-server
-    there, so that entries read together reach it together).
+    ``prepare``, if given, is called on every entry as it is read, in order, before any
+    handler of the entries read with it runs: those of one read, and of the reads that
+    follow it at once without blocking (the worker writes their requests to llama-server
+    there, so that entries sent together reach it together).
     """
 
     def __init__(
