@@ -139,7 +139,7 @@ bench() {
 diagnose() {  # both print only; what they print is in the phase's log
   bench_env
   python3 -m bench.intake --burst "$BENCH_SLOTS" --requests $((BENCH_SLOTS * 100))
-  python3 -m bench.relay_trace --concurrency "$BENCH_SLOTS" --rounds "${BENCH_TRACE_ROUNDS:-40}" \
+  python3 -m bench.relay_trace --concurrency "$BENCH_SLOTS" --rounds "${BENCH_TRACE_ROUNDS:-30}" \
     --tokens "$BENCH_MAX_TOKENS"
 }
 
