@@ -6,7 +6,7 @@
 #   bench/gpu/run.sh build   # 1-2: CUDA build of llama-server, a ~0.3B random model, pinning
 #   bench/gpu/run.sh pinning # 4 alone, with the engine already built
 #   bench/gpu/run.sh bench   # 5: relay overhead (c1, c=slots, coalescing on/off), capacity
-#   bench/gpu/run.sh diagnose # where the first token waits at c=slots: burst intake, trace
+#   bench/gpu/run.sh diagnose # where the first token waits: burst intake, traces at c1, c=slots
 #   bench/gpu/run.sh all
 #
 # Output goes to $OUT (the device tool brings it back) or to .gpu-out/.
@@ -139,8 +139,10 @@ bench() {
 diagnose() {  # both print only; what they print is in the phase's log
   bench_env
   python3 -m bench.intake --burst "$BENCH_SLOTS" --requests $((BENCH_SLOTS * 100))
-  python3 -m bench.relay_trace --concurrency "$BENCH_SLOTS" --rounds "${BENCH_TRACE_ROUNDS:-30}" \
-    --tokens "$BENCH_MAX_TOKENS"
+  for width in 1 "$BENCH_SLOTS"; do
+    python3 -m bench.relay_trace --concurrency "$width" --rounds "${BENCH_TRACE_ROUNDS:-20}" \
+      --tokens "$BENCH_MAX_TOKENS"
+  done
 }
 
 log "phase $PHASE on $(hostname): $(nproc) cores; $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no GPU')"
