@@ -322,6 +322,8 @@ class StreamConsumer:
             got = await self._read_new(free)
             while got:
                 for entry in got:
+                    if self.slots.free == 0:  # a pub/sub request took it meanwhile: the
+                        self._start(taken)  # entries held must not wait for its end
                     await self._take(entry)
                     taken.append(entry)
                 free = self.slots.free
@@ -329,8 +331,12 @@ class StreamConsumer:
                     break
                 got = await self._read_new(free, block=False)
         finally:
-            for entry in taken:  # delivered to us, slots held, requests written: handled
-                self._spawn(entry)
+            self._start(taken)  # delivered to us, slots held, requests written: handled
+
+    def _start(self, taken: list[StreamEntry]) -> None:
+        for entry in taken:
+            self._spawn(entry)
+        taken.clear()
 
     async def _read_new(self, count: int, block: bool = True) -> list[StreamEntry]:
         wait = ("BLOCK", min(self.block_ms, max(int(self.claim_idle_ms / 4), 100))) if block else ()

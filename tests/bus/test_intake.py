@@ -25,8 +25,10 @@ def _consumer(
     events: list[str],
     done: asyncio.Event,
     on_prepare: Callable[[int], None] = lambda n: None,
+    slots: int = 3,
 ) -> StreamConsumer:
-    """A consumer of three slots that logs each entry's ``prepare`` and handler start."""
+    """A consumer that logs each entry's ``prepare`` and handler start; ``done`` is set
+    once ``slots`` handlers have started."""
 
     def prepare(entry: StreamEntry) -> None:
         n = int(entry.fields[b"n"])
@@ -37,7 +39,7 @@ def _consumer(
     async def handler(entry: StreamEntry) -> None:
         events.append(f"handle {entry.prepared}")
         await consumer.slots.release()
-        if sum(e.startswith("handle") for e in events) == 3:
+        if sum(e.startswith("handle") for e in events) == slots:
             done.set()
 
     async def ready() -> None:
@@ -48,7 +50,7 @@ def _consumer(
         stream=STREAM,
         group="g",
         consumer="c",
-        slots=Slots(3),
+        slots=Slots(slots),
         handler=handler,
         ready=ready,
         claim_idle_ms=60_000,
@@ -118,6 +120,37 @@ async def test_entries_sent_just_after_the_first_are_prepared_before_its_handler
         await redis.aclose()
         late.close()
     assert events == PREPARED_FIRST
+
+
+async def test_entries_held_start_when_a_pub_sub_request_takes_the_last_slot_meanwhile(
+    redis_url: str,
+) -> None:
+    """An entry read without blocking may find its slot taken by a pub/sub request while
+    the read was in flight: the entries already held (their requests written) must start
+    then, not wait with it for a slot, which could be theirs to give back."""
+    redis = aioredis.Redis.from_url(redis_url)
+    late = SyncRedis.from_url(redis_url)
+    events: list[str] = []
+    done = asyncio.Event()
+
+    def send_one_more_and_take_a_slot(n: int) -> None:
+        if n == 0:
+            late.xadd(STREAM, {"n": "1"})
+            # runs once the consumer waits for its next read: the slot it counted is gone
+            asyncio.get_running_loop().call_soon(taken_by_pubsub)
+
+    def taken_by_pubsub() -> None:
+        assert consumer.slots.try_acquire()
+
+    consumer = _consumer(redis, events, done, send_one_more_and_take_a_slot, slots=2)
+    await consumer.ensure_group()
+    await redis.xadd(STREAM, {"n": "0"})
+    try:
+        await _run_until(consumer, done)
+    finally:
+        await redis.aclose()
+        late.close()
+    assert events == ["prepare 0", "handle 0", "prepare 1", "handle 1"]
 
 
 async def test_an_entry_read_just_before_redis_goes_away_is_still_handled(
