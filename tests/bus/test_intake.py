@@ -95,23 +95,16 @@ async def test_entries_read_together_are_all_prepared_before_any_handler_runs(
     assert events == PREPARED_FIRST
 
 
-async def test_entries_sent_just_after_the_first_are_prepared_before_its_handler_runs(
-    redis_url: str,
-) -> None:
-    """Callers that send together send a little apart: entries that arrive while the first
-    is being prepared are read (without blocking) and prepared before its handler runs,
-    where they had waited for its handler's first steps before."""
+async def _from_one_entry(
+    redis_url: str, on_prepare: Callable[[StreamConsumer, SyncRedis, int], None], slots: int
+) -> list[str]:
+    """Entry 0 in the stream; ``on_prepare`` acts as each entry is prepared (a second
+    client adds entries meanwhile). The events once ``slots`` handlers have started."""
     redis = aioredis.Redis.from_url(redis_url)
     late = SyncRedis.from_url(redis_url)
     events: list[str] = []
     done = asyncio.Event()
-
-    def send_the_rest(n: int) -> None:
-        if n == 0:  # in Redis before the consumer's next read, after its first one
-            late.xadd(STREAM, {"n": "1"})
-            late.xadd(STREAM, {"n": "2"})
-
-    consumer = _consumer(redis, events, done, send_the_rest)
+    consumer = _consumer(redis, events, done, lambda n: on_prepare(consumer, late, n), slots)
     await consumer.ensure_group()
     await redis.xadd(STREAM, {"n": "0"})
     try:
@@ -119,7 +112,22 @@ async def test_entries_sent_just_after_the_first_are_prepared_before_its_handler
     finally:
         await redis.aclose()
         late.close()
-    assert events == PREPARED_FIRST
+    return events
+
+
+async def test_entries_sent_just_after_the_first_are_prepared_before_its_handler_runs(
+    redis_url: str,
+) -> None:
+    """Callers that send together send a little apart: entries that arrive while the first
+    is being prepared are read (without blocking) and prepared before its handler runs,
+    where they had waited for its handler's first steps before."""
+
+    def send_the_rest(consumer: StreamConsumer, late: SyncRedis, n: int) -> None:
+        if n == 0:  # in Redis before the consumer's next read, after its first one
+            late.xadd(STREAM, {"n": "1"})
+            late.xadd(STREAM, {"n": "2"})
+
+    assert await _from_one_entry(redis_url, send_the_rest, slots=3) == PREPARED_FIRST
 
 
 async def test_entries_held_start_when_a_pub_sub_request_takes_the_last_slot_meanwhile(
@@ -128,28 +136,17 @@ async def test_entries_held_start_when_a_pub_sub_request_takes_the_last_slot_mea
     """An entry read without blocking may find its slot taken by a pub/sub request while
     the read was in flight: the entries already held (their requests written) must start
     then, not wait with it for a slot, which could be theirs to give back."""
-    redis = aioredis.Redis.from_url(redis_url)
-    late = SyncRedis.from_url(redis_url)
-    events: list[str] = []
-    done = asyncio.Event()
 
-    def send_one_more_and_take_a_slot(n: int) -> None:
+    def send_one_more_and_take_a_slot(consumer: StreamConsumer, late: SyncRedis, n: int) -> None:
+        def taken_by_pubsub() -> None:
+            assert consumer.slots.try_acquire()
+
         if n == 0:
             late.xadd(STREAM, {"n": "1"})
             # runs once the consumer waits for its next read: the slot it counted is gone
             asyncio.get_running_loop().call_soon(taken_by_pubsub)
 
-    def taken_by_pubsub() -> None:
-        assert consumer.slots.try_acquire()
-
-    consumer = _consumer(redis, events, done, send_one_more_and_take_a_slot, slots=2)
-    await consumer.ensure_group()
-    await redis.xadd(STREAM, {"n": "0"})
-    try:
-        await _run_until(consumer, done)
-    finally:
-        await redis.aclose()
-        late.close()
+    events = await _from_one_entry(redis_url, send_one_more_and_take_a_slot, slots=2)
     assert events == ["prepare 0", "handle 0", "prepare 1", "handle 1"]
 
 
