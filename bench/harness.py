@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,19 @@ def set_affinity(pid: int, cpus: set[int]) -> None:
     """Every thread of ``pid`` (``sched_setaffinity`` on a pid moves its main thread only)."""
     for thread in psutil.Process(pid).threads():
         os.sched_setaffinity(thread.id, cpus)
+
+
+def pin_apart(alone: int | None, others: Iterable[int | None], cpu: int) -> None:
+    """``alone``'s threads by themselves on ``cpu``, ``others`` on this process's other CPUs
+    (call it before this process moves itself)."""
+    cpus = os.sched_getaffinity(0)
+    given = list(others)
+    rest = [pid for pid in given if pid is not None]
+    if len(cpus) < 2 or alone is None or len(rest) < len(given):
+        raise RuntimeError("pinning needs two CPUs and every pid")
+    set_affinity(alone, {cpu})
+    for pid in rest:
+        set_affinity(pid, cpus - {cpu})
 
 
 def python_path(first: Path = REPO) -> str:

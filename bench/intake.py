@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ import httpx
 
 from bench import floor
 from bench.callers import BusCaller
-from bench.harness import PROFILE, Worker, WorkerSpec, Workspace, set_affinity
+from bench.harness import PROFILE, Worker, WorkerSpec, Workspace, pin_apart, set_affinity
 from bench.report import summary, table, target, targets_table, write_result
 from bench.trace_worker import offsets
 
@@ -66,40 +68,56 @@ async def run(ws: Workspace, cfg: IntakeConfig | None = None) -> dict[str, Any]:
     if cfg.trace:
         spec.command = ("-m", "bench.trace_worker")
         spec.env["BENCH_TRACE_FILE"] = str(trace_file)
-    worker = Worker(ws, spec, "intake").start()
     sends: dict[str, list[int]] = {}
-    redis = ws.redis()
     results: dict[str, Any] = {}
-    try:
-        await worker.wait_ready(redis)
-        bus = await BusCaller(ws.url, PROFILE).start()
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{worker.llama_port}") as http:
-            for via in ("pubsub", "stream"):
-                for _ in range(cfg.warmup):
-                    await _probe(bus, via)
-                await http.get("/bench/arrivals")  # forget the warm-up
-                probes = []
-                for _ in range(cfg.requests):
-                    probes.append(await _probe(bus, via))
-                    await asyncio.sleep(cfg.gap_s)
-                sends[via] = [sent for _, sent, _, _ in probes]
-                arrivals = (await http.get("/bench/arrivals")).json()["arrivals"]
-                intake = [(arrivals[m] - sent) / 1e6 for m, sent, _, _ in probes if m in arrivals]
-                results[via] = {
-                    "intake_ms": summary(intake),
-                    "ttft_ms": summary(t * 1000 for _, _, t, _ in probes if t is not None),
-                    "total_ms": summary(t * 1000 for _, _, _, t in probes if t is not None),
-                    "missing_arrivals": len(probes) - len(intake),
-                }
-        await bus.close()
-    finally:
-        await redis.aclose()
-        worker.stop()
+    async with _serving(ws, spec, "intake") as (_, bus, arrivals):
+        for via in ("pubsub", "stream"):
+            for _ in range(cfg.warmup):
+                await _probe(bus, via)
+            await arrivals()  # forget the warm-up
+            probes = []
+            for _ in range(cfg.requests):
+                probes.append(await _probe(bus, via))
+                await asyncio.sleep(cfg.gap_s)
+            sends[via] = [sent for _, sent, _, _ in probes]
+            arrived = await arrivals()
+            intake = [(arrived[m] - sent) / 1e6 for m, sent, _, _ in probes if m in arrived]
+            results[via] = {
+                "intake_ms": summary(intake),
+                "ttft_ms": summary(t * 1000 for _, _, t, _ in probes if t is not None),
+                "total_ms": summary(t * 1000 for _, _, _, t in probes if t is not None),
+                "missing_arrivals": len(probes) - len(intake),
+            }
     if cfg.trace:
         return {"text": _steps(trace_file, sends), "path": str(trace_file), "results": results}
     found = await floor.measure(ws)
     bursts = await burst(ws, 4, cfg.bursts, pin=len(os.sched_getaffinity(0)) >= 2)
     return _finish(cfg, results, found, bursts)
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    ws: Workspace, spec: WorkerSpec, name: str
+) -> AsyncIterator[tuple[Worker, BusCaller, Callable[[], Awaitable[dict[str, int]]]]]:
+    """A ready worker on the synthetic upstream, a bus caller, and what reads (and
+    forgets) the upstream's arrival stamps so far, by prompt."""
+    worker = Worker(ws, spec, name).start()
+    redis = ws.redis()
+    try:
+        await worker.wait_ready(redis)
+        bus = await BusCaller(ws.url, PROFILE).start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{worker.llama_port}") as http:
+
+                async def arrivals() -> dict[str, int]:
+                    return (await http.get("/bench/arrivals")).json()["arrivals"]
+
+                yield worker, bus, arrivals
+        finally:
+            await bus.close()
+    finally:
+        await redis.aclose()
+        worker.stop()
 
 
 def _steps(trace_file: Path, sends: dict[str, list[int]]) -> str:
@@ -124,31 +142,23 @@ async def burst(ws: Workspace, size: int, rounds: int, pin: bool = False) -> dic
     spec = WorkerSpec(
         model=ws.tiny_model(), binary=ws.synthetic_launcher(), parallel=size, ctx=2048 * size
     )
-    worker = Worker(ws, spec, "intake-burst").start()
-    redis = ws.redis()
     ours = os.sched_getaffinity(0)
     rows = []
     try:
-        await worker.wait_ready(redis)
-        if pin:
-            _worker_alone(worker, ws, ours)
-        bus = await BusCaller(ws.url, PROFILE).start()
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{worker.llama_port}") as http:
+        async with _serving(ws, spec, "intake-burst") as (worker, bus, arrivals):
+            if pin:  # the worker on the last CPU, the upstream, Redis and us on the others
+                pin_apart(worker.pid, (worker.engine_pid, ws.redis_pid(), os.getpid()), max(ours))
             for via in ("pubsub", "stream"):
                 for _ in range(10):
                     await asyncio.gather(*(_probe(bus, via) for _ in range(size)))
-                await http.get("/bench/arrivals")  # forget the warm-up
+                await arrivals()  # forget the warm-up
                 bursts = []
                 for _ in range(rounds):
                     bursts.append(await asyncio.gather(*(_probe(bus, via) for _ in range(size))))
                     await asyncio.sleep(0.005)
-                arrivals = (await http.get("/bench/arrivals")).json()["arrivals"]
-                rows += _burst_rows(via, bursts, arrivals)
-        await bus.close()
+                rows += _burst_rows(via, bursts, await arrivals())
     finally:
         set_affinity(os.getpid(), ours)
-        await redis.aclose()
-        worker.stop()
     return {"size": size, "rounds": rounds, "worker_pinned": pin, "rows": rows}
 
 
@@ -160,15 +170,6 @@ def burst_table(found: dict[str, Any]) -> str:
         ["intake", "what", "n", "p50", "p90"],
         found["rows"],
     )
-
-
-def _worker_alone(worker: Worker, ws: Workspace, cpus: set[int]) -> None:
-    last = max(cpus)
-    if len(cpus) < 2 or worker.engine_pid is None:
-        raise RuntimeError("pinning needs two CPUs and the upstream's pid")
-    set_affinity(worker.pid, {last})
-    for pid in (worker.engine_pid, ws.redis_pid(), os.getpid()):
-        set_affinity(pid, cpus - {last})
 
 
 def _burst_rows(

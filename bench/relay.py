@@ -51,6 +51,7 @@ from bench.harness import (
     WorkerSpec,
     Workspace,
     llama_server_binary,
+    pin_apart,
     set_affinity,
 )
 from bench.report import summary, table, target, targets_table, write_result
@@ -241,7 +242,7 @@ def _analyse(samples: Samples) -> dict[str, Any]:
     return out
 
 
-def gpu_env() -> dict[str, str]:
+def _gpu_env() -> dict[str, str]:
     """Layers on the GPU and its pinning, when the GPU run asks for them."""
     env = {}
     if os.environ.get("BENCH_N_GPU_LAYERS"):
@@ -251,17 +252,23 @@ def gpu_env() -> dict[str, str]:
     return env
 
 
-async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
-    model = run.model if run.model != Path() else ws.tiny_model()
-    spec = WorkerSpec(
+def worker_spec(model: Path, slots: int, coalesce_ms: float = 10.0) -> WorkerSpec:
+    """The worker of this benchmark: the real llama-server with ``slots`` slots of 2,048
+    tokens, ``BENCH_THREADS`` threads and the GPU settings of the GPU run, if any."""
+    return WorkerSpec(
         model=model,
         binary=llama_server_binary(),
-        parallel=max(run.concurrency),
-        ctx=2048 * max(run.concurrency),
+        parallel=slots,
+        ctx=2048 * slots,
         threads=int(os.environ.get("BENCH_THREADS", "1")),
-        coalesce_ms=run.coalesce_ms,
-        env=gpu_env(),
+        coalesce_ms=coalesce_ms,
+        env=_gpu_env(),
     )
+
+
+async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
+    model = run.model if run.model != Path() else ws.tiny_model()
+    spec = worker_spec(model, max(run.concurrency), run.coalesce_ms)
     worker = Worker(ws, spec, f"relay-{len(run.name)}-{run.coalesce_ms:g}").start()
     redis = ws.redis()
     results: dict[str, Any] = {}
@@ -301,12 +308,8 @@ async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
 
 def _pin(worker: Worker, ws: Workspace) -> None:
     """llama-server's threads on the first CPU; the worker's, Redis's and ours on the rest."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2 or worker.engine_pid is None:
-        raise RuntimeError("pinning needs two CPUs and llama-server's pid")
-    set_affinity(worker.engine_pid, {cpus[0]})
-    for pid in (worker.pid, ws.redis_pid(), os.getpid()):
-        set_affinity(pid, set(cpus[1:]))
+    others = (worker.pid, ws.redis_pid(), os.getpid())
+    pin_apart(worker.engine_pid, others, min(os.sched_getaffinity(0)))
 
 
 async def run(ws: Workspace, runs: list[ModelRun] | None = None) -> dict[str, Any]:
@@ -386,7 +389,7 @@ def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
     }
     settings["common"] = {
         "llama_server": f"--threads {os.environ.get('BENCH_THREADS', '1')}, --parallel = max "
-        f"concurrency, --ctx-size 2048 per slot, extra: {gpu_env() or 'none'}",
+        f"concurrency, --ctx-size 2048 per slot, extra: {_gpu_env() or 'none'}",
         "sampling": "temperature 0, seed 42, ignore_eos (same tokens both ways), cache_prompt "
         "false (no request profits from the prompt cache another one filled)",
         "direct_client": "bench/callers.py DirectLane: asyncio HTTP/1.1 keep-alive SSE reader",

@@ -25,9 +25,7 @@ from bench.harness import (
     PROFILE,
     CpuMeter,
     Worker,
-    WorkerSpec,
     Workspace,
-    llama_server_binary,
     set_affinity,
 )
 from bench.report import summary, table
@@ -40,14 +38,7 @@ async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1, pin: bool
     )
     # BENCH_RELAY_MODEL and the GPU settings as in the relay benchmark (bench/gpu/run.sh)
     model = Path(os.environ.get("BENCH_RELAY_MODEL") or ws.tiny_model())
-    spec = WorkerSpec(
-        model=model,
-        binary=llama_server_binary(),
-        parallel=width,
-        ctx=2048 * width,
-        threads=int(os.environ.get("BENCH_THREADS", "1")),
-        env=relay.gpu_env(),
-    )
+    spec = relay.worker_spec(model, width)
     trace_file = ws.root / "trace.jsonl"
     spec.command = ("-m", "bench.trace_worker")
     spec.env["BENCH_TRACE_FILE"] = str(trace_file)
