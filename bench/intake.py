@@ -272,6 +272,7 @@ def _finish(
         "gap_between_requests_s": cfg.gap_s,
         "upstream": "bench/upstream.py (stamps arrival with time.monotonic_ns)",
         "clock": "CLOCK_MONOTONIC in both processes",
+        "bus_sender": os.environ.get("BENCH_BUS_SENDER") or "raw",
     }
     path = write_result(
         "intake",

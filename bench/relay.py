@@ -393,7 +393,9 @@ def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
         "sampling": "temperature 0, seed 42, ignore_eos (same tokens both ways), cache_prompt "
         "false (no request profits from the prompt cache another one filled)",
         "direct_client": "bench/callers.py DirectLane: asyncio HTTP/1.1 keep-alive SSE reader",
-        "bus_client": "bench/callers.py BusCaller: PUBLISH/XADD + PSUBSCRIBE reader (hiredis)",
+        "bus_client": "bench/callers.py BusCaller: PUBLISH/XADD + PSUBSCRIBE reader (hiredis); "
+        f"sender: {os.environ.get('BENCH_BUS_SENDER') or 'raw'} (raw: packed bytes in one write, "
+        "as the direct client writes its requests; redis-py: its client's execute_command)",
         "pairing": "modes take turns round by round in rotating order; within a round, requests "
         "are ranked by time to first token and paired by rank with the direct round; "
         "'direct again' (A/A) is a second direct request per round: the noise floor",
