@@ -62,15 +62,18 @@ class Props:
 class Sent:
     """A streamed chat request already on the wire (``LlamaClient.send``), waiting for
     ``chat_stream`` to read its answer. One that is never read must be ``drop``-ped: its
-    connection is closed, which stops llama-server generating for nobody."""
+    connection is closed, which stops llama-server generating for nobody, and handed back
+    to its pool, which forgets it and opens the next request's connection ahead."""
 
     payload: bytes
     conn: StreamConnection
+    pool: StreamPool
     taken: bool = False
 
     def drop(self) -> None:
         if not self.taken:
-            self.conn.close()
+            self.taken = True
+            self.pool.finish(self.conn)  # unfinished: closed
 
 
 def _stream_payload(body: dict[str, Any]) -> bytes:
@@ -158,7 +161,7 @@ class LlamaClient:
             return None
         payload = _stream_payload(body)
         conn = self._streams.send(payload)
-        return None if conn is None else Sent(payload, conn)
+        return None if conn is None else Sent(payload, conn, self._streams)
 
     @asynccontextmanager
     async def chat_stream(

@@ -309,6 +309,11 @@ class StreamPool:
             raise_for_response(conn.decoder.status, body)
 
     @property
+    def handed_out(self) -> int:
+        """Connections handed to requests and not yet given back (``finish``)."""
+        return len(self._out)
+
+    @property
     def spares(self) -> int:
         """How many connections to keep open unused: one per slot not streaming (at least
         one) once the server is known to close them after a response; else one, since a

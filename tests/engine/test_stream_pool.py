@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from orion_llamaccp.engine.client import Sent
 from orion_llamaccp.engine.stream import StreamPool, stream_batches
 
 SSE = (
@@ -82,5 +83,37 @@ async def test_a_keep_alive_server_stand_in_gets_its_connections_reused_not_reop
         await asyncio.sleep(0.05)  # any refill under way lands
         assert not pool.server_closes
         assert pool.connects <= 4 + 2, pool.connects  # 4 at once, and a spare or two
+    finally:
+        pool.close()
+
+
+async def test_requests_written_ahead_and_dropped_give_their_connections_back(
+    keep_alive_port: int,
+) -> None:
+    """A request written ahead and then dropped (its message was invalid, a duplicate, or
+    another replica's) hands its connection back: the pool forgets it and opens the next
+    one ahead. Before, a dropped connection stayed on the pool's list until some response
+    finished, and no connection was opened ahead for the next request meanwhile."""
+    pool = StreamPool(
+        "127.0.0.1",
+        keep_alive_port,
+        path="/v1/chat/completions",
+        api_key=None,
+        connect_timeout=5,
+        read_timeout=5,
+        slots=4,
+    )
+    try:
+        await _chat(pool)  # opens the first connection; it stays for the next request
+        for _ in range(20):
+            conn = None
+            for _ in range(200):  # the spare opened in the background lands
+                if (conn := pool.send(b"{}")) is not None:
+                    break
+                await asyncio.sleep(0.005)
+            assert conn is not None, "no connection opened ahead after a dropped request"
+            Sent(b"{}", conn, pool).drop()
+            assert conn.closed
+            assert pool.handed_out == 0
     finally:
         pool.close()
