@@ -6,7 +6,9 @@ Runs the relay benchmark's rounds (tiny model, or ``BENCH_RELAY_MODEL`` with the
 settings of ``bench/gpu/run.sh``; direct, pub/sub, stream and the A/A control in turn)
 against a worker started as ``bench/trace_worker.py``,
 and prints, per intake, the median time from the caller's PUBLISH / XADD to each step the
-worker stamped, next to the caller's own first chunk. The stamps cost about a
+worker stamped, next to the caller's own first chunk, and the worker's CPU time spent from
+its first stamp of the round to that step (wall time well ahead of it: the worker waited
+for a CPU). The stamps cost about a
 microsecond each, so the overheads printed here run a little above the benchmark's.
 """
 
@@ -29,7 +31,7 @@ from bench.harness import (
     set_affinity,
 )
 from bench.report import summary, table
-from bench.trace_worker import offsets
+from bench.trace_worker import steps as traced_steps
 
 
 async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1, pin: bool = False) -> str:
@@ -76,24 +78,31 @@ async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1, pin: bool
             int(min(o.sent for o in outcomes[i : i + width]) * 1e9)
             for i in range(0, len(outcomes), width)
         ]
-        steps = offsets(trace_file, ((s, s + 10**9) for s in starts), occurrences=width)
+        found = traced_steps(trace_file, ((s, s + 10**9) for s in starts), occurrences=width)
+        rows = [
+            (k, len(v), *_p50_p90([w for w, _ in v]), summary([c for _, c in v])["p50"])
+            for k, v in found.items()
+        ]
         for nth in range(width):
             label = "caller: first chunk" + (f" #{nth + 1}" if nth else "")
-            steps[label] = [
+            caller = [
                 (o.sent + o.ttft) * 1000 - s / 1e6
                 for o, s in zip(outcomes[nth::width], starts, strict=False)
                 if o.ttft is not None
             ]
-        rows = sorted(
-            ((k, len(v), summary(v)["p50"], summary(v)["p90"]) for k, v in steps.items()),
-            key=lambda row: row[2],
-        )
+            rows.append((label, len(caller), *_p50_p90(caller), "-"))
+        rows.sort(key=lambda row: row[2])
         title = (
             f"{mode}: ms from PUBLISH/XADD to each step (TTFT overhead p50 "
             f"{overhead['p50']} ms, direct TTFT p50 {direct} ms)"
         )
-        blocks.append(table(title, ["step", "n", "p50", "p90"], rows))
+        blocks.append(table(title, ["step", "n", "p50", "p90", "worker CPU p50"], rows))
     return "\n".join(blocks)
+
+
+def _p50_p90(values: list[float]) -> tuple[float, float]:
+    found = summary(values)
+    return found["p50"], found["p90"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,10 @@
 
     python -m bench.trace_worker   # instead of `python -m orion_llamaccp run`, same environment
 
-Wraps a few worker functions so each stamps ``time.monotonic_ns()`` when it is entered or
-returns, and writes the stamps to ``$BENCH_TRACE_FILE`` (JSON lines) when the worker
-exits. ``bench/intake.py --trace`` uses it to split the intake latency into its steps.
+Wraps a few worker functions so each stamps ``time.monotonic_ns()`` (and the worker's CPU
+time, ``time.thread_time_ns()``) when it is entered or returns, and writes the stamps to
+``$BENCH_TRACE_FILE`` (JSON lines) when the worker exits. ``bench/intake.py --trace`` uses
+it to split the intake latency into its steps.
 The wrappers cost about a microsecond each; the figures of the real benchmarks never use
 this module.
 """
@@ -23,11 +24,11 @@ from typing import Any
 
 import orjson
 
-STAMPS: list[tuple[str, int]] = []
+STAMPS: list[tuple[str, int, int]] = []
 
 
 def _stamp(label: str) -> None:
-    STAMPS.append((label, time.monotonic_ns()))
+    STAMPS.append((label, time.monotonic_ns(), time.thread_time_ns()))
 
 
 def _wrap_sync(owner: Any, name: str, label: str) -> None:
@@ -79,10 +80,10 @@ def _time_collections() -> None:
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            started[:] = [time.monotonic_ns()]
+            started[:] = [time.monotonic_ns(), time.thread_time_ns()]
         elif started:
             gen = info["generation"]
-            STAMPS.append((f"gc {gen} start", started[0]))
+            STAMPS.append((f"gc {gen} start", started[0], started[1]))
             _stamp(f"gc {gen} end")
 
     gc.callbacks.append(on_gc)
@@ -129,24 +130,40 @@ def offsets(
     (``time.monotonic_ns()``, the clock of the stamps) to where the next round's stamps
     may begin.
     """
+    return {
+        name: [wall for wall, _ in found]
+        for name, found in steps(path, windows, occurrences).items()
+    }
+
+
+def steps(
+    path: Path, windows: Iterable[tuple[int, int]], occurrences: int = 1
+) -> dict[str, list[tuple[float, float]]]:
+    """As ``offsets``, each with the worker's CPU time (ms) spent since the window's first
+    stamp: where the wall clock runs ahead of it, the worker was waiting for a CPU (or
+    for I/O)."""
     stamps = [orjson.loads(line) for line in path.read_bytes().splitlines()]
-    found: dict[str, list[float]] = {}
+    found: dict[str, list[tuple[float, float]]] = {}
     for start, end in windows:
         seen: dict[str, int] = {}
+        first_cpu: int | None = None
         for stamp in stamps:
             label = stamp["label"]
             nth = seen.get(label, 0)
             if start <= stamp["ns"] < end and nth < occurrences:
+                if first_cpu is None:
+                    first_cpu = stamp["cpu"]
                 seen[label] = nth + 1
                 name = label + (f" #{nth + 1}" if nth else "")
-                found.setdefault(name, []).append((stamp["ns"] - start) / 1e6)
+                wall = (stamp["ns"] - start) / 1e6
+                found.setdefault(name, []).append((wall, (stamp["cpu"] - first_cpu) / 1e6))
     return found
 
 
 def _dump(path: str) -> None:
     with open(path, "wb") as out:
-        for label, ns in STAMPS:
-            out.write(orjson.dumps({"label": label, "ns": ns}) + b"\n")
+        for label, ns, cpu in STAMPS:
+            out.write(orjson.dumps({"label": label, "ns": ns, "cpu": cpu}) + b"\n")
 
 
 def main() -> int:
