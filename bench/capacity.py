@@ -87,7 +87,8 @@ async def measure(
     executed = delta.get("_total", 0) - delta.get("info", 0) - caller
     # Script internals: the chunk script runs GET, SET, PUBLISH; the result script SET, PUBLISH.
     sent = executed - 3 * chunks - 2 * len(outcomes)
-    # The caller writes once per command; the counters' own INFO calls add two reads.
+    # Redis reads each of the caller's commands on its own (its redis-py sender, ``run``);
+    # the counters' own INFO calls add two reads.
     writes = delta.get("_reads", 0) - caller - 2
     worker_cpu = cpu["worker"]
     return {
@@ -197,7 +198,10 @@ async def run(ws: Workspace, cfg: CapacityConfig | None = None) -> dict[str, Any
         redis = ws.redis()
         try:
             await worker.wait_ready(redis)
-            bus = await BusCaller(ws.url, PROFILE).start()
+            # redis-py's client: one connection per command in flight, so Redis reads each
+            # of the caller's commands on its own and ``measure`` can subtract one read per
+            # command (the raw sender's pipelined writes can arrive several to a read).
+            bus = await BusCaller(ws.url, PROFILE, sender="redis-py").start()
             for concurrency in cfg.concurrency:
                 point = await measure(ws, worker, bus, concurrency, cfg)
                 point["coalesce_ms"] = coalesce
