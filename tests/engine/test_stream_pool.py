@@ -50,6 +50,18 @@ async def keep_alive_port() -> AsyncIterator[int]:
     server.close()
 
 
+def _pool(port: int, slots: int) -> StreamPool:
+    return StreamPool(
+        "127.0.0.1",
+        port,
+        path="/v1/chat/completions",
+        api_key=None,
+        connect_timeout=5,
+        read_timeout=5,
+        slots=slots,
+    )
+
+
 async def _chat(pool: StreamPool) -> None:
     conn = await pool.open(b"{}")
     try:
@@ -66,15 +78,7 @@ async def test_a_keep_alive_server_stand_in_gets_its_connections_reused_not_reop
     one that keeps them, a finished response's connection serves the next request, and
     the pool opens about as many connections as requests ever ran at once, not one per
     request (which cost 10-15 % more worker CPU per token in the capacity benchmark)."""
-    pool = StreamPool(
-        "127.0.0.1",
-        keep_alive_port,
-        path="/v1/chat/completions",
-        api_key=None,
-        connect_timeout=5,
-        read_timeout=5,
-        slots=8,
-    )
+    pool = _pool(keep_alive_port, slots=8)
     try:
         for _ in range(10):
             await _chat(pool)
@@ -94,15 +98,7 @@ async def test_requests_written_ahead_and_dropped_give_their_connections_back(
     another replica's) hands its connection back: the pool forgets it and opens the next
     one ahead. Before, a dropped connection stayed on the pool's list until some response
     finished, and no connection was opened ahead for the next request meanwhile."""
-    pool = StreamPool(
-        "127.0.0.1",
-        keep_alive_port,
-        path="/v1/chat/completions",
-        api_key=None,
-        connect_timeout=5,
-        read_timeout=5,
-        slots=4,
-    )
+    pool = _pool(keep_alive_port, slots=4)
     try:
         await _chat(pool)  # opens the first connection; it stays for the next request
         for _ in range(20):
