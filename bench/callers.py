@@ -306,6 +306,11 @@ class _Commands(asyncio.Protocol):
         return waiter
 
 
+def bus_sender() -> str:
+    """The bus caller's sender unless one is named: ``BENCH_BUS_SENDER``, else ``raw``."""
+    return os.environ.get("BENCH_BUS_SENDER") or "raw"
+
+
 @dataclass(slots=True)
 class _Pending:
     outcome: Outcome
@@ -320,7 +325,7 @@ class BusCaller:
     def __init__(
         self, url: str, profile: str, *, prefix: str = "bench:reply:", sender: str | None = None
     ) -> None:
-        sender = sender or os.environ.get("BENCH_BUS_SENDER") or "raw"
+        sender = sender or bus_sender()
         if sender not in ("raw", "redis-py"):
             raise ValueError(f"sender must be 'raw' or 'redis-py', not {sender!r}")
         self.url = url

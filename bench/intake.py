@@ -33,9 +33,9 @@ from typing import Any
 import httpx
 
 from bench import floor
-from bench.callers import BusCaller
+from bench.callers import BusCaller, bus_sender
 from bench.harness import PROFILE, Worker, WorkerSpec, Workspace, pin_apart, set_affinity
-from bench.report import summary, table, target, targets_table, write_result
+from bench.report import p50_p90, summary, table, target, targets_table, write_result
 from bench.trace_worker import offsets
 
 
@@ -184,16 +184,11 @@ def _burst_rows(
         got = sorted(arrivals[m] for m, _, _, _ in probes if m in arrivals)
         for k, arrived in enumerate(got):
             ranks[k].append((arrived - first) / 1e6)
-    rows = [(via, "caller: last send", len(last_send), *_p50_p90(last_send))]
+    rows = [(via, "caller: last send", len(last_send), *p50_p90(last_send))]
     for k, found in enumerate(ranks):
         what = f"request {k + 1} of {size} at the upstream"
-        rows.append((via, what, len(found), *_p50_p90(found)))
+        rows.append((via, what, len(found), *p50_p90(found)))
     return rows
-
-
-def _p50_p90(values: list[float]) -> tuple[float, float]:
-    found = summary(values)
-    return found["p50"], found["p90"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,7 +267,7 @@ def _finish(
         "gap_between_requests_s": cfg.gap_s,
         "upstream": "bench/upstream.py (stamps arrival with time.monotonic_ns)",
         "clock": "CLOCK_MONOTONIC in both processes",
-        "bus_sender": os.environ.get("BENCH_BUS_SENDER") or "raw",
+        "bus_sender": bus_sender(),
     }
     path = write_result(
         "intake",

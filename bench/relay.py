@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import floor
-from bench.callers import BusCaller, DirectLane, Outcome
+from bench.callers import BusCaller, DirectLane, Outcome, bus_sender
 from bench.harness import (
     DEMO_MODEL,
     PROFILE,
@@ -394,7 +394,7 @@ def _finish(runs: list[ModelRun], results: dict[str, Any]) -> dict[str, Any]:
         "false (no request profits from the prompt cache another one filled)",
         "direct_client": "bench/callers.py DirectLane: asyncio HTTP/1.1 keep-alive SSE reader",
         "bus_client": "bench/callers.py BusCaller: PUBLISH/XADD + PSUBSCRIBE reader (hiredis); "
-        f"sender: {os.environ.get('BENCH_BUS_SENDER') or 'raw'} (raw: packed bytes in one write, "
+        f"sender: {bus_sender()} (raw: packed bytes in one write, "
         "as the direct client writes its requests; redis-py: its client's execute_command)",
         "pairing": "modes take turns round by round in rotating order; within a round, requests "
         "are ranked by time to first token and paired by rank with the direct round; "

@@ -30,7 +30,7 @@ from bench.harness import (
     Workspace,
     set_affinity,
 )
-from bench.report import summary, table
+from bench.report import p50_p90, summary, table
 from bench.trace_worker import steps as traced_steps
 
 
@@ -80,7 +80,7 @@ async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1, pin: bool
         ]
         found = traced_steps(trace_file, ((s, s + 10**9) for s in starts), occurrences=width)
         rows = [
-            (k, len(v), *_p50_p90([w for w, _ in v]), summary([c for _, c in v])["p50"])
+            (k, len(v), *p50_p90([w for w, _ in v]), summary([c for _, c in v])["p50"])
             for k, v in found.items()
         ]
         for nth in range(width):
@@ -90,7 +90,7 @@ async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1, pin: bool
                 for o, s in zip(outcomes[nth::width], starts, strict=False)
                 if o.ttft is not None
             ]
-            rows.append((label, len(caller), *_p50_p90(caller), "-"))
+            rows.append((label, len(caller), *p50_p90(caller), "-"))
         rows.sort(key=lambda row: row[2])
         title = (
             f"{mode}: ms from PUBLISH/XADD to each step (TTFT overhead p50 "
@@ -98,11 +98,6 @@ async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1, pin: bool
         )
         blocks.append(table(title, ["step", "n", "p50", "p90", "worker CPU p50"], rows))
     return "\n".join(blocks)
-
-
-def _p50_p90(values: list[float]) -> tuple[float, float]:
-    found = summary(values)
-    return found["p50"], found["p90"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,12 @@ def summary(values: Iterable[float], digits: int = 3) -> dict[str, float | int]:
     }
 
 
+def p50_p90(values: Iterable[float]) -> tuple[float, float]:
+    """The median and the 90th percentile, for tables that show just those two."""
+    found = summary(values)
+    return found["p50"], found["p90"]
+
+
 def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [
