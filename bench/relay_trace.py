@@ -1,6 +1,7 @@
 """The relay benchmark's first-token path, step by step (a diagnostic, not a bench).
 
     python -m bench.relay_trace [--rounds 120] [--tokens 64] [--concurrency N] [--pin]
+                                [--occurrences K]
 
 Runs the relay benchmark's rounds (tiny model, or ``BENCH_RELAY_MODEL`` with the GPU
 settings of ``bench/gpu/run.sh``; direct, pub/sub, stream and the A/A control in turn)
@@ -8,7 +9,10 @@ against a worker started as ``bench/trace_worker.py``,
 and prints, per intake, the median time from the caller's PUBLISH / XADD to each step the
 worker stamped, next to the caller's own first chunk, and the worker's CPU time spent from
 its first stamp of the round to that step (wall time well ahead of it: the worker waited
-for a CPU). The stamps cost about a
+for a CPU). A step taken more than once in a round shows as ``step #2``, ... up to
+``--occurrences`` (default: the concurrency); at one in flight, ``--occurrences 3`` shows
+the first chunk's own Redis round trip (``lane write #2``) beside the idempotency
+record's. The stamps cost about a
 microsecond each, so the overheads printed here run a little above the benchmark's.
 """
 
@@ -34,7 +38,14 @@ from bench.report import p50_p90, summary, table
 from bench.trace_worker import steps as traced_steps
 
 
-async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1, pin: bool = False) -> str:
+async def run(
+    ws: Workspace,
+    rounds: int,
+    tokens: int,
+    width: int = 1,
+    pin: bool = False,
+    occurrences: int | None = None,
+) -> str:
     model_run = relay.ModelRun(
         "tiny", Path(), max_tokens=tokens, rounds=rounds, concurrency=(width,)
     )
@@ -78,7 +89,9 @@ async def run(ws: Workspace, rounds: int, tokens: int, width: int = 1, pin: bool
             int(min(o.sent for o in outcomes[i : i + width]) * 1e9)
             for i in range(0, len(outcomes), width)
         ]
-        found = traced_steps(trace_file, ((s, s + 10**9) for s in starts), occurrences=width)
+        found = traced_steps(
+            trace_file, ((s, s + 10**9) for s in starts), occurrences=occurrences or width
+        )
         rows = [
             (k, len(v), *p50_p90([w for w, _ in v]), summary([c for _, c in v])["p50"])
             for k, v in found.items()
@@ -108,12 +121,19 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", type=int, default=1, help="requests per round (the n-th step: #n)"
     )
     parser.add_argument("--pin", action="store_true", help="llama-server alone on CPU 0")
+    parser.add_argument(
+        "--occurrences", type=int, default=None, help="stamps kept per step and round"
+    )
     args = parser.parse_args(argv)
 
     async def go() -> None:
         ws = Workspace()
         try:
-            print(await run(ws, args.rounds, args.tokens, args.concurrency, args.pin))
+            print(
+                await run(
+                    ws, args.rounds, args.tokens, args.concurrency, args.pin, args.occurrences
+                )
+            )
         finally:
             ws.close()
 

@@ -113,6 +113,10 @@ def install() -> None:
     _wrap_async(replies.ChunkStream, "_send", "chunk send starts", "chunk published")
     _wrap_async(handler.ChatHandler, "_answer", "result publish starts", "result published")
     _wrap_async(lane, "_send", "lane write", None)
+    # the first chunk's way out, between "chunk send starts" and "chunk published"
+    _wrap_sync(replies.ChunkStream, "_stage", "chunk rendering")
+    _wrap_async(replies.Publisher, "commit", "commit starts", None)
+    _wrap_async(lane.Lane, "_exchange", None, "lane replies read")
 
     _time_collections()
     path = os.environ.get("BENCH_TRACE_FILE")
