@@ -140,8 +140,9 @@ diagnose() {  # both print only; what they print is in the phase's log
   bench_env
   python3 -m bench.intake --burst "$BENCH_SLOTS" --requests $((BENCH_SLOTS * 100))
   for width in 1 "$BENCH_SLOTS"; do
+    # --occurrences: at one in flight, the first chunk's own round trip shows too
     python3 -m bench.relay_trace --concurrency "$width" --rounds "${BENCH_TRACE_ROUNDS:-20}" \
-      --tokens "$BENCH_MAX_TOKENS"
+      --tokens "$BENCH_MAX_TOKENS" --occurrences "$BENCH_SLOTS"
   done
 }
 
