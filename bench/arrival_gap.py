@@ -90,11 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     gaps = [int(g) for g in args.gaps.split(",")]
 
     async def go() -> None:
-        ws = Workspace()
-        try:
+        with Workspace() as ws:
             print(await run(ws, args.rounds, gaps))
-        finally:
-            ws.close()
 
     asyncio.run(go())
     return 0

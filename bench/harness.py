@@ -134,6 +134,12 @@ class Workspace:
         self.redis_server.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @dataclass
 class WorkerSpec:

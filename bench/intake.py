@@ -200,16 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     async def go() -> None:
-        ws = Workspace()
-        try:
+        with Workspace() as ws:
             if args.burst:
                 found = await burst(ws, args.burst, args.requests // args.burst, args.pin)
                 print(burst_table(found))
                 return
             result = await run(ws, IntakeConfig(requests=args.requests, trace=args.trace))
             print(result["text"])
-        finally:
-            ws.close()
 
     asyncio.run(go())
     return 0

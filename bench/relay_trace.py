@@ -127,15 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     async def go() -> None:
-        ws = Workspace()
-        try:
-            print(
-                await run(
-                    ws, args.rounds, args.tokens, args.concurrency, args.pin, args.occurrences
-                )
-            )
-        finally:
-            ws.close()
+        with Workspace() as ws:
+            width, occurrences = args.concurrency, args.occurrences
+            print(await run(ws, args.rounds, args.tokens, width, args.pin, occurrences))
 
     asyncio.run(go())
     return 0
