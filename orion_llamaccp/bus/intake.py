@@ -315,7 +315,8 @@ class StreamConsumer:
         Callers that send together send a little apart (about 0.05 ms per XADD from
         redis-py). Had the first entry's handler started at once, its steps would run
         before the next read's reply is read, and the entries behind it would reach
-        llama-server after it had begun its batch without them (``bench.intake --burst``).
+        llama-server that much later (``bench.intake --burst``: four sent together spread
+        0.41-0.65 ms apart at the upstream before, 0.23-0.37 ms after).
         """
         taken: list[StreamEntry] = []
         try:

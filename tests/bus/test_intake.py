@@ -78,7 +78,7 @@ async def test_entries_read_together_are_all_prepared_before_any_handler_runs(
 ) -> None:
     """The worker writes each entry's request to llama-server in ``prepare``: entries that
     one read brings must all be written before the first of them is validated, so that
-    llama-server takes them up in the same batch."""
+    none of them waits behind another's validation to reach llama-server."""
     redis = aioredis.Redis.from_url(redis_url)
     events: list[str] = []
     done = asyncio.Event()
