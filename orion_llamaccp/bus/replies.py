@@ -148,6 +148,12 @@ class ChunkStream:
         self.tokens += 1
         self._wake.set()
 
+    def push_texts(self, texts: list[str]) -> None:
+        """Queue the texts of consecutive tokens (non-empty), as ``push`` each would."""
+        self._content += texts
+        self.tokens += len(texts)
+        self._wake.set()
+
     def _template(self) -> ChunkTemplate:
         if self._made is None:
             self._made = self._make_template()

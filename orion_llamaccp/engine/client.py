@@ -217,7 +217,7 @@ async def _batches(response: httpx.Response) -> AsyncIterator[list[Delta]]:
         async for raw in response.aiter_raw():
             if reader.done:
                 continue
-            batch = reader.take(decoder.feed(raw))
+            batch = reader.take_runs((decoder.feed_run(raw),))
             if batch:
                 yield batch
         if reader.done:

@@ -1,9 +1,10 @@
 """The events of one streamed chat answer, in batches, as the relay reads them.
 
 One read from llama-server holds one event when tokens come at a human pace and many
-under load. ``EventReader.take`` turns the ``data:`` payloads of one read into one batch:
-a token's text as a plain ``str`` (nearly every event; no object is built for it, see
-``sse.content_only``), anything else as ``ChunkEvents``. The relay loops over a batch
+under load. ``EventReader.take_runs`` turns the events of one read into one batch: the
+texts of consecutive tokens as one ``list[str]`` (nearly every event; read without a
+step of Python per token where the chunks keep llama-server's layout, see
+``sse.TokenLayout``), anything else as ``ChunkEvents``. The relay loops over a batch
 without awaiting, so a busy stream costs one wake-up per read, not one per token.
 ``ChatStream`` also yields event by event, as ``ChunkEvents`` only, for every other caller.
 """
@@ -13,39 +14,68 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 
 from orion_llamaccp.engine.http_errors import chat_event
-from orion_llamaccp.engine.sse import DONE, ChunkEvents, content_only
+from orion_llamaccp.engine.sse import DONE, ChunkEvents, TokenLayout, content_only, events_of
 from orion_llamaccp.errors import UpstreamError
 
-Delta = str | ChunkEvents
-"""A token's text, or any other event of the stream."""
+Delta = list[str] | ChunkEvents
+"""The texts of consecutive tokens, or any other event of the stream."""
 
 
 class EventReader:
-    """Reads one stream's payloads; a ``[DONE]`` before a finish reason, an error sent
+    """Reads one stream's events; a ``[DONE]`` before a finish reason, an error sent
     inside the stream, or a stream that ends without a finish reason raises, so a broken
     answer is never taken for a short one."""
 
-    __slots__ = ("done", "finished")
+    __slots__ = ("_layout", "done", "finished")
 
     def __init__(self) -> None:
         self.finished = False
         self.done = False  # [DONE] was read: whatever follows is ignored
+        self._layout: TokenLayout | None = None
+
+    def take_runs(self, runs: Iterable[bytes]) -> list[Delta]:
+        """One batch from runs of whole events (``SSEDecoder.feed_run``)."""
+        batch: list[Delta] = []
+        for run in runs:
+            layout = self._layout
+            texts = layout.texts(run) if layout is not None else None
+            if texts is None:
+                self._take(events_of(run), batch)
+                if self.done:
+                    break
+            elif batch and isinstance(batch[-1], list):
+                batch[-1].extend(texts)
+            else:
+                batch.append(texts)
+        return batch
 
     def take(self, payloads: Iterable[bytes]) -> list[Delta]:
+        """One batch from ``data`` payloads, event by event."""
         batch: list[Delta] = []
-        append = batch.append
+        self._take(payloads, batch)
+        return batch
+
+    def _take(self, payloads: Iterable[bytes], batch: list[Delta]) -> None:
+        texts = batch[-1] if batch and isinstance(batch[-1], list) else None
+        token = None  # the last token chunk read: the layout to read the next runs with
         for data in payloads:
             text = content_only(data)
             if text is not None:
-                append(text)
+                if texts is None:
+                    texts = []
+                    batch.append(texts)
+                texts.append(text)
+                token = data
                 continue
+            texts = None
             events = chat_event(data, self.finished)
             if events is None:
                 self.done = True
                 break
             self.finished = self.finished or bool(events.finish_reason)
-            append(events)
-        return batch
+            batch.append(events)
+        if token is not None:
+            self._layout = TokenLayout.learn(token)
 
     def end(self, rest: list[bytes]) -> list[Delta]:
         """The stream closed without ``[DONE]``: the events left unterminated, if its
@@ -68,4 +98,8 @@ class ChatStream:
     async def __aiter__(self) -> AsyncIterator[ChunkEvents]:
         async for batch in self._batches:
             for item in batch:
-                yield ChunkEvents(content=item) if isinstance(item, str) else item
+                if isinstance(item, list):
+                    for text in item:
+                        yield ChunkEvents(content=text)
+                else:
+                    yield item

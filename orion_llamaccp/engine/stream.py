@@ -10,7 +10,6 @@ which tells llama-server to stop generating.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,16 +18,16 @@ from orion_llamaccp.engine.http_errors import raise_for_response
 from orion_llamaccp.engine.sse import ProtocolError, ResponseDecoder, SSEDecoder
 from orion_llamaccp.errors import EngineUnavailable, UpstreamError
 
-_HIGH_WATER = 1024  # decoded events waiting for the reader: stop reading the socket
-_LOW_WATER = 128  # ... and read again once the reader is down to this many
+_HIGH_WATER = 256 * 1024  # bytes of events waiting for the reader: stop reading the socket
+_LOW_WATER = 32 * 1024  # ... and read again once the reader is down to this many
 _FINISH_GRACE = 5.0  # seconds a response may take to end after [DONE] and still be reused
 
 
 class StreamConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection carrying one streamed response at a time.
 
-    ``data_received`` decodes at once (HTTP framing, then SSE) into ``payloads``; the
-    reader (``stream_batches``) awaits ``wait()`` only when it has consumed them all. A
+    ``data_received`` decodes at once (HTTP framing, then SSE) into ``runs`` of whole
+    events; the reader (``stream_batches``) awaits ``wait()`` only when it has consumed them all. A
     timer per response fails it after ``read_timeout`` seconds without a byte.
     """
 
@@ -50,7 +49,8 @@ class StreamConnection(asyncio.Protocol):
     def _reset(self) -> None:
         self.decoder = ResponseDecoder()
         self.sse = SSEDecoder()
-        self.payloads: deque[bytes] = deque()
+        self.runs: list[bytes] = []
+        self.pending = 0  # bytes in runs
         self.body: list[bytes] = []
         self.failure: BaseException | None = None
         self.received = 0
@@ -78,11 +78,13 @@ class StreamConnection(asyncio.Protocol):
             return
         if body:
             if decoder.status == 200:
-                payloads = self.payloads
-                payloads.extend(self.sse.feed(body))
-                if len(payloads) > _HIGH_WATER and not self.paused and self.transport:
-                    self.paused = True
-                    self.transport.pause_reading()
+                run = self.sse.feed_run(body)
+                if run:
+                    self.runs.append(run)
+                    self.pending += len(run)
+                    if self.pending > _HIGH_WATER and not self.paused and self.transport:
+                        self.paused = True
+                        self.transport.pause_reading()
             else:
                 self.body.append(body)
         if decoder.complete and self.on_complete is not None:
@@ -116,7 +118,7 @@ class StreamConnection(asyncio.Protocol):
 
     async def wait(self) -> None:
         """Until more bytes are decoded, the response ends, or it fails."""
-        if self.paused and len(self.payloads) <= _LOW_WATER and self.transport:
+        if self.paused and self.pending <= _LOW_WATER and self.transport:
             self.paused = False
             self.transport.resume_reading()
         if self.failure is not None or self.decoder.complete:
@@ -159,7 +161,8 @@ class StreamConnection(asyncio.Protocol):
         if self.grace is not None:
             self.grace.cancel()
             self.grace = None
-        self.payloads.clear()
+        self.runs.clear()
+        self.pending = 0
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
@@ -400,12 +403,13 @@ class StreamPool:
 
 async def stream_batches(conn: StreamConnection) -> AsyncIterator[list[Delta]]:
     """The events of one streamed response, a batch per wake-up, as fast as decoded."""
-    payloads = conn.payloads
     reader = EventReader()
     while True:
-        if payloads:
-            batch = reader.take(payloads)  # nothing adds to it meanwhile: no await in take
-            payloads.clear()
+        runs = conn.runs
+        if runs:
+            batch = reader.take_runs(runs)  # nothing adds to it meanwhile: no await in take
+            runs.clear()
+            conn.pending = 0
             conn.saw_done = reader.done
             if batch:
                 yield batch

@@ -1,6 +1,6 @@
 """Running one request on llama-server: wait for the engine, stream, relay, retry.
 
-The per-token loop (``_relay``) lives here, kept free of awaits other than the next event;
+The relay loop (``_relay``) lives here, kept free of awaits other than the next batch;
 chunks leave through a ``ChunkStream`` that publishes nothing until the request is known
 to be ours (``owned``).
 """
@@ -236,18 +236,19 @@ class Generator:
         return generation
 
     async def _relay(self, stream: ChatStream, gen: Generation, chunks: ChunkStream | None) -> None:
-        """The per-token loop: one await per read from llama-server, none per token."""
+        """The relay: one await per read from llama-server, no step per token."""
         push = chunks.push if chunks is not None else None
+        push_texts = chunks.push_texts if chunks is not None else None
         content = gen.content
         async for batch in stream.batches():
             for event in batch:
-                if isinstance(event, str):  # a token's text: nearly every event
+                if isinstance(event, list):  # the texts of tokens: nearly every event
                     if gen.first_token_at is None:
                         gen.first_token_at = time.monotonic()
-                    content.append(event)
-                    gen.tokens += 1
-                    if push is not None:
-                        push(event)
+                    content += event
+                    gen.tokens += len(event)
+                    if push_texts is not None:
+                        push_texts(event)
                 else:
                     _take(gen, event, push)
 

@@ -7,9 +7,16 @@ import os
 import signal
 
 import httpx
+import orjson
 import pytest
 
-from orion_llamaccp.engine.sse import ChunkEvents, SSEDecoder, content_only, parse_chunk
+from orion_llamaccp.engine.sse import (
+    ChunkEvents,
+    SSEDecoder,
+    TokenLayout,
+    content_only,
+    parse_chunk,
+)
 from orion_llamaccp.engine.supervisor import Supervisor
 from orion_llamaccp.errors import ContextExceeded, UpstreamError
 from tests.support.procs import wait_until_async
@@ -182,6 +189,16 @@ async def test_token_fast_path_reads_real_llama_server_chunks_as_the_full_parse_
     assert len(plain_tokens) >= 10  # (a random model's token may decode to no text yet)
     assert [data for data in plain if content_only(data) is not None] == plain_tokens
     assert not [data for data in timed if content_only(data) is not None]  # all carry timings
+    # ... and so does TokenLayout, which reads a run of them in one parse: the tokens of
+    # one second (``created``) of the answer, learnt from any one of them
+    by_second: dict[int, list[bytes]] = {}
+    for data in plain_tokens:
+        by_second.setdefault(orjson.loads(data)["created"], []).append(data)
+    run = max(by_second.values(), key=len)
+    layout = TokenLayout.learn(run[-1])
+    assert layout is not None and len(run) >= 5
+    texts = layout.texts(b"".join(b"data: %b\n\n" % data for data in run))
+    assert texts == [parse_chunk(data).content for data in run]
 
 
 async def test_requests_find_a_connection_opened_ahead(ready_engine: Supervisor) -> None:

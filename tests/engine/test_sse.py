@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import orjson
 import pytest
 
@@ -11,12 +13,38 @@ from orion_llamaccp.engine.sse import (
     ProtocolError,
     ResponseDecoder,
     SSEDecoder,
+    TokenLayout,
     content_only,
+    events_of,
     parse_chunk,
 )
 from orion_llamaccp.errors import UpstreamError
 
 HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+TEXTS = [" w", 'a"}}],"created":1,"object":"chat.completion.chunk"}', "new\nline", "é😀", "\\"]
+
+
+def _chunk(delta: dict, finish: str | None = None, created: int = 1) -> bytes:
+    """A chunk as llama-server lays it out."""
+    return orjson.dumps(
+        {
+            "choices": [{"finish_reason": finish, "index": 0, "delta": delta}],
+            "created": created,
+            "id": "chatcmpl-x",
+            "model": "m.gguf",
+            "system_fingerprint": "b0",
+            "object": "chat.completion.chunk",
+        }
+    )
+
+
+def _run(*payloads: bytes) -> bytes:
+    return b"".join(b"data: %b\n\n" % data for data in payloads)
+
+
+def _flat(batch: list) -> list:
+    """A batch with its runs of texts spelled out one text at a time."""
+    return [item for entry in batch for item in (entry if isinstance(entry, list) else [entry])]
 
 
 def test_chunked_body_split_anywhere_with_an_extension_and_trailers() -> None:
@@ -103,12 +131,100 @@ def test_event_reader_batches_a_read_and_stops_at_done() -> None:
     finish = b'{"choices":[{"finish_reason":"stop","index":0,"delta":{}}]}'
     reader = EventReader()
     batch = reader.take([token, token, finish, b"[DONE]", token])
-    assert batch[:2] == ["hi", "hi"]
-    assert isinstance(batch[2], ChunkEvents) and batch[2].finish_reason == "stop"
-    assert len(batch) == 3 and reader.done and reader.finished
+    assert batch[0] == ["hi", "hi"]  # consecutive tokens: one list of their texts
+    assert isinstance(batch[1], ChunkEvents) and batch[1].finish_reason == "stop"
+    assert len(batch) == 2 and reader.done and reader.finished
     with pytest.raises(UpstreamError, match="without a finish reason"):
         EventReader().take([token, b"[DONE]"])
     with pytest.raises(UpstreamError, match="ended without a finish reason"):
         EventReader().end([token])
     with pytest.raises(UpstreamError, match="mid-stream"):
         EventReader().take([b'{"error":{"code":500,"message":"boom"}}'])
+
+
+def test_whole_chunks_read_in_one_split_decode_as_the_chunk_loop_does() -> None:
+    """A read of whole chunks is unframed by one split (``_whole_chunks``); bodies whose
+    data hold CRLFs and size-like lines must come out as the loop reads them, at any cut."""
+    rng = random.Random(7)
+    alphabet = [b"\r\n", b"\r", b"\n", b"0", b"a", b"f", b"1\r\n", b"data: x", b";"]
+    for _ in range(300):
+        datas = [
+            b"".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6)))
+            for _ in range(rng.randint(1, 5))
+        ]
+        wire = HEAD + b"".join(b"%x\r\n%b\r\n" % (len(d), d) for d in datas) + b"0\r\n\r\n"
+        cuts = sorted(rng.sample(range(len(HEAD), len(wire)), 3))
+        decoder = ResponseDecoder()
+        pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+        body = b"".join(decoder.feed(piece) for piece in pieces)
+        assert (body, decoder.complete) == (b"".join(datas), True)
+
+
+def test_sse_runs_end_at_a_blank_line_and_keep_the_rest_for_the_next_read() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed_run(b"data: a\n\ndata: b") == b"data: a\n\n"
+    assert decoder.feed_run(b"\r\n\r\ndata: c\n\n") == b"data: b\n\ndata: c\n\n"
+    assert decoder.feed_run(b"data: d\n") == b""
+    assert events_of(decoder.feed_run(b"\n")) == [b"d"]
+
+
+def test_a_run_of_token_chunks_reads_in_one_parse_as_event_by_event() -> None:
+    tokens = [_chunk({"content": text}) for text in TEXTS]
+    layout = TokenLayout.learn(tokens[0])
+    assert layout is not None
+    assert layout.texts(_run(*tokens)) == TEXTS
+    assert layout.texts(_run(tokens[1])) == TEXTS[1:2]
+    escaped = _run(*tokens).replace(b"\xc3\xa9", b"\\u00e9")
+    assert layout.texts(escaped) == TEXTS
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        _chunk({"role": "assistant", "content": None}),
+        _chunk({"content": ""}),
+        _chunk({}, "stop"),
+        _chunk({"content": "x"}, created=2),  # llama-server's clock ticked
+        _chunk({"content": "x"})[:-1] + b',"timings":{"predicted_n":1}}',
+        b"[DONE]",
+    ],
+)
+def test_a_run_with_any_other_event_is_read_event_by_event(odd: bytes) -> None:
+    tokens = [_chunk({"content": text}) for text in TEXTS]
+    layout = TokenLayout.learn(tokens[0])
+    assert layout is not None
+    for at in (0, 2, len(tokens)):
+        run = _run(*tokens[:at], odd, *tokens[at:])
+        assert layout.texts(run) is None
+        whole = _outcome("take_runs", [_run(tokens[0]), run])
+        by_event = _outcome("take", [tokens[0], *events_of(run)])
+        assert whole == by_event
+
+
+def _outcome(method: str, data: list[bytes]) -> tuple:
+    """What a new reader's ``take`` or ``take_runs`` made of ``data``, or what it raised."""
+    reader = EventReader()
+    try:
+        batch = getattr(reader, method)(data)
+    except UpstreamError as exc:
+        return ("raised", str(exc))
+    return (_flat(batch), reader.done, reader.finished)
+
+
+def test_event_reader_reads_runs_as_it_reads_events_and_learns_the_layout_again() -> None:
+    tokens = [_chunk({"content": text}) for text in TEXTS]
+    later = [_chunk({"content": text}, created=2) for text in TEXTS]
+    runs = [
+        _run(_chunk({"role": "assistant", "content": None}), tokens[0]),
+        _run(*tokens),  # one parse: the layout came with the first run
+        _run(*later),  # the clock ticked: event by event, then the new layout
+        _run(*later[::-1]),
+        _run(_chunk({}, "length"), b"[DONE]"),
+    ]
+    reader = EventReader()
+    batches = [reader.take_runs([run]) for run in runs]
+    assert _flat([e for b in batches for e in b]) == _flat(
+        EventReader().take([data for run in runs for data in events_of(run)])
+    )
+    assert batches[1] == [TEXTS] and batches[3] == [TEXTS[::-1]]
+    assert reader.done and reader.finished

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from functools import partial
 
 import pytest
 
 from orion_llamaccp.engine.client import Sent
-from orion_llamaccp.engine.stream import StreamPool, stream_batches
+from orion_llamaccp.engine.stream import _HIGH_WATER, StreamPool, stream_batches
 
 SSE = (
     b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
@@ -113,3 +114,53 @@ async def test_requests_written_ahead_and_dropped_give_their_connections_back(
             assert pool.handed_out == 0
     finally:
         pool.close()
+
+
+TOKEN = (
+    b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content":"%d "}}],"created":1,'
+    b'"id":"c","model":"m","system_fingerprint":"b0","object":"chat.completion.chunk"}'
+)
+FINISH = b'{"choices":[{"finish_reason":"length","index":0,"delta":{}}],"created":1}'
+
+
+async def _flood(tokens: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A long answer written at once, framed as llama-server frames it (a chunk per event)."""
+    await reader.readuntil(b"\r\n\r\n")
+    events = [TOKEN % n for n in range(tokens)] + [FINISH, b"[DONE]"]
+    chunks = (b"data: %b\n\n" % data for data in events)
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n" + b"".join(b"%x\r\n%b\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    )
+    await writer.drain()
+    writer.close()
+
+
+async def test_a_reader_that_falls_behind_pauses_the_socket_and_loses_no_token() -> None:
+    """Decoded events wait for the relay in memory only up to a bound: past it the
+    connection stops reading (TCP pushes back on the server) until the relay catches up.
+    A stand-in server writes 40,000 token chunks (about 5 MB) at once, faster than any
+    llama-server; every token arrives, in order, a list of texts per read, not one per token."""
+    tokens = 40_000
+    server = await asyncio.start_server(partial(_flood, tokens), "127.0.0.1", 0)
+    pool = _pool(server.sockets[0].getsockname()[1], slots=1)
+    try:
+        conn = await pool.open(b"{}")
+        for _ in range(500):
+            if conn.paused:
+                break
+            await asyncio.sleep(0.002)  # the relay is busy elsewhere: nothing reads
+        assert conn.paused and conn.pending < 2 * _HIGH_WATER
+        texts: list[str] = []
+        runs = 0
+        async for batch in stream_batches(conn):
+            for delta in batch:
+                if isinstance(delta, list):
+                    texts += delta
+                    runs += 1
+        pool.finish(conn)
+        assert texts == [f"{n} " for n in range(tokens)]
+        assert runs < tokens // 10
+    finally:
+        pool.close()
+        server.close()
