@@ -8,6 +8,10 @@ runs that take turns do. A is a clone of this repository at ``--base``; B is a c
 working tree as it is (what git tracks, and untracked files it does not ignore). Both run
 with this interpreter, each with its own folder first on ``PYTHONPATH``, in the order A,
 B, A, B, ...; each run's output is printed under a header as it ends.
+
+``--base-tree DIR`` takes A from a folder instead (``git archive`` of the base commit)
+and runs B in this checkout: for a machine with no git history, such as the GPU one
+(``bench/gpu/run.sh ab``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def run_in(tree: Path, args: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab")
     parser.add_argument("--base", default="HEAD", help="the commit A runs (default HEAD)")
+    parser.add_argument("--base-tree", type=Path, help="A's files, instead of --base")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then python's arguments")
     args = parser.parse_args(argv)
@@ -61,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("give the command after --, e.g. -- -m bench.relay --rounds 60")
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
-        a, b = prepare(args.base, Path(tmp))
+        if args.base_tree is not None:
+            a, b, base = args.base_tree.resolve(), REPO, str(args.base_tree)
+        else:
+            (a, b), base = prepare(args.base, Path(tmp)), args.base
         for n in range(1, args.pairs + 1):
             for side, tree in (("A", a), ("B", b)):
-                label = args.base if side == "A" else "working tree"
+                label = base if side == "A" else "working tree"
                 print(f"== {side}{n} ({label})", flush=True)
                 print(run_in(tree, command), flush=True)
     return 0

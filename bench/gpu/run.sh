@@ -7,6 +7,7 @@
 #   bench/gpu/run.sh pinning # 4 alone, with the engine already built
 #   bench/gpu/run.sh bench   # 5: relay overhead (c1, c=slots, coalescing on/off), capacity
 #   bench/gpu/run.sh diagnose # where the first token waits: burst intake, traces at c1, c=slots
+#   bench/gpu/run.sh ab      # capacity, taking turns with .gpu/base (prepare.sh BASE=...); no build
 #   bench/gpu/run.sh all
 #
 # Output goes to $OUT (the device tool brings it back) or to .gpu-out/.
@@ -146,6 +147,12 @@ diagnose() {  # both print only; what they print is in the phase's log
   done
 }
 
+ab() {  # the worker's CPU per token on this host, against the base commit, in one run
+  bench_env
+  python3 -m bench.ab --base-tree .gpu/base --pairs "${BENCH_PAIRS:-3}" -- -m bench capacity \
+    | tee "$OUT/ab-capacity.txt"
+}
+
 log "phase $PHASE on $(hostname): $(nproc) cores; $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no GPU')"
 setup_python
 case "$PHASE" in
@@ -153,7 +160,8 @@ case "$PHASE" in
   pinning) make_model >/dev/null; pinning ;;
   bench) bench ;;
   diagnose) diagnose ;;
+  ab) ab ;;
   all) build; make_model >/dev/null; pinning; bench; diagnose ;;
-  *) echo "usage: $0 build|pinning|bench|diagnose|all" >&2; exit 2 ;;
+  *) echo "usage: $0 build|pinning|bench|diagnose|ab|all" >&2; exit 2 ;;
 esac
 log "done"

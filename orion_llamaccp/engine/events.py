@@ -14,7 +14,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 
 from orion_llamaccp.engine.http_errors import chat_event
-from orion_llamaccp.engine.sse import DONE, ChunkEvents, TokenLayout, content_only, events_of
+from orion_llamaccp.engine.sse import (
+    DONE,
+    TOKEN_EVENT,
+    ChunkEvents,
+    TokenLayout,
+    content_only,
+    events_of,
+)
 from orion_llamaccp.errors import UpstreamError
 
 Delta = list[str] | ChunkEvents
@@ -40,7 +47,7 @@ class EventReader:
             layout = self._layout
             texts = layout.texts(run) if layout is not None else None
             if texts is None:
-                self._take(events_of(run), batch)
+                self._take_run(run, batch)
                 if self.done:
                     break
             elif batch and isinstance(batch[-1], list):
@@ -48,6 +55,34 @@ class EventReader:
             else:
                 batch.append(texts)
         return batch
+
+    def _take_run(self, run: bytes, batch: list[Delta]) -> None:
+        """A run with events other than tokens of the known layout: the answer's first
+        read (the role, then tokens), its last (tokens, then the finish, usage and
+        ``[DONE]``), or one where ``created`` ticked. The tokens between the first and
+        the last token event are read in one parse if they are all tokens of one layout
+        (learnt from the first of them), the rest event by event."""
+        start = run.find(TOKEN_EVENT)
+        layout = None
+        if start == 0 or (start > 0 and run[start - 2 : start] == b"\n\n"):
+            layout = TokenLayout.learn(run[start + 6 : run.find(b"\n\n", start)])
+        if layout is None:
+            self._take(events_of(run), batch)
+            return
+        self._layout = layout
+        stop = run.rfind(layout.last) + len(layout.last)
+        texts = layout.texts(run[start:stop]) if stop > start else None
+        if texts is None:
+            self._take(events_of(run), batch)
+            return
+        self._take(events_of(run[:start]), batch)
+        if self.done:
+            return
+        if batch and isinstance(batch[-1], list):
+            batch[-1].extend(texts)
+        else:
+            batch.append(texts)
+        self._take(events_of(run[stop:]), batch)
 
     def take(self, payloads: Iterable[bytes]) -> list[Delta]:
         """One batch from ``data`` payloads, event by event."""

@@ -111,9 +111,16 @@ class ResponseDecoder:
         return buffer[end + 4 :]
 
     def _chunks(self, buffer: bytes) -> bytes:
-        whole = _whole_chunks(buffer)
-        if whole is not None:
-            return whole
+        if buffer.endswith(b"\r\n"):  # a read that ends where a write did: the usual one
+            if buffer.endswith(b"\r\n0\r\n\r\n"):  # ... and the last chunk (no trailers)
+                body = _whole_chunks(buffer[:-5])
+                if body is not None:
+                    self._mode = _DONE
+                    return body
+            else:
+                body = _whole_chunks(buffer)
+                if body is not None:
+                    return body
         pieces = []
         pos = 0
         size_of = int
@@ -154,6 +161,13 @@ def _whole_chunks(buffer: bytes) -> bytes | None:
     (by induction over the chunks), so any other buffer (a last chunk, an extension, a
     CRLF inside data, a read that ends mid-chunk) is left to that loop.
     """
+    eol = buffer.find(b"\r\n")
+    try:
+        size = int(buffer[:eol], 16)
+    except ValueError:
+        return None
+    if eol + size + 4 == len(buffer):  # one chunk: a token at a GPU's pace
+        return buffer[eol + 2 : -2] if size and buffer.endswith(b"\r\n") else None
     if not buffer.endswith(b"\r\n"):
         return None
     parts = buffer.split(b"\r\n")
@@ -195,9 +209,14 @@ class SSEDecoder:
         if buffer.endswith(b"\n\n") and not buffer.endswith(b"\n\n\n"):
             self._buffer = b""  # a read that ends with an event: llama-server's usual one
             return buffer
-        rest = buffer.split(b"\n\n")[-1]  # where a left-to-right split leaves off
-        self._buffer = rest
-        return buffer[: len(buffer) - len(rest)]
+        end = buffer.rfind(b"\n\n") + 2  # from the end: only the partial event is read
+        if end == 1:
+            self._buffer = buffer
+            return b""
+        if buffer[end - 3 : end - 2] == b"\n":  # 3+ newlines: pair them as split does
+            end = len(buffer) - len(buffer.split(b"\n\n")[-1])
+        self._buffer = buffer[end:]
+        return buffer[:end]
 
     def feed(self, chunk: bytes) -> list[bytes]:
         return events_of(self.feed_run(chunk))
@@ -280,6 +299,8 @@ _CONTENT_HEAD = b'{"choices":[{"finish_reason":null,"index":0,"delta":{"content"
 _CONTENT_END = b'"}}],"created":'
 _CHUNK_END = b',"object":"chat.completion.chunk"}'
 _TEXT_AT = len(_CONTENT_HEAD) - 1  # the opening quote of the text
+TOKEN_EVENT = b"data: " + _CONTENT_HEAD
+"""How a token's event starts (its text follows)."""
 
 
 def content_only(data: bytes) -> str | None:
@@ -326,13 +347,14 @@ class TokenLayout:
     a run is read event by event once and the reader learns the layout again.
     """
 
-    __slots__ = ("_between", "_first", "_last")
+    __slots__ = ("_between", "_first", "last")
 
     def __init__(self, head: bytes, tail: bytes) -> None:
         first = b"data: " + head
         self._first = first
         self._between = tail + b"\n\n" + first
-        self._last = tail + b"\n\n"
+        self.last = tail + b"\n\n"
+        """How a token's event of this layout ends (its text before)."""
 
     @classmethod
     def learn(cls, data: bytes) -> TokenLayout | None:
@@ -345,14 +367,19 @@ class TokenLayout:
     def texts(self, run: bytes) -> list[str] | None:
         """The texts of a run of whole events (``SSEDecoder.feed_run``) if every one of
         them is a token chunk of this layout, else None."""
-        first, last = self._first, self._last
+        first, last = self._first, self.last
         if not (
             run.startswith(first) and run.endswith(last) and len(run) >= len(first) + len(last)
         ):
             return None
-        pieces = run[len(first) : len(run) - len(last)].split(self._between)
+        start, end = len(first), len(run) - len(last)
+        between = self._between
+        pieces = run[start:end].split(between) if end - start > len(between) else None
         try:
-            texts = orjson.loads(b'["%b"]' % b'","'.join(pieces))
+            if pieces is None or len(pieces) == 1:  # one event: its quoted text is JSON
+                text = orjson.loads(run[start - 1 : end + 1])
+                return [text] if text else None
+            texts = orjson.loads(b'["' + b'","'.join(pieces) + b'"]')
         except orjson.JSONDecodeError:
             return None
         if len(texts) != len(pieces) or "" in texts:

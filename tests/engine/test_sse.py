@@ -7,6 +7,7 @@ import random
 import orjson
 import pytest
 
+from orion_llamaccp.engine import events
 from orion_llamaccp.engine.events import EventReader
 from orion_llamaccp.engine.sse import (
     ChunkEvents,
@@ -21,7 +22,14 @@ from orion_llamaccp.engine.sse import (
 from orion_llamaccp.errors import UpstreamError
 
 HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-TEXTS = [" w", 'a"}}],"created":1,"object":"chat.completion.chunk"}', "new\nline", "é😀", "\\"]
+TEXTS = [
+    " w",
+    "x" * 300,  # longer than the bytes between two texts
+    'a"}}],"created":1,"object":"chat.completion.chunk"}',
+    "new\nline",
+    "é😀",
+    "\\",
+]
 
 
 def _chunk(delta: dict, finish: str | None = None, created: int = 1) -> bytes:
@@ -228,3 +236,29 @@ def test_event_reader_reads_runs_as_it_reads_events_and_learns_the_layout_again(
     )
     assert batches[1] == [TEXTS] and batches[3] == [TEXTS[::-1]]
     assert reader.done and reader.finished
+
+
+def test_a_first_and_a_last_read_take_their_tokens_in_one_parse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An answer's first read starts with the role chunk and its last ends with the
+    finish, usage and ``[DONE]``; at a capacity benchmark's pace one read can hold the
+    whole answer. The tokens between are still read in one parse, the rest event by
+    event, and the batch is what reading every event alone makes of it."""
+    role = _chunk({"role": "assistant", "content": None})
+    tokens = [_chunk({"content": text}) for text in TEXTS] * 3
+    usage = b'{"choices":[],"created":1,"usage":{"completion_tokens":18}}'
+    whole = _run(role, *tokens, _chunk({}, "length"), usage, b"[DONE]")
+    by_event = _outcome("take", events_of(whole))
+    read_alone = []
+
+    def token_alone(data: bytes) -> str | None:
+        text = content_only(data)
+        if text is not None:
+            read_alone.append(text)
+        return text
+
+    monkeypatch.setattr(events, "content_only", token_alone)
+    assert _outcome("take_runs", [whole]) == by_event
+    assert read_alone == []  # no token was read on its own
+    assert by_event[0][1 : 1 + len(tokens)] == TEXTS * 3
