@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -121,6 +122,12 @@ class ResponseDecoder:
                 body = _whole_chunks(buffer)
                 if body is not None:
                     return body
+        else:  # a read that ends inside a chunk (a full socket buffer): the chunks before it
+            cut = buffer.rfind(b"\n\n\r\n") + 4  # where an event's chunk ends, from the end
+            body = _whole_chunks(buffer[:cut]) if cut > 4 else None
+            if body is not None:
+                self._buffer = buffer[cut:]
+                return body
         pieces = []
         pos = 0
         size_of = int
@@ -336,25 +343,26 @@ def _text_end(data: bytes) -> int:
 class TokenLayout:
     """The bytes around a token's text in one answer's chunks, to read a run of them at once.
 
-    Between two token chunks llama-server writes the same bytes every time: the first
-    chunk's tail (``created``, ``id``, ``model``, ...), the blank line, the next chunk's
-    head. Split at them and joined with ``","``, a run of token events becomes a JSON
-    array of their texts, which one ``orjson.loads`` reads: no step of Python per token.
-    The result is exactly what ``content_only`` reads event by event, or None. A text
-    cannot hold those bytes (every quote in it is escaped), and an event of another
-    layout leaves a raw line break (the parse fails) or an unescaped quote (the parse
-    fails, or yields more texts than pieces). ``created`` is in seconds: when it ticks,
-    a run is read event by event once and the reader learns the layout again.
+    A token's chunk is the same bytes every time but for its text: the head (up to the
+    opening quote of the text) is fixed, and the tail (``created``, ``id``, ``model``,
+    ...) is the same for every token of an answer until ``created`` (seconds) ticks. A
+    run of token events is split at its blank lines, each event's quoted text sliced out
+    by a C-level ``map``, and the run checked by joining the texts back with the bytes
+    between them; one ``orjson.loads`` then reads them all: no step of Python per token.
+    The result is exactly what ``content_only`` reads event by event, or None: an event
+    of another layout fails the check, and a text with an unescaped quote fails the
+    parse or yields more texts than events. When ``created`` ticks, a run is read event
+    by event once and the reader learns the layout again.
     """
 
-    __slots__ = ("_between", "_first", "last")
+    __slots__ = ("_between", "_quoted", "_two", "last")
 
-    def __init__(self, head: bytes, tail: bytes) -> None:
-        first = b"data: " + head
-        self._first = first
-        self._between = tail + b"\n\n" + first
+    def __init__(self, tail: bytes) -> None:
+        self._quoted = itemgetter(slice(_TEXT_AT, 1 - len(tail)))  # the text, quotes included
+        self._between = tail[1:] + b"\n\n" + TOKEN_EVENT[:-1]  # from one quoted text to the next
         self.last = tail + b"\n\n"
         """How a token's event of this layout ends (its text before)."""
+        self._two = 2 * (len(TOKEN_EVENT) + len(self.last))  # two events take at least this
 
     @classmethod
     def learn(cls, data: bytes) -> TokenLayout | None:
@@ -362,26 +370,26 @@ class TokenLayout:
         end = _text_end(data)
         if end < 0 or b"\n" in data:
             return None
-        return cls(data[: _TEXT_AT + 1], data[end:])
+        return cls(data[end:])
 
     def texts(self, run: bytes) -> list[str] | None:
         """The texts of a run of whole events (``SSEDecoder.feed_run``) if every one of
         them is a token chunk of this layout, else None."""
-        first, last = self._first, self.last
-        if not (
-            run.startswith(first) and run.endswith(last) and len(run) >= len(first) + len(last)
-        ):
+        if not (run.startswith(TOKEN_EVENT) and run.endswith(self.last)):
             return None
-        start, end = len(first), len(run) - len(last)
-        between = self._between
-        pieces = run[start:end].split(between) if end - start > len(between) else None
+        start, end = len(TOKEN_EVENT) - 1, len(run) - len(self.last) + 1
+        # a run too short for two events is one: a token at a GPU's pace
+        events = run[6:-2].split(b"\n\ndata: ") if len(run) >= self._two else ()
         try:
-            if pieces is None or len(pieces) == 1:  # one event: its quoted text is JSON
-                text = orjson.loads(run[start - 1 : end + 1])
+            if len(events) < 2:  # one event: its quoted text is a JSON string
+                text = orjson.loads(run[start:end])
                 return [text] if text else None
-            texts = orjson.loads(b'["' + b'","'.join(pieces) + b'"]')
+            quoted = list(map(self._quoted, events))
+            if self._between.join(quoted) != run[start:end]:
+                return None
+            texts = orjson.loads(b"[%b]" % b",".join(quoted))
         except orjson.JSONDecodeError:
             return None
-        if len(texts) != len(pieces) or "" in texts:
-            return None  # an event of another kind, or an empty delta: event by event
+        if len(texts) != len(events) or "" in texts:
+            return None  # an empty delta, or an unescaped quote: event by event
         return texts

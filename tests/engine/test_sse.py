@@ -168,6 +168,20 @@ def test_whole_chunks_read_in_one_split_decode_as_the_chunk_loop_does() -> None:
         assert (body, decoder.complete) == (b"".join(datas), True)
 
 
+def test_llama_server_framing_cut_anywhere_decodes_whole() -> None:
+    """Each event in its own chunk, as llama-server writes them: reads that end with a
+    chunk, inside one, or with the last chunk take the one-split paths where they can."""
+    events = [_run(_chunk({"content": text})) for text in TEXTS] + [_run(b"[DONE]")]
+    chunks = b"".join(b"%x\r\n%b\r\n" % (len(event), event) for event in events)
+    wire = HEAD + chunks + b"0\r\n\r\n"
+    for cut in range(len(HEAD), len(wire)):
+        for second_cut in (cut, (cut + len(wire)) // 2):
+            decoder = ResponseDecoder()
+            pieces = (wire[:cut], wire[cut:second_cut], wire[second_cut:])
+            body = b"".join(decoder.feed(piece) for piece in pieces)
+            assert (body, decoder.complete) == (b"".join(events), True)
+
+
 def test_sse_runs_end_at_a_blank_line_and_keep_the_rest_for_the_next_read() -> None:
     decoder = SSEDecoder()
     assert decoder.feed_run(b"data: a\n\ndata: b") == b"data: a\n\n"
