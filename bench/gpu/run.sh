@@ -119,6 +119,10 @@ bench_env() {
     BENCH_MAX_TOKENS="${BENCH_MAX_TOKENS:-512}" \
     LLAMA_SERVER_BIN="$WORK/llama-server/bin/llama-server" \
     ORION_LLAMACPP_BUILD_DIR="$WORK/llama-server"
+  redis_env
+}
+
+redis_env() {
   # The bench's workers find redis-server on PATH.
   if [ -x .gpu/redis/redis-server ]; then
     mkdir -p "$WORK/bin"
@@ -148,7 +152,7 @@ diagnose() {  # both print only; what they print is in the phase's log
 }
 
 ab() {  # the worker's CPU per token on this host, against the base commit, in one run
-  bench_env
+  redis_env
   python3 -m bench.ab --base-tree .gpu/base --pairs "${BENCH_PAIRS:-3}" -- -m bench capacity \
     | tee "$OUT/ab-capacity.txt"
 }
