@@ -1,4 +1,4 @@
-"""What reading a streamed answer costs per token: whole reads at once, or event by event.
+"""What reading a streamed answer costs per token: a read's tokens at once, or one by one.
 
     python -m bench.decode [--reads 20000]
 
@@ -6,18 +6,20 @@ The worker decodes llama-server's stream in three layers (HTTP chunked framing, 
 events, the token chunks' JSON), then hands the texts to the relay. Both ways through
 those layers run here on the same bytes, in the same process, taking turns:
 
-- *whole reads*: a read that ends where a write did, as on loopback nearly every read
-  does: the framing comes off in one split (``sse._whole_chunks``) and a run of token
-  chunks is read in one parse (``sse.TokenLayout``);
-- *event by event*: the same bytes arriving as two reads cut inside a chunk, which the
-  worker decodes chunk by chunk, event by event (``sse.content_only``), as it did for
-  every read before round 10 (docs/benchmarks.md, item 52).
+- *at once*: a read that ends where a write did, as on loopback nearly every read does:
+  the framing comes off in one split (``sse._whole_chunks``) and a run of token chunks
+  is read in one parse (``sse.TokenLayout``), what the worker does;
+- *tokens one by one*: the same framing, then every token chunk read on its own
+  (``EventReader.take``: ``sse.content_only`` per event, as every read was before round
+  10, docs/benchmarks.md item 52).
 
-The bytes are the synthetic upstream's (``bench/upstream.py``, llama-server's layout), one
+The second isolates the token decoding; the framing's own gain (a split instead of a
+loop per chunk) shows against the code before round 10 only (item 52 has both). The
+bytes are the synthetic upstream's (``bench/upstream.py``, llama-server's layout), one
 event per read (a GPU's pace for one answer: each token is written as it is made) and 16
 (the capacity benchmark's writes). Each figure is the median of 9 passes of ``--reads``
-reads, in ns per token, including the relay's side (texts into the answer and the chunk
-buffer). Not a project test: figures only.
+reads, in ns per token, including the relay's side (texts into the answer). Not a
+project test: figures only.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from bench.report import table
 from bench.upstream import STREAM_HEAD, Renderer
 from orion_llamaccp.engine.events import EventReader
-from orion_llamaccp.engine.sse import ResponseDecoder, SSEDecoder
+from orion_llamaccp.engine.sse import ResponseDecoder, SSEDecoder, events_of
 
 Pass = Callable[[], int]
 
@@ -51,13 +53,11 @@ def _whole(read: bytes, reads: int) -> Pass:
 
 def _by_event(read: bytes, reads: int) -> Pass:
     decoder, sse, reader = _opened()
-    first, second = read[:-1], read[-1:]  # the cut falls inside the last chunk's CRLF
 
     def run() -> int:
         texts: list[str] = []
         for _ in range(reads):
-            body = decoder.feed(first) + decoder.feed(second)
-            for delta in reader.take(sse.feed(body)):
+            for delta in reader.take(events_of(sse.feed_run(decoder.feed(read)))):
                 texts += delta  # type: ignore[arg-type]
         return len(texts)
 
@@ -90,15 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     for per_read in (1, 16):
         read = b"".join(renderer.tokens[n % len(renderer.tokens)] for n in range(per_read))
         reads = max(1, args.reads // per_read)
-        passes = {"whole": _whole(read, reads), "by event": _by_event(read, reads)}
+        passes = {"at once": _whole(read, reads), "one by one": _by_event(read, reads)}
         for run in passes.values():
             run()  # warm up, and learn the layout
         ns = _ns_per_token(passes, reads * per_read)
-        rows.append((per_read, ns["whole"], ns["by event"], ns["by event"] / ns["whole"]))
+        rows.append((per_read, ns["at once"], ns["one by one"], ns["one by one"] / ns["at once"]))
     print(
         table(
             "Decoding llama-server's stream, ns per token (median of 9 passes)",
-            ["events per read", "whole reads", "event by event", "ratio"],
+            ["events per read", "tokens at once", "tokens one by one", "ratio"],
             rows,
         )
     )

@@ -109,7 +109,8 @@ class EventReader:
                 break
             self.finished = self.finished or bool(events.finish_reason)
             batch.append(events)
-        if token is not None:
+        layout = self._layout
+        if token is not None and (layout is None or not token.endswith(layout.tail)):
             self._layout = TokenLayout.learn(token)
 
     def end(self, rest: list[bytes]) -> list[Delta]:

@@ -355,9 +355,11 @@ class TokenLayout:
     by event once and the reader learns the layout again.
     """
 
-    __slots__ = ("_between", "_quoted", "_two", "last")
+    __slots__ = ("_between", "_quoted", "_two", "last", "tail")
 
     def __init__(self, tail: bytes) -> None:
+        self.tail = tail
+        """What follows a token's text in its chunk, from the closing quote on."""
         self._quoted = itemgetter(slice(_TEXT_AT, 1 - len(tail)))  # the text, quotes included
         self._between = tail[1:] + b"\n\n" + TOKEN_EVENT[:-1]  # from one quoted text to the next
         self.last = tail + b"\n\n"
