@@ -50,10 +50,8 @@ class EventReader:
                 self._take_run(run, batch)
                 if self.done:
                     break
-            elif batch and isinstance(batch[-1], list):
-                batch[-1].extend(texts)
             else:
-                batch.append(texts)
+                _add_texts(batch, texts)
         return batch
 
     def _take_run(self, run: bytes, batch: list[Delta]) -> None:
@@ -78,10 +76,7 @@ class EventReader:
         self._take(events_of(run[:start]), batch)
         if self.done:
             return
-        if batch and isinstance(batch[-1], list):
-            batch[-1].extend(texts)
-        else:
-            batch.append(texts)
+        _add_texts(batch, texts)
         self._take(events_of(run[stop:]), batch)
 
     def take(self, payloads: Iterable[bytes]) -> list[Delta]:
@@ -120,6 +115,14 @@ class EventReader:
         if not self.finished:
             raise UpstreamError("stream from llama-server ended without a finish reason")
         return batch
+
+
+def _add_texts(batch: list[Delta], texts: list[str]) -> None:
+    """Texts join the batch's last list when it ends with one: a run stays one list."""
+    if batch and isinstance(batch[-1], list):
+        batch[-1].extend(texts)
+    else:
+        batch.append(texts)
 
 
 class ChatStream:
