@@ -6,9 +6,17 @@ worker's live state when scraped, so nothing is updated on the per-token path.
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    start_http_server,
+)
 
 if TYPE_CHECKING:
     from orion_llamaccp.worker.service import Worker
@@ -81,6 +89,14 @@ class Metrics:
             state.labels(state=name, **labels).set_function(
                 lambda name=name: 1.0 if worker.view.state == name else 0.0
             )
+        frozen = Gauge(
+            "orion_llamacpp_gc_frozen_objects",
+            "Objects the garbage collector no longer scans (frozen once the engine is ready)",
+            list(labels),
+            registry=reg,
+        )
+        frozen.labels(**labels).set_function(gc.get_freeze_count)
+        GCCollector(registry=reg)  # python_gc_collections_total and friends, by generation
 
     def observe(self, outcome: str, ttft: float | None, duration: float) -> None:
         self.requests.labels(outcome=outcome, **self._labels).inc()

@@ -330,6 +330,10 @@ async def test_metrics_endpoint_is_scraped(spawn_worker: SpawnWorker, bus: BusCl
     assert value("orion_llamacpp_slots_total") == 2
     assert value("orion_llamacpp_engine_restarts") == 0
     assert value("orion_llamacpp_queue_depth") == 0
+    # start-up's objects are out of the collector's sight once the engine is ready
+    assert value("orion_llamacpp_gc_frozen_objects") > 10_000
+    collections = [s for s in samples if s.name == "python_gc_collections_total"]
+    assert {s.labels["generation"] for s in collections} == {"0", "1", "2"}
 
 
 def test_watch_draws_the_live_fleet(spawn_worker: SpawnWorker, subprocess_env: dict) -> None:
