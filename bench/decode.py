@@ -38,30 +38,26 @@ from orion_llamaccp.engine.sse import ResponseDecoder, SSEDecoder, events_of
 Pass = Callable[[], int]
 
 
-def _whole(read: bytes, reads: int) -> Pass:
+def _pass(read: bytes, reads: int, take: Callable[[EventReader, bytes], list]) -> Pass:
+    """``reads`` times: the read through the framing and SSE, then ``take`` on its run."""
     decoder, sse, reader = _opened()
 
     def run() -> int:
         texts: list[str] = []
         for _ in range(reads):
-            for delta in reader.take_runs((sse.feed_run(decoder.feed(read)),)):
-                texts += delta  # type: ignore[arg-type]
+            for delta in take(reader, sse.feed_run(decoder.feed(read))):
+                texts += delta
         return len(texts)
 
     return run
 
 
-def _by_event(read: bytes, reads: int) -> Pass:
-    decoder, sse, reader = _opened()
+def _at_once(reader: EventReader, run: bytes) -> list:
+    return reader.take_runs((run,))
 
-    def run() -> int:
-        texts: list[str] = []
-        for _ in range(reads):
-            for delta in reader.take(events_of(sse.feed_run(decoder.feed(read)))):
-                texts += delta  # type: ignore[arg-type]
-        return len(texts)
 
-    return run
+def _one_by_one(reader: EventReader, run: bytes) -> list:
+    return reader.take(events_of(run))
 
 
 def _opened() -> tuple[ResponseDecoder, SSEDecoder, EventReader]:
@@ -90,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     for per_read in (1, 16):
         read = b"".join(renderer.tokens[n % len(renderer.tokens)] for n in range(per_read))
         reads = max(1, args.reads // per_read)
-        passes = {"at once": _whole(read, reads), "one by one": _by_event(read, reads)}
+        passes = {
+            "at once": _pass(read, reads, _at_once),
+            "one by one": _pass(read, reads, _one_by_one),
+        }
         for run in passes.values():
             run()  # warm up, and learn the layout
         ns = _ns_per_token(passes, reads * per_read)

@@ -63,7 +63,7 @@ class EventReader:
         start = run.find(TOKEN_EVENT)
         layout = None
         if start == 0 or (start > 0 and run[start - 2 : start] == b"\n\n"):
-            layout = TokenLayout.learn(run[start + 6 : run.find(b"\n\n", start)])
+            layout = self._layout_of(run[start + 6 : run.find(b"\n\n", start)])
         if layout is None:
             self._take(events_of(run), batch)
             return
@@ -104,9 +104,16 @@ class EventReader:
                 break
             self.finished = self.finished or bool(events.finish_reason)
             batch.append(events)
+        if token is not None:
+            self._layout = self._layout_of(token)
+
+    def _layout_of(self, token: bytes) -> TokenLayout | None:
+        """The layout of a token chunk: the one known when its tail matches (``texts``
+        checks every event of a run against it), else learnt from the chunk."""
         layout = self._layout
-        if token is not None and (layout is None or not token.endswith(layout.tail)):
-            self._layout = TokenLayout.learn(token)
+        if layout is not None and token.endswith(layout.tail):
+            return layout
+        return TokenLayout.learn(token)
 
     def end(self, rest: list[bytes]) -> list[Delta]:
         """The stream closed without ``[DONE]``: the events left unterminated, if its

@@ -519,9 +519,6 @@ class Worker:
         )
 
 
-__all__ = ["Worker"]
-
-
 GC_YOUNG_THRESHOLD = 10_000
 
 
@@ -533,8 +530,11 @@ def settle_gc() -> None:
     generation of 10,000 objects instead of 700 makes collections rarer; a request's own
     objects are freed by reference counting either way. In the capacity benchmark the
     collector had taken about a tenth of the worker's CPU (a full collection 15-26 ms,
-    every hundred or so requests) and this took CPU per request from 358-362 to 306-325
-    µs (docs/benchmarks.md, item 55). ``orion_llamacpp_gc_frozen_objects`` shows it.
+    every hundred or so requests) and this took CPU per request from 325-340 to 294-306
+    µs in an A/B (docs/benchmarks.md, item 55). ``orion_llamacpp_gc_frozen_objects`` shows it.
     """
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+__all__ = ["Worker"]
