@@ -10,7 +10,7 @@ gap alone could push the later request's first token back by a whole prompt. Thi
 the relay benchmark's llama-server (tiny model, two slots) directly, the second request
 written ``gap`` µs after the first, the gaps taking turns round by round, and prints the
 round's two first tokens (ms from the first write) and the time between them. The answer
-on the VM (``docs/benchmarks.md`` item 51): no, the prompts are taken in turn either way.
+on the VM (``docs/benchmarks-history.md`` item 51): no, the prompts are taken in turn either way.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python -m bench.coldpath [--runs 100]
 
-In the relay traces (section 1 of docs/benchmarks.md) each step between a message arriving
+In the relay traces (section 1 of docs/benchmarks-history.md) each step between a message arriving
 and its request leaving takes about 0.1 ms, where the same code takes 10-25 µs in a loop.
 The difference is the caches: between two requests the worker sleeps while llama-server,
 Redis and the caller run, and the next request finds the worker's code and data evicted.

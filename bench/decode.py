@@ -11,7 +11,7 @@ those layers run here on the same bytes, in the same process, taking turns:
   is read in one parse (``sse.TokenLayout``), what the worker does;
 - *tokens one by one*: the same framing, then every token chunk read on its own
   (``EventReader.take``: ``sse.content_only`` per event, as every read was before round
-  10, docs/benchmarks.md item 52).
+  10, docs/benchmarks-history.md item 52).
 
 The second isolates the token decoding; the framing's own gain (a split instead of a
 loop per chunk) shows against the code before round 10 only (item 52 has both). The

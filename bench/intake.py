@@ -12,7 +12,7 @@ relay benchmark's caller does at N in flight, and reports when the k-th of them 
 the upstream after the burst's first PUBLISH / XADD: how much later than the first the
 last of them can start. (Whether llama-server would have taken them into one batch is
 another matter: on the 2-vCPU VM it took even two prompts written at once in turn,
-``docs/benchmarks.md`` item 51.) ``--pin`` gives the worker a CPU of its
+``docs/benchmarks-history.md`` item 51.) ``--pin`` gives the worker a CPU of its
 own, as on a many-core GPU machine, where the caller's sends trickle in while the
 worker works.
 """

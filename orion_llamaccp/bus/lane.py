@@ -4,7 +4,7 @@ Every request costs the worker a handful of Redis round trips (the claim, the id
 record, the chunks, the result), and most of them stand between a caller and its first
 token. redis-py's client and pipeline layers (pool locks, command stacks, retry
 wrappers, reply callbacks) cost about 110 µs per round trip on the 2-vCPU machine of
-``docs/benchmarks.md``, next to the 120 µs of the round trip itself (send to subscriber:
+``docs/benchmarks-history.md``, next to the 120 µs of the round trip itself (send to subscriber:
 pipeline 238 µs, a bare connection 128 µs). A ``Lane`` keeps connections made by redis-py,
 so connecting, auth, TLS, health checks, timeouts and reply parsing stay the library's;
 it packs with hiredis (``pack_command``, in C: the same bytes as redis-py's asyncio

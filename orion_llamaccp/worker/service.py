@@ -338,7 +338,7 @@ class Worker:
 
         In the listener's step the request leaves as soon as its message is parsed, without
         the hop through the inbox into the intake task (read to write 0.14 → 0.07 ms in
-        the two-in-flight trace, ``docs/benchmarks.md`` item 31).
+        the two-in-flight trace, ``docs/benchmarks-history.md`` item 31).
         """
         if channel != self.channels.intake or self.aheads_queued >= self.slots.free:
             return None
@@ -531,7 +531,8 @@ def settle_gc() -> None:
     objects are freed by reference counting either way. In the capacity benchmark the
     collector had taken about a tenth of the worker's CPU (a full collection 15-26 ms,
     every hundred or so requests) and this took CPU per request from 325-340 to 294-306
-    µs in an A/B (docs/benchmarks.md, item 55). ``orion_llamacpp_gc_frozen_objects`` shows it.
+    µs in an A/B (docs/benchmarks-history.md, item 55).
+    ``orion_llamacpp_gc_frozen_objects`` shows it.
     """
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
