@@ -329,6 +329,30 @@ def content_only(data: bytes) -> str | None:
     return text or None  # an empty delta is not a token: parse_chunk says what it is
 
 
+def _texts_of(quoted: list[bytes]) -> list[str] | None:
+    """The strings of ``quoted``, each a token's text with its quotes, in one parse.
+
+    Joined with commas they make a JSON array, whose strings are the texts if every
+    quoted text is one JSON string. The count alone does not prove that: a text whose
+    closing quote is escaped runs on through the comma into the next one, and two
+    malformed texts can still parse as two strings (``"\\"`` and ``","a"`` as ``['",',
+    'a']``) where reading them one by one fails. So an array with such a text is
+    refused, and its run read event by event; ``\\",`` is in every such array, so the
+    texts themselves are looked at only when it is. ``tests/engine/test_sse.py``
+    searches for misreads at random.
+    """
+    array = b"[%b]" % b",".join(quoted)
+    if b'\\",' in array and any(map(_escaped_close, quoted)):
+        return None
+    return orjson.loads(array)
+
+
+def _escaped_close(quoted: bytes) -> bool:
+    """Whether the last quote of ``quoted`` is escaped: an odd run of backslashes before it."""
+    text = quoted[:-1]
+    return (len(text) - len(text.rstrip(b"\\"))) % 2 == 1
+
+
 def _text_end(data: bytes) -> int:
     """Where the closing quote of a token chunk's text is, or -1 for another layout.
 
@@ -389,9 +413,9 @@ class TokenLayout:
             quoted = list(map(self._quoted, events))
             if self._between.join(quoted) != run[start:end]:
                 return None
-            texts = orjson.loads(b"[%b]" % b",".join(quoted))
+            texts = _texts_of(quoted)
         except orjson.JSONDecodeError:
             return None
-        if len(texts) != len(events) or "" in texts:
+        if texts is None or len(texts) != len(events) or "" in texts:
             return None  # an empty delta, or an unescaped quote: event by event
         return texts

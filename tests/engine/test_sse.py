@@ -223,6 +223,47 @@ def test_a_run_with_any_other_event_is_read_event_by_event(odd: bytes) -> None:
         assert whole == by_event
 
 
+def _raw_token(text: bytes) -> bytes:
+    """A token chunk whose text is ``text`` as it stands: escaped or not, valid or not."""
+    return _chunk({"content": "@"}).replace(b'"@"', b'"%b"' % text)
+
+
+def test_malformed_texts_that_parse_together_are_read_event_by_event() -> None:
+    """Two texts whose events are not JSON (an escaped closing quote, then unescaped
+    quotes) still make a two-string array when joined (``["\\",","a"]``): the run must
+    fail as reading its events one by one fails, not yield ``['",', 'a']``."""
+    first = _chunk({"content": "ok"})
+    layout = TokenLayout.learn(first)
+    assert layout is not None
+    run = _run(_raw_token(b"\\"), _raw_token(b',"a'))
+    assert layout.texts(run) is None
+    by_event = _outcome("take", [first, *events_of(run)])
+    assert by_event[0] == "raised"
+    assert _outcome("take_runs", [_run(first), run]) == by_event
+
+
+def test_a_run_of_token_chunks_never_reads_other_texts_than_event_by_event() -> None:
+    """Texts made of quotes, backslashes, commas and escapes, valid JSON or not: the
+    one-parse read gives up (None) or gives exactly what reading each event gives."""
+    rng = random.Random(11)
+    pieces = [b"a", b"\\", b'"', b",", b" ", b"\\u0022", b'\\"', b"]", b"\\n"]
+    layout = TokenLayout.learn(_chunk({"content": "ok"}))
+    assert layout is not None
+    one_parse = 0
+    for _ in range(20000):
+        texts = [
+            b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 4)))
+            for _ in range(rng.randint(2, 4))
+        ]
+        run = _run(*map(_raw_token, texts))
+        read = layout.texts(run)
+        if read is None:
+            continue
+        one_parse += 1
+        assert read == [content_only(data) for data in events_of(run)], texts
+    assert one_parse > 1000  # the search reached the one-parse path, not only refusals
+
+
 def _outcome(method: str, data: list[bytes]) -> tuple:
     """What a new reader's ``take`` or ``take_runs`` made of ``data``, or what it raised."""
     reader = EventReader()
