@@ -18,6 +18,7 @@ from orion_llamaccp.engine.sse import (
     content_only,
     events_of,
     parse_chunk,
+    run_of,
 )
 from orion_llamaccp.errors import UpstreamError
 
@@ -262,6 +263,102 @@ def test_a_run_of_token_chunks_never_reads_other_texts_than_event_by_event() -> 
         one_parse += 1
         assert read == [content_only(data) for data in events_of(run)], texts
     assert one_parse > 1000  # the search reached the one-parse path, not only refusals
+
+
+def _framed(events: list[bytes]) -> bytes:
+    """``events`` as llama-server sends them: each its own chunk, then the last chunk."""
+    return HEAD + b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+
+
+def _read_through(wire: bytes, cuts: list[int]) -> tuple:
+    """``wire`` read in pieces through the worker's path (framing, ``run_of``, the
+    reader), and how many runs came as chunks: the reader's outcome and that count."""
+    decoder, sse, reader = ResponseDecoder(), SSEDecoder(), EventReader()
+    batch: list = []
+    as_chunks = 0
+    try:
+        for start, stop in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+            body = decoder.feed(wire[start:stop])
+            run = run_of(decoder, sse, body) if body else b""
+            as_chunks += isinstance(run, list)
+            if run and not reader.done:
+                batch += reader.take_runs([run])
+        if not reader.done:
+            batch += reader.end(sse.flush())
+    except UpstreamError as exc:
+        return ("raised", str(exc)), as_chunks
+    return (_flat(batch), reader.done, reader.finished), as_chunks
+
+
+def _by_event(events: list[bytes]) -> tuple:
+    """What reading every event of the body alone makes of it."""
+    datas = events_of(b"".join(events))
+    reader = EventReader()
+    try:
+        batch = reader.take(datas)
+        if not reader.done:
+            batch += reader.end([])
+    except UpstreamError as exc:
+        return ("raised", str(exc))
+    return (_flat(batch), reader.done, reader.finished)
+
+
+def test_runs_read_as_the_chunks_they_came_in_decode_as_event_by_event() -> None:
+    """The worker's whole path, read in random pieces: runs kept as their chunks
+    (``run_of``, ``TokenLayout.chunk_texts``) read what reading every event alone reads,
+    with any event before, between and after the tokens, two events in one chunk, an
+    event cut over two chunks, a token of another layout, and malformed JSON."""
+    rng = random.Random(5)
+    role = _run(_chunk({"role": "assistant", "content": None}))
+    finish = _run(_chunk({}, "length"))
+    tail = [_run(b'{"choices":[],"created":1,"usage":{"completion_tokens":3}}'), _run(b"[DONE]")]
+    tokens = [_run(_chunk({"content": text})) for text in TEXTS]
+    odd = [  # each a list of chunks
+        [_run(_chunk({"content": "x"}, created=2))],
+        [_run(_chunk({"content": ""}))],
+        [_run(_chunk({"content": "x"}, "ab"))],  # a finish as long as null: bytes differ
+        [_run(_raw_token(b"\\")), _run(_raw_token(b',"a'))],  # malformed, parse together
+        [_run(_raw_token(b"\\")) + _run(_raw_token(b',"a'))],  # the same in one chunk
+        [tokens[0] + tokens[1]],  # two in one chunk
+        [_run(_chunk({"reasoning_content": "r"}))],
+        [b": keep-alive\n\n"],
+    ]
+    chunked_reads = 0
+    for _ in range(400):
+        middle = [rng.choice(tokens) for _ in range(rng.randint(1, 12))]
+        if rng.random() < 0.5:
+            at = rng.randint(0, len(middle))
+            middle[at:at] = rng.choice(odd)
+        events = [role, *middle, finish, *tail]
+        if rng.random() < 0.3:  # one event cut over two chunks
+            at = rng.randrange(len(events))
+            half = len(events[at]) // 2
+            events[at : at + 1] = [events[at][:half], events[at][half:]]
+        wire = _framed(events)
+        cuts = sorted(rng.sample(range(len(HEAD), len(wire)), rng.randint(0, 3)))
+        outcome, as_chunks = _read_through(wire, cuts)
+        assert outcome == _by_event(events), (events, cuts)
+        chunked_reads += as_chunks
+    assert chunked_reads > 200  # the chunk path was taken, not only the fallbacks
+
+
+def test_a_read_of_token_chunks_is_read_as_its_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read of whole token chunks, as a busy llama-server sends them, is neither joined
+    into one run and cut apart again nor read a token at a time."""
+    tokens = [_run(_chunk({"content": text})) for text in TEXTS]
+    first = _framed([_run(_chunk({"role": "assistant", "content": None})), tokens[0]])[:-5]
+    decoder, sse, reader = ResponseDecoder(), SSEDecoder(), EventReader()
+    assert _flat(reader.take_runs([run_of(decoder, sse, decoder.feed(first))]))[1:] == TEXTS[:1]
+    middle = b"".join(b"%x\r\n%b\r\n" % (len(t), t) for t in tokens)
+    run = run_of(decoder, sse, decoder.feed(middle))
+    assert run == tokens
+
+    def refused(*_: object) -> None:
+        raise AssertionError("read another way")
+
+    monkeypatch.setattr(TokenLayout, "texts", refused)
+    monkeypatch.setattr(events, "content_only", refused)
+    assert reader.take_runs([run]) == [TEXTS]
 
 
 def _outcome(method: str, data: list[bytes]) -> tuple:
