@@ -3,21 +3,17 @@
     python -m bench.decode [--reads 20000]
 
 The worker decodes llama-server's stream in three layers (HTTP chunked framing, SSE
-events, the token chunks' JSON), then hands the texts to the relay. Three ways through
+events, the token chunks' JSON), then hands the texts to the relay. Both ways through
 those layers run here on the same bytes, in the same process, taking turns:
 
-- *as chunks*: a read that ends where a write did, as on loopback nearly every read
-  does: the framing comes off in one split (``sse._whole_chunks``), the run of events
-  stays the list of chunks it came in (``sse.run_of``), and its token chunks are read in
-  one parse (``TokenLayout.chunk_texts``): what the worker does;
-- *in one piece*: the same framing and parse, but the run joined into one piece and cut
-  into events again (``TokenLayout.texts``), as the worker did in round 10
-  (docs/benchmarks-history.md item 52);
+- *at once*: a read that ends where a write did, as on loopback nearly every read does:
+  the framing comes off in one split (``sse._whole_chunks``) and a run of token chunks
+  is read in one parse (``sse.TokenLayout``), what the worker does;
 - *tokens one by one*: the same framing, then every token chunk read on its own
   (``EventReader.take``: ``sse.content_only`` per event, as every read was before round
-  10).
+  10, docs/benchmarks-history.md item 52).
 
-The last isolates the token decoding; the framing's own gain (a split instead of a
+The second isolates the token decoding; the framing's own gain (a split instead of a
 loop per chunk) shows against the code before round 10 only (item 52 has both). The
 bytes are the synthetic upstream's (``bench/upstream.py``, llama-server's layout), one
 event per read (a GPU's pace for one answer: each token is written as it is made) and 16
@@ -37,36 +33,31 @@ from collections.abc import Callable
 from bench.report import table
 from bench.upstream import STREAM_HEAD, Renderer
 from orion_llamaccp.engine.events import EventReader
-from orion_llamaccp.engine.sse import ResponseDecoder, SSEDecoder, events_of, run_of
+from orion_llamaccp.engine.sse import ResponseDecoder, SSEDecoder, events_of
 
 Pass = Callable[[], int]
-Take = Callable[[ResponseDecoder, SSEDecoder, EventReader, bytes], list]
 
 
-def _pass(read: bytes, reads: int, take: Take) -> Pass:
-    """``reads`` times: the read through the framing, then ``take`` on the body."""
+def _pass(read: bytes, reads: int, take: Callable[[EventReader, bytes], list]) -> Pass:
+    """``reads`` times: the read through the framing and SSE, then ``take`` on its run."""
     decoder, sse, reader = _opened()
 
     def run() -> int:
         texts: list[str] = []
         for _ in range(reads):
-            for delta in take(decoder, sse, reader, decoder.feed(read)):
+            for delta in take(reader, sse.feed_run(decoder.feed(read))):
                 texts += delta
         return len(texts)
 
     return run
 
 
-def _as_chunks(decoder: ResponseDecoder, sse: SSEDecoder, reader: EventReader, body: bytes) -> list:
-    return reader.take_runs((run_of(decoder, sse, body),))
+def _at_once(reader: EventReader, run: bytes) -> list:
+    return reader.take_runs((run,))
 
 
-def _in_one_piece(_: ResponseDecoder, sse: SSEDecoder, reader: EventReader, body: bytes) -> list:
-    return reader.take_runs((sse.feed_run(body),))
-
-
-def _one_by_one(_: ResponseDecoder, sse: SSEDecoder, reader: EventReader, body: bytes) -> list:
-    return reader.take(events_of(sse.feed_run(body)))
+def _one_by_one(reader: EventReader, run: bytes) -> list:
+    return reader.take(events_of(run))
 
 
 def _opened() -> tuple[ResponseDecoder, SSEDecoder, EventReader]:
@@ -96,26 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         read = b"".join(renderer.tokens[n % len(renderer.tokens)] for n in range(per_read))
         reads = max(1, args.reads // per_read)
         passes = {
-            "as chunks": _pass(read, reads, _as_chunks),
-            "in one piece": _pass(read, reads, _in_one_piece),
+            "at once": _pass(read, reads, _at_once),
             "one by one": _pass(read, reads, _one_by_one),
         }
         for run in passes.values():
             run()  # warm up, and learn the layout
         ns = _ns_per_token(passes, reads * per_read)
-        chunks, piece, alone = ns["as chunks"], ns["in one piece"], ns["one by one"]
-        rows.append((per_read, chunks, piece, alone, piece / chunks, alone / chunks))
+        rows.append((per_read, ns["at once"], ns["one by one"], ns["one by one"] / ns["at once"]))
     print(
         table(
             "Decoding llama-server's stream, ns per token (median of 9 passes)",
-            [
-                "events per read",
-                "as chunks",
-                "in one piece",
-                "tokens one by one",
-                "one piece / chunks",
-                "one by one / chunks",
-            ],
+            ["events per read", "tokens at once", "tokens one by one", "ratio"],
             rows,
         )
     )

@@ -40,49 +40,19 @@ class EventReader:
         self.done = False  # [DONE] was read: whatever follows is ignored
         self._layout: TokenLayout | None = None
 
-    def take_runs(self, runs: Iterable[bytes | list[bytes]]) -> list[Delta]:
-        """One batch from runs of whole events (``SSEDecoder.feed_run``), each in one
-        piece or as the chunks it came in (``sse.run_of``)."""
+    def take_runs(self, runs: Iterable[bytes]) -> list[Delta]:
+        """One batch from runs of whole events (``SSEDecoder.feed_run``)."""
         batch: list[Delta] = []
         for run in runs:
-            if isinstance(run, list):
-                self._take_chunks(run, batch)
+            layout = self._layout
+            texts = layout.texts(run) if layout is not None else None
+            if texts is None:
+                self._take_run(run, batch)
+                if self.done:
+                    break
             else:
-                layout = self._layout
-                texts = layout.texts(run) if layout is not None else None
-                if texts is None:
-                    self._take_run(run, batch)
-                else:
-                    _add_texts(batch, texts)
-            if self.done:
-                break
+                _add_texts(batch, texts)
         return batch
-
-    def _take_chunks(self, chunks: list[bytes], batch: list[Delta]) -> None:
-        """A run as the chunks it came in, an event each: the token chunks from the first
-        to the last are read in one parse (``TokenLayout.chunk_texts``), the chunks
-        before and after them (the role; the finish, usage and ``[DONE]``) event by event;
-        any other run is read as ``_take_run`` reads it."""
-        start, count = 0, len(chunks)
-        while start < count and not chunks[start].startswith(TOKEN_EVENT):
-            start += 1
-        layout = self._layout_of(chunks[start][6:-2]) if start < count else None
-        stop = count
-        if layout is not None:
-            while stop > start and not chunks[stop - 1].endswith(layout.last):
-                stop -= 1
-        texts = layout.chunk_texts(chunks[start:stop]) if layout is not None else None
-        if texts is None:
-            self._take_run(b"".join(chunks), batch)
-            return
-        self._layout = layout
-        if start:
-            self._take(events_of(b"".join(chunks[:start])), batch)
-            if self.done:
-                return
-        _add_texts(batch, texts)
-        if stop < count:
-            self._take(events_of(b"".join(chunks[stop:])), batch)
 
     def _take_run(self, run: bytes, batch: list[Delta]) -> None:
         """A run with events other than tokens of the known layout: the answer's first

@@ -4,10 +4,9 @@
 body), ``SSEDecoder`` cuts the body into runs of whole events (keep-alive comments
 dropped), and ``parse_chunk`` turns one OpenAI-style chunk into typed events. This is the
 per-token hot path, so it works on a read at a time where it can: a chunked body made of
-whole chunks is unframed by one split, its events stay the chunks they came in
-(``run_of``), and a run of chunks that carry only a token's text (nearly all of them) is
-read by ``TokenLayout.chunk_texts`` in one ``orjson.loads``, without a step of Python per
-token (``python -m bench.decode`` measures it).
+whole chunks is unframed by one split, and a run of chunks that carry only a token's
+text (nearly all of them) is read by ``TokenLayout.texts`` in one ``orjson.loads``,
+without a step of Python per token (``python -m bench.decode`` measures it).
 """
 
 from __future__ import annotations
@@ -38,15 +37,12 @@ class ResponseDecoder:
     for a body delimited by the connection's close).
     """
 
-    __slots__ = ("_buffer", "_mode", "_remaining", "headers", "pieces", "status")
+    __slots__ = ("_buffer", "_mode", "_remaining", "headers", "status")
 
     def __init__(self) -> None:
         self._buffer = b""
         self._mode = _HEAD
         self._remaining = 0
-        self.pieces: list[bytes] | None = None
-        """The data of the chunks that the last ``feed`` joined into its body, when that
-        body was two chunks or more read whole (``run_of`` hands them on as they are)."""
         self.status = 0
         self.headers: dict[str, str] = {}
 
@@ -66,7 +62,6 @@ class ResponseDecoder:
     def feed(self, data: bytes) -> bytes:
         buffer = self._buffer + data if self._buffer else data
         self._buffer = b""
-        self.pieces = None
         if self._mode == _HEAD:
             buffer = self._head(buffer)
             if self._mode == _HEAD:
@@ -119,20 +114,20 @@ class ResponseDecoder:
     def _chunks(self, buffer: bytes) -> bytes:
         if buffer.endswith(b"\r\n"):  # a read that ends where a write did: the usual one
             if buffer.endswith(b"\r\n0\r\n\r\n"):  # ... and the last chunk (no trailers)
-                data = _whole_chunks(buffer[:-5])
-                if data is not None:
+                body = _whole_chunks(buffer[:-5])
+                if body is not None:
                     self._mode = _DONE
-                    return self._joined(data)
+                    return body
             else:
-                data = _whole_chunks(buffer)
-                if data is not None:
-                    return self._joined(data)
+                body = _whole_chunks(buffer)
+                if body is not None:
+                    return body
         else:  # a read that ends inside a chunk (a full socket buffer): the chunks before it
             cut = buffer.rfind(b"\n\n\r\n") + 4  # where an event's chunk ends, from the end
-            data = _whole_chunks(buffer[:cut]) if cut > 4 else None
-            if data is not None:
+            body = _whole_chunks(buffer[:cut]) if cut > 4 else None
+            if body is not None:
                 self._buffer = buffer[cut:]
-                return self._joined(data)
+                return body
         pieces = []
         pos = 0
         size_of = int
@@ -163,15 +158,9 @@ class ResponseDecoder:
             return pieces[0]
         return b"".join(pieces)
 
-    def _joined(self, data: list[bytes]) -> bytes:
-        if len(data) == 1:
-            return data[0]
-        self.pieces = data
-        return b"".join(data)
 
-
-def _whole_chunks(buffer: bytes) -> list[bytes] | None:
-    """The data of each chunk if ``buffer`` is whole chunks and nothing else, else None.
+def _whole_chunks(buffer: bytes) -> bytes | None:
+    """The data of ``buffer`` if it is whole chunks and nothing else, else None.
 
     llama-server writes each event as its own chunk, and a read usually ends where a
     write did: split at every CRLF, such a buffer alternates size lines and data. When
@@ -185,7 +174,7 @@ def _whole_chunks(buffer: bytes) -> list[bytes] | None:
     except ValueError:
         return None
     if eol + size + 4 == len(buffer):  # one chunk: a token at a GPU's pace
-        return [buffer[eol + 2 : -2]] if size and buffer.endswith(b"\r\n") else None
+        return buffer[eol + 2 : -2] if size and buffer.endswith(b"\r\n") else None
     if not buffer.endswith(b"\r\n"):
         return None
     parts = buffer.split(b"\r\n")
@@ -198,7 +187,7 @@ def _whole_chunks(buffer: bytes) -> list[bytes] | None:
         return None
     if 0 in sizes or sizes != list(map(len, data)):
         return None
-    return data
+    return b"".join(data)
 
 
 def _chunk_size(line: bytes) -> int:
@@ -244,20 +233,6 @@ class SSEDecoder:
         rest, self._buffer = self._buffer, b""
         data = _data_of(rest) if rest.strip() else None
         return [data] if data is not None else []
-
-
-def run_of(decoder: ResponseDecoder, sse: SSEDecoder, body: bytes) -> bytes | list[bytes]:
-    """The whole events that ``body``, the body bytes ``decoder`` just freed, completes
-    (``SSEDecoder.feed_run``); as the chunks they came in when they are exactly the body
-    (``feed_run`` then hands back ``body`` itself).
-
-    llama-server writes each event as a chunk of its own, so such a list holds one event
-    per item, which ``EventReader.take_runs`` reads without cutting the run apart again
-    (``TokenLayout.chunk_texts``).
-    """
-    run = sse.feed_run(body)
-    pieces = decoder.pieces
-    return pieces if pieces is not None and run is body else run
 
 
 def events_of(run: bytes) -> list[bytes]:
@@ -404,7 +379,7 @@ class TokenLayout:
     by event once and the reader learns the layout again.
     """
 
-    __slots__ = ("_between", "_quoted", "_quoted_event", "_two", "last", "tail")
+    __slots__ = ("_between", "_quoted", "_two", "last", "tail")
 
     def __init__(self, tail: bytes) -> None:
         self.tail = tail
@@ -413,7 +388,6 @@ class TokenLayout:
         self._between = tail[1:] + b"\n\n" + TOKEN_EVENT[:-1]  # from one quoted text to the next
         self.last = tail + b"\n\n"
         """How a token's event of this layout ends (its text before)."""
-        self._quoted_event = itemgetter(slice(len(TOKEN_EVENT) - 1, 1 - len(self.last)))
         self._two = 2 * (len(TOKEN_EVENT) + len(self.last))  # two events take at least this
 
     @classmethod
@@ -444,23 +418,4 @@ class TokenLayout:
             return None
         if texts is None or len(texts) != len(events) or "" in texts:
             return None  # an empty delta, or an unescaped quote: event by event
-        return texts
-
-    def chunk_texts(self, chunks: list[bytes]) -> list[str] | None:
-        """``texts`` for a run that came as chunks, an event each (``run_of``): the run
-        is not cut apart again, and each quoted text is sliced out of its own chunk.
-
-        The chunks joined must be the quoted texts joined by the bytes between them, as
-        in ``texts``; how the run is cut into chunks does not matter to its events.
-        """
-        quoted = list(map(self._quoted_event, chunks))
-        joined = TOKEN_EVENT[:-1] + self._between.join(quoted) + self.last[1:]
-        if b"".join(chunks) != joined:
-            return None
-        try:
-            texts = _texts_of(quoted)
-        except orjson.JSONDecodeError:
-            return None
-        if texts is None or len(texts) != len(chunks) or "" in texts:
-            return None
         return texts

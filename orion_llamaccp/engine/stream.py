@@ -15,7 +15,7 @@ from typing import Any
 
 from orion_llamaccp.engine.events import Delta, EventReader
 from orion_llamaccp.engine.http_errors import raise_for_response
-from orion_llamaccp.engine.sse import ProtocolError, ResponseDecoder, SSEDecoder, run_of
+from orion_llamaccp.engine.sse import ProtocolError, ResponseDecoder, SSEDecoder
 from orion_llamaccp.errors import EngineUnavailable, UpstreamError
 
 _HIGH_WATER = 256 * 1024  # bytes of events waiting for the reader: stop reading the socket
@@ -49,8 +49,8 @@ class StreamConnection(asyncio.Protocol):
     def _reset(self) -> None:
         self.decoder = ResponseDecoder()
         self.sse = SSEDecoder()
-        self.runs: list[bytes | list[bytes]] = []
-        self.pending = 0  # body bytes behind the runs the reader has not taken yet
+        self.runs: list[bytes] = []
+        self.pending = 0  # bytes in runs
         self.body: list[bytes] = []
         self.failure: BaseException | None = None
         self.received = 0
@@ -78,10 +78,10 @@ class StreamConnection(asyncio.Protocol):
             return
         if body:
             if decoder.status == 200:
-                run = run_of(decoder, self.sse, body)
+                run = self.sse.feed_run(body)
                 if run:
                     self.runs.append(run)
-                    self.pending += len(body)
+                    self.pending += len(run)
                     if self.pending > _HIGH_WATER and not self.paused and self.transport:
                         self.paused = True
                         self.transport.pause_reading()

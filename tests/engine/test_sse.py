@@ -18,7 +18,6 @@ from orion_llamaccp.engine.sse import (
     content_only,
     events_of,
     parse_chunk,
-    run_of,
 )
 from orion_llamaccp.errors import UpstreamError
 
@@ -271,23 +270,20 @@ def _framed(events: list[bytes]) -> bytes:
 
 
 def _read_through(wire: bytes, cuts: list[int]) -> tuple:
-    """``wire`` read in pieces through the worker's path (framing, ``run_of``, the
-    reader), and how many runs came as chunks: the reader's outcome and that count."""
+    """``wire`` read in pieces through the worker's path (framing, SSE runs, the
+    reader): what the reader made of it, or what it raised."""
     decoder, sse, reader = ResponseDecoder(), SSEDecoder(), EventReader()
     batch: list = []
-    as_chunks = 0
     try:
         for start, stop in zip([0, *cuts], [*cuts, len(wire)], strict=True):
-            body = decoder.feed(wire[start:stop])
-            run = run_of(decoder, sse, body) if body else b""
-            as_chunks += isinstance(run, list)
+            run = sse.feed_run(decoder.feed(wire[start:stop]))
             if run and not reader.done:
                 batch += reader.take_runs([run])
         if not reader.done:
             batch += reader.end(sse.flush())
     except UpstreamError as exc:
-        return ("raised", str(exc)), as_chunks
-    return (_flat(batch), reader.done, reader.finished), as_chunks
+        return ("raised", str(exc))
+    return (_flat(batch), reader.done, reader.finished)
 
 
 def _by_event(events: list[bytes]) -> tuple:
@@ -303,11 +299,24 @@ def _by_event(events: list[bytes]) -> tuple:
     return (_flat(batch), reader.done, reader.finished)
 
 
-def test_runs_read_as_the_chunks_they_came_in_decode_as_event_by_event() -> None:
-    """The worker's whole path, read in random pieces: runs kept as their chunks
-    (``run_of``, ``TokenLayout.chunk_texts``) read what reading every event alone reads,
-    with any event before, between and after the tokens, two events in one chunk, an
-    event cut over two chunks, a token of another layout, and malformed JSON."""
+def test_a_stream_read_in_random_pieces_decodes_as_event_by_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's whole decoding path (framing, runs, one parse per run of tokens),
+    fed an answer in random pieces, reads what reading every event alone reads: with
+    any event before, between and after the tokens, two events in one chunk, an event
+    cut over two chunks, a token of another layout or another finish of the same
+    length, and malformed JSON."""
+    one_parse = 0
+    texts = TokenLayout.texts
+
+    def counted(layout: TokenLayout, run: bytes) -> list[str] | None:
+        nonlocal one_parse
+        read = texts(layout, run)
+        one_parse += read is not None and len(read) > 1
+        return read
+
+    monkeypatch.setattr(TokenLayout, "texts", counted)
     rng = random.Random(5)
     role = _run(_chunk({"role": "assistant", "content": None}))
     finish = _run(_chunk({}, "length"))
@@ -323,7 +332,6 @@ def test_runs_read_as_the_chunks_they_came_in_decode_as_event_by_event() -> None
         [_run(_chunk({"reasoning_content": "r"}))],
         [b": keep-alive\n\n"],
     ]
-    chunked_reads = 0
     for _ in range(400):
         middle = [rng.choice(tokens) for _ in range(rng.randint(1, 12))]
         if rng.random() < 0.5:
@@ -336,29 +344,8 @@ def test_runs_read_as_the_chunks_they_came_in_decode_as_event_by_event() -> None
             events[at : at + 1] = [events[at][:half], events[at][half:]]
         wire = _framed(events)
         cuts = sorted(rng.sample(range(len(HEAD), len(wire)), rng.randint(0, 3)))
-        outcome, as_chunks = _read_through(wire, cuts)
-        assert outcome == _by_event(events), (events, cuts)
-        chunked_reads += as_chunks
-    assert chunked_reads > 200  # the chunk path was taken, not only the fallbacks
-
-
-def test_a_read_of_token_chunks_is_read_as_its_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A read of whole token chunks, as a busy llama-server sends them, is neither joined
-    into one run and cut apart again nor read a token at a time."""
-    tokens = [_run(_chunk({"content": text})) for text in TEXTS]
-    first = _framed([_run(_chunk({"role": "assistant", "content": None})), tokens[0]])[:-5]
-    decoder, sse, reader = ResponseDecoder(), SSEDecoder(), EventReader()
-    assert _flat(reader.take_runs([run_of(decoder, sse, decoder.feed(first))]))[1:] == TEXTS[:1]
-    middle = b"".join(b"%x\r\n%b\r\n" % (len(t), t) for t in tokens)
-    run = run_of(decoder, sse, decoder.feed(middle))
-    assert run == tokens
-
-    def refused(*_: object) -> None:
-        raise AssertionError("read another way")
-
-    monkeypatch.setattr(TokenLayout, "texts", refused)
-    monkeypatch.setattr(events, "content_only", refused)
-    assert reader.take_runs([run]) == [TEXTS]
+        assert _read_through(wire, cuts) == _by_event(events), (events, cuts)
+    assert one_parse > 200  # runs of tokens took the one parse, not only the fallbacks
 
 
 def _outcome(method: str, data: list[bytes]) -> tuple:
