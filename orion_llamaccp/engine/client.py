@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -182,7 +183,7 @@ class LlamaClient:
         else:
             conn = await streams.open(_stream_payload(body))
         try:
-            yield ChatStream(stream_batches(conn))
+            yield ChatStream(partial(stream_batches, conn))
         finally:
             streams.finish(conn)
 
@@ -203,7 +204,7 @@ class LlamaClient:
         try:
             if response.status_code != 200:
                 raise_for_response(response.status_code, await response.aread())
-            yield ChatStream(_batches(response))
+            yield ChatStream(lambda _: _batches(response))  # no sink: texts come in batches
         finally:
             await response.aclose()
 

@@ -11,7 +11,7 @@ without awaiting, so a busy stream costs one wake-up per read, not one per token
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from orion_llamaccp.engine.http_errors import chat_event
 from orion_llamaccp.engine.sse import (
@@ -27,6 +27,9 @@ from orion_llamaccp.errors import UpstreamError
 Delta = list[str] | ChunkEvents
 """The texts of consecutive tokens, or any other event of the stream."""
 
+TextSink = Callable[[list[str]], None]
+"""Takes the texts of consecutive tokens as they are read (``ChatStream.batches``)."""
+
 
 class EventReader:
     """Reads one stream's events; a ``[DONE]`` before a finish reason, an error sent
@@ -39,6 +42,12 @@ class EventReader:
         self.finished = False
         self.done = False  # [DONE] was read: whatever follows is ignored
         self._layout: TokenLayout | None = None
+
+    def token_texts(self, run: bytes) -> list[str] | None:
+        """The texts of ``run`` if it is nothing but tokens of the layout known, else None
+        (``take_runs`` then reads it: nothing has changed)."""
+        layout = self._layout
+        return layout.texts(run) if layout is not None else None
 
     def take_runs(self, runs: Iterable[bytes]) -> list[Delta]:
         """One batch from runs of whole events (``SSEDecoder.feed_run``)."""
@@ -135,14 +144,23 @@ def _add_texts(batch: list[Delta], texts: list[str]) -> None:
 class ChatStream:
     """One streamed answer: ``batches()`` for the relay, ``async for`` for everyone else."""
 
-    def __init__(self, batches: AsyncIterator[list[Delta]]) -> None:
+    def __init__(self, batches: Callable[[TextSink | None], AsyncIterator[list[Delta]]]) -> None:
         self._batches = batches
 
-    def batches(self) -> AsyncIterator[list[Delta]]:
-        return self._batches
+    def batches(self, sink: TextSink | None = None) -> AsyncIterator[list[Delta]]:
+        """The answer's events, a batch per read.
+
+        ``sink``: where the stream may hand the texts of a read's tokens instead, as the
+        read arrives, when it holds nothing else and every earlier batch has been taken
+        (so order is kept). At a GPU's pace each token comes in a read of its own, and
+        this spares the reader a wake-up per token; a stream that cannot (the httpx
+        path) puts them in its batches as before. Called from the connection's read
+        callback: it must not block or raise.
+        """
+        return self._batches(sink)
 
     async def __aiter__(self) -> AsyncIterator[ChunkEvents]:
-        async for batch in self._batches:
+        async for batch in self._batches(None):
             for item in batch:
                 if isinstance(item, list):
                     for text in item:

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from orion_llamaccp.engine.events import Delta, EventReader
+from orion_llamaccp.engine.events import Delta, EventReader, TextSink
 from orion_llamaccp.engine.http_errors import raise_for_response
 from orion_llamaccp.engine.sse import ProtocolError, ResponseDecoder, SSEDecoder
 from orion_llamaccp.errors import EngineUnavailable, UpstreamError
@@ -28,6 +28,8 @@ class StreamConnection(asyncio.Protocol):
 
     ``data_received`` decodes at once (HTTP framing, then SSE) into ``runs`` of whole
     events; the reader (``stream_batches``) awaits ``wait()`` only when it has consumed them all. A
+    run of nothing but tokens that arrives while the reader has taken every run before it
+    goes straight to the reader's ``sink``, if it has one, and the reader is not woken. A
     timer per response fails it after ``read_timeout`` seconds without a byte.
     """
 
@@ -51,6 +53,8 @@ class StreamConnection(asyncio.Protocol):
         self.sse = SSEDecoder()
         self.runs: list[bytes] = []
         self.pending = 0  # bytes in runs
+        self.reader: EventReader | None = None  # the reader's, while it reads this response
+        self.sink: TextSink | None = None  # ... and where it takes token texts directly
         self.body: list[bytes] = []
         self.failure: BaseException | None = None
         self.received = 0
@@ -79,7 +83,10 @@ class StreamConnection(asyncio.Protocol):
         if body:
             if decoder.status == 200:
                 run = self.sse.feed_run(body)
-                if run:
+                if run and self._sunk(run):
+                    if not decoder.complete:
+                        return  # nothing for the reader: it sleeps on
+                elif run:
                     self.runs.append(run)
                     self.pending += len(run)
                     if self.pending > _HIGH_WATER and not self.paused and self.transport:
@@ -91,6 +98,18 @@ class StreamConnection(asyncio.Protocol):
             done, self.on_complete = self.on_complete, None
             done(self)
         self._wake()
+
+    def _sunk(self, run: bytes) -> bool:
+        """Whether ``run`` went to the reader's sink: a run of nothing but tokens, with
+        every earlier run taken by the reader, so that the order holds."""
+        sink, reader = self.sink, self.reader
+        if sink is None or reader is None or self.runs:
+            return False
+        texts = reader.token_texts(run)
+        if texts is None:
+            return False
+        sink(texts)
+        return True
 
     def eof_received(self) -> bool:
         if self.active:
@@ -163,6 +182,7 @@ class StreamConnection(asyncio.Protocol):
             self.grace = None
         self.runs.clear()
         self.pending = 0
+        self.reader = self.sink = None
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
@@ -360,6 +380,7 @@ class StreamPool:
         the connect (the worker's and llama-server's CPU) would compete with llama-server
         reading this request's prompt, which delays its first token on a small machine.
         """
+        conn.sink = None  # whatever else comes is no one's
         self._out = [out for out in self._out if out is not conn and out.active and not out.closed]
         self._refill()
         if conn.decoder.complete and not conn.closed:
@@ -401,36 +422,44 @@ class StreamPool:
         self.idle.clear()
 
 
-async def stream_batches(conn: StreamConnection) -> AsyncIterator[list[Delta]]:
-    """The events of one streamed response, a batch per wake-up, as fast as decoded."""
-    reader = EventReader()
-    while True:
-        runs = conn.runs
-        if runs:
-            batch = reader.take_runs(runs)  # nothing adds to it meanwhile: no await in take
-            runs.clear()
-            conn.pending = 0
-            conn.saw_done = reader.done
-            if batch:
-                yield batch
-            if reader.done:
-                return
-            continue
-        failure = conn.failure
-        if failure is not None:
-            raise UpstreamError(
-                f"stream from llama-server broke off: {type(failure).__name__}: {failure}"
-            ) from failure
-        if conn.decoder.complete:
-            break
-        if conn.paused:
-            await conn.wait()
-            continue
-        conn.waiter = waiter = conn.loop.create_future()  # conn.wait(), inlined: per read
-        try:
-            await waiter
-        finally:
-            conn.waiter = None
-    rest = reader.end(conn.sse.flush())
-    if rest:
-        yield rest
+async def stream_batches(
+    conn: StreamConnection, sink: TextSink | None = None
+) -> AsyncIterator[list[Delta]]:
+    """The events of one streamed response, a batch per wake-up, as fast as decoded;
+    ``sink``, if given, takes the token texts of reads that hold nothing else instead
+    (``ChatStream.batches``)."""
+    reader = conn.reader = EventReader()
+    conn.sink = sink
+    try:
+        while True:
+            runs = conn.runs
+            if runs:
+                batch = reader.take_runs(runs)  # nothing adds to it meanwhile: no await in take
+                runs.clear()
+                conn.pending = 0
+                conn.saw_done = reader.done
+                if batch:
+                    yield batch
+                if reader.done:
+                    return
+                continue
+            failure = conn.failure
+            if failure is not None:
+                raise UpstreamError(
+                    f"stream from llama-server broke off: {type(failure).__name__}: {failure}"
+                ) from failure
+            if conn.decoder.complete:
+                break
+            if conn.paused:
+                await conn.wait()
+                continue
+            conn.waiter = waiter = conn.loop.create_future()  # conn.wait(), inlined: per read
+            try:
+                await waiter
+            finally:
+                conn.waiter = None
+        rest = reader.end(conn.sse.flush())
+        if rest:
+            yield rest
+    finally:
+        conn.sink = None  # the reader is gone: nothing more goes to its sink

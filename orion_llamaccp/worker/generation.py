@@ -236,19 +236,28 @@ class Generator:
         return generation
 
     async def _relay(self, stream: ChatStream, gen: Generation, chunks: ChunkStream | None) -> None:
-        """The relay: one await per read from llama-server, no step per token."""
+        """The relay: at most one await per read from llama-server, no step per token.
+
+        The texts of a read that holds nothing but tokens go to ``texts`` straight from
+        the connection's read callback, without waking this task (``ChatStream.batches``):
+        at a GPU's pace that is nearly every read. Everything else comes in batches.
+        """
         push = chunks.push if chunks is not None else None
         push_texts = chunks.push_texts if chunks is not None else None
         content = gen.content
-        async for batch in stream.batches():
+
+        def texts(read: list[str]) -> None:
+            if gen.first_token_at is None:
+                gen.first_token_at = time.monotonic()
+            content.extend(read)
+            gen.tokens += len(read)
+            if push_texts is not None:
+                push_texts(read)
+
+        async for batch in stream.batches(texts):
             for event in batch:
                 if isinstance(event, list):  # the texts of tokens: nearly every event
-                    if gen.first_token_at is None:
-                        gen.first_token_at = time.monotonic()
-                    content += event
-                    gen.tokens += len(event)
-                    if push_texts is not None:
-                        push_texts(event)
+                    texts(event)
                 else:
                     _take(gen, event, push)
 

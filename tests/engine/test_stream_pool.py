@@ -164,3 +164,55 @@ async def test_a_reader_that_falls_behind_pauses_the_socket_and_loses_no_token()
     finally:
         pool.close()
         server.close()
+
+
+TICKED = TOKEN.replace(b'"created":1', b'"created":2')  # llama-server's clock ticked
+
+
+async def _paced(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An answer at a GPU's pace: every event its own chunk in a write of its own, with a
+    pause after each, so each read holds one event. The clock ticks halfway."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    events = [b'{"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant"}}]}']
+    events += [TOKEN % n for n in range(20)] + [TICKED % n for n in range(20, 40)]
+    for data in [*events, FINISH, b"[DONE]"]:
+        chunk = b"data: %b\n\n" % data
+        writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        await writer.drain()
+        await asyncio.sleep(0.002)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+async def test_tokens_read_one_at_a_time_go_to_the_sink_without_waking_the_reader() -> None:
+    """At a GPU's pace each token comes in a read of its own. Once the reader knows the
+    tokens' layout, such a read goes to its sink from the read callback, and the reader
+    task sleeps on; the role, the tick of the clock (a new layout, read by the reader)
+    and the finish still come as batches, and every text arrives once, in order."""
+    server = await asyncio.start_server(_paced, "127.0.0.1", 0)
+    pool = _pool(server.sockets[0].getsockname()[1], slots=1)
+    texts: list[str] = []
+    sunk = batches = 0
+
+    def sink(read: list[str]) -> None:
+        nonlocal sunk
+        sunk += 1
+        texts.extend(read)
+
+    try:
+        conn = await pool.open(b"{}")
+        async for batch in stream_batches(conn, sink):
+            batches += 1
+            for delta in batch:
+                if isinstance(delta, list):
+                    texts.extend(delta)
+        pool.finish(conn)
+        assert texts == [f"{n} " for n in range(40)]
+        assert sunk >= 30  # all but the layouts' first tokens, give or take a slow read
+        assert batches <= 10  # the role, the first token of each layout, the finish
+        assert conn.sink is None  # the reader is gone: nothing more goes to its sink
+    finally:
+        pool.close()
+        server.close()
