@@ -462,4 +462,5 @@ async def stream_batches(
         if rest:
             yield rest
     finally:
-        conn.sink = None  # the reader is gone: nothing more goes to its sink
+        if conn.sink is sink:  # the reader is gone: nothing more goes to its sink
+            conn.sink = None
