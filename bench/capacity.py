@@ -8,12 +8,18 @@ token and per request, the worker's share of a core, Redis commands per token (t
 commands the worker sent, some of them pipelined together, and everything Redis executed
 for it, script internals included) and the worker's writes to Redis per request (each a
 system call on both sides; commands of one loop step share one, ``bus.lane``).
+
+Table 2c is the same worker at a GPU's pace instead: the upstream writes one event per
+write, a token per millisecond per request (about what one answer gets from a GPU), so
+that each token is a read of its own, as in production; there the worker's CPU per token
+is mostly waking up for each read, which the unpaced table does not show.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,6 +49,8 @@ class CapacityConfig:
     coalesce: tuple[float, ...] = (10.0, 0.0)
     burst: int = 16  # upstream events per socket write
     token_interval_us: float = 0.0  # upstream pause per token (0: as fast as it can)
+    paced: tuple[int, ...] = (4, 16)  # requests in flight at a GPU's pace (table 2c)
+    paced_interval_us: float = 1000.0  # ... one token per this many microseconds each
 
 
 async def _lane(bus: BusCaller, tokens: int, stop_at: float, out: list[Outcome]) -> None:
@@ -177,43 +185,65 @@ async def split(
     }
 
 
+def _spec(
+    ws: Workspace, parallel: int, coalesce: float, burst: int, interval_us: float
+) -> WorkerSpec:
+    return WorkerSpec(
+        model=ws.tiny_model(),
+        binary=ws.synthetic_launcher(),
+        parallel=parallel,
+        ctx=65536,
+        coalesce_ms=coalesce,
+        env={"BENCH_BURST": str(burst), "BENCH_TOKEN_INTERVAL_US": str(interval_us)},
+    )
+
+
+async def _with_worker(
+    ws: Workspace, spec: WorkerSpec, name: str, body: Callable[[Worker, BusCaller], Awaitable[None]]
+) -> None:
+    worker = Worker(ws, spec, name).start()
+    bus = None
+    redis = ws.redis()
+    try:
+        await worker.wait_ready(redis)
+        # redis-py's client: one connection per command in flight, so Redis reads each of
+        # the caller's commands on its own and ``measure`` can subtract one read per
+        # command (the raw sender's pipelined writes can arrive several to a read).
+        bus = await BusCaller(ws.url, PROFILE, sender="redis-py").start()
+        await body(worker, bus)
+    finally:
+        if bus is not None:
+            await bus.close()
+        await redis.aclose()
+        worker.stop()
+
+
 async def run(ws: Workspace, cfg: CapacityConfig | None = None) -> dict[str, Any]:
     cfg = cfg or CapacityConfig()
     points: list[dict[str, Any]] = []
+    paced: list[dict[str, Any]] = []
     costs: dict[str, Any] = {}
     for coalesce in cfg.coalesce:
-        spec = WorkerSpec(
-            model=ws.tiny_model(),
-            binary=ws.synthetic_launcher(),
-            parallel=max(cfg.concurrency),
-            ctx=65536,
-            coalesce_ms=coalesce,
-            env={
-                "BENCH_BURST": str(cfg.burst),
-                "BENCH_TOKEN_INTERVAL_US": str(cfg.token_interval_us),
-            },
-        )
-        worker = Worker(ws, spec, f"capacity-{coalesce:g}").start()
-        bus = None
-        redis = ws.redis()
-        try:
-            await worker.wait_ready(redis)
-            # redis-py's client: one connection per command in flight, so Redis reads each
-            # of the caller's commands on its own and ``measure`` can subtract one read per
-            # command (the raw sender's pipelined writes can arrive several to a read).
-            bus = await BusCaller(ws.url, PROFILE, sender="redis-py").start()
+
+        async def unpaced(worker: Worker, bus: BusCaller, coalesce: float = coalesce) -> None:
             for concurrency in cfg.concurrency:
                 point = await measure(ws, worker, bus, concurrency, cfg)
                 point["coalesce_ms"] = coalesce
                 points.append(point)
             if coalesce > 0 and not costs:
-                costs = await split(ws, worker, bus, cfg)
-        finally:
-            if bus is not None:
-                await bus.close()
-            await redis.aclose()
-            worker.stop()
-    return _finish(cfg, points, costs)
+                costs.update(await split(ws, worker, bus, cfg))
+
+        spec = _spec(ws, max(cfg.concurrency), coalesce, cfg.burst, cfg.token_interval_us)
+        await _with_worker(ws, spec, f"capacity-{coalesce:g}", unpaced)
+
+    async def at_gpu_pace(worker: Worker, bus: BusCaller) -> None:
+        for concurrency in cfg.paced:
+            paced.append(await measure(ws, worker, bus, concurrency, cfg))
+
+    if cfg.paced:
+        spec = _spec(ws, max(cfg.paced), cfg.coalesce[0], 1, cfg.paced_interval_us)
+        await _with_worker(ws, spec, "capacity-paced", at_gpu_pace)
+    return _finish(cfg, points, costs, paced)
 
 
 def _split_table(cfg: CapacityConfig, costs: dict[str, Any]) -> str:
@@ -235,8 +265,43 @@ def _split_table(cfg: CapacityConfig, costs: dict[str, Any]) -> str:
     )
 
 
+def _paced_table(cfg: CapacityConfig, paced: list[dict[str, Any]]) -> str:
+    if not paced:
+        return ""
+    rate = 1e6 / cfg.paced_interval_us
+    rows = [
+        (
+            p["concurrency"],
+            round(p["concurrency"] * rate),
+            p["tokens_per_s"],
+            p["worker_cpu_us_per_token"],
+            p["worker_cpu_us_per_request"],
+            p["worker_core_share"],
+            p["errors"],
+        )
+        for p in paced
+    ]
+    return "\n" + table(
+        f"2c. At a GPU's pace: one event per write, a token per {cfg.paced_interval_us:g} us "
+        f"per request, {cfg.tokens} tokens/request, coalescing {cfg.coalesce[0]:g} ms",
+        [
+            "in flight",
+            "paced tok/s",
+            "tokens/s",
+            "CPU us/tok",
+            "CPU us/req",
+            "worker core",
+            "errors",
+        ],
+        rows,
+    )
+
+
 def _finish(
-    cfg: CapacityConfig, points: list[dict[str, Any]], costs: dict[str, Any] | None = None
+    cfg: CapacityConfig,
+    points: list[dict[str, Any]],
+    costs: dict[str, Any] | None = None,
+    paced: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     rows = [
         (
@@ -294,6 +359,7 @@ def _finish(
         ),
     ]
     text += _split_table(cfg, costs or {})
+    text += _paced_table(cfg, paced or [])
     text += "\n" + targets_table(targets)
     settings = {
         "tokens_per_request": cfg.tokens,
@@ -303,8 +369,9 @@ def _finish(
         "upstream": f"bench/upstream.py, {cfg.burst} SSE events per socket write, "
         "llama-server framing (chunked, one HTTP chunk per event)",
         "intake": "pub/sub",
+        "paced": f"2c: one event per write, {cfg.paced_interval_us:g} us per token per request, "
+        f"{list(cfg.paced)} in flight",
     }
-    path = write_result(
-        "capacity", settings, {"points": points, "split": costs or {}}, targets=targets
-    )
+    results = {"points": points, "split": costs or {}, "paced": paced or []}
+    path = write_result("capacity", settings, results, targets=targets)
     return {"text": text, "path": str(path), "points": points, "targets": targets}
