@@ -168,13 +168,19 @@ class Generator:
     ) -> tuple[Generation, int]:
         """Pub/sub: one try. Streams: a broken upstream is retried up to max deliveries.
 
-        Only a generation that reached llama-server counts as an attempt: when the stream
-        breaks, llama-server may be dead before the supervisor has noticed, and a request
-        that cannot connect yet simply waits for the restart under the same attempt.
+        Only a generation that reached llama-server counts as an attempt: llama-server may
+        be dead before the supervisor has noticed, and a request that cannot reach it yet
+        waits for the restart under the same attempt, as one that arrives during the
+        restart does (``_engine_ready``): nothing of it was generated or published, so
+        even pub/sub's single try may wait, up to ``engine_wait_sec``.
         ``sent``: the first try's request, already written (``start``).
         """
         attempt = job.first_attempt
-        deadline = time.monotonic() + self.settings.request_timeout_sec
+        settings = self.settings
+        limit = (
+            settings.engine_wait_sec if job.transport == "pubsub" else settings.request_timeout_sec
+        )
+        deadline = time.monotonic() + limit
         while True:
             if sent is None:
                 await self._engine_ready(job)
@@ -186,7 +192,7 @@ class Generator:
             except ContextExceeded as exc:
                 raise Failure("context_exceeded", str(exc), retryable=False) from None
             except EngineUnavailable as exc:
-                if job.transport == "pubsub" or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise Failure(
                         "engine_unavailable",
                         str(exc),

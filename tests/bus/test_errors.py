@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import orjson
+import psutil
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus.envelope import CHAT_CANCEL
@@ -175,6 +176,27 @@ async def test_upstream_failed_when_llama_server_dies_mid_stream(
     assert result.payload["details"]["retryable"] is True
     worker.wait_ready()
     assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=30)).ok
+
+
+async def test_a_request_sent_before_the_worker_sees_llama_server_dead_waits_for_it(
+    spawn_worker: SpawnWorker, bus: BusClient, llama_server_bin
+) -> None:
+    """llama-server is dead, and the supervisor has not noticed yet (here the process it
+    watches outlives llama-server by two seconds; in production, the moment before its
+    exit is reaped). A pub/sub request sent then cannot reach it, and nothing of it was
+    generated or published: it waits for the restart, as one sent during the restart
+    does, and is answered, where it used to be refused at once (``engine_unavailable``)."""
+    worker = spawn_worker(
+        LLAMA_SERVER_BIN=str(PRELUDE),
+        REAL_LLAMA_SERVER=str(llama_server_bin),
+        PRELUDE_OUTLIVE="2",
+    )
+    (server,) = psutil.Process(worker.engine_pid()).children()
+    server.kill()
+    server.wait(5)
+    assert worker.state() == "ready"  # the worker has not seen it yet
+    result = await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=60)
+    assert result.ok, result.payload
 
 
 async def test_cancel_stops_generation_and_frees_the_slot(

@@ -3,6 +3,8 @@
 #   PRELUDE_LINES=N PRELUDE_DELAY=S  print N progress lines, S seconds apart, then start
 #   PRELUDE_SILENT=S                 sleep S seconds without a word first (a hung loader)
 #   PRELUDE_EXIT=CODE                print a line and exit with CODE instead of starting
+#   PRELUDE_OUTLIVE=S                run it as a child and exit S seconds after it does: a
+#                                    death that whoever watches this process sees late
 # The real binary comes from REAL_LLAMA_SERVER; all arguments pass through unchanged.
 set -u
 if [ -n "${PRELUDE_EXIT:-}" ]; then echo "prelude: exiting with ${PRELUDE_EXIT}"; exit "${PRELUDE_EXIT}"; fi
@@ -11,4 +13,14 @@ for i in $(seq 1 "${PRELUDE_LINES:-0}"); do
   echo "llama_model_load: loading tensors ... ${i}/${PRELUDE_LINES}"
   sleep "${PRELUDE_DELAY:-0.1}"
 done
+if [ -n "${PRELUDE_OUTLIVE:-}" ]; then
+  "${REAL_LLAMA_SERVER}" "$@" &
+  child=$!
+  trap 'kill -TERM "${child}" 2>/dev/null; wait "${child}"; exit 143' TERM INT
+  wait "${child}"
+  code=$?
+  sleep "${PRELUDE_OUTLIVE}" &
+  wait $!
+  exit "${code}"
+fi
 exec "${REAL_LLAMA_SERVER}" "$@"
