@@ -5,8 +5,10 @@ under load. ``EventReader.take_runs`` turns the events of one read into one batc
 texts of consecutive tokens as one ``list[str]`` (nearly every event; read without a
 step of Python per token where the chunks keep llama-server's layout, see
 ``sse.TokenLayout``), anything else as ``ChunkEvents``. The relay loops over a batch
-without awaiting, so a busy stream costs one wake-up per read, not one per token.
-``ChatStream`` also yields event by event, as ``ChunkEvents`` only, for every other caller.
+without awaiting, so a busy stream costs one wake-up per read, not one per token, and a
+read of nothing but tokens can go to the relay without waking it at all (the sink of
+``ChatStream.batches``). ``ChatStream`` also yields event by event, as ``ChunkEvents``
+only, for every other caller.
 """
 
 from __future__ import annotations
