@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -198,9 +199,11 @@ def _spec(
     )
 
 
-async def _with_worker(
-    ws: Workspace, spec: WorkerSpec, name: str, body: Callable[[Worker, BusCaller], Awaitable[None]]
-) -> None:
+@asynccontextmanager
+async def _serving(
+    ws: Workspace, spec: WorkerSpec, name: str
+) -> AsyncIterator[tuple[Worker, BusCaller]]:
+    """A worker started with ``spec`` and ready, and a bus caller for it; both stop after."""
     worker = Worker(ws, spec, name).start()
     bus = None
     redis = ws.redis()
@@ -210,7 +213,7 @@ async def _with_worker(
         # the caller's commands on its own and ``measure`` can subtract one read per
         # command (the raw sender's pipelined writes can arrive several to a read).
         bus = await BusCaller(ws.url, PROFILE, sender="redis-py").start()
-        await body(worker, bus)
+        yield worker, bus
     finally:
         if bus is not None:
             await bus.close()
@@ -224,25 +227,19 @@ async def run(ws: Workspace, cfg: CapacityConfig | None = None) -> dict[str, Any
     paced: list[dict[str, Any]] = []
     costs: dict[str, Any] = {}
     for coalesce in cfg.coalesce:
-
-        async def unpaced(worker: Worker, bus: BusCaller, coalesce: float = coalesce) -> None:
+        spec = _spec(ws, max(cfg.concurrency), coalesce, cfg.burst, cfg.token_interval_us)
+        async with _serving(ws, spec, f"capacity-{coalesce:g}") as (worker, bus):
             for concurrency in cfg.concurrency:
                 point = await measure(ws, worker, bus, concurrency, cfg)
                 point["coalesce_ms"] = coalesce
                 points.append(point)
             if coalesce > 0 and not costs:
-                costs.update(await split(ws, worker, bus, cfg))
-
-        spec = _spec(ws, max(cfg.concurrency), coalesce, cfg.burst, cfg.token_interval_us)
-        await _with_worker(ws, spec, f"capacity-{coalesce:g}", unpaced)
-
-    async def at_gpu_pace(worker: Worker, bus: BusCaller) -> None:
-        for concurrency in cfg.paced:
-            paced.append(await measure(ws, worker, bus, concurrency, cfg))
-
+                costs = await split(ws, worker, bus, cfg)
     if cfg.paced:
         spec = _spec(ws, max(cfg.paced), cfg.coalesce[0], 1, cfg.paced_interval_us)
-        await _with_worker(ws, spec, "capacity-paced", at_gpu_pace)
+        async with _serving(ws, spec, "capacity-paced") as (worker, bus):
+            for concurrency in cfg.paced:
+                paced.append(await measure(ws, worker, bus, concurrency, cfg))
     return _finish(cfg, points, costs, paced)
 
 

@@ -55,8 +55,7 @@ class EventReader:
         """One batch from runs of whole events (``SSEDecoder.feed_run``)."""
         batch: list[Delta] = []
         for run in runs:
-            layout = self._layout
-            texts = layout.texts(run) if layout is not None else None
+            texts = self.token_texts(run)
             if texts is None:
                 self._take_run(run, batch)
                 if self.done:
