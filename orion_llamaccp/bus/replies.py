@@ -136,7 +136,6 @@ class ChunkStream:
         self._last_sent = -1e9
         self._napping: asyncio.Future[None] | None = None
         self.seq = 0
-        self.tokens = 0
         self._task = asyncio.create_task(self._send_loop(), name=f"chunks-{request_id}")
 
     def push(self, delta: str, reasoning: str = "") -> None:
@@ -145,13 +144,11 @@ class ChunkStream:
             self._content.append(delta)
         if reasoning:
             self._reasoning.append(reasoning)
-        self.tokens += 1
         self._wake.set()
 
     def push_texts(self, texts: list[str]) -> None:
         """Queue the texts of consecutive tokens (non-empty), as ``push`` each would."""
         self._content += texts
-        self.tokens += len(texts)
         self._wake.set()
 
     def _template(self) -> ChunkTemplate:
