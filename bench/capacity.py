@@ -17,7 +17,9 @@ is mostly waking up for each read, which the unpaced table does not show.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -236,11 +238,15 @@ async def run(ws: Workspace, cfg: CapacityConfig | None = None) -> dict[str, Any
             if coalesce > 0 and not costs:
                 costs = await split(ws, worker, bus, cfg)
     if cfg.paced:
-        spec = _spec(ws, max(cfg.paced), cfg.coalesce[0], 1, cfg.paced_interval_us)
-        async with _serving(ws, spec, "capacity-paced") as (worker, bus):
-            for concurrency in cfg.paced:
-                paced.append(await measure(ws, worker, bus, concurrency, cfg))
+        paced = await run_paced(ws, cfg)
     return _finish(cfg, points, costs, paced)
+
+
+async def run_paced(ws: Workspace, cfg: CapacityConfig) -> list[dict[str, Any]]:
+    """Table 2c's points: one worker, the upstream at a GPU's pace."""
+    spec = _spec(ws, max(cfg.paced), cfg.coalesce[0], 1, cfg.paced_interval_us)
+    async with _serving(ws, spec, "capacity-paced") as (worker, bus):
+        return [await measure(ws, worker, bus, concurrency, cfg) for concurrency in cfg.paced]
 
 
 def _split_table(cfg: CapacityConfig, costs: dict[str, Any]) -> str:
@@ -271,9 +277,11 @@ def _paced_table(cfg: CapacityConfig, paced: list[dict[str, Any]]) -> str:
             p["concurrency"],
             round(p["concurrency"] * rate),
             p["tokens_per_s"],
+            p["tokens_per_chunk"],
             p["worker_cpu_us_per_token"],
             p["worker_cpu_us_per_request"],
             p["worker_core_share"],
+            p["redis_writes_per_request"],
             p["errors"],
         )
         for p in paced
@@ -285,9 +293,11 @@ def _paced_table(cfg: CapacityConfig, paced: list[dict[str, Any]]) -> str:
             "in flight",
             "paced tok/s",
             "tokens/s",
+            "tok/chunk",
             "CPU us/tok",
             "CPU us/req",
             "worker core",
+            "writes/req",
             "errors",
         ],
         rows,
@@ -372,3 +382,25 @@ def _finish(
     results = {"points": points, "split": costs or {}, "paced": paced or []}
     path = write_result("capacity", settings, results, targets=targets)
     return {"text": text, "path": str(path), "points": points, "targets": targets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Table 2c alone, printed, nothing written: for A/Bs of the paced path."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.capacity", description="table 2c alone (a GPU's pace)"
+    )
+    parser.add_argument("--paced", default="4,16,32", help="requests in flight, comma-separated")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per point")
+    args = parser.parse_args(argv)
+    cfg = CapacityConfig(seconds=args.seconds, paced=tuple(map(int, args.paced.split(","))))
+
+    async def paced_only() -> list[dict[str, Any]]:
+        with Workspace() as ws:
+            return await run_paced(ws, cfg)
+
+    print(_paced_table(cfg, asyncio.run(paced_only())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,12 +25,19 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-def _stream(publisher: Publisher, gate: asyncio.Event | None, window: float) -> ChunkStream:
+def _stream(
+    publisher: Publisher,
+    gate: asyncio.Event | None,
+    window: float,
+    *,
+    channel: str = CHANNEL,
+    request_id: str = "req-1",
+) -> ChunkStream:
     return ChunkStream(
         publisher,
         lambda: ChunkTemplate({"kind": "llm.chat.chunk"}),
-        channel=CHANNEL,
-        request_id="req-1",
+        channel=channel,
+        request_id=request_id,
         attempt=1,
         coalesce_sec=window,
         gate=gate,
@@ -90,6 +97,39 @@ async def test_tail_goes_out_with_the_result_in_order(
     assert seqs == list(range(len(seqs)))
     order = [m.channel for m in recorder.messages if m.channel in (CHANNEL, RESULT)]
     assert order[-1] == RESULT and order.count(RESULT) == 1
+
+
+async def test_chunks_of_requests_in_flight_together_share_writes(
+    redis: aioredis.Redis, recorder: BusRecorder
+) -> None:
+    """After its first chunk, a request's chunks leave on a clock that every request
+    shares: two requests streaming at different phases send theirs in the same writes."""
+    publisher = Publisher(redis)
+    channels = [f"{CHANNEL}:{n}" for n in range(2)]
+    streams = [
+        _stream(publisher, None, 0.05, channel=channel, request_id=f"req-tick-{n}")
+        for n, channel in enumerate(channels)
+    ]
+
+    async def tokens(chunks: ChunkStream, delay: float) -> None:
+        await asyncio.sleep(delay)
+        for n in range(30):
+            chunks.push(f"{n} ")
+            await asyncio.sleep(0.007)
+
+    await asyncio.gather(tokens(streams[0], 0.0), tokens(streams[1], 0.023))
+    for chunks in streams:
+        await chunks.finish()
+    sent = sum(len(recorder.on(channel)) for channel in channels)
+    await wait_until_async(
+        lambda: sum(len(recorder.on(c)) for c in channels) == sent, timeout=5, what="chunks"
+    )
+    # Each stream's first chunk alone, then both streams' chunks of a tick in one write
+    # (with a window per stream, phases 23 ms apart never meet: a write per chunk).
+    assert publisher.lane.writes <= sent - 2, (publisher.lane.writes, sent)
+    for channel in channels:
+        seqs = [m.message["payload"]["seq"] for m in recorder.on(channel)]
+        assert seqs == list(range(len(seqs)))
 
 
 async def test_commit_repeats_nothing_and_survives_a_script_flush(
