@@ -179,9 +179,12 @@ class SlotLease:
         self._slots: Slots | None = slots
 
     async def release(self) -> None:
-        slots, self._slots = self._slots, None
+        """Give the slot back, unless it was; a cancel that lands while ``Slots.release``
+        waits for its lock leaves the lease held, for the job's own release to give back."""
+        slots = self._slots
         if slots is not None:
             await slots.release()
+            self._slots = None
 
 
 @dataclass

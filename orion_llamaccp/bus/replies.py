@@ -52,6 +52,7 @@ class Publisher:
         self.retry_for = retry_for
         self._once = redis.register_script(PUBLISH_ONCE)
         self._ordered = redis.register_script(PUBLISH_IN_ORDER)
+        self._sources = {script.sha: script.script for script in (self._once, self._ordered)}
         self.lane = lane or Lane(redis)
         self.commands = 0
 
@@ -70,8 +71,12 @@ class Publisher:
         """Run ``stages`` in order in one round trip; every stage must be safe to repeat.
 
         A Redis restart forgets our scripts: on ``NOSCRIPT`` they are loaded again and the
-        whole list is repeated, which the guards make harmless.
+        whole list is repeated, which the guards make harmless. Redis runs the rest of a
+        list whose script failed, though, so a list with a plain command after a script
+        (the stored result, the stream ack) sends its scripts whole (``EVAL``): an ack
+        must never land while the result before it did not (``_whole``).
         """
+        stages = _whole(stages, self._sources)
 
         async def once() -> list[Any]:
             replies = await self._execute(stages)
@@ -250,6 +255,22 @@ class ChunkStream:
         self._wake.set()
         self._task.cancel()
         await asyncio.wait({self._task}, timeout=2.0)
+
+
+def _whole(stages: Sequence[Stage], sources: dict[str, str]) -> Sequence[Stage]:
+    """``stages`` with every ``EVALSHA`` sent as ``EVAL`` when a plain command follows one.
+
+    A worker that died between the round trip that met ``NOSCRIPT`` and its repeat
+    would otherwise leave the entry acked and its result unpublished: an answer lost.
+    Chunks alone keep ``EVALSHA``, whose repeat after ``NOSCRIPT`` loses nothing.
+    """
+    scripted = [i for i, stage in enumerate(stages) if stage[0] == "EVALSHA"]
+    if not scripted or all(stage[0] == "EVALSHA" for stage in stages[scripted[0] :]):
+        return stages
+    return [
+        ("EVAL", sources[stage[1]], *stage[2:]) if stage[0] == "EVALSHA" else stage
+        for stage in stages
+    ]
 
 
 def _tick_after(sent: float, window: float) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis import Redis as SyncRedis
 
-from orion_llamaccp.bus.intake import Slots, StreamConsumer, StreamEntry
+from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import channels_for
 from orion_llamaccp.worker.startup import Intake
@@ -216,3 +216,22 @@ async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url
         (channels.intake, b"bad", None),
         (channels.intake, b"two", "prepared two"),
     ]
+
+
+async def test_a_lease_cancelled_while_giving_its_slot_back_gives_it_back_later() -> None:
+    """``Slots.release`` waits for its lock when another task holds it; a cancel that
+    lands then (a user cancel, the generation's timeout) must not lose the slot: the
+    job's own release, in its ``finally``, gives it back."""
+    slots = Slots(1)
+    await slots.acquire()
+    lease = SlotLease(slots)
+    await slots._changed.acquire()  # another task inside the lock for a moment
+    giving_back = asyncio.create_task(lease.release())
+    await asyncio.sleep(0)
+    giving_back.cancel()
+    slots._changed.release()
+    await asyncio.gather(giving_back, return_exceptions=True)
+    await lease.release()
+    assert slots.free == 1
+    await lease.release()  # once only
+    assert slots.free == 1

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orion_llamaccp.bus.outbox import ChunkTemplate
 from orion_llamaccp.bus.replies import ChunkStream, Publisher
@@ -144,6 +145,35 @@ async def test_commit_repeats_nothing_and_survives_a_script_flush(
     await asyncio.sleep(0.2)
     assert len(recorder.on(RESULT)) == 1
     assert len(recorder.on(CHANNEL)) == 1
+
+
+async def test_after_a_script_flush_an_ack_never_lands_without_its_result(
+    redis: aioredis.Redis, recorder: BusRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis runs the rest of a command list whose script is missing. The result's list
+    ends with plain commands (the stored result, the stream ack; a SET stands in here):
+    had its script gone as ``EVALSHA``, a worker that died before loading the scripts
+    again would leave the ack done and the result unpublished, an answer lost."""
+    publisher = Publisher(redis, retry_for=0)
+
+    async def died_here() -> None:
+        raise RedisConnectionError("the worker died before loading the scripts again")
+
+    monkeypatch.setattr(publisher, "_load_scripts", died_here)
+    acked = "orion:test:acked-without-result"
+    await redis.delete(acked)
+    await redis.script_flush()  # what a Redis restart does to our scripts
+    chunk = publisher.stage_chunk(CHANNEL, "req-4", 1, 0, b'{"payload": {"seq": 0}}')
+    result = publisher.stage_result(RESULT, "req-4", b'{"n": 4}')
+    assert await publisher.commit("result", [chunk, result, ("SET", acked, "1")]) == [1, 1, b"OK"]
+    await wait_until_async(lambda: recorder.on(RESULT), timeout=5, what="the result")
+    assert [m.channel for m in recorder.messages if m.channel in (CHANNEL, RESULT)] == [
+        CHANNEL,
+        RESULT,
+    ]
+    await redis.script_flush()
+    with pytest.raises(RedisConnectionError):  # chunks alone still go as EVALSHA
+        await publisher.commit("chunk", [publisher.stage_chunk(CHANNEL, "req-4", 1, 1, b"{}")])
 
 
 async def test_a_commit_cut_off_mid_round_trip_leaves_no_reply_for_the_next(
