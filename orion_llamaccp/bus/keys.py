@@ -41,6 +41,11 @@ def answered(request_id: str) -> str:
     return f"{PREFIX}:answered:{request_id}"
 
 
+def attempts(request_id: str) -> str:
+    """The highest attempt number given to a request's retries and redeliveries."""
+    return f"{PREFIX}:attempts:{request_id}"
+
+
 def chunk_seq(request_id: str, attempt: int) -> str:
     """The last chunk ``seq`` published for one attempt of a request."""
     return f"{PREFIX}:seq:{request_id}:{attempt}"

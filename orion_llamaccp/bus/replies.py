@@ -30,7 +30,7 @@ from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.lane import Command, Lane
 from orion_llamaccp.bus.outbox import ChunkTemplate
 from orion_llamaccp.bus.retry import with_retry
-from orion_llamaccp.bus.scripts import PUBLISH_IN_ORDER, PUBLISH_ONCE
+from orion_llamaccp.bus.scripts import NEXT_ATTEMPT, PUBLISH_IN_ORDER, PUBLISH_ONCE
 
 GUARD_TTL_SEC = 24 * 3600
 
@@ -53,6 +53,7 @@ class Publisher:
         self._once = redis.register_script(PUBLISH_ONCE)
         self._ordered = redis.register_script(PUBLISH_IN_ORDER)
         self._sources = {script.sha: script.script for script in (self._once, self._ordered)}
+        self._next_attempt = redis.register_script(NEXT_ATTEMPT)
         self.lane = lane or Lane(redis)
         self.commands = 0
 
@@ -97,6 +98,26 @@ class Publisher:
     async def _load_scripts(self) -> None:
         for script in (self._once, self._ordered):
             await self.redis.script_load(script.script)
+
+    async def next_attempt(self, request_id: str, floor: int) -> int:
+        """The number of a retry or a redelivery: above every attempt of the request before
+        (at least ``floor``).
+
+        Chunks are guarded per attempt (``stage_chunk``): a second generation under a
+        number already used would have its first chunks dropped as repeats, and the
+        caller, seeing no higher ``attempt``, would splice two generations' text. A count
+        of deliveries cannot tell: a worker may retry within one delivery (llama-server
+        died) and then die itself. The first attempt of a first delivery is not recorded
+        (no round trip in front of every request); the floor keeps it from being reused.
+        """
+        key = keys.attempts(request_id)
+        return int(
+            await with_retry(
+                "numbering an attempt",
+                lambda: self._next_attempt(keys=[key], args=[floor, GUARD_TTL_SEC]),
+                retry_for=self.retry_for,
+            )
+        )
 
     async def already_answered(self, request_id: str) -> bool:
         return bool(await self.redis.exists(keys.answered(request_id)))

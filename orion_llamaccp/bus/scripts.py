@@ -25,3 +25,12 @@ if (not last) or tonumber(last) < tonumber(ARGV[2]) then
 end
 return -1
 """
+
+# KEYS[1] highest attempt; ARGV: floor, ttl. A number above every one given before, and at
+# least the floor (so the unrecorded first attempt of a first delivery is never reused).
+NEXT_ATTEMPT = """
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local n = math.max(last + 1, tonumber(ARGV[1]))
+redis.call('SET', KEYS[1], n, 'EX', tonumber(ARGV[2]))
+return n
+"""

@@ -176,6 +176,8 @@ class Generator:
         ``sent``: the first try's request, already written (``start``).
         """
         attempt = job.first_attempt
+        if job.redelivered:  # a worker before may have retried under later numbers
+            attempt = await self.publisher.next_attempt(job.delivery_id, attempt)
         settings = self.settings
         limit = (
             settings.engine_wait_sec if job.transport == "pubsub" else settings.request_timeout_sec
@@ -206,7 +208,7 @@ class Generator:
                         "upstream_failed", str(exc), retryable=True, details={"attempt": attempt}
                     ) from None
                 log.warning("attempt %d of %s failed (%s): retrying", attempt, job.request_id, exc)
-                attempt += 1
+                attempt = await self.publisher.next_attempt(job.delivery_id, attempt + 1)
 
     async def _generate(
         self,

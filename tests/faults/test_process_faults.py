@@ -45,6 +45,35 @@ async def test_worker_sigkill_mid_generation_stream(fault: Fault, hi: list) -> N
     assert "".join(c["delta"] for c in second) == answer["content"]
 
 
+async def test_a_redelivery_after_a_retry_generates_under_a_new_attempt(
+    fault: Fault, hi: list
+) -> None:
+    """The worker retries a stream request (its llama-server died) and then dies itself:
+    the rescuer's generation must carry an attempt above the retry's, or its first
+    chunks are dropped as repeats of the retry's and the caller splices two texts."""
+    victim = fault.spawn("victim", slow=True, parallel=1, **RECLAIM)
+    doomed = fault.ledger.add(
+        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 4000})
+    )
+    await fault.client.send(doomed, profile="tiny", via="stream")
+    await first_chunk(fault, doomed)
+    engine = victim.engine_pid()
+    os.kill(engine, signal.SIGKILL)  # attempt 1 breaks; the victim retries as attempt 2
+
+    def retried() -> bool:
+        return any(c["attempt"] == 2 and c["seq"] >= 3 for c in chunks_of(fault, doomed))
+
+    await wait_until_async(retried, timeout=30, what="attempt 2 streaming")
+    victim.kill()
+    fault.spawn("rescuer", slow=True, parallel=1, **RECLAIM)
+    assert_exactly_once(await fault.ledger.settle(timeout=90))
+    answer = fault.ledger.answers(doomed)[0]["payload"]
+    assert answer["meta"]["instance"] == "rescuer" and answer["meta"]["attempt"] == 3
+    last = [c for c in chunks_of(fault, doomed) if c["attempt"] == 3]
+    assert [c["seq"] for c in last] == list(range(len(last)))
+    assert "".join(c["delta"] for c in last) == answer["content"]
+
+
 async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) -> None:
     first = fault.spawn(
         "first", slow=True, parallel=2, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="2", **RECLAIM
