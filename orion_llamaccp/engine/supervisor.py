@@ -46,6 +46,12 @@ class EngineState(StrEnum):
     FAILED = "failed"
 
 
+# States a drain replaces: the supervisor's own steps while llama-server runs or restarts.
+_ALIVE = frozenset(
+    {EngineState.STARTING, EngineState.LOADING, EngineState.READY, EngineState.RESTARTING}
+)
+
+
 # Faults that a plain restart cannot fix: fail at once instead of looping.
 FATAL = frozenset({Cause.UNKNOWN_FLAG, Cause.OUT_OF_MEMORY, Cause.MODEL_NOT_FOUND})
 
@@ -113,6 +119,7 @@ class Supervisor:
         self._state_changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._wedged = asyncio.Event()
+        self._draining = False
         self._crashes: deque[float] = deque()
         self._backoff = wait_exponential(
             multiplier=self.policy.backoff_initial,
@@ -134,6 +141,8 @@ class Supervisor:
         return self.state is EngineState.READY
 
     def _set(self, state: EngineState, reason: str | None = None) -> None:
+        if self._draining and state in _ALIVE:  # a drain ends only in stopped or failed
+            state = EngineState.DRAINING
         if state is self.state and reason is None:
             return
         previous, self.state = self.state, state
@@ -173,13 +182,14 @@ class Supervisor:
             self._set(EngineState.STARTING)
 
     def begin_drain(self) -> None:
-        """Stop being ``ready`` (no new work); llama-server keeps running for in-flight work."""
-        if self.state in (
-            EngineState.READY,
-            EngineState.LOADING,
-            EngineState.STARTING,
-            EngineState.RESTARTING,
-        ):
+        """Stop being ``ready`` (no new work); llama-server keeps running for in-flight work.
+
+        For good: a llama-server that dies during the drain is not restarted, and nothing
+        the supervisor does afterwards announces it ready again (in-flight stream work is
+        then left pending for another worker instead of waiting for a reload).
+        """
+        if self.state in _ALIVE:
+            self._draining = True
             self._set(EngineState.DRAINING, "graceful stop")
 
     def report_wedged(self, reason: str) -> None:
@@ -307,6 +317,9 @@ class Supervisor:
     async def _after_crash(self, crash: _Crashed) -> bool:
         """Decide: refetch, restart with backoff, or fail. Returns False to stop the loop."""
         if self._stopping.is_set():
+            return False
+        if self._draining:
+            log.warning("llama-server ended during the drain (%s): not restarted", crash.reason)
             return False
         diagnosis = crash.diagnosis
         reason = f"{crash.reason}: {diagnosis}" if diagnosis else crash.reason

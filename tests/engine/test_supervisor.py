@@ -220,6 +220,22 @@ async def test_drain_then_stop(ready_engine: Supervisor) -> None:
     assert pid is not None and not pid_alive(pid)
 
 
+async def test_llama_server_dying_during_a_drain_is_not_restarted_nor_announced_ready(
+    ready_engine: Supervisor,
+) -> None:
+    events = record(ready_engine)
+    ready_engine.begin_drain()
+    pid = ready_engine.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await wait_until_async(lambda: not pid_alive(pid), timeout=10, what="llama-server gone")
+    await asyncio.sleep(1.5)  # a restart (backoff, load) would have begun by now
+    assert ready_engine.state is EngineState.DRAINING
+    assert ready_engine.restarts == 0 and ready_engine.pid == pid
+    await ready_engine.stop()
+    assert [e.state for e in events] == [EngineState.DRAINING, EngineState.STOPPED]
+
+
 def test_diagnosis_order_prefers_corrupt() -> None:
     from orion_llamaccp.engine.diagnostics import diagnose_all
 
