@@ -8,6 +8,7 @@ import signal
 
 from tests.faults.conftest import Fault, assert_exactly_once
 from tests.support.procs import pid_alive, wait_until_async
+from tests.support.workers import WorkerProc
 
 RECLAIM = {"ORION_LLAMACPP_CLAIM_IDLE_MS": "1500"}
 
@@ -20,13 +21,30 @@ async def first_chunk(fault: Fault, envelope: dict) -> None:
     await wait_until_async(lambda: chunks_of(fault, envelope), timeout=30, what="a first chunk")
 
 
-async def test_worker_sigkill_mid_generation_stream(fault: Fault, hi: list) -> None:
+async def a_long_stream_request(fault: Fault, hi: list) -> tuple[WorkerProc, dict]:
+    """A worker alone on the slow model, streaming a long stream request (its first
+    chunk out): the one a fault then hits."""
     victim = fault.spawn("victim", slow=True, parallel=1, **RECLAIM)
     doomed = fault.ledger.add(
         fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 4000})
     )
     await fault.client.send(doomed, profile="tiny", via="stream")
     await first_chunk(fault, doomed)
+    return victim, doomed
+
+
+def assert_answered_by(fault: Fault, envelope: dict, instance: str, attempt: int) -> None:
+    """One answer, from ``instance`` under ``attempt``, whose chunks of that attempt are
+    whole, in order, and its text."""
+    answer = fault.ledger.answers(envelope)[0]["payload"]
+    assert answer["meta"]["instance"] == instance and answer["meta"]["attempt"] == attempt
+    last = [c for c in chunks_of(fault, envelope) if c["attempt"] == attempt]
+    assert [c["seq"] for c in last] == list(range(len(last)))
+    assert "".join(c["delta"] for c in last) == answer["content"]
+
+
+async def test_worker_sigkill_mid_generation_stream(fault: Fault, hi: list) -> None:
+    victim, doomed = await a_long_stream_request(fault, hi)
     engine = victim.engine_pid()
     victim.kill()
     await wait_until_async(lambda: not pid_alive(engine), timeout=10, what="engine gone too")
@@ -38,11 +56,7 @@ async def test_worker_sigkill_mid_generation_stream(fault: Fault, hi: list) -> N
             via="stream",
         )
     assert_exactly_once(await fault.ledger.settle(timeout=90))
-    answer = fault.ledger.answers(doomed)[0]["payload"]
-    assert answer["meta"]["instance"] == "rescuer" and answer["meta"]["attempt"] == 2
-    second = [c for c in chunks_of(fault, doomed) if c["attempt"] == 2]
-    assert [c["seq"] for c in second] == list(range(len(second)))
-    assert "".join(c["delta"] for c in second) == answer["content"]
+    assert_answered_by(fault, doomed, "rescuer", attempt=2)
 
 
 async def test_a_redelivery_after_a_retry_generates_under_a_new_attempt(
@@ -51,14 +65,8 @@ async def test_a_redelivery_after_a_retry_generates_under_a_new_attempt(
     """The worker retries a stream request (its llama-server died) and then dies itself:
     the rescuer's generation must carry an attempt above the retry's, or its first
     chunks are dropped as repeats of the retry's and the caller splices two texts."""
-    victim = fault.spawn("victim", slow=True, parallel=1, **RECLAIM)
-    doomed = fault.ledger.add(
-        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 4000})
-    )
-    await fault.client.send(doomed, profile="tiny", via="stream")
-    await first_chunk(fault, doomed)
-    engine = victim.engine_pid()
-    os.kill(engine, signal.SIGKILL)  # attempt 1 breaks; the victim retries as attempt 2
+    victim, doomed = await a_long_stream_request(fault, hi)
+    os.kill(victim.engine_pid(), signal.SIGKILL)  # attempt 1 breaks; the victim retries (2)
 
     def retried() -> bool:
         return any(c["attempt"] == 2 and c["seq"] >= 3 for c in chunks_of(fault, doomed))
@@ -67,11 +75,7 @@ async def test_a_redelivery_after_a_retry_generates_under_a_new_attempt(
     victim.kill()
     fault.spawn("rescuer", slow=True, parallel=1, **RECLAIM)
     assert_exactly_once(await fault.ledger.settle(timeout=90))
-    answer = fault.ledger.answers(doomed)[0]["payload"]
-    assert answer["meta"]["instance"] == "rescuer" and answer["meta"]["attempt"] == 3
-    last = [c for c in chunks_of(fault, doomed) if c["attempt"] == 3]
-    assert [c["seq"] for c in last] == list(range(len(last)))
-    assert "".join(c["delta"] for c in last) == answer["content"]
+    assert_answered_by(fault, doomed, "rescuer", attempt=3)
 
 
 async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) -> None:
