@@ -52,7 +52,8 @@ class Publisher:
         self.retry_for = retry_for
         self._once = redis.register_script(PUBLISH_ONCE)
         self._ordered = redis.register_script(PUBLISH_IN_ORDER)
-        self._sources = {script.sha: script.script for script in (self._once, self._ordered)}
+        self._guards = (self._once, self._ordered)  # the scripts stages run (EVALSHA)
+        self._sources = {script.sha: script.script for script in self._guards}
         self._next_attempt = redis.register_script(NEXT_ATTEMPT)
         self.lane = lane or Lane(redis)
         self.commands = 0
@@ -96,7 +97,7 @@ class Publisher:
         return await self.lane.run(stages)
 
     async def _load_scripts(self) -> None:
-        for script in (self._once, self._ordered):
+        for script in self._guards:
             await self.redis.script_load(script.script)
 
     async def next_attempt(self, request_id: str, floor: int) -> int:
@@ -285,8 +286,8 @@ def _whole(stages: Sequence[Stage], sources: dict[str, str]) -> Sequence[Stage]:
     would otherwise leave the entry acked and its result unpublished: an answer lost.
     Chunks alone keep ``EVALSHA``, whose repeat after ``NOSCRIPT`` loses nothing.
     """
-    scripted = [i for i, stage in enumerate(stages) if stage[0] == "EVALSHA"]
-    if not scripted or all(stage[0] == "EVALSHA" for stage in stages[scripted[0] :]):
+    first = next((i for i, stage in enumerate(stages) if stage[0] == "EVALSHA"), None)
+    if first is None or all(stage[0] == "EVALSHA" for stage in stages[first:]):
         return stages
     return [
         ("EVAL", sources[stage[1]], *stage[2:]) if stage[0] == "EVALSHA" else stage

@@ -234,8 +234,7 @@ class Supervisor:
             return
         self.props = await self.client.props()
         proc.quiet = True
-        if self.state is not EngineState.DRAINING:
-            self._set(EngineState.READY)
+        self._set(EngineState.READY)  # stays DRAINING if a drain began meanwhile (``_set``)
         await self._watch(proc)
 
     async def _until_ready(self, proc: LlamaProcess) -> None:
