@@ -152,6 +152,21 @@ async def assert_still_serving(fault: Fault) -> None:
     assert result.ok, result.payload
 
 
+def chunks_of(fault: Fault, envelope: dict) -> list[dict]:
+    """The chunk payloads published for ``envelope``, in the order the recorder saw them."""
+    return [m.message["payload"] for m in fault.recorder.on(envelope["reply_to"] + ":chunks")]
+
+
+def assert_chunks_whole(fault: Fault, envelope: dict, answer: dict) -> None:
+    """No chunk twice, and the chunks of the answer's attempt gapless from 0 and its text."""
+    chunks = chunks_of(fault, envelope)
+    keys = [(c["attempt"], c["seq"]) for c in chunks]
+    assert len(keys) == len(set(keys)), f"a chunk delivered twice: {keys}"
+    last = [c for c in chunks if c["attempt"] == answer["meta"]["attempt"]]
+    assert [c["seq"] for c in last] == list(range(len(last)))
+    assert "".join(c["delta"] for c in last) == answer["content"]
+
+
 def assert_exactly_once(counts: dict[str, int]) -> None:
     assert counts["answered twice"] == 0, counts
     assert counts["lost"] == 0, counts

@@ -19,7 +19,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tests.faults.conftest import REPORTS, Fault, assert_exactly_once, assert_still_serving
+from tests.faults.conftest import (
+    REPORTS,
+    Fault,
+    assert_chunks_whole,
+    assert_exactly_once,
+    assert_still_serving,
+)
 from tests.support.procs import pid_alive, subscribers, wait_stream_acked, wait_until_async
 from tests.support.workers import WorkerProc
 
@@ -57,19 +63,6 @@ class Load:
                 else:
                     self.durable.append(envelope)
             await asyncio.sleep(interval)
-
-
-def chunks_of(fault: Fault, envelope: dict) -> list[dict]:
-    return [m.message["payload"] for m in fault.recorder.on(envelope["reply_to"] + ":chunks")]
-
-
-def assert_chunks_whole(fault: Fault, envelope: dict, answer: dict) -> None:
-    chunks = chunks_of(fault, envelope)
-    keys = [(c["attempt"], c["seq"]) for c in chunks]
-    assert len(keys) == len(set(keys)), f"a chunk delivered twice: {keys}"
-    last = [c for c in chunks if c["attempt"] == answer["meta"]["attempt"]]
-    assert [c["seq"] for c in last] == list(range(len(last)))
-    assert "".join(c["delta"] for c in last) == answer["content"]
 
 
 async def kill_engine(worker: WorkerProc) -> None:

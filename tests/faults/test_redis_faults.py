@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.faults.conftest import Fault, assert_exactly_once
+from tests.faults.conftest import Fault, assert_chunks_whole, assert_exactly_once
 from tests.support.procs import free_port, subscribers, wait_stream_acked, wait_until_async
 
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
@@ -96,14 +96,7 @@ async def test_redis_frozen_longer_than_socket_timeouts(fault: Fault, hi: list) 
     await send_batch(fault, hi, streams=2, pubsubs=2)
     assert_exactly_once(await fault.ledger.settle(timeout=90))
     for envelope in streaming:
-        chunks = [m.message["payload"] for m in fault.recorder.on(envelope["reply_to"] + ":chunks")]
-        keys = [(c["attempt"], c["seq"]) for c in chunks]
-        assert len(keys) == len(set(keys)), "a chunk was delivered twice"
-        answer = fault.ledger.answers(envelope)[0]["payload"]
-        attempt = answer["meta"]["attempt"]
-        last = [c for c in chunks if c["attempt"] == attempt]
-        assert [c["seq"] for c in last] == list(range(len(last)))
-        assert "".join(c["delta"] for c in last) == answer["content"]
+        assert_chunks_whole(fault, envelope, fault.ledger.answers(envelope)[0]["payload"])
     assert "no answer to PING on the pub/sub connection" in worker.log()
 
 
