@@ -61,8 +61,18 @@ class Publisher:
     def stage_chunk(
         self, channel: str, request_id: str, attempt: int, seq: int, message: bytes
     ) -> Stage:
-        key = keys.chunk_seq(request_id, attempt)
-        return ("EVALSHA", self._ordered.sha, 1, key, channel, seq, message, GUARD_TTL_SEC)
+        seq_key, answered = keys.chunk_seq(request_id, attempt), keys.answered(request_id)
+        return (
+            "EVALSHA",
+            self._ordered.sha,
+            2,
+            seq_key,
+            answered,
+            channel,
+            seq,
+            message,
+            GUARD_TTL_SEC,
+        )
 
     def stage_result(self, channel: str, request_id: str, message: bytes) -> Stage:
         """The final result, published unless this request was answered before."""

@@ -3,7 +3,8 @@
 A PUBLISH that timed out may still happen: a frozen Redis runs the bytes already in its
 socket once it resumes. Retrying a plain PUBLISH would then deliver twice. These scripts
 pair the PUBLISH with a guard key in one atomic step, so a retry of the same message is a
-no-op and callers see each chunk ``seq`` and each final result once.
+no-op and callers see each chunk ``seq`` and each final result once, and no chunk after
+the result.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ end
 return -1
 """
 
-# KEYS[1] last seq; ARGV: channel, seq, message, ttl. Publishes only seq > last published.
+# KEYS[1] last seq, KEYS[2] the request's result guard (PUBLISH_ONCE's KEYS[1]); ARGV:
+# channel, seq, message, ttl. Publishes only seq > last published, and nothing once the
+# result is out: a sender that outlived its request (a cancel the Redis client swallowed,
+# a worker frozen while another answered) cannot put a chunk after the final result.
 PUBLISH_IN_ORDER = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return -2
+end
 local last = redis.call('GET', KEYS[1])
 if (not last) or tonumber(last) < tonumber(ARGV[2]) then
   redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[4]))

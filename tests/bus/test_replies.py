@@ -141,10 +141,30 @@ async def test_commit_repeats_nothing_and_survives_a_script_flush(
     chunk = publisher.stage_chunk(CHANNEL, "req-2", 1, 0, b'{"payload": {"seq": 0}}')
     await redis.script_flush()  # what a Redis restart does to our scripts
     assert await publisher.commit("result", [chunk, result]) == [1, 1]
-    assert await publisher.commit("result", [chunk, result]) == [-1, -1]  # a retry: no-op
+    assert await publisher.commit("result", [chunk, result]) == [-2, -1]  # a retry: no-op
     await asyncio.sleep(0.2)
     assert len(recorder.on(RESULT)) == 1
     assert len(recorder.on(CHANNEL)) == 1
+
+
+async def test_no_chunk_goes_out_after_the_result(
+    redis: aioredis.Redis, recorder: BusRecorder
+) -> None:
+    """A sender that outlives its request (a cancel the Redis client swallowed; a worker
+    frozen while another answered the request) must not put a chunk after the result,
+    whichever attempt it streams."""
+    publisher = Publisher(redis)
+    first = publisher.stage_chunk(CHANNEL, "req-5", 1, 0, b'{"payload": {"seq": 0}}')
+    result = publisher.stage_result(RESULT, "req-5", b'{"n": 5}')
+    assert await publisher.commit("result", [first, result]) == [1, 1]
+    late = publisher.stage_chunk(CHANNEL, "req-5", 1, 1, b'{"payload": {"seq": 1}}')
+    zombie = publisher.stage_chunk(CHANNEL, "req-5", 2, 0, b'{"payload": {"seq": 0}}')
+    assert await publisher.commit("chunks", [late, zombie]) == [-2, -2]
+    other = publisher.stage_chunk(CHANNEL, "req-6", 1, 0, b'{"payload": {"seq": 0}}')
+    assert await publisher.commit("chunk", [other]) == [1]  # another request's still go
+    await wait_until_async(lambda: len(recorder.on(CHANNEL)) == 2, timeout=5, what="chunks")
+    await asyncio.sleep(0.2)
+    assert [m.channel for m in recorder.messages] == [CHANNEL, RESULT, CHANNEL]
 
 
 async def test_after_a_script_flush_an_ack_never_lands_without_its_result(
