@@ -32,6 +32,26 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
 
+# KEYS[1] stream; ARGV: group, consumer, entry ids. Resets the idle time of the entries
+# pending under this consumer (so nobody reclaims live work) and returns those pending
+# under another: it reclaimed them while this one was stalled past the claim idle time.
+# One script, not XPENDING then XCLAIM: a plain XCLAIM takes an entry back from whoever
+# holds it, and two workers would generate the same request, taking it from each other.
+# An entry pending nowhere is left alone: our own ack, or a Redis that lost it, in which
+# case this worker's answer is the only one to come.
+_REFRESH_OWN = """
+local taken = {}
+for i = 3, #ARGV do
+  local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if held and held[2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  elseif held then
+    taken[#taken + 1] = ARGV[i]
+  end
+end
+return taken
+"""
+
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
@@ -194,6 +214,7 @@ class StreamEntry:
     deliveries: int
     reclaimed: bool = False
     prepared: Any = None  # what ``prepare`` made of it, for its handler
+    taken_over: bool = False  # another worker reclaimed it from us (its handler is cancelled)
 
 
 EntryHandler = Callable[[StreamEntry], Awaitable[None]]
@@ -237,9 +258,10 @@ class StreamConsumer:
         self.prepare = prepare
         # The read that wakes on a new entry stands before its first token.
         self.lane = lane or Lane(redis)
-        self.in_flight: set[str] = set()
+        self.in_flight: dict[str, tuple[StreamEntry, asyncio.Task[None]]] = {}
         self.started = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refresh_own = redis.register_script(_REFRESH_OWN)
 
     async def ensure_group(self) -> None:
         try:
@@ -404,8 +426,8 @@ class StreamConsumer:
         return int(info[0]["times_delivered"]) if info else 1
 
     def _spawn(self, entry: StreamEntry) -> None:
-        self.in_flight.add(entry.entry_id)
         task = asyncio.create_task(self._handle(entry), name=f"stream-{entry.entry_id}")
+        self.in_flight[entry.entry_id] = (entry, task)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -413,19 +435,29 @@ class StreamConsumer:
         try:
             await self.handler(entry)
         finally:
-            self.in_flight.discard(entry.entry_id)
+            self.in_flight.pop(entry.entry_id, None)
 
     async def keep_claims_fresh(self) -> None:
-        """Reset the idle time of our in-flight entries so nobody reclaims live work."""
-        if self.in_flight:
-            await self.redis.xclaim(
-                self.stream,
-                self.group,
-                self.consumer,
-                min_idle_time=0,
-                message_ids=list(self.in_flight),
-                justid=True,
-            )
+        """Reset the idle time of our in-flight entries so nobody reclaims live work, and
+        give up those another worker took over (``_REFRESH_OWN``): this worker was stalled
+        (frozen, paused) past the claim idle time, and the other one answers them."""
+        if not self.in_flight:
+            return
+        args = [self.group, self.consumer, *self.in_flight]
+        for taken in await self._refresh_own(keys=[self.stream], args=args):
+            held = self.in_flight.get(_text(taken))
+            if held is not None:
+                self._give_up(*held)
+
+    def _give_up(self, entry: StreamEntry, task: asyncio.Task[None]) -> None:
+        log.warning(
+            "stream entry %s was taken over by another worker while this one was stalled "
+            "past the claim idle time (%d ms): giving it up, the other one answers it",
+            entry.entry_id,
+            self.claim_idle_ms,
+        )
+        entry.taken_over = True
+        task.cancel()
 
     async def ack(self, entry_id: str) -> None:
         await self.redis.xack(self.stream, self.group, entry_id)

@@ -180,6 +180,55 @@ async def test_an_entry_read_just_before_redis_goes_away_is_still_handled(
     assert consumer.slots.free == 3
 
 
+async def test_a_refresh_gives_up_only_the_entries_another_consumer_took_over(
+    redis_url: str,
+) -> None:
+    """A worker stalled past the claim idle time (frozen, paused) finds at its next
+    refresh that another one reclaimed an entry: it stops working on it (the other one
+    answers it) instead of taking it back, which left two workers generating the same
+    request and taking it from each other. Entries still its own stay its own; one pending
+    nowhere (a restarted Redis lost it) is worked on still: its answer is the only one."""
+    redis = aioredis.Redis.from_url(redis_url)
+    started: dict[int, StreamEntry] = {}
+
+    async def hold(entry: StreamEntry) -> None:
+        started[int(entry.fields[b"n"])] = entry
+        await asyncio.Event().wait()
+
+    async def ready() -> None:
+        return None
+
+    consumer = StreamConsumer(
+        redis, stream=STREAM, group="g", consumer="stalled", slots=Slots(3), handler=hold,
+        ready=ready, claim_idle_ms=60_000, block_ms=100,
+    )  # fmt: skip
+    await consumer.ensure_group()
+    ids = [(await redis.xadd(STREAM, {"n": str(n)})).decode() for n in range(3)]
+    stop = asyncio.Event()
+    runner = asyncio.create_task(consumer.run(stop))
+    try:
+        await wait_until_async(lambda: len(started) == 3, timeout=10, what="3 entries held")
+        await redis.xclaim(STREAM, "g", "rescuer", 0, [ids[0]])  # taken over
+        await redis.xack(STREAM, "g", ids[1])  # pending nowhere
+        await consumer.keep_claims_fresh()
+        await wait_until_async(
+            lambda: ids[0] not in consumer.in_flight, timeout=5, what="entry 0 given up"
+        )
+        assert [started[n].taken_over for n in range(3)] == [True, False, False]
+        assert sorted(consumer.in_flight) == ids[1:]
+        pending = await redis.xpending_range(STREAM, "g", min="-", max="+", count=10)
+        assert {p["message_id"].decode(): p["consumer"].decode() for p in pending} == {
+            ids[0]: "rescuer",
+            ids[2]: "stalled",
+        }
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 5)
+        for task in consumer.tasks:
+            task.cancel()
+        await redis.aclose()
+
+
 async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url: str) -> None:
     """Two requests published together: both prepared before the worker takes the first
     from the inbox, each result beside its message; one whose preparation raises still

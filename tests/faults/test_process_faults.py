@@ -6,7 +6,13 @@ import asyncio
 import os
 import signal
 
-from tests.faults.conftest import Fault, assert_chunks_whole, assert_exactly_once, chunks_of
+from tests.faults.conftest import (
+    Fault,
+    assert_chunks_whole,
+    assert_exactly_once,
+    assert_still_serving,
+    chunks_of,
+)
 from tests.support.procs import pid_alive, wait_until_async
 from tests.support.workers import WorkerProc
 
@@ -69,6 +75,40 @@ async def test_a_redelivery_after_a_retry_generates_under_a_new_attempt(
     fault.spawn("rescuer", slow=True, parallel=1, **RECLAIM)
     assert_exactly_once(await fault.ledger.settle(timeout=90))
     assert_answered_by(fault, doomed, "rescuer", attempt=3)
+
+
+async def test_a_worker_stalled_past_the_claim_idle_time_gives_its_entry_up(
+    fault: Fault, hi: list
+) -> None:
+    """A worker frozen (SIGSTOP: a paused container, a stalled VM) past the claim idle time
+    wakes while the worker that reclaimed its stream entry generates it: it stops, and the
+    other one answers. Taking the entry back left both generating it, each taking it from
+    the other at every refresh, and the woken one streaming its stale attempt."""
+    victim, doomed = await a_long_stream_request(fault, hi)
+    victim.signal(signal.SIGSTOP)
+    try:
+        rescuer = fault.spawn("rescuer", slow=True, parallel=1, **RECLAIM)
+
+        def rescued() -> bool:
+            return any(c["attempt"] == 2 for c in chunks_of(fault, doomed))
+
+        await wait_until_async(rescued, timeout=30, what="the rescuer streaming attempt 2")
+    finally:
+        woke = len(fault.recorder.messages)
+        victim.signal(signal.SIGCONT)
+    assert_exactly_once(await fault.ledger.settle(timeout=90))
+    assert_answered_by(fault, doomed, "rescuer", attempt=2)
+    assert "was taken over by another worker" in victim.log()
+    stale = [
+        m.message["payload"]
+        for m in fault.recorder.messages[woke:]
+        if m.channel == doomed["reply_to"] + ":chunks" and m.message["payload"]["attempt"] == 1
+    ]
+    # One or two leave before the refresh's reply is back (a chunk per 10 ms window);
+    # a worker that kept its entry streams on for the rest of its generation.
+    assert len(stale) <= 10, f"the woken worker kept streaming: {len(stale)} stale chunks"
+    rescuer.kill()
+    await assert_still_serving(fault)  # the victim alone, on its one slot: given back
 
 
 async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) -> None:
