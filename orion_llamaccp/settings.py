@@ -13,9 +13,10 @@ import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import PydanticUseDefault
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orion_llamaccp import __version__
@@ -53,8 +54,13 @@ def _env(name: str) -> Any:
 class Overrides(BaseSettings):
     """Per-deployment overrides of the profile's llama-server knobs (``None`` = use profile)."""
 
+    # The same ``.env`` as ``Settings``: an override written there must not be ignored.
     model_config = SettingsConfigDict(
-        env_ignore_empty=True, extra="ignore", frozen=True, protected_namespaces=()
+        env_file=".env",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+        protected_namespaces=(),
     )
 
     model_path: str | None = _env("LLAMACPP_MODEL_PATH_OVERRIDE")
@@ -166,6 +172,18 @@ class Settings(BaseSettings):
     )
     pubsub_ping_sec: float = Field(2.0, gt=0, validation_alias="ORION_LLAMACPP_PUBSUB_PING_SEC")
 
+    @field_validator("hf_token", "bus_url", mode="before")
+    @classmethod
+    def _strip_secret(cls, value: Any) -> Any:
+        """A secret mounted from a file ends in a newline: it would break the HTTP header."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                raise PydanticUseDefault()  # blank counts as unset, as for every variable
+        return value
+
     @cached_property
     def overrides(self) -> Overrides:
         return Overrides()
@@ -191,25 +209,53 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Secret values that must never appear in logs, announcements or errors."""
         found = [self.hf_token.get_secret_value() if self.hf_token else ""]
-        found.append(urlsplit(self.bus_url.get_secret_value()).password or "")
-        return [value for value in found if len(value) >= 4]
+        found.extend(url_passwords(self.bus_url.get_secret_value()))
+        return list(dict.fromkeys(value for value in found if len(value) >= 4))
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets():
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self.secrets())
 
     def environ(self) -> dict[str, str]:
         """The variables ``${VAR}`` in the registry may use (``LLM_CACHE_DIR`` always set)."""
         return {**os.environ, "LLM_CACHE_DIR": str(self.cache_path)}
 
 
+def url_passwords(url: str) -> list[str]:
+    """Every password a client reads from ``url``: userinfo (as written and decoded) and
+    redis-py's ``?password=``."""
+    parts = urlsplit(url)
+    found = [parts.password, unquote(parts.password)] if parts.password else []
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if unquote(key) == "password":
+            found += [value, unquote(value.replace("+", " "))]
+    return [value for value in found if value]
+
+
 def mask_url(url: str) -> str:
     parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "password" for key, _ in query):
+        masked = [(key, "***" if key == "password" else value) for key, value in query]
+        parts = parts._replace(query=urlencode(masked, safe="*", quote_via=quote))
+    return urlunsplit(parts)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """``text`` without ``secrets``, also in the escaped form a repr of str or bytes gives
+    them (an HTTP library quotes a bad header value as ``b'...'``)."""
+    for secret in secrets:
+        for form in sorted(_forms(secret), key=len, reverse=True):
+            text = text.replace(form, "***")
+    return text
+
+
+def _forms(secret: str) -> set[str]:
+    encoded = repr(secret.encode("utf-8", "backslashreplace"))[2:-1]
+    return {secret, repr(secret)[1:-1], ascii(secret)[1:-1], encoded} - {""}
 
 
 def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from orion_llamaccp.errors import ConfigError
@@ -70,3 +72,52 @@ def test_bus_password_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.bus_url_display == "redis://:***@redis.internal:6379/0"
     assert "hf_abcdefgh" not in repr(settings)
     assert settings.redact("token hf_abcdefgh pw s3cretpw") == "token *** pw ***"
+
+
+@pytest.mark.parametrize(
+    ("url", "password", "display"),
+    [
+        ("redis://redis.internal:6379/0?password=s3cretpw", "s3cretpw",
+         "redis://redis.internal:6379/0?password=***"),
+        ("redis://default:p%40ssw0rd@redis.internal:6379/0", "p@ssw0rd",
+         "redis://default:***@redis.internal:6379/0"),
+    ],
+)  # fmt: skip
+def test_bus_password_in_the_query_or_url_encoded_is_masked_and_redacted(
+    monkeypatch: pytest.MonkeyPatch, url: str, password: str, display: str
+) -> None:
+    monkeypatch.setenv("ORION_BUS_URL", url)
+    settings = load_settings()
+    assert settings.bus_url_display == display
+    assert password in settings.secrets()
+    assert settings.redact(f"AUTH {password} failed") == "AUTH *** failed"
+
+
+def test_secrets_are_stripped_and_redacted_in_their_escaped_form(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh\n")  # a secret mounted from a file
+    monkeypatch.setenv("ORION_BUS_URL", "redis://:pässw\\rd@redis.internal:6379/0\n")
+    settings = load_settings()
+    assert settings.hf_token is not None
+    assert settings.hf_token.get_secret_value() == "hf_abcdefgh"
+    assert settings.bus_url.get_secret_value().endswith("/0")
+    for text in (repr("pässw\\rd"), ascii("pässw\\rd"), repr("pässw\\rd".encode())):
+        assert "ss" not in settings.redact(text)
+    monkeypatch.setenv("HF_TOKEN", " \n")
+    assert load_settings().hf_token is None
+
+
+def test_overrides_are_read_from_the_dotenv_file_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text(
+        "LLM_PROFILE_NAME=qwen\nLLAMACPP_PORT_OVERRIDE=9999\nLLAMACPP_CTX_SIZE_OVERRIDE=\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert settings.profile_name == "qwen"
+    assert settings.overrides.port == 9999
+    assert settings.overrides.ctx_size is None  # blank still means unset
+    monkeypatch.setenv("LLAMACPP_PORT_OVERRIDE", "8081")  # the environment wins
+    assert load_settings().overrides.port == 8081

@@ -3,8 +3,10 @@
 Each attempt asks the Hub for the file's metadata (a fresh, possibly re-signed URL), then
 GETs from the first byte not yet on disk. An attempt fails on a network error, a 5xx/429,
 or a stall (no byte for ``stall_sec``: the read timeout); tenacity retries it with
-exponential backoff. We give up only when no byte has arrived for ``deadline_sec``, so a
-slow but moving 70 GB download is never killed, and a dead network fails in bounded time.
+exponential backoff. We give up only when the file has not grown for ``deadline_sec``, so
+a slow but moving 70 GB download is never killed, and a dead network fails in bounded
+time. Growing means new bytes past the furthest point reached: a server that ignores
+``Range`` sends the same first bytes again on every attempt, which is no progress.
 The finished ``.part`` is handed back unverified; ``fetch`` checks it before it becomes
 the model file.
 """
@@ -79,6 +81,8 @@ class _Download:
         self.reporter, self.cancel = reporter, cancel
         self.attempt = 0
         self.last_progress = time.monotonic()
+        self.high_water = 0  # the furthest byte of the partial file reached so far
+        self.range_ignored = False
         self.partial: PartialFile | None = None
         self.name = target.relative_to(root).as_posix()
 
@@ -95,6 +99,7 @@ class _Download:
         except RangeNotSatisfiable:
             log.warning("server refused to resume %s: starting over", self.hub.filename)
             partial.reset()
+            self.high_water = 0
             raise Transient("resume offset refused; starting over") from None
         if remote.size is not None and partial.size != remote.size:
             raise Transient(f"got {partial.size} of {remote.size} bytes")
@@ -107,8 +112,10 @@ class _Download:
                 log.info("removing partial download of an older version: %s", stale)
                 stale.unlink(missing_ok=True)
             self.partial = PartialFile(path)
+            self.high_water = self.partial.size
         if remote.size is not None and self.partial.size > remote.size:
             self.partial.reset()
+            self.high_water = 0
         return self.partial
 
     def _transfer(self, remote: RemoteFile, partial: PartialFile) -> None:
@@ -122,15 +129,26 @@ class _Download:
             self.client.stream(remote, offset) as (start, chunks),
             partial.appender(start) as write,
         ):
+            if offset and not start:
+                self._range_was_ignored(offset)
             done = start
             for chunk in chunks:
                 write(chunk)
                 done += len(chunk)
-                self.last_progress = time.monotonic()
+                if done > self.high_water:
+                    self.high_water, self.last_progress = done, time.monotonic()
                 self.reporter.emit(
                     "downloading", self.name, done=done, total=remote.size, attempt=self.attempt
                 )
                 self._check_cancel()
+
+    def _range_was_ignored(self, offset: int) -> None:
+        self.range_ignored = True
+        log.warning(
+            "the server ignored the request to resume %s at byte %d: starting over from 0",
+            self.hub.filename,
+            offset,
+        )
 
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -211,8 +229,15 @@ def _sleeper(cancel: threading.Event | None) -> Callable[[float], None]:
 def _give_up(job: _Download, policy: DownloadPolicy, error: str) -> str:
     kept = job.partial.path if job.partial is not None and job.partial.size else None
     resume = f"; {kept} is kept and the next try resumes from it" if kept else ""
+    ranges = (
+        " The server ignores Range requests, so every attempt started over from byte 0: "
+        "a proxy or mirror (HF_ENDPOINT) that cannot resume cannot fetch a file over a "
+        "connection this unreliable."
+        if job.range_ignored
+        else ""
+    )
     return (
         f"gave up downloading {job.hub.label} after {job.attempt} attempts with no progress "
-        f"for {policy.deadline_sec:g} s (last error: {error}){resume}. Check the network and "
-        f"HF_ENDPOINT, then run `orion-llamaccp fetch` again"
+        f"for {policy.deadline_sec:g} s (last error: {error}){resume}.{ranges} Check the "
+        f"network and HF_ENDPOINT, then run `orion-llamaccp fetch` again"
     )

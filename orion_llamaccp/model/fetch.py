@@ -8,7 +8,8 @@ For each file (every part of a split model, the mmproj, the draft model):
    ``.part`` file that only becomes the model file after its sha256 matches the Hub's and
    its header checks out. No reader ever sees a half-written model file.
 3. A file that fails is moved aside (never deleted) and downloaded again, once. A second
-   failure is an error that says what is wrong and what to do.
+   failure is an error that says what is wrong and what to do. So is a file whose download
+   record names another repo or revision than the profile does now.
 
 ``refetch_corrupt`` is the deeper check the engine runs when llama-server reports a broken
 model: it also hashes each file against the recorded (or the Hub's) sha256.
@@ -217,6 +218,9 @@ class _Fetcher:
         if info is None:
             return None, problem
         record = store.read_record(self.root, path) if self.under_root(path) else None
+        stale = _other_source(record, target.hub)
+        if stale is not None:
+            return None, stale
         sha = record.sha256 if record else None
         if deep:
             expected = sha or self._hub_sha256(target)
@@ -315,6 +319,17 @@ class _Fetcher:
 
     def name(self, path: Path) -> str:
         return repo_name(self.root, path) if self.under_root(path) else path.name
+
+
+def _other_source(record: store.FileRecord | None, hub: HubFile | None) -> str | None:
+    """Why a file we downloaded is not the one the profile names now (its hf_repo_id or
+    hf_revision changed); a file without a record was put there by hand and is trusted."""
+    if record is None or record.repo_id is None or hub is None:
+        return None
+    had = HubFile(record.repo_id, hub.filename, record.revision)
+    if (had.repo_id, had.revision or "main") == (hub.repo_id, hub.revision or "main"):
+        return None
+    return f"it was downloaded from {had.label}, but the profile now names {hub.label}"
 
 
 def _run(

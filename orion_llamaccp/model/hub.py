@@ -35,6 +35,12 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
 from orion_llamaccp.errors import DownloadError, ModelError, ModelNotFound
+from orion_llamaccp.settings import redact as redact_secrets
+
+# huggingface_hub's own default. We always pass an endpoint: left to itself, the library
+# uses HF_ENDPOINT as read at import, and a blank one (compose's default) makes every URL
+# relative.
+DEFAULT_ENDPOINT = "https://huggingface.co"
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
@@ -83,7 +89,7 @@ class RemoteFile:
 
 
 def redact(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
+    return redact_secrets(text, [token]) if token else text
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -95,7 +101,7 @@ class HubClient:
     """Metadata and ranged GETs for one endpoint and token; ``timeout`` is the stall bound."""
 
     def __init__(self, *, endpoint: str | None, token: str | None, timeout: float) -> None:
-        self._endpoint = endpoint.rstrip("/") if endpoint else None
+        self._endpoint = (endpoint or DEFAULT_ENDPOINT).rstrip("/")
         self._token = token
         self._timeout = timeout
 
@@ -113,7 +119,7 @@ class HubClient:
         if not meta.etag or not meta.commit_hash:
             raise DownloadError(
                 f"the Hub's answer for {hub.label} has no ETag or X-Repo-Commit: "
-                f"check that HF_ENDPOINT ({self._endpoint or 'default'}) points at a Hub"
+                f"check that HF_ENDPOINT ({self._endpoint}) points at a Hub"
             )
         return RemoteFile(
             source=hub,
@@ -182,6 +188,13 @@ class HubClient:
         found = _final_error(exc, hub, has_token=bool(self._token))
         if found is not None:
             return type(found)(redact(str(found), self._token))
+        if isinstance(exc, httpx2.LocalProtocolError):
+            # Our own request is malformed (a stray character in a header): no retry can
+            # fix it. Its text quotes the header, token included, so it is not repeated.
+            return DownloadError(
+                f"cannot send the request for {hub.label}: a header is not valid HTTP; "
+                f"check HF_TOKEN and HF_ENDPOINT for stray characters"
+            )
         if isinstance(exc, HfHubHTTPError) and _status(exc) in RETRY_STATUS:
             return Transient(f"HTTP {_status(exc)} from the Hub for {hub.label}")
         if isinstance(exc, httpx2.TimeoutException):

@@ -99,14 +99,8 @@ def parse_profile(name: str, raw: Any) -> Profile:
 
 def read_yaml(path: Path) -> Mapping[str, Any]:
     """The registry file's ``profiles:`` mapping."""
-    if not path.is_file():
-        raise ConfigError(
-            f"llm_profiles.yaml not found at {path} (resolved to {path.resolve()}). "
-            f"Set LLM_PROFILES_CONFIG_PATH to the registry file "
-            f"(default config/llm_profiles.yaml; /app/config/llm_profiles.yaml in the image)."
-        )
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(document, Mapping) or "profiles" not in document:
@@ -117,6 +111,24 @@ def read_yaml(path: Path) -> Mapping[str, Any]:
     if not isinstance(profiles, Mapping):
         raise ConfigError(f"{path}: 'profiles:' must be a mapping of name -> profile")
     return profiles
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ConfigError(
+            f"llm_profiles.yaml not found at {path} (resolved to {path.resolve()}). "
+            f"Set LLM_PROFILES_CONFIG_PATH to the registry file "
+            f"(default config/llm_profiles.yaml; /app/config/llm_profiles.yaml in the image)."
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}): save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def load_registry(path: Path) -> Registry:

@@ -14,6 +14,8 @@ No Xet headers are ever sent, so the plain HTTP path is used.
 Faults are queued per stage (``resolve`` or ``cdn``) and consumed one per request: cut the
 connection after N body bytes, stall after N bytes, hold after N bytes until released,
 serve wrong bytes, answer a status code. Every request is recorded with the bytes sent.
+``ignore_range`` makes it a server (or mirror, or proxy) that answers every ``Range`` with
+the whole file.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class FakeHub:
 
     def __init__(self, *, chunk_size: int = 8192) -> None:
         self.chunk_size = chunk_size
+        self.ignore_range = False
         self.repos: dict[str, _Repo] = {}
         self.blobs: dict[str, bytes] = {}
         self.requests: list[Request] = []
@@ -254,7 +257,7 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _body(
         self, req: Request, data: bytes, headers: dict[str, str], fault: Fault | None
     ) -> None:
-        start = _range_start(req.range)
+        start = None if self.hub.ignore_range else _range_start(req.range)
         if start is not None and start >= len(data):
             headers["Content-Range"] = f"bytes */{len(data)}"
             return self._reply(req, 416, headers=headers)

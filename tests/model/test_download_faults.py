@@ -13,6 +13,9 @@ import pytest
 
 from orion_llamaccp.errors import DownloadError, ModelCorrupt
 from orion_llamaccp.model import ProgressEvent, ensure_model, refetch_corrupt, verify_gguf
+from orion_llamaccp.model.download import DownloadPolicy, fetch_file
+from orion_llamaccp.model.hub import HubClient, HubFile
+from orion_llamaccp.model.progress import Reporter
 from orion_llamaccp.model.store import STATE_DIR
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile
@@ -125,6 +128,50 @@ def test_gives_up_with_a_clear_error_when_nothing_moves(
     assert "orion-llamaccp fetch" in message
     assert 2 <= len(hub.resolves(FILENAME)) < 1000
     assert not (cache_dir / FILENAME).exists()
+
+
+def test_server_ignoring_range_that_keeps_cutting_off_gives_up(
+    hub: FakeHub, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """Each attempt gets the same first bytes again: that is no progress."""
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    hub.ignore_range = True
+    cuts = 100  # then the whole file: a download that never gives up would succeed
+    hub.fault("cdn", Fault("cut", after=40_000), times=cuts)
+    # backoff capped well below the deadline, as in production (30 s vs 600 s)
+    policy = DownloadPolicy(stall_sec=3.0, deadline_sec=1.0, backoff_max_sec=0.05)
+    client = HubClient(endpoint=hub.endpoint, token=None, timeout=policy.stall_sec)
+
+    with pytest.raises(DownloadError, match="ignores Range requests") as err:
+        fetch_file(
+            client,
+            HubFile(REPO_ID, FILENAME),
+            target=cache_dir / FILENAME,
+            root=cache_dir,
+            policy=policy,
+            reporter=Reporter(None),
+        )
+
+    assert "gave up downloading" in str(err.value)
+    gets = hub.cdn_gets(sha)
+    assert 2 <= len(gets) < cuts
+    assert all(r.range == "bytes=40000-" for r in gets[1:])
+
+
+def test_server_ignoring_range_still_delivers_the_file(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    hub.ignore_range = True
+    hub.fault("cdn", Fault("cut", after=40_000))
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    first, second = hub.cdn_gets(sha)
+    assert (first.sent, second.range, second.sent) == (40_000, "bytes=40000-", len(data))
+    assert resolved.sha256 == sha
 
 
 def test_corrupt_file_on_disk_is_moved_aside_and_fetched_again(

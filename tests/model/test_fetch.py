@@ -137,6 +137,56 @@ def test_pinned_revision_is_downloaded(
     assert record is not None and record.revision == "v1"
 
 
+OTHER_REPO = "orion-test/other-llama"
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "old", "new"),
+    [
+        ({"hf_revision": "v1"}, {"hf_revision": "v2"}, 1, 2),
+        ({"hf_revision": "v1"}, {}, 1, 0),
+        ({}, {"hf_repo_id": OTHER_REPO}, 0, 3),
+    ],
+)
+def test_a_file_from_another_repo_or_revision_is_moved_aside_and_replaced(
+    hub: FakeHub,
+    make_settings: SettingsFactory,
+    gguf_bytes: Bytes,
+    cache_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    before: dict[str, str],
+    after: dict[str, str],
+    old: int,
+    new: int,
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.add(REPO_ID, FILENAME, gguf_bytes(1), revision="v1")
+    hub.add(REPO_ID, FILENAME, gguf_bytes(2), revision="v2")
+    hub.add(OTHER_REPO, FILENAME, gguf_bytes(3))
+    ensure_model(make_profile(**before), make_settings())
+
+    resolved = ensure_model(make_profile(**after), make_settings())
+
+    assert (cache_dir / FILENAME).read_bytes() == gguf_bytes(new)
+    assert resolved.downloaded == (cache_dir / FILENAME,)
+    [aside] = resolved.moved_aside
+    assert aside.read_bytes() == gguf_bytes(old)
+    assert "the profile now names" in caplog.text
+
+
+def test_naming_the_default_revision_keeps_the_file(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+    mark = hub.mark()
+
+    resolved = ensure_model(make_profile(hf_revision="main"), make_settings())
+
+    assert hub.requests[mark:] == []
+    assert resolved.downloaded == resolved.moved_aside == ()
+
+
 def test_file_missing_on_the_hub_is_a_clear_error(
     hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:

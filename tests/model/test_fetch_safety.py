@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+import os
+import socketserver
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from orion_llamaccp.errors import DownloadError, ModelCorrupt, ModelNotFound, UnsafeModelPath
 from orion_llamaccp.model import ensure_model, plan_files
-from orion_llamaccp.settings import Settings
+from orion_llamaccp.model.hub import HubClient, HubFile
+from orion_llamaccp.settings import ENV_PREFIXES, Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile
 from tests.model.hub_server import FakeHub
 
 SettingsFactory = Callable[..., Settings]
 Bytes = Callable[[int], bytes]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "hf_SECRETtoken4242abcdef"
 WRONG_TOKEN = "hf_WRONGtoken9999zyxwvu"
 
@@ -183,3 +191,87 @@ def test_the_operator_override_may_point_anywhere(
 
     assert files.model == elsewhere
     assert files.source == "LLAMACPP_MODEL_PATH_OVERRIDE"
+
+
+def test_token_read_from_a_file_with_its_newline_works_and_stays_hidden(
+    hub: FakeHub,
+    gated: str,
+    make_settings: SettingsFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    resolved = ensure_model(make_profile(), make_settings(hf_token=f"{TOKEN}\n"))
+
+    assert resolved.sha256 == gated
+    assert {r.authorization for r in hub.resolves(FILENAME)} == {f"Bearer {TOKEN}"}
+    assert TOKEN not in caplog.text
+
+
+def test_a_token_that_is_no_valid_header_fails_at_once_without_showing_it(
+    hub: FakeHub, gated: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = HubClient(endpoint=hub.endpoint, token=f"{TOKEN}\n", timeout=3.0)
+
+    with pytest.raises(DownloadError, match="not valid HTTP") as err:
+        client.describe(HubFile(REPO_ID, FILENAME))
+
+    assert hub.requests == []  # nothing was sent, and nothing is retried
+    assert TOKEN not in str(err.value) + caplog.text
+
+
+# ----------------------------------------------------------------------------- endpoint
+
+
+class _Proxy(socketserver.ThreadingTCPServer):
+    """An HTTP proxy that notes each request line and refuses it: where would we connect?"""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+
+
+class _ProxyHandler(socketserver.StreamRequestHandler):
+    server: _Proxy
+
+    def handle(self) -> None:
+        self.server.lines.append(self.rfile.readline().decode("latin-1").strip())
+        self.wfile.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.fixture
+def proxy() -> Iterator[_Proxy]:
+    with _Proxy() as server:
+        thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+        thread.start()
+        yield server
+        server.shutdown()
+
+
+def test_blank_hf_endpoint_downloads_from_huggingface_co(proxy: _Proxy, cache_dir: Path) -> None:
+    """Compose passes HF_ENDPOINT="" when unset; huggingface_hub reads it at import."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIXES)}
+    env = {k: v for k, v in env.items() if "proxy" not in k.lower()}
+    port = proxy.server_address[1]
+    env |= {"HF_ENDPOINT": "", "HTTPS_PROXY": f"http://127.0.0.1:{port}"}
+    env["ORION_LLAMACPP_DOWNLOAD_DEADLINE_SEC"] = "1"
+    spec = {
+        "settings": {"cache_dir": str(cache_dir)},
+        "llamacpp": {"model_root": "${LLM_CACHE_DIR}", "hf_repo_id": REPO_ID,
+                     "hf_filename": FILENAME},
+    }  # fmt: skip
+
+    worker = subprocess.run(
+        [sys.executable, "-m", "tests.model.fetch_worker", json.dumps(spec)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert worker.returncode != 0  # the proxy refuses: no internet is needed or used
+    assert proxy.lines, worker.stderr
+    assert set(proxy.lines) == {"CONNECT huggingface.co:443 HTTP/1.1"}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from orion_llamaccp.errors import ConfigError, ModelNotFound, ProfileNotFound, U
 from orion_llamaccp.model.paths import plan_files
 from orion_llamaccp.profiles.models import expand_path
 from orion_llamaccp.profiles.registry import load_registry
-from orion_llamaccp.settings import Settings
+from orion_llamaccp.settings import ENV_PREFIXES, Settings
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SHIPPED = Path(__file__).resolve().parents[2] / "config" / "llm_profiles.yaml"
@@ -42,6 +45,52 @@ def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
     path = write(tmp_path, "profiles: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_registry(path)
+
+
+CP1252_REGISTRY = (
+    b'profiles:\n  p:\n    display_name: "DeepSeek \x96 GGUF"\n'
+    b"    llamacpp: {hf_repo_id: a/b, hf_filename: x.gguf}\n"
+)
+
+
+def test_registry_not_in_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "llm_profiles.yaml"
+    path.write_bytes(CP1252_REGISTRY)  # saved by an editor in Windows-1252
+
+    with pytest.raises(ConfigError) as err:
+        load_registry(path)
+
+    assert str(err.value).startswith(f"{path} is not UTF-8 text (byte 0x96")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_registry_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "profiles: {}\n")
+    path.chmod(0)
+
+    with pytest.raises(ConfigError, match=f"cannot read {path}: Permission denied"):
+        load_registry(path)
+
+
+def test_validate_names_a_registry_not_in_utf8_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "llm_profiles.yaml"
+    path.write_bytes(CP1252_REGISTRY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES)}
+    env |= {"LLM_PROFILES_CONFIG_PATH": str(path), "LLM_PROFILE_NAME": "p"}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "orion_llamaccp", "validate"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: {path} is not UTF-8 text"), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_profile_not_found_lists_names_and_closest_match() -> None:
