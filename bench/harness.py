@@ -211,7 +211,7 @@ class Worker:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent,  # and its llama-server with it
+            preexec_fn=die_with_parent(),  # and its llama-server with it
         )
         return self
 

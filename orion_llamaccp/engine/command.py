@@ -22,6 +22,8 @@ from orion_llamaccp.settings import Overrides
 
 API_KEY_ENV = "LLAMA_API_KEY"  # what --help names for --api-key in the pinned build
 MASK = "***"
+# Flags whose value is a secret, every alias (the pinned build's --help has no others).
+SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "-hft"})
 
 
 def _plain(value: Any) -> str:
@@ -96,15 +98,19 @@ class LaunchSpec:
     @property
     def base_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if ":" in host and not host.startswith("["):  # an IPv6 literal
+            host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
 
 def mask_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
     """Hide values of secret-bearing flags, in case ``extra_args`` carries one."""
     masked = list(argv)
-    for i, arg in enumerate(masked[:-1]):
-        if arg in ("--api-key", "--hf-token", "-hft"):
+    for i, arg in enumerate(masked):
+        if arg in SECRET_FLAGS and i + 1 < len(masked):
             masked[i + 1] = MASK
+        elif arg.split("=", 1)[0] in SECRET_FLAGS and "=" in arg:
+            masked[i] = f"{arg.split('=', 1)[0]}={MASK}"
     return masked
 
 
@@ -128,20 +134,37 @@ def _check(binary: BinaryInfo | None, profile: str, key: str, flag: str) -> None
 
 def _knob_args(profile: Profile, values: dict[str, Any], binary: BinaryInfo | None) -> list[str]:
     args: list[str] = []
+    set_by: dict[str, str] = {}  # flag -> knob: two names for one flag (draft_max) clash
     for knob, (flag, render) in KNOBS.items():
         value = values[knob]
         if value is None or value is False:
             continue
+        if flag in set_by:  # llama-server would silently take the last one
+            raise ConfigError(
+                f"profile '{profile.name}' sets both llamacpp.{set_by[flag]} and "
+                f"llamacpp.{knob}, which are the same flag {flag}: keep one"
+            )
+        set_by[flag] = knob
         _check(binary, profile.name, f"llamacpp.{knob}", flag)
         args.extend([flag] if render is None else [flag, render(value)])
     return args
 
 
+def _is_flag(arg: str) -> bool:
+    return arg.startswith("-") and not arg.lstrip("-").replace(".", "").isdigit()
+
+
 def _extra_args(profile: Profile, binary: BinaryInfo | None) -> list[str]:
-    extra = list(profile.llamacpp.extra_args)
-    for arg in extra:
-        if arg.startswith("-") and not arg.lstrip("-").replace(".", "").isdigit():
-            _check(binary, profile.name, f"llamacpp.extra_args ({arg})", arg.split("=", 1)[0])
+    """The profile's raw flags; ``--flag=value`` becomes ``--flag value``, since that is
+    what was meant and llama-server refuses the first form ("invalid argument")."""
+    extra: list[str] = []
+    for arg in profile.llamacpp.extra_args:
+        if not _is_flag(arg):
+            extra.append(arg)
+            continue
+        flag, eq, value = arg.partition("=")
+        _check(binary, profile.name, f"llamacpp.extra_args ({flag})", flag)
+        extra.extend([flag, value] if eq else [flag])
     return extra
 
 

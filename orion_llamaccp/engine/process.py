@@ -18,7 +18,7 @@ import re
 import signal
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from orion_llamaccp.engine.command import LaunchSpec
 from orion_llamaccp.engine.diagnostics import Diagnosis, diagnose, diagnose_all
@@ -29,20 +29,28 @@ _NOTEWORTHY = re.compile(r"error|warn|fail|fatal|abort|exception|out of memory",
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """Runs in the child between fork and exec: SIGKILL it when its parent dies.
+def die_with_parent() -> Callable[[], None]:
+    """A hook for ``preexec_fn`` that SIGKILLs the child when its parent dies.
 
     Here llama-server goes with the wrapper; the tests and benchmarks use it too, so that a
     run cut off by a signal leaves no worker or Redis behind. The kernel ties this to the
     thread that started the child: start it from one that lives as long as the parent.
+    Call it in the parent: the parent's pid is taken now, before the fork, since the
+    wrapper may itself be PID 1 (a container entrypoint), where "the parent is PID 1"
+    would not mean that it died.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the process group still covers stop()
-        pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
+    parent = os.getpid()
+
+    def hook() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # not Linux: the process group still covers stop()
+            pass
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return hook
 
 
 class LlamaProcess:
@@ -80,7 +88,7 @@ class LlamaProcess:
             stderr=asyncio.subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         self.last_output_at = time.monotonic()
         self._pump = asyncio.create_task(self._read_output(), name=f"llama-server-{self.pid}")

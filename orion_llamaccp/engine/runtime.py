@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from orion_llamaccp.engine.plan import ServicePlan, build_plan
@@ -30,12 +31,17 @@ async def prepare_model(plan: ServicePlan, progress: ProgressHook | None = None)
     """
     from orion_llamaccp.model.fetch import ensure_model
 
+    return await _cancellable(ensure_model, plan, progress)
+
+
+async def _cancellable(
+    fetch: Callable[..., ResolvedModel], plan: ServicePlan, progress: ProgressHook | None
+) -> ResolvedModel:
+    """``fetch`` in a thread that a cancel of the awaiting coroutine stops at its next chunk."""
     cancel = threading.Event()
     try:
         return await asyncio.shield(
-            asyncio.to_thread(
-                ensure_model, plan.profile, plan.settings, progress=progress, cancel=cancel
-            )
+            asyncio.to_thread(fetch, plan.profile, plan.settings, progress=progress, cancel=cancel)
         )
     except asyncio.CancelledError:
         cancel.set()
@@ -51,8 +57,8 @@ def make_supervisor(
     """A supervisor whose corrupt-model reaction goes through the model layer once."""
     from orion_llamaccp.model.fetch import refetch_corrupt
 
-    async def on_corrupt() -> None:
-        await asyncio.to_thread(refetch_corrupt, plan.profile, plan.settings, progress=progress)
+    async def on_corrupt() -> None:  # re-hashing a big GGUF takes minutes: a stop cancels it
+        await _cancellable(refetch_corrupt, plan, progress)
 
     return Supervisor(
         plan.launch,

@@ -113,7 +113,11 @@ class StreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.active:
-            self.decoder.eof()
+            self.decoder.eof()  # the end of a body delimited by the close (from a proxy)
+            if self.decoder.complete and self.on_complete is not None:
+                done, self.on_complete = self.on_complete, None
+                done(self)
+            self._wake()  # else the reader sleeps on: connection_lost sees it complete
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

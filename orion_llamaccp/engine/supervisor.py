@@ -30,7 +30,7 @@ from orion_llamaccp.engine.client import LlamaClient, Props
 from orion_llamaccp.engine.command import LaunchSpec
 from orion_llamaccp.engine.diagnostics import Cause, Diagnosis
 from orion_llamaccp.engine.process import LlamaProcess
-from orion_llamaccp.errors import EngineStartError, EngineUnavailable
+from orion_llamaccp.errors import EngineStartError, EngineUnavailable, UpstreamError
 
 log = logging.getLogger(__name__)
 _MIN_POLL_GAP = 0.01
@@ -120,6 +120,7 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._wedged = asyncio.Event()
         self._draining = False
+        self._drain_begun = asyncio.Event()  # ends a restart backoff early
         self._crashes: deque[float] = deque()
         self._backoff = wait_exponential(
             multiplier=self.policy.backoff_initial,
@@ -190,6 +191,7 @@ class Supervisor:
         """
         if self.state in _ALIVE:
             self._draining = True
+            self._drain_begun.set()
             self._set(EngineState.DRAINING, "graceful stop")
 
     def report_wedged(self, reason: str) -> None:
@@ -219,6 +221,10 @@ class Supervisor:
                 except _Crashed as crash:
                     if not await self._after_crash(crash):
                         return
+        except Exception as exc:  # a surprise must still end in FAILED, never hang in LOADING
+            log.exception("llama-server supervisor failed")
+            tail = self._proc.tail_text() if self._proc else ""
+            self._fail(f"supervisor failed: {type(exc).__name__}: {exc}", None, tail)
         finally:
             if self._proc is not None:
                 await self._proc.stop(self.policy.stop_grace)
@@ -227,12 +233,20 @@ class Supervisor:
         self._set(EngineState.STARTING)
         self._wedged.clear()
         self._proc = proc = LlamaProcess(self.launch, environ=self._environ)
-        await proc.start()
+        try:
+            await proc.start()
+        except OSError as exc:  # no binary, not executable, no pids left: the crash limit decides
+            raise self._crash(proc, f"llama-server could not be started: {exc}") from exc
         self._set(EngineState.LOADING)
         await self._until_ready(proc)
         if self._stopping.is_set():
             return
-        self.props = await self.client.props()
+        try:
+            self.props = await self.client.props()
+        except (EngineUnavailable, UpstreamError) as exc:  # died or broke right after /health
+            proc.kill()
+            await proc.wait()
+            raise self._crash(proc, f"llama-server was healthy but /props failed: {exc}") from exc
         proc.quiet = True
         self._set(EngineState.READY)  # stays DRAINING if a drain began meanwhile (``_set``)
         await self._watch(proc)
@@ -332,10 +346,10 @@ class Supervisor:
             self._refetched = True
             self._set(EngineState.RESTARTING, f"{reason}; verifying and re-fetching the model")
             try:
-                await self._on_corrupt()
+                refetched = await self._unless_stopped(self._on_corrupt())
             except Exception as exc:  # the model layer says why; that is the failure
                 return self._fail(f"{reason}; re-fetch failed: {exc}", diagnosis, crash.tail)
-            return True
+            return refetched and not self._draining
         if diagnosis and (diagnosis.cause in FATAL or diagnosis.cause is Cause.CORRUPT_MODEL):
             return self._fail(reason, diagnosis, crash.tail)
         now = time.monotonic()
@@ -352,9 +366,36 @@ class Supervisor:
         self.restarts += 1
         delay = self._backoff(_Attempt(len(self._crashes)))
         self._set(EngineState.RESTARTING, f"{reason}; restart #{self.restarts} in {delay:.1f}s")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), delay)
+        await self._backoff_wait(delay)
+        if self._draining:  # it began during the wait: a drain is for good
+            log.warning("drain began during the restart backoff: llama-server not restarted")
+            return False
         return not self._stopping.is_set()
+
+    async def _unless_stopped(self, work: Awaitable[None]) -> bool:
+        """Await ``work``, or cancel it when a stop comes first (False): a re-fetch may
+        hash or download many gigabytes, and a SIGTERM must not wait for that."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            return False
+        task.result()
+        return True
+
+    async def _backoff_wait(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less if a stop or a drain begins meanwhile."""
+        waits = {asyncio.ensure_future(e.wait()) for e in (self._stopping, self._drain_begun)}
+        try:
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     def _fail(self, reason: str, diagnosis: Diagnosis | None, tail: str) -> bool:
         self.failure = EngineStartError(

@@ -5,17 +5,23 @@ Flags are checked against the real built binary's ``--help``.
 
 from __future__ import annotations
 
+import re
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from orion_llamaccp.engine.binary import BinaryInfo, parse_help, probe
-from orion_llamaccp.engine.command import LaunchSpec, build_launch
+from orion_llamaccp.engine.binary import BinaryInfo, _entries, parse_help, probe
+from orion_llamaccp.engine.client import LlamaClient
+from orion_llamaccp.engine.command import SECRET_FLAGS, LaunchSpec, build_launch, mask_argv
 from orion_llamaccp.engine.plan import build_plan
+from orion_llamaccp.engine.supervisor import EngineState, Supervisor
 from orion_llamaccp.errors import ConfigError, UnsupportedKnob
 from orion_llamaccp.model.paths import plan_files
 from orion_llamaccp.profiles.registry import parse_profile
 from orion_llamaccp.settings import Overrides, load_settings
+from tests.engine.conftest import FAST, LaunchFactory
 
 EXPECTED = {
     "gemma3-270m-cpu": (
@@ -293,3 +299,96 @@ def test_expectations_cover_every_shipped_profile() -> None:
     from orion_llamaccp.profiles.registry import load_registry
 
     assert set(EXPECTED) == set(load_registry(Path("config/llm_profiles.yaml")).profiles)
+
+
+def test_extra_args_in_flag_equals_value_form_become_two_arguments(
+    llama_server_bin: Path,
+) -> None:
+    """llama-server refuses ``--port=8080`` ("invalid argument"); what was meant is passed."""
+    raw = {"extra_args": ["--threads-http=1", "--override-kv", "a.b=bool:false"]}
+    argv = _build(raw, probe(llama_server_bin))
+    assert argv[-4:] == ["--threads-http", "1", "--override-kv", "a.b=bool:false"]
+    assert "--threads-http=1" not in argv
+    with pytest.raises(UnsupportedKnob, match="--n-parallel"):
+        _build({"extra_args": ["--n-parallel=2"]}, probe(llama_server_bin))
+
+
+def test_secrets_in_flag_equals_value_form_are_masked(llama_server_bin: Path) -> None:
+    raw = {"extra_args": ["--api-key=s3cr3t", "--hf-token=hf_one", "-hft=hf_two"]}
+    masked = " ".join(_launch(raw, probe(llama_server_bin)).masked_argv())
+    assert "s3cr3t" not in masked and "hf_one" not in masked and "hf_two" not in masked
+    assert masked.endswith("--api-key *** --hf-token *** -hft ***")
+    assert mask_argv(["llama-server", "--api-key=x", "--hf-token"]) == [
+        "llama-server",
+        "--api-key=***",
+        "--hf-token",
+    ]
+
+
+def test_every_secret_flag_of_the_binary_is_masked(llama_server_bin: Path) -> None:
+    """Every option whose value --help calls a key or a token, with all its aliases."""
+    text = subprocess.run(
+        [str(llama_server_bin), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    secret = set()
+    for head, _ in _entries(text):
+        flags = re.findall(r"-{1,2}[a-z][\w-]*", head)
+        if re.search(r"\s(KEY|TOKEN)$", head.strip()):
+            secret.update(flags)
+    assert {"--api-key", "--hf-token", "-hft"} <= secret
+    assert secret == SECRET_FLAGS
+
+
+async def test_real_llama_server_starts_with_a_flag_equals_value_extra_arg(
+    make_launch: LaunchFactory,
+) -> None:
+    supervisor = Supervisor(make_launch(extra_args=["--threads-http=1"]), environ={}, policy=FAST)
+    try:
+        await supervisor.start()
+        assert supervisor.state is EngineState.READY
+    finally:
+        await supervisor.stop()
+
+
+def test_ipv6_host_is_bracketed_in_the_base_url() -> None:
+    def url(host: str) -> str:
+        return LaunchSpec(argv=(), env={}, host=host, port=8080).base_url
+
+    assert url("::1") == "http://[::1]:8080"
+    assert url("[::1]") == "http://[::1]:8080"
+    assert url("::") == "http://127.0.0.1:8080"
+    assert url("127.0.0.1") == "http://127.0.0.1:8080"
+    LlamaClient(url("::1"))  # it parses
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+async def test_client_reaches_real_llama_server_on_ipv6_loopback(
+    make_launch: LaunchFactory,
+) -> None:
+    supervisor = Supervisor(make_launch(host="::1"), environ={}, policy=FAST)
+    try:
+        await supervisor.start()
+        async with supervisor.client.chat_stream(
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        ) as stream:
+            assert [e async for e in stream][-1].usage is not None
+    finally:
+        await supervisor.stop()
+
+
+def test_two_knobs_for_one_flag_are_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        _build({"spec_draft_n_max": 8, "draft_max": 16}, None)
+    message = str(err.value)
+    assert "spec_draft_n_max" in message and "draft_max" in message
+    assert "--spec-draft-n-max" in message
+    assert _build({"draft_max": 16}, None)[-2:] == ["--spec-draft-n-max", "16"]

@@ -16,6 +16,7 @@ import pytest
 
 from orion_llamaccp.engine.client import Sent
 from orion_llamaccp.engine.stream import _HIGH_WATER, StreamPool, stream_batches
+from orion_llamaccp.errors import UpstreamError
 
 SSE = (
     b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
@@ -213,6 +214,59 @@ async def test_tokens_read_one_at_a_time_go_to_the_sink_without_waking_the_reade
         assert sunk >= 30  # all but the layouts' first tokens, give or take a slow read
         assert batches <= 10  # the role, the first token of each layout, the finish
         assert conn.sink is None  # the reader is gone: nothing more goes to its sink
+    finally:
+        pool.close()
+        server.close()
+
+
+async def _close_delimited(
+    response: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A proxy stand-in: neither Content-Length nor chunks, the close ends the body."""
+    await _request(reader)
+    writer.write(response)
+    await writer.drain()
+    writer.close()
+
+
+async def _request(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length")
+    )
+    await reader.readexactly(length)
+
+
+async def test_a_body_ended_by_the_close_ends_the_stream_proxy_stand_in() -> None:
+    """Without [DONE] (the reader's own end), only the close says the stream is over."""
+    without_done = SSE.replace(b"data: [DONE]\n\n", b"")
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n" + without_done
+    server = await asyncio.start_server(partial(_close_delimited, response), "127.0.0.1", 0)
+    pool = _pool(server.sockets[0].getsockname()[1], slots=1)
+    try:
+        async with asyncio.timeout(30):  # a guard: before the fix this waited forever
+            conn = await pool.open(b"{}")
+            events = [e async for batch in stream_batches(conn) for e in batch]
+        pool.finish(conn)
+        assert [e.content for e in events] == ["hi", ""]
+        assert events[-1].finish_reason == "stop"
+        assert conn.failure is None and pool.handed_out == 0
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_an_error_body_ended_by_the_close_is_raised_proxy_stand_in() -> None:
+    body = b'{"error":{"code":500,"message":"boom","type":"server_error"}}'
+    response = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n\r\n"
+    server = await asyncio.start_server(partial(_close_delimited, response + body), "127.0.0.1", 0)
+    pool = _pool(server.sockets[0].getsockname()[1], slots=1)
+    try:
+        with pytest.raises(UpstreamError, match="boom"):
+            async with asyncio.timeout(30):  # a guard: before the fix this waited forever
+                await pool.open(b"{}")
     finally:
         pool.close()
         server.close()

@@ -7,6 +7,7 @@ Slow and hung loaders are imitated by a shell prelude that runs before the real 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from orion_llamaccp.engine.command import API_KEY_ENV
 from orion_llamaccp.engine.diagnostics import Cause
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState, Supervisor
 from orion_llamaccp.errors import EngineStartError
@@ -347,3 +349,78 @@ async def test_llama_server_routine_lines_drop_to_debug_once_ready(
         (logging.DEBUG, "[llama-server] slot release: id  0 "),
         (logging.INFO, "[llama-server] srv  send_error: task id = 9, error: out of context"),
     ]
+
+
+async def test_binary_that_cannot_be_started_ends_in_failed_not_a_hang(
+    make_launch: LaunchFactory, tmp_path: Path
+) -> None:
+    """An OSError from the spawn used to kill the owner task and leave ``start`` waiting."""
+    supervisor = Supervisor(
+        make_launch(binary=tmp_path / "no-such-llama-server"), environ=dict(os.environ), policy=FAST
+    )
+    events = record(supervisor)
+    with pytest.raises(EngineStartError, match="could not be started"):
+        await asyncio.wait_for(supervisor.start(), timeout=60)
+    assert supervisor.state is EngineState.FAILED
+    assert "crash loop" in str(supervisor.failure)
+    assert [e.state for e in events].count(EngineState.RESTARTING) == FAST.crash_limit - 1
+    await supervisor.stop()
+
+
+async def test_props_refused_after_health_is_a_crash_not_a_hang(
+    make_launch: LaunchFactory,
+) -> None:
+    """/health needs no API key, /props does: a client with the wrong key sees a healthy
+    llama-server whose /props fails. Each try is a crash, and the crash loop ends it."""
+    launch = dataclasses.replace(make_launch(), env={API_KEY_ENV: "right"}, api_key="wrong")
+    supervisor = Supervisor(launch, environ=dict(os.environ), policy=FAST)
+    events = record(supervisor)
+    with pytest.raises(EngineStartError, match="/props failed"):
+        await asyncio.wait_for(supervisor.start(), timeout=60)
+    assert supervisor.state is EngineState.FAILED
+    assert [e.state for e in events].count(EngineState.RESTARTING) == FAST.crash_limit - 1
+    await supervisor.stop()
+    pids = {e.pid for e in events if e.pid is not None}
+    assert len(pids) == FAST.crash_limit and not any(pid_alive(pid) for pid in pids)
+
+
+async def test_unexpected_error_in_the_owner_task_ends_in_failed(
+    make_launch: LaunchFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault is injected (a bug of ours, not llama-server's): the state still ends
+    FAILED, ``start`` raises, ``stop`` returns, and llama-server is gone."""
+    supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=FAST)
+
+    async def broken_props() -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(supervisor.client, "props", broken_props)
+    with pytest.raises(EngineStartError, match="RuntimeError: injected"):
+        await asyncio.wait_for(supervisor.start(), timeout=60)
+    assert supervisor.state is EngineState.FAILED
+    pid = supervisor.pid
+    await supervisor.stop()
+    assert supervisor.state is EngineState.FAILED
+    assert pid is not None and not pid_alive(pid)
+
+
+async def test_drain_begun_during_the_restart_backoff_is_not_undone_by_a_restart(
+    make_launch: LaunchFactory,
+) -> None:
+    policy = FAST.__class__(**{**FAST.__dict__, "backoff_initial": 5.0, "backoff_max": 5.0})
+    supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=policy)
+    await supervisor.start()
+    events = record(supervisor)
+    pid = supervisor.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await supervisor.wait_for(EngineState.RESTARTING, timeout=30)  # now in the backoff
+    supervisor.begin_drain()
+    assert supervisor._task is not None
+    # The owner task ends without a restart (before the fix: a new llama-server, and on).
+    await asyncio.wait_for(asyncio.shield(supervisor._task), timeout=30)
+    assert supervisor.state is EngineState.DRAINING
+    assert supervisor.pid == pid and supervisor.restarts == 1
+    assert [e.state for e in events] == [EngineState.RESTARTING, EngineState.DRAINING]
+    await supervisor.stop()
+    assert supervisor.state is EngineState.STOPPED

@@ -124,7 +124,7 @@ class RedisServer:
             args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,  # a test or bench killed mid-run leaves no Redis
+            preexec_fn=die_with_parent(),  # a test or bench killed mid-run leaves no Redis
         )
         wait_until(self._answers, timeout=10, what=f"redis-server on port {self.port}")
         return self

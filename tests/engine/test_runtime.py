@@ -1,0 +1,70 @@
+"""Where the engine meets the model layer: the corrupt-model re-fetch and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orion_llamaccp.engine.plan import build_plan
+from orion_llamaccp.engine.runtime import make_supervisor
+from orion_llamaccp.engine.supervisor import EngineState
+from orion_llamaccp.errors import EngineStartError
+from orion_llamaccp.settings import load_settings
+from tests.conftest import write_tiny_registry
+from tests.engine.conftest import FAST
+from tests.support.procs import free_port, wait_until_async
+
+
+@pytest.fixture
+def corrupt_tiny_profile(
+    tmp_path: Path, tiny_model: Path, llama_server_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny profile selected through the environment, its model cut in half."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    good = tiny_model.read_bytes()
+    (cache / "tiny.gguf").write_bytes(good[: len(good) // 2])
+    registry = write_tiny_registry(tmp_path / "profiles.yaml", port=free_port())
+    for name, value in {
+        "LLM_PROFILE_NAME": "tiny",
+        "LLM_PROFILES_CONFIG_PATH": str(registry),
+        "LLM_CACHE_DIR": str(cache),
+        "LLAMA_SERVER_BIN": str(llama_server_bin),
+        "HF_HUB_OFFLINE": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+async def test_stop_interrupts_the_corrupt_model_refetch(
+    corrupt_tiny_profile: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real llama-server finds the model truncated; the re-fetch is a stand-in that
+    runs until told to stop (as a long hash or download would): a stop must not wait."""
+    entered, cancelled, left = threading.Event(), threading.Event(), threading.Event()
+    release = threading.Event()  # ends the thread at teardown if nothing else does
+
+    def refetch(*_: Any, cancel: threading.Event | None = None, **__: Any) -> None:
+        entered.set()
+        while not release.wait(0.05):
+            if cancel is not None and cancel.is_set():
+                cancelled.set()
+                break
+        left.set()
+
+    monkeypatch.setattr("orion_llamaccp.model.fetch.refetch_corrupt", refetch)
+    supervisor = make_supervisor(build_plan(load_settings()), policy=FAST)
+    start = asyncio.create_task(supervisor.start())
+    try:
+        await wait_until_async(entered.is_set, timeout=30, what="re-fetch started")
+        await asyncio.wait_for(supervisor.stop(), timeout=30)
+        assert supervisor.state is EngineState.STOPPED
+        with pytest.raises(EngineStartError):
+            await start
+        assert await asyncio.to_thread(left.wait, 30)
+        assert cancelled.is_set()
+    finally:
+        release.set()
