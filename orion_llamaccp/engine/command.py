@@ -8,6 +8,7 @@ error naming the knob, the flag and the binary, never silently dropped.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,17 +156,31 @@ def _is_flag(arg: str) -> bool:
 
 
 def _extra_args(profile: Profile, binary: BinaryInfo | None) -> list[str]:
-    """The profile's raw flags; ``--flag=value`` becomes ``--flag value``, since that is
-    what was meant and llama-server refuses the first form ("invalid argument")."""
+    """The profile's raw flags; ``--flag=value`` and ``"--flag value"`` (one YAML string)
+    become ``--flag value``, since that is what was meant and llama-server refuses the
+    one-argument forms ("invalid argument"). Only the flag is named in an error: the value
+    may be a key."""
     extra: list[str] = []
     for arg in profile.llamacpp.extra_args:
         if not _is_flag(arg):
             extra.append(arg)
             continue
-        flag, eq, value = arg.partition("=")
+        flag, value = _flag_and_value(arg)
         _check(binary, profile.name, f"llamacpp.extra_args ({flag})", flag)
-        extra.extend([flag, value] if eq else [flag])
+        extra.extend([flag] if value is None else [flag, value])
     return extra
+
+
+_FLAG = re.compile(r"-[^\s=]*")
+
+
+def _flag_and_value(arg: str) -> tuple[str, str | None]:
+    match = _FLAG.match(arg)
+    flag = match.group() if match else arg
+    rest = arg[len(flag) :]
+    if not rest:
+        return flag, None
+    return flag, rest[1:] if rest[0] == "=" else rest.strip()
 
 
 def gpu_env(profile: Profile, overrides: Overrides) -> dict[str, str]:

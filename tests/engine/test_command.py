@@ -325,6 +325,20 @@ def test_secrets_in_flag_equals_value_form_are_masked(llama_server_bin: Path) ->
     ]
 
 
+def test_a_flag_and_its_value_in_one_string_become_two_arguments_and_stay_hidden(
+    llama_server_bin: Path,
+) -> None:
+    """``"--api-key sk-..."`` as one YAML string: two arguments were meant, and neither the
+    command shown nor an error about the flag may carry the key."""
+    binary = probe(llama_server_bin)
+    raw = {"extra_args": ["--threads-http 1", "--api-key  sk-SECRET123"]}
+    assert _build(raw, binary)[-4:] == ["--threads-http", "1", "--api-key", "sk-SECRET123"]
+    assert "sk-SECRET123" not in " ".join(_launch(raw, binary).masked_argv())
+    with pytest.raises(UnsupportedKnob, match="--no-such-flag") as refused:
+        _build({"extra_args": ["--no-such-flag sk-SECRET123"]}, binary)
+    assert "sk-SECRET123" not in str(refused.value)
+
+
 def test_every_secret_flag_of_the_binary_is_masked(llama_server_bin: Path) -> None:
     """Every option whose value --help calls a key or a token, with all its aliases."""
     text = subprocess.run(
