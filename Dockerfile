@@ -66,7 +66,9 @@ EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15m --retries=3 \
   CMD ["curl", "-fsS", "--max-time", "4", "http://127.0.0.1:8080/health"]
 
-# Exec form: the wrapper is PID 1's direct child (compose adds `init: true`) and receives
-# SIGTERM itself, drains, then stops llama-server. `docker compose run ... doctor` swaps CMD.
+# Exec form: the wrapper receives SIGTERM itself, drains, then stops llama-server. Under
+# compose (`init: true`) it is tini's child; under a plain `docker run` or Kubernetes it is
+# PID 1 itself, which works as well (tests/engine/test_process.py starts llama-server from
+# a PID 1). `docker compose run ... doctor` swaps CMD.
 ENTRYPOINT ["/opt/venv/bin/orion-llamaccp"]
 CMD ["run"]
