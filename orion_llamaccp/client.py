@@ -1,9 +1,10 @@
 """A reference client for Orion callers: ask a chat question over the bus.
 
 It does what Orion's ``rpc_request`` does (subscribe to ``reply_to``, publish, take the
-first message there as the answer) and adds what streaming needs: chunks are read from
-``{reply_to}:chunks`` and applied in ``seq`` order per attempt, so a duplicate or a chunk
-of an abandoned attempt is never shown twice.
+first message there as the answer) and adds what streaming needs: chunks are read where
+the worker sends them (``options.stream_channel``, else ``{reply_to}:chunks``: both ask
+``outbox.chunk_channel``) and applied in ``seq`` order per attempt, so a duplicate or a
+chunk of an abandoned attempt is never shown twice.
 
     async with BusClient("redis://127.0.0.1:6379/0") as bus:
         result = await bus.chat([{"role": "user", "content": "hi"}], profile="gemma3-270m-cpu",
@@ -25,7 +26,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.codec import decode_envelope
 from orion_llamaccp.bus.envelope import CHAT_CANCEL, CHAT_REQUEST, Envelope, ServiceRef
-from orion_llamaccp.bus.outbox import Outbox
+from orion_llamaccp.bus.outbox import Outbox, chunk_channel
 
 Via = Literal["pubsub", "stream"]
 
@@ -153,7 +154,7 @@ class BusClient:
         envelope = envelope or self.request(messages, profile=profile, options=opts)
         reply_to = envelope["reply_to"]
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(reply_to, keys.chunk_channel(reply_to))
+        await pubsub.subscribe(*filter(None, (reply_to, _chunks_of(envelope))))
         try:
             sent = time.monotonic()
             await self.send(envelope, profile=profile, via=via, channel=channel, stream=stream_name)
@@ -176,7 +177,9 @@ class BusClient:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None or message["type"] != "message":
                     continue
-                channel = message["channel"].decode()
+                channel = message["channel"]
+                if isinstance(channel, bytes):  # a client of ours; the caller's may decode
+                    channel = channel.decode()
                 envelope = decode_envelope(message["data"])
                 if channel == reply_to:
                     result = ChatResult(
@@ -199,6 +202,16 @@ class BusClient:
             CHAT_CANCEL, {"correlation_id": correlation_id}, correlation_id=correlation_id
         )
         await self.redis.publish(channel, message)
+
+
+def _chunks_of(envelope: dict[str, Any]) -> str | None:
+    """The channel the worker streams this request's chunks to."""
+    payload = envelope.get("payload")
+    options = payload.get("options") if isinstance(payload, dict) else None
+    requested = options.get("stream_channel") if isinstance(options, dict) else None
+    return chunk_channel(
+        envelope.get("reply_to"), requested if isinstance(requested, str) else None
+    )
 
 
 def work_queue_entry(envelope: dict[str, Any]) -> dict[str, Any]:

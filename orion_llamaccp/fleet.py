@@ -1,16 +1,17 @@
 """The fleet as an operator sees it: every llama.cpp host on the bus, alive or not.
 
-Built from the same three sources a dashboard has: heartbeats (``system.health.v1``),
-profile announcements, and what is kept in Redis (liveness keys holding the last beat,
-registry hashes holding the last announcement), so a view that just started is complete
-at once. A host that missed three beats is down, whatever its last message said.
+Built from the same three sources a dashboard has: heartbeats (``system.health.v1``; of
+the shared health channel's, only those of llama.cpp hosts), profile announcements, and
+what is kept in Redis (liveness keys holding the last beat, registry hashes holding the
+last announcement), so a view that just started is complete at once. A host that missed
+three beats is down, whatever its last message said.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -55,6 +56,17 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
+def _llamacpp_details(details: dict[str, Any]) -> bool:
+    """A llama.cpp host's beat names the profile it serves and its slots (announce.py)."""
+    return bool(details.get("profile")) and "slots_total" in details
+
+
+def _timestamp(value: Any) -> float:
+    """Seconds since the epoch; a naive time counts as UTC (the contract), not local."""
+    stamp = datetime.fromisoformat(str(value))
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
 class Fleet:
     """Hosts keyed by (service, instance), updated from heartbeats and announcements."""
 
@@ -81,13 +93,16 @@ class Fleet:
             self._announcement(message["payload"])
 
     def _beat(self, beat: dict[str, Any]) -> None:
-        host = self._host(str(beat.get("service")), str(beat.get("instance")))
-        details = beat.get("details") or {}
+        key = (str(beat.get("service")), str(beat.get("instance")))
+        details = beat.get("details") if isinstance(beat.get("details"), dict) else {}
+        if key not in self.hosts and not _llamacpp_details(details):
+            return  # another Orion service: the health channel is everyone's
+        host = self._host(*key)
         host.node = beat.get("node") or host.node
         host.status = beat.get("status")
         host.interval = float(beat.get("heartbeat_interval_sec") or host.interval)
         try:
-            host.last_beat = datetime.fromisoformat(str(beat["last_seen_ts"])).timestamp()
+            host.last_beat = _timestamp(beat["last_seen_ts"])
         except (KeyError, ValueError):
             host.last_beat = time.time()
         host.profile = details.get("profile", host.profile)

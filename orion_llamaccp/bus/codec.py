@@ -52,7 +52,7 @@ def _legacy(data: dict[str, Any]) -> dict[str, Any]:
     event = data.get("event")
     if event in LEGACY_CHAT_EVENTS or data.get("kind") == CHAT_REQUEST:
         kind = CHAT_REQUEST
-        inner = data.get("payload", data.get("body"))
+        inner = data.get("payload") or data.get("body")  # "payload": null with a body too
         payload = inner if isinstance(inner, dict) else {}
     else:
         kind = data.get("kind") or LEGACY_KIND

@@ -34,6 +34,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """Naive times count as UTC; others are turned to UTC, as the times we send must be."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 or 9999 near midnight: a validation error, not a crash
+        raise ValueError("datetime out of range in UTC") from None
+
+
 class ServiceRef(BaseModel):
     model_config = _STRICT
 
@@ -51,13 +61,18 @@ class CausalityLink(BaseModel):
     source: ServiceRef
     created_at: datetime = Field(default_factory=utcnow)
 
+    @field_validator("created_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return as_utc(value)  # a link we pass on in a reply's chain
+
 
 class Envelope(BaseModel):
     """Orion's ``BaseEnvelope``: the one shape of every message on the bus."""
 
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, str_strip_whitespace=True
-    )
+    # No whitespace stripping: ``reply_to`` is a channel the caller listens on, byte for
+    # byte, and payload and trace keys are the caller's too. Only ``kind`` is trimmed.
+    model_config = _STRICT
 
     schema_id: Literal["orion.envelope"] = Field(SCHEMA, alias="schema")
     schema_version: str = SCHEMA_VERSION
@@ -76,10 +91,15 @@ class Envelope(BaseModel):
     reply_to: str | None = None
     payload: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("kind")
+    @classmethod
+    def _trim(cls, value: str) -> str:
+        return value.strip()
+
     @field_validator("created_at")
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return as_utc(value)
 
     def link(self) -> CausalityLink:
         """This message as a link in a reply's causality chain."""
@@ -114,18 +134,12 @@ class LLMMessage(BaseModel):
 
 
 class AttachmentRef(BaseModel):
-    """An image by reference (sha256 + URL); a text-only model ignores it."""
+    """An image by sha256 reference. The contract names no other field, so any object with
+    a ``sha256`` is a valid attachment, kept as sent; a text-only model ignores it."""
 
-    model_config = _STRICT
+    model_config = ConfigDict(extra="allow", frozen=True)
 
-    kind: Literal["image"] = "image"
     sha256: str
-    mime: str
-    bytes: int = Field(ge=1)
-    width: int | None = Field(default=None, ge=1)
-    height: int | None = Field(default=None, ge=1)
-    source_url: str
-    filename: str | None = None
 
 
 class ChatRequestPayload(BaseModel):

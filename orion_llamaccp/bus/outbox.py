@@ -13,6 +13,7 @@ from uuid import uuid4
 
 import orjson
 
+from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import (
     CHAT_CHUNK,
     CHAT_RESULT,
@@ -26,6 +27,19 @@ from orion_llamaccp.bus.envelope import (
 
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def chunk_channel(reply_to: str | None, stream_channel: str | None) -> str | None:
+    """Where a request's chunks go: ``options.stream_channel``, else ``{reply_to}:chunks``.
+
+    The worker and the reference client both ask here, so a caller listens where the
+    chunks are sent. A ``stream_channel`` equal to ``reply_to`` is not used: Orion's
+    ``rpc_request`` takes the first message on ``reply_to`` as the answer, so nothing but
+    the one result may go there.
+    """
+    if stream_channel and stream_channel != reply_to:
+        return stream_channel
+    return keys.chunk_channel(reply_to) if reply_to else None
 
 
 def _trace(request: Envelope | None) -> dict[str, Any]:

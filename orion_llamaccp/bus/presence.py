@@ -20,7 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
-from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE, SystemHealthV1
+from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE, Envelope, SystemHealthV1
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import Publisher
 
@@ -131,11 +131,12 @@ class Presence:
         self.beats += 1
         return payload
 
-    async def announce(
-        self, reply_to: str | None = None, correlation_id: str | None = None
-    ) -> dict[str, Any]:
+    async def announce(self, request: Envelope | None = None) -> dict[str, Any]:
+        """``request``: a discovery request, answered on its ``reply_to`` as a reply (its
+        correlation id, its causality chain plus a link to it) and on the announce channel."""
         payload = await self.announcement()
-        message = self.outbox.encode(PROFILE_ANNOUNCE, payload, correlation_id=correlation_id)
+        message = self.outbox.encode(PROFILE_ANNOUNCE, payload, request=request)
+        reply_to = request.reply_to if request is not None else None
         registry = keys.registry(self.profile, self.instance)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.publish(reply_to or self.announce_channel, message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 import orjson
@@ -27,6 +28,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", action="store_true", help="print the result payload as JSON")
     p.set_defaults(handler=cmd_chat)
+
+
+def run_bus(
+    coro: Coroutine[Any, Any, int], settings: Settings, *, waiting_for: str = "Redis in time"
+) -> int:
+    """Run a command that talks to the bus. A Redis that is down or refuses us, or no
+    answer in time, is an ordinary failure: one ``error:`` line and exit status 1, no
+    traceback, and never the bus password."""
+    from redis.exceptions import AuthenticationError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from orion_llamaccp.cli import run_async
+
+    bus = settings.bus_url_display
+    try:
+        return run_async(coro)
+    except AuthenticationError as exc:
+        problem = f"Redis at {bus} refused the credentials: {exc}"
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        problem = f"cannot reach Redis at {bus}: {exc}"
+    except TimeoutError:
+        problem = f"no answer from {waiting_for} (bus {bus})"
+    print(f"error: {settings.redact(problem)}", file=sys.stderr)
+    return 1
 
 
 async def _chat(args: argparse.Namespace, settings: Settings) -> int:
@@ -74,9 +100,12 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
-    from orion_llamaccp.cli import run_async
-
-    return run_async(_chat(args, settings))
+    profile = args.profile or settings.profile_name
+    return run_bus(
+        _chat(args, settings),
+        settings,
+        waiting_for=f"a worker serving profile '{profile}' within {args.timeout:g}s",
+    )
 
 
 COLUMNS = (
@@ -140,9 +169,7 @@ async def _ps(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
-    from orion_llamaccp.cli import run_async
-
-    return run_async(_ps(args, settings))
+    return run_bus(_ps(args, settings), settings)
 
 
 async def _watch(args: argparse.Namespace, settings: Settings) -> int:
@@ -178,9 +205,7 @@ async def _watch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
-    from orion_llamaccp.cli import run_async
-
     try:
-        return run_async(_watch(args, settings))
+        return run_bus(_watch(args, settings), settings)
     except KeyboardInterrupt:
         return 0

@@ -97,10 +97,39 @@ def parse_profile(name: str, raw: Any) -> Profile:
         raise ConfigError(describe_errors(name, exc)) from None
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(None, None, f"key {key!r} appears twice")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's "the last one wins" would let a second profile of the same name (or a knob
+    set twice) silently replace the first: a key written twice in a mapping is an error.
+    Keys brought in by a merge (``<<: *base``) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> Mapping[str, Any]:
     """The registry file's ``profiles:`` mapping."""
     try:
-        document = yaml.safe_load(_read_text(path))
+        document = yaml.load(_read_text(path), Loader=_UniqueKeyLoader)  # a SafeLoader
+    except DuplicateKey as exc:
+        raise ConfigError(
+            f"{path}: line {exc.line}: key '{exc.key}' appears twice in the same mapping "
+            f"(first on line {exc.first_line}); remove or rename one of them"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(document, Mapping) or "profiles" not in document:

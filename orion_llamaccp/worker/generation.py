@@ -17,9 +17,8 @@ from typing import Any
 
 import orjson
 
-from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope
-from orion_llamaccp.bus.outbox import Outbox
+from orion_llamaccp.bus.outbox import Outbox, chunk_channel
 from orion_llamaccp.bus.replies import ChunkStream, Publisher, Stage
 from orion_llamaccp.engine.client import Sent
 from orion_llamaccp.engine.events import ChatStream
@@ -274,11 +273,15 @@ class Generator:
     ) -> ChunkStream | None:
         if not options.stream:
             return None
-        channel = options.stream_channel or (
-            keys.chunk_channel(envelope.reply_to) if envelope.reply_to else None
-        )
+        channel = chunk_channel(envelope.reply_to, options.stream_channel)
         if channel is None:
             return None
+        if options.stream_channel and channel != options.stream_channel:
+            log.debug(
+                "%s: stream_channel is its reply_to, where only the result may go; chunks go to %s",
+                job.request_id,
+                channel,
+            )
         return ChunkStream(
             self.publisher,
             partial(self.outbox.chunks_for, envelope),

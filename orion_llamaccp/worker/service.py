@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import time
+from uuid import UUID
 
 import redis.asyncio as aioredis
 
@@ -433,7 +434,7 @@ class Worker:
             return
         payload = message.get("payload") if isinstance(message.get("payload"), dict) else {}
         self.inflight.cancel(
-            str(payload.get("correlation_id") or message.get("correlation_id") or "")
+            canonical_id(str(payload.get("correlation_id") or message.get("correlation_id") or ""))
         )
 
     async def _on_discover(self, data: bytes) -> None:
@@ -441,10 +442,7 @@ class Worker:
             request = decode_envelope(data)
         except DecodeError:
             request = None
-        await self.presence.announce(
-            reply_to=request.reply_to if request else None,
-            correlation_id=str(request.correlation_id) if request else None,
-        )
+        await self.presence.announce(request)
 
     # ------------------------------------------------------------------ stream intake
 
@@ -517,6 +515,15 @@ class Worker:
             lambda: self.redis.xadd(self.channels.dlq, fields),
             retry_for=self.settings.redis_retry_sec,
         )
+
+
+def canonical_id(value: str) -> str:
+    """Jobs are filed under ``str(UUID)``: a cancel may spell the same id in upper case,
+    with braces or without dashes. Anything that is not a UUID is kept as sent."""
+    try:
+        return str(UUID(value))
+    except ValueError:
+        return value
 
 
 GC_YOUNG_THRESHOLD = 10_000

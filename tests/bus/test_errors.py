@@ -225,6 +225,27 @@ async def test_cancel_stops_generation_and_frees_the_slot(
     assert decoded < 4000
 
 
+async def test_a_cancel_spelling_the_id_in_upper_case_stops_the_generation(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    spawn_worker(slow=True, parallel=1)
+    correlation_id = str(uuid.uuid4()).upper()  # a UUID all the same, as Orion parses it
+    envelope = bus.request(
+        HI,
+        profile="tiny",
+        options={"stream": True, "max_tokens": 4000},
+        correlation_id=correlation_id,
+    )
+    chat = asyncio.create_task(bus.chat(HI, profile="tiny", envelope=envelope, timeout=60))
+    await wait_until_async(
+        lambda: recorder.on(envelope["reply_to"] + ":chunks"), timeout=20, what="first chunk"
+    )
+    await bus.cancel(correlation_id)  # exactly as the request carried it
+    result = await chat
+    assert result.payload.get("error") == "cancelled", result.payload
+    assert result.payload["details"]["retryable"] is False
+
+
 async def test_nothing_to_reply_to(
     spawn_worker: SpawnWorker, bus: BusClient, redis_url: str, recorder: BusRecorder
 ) -> None:

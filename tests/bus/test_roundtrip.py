@@ -143,3 +143,88 @@ async def test_legacy_chat_dict_and_input_aliases(
     assert aliased_reply["correlation_id"] == "0b7d0c3e-3b43-4c2c-8d6e-6a1d2f9c0e11"
     assert aliased_reply["causality_chain"][-1]["source"]["name"] == "old-caller"
     assert "content" in aliased_reply["payload"], aliased_reply["payload"]
+
+
+async def test_reply_to_is_kept_exactly_as_sent(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    spawn_worker()
+    reply_to = "test:padded-reply "  # the caller listens on this channel, blank included
+    envelope = bus.request(HI, profile=PROFILE, options={"max_tokens": 3}, reply_to=reply_to)
+    result = await bus.chat(HI, profile=PROFILE, envelope=envelope, timeout=30)
+    assert result.ok, result.payload
+    await asyncio.sleep(0.2)
+    assert len(recorder.on(reply_to)) == 1
+    assert recorder.on(reply_to.strip()) == []
+
+
+async def test_a_stream_channel_equal_to_reply_to_is_not_used(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    spawn_worker()
+    reply_to = "test:rpc-reply"
+    envelope = bus.request(
+        HI,
+        profile=PROFILE,
+        options={"stream": True, "stream_channel": reply_to, "max_tokens": 20},
+        reply_to=reply_to,
+    )
+    result = await bus.chat(HI, profile=PROFILE, envelope=envelope, timeout=30)
+    assert result.ok, result.payload
+    await asyncio.sleep(0.2)
+    # Orion's rpc_request takes the first message on reply_to as the answer.
+    assert [m.message["kind"] for m in recorder.on(reply_to)] == ["llm.chat.result"]
+    chunks = [m.message["payload"] for m in recorder.on(reply_to + ":chunks")]
+    assert "".join(c["delta"] for c in chunks) == result.payload["content"]
+    assert result.streamed_text == result.payload["content"]
+
+
+async def test_the_client_reads_chunks_on_the_stream_channel_it_asked_for(
+    spawn_worker: SpawnWorker, bus: BusClient
+) -> None:
+    spawn_worker()
+    deltas: list[str] = []
+    result = await bus.chat(
+        HI,
+        profile=PROFILE,
+        stream=True,
+        options={"stream_channel": "test:client-chunks", "max_tokens": 12},
+        on_delta=deltas.append,
+        timeout=30,
+    )
+    assert result.ok, result.payload
+    assert deltas and "".join(deltas) == result.payload["content"]
+    assert result.streamed_text == result.payload["content"]
+
+
+async def test_the_client_works_on_a_redis_that_decodes_responses(
+    spawn_worker: SpawnWorker, redis_url: str
+) -> None:
+    spawn_worker()
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async with BusClient(redis=redis) as bus:
+            deltas: list[str] = []
+            result = await bus.chat(
+                HI,
+                profile=PROFILE,
+                stream=True,
+                options={"max_tokens": 6},
+                on_delta=deltas.append,
+                timeout=30,
+            )
+    finally:
+        await redis.aclose()
+    assert result.ok, result.payload
+    assert "".join(deltas) == result.payload["content"]
+
+
+async def test_a_request_with_an_attachment_by_sha256_is_answered(
+    spawn_worker: SpawnWorker, bus: BusClient
+) -> None:
+    spawn_worker()
+    envelope = bus.request(HI, profile=PROFILE, options={"max_tokens": 3})
+    envelope["payload"]["attachments"] = [{"sha256": "ab" * 32}]  # a text-only model: ignored
+    result = await bus.chat(HI, profile=PROFILE, envelope=envelope, timeout=30)
+    assert result.ok, result.payload
+    assert result.payload["usage"]["completion_tokens"] == 3

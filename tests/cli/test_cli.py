@@ -157,3 +157,24 @@ def test_engine_only_run(subprocess_env: dict) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_bus_failures_are_one_line_without_traceback_or_password(subprocess_env: dict) -> None:
+    secret = "s3cret-pass"
+    bus = subprocess_env["ORION_BUS_URL"]  # a real Redis without a password; no worker
+    wrong_password = bus.replace("redis://", f"redis://:{secret}@", 1)
+    down = f"redis://:{secret}@127.0.0.1:{free_port()}/0"
+    masked_down = down.replace(secret, "***")
+    for url, args, expected in (
+        (bus, ("chat", "hi", "--timeout", "1"), "error: no answer from a worker serving profile"),
+        (down, ("chat", "hi"), f"error: cannot reach Redis at {masked_down}: "),
+        (down, ("ps",), f"error: cannot reach Redis at {masked_down}: "),
+        (down, ("watch",), f"error: cannot reach Redis at {masked_down}: "),
+        (wrong_password, ("ps",), "error: Redis at redis://:***@"),
+        (wrong_password, ("chat", "hi"), "error: Redis at redis://:***@"),
+    ):
+        done = cli({**subprocess_env, "ORION_BUS_URL": url}, *args, timeout=30)
+        assert done.returncode == 1, (args, done.stderr)
+        assert done.stderr.startswith(expected), (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert secret not in done.stdout + done.stderr

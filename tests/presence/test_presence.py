@@ -10,13 +10,17 @@ import signal
 import statistics
 import subprocess
 import sys
-from datetime import datetime
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import orjson
+import redis
 import redis.asyncio as aioredis
 
+from orion_llamaccp.bus.envelope import ServiceRef
+from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.client import BusClient
 from tests.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
@@ -237,6 +241,32 @@ async def test_announcements_on_start_on_change_and_on_discovery(
     assert answer[0]["kind"] == "llm.profile.announce.v1"  # type: ignore[index]
 
 
+async def test_a_discovery_reply_extends_the_requests_causality_chain(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, bus: BusClient
+) -> None:
+    worker = spawn_worker()
+    earlier = bus.outbox.envelope("orion.ui.click", {})
+    discover = bus.outbox.envelope("llm.profile.discover.v1", {}, reply_to="test:discovery-reply")
+    discover["causality_chain"] = [
+        {k: earlier[k] for k in ("correlation_id", "kind", "source", "created_at")}
+    ]
+    discover["trace"] = {"trace_id": "t-disc"}
+    await bus.redis.publish("orion:llm:profile:discover", orjson.dumps(discover))
+    answer = await wait_until_async(
+        lambda: announcements(recorder, worker.name, "test:discovery-reply"),
+        what="an announcement in answer to discovery",
+    )
+    reply = answer[0]  # type: ignore[index]
+    assert reply["correlation_id"] == discover["correlation_id"]
+    assert [link["kind"] for link in reply["causality_chain"]] == [
+        "orion.ui.click",
+        "llm.profile.discover.v1",
+    ]
+    assert reply["causality_chain"][-1]["correlation_id"] == discover["correlation_id"]
+    assert reply["causality_chain"][-1]["source"]["name"] == bus.outbox.source.name
+    assert reply["trace"] == {"trace_id": "t-disc"}
+
+
 async def test_liveness_key_expires_after_sigkill_and_goes_on_clean_stop(
     spawn_worker: SpawnWorker, redis_url: str
 ) -> None:
@@ -357,3 +387,52 @@ def test_watch_draws_the_live_fleet(spawn_worker: SpawnWorker, subprocess_env: d
             proc.kill()
     assert proc.returncode == 0, err
     assert "watched" in out and "tiny-random-llama" in out and "ready" in out
+
+
+def _beat(service: str, instance: str, details: dict) -> bytes:
+    """A heartbeat as another service may send it: its time naive, which counts as UTC."""
+    payload = {
+        "service": service,
+        "instance": instance,
+        "boot_id": "b",
+        "status": "ok",
+        "last_seen_ts": datetime.now(UTC).replace(tzinfo=None).isoformat(),
+        "heartbeat_interval_sec": 10.0,
+        "details": details,
+    }
+    return Outbox(ServiceRef(name=service, instance=instance)).encode("system.health.v1", payload)
+
+
+def test_watch_shows_only_llama_cpp_hosts_and_reads_naive_times_as_utc(
+    subprocess_env: dict, redis_url: str
+) -> None:
+    ours = _beat("orion-llamaccp", "naive-host", {"profile": "tiny", "slots_total": 1})
+    theirs = _beat("orion-gateway", "gateway-1", {"routes": 3})
+    client = redis.Redis.from_url(redis_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orion_llamaccp", "watch", "--refresh", "0.2"],
+        env={**subprocess_env, "COLUMNS": "200", "TZ": "Asia/Tokyo"},  # 9 h east of UTC
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: dict(client.pubsub_numsub("orion:system:health"))[b"orion:system:health"],
+            timeout=20,
+            what="watch subscribed",
+        )
+        for _ in range(5):
+            client.publish("orion:system:health", theirs)
+            client.publish("orion:system:health", ours)
+            time.sleep(0.2)  # a redraw between beats; nothing here is timed
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "gateway" not in out
+    rows = [line for line in out.splitlines() if "naive-host" in line]
+    assert rows and "down" not in rows[-1], rows[-1:]

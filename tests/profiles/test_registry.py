@@ -93,6 +93,50 @@ def test_validate_names_a_registry_not_in_utf8_without_a_traceback(tmp_path: Pat
     assert "Traceback" not in done.stderr
 
 
+DUPLICATED = """\
+profiles:
+  tiny:
+    backend: llamacpp
+    llamacpp: {model_path: a.gguf, port: 8080}
+  tiny:
+    backend: llamacpp
+    llamacpp: {model_path: b.gguf, port: 9090}
+"""
+
+
+def test_a_profile_named_twice_fails_validate_naming_the_key_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, DUPLICATED)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES)}
+    env |= {"LLM_PROFILES_CONFIG_PATH": str(path), "LLM_PROFILE_NAME": "tiny"}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "orion_llamaccp", "validate"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"error: {path}: line 5: key 'tiny' appears twice in the same mapping "
+        f"(first on line 2); remove or rename one of them\n"
+    )
+
+
+def test_a_merge_key_may_still_be_overridden(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "base: &base {port: 8080, ctx_size: 1024}\n"
+        "profiles:\n  p:\n    backend: llamacpp\n"
+        "    llamacpp:\n      <<: *base\n      port: 9090\n      model_path: m.gguf\n",
+    )
+    llamacpp = load_registry(path).select("p").llamacpp
+    assert (llamacpp.port, llamacpp.ctx_size) == (9090, 1024)
+
+
 def test_profile_not_found_lists_names_and_closest_match() -> None:
     registry = load_registry(SHIPPED)
     with pytest.raises(ProfileNotFound) as err:

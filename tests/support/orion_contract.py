@@ -7,14 +7,24 @@ contract, these would still catch it. Every message our worker publishes must pa
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 STRICT = ConfigDict(extra="forbid")
+
+
+def _utc(value: datetime) -> datetime:
+    # What we publish says its zone: a naive time only counts as UTC on input.
+    if value.utcoffset() != timedelta(0):
+        raise ValueError(f"created_at must be UTC, got {value.isoformat()}")
+    return value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 
 
 class ServiceRef(BaseModel):
@@ -30,11 +40,11 @@ class CausalityLink(BaseModel):
     correlation_id: UUID
     kind: str
     source: ServiceRef
-    created_at: datetime
+    created_at: UtcDatetime
 
 
 class BaseEnvelope(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = STRICT  # by alias only: the key is "schema", never "schema_id"
     schema_id: Literal["orion.envelope"] = Field(alias="schema")
     schema_version: Literal["2.0.0"]
     id: UUID
@@ -42,7 +52,7 @@ class BaseEnvelope(BaseModel):
     kind: str
     causality_chain: list[CausalityLink]
     source: ServiceRef
-    created_at: datetime
+    created_at: UtcDatetime
     ttl_ms: int | None
     trace: dict[str, Any]
     reply_to: str | None

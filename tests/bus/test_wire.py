@@ -1,0 +1,123 @@
+"""The wire format without a worker: our codec on what callers send, and the strict Orion
+decoders of ``tests/support/orion_contract.py`` on what we publish."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from orion_llamaccp.bus.codec import decode_chat, decode_envelope
+from orion_llamaccp.bus.envelope import ServiceRef
+from orion_llamaccp.bus.outbox import Outbox
+from orion_llamaccp.errors import DecodeError
+from tests.support.orion_contract import check_message
+
+HI = [{"role": "user", "content": "hi"}]
+USAGE = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+
+
+def _envelope(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "schema": "orion.envelope",
+        "schema_version": "2.0.0",
+        "id": str(uuid.uuid4()),
+        "correlation_id": str(uuid.uuid4()),
+        "kind": "llm.chat.request",
+        "causality_chain": [],
+        "source": {"name": "caller"},
+        "created_at": "2026-01-01T00:00:00Z",
+        "ttl_ms": None,
+        "trace": {},
+        "reply_to": "caller:reply",
+        "payload": {"messages": HI},
+    }
+    return base | changes
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"created_at": "2026-01-01T00:00:00"}, "created_at"),
+        ({"created_at": "2026-01-01T09:00:00+09:00"}, "created_at"),
+        (
+            {
+                "causality_chain": [
+                    {
+                        "correlation_id": str(uuid.uuid4()),
+                        "kind": "k",
+                        "source": {"name": "a"},
+                        "created_at": "2026-01-01T00:00:00",
+                    }
+                ]
+            },
+            "causality_chain.0.created_at",
+        ),
+    ],
+)
+def test_the_contract_model_wants_utc_times(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        check_message(orjson.dumps(_envelope(**changes)))
+    assert [".".join(map(str, e["loc"])) for e in caught.value.errors()] == [field]
+
+
+def test_the_contract_model_wants_the_schema_key_not_schema_id() -> None:
+    message = _envelope()
+    message["schema_id"] = message.pop("schema")
+    with pytest.raises(ValidationError):
+        check_message(orjson.dumps(message))
+
+
+def test_a_reply_carries_utc_times_whatever_zone_the_request_used() -> None:
+    request = _envelope(
+        created_at="2026-01-01T09:00:00+09:00",
+        causality_chain=[
+            {
+                "correlation_id": str(uuid.uuid4()),
+                "kind": "llm.chat.request",
+                "source": {"name": "gateway"},
+                "created_at": "2026-01-01T00:00:00",  # naive: counts as UTC
+            }
+        ],
+    )
+    outbox = Outbox(ServiceRef(name="orion-llamaccp"))
+    reply = outbox.result(decode_envelope(orjson.dumps(request)), {"content": "x", "usage": USAGE})
+    chain = check_message(reply).causality_chain
+    assert [link.created_at.isoformat() for link in chain] == [
+        "2026-01-01T00:00:00+00:00",
+        "2026-01-01T00:00:00+00:00",
+    ]
+
+
+def test_an_attachment_is_any_object_with_a_sha256() -> None:
+    sha = "ab" * 32
+    attachments = [
+        {"sha256": sha},
+        {"sha256": sha, "mime": "image/png", "caption": "a chart"},
+    ]
+    chat = decode_chat(decode_envelope(orjson.dumps(_envelope(payload=_chat(attachments)))))
+    assert chat.model_dump(mode="json")["attachments"] == attachments
+    for broken in ([{"source_url": "http://x/a.png"}], ["not an object"]):
+        with pytest.raises(DecodeError):
+            decode_chat(decode_envelope(orjson.dumps(_envelope(payload=_chat(broken)))))
+
+
+def _chat(attachments: list[Any]) -> dict[str, Any]:
+    return {"messages": HI, "attachments": attachments}
+
+
+@pytest.mark.parametrize("empty", [None, {}])
+def test_a_legacy_chat_dict_may_carry_its_request_under_body(empty: dict | None) -> None:
+    legacy = {"event": "chat", "reply_to": "r", "payload": empty, "body": {"messages": HI}}
+    envelope = decode_envelope(orjson.dumps(legacy))
+    assert envelope.kind == "llm.chat.request"
+    assert decode_chat(envelope).messages[0].content == "hi"
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-05:00"])
+def test_a_time_that_has_no_utc_equivalent_is_a_decode_error(stamp: str) -> None:
+    with pytest.raises(DecodeError):
+        decode_envelope(orjson.dumps(_envelope(created_at=stamp)))
