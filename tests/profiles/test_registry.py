@@ -63,12 +63,13 @@ def test_registry_not_in_utf8_is_a_config_error(tmp_path: Path) -> None:
     assert str(err.value).startswith(f"{path} is not UTF-8 text (byte 0x96")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_unreadable_registry_is_a_config_error(tmp_path: Path) -> None:
-    path = write(tmp_path, "profiles: {}\n")
-    path.chmod(0)
+    """A file that exists but cannot be read (a symlink loop here: unlike a chmod, it
+    stops root too, and tests run as root in CI)."""
+    path = tmp_path / "llm_profiles.yaml"
+    path.symlink_to(path)
 
-    with pytest.raises(ConfigError, match=f"cannot read {path}: Permission denied"):
+    with pytest.raises(ConfigError, match=f"cannot read {path}: Too many levels"):
         load_registry(path)
 
 
