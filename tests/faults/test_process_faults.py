@@ -13,7 +13,7 @@ from tests.faults.conftest import (
     assert_still_serving,
     chunks_of,
 )
-from tests.support.procs import pid_alive, wait_until_async
+from tests.support.procs import pid_alive, wait_until, wait_until_async
 from tests.support.workers import WorkerProc
 
 RECLAIM = {"ORION_LLAMACPP_CLAIM_IDLE_MS": "1500"}
@@ -169,22 +169,42 @@ async def streaming_on_both_intakes(
     return sent[0], sent[1]
 
 
+def wait_engine_replaced(worker: WorkerProc, old: int) -> None:
+    """Ready again on a new llama-server (just after a kill, the last announcement still
+    says ready, with the old pid)."""
+
+    def replaced() -> bool:
+        found = worker.announcement() or {}
+        return found.get("state") == "ready" and found.get("engine_pid") not in (None, old)
+
+    wait_until(replaced, timeout=60, what=f"worker {worker.name} ready on a new llama-server")
+
+
+def assert_cut_off_chunks_unique(fault: Fault, envelope: dict) -> None:
+    """A request told ``upstream_failed`` holds partial chunks: none of them twice."""
+    keys = [(c["attempt"], c["seq"]) for c in chunks_of(fault, envelope)]
+    assert keys and len(keys) == len(set(keys)), keys
+
+
 async def test_llama_server_sigkill_mid_stream(fault: Fault, hi: list) -> None:
     worker = fault.spawn("w", slow=True, parallel=2)
     via_pubsub, via_stream = await streaming_on_both_intakes(fault, hi, 4000, 4000)
-    os.kill(worker.engine_pid(), signal.SIGKILL)
-    worker.wait_ready()
+    killed = worker.engine_pid()
+    os.kill(killed, signal.SIGKILL)
+    wait_engine_replaced(worker, killed)
     after = fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 8}))
     await fault.client.send(after, profile="tiny")
     assert_exactly_once(await fault.ledger.settle(timeout=90))
     # Pub/sub is at-most-once and the caller already holds partial chunks: it is told.
     assert fault.ledger.answers(via_pubsub)[0]["payload"]["error"] == "upstream_failed"
+    assert_cut_off_chunks_unique(fault, via_pubsub)
     # A durable request is retried once the engine is back, under a new attempt number.
     retried = fault.ledger.answers(via_stream)[0]["payload"]
     assert retried["meta"]["attempt"] == 2 and retried["meta"]["finish_reason"] in (
         "length",
         "stop",
     )
+    assert_chunks_whole(fault, via_stream, retried)
     assert "content" in fault.ledger.answers(after)[0]["payload"]
 
 
@@ -200,11 +220,14 @@ async def test_llama_server_wedged(fault: Fault, hi: list) -> None:
         what="the pub/sub caller told within the detection bound",
     )
     assert fault.ledger.answers(via_pubsub)[0]["payload"]["error"] == "upstream_failed"
+    assert_cut_off_chunks_unique(fault, via_pubsub)
     assert not pid_alive(wedged)
-    worker.wait_ready()
+    wait_engine_replaced(worker, wedged)
     after = fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 8}))
     await fault.client.send(after, profile="tiny")
     assert_exactly_once(await fault.ledger.settle(timeout=90))
-    assert fault.ledger.answers(via_stream)[0]["payload"]["meta"]["attempt"] == 2
+    retried = fault.ledger.answers(via_stream)[0]["payload"]
+    assert retried["meta"]["attempt"] == 2
+    assert_chunks_whole(fault, via_stream, retried)
     assert "content" in fault.ledger.answers(after)[0]["payload"]
     assert "stopped answering /health" in worker.log()
