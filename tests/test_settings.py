@@ -22,6 +22,7 @@ def test_blank_overrides_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert settings.overrides.ctx_size is None
     assert settings.overrides.n_gpu_layers is None
+    assert settings.overrides.port is None
     assert settings.overrides.cuda_visible_devices is None
     assert settings.profile_name == "gemma3-270m-cpu"
 

@@ -39,7 +39,7 @@ def corrupt_tiny_profile(
         monkeypatch.setenv(name, value)
 
 
-async def test_stop_interrupts_the_corrupt_model_refetch(
+async def test_stop_interrupts_the_corrupt_model_refetch_stand_in(
     corrupt_tiny_profile: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The real llama-server finds the model truncated; the re-fetch is a stand-in that

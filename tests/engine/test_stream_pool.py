@@ -93,7 +93,7 @@ async def test_a_keep_alive_server_stand_in_gets_its_connections_reused_not_reop
         pool.close()
 
 
-async def test_requests_written_ahead_and_dropped_give_their_connections_back(
+async def test_requests_written_ahead_and_dropped_give_their_connections_back_stand_in(
     keep_alive_port: int,
 ) -> None:
     """A request written ahead and then dropped (its message was invalid, a duplicate, or
@@ -137,7 +137,7 @@ async def _flood(tokens: int, reader: asyncio.StreamReader, writer: asyncio.Stre
     writer.close()
 
 
-async def test_a_reader_that_falls_behind_pauses_the_socket_and_loses_no_token() -> None:
+async def test_a_slow_reader_pauses_the_socket_and_loses_no_token_stand_in_server() -> None:
     """Decoded events wait for the relay in memory only up to a bound: past it the
     connection stops reading (TCP pushes back on the server) until the relay catches up.
     A stand-in server writes 40,000 token chunks (about 5 MB) at once, faster than any
@@ -187,7 +187,9 @@ async def _paced(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     writer.close()
 
 
-async def test_tokens_read_one_at_a_time_go_to_the_sink_without_waking_the_reader() -> None:
+async def test_tokens_read_one_at_a_time_go_to_the_sink_without_waking_the_reader_stand_in() -> (
+    None
+):
     """At a GPU's pace each token comes in a read of its own. Once the reader knows the
     tokens' layout, such a read goes to its sink from the read callback, and the reader
     task sleeps on; the role, the tick of the clock (a new layout, read by the reader)
