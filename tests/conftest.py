@@ -155,8 +155,11 @@ def spawn_worker(
         parallel: int = 2,
         ctx: int = 8192,
         ready: bool = True,
+        metrics: bool = False,
         **env: str,
     ) -> WorkerProc:
+        """``metrics``: its llama-server serves ``/metrics`` (``EngineProbe``), for a test
+        that checks what llama-server itself generated."""
         worker_env = {
             **subprocess_env,
             "LLAMACPP_PORT_OVERRIDE": str(free_port()),
@@ -170,6 +173,11 @@ def spawn_worker(
         }
         if slow:
             worker_env["LLAMACPP_MODEL_PATH_OVERRIDE"] = str(slow_model)
+        if metrics:
+            registry = write_tiny_registry(
+                tmp_path / f"profiles-{name}.yaml", port=free_port(), extra="      metrics: true"
+            )
+            worker_env["LLM_PROFILES_CONFIG_PATH"] = str(registry)
         worker = WorkerProc(worker_env, name=name, log_dir=tmp_path, redis_url=redis_url)
         workers.append(worker.start())
         if ready:

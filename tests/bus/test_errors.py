@@ -19,9 +19,11 @@ from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import wait_stream_acked, wait_until_async
-from tests.support.workers import BusRecorder
+from tests.support.workers import BusRecorder, EngineProbe, wait_replicas_counted
 
 HI = [{"role": "user", "content": "hello there"}]
+# A generation that is not cut off: LONG tokens exactly (a worker's slot holds 8,192)
+LONG = 4000
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
 STREAM = "orion:stream:llamacpp:tiny:request"
 
@@ -81,31 +83,36 @@ async def test_unsupported_kind(
 
 
 async def test_expired_request_is_not_generated(
-    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
 ) -> None:
-    worker = spawn_worker()
-    old = bus.request(HI, profile="tiny", ttl_ms=1000)
+    """An expired request is answered ``expired`` and not generated. Once a request has
+    been served (its connection to llama-server is then open ahead), the next one is
+    written to llama-server from its raw message, before it is validated and found expired:
+    llama-server may start on it, and must be stopped, far short of the ``LONG`` tokens
+    asked; and nothing of it reaches the caller."""
+    worker = spawn_worker(slow=True, parallel=1, metrics=True)
+    await wait_replicas_counted(recorder, redis_url, INTAKE, [worker.name])  # alone: ahead
+    long = {"stream": True, "max_tokens": LONG, "ignore_eos": True}
+    old = bus.request(HI, profile="tiny", ttl_ms=1000, options=long)
     old["created_at"] = (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
     work = bus.request(
-        HI, profile="tiny", trace={"work": {"expires_at_ms": int(time.time() * 1000) - 10}}
+        HI,
+        profile="tiny",
+        options=long,
+        trace={"work": {"expires_at_ms": int(time.time() * 1000) - 10}},
     )
-    await bus.send(old, profile="tiny")
-    await bus.send(work, profile="tiny", via="stream")
-    for envelope in (old, work):
-        answer = await _answer_on(recorder, envelope["reply_to"])
-        assert answer["payload"]["error"] == "expired"
-    await asyncio.sleep(1.5)
-    details = _health_details(recorder, worker.name)
-    assert details["tokens_generated"] == 0
-
-
-def _health_details(recorder: BusRecorder, instance: str) -> dict:
-    beats = [
-        m.message
-        for m in recorder.kinds("system.health.v1")
-        if m.message["payload"]["instance"] == instance
-    ]
-    return beats[-1]["payload"]["details"]
+    async with EngineProbe(worker.announcement()["engine_url"]) as probe:
+        for envelope, via in ((old, "pubsub"), (work, "stream")):
+            assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2})).ok  # warm
+            before = await probe.settled()
+            task = await probe.last_task()
+            await bus.send(envelope, profile="tiny", via=via)
+            answer = await _answer_on(recorder, envelope["reply_to"])
+            assert answer["payload"]["error"] == "expired", answer
+            what = f"the expired request ({via}) reached it: was it not written ahead?"
+            decoded = await probe.settled(after_task=task, what=what) - before
+            assert decoded < LONG // 2, f"{via}: {decoded} tokens generated for it"
+            assert recorder.on(envelope["reply_to"] + ":chunks") == [], via
 
 
 async def test_overloaded_beyond_slots_and_local_queue(
@@ -202,27 +209,23 @@ async def test_a_request_sent_before_the_worker_sees_llama_server_dead_waits_for
 async def test_cancel_stops_generation_and_frees_the_slot(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
 ) -> None:
-    import httpx
-
-    worker = spawn_worker(slow=True, parallel=1)
-    envelope = bus.request(HI, profile="tiny", options={"stream": True, "max_tokens": 4000})
-    chat = asyncio.create_task(bus.chat(HI, profile="tiny", envelope=envelope, timeout=60))
-    await wait_until_async(
-        lambda: recorder.on(envelope["reply_to"] + ":chunks"), timeout=20, what="first chunk"
-    )
-    await bus.cancel(envelope["correlation_id"])
-    result = await chat
-    assert result.payload["error"] == "cancelled"
-    url = worker.announcement()["engine_url"]
-    async with httpx.AsyncClient(base_url=url) as http:
-
-        async def idle() -> bool:
-            slots = (await http.get("/slots")).json()
-            return not any(s.get("is_processing") for s in slots)
-
-        await wait_until_async(idle, timeout=5, what="llama-server slot idle")
-        decoded = max(int(s.get("n_decoded") or 0) for s in (await http.get("/slots")).json())
-    assert decoded < 4000
+    """A cancel after the first chunk answers ``cancelled`` and stops llama-server: its slot
+    is idle and its own counter shows far fewer than the ``LONG`` tokens an uncut answer
+    has (``ignore_eos``: exactly that many)."""
+    worker = spawn_worker(slow=True, parallel=1, metrics=True)
+    options = {"stream": True, "max_tokens": LONG, "ignore_eos": True}
+    envelope = bus.request(HI, profile="tiny", options=options)
+    async with EngineProbe(worker.announcement()["engine_url"]) as probe:
+        before = await probe.settled()
+        chat = asyncio.create_task(bus.chat(HI, profile="tiny", envelope=envelope, timeout=60))
+        await wait_until_async(
+            lambda: recorder.on(envelope["reply_to"] + ":chunks"), timeout=20, what="first chunk"
+        )
+        await bus.cancel(envelope["correlation_id"])
+        result = await chat
+        assert result.payload["error"] == "cancelled"
+        decoded = await probe.settled() - before
+    assert 1 <= decoded < LONG // 2, f"{decoded} tokens generated despite the cancel"
 
 
 async def test_a_cancel_spelling_the_id_in_upper_case_stops_the_generation(
@@ -314,33 +317,28 @@ async def test_worker_survives_garbage(
 
 
 async def test_a_request_written_before_validation_is_cut_off_when_invalid(
-    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
 ) -> None:
     """The worker writes a request to llama-server from the message's raw JSON, before
     pydantic has validated it (``Generator.ahead``). One that then fails validation is
-    answered ``validation_failed``, and llama-server stops generating it."""
-    import httpx
-
-    worker = spawn_worker(slow=True, parallel=1)
-    url = worker.announcement()["engine_url"]
-    async with httpx.AsyncClient(base_url=url) as http:
-
-        async def slot() -> dict:
-            return (await http.get("/slots")).json()[0]
-
+    answered ``validation_failed``, and llama-server stops generating it: its own counter
+    shows far fewer than the ``LONG`` tokens asked."""
+    worker = spawn_worker(slow=True, parallel=1, metrics=True)
+    await wait_replicas_counted(recorder, redis_url, INTAKE, [worker.name])  # alone: ahead
+    async with EngineProbe(worker.announcement()["engine_url"]) as probe:
         for via in ("pubsub", "stream"):
             assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2})).ok  # warm
-            before = (await slot())["id_task"]
+            before = await probe.settled()
+            task = await probe.last_task()
             envelope = bus.request(
-                HI, profile="tiny", options={"max_tokens": 4000, "ignore_eos": True, "top_p": 2}
+                HI, profile="tiny", options={"max_tokens": LONG, "ignore_eos": True, "top_p": 2}
             )
             await bus.send(envelope, profile="tiny", via=via)
             answer = await _answer_on(recorder, envelope["reply_to"])
             assert answer["payload"]["error"] == "validation_failed", answer
-            await wait_until_async(lambda: _idle(slot), timeout=5, what="llama-server slot idle")
-            after = await slot()
-            assert after["id_task"] > before, f"{via}: the request was not written ahead"
-            assert int(after.get("n_decoded") or 0) < 4000, f"{via}: it was not cut off"
+            what = f"the invalid request ({via}) reached it: was it not written ahead?"
+            decoded = await probe.settled(after_task=task, what=what) - before
+            assert decoded < LONG // 2, f"{via}: {decoded} tokens generated, not cut off"
 
 
 async def _idle(slot: Callable[[], Awaitable[dict]]) -> bool:

@@ -81,3 +81,15 @@ async def ready_engine(make_launch: LaunchFactory) -> AsyncIterator[Supervisor]:
     await supervisor.start()
     yield supervisor
     await supervisor.stop()
+
+
+@pytest.fixture
+async def metered_engine(make_launch: LaunchFactory) -> AsyncIterator[Supervisor]:
+    """``ready_engine`` serving its own counters (``/metrics``, see ``EngineProbe``), with
+    2,048 tokens of context per slot: room for a generation long enough that one which was
+    not cut off stands out in them."""
+    launch = make_launch(metrics=True, ctx_size=4096)
+    supervisor = Supervisor(launch, environ=dict(os.environ), policy=FAST)
+    await supervisor.start()
+    yield supervisor
+    await supervisor.stop()

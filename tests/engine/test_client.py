@@ -20,8 +20,12 @@ from orion_llamaccp.engine.sse import (
 from orion_llamaccp.engine.supervisor import Supervisor
 from orion_llamaccp.errors import ContextExceeded, UpstreamError
 from tests.support.procs import wait_until_async
+from tests.support.workers import EngineProbe
 
 HELLO = [{"role": "user", "content": "hello there"}]
+# A generation that is not cut off: LONG tokens exactly, in a slot of metered_engine
+LONG = 1900
+LONG_BODY = {"messages": HELLO, "max_tokens": LONG, "ignore_eos": True, "temperature": 0}
 
 
 async def test_streamed_chat_is_parsed_into_events(ready_engine: Supervisor) -> None:
@@ -45,22 +49,25 @@ async def _busy_slots(engine: Supervisor) -> list[dict]:
     return [s for s in await engine.client.slots() if s.get("is_processing")]
 
 
-async def test_leaving_the_stream_early_cancels_the_generation(ready_engine: Supervisor) -> None:
-    body = {"messages": HELLO, "max_tokens": 1000, "temperature": 0, "seed": 1}
+async def test_leaving_the_stream_early_cancels_the_generation(
+    metered_engine: Supervisor,
+) -> None:
+    """Leaving the block after five tokens closes the connection, and that stops
+    llama-server: its own counter shows it generated far fewer than the ``LONG`` tokens an
+    answer read to its end has (``ignore_eos``: exactly that many), cut-off tokens included.
+    """
+    body = {**LONG_BODY, "seed": 1}
     seen = 0
-    async with ready_engine.client.chat_stream(body) as stream:
-        async for event in stream:
-            seen += bool(event.content)
-            if seen == 5:
-                break
-    await wait_until_async(lambda: _no_busy(ready_engine), timeout=5, what="slot idle")
-    slots = await ready_engine.client.slots()
-    decoded = max(int(s.get("n_decoded") or 0) for s in slots)
-    assert decoded < 1000, f"generation ran to the end ({decoded} tokens) despite the cancel"
-
-
-async def _no_busy(engine: Supervisor) -> bool:
-    return not await _busy_slots(engine)
+    async with EngineProbe(metered_engine.client.base_url) as probe:
+        before = await probe.settled()
+        async with metered_engine.client.chat_stream(body) as stream:
+            async for event in stream:
+                seen += bool(event.content)
+                if seen == 5:
+                    break
+        decoded = await probe.settled() - before
+    assert seen == 5
+    assert seen <= decoded < LONG // 2, f"{decoded} tokens generated despite the cancel"
 
 
 async def _spare_open(engine: Supervisor, count: int = 1) -> None:
@@ -95,20 +102,24 @@ async def test_a_request_sent_ahead_is_read_by_chat_stream_like_any_other(
 
 
 async def test_a_request_sent_ahead_and_never_read_stops_llama_server(
-    ready_engine: Supervisor,
+    metered_engine: Supervisor,
 ) -> None:
     """A generation cancelled before it read its answer (a duplicate found at once) must
-    not leave llama-server generating for nobody: ``drop`` closes the connection."""
-    client = ready_engine.client
+    not leave llama-server generating for nobody: ``drop`` closes the connection, and
+    llama-server's own counter shows it stopped far short of the ``LONG`` tokens asked."""
+    client = metered_engine.client
     async with client.chat_stream({"messages": HELLO, "max_tokens": 2}) as stream:
         _ = [e async for e in stream]
-    await _spare_open(ready_engine)
-    sent = client.send({"messages": HELLO, "max_tokens": 1000, "temperature": 0, "seed": 1})
-    assert sent is not None
-    await wait_until_async(lambda: _busy(ready_engine), timeout=5, what="generating")
-    sent.drop()
-    assert sent.conn.closed  # what tells llama-server to stop (see the test above)
-    await wait_until_async(lambda: _no_busy(ready_engine), timeout=5, what="slot idle")
+    await _spare_open(metered_engine)
+    async with EngineProbe(client.base_url) as probe:
+        before = await probe.settled()
+        sent = client.send({**LONG_BODY, "seed": 1})
+        assert sent is not None
+        await wait_until_async(lambda: _busy(metered_engine), timeout=5, what="generating")
+        sent.drop()
+        assert sent.conn.closed  # what tells llama-server to stop (see the test above)
+        decoded = await probe.settled() - before
+    assert decoded < LONG // 2, f"{decoded} tokens generated for a dropped request"
     async with client.chat_stream({"messages": HELLO, "max_tokens": 3}) as stream:
         assert [e async for e in stream]  # and the client goes on serving
 

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import redis
+import redis.asyncio as aioredis
 
 from orion_llamaccp.engine.process import die_with_parent
-from tests.support.procs import pid_alive, wait_until
+from tests.support.procs import pid_alive, wait_until, wait_until_async
 
 
 @dataclass
@@ -205,3 +207,105 @@ class WorkerProc:
         self.redis.close()
         if hasattr(self, "_log"):
             self._log.close()
+
+
+class EngineProbe:
+    """A llama-server seen from outside, to check what it really did: its slots (``/slots``)
+    and its own counters (``/metrics``, served when the profile sets ``metrics: true``).
+
+    A slot is idle again whether its generation was cut off or ran to its end, so its
+    state cannot tell a cancel that worked from one that did not; llama-server's
+    ``tokens_predicted_total`` can: it counts every token generated, those of a generation
+    cut off by a closed connection included (added as the slot is released, in the same
+    loop step that makes it idle, and ``/slots`` and ``/metrics`` are answered by that loop).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.http = httpx.AsyncClient(base_url=url, timeout=5.0)
+
+    async def __aenter__(self) -> EngineProbe:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def counters(self) -> dict[str, float]:
+        """``/metrics`` by name, without the ``llamacpp:`` prefix."""
+        response = await self.http.get("/metrics")
+        response.raise_for_status()
+        found: dict[str, float] = {}
+        for line in response.text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.split()
+                found[name.removeprefix("llamacpp:")] = float(value)
+        return found
+
+    async def predicted(self) -> int:
+        """Tokens llama-server generated since it started, cut-off generations included."""
+        return int((await self.counters())["tokens_predicted_total"])
+
+    async def slots(self) -> list[dict[str, Any]]:
+        response = await self.http.get("/slots")
+        response.raise_for_status()
+        return response.json()
+
+    async def last_task(self) -> int:
+        """The id of the last task a slot took: a later one is a request that reached it."""
+        return max(int(s.get("id_task", -1)) for s in await self.slots())
+
+    async def settled(
+        self, *, after_task: int | None = None, timeout: float = 60, what: str = ""
+    ) -> int:
+        """``predicted`` once no slot is processing and, with ``after_task``, a slot has
+        taken a later task (the request under test reached llama-server, ``what`` says
+        which). The timeout is generous: a generation that was not stopped must show in the
+        count, not end the test as a timeout."""
+
+        async def idle() -> bool:
+            slots = await self.slots()
+            if any(s.get("is_processing") for s in slots):
+                return False
+            return after_task is None or max(int(s.get("id_task", -1)) for s in slots) > after_task
+
+        await wait_until_async(
+            idle,
+            timeout=timeout,
+            what=f"llama-server idle{f' after {what}' if what else ''}",
+        )
+        return await self.predicted()
+
+
+async def wait_replicas_counted(
+    recorder: BusRecorder, redis_url: str, channel: str, instances: list[str], beats: int = 3
+) -> None:
+    """Until ``instances`` are all the subscribers of ``channel`` and each has counted them.
+
+    A worker counts the replicas on its intake channel (``PUBSUB NUMSUB``) once per
+    heartbeat interval, on a schedule of its own, and starts a pub/sub request before its
+    claim while it counts itself alone. No heartbeat says what it counted; but the count
+    runs on the heartbeat's period, so ``beats`` (3) heartbeats of each worker after the
+    subscribers were seen span two periods, one of which holds a whole count."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+
+        async def subscribed() -> bool:
+            ((_, count),) = await client.pubsub_numsub(channel)
+            return int(count) == len(instances)
+
+        await wait_until_async(
+            subscribed, timeout=30, what=f"{len(instances)} subscriber(s) on {channel}"
+        )
+    finally:
+        await client.aclose()
+
+    def heard(instance: str) -> int:
+        return sum(
+            m.message["payload"]["instance"] == instance for m in recorder.kinds("system.health.v1")
+        )
+
+    seen = {instance: heard(instance) for instance in instances}
+    await wait_until_async(
+        lambda: all(heard(i) >= seen[i] + beats for i in instances),
+        timeout=30,
+        what=f"{beats} heartbeats of each of {instances}",
+    )
