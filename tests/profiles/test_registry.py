@@ -73,21 +73,26 @@ def test_unreadable_registry_is_a_config_error(tmp_path: Path) -> None:
         load_registry(path)
 
 
-def test_validate_names_a_registry_not_in_utf8_without_a_traceback(tmp_path: Path) -> None:
-    path = tmp_path / "llm_profiles.yaml"
-    path.write_bytes(CP1252_REGISTRY)
+def validate(path: Path, profile: str) -> subprocess.CompletedProcess[str]:
+    """``orion-llamaccp validate`` on ``path``, as a user runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES)}
-    env |= {"LLM_PROFILES_CONFIG_PATH": str(path), "LLM_PROFILE_NAME": "p"}
-
-    done = subprocess.run(
+    env |= {"LLM_PROFILES_CONFIG_PATH": str(path), "LLM_PROFILE_NAME": profile}
+    return subprocess.run(
         [sys.executable, "-m", "orion_llamaccp", "validate"],
         env=env,
-        cwd=tmp_path,
+        cwd=path.parent,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_validate_names_a_registry_not_in_utf8_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "llm_profiles.yaml"
+    path.write_bytes(CP1252_REGISTRY)
+
+    done = validate(path, "p")
 
     assert done.returncode == 1
     assert done.stderr.startswith(f"error: {path} is not UTF-8 text"), done.stderr
@@ -107,18 +112,8 @@ profiles:
 
 def test_a_profile_named_twice_fails_validate_naming_the_key_and_line(tmp_path: Path) -> None:
     path = write(tmp_path, DUPLICATED)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES)}
-    env |= {"LLM_PROFILES_CONFIG_PATH": str(path), "LLM_PROFILE_NAME": "tiny"}
 
-    done = subprocess.run(
-        [sys.executable, "-m", "orion_llamaccp", "validate"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = validate(path, "tiny")
 
     assert done.returncode == 1
     assert done.stderr == (
