@@ -156,13 +156,18 @@ async def test_duplicate_request_generates_once(
     assert "duplicate_of_key" not in payloads[2]["meta"]  # same flow, different question
     assert payloads[4]["content"] == payloads[3]["content"]
     assert ["duplicate_of_key" in p["meta"] for p in payloads[3:]].count(True) == 1
-    await asyncio.sleep(1.2)
-    beats = [
-        m.message["payload"]["details"]
-        for m in recorder.kinds("system.health.v1")
-        if m.message["payload"]["instance"] == worker.name
-    ]
-    assert beats[-1]["tokens_generated"] == 16 * 3  # one of each pair, other_question
+
+    def beats() -> list[dict]:
+        return [
+            m.message["payload"]["details"]
+            for m in recorder.kinds("system.health.v1")
+            if m.message["payload"]["instance"] == worker.name
+        ]
+
+    # Two beats after the answers: the second was made after every answer was counted.
+    seen = len(beats())
+    await wait_until_async(lambda: len(beats()) >= seen + 2, timeout=30, what="two more beats")
+    assert beats()[-1]["tokens_generated"] == 16 * 3  # one of each pair, other_question
 
 
 async def test_backlog_beyond_slots_waits_in_the_stream(

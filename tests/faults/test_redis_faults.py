@@ -218,6 +218,9 @@ def slots_busy(port: int) -> float:
     return float(line.rsplit(" ", 1)[1])
 
 
+SLOT_TOKENS = 3000  # about 2 s on the slow model: still generating after the first chunk
+
+
 async def test_a_slot_is_free_while_its_result_waits_on_redis(fault: Fault, hi: list) -> None:
     """Redis takes no writes (``CLIENT PAUSE ... WRITE``) when a generation ends: its slot
     is free at once, since llama-server is done with it, while the result waits to be
@@ -226,19 +229,23 @@ async def test_a_slot_is_free_while_its_result_waits_on_redis(fault: Fault, hi: 
     fault.spawn("w", slow=True, parallel=1, METRICS_PORT=str(port))
     envelope = fault.ledger.add(
         fault.client.request(
-            hi, profile="tiny", options={"stream": True, "max_tokens": 800, "ignore_eos": True}
+            hi,
+            profile="tiny",
+            options={"stream": True, "max_tokens": SLOT_TOKENS, "ignore_eos": True},
         )
     )
     await fault.client.send(envelope, profile="tiny")
     await wait_until_async(
         lambda: fault.recorder.on(envelope["reply_to"] + ":chunks"), what="first chunk"
     )
-    await fault.raw.client_pause(8000, all=False)  # writes (PUBLISH, EVALSHA) wait
+    await fault.raw.client_pause(60_000, all=False)  # writes (PUBLISH, EVALSHA) wait
     try:
-        assert slots_busy(port) == 1  # about half a second of generation still to go
-        await wait_until_async(lambda: slots_busy(port) == 0, timeout=5, what="the slot given back")
+        assert slots_busy(port) == 1  # a couple of seconds of generation still to go
+        await wait_until_async(
+            lambda: slots_busy(port) == 0, timeout=45, what="the slot given back"
+        )
         assert fault.ledger.answers(envelope) == []  # the result is still waiting on Redis
     finally:
         await fault.raw.client_unpause()
     assert_exactly_once(await fault.ledger.settle(timeout=30))
-    assert fault.ledger.answers(envelope)[0]["payload"]["usage"]["completion_tokens"] == 800
+    assert fault.ledger.answers(envelope)[0]["payload"]["usage"]["completion_tokens"] == SLOT_TOKENS
