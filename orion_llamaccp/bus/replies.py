@@ -30,7 +30,7 @@ from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.lane import Command, Lane
 from orion_llamaccp.bus.outbox import ChunkTemplate
 from orion_llamaccp.bus.retry import with_retry
-from orion_llamaccp.bus.scripts import NEXT_ATTEMPT, PUBLISH_IN_ORDER, PUBLISH_ONCE
+from orion_llamaccp.bus.scripts import ANSWERED, NEXT_ATTEMPT, PUBLISH_IN_ORDER, PUBLISH_ONCE
 
 GUARD_TTL_SEC = 24 * 3600
 
@@ -146,6 +146,9 @@ class ChunkStream:
     request while Redis still records it as ours, and a duplicate must never leak a chunk.
     ``template`` makes the envelope's fixed part; the sender calls it first thing, so it is
     built while llama-server reads the prompt, not in front of the request.
+    ``on_answered`` is called, and the sender stops, when Redis drops a chunk because the
+    request already has its result: another worker answered it while this one was stalled,
+    and the rest of this generation would only be dropped too.
     """
 
     def __init__(
@@ -158,8 +161,10 @@ class ChunkStream:
         attempt: int,
         coalesce_sec: float,
         gate: asyncio.Event | None = None,
+        on_answered: Callable[[], None] | None = None,
     ) -> None:
         self._publisher = publisher
+        self._on_answered = on_answered
         self._make_template = template
         self._made: ChunkTemplate | None = None
         self._channel = channel
@@ -219,7 +224,7 @@ class ChunkStream:
         chunk was on its way go out together, one command each, in one round trip."""
         stages = [self._stage(*self._pop_one()) for _ in range(self._pending())]
         if stages:
-            await self._publisher.commit("chunks", stages)
+            self._check(await self._publisher.commit("chunks", stages))
             self._last_sent = self._clock()
 
     def _pending(self) -> int:
@@ -233,8 +238,16 @@ class ChunkStream:
     async def _send(self, delta: str, reasoning: str) -> None:
         self._content.clear()
         self._reasoning.clear()
-        await self._publisher.commit(f"chunk {self.seq}", [self._stage(delta, reasoning)])
+        self._check(
+            await self._publisher.commit(f"chunk {self.seq}", [self._stage(delta, reasoning)])
+        )
         self._last_sent = self._clock()
+
+    def _check(self, replies: list[Any]) -> None:
+        if ANSWERED in replies:
+            self._aborted = True  # the send loop ends at its next check
+            if self._on_answered is not None:
+                self._on_answered()
 
     async def _nap_until(self, when: float) -> None:
         """Wait for the tick ``when`` (the loop's clock); ``finish()`` cuts it short."""

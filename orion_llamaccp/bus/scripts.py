@@ -33,6 +33,8 @@ end
 return -1
 """
 
+ANSWERED = -2  # PUBLISH_IN_ORDER's reply to a chunk of a request that has its result
+
 # KEYS[1] highest attempt; ARGV: floor, ttl. A number above every one given before, and at
 # least the floor (so the unrecorded first attempt of a first delivery is never reused).
 NEXT_ATTEMPT = """

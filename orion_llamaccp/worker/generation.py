@@ -290,7 +290,21 @@ class Generator:
             attempt=attempt,
             coalesce_sec=self.settings.coalesce_ms / 1000,
             gate=owned,
+            on_answered=partial(_answered_elsewhere, job, asyncio.current_task()),
         )
+
+
+def _answered_elsewhere(job: Job, generation: asyncio.Task[Any] | None) -> None:
+    """Redis dropped a chunk: the request has its result, from another worker that took it
+    over while this one was stalled. The rest would be dropped too: stop llama-server."""
+    log.warning(
+        "request %s was answered by another worker while this one was stalled: "
+        "stopping its generation",
+        job.request_id,
+    )
+    job.answered_elsewhere = True
+    if generation is not None:
+        generation.cancel()
 
 
 def _take(gen: Generation, event: ChunkEvents, push: Callable[[str, str], None] | None) -> None:

@@ -100,8 +100,8 @@ class ChatHandler:
                 "leaving stream entry %s pending: %s", job.entry.entry_id if job.entry else "?", why
             )
         except asyncio.CancelledError:
-            if job.entry is not None and job.entry.taken_over:
-                outcome = None  # another worker's now, as ClaimedElsewhere
+            if job.superseded:
+                outcome = None  # another worker's, as ClaimedElsewhere
                 raise
             outcome = "cancelled" if job.user_cancelled else "interrupted"
             await self._interrupted(job)

@@ -58,6 +58,14 @@ class Job:
     lease: SlotLease | None = None
     # Its request, written before the message was validated (Generator.ahead), if it was.
     ahead: Ahead | None = None
+    # Redis dropped a chunk of it: another worker answered it (replies.ChunkStream).
+    answered_elsewhere: bool = False
+
+    @property
+    def superseded(self) -> bool:
+        """Another worker has it now (reclaimed while this one was stalled), or answered
+        it: this one stops without a word."""
+        return self.answered_elsewhere or (self.entry is not None and self.entry.taken_over)
 
     async def ours(self) -> bool:
         """False when another replica claimed this message: stay silent about it."""

@@ -166,6 +166,33 @@ async def test_no_chunk_goes_out_after_the_result(
     assert [m.channel for m in recorder.messages] == [CHANNEL, RESULT, CHANNEL]
 
 
+async def test_a_sender_whose_chunk_is_dropped_as_answered_says_so_and_stops(
+    redis: aioredis.Redis, recorder: BusRecorder
+) -> None:
+    """A worker that woke from a stall after another answered its request: its first
+    chunk is dropped by Redis, and the generation is told (``on_answered``) so that it
+    stops instead of running to its end for nothing."""
+    publisher = Publisher(redis)
+    await publisher.commit("result", [publisher.stage_result(RESULT, "req-7", b'{"n": 7}')])
+    told: list[str] = []
+    chunks = ChunkStream(
+        publisher,
+        lambda: ChunkTemplate({"kind": "llm.chat.chunk"}),
+        channel=CHANNEL,
+        request_id="req-7",
+        attempt=1,
+        coalesce_sec=0.01,
+        on_answered=lambda: told.append("answered"),
+    )
+    chunks.push("stale ")
+    await wait_until_async(lambda: told, timeout=5, what="the sender told")
+    chunks.push("more ")
+    await chunks.abort()
+    assert told == ["answered"]
+    await asyncio.sleep(0.2)
+    assert recorder.on(CHANNEL) == []
+
+
 async def test_after_a_script_flush_an_ack_never_lands_without_its_result(
     redis: aioredis.Redis, recorder: BusRecorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from tests.faults.conftest import (
     Fault,
     assert_chunks_whole,
@@ -76,36 +78,48 @@ async def test_a_redelivery_after_a_retry_generates_under_a_new_attempt(
     assert_answered_by(fault, doomed, "rescuer", attempt=3)
 
 
+@pytest.mark.parametrize("wakes", ["while_rescued", "after_the_answer"])
 async def test_a_worker_stalled_past_the_claim_idle_time_gives_its_entry_up(
-    fault: Fault, hi: list
+    fault: Fault, hi: list, wakes: str
 ) -> None:
     """A worker frozen (SIGSTOP: a paused container, a stalled VM) past the claim idle time
-    wakes while the worker that reclaimed its stream entry generates it: it stops, and the
-    other one answers. Taking the entry back left both generating it, each taking it from
-    the other at every refresh, and the woken one streaming its stale attempt."""
+    wakes after another one reclaimed its stream entry: it stops, and the other one
+    answers. Woken while the other generates, it sees at its claim refresh that the entry
+    is the other's (taking it back left both generating it, each taking it from the other
+    at every refresh); woken after the answer, Redis drops its first chunk as one of an
+    answered request, which stops its generation (before, it ran to its end for nothing)."""
     victim, doomed = await a_long_stream_request(fault, hi)
     victim.signal(signal.SIGSTOP)
     try:
         rescuer = fault.spawn("rescuer", slow=True, parallel=1, **RECLAIM)
 
         def rescued() -> bool:
+            if wakes == "after_the_answer":
+                return bool(fault.ledger.answers(doomed))
             return any(c["attempt"] == 2 for c in chunks_of(fault, doomed))
 
-        await wait_until_async(rescued, timeout=30, what="the rescuer streaming attempt 2")
+        await wait_until_async(rescued, timeout=60, what=f"the rescuer, for waking {wakes}")
     finally:
         woke = len(fault.recorder.messages)
         victim.signal(signal.SIGCONT)
     assert_exactly_once(await fault.ledger.settle(timeout=90))
     assert_answered_by(fault, doomed, "rescuer", attempt=2)
-    assert "was taken over by another worker" in victim.log()
+    said = {
+        "while_rescued": "was taken over by another worker",
+        "after_the_answer": "was answered by another worker while this one was stalled",
+    }
+    await wait_until_async(
+        lambda: said[wakes] in victim.log(), timeout=10, what="the woken worker giving up"
+    )
     stale = [
         m.message["payload"]
         for m in fault.recorder.messages[woke:]
         if m.channel == doomed["reply_to"] + ":chunks" and m.message["payload"]["attempt"] == 1
     ]
     # One or two leave before the refresh's reply is back (a chunk per 10 ms window);
-    # a worker that kept its entry streams on for the rest of its generation.
-    assert len(stale) <= 10, f"the woken worker kept streaming: {len(stale)} stale chunks"
+    # a worker that kept its entry streams on for the rest of its generation. After the
+    # answer, none at all: Redis drops a chunk of an answered request.
+    assert len(stale) <= (10 if wakes == "while_rescued" else 0), len(stale)
     rescuer.kill()
     await assert_still_serving(fault)  # the victim alone, on its one slot: given back
 
