@@ -103,14 +103,9 @@ async def test_expired_request_is_not_generated(
     )
     async with EngineProbe(worker.announcement()["engine_url"]) as probe:
         for envelope, via in ((old, "pubsub"), (work, "stream")):
-            assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2})).ok  # warm
-            before = await probe.settled()
-            task = await probe.last_task()
-            await bus.send(envelope, profile="tiny", via=via)
-            answer = await _answer_on(recorder, envelope["reply_to"])
-            assert answer["payload"]["error"] == "expired", answer
-            what = f"the expired request ({via}) reached it: was it not written ahead?"
-            decoded = await probe.settled(after_task=task, what=what) - before
+            decoded = await _refused_after_written_ahead(
+                bus, recorder, probe, envelope, via, "expired"
+            )
             assert decoded < LONG // 2, f"{via}: {decoded} tokens generated for it"
             assert recorder.on(envelope["reply_to"] + ":chunks") == [], via
 
@@ -327,18 +322,29 @@ async def test_a_request_written_before_validation_is_cut_off_when_invalid(
     await wait_replicas_counted(recorder, redis_url, INTAKE, [worker.name])  # alone: ahead
     async with EngineProbe(worker.announcement()["engine_url"]) as probe:
         for via in ("pubsub", "stream"):
-            assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2})).ok  # warm
-            before = await probe.settled()
-            task = await probe.last_task()
             envelope = bus.request(
                 HI, profile="tiny", options={"max_tokens": LONG, "ignore_eos": True, "top_p": 2}
             )
-            await bus.send(envelope, profile="tiny", via=via)
-            answer = await _answer_on(recorder, envelope["reply_to"])
-            assert answer["payload"]["error"] == "validation_failed", answer
-            what = f"the invalid request ({via}) reached it: was it not written ahead?"
-            decoded = await probe.settled(after_task=task, what=what) - before
+            decoded = await _refused_after_written_ahead(
+                bus, recorder, probe, envelope, via, "validation_failed"
+            )
             assert decoded < LONG // 2, f"{via}: {decoded} tokens generated, not cut off"
+
+
+async def _refused_after_written_ahead(
+    bus: BusClient, recorder: BusRecorder, probe: EngineProbe, envelope: dict, via: str, code: str
+) -> int:
+    """Send ``envelope`` after a warm-up (a connection open ahead: it is written to
+    llama-server from its raw JSON before it is validated); it must be answered ``code``.
+    Returns how many tokens llama-server generated for it."""
+    assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2})).ok  # warm
+    before = await probe.settled()
+    task = await probe.last_task()
+    await bus.send(envelope, profile="tiny", via=via)
+    answer = await _answer_on(recorder, envelope["reply_to"])
+    assert answer["payload"]["error"] == code, answer
+    what = f"the {code} request ({via}) reached it: was it not written ahead?"
+    return await probe.settled(after_task=task, what=what) - before
 
 
 async def _idle(slot: Callable[[], Awaitable[dict]]) -> bool:
