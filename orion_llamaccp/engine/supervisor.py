@@ -203,8 +203,9 @@ class Supervisor:
         """Stop llama-server and the supervisor; safe to call twice."""
         self._stopping.set()
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Waited for, not awaited: a caller that gives up on the stop gets its cancel,
+            # and the owner task still stops llama-server instead of being cut off mid-way.
+            await asyncio.wait({self._task})
         elif self._proc is not None:
             await self._proc.stop(self.policy.stop_grace)
         await self.client.aclose()

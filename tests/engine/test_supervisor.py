@@ -249,6 +249,20 @@ def test_diagnosis_order_prefers_corrupt() -> None:
     assert diagnosis is not None and diagnosis.cause is Cause.CORRUPT_MODEL
 
 
+async def test_a_stop_given_up_by_its_caller_raises_and_still_stops_llama_server(
+    ready_engine: Supervisor,
+) -> None:
+    """A caller that stops waiting for ``stop()`` (a ``wait_for``, a second signal) gets
+    its cancel, and the stop goes on without it: llama-server does not outlive it."""
+    pid = ready_engine.pid
+    stopping = asyncio.create_task(ready_engine.stop())
+    await asyncio.sleep(0)  # it is waiting for the owner task now
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    await wait_until_async(lambda: pid is not None and not pid_alive(pid), what="gone")
+
+
 async def test_stop_while_loading_leaves_nothing(make_launch: LaunchFactory, prelude_env) -> None:
     supervisor = Supervisor(
         make_launch(binary=PRELUDE),
