@@ -206,6 +206,32 @@ def assert_cut_off_chunks_unique(fault: Fault, envelope: dict) -> None:
     assert keys and len(keys) == len(set(keys)), keys
 
 
+async def test_requests_in_flight_at_sigterm_finish_within_the_drain(
+    fault: Fault, hi: list
+) -> None:
+    """What a rolling update does: SIGTERM while a request of each intake generates. The
+    drain lets both finish here, answered by this worker under their first attempt, the
+    stream entry acked, and the worker exits cleanly."""
+    worker = fault.spawn("w", slow=True, parallel=2, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="60")
+    via_pubsub, via_stream = await streaming_on_both_intakes(fault, hi, 2000, 2000)
+    worker.signal(signal.SIGTERM)
+    assert worker.proc is not None and worker.proc.wait(90) == 0
+    assert_exactly_once(await fault.ledger.settle(timeout=10))
+    for envelope in (via_pubsub, via_stream):
+        answer = fault.ledger.answers(envelope)[0]["payload"]
+        assert answer["meta"]["attempt"] == 1, answer
+        assert answer["meta"]["finish_reason"] in ("length", "stop"), answer
+        assert_chunks_whole(fault, envelope, answer)
+    pending = await fault.raw.xpending("orion:stream:llamacpp:tiny:request", "llamacpp:tiny")
+    assert pending["pending"] == 0
+    states = [
+        m.message["payload"]["state"]
+        for m in fault.recorder.on("orion:llm:profile:announce")
+        if m.message["payload"]["instance"] == "w"
+    ]
+    assert "draining" in states
+
+
 async def test_llama_server_sigkill_mid_stream(fault: Fault, hi: list) -> None:
     worker = fault.spawn("w", slow=True, parallel=2)
     via_pubsub, via_stream = await streaming_on_both_intakes(fault, hi, 4000, 4000)
