@@ -119,8 +119,7 @@ class Supervisor:
         self._state_changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._wedged = asyncio.Event()
-        self._draining = False
-        self._drain_begun = asyncio.Event()  # ends a restart backoff early
+        self._draining = asyncio.Event()  # for good once set; it also ends a restart backoff
         self._crashes: deque[float] = deque()
         self._backoff = wait_exponential(
             multiplier=self.policy.backoff_initial,
@@ -142,7 +141,7 @@ class Supervisor:
         return self.state is EngineState.READY
 
     def _set(self, state: EngineState, reason: str | None = None) -> None:
-        if self._draining and state in _ALIVE:  # a drain ends only in stopped or failed
+        if self._draining.is_set() and state in _ALIVE:  # a drain ends only in stopped or failed
             state = EngineState.DRAINING
         if state is self.state and reason is None:
             return
@@ -190,8 +189,7 @@ class Supervisor:
         then left pending for another worker instead of waiting for a reload).
         """
         if self.state in _ALIVE:
-            self._draining = True
-            self._drain_begun.set()
+            self._draining.set()
             self._set(EngineState.DRAINING, "graceful stop")
 
     def report_wedged(self, reason: str) -> None:
@@ -332,7 +330,7 @@ class Supervisor:
         """Decide: refetch, restart with backoff, or fail. Returns False to stop the loop."""
         if self._stopping.is_set():
             return False
-        if self._draining:
+        if self._draining.is_set():
             log.warning("llama-server ended during the drain (%s): not restarted", crash.reason)
             return False
         diagnosis = crash.diagnosis
@@ -350,7 +348,7 @@ class Supervisor:
                 refetched = await self._unless_stopped(self._on_corrupt())
             except Exception as exc:  # the model layer says why; that is the failure
                 return self._fail(f"{reason}; re-fetch failed: {exc}", diagnosis, crash.tail)
-            return refetched and not self._draining
+            return refetched and not self._draining.is_set()
         if diagnosis and (diagnosis.cause in FATAL or diagnosis.cause is Cause.CORRUPT_MODEL):
             return self._fail(reason, diagnosis, crash.tail)
         now = time.monotonic()
@@ -368,7 +366,7 @@ class Supervisor:
         delay = self._backoff(_Attempt(len(self._crashes)))
         self._set(EngineState.RESTARTING, f"{reason}; restart #{self.restarts} in {delay:.1f}s")
         await self._backoff_wait(delay)
-        if self._draining:  # it began during the wait: a drain is for good
+        if self._draining.is_set():  # it began during the wait: a drain is for good
             log.warning("drain began during the restart backoff: llama-server not restarted")
             return False
         return not self._stopping.is_set()
@@ -391,7 +389,7 @@ class Supervisor:
 
     async def _backoff_wait(self, delay: float) -> None:
         """Sleep ``delay`` seconds, or less if a stop or a drain begins meanwhile."""
-        waits = {asyncio.ensure_future(e.wait()) for e in (self._stopping, self._drain_begun)}
+        waits = {asyncio.ensure_future(e.wait()) for e in (self._stopping, self._draining)}
         try:
             await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         finally:
