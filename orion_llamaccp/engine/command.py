@@ -108,10 +108,11 @@ def mask_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
     """Hide values of secret-bearing flags, in case ``extra_args`` carries one."""
     masked = list(argv)
     for i, arg in enumerate(masked):
+        flag, eq, _ = arg.partition("=")
         if arg in SECRET_FLAGS and i + 1 < len(masked):
             masked[i + 1] = MASK
-        elif arg.split("=", 1)[0] in SECRET_FLAGS and "=" in arg:
-            masked[i] = f"{arg.split('=', 1)[0]}={MASK}"
+        elif eq and flag in SECRET_FLAGS:
+            masked[i] = f"{flag}={MASK}"
     return masked
 
 
