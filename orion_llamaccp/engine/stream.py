@@ -265,7 +265,7 @@ class StreamPool:
         self._refills: set[asyncio.Task[None]] = set()
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self._head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {_authority(host, port)}\r\n"
             f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}"
         ).encode("latin-1")
 
@@ -468,3 +468,8 @@ async def stream_batches(
     finally:
         if conn.sink is sink:  # the reader is gone: nothing more goes to its sink
             conn.sink = None
+
+
+def _authority(host: str, port: int) -> str:
+    """``host:port`` as a Host header writes it: an IPv6 literal in brackets (RFC 9110)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

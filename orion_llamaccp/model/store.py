@@ -141,5 +141,6 @@ def move_aside(path: Path, *, beside: Path | None = None) -> Path:
             f"{path} is corrupt and cannot be moved aside ({exc.strerror}): "
             f"delete or replace it by hand"
         ) from exc
-    log.warning("moved corrupt %s aside to %s (inspect or delete it)", like.name, aside)
+    # The caller has logged why (corrupt, or downloaded from another repo or revision).
+    log.warning("moved %s aside to %s (inspect or delete it)", like.name, aside)
     return aside

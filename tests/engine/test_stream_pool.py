@@ -9,6 +9,7 @@ stream and keep the connection, since no real part here behaves that way.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -266,3 +267,42 @@ async def test_an_error_body_ended_by_the_close_is_raised_proxy_stand_in() -> No
     finally:
         pool.close()
         server.close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+async def test_the_host_header_brackets_an_ipv6_host_stand_in() -> None:
+    """``Host: ::1:8080`` is no valid authority (RFC 9110 wants ``[::1]:8080``).
+    llama-server takes either; a stricter proxy in front of it may not, so the stand-in
+    records what a request's head says."""
+    heads: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(RESPONSE)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(record, "::1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = StreamPool(
+        "::1", port, path="/v1/chat/completions", api_key=None, connect_timeout=5, read_timeout=5
+    )
+    try:
+        await _chat(pool)
+    finally:
+        pool.close()
+        server.close()
+    (head,) = heads
+    assert f"\r\nHost: [::1]:{port}\r\n".encode() in head, head
