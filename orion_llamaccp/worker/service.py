@@ -352,7 +352,17 @@ class Worker:
         return self._start_before_claim() and len(data) <= self.settings.max_message_bytes
 
     async def _count_replicas(self) -> None:
+        # Our own subscription is among those counted: a count taken before it is in place
+        # (the first one, at start) would find nobody and leave us not alone until the next.
+        await self.listener.subscribed.wait()
         self.alone = await self.claims.subscribers(self.channels.intake) == 1
+
+    def _on_early_claim(self, claim: asyncio.Task[bool]) -> None:
+        """A claim lost while starting before it: a replica joined since we counted. Not
+        alone any more, so the next messages wait for their claims instead of each costing
+        a cut-off generation until the next count."""
+        if not claim.cancelled() and claim.exception() is None and not claim.result():
+            self.alone = False
 
     def _start_before_claim(self) -> bool:
         """Alone on the channel, with a slot free and nothing waiting: the claim is a round
@@ -377,6 +387,7 @@ class Worker:
         if early and job.decode_error is None:
             self._dispatch(job)  # its first step writes the request: it runs before the claim
             job.claim = asyncio.create_task(claim)
+            job.claim.add_done_callback(self._on_early_claim)
             return
         if ahead is not None:  # not started before its claim after all
             ahead.drop()

@@ -63,6 +63,49 @@ async def test_two_replicas_on_one_channel_answer_each_request_once(
     assert sum(generated) == TOKENS * len(envelopes), generated
 
 
+LOST_EARLY_CLAIM = "went to another replica after this worker had started on it"
+
+
+async def test_a_lost_early_claim_makes_a_worker_wait_for_its_claims_stand_in(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
+) -> None:
+    """A worker alone on its channel starts each pub/sub request before its claim comes
+    back. When a replica joins, the worker still counts itself alone until its next count
+    (a heartbeat interval away; an hour here), and each message the newcomer claims costs
+    it a cut-off generation. The first claim it loses so tells it: from then on it waits
+    for its claims, and the messages it loses cost nothing.
+
+    The replica that joins is a stand-in played by the test: a subscriber of the intake
+    channel that wins the claims of the messages it chooses, which a real replica would
+    win only by chance."""
+    worker = spawn_worker("r1", HEARTBEAT_INTERVAL_SEC="3600")
+    joined = aioredis.Redis.from_url(redis_url)
+    newcomer = joined.pubsub()
+    try:
+        await newcomer.subscribe(INTAKE)
+        options = {"max_tokens": 200, "ignore_eos": True}
+        lost = [bus.request(HI, profile="tiny", options=options) for _ in range(5)]
+        for envelope in lost:
+            await joined.set(keys.claim(envelope["id"]), "the-newcomer", ex=600)
+        await bus.send(lost[0], profile="tiny")
+        await wait_until_async(
+            lambda: LOST_EARLY_CLAIM in worker.log(),
+            timeout=30,
+            what="the worker, alone when it counted, starting before its claim and losing it",
+        )
+        for envelope in lost[1:]:
+            await bus.send(envelope, profile="tiny")
+        served = bus.request(HI, profile="tiny", options={"max_tokens": TOKENS})
+        await bus.send(served, profile="tiny")  # read after the lost ones: answered after
+        (answer,) = await _results(recorder, [served])
+    finally:
+        await newcomer.aclose()
+        await joined.aclose()
+    assert [a.message["payload"]["meta"]["instance"] for a in answer] == ["r1"]
+    assert not any(recorder.on(e["reply_to"]) for e in lost)
+    assert worker.log().count(LOST_EARLY_CLAIM) == 1, worker.log()[-3000:]
+
+
 async def test_two_workers_on_one_stream_share_the_load(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
 ) -> None:
