@@ -24,10 +24,12 @@ from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.replies import Stage
 from orion_llamaccp.bus.retry import with_retry
 
-# Compare-and-renew / compare-and-delete: only the marker's owner may touch it.
+# Compare-and-renew / compare-and-delete: only the running marker's owner may touch it.
+# A stored result is never renewed: its owner may be a stalled worker whose message was
+# answered meanwhile, and renewing would cut the result's TTL down to a lease.
 _RENEW = """
 local v = redis.call('GET', KEYS[1])
-if v and cjson.decode(v)['owner'] == ARGV[1] then
+if v and cjson.decode(v)['owner'] == ARGV[1] and cjson.decode(v)['state'] == 'running' then
   return redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 end
 return 0
@@ -131,6 +133,8 @@ class Claims:
         return Record("running", record.get("owner"))
 
     async def renew(self, key: str, owner: str) -> bool:
+        """Extend ``owner``'s running marker; False when it holds none (expired, taken over
+        by a twin after it expired, or finished: the message was answered)."""
         return bool(
             await self._renew(keys=[keys.dedup(self.profile, key)], args=[owner, self.lease_sec])
         )

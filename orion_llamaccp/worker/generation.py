@@ -290,13 +290,14 @@ class Generator:
             attempt=attempt,
             coalesce_sec=self.settings.coalesce_ms / 1000,
             gate=owned,
-            on_answered=partial(_answered_elsewhere, job, asyncio.current_task()),
+            on_answered=partial(stop_answered_elsewhere, job, asyncio.current_task()),
         )
 
 
-def _answered_elsewhere(job: Job, generation: asyncio.Task[Any] | None) -> None:
-    """Redis dropped a chunk: the request has its result, from another worker that took it
-    over while this one was stalled. The rest would be dropped too: stop llama-server."""
+def stop_answered_elsewhere(job: Job, generation: asyncio.Task[Any] | None) -> None:
+    """The request has its result, from another worker that took it over while this one was
+    stalled (Redis dropped a chunk, or the lease renewal found the request answered). The
+    rest would be dropped too: stop llama-server."""
     log.warning(
         "request %s was answered by another worker while this one was stalled: "
         "stopping its generation",

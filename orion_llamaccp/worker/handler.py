@@ -30,7 +30,7 @@ from orion_llamaccp.engine.supervisor import Supervisor
 from orion_llamaccp.errors import DecodeError
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.settings import Settings
-from orion_llamaccp.worker.generation import Generation, Generator
+from orion_llamaccp.worker.generation import Generation, Generator, stop_answered_elsewhere
 from orion_llamaccp.worker.jobs import ClaimedElsewhere, Failure, Job, LeavePending
 from orion_llamaccp.worker.llama_request import ChatOptions, parse_options
 from orion_llamaccp.worker.stats import Stats
@@ -167,7 +167,7 @@ class ChatHandler:
             await _cancel(generating)
             generating = self.generator.start(job, envelope, chat, options, owned)
         owned.set()
-        renew = asyncio.create_task(self._renew(key, job.request_id))
+        renew = asyncio.create_task(self._renew(job, key, generating))
         try:
             generation, attempt = await generating
         except BaseException:
@@ -284,11 +284,25 @@ class ChatHandler:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 
-    async def _renew(self, key: str, owner: str) -> None:
+    async def _renew(self, job: Job, key: str, generating: asyncio.Task[Any]) -> None:
+        """Keep the record's lease while generating.
+
+        A stream entry's worker that finds its lease gone may have been stalled (SIGSTOP, a
+        paused container) while another worker reclaimed the entry and answered it. Without
+        a chunk for Redis to drop (``ChunkStream``'s ``on_answered``), this is where it
+        learns so: it stops instead of generating to the end and then overwriting the
+        stored result with its own.
+        """
         while True:
             await asyncio.sleep(self.claims.lease_sec / 3)
             with contextlib.suppress(Exception):
-                await self.claims.renew(key, owner)
+                if (
+                    not await self.claims.renew(key, job.request_id)
+                    and job.entry is not None
+                    and await self.publisher.already_answered(job.delivery_id)
+                ):
+                    stop_answered_elsewhere(job, generating)
+                    return
 
     def _success_payload(self, gen: Generation, attempt: int, job: Job) -> dict[str, Any]:
         usage = gen.usage or {}

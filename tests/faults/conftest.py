@@ -103,7 +103,9 @@ async def fault(
     recorder = BusRecorder(server.url)
     workers: list[WorkerProc] = []
     registry = write_tiny_registry(
-        tmp_path / "fault-profiles.yaml", port=free_port(), extra="      n_predict: 64"
+        tmp_path / "fault-profiles.yaml",
+        port=free_port(),
+        extra="      n_predict: 64\n      metrics: true",  # metrics: for EngineProbe
     )
 
     def spawn(

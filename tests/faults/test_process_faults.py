@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import time
 
+import orjson
 import pytest
 
+from orion_llamaccp.bus import keys
 from tests.faults.conftest import (
     Fault,
     assert_chunks_whole,
@@ -15,7 +19,7 @@ from tests.faults.conftest import (
     chunks_of,
 )
 from tests.support.procs import pid_alive, wait_until, wait_until_async
-from tests.support.workers import WorkerProc
+from tests.support.workers import EngineProbe, WorkerProc
 
 RECLAIM = {"ORION_LLAMACPP_CLAIM_IDLE_MS": "1500"}
 
@@ -122,6 +126,63 @@ async def test_a_worker_stalled_past_the_claim_idle_time_gives_its_entry_up(
     assert len(stale) <= (10 if wakes == "while_rescued" else 0), len(stale)
     rescuer.kill()
     await assert_still_serving(fault)  # the victim alone, on its one slot: given back
+
+
+async def test_a_paused_worker_woken_after_its_answer_stops_a_request_without_chunks(
+    fault: Fault, hi: list
+) -> None:
+    """A worker paused with its llama-server (SIGSTOP to both: a paused container) past
+    the claim idle time, while another worker reclaims its stream entry and answers it,
+    wakes generating a request that streams nothing. No chunk of it is there for Redis to
+    drop (which stops one that streams); its lease renewal finds the record finished and
+    the answer out, and stops llama-server. Before, it generated to the end for nothing
+    and then overwrote the stored result with its own, under a lease-long TTL."""
+    victim = fault.spawn("victim", slow=True, parallel=1, **RECLAIM)
+    budget = 12_000  # about 9 s of the slow model: still generating when it wakes
+    key = keys.dedup("tiny", "key:paused-victim")
+    doomed = fault.ledger.add(
+        fault.client.request(
+            hi,
+            profile="tiny",
+            options={"max_tokens": budget, "ignore_eos": True},
+            trace={"work": {"idempotency_key": "paused-victim"}},
+        )
+    )
+    async with EngineProbe(victim.announcement()["engine_url"]) as engine:
+
+        async def generating() -> bool:
+            return any(s.get("is_processing") for s in await engine.slots())
+
+        await fault.client.send(doomed, profile="tiny", via="stream")
+        started = time.monotonic()
+        await wait_until_async(generating, timeout=30, what="the victim generating")
+        paused = [victim.engine_pid(), victim.pid]
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            fault.spawn("rescuer", parallel=1, **RECLAIM)  # the tiny model: done sooner
+            await wait_until_async(
+                lambda: fault.ledger.answers(doomed), timeout=90, what="the rescuer's answer"
+            )
+            # The victim renews its lease every 10 s: due at once when it wakes.
+            await asyncio.sleep(max(0.0, 10.5 - (time.monotonic() - started)))
+        finally:
+            for pid in paused:
+                os.kill(pid, signal.SIGCONT)
+        await wait_until_async(
+            lambda: "was answered by another worker while this one was stalled" in victim.log(),
+            timeout=30,
+            what="the woken worker giving up",
+        )
+        # Generous: a generation that was not stopped (minutes) must fail on the count.
+        generated = await engine.settled(timeout=300, what="the victim's generation stopped")
+    assert generated < budget // 2, generated
+    assert_exactly_once(await fault.ledger.settle(timeout=90))
+    meta = fault.ledger.answers(doomed)[0]["payload"]["meta"]
+    assert (meta["instance"], meta["attempt"]) == ("rescuer", 2)
+    stored = orjson.loads(await fault.raw.get(key))
+    assert (stored["state"], stored["payload"]["meta"]["instance"]) == ("done", "rescuer")
+    assert await fault.raw.ttl(key) > 60  # the result's TTL, not a renewed lease (30 s)
 
 
 async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) -> None:
