@@ -50,7 +50,7 @@ def loads_object(raw: bytes | str) -> dict[str, Any]:
 def _legacy(data: dict[str, Any]) -> dict[str, Any]:
     """Orion's wrapping of a dict without ``schema: orion.envelope``."""
     event = data.get("event")
-    if event in LEGACY_CHAT_EVENTS or data.get("kind") == CHAT_REQUEST:
+    if (isinstance(event, str) and event in LEGACY_CHAT_EVENTS) or data.get("kind") == CHAT_REQUEST:
         kind = CHAT_REQUEST
         inner = data.get("payload") or data.get("body")  # "payload": null with a body too
         payload = inner if isinstance(inner, dict) else {}
@@ -74,14 +74,16 @@ def _legacy(data: dict[str, Any]) -> dict[str, Any]:
 def decode_envelope(raw: bytes | str) -> Envelope:
     """An envelope from the wire: Orion's envelope (with input aliases) or a legacy dict."""
     data = loads_object(raw)
-    if data.get("schema") != SCHEMA:
-        data = _legacy(data)
     try:
-        return Envelope.model_validate(data)
+        return Envelope.model_validate(data if data.get("schema") == SCHEMA else _legacy(data))
     except ValidationError as exc:
         raise DecodeError(
             "envelope does not match orion.envelope 2.0.0", errors=_errors(exc)
         ) from None
+    except Exception as exc:
+        # A shape no rule here foresaw is still the sender's: anything but a DecodeError
+        # would leave the message unanswered (and a stream entry redelivered forever).
+        raise DecodeError(f"message could not be decoded ({type(exc).__name__})") from exc
 
 
 def decode_chat(envelope: Envelope) -> ChatRequestPayload:

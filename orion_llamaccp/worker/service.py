@@ -332,6 +332,8 @@ class Worker:
                     await self._accept_pubsub(data, ahead)
             except Exception:
                 log.exception("pub/sub message on %s could not be handled", channel)
+                if ahead is not None:  # else llama-server generates on for nobody
+                    ahead.drop()
 
     def _write_ahead(self, channel: str, data: bytes) -> Ahead | None:
         """A request's message, as the listener reads it (``Intake.prepare``): written to

@@ -117,6 +117,15 @@ def test_a_legacy_chat_dict_may_carry_its_request_under_body(empty: dict | None)
     assert decode_chat(envelope).messages[0].content == "hi"
 
 
+@pytest.mark.parametrize("event", [["chat"], {"chat": 1}])
+def test_a_legacy_event_that_is_not_a_string_is_no_chat_and_no_crash(event: Any) -> None:
+    """Hashed against the set of chat events, a list or an object raised TypeError, which
+    no caller of the codec expects: the message went unanswered (its request written to
+    llama-server ahead, on pub/sub) or, from a stream, was redelivered forever."""
+    legacy = {"event": event, "reply_to": "r", "payload": {"messages": HI}}
+    assert decode_envelope(orjson.dumps(legacy)).kind == "legacy.message"
+
+
 @pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-05:00"])
 def test_a_time_that_has_no_utc_equivalent_is_a_decode_error(stamp: str) -> None:
     with pytest.raises(DecodeError):

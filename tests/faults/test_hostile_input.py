@@ -136,6 +136,16 @@ RAW = [
     (b"{}", "unsupported_kind"),
     (b'{"schema": "orion.envelope"}', "validation_failed"),
     (b'{"reply_to": ["a"]}', "validation_failed"),
+    # An event that is not a string is no chat event: before, it raised TypeError past the
+    # codec (the request, written ahead on pub/sub, ran on for nobody; the entry looped).
+    (
+        b'{"event": ["chat"], "payload": {"messages": [{"role": "user", "content": "hi"}]}}',
+        "unsupported_kind",
+    ),
+    (
+        b'{"event": {"chat": 1}, "payload": {"messages": [{"role": "user", "content": "hi"}]}}',
+        "unsupported_kind",
+    ),
     (b"{" * 10_000, "validation_failed"),
 ]
 
