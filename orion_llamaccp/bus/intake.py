@@ -58,6 +58,25 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
+class Backoff:
+    """The pause before reconnecting: doubling while Redis stays away, back to the first
+    once a session got going. Otherwise the ceiling that one outage reached would stand
+    for every blip after it, for the life of the process (pub/sub messages sent during
+    that pause are not heard)."""
+
+    def __init__(self, first: float = 0.1, ceiling: float = 5.0) -> None:
+        self.first = first
+        self.ceiling = ceiling
+        self.next = first
+
+    def reset(self) -> None:
+        self.next = self.first
+
+    def take(self) -> float:
+        pause, self.next = self.next, min(self.next * 2, self.ceiling)
+        return pause
+
+
 class PubSubListener:
     """Subscribes ``channels`` and hands each message to ``handler(channel, data)``."""
 
@@ -77,25 +96,25 @@ class PubSubListener:
         self.ping_timeout = ping_timeout
         self.subscribed = asyncio.Event()
         self.reconnects = 0
+        self.backoff = Backoff()
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.1
         while not stop.is_set():
             try:
                 await self._session(stop)
-                delay = 0.1
             except (*TRANSIENT, ConnectionAbortedError) as exc:
                 self.subscribed.clear()
                 self.reconnects += 1
+                delay = self.backoff.take()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
                 await _pause(stop, delay)
-                delay = min(delay * 2, 5.0)
 
     async def _session(self, stop: asyncio.Event) -> None:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(*self.channels)
             self.subscribed.set()
+            self.backoff.reset()
             # The first time is the owner's to report (the worker does once it is built);
             # subscribing again after a lost connection is news.
             level = logging.INFO if self.reconnects else logging.DEBUG
@@ -260,6 +279,7 @@ class StreamConsumer:
         self.lane = lane or Lane(redis)
         self.in_flight: dict[str, tuple[StreamEntry, asyncio.Task[None]]] = {}
         self.started = asyncio.Event()
+        self.backoff = Backoff()
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresh_own = redis.register_script(_REFRESH_OWN)
 
@@ -272,20 +292,19 @@ class StreamConsumer:
                 raise
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.1
         while not stop.is_set():
             try:
                 await self.ensure_group()
                 await self._drain_own_pending(stop)
                 self.started.set()
+                self.backoff.reset()
                 await self._loop(stop)
-                delay = 0.1
             except (*TRANSIENT, ResponseError) as exc:
+                delay = self.backoff.take()
                 log.warning(
                     "stream intake on %s failed (%s); retrying in %.1fs", self.stream, exc, delay
                 )
                 await _pause(stop, delay)
-                delay = min(delay * 2, 5.0)
 
     async def _free_slots(self, stop: asyncio.Event) -> int:
         """Wait for a ready engine and a free slot; how many slots are free (none taken).

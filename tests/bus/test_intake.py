@@ -8,10 +8,17 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 from redis import Redis as SyncRedis
 
-from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry
+from orion_llamaccp.bus.intake import (
+    PubSubListener,
+    SlotLease,
+    Slots,
+    StreamConsumer,
+    StreamEntry,
+)
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import channels_for
 from orion_llamaccp.worker.startup import Intake
@@ -265,6 +272,65 @@ async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url
         (channels.intake, b"bad", None),
         (channels.intake, b"two", "prepared two"),
     ]
+
+
+def _pauses(caplog: pytest.LogCaptureFixture, says: str) -> list[str]:
+    return [r.getMessage().rsplit(" in ", 1)[1] for r in caplog.records if says in r.getMessage()]
+
+
+async def test_pubsub_reconnects_start_again_from_the_shortest_pause(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each blip after a session got going waits the first pause again; before, the pause
+    doubled over the life of the process, up to 5 s for every blip after the sixth (and a
+    pub/sub message sent in that pause is not heard)."""
+    server = RedisServer(tmp_path / "redis").start()
+    redis, admin = aioredis.Redis.from_url(server.url), SyncRedis.from_url(server.url)
+    listener = PubSubListener(redis, ["orion:test:blips"], lambda channel, data: None)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(listener.run(stop))
+    try:
+        for _ in range(4):
+            await asyncio.wait_for(listener.subscribed.wait(), 10)
+            admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            await wait_until_async(
+                lambda: not listener.subscribed.is_set(), timeout=10, what="the blip seen"
+            )
+        await asyncio.wait_for(listener.subscribed.wait(), 10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        await redis.aclose()
+        admin.close()
+        server.stop()
+    assert _pauses(caplog, "pub/sub connection lost") == ["0.1s"] * 4
+
+
+async def test_stream_reconnects_start_again_from_the_shortest_pause(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    redis, admin = aioredis.Redis.from_url(server.url), SyncRedis.from_url(server.url)
+    consumer = _consumer(redis, [], asyncio.Event())
+    stop = asyncio.Event()
+    runner = asyncio.create_task(consumer.run(stop))
+
+    def reading() -> bool:  # the consumer's XREADGROUP, blocked on the stream
+        return any(c.get("cmd") == "xreadgroup" for c in admin.client_list())
+
+    try:
+        for _ in range(4):
+            await wait_until_async(reading, timeout=10, what="the consumer reading")
+            admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            await wait_until_async(lambda: not reading(), timeout=10, what="the blip seen")
+        await wait_until_async(reading, timeout=10, what="the consumer reading again")
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        await redis.aclose()
+        admin.close()
+        server.stop()
+    assert _pauses(caplog, "stream intake on") == ["0.1s"] * 4
 
 
 async def test_a_lease_cancelled_while_giving_its_slot_back_gives_it_back_later() -> None:
