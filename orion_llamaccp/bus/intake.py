@@ -52,6 +52,30 @@ end
 return taken
 """
 
+# KEYS[1] stream. Deletes the entries that every consumer group has read and acked: those
+# below the oldest entry still pending in some group, or below the last one a group read.
+# An ack alone leaves the entry (the request's whole envelope) in the stream for good.
+_TRIM_ACKED = """
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local floor = nil
+for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local group = {}
+  for i = 1, #flat, 2 do group[flat[i]] = flat[i + 1] end
+  local bound = group['last-delivered-id']
+  if tonumber(group['pending']) > 0 then
+    bound = redis.call('XPENDING', KEYS[1], group['name'])[2]
+  end
+  if floor == nil or before(bound, floor) then floor = bound end
+end
+if floor == nil then return 0 end
+return redis.call('XTRIM', KEYS[1], 'MINID', floor)
+"""
+
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
@@ -282,6 +306,7 @@ class StreamConsumer:
         self.backoff = Backoff()
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresh_own = redis.register_script(_REFRESH_OWN)
+        self._trim_acked = redis.register_script(_TRIM_ACKED)
 
     async def ensure_group(self) -> None:
         try:
@@ -477,6 +502,10 @@ class StreamConsumer:
         )
         entry.taken_over = True
         task.cancel()
+
+    async def trim_acked(self) -> int:
+        """Delete the entries every group is done with (``_TRIM_ACKED``); how many."""
+        return int(await self._trim_acked(keys=[self.stream]))
 
     async def ack(self, entry_id: str) -> None:
         await self.redis.xack(self.stream, self.group, entry_id)

@@ -238,10 +238,18 @@ class Worker:
             stop,
             "stream claim refresh",
         )
-        return [
+        tasks = [
             asyncio.create_task(consumer.run(stop), name="stream"),
             asyncio.create_task(refresh, name="claims"),
         ]
+        if self.settings.stream_trim_sec > 0:
+            trim = every(self.settings.stream_trim_sec, self._trim, stop, "stream trim")
+            tasks.append(asyncio.create_task(trim, name="trim"))
+        return tasks
+
+    async def _trim(self) -> None:
+        if self.consumer is not None and (trimmed := await self.consumer.trim_acked()):
+            log.debug("deleted %d acked entries from %s", trimmed, self.channels.stream)
 
     async def _fatal(self, exc: BaseException) -> int:
         message = self.settings.redact(str(exc))
@@ -525,7 +533,12 @@ class Worker:
         }
         await with_retry(
             "dead-lettering a stream entry",
-            lambda: self.redis.xadd(self.channels.dlq, fields),
+            lambda: self.redis.xadd(
+                self.channels.dlq,
+                fields,
+                maxlen=self.settings.dlq_maxlen or None,
+                approximate=False,  # exact: a dead letter is rare, the cap is the cap
+            ),
             retry_for=self.settings.redis_retry_sec,
         )
 

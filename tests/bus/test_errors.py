@@ -300,6 +300,31 @@ async def test_undecodable_stream_entries_are_dead_lettered(
         await client.aclose()
 
 
+async def test_acked_entries_leave_the_stream_and_dead_letters_keep_the_newest(
+    spawn_worker: SpawnWorker, bus: BusClient, redis_url: str
+) -> None:
+    """An ack alone kept every request's envelope in the stream for good, and every dead
+    letter (up to 8 MB each): the worker deletes the entries every group is done with,
+    and the dead-letter stream keeps the newest ``ORION_LLAMACPP_DLQ_MAXLEN``."""
+    spawn_worker(ORION_LLAMACPP_STREAM_TRIM_SEC="0.2", ORION_LLAMACPP_DLQ_MAXLEN="2")
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for _ in range(4):
+            request = bus.request(HI, profile="tiny", options={"max_tokens": 2})
+            await bus.send(request, profile="tiny", via="stream")
+        letters = [await client.xadd(STREAM, {"envelope": b"{not json %d" % n}) for n in range(4)]
+        await wait_stream_acked(client, STREAM, "llamacpp:tiny", timeout=30)
+
+        async def trimmed() -> bool:  # the last entry read stays until the group reads on
+            return await client.xlen(STREAM) == 1
+
+        await wait_until_async(trimmed, timeout=20, what="the acked entries deleted")
+        kept = [f[b"original_message_id"] for _, f in await client.xrange(STREAM + ":dlq")]
+    finally:
+        await client.aclose()
+    assert len(kept) == 2 and set(kept) <= set(letters), (kept, letters)
+
+
 async def test_worker_survives_garbage(
     spawn_worker: SpawnWorker, bus: BusClient, redis_url: str
 ) -> None:

@@ -274,6 +274,36 @@ async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url
     ]
 
 
+async def test_trimming_deletes_only_what_every_group_has_acked(redis_url: str) -> None:
+    """An ack leaves the entry, the request's whole envelope, in the stream for good:
+    trimming deletes those below every group's oldest pending entry and last read one,
+    never an entry still pending, nor one a group has yet to read."""
+    redis = aioredis.Redis.from_url(redis_url)
+    stream = "orion:test:trim"
+    await redis.delete(stream)
+    consumer = _consumer(redis, [], asyncio.Event())
+    consumer.stream = stream
+    try:
+        ids = [await redis.xadd(stream, {"n": n}) for n in range(6)]
+        await consumer.ensure_group()
+        await redis.xgroup_create(stream, "slow-reader", id="0")
+        assert await consumer.trim_acked() == 0  # nobody has read anything
+        await redis.xreadgroup("g", "c", {stream: ">"}, count=4)  # 0-3 pending in g
+        await redis.xreadgroup("slow-reader", "s", {stream: ">"}, count=5)  # 0-4 here
+        await redis.xack(stream, "slow-reader", *ids[:5])
+        await redis.xack(stream, "g", ids[0], ids[2])  # 1 and 3 still pending in g
+        assert await consumer.trim_acked() == 1  # 0: acked by both, below g's oldest (1)
+        await redis.xack(stream, "g", ids[1], ids[3])
+        # g: nothing pending, read up to 3; slow-reader: up to 4. Below 3 go (1, 2); 3,
+        # the last g read, stays until g reads on; 4 and 5 were never read by g.
+        assert await consumer.trim_acked() == 2
+        left = [entry_id for entry_id, _ in await redis.xrange(stream)]
+        assert left == ids[3:]
+    finally:
+        await redis.delete(stream)
+        await redis.aclose()
+
+
 def _pauses(caplog: pytest.LogCaptureFixture, says: str) -> list[str]:
     return [r.getMessage().rsplit(" in ", 1)[1] for r in caplog.records if says in r.getMessage()]
 
