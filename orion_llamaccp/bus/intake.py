@@ -76,6 +76,25 @@ if floor == nil then return 0 end
 return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 """
 
+# KEYS[1] stream; ARGV: group, idle ms, this consumer. Forgets the group's consumers with
+# nothing pending that have not read for longer than the claim idle time: workers gone
+# (each container re-created under a new name leaves one behind). Nothing is lost: a
+# consumer with an entry pending is kept, and a live one that is forgotten is recreated
+# by its next read.
+_FORGET_GONE = """
+local gone = 0
+for _, flat in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local consumer = {}
+  for i = 1, #flat, 2 do consumer[flat[i]] = flat[i + 1] end
+  if tonumber(consumer['pending']) == 0 and tonumber(consumer['idle']) > tonumber(ARGV[2])
+      and consumer['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], consumer['name'])
+    gone = gone + 1
+  end
+end
+return gone
+"""
+
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
@@ -307,6 +326,7 @@ class StreamConsumer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresh_own = redis.register_script(_REFRESH_OWN)
         self._trim_acked = redis.register_script(_TRIM_ACKED)
+        self._forget_gone = redis.register_script(_FORGET_GONE)
 
     async def ensure_group(self) -> None:
         try:
@@ -506,6 +526,11 @@ class StreamConsumer:
     async def trim_acked(self) -> int:
         """Delete the entries every group is done with (``_TRIM_ACKED``); how many."""
         return int(await self._trim_acked(keys=[self.stream]))
+
+    async def forget_gone_consumers(self) -> int:
+        """Drop the group's consumers that are gone (``_FORGET_GONE``); how many."""
+        args = [self.group, self.claim_idle_ms, self.consumer]
+        return int(await self._forget_gone(keys=[self.stream], args=args))
 
     async def ack(self, entry_id: str) -> None:
         await self.redis.xack(self.stream, self.group, entry_id)

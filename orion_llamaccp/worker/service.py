@@ -248,8 +248,14 @@ class Worker:
         return tasks
 
     async def _trim(self) -> None:
-        if self.consumer is not None and (trimmed := await self.consumer.trim_acked()):
+        """Keep the stream and its group from growing for good (acked entries, consumers
+        of workers gone)."""
+        if self.consumer is None:
+            return
+        if trimmed := await self.consumer.trim_acked():
             log.debug("deleted %d acked entries from %s", trimmed, self.channels.stream)
+        if gone := await self.consumer.forget_gone_consumers():
+            log.info("forgot %d consumer(s) of workers gone, with nothing pending", gone)
 
     async def _fatal(self, exc: BaseException) -> int:
         message = self.settings.redact(str(exc))

@@ -304,6 +304,35 @@ async def test_trimming_deletes_only_what_every_group_has_acked(redis_url: str) 
         await redis.aclose()
 
 
+async def test_consumers_of_workers_gone_are_forgotten_unless_they_hold_entries(
+    redis_url: str,
+) -> None:
+    """Each worker re-created under a new name (a container's hostname) left a consumer in
+    the group for good: those with nothing pending, idle past the claim idle time, go."""
+    redis = aioredis.Redis.from_url(redis_url)
+    consumer = _consumer(redis, [], asyncio.Event())
+    consumer.claim_idle_ms = 1000
+    await redis.delete(STREAM)
+    try:
+        await consumer.ensure_group()
+        ids = [await redis.xadd(STREAM, {"n": n}) for n in range(4)]
+        # A consumer comes to be with its first read of an entry: each reads one.
+        for name in ("gone-idle", "gone-holding", "c"):  # c: ourselves, kept
+            await redis.xreadgroup("g", name, {STREAM: ">"}, count=1)
+        await asyncio.sleep(1.1)  # past the claim idle time
+        await redis.xreadgroup("g", "just-read", {STREAM: ">"}, count=1)  # lively: kept
+        entry_id = ids[1]  # gone-holding's, still pending
+        await redis.xack(STREAM, "g", ids[0], ids[2], ids[3])
+        assert await consumer.forget_gone_consumers() == 1
+        names = {c["name"].decode() for c in await redis.xinfo_consumers(STREAM, "g")}
+        assert names == {"gone-holding", "c", "just-read"}
+        pending = await redis.xpending_range(STREAM, "g", "-", "+", 10)
+        assert [p["message_id"] for p in pending] == [entry_id]
+    finally:
+        await redis.delete(STREAM)
+        await redis.aclose()
+
+
 def _pauses(caplog: pytest.LogCaptureFixture, says: str) -> list[str]:
     return [r.getMessage().rsplit(" in ", 1)[1] for r in caplog.records if says in r.getMessage()]
 
