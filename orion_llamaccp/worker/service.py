@@ -156,20 +156,20 @@ class Worker:
             asyncio.create_task(self._pubsub_intake(), name="pubsub-intake"),
             asyncio.create_task(self.presence.run(presence_stop), name="presence"),
         ]
-        if "pubsub" in transports(self.settings):  # only pub/sub messages are claimed
-            counting = every(
-                self.settings.heartbeat_interval_sec,
-                self._count_replicas,
-                presence_stop,
-                "counting replicas",
-            )
-            background.append(asyncio.create_task(counting, name="replicas"))
         code = 0
         try:
             # Subscribed before the model check starts: its thread holds the GIL for long
             # stretches, and a request sent meanwhile should wait, not go unheard.
             if await self.intake.listening(timeout=5.0):
                 log.info("listening on %s", ", ".join(self.listener.channels))
+            if "pubsub" in transports(self.settings):  # only pub/sub messages are claimed
+                counting = every(
+                    self.settings.heartbeat_interval_sec,
+                    self._count_replicas,
+                    presence_stop,
+                    "counting replicas",
+                )
+                background.append(asyncio.create_task(counting, name="replicas"))
             code = await self._serve(stop, intake_stop)
         finally:
             intake_stop.set()
@@ -368,10 +368,11 @@ class Worker:
         return self._start_before_claim() and len(data) <= self.settings.max_message_bytes
 
     async def _count_replicas(self) -> None:
-        # Our own subscription is among those counted: a count taken before it is in place
-        # (the first one, at start) would find nobody and leave us not alone until the next.
-        await self.listener.subscribed.wait()
-        self.alone = await self.claims.subscribers(self.channels.intake) == 1
+        # Our own subscription is among those counted: without it (reconnecting, draining)
+        # a count says nothing, and the one before stands. The first count comes once we
+        # are subscribed (``run``), not a heartbeat interval later.
+        if self.listener.subscribed.is_set():
+            self.alone = await self.claims.subscribers(self.channels.intake) == 1
 
     def _on_early_claim(self, claim: asyncio.Task[bool]) -> None:
         """A claim lost while starting before it: a replica joined since we counted. Not

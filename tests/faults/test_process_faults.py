@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
 
 import orjson
+import psutil
 import pytest
 
 from orion_llamaccp.bus import keys
@@ -291,6 +293,53 @@ async def test_requests_in_flight_at_sigterm_finish_within_the_drain(
         if m.message["payload"]["instance"] == "w"
     ]
     assert "draining" in states
+    # Unsubscribed while it drains: the replica count waits for no subscription (it
+    # did, timing out at every heartbeat with a warning).
+    assert "counting replicas failed" not in worker.log()
+
+
+async def test_llama_server_dying_during_the_drain_leaves_the_worker_draining(
+    fault: Fault, hi: list
+) -> None:
+    """SIGTERM, then llama-server dies while the drain waits for a request of each
+    intake. The worker neither restarts llama-server nor announces itself ready again (it
+    did once, its reload setting ``ready``): pub/sub's request is told it failed, the
+    stream's entry is left pending and another worker answers it, and the worker exits.
+    (test_supervisor.py checks the supervisor alone; this, what the bus sees.)"""
+    worker = fault.spawn("w", slow=True, parallel=2, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="60")
+    via_pubsub, via_stream = await streaming_on_both_intakes(fault, hi, 4000, 4000)
+    engine = worker.engine_pid()
+
+    def announced() -> list[str]:
+        return [
+            m.message["payload"]["state"]
+            for m in fault.recorder.on("orion:llm:profile:announce")
+            if m.message["payload"]["instance"] == "w"
+        ]
+
+    worker.signal(signal.SIGTERM)
+    await wait_until_async(lambda: "draining" in announced(), timeout=30, what="draining")
+    os.kill(engine, signal.SIGKILL)
+    spawned: set[int] = set()  # llama-servers started after the kill: a restart
+    assert worker.proc is not None
+    while worker.proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            children = psutil.Process(worker.pid).children(recursive=True)
+            spawned |= {c.pid for c in children} - {engine}
+        await asyncio.sleep(0.05)
+    assert worker.proc.returncode == 0 and not spawned, (worker.proc.returncode, spawned)
+    states = announced()
+    assert "ready" not in states[states.index("draining") :], states
+    assert fault.ledger.answers(via_pubsub)[0]["payload"]["error"] == "upstream_failed"
+    pending = await fault.raw.xpending("orion:stream:llamacpp:tiny:request", "llamacpp:tiny")
+    assert pending["pending"] == 1 and fault.ledger.answers(via_stream) == []
+    fault.spawn("second", slow=True, parallel=2, **RECLAIM)
+    assert_exactly_once(await fault.ledger.settle(timeout=90))
+    answer = fault.ledger.answers(via_stream)[0]["payload"]
+    # Above attempt 1, whose chunks the caller holds: 3 here, as the draining worker took
+    # 2 for its retry before finding no engine to retry on.
+    assert answer["meta"]["instance"] == "second" and answer["meta"]["attempt"] > 1
+    assert_chunks_whole(fault, via_stream, answer)
 
 
 async def test_llama_server_sigkill_mid_stream(fault: Fault, hi: list) -> None:
