@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 CACHE ?= $(HOME)/.cache/orion-llamaccp
 LLAMA_SERVER := $(CACHE)/llama-server/bin/llama-server
 DEMO_MODEL := $(CACHE)/models/gguf/gemma-3-270m-q4_k_m.gguf
-REDIS_URL ?= redis://127.0.0.1:6379/0
+# The worker's bus; `make redis` checks it (and starts a local Redis for a local URL).
+ORION_BUS_URL ?= redis://127.0.0.1:6379/0
 
 export LLM_CACHE_DIR ?= $(CACHE)/models
 export ORION_LLAMACPP_BUILD_DIR ?= $(CACHE)/llama-server
@@ -39,7 +40,7 @@ demo-model: venv
 	else echo "demo model present: $(DEMO_MODEL)"; fi
 
 redis:
-	@scripts/ensure-redis.sh "$(REDIS_URL)"
+	@scripts/ensure-redis.sh "$(ORION_BUS_URL)"
 
 run: venv llama-server demo-model redis
 	$(BIN)/orion-llamaccp run

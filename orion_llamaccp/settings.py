@@ -121,7 +121,8 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535, validation_alias="METRICS_PORT")
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
 
-    # Bus behaviour. Channel names default to the contract's; see bus/channels.py.
+    # Bus behaviour. Channel names default to the contract's (bus/keys.py,
+    # worker/announce.py ``channels_for``).
     intake_channel: str | None = Field(None, validation_alias="ORION_LLAMACPP_INTAKE_CHANNEL")
     intake_stream: str | None = Field(None, validation_alias="ORION_LLAMACPP_INTAKE_STREAM")
     stream_group: str | None = Field(None, validation_alias="ORION_LLAMACPP_STREAM_GROUP")

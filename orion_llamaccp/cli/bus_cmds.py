@@ -14,7 +14,7 @@ from orion_llamaccp.settings import Settings
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ps", help="every llama.cpp host on the bus, once")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the hosts as JSON")
     p.set_defaults(handler=cmd_ps)
     p = sub.add_parser("watch", help="a live table of every llama.cpp host on the bus")
     p.add_argument("--refresh", type=float, default=1.0, help="seconds between redraws")
@@ -23,9 +23,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt")
     p.add_argument("--profile", help="profile to ask (default: LLM_PROFILE_NAME)")
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    p.add_argument("--via", choices=("pubsub", "stream"), default="pubsub")
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument(
+        "--via",
+        choices=("pubsub", "stream"),
+        default="pubsub",
+        help="intake: pubsub (at most once) or stream (durable); default pubsub",
+    )
+    p.add_argument("--max-tokens", type=int, default=None, help="default: the profile's n_predict")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for the answer (300)"
+    )
     p.add_argument("--json", action="store_true", help="print the result payload as JSON")
     p.set_defaults(handler=cmd_chat)
 

@@ -65,6 +65,27 @@ async def test_worker_sigkill_mid_generation_stream(fault: Fault, hi: list) -> N
     assert_answered_by(fault, doomed, "rescuer", attempt=2)
 
 
+async def test_a_worker_restarted_under_its_name_resumes_its_own_entries_at_once(
+    fault: Fault, hi: list
+) -> None:
+    """A worker's consumer name is its ``INSTANCE_ID``, stable across restarts. Restarted
+    after a SIGKILL (a container's restart policy), it reads its own unfinished entries
+    first: no other worker could take them before the claim idle time (10 min by default,
+    left so here) and the caller would wait that long."""
+    victim = fault.spawn("w", slow=True, parallel=1)
+    doomed = fault.ledger.add(
+        fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 4000})
+    )
+    await fault.client.send(doomed, profile="tiny", via="stream")
+    await first_chunk(fault, doomed)
+    engine = victim.engine_pid()
+    victim.kill()
+    await wait_until_async(lambda: not pid_alive(engine), timeout=10, what="engine gone too")
+    fault.spawn("w", slow=True, parallel=1)
+    assert_exactly_once(await fault.ledger.settle(timeout=60))
+    assert_answered_by(fault, doomed, "w", attempt=2)
+
+
 async def test_a_redelivery_after_a_retry_generates_under_a_new_attempt(
     fault: Fault, hi: list
 ) -> None:
