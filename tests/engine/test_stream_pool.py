@@ -165,18 +165,37 @@ async def test_a_slow_reader_pauses_the_socket_and_loses_no_token_stand_in_serve
 TICKED = TOKEN.replace(b'"created":1', b'"created":2')  # llama-server's clock ticked
 
 
-async def _paced(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """An answer at a GPU's pace: every event its own chunk in a write of its own, with a
-    pause after each, so each read holds one event. The clock ticks halfway."""
+class Seen:
+    """The texts a test's reader has been given so far, and a wake-up for each."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.grew = asyncio.Event()
+
+    def add(self, texts: list[str]) -> None:
+        self.texts.extend(texts)
+        self.grew.set()
+
+    async def at_least(self, count: int) -> None:
+        while len(self.texts) < count:
+            self.grew.clear()
+            await self.grew.wait()
+
+
+async def _paced(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An answer at a GPU's pace: every event its own chunk in a write of its own, and a
+    token written only once the reader has been given the one before, so each read holds
+    one token (a pause could not promise that on a loaded machine). The clock ticks
+    halfway."""
     await reader.readuntil(b"\r\n\r\n")
     writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-    events = [b'{"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant"}}]}']
-    events += [TOKEN % n for n in range(20)] + [TICKED % n for n in range(20, 40)]
-    for data in [*events, FINISH, b"[DONE]"]:
+    role = b'{"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant"}}]}'
+    tokens = [TOKEN % n for n in range(20)] + [TICKED % n for n in range(20, 40)]
+    for n, data in enumerate([role, *tokens, FINISH, b"[DONE]"]):
         chunk = b"data: %b\n\n" % data
         writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         await writer.drain()
-        await asyncio.sleep(0.002)
+        await (seen.at_least(n) if 1 <= n <= len(tokens) else asyncio.sleep(0.002))
     writer.write(b"0\r\n\r\n")
     await writer.drain()
     writer.close()
@@ -189,15 +208,15 @@ async def test_tokens_read_one_at_a_time_go_to_the_sink_without_waking_the_reade
     tokens' layout, such a read goes to its sink from the read callback, and the reader
     task sleeps on; the role, the tick of the clock (a new layout, read by the reader)
     and the finish still come as batches, and every text arrives once, in order."""
-    server = await asyncio.start_server(_paced, "127.0.0.1", 0)
+    seen = Seen()
+    server = await asyncio.start_server(partial(_paced, seen), "127.0.0.1", 0)
     pool = _pool(server.sockets[0].getsockname()[1], slots=1)
-    texts: list[str] = []
     sunk = batches = 0
 
     def sink(read: list[str]) -> None:
         nonlocal sunk
         sunk += 1
-        texts.extend(read)
+        seen.add(read)
 
     try:
         conn = await pool.open(b"{}")
@@ -205,11 +224,11 @@ async def test_tokens_read_one_at_a_time_go_to_the_sink_without_waking_the_reade
             batches += 1
             for delta in batch:
                 if isinstance(delta, list):
-                    texts.extend(delta)
+                    seen.add(delta)
         pool.finish(conn)
-        assert texts == [f"{n} " for n in range(40)]
-        assert sunk >= 30  # all but the layouts' first tokens, give or take a slow read
-        assert batches <= 10  # the role, the first token of each layout, the finish
+        assert seen.texts == [f"{n} " for n in range(40)]
+        assert sunk == 38  # all but the first token of each layout (0, and 20 after the tick)
+        assert batches <= 4  # the role, the first token of each layout, the finish
         assert conn.sink is None  # the reader is gone: nothing more goes to its sink
     finally:
         pool.close()
