@@ -162,6 +162,7 @@ class ChatHandler:
                 return 0, None
         except BaseException:
             await _cancel(generating)
+            await self._release(job, key)  # a cancel may land after our SET NX ran
             raise
         if twin:  # ours was cancelled for a twin that then gave the request up
             await _cancel(generating)
@@ -171,8 +172,7 @@ class ChatHandler:
         try:
             generation, attempt = await generating
         except BaseException:
-            with contextlib.suppress(Exception):
-                await self.claims.release(key, job.request_id)
+            await self._release(job, key)
             raise
         finally:
             renew.cancel()
@@ -284,6 +284,20 @@ class ChatHandler:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 
+    async def _release(self, job: Job, key: str) -> None:
+        """Give up our running record (the request failed, or was cancelled), so that a
+        resend runs at once instead of waiting out the lease. Shielded: a second cancel
+        must not leave it behind. Not while a pub/sub claim is lost or unsettled: the
+        record (its owner is the message's id, the same on every replica) may then be the
+        winning replica's."""
+        claim = job.claim
+        if claim is not None and not (
+            claim.done() and not claim.cancelled() and claim.exception() is None and claim.result()
+        ):
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.claims.release(key, job.request_id))
+
     async def _renew(self, job: Job, key: str, generating: asyncio.Task[Any]) -> None:
         """Keep the record's lease while generating.
 
@@ -340,6 +354,7 @@ class ChatHandler:
         result, the ack. A worker that dies before it leaves the entry pending, and its
         redelivery finds the request answered (or not) by the guards.
         """
+        job.answering = True
         stages = list(before or ())
         reply_to = job.reply_to
         if reply_to:
@@ -356,6 +371,7 @@ class ChatHandler:
             await self.publisher.commit("result", stages)
 
     async def fail(self, job: Job, failure: Failure) -> None:
+        job.answering = True  # from here a cancel could only take the answer away
         if not await job.ours():
             return
         log.info("request %s failed: %s: %s", job.request_id, failure.code, failure.message)
@@ -394,6 +410,7 @@ class ChatHandler:
 
     async def _interrupted(self, job: Job) -> None:
         """Cancelled: by the caller (answer ``cancelled``) or by shutdown."""
+        job.answering = True  # a second cancel must not cut this answer off
         if job.user_cancelled:
             failure = Failure("cancelled", "cancelled by an llm.chat.cancel request")
             await asyncio.shield(self.fail(job, failure))

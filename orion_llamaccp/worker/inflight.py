@@ -53,9 +53,12 @@ class InFlight:
         A job whose task has not run yet (its request and the cancel came in one read) is
         only marked: cancelled before its first step, the task would never run its own
         code, so it would neither answer nor give back its slot. Marked, it answers
-        ``cancelled`` as it starts, as a job still in the queue does.
+        ``cancelled`` as it starts, as a job still in the queue does. A job already sending
+        its answer is left alone: cancelled then, it would send none.
         """
         for job in list(self.jobs.get(correlation_id, ())):
+            if job.answering:  # too late: its answer (or the error it got) is on its way
+                continue
             job.user_cancelled = True
             task = job.task
             if task is not None and not _not_started(task):

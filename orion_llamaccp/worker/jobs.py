@@ -60,6 +60,9 @@ class Job:
     ahead: Ahead | None = None
     # Redis dropped a chunk of it: another worker answered it (replies.ChunkStream).
     answered_elsewhere: bool = False
+    # Its one final answer (a result or an error) is being sent: a cancel now would stop
+    # that answer, not the request, and leave the caller none (InFlight.cancel).
+    answering: bool = False
 
     @property
     def superseded(self) -> bool:

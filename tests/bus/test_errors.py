@@ -376,6 +376,36 @@ async def _idle(slot: Callable[[], Awaitable[dict]]) -> bool:
     return not (await slot()).get("is_processing")
 
 
+async def test_a_cancel_while_an_error_answer_goes_out_never_takes_the_answer_away(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """A request answered with an error (here ``expired``) and a cancel for it a moment
+    later: the cancel must not land inside the answer's own round trips and leave the
+    caller none (it did for about a quarter of such pairs). Each request gets one answer,
+    whichever of the two. The delays spread the cancels over the answer's window."""
+    spawn_worker()
+    expired = datetime.now(UTC) - timedelta(seconds=5)
+    envelopes = []
+    for n in range(80):
+        envelope = bus.request(HI, profile="tiny", ttl_ms=1000)
+        envelope["created_at"] = expired.isoformat()
+        envelopes.append(envelope)
+        await bus.send(envelope, profile="tiny")
+        await asyncio.sleep((n % 16) * 0.0001)
+        await bus.cancel(envelope["correlation_id"])
+        await asyncio.sleep(0.01)
+    await wait_until_async(
+        lambda: all(recorder.on(e["reply_to"]) for e in envelopes),
+        timeout=30,
+        what="an answer for every request",
+    )
+    await asyncio.sleep(0.5)  # a second answer would arrive now
+    answers = [
+        [m.message["payload"]["error"] for m in recorder.on(e["reply_to"])] for e in envelopes
+    ]
+    assert all(len(a) == 1 and a[0] in ("expired", "cancelled") for a in answers), answers
+
+
 async def test_a_cancel_read_with_its_request_gets_one_answer_and_frees_the_slot(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
 ) -> None:
