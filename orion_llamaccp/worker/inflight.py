@@ -47,7 +47,7 @@ class InFlight:
             if not jobs:
                 del self.jobs[job.correlation_id or ""]
 
-    def cancel(self, correlation_id: str) -> None:
+    def cancel(self, correlation_id: str) -> list[Job]:
         """A caller's ``llm.chat.cancel``: stop every job of that correlation id.
 
         A job whose task has not run yet (its request and the cancel came in one read) is
@@ -55,15 +55,21 @@ class InFlight:
         code, so it would neither answer nor give back its slot. Marked, it answers
         ``cancelled`` as it starts, as a job still in the queue does. A job already sending
         its answer is left alone: cancelled then, it would send none.
+
+        Returns the jobs it marked that have no task yet: they wait for a slot.
         """
+        waiting = []
         for job in list(self.jobs.get(correlation_id, ())):
             if job.answering:  # too late: its answer (or the error it got) is on its way
                 continue
             job.user_cancelled = True
             task = job.task
-            if task is not None and not _not_started(task):
+            if task is None:
+                waiting.append(job)
+            elif not _not_started(task):
                 log.info("cancelling request %s (correlation %s)", job.request_id, correlation_id)
                 task.cancel()
+        return waiting
 
     def pending(self) -> list[asyncio.Task[None]]:
         return [task for task in self.tasks if not task.done()]

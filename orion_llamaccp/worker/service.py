@@ -286,6 +286,8 @@ class Worker:
             self.held = None
         for job in unstarted:
             self.waiting -= 1
+            if job.answering:  # cancelled while queued: answered already
+                continue
             self.inflight.spawn(
                 self.handler.fail(
                     job, Failure("engine_unavailable", "worker is stopping", retryable=True)
@@ -449,11 +451,15 @@ class Worker:
     async def _dispatch_local(self) -> None:
         while True:
             job = await self.local.get()
-            self.held = job  # waiting for a slot: not in the queue, not running
-            await self.slots.acquire()
-            self.held = None
+            if not job.answering:  # else cancelled while queued, and answered at once
+                self.held = job  # waiting for a slot: not in the queue, not running
+                await self.slots.acquire()
+                self.held = None
+                if job.answering:  # ... or while it waited for the slot
+                    await self.slots.release()
             self.waiting -= 1
-            self.inflight.spawn(self._with_slot(job), job)
+            if not job.answering:
+                self.inflight.spawn(self._with_slot(job), job)
 
     def _on_cancel(self, data: bytes) -> None:
         try:
@@ -461,9 +467,14 @@ class Worker:
         except DecodeError:
             return
         payload = message.get("payload") if isinstance(message.get("payload"), dict) else {}
-        self.inflight.cancel(
+        waiting = self.inflight.cancel(
             canonical_id(str(payload.get("correlation_id") or message.get("correlation_id") or ""))
         )
+        for job in waiting:  # pub/sub jobs queued for a slot: answered now, not once one frees
+            job.answering = True
+            self.stats.finished("cancelled", 0)
+            cancelled = Failure("cancelled", "cancelled by an llm.chat.cancel request while queued")
+            self.inflight.spawn(self.handler.fail(job, cancelled), job)
 
     async def _on_discover(self, data: bytes) -> None:
         try:

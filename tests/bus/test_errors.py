@@ -406,6 +406,39 @@ async def test_a_cancel_while_an_error_answer_goes_out_never_takes_the_answer_aw
     assert all(len(a) == 1 and a[0] in ("expired", "cancelled") for a in answers), answers
 
 
+async def test_a_request_cancelled_while_queued_is_answered_at_once(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """A pub/sub request waiting for a slot (the only one busy with a long answer) and
+    then cancelled is answered ``cancelled`` at once, not once the slot frees (minutes, for
+    a long generation); the long one goes on, and the cancelled one is answered once."""
+    spawn_worker(slow=True, parallel=1)
+    long = bus.request(
+        HI, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
+    )
+    queued = bus.request(HI, profile="tiny", options={"max_tokens": 2})
+    await bus.send(long, profile="tiny")
+    await wait_until_async(
+        lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=20, what="the long one"
+    )
+    await bus.send(queued, profile="tiny")
+
+    def queued_up() -> bool:  # heard and queued (were it not, the cancel would be lost)
+        return any(
+            m.message["payload"]["details"]["queue_local"] >= 1
+            for m in recorder.kinds("system.health.v1")
+        )
+
+    await wait_until_async(queued_up, timeout=20, what="a heartbeat with the request queued")
+    await bus.cancel(queued["correlation_id"])
+    answer = await _answer_on(recorder, queued["reply_to"])
+    assert answer["payload"]["error"] == "cancelled", answer
+    assert recorder.on(long["reply_to"]) == []  # answered while the long one still runs
+    result = await _answer_on(recorder, long["reply_to"], timeout=60)
+    assert "content" in result["payload"], result
+    assert len(recorder.on(queued["reply_to"])) == 1
+
+
 async def test_a_cancel_read_with_its_request_gets_one_answer_and_frees_the_slot(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
 ) -> None:
