@@ -5,7 +5,8 @@ and a preparation that fails loses no message."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,22 @@ async def test_consumers_of_workers_gone_are_forgotten_unless_they_hold_entries(
         await redis.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _blips(tmp_path: Path) -> AsyncIterator[tuple[aioredis.Redis, SyncRedis, asyncio.Event]]:
+    """A Redis of our own, to kill clients of at will (``admin``); ``stop`` is set, and
+    everything closed, however the test ends."""
+    server = RedisServer(tmp_path / "redis").start()
+    redis, admin = aioredis.Redis.from_url(server.url), SyncRedis.from_url(server.url)
+    stop = asyncio.Event()
+    try:
+        yield redis, admin, stop
+    finally:
+        stop.set()
+        await redis.aclose()
+        admin.close()
+        server.stop()
+
+
 def _pauses(caplog: pytest.LogCaptureFixture, says: str) -> list[str]:
     return [r.getMessage().rsplit(" in ", 1)[1] for r in caplog.records if says in r.getMessage()]
 
@@ -343,12 +360,9 @@ async def test_pubsub_reconnects_start_again_from_the_shortest_pause(
     """Each blip after a session got going waits the first pause again; before, the pause
     doubled over the life of the process, up to 5 s for every blip after the sixth (and a
     pub/sub message sent in that pause is not heard)."""
-    server = RedisServer(tmp_path / "redis").start()
-    redis, admin = aioredis.Redis.from_url(server.url), SyncRedis.from_url(server.url)
-    listener = PubSubListener(redis, ["orion:test:blips"], lambda channel, data: None)
-    stop = asyncio.Event()
-    runner = asyncio.create_task(listener.run(stop))
-    try:
+    async with _blips(tmp_path) as (redis, admin, stop):
+        listener = PubSubListener(redis, ["orion:test:blips"], lambda channel, data: None)
+        runner = asyncio.create_task(listener.run(stop))
         for _ in range(4):
             await asyncio.wait_for(listener.subscribed.wait(), 10)
             admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
@@ -356,39 +370,28 @@ async def test_pubsub_reconnects_start_again_from_the_shortest_pause(
                 lambda: not listener.subscribed.is_set(), timeout=10, what="the blip seen"
             )
         await asyncio.wait_for(listener.subscribed.wait(), 10)
-    finally:
         stop.set()
         await asyncio.wait_for(runner, 10)
-        await redis.aclose()
-        admin.close()
-        server.stop()
     assert _pauses(caplog, "pub/sub connection lost") == ["0.1s"] * 4
 
 
 async def test_stream_reconnects_start_again_from_the_shortest_pause(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = RedisServer(tmp_path / "redis").start()
-    redis, admin = aioredis.Redis.from_url(server.url), SyncRedis.from_url(server.url)
-    consumer = _consumer(redis, [], asyncio.Event())
-    stop = asyncio.Event()
-    runner = asyncio.create_task(consumer.run(stop))
+    async with _blips(tmp_path) as (redis, admin, stop):
+        consumer = _consumer(redis, [], asyncio.Event())
+        runner = asyncio.create_task(consumer.run(stop))
 
-    def reading() -> bool:  # the consumer's XREADGROUP, blocked on the stream
-        return any(c.get("cmd") == "xreadgroup" for c in admin.client_list())
+        def reading() -> bool:  # the consumer's XREADGROUP, blocked on the stream
+            return any(c.get("cmd") == "xreadgroup" for c in admin.client_list())
 
-    try:
         for _ in range(4):
             await wait_until_async(reading, timeout=10, what="the consumer reading")
             admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
             await wait_until_async(lambda: not reading(), timeout=10, what="the blip seen")
         await wait_until_async(reading, timeout=10, what="the consumer reading again")
-    finally:
         stop.set()
         await asyncio.wait_for(runner, 10)
-        await redis.aclose()
-        admin.close()
-        server.stop()
     assert _pauses(caplog, "stream intake on") == ["0.1s"] * 4
 
 

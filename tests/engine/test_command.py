@@ -6,7 +6,6 @@ Flags are checked against the real built binary's ``--help``.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from orion_llamaccp.model.paths import plan_files
 from orion_llamaccp.profiles.registry import parse_profile
 from orion_llamaccp.settings import Overrides, load_settings
 from tests.engine.conftest import FAST, LaunchFactory
+from tests.support.procs import ipv6_loopback
 
 EXPECTED = {
     "gemma3-270m-cpu": (
@@ -375,16 +375,7 @@ def test_ipv6_host_is_bracketed_in_the_base_url() -> None:
     LlamaClient(url("::1"))  # it parses
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback")
 async def test_client_reaches_real_llama_server_on_ipv6_loopback(
     make_launch: LaunchFactory,
 ) -> None:

@@ -9,7 +9,6 @@ stream and keep the connection, since no real part here behaves that way.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -18,6 +17,7 @@ import pytest
 from orion_llamaccp.engine.client import Sent
 from orion_llamaccp.engine.stream import _HIGH_WATER, StreamPool, stream_batches
 from orion_llamaccp.errors import UpstreamError
+from tests.support.procs import ipv6_loopback
 
 SSE = (
     b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
@@ -288,16 +288,7 @@ async def test_an_error_body_ended_by_the_close_is_raised_proxy_stand_in() -> No
         server.close()
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback")
 async def test_the_host_header_brackets_an_ipv6_host_stand_in() -> None:
     """``Host: ::1:8080`` is no valid authority (RFC 9110 wants ``[::1]:8080``).
     llama-server takes either; a stricter proxy in front of it may not, so the stand-in

@@ -23,6 +23,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def ipv6_loopback() -> bool:
+    """Whether this machine can bind ``::1`` (some containers have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 def wait_until(
     predicate: Callable[[], object],
     timeout: float = 10.0,
