@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     # How often acked entries are deleted from the intake stream; 0 keeps them (for a
     # replay, say), and then something else must trim it.
     stream_trim_sec: float = Field(60.0, ge=0, validation_alias="ORION_LLAMACPP_STREAM_TRIM_SEC")
-    # The dead-letter stream keeps about this many entries, the newest; 0: no cap.
+    # The dead-letter stream keeps this many entries, the newest; 0: no cap.
     dlq_maxlen: int = Field(10_000, ge=0, validation_alias="ORION_LLAMACPP_DLQ_MAXLEN")
     dedup_ttl_sec: int = Field(600, ge=1, validation_alias="ORION_LLAMACPP_DEDUP_TTL_SEC")
     coalesce_ms: float = Field(10.0, ge=0, validation_alias="ORION_LLAMACPP_COALESCE_MS")
