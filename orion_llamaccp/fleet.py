@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
-from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE
+from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE, as_utc
 
 MISSED_BEATS = 3
 
@@ -63,8 +63,7 @@ def _llamacpp_details(details: dict[str, Any]) -> bool:
 
 def _timestamp(value: Any) -> float:
     """Seconds since the epoch; a naive time counts as UTC (the contract), not local."""
-    stamp = datetime.fromisoformat(str(value))
-    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+    return as_utc(datetime.fromisoformat(str(value))).timestamp()
 
 
 class Fleet:

@@ -31,7 +31,13 @@ from orion_llamaccp.errors import DecodeError
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.generation import Generation, Generator, stop_answered_elsewhere
-from orion_llamaccp.worker.jobs import ClaimedElsewhere, Failure, Job, LeavePending
+from orion_llamaccp.worker.jobs import (
+    ClaimedElsewhere,
+    Failure,
+    Job,
+    LeavePending,
+    claim_outcome,
+)
 from orion_llamaccp.worker.llama_request import ChatOptions, parse_options
 from orion_llamaccp.worker.stats import Stats
 
@@ -290,10 +296,7 @@ class ChatHandler:
         must not leave it behind. Not while a pub/sub claim is lost or unsettled: the
         record (its owner is the message's id, the same on every replica) may then be the
         winning replica's."""
-        claim = job.claim
-        if claim is not None and not (
-            claim.done() and not claim.cancelled() and claim.exception() is None and claim.result()
-        ):
+        if job.claim is not None and claim_outcome(job.claim) is not True:
             return
         with contextlib.suppress(Exception):
             await asyncio.shield(self.claims.release(key, job.request_id))

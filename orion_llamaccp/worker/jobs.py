@@ -170,6 +170,14 @@ def entry_job(entry: StreamEntry, raw: bytes | None, max_bytes: int) -> Job:
     )
 
 
+def claim_outcome(claim: asyncio.Task[bool]) -> bool | None:
+    """A pub/sub claim's outcome once it has one: won (True) or lost (False); None while it
+    is in flight, or if it was cancelled or failed."""
+    if not claim.done() or claim.cancelled() or claim.exception() is not None:
+        return None
+    return claim.result()
+
+
 class ClaimedElsewhere(Exception):
     """Another replica won the message this worker had started on: drop it silently."""
 

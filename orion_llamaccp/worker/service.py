@@ -35,7 +35,15 @@ from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import WorkerView
 from orion_llamaccp.worker.handler import ChatHandler
 from orion_llamaccp.worker.inflight import InFlight
-from orion_llamaccp.worker.jobs import Ahead, Failure, Job, decode_job, entry_bytes, entry_job
+from orion_llamaccp.worker.jobs import (
+    Ahead,
+    Failure,
+    Job,
+    claim_outcome,
+    decode_job,
+    entry_bytes,
+    entry_job,
+)
 from orion_llamaccp.worker.metrics import Metrics
 from orion_llamaccp.worker.startup import Intake, transports
 from orion_llamaccp.worker.stats import Stats
@@ -380,7 +388,7 @@ class Worker:
         """A claim lost while starting before it: a replica joined since we counted. Not
         alone any more, so the next messages wait for their claims instead of each costing
         a cut-off generation until the next count."""
-        if not claim.cancelled() and claim.exception() is None and not claim.result():
+        if claim_outcome(claim) is False:
             self.alone = False
 
     def _start_before_claim(self) -> bool:
