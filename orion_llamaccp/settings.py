@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     # The dead-letter stream keeps this many entries, the newest; 0: no cap.
     dlq_maxlen: int = Field(10_000, ge=0, validation_alias="ORION_LLAMACPP_DLQ_MAXLEN")
     dedup_ttl_sec: int = Field(600, ge=1, validation_alias="ORION_LLAMACPP_DEDUP_TTL_SEC")
+    # How long a cancel is kept for a request that reaches the worker after it (a stream
+    # entry waiting in the backlog); 0: a cancel reaches only what is in flight.
+    cancel_memory_sec: float = Field(
+        600.0, ge=0, validation_alias="ORION_LLAMACPP_CANCEL_MEMORY_SEC"
+    )
     coalesce_ms: float = Field(10.0, ge=0, validation_alias="ORION_LLAMACPP_COALESCE_MS")
     drain_timeout_sec: float = Field(
         60.0, ge=0, validation_alias="ORION_LLAMACPP_DRAIN_TIMEOUT_SEC"

@@ -26,6 +26,8 @@ from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.retry import TRANSIENT
 
 if TYPE_CHECKING:  # replies pulls in the envelope models, which the worker needs only later
+    from redis.asyncio.client import PubSub
+
     from orion_llamaccp.bus.replies import Stage
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,7 @@ class PubSubListener:
         self.subscribed = asyncio.Event()
         self.reconnects = 0
         self.backoff = Backoff()
+        self._pubsub: PubSub | None = None  # the session's, while one runs
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -152,8 +155,22 @@ class PubSubListener:
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
                 await _pause(stop, delay)
 
+    async def leave(self, *channels: str) -> None:
+        """Stop listening on ``channels``, at once, and keep the others (also after a
+        reconnect). A draining worker leaves its intake but keeps hearing cancels.
+
+        The UNSUBSCRIBE goes out beside the session's read, which picks up its reply: a
+        write and a read of one connection do not get in each other's way. Should it fail,
+        the connection is broken, and the session subscribes again without them.
+        """
+        self.channels = [name for name in self.channels if name not in channels]
+        pubsub = self._pubsub
+        if pubsub is not None and self.subscribed.is_set():
+            with contextlib.suppress(*TRANSIENT, TimeoutError):
+                await asyncio.wait_for(pubsub.unsubscribe(*channels), self.ping_timeout)
+
     async def _session(self, stop: asyncio.Event) -> None:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(*self.channels)
             self.subscribed.set()
@@ -179,6 +196,7 @@ class PubSubListener:
                     await asyncio.wait_for(pubsub.ping(), self.ping_timeout)
         finally:
             self.subscribed.clear()
+            self._pubsub = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pubsub.aclose(), 1.0)
 

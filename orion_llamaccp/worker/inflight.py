@@ -3,7 +3,8 @@
 Every request runs in a task of its own; ``spawn`` keeps it until it ends, so that
 ``pending`` can drain it at shutdown. Jobs are also filed under their correlation id (one
 id may name several deliveries), which is how an ``llm.chat.cancel`` finds them, whether
-they run, wait in the local queue, or hold a stream entry.
+they run, wait in the local queue, or hold a stream entry. A cancel is also kept for a
+while (``RecentCancels``), for a request that reaches the worker after it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections import defaultdict
+import time
+from collections import OrderedDict, defaultdict
 from collections.abc import Coroutine
+from datetime import datetime
 from typing import Any
 
 from orion_llamaccp.worker.jobs import Job
@@ -20,10 +23,49 @@ from orion_llamaccp.worker.jobs import Job
 log = logging.getLogger(__name__)
 
 
+class RecentCancels:
+    """Cancels heard in the last ``keep_sec`` seconds (at most ``limit`` of them), for the
+    requests that reach the worker after their cancel: a stream entry still waiting in
+    the backlog, or sent in the same pipeline as its cancel.
+
+    Such a request is cancelled if it was created no later than its cancel. An Orion flow
+    may send a later request under the same correlation id: created after the cancel, it
+    runs. Both times are the callers' (``created_at``), as a rule from one clock.
+    """
+
+    def __init__(self, keep_sec: float, limit: int = 10_000) -> None:
+        self.keep_sec = keep_sec
+        self.limit = limit
+        self._heard: OrderedDict[str, tuple[datetime, float]] = OrderedDict()
+
+    def add(self, correlation_id: str, created_at: datetime) -> None:
+        if self.keep_sec <= 0:
+            return
+        now = time.monotonic()
+        known = self._heard.pop(correlation_id, None)
+        latest = max(created_at, known[0]) if known else created_at
+        self._heard[correlation_id] = (latest, now + self.keep_sec)
+        while self._heard and (
+            len(self._heard) > self.limit or next(iter(self._heard.values()))[1] < now
+        ):
+            self._heard.popitem(last=False)
+
+    def cancels(self, job: Job) -> bool:
+        heard = self._heard.get(job.correlation_id or "")
+        if heard is None or job.envelope is None:
+            return False
+        created_at, expires = heard
+        return time.monotonic() <= expires and job.envelope.created_at <= created_at
+
+    def __len__(self) -> int:
+        return len(self._heard)
+
+
 class InFlight:
-    def __init__(self) -> None:
+    def __init__(self, recent: RecentCancels | None = None) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
         self.jobs: dict[str, set[Job]] = defaultdict(set)
+        self.recent = recent if recent is not None else RecentCancels(keep_sec=0)
 
     def spawn(self, coro: Coroutine[Any, Any, None], job: Job | None = None) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
@@ -34,11 +76,14 @@ class InFlight:
         return task
 
     def file(self, job: Job, task: asyncio.Task[Any] | None = None) -> None:
-        """Make ``job`` reachable by a cancel (``task``: what a cancel stops, once it runs)."""
+        """Make ``job`` reachable by a cancel (``task``: what a cancel stops, once it runs).
+        A job whose cancel came first is marked: it answers ``cancelled`` as it starts."""
         if job.correlation_id:
             if task is not None:
                 job.task = task
             self.jobs[job.correlation_id].add(job)
+            if not job.answering and self.recent.cancels(job):
+                job.user_cancelled = True
 
     def forget(self, job: Job) -> None:
         jobs = self.jobs.get(job.correlation_id or "")
@@ -47,8 +92,9 @@ class InFlight:
             if not jobs:
                 del self.jobs[job.correlation_id or ""]
 
-    def cancel(self, correlation_id: str) -> list[Job]:
-        """A caller's ``llm.chat.cancel``: stop every job of that correlation id.
+    def cancel(self, correlation_id: str, created_at: datetime) -> list[Job]:
+        """A caller's ``llm.chat.cancel`` (sent at ``created_at``): stop every job of that
+        correlation id, and those filed later that were created before it.
 
         A job whose task has not run yet (its request and the cancel came in one read) is
         only marked: cancelled before its first step, the task would never run its own
@@ -58,6 +104,7 @@ class InFlight:
 
         Returns the jobs it marked that have no task yet: they wait for a slot.
         """
+        self.recent.add(correlation_id, created_at)
         waiting = []
         for job in list(self.jobs.get(correlation_id, ())):
             if job.answering:  # too late: its answer (or the error it got) is on its way

@@ -14,13 +14,15 @@ import contextlib
 import gc
 import logging
 import time
+from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus.claims import Claims
 from orion_llamaccp.bus.codec import decode_envelope, loads_object
-from orion_llamaccp.bus.envelope import ServiceRef
+from orion_llamaccp.bus.envelope import ServiceRef, as_utc, utcnow
 from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
@@ -34,7 +36,7 @@ from orion_llamaccp.errors import DecodeError, OrionLlamaError
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import WorkerView
 from orion_llamaccp.worker.handler import ChatHandler
-from orion_llamaccp.worker.inflight import InFlight
+from orion_llamaccp.worker.inflight import InFlight, RecentCancels
 from orion_llamaccp.worker.jobs import (
     Ahead,
     Failure,
@@ -91,7 +93,7 @@ class Worker:
         self.alone = False  # the only subscriber of the intake channel, last we counted
         self.held: Job | None = None
         self.stopping = False
-        self.inflight = InFlight()
+        self.inflight = InFlight(RecentCancels(settings.cancel_memory_sec))
         self.channels = self.view.channels
         # ``serve`` listens before building us (see startup.py): its intake, if given.
         self.intake = intake or Intake(settings, redis, self.channels)
@@ -154,7 +156,9 @@ class Worker:
         return metrics
 
     async def run(self, stop: asyncio.Event) -> int:
-        intake_stop, presence_stop = self.intake.stop, asyncio.Event()
+        # Stream reads and pub/sub requests end where the drain begins; the listener runs
+        # on to the drain's end, for the cancels of the requests it waits for.
+        intake_stop, presence_stop = asyncio.Event(), asyncio.Event()
         # From here a request waits for the engine instead of being told it is stopped,
         # those heard while ``serve`` built us included.
         self.supervisor.expect_start()
@@ -182,6 +186,7 @@ class Worker:
         finally:
             intake_stop.set()
             await self._drain()
+            self.intake.stop.set()
             presence_stop.set()
             await self.presence.farewell()
             await self.lane.aclose()
@@ -283,11 +288,16 @@ class Worker:
     async def _drain(self) -> None:
         self.stopping = True
         self.supervisor.begin_drain()
+        # Other replicas take new requests from here; the cancel channel stays, so that a
+        # caller can still stop a request the drain waits for.
+        await self.listener.leave(self.channels.intake, self.settings.discover_channel)
         while not self.inbox.empty():  # received before we unsubscribed: answer them
             channel, data, ahead = self.inbox.get_nowait()
             if channel == self.channels.intake:
                 with contextlib.suppress(Exception):
                     await self._accept_pubsub(data, ahead)  # stopping: its early request dropped
+            elif channel == self.settings.cancel_channel:
+                self._on_cancel(data)
         unstarted = [self.local.get_nowait() for _ in range(self.local.qsize())]
         if self.held is not None:
             unstarted.append(self.held)
@@ -378,10 +388,11 @@ class Worker:
         return self._start_before_claim() and len(data) <= self.settings.max_message_bytes
 
     async def _count_replicas(self) -> None:
-        # Our own subscription is among those counted: without it (reconnecting, draining)
-        # a count says nothing, and the one before stands. The first count comes once we
-        # are subscribed (``run``), not a heartbeat interval later.
-        if self.listener.subscribed.is_set():
+        # Our own subscription is among those counted: without it (reconnecting, or
+        # draining, which leaves the intake channel) a count says nothing, and the one
+        # before stands. The first count comes once we are subscribed (``run``), not a
+        # heartbeat interval later.
+        if self.listener.subscribed.is_set() and not self.stopping:
             self.alone = await self.claims.subscribers(self.channels.intake) == 1
 
     def _on_early_claim(self, claim: asyncio.Task[bool]) -> None:
@@ -455,6 +466,8 @@ class Worker:
         self.local.put_nowait(job)
         self.waiting += 1
         self.inflight.file(job)
+        if job.user_cancelled:  # its cancel came first (RecentCancels)
+            self._answer_cancelled_in_queue(job)
 
     async def _dispatch_local(self) -> None:
         while True:
@@ -475,14 +488,19 @@ class Worker:
         except DecodeError:
             return
         payload = message.get("payload") if isinstance(message.get("payload"), dict) else {}
-        waiting = self.inflight.cancel(
-            canonical_id(str(payload.get("correlation_id") or message.get("correlation_id") or ""))
-        )
+        correlation_id = payload.get("correlation_id") or message.get("correlation_id")
+        if not correlation_id:
+            return
+        sent = message.get("created_at") or message.get("ts")
+        waiting = self.inflight.cancel(canonical_id(str(correlation_id)), sent_at(sent))
         for job in waiting:  # pub/sub jobs queued for a slot: answered now, not once one frees
-            job.answering = True
-            self.stats.finished("cancelled", 0)
-            cancelled = Failure("cancelled", "cancelled by an llm.chat.cancel request while queued")
-            self.inflight.spawn(self.handler.fail(job, cancelled), job)
+            self._answer_cancelled_in_queue(job)
+
+    def _answer_cancelled_in_queue(self, job: Job) -> None:
+        job.answering = True
+        self.stats.finished("cancelled", 0)
+        cancelled = Failure("cancelled", "cancelled by an llm.chat.cancel request while queued")
+        self.inflight.spawn(self.handler.fail(job, cancelled), job)
 
     async def _on_discover(self, data: bytes) -> None:
         try:
@@ -567,6 +585,14 @@ class Worker:
             ),
             retry_for=self.settings.redis_retry_sec,
         )
+
+
+def sent_at(value: Any) -> datetime:
+    """When a cancel was sent: its ``created_at`` (or ``ts``), else now (a legacy one)."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return as_utc(datetime.fromisoformat(value))
+    return utcnow()
 
 
 def canonical_id(value: str) -> str:

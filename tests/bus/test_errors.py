@@ -439,6 +439,57 @@ async def test_a_request_cancelled_while_queued_is_answered_at_once(
     assert len(recorder.on(queued["reply_to"])) == 1
 
 
+async def test_a_cancel_heard_before_its_stream_entry_is_read_still_applies(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """A stream request waiting in the backlog (the one slot busy), cancelled there: read
+    later, it is answered ``cancelled`` without a generation (it used to run in full).
+    A request the flow sends afterwards under the same correlation id runs."""
+    spawn_worker(slow=True, parallel=1)
+    long = bus.request(
+        HI, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
+    )
+    waiting = bus.request(HI, profile="tiny", options={"max_tokens": 8})
+    await bus.send(long, profile="tiny", via="stream")
+    await wait_until_async(
+        lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=20, what="the long one"
+    )
+    await bus.send(waiting, profile="tiny", via="stream")
+    await bus.cancel(waiting["correlation_id"])
+    assert recorder.on(long["reply_to"]) == []  # the cancel came while the entry waited
+    answer = await _answer_on(recorder, waiting["reply_to"], timeout=60)
+    assert answer["payload"]["error"] == "cancelled", answer
+    assert "content" in (await _answer_on(recorder, long["reply_to"]))["payload"]
+    later = bus.request(
+        HI, profile="tiny", options={"max_tokens": 8}, correlation_id=waiting["correlation_id"]
+    )
+    await bus.send(later, profile="tiny", via="stream")
+    assert "content" in (await _answer_on(recorder, later["reply_to"]))["payload"]
+
+
+async def test_a_request_created_before_a_cancel_it_arrives_after_is_answered_at_once(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """A pub/sub request that reaches the worker after its cancel (created before it, sent
+    by a slower path) is not queued behind the busy slot: answered ``cancelled`` at once."""
+    spawn_worker(slow=True, parallel=1)
+    long = bus.request(
+        HI, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
+    )
+    await bus.send(long, profile="tiny")
+    await wait_until_async(
+        lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=20, what="the long one"
+    )
+    late = bus.request(HI, profile="tiny", options={"max_tokens": 2})
+    late["created_at"] = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    await bus.cancel(late["correlation_id"])
+    await bus.send(late, profile="tiny")
+    answer = await _answer_on(recorder, late["reply_to"])
+    assert answer["payload"]["error"] == "cancelled", answer
+    assert recorder.on(long["reply_to"]) == []  # answered while the long one still runs
+    await bus.cancel(long["correlation_id"])
+
+
 async def test_a_cancel_read_with_its_request_gets_one_answer_and_frees_the_slot(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
 ) -> None:

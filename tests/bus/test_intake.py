@@ -412,3 +412,39 @@ async def test_a_lease_cancelled_while_giving_its_slot_back_gives_it_back_later(
     assert slots.free == 1
     await lease.release()  # once only
     assert slots.free == 1
+
+
+async def test_a_channel_left_is_not_heard_again_and_the_others_stay_after_a_reconnect(
+    tmp_path: Path,
+) -> None:
+    """``leave`` (a draining worker leaving its intake, keeping its cancel channel): Redis
+    counts no subscriber on the channel left while the session goes on; messages on it are
+    not heard, on the others they are, and a reconnect subscribes the others only."""
+    heard: list[tuple[str, bytes]] = []
+    async with _blips(tmp_path) as (redis, admin, stop):
+        listener = PubSubListener(
+            redis, ["orion:test:intake", "orion:test:cancel"], lambda c, d: heard.append((c, d))
+        )
+        runner = asyncio.create_task(listener.run(stop))
+        await asyncio.wait_for(listener.subscribed.wait(), 10)
+        await listener.leave("orion:test:intake")
+        counts = [(b"orion:test:intake", 0), (b"orion:test:cancel", 1)]
+        await wait_until_async(  # the UNSUBSCRIBE is out; Redis reads it in a moment
+            lambda: admin.pubsub_numsub("orion:test:intake", "orion:test:cancel") == counts,
+            timeout=2,
+            what="the intake channel left",
+        )
+        for round_ in (b"1", b"2"):
+            admin.publish("orion:test:intake", round_)
+            admin.publish("orion:test:cancel", round_)
+            await wait_until_async(
+                lambda r=round_: ("orion:test:cancel", r) in heard, timeout=10, what="the cancel"
+            )
+            admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            await wait_until_async(
+                lambda: not listener.subscribed.is_set(), timeout=10, what="the blip seen"
+            )
+            await asyncio.wait_for(listener.subscribed.wait(), 10)
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+    assert heard == [("orion:test:cancel", b"1"), ("orion:test:cancel", b"2")]

@@ -319,6 +319,35 @@ async def test_requests_in_flight_at_sigterm_finish_within_the_drain(
     assert "counting replicas failed" not in worker.log()
 
 
+async def test_a_cancel_during_the_drain_stops_the_request_it_waits_for(
+    fault: Fault, hi: list
+) -> None:
+    """SIGTERM with a long request of each intake generating, then the caller gives up on
+    both. The draining worker has left its intake channel but still hears cancels: each
+    request is answered ``cancelled`` (its stream entry acked), and the worker exits
+    without waiting out the drain. It used to unsubscribe from everything: the cancels
+    went unheard, and the requests ran on to the drain timeout."""
+    worker = fault.spawn("w", slow=True, parallel=2, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="30")
+    via_pubsub, via_stream = await streaming_on_both_intakes(fault, hi, 4000, 4000)
+    worker.signal(signal.SIGTERM)
+    await wait_until_async(
+        lambda: any(
+            m.message["payload"]["state"] == "draining"
+            for m in fault.recorder.on("orion:llm:profile:announce")
+        ),
+        timeout=30,
+        what="draining",
+    )
+    for envelope in (via_pubsub, via_stream):
+        await fault.client.cancel(envelope["correlation_id"])
+    assert_exactly_once(await fault.ledger.settle(timeout=20))
+    for envelope in (via_pubsub, via_stream):
+        assert fault.ledger.answers(envelope)[0]["payload"]["error"] == "cancelled"
+    assert worker.proc is not None and worker.proc.wait(30) == 0
+    pending = await fault.raw.xpending("orion:stream:llamacpp:tiny:request", "llamacpp:tiny")
+    assert pending["pending"] == 0
+
+
 async def test_llama_server_dying_during_the_drain_leaves_the_worker_draining(
     fault: Fault, hi: list
 ) -> None:

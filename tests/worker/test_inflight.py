@@ -1,0 +1,73 @@
+"""The cancel registry's memory of recent cancels (``RecentCancels``), on its own: which
+later jobs a remembered cancel reaches. The bus tests show it end to end
+(``test_a_cancel_heard_before_its_stream_entry_is_read_still_applies``)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from uuid import uuid4
+
+from orion_llamaccp.bus.envelope import Envelope, ServiceRef
+from orion_llamaccp.worker.inflight import InFlight, RecentCancels
+from orion_llamaccp.worker.jobs import Job
+
+T0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+
+
+def job(correlation_id: str, created_at: datetime) -> Job:
+    envelope = Envelope(
+        kind="llm.chat.request",
+        source=ServiceRef(name="caller"),
+        correlation_id=correlation_id,
+        created_at=created_at,
+    )
+    return Job(raw=b"{}", transport="stream", key=str(envelope.id), envelope=envelope)
+
+
+def test_a_job_filed_after_its_cancel_is_marked_unless_created_after_it() -> None:
+    inflight = InFlight(RecentCancels(keep_sec=60))
+    flow = str(uuid4())
+    assert inflight.cancel(flow, T0) == []  # nothing of it here yet
+    before, same, after = (job(flow, T0 + timedelta(seconds=s)) for s in (-1, 0, 1))
+    other = job(str(uuid4()), T0 - timedelta(seconds=1))
+    for filed in (before, same, after, other):
+        inflight.file(filed)
+    assert [j.user_cancelled for j in (before, same, after, other)] == [True, True, False, False]
+
+
+def test_the_latest_of_two_cancels_counts_and_the_oldest_go_first() -> None:
+    recent = RecentCancels(keep_sec=60, limit=2)
+    flow, second, third = (str(uuid4()) for _ in range(3))
+    recent.add(flow, T0 + timedelta(seconds=5))
+    recent.add(flow, T0)  # an older cancel, heard late, does not narrow the first
+    assert recent.cancels(job(flow, T0 + timedelta(seconds=4)))
+    recent.add(second, T0)
+    recent.add(third, T0)
+    assert len(recent) == 2
+    assert not recent.cancels(job(flow, T0))  # the oldest, dropped for the limit
+    assert recent.cancels(job(third, T0))
+
+
+def test_cancels_are_forgotten_after_keep_sec_and_kept_not_at_all_with_zero() -> None:
+    recent = RecentCancels(keep_sec=0.05)
+    flow = str(uuid4())
+    recent.add(flow, T0)
+    assert recent.cancels(job(flow, T0))
+    time.sleep(0.1)
+    assert not recent.cancels(job(flow, T0))
+    recent.add(str(uuid4()), T0)  # adding prunes what expired
+    assert len(recent) == 1
+    off = RecentCancels(keep_sec=0)
+    off.add(flow, T0)
+    assert len(off) == 0 and not off.cancels(job(flow, T0))
+
+
+def test_a_job_already_answering_is_not_marked() -> None:
+    inflight = InFlight(RecentCancels(keep_sec=60))
+    flow = str(uuid4())
+    inflight.cancel(flow, T0)
+    answering = job(flow, T0)
+    answering.answering = True
+    inflight.file(answering)
+    assert not answering.user_cancelled
