@@ -18,7 +18,8 @@ from orion_llamaccp.bus.envelope import CHAT_CANCEL
 from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
-from tests.support.procs import wait_stream_acked, wait_until_async
+from tests.support.procs import RedisServer, wait_stream_acked, wait_until_async
+from tests.support.proxy import HoldingProxy
 from tests.support.workers import BusRecorder, EngineProbe, wait_replicas_counted
 
 HI = [{"role": "user", "content": "hello there"}]
@@ -488,6 +489,56 @@ async def test_a_request_created_before_a_cancel_it_arrives_after_is_answered_at
     assert answer["payload"]["error"] == "cancelled", answer
     assert recorder.on(long["reply_to"]) == []  # answered while the long one still runs
     await bus.cancel(long["correlation_id"])
+
+
+async def test_a_cancel_landing_before_the_record_s_reply_gives_the_record_back(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    """The worker talks to Redis through a proxy that holds back the reply to the
+    idempotency record's ``SET NX``: the record is in Redis, the worker does not know yet,
+    and the cancel lands right there. The worker must give the record up, not leave it
+    running: a resend of the question would wait out its lease (30 s) for an answer that
+    never comes."""
+    proxy = HoldingProxy(redis_server.port).start()
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        spawn_worker(slow=True, parallel=1, ORION_BUS_URL=proxy.url)
+        options = {"stream": True, "max_tokens": 4000, "ignore_eos": True}
+        # A first request cancelled mid-generation gives its record up too, which loads
+        # the release script: held back, the reply to its first EVALSHA (NOSCRIPT) would
+        # hold up the release below.
+        first = bus.request(HI, profile="tiny", options=options)
+        await bus.send(first, profile="tiny")
+        await wait_until_async(
+            lambda: recorder.on(first["reply_to"] + ":chunks"), timeout=20, what="a first chunk"
+        )
+        await bus.cancel(first["correlation_id"])
+        assert (await _answer_on(recorder, first["reply_to"]))["payload"]["error"] == "cancelled"
+        envelope = bus.request(HI, profile="tiny", options=options)
+        proxy.arm(b"orion:llamacpp:dedup:")
+        await bus.send(envelope, profile="tiny", via="stream")
+
+        async def record() -> list[bytes]:
+            return await raw.keys("orion:llamacpp:dedup:*")
+
+        (key,) = await wait_until_async(record, timeout=20, what="the record set in Redis")
+        assert proxy.held >= 1 and orjson.loads(await raw.get(key))["state"] == "running"
+        await bus.cancel(envelope["correlation_id"])
+
+        async def given_back() -> bool:
+            return not await raw.exists(key)
+
+        await wait_until_async(given_back, timeout=3, what="the record given back")
+        proxy.release()
+        answer = await _answer_on(recorder, envelope["reply_to"])
+        assert answer["payload"]["error"] == "cancelled", answer
+    finally:
+        proxy.close()
+        await raw.aclose()
 
 
 async def test_a_cancel_read_with_its_request_gets_one_answer_and_frees_the_slot(
