@@ -172,7 +172,10 @@ class PubSubListener:
     async def _session(self, stop: asyncio.Event) -> None:
         self._pubsub = pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(*self.channels)
+            wanted = list(self.channels)
+            await pubsub.subscribe(*wanted)
+            if left := [name for name in wanted if name not in self.channels]:
+                await pubsub.unsubscribe(*left)  # ``leave`` ran while we subscribed
             self.subscribed.set()
             self.backoff.reset()
             # The first time is the owner's to report (the worker does once it is built);

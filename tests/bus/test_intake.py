@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -448,3 +450,37 @@ async def test_a_channel_left_is_not_heard_again_and_the_others_stay_after_a_rec
         stop.set()
         await asyncio.wait_for(runner, 10)
     assert heard == [("orion:test:cancel", b"1"), ("orion:test:cancel", b"2")]
+
+
+async def test_a_channel_left_while_the_subscription_is_on_its_way_is_left_too(
+    tmp_path: Path,
+) -> None:
+    """``leave`` called while a session is still subscribing (a drain that begins during a
+    reconnect): Redis is frozen, so the session hangs in its connection's handshake with
+    the old list of channels. Once Redis is back, the channel left must not stay
+    subscribed for the rest of the drain (it did: ``leave`` saw no subscription to edit)."""
+    async with _blips(tmp_path) as (redis, admin, stop):
+        server_pid = int(admin.info("server")["process_id"])
+        listener = PubSubListener(
+            redis, ["orion:test:intake", "orion:test:cancel"], lambda c, d: None
+        )
+        os.kill(server_pid, signal.SIGSTOP)
+        try:
+            runner = asyncio.create_task(listener.run(stop))
+            await wait_until_async(
+                lambda: listener._pubsub is not None, timeout=5, what="a session started"
+            )
+            await asyncio.sleep(0.1)  # in the handshake, which Redis cannot answer
+            assert not listener.subscribed.is_set()
+            await listener.leave("orion:test:intake")
+        finally:
+            os.kill(server_pid, signal.SIGCONT)
+        await asyncio.wait_for(listener.subscribed.wait(), 10)
+        counts = [(b"orion:test:intake", 0), (b"orion:test:cancel", 1)]
+        await wait_until_async(
+            lambda: admin.pubsub_numsub("orion:test:intake", "orion:test:cancel") == counts,
+            timeout=2,
+            what="only the cancel channel subscribed",
+        )
+        stop.set()
+        await asyncio.wait_for(runner, 10)
