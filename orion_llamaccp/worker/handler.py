@@ -141,10 +141,7 @@ class ChatHandler:
 
     async def _serve(self, job: Job) -> tuple[int, float | None]:
         envelope, chat, options = self._validate(job)
-        if job.user_cancelled:
-            raise Failure("cancelled", "cancelled by an llm.chat.cancel request before it started")
-        self._check_expiry(envelope)
-        await self._not_before(envelope)
+        # First: answered already, it gets no second word (a cancel or expiry since).
         if job.redelivered and await self.publisher.already_answered(job.delivery_id):
             log.info(
                 "stream entry %s was answered before its worker died: ack only",
@@ -152,6 +149,10 @@ class ChatHandler:
             )
             await self._ack(job)
             return 0, None
+        if job.user_cancelled:
+            raise Failure("cancelled", "cancelled by an llm.chat.cancel request before it started")
+        self._check_expiry(envelope)
+        await self._not_before(envelope)
         owned = asyncio.Event()
         # The request is on its way to llama-server (``start``) before any Redis command:
         # a lane holds the first command of a step back a turn of the loop, and the record

@@ -92,9 +92,9 @@ class InFlight:
             if not jobs:
                 del self.jobs[job.correlation_id or ""]
 
-    def cancel(self, correlation_id: str, created_at: datetime) -> list[Job]:
+    def cancel(self, correlation_id: str, created_at: datetime, remember: bool = True) -> list[Job]:
         """A caller's ``llm.chat.cancel`` (sent at ``created_at``): stop every job of that
-        correlation id, and those filed later that were created before it.
+        correlation id, and (``remember``) those filed later that were created before it.
 
         A job whose task has not run yet (its request and the cancel came in one read) is
         only marked: cancelled before its first step, the task would never run its own
@@ -104,7 +104,8 @@ class InFlight:
 
         Returns the jobs it marked that have no task yet: they wait for a slot.
         """
-        self.recent.add(correlation_id, created_at)
+        if remember:
+            self.recent.add(correlation_id, created_at)
         waiting = []
         for job in list(self.jobs.get(correlation_id, ())):
             if job.answering:  # too late: its answer (or the error it got) is on its way

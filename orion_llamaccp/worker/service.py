@@ -312,25 +312,36 @@ class Worker:
                 ),
                 job,
             )
+        await self._wait_in_flight()
+        await self.supervisor.stop()
+
+    def _pending(self) -> list[asyncio.Task[None]]:
         pending = self.inflight.pending()
         if self.consumer is not None:
             pending += [t for t in self.consumer.tasks if not t.done()]
-        if pending:
+        return pending
+
+    async def _wait_in_flight(self) -> None:
+        """Until every request is answered, for up to the drain timeout. What starts
+        meanwhile counts too: the answer to a message heard just before the UNSUBSCRIBE
+        took effect, a cancel's answer."""
+        deadline = time.monotonic() + self.settings.drain_timeout_sec
+        if pending := self._pending():
             log.info(
                 "draining %d in-flight requests (up to %.0fs)",
                 len(pending),
                 self.settings.drain_timeout_sec,
             )
-            _, late = await asyncio.wait(pending, timeout=self.settings.drain_timeout_sec)
+        while (pending := self._pending()) and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(pending, timeout=left)
+        if late := self._pending():
             for task in late:
                 task.cancel()
-            if late:
-                # Bounded: a cancel swallowed somewhere must not hang the stop. Stopping
-                # llama-server below ends any request that is still running anyway.
-                _, stuck = await asyncio.wait(late, timeout=5.0)
-                if stuck:
-                    log.warning("%d requests did not stop when cancelled", len(stuck))
-        await self.supervisor.stop()
+            # Bounded: a cancel swallowed somewhere must not hang the stop. Stopping
+            # llama-server below ends any request that is still running anyway.
+            _, stuck = await asyncio.wait(late, timeout=5.0)
+            if stuck:
+                log.warning("%d requests did not stop when cancelled", len(stuck))
 
     # ------------------------------------------------------------------ engine and slots
 
@@ -463,11 +474,12 @@ class Worker:
             self._queue(job)
 
     def _queue(self, job: Job) -> None:
+        self.inflight.file(job)
+        if job.user_cancelled:  # its cancel came first (RecentCancels): no place in the queue
+            self._answer_cancelled_in_queue(job)
+            return
         self.local.put_nowait(job)
         self.waiting += 1
-        self.inflight.file(job)
-        if job.user_cancelled:  # its cancel came first (RecentCancels)
-            self._answer_cancelled_in_queue(job)
 
     async def _dispatch_local(self) -> None:
         while True:
@@ -491,13 +503,19 @@ class Worker:
         correlation_id = payload.get("correlation_id") or message.get("correlation_id")
         if not correlation_id:
             return
-        sent = message.get("created_at") or message.get("ts")
-        waiting = self.inflight.cancel(canonical_id(str(correlation_id)), sent_at(sent))
+        sent = sent_at(message.get("created_at") or message.get("ts"))
+        uuid = parse_uuid(str(correlation_id))
+        # Only a UUID can name a request to come (a job's id always is one); anything else
+        # reaches at most a job of a message that failed to decode.
+        waiting = self.inflight.cancel(uuid or str(correlation_id), sent, remember=bool(uuid))
         for job in waiting:  # pub/sub jobs queued for a slot: answered now, not once one frees
             self._answer_cancelled_in_queue(job)
 
     def _answer_cancelled_in_queue(self, job: Job) -> None:
         job.answering = True
+        if job.ahead is not None:  # else llama-server generates on for nobody
+            job.ahead.drop()
+            job.ahead = None
         self.stats.finished("cancelled", 0)
         cancelled = Failure("cancelled", "cancelled by an llm.chat.cancel request while queued")
         self.inflight.spawn(self.handler.fail(job, cancelled), job)
@@ -595,13 +613,13 @@ def sent_at(value: Any) -> datetime:
     return utcnow()
 
 
-def canonical_id(value: str) -> str:
+def parse_uuid(value: str) -> str | None:
     """Jobs are filed under ``str(UUID)``: a cancel may spell the same id in upper case,
-    with braces or without dashes. Anything that is not a UUID is kept as sent."""
+    with braces or without dashes. None if it is not a UUID."""
     try:
         return str(UUID(value))
     except ValueError:
-        return value
+        return None
 
 
 GC_YOUNG_THRESHOLD = 10_000

@@ -8,6 +8,7 @@ import contextlib
 import signal
 from collections import Counter
 
+import orjson
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
@@ -258,3 +259,38 @@ async def test_alone_on_its_channel_it_starts_before_the_claim_and_is_silent_if_
     assert after.ok, after.payload
     assert recorder.on(taken["reply_to"]) == []
     assert recorder.on(taken["reply_to"] + ":chunks") == []
+
+
+async def test_an_entry_answered_before_its_worker_died_is_only_acked_even_if_cancelled(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
+) -> None:
+    """The state a worker leaves when it dies between its answer and its ack: the entry
+    pending under it, the request marked answered. A late cancel comes, and another
+    worker reclaims the entry: it acks it and says nothing more, not even the error
+    report of a ``cancelled`` answer that the answered guard would then swallow."""
+    from orion_llamaccp.client import work_queue_entry
+    from orion_llamaccp.worker.jobs import decode_job
+
+    spawn_worker(ORION_LLAMACPP_CLAIM_IDLE_MS="1000")
+    envelope = bus.request(HI, profile="tiny", options={"max_tokens": 2})
+    data = orjson.dumps(envelope)
+    delivery = decode_job(data, "stream", len(data)).delivery_id
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        async with raw.pipeline(transaction=True) as pipe:  # the worker cannot read it first
+            pipe.xadd(STREAM, work_queue_entry(envelope))
+            pipe.xreadgroup(GROUP, "died-after-answering", {STREAM: ">"}, count=1)
+            pipe.set(keys.answered(delivery), "1", ex=600)
+            await pipe.execute()
+        await bus.cancel(envelope["correlation_id"])
+        await wait_stream_acked(raw, STREAM, GROUP, timeout=20)
+        await asyncio.sleep(0.5)  # an error report would come with the ack
+    finally:
+        await raw.aclose()
+    assert recorder.on(envelope["reply_to"]) == []
+    reports = [
+        m.message
+        for m in recorder.kinds("system.error")
+        if m.message["correlation_id"] == envelope["correlation_id"]
+    ]
+    assert reports == []
