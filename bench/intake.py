@@ -14,7 +14,9 @@ last of them can start. (Whether llama-server would have taken them into one bat
 another matter: on the 2-vCPU VM it took even two prompts written at once in turn,
 ``docs/benchmarks-history.md`` item 51.) ``--pin`` gives the worker a CPU of its
 own, as on a many-core GPU machine, where the caller's sends trickle in while the
-worker works.
+worker works. ``--replica`` puts a silent second subscriber on the intake channel: the
+worker counts a replica, so each pub/sub request waits for its claim before it starts
+(the path of a deployment with two replicas; the silent one never claims).
 """
 
 from __future__ import annotations
@@ -137,7 +139,9 @@ def _steps(trace_file: Path, sends: dict[str, list[int]]) -> str:
     return "\n".join(blocks)
 
 
-async def burst(ws: Workspace, size: int, rounds: int, pin: bool = False) -> dict[str, Any]:
+async def burst(
+    ws: Workspace, size: int, rounds: int, pin: bool = False, replica: bool = False
+) -> dict[str, Any]:
     """Bursts of ``size`` requests: when each reached the upstream, in order of arrival,
     after the burst's first send (see the module's docstring)."""
     spec = WorkerSpec(
@@ -145,6 +149,10 @@ async def burst(ws: Workspace, size: int, rounds: int, pin: bool = False) -> dic
     )
     ours = os.sched_getaffinity(0)
     rows = []
+    client = ws.redis()
+    silent = client.pubsub()
+    if replica:  # subscribed before the worker's first count of replicas
+        await silent.subscribe(f"orion:exec:request:LlamaCppHost:{PROFILE}")
     try:
         async with _serving(ws, spec, "intake-burst") as (worker, bus, arrivals):
             if pin:  # the worker on the last CPU, the upstream, Redis and us on the others
@@ -160,11 +168,21 @@ async def burst(ws: Workspace, size: int, rounds: int, pin: bool = False) -> dic
                 rows += _burst_rows(via, bursts, await arrivals())
     finally:
         set_affinity(os.getpid(), ours)
-    return {"size": size, "rounds": rounds, "worker_pinned": pin, "rows": rows}
+        await silent.aclose()
+        await client.aclose()
+    return {
+        "size": size,
+        "rounds": rounds,
+        "worker_pinned": pin,
+        "replica": replica,
+        "rows": rows,
+    }
 
 
 def burst_table(found: dict[str, Any]) -> str:
     where = "the worker alone on a CPU" if found["worker_pinned"] else "no pinning"
+    if found.get("replica"):
+        where += ", a silent replica on the channel"
     return table(
         f"3c. Intake of bursts of {found['size']} (ms after the burst's first PUBLISH/XADD; "
         f"{found['rounds']} bursts per transport, synthetic upstream, {where})",
@@ -198,12 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--burst", type=int, default=0, help="N requests at once (diagnostic)")
     parser.add_argument("--pin", action="store_true", help="with --burst: the worker alone")
+    parser.add_argument(
+        "--replica", action="store_true", help="with --burst: a silent second subscriber"
+    )
     args = parser.parse_args(argv)
 
     async def go() -> None:
         with Workspace() as ws:
             if args.burst:
-                found = await burst(ws, args.burst, args.requests // args.burst, args.pin)
+                rounds = args.requests // args.burst
+                found = await burst(ws, args.burst, rounds, args.pin, args.replica)
                 print(burst_table(found))
                 return
             result = await run(ws, IntakeConfig(requests=args.requests, trace=args.trace))
