@@ -94,8 +94,10 @@ async def run(ws: Workspace, cfg: IntakeConfig | None = None) -> dict[str, Any]:
     if cfg.trace:
         return {"text": _steps(trace_file, sends), "path": str(trace_file), "results": results}
     found = await floor.measure(ws)
-    bursts = await burst(ws, 4, cfg.bursts, pin=len(os.sched_getaffinity(0)) >= 2)
-    return _finish(cfg, results, found, bursts)
+    pin = len(os.sched_getaffinity(0)) >= 2
+    bursts = await burst(ws, 4, cfg.bursts, pin=pin)
+    behind = await burst(ws, 4, cfg.bursts, pin=pin, replica=True)
+    return _finish(cfg, results, found, bursts, behind)
 
 
 @contextlib.asynccontextmanager
@@ -181,10 +183,13 @@ async def burst(
 
 def burst_table(found: dict[str, Any]) -> str:
     where = "the worker alone on a CPU" if found["worker_pinned"] else "no pinning"
+    number = "3c"
     if found.get("replica"):
-        where += ", a silent replica on the channel"
+        where += "; a silent replica on the channel: pub/sub claims first"
+        number = "3d"
     return table(
-        f"3c. Intake of bursts of {found['size']} (ms after the burst's first PUBLISH/XADD; "
+        f"{number}. Intake of bursts of {found['size']} (ms after the burst's first "
+        f"PUBLISH/XADD; "
         f"{found['rounds']} bursts per transport, synthetic upstream, {where})",
         ["intake", "what", "n", "p50", "p90"],
         found["rows"],
@@ -256,6 +261,7 @@ def _finish(
     results: dict[str, Any],
     found: dict[str, Any] | None = None,
     bursts: dict[str, Any] | None = None,
+    behind: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     rows = []
     for via, r in results.items():
@@ -280,6 +286,8 @@ def _finish(
         text += _floor_table(found)
     if bursts:
         text += "\n" + burst_table(bursts)
+    if behind:
+        text += "\n" + burst_table(behind)
     text += "\n" + targets_table(targets)
     settings = {
         "requests_per_transport": cfg.requests,
@@ -292,7 +300,12 @@ def _finish(
     path = write_result(
         "intake",
         settings,
-        {**results, "floor": found or {}, "bursts": bursts or {}},
+        {
+            **results,
+            "floor": found or {},
+            "bursts": bursts or {},
+            "bursts_behind_a_replica": behind or {},
+        },
         targets=targets,
     )
     return {"text": text, "path": str(path), "results": results, "targets": targets}

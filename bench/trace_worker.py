@@ -96,7 +96,7 @@ def install() -> None:
 
     _wrap_sync(intake.PubSubListener, "_dispatch", "pubsub message read")
     _wrap_async(intake.StreamConsumer, "_read_new", None, "stream entry read")
-    _wrap_async(service.Worker, "_accept_pubsub", "accept (decode) starts", None)
+    _wrap_sync(service.Worker, "_receive", "accept (decode) starts")
     _wrap_async(claims.Claims, "claim_message", None, "message claimed (SET NX)")
     _wrap_async(service.Worker, "_on_entry", "stream entry handed over", None)
     _wrap_async(handler.ChatHandler, "handle", "handler starts", None)

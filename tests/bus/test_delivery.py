@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import orjson
 import redis.asyncio as aioredis
@@ -14,7 +15,8 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus import keys
 from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
-from tests.support.procs import pid_alive, wait_stream_acked, wait_until_async
+from tests.support.procs import RedisServer, pid_alive, wait_stream_acked, wait_until_async
+from tests.support.proxy import HoldingProxy
 from tests.support.workers import BusRecorder, EngineProbe, wait_replicas_counted
 
 HI = [{"role": "user", "content": "hello there"}]
@@ -294,3 +296,48 @@ async def test_an_entry_answered_before_its_worker_died_is_only_acked_even_if_ca
         if m.message["correlation_id"] == envelope["correlation_id"]
     ]
     assert reports == []
+
+
+async def test_with_a_replica_the_claims_of_a_burst_go_out_side_by_side(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    """Another subscriber on the channel (a replica, silent here): each pub/sub request
+    waits for its claim. The claims of four requests sent together must all be in Redis
+    while the first one's reply is still held back (a proxy in front of Redis holds it);
+    they went one after the other, each waiting for the reply before it, and a burst's
+    last request reached llama-server three round trips late."""
+    silent = aioredis.Redis.from_url(redis_url)
+    listening = silent.pubsub()
+    await listening.subscribe(INTAKE)  # before the worker's first count: never alone
+    proxy = HoldingProxy(redis_server.port).start()
+    try:
+        spawn_worker(parallel=4, ORION_BUS_URL=proxy.url)
+        burst = [bus.request(HI, profile="tiny", options={"max_tokens": TOKENS}) for _ in range(4)]
+        proxy.arm(b"orion:llamacpp:claim:")
+        async with silent.pipeline(transaction=False) as pipe:
+            for envelope in burst:
+                pipe.publish(INTAKE, orjson.dumps(envelope))
+            await pipe.execute()
+
+        async def claimed() -> int:
+            return len(await silent.keys("orion:llamacpp:claim:*"))
+
+        await wait_until_async(
+            lambda: _at_least(claimed, 4), timeout=5, what="four claims with no reply yet"
+        )
+        proxy.release()
+        answers = await _results(recorder, burst)
+        assert [len(a) for a in answers] == [1, 1, 1, 1]
+        assert all("content" in orjson.loads(a[0].data)["payload"] for a in answers)
+    finally:
+        proxy.close()
+        await listening.aclose()
+        await silent.aclose()
+
+
+async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
+    return await count() >= n
