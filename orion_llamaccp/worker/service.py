@@ -2,9 +2,10 @@
 
 Start-up order matters to callers: we subscribe first (a request sent while the model
 loads waits instead of vanishing), then fetch the model and start llama-server, then take
-stream work. Stop order (SIGTERM): stop taking work, announce ``draining``, let in-flight
-requests finish within the drain timeout, leave unfinished stream entries pending for
-another worker, stop llama-server, say goodbye on the bus.
+stream work. Stop order (SIGTERM): stop taking work (leave the intake channel, keep the
+cancel channel), announce ``draining``, let in-flight requests finish within the drain
+timeout, leave unfinished stream entries pending for another worker, stop llama-server,
+say goodbye on the bus.
 """
 
 from __future__ import annotations
