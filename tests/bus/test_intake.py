@@ -352,6 +352,15 @@ async def _blips(tmp_path: Path) -> AsyncIterator[tuple[aioredis.Redis, SyncRedi
         server.stop()
 
 
+async def _blip(listener: PubSubListener, admin: SyncRedis) -> None:
+    """Cut the listener's connection; back once it has subscribed again."""
+    admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    await wait_until_async(
+        lambda: not listener.subscribed.is_set(), timeout=10, what="the blip seen"
+    )
+    await asyncio.wait_for(listener.subscribed.wait(), 10)
+
+
 def _pauses(caplog: pytest.LogCaptureFixture, says: str) -> list[str]:
     return [r.getMessage().rsplit(" in ", 1)[1] for r in caplog.records if says in r.getMessage()]
 
@@ -365,13 +374,9 @@ async def test_pubsub_reconnects_start_again_from_the_shortest_pause(
     async with _blips(tmp_path) as (redis, admin, stop):
         listener = PubSubListener(redis, ["orion:test:blips"], lambda channel, data: None)
         runner = asyncio.create_task(listener.run(stop))
-        for _ in range(4):
-            await asyncio.wait_for(listener.subscribed.wait(), 10)
-            admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-            await wait_until_async(
-                lambda: not listener.subscribed.is_set(), timeout=10, what="the blip seen"
-            )
         await asyncio.wait_for(listener.subscribed.wait(), 10)
+        for _ in range(4):
+            await _blip(listener, admin)
         stop.set()
         await asyncio.wait_for(runner, 10)
     assert _pauses(caplog, "pub/sub connection lost") == ["0.1s"] * 4
@@ -442,11 +447,7 @@ async def test_a_channel_left_is_not_heard_again_and_the_others_stay_after_a_rec
             await wait_until_async(
                 lambda r=round_: ("orion:test:cancel", r) in heard, timeout=10, what="the cancel"
             )
-            admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-            await wait_until_async(
-                lambda: not listener.subscribed.is_set(), timeout=10, what="the blip seen"
-            )
-            await asyncio.wait_for(listener.subscribed.wait(), 10)
+            await _blip(listener, admin)
         stop.set()
         await asyncio.wait_for(runner, 10)
     assert heard == [("orion:test:cancel", b"1"), ("orion:test:cancel", b"2")]

@@ -71,38 +71,33 @@ class HoldingProxy:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         held = asyncio.Event()  # set: this connection sent the trigger while armed
         for pump in (
-            self._requests(reader, up_writer, held),
-            self._replies(up_reader, writer, held),
+            self._pump(reader, up_writer, held, replies=False),
+            self._pump(up_reader, writer, held, replies=True),
         ):
             task = asyncio.create_task(pump)
             self._pumps.add(task)
             task.add_done_callback(self._pumps.discard)
 
-    async def _requests(
-        self, reader: asyncio.StreamReader, upstream: asyncio.StreamWriter, held: asyncio.Event
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        held: asyncio.Event,
+        *,
+        replies: bool,
     ) -> None:
+        """One direction of a connection: requests mark it held when they carry the
+        trigger (before Redis can answer them); replies wait while it is held."""
         tail = b""  # a trigger split across two reads is still seen
         try:
             while data := await reader.read(65536):
-                if self._trigger and not held.is_set() and self._trigger in tail + data:
-                    held.set()  # before Redis can answer it
+                if replies:
+                    if held.is_set():
+                        await self._released.wait()
+                elif self._trigger and not held.is_set() and self._trigger in tail + data:
+                    held.set()
                     self.held += 1
                 tail = data[-64:]
-                upstream.write(data)
-                await upstream.drain()
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                upstream.close()
-
-    async def _replies(
-        self, upstream: asyncio.StreamReader, writer: asyncio.StreamWriter, held: asyncio.Event
-    ) -> None:
-        try:
-            while data := await upstream.read(65536):
-                if held.is_set():
-                    await self._released.wait()
                 writer.write(data)
                 await writer.drain()
         except OSError:
