@@ -563,7 +563,9 @@ class Worker:
             job.ahead.drop()
             job.ahead = None
         self.stats.finished("cancelled", 0)
-        cancelled = Failure("cancelled", "cancelled by an llm.chat.cancel request before it started")
+        cancelled = Failure(
+            "cancelled", "cancelled by an llm.chat.cancel request before it started"
+        )
         self.inflight.spawn(self.handler.fail(job, cancelled), job)
 
     async def _on_discover(self, data: bytes) -> None:
