@@ -85,6 +85,9 @@ class ModelRun:
     # llama-server alone on the first CPU, the worker, Redis and the bench on the others:
     # decode does not compete with the relay for a core, as on a GPU (see the docstring).
     pin: bool = False
+    # Seconds the measured rounds of one concurrency level may take, going by the warm-up;
+    # fewer rounds where they would not fit, never under a third (``_affordable``).
+    budget_s: float | None = None
 
 
 @dataclass
@@ -121,7 +124,8 @@ def default_runs() -> list[ModelRun]:
         ModelRun("tiny, coalescing off", Path(), 256, rounds=30, concurrency=(1,), coalesce_ms=0),
     ]
     if DEMO_MODEL.is_file():
-        runs.insert(0, ModelRun("demo", DEMO_MODEL, max_tokens=24, rounds=24))
+        budget = float(os.environ.get("BENCH_DEMO_BUDGET_S", "75"))
+        runs.insert(0, ModelRun("demo", DEMO_MODEL, max_tokens=24, rounds=24, budget_s=budget))
     if os.environ.get("BENCH_PIN") != "0" and len(os.sched_getaffinity(0)) >= 2:
         runs.append(ModelRun("tiny, llama-server pinned", Path(), 256, rounds=60, pin=True))
     return runs
@@ -176,6 +180,15 @@ async def _rounds(
                 cpu[name] = cpu.get(name, 0.0) + seconds
             cpu["bench"] = cpu.get("bench", 0.0) + time.process_time() - bench_cpu
             samples.wall[mode] += meter.wall
+
+
+def _affordable(run: ModelRun, per_round_s: float) -> int:
+    """``run.rounds``, or fewer where its budget would not hold them: on a VM where the
+    demo model ran at a third of its usual rate, its rounds alone made ``make bench`` take
+    9 min 49 s (``docs/benchmarks-history.md`` item 67). Never under a third of them."""
+    if run.budget_s is None or per_round_s <= 0:
+        return run.rounds
+    return max(run.rounds // 3, min(run.rounds, int(run.budget_s / per_round_s)))
 
 
 def _floor_bodies() -> list[dict[str, Any]]:
@@ -280,7 +293,9 @@ async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
         bus = await BusCaller(ws.url, PROFILE).start()
         for concurrency in run.concurrency:
             lanes = [DirectLane("127.0.0.1", worker.llama_port) for _ in range(concurrency)]
+            started = time.perf_counter()
             await _rounds(lanes, bus, run, run.warmup, None)
+            rounds = _affordable(run, (time.perf_counter() - started) / max(run.warmup, 1))
             samples = Samples()
             meter = CpuMeter(
                 {"worker": worker.pid, "llama-server": worker.engine_pid, "redis": ws.redis_pid()}
@@ -288,12 +303,16 @@ async def run_model(ws: Workspace, run: ModelRun) -> dict[str, Any]:
             gc.collect()
             gc.disable()  # no collector pauses in the bench's own readers while measuring
             try:
-                await _rounds(lanes, bus, run, run.rounds, samples, meter)
+                await _rounds(lanes, bus, run, rounds, samples, meter)
             finally:
                 gc.enable()
             for lane in lanes:
                 lane.close()
-            results[f"c{concurrency}"] = {"concurrency": concurrency, **_analyse(samples)}
+            results[f"c{concurrency}"] = {
+                "concurrency": concurrency,
+                "rounds": rounds,
+                **_analyse(samples),
+            }
         await bus.close()
         for width in run.concurrency if run.floor else ():
             results["floor" if width == 1 else f"floor_c{width}"] = await floor.measure_llama(
