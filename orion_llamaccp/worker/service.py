@@ -299,13 +299,8 @@ class Worker:
         # caller can still stop a request the drain waits for.
         await self.listener.leave(self.channels.intake, self.settings.discover_channel)
         while not self.inbox.empty():  # received before we unsubscribed: answer them
-            channel, data, ahead = self.inbox.get_nowait()
-            if channel == self.channels.intake:
-                with contextlib.suppress(Exception):
-                    await self._accept_pubsub(data, ahead)  # stopping: its early request dropped
-            elif channel == self.settings.cancel_channel:
-                self._on_cancel(data)
-        with contextlib.suppress(TimeoutError):  # claims sent before: settled, and answered
+            await self._take(*self.inbox.get_nowait())  # stopping: none starts early
+        with contextlib.suppress(TimeoutError):  # their claims settled, and answered
             await asyncio.wait_for(self.claiming.join(), self.settings.drain_timeout_sec)
         unstarted = [self.local.get_nowait() for _ in range(self.local.qsize())]
         if self.held is not None:
@@ -374,24 +369,27 @@ class Worker:
 
     async def _pubsub_intake(self) -> None:
         while True:
-            channel, data, ahead = await self.inbox.get()
-            if ahead is not None:
-                self.aheads_queued -= 1
-            try:
-                if channel == self.settings.cancel_channel:
-                    self._on_cancel(data)
-                elif channel == self.settings.discover_channel:
-                    self.inflight.spawn(self._on_discover(data))
-                elif (claimed := self._receive(data, ahead)) is not None:
-                    await self.claiming.put(claimed)  # full: the rest wait in the inbox
-                    # Two turns, the claim's task and then the lane's (which waits one for
-                    # company): the claim is written before the next message is decoded.
-                    await asyncio.sleep(0)
-                    await asyncio.sleep(0)
-            except Exception:
-                log.exception("pub/sub message on %s could not be handled", channel)
-                if ahead is not None:  # else llama-server generates on for nobody
-                    ahead.drop()
+            await self._take(*await self.inbox.get())
+
+    async def _take(self, channel: str, data: bytes, ahead: Ahead | None) -> None:
+        """One message from the inbox, by its channel (here and in the drain)."""
+        if ahead is not None:
+            self.aheads_queued -= 1
+        try:
+            if channel == self.settings.cancel_channel:
+                self._on_cancel(data)
+            elif channel == self.settings.discover_channel:
+                self.inflight.spawn(self._on_discover(data))
+            elif (claimed := self._receive(data, ahead)) is not None:
+                await self.claiming.put(claimed)  # full: the rest wait in the inbox
+                # Two turns, the claim's task and then the lane's (which waits one for
+                # company): the claim is written before the next message is decoded.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+        except Exception:
+            log.exception("pub/sub message on %s could not be handled", channel)
+            if ahead is not None:  # else llama-server generates on for nobody
+                ahead.drop()
 
     async def _settle_claims(self) -> None:
         """Claims leave for Redis as their messages are read, side by side (a burst's
@@ -454,11 +452,6 @@ class Worker:
             and self.slots.free > 0
             and self.supervisor.state is EngineState.READY
         )
-
-    async def _accept_pubsub(self, data: bytes, ahead: Ahead | None = None) -> None:
-        """A message taken in and settled at once (the drain's way)."""
-        if (claimed := self._receive(data, ahead)) is not None:
-            await self._settle(*claimed)
 
     def _receive(self, data: bytes, ahead: Ahead | None) -> tuple[Job, asyncio.Task[bool]] | None:
         """A request's message: its job started before its claim (None), or its job and
