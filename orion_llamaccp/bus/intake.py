@@ -143,6 +143,10 @@ class PubSubListener:
         self.reconnects = 0
         self.backoff = Backoff()
         self._pubsub: PubSub | None = None  # the session's, while one runs
+        # Channels whose UNSUBSCRIBE the session has not read the reply to yet; ``_left``
+        # is set once there are none (or the session ended: its connection is gone).
+        self._leaving: set[str] = set()
+        self._left = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -156,21 +160,31 @@ class PubSubListener:
                 await _pause(stop, delay)
 
     async def leave(self, *channels: str) -> None:
-        """Stop listening on ``channels``, at once, and keep the others (also after a
-        reconnect). A draining worker leaves its intake but keeps hearing cancels.
+        """Stop listening on ``channels`` and keep the others (also after a reconnect). A
+        draining worker leaves its intake but keeps hearing cancels.
 
-        The UNSUBSCRIBE goes out beside the session's read, which picks up its reply: a
-        write and a read of one connection do not get in each other's way. Should it fail,
-        the connection is broken, and the session subscribes again without them.
+        Returns once the session has read the UNSUBSCRIBE's reply, so every message Redis
+        sent on those channels before it has been handed over: a draining worker answers
+        them all, where it used to stop while the last ones were still on the wire. The
+        UNSUBSCRIBE goes out beside the session's read: a write and a read of one
+        connection do not get in each other's way. Should it fail, the connection is
+        broken, and the session subscribes again without them.
         """
         self.channels = [name for name in self.channels if name not in channels]
         pubsub = self._pubsub
-        if pubsub is not None and self.subscribed.is_set():
-            with contextlib.suppress(*TRANSIENT, TimeoutError):
-                await asyncio.wait_for(pubsub.unsubscribe(*channels), self.ping_timeout)
+        if pubsub is None or not self.subscribed.is_set():
+            return
+        self._leaving.update(channels)
+        self._left.clear()
+        with contextlib.suppress(*TRANSIENT, TimeoutError):
+            async with asyncio.timeout(self.ping_timeout):
+                await pubsub.unsubscribe(*channels)
+                await self._left.wait()
 
     async def _session(self, stop: asyncio.Event) -> None:
-        self._pubsub = pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        # Subscription replies come through: an UNSUBSCRIBE's tells ``leave`` that every
+        # message before it has been handed over.
+        self._pubsub = pubsub = self.redis.pubsub()
         try:
             wanted = list(self.channels)
             await pubsub.subscribe(*wanted)
@@ -190,6 +204,8 @@ class PubSubListener:
                     last_pong = now  # any traffic proves the connection alive
                     if message["type"] == "message":
                         self._dispatch(message)
+                    elif message["type"] == "unsubscribe":
+                        self._unsubscribed(message["channel"])
                 if now - last_pong > self.ping_timeout:
                     raise ConnectionAbortedError(
                         f"no answer to PING on the pub/sub connection for {now - last_pong:.1f}s"
@@ -200,8 +216,15 @@ class PubSubListener:
         finally:
             self.subscribed.clear()
             self._pubsub = None
+            self._leaving.clear()  # the next session subscribes without them
+            self._left.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pubsub.aclose(), 1.0)
+
+    def _unsubscribed(self, channel: bytes | str) -> None:
+        self._leaving.discard(channel.decode() if isinstance(channel, bytes) else channel)
+        if not self._leaving:
+            self._left.set()
 
     def _dispatch(self, message: dict) -> None:
         channel = message["channel"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import subprocess
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -341,3 +342,42 @@ async def test_with_a_replica_the_claims_of_a_burst_go_out_side_by_side(
 
 async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
     return await count() >= n
+
+
+async def test_a_request_on_the_wire_when_the_drain_begins_is_answered_before_the_exit(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    """A message Redis sent before the draining worker's UNSUBSCRIBE reached it can still
+    be on its way when the drain begins: a proxy in front of Redis holds the pub/sub
+    connection's traffic here, from before the request to past the SIGTERM. The worker
+    must answer it (``engine_unavailable``: it is stopping) before it exits. ``leave``
+    used to return once the UNSUBSCRIBE was written, so the drain found nothing to wait
+    for, and the worker exited with the request unheard and unanswered."""
+    proxy = HoldingProxy(redis_server.port).start()
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        # Pings unanswered while held: a longer interval keeps the listener from giving
+        # its connection up meanwhile.
+        worker = spawn_worker(ORION_BUS_URL=proxy.url, ORION_LLAMACPP_PUBSUB_PING_SEC="5")
+        proxy.hold(b"SUBSCRIBE")
+        assert proxy.held == 1  # the worker's pub/sub connection, and only it
+        envelope = bus.request(HI, profile="tiny", options={"max_tokens": TOKENS})
+        assert await raw.pubsub_numsub(INTAKE) == [(INTAKE.encode(), 1)]  # the worker
+        await raw.publish(INTAKE, orjson.dumps(envelope))
+        worker.signal(signal.SIGTERM)
+        assert worker.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the old code exited here
+            await asyncio.to_thread(worker.proc.wait, 3)
+        proxy.release()
+        (answer,) = (await _results(recorder, [envelope]))[0]
+        payload = orjson.loads(answer.data)["payload"]
+        assert payload["error"] == "engine_unavailable", payload
+        assert payload["details"]["retryable"] is True
+        assert await asyncio.to_thread(worker.proc.wait, 30) == 0
+    finally:
+        proxy.close()
+        await raw.aclose()

@@ -5,6 +5,8 @@ in Redis but before its reply came back, say. Nothing real widens one on demand,
 proxy does: armed with a ``trigger``, every connection that sends bytes containing it
 has its replies held from then on (Redis has run the commands; the worker has not heard
 so), until ``release``. Other connections, the pub/sub one included, flow freely.
+``hold`` holds the replies of connections that already sent a marker (the pub/sub one's
+``SUBSCRIBE``): messages Redis sends them wait in the proxy.
 
 It runs its own event loop in a thread: the tests' helpers that wait for a worker block
 theirs.
@@ -28,6 +30,7 @@ class HoldingProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._pumps: set[asyncio.Task[None]] = set()
+        self._connections: list[tuple[bytearray, asyncio.Event]] = []  # opening, held
 
     def start(self) -> HoldingProxy:
         self._thread.start()
@@ -43,6 +46,18 @@ class HoldingProxy:
 
     def arm(self, trigger: bytes) -> None:
         self._loop.call_soon_threadsafe(self._arm, trigger)
+
+    def hold(self, marker: bytes) -> None:
+        """Hold, from now until ``release``, the replies of every connection whose first
+        4 KB sent contain ``marker``."""
+        asyncio.run_coroutine_threadsafe(self._hold(marker), self._loop).result(5)
+
+    async def _hold(self, marker: bytes) -> None:
+        self._released.clear()
+        for opening, held in self._connections:
+            if marker in opening and not held.is_set():
+                held.set()
+                self.held += 1
 
     def release(self) -> None:
         self._loop.call_soon_threadsafe(self._arm, None)
@@ -70,8 +85,10 @@ class HoldingProxy:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         held = asyncio.Event()  # set: this connection sent the trigger while armed
+        opening = bytearray()
+        self._connections.append((opening, held))
         for pump in (
-            self._pump(reader, up_writer, held, replies=False),
+            self._pump(reader, up_writer, held, replies=False, opening=opening),
             self._pump(up_reader, writer, held, replies=True),
         ):
             task = asyncio.create_task(pump)
@@ -85,12 +102,15 @@ class HoldingProxy:
         held: asyncio.Event,
         *,
         replies: bool,
+        opening: bytearray | None = None,
     ) -> None:
         """One direction of a connection: requests mark it held when they carry the
         trigger (before Redis can answer them); replies wait while it is held."""
         tail = b""  # a trigger split across two reads is still seen
         try:
             while data := await reader.read(65536):
+                if opening is not None and len(opening) < 4096:
+                    opening += data[: 4096 - len(opening)]
                 if replies:
                     if held.is_set():
                         await self._released.wait()
