@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from bench import floor
 from bench.callers import BusCaller, bus_sender
@@ -215,6 +216,86 @@ def _burst_rows(
     return rows
 
 
+async def flood(ws: Workspace, size: int) -> dict[str, Any]:
+    """``size`` pub/sub requests sent at once to a worker whose one slot is busy: the local
+    queue takes ``ORION_LLAMACPP_LOCAL_QUEUE`` (16) of them, the rest are answered
+    ``overloaded``. How fast those answers go out is how fast the worker empties its
+    pub/sub inbox under a flood (the inbox itself has no bound), and its peak resident
+    memory is what that inbox costs."""
+    spec = WorkerSpec(
+        model=ws.tiny_model(),
+        binary=ws.synthetic_launcher(),
+        parallel=1,
+        ctx=2048,
+        env={"BENCH_TOKEN_INTERVAL_US": "1000"},  # the slot's occupant: a token a ms
+    )
+    async with _serving(ws, spec, "intake-flood") as (worker, bus, _):
+        process = psutil.Process(worker.pid)
+        idle_mb = process.memory_info().rss / 2**20
+        occupant = _flood_request(bus, max(3000, size))  # about as many ms
+        occupying = asyncio.create_task(bus.chat(occupant, keep_text=False))
+        await asyncio.sleep(0.5)  # generating: the slot is taken
+        requests = [_flood_request(bus, 1) for _ in range(size)]
+        peak = [idle_mb]
+        sampling = asyncio.create_task(_sample_rss(process, peak))
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(bus.chat(r, keep_text=False) for r in requests))
+        sampling.cancel()
+        occupying.cancel()
+    refused = sorted(o.done - started for o in outcomes if o.error and "overloaded" in o.error)
+    served = sum(1 for o in outcomes if not o.error)
+    return {
+        "size": size,
+        "overloaded": len(refused),
+        "served": served,
+        "other": size - len(refused) - served,
+        "last_overloaded_s": refused[-1] if refused else None,
+        "overloaded_per_s": len(refused) / refused[-1] if refused else None,
+        "worker_rss_idle_mb": idle_mb,
+        "worker_rss_peak_mb": max(peak),
+    }
+
+
+def _flood_request(bus: BusCaller, tokens: int) -> dict[str, Any]:
+    return bus.envelope([{"role": "user", "content": "flood"}], {"max_tokens": tokens})
+
+
+async def _sample_rss(process: psutil.Process, peak: list[float]) -> None:
+    while True:
+        peak.append(process.memory_info().rss / 2**20)
+        await asyncio.sleep(0.01)
+
+
+def flood_table(found: dict[str, Any]) -> str:
+    rows = [
+        (
+            found["size"],
+            found["overloaded"],
+            found["served"],
+            found["other"],
+            found["last_overloaded_s"],
+            found["overloaded_per_s"],
+            found["worker_rss_idle_mb"],
+            found["worker_rss_peak_mb"],
+        ),
+    ]
+    return table(
+        "Pub/sub flood: requests sent at once to a worker with its one slot busy "
+        "(synthetic upstream)",
+        [
+            "sent",
+            "overloaded",
+            "served",
+            "other",
+            "last overloaded (s)",
+            "overloaded / s",
+            "RSS idle MB",
+            "RSS peak MB",
+        ],
+        rows,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.intake")
     parser.add_argument("--trace", action="store_true", help="split the latency into steps")
@@ -224,10 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replica", action="store_true", help="with --burst: a silent second subscriber"
     )
+    parser.add_argument("--flood", type=int, default=0, help="N pub/sub requests, one slot busy")
     args = parser.parse_args(argv)
 
     async def go() -> None:
         with Workspace() as ws:
+            if args.flood:
+                print(flood_table(await flood(ws, args.flood)))
+                return
             if args.burst:
                 rounds = args.requests // args.burst
                 found = await burst(ws, args.burst, rounds, args.pin, args.replica)
