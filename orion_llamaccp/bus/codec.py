@@ -125,9 +125,12 @@ def salvage(raw: bytes | str) -> dict[str, Any]:
     }
 
 
+CONTENT_KEY = "sha256:"  # a message key made from the message's bytes: it has no id
+
+
 def message_key(raw: bytes | str, envelope: Envelope | None) -> str:
     """Identity of a message that every replica computes alike (the claim key)."""
     if envelope is not None and envelope.source.name != "legacy":
         return str(envelope.id)
     data = raw.encode() if isinstance(raw, str) else raw
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:40]
+    return CONTENT_KEY + hashlib.sha256(data).hexdigest()[:40]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
 import orjson
 
-from orion_llamaccp.bus.codec import decode_envelope, message_key, salvage
+from orion_llamaccp.bus.codec import CONTENT_KEY, decode_envelope, message_key, salvage
 from orion_llamaccp.bus.envelope import Envelope
 from orion_llamaccp.bus.intake import SlotLease, StreamEntry
 from orion_llamaccp.engine.client import Sent
@@ -63,6 +64,10 @@ class Job:
     # Its one final answer (a result or an error) is being sent: a cancel now would stop
     # that answer, not the request, and leave the caller none (InFlight.cancel).
     answering: bool = False
+    # Pub/sub, a message without an id (a legacy dict, or one that did not decode): its
+    # key is its content's hash, which two sends of the same bytes share. This tells the
+    # sends apart where each must get its own answer (``delivery_id``).
+    occurrence: str = ""
 
     @property
     def superseded(self) -> bool:
@@ -97,7 +102,7 @@ class Job:
         still gets its own answer instead of being taken for a duplicate delivery.
         """
         reply = hashlib.sha1((self.reply_to or "").encode()).hexdigest()[:12]
-        return f"{self.request_id}:{reply}"
+        return f"{self.request_id}{self.occurrence}:{reply}"
 
     @property
     def first_attempt(self) -> int:
@@ -134,14 +139,18 @@ def decode_job(
             envelope = decode_envelope(data)
         except DecodeError as exc:
             error = exc
+    # A stream entry's id names it for good (redeliveries included); a pub/sub message's
+    # key is what every replica computes alike, for the claim.
+    key = entry.entry_id if entry is not None else message_key(data, envelope)
     return Job(
         raw=data,
         transport=transport,
-        key=message_key(data, envelope),  # type: ignore[arg-type]
+        key=key,
         envelope=envelope,
         decode_error=error,
         entry=entry,
         salvaged=salvage(data) if envelope is None else {},
+        occurrence=f":{uuid.uuid4().hex[:12]}" if key.startswith(CONTENT_KEY) else "",
     )
 
 

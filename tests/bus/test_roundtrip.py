@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
-from tests.support.procs import wait_stream_acked
+from tests.support.procs import wait_stream_acked, wait_until_async
 from tests.support.workers import BusRecorder
 
 HI = [{"role": "user", "content": "hello there"}]
@@ -143,6 +145,44 @@ async def test_legacy_chat_dict_and_input_aliases(
     assert aliased_reply["correlation_id"] == "0b7d0c3e-3b43-4c2c-8d6e-6a1d2f9c0e11"
     assert aliased_reply["causality_chain"][-1]["source"]["name"] == "old-caller"
     assert "content" in aliased_reply["payload"], aliased_reply["payload"]
+
+
+@pytest.mark.parametrize("via", ["pubsub", "stream"])
+async def test_a_legacy_dict_sent_twice_is_answered_twice(
+    spawn_worker: SpawnWorker, redis_url: str, recorder: BusRecorder, via: str
+) -> None:
+    """A legacy dict has no id: the same question sent again is the same bytes. Each send
+    is a request of its own and gets its own answer, streamed or not. The second got
+    none: both sends' guards were keyed on the bytes' hash, so the first answer's guard
+    dropped the second's result (or its first chunk, which stopped it)."""
+    spawn_worker()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for streaming in (False, True):
+            channel = f"test:legacy-again:{via}:{streaming}"
+            legacy = {
+                "event": "chat",
+                "reply_channel": channel,
+                "payload": {"messages": HI, "options": {"max_tokens": 3, "stream": streaming}},
+            }
+            for sends in (1, 2):
+                data = orjson.dumps(legacy)
+                if via == "pubsub":
+                    await client.publish("orion:exec:request:LlamaCppHost:tiny", data)
+                else:
+                    await client.xadd("orion:stream:llamacpp:tiny:request", {"envelope": data})
+                await wait_until_async(
+                    lambda: len(recorder.on(channel)) >= sends,  # noqa: B023
+                    timeout=20,
+                    what=f"answer {sends}",
+                )
+            await asyncio.sleep(0.3)  # a third answer would arrive now
+            answers = [m.message["payload"] for m in recorder.on(channel)]
+            assert len(answers) == 2 and all("content" in a for a in answers), answers
+            if streaming:
+                assert recorder.on(channel + ":chunks"), "no chunks"
+    finally:
+        await client.aclose()
 
 
 async def test_reply_to_is_kept_exactly_as_sent(
