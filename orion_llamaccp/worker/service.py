@@ -89,7 +89,9 @@ class Worker:
         self.supervisor.add_listener(self._on_engine_event)
         self.slots = Slots(self.profile.llamacpp.parallel or 1)
         self.local: asyncio.Queue[Job] = asyncio.Queue()
-        self.waiting = 0  # accepted pub/sub jobs that do not hold a slot yet
+        # Accepted pub/sub jobs that do not hold a slot yet and are not answered: one
+        # cancelled while queued leaves at once, though it stays in ``local`` until its turn.
+        self.queued: set[Job] = set()
         self.aheads_queued = 0  # messages in the inbox whose requests are written already
         self.alone = False  # the only subscriber of the intake channel, last we counted
         self.held: Job | None = None
@@ -307,7 +309,7 @@ class Worker:
             unstarted.append(self.held)
             self.held = None
         for job in unstarted:
-            self.waiting -= 1
+            self.queued.discard(job)
             if job.answering:  # cancelled while queued: answered already
                 continue
             self.inflight.spawn(
@@ -346,6 +348,10 @@ class Worker:
             _, stuck = await asyncio.wait(late, timeout=5.0)
             if stuck:
                 log.warning("%d requests did not stop when cancelled", len(stuck))
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queued)
 
     # ------------------------------------------------------------------ engine and slots
 
@@ -518,7 +524,7 @@ class Worker:
             self._answer_cancelled_in_queue(job)
             return
         self.local.put_nowait(job)
-        self.waiting += 1
+        self.queued.add(job)
 
     async def _dispatch_local(self) -> None:
         while True:
@@ -529,7 +535,7 @@ class Worker:
                 self.held = None
                 if job.answering:  # ... or while it waited for the slot
                     await self.slots.release()
-            self.waiting -= 1
+            self.queued.discard(job)
             if not job.answering:
                 self.inflight.spawn(self._with_slot(job), job)
 
@@ -552,6 +558,7 @@ class Worker:
 
     def _answer_cancelled_in_queue(self, job: Job) -> None:
         job.answering = True
+        self.queued.discard(job)  # its place is free for the next request
         if job.ahead is not None:  # else llama-server generates on for nobody
             job.ahead.drop()
             job.ahead = None

@@ -440,6 +440,41 @@ async def test_a_request_cancelled_while_queued_is_answered_at_once(
     assert len(recorder.on(queued["reply_to"])) == 1
 
 
+async def test_a_request_cancelled_while_queued_gives_its_place_in_the_queue_back(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """One slot, busy, and a local queue of one: a request queued and then cancelled
+    leaves the queue at once, so the next request takes its place instead of being told
+    ``overloaded``. The cancelled one used to count as waiting until the slot freed."""
+    spawn_worker(slow=True, parallel=1, ORION_LLAMACPP_LOCAL_QUEUE="1")
+    long = bus.request(
+        HI, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
+    )
+    cancelled, after = (bus.request(HI, profile="tiny", options={"max_tokens": 2}) for _ in "ab")
+    await bus.send(long, profile="tiny")
+    await wait_until_async(
+        lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=20, what="the long one"
+    )
+    await bus.send(cancelled, profile="tiny")
+    await wait_until_async(
+        lambda: any(
+            m.message["payload"]["details"]["queue_local"] == 1
+            for m in recorder.kinds("system.health.v1")
+        ),
+        timeout=20,
+        what="a heartbeat with the request queued",
+    )
+    await bus.cancel(cancelled["correlation_id"])
+    answer = await _answer_on(recorder, cancelled["reply_to"])
+    assert answer["payload"]["error"] == "cancelled", answer
+    await bus.send(after, profile="tiny")
+    await asyncio.sleep(0.5)  # an ``overloaded`` would be back by now
+    assert recorder.on(after["reply_to"]) == []  # queued, behind the long one
+    await bus.cancel(long["correlation_id"])
+    result = await _answer_on(recorder, after["reply_to"])
+    assert "content" in result["payload"], result
+
+
 async def test_a_cancel_heard_before_its_stream_entry_is_read_still_applies(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
 ) -> None:
