@@ -30,13 +30,17 @@ class RecentCancels:
 
     Such a request is cancelled if it was created no later than its cancel. An Orion flow
     may send a later request under the same correlation id: created after the cancel, it
-    runs. Both times are the callers' (``created_at``), as a rule from one clock.
+    runs. Both times are the callers' (``created_at``), as a rule from one clock. A legacy
+    dict has no ``created_at`` of its own (it reads as the moment it was decoded): for it
+    the worker's clock draws the line, and only a cancel heard after it arrived reaches it
+    (one read with its request, or during its claim).
     """
 
     def __init__(self, keep_sec: float, limit: int = 10_000) -> None:
         self.keep_sec = keep_sec
         self.limit = limit
-        self._heard: OrderedDict[str, tuple[datetime, float]] = OrderedDict()
+        # correlation id -> (latest cancel's created_at, forgotten at, last heard at)
+        self._heard: OrderedDict[str, tuple[datetime, float, float]] = OrderedDict()
 
     def add(self, correlation_id: str, created_at: datetime) -> None:
         if self.keep_sec <= 0:
@@ -44,7 +48,7 @@ class RecentCancels:
         now = time.monotonic()
         known = self._heard.pop(correlation_id, None)
         latest = max(created_at, known[0]) if known else created_at
-        self._heard[correlation_id] = (latest, now + self.keep_sec)
+        self._heard[correlation_id] = (latest, now + self.keep_sec, now)
         while self._heard and (
             len(self._heard) > self.limit or next(iter(self._heard.values()))[1] < now
         ):
@@ -54,8 +58,12 @@ class RecentCancels:
         heard = self._heard.get(job.correlation_id or "")
         if heard is None or job.envelope is None:
             return False
-        created_at, expires = heard
-        return time.monotonic() <= expires and job.envelope.created_at <= created_at
+        created_at, expires, heard_at = heard
+        if time.monotonic() > expires:
+            return False
+        if job.envelope.source.name == "legacy":
+            return heard_at >= job.received
+        return job.envelope.created_at <= created_at
 
     def __len__(self) -> int:
         return len(self._heard)

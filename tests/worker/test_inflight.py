@@ -8,9 +8,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
+import orjson
+
 from orion_llamaccp.bus.envelope import Envelope, ServiceRef
 from orion_llamaccp.worker.inflight import InFlight, RecentCancels
-from orion_llamaccp.worker.jobs import Job
+from orion_llamaccp.worker.jobs import Job, decode_job
 
 T0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 
@@ -71,3 +73,25 @@ def test_a_job_already_answering_is_not_marked() -> None:
     answering.answering = True
     inflight.file(answering)
     assert not answering.user_cancelled
+
+
+def test_a_legacy_dict_is_reached_only_by_a_cancel_heard_after_it_arrived() -> None:
+    """A legacy dict's ``created_at`` is the moment it was decoded, on our clock: compared
+    with a cancel's, from the sender's, it would let a skew decide. Only a cancel heard
+    after the request arrived (one read with it, or during its claim) reaches it."""
+    inflight = InFlight(RecentCancels(keep_sec=60))
+    flow, early = str(uuid4()), str(uuid4())
+
+    def legacy(correlation_id: str) -> Job:
+        message = {"event": "chat", "reply_to": "r", "correlation_id": correlation_id}
+        return decode_job(orjson.dumps({**message, "payload": {}}), "pubsub", 1 << 20)
+
+    heard_first = datetime.now(UTC) + timedelta(hours=1)  # a sender's clock far ahead
+    inflight.cancel(early, heard_first)
+    arrived_after = legacy(early)
+    arrived_before = legacy(flow)
+    inflight.cancel(flow, datetime.now(UTC) - timedelta(hours=1))  # ... or far behind
+    for filed in (arrived_after, arrived_before):
+        inflight.file(filed)
+    assert not arrived_after.user_cancelled
+    assert arrived_before.user_cancelled
