@@ -490,6 +490,8 @@ class Worker:
             return  # another replica serves it
         if job.decode_error is not None:
             self.inflight.spawn(self.handler.handle(job), job)
+        elif self.inflight.recent.cancels(job):  # heard during its claim: that is its answer
+            self._answer_cancelled_unstarted(job)
         elif self.stopping:
             stopping = Failure("engine_unavailable", "worker is stopping", retryable=True)
             self.inflight.spawn(self.handler.fail(job, stopping), job)
@@ -521,7 +523,7 @@ class Worker:
     def _queue(self, job: Job) -> None:
         self.inflight.file(job)
         if job.user_cancelled:  # its cancel came first (RecentCancels): no place in the queue
-            self._answer_cancelled_in_queue(job)
+            self._answer_cancelled_unstarted(job)
             return
         self.local.put_nowait(job)
         self.queued.add(job)
@@ -554,9 +556,9 @@ class Worker:
         # reaches at most a job of a message that failed to decode.
         waiting = self.inflight.cancel(uuid or str(correlation_id), sent, remember=bool(uuid))
         for job in waiting:  # pub/sub jobs queued for a slot: answered now, not once one frees
-            self._answer_cancelled_in_queue(job)
+            self._answer_cancelled_unstarted(job)
 
-    def _answer_cancelled_in_queue(self, job: Job) -> None:
+    def _answer_cancelled_unstarted(self, job: Job) -> None:
         job.answering = True
         self.queued.discard(job)  # its place is free for the next request
         if job.ahead is not None:  # else llama-server generates on for nobody

@@ -475,6 +475,47 @@ async def test_a_request_cancelled_while_queued_gives_its_place_in_the_queue_bac
     assert "content" in result["payload"], result
 
 
+async def test_a_request_cancelled_during_its_claim_is_answered_cancelled_not_overloaded(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    """With a replica on the channel a pub/sub request waits for its claim; its cancel
+    comes meanwhile (a proxy in front of Redis holds the claim's reply). The worker is
+    full (one slot, busy; no local queue): the request is answered ``cancelled``, as its
+    caller asked, not ``overloaded`` (retryable, which would invite a resend)."""
+    silent = aioredis.Redis.from_url(redis_url)
+    listening = silent.pubsub()
+    await listening.subscribe(INTAKE)  # before the worker's first count: never alone
+    proxy = HoldingProxy(redis_server.port).start()
+    try:
+        spawn_worker(slow=True, parallel=1, ORION_BUS_URL=proxy.url, ORION_LLAMACPP_LOCAL_QUEUE="0")
+        long = bus.request(
+            HI, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
+        )
+        await bus.send(long, profile="tiny")
+        await wait_until_async(
+            lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=20, what="the long one"
+        )
+        envelope = bus.request(HI, profile="tiny", options={"max_tokens": 2})
+        proxy.arm(b"orion:llamacpp:claim:" + envelope["id"].encode())
+        await bus.send(envelope, profile="tiny")
+        await wait_until_async(lambda: proxy.held, timeout=5, what="the claim held")
+        await bus.cancel(envelope["correlation_id"])
+        await asyncio.sleep(0.5)  # heard: the pub/sub connection is not held
+        proxy.release()
+        answer = await _answer_on(recorder, envelope["reply_to"])
+        assert answer["payload"]["error"] == "cancelled", answer
+        await bus.cancel(long["correlation_id"])
+        await _answer_on(recorder, long["reply_to"])
+    finally:
+        proxy.close()
+        await listening.aclose()
+        await silent.aclose()
+
+
 async def test_a_cancel_heard_before_its_stream_entry_is_read_still_applies(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
 ) -> None:
