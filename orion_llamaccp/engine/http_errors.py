@@ -26,6 +26,9 @@ def _error_message(body: bytes) -> tuple[str, str]:
         return body[:300].decode(errors="replace"), ""
 
 
+_NOT_THE_REQUEST = frozenset({401, 403, 404, 408, 429})
+
+
 def raise_for_response(status: int, body: bytes) -> None:
     """Translate an HTTP error answer from llama-server into our exceptions."""
     message, kind = _error_message(body)
@@ -36,8 +39,11 @@ def raise_for_response(status: int, body: bytes) -> None:
         )
     if status == 503:
         raise EngineUnavailable(f"llama-server is not ready: {message}")
+    # A 4xx refuses this request for good (a grammar it cannot parse, say), except those
+    # that say nothing of it: a wrong API key, a timeout, too many requests.
+    retryable = status >= 500 or status in _NOT_THE_REQUEST
     raise UpstreamError(
-        f"llama-server answered {status}: {message}", status=status, retryable=status >= 500
+        f"llama-server answered {status}: {message}", status=status, retryable=retryable
     )
 
 

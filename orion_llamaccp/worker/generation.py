@@ -202,6 +202,13 @@ class Generator:
                     ) from None
                 await asyncio.sleep(0.25)  # the supervisor is about to see the crash
             except UpstreamError as exc:
+                if not exc.retryable:  # llama-server refused this request: it never will
+                    raise Failure(
+                        "validation_failed",
+                        f"llama-server refused the request: {exc}",
+                        retryable=False,
+                        details={"upstream_status": exc.status, "attempt": attempt},
+                    ) from None
                 if job.transport == "pubsub" or attempt >= self.settings.stream_max_deliveries:
                     raise Failure(
                         "upstream_failed", str(exc), retryable=True, details={"attempt": attempt}

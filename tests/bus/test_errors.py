@@ -134,6 +134,35 @@ async def test_context_exceeded(spawn_worker: SpawnWorker, bus: BusClient) -> No
     assert result.payload["details"]["retryable"] is False
 
 
+async def test_a_request_llama_server_refuses_is_answered_once_and_not_retried(
+    spawn_worker: SpawnWorker, bus: BusClient, redis_url: str
+) -> None:
+    """llama-server answers 400 to a grammar it cannot parse: the request can never
+    succeed, anywhere. The caller is told so at once (``validation_failed``, not
+    retryable, with llama-server's words), and a stream entry is dead-lettered and acked
+    after its one attempt. It used to be a retryable ``upstream_failed``, and a stream
+    entry was run again up to ``ORION_LLAMACPP_MAX_DELIVERIES`` times first."""
+    spawn_worker(parallel=1)
+    options = {"max_tokens": 4, "grammar": "root ::= ( unclosed"}
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for via in ("pubsub", "stream"):
+            result = await bus.chat(HI, profile="tiny", options=options, via=via, timeout=30)
+            payload = result.payload
+            assert payload.get("error") == "validation_failed", payload
+            assert payload["details"]["retryable"] is False
+            assert "llama-server" in str(payload["details"]), payload
+        (letter,) = await wait_until_async(
+            lambda: client.xrange(STREAM + ":dlq"), timeout=10, what="the dead letter"
+        )
+        assert letter[1][b"reason"] == b"validation_failed"
+        assert letter[1][b"attempt"] == b"1"
+        await wait_stream_acked(client, STREAM, "llamacpp:tiny")
+        assert not await client.keys("orion:llamacpp:attempts:*")  # never a second attempt
+    finally:
+        await client.aclose()
+
+
 async def test_engine_unavailable_while_loading(
     spawn_worker: SpawnWorker, bus: BusClient, llama_server_bin
 ) -> None:
