@@ -419,3 +419,30 @@ class TokenLayout:
         if texts is None or len(texts) != len(events) or "" in texts:
             return None  # an empty delta, or an unescaped quote: event by event
         return texts
+
+
+def merge_tool_calls(calls: list[dict[str, Any]], deltas: list[Any]) -> None:
+    """Fold one chunk's ``delta.tool_calls`` into ``calls``, the whole calls so far.
+
+    A stream sends each call in pieces under its ``index``: the first carries its ``id``,
+    ``type`` and ``function.name``, the rest only further text of ``function.arguments``.
+    """
+    for delta in deltas:
+        if not isinstance(delta, dict):
+            continue
+        index = delta.get("index")
+        index = index if isinstance(index, int) and index >= 0 else len(calls)
+        while len(calls) <= index:
+            calls.append(
+                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+        call = calls[index]
+        for key in ("id", "type"):
+            if delta.get(key):
+                call[key] = delta[key]
+        function = delta.get("function")
+        if isinstance(function, dict):
+            if function.get("name"):
+                call["function"]["name"] = function["name"]
+            if isinstance(function.get("arguments"), str):
+                call["function"]["arguments"] += function["arguments"]

@@ -22,7 +22,7 @@ from orion_llamaccp.bus.outbox import Outbox, chunk_channel
 from orion_llamaccp.bus.replies import ChunkStream, Publisher, Stage
 from orion_llamaccp.engine.client import Sent
 from orion_llamaccp.engine.events import ChatStream
-from orion_llamaccp.engine.sse import ChunkEvents
+from orion_llamaccp.engine.sse import ChunkEvents, merge_tool_calls
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor
 from orion_llamaccp.errors import ContextExceeded, EngineUnavailable, UpstreamError
 from orion_llamaccp.profiles.models import Profile
@@ -40,7 +40,7 @@ class Generation:
     finish_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
-    tool_calls: list[Any] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # whole, in order
     tokens: int = 0
     first_token_at: float | None = None
     tail: list[Stage] = field(default_factory=list)  # unsent chunks, to go with the result
@@ -332,4 +332,4 @@ def _take(gen: Generation, event: ChunkEvents, push: Callable[[str, str], None] 
     if event.timings:
         gen.timings = event.timings
     if event.tool_calls:
-        gen.tool_calls.extend(event.tool_calls)
+        merge_tool_calls(gen.tool_calls, event.tool_calls)

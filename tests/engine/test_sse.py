@@ -17,6 +17,7 @@ from orion_llamaccp.engine.sse import (
     TokenLayout,
     content_only,
     events_of,
+    merge_tool_calls,
     parse_chunk,
 )
 from orion_llamaccp.errors import UpstreamError
@@ -401,3 +402,31 @@ def test_a_first_and_a_last_read_take_their_tokens_in_one_parse(
     assert _outcome("take_runs", [whole]) == by_event
     assert read_alone == []  # no token was read on its own
     assert by_event[0][1 : 1 + len(tokens)] == TEXTS * 3
+
+
+def test_tool_calls_streamed_in_pieces_are_put_back_together() -> None:
+    """llama-server streams a tool call as OpenAI does: its id, type and name first, then
+    its arguments a few characters at a time, each piece under the call's ``index``; two
+    calls interleave. The result must carry each call whole (it carried the pieces)."""
+    deltas = [
+        [{"index": 0, "id": "c1", "type": "function", "function": {"name": "weather"}}],
+        [{"index": 0, "function": {"arguments": '{"city": '}}],
+        [{"index": 1, "id": "c2", "type": "function", "function": {"name": "time"}}],
+        [{"index": 0, "function": {"arguments": '"Paris"}'}}],
+        [{"index": 1, "function": {"arguments": "{}"}}],
+    ]
+    calls: list[dict] = []
+    for delta in deltas:
+        chunk = {"choices": [{"index": 0, "delta": {"tool_calls": delta}, "finish_reason": None}]}
+        events = parse_chunk(orjson.dumps(chunk))
+        assert events.tool_calls is not None
+        merge_tool_calls(calls, events.tool_calls)
+    assert calls == [
+        {
+            "id": "c1",
+            "type": "function",
+            "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+        },
+        {"id": "c2", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+    ]
+    assert orjson.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
