@@ -15,6 +15,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -369,7 +370,16 @@ class Worker:
         try:
             await self.handler.handle(job)
         finally:
-            await lease.release()
+            await self._give_back(lease.release)
+
+    async def _give_back(self, release: Callable[[], Awaitable[None]]) -> None:
+        """A slot's release, which a cancel landing while it waits for the slots' lock
+        would otherwise cut short: the slot would be lost for the life of the worker."""
+        try:
+            await release()
+        except asyncio.CancelledError:
+            self.inflight.spawn(release())
+            raise
 
     # ------------------------------------------------------------------ pub/sub intake
 
@@ -615,7 +625,7 @@ class Worker:
             finally:
                 self.inflight.forget(job)
         finally:
-            await self.slots.release()
+            await self._give_back(self.slots.release)
 
     async def _ack(self, job: Job) -> None:
         if job.entry is not None and self.consumer is not None:
