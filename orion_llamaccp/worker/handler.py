@@ -376,13 +376,17 @@ class ChatHandler:
 
     async def fail(self, job: Job, failure: Failure) -> None:
         job.answering = True  # from here a cancel could only take the answer away
+        if job.ahead is not None:  # written before it was refused: llama-server stops on it
+            job.ahead.drop()
         if not await job.ours():
             return
         log.info("request %s failed: %s: %s", job.request_id, failure.code, failure.message)
         details = failure.payload_details()
         reply_to = job.reply_to
         await self._system_error(job, failure.code, details)
-        if job.entry is not None and (reply_to is None or failure.code in _DEAD_LETTER_CODES):
+        optional = job.envelope is not None and job.envelope.work.get("reply_optional")
+        unheard = reply_to is None and not optional  # a failure no one would ever learn of
+        if job.entry is not None and (unheard or failure.code in _DEAD_LETTER_CODES):
             await self._dead_letter(job, failure.code, failure.message)
         if reply_to:
             meta = {

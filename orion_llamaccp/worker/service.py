@@ -609,6 +609,9 @@ class Worker:
             job.ahead = ahead
             self.view.received += 1
             if entry.deliveries > self.settings.stream_max_deliveries:
+                if await self.publisher.already_answered(job.delivery_id):
+                    await self._ack(job)  # its worker died between the result and the ack
+                    return
                 await self.handler.fail(
                     job,
                     Failure(

@@ -12,10 +12,13 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import psutil
+import pytest
 import redis.asyncio as aioredis
 
+from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import CHAT_CANCEL
-from orion_llamaccp.client import BusClient
+from orion_llamaccp.client import BusClient, work_queue_entry
+from orion_llamaccp.worker.jobs import decode_job
 from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import RedisServer, wait_stream_acked, wait_until_async
@@ -163,6 +166,45 @@ async def test_a_request_llama_server_refuses_is_answered_once_and_not_retried(
         await client.aclose()
 
 
+@pytest.mark.parametrize("answered", [False, True], ids=["unanswered", "answered"])
+async def test_a_stream_entry_delivered_too_often_is_settled_without_a_try(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_url: str,
+    answered: bool,
+) -> None:
+    """An entry delivered more than ``ORION_LLAMACPP_MAX_DELIVERIES`` times (its workers
+    kept dying) is not tried again. Unanswered, its caller is told ``upstream_failed`` (not
+    retryable) and it is dead-lettered; answered already (its worker died between the
+    result and the ack), it is only acked: the caller has its answer, and a second word or
+    a dead letter would be false. That one used to get both."""
+    envelope = bus.request(HI, profile="tiny", options={"max_tokens": 2})
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.xgroup_create(STREAM, "llamacpp:tiny", id="0", mkstream=True)
+        entry_id = await client.xadd(STREAM, work_queue_entry(envelope))
+        for _ in range(2):  # two deliveries to a worker that died with it
+            await client.xreadgroup("llamacpp:tiny", "gone", {STREAM: ">"})
+            await client.xclaim(STREAM, "llamacpp:tiny", "gone", 0, [entry_id])
+        if answered:
+            job = decode_job(orjson.dumps(envelope), "stream", 1 << 20)
+            await client.set(keys.answered(job.delivery_id), 1)
+        spawn_worker(ORION_LLAMACPP_MAX_DELIVERIES="2", ORION_LLAMACPP_CLAIM_IDLE_MS="1000")
+        await wait_stream_acked(client, STREAM, "llamacpp:tiny")
+        await asyncio.sleep(0.5)  # an answer or a dead letter would be there by now
+        letters = await client.xrange(STREAM + ":dlq")
+        answers = [m.message["payload"] for m in recorder.on(envelope["reply_to"])]
+    finally:
+        await client.aclose()
+    if answered:
+        assert answers == [] and letters == []
+    else:
+        assert [a["error"] for a in answers] == ["upstream_failed"]
+        assert answers[0]["details"]["retryable"] is False
+        assert len(letters) == 1
+
+
 async def test_engine_unavailable_while_loading(
     spawn_worker: SpawnWorker, bus: BusClient, llama_server_bin
 ) -> None:
@@ -308,6 +350,28 @@ async def test_nothing_to_reply_to(
         await client.aclose()
     reports = [m.message for m in recorder.kinds("system.error")]
     assert any(r["correlation_id"] == pubsub["correlation_id"] for r in reports)
+
+
+async def test_a_stream_entry_that_needs_no_reply_is_not_dead_lettered_for_expiring(
+    spawn_worker: SpawnWorker, bus: BusClient, redis_url: str, recorder: BusRecorder
+) -> None:
+    """``trace.work.reply_optional``: a fire-and-forget entry with no ``reply_to``. One
+    that expired is acked and reported on the error channel, not dead-lettered (as an
+    entry that needed a reply and had none is): nothing about it needs a second look."""
+    spawn_worker()
+    envelope = bus.request(HI, profile="tiny", trace={"work": {"reply_optional": True}})
+    envelope["reply_to"] = None
+    envelope["ttl_ms"] = 1
+    envelope["created_at"] = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    await bus.send(envelope, profile="tiny", via="stream")
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await wait_stream_acked(client, STREAM, "llamacpp:tiny")
+        assert await client.xrange(STREAM + ":dlq") == []
+    finally:
+        await client.aclose()
+    reports = [m.message for m in recorder.kinds("system.error")]
+    assert [r["payload"]["error"] for r in reports] == ["expired"]
 
 
 async def test_undecodable_stream_entries_are_dead_lettered(
