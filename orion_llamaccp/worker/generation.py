@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -228,7 +229,8 @@ class Generator:
     ) -> Generation:
         chunks = self._chunk_stream(job, envelope, options, attempt, owned)
         generation = Generation()
-        timeout = options.timeout_sec or self.settings.request_timeout_sec
+        # A caller may ask for less time than the operator's cap, not more.
+        timeout = min(options.timeout_sec or math.inf, self.settings.request_timeout_sec)
         try:
             async with asyncio.timeout(timeout):
                 async with self.supervisor.client.chat_stream(body, sent) as stream:

@@ -296,6 +296,9 @@ class Worker:
         return 1
 
     async def _drain(self) -> None:
+        # One deadline for all of it: a platform that kills at the drain timeout (a
+        # container's stop grace period) must not find the worker still answering.
+        deadline = time.monotonic() + self.settings.drain_timeout_sec
         self.stopping = True
         self.supervisor.begin_drain()
         # Other replicas take new requests from here; the cancel channel stays, so that a
@@ -304,7 +307,7 @@ class Worker:
         while not self.inbox.empty():  # received before we unsubscribed: answer them
             await self._take(*self.inbox.get_nowait())  # stopping: none starts early
         with contextlib.suppress(TimeoutError):  # their claims settled, and answered
-            await asyncio.wait_for(self.claiming.join(), self.settings.drain_timeout_sec)
+            await asyncio.wait_for(self.claiming.join(), deadline - time.monotonic())
         unstarted = [self.local.get_nowait() for _ in range(self.local.qsize())]
         if self.held is not None:
             unstarted.append(self.held)
@@ -319,7 +322,7 @@ class Worker:
                 ),
                 job,
             )
-        await self._wait_in_flight()
+        await self._wait_in_flight(deadline)
         await self.supervisor.stop()
 
     def _pending(self) -> list[asyncio.Task[None]]:
@@ -328,16 +331,14 @@ class Worker:
             pending += [t for t in self.consumer.tasks if not t.done()]
         return pending
 
-    async def _wait_in_flight(self) -> None:
-        """Until every request is answered, for up to the drain timeout. What starts
-        meanwhile counts too: the answer to a message heard just before the UNSUBSCRIBE
-        took effect, a cancel's answer."""
-        deadline = time.monotonic() + self.settings.drain_timeout_sec
+    async def _wait_in_flight(self, deadline: float) -> None:
+        """Until every request is answered, or the ``deadline``. What starts meanwhile
+        counts too (a cancel's answer)."""
         if pending := self._pending():
             log.info(
                 "draining %d in-flight requests (up to %.0fs)",
                 len(pending),
-                self.settings.drain_timeout_sec,
+                max(0.0, deadline - time.monotonic()),
             )
         while (pending := self._pending()) and (left := deadline - time.monotonic()) > 0:
             await asyncio.wait(pending, timeout=left)

@@ -205,6 +205,18 @@ async def test_a_stream_entry_delivered_too_often_is_settled_without_a_try(
         assert len(letters) == 1
 
 
+async def test_a_caller_s_timeout_cannot_outlast_the_operator_s(
+    spawn_worker: SpawnWorker, bus: BusClient
+) -> None:
+    """``options.timeout_sec`` may shorten a generation's deadline, not lengthen it past
+    ``ORION_LLAMACPP_REQUEST_TIMEOUT_SEC``: a caller's 3600 s ran past the operator's."""
+    spawn_worker(slow=True, parallel=1, ORION_LLAMACPP_REQUEST_TIMEOUT_SEC="1")
+    options = {"max_tokens": 100_000, "ignore_eos": True, "timeout_sec": 3600}
+    result = await bus.chat(HI, profile="tiny", options=options, timeout=30)
+    assert result.payload.get("error") == "upstream_failed", result.payload
+    assert "exceeded 1s" in result.payload["details"]["message"], result.payload
+
+
 async def test_engine_unavailable_while_loading(
     spawn_worker: SpawnWorker, bus: BusClient, llama_server_bin
 ) -> None:
