@@ -365,6 +365,9 @@ class StreamConsumer:
         # The read that wakes on a new entry stands before its first token.
         self.lane = lane or Lane(redis)
         self.in_flight: dict[str, tuple[StreamEntry, asyncio.Task[None]]] = {}
+        # Read, and waiting for a slot that a pub/sub request took while the read was out:
+        # pending under this consumer, so refreshed as the entries in flight are.
+        self.awaiting_slot: dict[str, StreamEntry] = {}
         self.started = asyncio.Event()
         self.backoff = Backoff()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -418,7 +421,13 @@ class StreamConsumer:
 
     async def _take(self, entry: StreamEntry) -> None:
         """A slot and ``prepare`` for the entry; its handler is not started yet."""
-        await self.slots.acquire()
+        self.awaiting_slot[entry.entry_id] = entry
+        try:
+            await self.slots.acquire()
+        finally:
+            del self.awaiting_slot[entry.entry_id]
+        if entry.taken_over:  # while it waited: the other worker answers it
+            return
         if self.prepare is not None:
             try:
                 self.prepare(entry)
@@ -541,6 +550,9 @@ class StreamConsumer:
 
     async def _handle(self, entry: StreamEntry) -> None:
         try:
+            if entry.taken_over:  # before it had a slot: not ours to handle
+                await self.slots.release()
+                return
             await self.handler(entry)
         finally:
             self.in_flight.pop(entry.entry_id, None)
@@ -549,13 +561,15 @@ class StreamConsumer:
         """Reset the idle time of our in-flight entries so nobody reclaims live work, and
         give up those another worker took over (``_REFRESH_OWN``): this worker was stalled
         (frozen, paused) past the claim idle time, and the other one answers them."""
-        if not self.in_flight:
+        if not self.in_flight and not self.awaiting_slot:
             return
-        args = [self.group, self.consumer, *self.in_flight]
+        args = [self.group, self.consumer, *self.in_flight, *self.awaiting_slot]
         for taken in await self._refresh_own(keys=[self.stream], args=args):
             held = self.in_flight.get(_text(taken))
             if held is not None:
                 self._give_up(*held)
+            elif (waiting := self.awaiting_slot.get(_text(taken))) is not None:
+                waiting.taken_over = True
 
     def _give_up(self, entry: StreamEntry, task: asyncio.Task[None]) -> None:
         log.warning(

@@ -160,6 +160,44 @@ async def test_entries_held_start_when_a_pub_sub_request_takes_the_last_slot_mea
     assert events == ["prepare 0", "handle 0", "prepare 1", "handle 1"]
 
 
+async def test_an_entry_waiting_for_a_slot_is_kept_fresh_and_then_handled(
+    redis_url: str,
+) -> None:
+    """A pub/sub request takes the last slot while the consumer's blocking read is out:
+    the entry that read brings waits for a slot, pending under this consumer. The refresh
+    must keep it, as it keeps entries in flight: an idle worker reclaimed it once it had
+    waited the claim idle time, and generated it as well."""
+    redis = aioredis.Redis.from_url(redis_url)
+    events: list[str] = []
+    done = asyncio.Event()
+    consumer = _consumer(redis, events, done, slots=1)
+    await consumer.ensure_group()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(consumer.run(stop))
+    try:
+        await asyncio.wait_for(consumer.started.wait(), 5)
+        await asyncio.sleep(0.05)  # its blocking read is out, counting one free slot
+        assert consumer.slots.try_acquire()  # ... which a pub/sub request takes
+        await redis.xadd(STREAM, {"n": "0"})
+
+        async def read() -> bool:
+            return (await redis.xpending(STREAM, "g"))["pending"] == 1
+
+        await wait_until_async(read, timeout=5, what="the entry read")
+        await asyncio.sleep(0.3)
+        await consumer.keep_claims_fresh()
+        reclaimed = await redis.xautoclaim(STREAM, "g", "idle", min_idle_time=250)
+        assert reclaimed[1] == []  # fresh: nobody takes it
+        assert events == []
+        await consumer.slots.release()  # the pub/sub request ends
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 5)
+        await redis.aclose()
+    assert events == ["prepare 0", "handle 0"]
+
+
 async def test_an_entry_read_just_before_redis_goes_away_is_still_handled(
     tmp_path: Path,
 ) -> None:
