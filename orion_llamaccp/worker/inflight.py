@@ -18,6 +18,7 @@ from collections.abc import Coroutine
 from datetime import datetime
 from typing import Any
 
+from orion_llamaccp.bus.envelope import utcnow
 from orion_llamaccp.worker.jobs import Job
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,15 @@ class InFlight:
             if not jobs:
                 del self.jobs[job.correlation_id or ""]
 
-    def cancel(self, correlation_id: str, created_at: datetime, remember: bool = True) -> list[Job]:
-        """A caller's ``llm.chat.cancel`` (sent at ``created_at``): stop every job of that
-        correlation id, and (``remember``) those filed later that were created before it.
+    def cancel(
+        self, correlation_id: str, created_at: datetime | None, remember: bool = True
+    ) -> list[Job]:
+        """A caller's ``llm.chat.cancel`` (sent at ``created_at``, None if it does not
+        say): stop the jobs of that correlation id created no later than it, and
+        (``remember``) those filed later that were. A later request of the same flow, read
+        before its cancel, runs on. An undated cancel reaches every job here (a running
+        job's own ``created_at`` against our clock would let a skew decide), and is
+        remembered as sent when heard.
 
         A job whose task has not run yet (its request and the cancel came in one read) is
         only marked: cancelled before its first step, the task would never run its own
@@ -113,10 +120,12 @@ class InFlight:
         Returns the jobs it marked that have no task yet: they wait for a slot.
         """
         if remember:
-            self.recent.add(correlation_id, created_at)
+            self.recent.add(correlation_id, created_at or utcnow())
         waiting = []
         for job in list(self.jobs.get(correlation_id, ())):
             if job.answering:  # too late: its answer (or the error it got) is on its way
+                continue
+            if created_at is not None and _created_after(job, created_at):
                 continue
             job.user_cancelled = True
             task = job.task
@@ -134,6 +143,14 @@ class InFlight:
         self.tasks.discard(task)
         if job is not None:
             self.forget(job)
+
+
+def _created_after(job: Job, moment: datetime) -> bool:
+    """Sent after ``moment``, by its envelope (a legacy dict's says nothing: it is not)."""
+    envelope = job.envelope
+    return (
+        envelope is not None and envelope.source.name != "legacy" and envelope.created_at > moment
+    )
 
 
 def _not_started(task: asyncio.Task[Any]) -> bool:

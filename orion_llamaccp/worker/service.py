@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus.claims import Claims
 from orion_llamaccp.bus.codec import decode_envelope, loads_object
-from orion_llamaccp.bus.envelope import ServiceRef, as_utc, utcnow
+from orion_llamaccp.bus.envelope import ServiceRef, as_utc
 from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
@@ -669,12 +669,12 @@ class Worker:
         )
 
 
-def sent_at(value: Any) -> datetime:
-    """When a cancel was sent: its ``created_at`` (or ``ts``), else now (a legacy one)."""
+def sent_at(value: Any) -> datetime | None:
+    """When a cancel was sent: its ``created_at`` (or ``ts``); None if it does not say."""
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             return as_utc(datetime.fromisoformat(value))
-    return utcnow()
+    return None
 
 
 def parse_uuid(value: str) -> str | None:

@@ -4,6 +4,7 @@ later jobs a remembered cancel reaches. The bus tests show it end to end
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from uuid import uuid4
@@ -95,3 +96,20 @@ def test_a_legacy_dict_is_reached_only_by_a_cancel_heard_after_it_arrived() -> N
         inflight.file(filed)
     assert not arrived_after.user_cancelled
     assert arrived_before.user_cancelled
+
+
+async def test_a_dated_cancel_stops_only_the_jobs_of_its_flow_created_before_it() -> None:
+    """An Orion flow may send a request, cancel it, and send the next request under the
+    same correlation id; read before the cancel (a backed-up inbox), that next request
+    runs on: the cancel is older than it. A cancel that carries no date reaches them all."""
+    inflight = InFlight(RecentCancels(keep_sec=60))
+    flow = str(uuid4())
+    jobs = [job(flow, T0 + timedelta(seconds=s)) for s in (-1, 1)]
+    tasks = [inflight.spawn(asyncio.sleep(60), j) for j in jobs]
+    await asyncio.sleep(0)  # running: a cancel reaches their tasks
+    inflight.cancel(flow, T0)
+    await asyncio.sleep(0)
+    assert [t.cancelled() for t in tasks[:2]] == [True, False]
+    inflight.cancel(flow, None)
+    await asyncio.sleep(0)
+    assert tasks[1].cancelled()
