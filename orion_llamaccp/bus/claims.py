@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope
 from orion_llamaccp.bus.lane import Lane
-from orion_llamaccp.bus.replies import Stage
+from orion_llamaccp.bus.replies import Stage, Stored
 from orion_llamaccp.bus.retry import with_retry
 
 # Compare-and-renew / compare-and-delete: only the running marker's owner may touch it.
@@ -139,11 +139,16 @@ class Claims:
             await self._renew(keys=[keys.dedup(self.profile, key)], args=[owner, self.lease_sec])
         )
 
-    def stage_finish(self, key: str, owner: str, payload: dict[str, Any]) -> Stage:
-        """Store the result for duplicates; staged to go out in the same round trip as it."""
-        redis_key = keys.dedup(self.profile, key)
-        record = orjson.dumps({"state": "done", "owner": owner, "payload": payload})
-        return ("SET", redis_key, record, "EX", self.dedup_ttl)
+    def finished(self, key: str, owner: str, payload: dict[str, Any]) -> Stored:
+        """The stored result for duplicates, to go with the result itself
+        (``Publisher.stage_result``), or alone (``stage``) for a request with no reply."""
+        value = orjson.dumps({"state": "done", "owner": owner, "payload": payload})
+        return keys.dedup(self.profile, key), value, self.dedup_ttl
+
+    @staticmethod
+    def stage(record: Stored) -> Stage:
+        redis_key, value, ttl = record
+        return ("SET", redis_key, value, "EX", ttl)
 
     async def release(self, key: str, owner: str) -> None:
         """Give up a running marker (the request failed): a resend may run again."""

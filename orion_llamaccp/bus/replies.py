@@ -37,6 +37,9 @@ GUARD_TTL_SEC = 24 * 3600
 Stage = Command
 """One Redis command, as its arguments; ``Publisher.commit`` sends a list of them at once."""
 
+Stored = tuple[str, bytes, int]
+"""A value to store under a key, with its TTL in seconds."""
+
 
 class Publisher:
     """Publishes replies through guard scripts, retrying through Redis outages.
@@ -74,10 +77,27 @@ class Publisher:
             GUARD_TTL_SEC,
         )
 
-    def stage_result(self, channel: str, request_id: str, message: bytes) -> Stage:
-        """The final result, published unless this request was answered before."""
+    def stage_result(
+        self, channel: str, request_id: str, message: bytes, record: Stored | None = None
+    ) -> Stage:
+        """The final result, published unless this request was answered before; with it,
+        in the same step, ``record`` (the stored result for duplicates)."""
         key = keys.answered(request_id)
-        return ("EVALSHA", self._once.sha, 1, key, channel, message, GUARD_TTL_SEC)
+        if record is None:
+            return ("EVALSHA", self._once.sha, 1, key, channel, message, GUARD_TTL_SEC)
+        record_key, value, ttl = record
+        return (
+            "EVALSHA",
+            self._once.sha,
+            2,
+            key,
+            record_key,
+            channel,
+            message,
+            GUARD_TTL_SEC,
+            value,
+            ttl,
+        )
 
     async def commit(self, what: str, stages: Sequence[Stage]) -> list[Any]:
         """Run ``stages`` in order in one round trip; every stage must be safe to repeat.

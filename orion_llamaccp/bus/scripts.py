@@ -9,9 +9,15 @@ the result.
 
 from __future__ import annotations
 
-# KEYS[1] guard; ARGV: channel, message, ttl seconds. Returns receivers, or -1 if done before.
+# KEYS[1] guard, KEYS[2] (optional) the request's idempotency record; ARGV: channel,
+# message, ttl seconds, [record, record ttl]. Returns receivers, or -1 if done before. The
+# record is stored with the result it holds, or not at all: a stalled worker whose result
+# is dropped (another answered meanwhile) must not replace the stored answer with its own.
 PUBLISH_ONCE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[3])) then
+  if KEYS[2] then
+    redis.call('SET', KEYS[2], ARGV[4], 'EX', tonumber(ARGV[5]))
+  end
   return redis.call('PUBLISH', ARGV[1], ARGV[2])
 end
 return -1

@@ -24,7 +24,7 @@ from orion_llamaccp.bus.claims import Claims, idempotency_key
 from orion_llamaccp.bus.codec import decode_chat
 from orion_llamaccp.bus.envelope import CHAT_REQUEST, ChatRequestPayload, Envelope
 from orion_llamaccp.bus.outbox import Outbox
-from orion_llamaccp.bus.replies import Publisher, Stage
+from orion_llamaccp.bus.replies import Publisher, Stage, Stored
 from orion_llamaccp.bus.retry import TRANSIENT
 from orion_llamaccp.engine.supervisor import Supervisor
 from orion_llamaccp.errors import DecodeError
@@ -184,8 +184,8 @@ class ChatHandler:
         finally:
             renew.cancel()
         payload = self._success_payload(generation, attempt, job)
-        stored_result = self.claims.stage_finish(key, job.request_id, payload)
-        await self._answer(job, payload, before=[*generation.tail, stored_result])
+        record = self.claims.finished(key, job.request_id, payload)
+        await self._answer(job, payload, before=generation.tail, record=record)
         ttft = (generation.first_token_at - job.received) if generation.first_token_at else None
         tokens = int(generation.usage.get("completion_tokens", generation.tokens))
         return tokens, ttft
@@ -350,13 +350,19 @@ class ChatHandler:
     # ------------------------------------------------------------------ answering
 
     async def _answer(
-        self, job: Job, payload: dict[str, Any], *, before: list[Stage] | None = None
+        self,
+        job: Job,
+        payload: dict[str, Any],
+        *,
+        before: list[Stage] | None = None,
+        record: Stored | None = None,
     ) -> None:
         """Publish the one final result (if there is a reply_to) and ack the entry.
 
-        One round trip, in this order: ``before`` (the last chunk, the stored result), the
-        result, the ack. A worker that dies before it leaves the entry pending, and its
-        redelivery finds the request answered (or not) by the guards.
+        One round trip, in this order: ``before`` (the last chunks), the result with the
+        stored ``record`` for duplicates (both or neither: a result dropped as a repeat
+        stores nothing), the ack. A worker that dies before it leaves the entry pending,
+        and its redelivery finds the request answered (or not) by the guards.
         """
         job.answering = True
         stages = list(before or ())
@@ -367,7 +373,9 @@ class ChatHandler:
                 if job.envelope is not None
                 else self.outbox.result_for_undecodable(job.salvaged, payload)
             )
-            stages.append(self.publisher.stage_result(reply_to, job.delivery_id, message))
+            stages.append(self.publisher.stage_result(reply_to, job.delivery_id, message, record))
+        elif record is not None:  # nowhere to answer: stored for duplicates all the same
+            stages.append(self.claims.stage(record))
         ack = self._stage_ack(job)
         if ack is not None:
             stages.append(ack)

@@ -208,6 +208,57 @@ async def test_a_paused_worker_woken_after_its_answer_stops_a_request_without_ch
     assert await fault.raw.ttl(key) > 60  # the result's TTL, not a renewed lease (30 s)
 
 
+async def test_a_stalled_worker_s_late_result_leaves_the_stored_one_alone(
+    fault: Fault, hi: list
+) -> None:
+    """A worker paused (SIGSTOP, not its llama-server) while llama-server finishes its
+    answer: the whole answer waits in the socket. Another worker reclaims the entry,
+    answers it and stores its result for duplicates. The first one wakes, reads its answer
+    at once and commits it: the result is dropped as a repeat, and the stored result must
+    stay the other worker's, the one its caller got. It was replaced with the late one's,
+    for every duplicate to come."""
+    victim = fault.spawn("victim", slow=True, parallel=1, **RECLAIM)
+    key = keys.dedup("tiny", "key:stalled-finisher")
+    envelope = fault.ledger.add(
+        fault.client.request(
+            hi,
+            profile="tiny",
+            options={"max_tokens": 400, "ignore_eos": True},
+            trace={"work": {"idempotency_key": "stalled-finisher"}},
+        )
+    )
+
+    def served(name: str) -> int:
+        beats = [
+            m.message["payload"]
+            for m in fault.recorder.kinds("system.health.v1")
+            if m.message["payload"]["instance"] == name
+        ]
+        return max((b["details"]["requests_served"] for b in beats), default=0)
+
+    async with EngineProbe(victim.announcement()["engine_url"]) as engine:
+
+        async def generating() -> bool:
+            return any(s.get("is_processing") for s in await engine.slots())
+
+        await fault.client.send(envelope, profile="tiny", via="stream")
+        await wait_until_async(generating, timeout=30, what="the victim generating")
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            await engine.settled(timeout=30, what="the victim's llama-server done")
+            fault.spawn("rescuer", parallel=1, **RECLAIM)
+            await wait_until_async(
+                lambda: fault.ledger.answers(envelope), timeout=60, what="the rescuer's answer"
+            )
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+    await wait_until_async(lambda: served("victim") >= 1, timeout=30, what="the victim done")
+    assert_exactly_once(await fault.ledger.settle(timeout=30))
+    assert fault.ledger.answers(envelope)[0]["payload"]["meta"]["instance"] == "rescuer"
+    stored = orjson.loads(await fault.raw.get(key))
+    assert (stored["state"], stored["payload"]["meta"]["instance"]) == ("done", "rescuer")
+
+
 async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) -> None:
     first = fault.spawn(
         "first", slow=True, parallel=2, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="2", **RECLAIM
