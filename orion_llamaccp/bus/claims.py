@@ -99,6 +99,16 @@ class Claims:
 
         return await with_retry("claiming a message", claim, retry_for=5.0)
 
+    @staticmethod
+    def stage_forget(message_key: str) -> Stage:
+        """Give a message's claim up as it is answered: for a message without an id, whose
+        claim key is its content, so that the same bytes sent again (a legacy caller's
+        retry) are a new request any replica may claim. Kept, the claim held them for the
+        replica that answered, and for none if it had left (draining, say: exactly when a
+        retry comes). A replica that hears the first send after this claims it too; pub/sub
+        fan-out makes that a matter of a backed-up inbox, not of milliseconds."""
+        return ("DEL", keys.claim(message_key))
+
     async def subscribers(self, channel: str) -> int:
         """How many clients listen on ``channel`` (replicas, on an intake channel)."""
         counts = await self.redis.pubsub_numsub(channel)

@@ -381,3 +381,33 @@ async def test_a_request_on_the_wire_when_the_drain_begins_is_answered_before_th
     finally:
         proxy.close()
         await raw.aclose()
+
+
+async def test_a_legacy_dict_sent_again_after_its_replica_left_is_answered_by_another(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, redis_url: str
+) -> None:
+    """A legacy dict has no id, so its claim is keyed on its bytes. The replica that
+    answered it gives the claim up as it answers: the same bytes sent again (a retry) are
+    a new request. It kept the claim for the dedup TTL, so after that replica left (a
+    drain, when a retry is likely) the others each lost the claim to it, and the resend
+    went unanswered."""
+    replicas = {name: spawn_worker(name) for name in ("r1", "r2")}
+    await wait_replicas_counted(recorder, redis_url, INTAKE, list(replicas))
+    channel = "test:legacy-replicas"
+    legacy = {
+        "event": "chat",
+        "reply_channel": channel,
+        "payload": {"messages": HI, "options": {"max_tokens": TOKENS}},
+    }
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        await raw.publish(INTAKE, orjson.dumps(legacy))
+        (first,) = await wait_until_async(lambda: recorder.on(channel), timeout=20, what="one")
+        answered_by = first.message["payload"]["meta"]["instance"]
+        assert replicas[answered_by].terminate() == 0
+        await raw.publish(INTAKE, orjson.dumps(legacy))
+        await wait_until_async(lambda: len(recorder.on(channel)) == 2, timeout=20, what="two")
+    finally:
+        await raw.aclose()
+    second = recorder.on(channel)[1].message["payload"]
+    assert "content" in second and second["meta"]["instance"] != answered_by, second
