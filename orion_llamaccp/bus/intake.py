@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -234,6 +235,13 @@ class PubSubListener:
             self.handler(channel, data if isinstance(data, bytes) else str(data).encode())
         except Exception:  # a bad message must never stop the listener
             log.exception("pub/sub handler failed on %s", channel)
+
+
+def not_started(task: asyncio.Task[Any]) -> bool:
+    """Created and not yet run: a cancel now closes its coroutine before any of its code,
+    ``finally`` clauses included, has run."""
+    coro = task.get_coro()
+    return inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
 
 
 class Slots:
@@ -550,10 +558,7 @@ class StreamConsumer:
 
     async def _handle(self, entry: StreamEntry) -> None:
         try:
-            if entry.taken_over:  # before it had a slot: not ours to handle
-                await self.slots.release()
-                return
-            await self.handler(entry)
+            await self.handler(entry)  # taken over meanwhile: it gives the slot back at once
         finally:
             self.in_flight.pop(entry.entry_id, None)
 
@@ -579,7 +584,8 @@ class StreamConsumer:
             self.claim_idle_ms,
         )
         entry.taken_over = True
-        task.cancel()
+        if not not_started(task):  # else its handler finds it taken over as it starts;
+            task.cancel()  # cancelled before its first step, it would never give its slot back
 
     async def trim_acked(self) -> int:
         """Delete the entries every group is done with (``_TRIM_ACKED``); how many."""

@@ -10,7 +10,6 @@ while (``RecentCancels``), for a request that reaches the worker after it.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections import OrderedDict, defaultdict
@@ -19,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from orion_llamaccp.bus.envelope import utcnow
+from orion_llamaccp.bus.intake import not_started
 from orion_llamaccp.worker.jobs import Job
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class InFlight:
             task = job.task
             if task is None:
                 waiting.append(job)
-            elif not _not_started(task):
+            elif not not_started(task):
                 log.info("cancelling request %s (correlation %s)", job.request_id, correlation_id)
                 task.cancel()
         return waiting
@@ -151,8 +151,3 @@ def _created_after(job: Job, moment: datetime) -> bool:
     return (
         envelope is not None and envelope.source.name != "legacy" and envelope.created_at > moment
     )
-
-
-def _not_started(task: asyncio.Task[Any]) -> bool:
-    coro = task.get_coro()
-    return inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED

@@ -603,6 +603,10 @@ class Worker:
         left pending): a worker never holds more entries than slots, the backlog waits in
         Redis."""
         try:
+            if entry.taken_over:  # by another worker, before this handler ran: it answers
+                if entry.prepared is not None and entry.prepared[1] is not None:
+                    entry.prepared[1].drop()
+                return
             if entry.prepared is None:
                 self._prepare_entry(entry)
             raw, ahead = entry.prepared
@@ -610,7 +614,12 @@ class Worker:
             job.ahead = ahead
             self.view.received += 1
             if entry.deliveries > self.settings.stream_max_deliveries:
-                if await self.publisher.already_answered(job.delivery_id):
+                answered = await with_retry(
+                    "checking a stream entry's answer",
+                    lambda: self.publisher.already_answered(job.delivery_id),
+                    retry_for=self.settings.redis_retry_sec,
+                )
+                if answered:
                     await self._ack(job)  # its worker died between the result and the ack
                     return
                 await self.handler.fail(
