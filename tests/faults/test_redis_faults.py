@@ -73,11 +73,12 @@ async def test_redis_killed_and_restarted(fault: Fault, hi: list, fault_appendon
     are gone with Redis and never answered, and the one in hand is still answered, once.
     Either way the worker comes back by itself and serves both intakes."""
     fault.spawn("w", slow=True, parallel=1)
-    # Long enough (thousands of tokens on the slow model) to be still generating when
-    # Redis and the recorder are back, so that the recorder hears its answer.
+    # Long enough to be still generating when Redis and the recorder are back, so that
+    # the recorder hears its answer: 3,000 tokens ended before the recorder was back on
+    # a fast VM (the slow model ran them in about 1.5 s), and the test counted one lost.
     generating = fault.ledger.add(
         fault.client.request(
-            hi, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
+            hi, profile="tiny", options={"stream": True, "max_tokens": 8000, "ignore_eos": True}
         )
     )
     await fault.client.send(generating, profile="tiny", via="stream")
