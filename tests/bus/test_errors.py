@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 import orjson
 import psutil
@@ -45,6 +46,20 @@ async def _answer_on(recorder: BusRecorder, channel: str, timeout: float = 20) -
         lambda: recorder.on(channel), timeout=timeout, what=f"an answer on {channel}"
     )
     return found[0].message  # type: ignore[index]
+
+
+async def _a_long_one_generating(
+    bus: BusClient, recorder: BusRecorder, via: Literal["pubsub", "stream"] = "pubsub"
+) -> dict:
+    """A long streamed request, generating: a one-slot worker's slot is busy with it."""
+    long = bus.request(
+        HI, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
+    )
+    await bus.send(long, profile="tiny", via=via)
+    await wait_until_async(
+        lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=20, what="the long one"
+    )
+    return long
 
 
 async def test_validation_failed_for_extra_key_bad_uuid_and_bad_option(
@@ -519,14 +534,8 @@ async def test_a_request_cancelled_while_queued_is_answered_at_once(
     then cancelled is answered ``cancelled`` at once, not once the slot frees (minutes, for
     a long generation); the long one goes on, and the cancelled one is answered once."""
     spawn_worker(slow=True, parallel=1)
-    long = bus.request(
-        HI, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
-    )
+    long = await _a_long_one_generating(bus, recorder)
     queued = bus.request(HI, profile="tiny", options={"max_tokens": 2})
-    await bus.send(long, profile="tiny")
-    await wait_until_async(
-        lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=20, what="the long one"
-    )
     await bus.send(queued, profile="tiny")
 
     def queued_up() -> bool:  # heard and queued (were it not, the cancel would be lost)
@@ -552,14 +561,8 @@ async def test_a_request_cancelled_while_queued_gives_its_place_in_the_queue_bac
     leaves the queue at once, so the next request takes its place instead of being told
     ``overloaded``. The cancelled one used to count as waiting until the slot freed."""
     spawn_worker(slow=True, parallel=1, ORION_LLAMACPP_LOCAL_QUEUE="1")
-    long = bus.request(
-        HI, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
-    )
+    long = await _a_long_one_generating(bus, recorder)
     cancelled, after = (bus.request(HI, profile="tiny", options={"max_tokens": 2}) for _ in "ab")
-    await bus.send(long, profile="tiny")
-    await wait_until_async(
-        lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=20, what="the long one"
-    )
     await bus.send(cancelled, profile="tiny")
     await wait_until_async(
         lambda: any(
@@ -597,13 +600,7 @@ async def test_a_request_cancelled_during_its_claim_is_answered_cancelled_not_ov
     proxy = HoldingProxy(redis_server.port).start()
     try:
         spawn_worker(slow=True, parallel=1, ORION_BUS_URL=proxy.url, ORION_LLAMACPP_LOCAL_QUEUE="0")
-        long = bus.request(
-            HI, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
-        )
-        await bus.send(long, profile="tiny")
-        await wait_until_async(
-            lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=20, what="the long one"
-        )
+        long = await _a_long_one_generating(bus, recorder)
         envelope = bus.request(HI, profile="tiny", options={"max_tokens": 2})
         proxy.arm(b"orion:llamacpp:claim:" + envelope["id"].encode())
         await bus.send(envelope, profile="tiny")
@@ -628,14 +625,8 @@ async def test_a_cancel_heard_before_its_stream_entry_is_read_still_applies(
     later, it is answered ``cancelled`` without a generation (it used to run in full).
     A request the flow sends afterwards under the same correlation id runs."""
     spawn_worker(slow=True, parallel=1)
-    long = bus.request(
-        HI, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
-    )
+    long = await _a_long_one_generating(bus, recorder, via="stream")
     waiting = bus.request(HI, profile="tiny", options={"max_tokens": 8})
-    await bus.send(long, profile="tiny", via="stream")
-    await wait_until_async(
-        lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=20, what="the long one"
-    )
     await bus.send(waiting, profile="tiny", via="stream")
     await bus.cancel(waiting["correlation_id"])
     assert recorder.on(long["reply_to"]) == []  # the cancel came while the entry waited
@@ -655,13 +646,7 @@ async def test_a_request_created_before_a_cancel_it_arrives_after_is_answered_at
     """A pub/sub request that reaches the worker after its cancel (created before it, sent
     by a slower path) is not queued behind the busy slot: answered ``cancelled`` at once."""
     spawn_worker(slow=True, parallel=1)
-    long = bus.request(
-        HI, profile="tiny", options={"stream": True, "max_tokens": 3000, "ignore_eos": True}
-    )
-    await bus.send(long, profile="tiny")
-    await wait_until_async(
-        lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=20, what="the long one"
-    )
+    long = await _a_long_one_generating(bus, recorder)
     late = bus.request(HI, profile="tiny", options={"max_tokens": 2})
     late["created_at"] = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
     await bus.cancel(late["correlation_id"])

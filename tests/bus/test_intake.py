@@ -204,38 +204,21 @@ async def test_an_entry_taken_over_before_its_handler_ran_still_gives_its_slot_b
     """The refresh can learn that another worker took an entry over (this one was stalled)
     between the entry's task being created and its first step. Cancelled then, the task
     would close without running its handler, and the slot the entry held would never be
-    given back: the handler must run, find it taken over, and give the slot back."""
+    given back: the handler must run (the worker's finds the entry taken over and only
+    gives its slot back)."""
     redis = aioredis.Redis.from_url(redis_url)
-    slots = Slots(1)
-    seen: list[bool] = []
-
-    async def handler(entry: StreamEntry) -> None:
-        seen.append(entry.taken_over)
-        await slots.release()
-
-    async def ready() -> None:
-        return None
-
-    consumer = StreamConsumer(
-        redis,
-        stream=STREAM,
-        group="g",
-        consumer="c",
-        slots=slots,
-        handler=handler,
-        ready=ready,
-        claim_idle_ms=60_000,
-    )
+    events: list[str] = []
+    consumer = _consumer(redis, events, asyncio.Event(), slots=1)
     try:
-        await slots.acquire()  # the entry's slot, taken as it was read
+        await consumer.slots.acquire()  # the entry's slot, taken as it was read
         entry = StreamEntry("1-0", {b"n": b"0"}, 1)
         consumer._spawn(entry)
         consumer._give_up(entry, consumer.in_flight[entry.entry_id][1])  # before it ran
         await asyncio.gather(*consumer._tasks, return_exceptions=True)
     finally:
         await redis.aclose()
-    assert seen == [True]
-    assert slots.free == 1 and consumer.in_flight == {}
+    assert entry.taken_over and events == ["handle None"]
+    assert consumer.slots.free == 1 and consumer.in_flight == {}
 
 
 async def test_an_entry_read_just_before_redis_goes_away_is_still_handled(
