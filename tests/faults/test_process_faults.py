@@ -109,14 +109,19 @@ async def test_a_redelivery_after_a_retry_generates_under_a_new_attempt(
 async def test_a_worker_stalled_past_the_claim_idle_time_gives_its_entry_up(
     fault: Fault, hi: list, wakes: str
 ) -> None:
-    """A worker frozen (SIGSTOP: a paused container, a stalled VM) past the claim idle time
-    wakes after another one reclaimed its stream entry: it stops, and the other one
-    answers. Woken while the other generates, it sees at its claim refresh that the entry
-    is the other's (taking it back left both generating it, each taking it from the other
-    at every refresh); woken after the answer, Redis drops its first chunk as one of an
-    answered request, which stops its generation (before, it ran to its end for nothing)."""
+    """A worker frozen with its llama-server (SIGSTOP to both: a paused container, a
+    stalled VM) past the claim idle time wakes after another one reclaimed its stream
+    entry: it stops, and the other one answers. Woken while the other generates, it sees
+    at its claim refresh that the entry is the other's (taking it back left both
+    generating it, each taking it from the other at every refresh); woken after the
+    answer, Redis drops its first chunk as one of an answered request, which stops its
+    generation (before, it ran to its end for nothing). With its llama-server running on
+    through the pause, the whole answer could be waiting in the socket at the wake, and
+    end with no chunk to drop (the late-result test covers that)."""
     victim, doomed = await a_long_stream_request(fault, hi)
-    victim.signal(signal.SIGSTOP)
+    paused = [victim.engine_pid(), victim.pid]
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
     try:
         rescuer = fault.spawn("rescuer", slow=True, parallel=1, **RECLAIM)
 
@@ -128,7 +133,8 @@ async def test_a_worker_stalled_past_the_claim_idle_time_gives_its_entry_up(
         await wait_until_async(rescued, timeout=60, what=f"the rescuer, for waking {wakes}")
     finally:
         woke = len(fault.recorder.messages)
-        victim.signal(signal.SIGCONT)
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
     assert_exactly_once(await fault.ledger.settle(timeout=90))
     assert_answered_by(fault, doomed, "rescuer", attempt=2)
     said = {
