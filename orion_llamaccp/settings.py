@@ -195,6 +195,19 @@ class Settings(BaseSettings):
                 raise PydanticUseDefault()  # blank counts as unset, as for every variable
         return value
 
+    @field_validator("bus_url")
+    @classmethod
+    def _readable_url(cls, value: SecretStr) -> SecretStr:
+        """A password with a raw ``/``, ``?`` or ``#`` ends the URL's host part early: the
+        password goes unmasked, and the client fails on a "port" made of it and prints it
+        in its error. Refused here, in words that show none of it."""
+        if not _readable(value.get_secret_value()):
+            raise ValueError(
+                "cannot be read as a URL: percent-encode any '/', '?' or '#' in its user "
+                "name or password (for example '/' as %2F)"
+            )
+        return value
+
     @cached_property
     def overrides(self) -> Overrides:
         return Overrides()
@@ -243,6 +256,19 @@ def url_passwords(url: str) -> list[str]:
     return [value for value in found if value]
 
 
+def _readable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return False
+    if "@" in parts.netloc or "://" not in url:
+        return True
+    rest = url[url.index("://") + 3 + len(parts.netloc) :]
+    before, at, _ = rest.partition("@")
+    return not (at and ":" in before)  # user:password cut short by a '/', '?' or '#'
+
+
 def mask_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
@@ -271,14 +297,24 @@ def _forms(secret: str) -> set[str]:
 
 def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:
     lines = []
+    by_alias = {_alias_of(name, info): name for name, info in model.model_fields.items()}
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else "?"
-        info = model.model_fields.get(field)
+        info = model.model_fields.get(by_alias.get(field, field))
         alias = info.validation_alias if info else None
         names = alias.choices if isinstance(alias, AliasChoices) else [alias or field]
         value = err.get("input")
+        if info is not None and info.annotation in (SecretStr, SecretStr | None):
+            value = "<hidden>"  # a secret's bad value is still the secret
         lines.append(f"{names[0]}={value!r}: {err['msg']}")
     return "invalid environment: " + "; ".join(lines)
+
+
+def _alias_of(name: str, info: Any) -> str:
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return str(alias or name)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -94,6 +94,32 @@ def test_bus_password_in_the_query_or_url_encoded_is_masked_and_redacted(
     assert settings.redact(f"AUTH {password} failed") == "AUTH *** failed"
 
 
+@pytest.mark.parametrize(
+    "url", ["redis://:Zm9v/YmFy+cXV4==@127.0.0.1:6399/0", "redis://:pa#ss9876@h:1/0",
+            "redis://user/x:pw9876@h:1/0"],
+)  # fmt: skip
+def test_a_bus_url_whose_password_cuts_it_short_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """A raw ``/``, ``?`` or ``#`` in the password ends the URL's host part there: the
+    password was neither masked nor redacted, and redis-py's error ("Port could not be
+    cast to integer value as 'Zm9v'") printed it. It is refused, and neither the refusal
+    nor its value shows it."""
+    monkeypatch.setenv("ORION_BUS_URL", url)
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert "ORION_BUS_URL" in message and "percent-encode" in message
+    assert not any(part in message for part in ("Zm9v", "YmFy", "pa#ss", "9876"))
+
+
+def test_a_raw_at_sign_in_the_bus_password_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORION_BUS_URL", "redis://:p@ssw0rd@redis.internal:6379/0")
+    settings = load_settings()
+    assert settings.bus_url_display == "redis://:***@redis.internal:6379/0"
+    assert settings.redact("AUTH p@ssw0rd") == "AUTH ***"
+
+
 def test_secrets_are_stripped_and_redacted_in_their_escaped_form(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
