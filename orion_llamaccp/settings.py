@@ -234,6 +234,7 @@ class Settings(BaseSettings):
         """Secret values that must never appear in logs, announcements or errors."""
         found = [self.hf_token.get_secret_value() if self.hf_token else ""]
         found.extend(url_passwords(self.bus_url.get_secret_value()))
+        found.extend(url_passwords(self.hf_endpoint or ""))  # a mirror's user and password
         return list(dict.fromkeys(value for value in found if len(value) >= 4))
 
     def redact(self, text: str) -> str:

@@ -35,6 +35,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
 from orion_llamaccp.errors import DownloadError, ModelError, ModelNotFound
+from orion_llamaccp.settings import mask_url, url_passwords
 from orion_llamaccp.settings import redact as redact_secrets
 
 # huggingface_hub's own default. We always pass an endpoint: left to itself, the library
@@ -88,10 +89,6 @@ class RemoteFile:
         return self.etag if SHA256.fullmatch(self.etag) else None
 
 
-def redact(text: str, token: str | None) -> str:
-    return redact_secrets(text, [token]) if token else text
-
-
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     return parts.scheme, (parts.hostname or "").lower(), parts.port
@@ -104,6 +101,9 @@ class HubClient:
         self._endpoint = (endpoint or DEFAULT_ENDPOINT).rstrip("/")
         self._token = token
         self._timeout = timeout
+        # A mirror's URL may carry a user and password (https://bot:pw@mirror): as secret
+        # as the token, in whatever the Hub's client or httpx says.
+        self._secrets = [value for value in (token, *url_passwords(self._endpoint)) if value]
 
     def describe(self, hub: HubFile) -> RemoteFile:
         """HEAD the file: size, etag (sha256 for LFS), commit, and the URL of its bytes."""
@@ -119,7 +119,7 @@ class HubClient:
         if not meta.etag or not meta.commit_hash:
             raise DownloadError(
                 f"the Hub's answer for {hub.label} has no ETag or X-Repo-Commit: "
-                f"check that HF_ENDPOINT ({self._endpoint}) points at a Hub"
+                f"check that HF_ENDPOINT ({mask_url(self._endpoint)}) points at a Hub"
             )
         return RemoteFile(
             source=hub,
@@ -183,11 +183,14 @@ class HubClient:
         except httpx2.TransportError as exc:
             raise Transient(f"connection to {_host(remote.url)} broke off: {exc}") from None
 
+    def _redact(self, text: str) -> str:
+        return redact_secrets(text, self._secrets)
+
     def _translate(self, exc: Exception, hub: HubFile) -> Exception:
         """The package's error for anything huggingface_hub or httpx2 raised."""
         found = _final_error(exc, hub, has_token=bool(self._token))
         if found is not None:
-            return type(found)(redact(str(found), self._token))
+            return type(found)(self._redact(str(found)))
         if isinstance(exc, httpx2.LocalProtocolError):
             # Our own request is malformed (a stray character in a header): no retry can
             # fix it. Its text quotes the header, token included, so it is not repeated.
@@ -200,15 +203,15 @@ class HubClient:
         if isinstance(exc, httpx2.TimeoutException):
             return Transient(f"no answer within {self._timeout:g} s for {hub.label}")
         if isinstance(exc, httpx2.TransportError):
-            return Transient(redact(f"cannot reach the Hub for {hub.label}: {exc}", self._token))
+            return Transient(self._redact(f"cannot reach the Hub for {hub.label}: {exc}"))
         if isinstance(exc, HfHubHTTPError):
             return DownloadError(
                 f"the Hub refused {hub.label} with HTTP {_status(exc)}: "
-                + redact(_first_line(exc), self._token)
+                + self._redact(_first_line(exc))
             )
         return DownloadError(
             f"downloading {hub.label} failed: {type(exc).__name__}: "
-            + redact(_first_line(exc), self._token)
+            + self._redact(_first_line(exc))
         )
 
 
@@ -264,4 +267,6 @@ def _first_line(exc: Exception) -> str:
 
 
 def _host(url: str) -> str:
-    return urlsplit(url).netloc
+    """Where ``url`` points, without the user and password it may carry."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)

@@ -19,7 +19,7 @@ from orion_llamaccp.model import ensure_model, plan_files
 from orion_llamaccp.model.hub import HubClient, HubFile
 from orion_llamaccp.settings import ENV_PREFIXES, Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile
-from tests.model.hub_server import FakeHub
+from tests.model.hub_server import FakeHub, Fault
 
 SettingsFactory = Callable[..., Settings]
 Bytes = Callable[[int], bytes]
@@ -275,3 +275,39 @@ def test_blank_hf_endpoint_downloads_from_huggingface_co(proxy: _Proxy, cache_di
     assert worker.returncode != 0  # the proxy refuses: no internet is needed or used
     assert proxy.lines, worker.stderr
     assert set(proxy.lines) == {"CONNECT huggingface.co:443 HTTP/1.1"}
+
+
+@pytest.mark.parametrize("failure", ["unknown repo", "server errors"])
+def test_a_mirror_s_user_and_password_never_show(
+    hub: FakeHub,
+    gguf_bytes: Bytes,
+    make_settings: SettingsFactory,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    failure: str,
+) -> None:
+    """``HF_ENDPOINT`` may name a mirror with a user and password in it: they are as
+    secret as the token. They were in the retries' log lines and the final error ("HTTP
+    503 from bot:...@127.0.0.1:...")."""
+    caplog.set_level(logging.DEBUG)
+    password = "m1rr0rPassw0rd"
+    endpoint = hub.endpoint.replace("://", f"://bot:{password}@")
+    settings = make_settings(hf_endpoint=endpoint)
+    profile = make_profile(hf_repo_id="orion-test/nope")
+    if failure == "server errors":
+        hub.add(REPO_ID, FILENAME, gguf_bytes(4096))
+        hub.fault("cdn", Fault("status", status=503), times=1000)
+        profile = make_profile()
+    with pytest.raises(DownloadError) as err:
+        ensure_model(profile, settings)
+    captured = capsys.readouterr()
+    # What the worker logs: its own lines, and warnings of any library (it holds httpx's
+    # request lines, which name the URL, below WARNING: cli.setup_logging).
+    logged = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("orion_llamaccp") or r.levelno >= logging.WARNING
+    ]
+    for text in (str(err.value), *logged, captured.out, captured.err):
+        assert password not in text
+    assert password in settings.secrets()
