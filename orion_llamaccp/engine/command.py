@@ -116,7 +116,8 @@ def mask_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
     return masked
 
 
-def _effective(cfg: LlamaCppConfig, overrides: Overrides) -> dict[str, Any]:
+def effective_knobs(cfg: LlamaCppConfig, overrides: Overrides) -> dict[str, Any]:
+    """The profile's knobs with the environment's overrides applied: what runs."""
     values = {knob: getattr(cfg, knob) for knob in KNOBS}
     for knob in OVERRIDABLE:
         override = getattr(overrides, knob)
@@ -215,7 +216,7 @@ def build_launch(
     if files.draft is not None:
         _check(binary, profile.name, "llamacpp.hf_draft_filename", "--model-draft")
         argv += ["--model-draft", str(files.draft)]
-    argv += _knob_args(profile, _effective(cfg, overrides), binary)
+    argv += _knob_args(profile, effective_knobs(cfg, overrides), binary)
     argv += _extra_args(profile, binary)
 
     env = gpu_env(profile, overrides)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orion_llamaccp.bus import keys
+from orion_llamaccp.engine.command import effective_knobs
 
 if TYPE_CHECKING:
     from orion_llamaccp.model.progress import ProgressEvent
@@ -136,10 +137,10 @@ class WorkerView:
             "supports_tools": profile.supports_tools,
             "supports_embeddings": profile.supports_embeddings,
             "supports_vision": profile.supports_vision,
-            "ctx_size": profile.llamacpp.ctx_size,
+            "ctx_size": effective_knobs(profile.llamacpp, worker.settings.overrides)["ctx_size"],
             "n_ctx_per_slot": props.n_ctx if props else None,
             "slots": worker.slots.total,
-            "gpu_ids": list(profile.gpu.device_ids),
+            "gpu_ids": _gpu_ids(launch.env.get("CUDA_VISIBLE_DEVICES"), profile.gpu.device_ids),
             "cuda_visible_devices": launch.env.get("CUDA_VISIBLE_DEVICES"),
             "intake_channel": self.channels.intake,
             "intake_stream": self.channels.stream,
@@ -164,3 +165,15 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except OSError:
         return None
+
+
+def _gpu_ids(visible: str | None, configured: tuple[int, ...]) -> list[int | str]:
+    """The GPUs llama-server sees: ``CUDA_VISIBLE_DEVICES`` as launched (an override
+    included; ids or UUIDs), else the profile's."""
+    if visible is None:
+        return list(configured)
+    return [
+        int(part) if part.strip().isdigit() else part.strip()
+        for part in visible.split(",")
+        if part.strip()
+    ]

@@ -88,7 +88,8 @@ class Worker:
         self.view = WorkerView(self)
         self.supervisor = make_supervisor(plan, progress=self.view.on_progress)
         self.supervisor.add_listener(self._on_engine_event)
-        self.slots = Slots(self.profile.llamacpp.parallel or 1)
+        # As launched (an override included), until llama-server says (``_start_engine``).
+        self.slots = Slots(settings.overrides.parallel or self.profile.llamacpp.parallel or 1)
         self.local: asyncio.Queue[Job] = asyncio.Queue()
         # Accepted pub/sub jobs that do not hold a slot yet and are not answered: one
         # cancelled while queued leaves at once, though it stays in ``local`` until its turn.

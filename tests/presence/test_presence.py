@@ -214,6 +214,9 @@ async def test_announcements_on_start_on_change_and_on_discovery(
     )
     assert ready["profile"] == "tiny" and ready["model_id"] == "tiny-random-llama"
     assert ready["slots"] == 2 and ready["intake_channel"].endswith(":tiny")
+    # As launched: the registry says 2048, LLAMACPP_CTX_SIZE_OVERRIDE 8192 (spawn_worker).
+    assert ready["ctx_size"] == 8192 and "--ctx-size" in ready["argv"]
+    assert ready["argv"][ready["argv"].index("--ctx-size") + 1] == "8192"
     assert ready["model"]["file"] == "tiny.gguf" and ready["model"]["size_bytes"] > 0
     assert ready["argv"][0].endswith("llama-server") and "--port" in ready["argv"]
     os.kill(worker.engine_pid(), signal.SIGKILL)
