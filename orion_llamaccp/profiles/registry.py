@@ -8,6 +8,7 @@ selected does not stop the service; ``validate`` reports every problem.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,19 @@ def describe_errors(name: str, exc: ValidationError) -> str:
             extra = " Raw llama-server flags go in extra_args." if loc[0] == "llamacpp" else ""
             lines.append(f"{where}: unknown key{hint}.{extra}")
         else:
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{where}: {err['msg']} ({_got(loc, err.get('input'))})")
     return "\n".join(lines)
+
+
+def _got(loc: list[str], value: Any) -> str:
+    """The bad value, unless where it sits may hold a secret (a raw ``--api-key`` in
+    ``extra_args``, say): every worker sharing the registry logs a broken profile."""
+    if any(part == "extra_args" or _SECRETISH.search(part) for part in loc):
+        return f"got a {type(value).__name__}; not repeated, it may hold a secret"
+    return f"got {value!r}"
+
+
+_SECRETISH = re.compile(r"key|token|secret|passw", re.IGNORECASE)
 
 
 def parse_profile(name: str, raw: Any) -> Profile:

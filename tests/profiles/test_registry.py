@@ -160,6 +160,21 @@ def test_bad_value_names_full_key_path(tmp_path: Path) -> None:
     assert "'big'" in str(err.value)
 
 
+def test_a_bad_value_that_may_hold_a_secret_is_not_repeated(tmp_path: Path) -> None:
+    """``extra_args`` as one string instead of a list: its error names the key, not the
+    value, which here carries an API key (every worker sharing the registry logs a broken
+    profile, and ``validate`` and ``doctor`` print it)."""
+    path = write(
+        tmp_path,
+        "profiles:\n  x:\n    backend: llamacpp\n    llamacpp:\n"
+        '      extra_args: "--api-key sk-live-SECRET123"\n',
+    )
+    with pytest.raises(ConfigError) as err:
+        load_registry(path).select("x")
+    assert "profiles.x.llamacpp.extra_args:" in str(err.value)
+    assert "SECRET123" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("key", "suggestion"),
     [("ctx_sise", "ctx_size"), ("n_gpu_layer", "n_gpu_layers"), ("flashattn", "flash_attn")],
