@@ -51,6 +51,14 @@ def _env(name: str) -> Any:
     return Field(default=None, validation_alias=AliasChoices(name))
 
 
+def _unset_if_blank(value: Any) -> Any:
+    """Blank counts as unset, spaces too (``env_ignore_empty`` drops only ``""``): a
+    ``CUDA_VISIBLE_DEVICES_OVERRIDE=" "`` hid every GPU, a host of " " was passed on."""
+    if isinstance(value, str) and not value.strip():
+        raise PydanticUseDefault()
+    return value
+
+
 class Overrides(BaseSettings):
     """Per-deployment overrides of the profile's llama-server knobs (``None`` = use profile)."""
 
@@ -72,6 +80,8 @@ class Overrides(BaseSettings):
     parallel: Annotated[int, Field(ge=1)] | None = _env("LLAMACPP_PARALLEL_OVERRIDE")
     batch_size: Annotated[int, Field(ge=1)] | None = _env("LLAMACPP_BATCH_SIZE_OVERRIDE")
     cuda_visible_devices: str | None = _env("CUDA_VISIBLE_DEVICES_OVERRIDE")
+
+    _blank = field_validator("*", mode="before")(lambda value: _unset_if_blank(value))
 
     @field_validator("n_gpu_layers", mode="before")
     @classmethod
@@ -182,6 +192,8 @@ class Settings(BaseSettings):
         5.0, gt=0, validation_alias="ORION_LLAMACPP_REDIS_SOCKET_TIMEOUT_SEC"
     )
     pubsub_ping_sec: float = Field(2.0, gt=0, validation_alias="ORION_LLAMACPP_PUBSUB_PING_SEC")
+
+    _blank = field_validator("*", mode="before")(lambda value: _unset_if_blank(value))
 
     @field_validator("hf_token", "bus_url", mode="before")
     @classmethod

@@ -10,16 +10,22 @@ from orion_llamaccp.errors import ConfigError
 from orion_llamaccp.settings import load_settings
 
 
-def test_blank_overrides_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("blank", ["", " ", "  \t"])
+def test_blank_overrides_are_unset(monkeypatch: pytest.MonkeyPatch, blank: str) -> None:
+    """Spaces count as blank too: ``CUDA_VISIBLE_DEVICES_OVERRIDE=" "`` hid every GPU
+    (llama-server ran on the CPU), ``LLAMACPP_PORT_OVERRIDE=" "`` stopped start-up."""
     for name in (
         "LLAMACPP_CTX_SIZE_OVERRIDE",
         "LLAMACPP_N_GPU_LAYERS_OVERRIDE",
         "LLAMACPP_PORT_OVERRIDE",
+        "LLAMACPP_HOST_OVERRIDE",
+        "LLAMACPP_MODEL_PATH_OVERRIDE",
         "CUDA_VISIBLE_DEVICES_OVERRIDE",
         "LLM_PROFILE_NAME",
     ):
-        monkeypatch.setenv(name, "")
+        monkeypatch.setenv(name, blank)
     settings = load_settings()
+    assert settings.overrides.host is None and settings.overrides.model_path is None
     assert settings.overrides.ctx_size is None
     assert settings.overrides.n_gpu_layers is None
     assert settings.overrides.port is None
