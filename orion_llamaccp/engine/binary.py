@@ -10,7 +10,8 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,9 +33,14 @@ class BinaryInfo:
     flags: frozenset[str]
     env_of: dict[str, str]
     build: str
+    aliases: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def accepts(self, flag: str) -> bool:
         return flag in self.flags
+
+    def names(self, flag: str) -> frozenset[str]:
+        """``flag`` and its aliases (``-c`` and ``--ctx-size``), per ``--help``."""
+        return self.aliases.get(flag, frozenset({flag}))
 
     def env_var(self, flag: str) -> str | None:
         """The ``LLAMA_*`` variable that sets ``flag``, per this build's ``--help``."""
@@ -99,6 +105,15 @@ def parse_help(text: str) -> tuple[frozenset[str], dict[str, str]]:
     return frozenset(flags), env_of
 
 
+def parse_aliases(text: str) -> dict[str, frozenset[str]]:
+    """Each flag of ``--help`` with the other names of the same option."""
+    aliases: dict[str, frozenset[str]] = {}
+    for head, _ in _entries(text):
+        names = frozenset(m.group(1) for m in _FLAG.finditer(head))
+        aliases.update(dict.fromkeys(names, names))
+    return aliases
+
+
 def _build_label(path: Path) -> str:
     """What we know of the build: our build record if we made it, else ``--version``."""
     record = path.parent.parent / "build-info.json"
@@ -135,7 +150,7 @@ def _probe(path: str, mtime_ns: int) -> BinaryInfo:
             f"{path} --help does not look like llama-server's (no --port; exit {out.returncode}): "
             f"{text.strip()[-300:]}"
         )
-    return BinaryInfo(Path(path), flags, env_of, _build_label(Path(path)))
+    return BinaryInfo(Path(path), flags, env_of, _build_label(Path(path)), parse_aliases(text))
 
 
 def probe(path: Path) -> BinaryInfo:

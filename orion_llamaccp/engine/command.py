@@ -157,7 +157,7 @@ def _is_flag(arg: str) -> bool:
     return arg.startswith("-") and not arg.lstrip("-").replace(".", "").isdigit()
 
 
-def _extra_args(profile: Profile, binary: BinaryInfo | None) -> list[str]:
+def _extra_args(profile: Profile, binary: BinaryInfo | None, owned: set[str]) -> list[str]:
     """The profile's raw flags; ``--flag=value`` and ``"--flag value"`` (one YAML string)
     become ``--flag value``, since that is what was meant and llama-server refuses the
     one-argument forms ("invalid argument"). Only the flag is named in an error: the value
@@ -169,6 +169,12 @@ def _extra_args(profile: Profile, binary: BinaryInfo | None) -> list[str]:
             continue
         flag, value = _flag_and_value(arg)
         _check(binary, profile.name, f"llamacpp.extra_args ({flag})", flag)
+        if clash := (binary.names(flag) if binary else {flag}) & owned:
+            raise ConfigError(
+                f"profile '{profile.name}' sets {flag} in llamacpp.extra_args, but the "
+                f"wrapper sets {min(clash)} itself (from the profile's knobs, an override "
+                f"or api_key_env): set it there, not in extra_args"
+            )
         extra.extend([flag] if value is None else [flag, value])
     return extra
 
@@ -217,7 +223,13 @@ def build_launch(
         _check(binary, profile.name, "llamacpp.hf_draft_filename", "--model-draft")
         argv += ["--model-draft", str(files.draft)]
     argv += _knob_args(profile, effective_knobs(cfg, overrides), binary)
-    argv += _extra_args(profile, binary)
+    # Set here, or through the environment (the API key): an extra_args flag for one of
+    # them would win (llama-server takes the last), silently undoing an override, or
+    # moving the port or the key away from what the worker then talks to.
+    owned = {arg for arg in argv[1:] if arg.startswith("--")}
+    if cfg.api_key_env:
+        owned.add("--api-key")
+    argv += _extra_args(profile, binary, owned)
 
     env = gpu_env(profile, overrides)
     secret: set[str] = set()

@@ -266,14 +266,40 @@ def test_knob_missing_from_an_older_build_is_refused() -> None:
 
 def test_api_key_goes_through_env_and_is_masked(llama_server_bin: Path) -> None:
     binary = probe(llama_server_bin)
-    raw = {"api_key_env": "MY_KEY", "extra_args": ["--api-key", "inline"]}
+    raw = {"api_key_env": "MY_KEY"}
     launch = _launch(raw, binary, {"MY_KEY": "sekrit-value"})
     assert "sekrit-value" not in launch.argv
     assert launch.env[binary.env_var("--api-key")] == "sekrit-value"
     assert "sekrit-value" not in str(launch.masked_env())
-    assert "inline" not in launch.masked_argv()
     with pytest.raises(ConfigError, match="MY_KEY"):
         _launch(raw, binary, {})
+
+
+@pytest.mark.parametrize(
+    ("raw", "env", "flag"),
+    [
+        ({"extra_args": ["--port", "9000"]}, {}, "--port"),
+        ({"ctx_size": 4096, "extra_args": ["-c", "32768"]}, {}, "--ctx-size"),
+        ({"extra_args": ["-np 8"]}, {"LLAMACPP_PARALLEL_OVERRIDE": "2"}, "--parallel"),
+        ({"api_key_env": "MY_KEY", "extra_args": ["--api-key", "inline"]}, {}, "--api-key"),
+    ],
+)
+def test_extra_args_may_not_set_what_the_wrapper_sets(
+    llama_server_bin: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    raw: dict,
+    env: dict[str, str],
+    flag: str,
+) -> None:
+    """llama-server takes a flag's last value, so a flag in extra_args that the wrapper
+    also sets won silently: an override undone (``-c`` after the ctx-size override), the
+    server on a port the worker does not watch (it was then killed as hung), a key the
+    worker does not send. Refused, naming the flag and not its value."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(flag)) as refused:
+        _launch(raw, probe(llama_server_bin), {"MY_KEY": "sekrit-value"})
+    assert "inline" not in str(refused.value) and "sekrit" not in str(refused.value)
 
 
 def test_knob_values_render_to_current_flag_syntax() -> None:
