@@ -7,13 +7,14 @@ nothing is the worst kind of configuration bug.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -160,6 +161,19 @@ class Profile(BaseModel):
     supports_vision: bool = False
     gpu: GpuConfig = GpuConfig()
     llamacpp: LlamaCppConfig = LlamaCppConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_near_misses(cls, data: Any) -> Any:
+        """Keys of other backends' tools may sit beside ours (``notes``), but one a letter
+        or two from ours (``gpus:``) is a typo that would silently do nothing."""
+        if isinstance(data, Mapping):
+            known = known_keys(cls)
+            for key in data:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
+                if key not in known and close:
+                    raise ValueError(f"unknown key '{key}' (did you mean '{close[0]}'?)")
+        return data
 
     @property
     def label(self) -> str:

@@ -84,7 +84,8 @@ def describe_errors(name: str, exc: ValidationError) -> str:
             extra = " Raw llama-server flags go in extra_args." if loc[0] == "llamacpp" else ""
             lines.append(f"{where}: unknown key{hint}.{extra}")
         else:
-            lines.append(f"{where}: {err['msg']} ({_got(loc, err.get('input'))})")
+            got = f" ({_got(loc, err.get('input'))})" if loc else ""  # else: the whole profile
+            lines.append(f"{where}: {err['msg']}{got}")
     return "\n".join(lines)
 
 

@@ -193,6 +193,23 @@ def test_unknown_llamacpp_key_names_closest_known(
     assert "extra_args" in str(err.value)
 
 
+@pytest.mark.parametrize(("key", "meant"), [("gpus", "gpu"), ("llama_cpp", "llamacpp")])
+def test_a_misspelled_profile_block_is_an_error_not_a_note(
+    tmp_path: Path, key: str, meant: str
+) -> None:
+    """A profile may carry keys of other tools (``notes``), but ``gpus:`` beside no
+    ``gpu:`` is a typo: it passed ``validate`` and the GPU pinning silently did nothing."""
+    path = write(
+        tmp_path,
+        f"profiles:\n  x:\n    backend: llamacpp\n    notes: fine\n    {key}:\n"
+        "      device_ids: [1]\n",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_registry(path).select("x")
+    assert f"unknown key '{key}' (did you mean '{meant}'?)" in str(err.value)
+    assert "device_ids" not in str(err.value)  # the profile is not echoed
+
+
 def test_unknown_gpu_key_is_an_error_too(tmp_path: Path) -> None:
     path = write(
         tmp_path, "profiles:\n  x:\n    backend: llamacpp\n    gpu:\n      devices_ids: [0]\n"
