@@ -224,6 +224,11 @@ class Settings(BaseSettings):
     def overrides(self) -> Overrides:
         return Overrides()
 
+    def overrides_for(self, profile: str) -> Overrides:
+        """The environment's overrides for the profile it selects (``LLM_PROFILE_NAME``);
+        none for another one a command names (``fetch big`` must not check small's file)."""
+        return self.overrides if profile == self.profile_name else Overrides.model_construct()
+
     @property
     def instance_id(self) -> str:
         """Stable per host and profile, so a restarted worker finds its own stream entries."""

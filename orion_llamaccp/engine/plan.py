@@ -59,7 +59,7 @@ def plan_profile(
     settings: Settings, registry: Registry, profile: Profile, *, require_binary: bool = True
 ) -> ServicePlan:
     """``build_plan`` for a profile already selected; runs the binary's ``--help``."""
-    overrides = settings.overrides
+    overrides = settings.overrides_for(profile.name)
     files = plan_files(profile, overrides.model_path, settings.environ())
     binary: BinaryInfo | None = None
     try:

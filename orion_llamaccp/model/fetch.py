@@ -341,7 +341,7 @@ def _run(
     deep: bool,
     download: bool = True,
 ) -> ResolvedModel:
-    files = plan_files(profile, settings.overrides.model_path, settings.environ())
+    files = plan_files(profile, settings.overrides_for(profile.name).model_path, settings.environ())
     fetcher = _Fetcher(settings, files.root, Reporter(progress), cancel, download=download)
     return fetcher.resolve(files, plan_targets(profile, files), deep)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from orion_llamaccp.engine.plan import select_profile
+from orion_llamaccp.engine.plan import build_plan, select_profile
 from orion_llamaccp.errors import ConfigError, ModelNotFound, ProfileNotFound, UnsafeModelPath
 from orion_llamaccp.model.paths import plan_files
 from orion_llamaccp.profiles.models import expand_path
 from orion_llamaccp.profiles.registry import load_registry
-from orion_llamaccp.settings import ENV_PREFIXES, Settings
+from orion_llamaccp.settings import ENV_PREFIXES, Settings, load_settings
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SHIPPED = Path(__file__).resolve().parents[2] / "config" / "llm_profiles.yaml"
@@ -319,3 +319,29 @@ def test_traversal_in_profile_file_names_is_refused(tmp_path: Path, key: str, na
     profile = _profile(tmp_path, f"{main}      {key}: {name!r}\n")
     with pytest.raises(UnsafeModelPath, match="outside model_root"):
         plan_files(profile, None, {})
+
+
+def test_overrides_apply_to_the_selected_profile_not_to_one_a_command_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``LLAMACPP_*_OVERRIDE`` are the running profile's (``LLM_PROFILE_NAME``). A command
+    that names another one (``command big``, ``fetch big``) applied them to it too: big
+    was shown with small's file and context, and ``fetch big`` checked small's file."""
+    path = write(
+        tmp_path,
+        "profiles:\n"
+        "  small:\n    backend: llamacpp\n    llamacpp:\n      model_path: s.gguf\n"
+        "      ctx_size: 4096\n"
+        "  big:\n    backend: llamacpp\n    llamacpp:\n      model_path: b.gguf\n"
+        "      ctx_size: 65536\n",
+    )
+    monkeypatch.setenv("LLM_PROFILES_CONFIG_PATH", str(path))
+    monkeypatch.setenv("LLM_PROFILE_NAME", "small")
+    monkeypatch.setenv("LLAMACPP_CTX_SIZE_OVERRIDE", "2048")
+    monkeypatch.setenv("LLAMACPP_MODEL_PATH_OVERRIDE", str(tmp_path / "small-here.gguf"))
+    settings = load_settings()
+    small = build_plan(settings, require_binary=False)
+    big = build_plan(settings, profile_name="big", require_binary=False)
+    assert small.files.model.name == "small-here.gguf" and "2048" in small.launch.argv
+    assert big.files.model.name == "b.gguf"
+    assert big.launch.argv[big.launch.argv.index("--ctx-size") + 1] == "65536"
