@@ -183,9 +183,10 @@ def test_overrides_win_over_the_profile(binary_env: None, monkeypatch: pytest.Mo
         ("LLAMACPP_PORT_OVERRIDE", "9999"),
         ("LLAMACPP_HOST_OVERRIDE", "10.0.0.5"),
         ("LLAMACPP_MODEL_PATH_OVERRIDE", "/elsewhere/m.gguf"),
+        ("LLM_PROFILE_NAME", "deepseek-70b-gguf-atlas"),  # the overrides are its own
     ]:
         monkeypatch.setenv(name, value)
-    argv = list(build_plan(load_settings(), profile_name="deepseek-70b-gguf-atlas").launch.argv)
+    argv = list(build_plan(load_settings()).launch.argv)
     pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
     assert pairs["--model"] == "/elsewhere/m.gguf"
     assert (pairs["--host"], pairs["--port"]) == ("10.0.0.5", "9999")
@@ -202,9 +203,11 @@ def test_gpu_pinning_env(binary_env: None, monkeypatch: pytest.MonkeyPatch) -> N
     assert launch.env["CUDA_VISIBLE_DEVICES"] == "1,2"
     assert launch.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES_OVERRIDE", "3")
-    launch = build_plan(load_settings(), profile_name="qwen3-30b-a3b-q4km-2gpu-think").launch
+    monkeypatch.setenv("LLM_PROFILE_NAME", "qwen3-30b-a3b-q4km-2gpu-think")
+    launch = build_plan(load_settings()).launch
     assert launch.env["CUDA_VISIBLE_DEVICES"] == "3"
-    cpu = build_plan(load_settings(), profile_name="gemma3-270m-cpu").launch
+    monkeypatch.setenv("LLM_PROFILE_NAME", "gemma3-270m-cpu")
+    cpu = build_plan(load_settings()).launch
     assert cpu.env == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "3"}
 
 
