@@ -81,7 +81,7 @@ class Overrides(BaseSettings):
     batch_size: Annotated[int, Field(ge=1)] | None = _env("LLAMACPP_BATCH_SIZE_OVERRIDE")
     cuda_visible_devices: str | None = _env("CUDA_VISIBLE_DEVICES_OVERRIDE")
 
-    _blank = field_validator("*", mode="before")(lambda value: _unset_if_blank(value))
+    _blank = field_validator("*", mode="before")(_unset_if_blank)
 
     @field_validator("n_gpu_layers", mode="before")
     @classmethod
@@ -193,7 +193,7 @@ class Settings(BaseSettings):
     )
     pubsub_ping_sec: float = Field(2.0, gt=0, validation_alias="ORION_LLAMACPP_PUBSUB_PING_SEC")
 
-    _blank = field_validator("*", mode="before")(lambda value: _unset_if_blank(value))
+    _blank = field_validator("*", mode="before")(_unset_if_blank)
 
     @field_validator("hf_token", "bus_url", mode="before")
     @classmethod
@@ -201,11 +201,9 @@ class Settings(BaseSettings):
         """A secret mounted from a file ends in a newline: it would break the HTTP header."""
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
-        if isinstance(value, str):
-            value = value.strip()
-            if not value:
-                raise PydanticUseDefault()  # blank counts as unset, as for every variable
-        return value
+        # Blank after the strip counts as unset: ``_blank`` runs after this (the validators
+        # of a field run before those of "*").
+        return value.strip() if isinstance(value, str) else value
 
     @field_validator("bus_url")
     @classmethod
@@ -315,20 +313,19 @@ def _forms(secret: str) -> set[str]:
 
 def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:
     lines = []
-    by_alias = {_alias_of(name, info): name for name, info in model.model_fields.items()}
+    by_variable = {_variable_of(name, info): info for name, info in model.model_fields.items()}
     for err in exc.errors():
-        field = str(err["loc"][0]) if err["loc"] else "?"
-        info = model.model_fields.get(by_alias.get(field, field))
-        alias = info.validation_alias if info else None
-        names = alias.choices if isinstance(alias, AliasChoices) else [alias or field]
+        variable = str(err["loc"][0]) if err["loc"] else "?"  # errors name the alias
+        info = by_variable.get(variable)
         value = err.get("input")
         if info is not None and info.annotation in (SecretStr, SecretStr | None):
             value = "<hidden>"  # a secret's bad value is still the secret
-        lines.append(f"{names[0]}={value!r}: {err['msg']}")
+        lines.append(f"{variable}={value!r}: {err['msg']}")
     return "invalid environment: " + "; ".join(lines)
 
 
-def _alias_of(name: str, info: Any) -> str:
+def _variable_of(name: str, info: Any) -> str:
+    """The environment variable a field is read from."""
     alias = info.validation_alias
     if isinstance(alias, AliasChoices):
         return str(alias.choices[0])

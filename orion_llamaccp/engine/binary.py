@@ -86,32 +86,28 @@ def _entries(text: str) -> list[tuple[str, str]]:
     return entries
 
 
-def parse_help(text: str) -> tuple[frozenset[str], dict[str, str]]:
-    """Accepted flags, and each flag's environment variable, from ``--help`` output.
+def parse_help(
+    text: str,
+) -> tuple[frozenset[str], dict[str, str], dict[str, frozenset[str]]]:
+    """Accepted flags, each flag's environment variable, and each flag's other names
+    (``-c`` and ``--ctx-size``), from ``--help`` output.
 
     Flags whose description says "the argument has been removed" are still listed by
     llama.cpp but rejected at run time: they do not count as accepted.
     """
     flags: set[str] = set()
     env_of: dict[str, str] = {}
+    aliases: dict[str, frozenset[str]] = {}
     for head, desc in _entries(text):
-        names = [m.group(1) for m in _FLAG.finditer(head)]
+        names = frozenset(m.group(1) for m in _FLAG.finditer(head))
+        aliases.update(dict.fromkeys(names, names))
         if "has been removed" in desc:
             continue
         flags.update(names)
         env = _ENV.search(desc)
         if env:
             env_of.update(dict.fromkeys(names, env.group(1)))
-    return frozenset(flags), env_of
-
-
-def parse_aliases(text: str) -> dict[str, frozenset[str]]:
-    """Each flag of ``--help`` with the other names of the same option."""
-    aliases: dict[str, frozenset[str]] = {}
-    for head, _ in _entries(text):
-        names = frozenset(m.group(1) for m in _FLAG.finditer(head))
-        aliases.update(dict.fromkeys(names, names))
-    return aliases
+    return frozenset(flags), env_of, aliases
 
 
 def _build_label(path: Path) -> str:
@@ -144,13 +140,13 @@ def _probe(path: str, mtime_ns: int) -> BinaryInfo:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EngineError(f"could not run {path} --help: {exc}") from exc
     text = out.stdout + out.stderr
-    flags, env_of = parse_help(text)
+    flags, env_of, aliases = parse_help(text)
     if "--port" not in flags:
         raise EngineError(
             f"{path} --help does not look like llama-server's (no --port; exit {out.returncode}): "
             f"{text.strip()[-300:]}"
         )
-    return BinaryInfo(Path(path), flags, env_of, _build_label(Path(path)), parse_aliases(text))
+    return BinaryInfo(Path(path), flags, env_of, _build_label(Path(path)), aliases)
 
 
 def probe(path: Path) -> BinaryInfo:

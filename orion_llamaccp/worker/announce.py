@@ -172,8 +172,5 @@ def _gpu_ids(visible: str | None, configured: tuple[int, ...]) -> list[int | str
     included; ids or UUIDs), else the profile's."""
     if visible is None:
         return list(configured)
-    return [
-        int(part) if part.strip().isdigit() else part.strip()
-        for part in visible.split(",")
-        if part.strip()
-    ]
+    parts = [part.strip() for part in visible.split(",")]
+    return [int(part) if part.isdigit() else part for part in parts if part]

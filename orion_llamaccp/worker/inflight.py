@@ -64,7 +64,7 @@ class RecentCancels:
             return False
         if job.envelope.source.name == "legacy":
             return heard_at >= job.received
-        return job.envelope.created_at <= created_at
+        return not _created_after(job, created_at)
 
     def __len__(self) -> int:
         return len(self._heard)

@@ -252,8 +252,8 @@ def test_knob_missing_from_an_older_build_is_refused() -> None:
         "-c,    --ctx-size N                     size of the prompt context\n"
         "-fa,   --flash-attn                     enable Flash Attention (default: disabled)\n"
     )
-    flags, env_of = parse_help(old_help)
-    binary = BinaryInfo(Path("/old/llama-server"), flags, env_of, "b3000")
+    flags, env_of, aliases = parse_help(old_help)
+    binary = BinaryInfo(Path("/old/llama-server"), flags, env_of, "b3000", aliases)
     assert _build({"ctx_size": 512, "flash_attn": "on"}, binary)[-4:] == [
         "--ctx-size",
         "512",
