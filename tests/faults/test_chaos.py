@@ -65,6 +65,18 @@ class Load:
             await asyncio.sleep(interval)
 
 
+async def holding_entries(fault: Fault, worker: WorkerProc) -> None:
+    """Until ``worker`` holds a stream entry: a fault that hits it then hits a request
+    (on a fast VM the long ones end quickly, and a kill could fall between them)."""
+
+    async def held() -> bool:
+        summary = await fault.raw.xpending(STREAM, GROUP)
+        mine = [c for c in summary["consumers"] if c["name"] in (worker.name, worker.name.encode())]
+        return bool(mine) and int(mine[0]["pending"]) > 0
+
+    await wait_until_async(held, timeout=20, interval=0.01, what=f"{worker.name} holding work")
+
+
 async def kill_engine(worker: WorkerProc) -> None:
     engine = worker.engine_pid()
     os.kill(engine, signal.SIGKILL)
@@ -84,8 +96,10 @@ async def test_faults_in_a_row_under_steady_load(fault: Fault, hi: list) -> None
     sending = asyncio.create_task(load.run(interval=0.15))
     try:
         await asyncio.sleep(2)
+        await holding_entries(fault, a)
         await kill_engine(a)  # its supervisor restarts it; its stream requests are retried
         await asyncio.sleep(2)
+        await holding_entries(fault, b)
         b.kill()  # its stream entries are reclaimed by the others
         b_killed = time.monotonic()
         b2 = fault.spawn("b2", slow=True, ready=False, **RECLAIM)
