@@ -186,6 +186,11 @@ class Settings(BaseSettings):
     engine_health_timeout_sec: float = Field(
         5.0, gt=0, validation_alias="ORION_LLAMACPP_HEALTH_TIMEOUT_SEC"
     )
+    # llama-server's inference loop still, with /health 200, this long: wedged, restarted;
+    # 0: not watched. Above the longest single decode (a prompt batch on the slowest card).
+    engine_progress_timeout_sec: float = Field(
+        300.0, ge=0, validation_alias="ORION_LLAMACPP_PROGRESS_TIMEOUT_SEC"
+    )
     engine_crash_limit: int = Field(5, ge=1, validation_alias="ORION_LLAMACPP_CRASH_LIMIT")
     redis_retry_sec: float = Field(120.0, gt=0, validation_alias="ORION_LLAMACPP_REDIS_RETRY_SEC")
     redis_socket_timeout_sec: float = Field(

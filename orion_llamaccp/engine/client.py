@@ -135,9 +135,9 @@ class LlamaClient:
             raise EngineUnavailable(f"llama-server /health: {type(exc).__name__}: {exc}") from exc
         return Health(response.status_code, response.text[:200])
 
-    async def _get_json(self, path: str) -> Any:
+    async def _get_json(self, path: str, timeout: Any = httpx.USE_CLIENT_DEFAULT) -> Any:
         try:
-            response = await self._http.get(path)
+            response = await self._http.get(path, timeout=timeout)
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"llama-server {path}: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
@@ -151,8 +151,10 @@ class LlamaClient:
             self._streams.slots = props.total_slots
         return props
 
-    async def slots(self) -> list[dict[str, Any]]:
-        data = await self._get_json("/slots")
+    async def slots(self, timeout: Any = httpx.USE_CLIENT_DEFAULT) -> list[dict[str, Any]]:
+        """``/slots``: answered by the inference loop, so it may wait for it (``timeout``
+        None: as long as it takes)."""
+        data = await self._get_json("/slots", timeout)
         return data if isinstance(data, list) else []
 
     def send(self, body: dict[str, Any]) -> Sent | None:

@@ -73,6 +73,7 @@ def policy_from(settings: Settings) -> SupervisorPolicy:
         silence_timeout=settings.engine_silence_timeout_sec,
         health_interval=settings.engine_health_interval_sec,
         health_timeout=settings.engine_health_timeout_sec,
+        progress_timeout=settings.engine_progress_timeout_sec,
         crash_limit=settings.engine_crash_limit,
     )
 

@@ -5,12 +5,14 @@
                (any)   -> failed   (crash loop, or a fault that a restart cannot fix)
 
 One task (``_run``) owns the state and the child process; everything else only reads the
-state or asks for a change (``begin_drain``, ``stop``, ``report_wedged``). State changes
+state or asks for a change (``begin_drain``, ``stop``). State changes
 are emitted as ``EngineEvent``s to listeners the supervisor knows nothing about: the bus
 layer turns them into heartbeats and announcements.
 
 Readiness has no fixed timeout: while llama-server keeps printing (a 70B model loading for
 minutes), the deadline moves; a server silent for ``silence_timeout`` is declared hung.
+Once ready, it is restarted when it dies, stops answering ``/health``, or its inference
+loop stops moving while ``/health`` still says 200 (``liveness``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from enum import StrEnum
 
 from tenacity import wait_exponential
 
+from orion_llamaccp.engine import liveness
 from orion_llamaccp.engine.client import LlamaClient, Props
 from orion_llamaccp.engine.command import LaunchSpec
 from orion_llamaccp.engine.diagnostics import Cause, Diagnosis
@@ -72,6 +75,7 @@ class SupervisorPolicy:
     health_interval: float = 2.0
     health_timeout: float = 5.0
     health_failures: int = 3
+    progress_timeout: float = 300.0  # 0: the inference loop is not watched (``liveness``)
     poll_interval: float = 0.05
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
@@ -118,7 +122,6 @@ class Supervisor:
         self._task: asyncio.Task[None] | None = None
         self._state_changed = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._wedged = asyncio.Event()
         self._draining = asyncio.Event()  # for good once set; it also ends a restart backoff
         self._crashes: deque[float] = deque()
         self._backoff = wait_exponential(
@@ -192,11 +195,6 @@ class Supervisor:
             self._draining.set()
             self._set(EngineState.DRAINING, "graceful stop")
 
-    def report_wedged(self, reason: str) -> None:
-        """A caller saw llama-server stop making progress: kill and restart it."""
-        log.warning("llama-server reported wedged: %s", reason)
-        self._wedged.set()
-
     async def stop(self) -> None:
         """Stop llama-server and the supervisor; safe to call twice."""
         self._stopping.set()
@@ -230,7 +228,6 @@ class Supervisor:
 
     async def _one_life(self) -> None:
         self._set(EngineState.STARTING)
-        self._wedged.clear()
         self._proc = proc = LlamaProcess(self.launch, environ=self._environ)
         try:
             await proc.start()
@@ -286,36 +283,43 @@ class Supervisor:
         policy = self.policy
         failures = 0
         exited = asyncio.create_task(proc.wait())
+        stop = asyncio.create_task(self._stopping.wait())
+        progress = self._watch_progress()
         try:
             while not self._stopping.is_set():
-                stop = asyncio.create_task(self._stopping.wait())
-                wedged = asyncio.create_task(self._wedged.wait())
                 done, _ = await asyncio.wait(
-                    {exited, stop, wedged},
+                    {exited, stop} | ({progress} if progress else set()),
                     timeout=policy.health_interval,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
-                stop.cancel()
-                wedged.cancel()
                 if exited in done:
                     raise self._crash(proc, f"llama-server exited with code {proc.returncode}")
-                if self._wedged.is_set():
-                    proc.kill()
-                    await proc.wait()
-                    raise self._crash(proc, "llama-server stopped making progress (wedged)")
                 if self._stopping.is_set():
                     return
+                if progress in done:
+                    if reason := progress.result():
+                        raise await self._killed(proc, f"{reason}: wedged")
+                    progress = None  # it cannot be watched (--no-slots)
                 failures = 0 if await self._healthy() else failures + 1
                 if failures >= policy.health_failures:
-                    proc.kill()
-                    await proc.wait()
-                    raise self._crash(
-                        proc,
-                        f"llama-server stopped answering /health "
-                        f"({failures} checks failed): wedged",
-                    )
+                    reason = f"llama-server stopped answering /health ({failures} checks failed)"
+                    raise await self._killed(proc, f"{reason}: wedged")
         finally:
-            exited.cancel()
+            for task in (exited, stop, progress):
+                if task:
+                    task.cancel()
+
+    def _watch_progress(self) -> asyncio.Task[str | None] | None:
+        timeout = self.policy.progress_timeout
+        if not timeout:
+            return None
+        probe = liveness.wedged(self.client, interval=self.policy.health_interval, timeout=timeout)
+        return asyncio.create_task(probe, name="llama-server-progress")
+
+    async def _killed(self, proc: LlamaProcess, reason: str) -> _Crashed:
+        proc.kill()
+        await proc.wait()
+        return self._crash(proc, reason)
 
     async def _healthy(self) -> bool:
         try:

@@ -122,6 +122,9 @@ async def fault(
             "ANNOUNCE_INTERVAL_SEC": "5",
             "ORION_LLAMACPP_HEALTH_INTERVAL_SEC": "0.5",
             "ORION_LLAMACPP_HEALTH_TIMEOUT_SEC": "1",
+            # Watched in every fault test, so a false alarm anywhere would show; above the
+            # /health detection of a SIGSTOP (3 x (0.5 + 1) s), which those tests check.
+            "ORION_LLAMACPP_PROGRESS_TIMEOUT_SEC": "10",
             "ORION_LLAMACPP_REDIS_SOCKET_TIMEOUT_SEC": "2",
             "ORION_LLAMACPP_PUBSUB_PING_SEC": "0.5",
             **({"LLAMACPP_MODEL_PATH_OVERRIDE": str(slow_model)} if slow else {}),

@@ -20,6 +20,7 @@ from tests.faults.conftest import (
     assert_still_serving,
     chunks_of,
 )
+from tests.support.freeze import FrozenThread
 from tests.support.procs import pid_alive, wait_until, wait_until_async
 from tests.support.workers import EngineProbe, WorkerProc
 
@@ -494,3 +495,33 @@ async def test_llama_server_wedged(fault: Fault, hi: list) -> None:
     assert_chunks_whole(fault, via_stream, retried)
     assert "content" in fault.ledger.answers(after)[0]["payload"]
     assert "stopped answering /health" in worker.log()
+
+
+async def test_llama_server_inference_loop_stuck_behind_a_healthy_health(
+    fault: Fault, hi: list
+) -> None:
+    """Its main thread stopped (ptrace), its HTTP threads still answering: /health says
+    200 throughout, and only the progress watch (``ORION_LLAMACPP_PROGRESS_TIMEOUT_SEC``)
+    sees it. Without it, both callers would wait out the request timeout."""
+    worker = fault.spawn("w", slow=True, parallel=2, ORION_LLAMACPP_PROGRESS_TIMEOUT_SEC="2")
+    via_pubsub, via_stream = await streaming_on_both_intakes(fault, hi, 6000, 3000)
+    stuck = worker.engine_pid()
+    async with EngineProbe(worker.announcement()["engine_url"]) as engine:
+        with FrozenThread(stuck) as frozen:
+            assert (await engine.http.get("/health")).status_code == 200
+            await wait_until_async(
+                lambda: fault.ledger.answers(via_pubsub),
+                timeout=30,
+                what="the pub/sub caller told within the detection bound",
+            )
+    assert frozen.exited and not pid_alive(stuck)
+    assert fault.ledger.answers(via_pubsub)[0]["payload"]["error"] == "upstream_failed"
+    assert_cut_off_chunks_unique(fault, via_pubsub)
+    wait_engine_replaced(worker, stuck)
+    assert_exactly_once(await fault.ledger.settle(timeout=90))
+    retried = fault.ledger.answers(via_stream)[0]["payload"]
+    assert retried["meta"]["attempt"] == 2
+    assert_chunks_whole(fault, via_stream, retried)
+    log = worker.log()
+    assert "stopped answering /health" not in log
+    assert "wedged" in log and ("no progress" in log or "did not answer /slots" in log)

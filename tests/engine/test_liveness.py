@@ -1,0 +1,169 @@
+"""A stuck inference loop behind a healthy ``/health``, against the real llama-server.
+
+The wedge is real: llama-server's main thread (its inference loop, and every decode) is
+stopped by ptrace while its HTTP threads run on (``tests/support/freeze.py``), as with a
+GPU kernel that never returns. ``Stall`` and ``AwakeClock`` are checked on their own too,
+with a clock the test moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orion_llamaccp.engine.liveness import AwakeClock, Stall
+from orion_llamaccp.engine.supervisor import EngineEvent, EngineState, Supervisor
+from tests.engine.conftest import FAST, LaunchFactory
+from tests.support.freeze import FrozenThread
+from tests.support.procs import pid_alive, wait_until_async
+
+WATCHED = dataclasses.replace(FAST, progress_timeout=1.0)
+
+
+async def _started(launch: LaunchFactory, **knobs: object) -> Supervisor:
+    supervisor = Supervisor(launch(**knobs), environ=dict(os.environ), policy=WATCHED)
+    await supervisor.start()
+    return supervisor
+
+
+async def _restarted(supervisor: Supervisor, events: list[EngineEvent]) -> str:
+    await wait_until_async(
+        lambda: supervisor.state is EngineState.RESTARTING, timeout=20, what="a restart"
+    )
+    await supervisor.wait_for(EngineState.READY, timeout=30)
+    return next(e.reason or "" for e in events if e.state is EngineState.RESTARTING)
+
+
+async def test_a_stuck_loop_is_restarted_though_health_says_200(
+    make_launch: LaunchFactory,
+) -> None:
+    supervisor = await _started(make_launch)
+    events: list[EngineEvent] = []
+    supervisor.add_listener(events.append)
+    first = supervisor.pid
+    assert first is not None
+    try:
+        with FrozenThread(first) as frozen:
+            assert (await supervisor.client.health()).ready  # what /health alone would see
+            reason = await _restarted(supervisor, events)
+        assert frozen.exited and not pid_alive(first)
+        assert "did not answer /slots within 1s: wedged" in reason
+        assert supervisor.pid != first and supervisor.restarts == 1
+        async with supervisor.client.chat_stream(
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        ) as stream:
+            assert [e async for e in stream][-1].usage is not None
+    finally:
+        await supervisor.stop()
+
+
+async def _frozen_in_a_decode(pid: int, url: str) -> FrozenThread:
+    """The main thread stopped inside a decode: ``/slots`` still answers then (the loop
+    hands such reads to another thread while it decodes), with counters that never move."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        for _ in range(50):
+            frozen = FrozenThread(pid).__enter__()
+            try:
+                slots = (await http.get("/slots", timeout=0.5)).json()
+                if any(s["is_processing"] for s in slots):
+                    return frozen
+            except httpx.TimeoutException:
+                pass  # stopped between two decodes: let it go and try again
+            frozen.__exit__()
+            await asyncio.sleep(0.01)
+    raise AssertionError("never stopped inside a decode")
+
+
+async def test_a_decode_that_never_ends_is_restarted(
+    make_launch: LaunchFactory, model_dir: Path, slow_model: Path
+) -> None:
+    shutil.copy(slow_model, model_dir / "slow.gguf")
+    supervisor = await _started(make_launch, model_path="slow.gguf", ctx_size=32768)
+    events: list[EngineEvent] = []
+    supervisor.add_listener(events.append)
+    first = supervisor.pid
+    assert first is not None
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12_000}
+    try:
+        async with supervisor.client.chat_stream(body) as stream:
+            await anext(aiter(stream))
+            frozen = await _frozen_in_a_decode(first, supervisor.launch.base_url)
+            try:
+                reason = await _restarted(supervisor, events)
+            finally:
+                frozen.__exit__()
+        assert frozen.exited
+        assert "busy slots made no progress for 1s: wedged" in reason
+    finally:
+        await supervisor.stop()
+
+
+async def test_a_long_generation_is_not_taken_for_a_stuck_one(
+    make_launch: LaunchFactory, model_dir: Path, slow_model: Path
+) -> None:
+    """Busy for several progress timeouts in a row, but moving: left alone."""
+    shutil.copy(slow_model, model_dir / "slow.gguf")
+    supervisor = await _started(make_launch, model_path="slow.gguf", ctx_size=32768)
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 6000,
+        "ignore_eos": True,
+    }
+    try:
+        started = asyncio.get_running_loop().time()
+        async with supervisor.client.chat_stream(body) as stream:
+            last = [e async for e in stream][-1]
+        took = asyncio.get_running_loop().time() - started
+        assert last.usage is not None and last.usage["completion_tokens"] == 6000
+        assert took > 3 * WATCHED.progress_timeout, f"too quick to tell: {took:.1f}s"
+        assert supervisor.restarts == 0 and supervisor.state is EngineState.READY
+    finally:
+        await supervisor.stop()
+
+
+def test_a_stall_is_counted_from_the_last_change_of_the_busy_slots() -> None:
+    busy = [{"id": 0, "id_task": 7, "is_processing": True, "n_prompt_tokens_processed": 9}]
+    stall = Stall()
+    assert stall.seen([{"id": 0, "is_processing": False}], 0.0) == 0.0  # idle: never stalled
+    assert stall.seen(_decoded(busy, 1), 1.0) == 0.0
+    assert stall.seen(_decoded(busy, 1), 3.5) == 2.5
+    assert stall.seen(_decoded(busy, 2), 4.0) == 0.0  # moved
+    assert stall.seen(_decoded(busy, 2), 5.0) == 1.0
+    assert stall.seen([{"id": 0, "is_processing": False}], 9.0) == 0.0
+
+
+def _decoded(slots: list[dict], n: int) -> list[dict]:
+    return [{**s, "next_token": [{"n_decoded": n}]} for s in slots]
+
+
+def test_the_watcher_s_own_pause_is_not_counted() -> None:
+    """A frozen container wakes with llama-server's counters where they were: only the
+    time the watcher was awake to see them counts."""
+    now = [100.0]
+    clock = AwakeClock(cap=1.0, clock=lambda: now[0])
+    now[0] += 0.5
+    assert clock.tick() == 0.5
+    now[0] += 300.0  # paused
+    assert clock.tick() == 1.5
+    now[0] += 0.5
+    assert clock.tick() == 2.0
+
+
+async def test_without_slots_the_loop_goes_unwatched_and_says_so(
+    make_launch: LaunchFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    supervisor = await _started(make_launch, extra_args=["--no-slots"])
+    try:
+        await wait_until_async(
+            lambda: "a stuck loop goes unseen" in caplog.text, timeout=10, what="the warning"
+        )
+        await asyncio.sleep(3 * WATCHED.health_interval)
+        assert supervisor.state is EngineState.READY and supervisor.restarts == 0
+    finally:
+        await supervisor.stop()
