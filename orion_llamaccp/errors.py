@@ -80,7 +80,13 @@ class EngineStartError(EngineError):
 
 
 class EngineUnavailable(EngineError):
-    """llama-server is not ready to serve (loading, restarting, draining or failed)."""
+    """llama-server is not ready to serve (loading, restarting, draining or failed), or
+    went away. ``reached``: the request had been written to it, so it may have been in
+    llama-server when that died (and may be why)."""
+
+    def __init__(self, message: str, *, reached: bool = False) -> None:
+        super().__init__(message)
+        self.reached = reached
 
 
 class UpstreamError(EngineError):

@@ -192,6 +192,9 @@ class Settings(BaseSettings):
         300.0, ge=0, validation_alias="ORION_LLAMACPP_PROGRESS_TIMEOUT_SEC"
     )
     engine_crash_limit: int = Field(5, ge=1, validation_alias="ORION_LLAMACPP_CRASH_LIMIT")
+    # A request in llama-server each time it died this many times is not tried again: it
+    # may be what kills it. Below the crash limit, or one such request fails the worker.
+    request_crash_limit: int = Field(2, ge=1, validation_alias="ORION_LLAMACPP_REQUEST_CRASH_LIMIT")
     redis_retry_sec: float = Field(120.0, gt=0, validation_alias="ORION_LLAMACPP_REDIS_RETRY_SEC")
     redis_socket_timeout_sec: float = Field(
         5.0, gt=0, validation_alias="ORION_LLAMACPP_REDIS_SOCKET_TIMEOUT_SEC"

@@ -201,7 +201,8 @@ class LlamaClient:
             response = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise EngineUnavailable(
-                f"cannot reach llama-server: {type(exc).__name__}: {exc}"
+                f"cannot reach llama-server: {type(exc).__name__}: {exc}",
+                reached=not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout),
             ) from exc
         try:
             if response.status_code != 200:

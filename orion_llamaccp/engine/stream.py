@@ -301,14 +301,20 @@ class StreamPool:
     async def open(self, payload: bytes, sent: StreamConnection | None = None) -> StreamConnection:
         """Send the request (unless ``sent`` carries it already); the connection once a 200
         head arrived, else the error raised."""
+        wrote = False
         while True:
             conn, sent = sent or self.send(payload), None
             reused = conn is not None
             if conn is None:
                 self.connects_waited += 1
-                conn = await self._connect()
+                try:
+                    conn = await self._connect()
+                except EngineUnavailable as exc:
+                    exc.reached = wrote  # on a connection the server closed: it may have died
+                    raise
                 conn.start(self._request(payload), self.read_timeout)
                 self._out.append(conn)
+            wrote = True
             try:
                 await conn.head()
             except asyncio.CancelledError:
@@ -321,7 +327,9 @@ class StreamPool:
                         self._learn_server_closes()
                     continue  # a keep-alive connection the server had closed: use a fresh one
                 raise EngineUnavailable(
-                    f"cannot reach llama-server: {type(exc).__name__}: {exc}"
+                    f"llama-server took the request and went away without an answer: "
+                    f"{type(exc).__name__}: {exc}",
+                    reached=True,
                 ) from exc
             if conn.decoder.status == 200:
                 return conn
@@ -330,7 +338,8 @@ class StreamPool:
             except Exception as exc:
                 conn.close()
                 raise EngineUnavailable(
-                    f"llama-server answered {conn.decoder.status} and broke off: {exc}"
+                    f"llama-server answered {conn.decoder.status} and broke off: {exc}",
+                    reached=True,
                 ) from exc
             self.finish(conn)
             raise_for_response(conn.decoder.status, body)

@@ -113,6 +113,9 @@ class Supervisor:
         self.state = EngineState.STOPPED
         self.props: Props | None = None
         self.restarts = 0
+        # Which llama-server process this is, from 1: a request that was in one when it
+        # died sees it change (``worker.generation`` counts such deaths per request).
+        self.life = 0
         self.failure: EngineStartError | None = None
         self._environ = environ
         self._on_corrupt = on_corrupt
@@ -228,6 +231,7 @@ class Supervisor:
 
     async def _one_life(self) -> None:
         self._set(EngineState.STARTING)
+        self.life += 1
         self._proc = proc = LlamaProcess(self.launch, environ=self._environ)
         try:
             await proc.start()

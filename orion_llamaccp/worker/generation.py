@@ -174,7 +174,12 @@ class Generator:
         restart does (``_engine_ready``): nothing of it was generated or published, so
         even pub/sub's single try may wait, up to ``engine_wait_sec``.
         ``sent``: the first try's request, already written (``start``).
+
+        A request that was in llama-server each time it died, ``request_crash_limit``
+        times, is not tried again: it may be what kills it, and retried until the engine's
+        own crash limit it would take the worker down with it (``_Deaths``).
         """
+        deaths = _Deaths(self.supervisor, self.settings.request_crash_limit)
         attempt = job.first_attempt
         if job.redelivered:  # a worker before may have retried under later numbers
             attempt = await self.publisher.next_attempt(job.delivery_id, attempt)
@@ -186,7 +191,9 @@ class Generator:
         while True:
             if sent is None:
                 await self._engine_ready(job)
+                deaths.check(attempt)
             written, sent = sent, None  # a retry writes its own request
+            deaths.trying()
             try:
                 return await self._generate(
                     job, envelope, options, body, attempt, owned, written
@@ -194,6 +201,7 @@ class Generator:
             except ContextExceeded as exc:
                 raise Failure("context_exceeded", str(exc), retryable=False) from None
             except EngineUnavailable as exc:
+                deaths.failed(reached=exc.reached)
                 if time.monotonic() > deadline:
                     raise Failure(
                         "engine_unavailable",
@@ -203,6 +211,7 @@ class Generator:
                     ) from None
                 await asyncio.sleep(0.25)  # the supervisor is about to see the crash
             except UpstreamError as exc:
+                deaths.failed(reached=True)
                 if not exc.retryable:  # llama-server refused this request: it never will
                     raise Failure(
                         "validation_failed",
@@ -301,6 +310,42 @@ class Generator:
             gate=owned,
             on_answered=partial(stop_answered_elsewhere, job, asyncio.current_task()),
         )
+
+
+class _Deaths:
+    """How many llama-servers died with one request in them, seen from its tries: a try
+    that reached llama-server and failed, followed by a try on a later llama-server
+    (``Supervisor.life``), saw one die. One that died of something else while the request
+    was in it counts too: no one can tell the two apart from here."""
+
+    def __init__(self, supervisor: Supervisor, limit: int) -> None:
+        self.supervisor = supervisor
+        self.limit = limit
+        self.count = 0
+        self._life = 0
+        self._failed_in: int | None = None  # the life a failed try reached
+
+    def trying(self) -> None:
+        self._life = self.supervisor.life
+
+    def failed(self, *, reached: bool) -> None:
+        if reached:
+            self._failed_in = self._life
+
+    def check(self, attempt: int) -> None:
+        """Before a retry: raise if the request has been in ``limit`` dying llama-servers."""
+        if self._failed_in is None or self.supervisor.life == self._failed_in:
+            return
+        self.count += 1
+        self._failed_in = None
+        if self.count >= self.limit:
+            raise Failure(
+                "upstream_failed",
+                f"llama-server died {self.count} times with this request in it: not tried "
+                "again, as it may be what kills it",
+                retryable=False,
+                details={"engine_deaths": self.count, "attempt": attempt},
+            )
 
 
 def stop_answered_elsewhere(job: Job, generation: asyncio.Task[Any] | None) -> None:

@@ -10,6 +10,7 @@ import httpx
 import orjson
 import pytest
 
+from orion_llamaccp.engine.client import LlamaClient
 from orion_llamaccp.engine.sse import (
     ChunkEvents,
     SSEDecoder,
@@ -18,8 +19,9 @@ from orion_llamaccp.engine.sse import (
     parse_chunk,
 )
 from orion_llamaccp.engine.supervisor import Supervisor
-from orion_llamaccp.errors import ContextExceeded, UpstreamError
-from tests.support.procs import wait_until_async
+from orion_llamaccp.errors import ContextExceeded, EngineUnavailable, UpstreamError
+from tests.support.freeze import FrozenThread
+from tests.support.procs import free_port, wait_until_async
 from tests.support.workers import EngineProbe
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -256,3 +258,32 @@ async def test_requests_that_arrive_together_each_find_a_connection_open(
         assert first == second
         assert pool.connects_waited == waited
         assert sum(not c.closed for c in pool.idle) + pool._opening <= pool.slots + 1
+
+
+async def test_a_request_llama_server_took_and_died_with_is_told_from_one_it_never_got(
+    ready_engine: Supervisor,
+) -> None:
+    """``EngineUnavailable.reached``: whether the request may have been in llama-server
+    when it went away (and may be why), which the worker counts per request. Its main
+    thread stopped, llama-server takes the request but sends no head before it dies."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    pid = ready_engine.pid
+    assert pid is not None
+    with FrozenThread(pid):
+
+        async def ask() -> None:
+            async with ready_engine.client.chat_stream(body):
+                pass
+
+        asked = asyncio.create_task(ask())
+        await asyncio.sleep(0.3)
+        assert not asked.done()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EngineUnavailable) as took:
+            await asked
+    assert took.value.reached, took.value
+    async with LlamaClient(f"http://127.0.0.1:{free_port()}") as nobody:
+        with pytest.raises(EngineUnavailable) as never:
+            async with nobody.chat_stream(body):
+                pass
+    assert not never.value.reached, never.value

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 
+import httpx
 import orjson
 import psutil
 import pytest
@@ -21,7 +22,7 @@ from tests.faults.conftest import (
     chunks_of,
 )
 from tests.support.freeze import FrozenThread
-from tests.support.procs import pid_alive, wait_until, wait_until_async
+from tests.support.procs import llama_servers_under, pid_alive, wait_until, wait_until_async
 from tests.support.workers import EngineProbe, WorkerProc
 
 RECLAIM = {"ORION_LLAMACPP_CLAIM_IDLE_MS": "1500"}
@@ -525,3 +526,59 @@ async def test_llama_server_inference_loop_stuck_behind_a_healthy_health(
     log = worker.log()
     assert "stopped answering /health" not in log
     assert "wedged" in log and ("no progress" in log or "did not answer /slots" in log)
+
+
+async def kill_while_busy(worker: WorkerProc, *, decoding: bool, most: int) -> int:
+    """SIGKILL llama-server each time one of its slots holds a request (``decoding``: once
+    it generates; else before its first token), at most ``most`` times; returns the kills.
+    Watches until no slot has been busy for a while after the last kill: a request that
+    llama-server dies on, from llama-server's side."""
+    kills = 0
+    quiet_until = time.monotonic() + 30
+    async with EngineProbe(worker.announcement()["engine_url"]) as engine:
+        while kills < most and time.monotonic() < quiet_until:
+            try:
+                busy = [s for s in await engine.slots() if s.get("is_processing")]
+            except (httpx.HTTPError, ValueError):  # restarting
+                busy = []
+            decoded = [s["next_token"][0]["n_decoded"] for s in busy]
+            if decoded and (min(decoded) > 0) == decoding:
+                for pid in llama_servers_under(worker.pid):
+                    os.kill(pid, signal.SIGKILL)
+                kills += 1
+                quiet_until = time.monotonic() + 15  # the restart, and a retry's prompt
+            await asyncio.sleep(0.005)
+    return kills
+
+
+@pytest.mark.parametrize("decoding", [False, True], ids=["before-its-first-token", "mid-stream"])
+async def test_a_request_llama_server_dies_on_is_given_up_before_it_takes_the_worker_down(
+    fault: Fault, decoding: bool
+) -> None:
+    """Retried while llama-server kept dying on it, such a stream request used to reach
+    the engine's crash limit (5 within 5 minutes) and leave the worker ``failed`` before
+    its own delivery limit (also 5). After ``ORION_LLAMACPP_REQUEST_CRASH_LIMIT`` (2)
+    deaths with it inside, it is answered ``upstream_failed``, not retryable, and
+    dead-lettered, and the worker serves on. Its long prompt keeps it in llama-server
+    for a while before its first token. (A pub/sub request has one try: it is answered
+    at the first death.)"""
+    worker = fault.spawn("w", slow=True, parallel=1)
+    long_prompt = [{"role": "user", "content": " ".join(["hello there"] * 800)}]
+    poison = fault.ledger.add(
+        fault.client.request(
+            long_prompt, profile="tiny", options={"stream": True, "max_tokens": 4000}
+        )
+    )
+    killer = asyncio.create_task(kill_while_busy(worker, decoding=decoding, most=5))
+    await fault.client.send(poison, profile="tiny", via="stream")
+    assert await killer == 2
+    assert_exactly_once(await fault.ledger.settle(timeout=60))
+    answer = fault.ledger.answers(poison)[0]["payload"]
+    assert answer["error"] == "upstream_failed"
+    assert answer["details"]["retryable"] is False
+    assert answer["details"]["engine_deaths"] == 2
+    assert {c["attempt"] for c in chunks_of(fault, poison)} == ({1, 2} if decoding else set())
+    dead = await fault.raw.xrange(keys.dlq_stream("orion:stream:llamacpp:tiny:request"))
+    assert [fields[b"reason"] for _, fields in dead] == [b"upstream_failed"]
+    await assert_still_serving(fault)
+    assert worker.state() == "ready"
