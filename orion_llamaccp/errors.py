@@ -92,10 +92,18 @@ class EngineUnavailable(EngineError):
 class UpstreamError(EngineError):
     """A request to llama-server failed, or its stream broke off without a finish reason."""
 
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = True) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool = True,
+        broken: bool = False,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+        self.broken = broken  # the connection broke off: llama-server may have died
 
 
 class ContextExceeded(UpstreamError):

@@ -228,7 +228,7 @@ async def _batches(response: httpx.Response) -> AsyncIterator[list[Delta]]:
             return
     except httpx.HTTPError as exc:
         raise UpstreamError(
-            f"stream from llama-server broke off: {type(exc).__name__}: {exc}"
+            f"stream from llama-server broke off: {type(exc).__name__}: {exc}", broken=True
         ) from exc
     rest = reader.end(decoder.flush())
     if rest:

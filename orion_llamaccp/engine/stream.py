@@ -459,7 +459,8 @@ async def stream_batches(
             failure = conn.failure
             if failure is not None:
                 raise UpstreamError(
-                    f"stream from llama-server broke off: {type(failure).__name__}: {failure}"
+                    f"stream from llama-server broke off: {type(failure).__name__}: {failure}",
+                    broken=True,
                 ) from failure
             if conn.decoder.complete:
                 break

@@ -162,6 +162,17 @@ class Supervisor:
             except Exception:  # a listener must never break the engine
                 log.exception("engine listener failed")
 
+    async def left(self, life: int, timeout: float) -> bool:
+        """Wait until llama-server ``life`` is no longer the one serving (it died, or the
+        engine is not ready): True, else False after ``timeout``. Its exit is seen within
+        milliseconds, not at once: a request that broke off waits here before another
+        takes its place, so that one is not sent to a server already dead."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.life == life and self.state is EngineState.READY:
+                    await self._state_changed.wait()
+        return self.life != life or self.state is not EngineState.READY
+
     async def wait_for(self, *states: EngineState, timeout: float | None = None) -> EngineState:
         """Wait until the state is one of ``states``; returns it."""
         async with asyncio.timeout(timeout):
@@ -301,9 +312,9 @@ class Supervisor:
                 if self._stopping.is_set():
                     return
                 if progress in done:
-                    if reason := progress.result():
+                    if reason := self._wedged_by(progress):
                         raise await self._killed(proc, f"{reason}: wedged")
-                    progress = None  # it cannot be watched (--no-slots)
+                    progress = None
                 failures = 0 if await self._healthy() else failures + 1
                 if failures >= policy.health_failures:
                     reason = f"llama-server stopped answering /health ({failures} checks failed)"
@@ -319,6 +330,18 @@ class Supervisor:
             return None
         probe = liveness.wedged(self.client, interval=self.policy.health_interval, timeout=timeout)
         return asyncio.create_task(probe, name="llama-server-progress")
+
+    @staticmethod
+    def _wedged_by(progress: asyncio.Task[str | None]) -> str | None:
+        """Why the watch says llama-server is wedged; None when it ended without a
+        verdict (``--no-slots``, or a surprise in ``/slots``, which must not fail the
+        engine: that is left to ``/health``)."""
+        if progress.cancelled():
+            return None
+        if (error := progress.exception()) is not None:
+            log.error("the inference-loop watch failed, now off: %r", error)
+            return None
+        return progress.result()
 
     async def _killed(self, proc: LlamaProcess, reason: str) -> _Crashed:
         proc.kill()

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -64,6 +65,9 @@ class Generator:
         self.supervisor = supervisor
         self.outbox = outbox
         self.publisher = publisher
+        # Requests that were in a llama-server when it died are tried one at a time, so
+        # that a death during one's try is its own (``_Deaths``).
+        self.suspects = asyncio.Lock()
 
     async def _engine_ready(self, job: Job) -> None:
         supervisor = self.supervisor
@@ -177,9 +181,10 @@ class Generator:
 
         A request that was in llama-server each time it died, ``request_crash_limit``
         times, is not tried again: it may be what kills it, and retried until the engine's
-        own crash limit it would take the worker down with it (``_Deaths``).
+        own crash limit it would take the worker down with it (``_Deaths``). Those that
+        were in one that died take turns, so the others in it are not blamed again.
         """
-        deaths = _Deaths(self.supervisor, self.settings.request_crash_limit)
+        deaths = _Deaths(self.supervisor, self.settings.request_crash_limit, self.suspects)
         attempt = job.first_attempt
         if job.redelivered:  # a worker before may have retried under later numbers
             attempt = await self.publisher.next_attempt(job.delivery_id, attempt)
@@ -192,39 +197,47 @@ class Generator:
             if sent is None:
                 await self._engine_ready(job)
                 deaths.check(attempt)
-            written, sent = sent, None  # a retry writes its own request
-            deaths.trying()
-            try:
-                return await self._generate(
-                    job, envelope, options, body, attempt, owned, written
-                ), attempt
-            except ContextExceeded as exc:
-                raise Failure("context_exceeded", str(exc), retryable=False) from None
-            except EngineUnavailable as exc:
-                deaths.failed(reached=exc.reached)
-                if time.monotonic() > deadline:
-                    raise Failure(
-                        "engine_unavailable",
-                        str(exc),
-                        retryable=True,
-                        details={"engine_state": str(self.supervisor.state)},
-                    ) from None
-                await asyncio.sleep(0.25)  # the supervisor is about to see the crash
-            except UpstreamError as exc:
-                deaths.failed(reached=True)
-                if not exc.retryable:  # llama-server refused this request: it never will
-                    raise Failure(
-                        "validation_failed",
-                        f"llama-server refused the request: {exc}",
-                        retryable=False,
-                        details={"upstream_status": exc.status, "attempt": attempt},
-                    ) from None
-                if job.transport == "pubsub" or attempt >= self.settings.stream_max_deliveries:
-                    raise Failure(
-                        "upstream_failed", str(exc), retryable=True, details={"attempt": attempt}
-                    ) from None
-                log.warning("attempt %d of %s failed (%s): retrying", attempt, job.request_id, exc)
-                attempt = await self.publisher.next_attempt(job.delivery_id, attempt + 1)
+            async with deaths.turn():
+                if deaths.count:  # the suspect before may have killed it meanwhile
+                    await self._engine_ready(job)
+                written, sent = sent, None  # a retry writes its own request
+                deaths.trying()
+                try:
+                    return await self._generate(
+                        job, envelope, options, body, attempt, owned, written
+                    ), attempt
+                except ContextExceeded as exc:
+                    raise Failure("context_exceeded", str(exc), retryable=False) from None
+                except EngineUnavailable as exc:
+                    await deaths.failed(reached=exc.reached)
+                    if time.monotonic() > deadline:
+                        raise Failure(
+                            "engine_unavailable",
+                            str(exc),
+                            retryable=True,
+                            details={"engine_state": str(self.supervisor.state)},
+                        ) from None
+                    await asyncio.sleep(0.25)  # the supervisor is about to see the crash
+                except UpstreamError as exc:
+                    await deaths.failed(reached=exc.broken)
+                    if not exc.retryable:  # llama-server refused this request: it never will
+                        raise Failure(
+                            "validation_failed",
+                            f"llama-server refused the request: {exc}",
+                            retryable=False,
+                            details={"upstream_status": exc.status, "attempt": attempt},
+                        ) from None
+                    if job.transport == "pubsub" or attempt >= self.settings.stream_max_deliveries:
+                        raise Failure(
+                            "upstream_failed",
+                            str(exc),
+                            retryable=True,
+                            details={"attempt": attempt},
+                        ) from None
+                    log.warning(
+                        "attempt %d of %s failed (%s): retrying", attempt, job.request_id, exc
+                    )
+                    attempt = await self.publisher.next_attempt(job.delivery_id, attempt + 1)
 
     async def _generate(
         self,
@@ -318,19 +331,29 @@ class _Deaths:
     (``Supervisor.life``), saw one die. One that died of something else while the request
     was in it counts too: no one can tell the two apart from here."""
 
-    def __init__(self, supervisor: Supervisor, limit: int) -> None:
+    def __init__(self, supervisor: Supervisor, limit: int, suspects: asyncio.Lock) -> None:
         self.supervisor = supervisor
         self.limit = limit
+        self.suspects = suspects
         self.count = 0
         self._life = 0
         self._failed_in: int | None = None  # the life a failed try reached
 
+    def turn(self) -> AbstractAsyncContextManager[object]:
+        """A try of its own once the request was in a llama-server that died: with the
+        poison among several requests, only the poison is in the next one to die."""
+        return self.suspects if self.count else nullcontext()
+
     def trying(self) -> None:
         self._life = self.supervisor.life
 
-    def failed(self, *, reached: bool) -> None:
+    async def failed(self, *, reached: bool) -> None:
+        """A try that may have been in llama-server when it died: until the supervisor
+        has seen that (or 1 s says it did not die), the next try, this request's or the
+        next suspect's, is not sent to the dead one."""
         if reached:
             self._failed_in = self._life
+            await self.supervisor.left(self._life, timeout=1.0)
 
     def check(self, attempt: int) -> None:
         """Before a retry: raise if the request has been in ``limit`` dying llama-servers."""

@@ -53,7 +53,7 @@ async def test_a_stuck_loop_is_restarted_though_health_says_200(
             assert (await supervisor.client.health()).ready  # what /health alone would see
             reason = await _restarted(supervisor, events)
         assert frozen.exited and not pid_alive(first)
-        assert "did not answer /slots within 1s: wedged" in reason
+        assert "did not answer /slots within 1s: wedged" in reason  # the timeout, as set
         assert supervisor.pid != first and supervisor.restarts == 1
         async with supervisor.client.chat_stream(
             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -99,29 +99,36 @@ async def test_a_decode_that_never_ends_is_restarted(
             finally:
                 frozen.__exit__()
         assert frozen.exited
-        assert "busy slots made no progress for 1s: wedged" in reason
+        assert "busy slots made no progress for " in reason and ": wedged" in reason
     finally:
         await supervisor.stop()
 
 
-async def test_a_long_generation_is_not_taken_for_a_stuck_one(
+async def test_a_long_prompt_and_generation_are_not_taken_for_a_stuck_one(
     make_launch: LaunchFactory, model_dir: Path, slow_model: Path
 ) -> None:
-    """Busy for several progress timeouts in a row, but moving: left alone."""
+    """Busy for several progress timeouts in a row, reading a long prompt batch by batch,
+    then generating, but moving: left alone. Read for ``3.5 x`` the timeout whatever this
+    CPU's pace, then left (which cancels the generation). Batches of 256 tokens: one
+    decode must stay well under the timeout (a 2,048-token batch of this model takes
+    about as long as the 1 s timeout here, and would rightly count as a stall)."""
     shutil.copy(slow_model, model_dir / "slow.gguf")
-    supervisor = await _started(make_launch, model_path="slow.gguf", ctx_size=32768)
+    supervisor = await _started(
+        make_launch, model_path="slow.gguf", ctx_size=32768, batch_size=256, ubatch_size=256
+    )
     body = {
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 6000,
+        "messages": [{"role": "user", "content": " ".join(["hello there"] * 800)}],
+        "max_tokens": 4000,
         "ignore_eos": True,
     }
+    loop = asyncio.get_running_loop()
     try:
-        started = asyncio.get_running_loop().time()
+        started = loop.time()
         async with supervisor.client.chat_stream(body) as stream:
-            last = [e async for e in stream][-1]
-        took = asyncio.get_running_loop().time() - started
-        assert last.usage is not None and last.usage["completion_tokens"] == 6000
-        assert took > 3 * WATCHED.progress_timeout, f"too quick to tell: {took:.1f}s"
+            async for _ in stream:
+                if loop.time() - started > 3.5 * WATCHED.progress_timeout:
+                    break
+        assert loop.time() - started > 3 * WATCHED.progress_timeout, "too quick to tell"
         assert supervisor.restarts == 0 and supervisor.state is EngineState.READY
     finally:
         await supervisor.stop()

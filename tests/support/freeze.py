@@ -76,12 +76,18 @@ def _trace(tid: int) -> None:
         print(exc, flush=True)
         return
     print("frozen", flush=True)
-    while not select.select([sys.stdin], [], [], 0.01)[0]:  # until stdin closes
+    while True:
         pid, status = os.waitpid(tid, _WALL | os.WNOHANG)
         if pid and not os.WIFSTOPPED(status):
             print("exited", flush=True)
             return
-    _ptrace(libc, _PTRACE_DETACH, tid)
+        if select.select([sys.stdin], [], [], 0.01)[0]:  # stdin closed: let it go
+            break
+    try:
+        _ptrace(libc, _PTRACE_DETACH, tid)
+    except ProcessLookupError:  # killed since the last look: reap it
+        os.waitpid(tid, _WALL)
+        print("exited", flush=True)
 
 
 if __name__ == "__main__":

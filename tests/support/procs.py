@@ -82,7 +82,14 @@ def llama_servers_under(pid: int) -> list[int]:
         children = psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [c.pid for c in children if "llama-server" in " ".join(c.cmdline()[:1])]
+    found = []
+    for child in children:
+        try:
+            if "llama-server" in " ".join(child.cmdline()[:1]):
+                found.append(child.pid)
+        except psutil.Error:  # gone, or a zombie: no longer a server
+            continue
+    return found
 
 
 class RedisServer:
