@@ -34,9 +34,15 @@ class BinaryInfo:
     env_of: dict[str, str]
     build: str
     aliases: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    valued: frozenset[str] = frozenset()  # flags followed by a value (``-c N``)
 
     def accepts(self, flag: str) -> bool:
         return flag in self.flags
+
+    def takes_value(self, flag: str) -> bool:
+        """Whether ``--help`` shows a value after ``flag``: the next argument is then its
+        value, whatever it looks like (``-r "- User:"``, ``--yarn-ext-factor -1e-3``)."""
+        return flag in self.valued
 
     def names(self, flag: str) -> frozenset[str]:
         """``flag`` and its aliases (``-c`` and ``--ctx-size``), per ``--help``."""
@@ -88,9 +94,10 @@ def _entries(text: str) -> list[tuple[str, str]]:
 
 def parse_help(
     text: str,
-) -> tuple[frozenset[str], dict[str, str], dict[str, frozenset[str]]]:
-    """Accepted flags, each flag's environment variable, and each flag's other names
-    (``-c`` and ``--ctx-size``), from ``--help`` output.
+) -> tuple[frozenset[str], dict[str, str], dict[str, frozenset[str]], frozenset[str]]:
+    """Accepted flags, each flag's environment variable, each flag's other names
+    (``-c`` and ``--ctx-size``), and the flags that take a value (``N`` after ``-c``),
+    from ``--help`` output.
 
     Flags whose description says "the argument has been removed" are still listed by
     llama.cpp but rejected at run time: they do not count as accepted.
@@ -98,16 +105,19 @@ def parse_help(
     flags: set[str] = set()
     env_of: dict[str, str] = {}
     aliases: dict[str, frozenset[str]] = {}
+    valued: set[str] = set()
     for head, desc in _entries(text):
         names = frozenset(m.group(1) for m in _FLAG.finditer(head))
         aliases.update(dict.fromkeys(names, names))
+        if _FLAG.sub("", head).replace(",", "").strip():  # a value's name after them
+            valued.update(names)
         if "has been removed" in desc:
             continue
         flags.update(names)
         env = _ENV.search(desc)
         if env:
             env_of.update(dict.fromkeys(names, env.group(1)))
-    return frozenset(flags), env_of, aliases
+    return frozenset(flags), env_of, aliases, frozenset(valued)
 
 
 def _build_label(path: Path) -> str:
@@ -140,13 +150,13 @@ def _probe(path: str, mtime_ns: int) -> BinaryInfo:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EngineError(f"could not run {path} --help: {exc}") from exc
     text = out.stdout + out.stderr
-    flags, env_of, aliases = parse_help(text)
+    flags, env_of, aliases, valued = parse_help(text)
     if "--port" not in flags:
         raise EngineError(
             f"{path} --help does not look like llama-server's (no --port; exit {out.returncode}): "
             f"{text.strip()[-300:]}"
         )
-    return BinaryInfo(Path(path), flags, env_of, _build_label(Path(path)), aliases)
+    return BinaryInfo(Path(path), flags, env_of, _build_label(Path(path)), aliases, valued)
 
 
 def probe(path: Path) -> BinaryInfo:

@@ -95,6 +95,7 @@ class LlamaClient:
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url
+        self.read_timeout = read_timeout
         self._http = httpx.AsyncClient(
             base_url=base_url,
             headers=headers,

@@ -163,9 +163,11 @@ def _extra_args(profile: Profile, binary: BinaryInfo | None, owned: set[str]) ->
     one-argument forms ("invalid argument"). Only the flag is named in an error: the value
     may be a key."""
     extra: list[str] = []
+    value_next = False
     for arg in profile.llamacpp.extra_args:
-        if not _is_flag(arg):
+        if value_next or not _is_flag(arg):
             extra.append(arg)
+            value_next = False
             continue
         flag, value = _flag_and_value(arg)
         _check(binary, profile.name, f"llamacpp.extra_args ({flag})", flag)
@@ -176,6 +178,7 @@ def _extra_args(profile: Profile, binary: BinaryInfo | None, owned: set[str]) ->
                 f"or api_key_env): set it there, not in extra_args"
             )
         extra.extend([flag] if value is None else [flag, value])
+        value_next = value is None and binary is not None and binary.takes_value(flag)
     return extra
 
 

@@ -90,15 +90,21 @@ async def wedged(
     *,
     interval: float,
     timeout: float,
+    in_use: Callable[[], bool] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> str | None:
-    """Poll ``/slots`` every ``interval`` seconds; return why the loop is wedged, or None
-    when it cannot be watched (``--no-slots``). Runs until cancelled otherwise."""
+    """Poll ``/slots`` every ``interval`` seconds while ``in_use`` says there is work;
+    return why the loop is wedged, or None when it cannot be watched (``--no-slots``).
+    Runs until cancelled otherwise. (A look at ``/slots`` counts as activity for
+    llama-server's ``--sleep-idle-seconds``: an idle server is left alone.)"""
     awake = AwakeClock(cap=2 * interval, clock=clock)
     stall = Stall()
     while True:
         await asyncio.sleep(interval)
         awake.tick()
+        if in_use is not None and not in_use():
+            stall = Stall()
+            continue
         try:
             slots = await _slots(client, awake, interval, timeout)
         except EngineUnavailable:  # not answering at all: the /health checks decide

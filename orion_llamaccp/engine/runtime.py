@@ -53,6 +53,7 @@ def make_supervisor(
     *,
     policy: SupervisorPolicy | None = None,
     progress: ProgressHook | None = None,
+    in_use: Callable[[], bool] | None = None,
 ) -> Supervisor:
     """A supervisor whose corrupt-model reaction goes through the model layer once."""
     from orion_llamaccp.model.fetch import refetch_corrupt
@@ -65,6 +66,7 @@ def make_supervisor(
         environ=plan.settings.environ(),
         policy=policy or policy_from(plan.settings),
         on_corrupt=on_corrupt,
+        in_use=in_use,
     )
 
 
@@ -74,6 +76,7 @@ def policy_from(settings: Settings) -> SupervisorPolicy:
         health_interval=settings.engine_health_interval_sec,
         health_timeout=settings.engine_health_timeout_sec,
         progress_timeout=settings.engine_progress_timeout_sec,
+        read_timeout=settings.request_timeout_sec,
         crash_limit=settings.engine_crash_limit,
     )
 

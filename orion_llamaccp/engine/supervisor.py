@@ -76,6 +76,7 @@ class SupervisorPolicy:
     health_timeout: float = 5.0
     health_failures: int = 3
     progress_timeout: float = 300.0  # 0: the inference loop is not watched (``liveness``)
+    read_timeout: float = 600.0  # the longest wait for a byte of an answer (a first token)
     poll_interval: float = 0.05
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
@@ -106,10 +107,16 @@ class Supervisor:
         environ: Mapping[str, str],
         policy: SupervisorPolicy | None = None,
         on_corrupt: CorruptHandler | None = None,
+        in_use: Callable[[], bool] | None = None,
     ) -> None:
         self.launch = launch
         self.policy = policy or SupervisorPolicy()
-        self.client = LlamaClient(launch.base_url, api_key=launch.api_key)
+        self.client = LlamaClient(
+            launch.base_url, api_key=launch.api_key, read_timeout=self.policy.read_timeout
+        )
+        # Whether llama-server has work: its loop is watched only then (None: always),
+        # since each look keeps it from the sleep of --sleep-idle-seconds.
+        self._in_use = in_use
         self.state = EngineState.STOPPED
         self.props: Props | None = None
         self.restarts = 0
@@ -328,7 +335,9 @@ class Supervisor:
         timeout = self.policy.progress_timeout
         if not timeout:
             return None
-        probe = liveness.wedged(self.client, interval=self.policy.health_interval, timeout=timeout)
+        probe = liveness.wedged(
+            self.client, interval=self.policy.health_interval, timeout=timeout, in_use=self._in_use
+        )
         return asyncio.create_task(probe, name="llama-server-progress")
 
     @staticmethod

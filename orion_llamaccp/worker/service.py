@@ -86,7 +86,9 @@ class Worker:
             redis, profile=self.profile.name, dedup_ttl=settings.dedup_ttl_sec, lane=self.lane
         )
         self.view = WorkerView(self)
-        self.supervisor = make_supervisor(plan, progress=self.view.on_progress)
+        self.supervisor = make_supervisor(
+            plan, progress=self.view.on_progress, in_use=lambda: self.slots.busy > 0
+        )
         self.supervisor.add_listener(self._on_engine_event)
         # As launched (an override included), until llama-server says (``_start_engine``).
         self.slots = Slots(settings.overrides.parallel or self.profile.llamacpp.parallel or 1)

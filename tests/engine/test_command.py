@@ -252,8 +252,8 @@ def test_knob_missing_from_an_older_build_is_refused() -> None:
         "-c,    --ctx-size N                     size of the prompt context\n"
         "-fa,   --flash-attn                     enable Flash Attention (default: disabled)\n"
     )
-    flags, env_of, aliases = parse_help(old_help)
-    binary = BinaryInfo(Path("/old/llama-server"), flags, env_of, "b3000", aliases)
+    flags, env_of, aliases, valued = parse_help(old_help)
+    binary = BinaryInfo(Path("/old/llama-server"), flags, env_of, "b3000", aliases, valued)
     assert _build({"ctx_size": 512, "flash_attn": "on"}, binary)[-4:] == [
         "--ctx-size",
         "512",
@@ -340,6 +340,18 @@ def test_extra_args_in_flag_equals_value_form_become_two_arguments(
     assert "--threads-http=1" not in argv
     with pytest.raises(UnsupportedKnob, match="--n-parallel"):
         _build({"extra_args": ["--n-parallel=2"]}, probe(llama_server_bin))
+
+
+def test_an_extra_args_value_that_starts_with_a_dash_is_a_value_not_a_flag(
+    llama_server_bin: Path,
+) -> None:
+    """A stop string such as ``- User:`` or a negative number was taken for a flag, and
+    the profile refused ("needs the flag -"); ``--help`` says which flags take a value."""
+    raw = {"extra_args": ["-r", "- User:", "--yarn-ext-factor", "-1e-3", "--no-slots"]}
+    argv = _build(raw, probe(llama_server_bin))
+    assert argv[-5:] == ["-r", "- User:", "--yarn-ext-factor", "-1e-3", "--no-slots"]
+    with pytest.raises(UnsupportedKnob, match="--no-such-flag"):  # after a flag with no value
+        _build({"extra_args": ["--no-slots", "--no-such-flag"]}, probe(llama_server_bin))
 
 
 def test_secrets_in_flag_equals_value_form_are_masked(llama_server_bin: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -171,6 +172,30 @@ async def test_without_slots_the_loop_goes_unwatched_and_says_so(
             lambda: "a stuck loop goes unseen" in caplog.text, timeout=10, what="the warning"
         )
         await asyncio.sleep(3 * WATCHED.health_interval)
+        assert supervisor.state is EngineState.READY and supervisor.restarts == 0
+    finally:
+        await supervisor.stop()
+
+
+@pytest.mark.parametrize("in_use", [False, None], ids=["idle-left-alone", "always-watched"])
+async def test_an_idle_llama_server_is_not_looked_at_so_it_may_sleep(
+    make_launch: LaunchFactory, caplog: pytest.LogCaptureFixture, in_use: bool | None
+) -> None:
+    """A look at /slots counts as activity for --sleep-idle-seconds: watched while it has
+    no work, llama-server never sleeps (the second case shows it). The worker has it
+    watched only while a request holds a slot."""
+    caplog.set_level(logging.DEBUG, logger="orion_llamaccp.llama_server")
+    supervisor = Supervisor(
+        make_launch(extra_args=["--sleep-idle-seconds", "1"]),
+        environ=dict(os.environ),
+        policy=WATCHED,
+        in_use=None if in_use is None else lambda: in_use,
+    )
+    await supervisor.start()
+    try:
+        await asyncio.sleep(3)
+        asleep = "entering sleeping state" in caplog.text
+        assert asleep == (in_use is not None)
         assert supervisor.state is EngineState.READY and supervisor.restarts == 0
     finally:
         await supervisor.stop()

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
+from orion_llamaccp.engine.command import LaunchSpec
 from orion_llamaccp.engine.plan import build_plan
-from orion_llamaccp.engine.runtime import make_supervisor
-from orion_llamaccp.engine.supervisor import EngineState
+from orion_llamaccp.engine.runtime import make_supervisor, policy_from
+from orion_llamaccp.engine.supervisor import EngineState, Supervisor
 from orion_llamaccp.errors import EngineStartError
-from orion_llamaccp.settings import load_settings
+from orion_llamaccp.settings import Settings, load_settings
 from tests.conftest import write_tiny_registry
 from tests.engine.conftest import FAST
 from tests.support.procs import free_port, wait_until_async
@@ -68,3 +69,15 @@ async def test_stop_interrupts_the_corrupt_model_refetch_stand_in(
         assert cancelled.is_set()
     finally:
         release.set()
+
+
+def test_an_answer_may_wait_as_long_as_the_request_timeout_for_its_first_byte(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client's read timeout was a fixed 600 s: with the request timeout raised for a
+    long prompt on a slow card, the first token's wait was cut at 600 s all the same."""
+    monkeypatch.setenv("ORION_LLAMACPP_REQUEST_TIMEOUT_SEC", "3600")
+    policy = policy_from(Settings())
+    assert policy.read_timeout == 3600
+    launch = LaunchSpec(argv=("llama-server",), env={}, host="127.0.0.1", port=1)
+    assert Supervisor(launch, environ={}, policy=policy).client.read_timeout == 3600

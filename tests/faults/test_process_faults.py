@@ -554,7 +554,9 @@ async def kill_while_busy(
                 busy = []
             decoded = [s["next_token"][0]["n_decoded"] for s in busy]
             alive = [pid for pid in llama_servers_under(worker.pid) if pid_alive(pid)]
-            if decoded and (min(decoded) > 0) == decoding and alive:
+            # Mid-stream: 50 tokens in, its first chunks are out (a 10 ms window).
+            hit = decoded and (min(decoded) >= 50 if decoding else max(decoded) == 0)
+            if hit and alive:
                 for pid in alive:
                     os.kill(pid, signal.SIGKILL)
                 kills += 1
@@ -607,7 +609,7 @@ async def test_a_request_llama_server_dies_on_is_given_up_before_it_takes_the_wo
     assert answer["details"]["retryable"] is False
     assert answer["details"]["engine_deaths"] == 2
     streamed = {c["attempt"] for c in chunks_of(fault, poison)}
-    assert streamed <= {1, 2} and (1 in streamed) == decoding, streamed
+    assert streamed == ({1, 2} if decoding else set()), streamed
     dead = await fault.raw.xrange(keys.dlq_stream("orion:stream:llamacpp:tiny:request"))
     assert [fields[b"reason"] for _, fields in dead] == [b"upstream_failed"]
     fine = fault.ledger.answers(innocent)[0]["payload"]
