@@ -19,7 +19,7 @@ from orion_llamaccp.errors import BinaryNotFound, EngineError
 
 IMAGE_BINARY = Path("/app/llama-server")
 BUILD_HINT = "run `make llama-server` (builds the pinned llama.cpp into the cache, once)"
-_FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9-]*)")
+_FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9.-]*)")  # --fim-qwen-1.5b-default
 _ENV = re.compile(r"\(env: (LLAMA_[A-Z0-9_]+)\)")
 # The description starts after a gap of 2+ spaces that does not follow an alias comma.
 _DESC_GAP = re.compile(r"(?<![,\s])\s{2,}")

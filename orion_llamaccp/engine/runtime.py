@@ -76,7 +76,8 @@ def policy_from(settings: Settings) -> SupervisorPolicy:
         health_interval=settings.engine_health_interval_sec,
         health_timeout=settings.engine_health_timeout_sec,
         progress_timeout=settings.engine_progress_timeout_sec,
-        read_timeout=settings.request_timeout_sec,
+        # After the generation's own deadline, which starts a moment later and says why.
+        read_timeout=settings.request_timeout_sec + 30,
         crash_limit=settings.engine_crash_limit,
     )
 

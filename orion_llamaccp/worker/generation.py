@@ -197,7 +197,7 @@ class Generator:
             if sent is None:
                 await self._engine_ready(job)
                 deaths.check(attempt)
-            async with deaths.turn():
+            async with deaths.turn(deadline):
                 if deaths.count:  # the suspect before may have killed it meanwhile
                     await self._engine_ready(job)
                 written, sent = sent, None  # a retry writes its own request
@@ -209,7 +209,7 @@ class Generator:
                 except ContextExceeded as exc:
                     raise Failure("context_exceeded", str(exc), retryable=False) from None
                 except EngineUnavailable as exc:
-                    await deaths.failed(reached=exc.reached)
+                    deaths.failed(reached=exc.reached)
                     if time.monotonic() > deadline:
                         raise Failure(
                             "engine_unavailable",
@@ -217,9 +217,10 @@ class Generator:
                             retryable=True,
                             details={"engine_state": str(self.supervisor.state)},
                         ) from None
+                    await deaths.seen()
                     await asyncio.sleep(0.25)  # the supervisor is about to see the crash
                 except UpstreamError as exc:
-                    await deaths.failed(reached=exc.broken)
+                    deaths.failed(reached=exc.broken)
                     if not exc.retryable:  # llama-server refused this request: it never will
                         raise Failure(
                             "validation_failed",
@@ -237,6 +238,7 @@ class Generator:
                     log.warning(
                         "attempt %d of %s failed (%s): retrying", attempt, job.request_id, exc
                     )
+                    await deaths.seen()
                     attempt = await self.publisher.next_attempt(job.delivery_id, attempt + 1)
 
     async def _generate(
@@ -339,21 +341,26 @@ class _Deaths:
         self._life = 0
         self._failed_in: int | None = None  # the life a failed try reached
 
-    def turn(self) -> AbstractAsyncContextManager[object]:
+    def turn(self, deadline: float) -> AbstractAsyncContextManager[object]:
         """A try of its own once the request was in a llama-server that died: with the
-        poison among several requests, only the poison is in the next one to die."""
-        return self.suspects if self.count else nullcontext()
+        poison among several such requests, the others are not in the next one it kills.
+        (Requests on their first try still run beside it: one of them could be a second
+        poison.) Waited for until the request's deadline."""
+        return _Turn(self.suspects, deadline) if self.count else nullcontext()
 
     def trying(self) -> None:
         self._life = self.supervisor.life
 
-    async def failed(self, *, reached: bool) -> None:
-        """A try that may have been in llama-server when it died: until the supervisor
-        has seen that (or 1 s says it did not die), the next try, this request's or the
-        next suspect's, is not sent to the dead one."""
+    def failed(self, *, reached: bool) -> None:
         if reached:
             self._failed_in = self._life
-            await self.supervisor.left(self._life, timeout=1.0)
+
+    async def seen(self) -> None:
+        """Before a retry of a try that may have been in llama-server when it died: until
+        the supervisor has seen that (or 1 s says it did not die), the next try, this
+        request's or the next suspect's, is not sent to the dead one."""
+        if self._failed_in is not None:
+            await self.supervisor.left(self._failed_in, timeout=1.0)
 
     def check(self, attempt: int) -> None:
         """Before a retry: raise if the request has been in ``limit`` dying llama-servers."""
@@ -369,6 +376,29 @@ class _Deaths:
                 retryable=False,
                 details={"engine_deaths": self.count, "attempt": attempt},
             )
+
+
+class _Turn:
+    """The suspects' lock, waited for no later than the request's deadline."""
+
+    def __init__(self, lock: asyncio.Lock, deadline: float) -> None:
+        self.lock = lock
+        self.deadline = deadline
+
+    async def __aenter__(self) -> None:
+        try:
+            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                await self.lock.acquire()
+        except TimeoutError:
+            raise Failure(
+                "engine_unavailable",
+                "llama-server died with this request in it, and the others in it took "
+                "their turns past the request's deadline",
+                retryable=True,
+            ) from None
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
 
 
 def stop_answered_elsewhere(job: Job, generation: asyncio.Task[Any] | None) -> None:

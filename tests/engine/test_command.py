@@ -352,6 +352,8 @@ def test_an_extra_args_value_that_starts_with_a_dash_is_a_value_not_a_flag(
     assert argv[-5:] == ["-r", "- User:", "--yarn-ext-factor", "-1e-3", "--no-slots"]
     with pytest.raises(UnsupportedKnob, match="--no-such-flag"):  # after a flag with no value
         _build({"extra_args": ["--no-slots", "--no-such-flag"]}, probe(llama_server_bin))
+    binary = probe(llama_server_bin)  # a dot in a flag's name is part of it
+    assert binary.accepts("--fim-qwen-1.5b-default") and not binary.accepts("--fim-qwen-1")
 
 
 def test_secrets_in_flag_equals_value_form_are_masked(llama_server_bin: Path) -> None:

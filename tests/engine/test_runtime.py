@@ -78,6 +78,6 @@ def test_an_answer_may_wait_as_long_as_the_request_timeout_for_its_first_byte(
     long prompt on a slow card, the first token's wait was cut at 600 s all the same."""
     monkeypatch.setenv("ORION_LLAMACPP_REQUEST_TIMEOUT_SEC", "3600")
     policy = policy_from(Settings())
-    assert policy.read_timeout == 3600
+    assert policy.read_timeout > 3600
     launch = LaunchSpec(argv=("llama-server",), env={}, host="127.0.0.1", port=1)
-    assert Supervisor(launch, environ={}, policy=policy).client.read_timeout == 3600
+    assert Supervisor(launch, environ={}, policy=policy).client.read_timeout > 3600
