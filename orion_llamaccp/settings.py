@@ -348,4 +348,10 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         model = Overrides if exc.title == "Overrides" else Settings
         raise ConfigError(_explain(exc, model)) from None
+    if settings.request_crash_limit >= settings.engine_crash_limit:
+        raise ConfigError(
+            f"ORION_LLAMACPP_REQUEST_CRASH_LIMIT ({settings.request_crash_limit}) must be "
+            f"below ORION_LLAMACPP_CRASH_LIMIT ({settings.engine_crash_limit}): a request "
+            "llama-server dies on would otherwise take the worker down before it is given up"
+        )
     return settings

@@ -154,3 +154,13 @@ def test_overrides_are_read_from_the_dotenv_file_too(
     assert settings.overrides.ctx_size is None  # blank still means unset
     monkeypatch.setenv("LLAMACPP_PORT_OVERRIDE", "8081")  # the environment wins
     assert load_settings().overrides.port == 8081
+
+
+def test_a_request_may_not_cost_as_many_crashes_as_the_worker_survives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ORION_LLAMACPP_REQUEST_CRASH_LIMIT", "5")
+    with pytest.raises(ConfigError, match="REQUEST_CRASH_LIMIT \\(5\\) must be below"):
+        load_settings()
+    monkeypatch.setenv("ORION_LLAMACPP_CRASH_LIMIT", "6")
+    assert load_settings().request_crash_limit == 5

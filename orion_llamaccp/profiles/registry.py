@@ -176,9 +176,20 @@ def _read_text(path: Path) -> str:
 def load_registry(path: Path) -> Registry:
     """Read and validate every llama.cpp profile; other backends are listed, not validated."""
     registry = Registry(path=path)
-    for name, raw in read_yaml(path).items():
-        name = str(name)
+    for key, raw in read_yaml(path).items():
+        name = str(key)
+        if name in registry.profiles or name in registry.others or name in registry.problems:
+            # YAML reads 1: as a number and "1": as text: two keys, one name.
+            registry.profiles.pop(name, None)
+            registry.others.pop(name, None)
+            registry.problems[name] = f'profiles.{name} is written twice (as 1: and "1", say)'
+            continue
         backend = raw.get("backend", BACKEND) if isinstance(raw, Mapping) else BACKEND
+        if backend is None:
+            registry.problems[name] = (
+                f"profiles.{name}.backend is empty: write backend: {BACKEND}, or leave it out"
+            )
+            continue
         if backend != BACKEND:
             display = raw.get("display_name") if isinstance(raw, Mapping) else None
             registry.others[name] = OtherProfile(name, str(backend), display)

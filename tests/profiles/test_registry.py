@@ -262,6 +262,23 @@ def test_broken_other_profile_warns_for_run_but_fails_validate(
         select_profile(Settings(LLM_PROFILES_CONFIG_PATH=str(path), LLM_PROFILE_NAME="bad"))
 
 
+def test_one_name_written_twice_or_an_empty_backend_is_a_problem_not_a_quiet_pick(
+    tmp_path: Path,
+) -> None:
+    """``1:`` and ``"1":`` are two YAML keys for one profile name: the last one won,
+    silently. ``backend:`` with nothing after it was listed as a backend named 'None'."""
+    path = write(
+        tmp_path,
+        'profiles:\n  1:\n    backend: llamacpp\n  "1":\n    backend: vllm\n'
+        "  blank:\n    backend:\n  fine:\n    backend: llamacpp\n",
+    )
+    registry = load_registry(path)
+    assert set(registry.problems) == {"1", "blank"}
+    assert "written twice" in registry.problems["1"]
+    assert "backend is empty" in registry.problems["blank"]
+    assert set(registry.profiles) == {"fine"} and not registry.others
+
+
 def test_shipped_registry_is_valid_and_has_the_expected_profiles() -> None:
     registry = load_registry(SHIPPED)
     assert registry.problems == {}
