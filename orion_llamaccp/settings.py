@@ -348,7 +348,8 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         model = Overrides if exc.title == "Overrides" else Settings
         raise ConfigError(_explain(exc, model)) from None
-    if settings.request_crash_limit >= settings.engine_crash_limit:
+    # (A crash limit of 1 fails the worker at the first death: nothing to keep below it.)
+    if 1 < settings.engine_crash_limit <= settings.request_crash_limit:
         raise ConfigError(
             f"ORION_LLAMACPP_REQUEST_CRASH_LIMIT ({settings.request_crash_limit}) must be "
             f"below ORION_LLAMACPP_CRASH_LIMIT ({settings.engine_crash_limit}): a request "

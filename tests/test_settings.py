@@ -164,3 +164,5 @@ def test_a_request_may_not_cost_as_many_crashes_as_the_worker_survives(
         load_settings()
     monkeypatch.setenv("ORION_LLAMACPP_CRASH_LIMIT", "6")
     assert load_settings().request_crash_limit == 5
+    monkeypatch.setenv("ORION_LLAMACPP_CRASH_LIMIT", "1")  # the first death fails it anyway
+    assert load_settings().engine_crash_limit == 1
