@@ -93,3 +93,11 @@ async def metered_engine(make_launch: LaunchFactory) -> AsyncIterator[Supervisor
     await supervisor.start()
     yield supervisor
     await supervisor.stop()
+
+
+async def assert_answers(supervisor: Supervisor, max_tokens: int = 2) -> None:
+    """The engine serves a short streamed chat to its end (usage on the last event)."""
+    async with supervisor.client.chat_stream(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+    ) as stream:
+        assert [e async for e in stream][-1].usage is not None

@@ -20,7 +20,7 @@ from orion_llamaccp.errors import ConfigError, UnsupportedKnob
 from orion_llamaccp.model.paths import plan_files
 from orion_llamaccp.profiles.registry import parse_profile
 from orion_llamaccp.settings import Overrides, load_settings
-from tests.engine.conftest import FAST, LaunchFactory
+from tests.engine.conftest import FAST, LaunchFactory, assert_answers
 from tests.support.procs import ipv6_loopback
 
 EXPECTED = {
@@ -425,10 +425,7 @@ async def test_client_reaches_real_llama_server_on_ipv6_loopback(
     supervisor = Supervisor(make_launch(host="::1"), environ={}, policy=FAST)
     try:
         await supervisor.start()
-        async with supervisor.client.chat_stream(
-            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        ) as stream:
-            assert [e async for e in stream][-1].usage is not None
+        await assert_answers(supervisor, max_tokens=2)
     finally:
         await supervisor.stop()
 

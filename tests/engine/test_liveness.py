@@ -20,7 +20,7 @@ import pytest
 
 from orion_llamaccp.engine.liveness import AwakeClock, Stall
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState, Supervisor
-from tests.engine.conftest import FAST, LaunchFactory
+from tests.engine.conftest import FAST, LaunchFactory, assert_answers
 from tests.support.freeze import FrozenThread
 from tests.support.procs import pid_alive, wait_until_async
 
@@ -56,10 +56,7 @@ async def test_a_stuck_loop_is_restarted_though_health_says_200(
         assert frozen.exited and not pid_alive(first)
         assert "did not answer /slots within 1s: wedged" in reason  # the timeout, as set
         assert supervisor.pid != first and supervisor.restarts == 1
-        async with supervisor.client.chat_stream(
-            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-        ) as stream:
-            assert [e async for e in stream][-1].usage is not None
+        await assert_answers(supervisor, max_tokens=4)
     finally:
         await supervisor.stop()
 

@@ -20,7 +20,7 @@ from orion_llamaccp.engine.command import API_KEY_ENV
 from orion_llamaccp.engine.diagnostics import Cause
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState, Supervisor
 from orion_llamaccp.errors import EngineStartError
-from tests.engine.conftest import FAST, PRELUDE, LaunchFactory
+from tests.engine.conftest import FAST, PRELUDE, LaunchFactory, assert_answers
 from tests.support.procs import pid_alive, wait_until_async
 
 
@@ -108,10 +108,7 @@ async def test_sigkill_while_ready_restarts_and_serves_again(ready_engine: Super
     assert ready_engine.restarts == 1
     assert ready_engine.pid != first
     assert "exited with code" in (events[0].reason or "")
-    async with ready_engine.client.chat_stream(
-        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    ) as stream:
-        assert [e async for e in stream][-1].usage is not None
+    await assert_answers(ready_engine, max_tokens=4)
 
 
 async def test_wedged_server_is_detected_and_restarted(ready_engine: Supervisor) -> None:
@@ -334,10 +331,7 @@ async def test_api_key_is_passed_to_llama_server_and_used_by_the_client(
     supervisor = Supervisor(launch, environ=dict(os.environ), policy=FAST)
     await supervisor.start()
     try:
-        async with supervisor.client.chat_stream(
-            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        ) as stream:
-            assert [e async for e in stream][-1].usage is not None
+        await assert_answers(supervisor, max_tokens=2)
         async with httpx.AsyncClient(base_url=launch.base_url) as bare:
             refused = await bare.post(
                 "/v1/chat/completions",
