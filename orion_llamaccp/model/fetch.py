@@ -108,7 +108,10 @@ def _model_from_hub(profile: Profile, files: ModelFiles) -> bool:
     cfg = profile.llamacpp
     if not (cfg.hf_repo_id and cfg.hf_filename):
         return False
-    return split_parts(safe_join(files.root, cfg.hf_filename, "hf_filename"))[0] == files.model
+    return (
+        split_parts(safe_join(files.root, cfg.hf_filename, "llamacpp.hf_filename"))[0]
+        == files.model
+    )
 
 
 def _extra_source(profile: Profile, root: Path, path: Path, repo: str | None) -> HubFile | None:

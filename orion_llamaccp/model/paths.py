@@ -44,18 +44,20 @@ def model_root(profile: Profile, env: Mapping[str, str]) -> Path:
 
 
 def safe_join(root: Path, name: str, key: str) -> Path:
-    """``root / name``, refusing anything that would land outside ``root``."""
+    """``root / name``, refusing anything that would land outside ``root``; ``key`` is
+    the setting that said ``name``, for the error."""
     pure = PurePosixPath(name.replace("\\", "/"))
     bad = not name or "\x00" in name or pure.is_absolute() or ".." in pure.parts
     if bad or name.startswith("~") or not pure.parts:
+        anywhere = "" if key.startswith("llamacpp.") else ", or an absolute path"
         raise UnsafeModelPath(
-            f"llamacpp.{key} = {name!r} would resolve outside model_root {root}: "
-            f"give a plain relative file name (sub-folders allowed, no '..', no absolute path)"
+            f"{key} = {name!r} would resolve outside model_root {root}: give a plain "
+            f"relative file name (sub-folders allowed, no '..', no '~'){anywhere}"
         )
     candidate = (root / pure).resolve()
     if not candidate.is_relative_to(root.resolve()):
         raise UnsafeModelPath(
-            f"llamacpp.{key} = {name!r} resolves to {candidate}, outside model_root {root} "
+            f"{key} = {name!r} resolves to {candidate}, outside model_root {root} "
             f"(through a symbolic link): refuse to use it"
         )
     return root / pure
@@ -84,9 +86,8 @@ def main_model_path(
     cfg = profile.llamacpp
     if override:
         path = Path(override).expanduser()
-        return (path if path.is_absolute() else safe_join(root, override, "model_path")), (
-            "LLAMACPP_MODEL_PATH_OVERRIDE"
-        )
+        source = "LLAMACPP_MODEL_PATH_OVERRIDE"
+        return (path if path.is_absolute() else safe_join(root, override, source)), source
     if cfg.model_path:
         path = Path(cfg.model_path).expanduser()
         if path.is_absolute():
@@ -96,9 +97,9 @@ def main_model_path(
                     f"put the file under model_root, or set LLAMACPP_MODEL_PATH_OVERRIDE"
                 )
             return path, "llamacpp.model_path"
-        return safe_join(root, cfg.model_path, "model_path"), "llamacpp.model_path"
+        return safe_join(root, cfg.model_path, "llamacpp.model_path"), "llamacpp.model_path"
     if cfg.hf_filename:
-        return safe_join(root, cfg.hf_filename, "hf_filename"), "llamacpp.hf_filename"
+        return safe_join(root, cfg.hf_filename, "llamacpp.hf_filename"), "llamacpp.hf_filename"
     if (
         profile.model_id
         and profile.model_id.endswith(".gguf")
@@ -118,10 +119,12 @@ def plan_files(profile: Profile, override: str | None, env: Mapping[str, str]) -
     cfg = profile.llamacpp
     model, source = main_model_path(profile, override, env)
     mmproj = (
-        safe_join(root, cfg.mmproj_filename, "mmproj_filename") if cfg.mmproj_filename else None
+        safe_join(root, cfg.mmproj_filename, "llamacpp.mmproj_filename")
+        if cfg.mmproj_filename
+        else None
     )
     draft = (
-        safe_join(root, cfg.hf_draft_filename, "hf_draft_filename")
+        safe_join(root, cfg.hf_draft_filename, "llamacpp.hf_draft_filename")
         if cfg.hf_draft_filename
         else None
     )

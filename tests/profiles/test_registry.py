@@ -338,6 +338,20 @@ def test_traversal_in_profile_file_names_is_refused(tmp_path: Path, key: str, na
         plan_files(profile, None, {})
 
 
+def test_a_relative_override_that_escapes_model_root_is_blamed_on_the_override(
+    tmp_path: Path,
+) -> None:
+    """The operator set the variable, not the profile's key: the error must say which."""
+    profile = _profile(tmp_path, "      model_path: ok.gguf\n")
+    with pytest.raises(UnsafeModelPath, match="outside model_root") as refused:
+        plan_files(profile, "../elsewhere.gguf", {})
+    message = str(refused.value)
+    assert message.startswith("LLAMACPP_MODEL_PATH_OVERRIDE = '../elsewhere.gguf'")
+    assert "llamacpp.model_path" not in message and "an absolute path" in message
+    with pytest.raises(UnsafeModelPath, match=r"^llamacpp\.model_path = '\.\./x\.gguf'"):
+        plan_files(_profile(tmp_path, "      model_path: ../x.gguf\n"), None, {})
+
+
 def test_overrides_apply_to_the_selected_profile_not_to_one_a_command_names(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
