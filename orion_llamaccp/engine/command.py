@@ -241,8 +241,8 @@ def build_launch(
         api_key = environ.get(cfg.api_key_env)
         if not api_key:
             raise ConfigError(
-                f"profile '{profile.name}' sets llamacpp.api_key_env={cfg.api_key_env}, "
-                f"but that variable is empty or unset"
+                f"profile '{profile.name}' sets llamacpp.api_key_env="
+                f"{_shown_name(cfg.api_key_env)}, but that variable is empty or unset"
             )
         _check(binary, profile.name, "llamacpp.api_key_env", "--api-key")
         # Through the environment, not argv: argv is visible to every user in `ps`.
@@ -250,3 +250,11 @@ def build_launch(
         env[name] = api_key
         secret.add(name)
     return LaunchSpec(tuple(argv), env, host, port, frozenset(secret), api_key)
+
+
+def _shown_name(name: str) -> str:
+    """The variable's name, unless it could be the key pasted in its place: keys are mixed
+    case or lower case, variable names are written in capitals."""
+    if name.isupper():
+        return name
+    return "<not shown: not written in capitals, it may be the key itself>"

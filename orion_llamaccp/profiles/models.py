@@ -21,6 +21,7 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 NGpuLayers = int | Literal["auto", "all"]
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def expand_path(value: str, env: Mapping[str, str]) -> Path:
@@ -136,6 +137,18 @@ class LlamaCppConfig(BaseModel):
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part for part in re.split(r"[,/ ]+", value.strip()) if part]
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, value: str | None) -> str | None:
+        """A key pasted here in place of its variable's name would otherwise be printed by
+        every error that names the variable; the message does not repeat it."""
+        if value is not None and not _NAME.fullmatch(value):
+            raise ValueError(
+                "must be the name of an environment variable (letters, digits and '_', "
+                "not starting with a digit) that holds the key, not the key itself"
+            )
         return value
 
     @field_validator("extra_args", mode="before")

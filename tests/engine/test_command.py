@@ -278,6 +278,22 @@ def test_api_key_goes_through_env_and_is_masked(llama_server_bin: Path) -> None:
         _launch(raw, binary, {})
 
 
+@pytest.mark.parametrize("pasted", ["sk-4f9a-live-77", "4f9a77c1", "s3cr3tKey_live"])
+def test_a_key_pasted_in_place_of_its_variable_name_is_never_repeated(
+    llama_server_bin: Path, pasted: str
+) -> None:
+    """``api_key_env: <the key>`` is an easy slip, and every worker sharing the registry
+    logs and announces the error it causes: the key must not be in it. A value no
+    variable could be named is refused with the profile; one that could (a lower-case
+    word) is refused at launch, when the variable is unset, without its name."""
+    binary = probe(llama_server_bin)
+    with pytest.raises(ConfigError) as refused:
+        _launch({"api_key_env": pasted}, binary, {})
+    message = str(refused.value)
+    assert "profiles.p.llamacpp.api_key_env" in message or "empty or unset" in message
+    assert "api_key_env" in message and pasted not in message
+
+
 @pytest.mark.parametrize(
     ("raw", "env", "flag"),
     [
