@@ -228,6 +228,8 @@ async def _batches(response: httpx.Response) -> AsyncIterator[list[Delta]]:
         if reader.done:
             return
     except httpx.HTTPError as exc:
+        if reader.finished:  # the answer was whole: [DONE] (or usage) was lost
+            return
         raise UpstreamError(
             f"stream from llama-server broke off: {type(exc).__name__}: {exc}", broken=True
         ) from exc

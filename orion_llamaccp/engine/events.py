@@ -36,7 +36,9 @@ TextSink = Callable[[list[str]], None]
 class EventReader:
     """Reads one stream's events; a ``[DONE]`` before a finish reason, an error sent
     inside the stream, or a stream that ends without a finish reason raises, so a broken
-    answer is never taken for a short one."""
+    answer is never taken for a short one. One that breaks off after its finish reason
+    is whole (its readers check ``finished``): only the usage or ``[DONE]`` was lost, and
+    trying it again would cost a second generation and stream its chunks twice."""
 
     __slots__ = ("_layout", "done", "finished")
 

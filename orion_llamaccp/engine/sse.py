@@ -80,6 +80,14 @@ class ResponseDecoder:
             raise ProtocolError(f"bytes after the end of the response: {buffer[:80]!r}")
         return b""
 
+    def cut_short(self) -> bytes:
+        """The data of the chunk the connection broke inside (a chunked body): it may
+        still hold whole events, such as an answer's finish."""
+        if self._mode != _CHUNKED:
+            return b""
+        eol = self._buffer.find(b"\r\n")  # the buffer starts at that chunk's size line
+        return self._buffer[eol + 2 :] if eol >= 0 else b""
+
     def eof(self) -> None:
         """The connection closed: the end of an until-close body, else a truncated one."""
         if self._mode == _UNTIL_CLOSE:

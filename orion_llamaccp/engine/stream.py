@@ -458,6 +458,11 @@ async def stream_batches(
                 continue
             failure = conn.failure
             if failure is not None:
+                rest = _whole_before_the_break(conn, reader)
+                if rest is not None:
+                    if rest:
+                        yield rest
+                    return
                 raise UpstreamError(
                     f"stream from llama-server broke off: {type(failure).__name__}: {failure}",
                     broken=True,
@@ -478,6 +483,16 @@ async def stream_batches(
     finally:
         if conn.sink is sink:  # the reader is gone: nothing more goes to its sink
             conn.sink = None
+
+
+def _whole_before_the_break(conn: StreamConnection, reader: EventReader) -> list[Delta] | None:
+    """The events left in the chunk a broken connection was cut inside, if the answer
+    had finished by then (only its usage or ``[DONE]`` was lost); else None."""
+    try:
+        batch = reader.take_runs([conn.sse.feed_run(conn.decoder.cut_short())])
+    except UpstreamError:  # not events: the break is the error to report
+        return None
+    return batch if reader.finished else None
 
 
 def _authority(host: str, port: int) -> str:

@@ -287,3 +287,85 @@ async def test_a_request_llama_server_took_and_died_with_is_told_from_one_it_nev
             async with nobody.chat_stream(body):
                 pass
     assert not never.value.reached, never.value
+
+
+class _CuttingProxy:
+    """In front of llama-server: passes its answer through up to the first ``end`` after
+    ``marker`` (``\\n\\n``: the event's end; ``\\n\\n\\r\\n``: its HTTP chunk's), then
+    resets the connection, as a llama-server killed there would. Nothing real cuts an
+    answer at an exact event."""
+
+    def __init__(self, upstream_port: int, marker: bytes, end: bytes = b"\n\n\r\n") -> None:
+        self.upstream_port, self.marker, self.end = upstream_port, marker, end
+        self.cuts = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def requests() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+
+        pump = asyncio.create_task(requests())
+        seen = b""
+        try:
+            while data := await up_reader.read(65536):
+                seen += data
+                at = seen.find(self.marker)
+                if at < 0:
+                    writer.write(data)
+                    continue
+                end = seen.index(self.end, at) + len(self.end)
+                writer.write(data[: len(data) - (len(seen) - end)])
+                await writer.drain()
+                self.cuts += 1
+                writer.transport.abort()
+                return
+        finally:
+            pump.cancel()
+            up_writer.close()
+
+
+@pytest.mark.parametrize("cut", ["after-the-event", "after-its-http-chunk"])
+@pytest.mark.parametrize("path", ["stream-pool", "httpx"])
+async def test_an_answer_cut_after_its_finish_reason_is_whole_not_a_failure(
+    ready_engine: Supervisor, path: str, cut: str
+) -> None:
+    """Cut after the finish event, only the usage (llama-server writes it in the same
+    HTTP chunk) or just ``[DONE]`` is lost: the answer is whole, and calling it a failure
+    would cost the request a second generation (and its caller every chunk twice). Cut
+    after its first token, it is a failure (``broken``)."""
+    body = {"messages": HELLO, "max_tokens": 12, "seed": 1, "temperature": 0}
+    async with ready_engine.client.chat_stream(body) as stream:
+        whole = [e async for e in stream]
+    port = ready_engine.launch.port
+    transport = httpx.AsyncHTTPTransport() if path == "httpx" else None
+    end = b"\n\n" if cut == "after-the-event" else b"\n\n\r\n"
+    proxy = _CuttingProxy(port, b'"finish_reason":"length"', end)
+    async with (
+        proxy as url,
+        LlamaClient(url, transport=transport) as client,
+        client.chat_stream(body) as stream,
+    ):
+        kept = [e async for e in stream]
+    assert proxy.cuts == 1
+    assert [e.finish_reason for e in kept if e.finish_reason] == ["length"]
+    assert "".join(e.content for e in kept) == "".join(e.content for e in whole)
+    assert any(e.usage for e in kept) == (cut == "after-its-http-chunk")
+
+    before = _CuttingProxy(port, b'"content":"')
+    async with before as url, LlamaClient(url, transport=transport) as client:
+        with pytest.raises(UpstreamError) as broken:
+            async with client.chat_stream(body) as stream:
+                async for _ in stream:
+                    pass
+    assert before.cuts == 1 and broken.value.broken
