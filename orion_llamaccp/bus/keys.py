@@ -46,6 +46,12 @@ def attempts(request_id: str) -> str:
     return f"{PREFIX}:attempts:{request_id}"
 
 
+def deaths(request_id: str) -> str:
+    """How many llama-servers died with a request in them, counted by every worker that
+    tried it: an entry that moves to another worker keeps its count."""
+    return f"{PREFIX}:deaths:{request_id}"
+
+
 def chunk_seq(request_id: str, attempt: int) -> str:
     """The last chunk ``seq`` published for one attempt of a request."""
     return f"{PREFIX}:seq:{request_id}:{attempt}"

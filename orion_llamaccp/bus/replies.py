@@ -30,7 +30,13 @@ from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.lane import Command, Lane
 from orion_llamaccp.bus.outbox import ChunkTemplate
 from orion_llamaccp.bus.retry import with_retry
-from orion_llamaccp.bus.scripts import ANSWERED, NEXT_ATTEMPT, PUBLISH_IN_ORDER, PUBLISH_ONCE
+from orion_llamaccp.bus.scripts import (
+    ANSWERED,
+    NEXT_ATTEMPT,
+    PUBLISH_IN_ORDER,
+    PUBLISH_ONCE,
+    RAISE_TO,
+)
 
 GUARD_TTL_SEC = 24 * 3600
 
@@ -58,6 +64,7 @@ class Publisher:
         self._guards = (self._once, self._ordered)  # the scripts stages run (EVALSHA)
         self._sources = {script.sha: script.script for script in self._guards}
         self._next_attempt = redis.register_script(NEXT_ATTEMPT)
+        self._raise_to = redis.register_script(RAISE_TO)
         self.lane = lane or Lane(redis)
         self.commands = 0
 
@@ -146,6 +153,19 @@ class Publisher:
             await with_retry(
                 "numbering an attempt",
                 lambda: self._next_attempt(keys=[key], args=[floor, GUARD_TTL_SEC]),
+                retry_for=self.retry_for,
+            )
+        )
+
+    async def engine_deaths(self, request_id: str, count: int = 0) -> int:
+        """The llama-server deaths counted for a request by every worker that tried it,
+        after raising the count to ``count`` (0: read it). A maximum, not an increment, so
+        a command retried after a lost reply does not count one death twice."""
+        key = keys.deaths(request_id)
+        return int(
+            await with_retry(
+                "counting a request's engine deaths",
+                lambda: self._raise_to(keys=[key], args=[count, GUARD_TTL_SEC]),
                 retry_for=self.retry_for,
             )
         )

@@ -43,6 +43,12 @@ ANSWERED = -2  # PUBLISH_IN_ORDER's reply to a chunk of a request that has its r
 
 # KEYS[1] highest attempt; ARGV: floor, ttl. A number above every one given before, and at
 # least the floor (so the unrecorded first attempt of a first delivery is never reused).
+RAISE_TO = """
+local n = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[1]))
+redis.call('SET', KEYS[1], n, 'EX', tonumber(ARGV[2]))
+return n
+"""
+
 NEXT_ATTEMPT = """
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local n = math.max(last + 1, tonumber(ARGV[1]))

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -152,7 +152,11 @@ class Generator:
             log.debug("options not forwarded to llama-server: %s", ignored)
         ahead, job.ahead = job.ahead, None  # one request per message is written ahead
         sent = ahead.take(body) if ahead is not None else None
-        if sent is None and self.supervisor.state is EngineState.READY:
+        if job.redelivered:  # llama-server may have died on it before: ``_run`` looks first
+            if sent is not None:
+                sent.drop()
+            sent = None
+        elif sent is None and self.supervisor.state is EngineState.READY:
             sent = self.supervisor.client.send(body)
         task = asyncio.create_task(
             self._run(job, envelope, options, body, owned, sent), name=f"generate-{job.request_id}"
@@ -182,12 +186,21 @@ class Generator:
         A request that was in llama-server each time it died, ``request_crash_limit``
         times, is not tried again: it may be what kills it, and retried until the engine's
         own crash limit it would take the worker down with it (``_Deaths``). Those that
-        were in one that died take turns, so the others in it are not blamed again.
+        were in one that died take turns, so the others in it are not blamed again. The
+        count is kept in Redis: a redelivered entry goes on from the workers' before it.
         """
-        deaths = _Deaths(self.supervisor, self.settings.request_crash_limit, self.suspects)
+        deaths = _Deaths(
+            self.supervisor,
+            self.settings.request_crash_limit,
+            self.suspects,
+            partial(self.publisher.engine_deaths, job.delivery_id),
+        )
         attempt = job.first_attempt
-        if job.redelivered:  # a worker before may have retried under later numbers
-            attempt = await self.publisher.next_attempt(job.delivery_id, attempt)
+        if job.redelivered:  # a worker before may have retried, or seen llama-server die
+            attempt, deaths.count = await asyncio.gather(
+                self.publisher.next_attempt(job.delivery_id, attempt),
+                self.publisher.engine_deaths(job.delivery_id),
+            )
         settings = self.settings
         limit = (
             settings.engine_wait_sec if job.transport == "pubsub" else settings.request_timeout_sec
@@ -196,7 +209,7 @@ class Generator:
         while True:
             if sent is None:
                 await self._engine_ready(job)
-                deaths.check(attempt)
+                await deaths.check(attempt)
             async with deaths.turn(deadline):
                 if deaths.count:  # the suspect before may have killed it meanwhile
                     await self._engine_ready(job)
@@ -333,10 +346,17 @@ class _Deaths:
     (``Supervisor.life``), saw one die. One that died of something else while the request
     was in it counts too: no one can tell the two apart from here."""
 
-    def __init__(self, supervisor: Supervisor, limit: int, suspects: asyncio.Lock) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        limit: int,
+        suspects: asyncio.Lock,
+        store: Callable[[int], Awaitable[int]],
+    ) -> None:
         self.supervisor = supervisor
         self.limit = limit
         self.suspects = suspects
+        self.store = store  # raises the count kept in Redis, for the workers after this one
         self.count = 0
         self._life = 0
         self._failed_in: int | None = None  # the life a failed try reached
@@ -362,12 +382,12 @@ class _Deaths:
         if self._failed_in is not None:
             await self.supervisor.left(self._failed_in, timeout=1.0)
 
-    def check(self, attempt: int) -> None:
-        """Before a retry: raise if the request has been in ``limit`` dying llama-servers."""
-        if self._failed_in is None or self.supervisor.life == self._failed_in:
-            return
-        self.count += 1
-        self._failed_in = None
+    async def check(self, attempt: int) -> None:
+        """Before a try: raise if the request has been in ``limit`` dying llama-servers,
+        this worker's and those of the workers that tried it before."""
+        if self._failed_in is not None and self.supervisor.life != self._failed_in:
+            self._failed_in = None
+            self.count = await self.store(self.count + 1)
         if self.count >= self.limit:
             raise Failure(
                 "upstream_failed",

@@ -617,3 +617,54 @@ async def test_a_request_llama_server_dies_on_is_given_up_before_it_takes_the_wo
     assert_chunks_whole(fault, innocent, fine)
     await assert_still_serving(fault)
     assert worker.state() == "ready"
+
+
+async def holds_poison(worker: WorkerProc) -> bool:
+    """Whether a slot of the worker's llama-server holds the ``POISON_TOKENS`` request."""
+    async with EngineProbe(worker.announcement()["engine_url"]) as engine:
+        try:
+            slots = await engine.slots()
+        except (httpx.HTTPError, ValueError):  # restarting
+            return False
+    return any(
+        s.get("is_processing") and (s.get("params") or {}).get("max_tokens") == POISON_TOKENS
+        for s in slots
+    )
+
+
+async def test_a_request_llama_server_died_on_keeps_its_count_in_the_next_worker(
+    fault: Fault,
+) -> None:
+    """The deaths a request was in are counted in Redis, beside its attempt number: one
+    that moves to another worker (this one killed, drained or ``failed``) is not tried
+    ``REQUEST_CRASH_LIMIT`` times more from 0 there. With the limit at 3, one death in
+    the first worker, then that worker killed while the retry is in its new llama-server:
+    the next worker gives up after two deaths, not three."""
+    limit = {"ORION_LLAMACPP_REQUEST_CRASH_LIMIT": "3"}
+    first = fault.spawn("w", slow=True, parallel=1, **limit)
+    long_prompt = [{"role": "user", "content": " ".join(["hello there"] * 300)}]
+    poison = fault.ledger.add(
+        fault.client.request(
+            long_prompt, profile="tiny", options={"stream": True, "max_tokens": POISON_TOKENS}
+        )
+    )
+    answered = lambda: fault.ledger.answers(poison)  # noqa: E731
+    killer = asyncio.create_task(kill_while_busy(first, decoding=False, most=1, until=answered))
+    await fault.client.send(poison, profile="tiny", via="stream")
+    assert await killer == 1
+    await wait_until_async(lambda: holds_poison(first), timeout=60, what="the poison retried")
+    engine, url = first.engine_pid(), first.announcement()["engine_url"]
+    first.kill()
+    await wait_until_async(lambda: not pid_alive(engine), timeout=10, what="engine gone too")
+    second = fault.spawn("w", slow=True, parallel=1, ready=False, **limit)
+    await wait_until_async(  # the same name: the first one's announcement is there until then
+        lambda: (second.announcement() or {}).get("engine_url") not in (None, url),
+        timeout=60,
+        what="the second worker announced",
+    )
+    kills = await kill_while_busy(second, decoding=False, most=5, until=answered)
+    assert_exactly_once(await fault.ledger.settle(timeout=60))
+    answer = fault.ledger.answers(poison)[0]["payload"]
+    assert answer.get("error") == "upstream_failed", (kills, answer)
+    assert (kills, answer["details"]["engine_deaths"]) == (2, 3), (kills, answer)
+    await assert_still_serving(fault)
