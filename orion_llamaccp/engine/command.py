@@ -97,6 +97,16 @@ class LaunchSpec:
         return mask_argv(self.argv)
 
     @property
+    def sleeps_when_idle(self) -> bool:
+        """Whether llama-server may sleep when idle (``--sleep-idle-seconds`` other than
+        -1; it has no environment variable): a look at it then keeps it awake."""
+        argv = self.argv
+        return any(
+            arg == "--sleep-idle-seconds" and argv[i + 1 : i + 2] != ("-1",)
+            for i, arg in enumerate(argv)
+        )
+
+    @property
     def base_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         if ":" in host and not host.startswith("["):  # an IPv6 literal

@@ -114,9 +114,11 @@ class Supervisor:
         self.client = LlamaClient(
             launch.base_url, api_key=launch.api_key, read_timeout=self.policy.read_timeout
         )
-        # Whether llama-server has work: its loop is watched only then (None: always),
-        # since each look keeps it from the sleep of --sleep-idle-seconds.
-        self._in_use = in_use
+        # Whether llama-server has work. One that may sleep (--sleep-idle-seconds) has its
+        # loop watched only then, since each look keeps it awake; any other is watched
+        # while idle too, so that a loop stuck between requests is restarted before the
+        # next request finds it so.
+        self._in_use = in_use if launch.sleeps_when_idle else None
         self.state = EngineState.STOPPED
         self.props: Props | None = None
         self.restarts = 0

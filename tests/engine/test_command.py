@@ -453,3 +453,14 @@ def test_two_knobs_for_one_flag_are_refused() -> None:
     assert "spec_draft_n_max" in message and "draft_max" in message
     assert "--spec-draft-n-max" in message
     assert _build({"draft_max": 16}, None)[-2:] == ["--spec-draft-n-max", "16"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "sleeps"),
+    [([], False), (["--sleep-idle-seconds", "30"], True), (["--sleep-idle-seconds=-1"], False)],
+)
+def test_whether_llama_server_may_sleep_is_read_from_its_command(
+    llama_server_bin: Path, extra: list[str], sleeps: bool
+) -> None:
+    """An idle llama-server is watched unless it may sleep (-1: it may not)."""
+    assert _launch({"extra_args": extra}, probe(llama_server_bin)).sleeps_when_idle is sleeps

@@ -61,6 +61,29 @@ async def test_a_stuck_loop_is_restarted_though_health_says_200(
         await supervisor.stop()
 
 
+async def test_a_loop_stuck_between_requests_is_restarted_before_the_next_one_comes(
+    make_launch: LaunchFactory,
+) -> None:
+    """No request holds a slot (the worker's ``in_use`` says so), and llama-server may not
+    sleep (no ``--sleep-idle-seconds``): its loop is watched all the same, so a loop stuck
+    while idle is restarted then, not after the next request waited out the timeout."""
+    supervisor = Supervisor(
+        make_launch(), environ=dict(os.environ), policy=WATCHED, in_use=lambda: False
+    )
+    await supervisor.start()
+    events: list[EngineEvent] = []
+    supervisor.add_listener(events.append)
+    first = supervisor.pid
+    assert first is not None
+    try:
+        with FrozenThread(first):
+            reason = await _restarted(supervisor, events)
+        assert "did not answer /slots" in reason and supervisor.restarts == 1
+        await assert_answers(supervisor, max_tokens=4)
+    finally:
+        await supervisor.stop()
+
+
 async def _frozen_in_a_decode(pid: int, url: str) -> FrozenThread:
     """The main thread stopped inside a decode: ``/slots`` still answers then (the loop
     hands such reads to another thread while it decodes), with counters that never move."""
@@ -179,7 +202,7 @@ async def test_an_idle_llama_server_is_not_looked_at_so_it_may_sleep(
     make_launch: LaunchFactory, caplog: pytest.LogCaptureFixture, in_use: bool | None
 ) -> None:
     """A look at /slots counts as activity for --sleep-idle-seconds: watched while it has
-    no work, llama-server never sleeps (the second case shows it). The worker has it
+    no work, llama-server never sleeps (the second case shows it). One that may sleep is
     watched only while a request holds a slot."""
     caplog.set_level(logging.DEBUG, logger="orion_llamaccp.llama_server")
     supervisor = Supervisor(
