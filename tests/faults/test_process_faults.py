@@ -188,6 +188,10 @@ async def test_a_paused_worker_woken_after_its_answer_stops_a_request_without_ch
         await fault.client.send(doomed, profile="tiny", via="stream")
         started = time.monotonic()
         await wait_until_async(generating, timeout=30, what="the victim generating")
+        # It generates before its record's SET has answered: paused before it read that
+        # answer, it wakes to a record already done and stops on that path, not this one.
+        await wait_until_async(lambda: fault.raw.exists(key), timeout=10, what="its record")
+        await asyncio.sleep(0.3)  # for the victim to read the answer: no sign of it outside
         paused = [victim.engine_pid(), victim.pid]
         for pid in paused:
             os.kill(pid, signal.SIGSTOP)
