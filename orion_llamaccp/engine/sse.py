@@ -81,12 +81,23 @@ class ResponseDecoder:
         return b""
 
     def cut_short(self) -> bytes:
-        """The data of the chunk the connection broke inside (a chunked body): it may
-        still hold whole events, such as an answer's finish."""
+        """The data held back when the connection broke inside a chunk (a chunked body):
+        the chunks before it that a read ending inside one left waiting, and that chunk's
+        own bytes. They may still hold whole events, such as an answer's finish."""
         if self._mode != _CHUNKED:
             return b""
-        eol = self._buffer.find(b"\r\n")  # the buffer starts at that chunk's size line
-        return self._buffer[eol + 2 :] if eol >= 0 else b""
+        buffer, pos, pieces = self._buffer, 0, []  # it starts at a chunk-size line
+        while (eol := buffer.find(b"\r\n", pos)) >= 0:
+            try:
+                size = _chunk_size(buffer[pos:eol])
+            except ProtocolError:
+                break
+            start = eol + 2
+            pieces.append(buffer[start : start + size])
+            pos = start + size + 2
+            if size == 0 or pos > len(buffer):
+                break
+        return b"".join(pieces)
 
     def eof(self) -> None:
         """The connection closed: the end of an until-close body, else a truncated one."""

@@ -47,6 +47,15 @@ class Generation:
     first_token_at: float | None = None
     tail: list[Stage] = field(default_factory=list)  # unsent chunks, to go with the result
 
+    def usage_counts(self) -> dict[str, int]:
+        """The result's ``usage``: llama-server's, or where an answer cut after its finish
+        reason lost it, the tokens relayed (the prompt's count unknown: 0)."""
+        usage = self.usage
+        prompt = int(usage.get("prompt_tokens", 0))
+        completion = int(usage.get("completion_tokens", self.tokens))
+        total = int(usage.get("total_tokens", prompt + completion))
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+
 
 class Generator:
     """Generates one request's answer and streams it as chunks."""

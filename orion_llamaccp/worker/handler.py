@@ -323,9 +323,6 @@ class ChatHandler:
                     return
 
     def _success_payload(self, gen: Generation, attempt: int, job: Job) -> dict[str, Any]:
-        usage = gen.usage or {}  # none when the answer was cut after its finish reason
-        prompt = int(usage.get("prompt_tokens", 0))
-        completion = int(usage.get("completion_tokens", gen.tokens))
         reasoning = "".join(gen.reasoning)
         meta: dict[str, Any] = {
             "served_by": self.settings.service_name,
@@ -336,15 +333,13 @@ class ChatHandler:
             "attempt": attempt,
             "transport": job.transport,
         }
+        if not gen.usage:  # the answer was cut after its finish reason (``usage_counts``)
+            meta["usage_estimated"] = True
         return {
             "content": "".join(gen.content),
             "reasoning_content": reasoning or None,
             "model_used": self.profile.model_id or self.profile.name,
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": int(usage.get("total_tokens", prompt + completion)),
-            },
+            "usage": gen.usage_counts(),
             "meta": meta,
             "raw": {"tool_calls": gen.tool_calls} if gen.tool_calls else {},
         }

@@ -316,16 +316,18 @@ class _CuttingProxy:
                 up_writer.write(data)
 
         pump = asyncio.create_task(requests())
-        seen = b""
+        seen, sent = b"", 0
         try:
             while data := await up_reader.read(65536):
                 seen += data
                 at = seen.find(self.marker)
-                if at < 0:
-                    writer.write(data)
+                end = seen.find(self.end, at) if at >= 0 else -1
+                if end < 0:  # held back from the marker on, until the cut's place is read
+                    stop = len(seen) if at < 0 else at
+                    writer.write(seen[sent:stop])
+                    sent = max(sent, stop)
                     continue
-                end = seen.index(self.end, at) + len(self.end)
-                writer.write(data[: len(data) - (len(seen) - end)])
+                writer.write(seen[sent : end + len(self.end)])
                 await writer.drain()
                 self.cuts += 1
                 writer.transport.abort()
@@ -360,6 +362,7 @@ async def test_an_answer_cut_after_its_finish_reason_is_whole_not_a_failure(
     assert proxy.cuts == 1
     assert [e.finish_reason for e in kept if e.finish_reason] == ["length"]
     assert "".join(e.content for e in kept) == "".join(e.content for e in whole)
+    # llama-server writes the finish and the usage events in one HTTP chunk
     assert any(e.usage for e in kept) == (cut == "after-its-http-chunk")
 
     before = _CuttingProxy(port, b'"content":"')

@@ -430,3 +430,23 @@ def test_tool_calls_streamed_in_pieces_are_put_back_together() -> None:
         {"id": "c2", "type": "function", "function": {"name": "time", "arguments": "{}"}},
     ]
     assert orjson.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_what_a_break_inside_a_chunk_held_back_is_handed_over_without_its_framing() -> None:
+    """A read that ends inside a chunk leaves that chunk, and any whole one before it whose
+    data does not end an event, waiting in the decoder. The connection breaking there, the
+    events in them (an answer's finish, say) are still whole: ``cut_short`` gives their
+    bytes, chunk framing taken out."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    first = b'data: {"a":1}\n\n'
+    finish = b'data: {"choices":[{"finish_reason":"stop"}]}\n\n'
+    rest = finish[10:] + b'data: {"usage":{}}\n\n'
+    decoder = ResponseDecoder()
+    body = decoder.feed(
+        head
+        + b"%x\r\n%s\r\n" % (len(first), first)
+        + b"%x\r\n%s\r\n" % (10, finish[:10])  # an event across two chunks (a proxy's)
+        + b"%x\r\n%s" % (len(rest), rest[:-8])  # cut inside the third
+    )
+    assert body == first and not decoder.complete
+    assert decoder.cut_short() == finish + rest[len(finish) - 10 : -8]
