@@ -32,10 +32,10 @@ from orion_llamaccp.bus.outbox import ChunkTemplate
 from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.bus.scripts import (
     ANSWERED,
+    DEATHS,
     NEXT_ATTEMPT,
     PUBLISH_IN_ORDER,
     PUBLISH_ONCE,
-    RAISE_TO,
 )
 
 GUARD_TTL_SEC = 24 * 3600
@@ -64,7 +64,7 @@ class Publisher:
         self._guards = (self._once, self._ordered)  # the scripts stages run (EVALSHA)
         self._sources = {script.sha: script.script for script in self._guards}
         self._next_attempt = redis.register_script(NEXT_ATTEMPT)
-        self._raise_to = redis.register_script(RAISE_TO)
+        self._deaths = redis.register_script(DEATHS)
         self.lane = lane or Lane(redis)
         self.commands = 0
 
@@ -157,15 +157,14 @@ class Publisher:
             )
         )
 
-    async def engine_deaths(self, request_id: str, count: int = 0) -> int:
-        """The llama-server deaths counted for a request by every worker that tried it,
-        after raising the count to ``count`` (0: read it). A maximum, not an increment, so
-        a command retried after a lost reply does not count one death twice."""
+    async def engine_deaths(self, request_id: str, death: str = "") -> int:
+        """How many llama-servers died with a request in them, counted by every worker
+        that tried it, ``death`` (a name for one: told twice, it counts once) included."""
         key = keys.deaths(request_id)
         return int(
             await with_retry(
                 "counting a request's engine deaths",
-                lambda: self._raise_to(keys=[key], args=[count, GUARD_TTL_SEC]),
+                lambda: self._deaths(keys=[key], args=[death, GUARD_TTL_SEC]),
                 retry_for=self.retry_for,
             )
         )

@@ -41,14 +41,19 @@ return -1
 
 ANSWERED = -2  # PUBLISH_IN_ORDER's reply to a chunk of a request that has its result
 
-# KEYS[1] highest attempt; ARGV: floor, ttl. A number above every one given before, and at
-# least the floor (so the unrecorded first attempt of a first delivery is never reused).
-RAISE_TO = """
-local n = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[1]))
-redis.call('SET', KEYS[1], n, 'EX', tonumber(ARGV[2]))
-return n
+# KEYS[1] a request's engine deaths (a set); ARGV: one more ('' to only count), ttl. A set
+# of deaths, not a number: the same death told twice (a command retried after its reply
+# was lost) counts once, and two workers' deaths both count.
+DEATHS = """
+if ARGV[1] ~= '' then
+  redis.call('SADD', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
+return redis.call('SCARD', KEYS[1])
 """
 
+# KEYS[1] highest attempt; ARGV: floor, ttl. A number above every one given before, and at
+# least the floor (so the unrecorded first attempt of a first delivery is never reused).
 NEXT_ATTEMPT = """
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local n = math.max(last + 1, tonumber(ARGV[1]))

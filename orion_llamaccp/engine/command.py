@@ -263,8 +263,9 @@ def build_launch(
 
 
 def _shown_name(name: str) -> str:
-    """The variable's name, unless it could be the key pasted in its place: keys are mixed
-    case or lower case, variable names are written in capitals."""
-    if name.isupper():
+    """The variable's name, unless it could be the key pasted in its place: variable names
+    are written in capitals with words apart (``LLAMA_API_KEY``); keys are mixed case, or
+    capitals and digits in one run (``AKIA...``, base32)."""
+    if name.isupper() and "_" in name.strip("_"):
         return name
-    return "<not shown: not written in capitals, it may be the key itself>"
+    return "<not shown: not a name in capitals with an '_', it may be the key itself>"

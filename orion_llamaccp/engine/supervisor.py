@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ class Supervisor:
         # Which llama-server process this is, from 1: a request that was in one when it
         # died sees it change (``worker.generation`` counts such deaths per request).
         self.life = 0
+        self.boot = uuid.uuid4().hex  # with ``life``: a llama-server no other worker's is
         self.failure: EngineStartError | None = None
         self._environ = environ
         self._on_corrupt = on_corrupt

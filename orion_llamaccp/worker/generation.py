@@ -210,6 +210,7 @@ class Generator:
                 self.publisher.next_attempt(job.delivery_id, attempt),
                 self.publisher.engine_deaths(job.delivery_id),
             )
+            await deaths.check(attempt)  # at the limit already: not after waiting for the engine
         settings = self.settings
         limit = (
             settings.engine_wait_sec if job.transport == "pubsub" else settings.request_timeout_sec
@@ -360,12 +361,12 @@ class _Deaths:
         supervisor: Supervisor,
         limit: int,
         suspects: asyncio.Lock,
-        store: Callable[[int], Awaitable[int]],
+        store: Callable[[str], Awaitable[int]],
     ) -> None:
         self.supervisor = supervisor
         self.limit = limit
         self.suspects = suspects
-        self.store = store  # raises the count kept in Redis, for the workers after this one
+        self.store = store  # tells Redis of a death, for the workers after this one: the count
         self.count = 0
         self._life = 0
         self._failed_in: int | None = None  # the life a failed try reached
@@ -387,16 +388,16 @@ class _Deaths:
     async def seen(self) -> None:
         """Before a retry of a try that may have been in llama-server when it died: until
         the supervisor has seen that (or 1 s says it did not die), the next try, this
-        request's or the next suspect's, is not sent to the dead one."""
+        request's or the next suspect's, is not sent to the dead one. A death seen is
+        counted at once: the engine may not come back for the next try."""
         if self._failed_in is not None:
             await self.supervisor.left(self._failed_in, timeout=1.0)
+            await self._count_death()
 
     async def check(self, attempt: int) -> None:
         """Before a try: raise if the request has been in ``limit`` dying llama-servers,
         this worker's and those of the workers that tried it before."""
-        if self._failed_in is not None and self.supervisor.life != self._failed_in:
-            self._failed_in = None
-            self.count = await self.store(self.count + 1)
+        await self._count_death()
         if self.count >= self.limit:
             raise Failure(
                 "upstream_failed",
@@ -405,6 +406,17 @@ class _Deaths:
                 retryable=False,
                 details={"engine_deaths": self.count, "attempt": attempt},
             )
+
+    async def _count_death(self) -> None:
+        """Whether the llama-server the last try failed in has died, counted in Redis
+        (and forgotten here only once it is) if so."""
+        failed_in, supervisor = self._failed_in, self.supervisor
+        if failed_in is None:
+            return
+        gone = supervisor.life != failed_in
+        if gone or supervisor.state in (EngineState.RESTARTING, EngineState.FAILED):
+            self.count = max(self.count, await self.store(f"{supervisor.boot}:{failed_in}"))
+            self._failed_in = None
 
 
 class _Turn:

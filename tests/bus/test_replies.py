@@ -238,3 +238,18 @@ async def test_a_commit_cut_off_mid_round_trip_leaves_no_reply_for_the_next(
     assert await publisher.commit("chunk", [chunk]) == [1]
     await wait_until_async(lambda: len(recorder.on(CHANNEL)) == 1, timeout=5, what="the chunk")
     await publisher.lane.aclose()
+
+
+async def test_a_request_s_engine_deaths_count_each_death_once_whoever_tells_it(
+    redis: aioredis.Redis,
+) -> None:
+    """Deaths are named (a llama-server of one worker's run, and its life): one told again
+    (a command retried after its reply was lost) counts once, and two workers that held
+    the same entry at once (one of them stalled) count both of theirs."""
+    publisher = Publisher(redis)
+    assert await publisher.engine_deaths("req-deaths") == 0
+    assert await publisher.engine_deaths("req-deaths", "boot-a:1") == 1
+    assert await publisher.engine_deaths("req-deaths", "boot-a:1") == 1
+    assert await publisher.engine_deaths("req-deaths", "boot-b:1") == 2
+    assert await publisher.engine_deaths("req-deaths") == 2
+    assert await redis.ttl("orion:llamacpp:deaths:req-deaths") > 0

@@ -278,7 +278,9 @@ def test_api_key_goes_through_env_and_is_masked(llama_server_bin: Path) -> None:
         _launch(raw, binary, {})
 
 
-@pytest.mark.parametrize("pasted", ["sk-4f9a-live-77", "4f9a77c1", "s3cr3tKey_live"])
+@pytest.mark.parametrize(
+    "pasted", ["sk-4f9a-live-77", "4f9a77c1", "s3cr3tKey_live", "AKIAIOSFODNN7EXAMPLE"]
+)
 def test_a_key_pasted_in_place_of_its_variable_name_is_never_repeated(
     llama_server_bin: Path, pasted: str
 ) -> None:
