@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orion_llamaccp.bus import keys
-from orion_llamaccp.engine.command import effective_knobs
 
 if TYPE_CHECKING:
     from orion_llamaccp.model.progress import ProgressEvent
@@ -122,6 +121,10 @@ class WorkerView:
     async def announcement(self) -> dict[str, Any]:
         worker = self.worker
         profile = worker.profile
+        # Here, not at the top: start-up imports this module before it subscribes, and
+        # the command line's module brings the profile models with it (about 25 ms).
+        from orion_llamaccp.engine.command import effective_knobs
+
         props = worker.supervisor.props
         launch = worker.plan.launch
         return {

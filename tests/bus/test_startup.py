@@ -64,3 +64,24 @@ def test_a_missing_binary_still_fails_the_run_at_once(subprocess_env: dict, tmp_
     assert f"error: LLAMA_SERVER_BIN={tmp_path / 'nope'} does not exist" in done.stderr
     assert "Traceback" not in done.stderr
     assert "redis" not in done.stderr.lower(), done.stderr
+
+
+def test_subscribing_imports_nothing_the_worker_needs_only_later() -> None:
+    """What start-up imports before it subscribes is the time a request published then
+    waits to be heard: the profile models, the engine and the handler come after (a
+    module-level import in ``worker.announce`` once brought the first two back, 25 ms)."""
+    later = [
+        "orion_llamaccp.profiles.models",
+        "orion_llamaccp.engine.command",
+        "orion_llamaccp.engine.supervisor",
+        "orion_llamaccp.worker.service",
+        "httpx",
+    ]
+    probe = (
+        "import sys, orion_llamaccp.cli, orion_llamaccp.worker.startup; "
+        f"print([m for m in {later!r} if m in sys.modules])"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert found == "[]", found
