@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from orion_llamaccp.bus import keys
@@ -149,22 +150,20 @@ class Publisher:
         (no round trip in front of every request); the floor keeps it from being reused.
         """
         key = keys.attempts(request_id)
-        return int(
-            await with_retry(
-                "numbering an attempt",
-                lambda: self._next_attempt(keys=[key], args=[floor, GUARD_TTL_SEC]),
-                retry_for=self.retry_for,
-            )
-        )
+        return await self._number("numbering an attempt", self._next_attempt, key, floor)
 
     async def engine_deaths(self, request_id: str, death: str = "") -> int:
         """How many llama-servers died with a request in them, counted by every worker
         that tried it, ``death`` (a name for one: told twice, it counts once) included."""
         key = keys.deaths(request_id)
+        return await self._number("counting a request's engine deaths", self._deaths, key, death)
+
+    async def _number(self, what: str, script: AsyncScript, key: str, arg: int | str) -> int:
+        """A script's number for a request's key, kept ``GUARD_TTL_SEC``; safe to retry."""
         return int(
             await with_retry(
-                "counting a request's engine deaths",
-                lambda: self._deaths(keys=[key], args=[death, GUARD_TTL_SEC]),
+                what,
+                lambda: script(keys=[key], args=[arg, GUARD_TTL_SEC]),
                 retry_for=self.retry_for,
             )
         )
