@@ -53,6 +53,7 @@ KNOBS: dict[str, tuple[str, Callable[[Any], str] | None]] = {
     "split_mode": ("--split-mode", _plain),
     "tensor_split": ("--tensor-split", _floats),
     "no_context_shift": ("--no-context-shift", None),
+    "kv_unified": ("--kv-unified", None),
     "chat_template_kwargs": ("--chat-template-kwargs", _json),
     "reasoning_budget": ("--reasoning-budget", _plain),
     "reasoning": ("--reasoning", _plain),
@@ -75,6 +76,8 @@ KNOBS: dict[str, tuple[str, Callable[[Any], str] | None]] = {
     "draft_max": ("--spec-draft-n-max", _plain),
     "metrics": ("--metrics", None),
 }
+# Switches whose default llama-server picks itself: false is a flag of its own.
+SWITCHED_OFF = {"kv_unified": "--no-kv-unified"}
 # The environment's overrides win over these profile knobs.
 OVERRIDABLE = ("ctx_size", "n_gpu_layers", "threads", "parallel", "batch_size")
 
@@ -150,6 +153,8 @@ def _knob_args(profile: Profile, values: dict[str, Any], binary: BinaryInfo | No
     set_by: dict[str, str] = {}  # flag -> knob: two names for one flag (draft_max) clash
     for knob, (flag, render) in KNOBS.items():
         value = values[knob]
+        if value is False and knob in SWITCHED_OFF:
+            flag, value = SWITCHED_OFF[knob], True
         if value is None or value is False:
             continue
         if flag in set_by:  # llama-server would silently take the last one

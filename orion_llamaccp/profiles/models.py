@@ -87,6 +87,9 @@ class LlamaCppConfig(BaseModel):
     split_mode: Literal["none", "layer", "row"] | None = None
     tensor_split: tuple[Annotated[float, Field(ge=0)], ...] | None = None
     no_context_shift: bool = False
+    # One KV buffer shared by all slots (true), or a slice of the context each (false);
+    # unset, llama-server decides (shared only when it picks the number of slots itself).
+    kv_unified: bool | None = None
 
     # Chat template and reasoning.
     chat_template_kwargs: dict[str, Any] | None = None

@@ -303,6 +303,7 @@ def test_a_key_pasted_in_place_of_its_variable_name_is_never_repeated(
         ({"ctx_size": 4096, "extra_args": ["-c", "32768"]}, {}, "--ctx-size"),
         ({"extra_args": ["-np 8"]}, {"LLAMACPP_PARALLEL_OVERRIDE": "2"}, "--parallel"),
         ({"api_key_env": "MY_KEY", "extra_args": ["--api-key", "inline"]}, {}, "--api-key"),
+        ({"kv_unified": False, "extra_args": ["-kvu"]}, {}, "--no-kv-unified"),
     ],
 )
 def test_extra_args_may_not_set_what_the_wrapper_sets(

@@ -432,3 +432,23 @@ async def test_drain_begun_during_the_restart_backoff_is_not_undone_by_a_restart
     assert [e.state for e in events] == [EngineState.RESTARTING, EngineState.DRAINING]
     await supervisor.stop()
     assert supervisor.state is EngineState.STOPPED
+
+
+@pytest.mark.parametrize(("unified", "per_slot"), [(True, 2048), (False, 1024), (None, 1024)])
+async def test_kv_unified_shares_the_context_between_slots_or_slices_it(
+    make_launch: LaunchFactory, unified: bool | None, per_slot: int
+) -> None:
+    """``llamacpp.kv_unified``: one KV buffer for every slot (each may use the whole
+    context) or a slice each; unset, llama-server's own choice (a slice, with the number
+    of slots set). Read back from llama-server's ``/props``, which the announcement quotes
+    as ``n_ctx_per_slot``."""
+    launch = make_launch(ctx_size=2048, parallel=2, kv_unified=unified)
+    switch = {True: "--kv-unified", False: "--no-kv-unified", None: None}[unified]
+    assert [a for a in launch.argv if "kv-unified" in a] == ([switch] if switch else [])
+    supervisor = Supervisor(launch, environ=dict(os.environ), policy=FAST)
+    await supervisor.start()
+    try:
+        assert supervisor.props is not None
+        assert (supervisor.props.n_ctx, supervisor.props.total_slots) == (per_slot, 2)
+    finally:
+        await supervisor.stop()
