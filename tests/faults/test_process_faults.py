@@ -540,6 +540,20 @@ async def test_llama_server_inference_loop_stuck_behind_a_healthy_health(
 POISON_TOKENS = 4321  # what marks the request that llama-server "dies on"
 
 
+async def poison_slots(engine: EngineProbe) -> list[dict]:
+    """The slots of llama-server busy with the ``POISON_TOKENS`` request; none while it
+    restarts."""
+    try:
+        slots = await engine.slots()
+    except (httpx.HTTPError, ValueError):  # restarting
+        return []
+    return [
+        s
+        for s in slots
+        if s.get("is_processing") and (s.get("params") or {}).get("max_tokens") == POISON_TOKENS
+    ]
+
+
 async def kill_while_busy(
     worker: WorkerProc, *, decoding: bool, most: int, until: Callable[[], object]
 ) -> int:
@@ -551,16 +565,7 @@ async def kill_while_busy(
     deadline = time.monotonic() + 120
     async with EngineProbe(worker.announcement()["engine_url"]) as engine:
         while kills < most and not until() and time.monotonic() < deadline:
-            try:
-                busy = [
-                    s
-                    for s in await engine.slots()
-                    if s.get("is_processing")
-                    and (s.get("params") or {}).get("max_tokens") == POISON_TOKENS
-                ]
-            except (httpx.HTTPError, ValueError):  # restarting
-                busy = []
-            decoded = [s["next_token"][0]["n_decoded"] for s in busy]
+            decoded = [s["next_token"][0]["n_decoded"] for s in await poison_slots(engine)]
             alive = [pid for pid in llama_servers_under(worker.pid) if pid_alive(pid)]
             # Mid-stream: 50 tokens in, its first chunks are out (a 10 ms window).
             hit = decoded and (min(decoded) >= 50 if decoding else max(decoded) == 0)
@@ -630,14 +635,7 @@ async def test_a_request_llama_server_dies_on_is_given_up_before_it_takes_the_wo
 async def holds_poison(worker: WorkerProc) -> bool:
     """Whether a slot of the worker's llama-server holds the ``POISON_TOKENS`` request."""
     async with EngineProbe(worker.announcement()["engine_url"]) as engine:
-        try:
-            slots = await engine.slots()
-        except (httpx.HTTPError, ValueError):  # restarting
-            return False
-    return any(
-        s.get("is_processing") and (s.get("params") or {}).get("max_tokens") == POISON_TOKENS
-        for s in slots
-    )
+        return bool(await poison_slots(engine))
 
 
 async def test_a_request_llama_server_died_on_keeps_its_count_in_the_next_worker(
