@@ -173,16 +173,15 @@ class Supervisor:
             except Exception:  # a listener must never break the engine
                 log.exception("engine listener failed")
 
-    async def left(self, life: int, timeout: float) -> bool:
+    async def left(self, life: int, timeout: float) -> None:
         """Wait until llama-server ``life`` is no longer the one serving (it died, or the
-        engine is not ready): True, else False after ``timeout``. Its exit is seen within
-        milliseconds, not at once: a request that broke off waits here before another
-        takes its place, so that one is not sent to a server already dead."""
+        engine is not ready), or ``timeout``. Its exit is seen within milliseconds, not at
+        once: a request that broke off waits here before another takes its place, so that
+        one is not sent to a server already dead."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 while self.life == life and self.state is EngineState.READY:
                     await self._state_changed.wait()
-        return self.life != life or self.state is not EngineState.READY
 
     async def wait_for(self, *states: EngineState, timeout: float | None = None) -> EngineState:
         """Wait until the state is one of ``states``; returns it."""
