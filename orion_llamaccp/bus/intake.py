@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -297,28 +297,57 @@ class Slots:
 
 
 class SlotLease:
-    """One taken slot, given back once: when its generation ends (llama-server's slot is
-    free from then on, while the result still travels to Redis), else when its job ends.
+    """One taken slot, given back once: a pub/sub job's when its generation ends
+    (``early``: llama-server's slot is free from then on, while the result still travels
+    to Redis), else when its job ends.
 
-    Held until the result was committed, a slot stayed busy for a Redis round trip after
-    llama-server had let it go: a queued request started that much later, and a caller
-    that sends its next request as soon as it has an answer could find every slot busy
-    and be told ``overloaded``. Pub/sub jobs only: a stream entry keeps its slot until it
-    is acked, so that a worker never holds more entries than slots.
+    Held until the result was committed, a pub/sub job's slot stayed busy for a Redis round
+    trip after llama-server had let it go: a queued request started that much later, and a
+    caller that sends its next request as soon as it has an answer could find every slot
+    busy and be told ``overloaded``. A stream entry keeps its slot until it is acked, so
+    that a worker holds no more entries than slots, but for those that wait their turn
+    after a llama-server died with them in it: such a job steps aside (``step_aside``)
+    while it waits, so that llama-server's slots do not sit idle meanwhile, and takes a
+    slot again (``step_back``) when its turn comes. Its entry stays this worker's, kept
+    fresh like any entry in flight.
     """
 
-    __slots__ = ("_slots",)
+    __slots__ = ("_slots", "_state", "early")
 
-    def __init__(self, slots: Slots) -> None:
-        self._slots: Slots | None = slots
+    def __init__(self, slots: Slots, *, early: bool = False) -> None:
+        self._slots = slots
+        self._state: Literal["held", "aside", "given back"] = "held"
+        self.early = early
+
+    @property
+    def held(self) -> bool:
+        return self._state == "held"
 
     async def release(self) -> None:
-        """Give the slot back, unless it was; a cancel that lands while ``Slots.release``
-        waits for its lock leaves the lease held, for the job's own release to give back."""
-        slots = self._slots
-        if slots is not None:
-            await slots.release()
-            self._slots = None
+        """Give the slot back for good, unless it was; a cancel that lands while
+        ``Slots.release`` waits for its lock leaves the lease held, for the job's own
+        release to give back."""
+        if self._state == "held":
+            await self._slots.release()
+        self._state = "given back"
+
+    async def generation_ended(self) -> None:
+        """llama-server is done with the job's request: an ``early`` lease is given back."""
+        if self.early:
+            await self.release()
+
+    async def step_aside(self) -> None:
+        """Free the slot for others while the job waits, to take one again later."""
+        if self._state == "held":
+            await self._slots.release()
+            self._state = "aside"
+
+    async def step_back(self) -> None:
+        """Take a slot again after ``step_aside``, waiting for one to be free. A cancel
+        while it waits leaves none taken."""
+        if self._state == "aside":
+            await self._slots.acquire()
+            self._state = "held"
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope
+from orion_llamaccp.bus.intake import SlotLease
 from orion_llamaccp.bus.outbox import Outbox, chunk_channel
 from orion_llamaccp.bus.replies import ChunkStream, Publisher, Stage
 from orion_llamaccp.engine.client import Sent
@@ -220,7 +221,7 @@ class Generator:
             if sent is None:
                 await self._engine_ready(job)
                 await deaths.check(attempt)
-            async with deaths.turn(deadline):
+            async with deaths.turn(deadline, job.lease):
                 if deaths.count:  # the suspect before may have killed it meanwhile
                     await self._engine_ready(job)
                 written, sent = sent, None  # a retry writes its own request
@@ -283,7 +284,7 @@ class Generator:
                 async with self.supervisor.client.chat_stream(body, sent) as stream:
                     await self._relay(stream, generation, chunks)
                 if job.lease is not None:  # llama-server is done with it: the next may start
-                    await job.lease.release()
+                    await job.lease.generation_ended()
                 if chunks is not None:
                     generation.tail = await chunks.finish()
         except TimeoutError:
@@ -371,12 +372,13 @@ class _Deaths:
         self._life = 0
         self._failed_in: int | None = None  # the life a failed try reached
 
-    def turn(self, deadline: float) -> AbstractAsyncContextManager[object]:
+    def turn(self, deadline: float, lease: SlotLease | None) -> AbstractAsyncContextManager[object]:
         """A try of its own once the request was in a llama-server that died: with the
         poison among several such requests, the others are not in the next one it kills.
         (Requests on their first try still run beside it: one of them could be a second
-        poison.) Waited for until the request's deadline."""
-        return _Turn(self.suspects, deadline) if self.count else nullcontext()
+        poison.) Waited for until the request's deadline, with the job's slot (``lease``)
+        free for them meanwhile."""
+        return _Turn(self.suspects, deadline, lease) if self.count else nullcontext()
 
     def trying(self) -> None:
         self._life = self.supervisor.life
@@ -420,21 +422,38 @@ class _Deaths:
 
 
 class _Turn:
-    """The suspects' lock, waited for no later than the request's deadline."""
+    """The suspects' lock, waited for no later than the request's deadline.
 
-    def __init__(self, lock: asyncio.Lock, deadline: float) -> None:
+    A suspect that has to wait steps aside from its slot meanwhile: with ``--parallel N``
+    and N suspects, N-1 of llama-server's slots would otherwise sit idle while each has
+    its turn, and new requests wait for them or are told ``overloaded``. When its turn
+    comes, it waits for a free slot again (under the same deadline), holding the lock: no
+    other suspect runs before it, first tries still do.
+    """
+
+    def __init__(self, lock: asyncio.Lock, deadline: float, lease: SlotLease | None) -> None:
         self.lock = lock
         self.deadline = deadline
+        self.lease = lease
 
     async def __aenter__(self) -> None:
+        lock, lease = self.lock, self.lease
         try:
             async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
-                await self.lock.acquire()
+                if lock.locked() and lease is not None:
+                    await lease.step_aside()
+                await lock.acquire()
+                try:
+                    if lease is not None:
+                        await lease.step_back()
+                except BaseException:
+                    lock.release()
+                    raise
         except TimeoutError:
             raise Failure(
                 "engine_unavailable",
-                "llama-server died with this request in it, and the others in it took "
-                "their turns past the request's deadline",
+                "llama-server died with this request in it, and its turn (after the others "
+                "in it, then a free slot) did not come before the request's deadline",
                 retryable=True,
             ) from None
 

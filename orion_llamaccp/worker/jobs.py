@@ -54,8 +54,8 @@ class Job:
     # Pub/sub, started before the claim came back (a worker alone on its channel): the
     # claim in flight. Nothing may be published for the job unless it resolves to True.
     claim: asyncio.Task[bool] | None = None
-    # Pub/sub: the slot this job runs in, once it has one; given back when its generation
-    # ends (a stream entry's slot is given back when it is acked).
+    # The slot this job runs in, once it has one: a pub/sub job's is given back when its
+    # generation ends, a stream entry's when it is acked.
     lease: SlotLease | None = None
     # Its request, written before the message was validated (Generator.ahead), if it was.
     ahead: Ahead | None = None

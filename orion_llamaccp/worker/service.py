@@ -370,7 +370,7 @@ class Worker:
 
     async def _with_slot(self, job: Job) -> None:
         """Called with a slot taken for ``job``; it is given back by the time the job ends."""
-        job.lease = lease = SlotLease(self.slots)
+        job.lease = lease = SlotLease(self.slots, early=True)
         try:
             await self.handler.handle(job)
         finally:
@@ -603,8 +603,9 @@ class Worker:
 
     async def _on_entry(self, entry: StreamEntry) -> None:
         """Called with a slot held for the entry, given back when its job ends (acked or
-        left pending): a worker never holds more entries than slots, the backlog waits in
-        Redis."""
+        left pending): a worker holds no more entries than slots (but for those waiting
+        their turn after a crash: ``SlotLease``), the backlog waits in Redis."""
+        lease = SlotLease(self.slots)
         try:
             if entry.taken_over:  # by another worker, before this handler ran: it answers
                 if entry.prepared is not None and entry.prepared[1] is not None:
@@ -614,7 +615,7 @@ class Worker:
                 self._prepare_entry(entry)
             raw, ahead = entry.prepared
             job = entry_job(entry, raw, self.settings.max_message_bytes)
-            job.ahead = ahead
+            job.ahead, job.lease = ahead, lease
             self.view.received += 1
             if entry.deliveries > self.settings.stream_max_deliveries:
                 answered = await with_retry(
@@ -641,7 +642,7 @@ class Worker:
             finally:
                 self.inflight.forget(job)
         finally:
-            await self._give_back(self.slots.release)
+            await self._give_back(lease.release)
 
     async def _ack(self, job: Job) -> None:
         if job.entry is not None and self.consumer is not None:

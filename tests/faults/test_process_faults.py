@@ -632,6 +632,66 @@ async def test_a_request_llama_server_dies_on_is_given_up_before_it_takes_the_wo
     assert worker.state() == "ready"
 
 
+def first_on(fault: Fault, channel: str, attempt: int | None = None) -> int | None:
+    """Where the first message on ``channel`` (of ``attempt``, for chunks) stands among
+    everything the recorder saw; None before there is one."""
+    for at, published in enumerate(list(fault.recorder.messages)):
+        if published.channel == channel and (
+            attempt is None or published.message["payload"].get("attempt") == attempt
+        ):
+            return at
+    return None
+
+
+async def test_suspects_waiting_their_turn_leave_their_slots_to_new_requests(
+    fault: Fault, hi: list
+) -> None:
+    """llama-server died with both of its slots busy; the two requests in it are retried
+    one at a time. The one waiting for its turn used to keep its slot meanwhile: the
+    other slot of llama-server sat idle, and a new request waited in the local queue
+    until the first suspect's answer (or was told ``overloaded`` once that queue was
+    full). It now steps aside while it waits: the new request runs beside the suspect in
+    its turn, and the turns still do not overlap."""
+    worker = fault.spawn("w", slow=True, parallel=2)
+    suspects = []
+    for tokens in (5000, POISON_TOKENS):  # the second one marks the request to kill in
+        suspects.append(
+            fault.ledger.add(
+                fault.client.request(
+                    hi,
+                    profile="tiny",
+                    options={"stream": True, "max_tokens": tokens, "ignore_eos": True},
+                )
+            )
+        )
+        await fault.client.send(suspects[-1], profile="tiny", via="stream")
+        await first_chunk(fault, suspects[-1])
+    kills = await kill_while_busy(worker, decoding=True, most=1, until=lambda: False)
+    assert kills == 1
+    chunks = [e["reply_to"] + ":chunks" for e in suspects]
+    await wait_until_async(
+        lambda: any(first_on(fault, channel, attempt=2) is not None for channel in chunks),
+        timeout=60,
+        what="a suspect's turn",
+    )
+    new = fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 8}))
+    await fault.client.send(new, profile="tiny")
+    assert_exactly_once(await fault.ledger.settle(timeout=90))
+    answered = first_on(fault, new["reply_to"])
+    ends = sorted(first_on(fault, e["reply_to"]) for e in suspects)
+    assert answered is not None and answered < ends[0], "the new request waited for a turn"
+    first, second = sorted(suspects, key=lambda e: first_on(fault, e["reply_to"]))
+    retried = first_on(fault, second["reply_to"] + ":chunks", attempt=2)
+    assert retried is not None and retried > first_on(fault, first["reply_to"]), "turns overlap"
+    for envelope in suspects:
+        answer = fault.ledger.answers(envelope)[0]["payload"]
+        assert answer["meta"]["finish_reason"] == "length", answer
+        assert answer["meta"]["attempt"] == 2, answer
+        assert_chunks_whole(fault, envelope, answer)
+    assert "content" in fault.ledger.answers(new)[0]["payload"]
+    await assert_still_serving(fault)
+
+
 async def holds_poison(worker: WorkerProc) -> bool:
     """Whether a slot of the worker's llama-server holds the ``POISON_TOKENS`` request."""
     async with EngineProbe(worker.announcement()["engine_url"]) as engine:

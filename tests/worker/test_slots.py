@@ -1,4 +1,4 @@
-"""A slot given back by a job that is cancelled while it gives it back is not lost."""
+"""Slots and their leases: given back exactly once, whatever cancels land meanwhile."""
 
 from __future__ import annotations
 
@@ -28,4 +28,54 @@ async def test_a_release_cancelled_while_it_waits_for_the_lock_still_gives_the_s
     await asyncio.gather(*owner.inflight.pending())
     assert slots.free == 1
     await lease.release()  # given back once only
+    assert slots.free == 1
+
+
+async def test_a_lease_stepped_aside_frees_its_slot_and_takes_one_again_when_one_is_free() -> None:
+    """A suspect waiting its turn (``_Turn``) lends its slot: another job takes it, and
+    the suspect's ``step_back`` waits until a slot is free again. Given back from either
+    state, the slot is counted once."""
+    slots = Slots(1)
+    await slots.acquire()
+    lease = SlotLease(slots)
+    await lease.step_aside()
+    assert slots.free == 1 and not lease.held
+    assert slots.try_acquire()  # a new request runs in it
+    back = asyncio.create_task(lease.step_back())
+    await asyncio.sleep(0.01)
+    assert not back.done()
+    await slots.release()
+    await asyncio.wait_for(back, 1)
+    assert lease.held and slots.free == 0
+    await lease.release()
+    await lease.release()
+    assert slots.free == 1
+
+
+async def test_a_lease_cancelled_while_stepping_back_holds_no_slot() -> None:
+    slots = Slots(1)
+    await slots.acquire()
+    lease = SlotLease(slots)
+    await lease.step_aside()
+    assert slots.try_acquire()
+    back = asyncio.create_task(lease.step_back())
+    await asyncio.sleep(0.01)
+    back.cancel()
+    await asyncio.gather(back, return_exceptions=True)
+    await slots.release()
+    await lease.release()  # aside: nothing to give back
+    assert slots.free == 1 and not lease.held
+
+
+async def test_only_an_early_lease_is_given_back_when_its_generation_ends() -> None:
+    """A pub/sub job's slot frees as llama-server is done with it; a stream entry's stays
+    until it is acked, so that the worker holds no more entries than slots."""
+    slots = Slots(2)
+    await slots.acquire()
+    await slots.acquire()
+    pubsub, stream = SlotLease(slots, early=True), SlotLease(slots)
+    await pubsub.generation_ended()
+    await stream.generation_ended()
+    assert slots.free == 1 and stream.held and not pubsub.held
+    await pubsub.release()
     assert slots.free == 1
