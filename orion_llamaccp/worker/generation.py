@@ -122,12 +122,16 @@ class Generator:
         where ``orjson`` and this builder cost about 40 (``python -m bench.coldpath``).
         ``start`` keeps the request only if the validated request makes the same body;
         anything else (invalid, expired, a duplicate) drops it, which closes its
-        connection and stops llama-server.
+        connection and stops llama-server. One not to start before a time to come
+        (``trace.work.not_before_ms``) is left to its handler, which waits for it.
         """
         if self.supervisor.state is not EngineState.READY:
             return None
         try:
-            payload = orjson.loads(data)["payload"]
+            message = orjson.loads(data)
+            if _scheduled(message):
+                return None
+            payload = message["payload"]
             body, _ = body_of(payload["messages"], payload.get("options") or {}, self.profile)
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
@@ -459,6 +463,13 @@ class _Turn:
 
     async def __aexit__(self, *exc: object) -> None:
         self.lock.release()
+
+
+def _scheduled(message: dict[str, Any]) -> bool:
+    """Whether a message's ``trace.work.not_before_ms`` is still to come."""
+    work = (message.get("trace") or {}).get("work")
+    not_before = work.get("not_before_ms") if isinstance(work, dict) else None
+    return isinstance(not_before, int | float) and not_before / 1000 > time.time()
 
 
 def stop_answered_elsewhere(job: Job, generation: asyncio.Task[Any] | None) -> None:

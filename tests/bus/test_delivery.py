@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -411,3 +412,35 @@ async def test_a_legacy_dict_sent_again_after_its_replica_left_is_answered_by_an
         await raw.aclose()
     second = recorder.on(channel)[1].message["payload"]
     assert "content" in second and second["meta"]["instance"] != answered_by, second
+
+
+async def test_a_request_not_before_its_time_reaches_llama_server_only_then(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
+) -> None:
+    """``trace.work.not_before_ms`` (Orion's work queue delays a retry with it): the
+    request is generated from then on, not before. A worker alone on its channel writes
+    a request to llama-server from its raw JSON as it reads it (``Generator.ahead``),
+    ahead of the handler's wait: it used to be generated at once, and only its chunks
+    and answer waited for the time."""
+    worker = spawn_worker(parallel=1, metrics=True)
+    await wait_replicas_counted(recorder, redis_url, INTAKE, [worker.name])  # alone: ahead
+    async with EngineProbe(worker.announcement()["engine_url"]) as probe:
+        for via in ("pubsub", "stream"):
+            assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2})).ok  # warm
+            await probe.settled()
+            before = await probe.last_task()
+            due = time.time() + 2.0
+            later = bus.request(
+                HI,
+                profile="tiny",
+                options={"max_tokens": TOKENS},
+                trace={"work": {"not_before_ms": int(due * 1000)}},
+            )
+            await bus.send(later, profile="tiny", via=via)
+            await asyncio.sleep(max(0.0, due - 0.5 - time.time()))
+            assert await probe.last_task() == before, f"{via}: generated before its time"
+            answer = await wait_until_async(
+                lambda e=later: recorder.on(e["reply_to"]), timeout=30, what="its answer"
+            )
+            assert "content" in answer[0].message["payload"], answer[0].message
+            assert await probe.last_task() > before, via
