@@ -288,7 +288,7 @@ class Generator:
                 async with self.supervisor.client.chat_stream(body, sent) as stream:
                     await self._relay(stream, generation, chunks)
                 if job.lease is not None:  # llama-server is done with it: the next may start
-                    await job.lease.generation_ended()
+                    job.lease.generation_ended()
                 if chunks is not None:
                     generation.tail = await chunks.finish()
         except TimeoutError:
@@ -428,11 +428,15 @@ class _Deaths:
 class _Turn:
     """The suspects' lock, waited for no later than the request's deadline.
 
-    A suspect that has to wait steps aside from its slot meanwhile: with ``--parallel N``
-    and N suspects, N-1 of llama-server's slots would otherwise sit idle while each has
-    its turn, and new requests wait for them or are told ``overloaded``. When its turn
-    comes, it waits for a free slot again (under the same deadline), holding the lock: no
-    other suspect runs before it, first tries still do.
+    A suspect steps aside from its slot while it waits: with ``--parallel N`` and N
+    suspects, N-1 of llama-server's slots would otherwise sit idle while each has its
+    turn, and new requests wait for them or are told ``overloaded``. When its turn
+    comes it takes its slot back at once, over the count if the requests beside it took
+    every one (llama-server queues it until one of its own frees): had it waited for a
+    slot holding the lock, a request waiting on a suspect behind it (its duplicate, in
+    ``_claim_or_wait``) could hold the last slot, and neither would move. It steps aside
+    even when the lock looks free: a lock just released is not taken by its next waiter
+    until that one runs.
     """
 
     def __init__(self, lock: asyncio.Lock, deadline: float, lease: SlotLease | None) -> None:
@@ -441,25 +445,21 @@ class _Turn:
         self.lease = lease
 
     async def __aenter__(self) -> None:
-        lock, lease = self.lock, self.lease
+        lease = self.lease
+        if lease is not None:
+            lease.step_aside()
         try:
             async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
-                if lock.locked() and lease is not None:
-                    await lease.step_aside()
-                await lock.acquire()
-                try:
-                    if lease is not None:
-                        await lease.step_back()
-                except BaseException:
-                    lock.release()
-                    raise
+                await self.lock.acquire()
         except TimeoutError:
             raise Failure(
                 "engine_unavailable",
-                "llama-server died with this request in it, and its turn (after the others "
-                "in it, then a free slot) did not come before the request's deadline",
+                "llama-server died with this request in it, and the others in it took "
+                "their turns past the request's deadline",
                 retryable=True,
             ) from None
+        if lease is not None:
+            lease.take_back()
 
     async def __aexit__(self, *exc: object) -> None:
         self.lock.release()

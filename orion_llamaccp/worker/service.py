@@ -15,7 +15,6 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -254,7 +253,7 @@ class Worker:
             return False
         starting.result()
         props = self.supervisor.props
-        await self.slots.resize(props.total_slots if props else self.slots.total)
+        self.slots.resize(props.total_slots if props else self.slots.total)
         return True
 
     def _stream_tasks(self, consumer: StreamConsumer, stop: asyncio.Event) -> list[asyncio.Task]:
@@ -374,16 +373,7 @@ class Worker:
         try:
             await self.handler.handle(job)
         finally:
-            await self._give_back(lease.release)
-
-    async def _give_back(self, release: Callable[[], Awaitable[None]]) -> None:
-        """A slot's release, which a cancel landing while it waits for the slots' lock
-        would otherwise cut short: the slot would be lost for the life of the worker."""
-        try:
-            await release()
-        except asyncio.CancelledError:
-            self.inflight.spawn(release())
-            raise
+            lease.release()
 
     # ------------------------------------------------------------------ pub/sub intake
 
@@ -550,7 +540,7 @@ class Worker:
                 await self.slots.acquire()
                 self.held = None
                 if job.answering:  # ... or while it waited for the slot
-                    await self.slots.release()
+                    self.slots.release()
             self.queued.discard(job)
             if not job.answering:
                 self.inflight.spawn(self._with_slot(job), job)
@@ -642,7 +632,7 @@ class Worker:
             finally:
                 self.inflight.forget(job)
         finally:
-            await self._give_back(lease.release)
+            lease.release()
 
     async def _ack(self, job: Job) -> None:
         if job.entry is not None and self.consumer is not None:
