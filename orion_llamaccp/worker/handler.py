@@ -80,6 +80,7 @@ class ChatHandler:
         self._stage_ack = stage_ack
         self._dead_letter = dead_letter
         self.observers: list[Callable[[str, float | None, float], None]] = []
+        self.delayed = 0  # requests waiting for their ``not_before_ms`` without a slot
 
     # ------------------------------------------------------------------ entry point
 
@@ -152,7 +153,7 @@ class ChatHandler:
         if job.user_cancelled:
             raise Failure("cancelled", "cancelled by an llm.chat.cancel request before it started")
         self._check_expiry(envelope)
-        await self._not_before(envelope)
+        await self._not_before(job, envelope)
         owned = asyncio.Event()
         # The request is on its way to llama-server (``start``) before any Redis command:
         # a lane holds the first command of a step back a turn of the loop, and the record
@@ -232,12 +233,31 @@ class ChatHandler:
                 f"(trace.work.expires_at_ms); not generated",
             )
 
-    async def _not_before(self, envelope: Envelope) -> None:
+    async def _not_before(self, job: Job, envelope: Envelope) -> None:
+        """Wait for ``trace.work.not_before_ms`` (Orion's work queue delays a retry with
+        it), the job's slot free for others meanwhile: with one slot, a request delayed by
+        a minute would hold up every other for that minute. Up to ``local_queue_size``
+        requests wait so at once; those beyond wait in their slots, so that a flood of
+        delayed requests does not make the worker take them all in (a stream's backlog
+        stays in Redis)."""
         not_before = envelope.work.get("not_before_ms")
-        if isinstance(not_before, int | float):
-            wait = not_before / 1000 - time.time()
-            if wait > 0:
-                await asyncio.sleep(min(wait, self.settings.request_timeout_sec))
+        if not isinstance(not_before, int | float):
+            return
+        wait = not_before / 1000 - time.time()
+        if wait <= 0:
+            return
+        wait = min(wait, self.settings.request_timeout_sec)
+        lease = job.lease
+        if lease is None or self.delayed >= self.settings.local_queue_size:
+            await asyncio.sleep(wait)
+            return
+        lease.step_aside()
+        self.delayed += 1
+        try:
+            await asyncio.sleep(wait)
+        finally:
+            self.delayed -= 1
+        await lease.step_back()
 
     async def _own(
         self, job: Job, key: str, speculation: asyncio.Task[Any]

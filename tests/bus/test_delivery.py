@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
@@ -444,3 +445,40 @@ async def test_a_request_not_before_its_time_reaches_llama_server_only_then(
             )
             assert "content" in answer[0].message["payload"], answer[0].message
             assert await probe.last_task() > before, via
+
+
+async def _taken(raw: aioredis.Redis, envelope: dict, via: str) -> bool:
+    """Whether the worker has read ``envelope``'s message: claimed it (pub/sub) or has
+    its entry pending (stream)."""
+    if via == "pubsub":
+        return bool(await raw.exists(keys.claim(envelope["id"])))
+    return bool((await raw.xpending(STREAM, GROUP))["pending"])
+
+
+@pytest.mark.parametrize("via", ["pubsub", "stream"])
+async def test_a_request_waiting_for_its_time_leaves_its_slot_to_others(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str, via: str
+) -> None:
+    """A one-slot worker with a request not to start for 4 s: a request sent after it
+    is answered first. The waiting one used to hold the slot for the whole wait, and
+    everything behind it (the local queue, the stream's backlog) waited with it."""
+    worker = spawn_worker(parallel=1)
+    await wait_replicas_counted(recorder, redis_url, INTAKE, [worker.name])
+    later = bus.request(
+        HI,
+        profile="tiny",
+        options={"max_tokens": TOKENS},
+        trace={"work": {"not_before_ms": int((time.time() + 4.0) * 1000)}},
+    )
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        await bus.send(later, profile="tiny", via=via)
+        await wait_until_async(lambda: _taken(raw, later, via), timeout=10, what="it taken")
+    finally:
+        await raw.aclose()
+    now = bus.request(HI, profile="tiny", options={"max_tokens": TOKENS})
+    await bus.send(now, profile="tiny")
+    answers = await _results(recorder, [later, now], timeout=30)
+    assert [len(a) for a in answers] == [1, 1]
+    assert all("content" in a[0].message["payload"] for a in answers), answers
+    assert answers[1][0].at < answers[0][0].at, "the request sent later waited for its slot"
