@@ -459,15 +459,16 @@ class StreamConsumer:
 
         Slots are taken per entry after the read, not reserved across the blocking read:
         a pub/sub request arriving meanwhile must not wait for our XREADGROUP to time out.
+        A slot seen free may be taken again before this task runs, and the count may even
+        go below zero (a suspect's turn: ``SlotLease.take_back``): it looks until one is.
         """
         await self.ready()
-        if self.slots.free > 0:  # the usual case: no tasks, no turn of the loop
-            return 0 if stop.is_set() else self.slots.free
-        waiter = asyncio.create_task(self.slots.wait_free())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        stopper.cancel()
+        while self.slots.free <= 0 and not stop.is_set():
+            waiter = asyncio.create_task(self.slots.wait_free())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
         return 0 if stop.is_set() else self.slots.free
 
     async def _dispatch_all(self, entries: list[StreamEntry]) -> None:
@@ -521,12 +522,12 @@ class StreamConsumer:
             got = await self._read_new(free)
             while got:
                 for entry in got:
-                    if self.slots.free == 0:  # a pub/sub request took it meanwhile: the
+                    if self.slots.free <= 0:  # a pub/sub request took it meanwhile: the
                         self._start(taken)  # entries held must not wait for its end
                     await self._take(entry)
                     taken.append(entry)
                 free = self.slots.free
-                if free == 0:
+                if free <= 0:
                     break
                 got = await self._read_new(free, block=False)
         finally:

@@ -239,7 +239,7 @@ class ChatHandler:
         a minute would hold up every other for that minute. Up to ``local_queue_size``
         requests wait so at once; those beyond wait in their slots, so that a flood of
         delayed requests does not make the worker take them all in (a stream's backlog
-        stays in Redis)."""
+        stays in Redis). One that expired meanwhile is not generated."""
         not_before = envelope.work.get("not_before_ms")
         if not isinstance(not_before, int | float):
             return
@@ -250,14 +250,15 @@ class ChatHandler:
         lease = job.lease
         if lease is None or self.delayed >= self.settings.local_queue_size:
             await asyncio.sleep(wait)
-            return
-        lease.step_aside()
-        self.delayed += 1
-        try:
-            await asyncio.sleep(wait)
-        finally:
-            self.delayed -= 1
-        await lease.step_back()
+        else:
+            lease.step_aside()
+            self.delayed += 1
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self.delayed -= 1
+            await lease.step_back()  # behind the requests that came meanwhile
+        self._check_expiry(envelope)  # the wait may have outlasted it
 
     async def _own(
         self, job: Job, key: str, speculation: asyncio.Task[Any]

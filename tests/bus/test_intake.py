@@ -462,6 +462,32 @@ async def test_stream_reconnects_start_again_from_the_shortest_pause(
     assert _pauses(caplog, "stream intake on") == ["0.1s"] * 4
 
 
+async def test_the_consumer_looks_for_a_free_slot_again_when_it_was_taken_first(
+    redis_url: str,
+) -> None:
+    """A slot seen free may be taken before the consumer's task runs, and a suspect's turn
+    can take one over the count (``SlotLease.take_back``): a count below zero used to
+    reach the reads (``COUNT -1``: redis-py refuses it, and the stream intake stopped)."""
+    redis = aioredis.Redis.from_url(redis_url)
+    consumer = _consumer(redis, [], asyncio.Event(), slots=1)
+    stop = asyncio.Event()
+    try:
+        await consumer.slots.acquire()
+        looking = asyncio.create_task(consumer._free_slots(stop))
+        await asyncio.sleep(0.01)
+        consumer.slots.release()
+        await asyncio.sleep(0)  # its wait ends here; the consumer runs a step later
+        consumer.slots.take()
+        consumer.slots.take()
+        await asyncio.sleep(0.01)
+        assert not looking.done(), looking.result()
+        consumer.slots.release()
+        consumer.slots.release()
+        assert await asyncio.wait_for(looking, 1) == 1
+    finally:
+        await redis.aclose()
+
+
 async def test_a_channel_left_is_not_heard_again_and_the_others_stay_after_a_reconnect(
     tmp_path: Path,
 ) -> None:

@@ -17,8 +17,8 @@ async def test_a_cancel_while_waiting_for_a_slot_takes_none_and_the_others_still
     first = asyncio.create_task(slots.acquire())
     second = asyncio.create_task(slots.acquire())
     await asyncio.sleep(0)
-    assert not slots.try_acquire()  # queued ones go first
     slots.release()
+    assert not slots.try_acquire()  # free, but the queued ones go first
     first.cancel()  # woken, but cancelled before it ran
     await asyncio.gather(first, return_exceptions=True)
     await asyncio.wait_for(second, 1)
