@@ -380,8 +380,8 @@ class _Deaths:
         """A try of its own once the request was in a llama-server that died: with the
         poison among several such requests, the others are not in the next one it kills.
         (Requests on their first try still run beside it: one of them could be a second
-        poison.) Waited for until the request's deadline, with the job's slot (``lease``)
-        free for them meanwhile."""
+        poison.) Waited for until the request's deadline, the job's slot (``lease``)
+        lent to other requests meanwhile."""
         return _Turn(self.suspects, deadline, lease) if self.count else nullcontext()
 
     def trying(self) -> None:
