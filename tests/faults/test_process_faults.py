@@ -651,10 +651,11 @@ async def test_suspects_waiting_their_turn_leave_their_slots_to_new_requests(
     other slot of llama-server sat idle, and a new request waited in the local queue
     until the first suspect's answer (or was told ``overloaded`` once that queue was
     full). It now steps aside while it waits: the new request runs beside the suspect in
-    its turn, and the turns still do not overlap."""
+    its turn, and the turns still do not overlap. A long request then takes the lent slot,
+    so the second turn takes its slot back over the count; every slot is free at the end."""
     worker = fault.spawn("w", slow=True, parallel=2)
     suspects = []
-    for tokens in (5000, POISON_TOKENS):  # the second one marks the request to kill in
+    for tokens in (2000, POISON_TOKENS):  # the second one marks the request to kill in
         suspects.append(
             fault.ledger.add(
                 fault.client.request(
@@ -676,7 +677,24 @@ async def test_suspects_waiting_their_turn_leave_their_slots_to_new_requests(
     )
     new = fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 8}))
     await fault.client.send(new, profile="tiny")
-    assert_exactly_once(await fault.ledger.settle(timeout=90))
+    await wait_until_async(lambda: fault.ledger.answers(new), timeout=60, what="the new one")
+    # Busy in the lent slot when the second turn comes: that one runs over the count.
+    busy = fault.ledger.add(
+        fault.client.request(hi, profile="tiny", options={"max_tokens": 4600, "ignore_eos": True})
+    )
+    await fault.client.send(busy, profile="tiny")
+    assert_exactly_once(await fault.ledger.settle(timeout=120))
+    beats_after = len(fault.recorder.messages)
+    beat = await wait_until_async(
+        lambda: [
+            m.message["payload"]["details"]
+            for m in fault.recorder.messages[beats_after:]
+            if m.message.get("kind") == "system.health.v1"
+        ],
+        timeout=10,
+        what="a heartbeat after every answer",
+    )
+    assert (beat[0]["slots_busy"], beat[0]["slots_total"]) == (0, 2), beat[0]
     answered = first_on(fault, new["reply_to"])
     ends = sorted(first_on(fault, e["reply_to"]) for e in suspects)
     assert answered is not None and answered < ends[0], "the new request waited for a turn"
@@ -689,6 +707,7 @@ async def test_suspects_waiting_their_turn_leave_their_slots_to_new_requests(
         assert answer["meta"]["attempt"] == 2, answer
         assert_chunks_whole(fault, envelope, answer)
     assert "content" in fault.ledger.answers(new)[0]["payload"]
+    assert "content" in fault.ledger.answers(busy)[0]["payload"]
     await assert_still_serving(fault)
 
 
