@@ -593,8 +593,9 @@ class Worker:
 
     async def _on_entry(self, entry: StreamEntry) -> None:
         """Called with a slot held for the entry, given back when its job ends (acked or
-        left pending): a worker holds no more entries than slots (but for those waiting
-        their turn after a crash: ``SlotLease``), the backlog waits in Redis."""
+        left pending): a worker holds no more entries than slots (but for those that wait
+        for their turn after a crash or for their time: ``SlotLease``), the backlog waits
+        in Redis."""
         lease = SlotLease(self.slots)
         try:
             if entry.taken_over:  # by another worker, before this handler ran: it answers
