@@ -7,6 +7,7 @@ with one extra key.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID, uuid4
@@ -42,6 +43,15 @@ def as_utc(value: datetime) -> datetime:
         return value.astimezone(UTC)
     except OverflowError:  # year 1 or 9999 near midnight: a validation error, not a crash
         raise ValueError("datetime out of range in UTC") from None
+
+
+def seconds_until_due(work: dict[str, Any]) -> float:
+    """How long until ``trace.work.not_before_ms`` (Orion's work queue delays a retry with
+    it): 0 when it is unset or past."""
+    not_before = work.get("not_before_ms")
+    if not isinstance(not_before, int | float):
+        return 0.0
+    return max(0.0, not_before / 1000 - time.time())
 
 
 class ServiceRef(BaseModel):

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope
+from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope, seconds_until_due
 from orion_llamaccp.bus.intake import SlotLease
 from orion_llamaccp.bus.outbox import Outbox, chunk_channel
 from orion_llamaccp.bus.replies import ChunkStream, Publisher, Stage
@@ -466,10 +466,9 @@ class _Turn:
 
 
 def _scheduled(message: dict[str, Any]) -> bool:
-    """Whether a message's ``trace.work.not_before_ms`` is still to come."""
+    """Whether a raw message's ``trace.work.not_before_ms`` is still to come."""
     work = (message.get("trace") or {}).get("work")
-    not_before = work.get("not_before_ms") if isinstance(work, dict) else None
-    return isinstance(not_before, int | float) and not_before / 1000 > time.time()
+    return isinstance(work, dict) and seconds_until_due(work) > 0
 
 
 def stop_answered_elsewhere(job: Job, generation: asyncio.Task[Any] | None) -> None:

@@ -22,7 +22,12 @@ from typing import Any
 
 from orion_llamaccp.bus.claims import Claims, idempotency_key
 from orion_llamaccp.bus.codec import decode_chat
-from orion_llamaccp.bus.envelope import CHAT_REQUEST, ChatRequestPayload, Envelope
+from orion_llamaccp.bus.envelope import (
+    CHAT_REQUEST,
+    ChatRequestPayload,
+    Envelope,
+    seconds_until_due,
+)
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import Publisher, Stage, Stored
 from orion_llamaccp.bus.retry import TRANSIENT
@@ -240,13 +245,9 @@ class ChatHandler:
         requests wait so at once; those beyond wait in their slots, so that a flood of
         delayed requests does not make the worker take them all in (a stream's backlog
         stays in Redis). One that expired meanwhile is not generated."""
-        not_before = envelope.work.get("not_before_ms")
-        if not isinstance(not_before, int | float):
-            return
-        wait = not_before / 1000 - time.time()
+        wait = min(seconds_until_due(envelope.work), self.settings.request_timeout_sec)
         if wait <= 0:
             return
-        wait = min(wait, self.settings.request_timeout_sec)
         lease = job.lease
         if lease is None or self.delayed >= self.settings.local_queue_size:
             await asyncio.sleep(wait)
