@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
-from orion_llamaccp.client import BusClient
+from orion_llamaccp.client import BusClient, Via
 from tests.bus.conftest import SpawnWorker
 from tests.support.procs import RedisServer, pid_alive, wait_stream_acked, wait_until_async
 from tests.support.proxy import HoldingProxy
@@ -447,17 +447,26 @@ async def test_a_request_not_before_its_time_reaches_llama_server_only_then(
             assert await probe.last_task() > before, via
 
 
-async def _taken(raw: aioredis.Redis, envelope: dict, via: str) -> bool:
-    """Whether the worker has read ``envelope``'s message: claimed it (pub/sub) or has
-    its entry pending (stream)."""
-    if via == "pubsub":
-        return bool(await raw.exists(keys.claim(envelope["id"])))
-    return bool((await raw.xpending(STREAM, GROUP))["pending"])
+async def _send_until_taken(bus: BusClient, redis_url: str, envelope: dict, via: Via) -> None:
+    """Send ``envelope`` and wait until the worker has read it: claimed it (pub/sub) or
+    holds its entry pending (stream)."""
+    raw = aioredis.Redis.from_url(redis_url)
+
+    async def taken() -> bool:
+        if via == "pubsub":
+            return bool(await raw.exists(keys.claim(envelope["id"])))
+        return bool((await raw.xpending(STREAM, GROUP))["pending"])
+
+    try:
+        await bus.send(envelope, profile="tiny", via=via)
+        await wait_until_async(taken, timeout=10, what="the request taken")
+    finally:
+        await raw.aclose()
 
 
 @pytest.mark.parametrize("via", ["pubsub", "stream"])
 async def test_a_request_waiting_for_its_time_leaves_its_slot_to_others(
-    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str, via: str
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str, via: Via
 ) -> None:
     """A one-slot worker with a request not to start for 4 s: a request sent after it
     is answered first. The waiting one used to hold the slot for the whole wait, and
@@ -470,12 +479,7 @@ async def test_a_request_waiting_for_its_time_leaves_its_slot_to_others(
         options={"max_tokens": TOKENS},
         trace={"work": {"not_before_ms": int((time.time() + 4.0) * 1000)}},
     )
-    raw = aioredis.Redis.from_url(redis_url)
-    try:
-        await bus.send(later, profile="tiny", via=via)
-        await wait_until_async(lambda: _taken(raw, later, via), timeout=10, what="it taken")
-    finally:
-        await raw.aclose()
+    await _send_until_taken(bus, redis_url, later, via)
     now = bus.request(HI, profile="tiny", options={"max_tokens": TOKENS})
     await bus.send(now, profile="tiny")
     answers = await _results(recorder, [later, now], timeout=30)
@@ -495,12 +499,7 @@ async def test_a_request_that_expires_while_it_waits_for_a_slot_after_its_time_i
     now_ms = time.time() * 1000
     work = {"not_before_ms": int(now_ms + 1500), "expires_at_ms": int(now_ms + 2500)}
     later = bus.request(HI, profile="tiny", options={"max_tokens": TOKENS}, trace={"work": work})
-    raw = aioredis.Redis.from_url(redis_url)
-    try:
-        await bus.send(later, profile="tiny")
-        await wait_until_async(lambda: _taken(raw, later, "pubsub"), timeout=10, what="taken")
-    finally:
-        await raw.aclose()
+    await _send_until_taken(bus, redis_url, later, "pubsub")
     long = bus.request(HI, profile="tiny", options={"max_tokens": 6000, "ignore_eos": True})
     await bus.send(long, profile="tiny")
     answers = await _results(recorder, [later, long], timeout=60)
