@@ -30,7 +30,7 @@ from orion_llamaccp.engine.supervisor import EngineState, Supervisor
 from orion_llamaccp.errors import ContextExceeded, EngineUnavailable, UpstreamError
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.settings import Settings
-from orion_llamaccp.worker.jobs import Ahead, Failure, Job, LeavePending
+from orion_llamaccp.worker.jobs import Ahead, Failure, Job, LeavePending, check_expiry
 from orion_llamaccp.worker.llama_request import ChatOptions, body_of, build_body
 
 log = logging.getLogger(__name__)
@@ -221,6 +221,7 @@ class Generator:
             settings.engine_wait_sec if job.transport == "pubsub" else settings.request_timeout_sec
         )
         deadline = time.monotonic() + limit
+        retry = False
         while True:
             if sent is None:
                 await self._engine_ready(job)
@@ -228,6 +229,8 @@ class Generator:
             async with deaths.turn(deadline, job.lease):
                 if deaths.count:  # the suspect before may have killed it meanwhile
                     await self._engine_ready(job)
+                if retry:  # the first try started in time; a retry is a new generation
+                    check_expiry(envelope, tried=True)
                 written, sent = sent, None  # a retry writes its own request
                 deaths.trying()
                 try:
@@ -268,6 +271,7 @@ class Generator:
                     )
                     await deaths.seen()
                     attempt = await self.publisher.next_attempt(job.delivery_id, attempt + 1)
+            retry = True
 
     async def _generate(
         self,

@@ -41,7 +41,10 @@ from orion_llamaccp.worker.jobs import (
     Failure,
     Job,
     LeavePending,
+    check_expiry,
     claim_outcome,
+    expired,
+    expiry,
 )
 from orion_llamaccp.worker.llama_request import ChatOptions, parse_options
 from orion_llamaccp.worker.stats import Stats
@@ -157,7 +160,7 @@ class ChatHandler:
             return 0, None
         if job.user_cancelled:
             raise Failure("cancelled", "cancelled by an llm.chat.cancel request before it started")
-        self._check_expiry(envelope)
+        check_expiry(envelope)
         await self._not_before(job, envelope)
         owned = asyncio.Event()
         # The request is on its way to llama-server (``start``) before any Redis command:
@@ -220,46 +223,38 @@ class ChatHandler:
             )
         return envelope, chat, options
 
-    def _check_expiry(self, envelope: Envelope) -> None:
-        now_ms = time.time() * 1000
-        if envelope.ttl_ms is not None:
-            deadline = envelope.created_at.timestamp() * 1000 + envelope.ttl_ms
-            if now_ms > deadline:
-                raise Failure(
-                    "expired",
-                    f"request expired {now_ms - deadline:.0f} ms ago "
-                    f"(ttl_ms={envelope.ttl_ms}); not generated",
-                )
-        expires = envelope.work.get("expires_at_ms")
-        if isinstance(expires, int | float) and now_ms > expires:
-            raise Failure(
-                "expired",
-                f"request expired {now_ms - expires:.0f} ms ago "
-                f"(trace.work.expires_at_ms); not generated",
-            )
-
     async def _not_before(self, job: Job, envelope: Envelope) -> None:
         """Wait for ``trace.work.not_before_ms`` (Orion's work queue delays a retry with
-        it), the job's slot free for others meanwhile: with one slot, a request delayed by
-        a minute would hold up every other for that minute. Up to ``local_queue_size``
-        requests wait so at once; those beyond wait in their slots, so that a flood of
-        delayed requests does not make the worker take them all in (a stream's backlog
-        stays in Redis). One that expired meanwhile is not generated."""
+        it), and then for a slot, no later than the request's expiry: one that expires
+        meanwhile is answered ``expired`` then, not generated."""
         wait = min(seconds_until_due(envelope.work), self.settings.request_timeout_sec)
         if wait <= 0:
             return
+        ends = expiry(envelope)
+        try:
+            async with asyncio.timeout(None if ends is None else max(0.0, ends[0] - time.time())):
+                await self._wait_until_due(job, wait)
+        except TimeoutError:
+            assert ends is not None  # no timeout without an expiry
+            raise expired(*ends) from None
+
+    async def _wait_until_due(self, job: Job, wait: float) -> None:
+        """The job's slot free for others meanwhile: with one slot, a request delayed by a
+        minute would hold up every other for that minute. Up to ``local_queue_size``
+        requests wait so at once; those beyond wait in their slots, so that a flood of
+        delayed requests does not make the worker take them all in (a stream's backlog
+        stays in Redis)."""
         lease = job.lease
         if lease is None or self.delayed >= self.settings.local_queue_size:
             await asyncio.sleep(wait)
-        else:
-            lease.step_aside()
-            self.delayed += 1
-            try:
-                await asyncio.sleep(wait)
-            finally:
-                self.delayed -= 1
-            await lease.step_back()  # behind the requests that came meanwhile
-        self._check_expiry(envelope)  # the wait may have outlasted it
+            return
+        lease.step_aside()
+        self.delayed += 1
+        try:
+            await asyncio.sleep(wait)
+        finally:
+            self.delayed -= 1
+        await lease.step_back()  # behind the requests that came meanwhile
 
     async def _own(
         self, job: Job, key: str, speculation: asyncio.Task[Any]

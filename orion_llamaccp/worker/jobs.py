@@ -214,3 +214,32 @@ class Failure(Exception):
 
     def payload_details(self) -> dict[str, Any]:
         return {"message": self.message, "retryable": self.retryable, **self.details}
+
+
+def expiry(envelope: Envelope) -> tuple[float, str] | None:
+    """When a request stops being worth an answer (seconds since the epoch), and what
+    said so: the earlier of ``created_at`` + ``ttl_ms`` and ``trace.work.expires_at_ms``.
+    None when neither is set."""
+    ends: list[tuple[float, str]] = []
+    if envelope.ttl_ms is not None:
+        ttl = f"ttl_ms={envelope.ttl_ms}"
+        ends.append((envelope.created_at.timestamp() + envelope.ttl_ms / 1000, ttl))
+    expires = envelope.work.get("expires_at_ms")
+    if isinstance(expires, int | float):
+        ends.append((expires / 1000, "trace.work.expires_at_ms"))
+    return min(ends) if ends else None
+
+
+def expired(at: float, why: str, *, tried: bool = False) -> Failure:
+    """The answer to a request whose expiry (``at``, seconds since the epoch) has come;
+    ``tried``: after a try that failed (its chunks may have gone out)."""
+    late_ms = max(0.0, (time.time() - at) * 1000)
+    then = "not tried again" if tried else "not generated"
+    return Failure("expired", f"request expired {late_ms:.0f} ms ago ({why}); {then}")
+
+
+def check_expiry(envelope: Envelope, *, tried: bool = False) -> None:
+    """Raise ``expired`` for a request past its expiry: it is not generated (again)."""
+    ends = expiry(envelope)
+    if ends is not None and time.time() > ends[0]:
+        raise expired(*ends, tried=tried)

@@ -46,6 +46,8 @@ from orion_llamaccp.worker.jobs import (
     decode_job,
     entry_bytes,
     entry_job,
+    expired,
+    expiry,
 )
 from orion_llamaccp.worker.metrics import Metrics
 from orion_llamaccp.worker.startup import Intake, transports
@@ -92,9 +94,10 @@ class Worker:
         # As launched (an override included), until llama-server says (``_start_engine``).
         self.slots = Slots(settings.overrides.parallel or self.profile.llamacpp.parallel or 1)
         self.local: asyncio.Queue[Job] = asyncio.Queue()
-        # Accepted pub/sub jobs that do not hold a slot yet and are not answered: one
-        # cancelled while queued leaves at once, though it stays in ``local`` until its turn.
-        self.queued: set[Job] = set()
+        # Accepted pub/sub jobs that do not hold a slot yet and are not answered, with the
+        # timer of their expiry: one cancelled or expired while queued leaves at once,
+        # though it stays in ``local`` until its turn.
+        self.queued: dict[Job, asyncio.TimerHandle | None] = {}
         self.aheads_queued = 0  # messages in the inbox whose requests are written already
         self.alone = False  # the only subscriber of the intake channel, last we counted
         self.held: Job | None = None
@@ -315,7 +318,7 @@ class Worker:
             unstarted.append(self.held)
             self.held = None
         for job in unstarted:
-            self.queued.discard(job)
+            self._unqueue(job)
             if job.answering:  # cancelled while queued: answered already
                 continue
             self.inflight.spawn(
@@ -530,7 +533,27 @@ class Worker:
             self._answer_cancelled_unstarted(job)
             return
         self.local.put_nowait(job)
-        self.queued.add(job)
+        self.queued[job] = self._expire_when_due(job)
+
+    def _expire_when_due(self, job: Job) -> asyncio.TimerHandle | None:
+        """A queued job whose expiry comes before its slot is answered ``expired`` then,
+        not once a slot frees: its caller learns it at once, and its place in the queue
+        goes to a request still worth serving instead of an ``overloaded``."""
+        ends = expiry(job.envelope) if job.envelope is not None else None
+        if ends is None:
+            return None
+        at, why = ends
+        loop = asyncio.get_running_loop()
+        return loop.call_later(max(0.0, at - time.time()), self._expire_queued, job, at, why)
+
+    def _expire_queued(self, job: Job, at: float, why: str) -> None:
+        if job in self.queued and not job.answering:
+            self._answer_unstarted(job, expired(at, why))
+
+    def _unqueue(self, job: Job) -> None:
+        timer = self.queued.pop(job, None)
+        if timer is not None:
+            timer.cancel()
 
     async def _dispatch_local(self) -> None:
         while True:
@@ -541,7 +564,7 @@ class Worker:
                 self.held = None
                 if job.answering:  # ... or while it waited for the slot
                     self.slots.release()
-            self.queued.discard(job)
+            self._unqueue(job)
             if not job.answering:
                 self.inflight.spawn(self._with_slot(job), job)
 
@@ -563,16 +586,20 @@ class Worker:
             self._answer_cancelled_unstarted(job)
 
     def _answer_cancelled_unstarted(self, job: Job) -> None:
-        job.answering = True
-        self.queued.discard(job)  # its place is free for the next request
-        if job.ahead is not None:  # else llama-server generates on for nobody
-            job.ahead.drop()
-            job.ahead = None
-        self.stats.finished("cancelled", 0)
         cancelled = Failure(
             "cancelled", "cancelled by an llm.chat.cancel request before it started"
         )
-        self.inflight.spawn(self.handler.fail(job, cancelled), job)
+        self._answer_unstarted(job, cancelled)
+
+    def _answer_unstarted(self, job: Job, failure: Failure) -> None:
+        """Answer a job that holds no slot (queued, or on its way to the queue) now."""
+        job.answering = True
+        self._unqueue(job)  # its place is free for the next request
+        if job.ahead is not None:  # else llama-server generates on for nobody
+            job.ahead.drop()
+            job.ahead = None
+        self.stats.finished(failure.code, 0)
+        self.inflight.spawn(self.handler.fail(job, failure), job)
 
     async def _on_discover(self, data: bytes) -> None:
         try:

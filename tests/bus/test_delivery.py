@@ -488,20 +488,22 @@ async def test_a_request_waiting_for_its_time_leaves_its_slot_to_others(
     assert answers[1][0].at < answers[0][0].at, "the request sent later waited for its slot"
 
 
+@pytest.mark.parametrize("via", ["pubsub", "stream"])
 async def test_a_request_that_expires_while_it_waits_for_a_slot_after_its_time_is_not_generated(
-    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str, via: Via
 ) -> None:
     """Due in 1.5 s and expiring 1 s later, a request lends its slot to a long one sent
     after it, and when its time comes waits for the slot past its expiry: it is answered
-    ``expired``, not generated. Its expiry used to be checked before the wait only."""
+    ``expired`` at its expiry, while the long one still runs, and not generated. Its
+    expiry used to be checked before the wait only, and then once it had the slot."""
     worker = spawn_worker(slow=True, parallel=1)
     await wait_replicas_counted(recorder, redis_url, INTAKE, [worker.name])
     now_ms = time.time() * 1000
     work = {"not_before_ms": int(now_ms + 1500), "expires_at_ms": int(now_ms + 2500)}
     later = bus.request(HI, profile="tiny", options={"max_tokens": TOKENS}, trace={"work": work})
-    await _send_until_taken(bus, redis_url, later, "pubsub")
+    await _send_until_taken(bus, redis_url, later, via)
     long = bus.request(HI, profile="tiny", options={"max_tokens": 6000, "ignore_eos": True})
     await bus.send(long, profile="tiny")
     answers = await _results(recorder, [later, long], timeout=60)
     assert answers[0][0].message["payload"].get("error") == "expired", answers[0][0].message
-    assert answers[1][0].at < answers[0][0].at  # it waited for the long one's slot
+    assert answers[0][0].at < answers[1][0].at  # not after the long one's slot freed

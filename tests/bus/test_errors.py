@@ -583,6 +583,30 @@ async def test_a_request_cancelled_while_queued_gives_its_place_in_the_queue_bac
     assert "content" in result["payload"], result
 
 
+async def test_a_request_that_expires_while_queued_is_answered_then_and_gives_its_place_back(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """One slot, busy, and a local queue of one: a request queued with ``ttl_ms`` is
+    answered ``expired`` when its time is up, while the long one still runs, and the
+    next request takes its place in the queue instead of being told ``overloaded``. It
+    used to wait for the slot, and be answered only once the long one had ended."""
+    spawn_worker(slow=True, parallel=1, ORION_LLAMACPP_LOCAL_QUEUE="1")
+    long = await _a_long_one_generating(bus, recorder)
+    expiring = bus.request(HI, profile="tiny", ttl_ms=1500, options={"max_tokens": 2})
+    await bus.send(expiring, profile="tiny")
+    answer = await _answer_on(recorder, expiring["reply_to"], timeout=60)
+    assert answer["payload"]["error"] == "expired", answer
+    assert "ttl_ms=1500" in answer["payload"]["details"]["message"], answer
+    assert recorder.on(long["reply_to"]) == []  # answered while the long one still runs
+    after = bus.request(HI, profile="tiny", options={"max_tokens": 2})
+    await bus.send(after, profile="tiny")
+    await asyncio.sleep(0.5)  # an ``overloaded`` would be back by now
+    assert recorder.on(after["reply_to"]) == []  # queued, behind the long one
+    await bus.cancel(long["correlation_id"])
+    result = await _answer_on(recorder, after["reply_to"])
+    assert "content" in result["payload"], result
+
+
 async def test_a_request_cancelled_during_its_claim_is_answered_cancelled_not_overloaded(
     spawn_worker: SpawnWorker,
     bus: BusClient,

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 import httpx
 import orjson
@@ -23,7 +24,13 @@ from tests.faults.conftest import (
     chunks_of,
 )
 from tests.support.freeze import FrozenThread
-from tests.support.procs import llama_servers_under, pid_alive, wait_until, wait_until_async
+from tests.support.procs import (
+    llama_servers_under,
+    pid_alive,
+    wait_stream_acked,
+    wait_until,
+    wait_until_async,
+)
 from tests.support.workers import EngineProbe, WorkerProc
 
 RECLAIM = {"ORION_LLAMACPP_CLAIM_IDLE_MS": "1500"}
@@ -480,6 +487,37 @@ async def test_llama_server_sigkill_mid_stream(fault: Fault, hi: list) -> None:
     )
     assert_chunks_whole(fault, via_stream, retried)
     assert "content" in fault.ledger.answers(after)[0]["payload"]
+
+
+async def test_a_request_past_its_expiry_when_llama_server_dies_is_not_tried_again(
+    fault: Fault, hi: list
+) -> None:
+    """A stream request started in time and still generating past its ``ttl_ms`` (it
+    runs to its end) is in llama-server when it is killed: it is answered ``expired``,
+    and acked, not generated again. Retries used to ignore its expiry."""
+    worker = fault.spawn("w", slow=True, parallel=1)
+    doomed = fault.ledger.add(
+        fault.client.request(
+            hi,
+            profile="tiny",
+            ttl_ms=1500,
+            options={"stream": True, "max_tokens": 12000, "ignore_eos": True},
+        )
+    )
+    await fault.client.send(doomed, profile="tiny", via="stream")
+    await first_chunk(fault, doomed)
+    created = datetime.fromisoformat(doomed["created_at"]).timestamp()
+    await asyncio.sleep(max(0.0, created + 1.7 - time.time()))
+    assert fault.ledger.answers(doomed) == []  # past its expiry, still generating
+    killed = worker.engine_pid()
+    os.kill(killed, signal.SIGKILL)
+    assert_exactly_once(await fault.ledger.settle(timeout=60))
+    answer = fault.ledger.answers(doomed)[0]["payload"]
+    assert answer["error"] == "expired", answer
+    assert "not tried again" in answer["details"]["message"], answer
+    assert {c["attempt"] for c in chunks_of(fault, doomed)} == {1}
+    await wait_stream_acked(fault.raw, "orion:stream:llamacpp:tiny:request", "llamacpp:tiny")
+    await assert_still_serving(fault)
 
 
 async def test_llama_server_wedged(fault: Fault, hi: list) -> None:
