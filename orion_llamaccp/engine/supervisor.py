@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 from tenacity import wait_exponential
 
@@ -253,6 +254,14 @@ class Supervisor:
     async def _one_life(self) -> None:
         self._set(EngineState.STARTING)
         self.life += 1
+        if await _listening(self.launch.base_url):
+            # Ours would fail to bind, while the other answered /health and /props in its
+            # name: ready, serving whatever model that one runs.
+            raise _Crashed(
+                f"llama-server's port is already taken: something answers at "
+                f"{self.launch.base_url} before llama-server was started; stop it or set "
+                "LLAMACPP_PORT_OVERRIDE"
+            )
         self._proc = proc = LlamaProcess(self.launch, environ=self._environ)
         try:
             await proc.start()
@@ -294,7 +303,7 @@ class Supervisor:
             polled = time.monotonic()
             with contextlib.suppress(EngineUnavailable):
                 health = await self.client.health(timeout=policy.health_timeout)
-                if health.ready:
+                if health.ready and proc.returncode is None:  # else not ours that answered
                     return
             # llama-server says when it is done loading ("server is listening", "all slots
             # are idle"): what it prints is worth a look at once, not at the next tick, but
@@ -452,3 +461,17 @@ class _Attempt:
     """The one attribute tenacity's wait strategies read from a retry state."""
 
     attempt_number: int
+
+
+async def _listening(url: str) -> bool:
+    """Whether something accepts connections at ``url``'s host and port."""
+    parsed = urlsplit(url)
+    try:
+        async with asyncio.timeout(1.0):
+            _, writer = await asyncio.open_connection(parsed.hostname, parsed.port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

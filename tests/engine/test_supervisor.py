@@ -138,6 +138,25 @@ async def test_crash_loop_ends_in_failed_with_its_cause(make_launch: LaunchFacto
     await supervisor.stop()
 
 
+async def test_a_llama_server_already_on_the_port_is_not_taken_for_ours(
+    ready_engine: Supervisor, make_launch: LaunchFactory
+) -> None:
+    """Another llama-server answers on the profile's port (two profiles on one host, both
+    on the default 8080): ours could not bind and exited, while the other's ``/health``
+    and ``/props`` made the engine ``ready``, serving the other's model, five times over
+    before the crash limit. Now it is never ready, and says why."""
+    port = ready_engine.launch.port
+    supervisor = Supervisor(make_launch(port=port), environ=dict(os.environ), policy=FAST)
+    events = record(supervisor)
+    with pytest.raises(EngineStartError) as err:
+        await supervisor.start()
+    assert EngineState.READY not in [e.state for e in events]
+    assert "port is already taken" in str(err.value), err.value
+    assert f":{port}" in str(err.value), err.value
+    await supervisor.stop()
+    await assert_answers(ready_engine)  # the other one was left alone
+
+
 async def test_unknown_flag_fails_at_once_with_clear_error(make_launch: LaunchFactory) -> None:
     supervisor = Supervisor(
         make_launch(extra_args=["--n-parallel", "2"]), environ=dict(os.environ), policy=FAST
