@@ -44,16 +44,15 @@ def dump_tasks() -> None:
 
 
 async def _engine_only(settings: Settings) -> int:
-    from orion_llamaccp.engine.runtime import start_engine
+    from orion_llamaccp.engine.runtime import run_engine
+    from orion_llamaccp.engine.supervisor import Supervisor
+
+    def ready(engine: Supervisor) -> None:
+        print(f"llama-server ready at {engine.launch.base_url} (pid {engine.pid})", flush=True)
 
     stop = asyncio.Event()
     install_stop_signals(stop)
-    engine = await start_engine(settings)
-    try:
-        print(f"llama-server ready at {engine.launch.base_url} (pid {engine.pid})", flush=True)
-        await stop.wait()
-    finally:
-        await engine.stop()
+    await run_engine(settings, stop, ready)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Start the engine for a profile: plan, make sure the model is on disk, supervise.
+"""Run the engine for a profile: plan, make sure the model is on disk, supervise.
 
 This is where the model layer and the engine meet: the supervisor is given a way to
 verify and re-fetch the model when llama-server says the file is corrupt.
@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from orion_llamaccp.engine.plan import ServicePlan, build_plan
-from orion_llamaccp.engine.supervisor import Supervisor, SupervisorPolicy
+from orion_llamaccp.engine.supervisor import EngineState, Supervisor, SupervisorPolicy
+from orion_llamaccp.errors import EngineStartError
 from orion_llamaccp.settings import Settings
 
 if TYPE_CHECKING:
@@ -82,10 +83,31 @@ def policy_from(settings: Settings) -> SupervisorPolicy:
     )
 
 
-async def start_engine(settings: Settings, progress: ProgressHook | None = None) -> Supervisor:
-    """Plan, fetch and verify the model, start llama-server and return once it is ready."""
+async def run_engine(
+    settings: Settings, stop: asyncio.Event, on_ready: Callable[[Supervisor], None]
+) -> None:
+    """Fetch and verify the model, start llama-server (``on_ready`` once it is) and keep it
+    supervised until ``stop`` is set. A stop during a download or a load is obeyed at
+    once; the engine's failure, at its start or once it gave up restarting, is raised:
+    a process that only serves the engine must not linger after it."""
     plan = build_plan(settings)
-    await prepare_model(plan, progress)
-    supervisor = make_supervisor(plan, progress=progress)
-    await supervisor.start()
-    return supervisor
+    supervisor = make_supervisor(plan)
+
+    async def serve() -> None:
+        await prepare_model(plan)
+        await supervisor.start()
+        on_ready(supervisor)
+        await supervisor.wait_for(EngineState.FAILED)
+        raise supervisor.failure or EngineStartError("llama-server failed")
+
+    serving = asyncio.create_task(serve(), name="engine")
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            serving.result()
+    finally:
+        for task in (serving, stopped):
+            task.cancel()
+        await asyncio.gather(serving, stopped, return_exceptions=True)
+        await supervisor.stop()

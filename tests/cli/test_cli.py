@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import psutil
 
+from tests.engine.conftest import PRELUDE
 from tests.support.procs import free_port, pid_alive, wait_until
 from tests.support.workers import WorkerProc
 
@@ -154,6 +157,70 @@ def test_engine_only_run(subprocess_env: dict) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         assert not pid_alive(pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_engine_only_run_stops_at_a_signal_while_loading(
+    subprocess_env: dict, llama_server_bin: Path
+) -> None:
+    """A Ctrl-C while llama-server loads (a minute of loading here, imitated) stops it
+    and the command at once. It used to be heard only once the model was loaded."""
+    env = {
+        **subprocess_env,
+        "LLAMA_SERVER_BIN": str(PRELUDE),
+        "REAL_LLAMA_SERVER": str(llama_server_bin),
+        "PRELUDE_LINES": "600",
+        "PRELUDE_DELAY": "0.1",
+        "PRELUDE_HELP_AT_ONCE": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orion_llamaccp", "run", "--engine-only"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def serving() -> list[psutil.Process]:  # not the ``--help`` that the plan reads
+            children = psutil.Process(proc.pid).children(recursive=True)
+            return [c for c in children if "--port" in c.cmdline()]
+
+        loading = wait_until(serving, timeout=30, what="llama-server loading")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert not any(pid_alive(child.pid) for child in loading)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_engine_only_run_exits_with_the_error_once_the_engine_failed(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """With a crash limit of one, llama-server killed once fails the engine: the command
+    ends with its error, so that whatever runs it (a container) can restart it. It used
+    to wait for a signal with the engine dead."""
+    env = {**subprocess_env, "ORION_LLAMACPP_CRASH_LIMIT": "1"}
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orion_llamaccp", "run", "--engine-only"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "llama-server ready at" in line, line
+        os.kill(int(line.rsplit("pid ", 1)[1].rstrip(")\n")), signal.SIGKILL)
+        assert proc.wait(30) == 1
+        last = log.read_text().strip().splitlines()[-1]
+        assert last.startswith("error: crash loop: 1 failures"), last
+        assert "llama-server exited with code -9" in last, last
     finally:
         if proc.poll() is None:
             proc.kill()

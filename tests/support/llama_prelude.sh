@@ -5,8 +5,13 @@
 #   PRELUDE_EXIT=CODE                print a line and exit with CODE instead of starting
 #   PRELUDE_OUTLIVE=S                run it as a child and exit S seconds after it does: a
 #                                    death that whoever watches this process sees late
+#   PRELUDE_HELP_AT_ONCE=1           --help and --version (what the wrapper reads of a
+#                                    binary before it starts one) skip all of the above
 # The real binary comes from REAL_LLAMA_SERVER; all arguments pass through unchanged.
 set -u
+if [ -n "${PRELUDE_HELP_AT_ONCE:-}" ]; then
+  case " $* " in *" --help "* | *" --version "*) exec "${REAL_LLAMA_SERVER}" "$@" ;; esac
+fi
 if [ -n "${PRELUDE_EXIT:-}" ]; then echo "prelude: exiting with ${PRELUDE_EXIT}"; exit "${PRELUDE_EXIT}"; fi
 if [ -n "${PRELUDE_SILENT:-}" ]; then sleep "${PRELUDE_SILENT}"; fi
 for i in $(seq 1 "${PRELUDE_LINES:-0}"); do
