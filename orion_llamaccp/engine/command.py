@@ -92,6 +92,21 @@ class LaunchSpec:
     port: int
     secret_env: frozenset[str] = field(default_factory=frozenset)
     api_key: str | None = field(default=None, repr=False)
+    # Variables that this build's llama-server reads as flags (``--help``), besides any
+    # ``LLAMA_ARG_*``: not inherited, so that only the profile and overrides set it.
+    flag_env: frozenset[str] = field(default_factory=frozenset)
+
+    def child_env(self, environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+        """llama-server's environment: ``environ`` without the variables it would read as
+        flags (a stray ``LLAMA_API_KEY`` made it refuse the worker; ``LLAMA_ARG_*`` change
+        what the profile and ``command`` say), plus ours. Also the names left out."""
+        dropped = sorted(
+            name
+            for name in environ
+            if name.startswith("LLAMA_ARG_") or name == API_KEY_ENV or name in self.flag_env
+        )
+        kept = {k: v for k, v in environ.items() if k not in dropped}
+        return {**kept, **self.env}, [name for name in dropped if name not in self.env]
 
     def masked_env(self) -> dict[str, str]:
         return {k: (MASK if k in self.secret_env else v) for k, v in self.env.items()}
@@ -264,7 +279,8 @@ def build_launch(
         name = (binary.env_var("--api-key") if binary else None) or API_KEY_ENV
         env[name] = api_key
         secret.add(name)
-    return LaunchSpec(tuple(argv), env, host, port, frozenset(secret), api_key)
+    flag_env = frozenset(binary.env_of.values()) if binary else frozenset()
+    return LaunchSpec(tuple(argv), env, host, port, frozenset(secret), api_key, flag_env)
 
 
 def _shown_name(name: str) -> str:

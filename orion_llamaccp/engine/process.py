@@ -80,7 +80,13 @@ class LlamaProcess:
         return self._proc.returncode if self._proc else None
 
     async def start(self) -> None:
-        env = {**self._environ, **self.launch.env}
+        env, dropped = self.launch.child_env(self._environ)
+        if dropped:
+            log.info(
+                "not passed on to llama-server (its settings come from the profile and "
+                "LLAMACPP_*_OVERRIDE): %s",
+                ", ".join(dropped),
+            )
         self._proc = await asyncio.create_subprocess_exec(
             *self.launch.argv,
             stdin=asyncio.subprocess.DEVNULL,

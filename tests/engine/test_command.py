@@ -467,3 +467,30 @@ def test_whether_llama_server_may_sleep_is_read_from_its_command(
 ) -> None:
     """An idle llama-server is watched unless it may sleep (-1: it may not)."""
     assert _launch({"extra_args": extra}, probe(llama_server_bin)).sleeps_when_idle is sleeps
+
+
+def test_llama_server_is_not_given_the_variables_it_reads_as_flags() -> None:
+    """Those ``--help`` names (``flag_env``) and any ``LLAMA_ARG_*`` or ``LLAMA_API_KEY``
+    are left out of what llama-server inherits; ours (the profile's key) are set."""
+    launch = LaunchSpec(
+        ("llama-server",),
+        {"LLAMA_API_KEY": "the-profile-s", "CUDA_VISIBLE_DEVICES": "0"},
+        "127.0.0.1",
+        8080,
+        flag_env=frozenset({"LLAMA_NEW_FLAG"}),
+    )
+    inherited = {
+        "PATH": "/bin",
+        "LLAMA_API_KEY": "stray",
+        "LLAMA_ARG_CTX_SIZE": "4",
+        "LLAMA_NEW_FLAG": "1",
+        "LLAMA_LOG_COLORS": "0",
+    }
+    env, dropped = launch.child_env(inherited)
+    assert env == {
+        "PATH": "/bin",
+        "LLAMA_LOG_COLORS": "0",
+        "LLAMA_API_KEY": "the-profile-s",
+        "CUDA_VISIBLE_DEVICES": "0",
+    }
+    assert dropped == ["LLAMA_ARG_CTX_SIZE", "LLAMA_NEW_FLAG"]

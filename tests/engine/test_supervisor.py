@@ -157,6 +157,30 @@ async def test_a_llama_server_already_on_the_port_is_not_taken_for_ours(
     await assert_answers(ready_engine)  # the other one was left alone
 
 
+async def test_llama_server_settings_in_the_environment_are_not_inherited(
+    make_launch: LaunchFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``LLAMA_API_KEY`` and ``LLAMA_ARG_*`` in the wrapper's environment (a shell, a base
+    image) are llama-server's own flags. Inherited, a stray key made it refuse the
+    worker (401 on ``/props``: a crash loop), and a stray ``LLAMA_ARG_N_PREDICT`` cut
+    every answer short, where the profile and ``command`` said neither. They are left
+    out, and named in the log (without their values)."""
+    environ = {**os.environ, "LLAMA_API_KEY": "stray-key", "LLAMA_ARG_N_PREDICT": "1"}
+    supervisor = Supervisor(make_launch(), environ=environ, policy=FAST)
+    try:
+        with caplog.at_level(logging.INFO, logger="orion_llamaccp.llama_server"):
+            await supervisor.start()
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        async with supervisor.client.chat_stream({**body, "ignore_eos": True}) as stream:
+            usage = [e async for e in stream][-1].usage
+        assert usage is not None and usage["completion_tokens"] == 4, usage
+    finally:
+        await supervisor.stop()
+    said = [r.getMessage() for r in caplog.records if "not passed on" in r.getMessage()]
+    assert said and "LLAMA_API_KEY, LLAMA_ARG_N_PREDICT" in said[0], said
+    assert "stray-key" not in caplog.text
+
+
 async def test_unknown_flag_fails_at_once_with_clear_error(make_launch: LaunchFactory) -> None:
     supervisor = Supervisor(
         make_launch(extra_args=["--n-parallel", "2"]), environ=dict(os.environ), policy=FAST
