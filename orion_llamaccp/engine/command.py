@@ -277,10 +277,19 @@ def build_launch(
         _check(binary, profile.name, "llamacpp.api_key_env", "--api-key")
         # Through the environment, not argv: argv is visible to every user in `ps`.
         name = (binary.env_var("--api-key") if binary else None) or API_KEY_ENV
-        env[name] = api_key
+        env[name] = _one_key(api_key)
         secret.add(name)
     flag_env = frozenset(binary.env_of.values()) if binary else frozenset()
     return LaunchSpec(tuple(argv), env, host, port, frozenset(secret), api_key, flag_env)
+
+
+def _one_key(key: str) -> str:
+    """``key`` as one key in llama-server's ``--api-key`` value, which it reads as a
+    comma-separated list (CSV: a field in double quotes may hold commas, ``""`` is a
+    quote): a key with a comma would be two keys, neither the one the worker sends."""
+    if "," not in key and not key.startswith('"'):
+        return key
+    return '"' + key.replace('"', '""') + '"'
 
 
 def _shown_name(name: str) -> str:

@@ -337,9 +337,13 @@ def test_known_fatal_messages_are_diagnosed() -> None:
     assert oom is not None and "n_gpu_layers" in oom.advice and "ctx_size" in oom.advice
 
 
+@pytest.mark.parametrize("key", ["k-123456", "sk-Secr,et456", '"quoted",and"more'])
 async def test_api_key_is_passed_to_llama_server_and_used_by_the_client(
-    make_launch: LaunchFactory, model_dir: Path, llama_server_bin: Path
+    make_launch: LaunchFactory, model_dir: Path, llama_server_bin: Path, key: str
 ) -> None:
+    """The key reaches llama-server whole: it reads its variable as a comma-separated
+    list of keys, where a key with a comma used to become two, neither the worker's
+    (401 on ``/props``: a crash loop)."""
     import httpx
 
     from orion_llamaccp.engine.binary import probe
@@ -368,9 +372,9 @@ async def test_api_key_is_passed_to_llama_server_and_used_by_the_client(
         files,
         binary=probe(llama_server_bin),
         binary_path=str(llama_server_bin),
-        environ={"TEST_KEY": "k-123456"},
+        environ={"TEST_KEY": key},
     )
-    assert "k-123456" not in " ".join(launch.argv)
+    assert key not in " ".join(launch.argv)
     supervisor = Supervisor(launch, environ=dict(os.environ), policy=FAST)
     await supervisor.start()
     try:
@@ -380,7 +384,10 @@ async def test_api_key_is_passed_to_llama_server_and_used_by_the_client(
                 "/v1/chat/completions",
                 json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
             )
-        assert refused.status_code == 401
+            assert refused.status_code == 401
+            first = key.replace('"', "").split(",")[0]  # what the key used to become
+            half = await bare.get("/props", headers={"Authorization": f"Bearer {first}"})
+        assert half.status_code == (401 if "," in key else 200)
     finally:
         await supervisor.stop()
 
