@@ -6,7 +6,9 @@ or a stall (no byte for ``stall_sec``: the read timeout); tenacity retries it wi
 exponential backoff. We give up only when the file has not grown for ``deadline_sec``, so
 a slow but moving 70 GB download is never killed, and a dead network fails in bounded
 time. Growing means new bytes past the furthest point reached: a server that ignores
-``Range`` sends the same first bytes again on every attempt, which is no progress.
+``Range`` sends the same first bytes again on every attempt, which is no progress, and
+so does an attempt that starts over because the server's sizes disagree (a body longer
+or shorter than the size it announced).
 The finished ``.part`` is handed back unverified; ``fetch`` checks it before it becomes
 the model file.
 """
@@ -98,8 +100,7 @@ class _Download:
             self._transfer(remote, partial)
         except RangeNotSatisfiable:
             log.warning("server refused to resume %s: starting over", self.hub.filename)
-            partial.reset()
-            self.high_water = 0
+            partial.reset()  # the bytes fetched again are not progress: ``high_water`` stays
             raise Transient("resume offset refused; starting over") from None
         if remote.size is not None and partial.size != remote.size:
             raise Transient(f"got {partial.size} of {remote.size} bytes")
@@ -114,8 +115,7 @@ class _Download:
             self.partial = PartialFile(path)
             self.high_water = self.partial.size
         if remote.size is not None and self.partial.size > remote.size:
-            self.partial.reset()
-            self.high_water = 0
+            self.partial.reset()  # as above: a server whose sizes disagree would loop
         return self.partial
 
     def _transfer(self, remote: RemoteFile, partial: PartialFile) -> None:

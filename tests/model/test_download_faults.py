@@ -159,6 +159,40 @@ def test_server_ignoring_range_that_keeps_cutting_off_gives_up(
     assert all(r.range == "bytes=40000-" for r in gets[1:])
 
 
+@pytest.mark.parametrize("extra", [4096, -4096])
+def test_a_file_served_at_another_size_than_announced_gives_up(
+    hub: FakeHub, gguf_bytes: Bytes, cache_dir: Path, extra: int
+) -> None:
+    """A mirror or proxy serves more or fewer bytes than the size the Hub announced:
+    each attempt ends short or long, and the next starts over from byte 0 (the partial
+    file is longer than the file, or its end is refused as a resume point). The same
+    bytes again are no progress: it gives up. It used to count them as progress, and
+    retry for ever."""
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    hub.blobs[sha] = data + bytes(extra) if extra > 0 else data[:extra]
+    policy = DownloadPolicy(stall_sec=3.0, deadline_sec=1.0, backoff_max_sec=0.05)
+    client = HubClient(endpoint=hub.endpoint, token=None, timeout=policy.stall_sec)
+    cancel = threading.Event()
+    bound = threading.Timer(30, cancel.set)  # a download that never gives up stops here
+    bound.start()
+    try:
+        with pytest.raises(DownloadError) as err:
+            fetch_file(
+                client,
+                HubFile(REPO_ID, FILENAME),
+                target=cache_dir / FILENAME,
+                root=cache_dir,
+                policy=policy,
+                reporter=Reporter(None),
+                cancel=cancel,
+            )
+    finally:
+        bound.cancel()
+    assert "gave up downloading" in str(err.value), err.value
+    assert 2 <= len(hub.cdn_gets(sha)) < 100
+
+
 def test_server_ignoring_range_still_delivers_the_file(
     hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:
