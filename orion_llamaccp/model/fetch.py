@@ -326,13 +326,26 @@ class _Fetcher:
 
 def _other_source(record: store.FileRecord | None, hub: HubFile | None) -> str | None:
     """Why a file we downloaded is not the one the profile names now (its hf_repo_id or
-    hf_revision changed); a file without a record was put there by hand and is trusted."""
+    hf_revision changed); a file without a record was put there by hand and is trusted.
+    A revision that names the commit the file came from (pinning a profile to what it
+    runs) is the same source: that file is not downloaded again."""
     if record is None or record.repo_id is None or hub is None:
         return None
     had = HubFile(record.repo_id, hub.filename, record.revision)
-    if (had.repo_id, had.revision or "main") == (hub.repo_id, hub.revision or "main"):
+    if had.repo_id == hub.repo_id and (
+        (had.revision or "main") == (hub.revision or "main")
+        or _names_commit(hub.revision, record.commit)
+    ):
         return None
     return f"it was downloaded from {had.label}, but the profile now names {hub.label}"
+
+
+def _names_commit(revision: str | None, commit: str | None) -> bool:
+    """Whether ``revision`` is ``commit``'s hash, whole or its first 7 or more digits."""
+    if not revision or not commit or len(revision) < 7:
+        return False
+    short = revision.lower()
+    return all(c in "0123456789abcdef" for c in short) and commit.lower().startswith(short)
 
 
 def _run(

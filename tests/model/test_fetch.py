@@ -187,6 +187,25 @@ def test_naming_the_default_revision_keeps_the_file(
     assert resolved.downloaded == resolved.moved_aside == ()
 
 
+@pytest.mark.parametrize("length", [40, 7])
+def test_pinning_the_commit_the_file_came_from_keeps_the_file(
+    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, length: int
+) -> None:
+    """A profile pinned to the commit it already runs (``hf_revision`` = that commit's
+    hash, whole or short) names the same file: it is kept, not moved aside and
+    downloaded again (twice the disk, for a 70 GB model)."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+    record = read_record(make_settings().cache_path, make_settings().cache_path / FILENAME)
+    assert record is not None and record.commit is not None
+    mark = hub.mark()
+
+    resolved = ensure_model(make_profile(hf_revision=record.commit[:length]), make_settings())
+
+    assert hub.requests[mark:] == []
+    assert resolved.downloaded == resolved.moved_aside == ()
+
+
 def test_file_missing_on_the_hub_is_a_clear_error(
     hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:
