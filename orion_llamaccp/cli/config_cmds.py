@@ -4,12 +4,13 @@ doctor."""
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -20,6 +21,7 @@ from orion_llamaccp.settings import Settings
 # command builds this parser, and `run` subscribes before it reads the profile.
 if TYPE_CHECKING:
     from orion_llamaccp.engine.plan import ServicePlan
+    from orion_llamaccp.profiles.models import Profile
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -82,9 +84,37 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
     registry = load_registry(settings.profiles_config_path)
     profile = registry.select(args.name or settings.profile_name)
-    data = profile.model_dump(mode="json", exclude_none=True)
-    print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
+    data = _masked(profile)
+    print(settings.redact(yaml.safe_dump(data, sort_keys=False, allow_unicode=True)), end="")
     return 0
+
+
+_SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd"})
+
+
+def _masked(profile: Profile) -> dict[str, Any]:
+    """A profile as ``show`` prints it: the values of secret-bearing flags in
+    ``extra_args`` hidden (as ``command`` does), and those of any key of another tool's
+    beside ours named like a secret (``api_key``, ``hf_token``)."""
+    from orion_llamaccp.engine.command import MASK, mask_argv
+
+    def secret(name: object) -> bool:
+        return bool(_SECRET_WORDS.intersection(re.split(r"[^a-z0-9]+", str(name).lower())))
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: MASK if secret(k) else walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(item) for item in value]
+        return value
+
+    data = profile.model_dump(mode="json", exclude_none=True)
+    for name in profile.model_extra or {}:
+        data[name] = MASK if secret(name) else walk(data[name])
+    llamacpp = data["llamacpp"]
+    if "extra_args" in llamacpp:
+        llamacpp["extra_args"] = mask_argv(llamacpp["extra_args"])
+    return data
 
 
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:

@@ -86,6 +86,31 @@ def test_validate_profiles_and_show(subprocess_env: dict, tmp_path: Path) -> Non
     )
 
 
+def test_show_hides_secrets_in_extra_args_and_keys_of_other_tools(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """``show`` printed ``extra_args`` as written, where ``command`` hides a key or token
+    given there, and a secret under another tool's key beside ours."""
+    registry = tmp_path / "secrets.yaml"
+    registry.write_text(
+        "profiles:\n"
+        "  tiny:\n"
+        "    backend: llamacpp\n"
+        "    api_key: sk-other-tool-secret\n"
+        "    notes: {hf_token: hf_nested_secret, max_tokens: 512}\n"
+        "    llamacpp:\n"
+        "      model_path: tiny.gguf\n"
+        "      api_key_env: MY_KEY\n"
+        "      extra_args: ['--api-key', 'sk-SUPERSECRET123', '--hf-token=hf_abcSECRET']\n"
+    )
+    shown = cli({**subprocess_env, "LLM_PROFILES_CONFIG_PATH": str(registry)}, "show")
+    assert shown.returncode == 0, shown.stderr
+    for secret in ("sk-other-tool-secret", "hf_nested_secret", "SUPERSECRET", "hf_abcSECRET"):
+        assert secret not in shown.stdout, shown.stdout
+    assert "- --hf-token=***" in shown.stdout and "api_key: '***'" in shown.stdout
+    assert "api_key_env: MY_KEY" in shown.stdout and "max_tokens: 512" in shown.stdout
+
+
 def test_user_errors_are_one_line_without_traceback(subprocess_env: dict) -> None:
     for env, expected in (
         ({"LLM_PROFILE_NAME": "tiyn"}, "error: LLM PROFILE 'tiyn' not found in registry"),
