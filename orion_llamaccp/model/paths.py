@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from orion_llamaccp.errors import ModelNotFound, UnsafeModelPath
+from orion_llamaccp.errors import ConfigError, ModelNotFound, UnsafeModelPath
 from orion_llamaccp.profiles.models import Profile, expand_path
 
 SPLIT_PART = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -40,7 +40,10 @@ class ModelFiles:
 
 
 def model_root(profile: Profile, env: Mapping[str, str]) -> Path:
-    return expand_path(profile.llamacpp.model_root, env)
+    try:
+        return expand_path(profile.llamacpp.model_root, env)
+    except ConfigError as exc:
+        raise ConfigError(f"profile '{profile.name}': llamacpp.model_root {exc}") from None
 
 
 def safe_join(root: Path, name: str, key: str) -> Path:

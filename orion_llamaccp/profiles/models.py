@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orion_llamaccp.errors import ConfigError
+
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 NGpuLayers = int | Literal["auto", "all"]
@@ -25,14 +27,22 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def expand_path(value: str, env: Mapping[str, str]) -> Path:
-    """Expand ``${VAR}``, ``${VAR:-default}`` and ``~`` in a configured path."""
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``~`` in a configured path. A ``${VAR}``
+    unset or empty, without a default, is an error: a misspelled name made
+    ``${LLM_CACHE_DIRR}/gguf`` into ``/gguf``, where models were looked for and
+    downloaded."""
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         found = env.get(name)
         if found:
             return found
-        return default if default is not None else ""
+        if default is None:
+            raise ConfigError(
+                f"{value!r} uses ${{{name}}}, which is unset or empty: set it, or give a "
+                f"default as ${{{name}:-/some/path}}"
+            )
+        return default
 
     return Path(os.path.expanduser(_VAR.sub(substitute, value)))
 

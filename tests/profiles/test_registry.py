@@ -299,6 +299,28 @@ def test_model_root_expansion() -> None:
     assert not str(expand_path("~/models", env)).startswith("~")
 
 
+def test_an_unset_variable_in_model_root_is_an_error_naming_it(subprocess_env: dict) -> None:
+    """``${LLM_CACHE_DIRR}/gguf`` (a typo) used to become ``/gguf``: ``command`` and
+    ``doctor`` showed that path, and ``run`` looked for and downloaded models there."""
+    with pytest.raises(ConfigError, match=r"\$\{MISSING\}, which is unset or empty"):
+        expand_path("${MISSING}/gguf", {"MISSING": ""})
+    registry = Path(subprocess_env["LLM_PROFILES_CONFIG_PATH"])
+    typo = registry.read_text().replace('"${LLM_CACHE_DIR}"', '"${LLM_CACHE_DIRR}/gguf"')
+    registry.write_text(typo)
+    for command in ("command", "doctor"):
+        done = subprocess.run(
+            [sys.executable, "-m", "orion_llamaccp", command],
+            env=subprocess_env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        said = done.stdout + done.stderr
+        assert done.returncode == 1, said
+        assert "llamacpp.model_root '${LLM_CACHE_DIRR}/gguf' uses ${LLM_CACHE_DIRR}" in said
+        assert "/gguf/" not in said, said
+
+
 def _profile(tmp_path: Path, llamacpp: str, model_id: str = "m") -> object:
     path = write(
         tmp_path,
