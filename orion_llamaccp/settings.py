@@ -53,9 +53,14 @@ def _env(name: str) -> Any:
 
 def _unset_if_blank(value: Any) -> Any:
     """Blank counts as unset, spaces too (``env_ignore_empty`` drops only ``""``): a
-    ``CUDA_VISIBLE_DEVICES_OVERRIDE=" "`` hid every GPU, a host of " " was passed on."""
-    if isinstance(value, str) and not value.strip():
-        raise PydanticUseDefault()
+    ``CUDA_VISIBLE_DEVICES_OVERRIDE=" "`` hid every GPU, a host of " " was passed on.
+    Spaces around a value are dropped (a quoted value in ``.env`` or compose): a model
+    path of " /m.gguf" became a file under model_root, a host of " 0.0.0.0 " was
+    passed on as is."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise PydanticUseDefault()
+        return value.strip()
     return value
 
 
@@ -226,6 +231,22 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("hf_endpoint", mode="before")
+    @classmethod
+    def _hub_url(cls, value: Any) -> Any:
+        """A Hub or mirror URL: without its scheme, every request failed as a network
+        error, retried until the download deadline (10 minutes a file)."""
+        if not isinstance(value, str) or not value.strip():
+            return value  # blank: unset (``_blank``)
+        value = value.strip()
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "must be the http:// or https:// URL of the Hub or a mirror "
+                "(for example https://hf-mirror.example.com)"
+            )
+        return value
+
     @cached_property
     def overrides(self) -> Overrides:
         return Overrides()
@@ -328,6 +349,8 @@ def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:
         value = err.get("input")
         if info is not None and info.annotation in (SecretStr, SecretStr | None):
             value = "<hidden>"  # a secret's bad value is still the secret
+        elif variable == "HF_ENDPOINT" and "@" in str(value):
+            value = "<hidden: it may hold a user and password>"
         lines.append(f"{variable}={value!r}: {err['msg']}")
     return "invalid environment: " + "; ".join(lines)
 

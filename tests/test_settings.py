@@ -166,3 +166,42 @@ def test_a_request_may_not_cost_as_many_crashes_as_the_worker_survives(
     assert load_settings().request_crash_limit == 5
     monkeypatch.setenv("ORION_LLAMACPP_CRASH_LIMIT", "1")  # the first death fails it anyway
     assert load_settings().engine_crash_limit == 1
+
+
+def test_spaces_around_an_override_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quoted value in ``.env`` or compose: numbers were read through the spaces, text
+    was not (a host of " 0.0.0.0 " went to llama-server, a model path of " /m.gguf "
+    became a file under model_root, " all " GPU layers was refused)."""
+    monkeypatch.setenv("LLAMACPP_HOST_OVERRIDE", " 0.0.0.0 ")
+    monkeypatch.setenv("LLAMACPP_MODEL_PATH_OVERRIDE", " /models/m.gguf\t")
+    monkeypatch.setenv("LLAMACPP_N_GPU_LAYERS_OVERRIDE", " all ")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES_OVERRIDE", " 0,1 ")
+    monkeypatch.setenv("LLM_PROFILE_NAME", " tiny ")
+    settings = load_settings()
+    overrides = settings.overrides
+    assert (overrides.host, overrides.model_path) == ("0.0.0.0", "/models/m.gguf")
+    assert (overrides.n_gpu_layers, overrides.cuda_visible_devices) == ("all", "0,1")
+    assert settings.profile_name == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "shown"),
+    [
+        ("hf-mirror.example.com", "'hf-mirror.example.com'"),
+        ("ftp://hf-mirror.example.com", "'ftp://hf-mirror.example.com'"),
+        ("user:s3cretpw@hf-mirror.example.com", "'<hidden"),
+    ],
+)
+def test_a_hub_endpoint_that_is_not_an_http_url_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str, shown: str
+) -> None:
+    """Without its scheme, every download request failed as a network error and was
+    retried until the download deadline (10 minutes a file)."""
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    message = str(err.value)
+    assert f"HF_ENDPOINT={shown}" in message and "http:// or https:// URL" in message
+    assert "s3cretpw" not in message
+    monkeypatch.setenv("HF_ENDPOINT", " https://hf-mirror.example.com ")
+    assert load_settings().hf_endpoint == "https://hf-mirror.example.com"
