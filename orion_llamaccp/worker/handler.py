@@ -352,6 +352,11 @@ class ChatHandler:
         }
         if not gen.usage:  # the answer was cut after its finish reason (``usage_counts``)
             meta["usage_estimated"] = True
+        # Images by sha256 reference: the contract names no store to fetch them from, so
+        # the answer is the text's alone, and says so (a vision profile's caller would
+        # otherwise take it for an answer about the images).
+        if attachments := (job.envelope.payload.get("attachments") if job.envelope else None):
+            meta["attachments_ignored"] = len(attachments)
         return {
             "content": "".join(gen.content),
             "reasoning_content": reasoning or None,

@@ -262,9 +262,15 @@ async def test_the_client_works_on_a_redis_that_decodes_responses(
 async def test_a_request_with_an_attachment_by_sha256_is_answered(
     spawn_worker: SpawnWorker, bus: BusClient
 ) -> None:
+    """Images by sha256 reference cannot be fetched here (the contract names no store):
+    the request is answered from its text, and the result says how many attachments
+    were left out (``meta.attachments_ignored``), where it used to say nothing."""
     spawn_worker()
     envelope = bus.request(HI, profile=PROFILE, options={"max_tokens": 3})
-    envelope["payload"]["attachments"] = [{"sha256": "ab" * 32}]  # a text-only model: ignored
+    envelope["payload"]["attachments"] = [{"sha256": "ab" * 32}, {"sha256": "cd" * 32}]
     result = await bus.chat(HI, profile=PROFILE, envelope=envelope, timeout=30)
     assert result.ok, result.payload
     assert result.payload["usage"]["completion_tokens"] == 3
+    assert result.payload["meta"]["attachments_ignored"] == 2
+    plain = await bus.chat(HI, profile=PROFILE, options={"max_tokens": 3}, timeout=30)
+    assert "attachments_ignored" not in plain.payload["meta"], plain.payload
