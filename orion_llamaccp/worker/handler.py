@@ -142,9 +142,20 @@ class ChatHandler:
                 job.ahead.drop()
             self.stats.in_flight -= 1
             if outcome is not None:
-                self.stats.finished(outcome, tokens)
-                for observe in self.observers:
-                    observe(outcome, ttft, time.monotonic() - job.received)
+                self._finished(job, outcome, tokens, ttft)
+
+    async def refuse(self, job: Job, failure: Failure) -> None:
+        """Answer a job that is not served (overloaded, the worker stopping, cancelled or
+        expired before it had a slot, delivered too often), counted as every answer is:
+        in the heartbeat's counters and ``/metrics``, where these used to be missing."""
+        if await job.ours():
+            self._finished(job, failure.code, 0, None)
+        await self.fail(job, failure)
+
+    def _finished(self, job: Job, outcome: str, tokens: int, ttft: float | None) -> None:
+        self.stats.finished(outcome, tokens)
+        for observe in self.observers:
+            observe(outcome, ttft, time.monotonic() - job.received)
 
     # ------------------------------------------------------------------ the happy path
 

@@ -322,7 +322,7 @@ class Worker:
             if job.answering:  # cancelled while queued: answered already
                 continue
             self.inflight.spawn(
-                self.handler.fail(
+                self.handler.refuse(
                     job, Failure("engine_unavailable", "worker is stopping", retryable=True)
                 ),
                 job,
@@ -501,11 +501,10 @@ class Worker:
             self._answer_cancelled_unstarted(job)
         elif self.stopping:
             stopping = Failure("engine_unavailable", "worker is stopping", retryable=True)
-            self.inflight.spawn(self.handler.fail(job, stopping), job)
+            self.inflight.spawn(self.handler.refuse(job, stopping), job)
         elif self.waiting - self.slots.free >= self.settings.local_queue_size:
-            self.stats.finished("overloaded", 0)
             self.inflight.spawn(
-                self.handler.fail(
+                self.handler.refuse(
                     job,
                     Failure(
                         "overloaded",
@@ -598,8 +597,7 @@ class Worker:
         if job.ahead is not None:  # else llama-server generates on for nobody
             job.ahead.drop()
             job.ahead = None
-        self.stats.finished(failure.code, 0)
-        self.inflight.spawn(self.handler.fail(job, failure), job)
+        self.inflight.spawn(self.handler.refuse(job, failure), job)
 
     async def _on_discover(self, data: bytes) -> None:
         try:
@@ -644,7 +642,7 @@ class Worker:
                 if answered:
                     await self._ack(job)  # its worker died between the result and the ack
                     return
-                await self.handler.fail(
+                await self.handler.refuse(
                     job,
                     Failure(
                         "upstream_failed",

@@ -11,10 +11,12 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+import httpx
 import orjson
 import psutil
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import CHAT_CANCEL
@@ -22,7 +24,7 @@ from orion_llamaccp.client import BusClient, work_queue_entry
 from orion_llamaccp.worker.jobs import decode_job
 from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
-from tests.support.procs import RedisServer, wait_stream_acked, wait_until_async
+from tests.support.procs import RedisServer, free_port, wait_stream_acked, wait_until_async
 from tests.support.proxy import HoldingProxy
 from tests.support.workers import BusRecorder, EngineProbe, wait_replicas_counted
 
@@ -132,7 +134,10 @@ async def test_expired_request_is_not_generated(
 async def test_overloaded_beyond_slots_and_local_queue(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
 ) -> None:
-    spawn_worker(slow=True, parallel=1, ORION_LLAMACPP_LOCAL_QUEUE="1")
+    """Beyond its slot and its local queue a worker answers ``overloaded``, and counts
+    those answers in ``/metrics`` as it counts the others (they were missing there)."""
+    port = free_port()
+    spawn_worker(slow=True, parallel=1, ORION_LLAMACPP_LOCAL_QUEUE="1", METRICS_PORT=str(port))
     envelopes = [bus.request(HI, profile="tiny", options={"max_tokens": 300}) for _ in range(6)]
     for envelope in envelopes:
         await bus.send(envelope, profile="tiny")
@@ -142,6 +147,15 @@ async def test_overloaded_beyond_slots_and_local_queue(
     assert codes.count("overloaded") == 4, codes
     overloaded = next(a for a in answers if a["payload"].get("error") == "overloaded")
     assert overloaded["payload"]["details"]["retryable"] is True
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    counted = {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "orion_llamacpp_requests_total"
+    }
+    assert counted == {"ok": 2, "overloaded": 4}, counted
 
 
 async def test_context_exceeded(spawn_worker: SpawnWorker, bus: BusClient) -> None:
