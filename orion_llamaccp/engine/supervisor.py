@@ -152,7 +152,10 @@ class Supervisor:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        """The running llama-server's; None when none runs (a stopped worker's last
+        announcement named a process long gone)."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
 
     @property
     def ready(self) -> bool:

@@ -114,9 +114,14 @@ class WorkerView:
         }
         if self.progress:
             details["progress"] = self.progress
-        if self.error or self.engine_reason:
-            details["reason"] = worker.settings.redact(self.error or self.engine_reason or "")
+        if reason := self._reason():
+            details["reason"] = reason
         return details
+
+    def _reason(self) -> str | None:
+        """Why the worker failed, or what the engine last said of its state (redacted)."""
+        said = self.error or self.engine_reason
+        return self.worker.settings.redact(said) if said else None
 
     async def announcement(self) -> dict[str, Any]:
         worker = self.worker
@@ -158,6 +163,7 @@ class WorkerView:
             or (worker.plan.binary.build if worker.plan.binary else None),
             "argv": [worker.settings.redact(a) for a in launch.masked_argv()],
             "state": self.state,
+            "reason": self._reason(),
             "progress": self.progress,
             "updated_at": time.time(),
         }

@@ -363,6 +363,8 @@ class Worker:
     # ------------------------------------------------------------------ engine and slots
 
     def _on_engine_event(self, event: EngineEvent) -> None:
+        if self.view.error is not None:  # the worker gave up (``_fatal``): it stays failed,
+            return  # not "draining" and then "stopped" as the stop that follows goes
         self.view.state = str(event.state)
         self.view.engine_reason = event.reason
         self.presence.announce_soon()

@@ -175,6 +175,28 @@ async def test_status_follows_real_engine_events(
     assert len(boot_ids) == 1  # one process, one boot id, restarts of llama-server included
 
 
+async def test_a_worker_that_cannot_start_says_failed_to_the_end(
+    spawn_worker: SpawnWorker, recorder: BusRecorder
+) -> None:
+    """Its model missing (offline, nothing to download), the worker gives up: its last
+    heartbeat and announcement say ``failed`` with the reason, where the stop that
+    followed used to make them ``draining`` and then ``stopped``, as after an operator's
+    stop."""
+    worker = spawn_worker(ready=False, LLAMACPP_MODEL_PATH_OVERRIDE="missing.gguf")
+    await wait_until_async(
+        lambda: worker.proc.poll() is not None, timeout=30, what="the worker to exit"
+    )
+    assert worker.proc.returncode == 1
+    last_beat = beats(recorder, worker.name)[-1]
+    assert (last_beat["status"], last_beat["details"]["state"]) == ("down", "failed")
+    states = [a["payload"]["state"] for a in announcements(recorder, worker.name)]
+    assert "failed" in states and states[states.index("failed") :] == ["failed"] * len(
+        states[states.index("failed") :]
+    ), states
+    last = announcements(recorder, worker.name)[-1]["payload"]
+    assert "missing.gguf" in last["reason"] and last["engine_pid"] is None, last
+
+
 async def test_every_heartbeat_is_exactly_system_health_v1(
     spawn_worker: SpawnWorker, recorder: BusRecorder
 ) -> None:
