@@ -14,6 +14,7 @@ chunk of an abandoned attempt is never shown twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.codec import decode_envelope
 from orion_llamaccp.bus.envelope import CHAT_CANCEL, CHAT_REQUEST, Envelope, ServiceRef
 from orion_llamaccp.bus.outbox import Outbox, chunk_channel
+from orion_llamaccp.errors import NoWorker
 
 Via = Literal["pubsub", "stream"]
 
@@ -65,7 +67,7 @@ class ChunkAssembler:
     def add(self, payload: dict[str, Any]) -> str | None:
         attempt, seq = int(payload.get("attempt", 1)), int(payload.get("seq", -1))
         if attempt > self.attempt:  # a retry started over: drop the old attempt's text
-            self.attempt, self.next_seq, self.parts = attempt, 0, []
+            self.attempt, self.next_seq, self.parts, self.accepted = attempt, 0, [], []
         if attempt < self.attempt or seq != self.next_seq:
             return None
         self.next_seq += 1
@@ -128,12 +130,13 @@ class BusClient:
         via: Via = "pubsub",
         channel: str | None = None,
         stream: str | None = None,
-    ) -> None:
+    ) -> int | None:
+        """Publish or ``XADD`` the request; for pub/sub, how many subscribers heard it."""
         data = orjson.dumps(envelope)
         if via == "pubsub":
-            await self.redis.publish(channel or keys.intake_channel(profile), data)
-        else:
-            await self.redis.xadd(stream or keys.intake_stream(profile), work_queue_entry(envelope))
+            return int(await self.redis.publish(channel or keys.intake_channel(profile), data))
+        await self.redis.xadd(stream or keys.intake_stream(profile), work_queue_entry(envelope))
+        return None
 
     async def chat(
         self,
@@ -145,63 +148,103 @@ class BusClient:
         options: dict[str, Any] | None = None,
         timeout: float = 300.0,
         on_delta: Callable[[str], None] | None = None,
+        on_restart: Callable[[int], None] | None = None,
         channel: str | None = None,
         stream_name: str | None = None,
         envelope: dict[str, Any] | None = None,
+        cancel_channel: str = "orion:llamacpp:cancel",
     ) -> ChatResult:
-        """Send one request and wait for its result (and its chunks, when streaming)."""
+        """Send one request and wait for its result (and its chunks, when streaming).
+
+        ``timeout`` bounds the whole call, Redis included (a frozen Redis answers nothing).
+        A call that times out or is cancelled (Ctrl-C) after sending cancels the request
+        by its correlation id, so that the worker does not generate on for no one.
+        A pub/sub request that no subscriber heard raises ``NoWorker`` at once.
+        ``on_restart`` is told of a retry that started the answer over (the worker
+        retried after llama-server died): the deltas before it are void.
+        """
         opts = {**(options or {}), "stream": stream} if stream else dict(options or {})
         envelope = envelope or self.request(messages, profile=profile, options=opts)
         reply_to = envelope["reply_to"]
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(*filter(None, (reply_to, _chunks_of(envelope))))
+        sent = False
         try:
-            sent = time.monotonic()
-            await self.send(envelope, profile=profile, via=via, channel=channel, stream=stream_name)
-            return await self._collect(pubsub, reply_to, sent, timeout, on_delta)
+            async with asyncio.timeout(timeout):
+                await pubsub.subscribe(*filter(None, (reply_to, _chunks_of(envelope))))
+                started = time.monotonic()
+                heard = await self.send(
+                    envelope, profile=profile, via=via, channel=channel, stream=stream_name
+                )
+                sent = True
+                if heard == 0:
+                    raise NoWorker(
+                        f"no worker heard the request on "
+                        f"{channel or keys.intake_channel(profile)}: is profile '{profile}' "
+                        "served (ps), on that channel?"
+                    )
+                return await self._collect(
+                    pubsub, envelope, started, _Listeners(on_delta, on_restart)
+                )
+        except (TimeoutError, asyncio.CancelledError):
+            if sent:
+                await self._cancel_quietly(envelope, cancel_channel)
+            raise
         finally:
             await pubsub.aclose()
 
+    async def _cancel_quietly(self, envelope: dict[str, Any], channel: str) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await self.cancel(str(envelope["correlation_id"]), channel=channel)
+
     async def _collect(
-        self,
-        pubsub: Any,
-        reply_to: str,
-        sent: float,
-        timeout: float,
-        on_delta: Callable[[str], None] | None,
+        self, pubsub: Any, request: dict[str, Any], sent: float, listeners: _Listeners
     ) -> ChatResult:
+        reply_to, correlation_id = request["reply_to"], _canonical(request["correlation_id"])
         assembler = ChunkAssembler()
         first_chunk = None
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await pubsub.get_message(timeout=1.0)
-                if message is None or message["type"] != "message":
-                    continue
-                channel = message["channel"]
-                if isinstance(channel, bytes):  # a client of ours; the caller's may decode
-                    channel = channel.decode()
-                envelope = decode_envelope(message["data"])
-                if channel == reply_to:
-                    result = ChatResult(
-                        envelope,
-                        assembler.accepted,
-                        assembler.text,
-                        first_chunk,
-                        sent,
-                        time.monotonic(),
-                    )
-                    return result
-                delta = assembler.add(envelope.payload)
-                if delta is not None:
-                    first_chunk = first_chunk or time.monotonic()
-                    if on_delta is not None:
-                        on_delta(delta)
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is None or message["type"] != "message":
+                continue
+            channel = message["channel"]
+            if isinstance(channel, bytes):  # a client of ours; the caller's may decode
+                channel = channel.decode()
+            envelope = decode_envelope(message["data"])
+            if channel == reply_to:
+                done = time.monotonic()
+                text = assembler.text
+                return ChatResult(envelope, assembler.accepted, text, first_chunk, sent, done)
+            if str(envelope.correlation_id) != correlation_id:
+                continue  # another request's, on a stream_channel they share
+            attempt = assembler.attempt
+            delta = assembler.add(envelope.payload)
+            if attempt and assembler.attempt > attempt and listeners.on_restart is not None:
+                listeners.on_restart(assembler.attempt)
+            if delta is not None:
+                first_chunk = first_chunk or time.monotonic()
+                if listeners.on_delta is not None:
+                    listeners.on_delta(delta)
 
     async def cancel(self, correlation_id: str, *, channel: str = "orion:llamacpp:cancel") -> None:
         message = self.outbox.encode(
             CHAT_CANCEL, {"correlation_id": correlation_id}, correlation_id=correlation_id
         )
         await self.redis.publish(channel, message)
+
+
+def _canonical(correlation_id: Any) -> str:
+    """As the worker echoes it: a UUID's canonical spelling."""
+    try:
+        return str(uuid.UUID(str(correlation_id)))
+    except ValueError:
+        return str(correlation_id)
+
+
+@dataclass(frozen=True)
+class _Listeners:
+    on_delta: Callable[[str], None] | None
+    on_restart: Callable[[int], None] | None
 
 
 def _chunks_of(envelope: dict[str, Any]) -> str | None:

@@ -114,6 +114,11 @@ class BusError(OrionLlamaError):
     """Redis or the Orion wire format misbehaved."""
 
 
+class NoWorker(BusError):
+    """A pub/sub request reached no subscriber: no worker serves that profile (or its
+    intake channel is another)."""
+
+
 class DecodeError(BusError):
     """A message off the bus could not be decoded; ``errors`` lists what was wrong."""
 

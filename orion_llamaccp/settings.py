@@ -229,6 +229,8 @@ class Settings(BaseSettings):
                 "cannot be read as a URL: percent-encode any '/', '?' or '#' in its user "
                 "name or password (for example '/' as %2F)"
             )
+        if urlsplit(value.get_secret_value()).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
     @field_validator("hf_endpoint", mode="before")

@@ -43,7 +43,7 @@ def run_bus(
     """Run a command that talks to the bus. A Redis that is down or refuses us, or no
     answer in time, is an ordinary failure: one ``error:`` line and exit status 1, no
     traceback, and never the bus password."""
-    from redis.exceptions import AuthenticationError
+    from redis.exceptions import AuthenticationError, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -56,24 +56,45 @@ def run_bus(
         problem = f"Redis at {bus} refused the credentials: {exc}"
     except (RedisConnectionError, RedisTimeoutError) as exc:
         problem = f"cannot reach Redis at {bus}: {exc}"
+    except ResponseError as exc:  # a database index out of range, an ACL's NOPERM
+        problem = f"Redis at {bus} refused a command: {exc}"
     except TimeoutError:
         problem = f"no answer from {waiting_for} (bus {bus})"
     print(f"error: {settings.redact(problem)}", file=sys.stderr)
     return 1
 
 
+def client_redis(settings: Settings) -> Any:
+    """A Redis client for a command: a Redis that accepts connections and answers nothing
+    (frozen, or TLS expected) times out instead of hanging the command."""
+    import redis.asyncio as aioredis
+
+    timeout = settings.redis_socket_timeout_sec
+    return aioredis.Redis.from_url(
+        settings.bus_url.get_secret_value(),
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 3.0),
+    )
+
+
 async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     from orion_llamaccp.client import BusClient
+    from orion_llamaccp.worker.announce import channels_for
 
     profile = args.profile or settings.profile_name
     options = {"max_tokens": args.max_tokens} if args.max_tokens else {}
+    channels = channels_for(settings, profile)  # the worker's, overrides included
 
     def show(delta: str) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    async with BusClient(settings.bus_url.get_secret_value()) as bus:
-        result = await bus.chat(
+    def restarted(attempt: int) -> None:
+        print(f"\n--- attempt {attempt} starts the answer over ---", file=sys.stderr)
+
+    redis = client_redis(settings)
+    try:
+        result = await BusClient(redis=redis).chat(
             [{"role": "user", "content": args.prompt}],
             profile=profile,
             via=args.via,
@@ -81,7 +102,13 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
             options=options,
             timeout=args.timeout,
             on_delta=None if args.json else show,
+            on_restart=None if args.json else restarted,
+            channel=channels.intake,
+            stream_name=channels.stream,
+            cancel_channel=settings.cancel_channel,
         )
+    finally:
+        await redis.aclose()
     payload = result.payload
     if args.json:
         print(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode())
@@ -158,12 +185,11 @@ def fleet_table(rows: list[dict]) -> Any:
 
 
 async def _ps(args: argparse.Namespace, settings: Settings) -> int:
-    import redis.asyncio as aioredis
     from rich.console import Console
 
     from orion_llamaccp.fleet import Fleet
 
-    redis = aioredis.Redis.from_url(settings.bus_url.get_secret_value())
+    redis = client_redis(settings)
     try:
         rows = (await Fleet().load(redis)).rows()
     finally:
@@ -182,12 +208,11 @@ def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
 async def _watch(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    import redis.asyncio as aioredis
     from rich.live import Live
 
     from orion_llamaccp.fleet import Fleet
 
-    redis = aioredis.Redis.from_url(settings.bus_url.get_secret_value())
+    redis = client_redis(settings)
     fleet = await Fleet().load(redis)
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(settings.health_channel, settings.announce_channel)

@@ -94,6 +94,8 @@ async def _demo(settings: Settings, prompt: str, max_tokens: int) -> int:
             result = await bus.chat(
                 [{"role": "user", "content": prompt}],
                 profile=settings.profile_name,
+                channel=worker.channels.intake,  # ORION_LLAMACPP_INTAKE_CHANNEL included
+                cancel_channel=settings.cancel_channel,
                 stream=True,
                 options={"max_tokens": max_tokens},
                 on_delta=lambda d: print(d, end="", flush=True),

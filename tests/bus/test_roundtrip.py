@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import orjson
 import pytest
@@ -274,3 +276,23 @@ async def test_a_request_with_an_attachment_by_sha256_is_answered(
     assert result.payload["meta"]["attachments_ignored"] == 2
     plain = await bus.chat(HI, profile=PROFILE, options={"max_tokens": 3}, timeout=30)
     assert "attachments_ignored" not in plain.payload["meta"], plain.payload
+
+
+def test_chat_asks_on_the_intake_channel_the_environment_names(
+    spawn_worker: SpawnWorker, subprocess_env: dict
+) -> None:
+    """``ORION_LLAMACPP_INTAKE_CHANNEL`` moves the worker's intake: ``chat`` (and
+    ``demo``) with the same environment ask there. They used to ask on the default
+    channel, where no worker listened."""
+    custom = {"ORION_LLAMACPP_INTAKE_CHANNEL": "orion:custom:in"}
+    spawn_worker(**custom)
+    done = subprocess.run(
+        [sys.executable, "-m", "orion_llamaccp", "chat", "hi", "--max-tokens", "3"],
+        env={**subprocess_env, **custom},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "3 completion tokens" in done.stderr, done.stderr

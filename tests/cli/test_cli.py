@@ -257,8 +257,17 @@ def test_bus_failures_are_one_line_without_traceback_or_password(subprocess_env:
     wrong_password = bus.replace("redis://", f"redis://:{secret}@", 1)
     down = f"redis://:{secret}@127.0.0.1:{free_port()}/0"
     masked_down = down.replace(secret, "***")
+    no_such_db = bus.rsplit("/", 1)[0] + "/99"
     for url, args, expected in (
-        (bus, ("chat", "hi", "--timeout", "1"), "error: no answer from a worker serving profile"),
+        (bus, ("chat", "hi"), "error: no worker heard the request on orion:exec:request:"),
+        (no_such_db, ("ps",), f"error: Redis at {no_such_db} refused a command: "),
+        (no_such_db, ("chat", "hi"), f"error: Redis at {no_such_db} refused a command: "),
+        (
+            f"http://:{secret}@127.0.0.1:6379/0",
+            ("ps",),
+            "error: invalid environment: ORION_BUS_URL='<hidden>': Value error, must be a "
+            "redis://, rediss:// or unix:// URL",
+        ),
         (down, ("chat", "hi"), f"error: cannot reach Redis at {masked_down}: "),
         (down, ("ps",), f"error: cannot reach Redis at {masked_down}: "),
         (down, ("watch",), f"error: cannot reach Redis at {masked_down}: "),

@@ -1,0 +1,158 @@
+"""The reference client (``BusClient``) against a real Redis.
+
+Where the behaviour under test is the client's own (how it reads chunks, when it gives
+up), the worker's side is played by a subscriber on the intake channel that publishes
+the chunks and the result a worker would: a stand-in for the worker, not for Redis.
+The tests with a real worker are in ``test_roundtrip.py`` and ``test_errors.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from orion_llamaccp.bus import keys
+from orion_llamaccp.bus.envelope import CHAT_CHUNK, CHAT_RESULT, ServiceRef
+from orion_llamaccp.bus.outbox import Outbox
+from orion_llamaccp.client import BusClient
+from orion_llamaccp.errors import NoWorker
+from tests.bus.conftest import SpawnWorker
+from tests.support.procs import RedisServer
+from tests.support.workers import BusRecorder
+
+HI = [{"role": "user", "content": "hello there"}]
+PROFILE = "tiny"
+Reply = Callable[[dict, aioredis.Redis], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def standing_in(redis_url: str, reply: Reply) -> AsyncIterator[None]:
+    """A subscriber on the tiny profile's intake that answers each request with ``reply``."""
+    redis = aioredis.Redis.from_url(redis_url)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(keys.intake_channel(PROFILE))
+
+    async def serve() -> None:
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is not None:
+                await reply(orjson.loads(message["data"]), redis)
+
+    task = asyncio.create_task(serve())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await pubsub.aclose()
+        await redis.aclose()
+
+
+OUTBOX = Outbox(ServiceRef(name="stand-in"))
+
+
+async def _chunk(redis: aioredis.Redis, channel: str, correlation: str, **payload: object) -> None:
+    envelope = OUTBOX.envelope(CHAT_CHUNK, dict(payload), correlation_id=correlation)
+    await redis.publish(channel, orjson.dumps(envelope))
+
+
+async def test_a_retry_starts_the_answer_over_and_another_request_s_chunks_are_not_mixed_in(
+    redis_url: str,
+) -> None:
+    """Chunks of attempt 1, then attempt 2 from its start (the worker retried after
+    llama-server died): the caller is told of the restart, and the accepted chunks and
+    text are attempt 2's alone (attempt 1's stayed in the list). A chunk of another
+    request on the same ``stream_channel`` is not taken for this one's."""
+    shared = "ui:session42:tokens"
+
+    async def reply(request: dict, redis: aioredis.Redis) -> None:
+        mine = request["correlation_id"]
+        await _chunk(redis, shared, mine, seq=0, delta="Once", attempt=1)
+        await _chunk(redis, shared, str(uuid.uuid4()), seq=1, delta=" else", attempt=1)
+        await _chunk(redis, shared, mine, seq=1, delta=" upon", attempt=1)
+        await _chunk(redis, shared, mine, seq=0, delta="Hello", attempt=2)
+        await _chunk(redis, shared, mine, seq=1, delta=" there", attempt=2)
+        result = OUTBOX.envelope(
+            CHAT_RESULT, {"content": "Hello there"}, correlation_id=mine, reply_to=None
+        )
+        await redis.publish(request["reply_to"], orjson.dumps(result))
+
+    deltas: list[str] = []
+    restarts: list[int] = []
+    async with standing_in(redis_url, reply), BusClient(redis_url) as bus:
+        result = await bus.chat(
+            HI,
+            profile=PROFILE,
+            stream=True,
+            options={"stream_channel": shared},
+            on_delta=deltas.append,
+            on_restart=restarts.append,
+            timeout=10,
+        )
+    assert deltas == ["Once", " upon", "Hello", " there"]
+    assert restarts == [2]
+    assert result.streamed_text == "Hello there" == result.content
+    assert [(c["attempt"], c["seq"]) for c in result.chunks] == [(2, 0), (2, 1)]
+
+
+async def test_a_pub_sub_request_no_worker_hears_fails_at_once(redis_url: str) -> None:
+    """A profile nobody serves (a typo): ``NoWorker`` at once, naming the channel, where
+    the caller used to wait out its whole timeout (300 s by default)."""
+    async with BusClient(redis_url) as bus:
+        with pytest.raises(NoWorker, match="LlamaCppHost:tyni"):
+            await asyncio.wait_for(bus.chat(HI, profile="tyni", timeout=300), 5)
+
+
+async def test_the_timeout_bounds_a_redis_that_answers_nothing(tmp_path: Path) -> None:
+    """A frozen Redis (SIGSTOP) accepts the connection and answers nothing: the call ends
+    at its timeout. Subscribing and publishing used to run outside it, for ever."""
+    server = RedisServer(tmp_path / "frozen").start()
+    try:
+        async with BusClient(server.url) as bus:
+            await bus.redis.ping()  # connected before the freeze
+            server.freeze()
+            call = asyncio.create_task(bus.chat(HI, profile=PROFILE, timeout=1))
+            done, _ = await asyncio.wait({call}, timeout=20)  # else it hangs: cut short
+            call.cancel()
+            server.thaw()
+            assert call in done, "the call outlived its timeout"
+            assert isinstance(call.exception(), TimeoutError), call.exception()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+async def test_a_caller_that_gives_up_cancels_its_request(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, redis_url: str, how: str
+) -> None:
+    """A caller whose timeout passes, or who is cancelled (Ctrl-C), cancels the request:
+    the worker stops generating, and answers ``cancelled`` to no one in particular. It
+    used to generate on for nobody, holding a slot."""
+    spawn_worker(slow=True, parallel=1)
+    long = {"max_tokens": 6000, "ignore_eos": True}
+    async with BusClient(redis_url) as bus:
+        envelope = bus.request(HI, profile=PROFILE, options={**long, "stream": True})
+        call = asyncio.create_task(
+            bus.chat(HI, profile=PROFILE, envelope=envelope, timeout=2 if how == "timeout" else 60)
+        )
+        chunks = envelope["reply_to"] + ":chunks"
+        while not recorder.on(chunks):
+            await asyncio.sleep(0.05)
+        if how == "cancel":
+            call.cancel()
+        with pytest.raises(TimeoutError if how == "timeout" else asyncio.CancelledError):
+            await call
+        for _ in range(200):
+            if recorder.on(envelope["reply_to"]):
+                break
+            await asyncio.sleep(0.05)
+    answer = recorder.on(envelope["reply_to"])[0].message["payload"]
+    assert answer["error"] == "cancelled", answer
