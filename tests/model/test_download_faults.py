@@ -130,6 +130,29 @@ def test_gives_up_with_a_clear_error_when_nothing_moves(
     assert not (cache_dir / FILENAME).exists()
 
 
+def _fetch_with_a_short_deadline(hub: FakeHub, cache_dir: Path) -> None:
+    """``fetch_file`` with a 1 s deadline, its backoff capped well below it as in
+    production (30 s against 600 s); a download that never gives up is cancelled after
+    30 s (``DownloadError`` too, but not "gave up")."""
+    policy = DownloadPolicy(stall_sec=3.0, deadline_sec=1.0, backoff_max_sec=0.05)
+    client = HubClient(endpoint=hub.endpoint, token=None, timeout=policy.stall_sec)
+    cancel = threading.Event()
+    bound = threading.Timer(30, cancel.set)
+    bound.start()
+    try:
+        fetch_file(
+            client,
+            HubFile(REPO_ID, FILENAME),
+            target=cache_dir / FILENAME,
+            root=cache_dir,
+            policy=policy,
+            reporter=Reporter(None),
+            cancel=cancel,
+        )
+    finally:
+        bound.cancel()
+
+
 def test_server_ignoring_range_that_keeps_cutting_off_gives_up(
     hub: FakeHub, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
@@ -139,19 +162,9 @@ def test_server_ignoring_range_that_keeps_cutting_off_gives_up(
     hub.ignore_range = True
     cuts = 100  # then the whole file: a download that never gives up would succeed
     hub.fault("cdn", Fault("cut", after=40_000), times=cuts)
-    # backoff capped well below the deadline, as in production (30 s vs 600 s)
-    policy = DownloadPolicy(stall_sec=3.0, deadline_sec=1.0, backoff_max_sec=0.05)
-    client = HubClient(endpoint=hub.endpoint, token=None, timeout=policy.stall_sec)
 
     with pytest.raises(DownloadError, match="ignores Range requests") as err:
-        fetch_file(
-            client,
-            HubFile(REPO_ID, FILENAME),
-            target=cache_dir / FILENAME,
-            root=cache_dir,
-            policy=policy,
-            reporter=Reporter(None),
-        )
+        _fetch_with_a_short_deadline(hub, cache_dir)
 
     assert "gave up downloading" in str(err.value)
     gets = hub.cdn_gets(sha)
@@ -171,24 +184,8 @@ def test_a_file_served_at_another_size_than_announced_gives_up(
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
     hub.blobs[sha] = data + bytes(extra) if extra > 0 else data[:extra]
-    policy = DownloadPolicy(stall_sec=3.0, deadline_sec=1.0, backoff_max_sec=0.05)
-    client = HubClient(endpoint=hub.endpoint, token=None, timeout=policy.stall_sec)
-    cancel = threading.Event()
-    bound = threading.Timer(30, cancel.set)  # a download that never gives up stops here
-    bound.start()
-    try:
-        with pytest.raises(DownloadError) as err:
-            fetch_file(
-                client,
-                HubFile(REPO_ID, FILENAME),
-                target=cache_dir / FILENAME,
-                root=cache_dir,
-                policy=policy,
-                reporter=Reporter(None),
-                cancel=cancel,
-            )
-    finally:
-        bound.cancel()
+    with pytest.raises(DownloadError) as err:
+        _fetch_with_a_short_deadline(hub, cache_dir)
     assert "gave up downloading" in str(err.value), err.value
     assert 2 <= len(hub.cdn_gets(sha)) < 100
 
