@@ -78,12 +78,19 @@ def client_redis(settings: Settings) -> Any:
 
 
 async def _chat(args: argparse.Namespace, settings: Settings) -> int:
+    from orion_llamaccp.bus import keys
     from orion_llamaccp.client import BusClient
     from orion_llamaccp.worker.announce import channels_for
 
     profile = args.profile or settings.profile_name
     options = {"max_tokens": args.max_tokens} if args.max_tokens else {}
-    channels = channels_for(settings, profile)  # the worker's, overrides included
+    # The selected profile's channels, overrides included (as its worker here reads them);
+    # another profile's are its defaults: the overrides belong to the selected one.
+    if profile == settings.profile_name:
+        channels = channels_for(settings, profile)
+        intake, stream = channels.intake, channels.stream
+    else:
+        intake, stream = keys.intake_channel(profile), keys.intake_stream(profile)
 
     def show(delta: str) -> None:
         sys.stdout.write(delta)
@@ -103,8 +110,8 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
             timeout=args.timeout,
             on_delta=None if args.json else show,
             on_restart=None if args.json else restarted,
-            channel=channels.intake,
-            stream_name=channels.stream,
+            channel=intake,
+            stream_name=stream,
             cancel_channel=settings.cancel_channel,
         )
     finally:

@@ -99,7 +99,8 @@ def _masked(profile: Profile) -> dict[str, Any]:
     from orion_llamaccp.engine.command import MASK, mask_argv
 
     def secret(name: object) -> bool:
-        return bool(_SECRET_WORDS.intersection(re.split(r"[^a-z0-9]+", str(name).lower())))
+        words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower()  # camelCase too
+        return bool(_SECRET_WORDS.intersection(re.split(r"[^a-z0-9]+", words)))
 
     def walk(value: Any) -> Any:
         if isinstance(value, dict):
@@ -109,7 +110,7 @@ def _masked(profile: Profile) -> dict[str, Any]:
         return value
 
     data = profile.model_dump(mode="json", exclude_none=True)
-    for name in profile.model_extra or {}:
+    for name in (profile.model_extra or {}).keys() & data.keys():  # not those left empty
         data[name] = MASK if secret(name) else walk(data[name])
     llamacpp = data["llamacpp"]
     if "extra_args" in llamacpp:

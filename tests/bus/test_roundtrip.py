@@ -283,7 +283,9 @@ def test_chat_asks_on_the_intake_channel_the_environment_names(
 ) -> None:
     """``ORION_LLAMACPP_INTAKE_CHANNEL`` moves the worker's intake: ``chat`` (and
     ``demo``) with the same environment ask there. They used to ask on the default
-    channel, where no worker listened."""
+    channel, where no worker listened. ``--profile`` naming another profile asks on
+    that one's channel, not on the override (its worker would answer for the wrong
+    model)."""
     custom = {"ORION_LLAMACPP_INTAKE_CHANNEL": "orion:custom:in"}
     spawn_worker(**custom)
     done = subprocess.run(
@@ -296,3 +298,13 @@ def test_chat_asks_on_the_intake_channel_the_environment_names(
     )
     assert done.returncode == 0, done.stderr
     assert "3 completion tokens" in done.stderr, done.stderr
+    other = subprocess.run(  # the override is the selected profile's: not another's
+        [sys.executable, "-m", "orion_llamaccp", "chat", "hi", "--profile", "other"],
+        env={**subprocess_env, **custom},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert other.returncode == 1
+    assert "no worker heard the request on orion:exec:request:LlamaCppHost:other" in (other.stderr)

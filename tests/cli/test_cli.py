@@ -97,6 +97,8 @@ def test_show_hides_secrets_in_extra_args_and_keys_of_other_tools(
         "  tiny:\n"
         "    backend: llamacpp\n"
         "    api_key: sk-other-tool-secret\n"
+        "    openaiApiKey: sk-camel-secret\n"
+        "    description:\n"
         "    notes: {hf_token: hf_nested_secret, max_tokens: 512}\n"
         "    llamacpp:\n"
         "      model_path: tiny.gguf\n"
@@ -105,7 +107,7 @@ def test_show_hides_secrets_in_extra_args_and_keys_of_other_tools(
     )
     shown = cli({**subprocess_env, "LLM_PROFILES_CONFIG_PATH": str(registry)}, "show")
     assert shown.returncode == 0, shown.stderr
-    for secret in ("sk-other-tool-secret", "hf_nested_secret", "SUPERSECRET", "hf_abcSECRET"):
+    for secret in ("sk-other", "sk-camel", "hf_nested", "SUPERSECRET", "hf_abcSECRET"):
         assert secret not in shown.stdout, shown.stdout
     assert "- --hf-token=***" in shown.stdout and "api_key: '***'" in shown.stdout
     assert "api_key_env: MY_KEY" in shown.stdout and "max_tokens: 512" in shown.stdout

@@ -168,6 +168,8 @@ async def test_status_follows_real_engine_events(
     worker.terminate()
     statuses = [b["status"] for b in beats(recorder, worker.name)]
     assert statuses[-1] == "down"
+    farewell = announcements(recorder, worker.name)[-1]["payload"]
+    assert (farewell["state"], farewell["engine_pid"]) == ("stopped", None), farewell
     first_ok = statuses.index("ok")
     degraded = statuses.index("degraded", first_ok)
     assert "ok" in statuses[degraded:]
