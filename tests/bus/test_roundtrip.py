@@ -279,7 +279,7 @@ async def test_a_request_with_an_attachment_by_sha256_is_answered(
 
 
 def test_chat_asks_on_the_intake_channel_the_environment_names(
-    spawn_worker: SpawnWorker, subprocess_env: dict
+    spawn_worker: SpawnWorker, subprocess_env: dict, recorder: BusRecorder
 ) -> None:
     """``ORION_LLAMACPP_INTAKE_CHANNEL`` moves the worker's intake: ``chat`` (and
     ``demo``) with the same environment ask there. They used to ask on the default
@@ -298,13 +298,16 @@ def test_chat_asks_on_the_intake_channel_the_environment_names(
     )
     assert done.returncode == 0, done.stderr
     assert "3 completion tokens" in done.stderr, done.stderr
-    other = subprocess.run(  # the override is the selected profile's: not another's
-        [sys.executable, "-m", "orion_llamaccp", "chat", "hi", "--profile", "other"],
+    asked = len(recorder.on("orion:custom:in"))
+    elsewhere = ("--profile", "other", "--timeout", "2")  # the overrides are tiny's
+    other = subprocess.run(
+        [sys.executable, "-m", "orion_llamaccp", "chat", "hi", *elsewhere],
         env={**subprocess_env, **custom},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert other.returncode == 1
-    assert "no worker heard the request on orion:exec:request:LlamaCppHost:other" in (other.stderr)
+    assert other.returncode == 1, other.stderr
+    assert len(recorder.on("orion:exec:request:LlamaCppHost:other")) == 1
+    assert len(recorder.on("orion:custom:in")) == asked
