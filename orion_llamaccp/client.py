@@ -153,17 +153,23 @@ class BusClient:
         stream_name: str | None = None,
         envelope: dict[str, Any] | None = None,
         cancel_channel: str = "orion:llamacpp:cancel",
+        cancel_on_give_up: bool | None = None,
     ) -> ChatResult:
         """Send one request and wait for its result (and its chunks, when streaming).
 
         ``timeout`` bounds the whole call, Redis included (a frozen Redis answers nothing).
         A call that times out or is cancelled (Ctrl-C) after sending cancels the request
-        by its correlation id, so that the worker does not generate on for no one.
+        by its correlation id, so that the worker does not generate on for no one; by
+        default only when this call made the envelope (its correlation id is then the
+        request's own: a caller's may be shared by a whole flow, and a cancel reaches
+        every request under it).
         A pub/sub request that no subscriber heard raises ``NoWorker`` at once.
         ``on_restart`` is told of a retry that started the answer over (the worker
         retried after llama-server died): the deltas before it are void.
         """
         opts = {**(options or {}), "stream": stream} if stream else dict(options or {})
+        if cancel_on_give_up is None:
+            cancel_on_give_up = envelope is None
         envelope = envelope or self.request(messages, profile=profile, options=opts)
         reply_to = envelope["reply_to"]
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
@@ -186,7 +192,7 @@ class BusClient:
                     pubsub, envelope, started, _Listeners(on_delta, on_restart)
                 )
         except (TimeoutError, asyncio.CancelledError):
-            if sent:
+            if sent and cancel_on_give_up:
                 await self._cancel_quietly(envelope, cancel_channel)
             raise
         finally:

@@ -141,7 +141,13 @@ async def test_a_caller_that_gives_up_cancels_its_request(
     async with BusClient(redis_url) as bus:
         envelope = bus.request(HI, profile=PROFILE, options={**long, "stream": True})
         call = asyncio.create_task(
-            bus.chat(HI, profile=PROFILE, envelope=envelope, timeout=2 if how == "timeout" else 60)
+            bus.chat(
+                HI,
+                profile=PROFILE,
+                envelope=envelope,  # its own correlation id: cancelling it is safe
+                cancel_on_give_up=True,
+                timeout=2 if how == "timeout" else 60,
+            )
         )
         chunks = envelope["reply_to"] + ":chunks"
         while not recorder.on(chunks):
@@ -156,3 +162,32 @@ async def test_a_caller_that_gives_up_cancels_its_request(
             await asyncio.sleep(0.05)
     answer = recorder.on(envelope["reply_to"])[0].message["payload"]
     assert answer["error"] == "cancelled", answer
+
+
+async def test_a_caller_s_own_correlation_id_is_cancelled_only_when_asked(
+    redis_url: str,
+) -> None:
+    """Given up on (its timeout), a call cancels the request it made itself; one sent with
+    the caller's envelope (whose correlation id a whole flow may share) is cancelled only
+    with ``cancel_on_give_up=True``."""
+
+    async def silent(request: dict, redis: aioredis.Redis) -> None:
+        return None
+
+    async with standing_in(redis_url, silent), BusClient(redis_url) as bus:
+        cancels = bus.redis.pubsub(ignore_subscribe_messages=True)
+        await cancels.subscribe("orion:llamacpp:cancel")
+
+        async def cancelled(**chat: object) -> list[str]:
+            with pytest.raises(TimeoutError):
+                await bus.chat(HI, profile=PROFILE, timeout=0.5, **chat)  # type: ignore[arg-type]
+            heard = []
+            while (message := await cancels.get_message(timeout=0.5)) is not None:
+                heard.append(orjson.loads(message["data"])["payload"]["correlation_id"])
+            return heard
+
+        flow = bus.request(HI, profile=PROFILE)
+        assert await cancelled(envelope=flow) == []
+        assert await cancelled(envelope=flow, cancel_on_give_up=True) == [flow["correlation_id"]]
+        assert len(await cancelled()) == 1  # its own envelope
+        await cancels.aclose()
