@@ -288,26 +288,22 @@ def test_chat_asks_on_the_intake_channel_the_environment_names(
     model)."""
     custom = {"ORION_LLAMACPP_INTAKE_CHANNEL": "orion:custom:in"}
     spawn_worker(**custom)
-    done = subprocess.run(
-        [sys.executable, "-m", "orion_llamaccp", "chat", "hi", "--max-tokens", "3"],
-        env={**subprocess_env, **custom},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+
+    def chat(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "orion_llamaccp", "chat", "hi", *args],
+            env={**subprocess_env, **custom},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    done = chat("--max-tokens", "3")
     assert done.returncode == 0, done.stderr
     assert "3 completion tokens" in done.stderr, done.stderr
     asked = len(recorder.on("orion:custom:in"))
-    elsewhere = ("--profile", "other", "--timeout", "2")  # the overrides are tiny's
-    other = subprocess.run(
-        [sys.executable, "-m", "orion_llamaccp", "chat", "hi", *elsewhere],
-        env={**subprocess_env, **custom},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    other = chat("--profile", "other", "--timeout", "2")  # the overrides are tiny's
     assert other.returncode == 1, other.stderr
     assert len(recorder.on("orion:exec:request:LlamaCppHost:other")) == 1
     assert len(recorder.on("orion:custom:in")) == asked
