@@ -64,23 +64,11 @@ def run_bus(
     return 1
 
 
-def client_redis(settings: Settings) -> Any:
-    """A Redis client for a command: a Redis that accepts connections and answers nothing
-    (frozen, or TLS expected) times out instead of hanging the command."""
-    import redis.asyncio as aioredis
-
-    timeout = settings.redis_socket_timeout_sec
-    return aioredis.Redis.from_url(
-        settings.bus_url.get_secret_value(),
-        socket_timeout=timeout,
-        socket_connect_timeout=min(timeout, 3.0),
-    )
-
-
 async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     from orion_llamaccp.bus import keys
     from orion_llamaccp.client import BusClient
     from orion_llamaccp.worker.announce import channels_for
+    from orion_llamaccp.worker.startup import connect
 
     profile = args.profile or settings.profile_name
     options = {"max_tokens": args.max_tokens} if args.max_tokens else {}
@@ -99,7 +87,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     def restarted(attempt: int) -> None:
         print(f"\n--- attempt {attempt} starts the answer over ---", file=sys.stderr)
 
-    redis = client_redis(settings)
+    redis = connect(settings)  # the worker's client: socket timeouts, no silent retries
     try:
         result = await BusClient(redis=redis).chat(
             [{"role": "user", "content": args.prompt}],
@@ -195,8 +183,9 @@ async def _ps(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
 
     from orion_llamaccp.fleet import Fleet
+    from orion_llamaccp.worker.startup import connect
 
-    redis = client_redis(settings)
+    redis = connect(settings)
     try:
         rows = (await Fleet().load(redis)).rows()
     finally:
@@ -218,8 +207,9 @@ async def _watch(args: argparse.Namespace, settings: Settings) -> int:
     from rich.live import Live
 
     from orion_llamaccp.fleet import Fleet
+    from orion_llamaccp.worker.startup import connect
 
-    redis = client_redis(settings)
+    redis = connect(settings)
     fleet = await Fleet().load(redis)
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(settings.health_channel, settings.announce_channel)
