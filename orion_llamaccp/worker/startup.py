@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus.intake import PubSubListener
+from orion_llamaccp.errors import OrionLlamaError
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import Channels, channels_for
 
@@ -110,8 +111,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         await intake.listening(timeout=1.0)
         from orion_llamaccp.engine.plan import plan_profile, select_profile
 
-        registry, profile = select_profile(settings)
-        plan = await asyncio.to_thread(plan_profile, settings, registry, profile)
+        try:
+            registry, profile = select_profile(settings)
+            plan = await asyncio.to_thread(plan_profile, settings, registry, profile)
+        except OrionLlamaError as exc:
+            await tell_failed_start(settings, redis, intake, exc)
+            raise
         from orion_llamaccp.worker.service import Worker
 
         return await Worker(settings, plan, redis, intake).run(stop)
@@ -121,3 +126,20 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
 
 
 __all__ = ["Intake", "connect", "serve"]
+
+
+async def tell_failed_start(
+    settings: Settings, redis: aioredis.Redis, intake: Intake, error: OrionLlamaError
+) -> None:
+    """Before a worker that could not be built exits: the requests it heard answered and
+    the fleet told (``worker/failed_start.py``), within a bound, whatever Redis does."""
+    from orion_llamaccp.worker.failed_start import REPORT_TIMEOUT_SEC, FailedStart
+
+    reason = settings.redact(str(error))
+    try:
+        async with asyncio.timeout(REPORT_TIMEOUT_SEC):
+            answered = await FailedStart(settings, redis, intake, reason).report()
+    except Exception as exc:  # the start-up error itself is what must reach the operator
+        log.warning("could not report the failed start on the bus: %s", exc)
+    else:
+        log.info("failed start reported on the bus (%d request(s) answered)", answered)

@@ -199,6 +199,89 @@ async def test_a_worker_that_cannot_start_says_failed_to_the_end(
     assert "missing.gguf" in last["reason"] and last["engine_pid"] is None, last
 
 
+NOT_TINY = "profiles:\n  other:\n    backend: vllm\n    model_id: some/model\n"
+INTAKE = "orion:exec:request:LlamaCppHost:tiny"
+
+
+def unbuildable_worker(spawn_worker: SpawnWorker, tmp_path: Path, name: str) -> tuple:
+    """A worker asked for ``tiny`` whose registry is a FIFO: it listens, then waits at the
+    registry until ``give_registry`` writes one without ``tiny`` into it. Start-up
+    subscribes before it reads the profile, so a request sent meanwhile is heard first."""
+    fifo = tmp_path / f"registry-{name}.fifo"
+    os.mkfifo(fifo)
+    worker = spawn_worker(name, ready=False, LLM_PROFILES_CONFIG_PATH=str(fifo))
+
+    async def give_registry() -> None:
+        await asyncio.to_thread(fifo.write_text, NOT_TINY)
+
+    return worker, give_registry
+
+
+async def subscribers(redis_url: str, channel: str, count: int) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+
+        async def counted() -> bool:
+            ((_, found),) = await client.pubsub_numsub(channel)
+            return int(found) == count
+
+        await wait_until_async(counted, timeout=30, what=f"{count} subscriber(s) on {channel}")
+    finally:
+        await client.aclose()
+
+
+async def send_when_heard(bus: BusClient, recorder: BusRecorder) -> asyncio.Task:
+    """A request on the intake channel, once the recorder (and so every subscriber) heard it."""
+    asking = asyncio.create_task(bus.chat(HI, profile="tiny", timeout=60))
+    await wait_until_async(lambda: recorder.on(INTAKE), timeout=10, what="the request sent")
+    return asking
+
+
+async def test_a_worker_that_cannot_be_built_answers_what_it_heard_and_says_why(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, bus: BusClient, tmp_path: Path, redis_url: str
+) -> None:
+    """A profile not in the registry is found out after the worker listens: the request it
+    heard meanwhile is answered ``engine_unavailable`` with the reason, and the fleet gets
+    a ``down`` heartbeat and a ``system.error``, where the worker used to exit with
+    nothing said on the bus and the request unanswered."""
+    worker, give_registry = unbuildable_worker(spawn_worker, tmp_path, "broken")
+    await subscribers(redis_url, INTAKE, 1)
+    asking = await send_when_heard(bus, recorder)
+    await give_registry()
+    result = await asking
+    assert result.payload["error"] == "engine_unavailable", result.payload
+    assert "LLM PROFILE 'tiny' not found" in result.payload["details"]["message"]
+    assert result.payload["meta"]["instance"] == "broken"
+    await wait_until_async(lambda: worker.proc.poll() is not None, what="the worker to exit")
+    assert worker.proc.returncode == 1
+    assert "error: LLM PROFILE 'tiny' not found" in worker.log()
+    (beat,) = beats(recorder, "broken")
+    assert beat["status"] == "down" and beat["details"]["state"] == "failed", beat
+    assert "'tiny' not found" in beat["details"]["reason"]
+    (error,) = [m.message["payload"] for m in recorder.on("orion:system:error")]
+    assert error["error"] == "engine_unavailable" and error["details"]["profile"] == "tiny"
+    assert len(recorder.kinds("llm.chat.result")) == 1
+
+
+async def test_a_worker_that_cannot_be_built_leaves_what_it_heard_to_a_replica(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, bus: BusClient, tmp_path: Path, redis_url: str
+) -> None:
+    """With a replica on the channel that heard the same request, the broken worker does
+    not beat it to the answer with an error: the caller gets the replica's answer, once."""
+    spawn_worker("healthy")
+    broken, give_registry = unbuildable_worker(spawn_worker, tmp_path, "broken")
+    await subscribers(redis_url, INTAKE, 2)
+    asking = await send_when_heard(bus, recorder)
+    await give_registry()
+    await wait_until_async(lambda: broken.proc.poll() is not None, what="the broken one to exit")
+    result = await asking
+    assert result.ok and result.payload["meta"]["instance"] == "healthy", result.payload
+    assert "left to the other replicas" in broken.log()
+    assert len(recorder.kinds("llm.chat.result")) == 1
+    (beat,) = beats(recorder, "broken")
+    assert beat["status"] == "down"
+
+
 async def test_every_heartbeat_is_exactly_system_health_v1(
     spawn_worker: SpawnWorker, recorder: BusRecorder
 ) -> None:
