@@ -76,7 +76,12 @@ async def _demo(settings: Settings, prompt: str, max_tokens: int) -> int:
 
     stop = asyncio.Event()
     redis = connect(settings)
-    worker = Worker(settings, build_plan(settings), redis)
+    try:
+        await redis.ping()  # the bus is what the demo shows: no model loads without it
+        worker = Worker(settings, build_plan(settings), redis)
+    except BaseException:
+        await redis.aclose()
+        raise
     serving = asyncio.create_task(worker.run(stop))
     try:
         print(
@@ -116,9 +121,11 @@ async def _demo(settings: Settings, prompt: str, max_tokens: int) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from orion_llamaccp.cli import run_async
+    from orion_llamaccp.cli.bus_cmds import run_bus
 
-    return run_async(_demo(settings, args.prompt, args.max_tokens))
+    return run_bus(
+        _demo(settings, args.prompt, args.max_tokens), settings, waiting_for="the worker in time"
+    )
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:

@@ -273,6 +273,9 @@ def test_bus_failures_are_one_line_without_traceback_or_password(subprocess_env:
         (down, ("chat", "hi"), f"error: cannot reach Redis at {masked_down}: "),
         (down, ("ps",), f"error: cannot reach Redis at {masked_down}: "),
         (down, ("watch",), f"error: cannot reach Redis at {masked_down}: "),
+        # Found out before the model loads, where ``demo`` used to wait without end.
+        (down, ("demo",), f"error: cannot reach Redis at {masked_down}: "),
+        (wrong_password, ("demo",), "error: Redis at redis://:***@"),
         (wrong_password, ("ps",), "error: Redis at redis://:***@"),
         (wrong_password, ("chat", "hi"), "error: Redis at redis://:***@"),
     ):
