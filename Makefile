@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CACHE ?= $(HOME)/.cache/orion-llamaccp
-LLAMA_SERVER := $(CACHE)/llama-server/bin/llama-server
 DEMO_MODEL := $(CACHE)/models/gguf/gemma-3-270m-q4_k_m.gguf
 # The worker's bus; `make redis` checks it (and starts a local Redis for a local URL).
 ORION_BUS_URL ?= redis://127.0.0.1:6379/0
@@ -30,7 +29,7 @@ $(BIN)/orion-llamaccp: pyproject.toml
 venv: $(BIN)/orion-llamaccp
 
 llama-server:
-	@scripts/build-llama-server.sh --prefix $(CACHE)/llama-server
+	@scripts/build-llama-server.sh --prefix $(ORION_LLAMACPP_BUILD_DIR)
 
 demo-model: venv
 	@if [ ! -f $(DEMO_MODEL) ]; then \

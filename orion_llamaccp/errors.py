@@ -20,7 +20,8 @@ are translated where they enter the package, with ``raise ... from exc``::
     │   └── UpstreamError      a request to llama-server failed or broke off
     │       └── ContextExceeded
     └── BusError               Redis and the wire format
-        └── DecodeError
+        ├── DecodeError
+        └── NoWorker           a pub/sub request that no subscriber heard
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ request ends in exactly one of three ways:
   stream entry acked (dead-lettered too when it can never succeed);
 - left pending (streams only): the worker is stopping or its engine is gone, so the entry
   stays in Redis for another worker; no result is sent, because the next attempt sends it;
-- reported: nothing to reply to, so the failure goes to ``orion:system:error`` (pub/sub)
-  or the dead-letter stream (streams).
+- reported: every failure goes to ``orion:system:error`` as well; one with nothing to
+  reply to goes there only, and, a stream entry, to the dead-letter stream too (unless
+  ``trace.work.reply_optional``) before it is acked.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orion_llamaccp.bus.outbox import ChunkTemplate
-from orion_llamaccp.bus.replies import ChunkStream, Publisher
+from orion_llamaccp.bus.replies import ChunkStream, Publisher, _tick_after
 from tests.support.procs import wait_until_async
 from tests.support.workers import BusRecorder
 
@@ -253,3 +253,17 @@ async def test_a_request_s_engine_deaths_count_each_death_once_whoever_tells_it(
     assert await publisher.engine_deaths("req-deaths", "boot-b:1") == 2
     assert await publisher.engine_deaths("req-deaths") == 2
     assert await redis.ttl("orion:llamacpp:deaths:req-deaths") > 0
+
+
+@pytest.mark.parametrize("window", [0.004, 0.01, 0.025, 1.0])
+def test_the_chunk_after_one_leaves_on_a_shared_tick_half_to_one_and_a_half_windows_later(
+    window: float,
+) -> None:
+    """The bound the guarantees promise: a token that comes just after a chunk left waits
+    for the next tick of the shared clock, at least half a window (a timer that fires a
+    little early cannot make two chunks in one window) and at most one and a half."""
+    for step in range(2000):
+        sent = 1000.0 + step * window / 97  # every phase of a window, on a loop's clock
+        tick = _tick_after(sent, window)
+        assert window / 2 - 1e-9 <= tick - sent <= 1.5 * window + 1e-9, (sent, tick)
+        assert abs(tick / window - round(tick / window)) < 1e-6  # on the shared clock
