@@ -247,7 +247,7 @@ async def test_alone_on_its_channel_it_starts_before_the_claim_and_is_silent_if_
     flight. If a replica that joined meanwhile won the claim, not one chunk or result of
     ours may go out, and the worker goes on serving."""
     worker = spawn_worker(parallel=1)
-    await asyncio.sleep(2.5)  # it counts the channel's subscribers once per heartbeat (1 s)
+    await wait_replicas_counted(recorder, redis_url, INTAKE, [worker.name])  # alone
     taken = bus.request(HI, profile="tiny", options={"max_tokens": 200, "stream": True})
     client = aioredis.Redis.from_url(redis_url)
     try:

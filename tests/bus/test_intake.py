@@ -175,7 +175,9 @@ async def test_an_entry_waiting_for_a_slot_is_kept_fresh_and_then_handled(
     runner = asyncio.create_task(consumer.run(stop))
     try:
         await asyncio.wait_for(consumer.started.wait(), 5)
-        await asyncio.sleep(0.05)  # its blocking read is out, counting one free slot
+        await wait_until_async(  # its blocking read is out, counting one free slot
+            lambda: _blocked_in_xreadgroup(redis), timeout=5, what="the blocking read out"
+        )
         assert consumer.slots.try_acquire()  # ... which a pub/sub request takes
         await redis.xadd(STREAM, {"n": "0"})
 
@@ -552,3 +554,10 @@ async def test_a_channel_left_while_the_subscription_is_on_its_way_is_left_too(
         )
         stop.set()
         await asyncio.wait_for(runner, 10)
+
+
+async def _blocked_in_xreadgroup(redis: aioredis.Redis) -> bool:
+    return any(
+        c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
+        for c in await redis.client_list()
+    )

@@ -193,7 +193,7 @@ async def test_a_sender_whose_chunk_is_dropped_as_answered_says_so_and_stops(
     assert recorder.on(CHANNEL) == []
 
 
-async def test_after_a_script_flush_an_ack_never_lands_without_its_result(
+async def test_after_a_script_flush_an_ack_never_lands_without_its_result_death_injected(
     redis: aioredis.Redis, recorder: BusRecorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis runs the rest of a command list whose script is missing. The result's list

@@ -442,7 +442,7 @@ async def test_props_refused_after_health_is_a_crash_not_a_hang(
     assert len(pids) == FAST.crash_limit and not any(pid_alive(pid) for pid in pids)
 
 
-async def test_unexpected_error_in_the_owner_task_ends_in_failed(
+async def test_a_bug_injected_in_the_owner_task_ends_in_failed(
     make_launch: LaunchFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fault is injected (a bug of ours, not llama-server's): the state still ends

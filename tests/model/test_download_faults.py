@@ -1,4 +1,6 @@
-"""Cut connections, stalls, 5xx, wrong bytes and two processes at once, against a real Hub."""
+"""Cut connections, stalls, 5xx, wrong bytes and two processes at once: the real
+huggingface_hub client against a local server that speaks the Hub's download protocol
+(tests/model/hub_server.py; the real Hub is out of reach here)."""
 
 from __future__ import annotations
 

@@ -409,17 +409,19 @@ def test_ps_json_lists_two_real_workers(
 
     def both_ready() -> list[dict]:
         # ps takes a host's state from its last heartbeat, which may predate `ready` by up
-        # to one interval: wait for it rather than for a slow enough ps.
+        # to one interval: wait for it rather than for a slow enough ps. Up (a beat within
+        # three intervals) is waited for too: how old a beat is depends on the machine.
         found = _ps(subprocess_env)
-        return found if len(found) == 2 and all(r["state"] == "ready" for r in found) else []
+        live = [r for r in found if r["state"] == "ready" and not r["down"]]
+        return found if len(found) == len(live) == 2 else []
 
     found = wait_until(both_ready, timeout=10, what="two ready hosts in ps")
     rows = {row["instance"]: row for row in found}  # type: ignore[attr-defined]
     assert set(rows) == {"left", "right"}
     for row in rows.values():
-        assert row["profile"] == "tiny" and not row["down"]
+        assert row["profile"] == "tiny"
         assert row["model"] == "tiny-random-llama" and row["slots_total"] == 2
-        assert row["beat_age_sec"] is not None and row["beat_age_sec"] < 3
+        assert isinstance(row["beat_age_sec"], float) and row["beat_age_sec"] >= 0
 
 
 def _ps(env: dict) -> list[dict]:
@@ -470,7 +472,12 @@ async def test_metrics_endpoint_is_scraped(spawn_worker: SpawnWorker, bus: BusCl
     assert {s.labels["generation"] for s in collections} == {"0", "1", "2"}
 
 
-def test_watch_draws_the_live_fleet(spawn_worker: SpawnWorker, subprocess_env: dict) -> None:
+def test_watch_draws_the_live_fleet(
+    spawn_worker: SpawnWorker, subprocess_env: dict, recorder: BusRecorder, redis_url: str
+) -> None:
+    """Off a terminal, ``watch`` draws its table once, as it stops: so it is stopped once
+    it has subscribed (its fleet loaded) and taken in two heartbeats of the host, however
+    long it takes to start here, not after a fixed sleep."""
     spawn_worker("watched")
     proc = subprocess.Popen(
         [sys.executable, "-m", "orion_llamaccp", "watch", "--refresh", "0.2"],
@@ -479,14 +486,23 @@ def test_watch_draws_the_live_fleet(spawn_worker: SpawnWorker, subprocess_env: d
         stderr=subprocess.PIPE,
         text=True,
     )
+    client = redis.Redis.from_url(redis_url)
     try:
-        wait_until(lambda: proc.poll() is None, timeout=5, what="watch running")
-        import time
-
-        time.sleep(2)  # a few redraws from live heartbeats; the test counts nothing in time
+        wait_until(
+            lambda: client.pubsub_numsub("orion:system:health")[0][1] == 1,
+            timeout=30,
+            what="watch subscribed to heartbeats",
+        )
+        seen = len(beats(recorder, "watched"))
+        wait_until(
+            lambda: len(beats(recorder, "watched")) >= seen + 2,
+            timeout=30,
+            what="two heartbeats of the host since",
+        )
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
     finally:
+        client.close()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
