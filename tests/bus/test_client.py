@@ -64,7 +64,7 @@ async def _chunk(redis: aioredis.Redis, channel: str, correlation: str, **payloa
     await redis.publish(channel, orjson.dumps(envelope))
 
 
-async def test_a_retry_starts_the_answer_over_and_another_request_s_chunks_are_not_mixed_in(
+async def test_a_retry_starts_the_answer_over_and_other_chunks_are_not_mixed_in_stand_in_worker(
     redis_url: str,
 ) -> None:
     """Chunks of attempt 1, then attempt 2 from its start (the worker retried after
@@ -164,7 +164,7 @@ async def test_a_caller_that_gives_up_cancels_its_request(
     assert answer["error"] == "cancelled", answer
 
 
-async def test_a_caller_s_own_correlation_id_is_cancelled_only_when_asked(
+async def test_a_caller_s_own_correlation_id_is_cancelled_only_when_asked_stand_in_worker(
     redis_url: str,
 ) -> None:
     """Given up on (its timeout), a call cancels the request it made itself; one sent with
