@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -211,8 +212,12 @@ def test_engine_only_run_stops_at_a_signal_while_loading(
     try:
 
         def serving() -> list[psutil.Process]:  # not the ``--help`` that the plan reads
-            children = psutil.Process(proc.pid).children(recursive=True)
-            return [c for c in children if "--port" in c.cmdline()]
+            found = []
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):  # one that just ended (``--help``)
+                    if "--port" in child.cmdline():
+                        found.append(child)
+            return found
 
         loading = wait_until(serving, timeout=30, what="llama-server loading")
         proc.send_signal(signal.SIGINT)
