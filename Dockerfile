@@ -49,8 +49,8 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
 COPY config/ /app/config/
 
 # Container-side facts (compose sets the same; a plain `docker run` gets them too). Inside,
-# llama-server always listens on 0.0.0.0:8080 whatever the profile says, so EXPOSE, the
-# HEALTHCHECK and the published port never disagree; the host port is chosen in compose.
+# llama-server always listens on 0.0.0.0:8080 whatever the profile says, so EXPOSE and the
+# published port never disagree; the host port is chosen in compose.
 ENV LLAMA_SERVER_BIN=/app/llama-server \
     LLM_PROFILES_CONFIG_PATH=/app/config/llm_profiles.yaml \
     LLM_CACHE_DIR=/models \
@@ -61,10 +61,12 @@ ENV LLAMA_SERVER_BIN=/app/llama-server \
 USER ${APP_UID}
 WORKDIR /app
 EXPOSE 8080
-# Loading (or first downloading) a large model takes minutes: failures during the start
-# period do not count. /health answers 503 while loading, 200 once ready.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=15m --retries=3 \
-  CMD ["curl", "-fsS", "--max-time", "4", "http://127.0.0.1:8080/health"]
+# The worker's own heartbeat (its liveness key in Redis), not llama-server's /health: a
+# worker downloading or loading a model for an hour beats `degraded` and is healthy, one
+# that lost Redis or hangs stops beating and is not, one down (draining, failed) is not.
+# The start period covers the wrapper's start to its first beat.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
+  CMD ["/opt/venv/bin/orion-llamaccp", "health"]
 
 # Exec form: the wrapper receives SIGTERM itself, drains, then stops llama-server. Under
 # compose (`init: true`) it is tini's child; under a plain `docker run` or Kubernetes it is

@@ -1,4 +1,4 @@
-"""Subcommands that talk to the bus as a client: ``chat``, ``ps``, ``watch``."""
+"""Subcommands that talk to the bus as a client: ``chat``, ``ps``, ``watch``, ``health``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("watch", help="a live table of every llama.cpp host on the bus")
     p.add_argument("--refresh", type=float, default=1.0, help="seconds between redraws")
     p.set_defaults(handler=cmd_watch)
+    p = sub.add_parser(
+        "health",
+        help="exit 0 while this worker (INSTANCE_ID) beats on the bus and is not down "
+        "(a container's health check)",
+    )
+    p.add_argument("--ready", action="store_true", help="healthy only while it serves (ready)")
+    p.set_defaults(handler=cmd_health)
     p = sub.add_parser("chat", help="ask one question over the bus and print the answer")
     p.add_argument("prompt")
     p.add_argument("--profile", help="profile to ask (default: LLM_PROFILE_NAME)")
@@ -199,6 +206,37 @@ async def _ps(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
     return run_bus(_ps(args, settings), settings)
+
+
+async def _health(args: argparse.Namespace, settings: Settings) -> int:
+    """This worker's health as the fleet sees it: its last heartbeat, kept under its
+    liveness key for three intervals. So a worker that lost Redis, or whose loop hangs,
+    is unhealthy (no beat), and one downloading or loading a model is not (it beats,
+    ``degraded``), where llama-server's ``/health`` says 503 for the whole download."""
+    from orion_llamaccp.bus import keys
+    from orion_llamaccp.worker.startup import connect
+
+    redis = connect(settings)
+    try:
+        raw = await redis.get(keys.liveness(settings.service_name, settings.instance_id))
+    finally:
+        await redis.aclose()
+    who = f"{settings.service_name} {settings.instance_id}"
+    if raw is None:
+        print(f"unhealthy: no heartbeat of {who} on the bus within three intervals")
+        return 1
+    beat = orjson.loads(raw)["payload"]
+    state = beat["details"].get("state", "?")
+    said = f"{who}: {beat['status']} ({state})"
+    if reason := beat["details"].get("reason"):
+        said += f": {reason}"
+    wanted = ("ok",) if args.ready else ("ok", "degraded")
+    print(f"{'healthy' if beat['status'] in wanted else 'unhealthy'}: {said}")
+    return 0 if beat["status"] in wanted else 1
+
+
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    return run_bus(_health(args, settings), settings)
 
 
 async def _watch(args: argparse.Namespace, settings: Settings) -> int:

@@ -142,4 +142,4 @@ async def tell_failed_start(
     except Exception as exc:  # the start-up error itself is what must reach the operator
         log.warning("could not report the failed start on the bus: %s", exc)
     else:
-        log.info("failed start reported on the bus (%d request(s) answered)", answered)
+        log.debug("failed start reported on the bus (%d request(s) answered)", answered)

@@ -4,6 +4,7 @@ hadolint passes."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from orion_llamaccp.settings import Settings
 from tests.deploy.container import (
     CPU_SERVICE,
     DOCKERFILE,
@@ -93,6 +95,24 @@ def test_entrypoint_runs_orion_llamaccp_run_in_exec_form() -> None:
     assert argv[1:] == ["run"]
     venv = PurePosixPath(argv[0]).parent.parent
     assert any(f"python3 -m venv {venv}" in rest for kw, rest in instructions() if kw == "RUN")
+
+
+def test_the_healthcheck_runs_the_worker_s_own_health_command() -> None:
+    """The worker's heartbeat, not llama-server's ``/health``, which says 503 for a whole
+    download (``tests/presence``' ``test_health_is_the_worker_s_own_beat_...`` runs the
+    command against a real worker): the entrypoint's binary in exec form, with a timeout
+    above the command's own worst case (a Redis connect, then one read)."""
+    (rest,) = [rest for kw, rest in instructions() if kw == "HEALTHCHECK"]
+    options, _, command = rest.partition("CMD")
+    assert json.loads(command) == [*exec_form("ENTRYPOINT"), "health"]
+    timeout = re.search(r"--timeout=(\d+)s", options)
+    settings = Settings()
+    worst = min(settings.redis_socket_timeout_sec, 3.0) + settings.redis_socket_timeout_sec
+    assert timeout and int(timeout.group(1)) > worst, options
+    done = subprocess.run(
+        [sys.executable, "-m", "orion_llamaccp", "health", "--help"], capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_runs_as_a_user_that_is_not_root() -> None:

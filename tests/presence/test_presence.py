@@ -138,6 +138,66 @@ async def test_heartbeats_keep_coming_during_a_download_and_a_generation(
     assert {b["heartbeat_interval_sec"] for b in beats(recorder, worker.name)} == {0.5}
 
 
+def health(env: dict, instance: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orion_llamaccp", "health", *args],
+        env={**env, "INSTANCE_ID": instance},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_health_is_the_worker_s_own_beat_healthy_while_downloading_and_gone_when_stopped(
+    spawn_worker: SpawnWorker,
+    subprocess_env: dict,
+    recorder: BusRecorder,
+    slow_model: Path,
+    tmp_path: Path,
+) -> None:
+    """``health`` (the image's health check) reads the worker's own liveness key: no beat,
+    unhealthy; downloading (a download held mid-file), healthy, where llama-server's
+    ``/health`` says 503 all along, but not ``--ready``; ready, both; another instance's
+    beat is not its own; stopped cleanly (the key removed), unhealthy again."""
+    assert health(subprocess_env, "w1").returncode == 1
+    data = slow_model.read_bytes()  # noqa: ASYNC240 - a test fixture file, read once
+    with FakeHub() as hub:
+        hub.add("org/slow-random", "slow.gguf", data)
+        hold = hub.fault("cdn", Fault("hold", after=len(data) // 2))
+        registry = tmp_path / "hub-profiles.yaml"
+        registry.write_text(HUB_PROFILE.format(port=free_port()))
+        worker = spawn_worker(
+            "w1",
+            ready=False,
+            parallel=1,
+            ctx=16384,
+            LLM_PROFILES_CONFIG_PATH=str(registry),
+            HF_HUB_OFFLINE="0",
+            HF_ENDPOINT=hub.endpoint,
+        )
+        await wait_until_async(
+            lambda: any(b["details"]["state"] == "downloading" for b in beats(recorder, "w1")),
+            timeout=30,
+            what="a beat while downloading",
+        )
+        assert hold.reached.is_set()
+        downloading = health(subprocess_env, "w1")
+        assert downloading.returncode == 0, downloading.stdout + downloading.stderr
+        assert downloading.stdout.startswith("healthy: orion-llamaccp w1: degraded (downloading)")
+        assert health(subprocess_env, "w1", "--ready").returncode == 1
+        hold.release.set()
+        worker.wait_ready()
+    wait_until(
+        lambda: health(subprocess_env, "w1", "--ready").returncode == 0,
+        timeout=30,
+        what="healthy --ready once a beat says ready",
+    )
+    assert health(subprocess_env, "w2").returncode == 1
+    assert worker.terminate() == 0
+    gone = health(subprocess_env, "w1")
+    assert gone.returncode == 1 and gone.stdout.startswith("unhealthy: no heartbeat"), gone
+
+
 async def test_status_follows_real_engine_events(
     spawn_worker: SpawnWorker, recorder: BusRecorder, llama_server_bin: Path
 ) -> None:
