@@ -125,9 +125,6 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         await redis.aclose()
 
 
-__all__ = ["Intake", "connect", "serve"]
-
-
 async def tell_failed_start(
     settings: Settings, redis: aioredis.Redis, intake: Intake, error: OrionLlamaError
 ) -> None:
@@ -143,3 +140,6 @@ async def tell_failed_start(
         log.warning("could not report the failed start on the bus: %s", exc)
     else:
         log.debug("failed start reported on the bus (%d request(s) answered)", answered)
+
+
+__all__ = ["Intake", "connect", "serve", "tell_failed_start"]
