@@ -144,7 +144,7 @@ def read_yaml(path: Path) -> Mapping[str, Any]:
             f"(first on line {exc.first_line}); remove or rename one of them"
         ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(document, Mapping) or "profiles" not in document:
         raise ConfigError(
             f"{path} has no top-level 'profiles:' key: the registry must start with it"
@@ -153,6 +153,20 @@ def read_yaml(path: Path) -> Mapping[str, Any]:
     if not isinstance(profiles, Mapping):
         raise ConfigError(f"{path}: 'profiles:' must be a mapping of name -> profile")
     return profiles
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without the lines around it that PyYAML quotes: the
+    message goes to logs and, from a worker that cannot start, onto the bus, and a line of
+    the registry may hold a secret (an ``--api-key`` in ``extra_args``)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc).split("\n", 1)[0]
+    said = [
+        f"{text} (line {mark.line + 1}, column {mark.column + 1})"
+        for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark))
+        if text
+    ]
+    return "; ".join(said) or type(exc).__name__
 
 
 def _read_text(path: Path) -> str:

@@ -47,6 +47,21 @@ def test_invalid_yaml_is_a_config_error(tmp_path: Path) -> None:
         load_registry(path)
 
 
+def test_invalid_yaml_says_where_without_quoting_the_line(tmp_path: Path) -> None:
+    """PyYAML quotes the lines around a syntax error; the message goes to logs and, from a
+    worker that cannot start, onto the bus, so it says what and where, not the line (which
+    here holds an API key)."""
+    path = write(
+        tmp_path, 'profiles:\n  a:\n    extra_args: ["--api-key", "sk-SECRET123"\n    port: 3\n'
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_registry(path)
+    said = str(refused.value)
+    assert "sk-SECRET123" not in said and "\n" not in said, said
+    assert "while parsing a flow sequence (line 3, column 17)" in said, said
+    assert "expected ',' or ']', but got '<scalar>' (line 4, column 5)" in said, said
+
+
 CP1252_REGISTRY = (
     b'profiles:\n  p:\n    display_name: "DeepSeek \x96 GGUF"\n'
     b"    llamacpp: {hf_repo_id: a/b, hf_filename: x.gguf}\n"
