@@ -4,13 +4,15 @@
 registry that does not parse, a missing llama-server binary or a flag it lacks is found
 out with Redis at hand. Left to the exit alone, such a worker restart-loops unseen by the
 fleet, and a request heard in the moment it listened goes unanswered. Before the exit it
-leaves the channels (every message heard is in the inbox then), answers each request
-heard unless another replica listens on the channel and will, and tells the fleet once:
-a ``down`` heartbeat with the reason, and a ``system.error``.
+tells the fleet once (a ``down`` heartbeat with the reason, kept under its liveness key
+for ``ps`` and ``health``, and a ``system.error``), then leaves the channels and answers
+each request it heard, through the pub/sub claim: a replica that heard it too, and can
+serve it, has claimed it by then and answers instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -18,8 +20,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.claims import Claims
 from orion_llamaccp.bus.envelope import HEALTH, ServiceRef, SystemHealthV1
+from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import Publisher
 from orion_llamaccp.settings import Settings
@@ -30,7 +34,9 @@ from orion_llamaccp.worker.startup import Intake
 log = logging.getLogger(__name__)
 
 ERROR_CODE = "engine_unavailable"  # as a worker that gives up later says it (``Worker._fatal``)
-REPORT_TIMEOUT_SEC = 5.0  # a Redis gone as well must not hold the exit up
+# A replica that heard the same request claims it within a few ms of reading it; its claim
+# goes in first, so that a request one replica can serve is not answered with our error.
+REPLICA_GRACE_SEC = 1.0
 
 
 class FailedStart:
@@ -53,42 +59,50 @@ class FailedStart:
                 instance=settings.instance_id,
             )
         )
-        self.publisher = Publisher(redis, retry_for=1.0)
 
-    async def report(self) -> int:
-        """Answer what was heard, then tell the fleet; returns the requests answered."""
-        await self.intake.listener.leave(*self.intake.listener.channels)
-        answered = await self._answer_heard()
-        await self._beat_down()
+    async def tell_fleet(self, timeout: float) -> None:
+        """The ``down`` beat and the ``system.error``; first, so a slow Redis cannot leave
+        them behind the answers."""
         details = {"message": self.reason, "profile": self.profile, "retryable": False}
-        await self.publisher.event(
-            self.settings.error_channel, self.outbox.system_error(ERROR_CODE, details)
-        )
-        return answered
+        beat = self.outbox.encode(HEALTH, self._down_beat())
+        liveness = keys.liveness(self.settings.service_name, self.settings.instance_id)
+        async with asyncio.timeout(timeout), self.redis.pipeline(transaction=False) as pipe:
+            pipe.publish(self.settings.health_channel, beat)
+            pipe.set(liveness, beat, ex=max(int(self.settings.heartbeat_interval_sec * 3), 1))
+            pipe.publish(self.settings.error_channel, self.outbox.system_error(ERROR_CODE, details))
+            await pipe.execute()
 
-    async def _answer_heard(self) -> int:
-        heard = [data for channel, data, _ in self._drain_inbox() if channel == self.channel]
+    async def answer_heard(self) -> int:
+        """Leave the channels (every message heard is in the inbox then), and answer each
+        request heard whose claim this worker wins; returns how many it answered."""
+        if self.intake.listener.subscribed.is_set():
+            await self.intake.listener.leave(*self.intake.listener.channels)
+        await self.intake.close()  # a subscription still on its way ends here too
+        inbox = self.intake.inbox
+        drained = [inbox.get_nowait() for _ in range(inbox.qsize())]
+        heard = [data for channel, data, _ in drained if channel == self.channel]
         if not heard:
             return 0
-        # Left already: anyone still counted is a replica that heard these too, and one
-        # that can serve them should, rather than be beaten to them by our error.
-        claims = Claims(redis=self.redis, profile=self.profile, dedup_ttl=60)
-        if await claims.subscribers(self.channel) > 0:
-            log.info("%d request(s) heard left to the other replicas", len(heard))
-            return 0
-        answered = 0
-        for data in heard:
-            job = decode_job(data, "pubsub", self.settings.max_message_bytes)
-            if job.reply_to and await claims.claim_message(job.key, self.settings.instance_id):
-                await self._answer(job, claims)
-                answered += 1
-        return answered
+        await asyncio.sleep(REPLICA_GRACE_SEC)
+        lane = Lane(self.redis)
+        try:
+            claims = Claims(self.redis, profile=self.profile, dedup_ttl=60, lane=lane)
+            publisher = Publisher(self.redis, retry_for=1.0, lane=lane)
+            answered = 0
+            for data in heard:
+                job = decode_job(data, "pubsub", self.settings.max_message_bytes)
+                if not job.reply_to:
+                    continue
+                if await claims.claim_message(job.key, self.settings.instance_id):
+                    await self._answer(job, claims, publisher)
+                    answered += 1
+                else:
+                    log.info("request %s claimed by a replica: left to it", job.request_id)
+            return answered
+        finally:
+            await lane.aclose()
 
-    def _drain_inbox(self) -> list[tuple[str, bytes, Any]]:
-        inbox = self.intake.inbox
-        return [inbox.get_nowait() for _ in range(inbox.qsize())]
-
-    async def _answer(self, job: Job, claims: Claims) -> None:
+    async def _answer(self, job: Job, claims: Claims, publisher: Publisher) -> None:
         reply_to = job.reply_to
         assert reply_to is not None
         payload = {
@@ -109,15 +123,15 @@ class FailedStart:
             if job.envelope is not None
             else self.outbox.result_for_undecodable(job.salvaged, payload)
         )
-        stages = [self.publisher.stage_result(reply_to, job.delivery_id, message)]
+        stages = [publisher.stage_result(reply_to, job.delivery_id, message)]
         if job.occurrence:  # a message without an id: its resend is a new request
             stages.insert(0, claims.stage_forget(job.key))
-        await self.publisher.commit("result", stages)
+        await publisher.commit("result", stages)
 
-    async def _beat_down(self) -> None:
-        """One heartbeat, ``down`` with the reason, for the dashboards; no liveness key:
-        nothing here lives on."""
-        payload = SystemHealthV1(
+    def _down_beat(self) -> dict[str, Any]:
+        """``down`` with the reason; no slots (``ps`` and ``watch`` list a llama.cpp host
+        by its profile and slots)."""
+        return SystemHealthV1(
             service=self.settings.service_name,
             node=self.settings.node_name,
             version=self.settings.service_version,
@@ -126,8 +140,11 @@ class FailedStart:
             status="down",
             last_seen_ts=datetime.now(UTC),
             heartbeat_interval_sec=self.settings.heartbeat_interval_sec,
-            details={"profile": self.profile, "state": "failed", "reason": self.reason},
+            details={
+                "profile": self.profile,
+                "state": "failed",
+                "reason": self.reason,
+                "slots_busy": 0,
+                "slots_total": 0,
+            },
         ).model_dump(mode="json")
-        await self.publisher.event(
-            self.settings.health_channel, self.outbox.encode(HEALTH, payload)
-        )

@@ -23,6 +23,12 @@ from orion_llamaccp.worker.announce import Channels, channels_for
 
 log = logging.getLogger(__name__)
 
+# Bounds on what a worker that could not be built says before it exits (a Redis that is
+# gone too must not hold the exit up): the fleet report, then the answers (leaving the
+# channels, a replica's grace, the claims).
+FLEET_REPORT_SEC = 3.0
+ANSWERS_SEC = 10.0
+
 
 def connect(settings: Settings) -> aioredis.Redis:
     """The worker's Redis client. No silent retries inside redis-py: every retry is ours,
@@ -102,7 +108,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     """``orion-llamaccp run``: listen, build the plan and the worker, serve until ``stop``."""
     redis = connect(settings)
     # The channels of the profile asked for: a profile that does not exist is found out
-    # right after, and exits with nothing but its error said (the worker reports listening).
+    # right after, said on the bus (``tell_failed_start``), and the command exits with it.
     intake = Intake(settings, redis, channels_for(settings, settings.profile_name))
     intake.start()
     try:
@@ -128,18 +134,23 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
 async def tell_failed_start(
     settings: Settings, redis: aioredis.Redis, intake: Intake, error: OrionLlamaError
 ) -> None:
-    """Before a worker that could not be built exits: the requests it heard answered and
-    the fleet told (``worker/failed_start.py``), within a bound, whatever Redis does."""
-    from orion_llamaccp.worker.failed_start import REPORT_TIMEOUT_SEC, FailedStart
+    """Before a worker that could not be built exits: the fleet told, and the requests it
+    heard answered (``worker/failed_start.py``), each within a bound, whatever Redis does:
+    the start-up error itself is what must reach the operator, and soon."""
+    from orion_llamaccp.worker.failed_start import FailedStart
 
-    reason = settings.redact(str(error))
+    failed = FailedStart(settings, redis, intake, settings.redact(str(error)))
     try:
-        async with asyncio.timeout(REPORT_TIMEOUT_SEC):
-            answered = await FailedStart(settings, redis, intake, reason).report()
-    except Exception as exc:  # the start-up error itself is what must reach the operator
-        log.warning("could not report the failed start on the bus: %s", exc)
+        await failed.tell_fleet(timeout=FLEET_REPORT_SEC)
+    except Exception as exc:
+        log.warning("could not tell the fleet of the failed start: %s", exc or type(exc).__name__)
+    try:
+        async with asyncio.timeout(ANSWERS_SEC):
+            answered = await failed.answer_heard()
+    except Exception as exc:
+        log.warning("could not answer the requests heard: %s", exc or type(exc).__name__)
     else:
-        log.debug("failed start reported on the bus (%d request(s) answered)", answered)
+        log.debug("failed start: %d request(s) heard answered", answered)
 
 
 __all__ = ["Intake", "connect", "serve", "tell_failed_start"]

@@ -298,12 +298,17 @@ async def send_when_heard(bus: BusClient, recorder: BusRecorder) -> asyncio.Task
 
 
 async def test_a_worker_that_cannot_be_built_answers_what_it_heard_and_says_why(
-    spawn_worker: SpawnWorker, recorder: BusRecorder, bus: BusClient, tmp_path: Path, redis_url: str
+    spawn_worker: SpawnWorker,
+    recorder: BusRecorder,
+    bus: BusClient,
+    tmp_path: Path,
+    redis_url: str,
+    subprocess_env: dict,
 ) -> None:
     """A profile not in the registry is found out after the worker listens: the request it
     heard meanwhile is answered ``engine_unavailable`` with the reason, and the fleet gets
-    a ``down`` heartbeat and a ``system.error``, where the worker used to exit with
-    nothing said on the bus and the request unanswered."""
+    a ``down`` heartbeat (kept for ``health`` and ``ps``) and a ``system.error``, where
+    the worker used to exit with nothing said on the bus and the request unanswered."""
     worker, give_registry = unbuildable_worker(spawn_worker, tmp_path, "broken")
     await subscribers(redis_url, INTAKE, 1)
     asking = await send_when_heard(bus, recorder)
@@ -321,6 +326,11 @@ async def test_a_worker_that_cannot_be_built_answers_what_it_heard_and_says_why(
     (error,) = [m.message["payload"] for m in recorder.on("orion:system:error")]
     assert error["error"] == "engine_unavailable" and error["details"]["profile"] == "tiny"
     assert len(recorder.kinds("llm.chat.result")) == 1
+    told = health(subprocess_env, "broken")
+    assert told.returncode == 1, told
+    assert told.stdout.startswith("unhealthy: orion-llamaccp broken: down (failed): LLM PROFILE")
+    (row,) = _ps(subprocess_env)
+    assert (row["instance"], row["state"], row["down"]) == ("broken", "failed", True), row
 
 
 async def test_a_worker_that_cannot_be_built_leaves_what_it_heard_to_a_replica(
@@ -336,7 +346,7 @@ async def test_a_worker_that_cannot_be_built_leaves_what_it_heard_to_a_replica(
     await wait_until_async(lambda: broken.proc.poll() is not None, what="the broken one to exit")
     result = await asking
     assert result.ok and result.payload["meta"]["instance"] == "healthy", result.payload
-    assert "left to the other replicas" in broken.log()
+    assert "claimed by a replica: left to it" in broken.log()
     assert len(recorder.kinds("llm.chat.result")) == 1
     (beat,) = beats(recorder, "broken")
     assert beat["status"] == "down"
