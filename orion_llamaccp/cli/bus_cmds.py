@@ -225,14 +225,18 @@ async def _health(args: argparse.Namespace, settings: Settings) -> int:
     if raw is None:
         print(f"unhealthy: no heartbeat of {who} on the bus within three intervals")
         return 1
-    beat = orjson.loads(raw)["payload"]
-    state = beat["details"].get("state", "?")
-    said = f"{who}: {beat['status']} ({state})"
-    if reason := beat["details"].get("reason"):
+    try:
+        beat = orjson.loads(raw)["payload"]
+        status, details = str(beat["status"]), dict(beat.get("details") or {})
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        print(f"unhealthy: the heartbeat of {who} cannot be read: {raw[:80]!r}")
+        return 1
+    said = f"{who}: {status} ({details.get('state', '?')})"
+    if reason := details.get("reason"):
         said += f": {reason}"
     wanted = ("ok",) if args.ready else ("ok", "degraded")
-    print(f"{'healthy' if beat['status'] in wanted else 'unhealthy'}: {said}")
-    return 0 if beat["status"] in wanted else 1
+    print(f"{'healthy' if status in wanted else 'unhealthy'}: {said}")
+    return 0 if status in wanted else 1
 
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:

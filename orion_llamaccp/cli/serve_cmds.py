@@ -71,6 +71,7 @@ async def _demo(settings: Settings, prompt: str, max_tokens: int) -> int:
     from orion_llamaccp.client import BusClient
     from orion_llamaccp.engine.plan import build_plan
     from orion_llamaccp.engine.supervisor import EngineState
+    from orion_llamaccp.errors import BusError
     from orion_llamaccp.worker.service import Worker
     from orion_llamaccp.worker.startup import connect
 
@@ -93,7 +94,11 @@ async def _demo(settings: Settings, prompt: str, max_tokens: int) -> int:
         await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)
         if worker.supervisor.state is not EngineState.READY:
             return await serving if serving.done() else 1
-        await worker.listener.subscribed.wait()
+        if not await worker.intake.listening(timeout=settings.redis_socket_timeout_sec * 3):
+            raise BusError(
+                f"lost Redis at {settings.bus_url_display} while the model loaded: no question "
+                "can be asked over the bus"
+            )
         print(f"> {prompt}", file=sys.stderr)
         async with BusClient(redis=redis) as bus:
             result = await bus.chat(

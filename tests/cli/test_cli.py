@@ -129,6 +129,40 @@ def test_user_errors_are_one_line_without_traceback(subprocess_env: dict) -> Non
         assert "Traceback" not in done.stderr
 
 
+def test_a_run_that_cannot_start_with_redis_gone_too_exits_with_its_error(
+    subprocess_env: dict,
+) -> None:
+    """No Redis either: the failed start's report on the bus fails within its bounds and
+    says so in one line; the start-up error is what the command ends with, exit status 1."""
+    env = {
+        **subprocess_env,
+        "LLM_PROFILE_NAME": "tiyn",
+        "ORION_BUS_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    done = cli(env, "run", timeout=60)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert any("could not tell the fleet of the failed start" in line for line in lines), lines
+    assert lines[-1].startswith("error: LLM PROFILE 'tiyn' not found in registry"), lines
+    assert "Traceback" not in done.stderr
+
+
+def test_health_says_unhealthy_for_a_heartbeat_it_cannot_read(
+    subprocess_env: dict, redis_url: str
+) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set("orion:llamacpp:alive:orion-llamaccp:w9", b"not json", ex=60)
+        done = cli({**subprocess_env, "INSTANCE_ID": "w9"}, "health", timeout=30)
+    finally:
+        client.close()
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.startswith("unhealthy: the heartbeat of orion-llamaccp w9 cannot be read")
+    assert "Traceback" not in done.stderr
+
+
 def test_run_reaches_health_and_stops_cleanly(
     subprocess_env: dict, tmp_path: Path, redis_url: str
 ) -> None:
