@@ -171,11 +171,13 @@ async def measure_llama(
                     through.done.pop(tag, None)
             return sorted((first - started) * 1000 for first in firsts)
 
-        async def direct(round_bodies: list[dict[str, Any]]) -> list[float]:
+        async def direct(round_bodies: list[dict[str, Any]]) -> list[float] | None:
             outcomes = await asyncio.gather(
                 *(lane.chat(body) for lane, body in zip(lanes, round_bodies, strict=True))
             )
-            return sorted((o.ttft or 0.0) * 1000 for o in outcomes)
+            if any(o.error or o.ttft is None for o in outcomes):
+                return None  # a failed request has no first token (it used to count as 0 ms)
+            return sorted(o.ttft * 1000 for o in outcomes)
 
         for _ in range(100):  # the relay is subscribed
             try:
@@ -184,15 +186,18 @@ async def measure_llama(
             except TimeoutError:
                 await asyncio.sleep(0.05)
         relay_ms, direct_ms, control_ms = [], [], []
+        failed = 0
         for i in range(samples + 4):
             round_bodies = [bodies[(i * width + j) % len(bodies)] for j in range(width)]
             order = (0, 1, 2) if i % 2 else (2, 1, 0)
-            got: dict[int, list[float]] = {}
+            got: dict[int, list[float] | None] = {}
             for which in order:
                 got[which] = await (via_relay if which == 1 else direct)(round_bodies)
-            if i >= 4:  # warm-up
+            if got[0] is None or got[2] is None:
+                failed += 1  # the round is left out: its pairs would compare with nothing
+            elif i >= 4:  # warm-up
                 direct_ms += got[0]
-                relay_ms += got[1]
+                relay_ms += got[1] or []
                 control_ms += got[2]
         for lane in lanes:
             lane.close()
@@ -203,6 +208,7 @@ async def measure_llama(
         await relay.wait()
     return {
         "concurrency": width,
+        "failed_rounds": failed,
         "direct_ttft_ms": summary(direct_ms),
         "lean_relay_ttft_ms": summary(relay_ms),
         "lean_relay_overhead_ms": summary(b - a for a, b in zip(direct_ms, relay_ms, strict=True)),

@@ -2,7 +2,8 @@
 
 The upstream is the synthetic llama-server, which stamps each chat request's arrival with
 ``time.monotonic_ns()`` (one clock for every process on Linux) under the request's unique
-prompt; the bench stamps the same clock right before it sends. One request at a time, so
+prompt; the bench's stamp is its caller's, taken right before the write (the same
+CLOCK_MONOTONIC as ``perf_counter``), after the message is encoded. One request at a time, so
 the figure is the worker's own path (decode, claim, idempotency record, HTTP request), not
 queueing. The same requests also give the bus time to first token with an upstream that
 answers at once.
@@ -57,12 +58,13 @@ async def _probe(bus: BusCaller, via: str) -> tuple[str, int, float | None, floa
     envelope = bus.envelope(
         [{"role": "user", "content": marker}], {"max_tokens": 1, "stream": True}
     )
-    sent_ns = time.monotonic_ns()
     outcome = await bus.chat(envelope, via)
     if outcome.error:
         raise RuntimeError(f"intake probe failed: {outcome.error}")
-    # Outcome times are perf_counter seconds; both clocks are CLOCK_MONOTONIC on Linux.
-    return marker, sent_ns, outcome.ttft, outcome.total
+    # Stamped just before the write, as the first token and the result beside it (the
+    # encoding and the stream entry's fields used to count as intake); perf_counter and
+    # the upstream's monotonic_ns are both CLOCK_MONOTONIC on Linux.
+    return marker, round(outcome.sent * 1e9), outcome.ttft, outcome.total
 
 
 async def run(ws: Workspace, cfg: IntakeConfig | None = None) -> dict[str, Any]:
