@@ -181,12 +181,14 @@ class Presence:
             self._announcer(stop),
         )
 
-    async def farewell(self) -> None:
-        """Clean stop: a last beat and announcement, then remove our liveness key."""
+    async def farewell(self, *, keep_liveness: bool = False) -> None:
+        """A last beat and announcement, then (a clean stop) remove our liveness key."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.heartbeat(), 2.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.announce(), 2.0)
+        if keep_liveness:
+            return
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
                 self.redis.delete(keys.liveness(str(self.service["name"]), self.instance)), 2.0

@@ -39,11 +39,13 @@ def file_lock(
     lock = FileLock(path)
     try:
         lock.acquire(blocking=False)
-    except Timeout:
+    except Timeout:  # first: filelock's Timeout is an OSError too
         log.info("waiting for another process to finish with %s (lock %s)", what, path)
         if on_wait is not None:
             on_wait()
         _wait(lock, what, cancel)
+    except OSError as exc:  # a lock file we may not create (permissions), or a folder there
+        raise ModelError(f"cannot take the lock {path} for {what}: {exc.strerror}") from exc
     try:
         yield
     finally:

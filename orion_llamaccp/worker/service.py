@@ -186,8 +186,9 @@ class Worker:
         code = 0
         try:
             # Subscribed before the model check starts: its thread holds the GIL for long
-            # stretches, and a request sent meanwhile should wait, not go unheard.
-            if await self.intake.listening(timeout=5.0):
+            # stretches, and a request sent meanwhile should wait, not go unheard. A stop
+            # (Redis down, the operator gives up) ends the wait.
+            if await self._listening_unless(stop, timeout=5.0):
                 log.info("listening on %s", ", ".join(self.listener.channels))
             if "pubsub" in transports(self.settings):  # only pub/sub messages are claimed
                 counting = every(
@@ -203,7 +204,9 @@ class Worker:
             await self._drain()
             self.intake.stop.set()
             presence_stop.set()
-            await self.presence.farewell()
+            # A worker that gave up keeps its last beat (``failed``, with the reason) for
+            # three intervals, for ``ps`` and ``health``, as one that could not be built.
+            await self.presence.farewell(keep_liveness=self.view.error is not None)
             await self.lane.aclose()
             for task in background:
                 task.cancel()
@@ -211,6 +214,14 @@ class Worker:
             if metrics is not None:
                 metrics.close()
         return code
+
+    async def _listening_unless(self, stop: asyncio.Event, timeout: float) -> bool:
+        listening = asyncio.create_task(self.intake.listening(timeout))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({listening, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        listening.cancel()
+        return self.listener.subscribed.is_set()
 
     async def _serve(self, stop: asyncio.Event, intake_stop: asyncio.Event) -> int:
         workers = [asyncio.create_task(self._dispatch_local(), name="dispatch")]
@@ -227,6 +238,11 @@ class Worker:
             stopped.cancel()
         except OrionLlamaError as exc:
             return await self._fatal(exc)
+        except Exception as exc:  # a bug or an error no layer translated: still a failure,
+            log.exception("the engine could not be started")  # never a clean stop
+            return await self._fatal(
+                OrionLlamaError(f"internal error: {type(exc).__name__}: {exc}")
+            )
         finally:
             intake_stop.set()
             for task in workers:

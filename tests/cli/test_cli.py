@@ -147,6 +147,33 @@ def test_a_run_that_cannot_start_with_redis_gone_too_exits_with_its_error(
     assert "Traceback" not in done.stderr
 
 
+def test_a_stop_while_redis_is_down_at_start_is_not_held_by_the_wait_to_subscribe(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """Redis down as the worker starts: a SIGTERM during its wait for the subscription (up
+    to 5 s, so that a request sent while the model is checked is heard) ends it at once,
+    exit status 0. The wait used to run its course first."""
+    log = tmp_path / "run.log"
+    env = {**subprocess_env, "ORION_BUS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orion_llamaccp", "run"], env=env, stdout=out, stderr=out
+        )
+    try:
+        wait_until(  # the worker is built: its wait for the subscription begins
+            lambda: "engine stopped -> starting" in log.read_text(),
+            timeout=30,
+            what="the worker waiting for its subscription",
+        )
+        proc.send_signal(signal.SIGTERM)
+        # Bounds the wait only: the old wait for the subscription alone lasted 5 s.
+        assert proc.wait(4) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_health_says_unhealthy_for_a_heartbeat_it_cannot_read(
     subprocess_env: dict, redis_url: str
 ) -> None:

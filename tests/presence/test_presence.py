@@ -198,6 +198,66 @@ async def test_health_is_the_worker_s_own_beat_healthy_while_downloading_and_gon
     assert gone.returncode == 1 and gone.stdout.startswith("unhealthy: no heartbeat"), gone
 
 
+async def test_a_stop_during_a_stalled_download_exits_without_waiting_for_the_read(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, slow_model: Path, tmp_path: Path
+) -> None:
+    """SIGTERM while the download is held mid-file (no byte comes, and the stall timeout
+    is a minute): the worker says goodbye and exits at once, exit status 0. Its download
+    thread used to be the loop's, which the exit waited for: as long as the read stalled."""
+    data = slow_model.read_bytes()  # noqa: ASYNC240 - a test fixture file, read once
+    with FakeHub() as hub:
+        hub.add("org/slow-random", "slow.gguf", data)
+        hold = hub.fault("cdn", Fault("hold", after=len(data) // 2))
+        registry = tmp_path / "hub-profiles.yaml"
+        registry.write_text(HUB_PROFILE.format(port=free_port()))
+        worker = spawn_worker(
+            ready=False,
+            parallel=1,
+            LLM_PROFILES_CONFIG_PATH=str(registry),
+            HF_HUB_OFFLINE="0",
+            HF_ENDPOINT=hub.endpoint,
+            ORION_LLAMACPP_DOWNLOAD_STALL_SEC="60",
+        )
+        await wait_until_async(
+            lambda: any(b["details"]["state"] == "downloading" for b in beats(recorder, "w1")),
+            timeout=30,
+            what="a beat while downloading",
+        )
+        assert hold.reached.is_set()
+        worker.signal(signal.SIGTERM)
+        try:
+            # Bounds the wait only: held, the read would end when the hub lets go (30 s).
+            assert worker.proc.wait(15) == 0, worker.log()[-2000:]
+        finally:
+            hold.release.set()
+
+
+async def test_a_lock_that_cannot_be_taken_fails_the_worker_with_the_reason(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, tmp_path: Path, subprocess_env: dict
+) -> None:
+    """The download's lock file cannot be created (a folder in its place here; under
+    Docker, a cache the container's user may not write): the worker fails, saying so,
+    where filelock's error, which no layer translated, ended in a traceback and a clean
+    ``stopped`` on the bus, as if an operator had stopped it."""
+    registry = tmp_path / "hub-profiles.yaml"
+    registry.write_text(HUB_PROFILE.format(port=free_port()))
+    cache = Path(subprocess_env["LLM_CACHE_DIR"])
+    (cache / "gguf" / ".orion" / "locks" / "slow.gguf.lock").mkdir(parents=True)
+    worker = spawn_worker(
+        ready=False,
+        LLM_PROFILES_CONFIG_PATH=str(registry),
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT="http://127.0.0.1:9",  # never reached: the lock comes first
+    )
+    await wait_until_async(lambda: worker.proc.poll() is not None, what="the worker to exit")
+    assert worker.proc.returncode == 1
+    last = announcements(recorder, worker.name)[-1]["payload"]
+    assert last["state"] == "failed" and "cannot take the lock" in last["reason"], last
+    (error,) = [m.message["payload"] for m in recorder.on("orion:system:error")]
+    assert "cannot take the lock" in error["details"]["message"]
+    assert "Traceback" not in worker.log()
+
+
 async def test_status_follows_real_engine_events(
     spawn_worker: SpawnWorker, recorder: BusRecorder, llama_server_bin: Path
 ) -> None:
@@ -238,12 +298,13 @@ async def test_status_follows_real_engine_events(
 
 
 async def test_a_worker_that_cannot_start_says_failed_to_the_end(
-    spawn_worker: SpawnWorker, recorder: BusRecorder
+    spawn_worker: SpawnWorker, recorder: BusRecorder, subprocess_env: dict
 ) -> None:
     """Its model missing (offline, nothing to download), the worker gives up: its last
     heartbeat and announcement say ``failed`` with the reason, where the stop that
     followed used to make them ``draining`` and then ``stopped``, as after an operator's
-    stop."""
+    stop; and its last beat stays under its liveness key (``health`` says why), where
+    the exit removed it as a clean stop does."""
     worker = spawn_worker(ready=False, LLAMACPP_MODEL_PATH_OVERRIDE="missing.gguf")
     await wait_until_async(
         lambda: worker.proc.poll() is not None, timeout=30, what="the worker to exit"
@@ -257,6 +318,9 @@ async def test_a_worker_that_cannot_start_says_failed_to_the_end(
     ), states
     last = announcements(recorder, worker.name)[-1]["payload"]
     assert "missing.gguf" in last["reason"] and last["engine_pid"] is None, last
+    told = health(subprocess_env, worker.name)
+    assert told.returncode == 1 and "down (failed)" in told.stdout, told
+    assert "missing.gguf" in told.stdout
 
 
 NOT_TINY = "profiles:\n  other:\n    backend: vllm\n    model_id: some/model\n"
