@@ -7,10 +7,12 @@ verify and re-fetch the model when llama-server says the file is corrupt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from orion_llamaccp.engine.plan import ServicePlan, build_plan
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor, SupervisorPolicy
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from orion_llamaccp.model.progress import ProgressHook
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 async def prepare_model(plan: ServicePlan, progress: ProgressHook | None = None) -> ResolvedModel:
@@ -38,15 +42,46 @@ async def prepare_model(plan: ServicePlan, progress: ProgressHook | None = None)
 async def _cancellable(
     fetch: Callable[..., ResolvedModel], plan: ServicePlan, progress: ProgressHook | None
 ) -> ResolvedModel:
-    """``fetch`` in a thread that a cancel of the awaiting coroutine stops at its next chunk."""
+    """``fetch`` in a thread that a cancel of the awaiting coroutine stops at its next chunk.
+
+    A thread of its own, which the process does not wait for as it exits, not the loop's
+    default executor, which it does: a read stalled mid-download (up to the stall timeout)
+    or the hash of a 40 GB file held a stop's exit that long after its goodbye. Cancelled,
+    the thread is told to stop and left behind; the download resumes from its partial
+    file next time, and the OS drops the file's lock with the process.
+    """
     cancel = threading.Event()
     try:
         return await asyncio.shield(
-            asyncio.to_thread(fetch, plan.profile, plan.settings, progress=progress, cancel=cancel)
+            _in_daemon_thread(fetch, plan.profile, plan.settings, progress=progress, cancel=cancel)
         )
     except asyncio.CancelledError:
         cancel.set()
         raise
+
+
+def _in_daemon_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # whatever ends the thread, the awaiting coroutine hears
+            done = functools.partial(future.set_exception, exc)
+        else:
+            done = functools.partial(future.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, done)
+
+    threading.Thread(
+        target=run, name=f"fetch-{getattr(fn, '__name__', 'model')}", daemon=True
+    ).start()
+    return future
 
 
 def make_supervisor(
