@@ -14,6 +14,7 @@ from enum import StrEnum
 class Cause(StrEnum):
     CORRUPT_MODEL = "corrupt_model"
     UNKNOWN_FLAG = "unknown_flag"
+    BAD_FLAG_VALUE = "bad_flag_value"
     OUT_OF_MEMORY = "out_of_memory"
     PORT_IN_USE = "port_in_use"
     MODEL_NOT_FOUND = "model_not_found"
@@ -47,6 +48,12 @@ _RULES: list[tuple[Cause, re.Pattern[str], str]] = [
         re.compile(r"invalid argument: \S+|unknown argument: \S+|error: unrecognized", re.I),
         "this llama-server build does not know a flag we passed: check the flag's current "
         "name in `llama-server --help`, then fix the profile knob or llamacpp.extra_args",
+    ),
+    (
+        Cause.BAD_FLAG_VALUE,
+        re.compile(r"error while handling argument", re.I),
+        "llama-server refused the value of a flag we passed: fix the profile knob or "
+        "llamacpp.extra_args (`orion-llamaccp command` shows the command line)",
     ),
     (
         Cause.OUT_OF_MEMORY,

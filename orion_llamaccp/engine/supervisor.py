@@ -58,7 +58,9 @@ _ALIVE = frozenset(
 
 
 # Faults that a plain restart cannot fix: fail at once instead of looping.
-FATAL = frozenset({Cause.UNKNOWN_FLAG, Cause.OUT_OF_MEMORY, Cause.MODEL_NOT_FOUND})
+FATAL = frozenset(
+    {Cause.UNKNOWN_FLAG, Cause.BAD_FLAG_VALUE, Cause.OUT_OF_MEMORY, Cause.MODEL_NOT_FOUND}
+)
 
 
 @dataclass(frozen=True)

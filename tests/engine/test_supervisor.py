@@ -193,6 +193,25 @@ async def test_unknown_flag_fails_at_once_with_clear_error(make_launch: LaunchFa
     await supervisor.stop()
 
 
+async def test_a_flag_value_llama_server_refuses_fails_at_once_with_clear_error(
+    make_launch: LaunchFactory,
+) -> None:
+    """A known flag with a value llama-server cannot read (``--batch-size notanumber`` in
+    ``extra_args``): no restart can fix it, so no crash loop of five tries ending in "crash
+    loop" without a hint, as before."""
+    supervisor = Supervisor(
+        make_launch(extra_args=["--batch-size", "notanumber"]),
+        environ=dict(os.environ),
+        policy=FAST,
+    )
+    with pytest.raises(EngineStartError) as err:
+        await supervisor.start()
+    assert supervisor.restarts == 0
+    assert "refused the value of a flag" in str(err.value), err.value
+    assert '"--batch-size"' in str(err.value)
+    await supervisor.stop()
+
+
 def _truncate(path: Path) -> bytes:
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])
@@ -325,6 +344,7 @@ def test_known_fatal_messages_are_diagnosed() -> None:
         "error loading model: missing tensor 'blk.0.attn_q.weight'": Cause.CORRUPT_MODEL,
         "error loading model: wrong number of tensors; expected 291, got 290": Cause.CORRUPT_MODEL,
         "error: invalid argument: --n-parallel": Cause.UNKNOWN_FLAG,
+        'error while handling argument "--batch-size": stoi': Cause.BAD_FLAG_VALUE,
         "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000 MiB on device 0: "
         "cudaMalloc failed: out of memory": Cause.OUT_OF_MEMORY,
         "start: couldn't bind HTTP server socket, port: 8080": Cause.PORT_IN_USE,
