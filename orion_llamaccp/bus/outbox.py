@@ -8,7 +8,7 @@ is rendered once per request and only ``id``, ``created_at`` and the payload cha
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 import orjson
@@ -23,6 +23,9 @@ from orion_llamaccp.bus.envelope import (
     Envelope,
     ServiceRef,
 )
+
+if TYPE_CHECKING:
+    from orion_llamaccp.settings import Settings
 
 
 def _now() -> str:
@@ -55,6 +58,18 @@ class Outbox:
     def __init__(self, source: ServiceRef) -> None:
         self.source = source
         self._source = source.model_dump(mode="json")
+
+    @classmethod
+    def of(cls, settings: Settings) -> Outbox:
+        """The outbox of the service these settings describe (name, node, version, id)."""
+        return cls(
+            ServiceRef(
+                name=settings.service_name,
+                node=settings.node_name,
+                version=settings.service_version,
+                instance=settings.instance_id,
+            )
+        )
 
     def envelope(
         self,

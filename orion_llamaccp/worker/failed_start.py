@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.claims import Claims
-from orion_llamaccp.bus.envelope import HEALTH, ServiceRef, SystemHealthV1
+from orion_llamaccp.bus.envelope import HEALTH, SystemHealthV1
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import Publisher
@@ -51,14 +51,7 @@ class FailedStart:
         self.reason = reason
         self.profile = settings.profile_name
         self.channel = channels_for(settings, self.profile).intake
-        self.outbox = Outbox(
-            ServiceRef(
-                name=settings.service_name,
-                node=settings.node_name,
-                version=settings.service_version,
-                instance=settings.instance_id,
-            )
-        )
+        self.outbox = Outbox.of(settings)
 
     async def tell_fleet(self, timeout: float) -> None:
         """The ``down`` beat and the ``system.error``; first, so a slow Redis cannot leave

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus.claims import Claims
 from orion_llamaccp.bus.codec import decode_envelope, loads_object
-from orion_llamaccp.bus.envelope import ServiceRef, as_utc
+from orion_llamaccp.bus.envelope import as_utc
 from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
@@ -71,14 +71,7 @@ class Worker:
         self.profile = plan.profile
         self.redis = redis
         self.stats = Stats()
-        self.outbox = Outbox(
-            ServiceRef(
-                name=settings.service_name,
-                node=settings.node_name,
-                version=settings.service_version,
-                instance=settings.instance_id,
-            )
-        )
+        self.outbox = Outbox.of(settings)
         # One set of connections below redis-py's client layers for every round trip that
         # stands before a caller's answer (bus/lane.py), closed once at the end.
         self.lane = Lane(redis)

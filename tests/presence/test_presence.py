@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from tests.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
 from tests.model.hub_server import FakeHub, Fault
 from tests.support.procs import free_port, wait_until, wait_until_async
-from tests.support.workers import BusRecorder
+from tests.support.workers import BusRecorder, WorkerProc
 
 HI = [{"role": "user", "content": "hello there"}]
 HEALTH_KEYS = {
@@ -69,6 +71,43 @@ profiles:
 """
 
 
+@contextlib.contextmanager
+def held_download(
+    spawn_worker: SpawnWorker, model: Path, tmp_path: Path, name: str = "w1", **env: str
+) -> Iterator[tuple[WorkerProc, Fault, int]]:
+    """A worker whose model comes from a local Hub that holds the download half-way until
+    ``hold.release`` is set; yields the worker, the hold and the file's size."""
+    data = model.read_bytes()
+    with FakeHub() as hub:
+        hub.add("org/slow-random", "slow.gguf", data)
+        hold = hub.fault("cdn", Fault("hold", after=len(data) // 2))
+        registry = tmp_path / "hub-profiles.yaml"
+        registry.write_text(HUB_PROFILE.format(port=free_port()))
+        worker = spawn_worker(
+            name,
+            ready=False,
+            parallel=1,
+            ctx=16384,
+            LLM_PROFILES_CONFIG_PATH=str(registry),
+            HF_HUB_OFFLINE="0",
+            HF_ENDPOINT=hub.endpoint,
+            **env,
+        )
+        yield worker, hold, len(data)
+
+
+async def downloading(recorder: BusRecorder, instance: str, count: int = 1) -> list[dict]:
+    """Once ``count`` heartbeats of ``instance`` said ``downloading``: those beats."""
+
+    def seen() -> list[dict]:
+        found = [b for b in beats(recorder, instance) if b["details"]["state"] == "downloading"]
+        return found if len(found) >= count else []
+
+    found = await wait_until_async(seen, timeout=30, what=f"{count} beat(s) while downloading")
+    assert isinstance(found, list)
+    return found
+
+
 async def test_heartbeats_keep_coming_during_a_download_and_a_generation(
     spawn_worker: SpawnWorker,
     recorder: BusRecorder,
@@ -79,43 +118,17 @@ async def test_heartbeats_keep_coming_during_a_download_and_a_generation(
     """Beats keep coming, with the interval they claim, while a download is held mid-file
     and while a long generation streams: counted, not timed (the gaps between them are
     wall-clock figures, which a loaded CI machine stretches)."""
-    data = slow_model.read_bytes()  # noqa: ASYNC240 - a test fixture file, read once
-    with FakeHub() as hub:
-        hub.add("org/slow-random", "slow.gguf", data)
-        hold = hub.fault("cdn", Fault("hold", after=len(data) // 2))
-        registry = tmp_path / "hub-profiles.yaml"
-        registry.write_text(HUB_PROFILE.format(port=free_port()))
-        worker = spawn_worker(
-            ready=False,
-            parallel=1,
-            ctx=16384,
-            LLM_PROFILES_CONFIG_PATH=str(registry),
-            HF_HUB_OFFLINE="0",
-            HF_ENDPOINT=hub.endpoint,
-            HEARTBEAT_INTERVAL_SEC="0.5",
-        )
-        await wait_until_async(
-            lambda: (
-                len(
-                    [
-                        b
-                        for b in beats(recorder, worker.name)
-                        if b["details"]["state"] == "downloading"
-                    ]
-                )
-                >= 8
-            ),
-            timeout=30,
-            what="8 beats while downloading",
-        )
-        during_download = [
-            b for b in beats(recorder, worker.name) if b["details"]["state"] == "downloading"
-        ]
+    with held_download(spawn_worker, slow_model, tmp_path, HEARTBEAT_INTERVAL_SEC="0.5") as (
+        worker,
+        hold,
+        size,
+    ):
+        during_download = await downloading(recorder, worker.name, 8)
         assert hold.reached.is_set()
         assert {b["status"] for b in during_download} == {"degraded"}
         progress = during_download[-1]["details"]["progress"]
         assert progress["phase"] == "downloading" and progress["filename"] == "slow.gguf"
-        assert 0 < progress["bytes_done"] < len(data) == progress["bytes_total"]
+        assert 0 < progress["bytes_done"] < size == progress["bytes_total"]
         hold.release.set()
         worker.wait_ready()
     before = len(beats(recorder, worker.name))
@@ -160,30 +173,12 @@ async def test_health_is_the_worker_s_own_beat_healthy_while_downloading_and_gon
     ``/health`` says 503 all along, but not ``--ready``; ready, both; another instance's
     beat is not its own; stopped cleanly (the key removed), unhealthy again."""
     assert health(subprocess_env, "w1").returncode == 1
-    data = slow_model.read_bytes()  # noqa: ASYNC240 - a test fixture file, read once
-    with FakeHub() as hub:
-        hub.add("org/slow-random", "slow.gguf", data)
-        hold = hub.fault("cdn", Fault("hold", after=len(data) // 2))
-        registry = tmp_path / "hub-profiles.yaml"
-        registry.write_text(HUB_PROFILE.format(port=free_port()))
-        worker = spawn_worker(
-            "w1",
-            ready=False,
-            parallel=1,
-            ctx=16384,
-            LLM_PROFILES_CONFIG_PATH=str(registry),
-            HF_HUB_OFFLINE="0",
-            HF_ENDPOINT=hub.endpoint,
-        )
-        await wait_until_async(
-            lambda: any(b["details"]["state"] == "downloading" for b in beats(recorder, "w1")),
-            timeout=30,
-            what="a beat while downloading",
-        )
+    with held_download(spawn_worker, slow_model, tmp_path) as (worker, hold, _):
+        await downloading(recorder, "w1")
         assert hold.reached.is_set()
-        downloading = health(subprocess_env, "w1")
-        assert downloading.returncode == 0, downloading.stdout + downloading.stderr
-        assert downloading.stdout.startswith("healthy: orion-llamaccp w1: degraded (downloading)")
+        told = health(subprocess_env, "w1")
+        assert told.returncode == 0, told.stdout + told.stderr
+        assert told.stdout.startswith("healthy: orion-llamaccp w1: degraded (downloading)")
         assert health(subprocess_env, "w1", "--ready").returncode == 1
         hold.release.set()
         worker.wait_ready()
@@ -204,25 +199,10 @@ async def test_a_stop_during_a_stalled_download_exits_without_waiting_for_the_re
     """SIGTERM while the download is held mid-file (no byte comes, and the stall timeout
     is a minute): the worker says goodbye and exits at once, exit status 0. Its download
     thread used to be the loop's, which the exit waited for: as long as the read stalled."""
-    data = slow_model.read_bytes()  # noqa: ASYNC240 - a test fixture file, read once
-    with FakeHub() as hub:
-        hub.add("org/slow-random", "slow.gguf", data)
-        hold = hub.fault("cdn", Fault("hold", after=len(data) // 2))
-        registry = tmp_path / "hub-profiles.yaml"
-        registry.write_text(HUB_PROFILE.format(port=free_port()))
-        worker = spawn_worker(
-            ready=False,
-            parallel=1,
-            LLM_PROFILES_CONFIG_PATH=str(registry),
-            HF_HUB_OFFLINE="0",
-            HF_ENDPOINT=hub.endpoint,
-            ORION_LLAMACPP_DOWNLOAD_STALL_SEC="60",
-        )
-        await wait_until_async(
-            lambda: any(b["details"]["state"] == "downloading" for b in beats(recorder, "w1")),
-            timeout=30,
-            what="a beat while downloading",
-        )
+    with held_download(
+        spawn_worker, slow_model, tmp_path, ORION_LLAMACPP_DOWNLOAD_STALL_SEC="60"
+    ) as (worker, hold, _):
+        await downloading(recorder, "w1")
         assert hold.reached.is_set()
         worker.signal(signal.SIGTERM)
         try:
