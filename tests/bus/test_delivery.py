@@ -496,14 +496,19 @@ async def test_a_request_that_expires_while_it_waits_for_a_slot_after_its_time_i
     after it, and when its time comes waits for the slot past its expiry: it is answered
     ``expired`` at its expiry, while the long one still runs, and not generated. Its
     expiry used to be checked before the wait only, and then once it had the slot."""
-    worker = spawn_worker(slow=True, parallel=1)
+    worker = spawn_worker(slow=True, parallel=1, ctx=16384)
     await wait_replicas_counted(recorder, redis_url, INTAKE, [worker.name])
     now_ms = time.time() * 1000
     work = {"not_before_ms": int(now_ms + 1500), "expires_at_ms": int(now_ms + 2500)}
     later = bus.request(HI, profile="tiny", options={"max_tokens": TOKENS}, trace={"work": work})
     await _send_until_taken(bus, redis_url, later, via)
-    long = bus.request(HI, profile="tiny", options={"max_tokens": 6000, "ignore_eos": True})
+    # About 11 s of the slow model here: still running at the expiry on a machine several
+    # times faster; cancelled once the other is answered.
+    long = bus.request(HI, profile="tiny", options={"max_tokens": 15_000, "ignore_eos": True})
     await bus.send(long, profile="tiny")
+    await _results(recorder, [later], timeout=60)
+    await bus.cancel(long["correlation_id"])
     answers = await _results(recorder, [later, long], timeout=60)
     assert answers[0][0].message["payload"].get("error") == "expired", answers[0][0].message
     assert answers[0][0].at < answers[1][0].at  # not after the long one's slot freed
+    assert answers[1][0].message["payload"].get("error") == "cancelled"  # it was running
