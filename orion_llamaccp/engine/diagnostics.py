@@ -51,7 +51,7 @@ _RULES: list[tuple[Cause, re.Pattern[str], str]] = [
     ),
     (
         Cause.BAD_FLAG_VALUE,
-        re.compile(r"error while handling argument", re.I),
+        re.compile(r"error while handling (argument|environment variable)", re.I),
         "llama-server refused the value of a flag we passed: fix the profile knob or "
         "llamacpp.extra_args (`orion-llamaccp command` shows the command line)",
     ),

@@ -71,6 +71,8 @@ def _in_daemon_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asy
     def run() -> None:
         try:
             result = fn(*args, **kwargs)
+        except StopIteration as exc:  # a future cannot hold one: it would never be settled
+            done = functools.partial(future.set_exception, RuntimeError(repr(exc)))
         except BaseException as exc:  # whatever ends the thread, the awaiting coroutine hears
             done = functools.partial(future.set_exception, exc)
         else:

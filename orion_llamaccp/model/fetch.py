@@ -280,13 +280,6 @@ class _Fetcher:
     def _install(
         self, target: Target, fetched: Fetched, info: GgufInfo, aside: tuple[Path, ...]
     ) -> _Checked:
-        try:
-            target.path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(fetched.partial, target.path)
-        except OSError as exc:
-            raise ModelError(
-                f"cannot move the downloaded {fetched.partial} to {target.path}: {exc.strerror}"
-            ) from exc
         store.write_record(
             self.root,
             target.path,
@@ -294,7 +287,15 @@ class _Fetcher:
             repo_id=fetched.remote.source.repo_id,
             revision=fetched.remote.source.revision,
             commit=fetched.remote.commit,
+            like=fetched.partial,
         )
+        try:
+            target.path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(fetched.partial, target.path)
+        except OSError as exc:
+            raise ModelError(
+                f"cannot move the downloaded {fetched.partial} to {target.path}: {exc.strerror}"
+            ) from exc
         log.info("downloaded %s (%d bytes, sha256 %s)", target.path, info.size, fetched.sha256)
         info = dataclasses.replace(info, path=target.path)
         return _Checked(target.path, info, fetched.sha256, downloaded=True, moved_aside=aside)

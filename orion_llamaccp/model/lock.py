@@ -58,3 +58,5 @@ def _wait(lock: FileLock, what: str, cancel: threading.Event | None) -> None:
         lock.acquire(timeout=-1, poll_interval=POLL_SEC, cancel_check=cancelled)
     except Timeout:
         raise DownloadError(f"cancelled while waiting for the lock on {what}") from None
+    except OSError as exc:  # its folder removed meanwhile, say
+        raise ModelError(f"cannot take the lock {lock.lock_file} for {what}: {exc}") from exc

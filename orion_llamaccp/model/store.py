@@ -94,9 +94,16 @@ def write_record(
     repo_id: str | None = None,
     revision: str | None = None,
     commit: str | None = None,
+    like: Path | None = None,
 ) -> FileRecord:
-    """Record the file as it is now; a read-only ``model_root`` only costs a warning."""
-    stat = path.stat()
+    """Record the file as it is now; a read-only ``model_root`` only costs a warning.
+
+    ``like``: the file whose size and time to record, about to be renamed to ``path``
+    (a rename keeps both): recorded first, a download cut between the two steps leaves a
+    record without its file, which the next download replaces, never a file without its
+    record, which would pass for one copied by hand (no sha256, no source).
+    """
+    stat = (like or path).stat()
     record = FileRecord(
         size=stat.st_size,
         mtime_ns=stat.st_mtime_ns,

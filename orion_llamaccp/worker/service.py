@@ -211,9 +211,11 @@ class Worker:
     async def _listening_unless(self, stop: asyncio.Event, timeout: float) -> bool:
         listening = asyncio.create_task(self.intake.listening(timeout))
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({listening, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        listening.cancel()
+        try:
+            await asyncio.wait({listening, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            listening.cancel()
         return self.listener.subscribed.is_set()
 
     async def _serve(self, stop: asyncio.Event, intake_stop: asyncio.Event) -> int:

@@ -81,3 +81,22 @@ def test_an_answer_may_wait_as_long_as_the_request_timeout_for_its_first_byte(
     assert policy.read_timeout > 3600
     launch = LaunchSpec(argv=("llama-server",), env={}, host="127.0.0.1", port=1)
     assert Supervisor(launch, environ={}, policy=policy).client.read_timeout > 3600
+
+
+async def test_the_fetch_thread_hands_back_results_and_every_error() -> None:
+    """The model is fetched in a daemon thread of its own (a stop must not wait for it):
+    what it returns or raises reaches the coroutine, a ``StopIteration`` too, which a
+    future cannot hold and which left the worker ``downloading`` for good."""
+    from orion_llamaccp.engine.runtime import _in_daemon_thread
+
+    def stop_iteration() -> None:
+        raise StopIteration
+
+    def fails() -> None:
+        raise ValueError("no")
+
+    assert await _in_daemon_thread(lambda a, b=0: a + b, 1, b=2) == 3
+    with pytest.raises(ValueError, match="no"):
+        await _in_daemon_thread(fails)
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        await asyncio.wait_for(_in_daemon_thread(stop_iteration), 10)

@@ -345,6 +345,7 @@ def test_known_fatal_messages_are_diagnosed() -> None:
         "error loading model: wrong number of tensors; expected 291, got 290": Cause.CORRUPT_MODEL,
         "error: invalid argument: --n-parallel": Cause.UNKNOWN_FLAG,
         'error while handling argument "--batch-size": stoi': Cause.BAD_FLAG_VALUE,
+        'error while handling environment variable "LLAMA_ARG_BATCH": stoi': Cause.BAD_FLAG_VALUE,
         "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000 MiB on device 0: "
         "cudaMalloc failed: out of memory": Cause.OUT_OF_MEMORY,
         "start: couldn't bind HTTP server socket, port: 8080": Cause.PORT_IN_USE,

@@ -48,3 +48,18 @@ def test_move_aside_never_overwrites_earlier_evidence(tmp_path: Path) -> None:
     assert [p.read_bytes() for p in moved] == [b"first", b"second"]
     assert all(p.name.startswith("m.gguf.corrupt-") for p in moved)
     assert not model.exists()
+
+
+def test_a_record_written_for_the_partial_holds_once_it_is_renamed(tmp_path: Path) -> None:
+    """A download records its file before the rename that installs it (``like``): a stop
+    between the two leaves a record without its file, never a file without its record."""
+    model = tmp_path / "m.gguf"
+    partial = store.partial_path(tmp_path, model, "a" * 64)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"downloaded")
+    store.write_record(tmp_path, model, sha256="f" * 64, like=partial)
+    assert store.read_record(tmp_path, model) is None  # no file yet: nothing to hold for
+
+    partial.rename(model)
+    record = store.read_record(tmp_path, model)
+    assert record is not None and record.sha256 == "f" * 64 and record.size == len(b"downloaded")
