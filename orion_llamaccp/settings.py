@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     hf_token: SecretStr | None = Field(None, validation_alias="HF_TOKEN")
     hf_hub_offline: bool = Field(False, validation_alias="HF_HUB_OFFLINE")
     hf_endpoint: str | None = Field(None, validation_alias="HF_ENDPOINT")
+    # The llama-server URL other hosts reach, announced as ``engine_url``; unset: the
+    # worker's own view (its host and port), which a llama-server in a container or bound
+    # to 0.0.0.0 makes useless elsewhere.
+    engine_advertise_url: str | None = Field(None, validation_alias="ORION_LLAMACPP_ADVERTISE_URL")
     # Model downloads: no bytes for `stall` seconds aborts an attempt (it resumes);
     # no bytes for `deadline` seconds across retries gives up.
     download_stall_sec: float = Field(
@@ -249,6 +253,20 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("engine_advertise_url", mode="before")
+    @classmethod
+    def _advertised_url(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            return value  # blank: unset (``_blank``)
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "must be the http:// or https:// URL other hosts reach llama-server at "
+                "(for example http://atlas:8080)"
+            )
+        return value
+
     @cached_property
     def overrides(self) -> Overrides:
         return Overrides()
@@ -281,6 +299,7 @@ class Settings(BaseSettings):
         found = [self.hf_token.get_secret_value() if self.hf_token else ""]
         found.extend(url_passwords(self.bus_url.get_secret_value()))
         found.extend(url_passwords(self.hf_endpoint or ""))  # a mirror's user and password
+        found.extend(url_passwords(self.engine_advertise_url or ""))
         return list(dict.fromkeys(value for value in found if len(value) >= 4))
 
     def redact(self, text: str) -> str:

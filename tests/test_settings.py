@@ -205,3 +205,15 @@ def test_a_hub_endpoint_that_is_not_an_http_url_is_refused_at_start(
     assert "s3cretpw" not in message
     monkeypatch.setenv("HF_ENDPOINT", " https://hf-mirror.example.com ")
     assert load_settings().hf_endpoint == "https://hf-mirror.example.com"
+
+
+def test_the_advertised_engine_url_must_be_a_url_and_its_password_is_a_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ORION_LLAMACPP_ADVERTISE_URL", "atlas:8080")
+    with pytest.raises(ConfigError, match="other hosts reach llama-server at"):
+        load_settings()
+    monkeypatch.setenv("ORION_LLAMACPP_ADVERTISE_URL", " http://user:pa55word@atlas:8080/ ")
+    settings = load_settings()
+    assert settings.engine_advertise_url == "http://user:pa55word@atlas:8080"
+    assert "pa55word" not in settings.redact(settings.engine_advertise_url)

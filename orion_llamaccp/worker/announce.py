@@ -123,6 +123,14 @@ class WorkerView:
         said = self.error or self.engine_reason
         return self.worker.settings.redact(said) if said else None
 
+    def _engine_url(self) -> str:
+        """Where other hosts reach llama-server (``ORION_LLAMACPP_ADVERTISE_URL``, any
+        password in it masked), else where this worker does."""
+        settings = self.worker.settings
+        if settings.engine_advertise_url:
+            return settings.redact(settings.engine_advertise_url)
+        return self.worker.plan.launch.base_url
+
     async def announcement(self) -> dict[str, Any]:
         worker = self.worker
         profile = worker.profile
@@ -154,7 +162,7 @@ class WorkerView:
             "intake_stream": self.channels.stream,
             "stream_group": self.channels.group,
             "dlq_stream": self.channels.dlq,
-            "engine_url": launch.base_url,
+            "engine_url": self._engine_url(),
             "engine_pid": worker.supervisor.pid,
             "metrics_port": self.metrics_port,
             "heartbeat_interval_sec": worker.settings.heartbeat_interval_sec,

@@ -396,6 +396,20 @@ async def test_a_worker_that_cannot_be_built_leaves_what_it_heard_to_a_replica(
     assert beat["status"] == "down"
 
 
+async def test_the_announced_engine_url_is_the_advertised_one_when_set(
+    spawn_worker: SpawnWorker,
+) -> None:
+    """A llama-server in a container is announced at the container's own view
+    (``http://127.0.0.1:8080``), which no other host can use: ``ORION_LLAMACPP_ADVERTISE_URL``
+    names the reachable one, its password masked."""
+    plain = spawn_worker("plain").announcement()
+    assert plain is not None and plain["engine_url"].startswith("http://127.0.0.1:"), plain
+    told = spawn_worker(
+        "told", ORION_LLAMACPP_ADVERTISE_URL="http://ops:pa55word@atlas.example:18080/"
+    ).announcement()
+    assert told is not None and told["engine_url"] == "http://ops:***@atlas.example:18080", told
+
+
 async def test_every_heartbeat_is_exactly_system_health_v1(
     spawn_worker: SpawnWorker, recorder: BusRecorder
 ) -> None:
