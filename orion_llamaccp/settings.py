@@ -96,6 +96,17 @@ class Overrides(BaseSettings):
         return value
 
 
+def _http_url(value: Any, what: str) -> Any:
+    """``value`` stripped, if it is an http(s) URL with a host; blank passes (unset)."""
+    if not isinstance(value, str) or not value.strip():
+        return value  # blank: unset (``_blank``)
+    value = value.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be the http:// or https:// URL {what}")
+    return value
+
+
 class Settings(BaseSettings):
     """Everything the process reads from its environment (and an optional ``.env``)."""
 
@@ -242,30 +253,15 @@ class Settings(BaseSettings):
     def _hub_url(cls, value: Any) -> Any:
         """A Hub or mirror URL: without its scheme, every request failed as a network
         error, retried until the download deadline (10 minutes a file)."""
-        if not isinstance(value, str) or not value.strip():
-            return value  # blank: unset (``_blank``)
-        value = value.strip()
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                "must be the http:// or https:// URL of the Hub or a mirror "
-                "(for example https://hf-mirror.example.com)"
-            )
-        return value
+        return _http_url(
+            value, "of the Hub or a mirror (for example https://hf-mirror.example.com)"
+        )
 
     @field_validator("engine_advertise_url", mode="before")
     @classmethod
     def _advertised_url(cls, value: Any) -> Any:
-        if not isinstance(value, str) or not value.strip():
-            return value  # blank: unset (``_blank``)
-        value = value.strip().rstrip("/")
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                "must be the http:// or https:// URL other hosts reach llama-server at "
-                "(for example http://atlas:8080)"
-            )
-        return value
+        url = _http_url(value, "other hosts reach llama-server at (for example http://atlas:8080)")
+        return url.rstrip("/") if isinstance(url, str) else url
 
     @cached_property
     def overrides(self) -> Overrides:
