@@ -70,6 +70,39 @@ async def every(
             tick += int(behind // interval) + 1
 
 
+async def beat(
+    redis: aioredis.Redis,
+    outbox: Outbox,
+    *,
+    boot_id: str,
+    interval: float,
+    channel: str,
+    details: dict[str, Any],
+) -> dict[str, Any]:
+    """One ``system.health.v1`` of ``outbox``'s service on ``channel``, its status from
+    ``details["state"]``, also kept under the service's liveness key for three intervals
+    (``ps``, ``health``). Returns the payload."""
+    service = outbox.source
+    payload = SystemHealthV1(
+        service=service.name,
+        node=service.node,
+        version=service.version,
+        instance=str(service.instance),
+        boot_id=boot_id,
+        status=STATUS.get(str(details.get("state")), "degraded"),
+        last_seen_ts=datetime.now(UTC),
+        heartbeat_interval_sec=interval,
+        details=details,
+    ).model_dump(mode="json")
+    message = outbox.encode(HEALTH, payload)
+    ttl = max(int(interval * 3 + 0.999), 1)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.publish(channel, message)
+        pipe.set(keys.liveness(service.name, str(service.instance)), message, ex=ttl)
+        await pipe.execute()
+    return payload
+
+
 class Presence:
     """Heartbeats and announcements of one worker; ``snapshot`` supplies live figures."""
 
@@ -110,24 +143,14 @@ class Presence:
 
     async def heartbeat(self) -> dict[str, Any]:
         details = await self.snapshot()
-        payload = SystemHealthV1(
-            service=str(self.service["name"]),
-            node=self.service.get("node"),
-            version=self.service.get("version"),
-            instance=self.instance,
+        payload = await beat(
+            self.redis,
+            self.outbox,
             boot_id=self.boot_id,
-            status=STATUS.get(str(details.get("state")), "degraded"),
-            last_seen_ts=datetime.now(UTC),
-            heartbeat_interval_sec=self.interval,
+            interval=self.interval,
+            channel=self.health_channel,
             details=details,
-        ).model_dump(mode="json")
-        message = self.outbox.encode(HEALTH, payload)
-        ttl = max(int(self.interval * 3 + 0.999), 1)
-        liveness = keys.liveness(str(self.service["name"]), self.instance)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.publish(self.health_channel, message)
-            pipe.set(liveness, message, ex=ttl)
-            await pipe.execute()
+        )
         self.beats += 1
         return payload
 

@@ -15,20 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from datetime import UTC, datetime
-from typing import Any
 
 import redis.asyncio as aioredis
 
-from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.claims import Claims
-from orion_llamaccp.bus.envelope import HEALTH, SystemHealthV1
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
+from orion_llamaccp.bus.presence import beat
 from orion_llamaccp.bus.replies import Publisher
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import channels_for
-from orion_llamaccp.worker.jobs import Job, decode_job
+from orion_llamaccp.worker.jobs import Failure, Job, decode_job, result_message
 from orion_llamaccp.worker.startup import Intake
 
 log = logging.getLogger(__name__)
@@ -56,14 +53,27 @@ class FailedStart:
     async def tell_fleet(self, timeout: float) -> None:
         """The ``down`` beat and the ``system.error``; first, so a slow Redis cannot leave
         them behind the answers."""
-        details = {"message": self.reason, "profile": self.profile, "retryable": False}
-        beat = self.outbox.encode(HEALTH, self._down_beat())
-        liveness = keys.liveness(self.settings.service_name, self.settings.instance_id)
-        async with asyncio.timeout(timeout), self.redis.pipeline(transaction=False) as pipe:
-            pipe.publish(self.settings.health_channel, beat)
-            pipe.set(liveness, beat, ex=max(int(self.settings.heartbeat_interval_sec * 3), 1))
-            pipe.publish(self.settings.error_channel, self.outbox.system_error(ERROR_CODE, details))
-            await pipe.execute()
+        error = {"message": self.reason, "profile": self.profile, "retryable": False}
+        # No slots: ``ps`` and ``watch`` list a llama.cpp host by its profile and slots.
+        down = {
+            "profile": self.profile,
+            "state": "failed",
+            "reason": self.reason,
+            "slots_busy": 0,
+            "slots_total": 0,
+        }
+        async with asyncio.timeout(timeout):
+            await beat(
+                self.redis,
+                self.outbox,
+                boot_id=str(uuid.uuid4()),
+                interval=self.settings.heartbeat_interval_sec,
+                channel=self.settings.health_channel,
+                details=down,
+            )
+            await self.redis.publish(
+                self.settings.error_channel, self.outbox.system_error(ERROR_CODE, error)
+            )
 
     async def answer_heard(self) -> int:
         """Leave the channels (every message heard is in the inbox then), and answer each
@@ -98,46 +108,15 @@ class FailedStart:
     async def _answer(self, job: Job, claims: Claims, publisher: Publisher) -> None:
         reply_to = job.reply_to
         assert reply_to is not None
-        payload = {
-            "error": ERROR_CODE,
-            "details": {
-                "message": f"the worker could not start: {self.reason}",
-                "retryable": False,
-            },
-            "meta": {
-                "served_by": self.settings.service_name,
-                "profile": self.profile,
-                "instance": self.settings.instance_id,
-                "transport": job.transport,
-            },
-        }
-        message = (
-            self.outbox.result(job.envelope, payload)
-            if job.envelope is not None
-            else self.outbox.result_for_undecodable(job.salvaged, payload)
+        failure = Failure(ERROR_CODE, f"the worker could not start: {self.reason}")
+        payload = failure.payload(
+            job,
+            served_by=self.settings.service_name,
+            profile=self.profile,
+            instance=self.settings.instance_id,
         )
+        message = result_message(self.outbox, job, payload)
         stages = [publisher.stage_result(reply_to, job.delivery_id, message)]
         if job.occurrence:  # a message without an id: its resend is a new request
             stages.insert(0, claims.stage_forget(job.key))
         await publisher.commit("result", stages)
-
-    def _down_beat(self) -> dict[str, Any]:
-        """``down`` with the reason; no slots (``ps`` and ``watch`` list a llama.cpp host
-        by its profile and slots)."""
-        return SystemHealthV1(
-            service=self.settings.service_name,
-            node=self.settings.node_name,
-            version=self.settings.service_version,
-            instance=self.settings.instance_id,
-            boot_id=str(uuid.uuid4()),
-            status="down",
-            last_seen_ts=datetime.now(UTC),
-            heartbeat_interval_sec=self.settings.heartbeat_interval_sec,
-            details={
-                "profile": self.profile,
-                "state": "failed",
-                "reason": self.reason,
-                "slots_busy": 0,
-                "slots_total": 0,
-            },
-        ).model_dump(mode="json")

@@ -46,6 +46,7 @@ from orion_llamaccp.worker.jobs import (
     claim_outcome,
     expired,
     expiry,
+    result_message,
 )
 from orion_llamaccp.worker.llama_request import ChatOptions, parse_options
 from orion_llamaccp.worker.stats import Stats
@@ -401,11 +402,7 @@ class ChatHandler:
             stages.insert(0, self.claims.stage_forget(job.key))
         reply_to = job.reply_to
         if reply_to:
-            message = (
-                self.outbox.result(job.envelope, payload)
-                if job.envelope is not None
-                else self.outbox.result_for_undecodable(job.salvaged, payload)
-            )
+            message = result_message(self.outbox, job, payload)
             stages.append(self.publisher.stage_result(reply_to, job.delivery_id, message, record))
         elif record is not None:  # nowhere to answer: stored for duplicates all the same
             stages.append(self.claims.stage(record))
@@ -430,13 +427,13 @@ class ChatHandler:
         if job.entry is not None and (unheard or failure.code in _DEAD_LETTER_CODES):
             await self._dead_letter(job, failure.code, failure.message)
         if reply_to:
-            meta = {
-                "served_by": self.settings.service_name,
-                "profile": self.profile.name,
-                "instance": self.settings.instance_id,
-                "transport": job.transport,
-            }
-            await self._answer(job, {"error": failure.code, "details": details, "meta": meta})
+            payload = failure.payload(
+                job,
+                served_by=self.settings.service_name,
+                profile=self.profile.name,
+                instance=self.settings.instance_id,
+            )
+            await self._answer(job, payload)
         elif job.entry is not None:
             await self._ack(job)
 

@@ -15,6 +15,7 @@ import orjson
 from orion_llamaccp.bus.codec import CONTENT_KEY, decode_envelope, message_key, salvage
 from orion_llamaccp.bus.envelope import Envelope
 from orion_llamaccp.bus.intake import SlotLease, StreamEntry
+from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.engine.client import Sent
 from orion_llamaccp.errors import DecodeError
 
@@ -214,6 +215,24 @@ class Failure(Exception):
 
     def payload_details(self) -> dict[str, Any]:
         return {"message": self.message, "retryable": self.retryable, **self.details}
+
+    def payload(self, job: Job, *, served_by: str, profile: str, instance: str) -> dict[str, Any]:
+        """The result payload that answers ``job`` with this failure, and who answered."""
+        meta = {
+            "served_by": served_by,
+            "profile": profile,
+            "instance": instance,
+            "transport": job.transport,
+        }
+        return {"error": self.code, "details": self.payload_details(), "meta": meta}
+
+
+def result_message(outbox: Outbox, job: Job, payload: dict[str, Any]) -> bytes:
+    """``job``'s ``llm.chat.result``: a reply to its envelope, or, for a message too broken
+    to decode, linked to what could be read of it."""
+    if job.envelope is not None:
+        return outbox.result(job.envelope, payload)
+    return outbox.result_for_undecodable(job.salvaged, payload)
 
 
 def expiry(envelope: Envelope) -> tuple[float, str] | None:
