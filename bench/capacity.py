@@ -469,20 +469,30 @@ def _finish(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Table 2c alone, printed, nothing written: for A/Bs of the paced path."""
+    """Table 2c or 2d alone, printed, nothing written: for A/Bs of the per-read path."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench.capacity", description="table 2c alone (a GPU's pace)"
+        prog="python -m bench.capacity",
+        description="table 2c alone (a GPU's pace), or 2d (--framed: as fast as it can)",
     )
     parser.add_argument("--paced", default="4,16,32", help="requests in flight, comma-separated")
+    parser.add_argument(
+        "--framed", default="", help="table 2d instead, at these requests in flight (e.g. 8,64)"
+    )
     parser.add_argument("--seconds", type=float, default=6.0, help="per point")
     args = parser.parse_args(argv)
-    cfg = CapacityConfig(seconds=args.seconds, paced=tuple(map(int, args.paced.split(","))))
+    framed = tuple(map(int, args.framed.split(","))) if args.framed else ()
+    cfg = CapacityConfig(
+        seconds=args.seconds, paced=tuple(map(int, args.paced.split(","))), framed=framed
+    )
 
-    async def paced_only() -> list[dict[str, Any]]:
+    async def one_table() -> list[dict[str, Any]]:
         with Workspace() as ws:
+            if framed:
+                return await _one_event_per_write(ws, cfg, framed, 0.0)
             return await run_paced(ws, cfg)
 
-    print(_paced_table(cfg, asyncio.run(paced_only())))
+    points = asyncio.run(one_table())
+    print(_framed_table(cfg, points) if framed else _paced_table(cfg, points))
     return 0
 
 
