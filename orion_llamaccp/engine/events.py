@@ -40,17 +40,17 @@ class EventReader:
     is whole (its readers check ``finished``): only the usage or ``[DONE]`` was lost, and
     trying it again would cost a second generation and stream its chunks twice."""
 
-    __slots__ = ("_layout", "done", "finished")
+    __slots__ = ("done", "finished", "layout")
 
     def __init__(self) -> None:
         self.finished = False
         self.done = False  # [DONE] was read: whatever follows is ignored
-        self._layout: TokenLayout | None = None
+        self.layout: TokenLayout | None = None
 
     def token_texts(self, run: bytes) -> list[str] | None:
         """The texts of ``run`` if it is nothing but tokens of the layout known, else None
         (``take_runs`` then reads it: nothing has changed)."""
-        layout = self._layout
+        layout = self.layout
         return layout.texts(run) if layout is not None else None
 
     def take_runs(self, runs: Iterable[bytes]) -> list[Delta]:
@@ -79,7 +79,7 @@ class EventReader:
         if layout is None:
             self._take(events_of(run), batch)
             return
-        self._layout = layout
+        self.layout = layout
         stop = run.rfind(layout.last) + len(layout.last)
         texts = layout.texts(run[start:stop]) if stop > start else None
         if texts is None:
@@ -117,12 +117,12 @@ class EventReader:
             self.finished = self.finished or bool(events.finish_reason)
             batch.append(events)
         if token is not None:
-            self._layout = self._layout_of(token)
+            self.layout = self._layout_of(token)
 
     def _layout_of(self, token: bytes) -> TokenLayout | None:
         """The layout of a token chunk: the one known when its tail matches (``texts``
         checks every event of a run against it), else learnt from the chunk."""
-        layout = self._layout
+        layout = self.layout
         if layout is not None and token.endswith(layout.tail):
             return layout
         return TokenLayout.learn(token)

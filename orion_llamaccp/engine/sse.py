@@ -398,7 +398,7 @@ class TokenLayout:
     by event once and the reader learns the layout again.
     """
 
-    __slots__ = ("_between", "_quoted", "_two", "last", "tail")
+    __slots__ = ("_between", "_framed", "_quoted", "_two", "last", "lone_below", "tail")
 
     def __init__(self, tail: bytes) -> None:
         self.tail = tail
@@ -408,6 +408,10 @@ class TokenLayout:
         self.last = tail + b"\n\n"
         """How a token's event of this layout ends (its text before)."""
         self._two = 2 * (len(TOKEN_EVENT) + len(self.last))  # two events take at least this
+        self._framed = self.last + b"\r\n"  # ... and its HTTP chunk
+        self.lone_below = self._two + 8
+        """Reads shorter than this cannot hold two chunks of token events (``lone_token``
+        looks only at them: a longer one, a busy stream's, would cost it checks in vain)."""
 
     @classmethod
     def learn(cls, data: bytes) -> TokenLayout | None:
@@ -438,6 +442,44 @@ class TokenLayout:
         if texts is None or len(texts) != len(events) or "" in texts:
             return None  # an empty delta, or an unescaped quote: event by event
         return texts
+
+
+def lone_token(
+    data: bytes, decoder: ResponseDecoder, sse: SSEDecoder, layout: TokenLayout
+) -> str | None:
+    """The text of ``data`` if it is one HTTP chunk holding one token event of ``layout``,
+    with nothing held over from the reads before it; else None, and nothing has changed.
+
+    At a GPU's pace nearly every read from llama-server is one such chunk, and this is
+    all the reading a token then costs: the checks and the one parse that ``decoder.feed``,
+    ``sse.feed_run`` and ``layout.texts`` make, without their steps for other reads (about
+    a microsecond less per token, ``bench/results/ab-capacity-lone-token.txt``). It reads
+    what they read: the chunk's size line is parsed as ``_whole_chunks`` parses it, and the
+    text between the layout's head and tail must parse as one JSON string, which it cannot
+    if the chunk holds two events (a raw line break is not allowed in one).
+    """
+    if decoder._mode != _CHUNKED or decoder._buffer or sse._buffer:
+        return None
+    framed = layout._framed
+    if not data.endswith(framed):
+        return None
+    eol = data.find(b"\r\n")
+    start = eol + 2
+    try:
+        if int(data[:eol], 16) + start + 2 != len(data):
+            return None
+    except ValueError:
+        return None
+    if not data.startswith(TOKEN_EVENT, start):
+        return None
+    try:
+        text = orjson.loads(data[start + _QUOTE_AT : len(data) + 1 - len(framed)])
+    except orjson.JSONDecodeError:
+        return None
+    return text or None  # a quoted JSON string: a str; an empty one is not a token
+
+
+_QUOTE_AT = len(TOKEN_EVENT) - 1  # a token's event, from its start to the text's opening quote
 
 
 def merge_tool_calls(calls: list[dict[str, Any]], deltas: list[Any]) -> None:

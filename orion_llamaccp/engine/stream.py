@@ -15,7 +15,7 @@ from typing import Any
 
 from orion_llamaccp.engine.events import Delta, EventReader, TextSink
 from orion_llamaccp.engine.http_errors import raise_for_response
-from orion_llamaccp.engine.sse import ProtocolError, ResponseDecoder, SSEDecoder
+from orion_llamaccp.engine.sse import ProtocolError, ResponseDecoder, SSEDecoder, lone_token
 from orion_llamaccp.errors import EngineUnavailable, UpstreamError
 
 _HIGH_WATER = 256 * 1024  # bytes of events waiting for the reader: stop reading the socket
@@ -29,8 +29,10 @@ class StreamConnection(asyncio.Protocol):
     ``data_received`` decodes at once (HTTP framing, then SSE) into ``runs`` of whole
     events; the reader (``stream_batches``) awaits ``wait()`` only when it has consumed them all. A
     run of nothing but tokens that arrives while the reader has taken every run before it
-    goes straight to the reader's ``sink``, if it has one, and the reader is not woken. A
-    timer per response fails it after ``read_timeout`` seconds without a byte.
+    goes straight to the reader's ``sink``, if it has one, and the reader is not woken; a
+    read that is one chunk holding one token (``sse.lone_token``: a GPU's pace) goes
+    there in one check and one parse. A timer per response fails it after
+    ``read_timeout`` seconds without a byte.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -68,6 +70,16 @@ class StreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None and not self.runs and self.active:  # the reader took every run
+            layout = self.reader.layout  # type: ignore[union-attr]  # set with the sink
+            if layout is not None and len(data) < layout.lone_below:
+                text = lone_token(data, self.decoder, self.sse, layout)
+                if text is not None:  # a token at a GPU's pace: nearly every read
+                    self.received += len(data)
+                    self.last_read = self.loop.time()
+                    sink([text])
+                    return
         if not self.active:  # bytes nobody asked for: this connection cannot be trusted
             self.close()
             return

@@ -17,6 +17,7 @@ from orion_llamaccp.engine.sse import (
     TokenLayout,
     content_only,
     events_of,
+    lone_token,
     merge_tool_calls,
     parse_chunk,
 )
@@ -265,6 +266,72 @@ def test_a_run_of_token_chunks_never_reads_other_texts_than_event_by_event() -> 
     assert one_parse > 1000  # the search reached the one-parse path, not only refusals
 
 
+def _opened() -> tuple[ResponseDecoder, SSEDecoder]:
+    decoder = ResponseDecoder()
+    assert decoder.feed(HEAD) == b""
+    return decoder, SSEDecoder()
+
+
+def _long_way(read: bytes, decoder: ResponseDecoder, sse: SSEDecoder, layout: TokenLayout) -> tuple:
+    """What the framing, the SSE runs and the layout make of ``read``, and what they
+    hold over for the next read."""
+    try:
+        texts = layout.texts(sse.feed_run(decoder.feed(read)))
+    except ProtocolError:
+        texts = "protocol error"
+    return texts, decoder._buffer, decoder._mode, sse._buffer
+
+
+def test_a_lone_token_chunk_reads_as_the_framing_and_the_runs_read_it() -> None:
+    """``lone_token``, the read of one chunk holding one token (a GPU's pace): given reads
+    that are such a chunk or nearly (texts of quotes, backslashes, escapes and line
+    breaks; a size line off by one, in capitals, with an extension; two events in one
+    chunk; a chunk cut short or with the next one's start; a chunk of another layout, or
+    of another head with the same tail; bytes held over from the read before), it gives
+    up (None, nothing changed) or reads exactly the one text the long way reads."""
+    rng = random.Random(13)
+    pieces = [b"a", b"\\", b'"', b",", b" ", b"\\u0022", b'\\"', b"\\n", b"\n", b"\r\n", b"\n\n"]
+    layout = TokenLayout.learn(_chunk({"content": "ok"}))
+    assert layout is not None
+    ticked = _chunk({"content": "x"}, created=2)
+    read_alone = 0
+    for _ in range(20000):
+        text = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
+        event = _run(_raw_token(text))
+        if rng.random() < 0.1:
+            event += _run(_raw_token(rng.choice(pieces)))  # two in one chunk
+        if rng.random() < 0.1:  # another layout; a finish as long as null, the same tail
+            event = _run(rng.choice((ticked, _chunk({"content": "x"}, "ab"))))
+        size = len(event) + (rng.choice((-1, 1)) if rng.random() < 0.1 else 0)
+        line = rng.choice((b"%x", b"%X", b"%x;ext=1")) % size
+        read = b"%b\r\n%b\r\n" % (line, event)
+        if rng.random() < 0.1:
+            read = rng.choice((read[: rng.randrange(len(read))], read + b"5\r\nda"))
+        decoder, sse = _opened()
+        if rng.random() < 0.1:  # held over: part of a chunk, or of an event
+            sse.feed_run(decoder.feed(rng.choice((b"1a\r\ndata: ", b"6\r\ndata: \r\n"))))
+        before = (decoder._buffer, decoder._mode, sse._buffer)
+        text_read = lone_token(read, decoder, sse, layout)
+        if text_read is None:
+            assert (decoder._buffer, decoder._mode, sse._buffer) == before
+            continue
+        read_alone += 1
+        assert _long_way(read, decoder, sse, layout) == ([text_read], b"", before[1], b""), read
+    assert read_alone > 1000  # the search reached the read, not only refusals
+
+
+def test_a_token_as_llama_server_sends_it_is_read_alone() -> None:
+    decoder, sse = _opened()
+    layout = TokenLayout.learn(_chunk({"content": "ok"}))
+    assert layout is not None
+    for text in TEXTS:
+        event = _run(_chunk({"content": text}))
+        read = b"%x\r\n%b\r\n" % (len(event), event)
+        assert lone_token(read, decoder, sse, layout) == text
+    empty = _run(_chunk({"content": ""}))  # not a token: its read goes the long way
+    assert lone_token(b"%x\r\n%b\r\n" % (len(empty), empty), decoder, sse, layout) is None
+
+
 def _framed(events: list[bytes]) -> bytes:
     """``events`` as llama-server sends them: each its own chunk, then the last chunk."""
     return HEAD + b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
@@ -277,7 +344,13 @@ def _read_through(wire: bytes, cuts: list[int]) -> tuple:
     batch: list = []
     try:
         for start, stop in zip([0, *cuts], [*cuts, len(wire)], strict=True):
-            run = sse.feed_run(decoder.feed(wire[start:stop]))
+            read = wire[start:stop]
+            if reader.layout is not None and not reader.done:  # as the connection reads
+                text = lone_token(read, decoder, sse, reader.layout)
+                if text is not None:
+                    batch.append([text])
+                    continue
+            run = sse.feed_run(decoder.feed(read))
             if run and not reader.done:
                 batch += reader.take_runs([run])
         if not reader.done:
