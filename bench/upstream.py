@@ -10,11 +10,14 @@ and ``--ctx-size``, and serves:
 - ``POST /v1/chat/completions``: ``max_tokens`` content chunks in llama-server's exact
   framing (chunked transfer encoding, one HTTP chunk per ``data:`` event, the first chunk
   carrying the role, then ``finish_reason``, the usage chunk with ``timings``, ``[DONE]``),
-  written ``burst`` events per socket write, honouring TCP back-pressure;
+  written ``burst`` events per socket write, honouring TCP back-pressure, and then the
+  connection closed, as llama-server (cpp-httplib) closes it after a streamed response
+  (``tests/engine/test_client.py`` checks the real one still does), so the worker pays
+  the connects it pays in production (``--keep-alive`` keeps it open instead);
 - ``GET /bench/arrivals``: when each chat request arrived (``time.monotonic_ns()``, the
   same clock in every process on Linux), keyed by the last user message, then forgotten.
 
-    python -m bench.upstream --port 8080 [--burst 16] [--token-interval-us 0]
+    python -m bench.upstream --port 8080 [--burst 16] [--token-interval-us 0] [--keep-alive]
 """
 
 from __future__ import annotations
@@ -258,6 +261,8 @@ class Conn(asyncio.Protocol):
             server.arrivals[marker] = arrived
         n = int(body.get("max_tokens") or 16)
         await self._stream(n)
+        if not server.args.keep_alive and self.transport is not None:
+            self.transport.close()  # after what is written: llama-server's way
         self._finished()
 
     async def _until(self, due: float) -> None:
@@ -310,6 +315,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--token-interval-us",
         type=float,
         default=float(os.environ.get("BENCH_TOKEN_INTERVAL_US", "0")),
+    )
+    parser.add_argument(
+        "--keep-alive",
+        action="store_true",
+        default=bool(os.environ.get("BENCH_KEEP_ALIVE")),
+        help="keep a connection open after a streamed response (llama-server closes it)",
     )
     args, _unknown = parser.parse_known_args(argv)  # llama-server flags we do not need
     return args

@@ -133,8 +133,9 @@ class StreamConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        ours = self.closed  # close() came first: not the server's doing
         self.closed = True
-        if not self.active and self.on_idle_close is not None:  # set once it has served
+        if not self.active and not ours and self.on_idle_close is not None:  # it has served
             self.on_idle_close()  # the server closes connections after a response
         if self.active and not self.decoder.complete:
             self._fail(exc or ConnectionResetError("llama-server closed the connection"))
