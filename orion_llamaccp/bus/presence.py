@@ -22,7 +22,6 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE, Envelope, SystemHealthV1
 from orion_llamaccp.bus.outbox import Outbox
-from orion_llamaccp.bus.replies import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,6 @@ class Presence:
         self,
         *,
         redis: aioredis.Redis,
-        publisher: Publisher,
         outbox: Outbox,
         service: dict[str, str | None],
         interval: float,
@@ -122,7 +120,6 @@ class Presence:
         announcement: Snapshot,
     ) -> None:
         self.redis = redis
-        self.publisher = publisher
         self.outbox = outbox
         self.service = service
         self.interval = interval

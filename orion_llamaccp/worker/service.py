@@ -139,7 +139,6 @@ class Worker:
         )
         self.presence = Presence(
             redis=redis,
-            publisher=self.publisher,
             outbox=self.outbox,
             service=self.outbox.source.model_dump(),
             interval=settings.heartbeat_interval_sec,

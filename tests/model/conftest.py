@@ -1,4 +1,4 @@
-"""Fixtures for the model layer: a fake Hub, tiny real GGUFs, settings and profiles."""
+"""Fixtures for the model layer: a local Hub-protocol server, tiny GGUFs, settings, profiles."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from orion_llamaccp.devtools.random_gguf import write_random_llama
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.profiles.registry import parse_profile
 from orion_llamaccp.settings import Settings
-from tests.model.hub_server import FakeHub
+from tests.model.hub_server import LocalHub
 
 REPO_ID = "orion-test/tiny-llama"
 FILENAME = "tiny-llama-f32.gguf"
@@ -28,8 +28,8 @@ def _hub_online(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def hub() -> Iterator[FakeHub]:
-    with FakeHub() as server:
+def hub() -> Iterator[LocalHub]:
+    with LocalHub() as server:
         yield server
 
 
@@ -77,8 +77,8 @@ def cache_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_settings(hub: FakeHub, cache_dir: Path) -> Callable[..., Settings]:
-    """Settings pointing at the fake Hub, with test-sized download bounds."""
+def make_settings(hub: LocalHub, cache_dir: Path) -> Callable[..., Settings]:
+    """Settings pointing at the local Hub, with test-sized download bounds."""
 
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {

@@ -73,7 +73,7 @@ def _git_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-class FakeHub:
+class LocalHub:
     """The server and its repos; use as a context manager."""
 
     def __init__(self, *, chunk_size: int = 8192) -> None:
@@ -99,7 +99,7 @@ class FakeHub:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> FakeHub:
+    def __enter__(self) -> LocalHub:
         self._thread.start()
         return self
 
@@ -169,7 +169,7 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
-def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
     class Handler(_HubHandler):
         pass
 
@@ -179,7 +179,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
 class _HubHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    hub: FakeHub
+    hub: LocalHub
 
     def log_message(self, format: str, *args: object) -> None:
         return

@@ -14,7 +14,7 @@ from orion_llamaccp.cli import model_cmds
 from orion_llamaccp.errors import ModelCorrupt, ModelNotFound
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_gguf
-from tests.model.hub_server import FakeHub
+from tests.model.hub_server import LocalHub
 
 SettingsFactory = Callable[..., Settings]
 Bytes = Callable[[int], bytes]
@@ -37,7 +37,7 @@ def settings(make_settings: SettingsFactory, tmp_path: Path) -> Settings:
 
 
 def test_fetch_downloads_and_prints_the_file(
-    hub: FakeHub, settings: Settings, gguf_bytes: Bytes, cache_dir: Path, capsys: Capsys
+    hub: LocalHub, settings: Settings, gguf_bytes: Bytes, cache_dir: Path, capsys: Capsys
 ) -> None:
     sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
 
@@ -50,7 +50,7 @@ def test_fetch_downloads_and_prints_the_file(
 
 
 def test_verify_a_profile_checks_without_network(
-    hub: FakeHub, settings: Settings, gguf_bytes: Bytes, cache_dir: Path, capsys: Capsys
+    hub: LocalHub, settings: Settings, gguf_bytes: Bytes, cache_dir: Path, capsys: Capsys
 ) -> None:
     with pytest.raises(ModelNotFound, match="orion-llamaccp fetch"):
         run(["verify"], settings)

@@ -21,7 +21,7 @@ from orion_llamaccp.model.progress import Reporter
 from orion_llamaccp.model.store import STATE_DIR
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile
-from tests.model.hub_server import FakeHub, Fault
+from tests.model.hub_server import Fault, LocalHub
 
 SettingsFactory = Callable[..., Settings]
 Bytes = Callable[[int], bytes]
@@ -37,7 +37,7 @@ def _aside(root: Path) -> list[Path]:
 
 
 def test_cut_connection_resumes_from_where_it_broke(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
@@ -55,7 +55,7 @@ def test_cut_connection_resumes_from_where_it_broke(
 
 
 def test_interrupted_download_resumes_in_the_next_run(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
@@ -83,7 +83,7 @@ def test_interrupted_download_resumes_in_the_next_run(
 
 
 def test_stalled_download_is_aborted_and_resumed(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
@@ -102,7 +102,7 @@ def test_stalled_download_is_aborted_and_resumed(
 
 
 def test_server_errors_are_retried_with_backoff(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:
     sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     hub.fault("resolve", Fault("status", status=500), times=2)
@@ -116,7 +116,7 @@ def test_server_errors_are_retried_with_backoff(
 
 
 def test_gives_up_with_a_clear_error_when_nothing_moves(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     hub.fault("resolve", Fault("status", status=503), times=1000)
@@ -132,7 +132,7 @@ def test_gives_up_with_a_clear_error_when_nothing_moves(
     assert not (cache_dir / FILENAME).exists()
 
 
-def _fetch_with_a_short_deadline(hub: FakeHub, cache_dir: Path) -> None:
+def _fetch_with_a_short_deadline(hub: LocalHub, cache_dir: Path) -> None:
     """``fetch_file`` with a 1 s deadline, its backoff capped well below it as in
     production (30 s against 600 s); a download that never gives up is cancelled after
     30 s (``DownloadError`` too, but not "gave up")."""
@@ -156,7 +156,7 @@ def _fetch_with_a_short_deadline(hub: FakeHub, cache_dir: Path) -> None:
 
 
 def test_server_ignoring_range_that_keeps_cutting_off_gives_up(
-    hub: FakeHub, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     """Each attempt gets the same first bytes again: that is no progress."""
     data = gguf_bytes(0)
@@ -176,7 +176,7 @@ def test_server_ignoring_range_that_keeps_cutting_off_gives_up(
 
 @pytest.mark.parametrize("extra", [4096, -4096])
 def test_a_file_served_at_another_size_than_announced_gives_up(
-    hub: FakeHub, gguf_bytes: Bytes, cache_dir: Path, extra: int
+    hub: LocalHub, gguf_bytes: Bytes, cache_dir: Path, extra: int
 ) -> None:
     """A mirror or proxy serves more or fewer bytes than the size the Hub announced:
     each attempt ends short or long, and the next starts over from byte 0 (the partial
@@ -193,7 +193,7 @@ def test_a_file_served_at_another_size_than_announced_gives_up(
 
 
 def test_server_ignoring_range_still_delivers_the_file(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
@@ -208,7 +208,7 @@ def test_server_ignoring_range_still_delivers_the_file(
 
 
 def test_corrupt_file_on_disk_is_moved_aside_and_fetched_again(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
@@ -225,7 +225,7 @@ def test_corrupt_file_on_disk_is_moved_aside_and_fetched_again(
 
 
 def test_wrong_bytes_from_the_hub_are_caught_by_sha256_and_fetched_again(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
@@ -242,7 +242,7 @@ def test_wrong_bytes_from_the_hub_are_caught_by_sha256_and_fetched_again(
 
 
 def test_a_corrupt_file_on_disk_is_replaced_by_one_download_only(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
@@ -257,7 +257,7 @@ def test_a_corrupt_file_on_disk_is_replaced_by_one_download_only(
 
 
 def test_cancel_stops_the_download_and_keeps_the_partial_file(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
@@ -291,7 +291,7 @@ def test_cancel_stops_the_download_and_keeps_the_partial_file(
 
 
 def test_wrong_bytes_twice_is_an_error_that_keeps_both_downloads(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     hub.fault("cdn", Fault("corrupt"), times=2)
@@ -307,7 +307,7 @@ def test_wrong_bytes_twice_is_an_error_that_keeps_both_downloads(
 
 
 def test_a_broken_file_on_the_hub_is_not_downloaded_in_a_loop(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data[:-4096])  # published truncated: its sha256 "matches"
@@ -321,7 +321,7 @@ def test_a_broken_file_on_the_hub_is_not_downloaded_in_a_loop(
 
 
 def test_refetch_corrupt_finds_damage_only_a_hash_can_see(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
@@ -342,7 +342,7 @@ def test_refetch_corrupt_finds_damage_only_a_hash_can_see(
 
 
 def test_refetch_corrupt_leaves_a_sound_file_alone(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:
     sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     ensure_model(make_profile(), make_settings())
@@ -365,7 +365,7 @@ def _worker(spec: dict[str, object]) -> subprocess.Popen[str]:
 
 
 def test_two_processes_fetching_one_file_download_it_once(
-    hub: FakeHub, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
@@ -402,7 +402,7 @@ def test_two_processes_fetching_one_file_download_it_once(
 
 
 def test_a_file_changed_on_the_hub_drops_the_old_partial_and_starts_over(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     old_sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     hub.fault("cdn", Fault("cut", after=50_000))

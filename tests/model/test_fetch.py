@@ -21,14 +21,14 @@ from orion_llamaccp.model.hub import HubFile
 from orion_llamaccp.model.store import STATE_DIR, read_record
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile, make_split_gguf
-from tests.model.hub_server import FakeHub
+from tests.model.hub_server import LocalHub
 
 SettingsFactory = Callable[..., Settings]
 Bytes = Callable[[int], bytes]
 
 
 def test_clean_download_lands_at_model_root_with_its_sha256(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
@@ -55,7 +55,7 @@ def test_clean_download_lands_at_model_root_with_its_sha256(
 
 
 def test_second_run_uses_the_file_and_its_record_without_network(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:
     sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     ensure_model(make_profile(), make_settings())
@@ -69,7 +69,7 @@ def test_second_run_uses_the_file_and_its_record_without_network(
 
 
 def test_record_of_a_replaced_file_is_not_trusted(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     ensure_model(make_profile(), make_settings())
@@ -83,7 +83,7 @@ def test_record_of_a_replaced_file_is_not_trusted(
 
 
 def test_file_copied_by_hand_is_used_without_any_network(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     hub.add(REPO_ID, FILENAME, gguf_bytes(1))  # the Hub has another file: must not matter
     target = cache_dir / FILENAME
@@ -99,7 +99,7 @@ def test_file_copied_by_hand_is_used_without_any_network(
 
 
 def test_file_in_a_profile_without_hub_source_is_used(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     (cache_dir / "mine").mkdir()
     (cache_dir / "mine" / "model.gguf").write_bytes(gguf_bytes(0))
@@ -123,7 +123,7 @@ def test_missing_file_without_hub_source_says_where_to_copy_it(
 
 
 def test_pinned_revision_is_downloaded(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     pinned = hub.add(REPO_ID, FILENAME, gguf_bytes(1), revision="v1")
@@ -149,7 +149,7 @@ OTHER_REPO = "orion-test/other-llama"
     ],
 )
 def test_a_file_from_another_repo_or_revision_is_moved_aside_and_replaced(
-    hub: FakeHub,
+    hub: LocalHub,
     make_settings: SettingsFactory,
     gguf_bytes: Bytes,
     cache_dir: Path,
@@ -175,7 +175,7 @@ def test_a_file_from_another_repo_or_revision_is_moved_aside_and_replaced(
 
 
 def test_naming_the_default_revision_keeps_the_file(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:
     hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     ensure_model(make_profile(), make_settings())
@@ -189,7 +189,7 @@ def test_naming_the_default_revision_keeps_the_file(
 
 @pytest.mark.parametrize("length", [40, 7])
 def test_pinning_the_commit_the_file_came_from_keeps_the_file(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, length: int
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, length: int
 ) -> None:
     """A profile pinned to the commit it already runs (``hf_revision`` = that commit's
     hash, whole or short) names the same file: it is kept, not moved aside and
@@ -207,7 +207,7 @@ def test_pinning_the_commit_the_file_came_from_keeps_the_file(
 
 
 def test_file_missing_on_the_hub_is_a_clear_error(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:
     hub.add(REPO_ID, "other.gguf", gguf_bytes(0))
 
@@ -218,7 +218,7 @@ def test_file_missing_on_the_hub_is_a_clear_error(
 
 
 def test_split_gguf_fetches_all_parts_and_serves_part_one(
-    hub: FakeHub, make_settings: SettingsFactory, cache_dir: Path, tmp_path: Path
+    hub: LocalHub, make_settings: SettingsFactory, cache_dir: Path, tmp_path: Path
 ) -> None:
     parts = make_split_gguf(tmp_path, "big", 3)
     shas = [hub.add(REPO_ID, f"split/{p.name}", p.read_bytes()) for p in parts]
@@ -237,7 +237,7 @@ def test_split_gguf_fetches_all_parts_and_serves_part_one(
 
 
 def test_split_gguf_with_a_part_missing_on_the_hub_fails_clearly(
-    hub: FakeHub, make_settings: SettingsFactory, tmp_path: Path
+    hub: LocalHub, make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
     parts = make_split_gguf(tmp_path, "big", 3)
     for part in parts[:2]:
@@ -260,7 +260,7 @@ def test_split_parts_from_different_models_are_refused(
 
 
 def test_mmproj_from_its_own_repo_and_draft_model_are_fetched(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     mmproj_sha = hub.add("orion-test/vision", "mmproj-f16.gguf", gguf_bytes(1))
@@ -283,7 +283,7 @@ def test_mmproj_from_its_own_repo_and_draft_model_are_fetched(
 
 
 def test_mmproj_defaults_to_the_main_repo(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     hub.add(REPO_ID, "mmproj.gguf", gguf_bytes(1))
@@ -295,7 +295,7 @@ def test_mmproj_defaults_to_the_main_repo(
 
 
 def test_truncated_gguf_is_refused_before_launch(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     (cache_dir / FILENAME).write_bytes(data[: len(data) - 1000])
@@ -310,7 +310,7 @@ def test_truncated_gguf_is_refused_before_launch(
 
 
 def test_verify_model_never_downloads(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:
     hub.add(REPO_ID, FILENAME, gguf_bytes(0))
 
@@ -321,7 +321,7 @@ def test_verify_model_never_downloads(
 
 
 def test_verify_model_deep_compares_with_the_recorded_sha256(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     ensure_model(make_profile(), make_settings())

@@ -19,7 +19,7 @@ from orion_llamaccp.model import ensure_model, plan_files
 from orion_llamaccp.model.hub import HubClient, HubFile
 from orion_llamaccp.settings import ENV_PREFIXES, Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile
-from tests.model.hub_server import FakeHub, Fault
+from tests.model.hub_server import Fault, LocalHub
 
 SettingsFactory = Callable[..., Settings]
 Bytes = Callable[[int], bytes]
@@ -32,7 +32,7 @@ WRONG_TOKEN = "hf_WRONGtoken9999zyxwvu"
 
 
 def test_offline_missing_file_names_the_path_to_copy_to(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     hub.add(REPO_ID, FILENAME, gguf_bytes(0))
 
@@ -47,7 +47,7 @@ def test_offline_missing_file_names_the_path_to_copy_to(
 
 
 def test_offline_uses_a_file_already_there(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     (cache_dir / FILENAME).write_bytes(gguf_bytes(0))
 
@@ -58,7 +58,7 @@ def test_offline_uses_a_file_already_there(
 
 
 def test_offline_corrupt_file_is_reported_not_moved(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     (cache_dir / FILENAME).write_bytes(b"GGUF" + b"\x00" * 100)
 
@@ -73,14 +73,14 @@ def test_offline_corrupt_file_is_reported_not_moved(
 
 
 @pytest.fixture
-def gated(hub: FakeHub, gguf_bytes: Bytes) -> str:
+def gated(hub: LocalHub, gguf_bytes: Bytes) -> str:
     sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
     hub.gate(REPO_ID, TOKEN)
     return sha
 
 
 def test_gated_repo_without_token_says_to_set_hf_token(
-    hub: FakeHub, gated: str, make_settings: SettingsFactory
+    hub: LocalHub, gated: str, make_settings: SettingsFactory
 ) -> None:
     with pytest.raises(DownloadError, match="is gated: set HF_TOKEN") as err:
         ensure_model(make_profile(), make_settings())
@@ -91,7 +91,7 @@ def test_gated_repo_without_token_says_to_set_hf_token(
 
 
 def test_rejected_token_is_never_printed_or_logged(
-    hub: FakeHub,
+    hub: LocalHub,
     gated: str,
     make_settings: SettingsFactory,
     caplog: pytest.LogCaptureFixture,
@@ -109,7 +109,7 @@ def test_rejected_token_is_never_printed_or_logged(
 
 
 def test_valid_token_downloads_and_stays_off_the_cdn(
-    hub: FakeHub,
+    hub: LocalHub,
     gated: str,
     make_settings: SettingsFactory,
     caplog: pytest.LogCaptureFixture,
@@ -132,7 +132,7 @@ def test_unknown_repo_is_a_clear_error(make_settings: SettingsFactory) -> None:
 
 
 def test_unknown_revision_is_a_clear_error(
-    hub: FakeHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
 ) -> None:
     hub.add(REPO_ID, FILENAME, gguf_bytes(0))
 
@@ -159,7 +159,7 @@ def test_unknown_revision_is_a_clear_error(
     ],
 )
 def test_names_that_leave_model_root_are_refused(
-    hub: FakeHub, make_settings: SettingsFactory, block: dict[str, str | None]
+    hub: LocalHub, make_settings: SettingsFactory, block: dict[str, str | None]
 ) -> None:
     with pytest.raises(UnsafeModelPath):
         ensure_model(make_profile(**block), make_settings())
@@ -168,7 +168,7 @@ def test_names_that_leave_model_root_are_refused(
 
 
 def test_a_symlink_out_of_model_root_is_refused(
-    hub: FakeHub, make_settings: SettingsFactory, cache_dir: Path, tmp_path: Path
+    hub: LocalHub, make_settings: SettingsFactory, cache_dir: Path, tmp_path: Path
 ) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -194,7 +194,7 @@ def test_the_operator_override_may_point_anywhere(
 
 
 def test_token_read_from_a_file_with_its_newline_works_and_stays_hidden(
-    hub: FakeHub,
+    hub: LocalHub,
     gated: str,
     make_settings: SettingsFactory,
     caplog: pytest.LogCaptureFixture,
@@ -209,7 +209,7 @@ def test_token_read_from_a_file_with_its_newline_works_and_stays_hidden(
 
 
 def test_a_token_that_is_no_valid_header_fails_at_once_without_showing_it(
-    hub: FakeHub, gated: str, caplog: pytest.LogCaptureFixture
+    hub: LocalHub, gated: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = HubClient(endpoint=hub.endpoint, token=f"{TOKEN}\n", timeout=3.0)
 
@@ -279,7 +279,7 @@ def test_blank_hf_endpoint_downloads_from_huggingface_co(proxy: _Proxy, cache_di
 
 @pytest.mark.parametrize("failure", ["unknown repo", "server errors"])
 def test_a_mirror_s_user_and_password_never_show(
-    hub: FakeHub,
+    hub: LocalHub,
     gguf_bytes: Bytes,
     make_settings: SettingsFactory,
     caplog: pytest.LogCaptureFixture,

@@ -24,7 +24,7 @@ from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.client import BusClient
 from tests.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
-from tests.model.hub_server import FakeHub, Fault
+from tests.model.hub_server import Fault, LocalHub
 from tests.support.procs import free_port, wait_until, wait_until_async
 from tests.support.workers import BusRecorder, WorkerProc
 
@@ -78,7 +78,7 @@ def held_download(
     """A worker whose model comes from a local Hub that holds the download half-way until
     ``hold.release`` is set; yields the worker, the hold and the file's size."""
     data = model.read_bytes()
-    with FakeHub() as hub:
+    with LocalHub() as hub:
         hub.add("org/slow-random", "slow.gguf", data)
         hold = hub.fault("cdn", Fault("hold", after=len(data) // 2))
         registry = tmp_path / "hub-profiles.yaml"
