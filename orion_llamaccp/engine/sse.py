@@ -453,7 +453,7 @@ def lone_token(
     At a GPU's pace nearly every read from llama-server is one such chunk, and this is
     all the reading a token then costs: the checks and the one parse that ``decoder.feed``,
     ``sse.feed_run`` and ``layout.texts`` make, without their steps for other reads (about
-    a microsecond less per token, ``bench/results/ab-capacity-lone-token.txt``). It reads
+    a microsecond less per token: ``python -m bench.decode``, its second table). It reads
     what they read: the chunk's size line is parsed as ``_whole_chunks`` parses it, and the
     text between the layout's head and tail must parse as one JSON string, which it cannot
     if the chunk holds two events (a raw line break is not allowed in one).

@@ -314,7 +314,7 @@ async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) ->
     await wait_until_async(settled, timeout=30, what="the pub/sub request queued")
     assert not fault.ledger.answers(pubsub), fault.ledger.answers(pubsub)[0]["payload"]
     # llama-server frozen from here on: the long ones are still running when the drain
-    # ends, however fast the machine (the worker's stop SIGKILLs it, 5 s on).
+    # ends, however fast the machine (the worker's stop then wakes it with its SIGTERM).
     os.kill(first.engine_pid(), signal.SIGSTOP)
     first.signal(signal.SIGTERM)
     assert first.proc is not None and first.proc.wait(30) == 0
