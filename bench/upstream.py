@@ -72,7 +72,8 @@ HELP = """\
 ----- example-specific params -----
 
 -np,   --parallel N                     number of server slots (env: LLAMA_ARG_N_PARALLEL)
---host HOST                             ip address to listen on (env: LLAMA_ARG_HOST)
+--host HOST                             IP addresses to listen on, comma-separated, or UNIX
+                                        socket paths ending in .sock (env: LLAMA_ARG_HOST)
 --port PORT                             port to listen on (default: 8080) (env: LLAMA_ARG_PORT)
 --metrics                               enable prometheus compatible metrics endpoint
 """
@@ -329,14 +330,22 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> None:
     server = Server(args)
     loop = asyncio.get_running_loop()
-    listener = await loop.create_server(lambda: Conn(server), args.host, args.port, backlog=1024)
+    hosts = args.host.split(",")  # as llama-server takes them: addresses, .sock paths
+    listeners = [
+        await (
+            loop.create_unix_server(lambda: Conn(server), host, backlog=1024)
+            if host.endswith(".sock")
+            else loop.create_server(lambda: Conn(server), host, args.port, backlog=1024)
+        )
+        for host in hosts
+    ]
+    tcp = next((h for h in hosts if not h.endswith(".sock")), hosts[0])
     print(
-        f"main: server is listening on http://{args.host}:{args.port} - starting the main loop",
+        f"main: server is listening on http://{tcp}:{args.port} - starting the main loop",
         file=sys.stderr,
         flush=True,
     )
-    async with listener:
-        await listener.serve_forever()
+    await asyncio.gather(*(listener.serve_forever() for listener in listeners))
 
 
 def main(argv: list[str] | None = None) -> int:

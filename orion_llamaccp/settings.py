@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     )
     transports: str = Field("pubsub,stream", validation_alias="ORION_LLAMACPP_TRANSPORTS")
     local_queue_size: int = Field(16, ge=0, validation_alias="ORION_LLAMACPP_LOCAL_QUEUE")
+    # The worker's own traffic to llama-server over a UNIX socket beside its TCP port,
+    # where the build takes one (``--host``): a token read costs less (docs/benchmarks.md)
+    engine_unix_socket: bool = Field(True, validation_alias="ORION_LLAMACPP_ENGINE_UNIX_SOCKET")
     stream_claim_idle_ms: int = Field(
         600_000, ge=1000, validation_alias="ORION_LLAMACPP_CLAIM_IDLE_MS"
     )

@@ -35,6 +35,8 @@ class BinaryInfo:
     build: str
     aliases: Mapping[str, frozenset[str]] = field(default_factory=dict)
     valued: frozenset[str] = frozenset()  # flags followed by a value (``-c N``)
+    # ``--host`` also takes UNIX socket paths (``...,/run/x.sock``): newer builds
+    unix_sockets: bool = False
 
     def accepts(self, flag: str) -> bool:
         return flag in self.flags
@@ -156,7 +158,8 @@ def _probe(path: str, mtime_ns: int) -> BinaryInfo:
             f"{path} --help does not look like llama-server's (no --port; exit {out.returncode}): "
             f"{text.strip()[-300:]}"
         )
-    return BinaryInfo(Path(path), flags, env_of, _build_label(Path(path)), aliases, valued)
+    unix = any("--host" in head and "unix socket" in desc.lower() for head, desc in _entries(text))
+    return BinaryInfo(Path(path), flags, env_of, _build_label(Path(path)), aliases, valued, unix)
 
 
 def probe(path: Path) -> BinaryInfo:

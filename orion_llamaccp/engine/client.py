@@ -82,7 +82,12 @@ def _stream_payload(body: dict[str, Any]) -> bytes:
 
 
 class LlamaClient:
-    """One llama-server at ``base_url``; ``transport`` lets tests swap the network."""
+    """One llama-server at ``base_url``; ``transport`` lets tests swap the network.
+
+    ``unix_socket``: a path where the same llama-server listens too; every request then
+    goes there instead of to the TCP port (``base_url`` still names the server: its
+    ``Host``). A connect and each read cost less than over TCP on loopback.
+    """
 
     def __init__(
         self,
@@ -92,10 +97,15 @@ class LlamaClient:
         transport: httpx.AsyncBaseTransport | None = None,
         read_timeout: float = 600.0,
         max_connections: int = 256,
+        unix_socket: str | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url
         self.read_timeout = read_timeout
+        self.unix_socket = unix_socket
+        own_network = transport is None
+        if own_network and unix_socket:
+            transport = httpx.AsyncHTTPTransport(uds=unix_socket)
         self._http = httpx.AsyncClient(
             base_url=base_url,
             headers=headers,
@@ -112,8 +122,9 @@ class LlamaClient:
                 api_key=api_key,
                 connect_timeout=5.0,
                 read_timeout=read_timeout,
+                unix_socket=unix_socket,
             )
-            if url.scheme == "http" and transport is None
+            if url.scheme == "http" and own_network
             else None
         )
 

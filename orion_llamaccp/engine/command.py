@@ -95,6 +95,9 @@ class LaunchSpec:
     # Variables that this build's llama-server reads as flags (``--help``), besides any
     # ``LLAMA_ARG_*``: not inherited, so that only the profile and overrides set it.
     flag_env: frozenset[str] = field(default_factory=frozenset)
+    # Where llama-server also listens, for the worker's own requests (``--host``); None:
+    # the TCP port only. Other hosts and tools still reach it at ``base_url``.
+    unix_socket: str | None = None
 
     def child_env(self, environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
         """llama-server's environment: ``environ`` without the variables it would read as
@@ -243,12 +246,22 @@ def build_launch(
     binary: BinaryInfo | None,
     binary_path: str,
     environ: Mapping[str, str],
+    unix_socket: str | None = None,
 ) -> LaunchSpec:
-    """The argv and environment for ``profile``; ``binary=None`` skips the flag check."""
+    """The argv and environment for ``profile``; ``binary=None`` skips the flag check.
+
+    ``unix_socket``: a path llama-server listens on as well as its TCP port, if this
+    build's ``--host`` takes one and the host is one address (not a list of its own).
+    """
     cfg = profile.llamacpp
     host = overrides.host or cfg.host
     port = overrides.port or cfg.port
-    argv = [binary_path, "--model", str(files.model), "--host", host, "--port", str(port)]
+    if unix_socket and (
+        binary is None or not binary.unix_sockets or "," in host or host.endswith(".sock")
+    ):
+        unix_socket = None
+    listen = f"{host},{unix_socket}" if unix_socket else host
+    argv = [binary_path, "--model", str(files.model), "--host", listen, "--port", str(port)]
     if files.mmproj is not None:
         _check(binary, profile.name, "llamacpp.mmproj_filename", "--mmproj")
         argv += ["--mmproj", str(files.mmproj)]
@@ -280,7 +293,9 @@ def build_launch(
         env[name] = _one_key(api_key)
         secret.add(name)
     flag_env = frozenset(binary.env_of.values()) if binary else frozenset()
-    return LaunchSpec(tuple(argv), env, host, port, frozenset(secret), api_key, flag_env)
+    return LaunchSpec(
+        tuple(argv), env, host, port, frozenset(secret), api_key, flag_env, unix_socket
+    )
 
 
 def _one_key(key: str) -> str:

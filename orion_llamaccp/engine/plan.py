@@ -7,7 +7,9 @@ This is the one place that strings the layers together before anything runs, so 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from orion_llamaccp.engine.binary import BinaryInfo, find_binary, probe
 from orion_llamaccp.engine.command import LaunchSpec, build_launch
@@ -77,5 +79,20 @@ def plan_profile(
         binary=binary,
         binary_path=binary_path,
         environ=settings.environ(),
+        unix_socket=socket_path(overrides.port or profile.llamacpp.port)
+        if settings.engine_unix_socket
+        else None,
     )
     return ServicePlan(settings, registry, profile, files, binary, launch)
+
+
+def socket_path(port: int) -> str | None:
+    """Where llama-server listens for the worker beside its TCP ``port``: named by the
+    port, which no other llama-server on this host can hold, so a file left by one that
+    died is ours to remove (``Supervisor``); short, as a UNIX socket's path must be.
+    None where no temporary folder can be written (a read-only root): TCP only."""
+    try:
+        folder = tempfile.gettempdir()  # the first of TMPDIR, /tmp, ... that takes a file
+    except OSError:
+        return None
+    return str(Path(folder) / f"orion-llamaccp-{port}.sock")

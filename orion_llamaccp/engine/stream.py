@@ -261,9 +261,11 @@ class StreamPool:
         read_timeout: float,
         max_idle: int = 64,
         slots: int = 1,
+        unix_socket: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.unix_socket = unix_socket  # connect there instead of to host:port
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
@@ -287,9 +289,14 @@ class StreamPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: StreamConnection(loop), self.host, self.port
-                )
+                if self.unix_socket:
+                    _, conn = await loop.create_unix_connection(
+                        lambda: StreamConnection(loop), self.unix_socket
+                    )
+                else:
+                    _, conn = await loop.create_connection(
+                        lambda: StreamConnection(loop), self.host, self.port
+                    )
         except (OSError, TimeoutError) as exc:
             raise EngineUnavailable(
                 f"cannot reach llama-server: {type(exc).__name__}: {exc}"

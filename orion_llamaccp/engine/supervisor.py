@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import stat
 import time
 import uuid
 from collections import deque
@@ -116,7 +118,10 @@ class Supervisor:
         self.launch = launch
         self.policy = policy or SupervisorPolicy()
         self.client = LlamaClient(
-            launch.base_url, api_key=launch.api_key, read_timeout=self.policy.read_timeout
+            launch.base_url,
+            api_key=launch.api_key,
+            read_timeout=self.policy.read_timeout,
+            unix_socket=launch.unix_socket,
         )
         # Whether llama-server has work. One that may sleep (--sleep-idle-seconds) has its
         # loop watched only then, since each look keeps it awake; any other is watched
@@ -235,6 +240,7 @@ class Supervisor:
         elif self._proc is not None:
             await self._proc.stop(self.policy.stop_grace)
         await self.client.aclose()
+        _remove_socket(self.launch.unix_socket)
         if self.state is not EngineState.FAILED:
             self._set(EngineState.STOPPED)
 
@@ -267,6 +273,7 @@ class Supervisor:
                 f"{self.launch.base_url} before llama-server was started; stop it or set "
                 "LLAMACPP_PORT_OVERRIDE"
             )
+        _remove_socket(self.launch.unix_socket)  # one that died left it: it would not bind
         self._proc = proc = LlamaProcess(self.launch, environ=self._environ)
         try:
             await proc.start()
@@ -480,3 +487,13 @@ async def _listening(url: str) -> bool:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return True
+
+
+def _remove_socket(path: str | None) -> None:
+    """Remove llama-server's UNIX socket file at ``path``, if there is one (a file of
+    another kind is left for llama-server's bind to report)."""
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)

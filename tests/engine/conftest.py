@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from orion_llamaccp.engine.binary import probe
 from orion_llamaccp.engine.command import LaunchSpec, build_launch
 from orion_llamaccp.engine.supervisor import Supervisor, SupervisorPolicy
 from orion_llamaccp.model.paths import plan_files
@@ -43,7 +44,13 @@ LaunchFactory = Callable[..., LaunchSpec]
 
 @pytest.fixture
 def make_launch(llama_server_bin: Path, model_dir: Path) -> LaunchFactory:
-    def factory(*, binary: Path | None = None, port: int | None = None, **knobs: Any) -> LaunchSpec:
+    def factory(
+        *,
+        binary: Path | None = None,
+        port: int | None = None,
+        unix_socket: str | None = None,
+        **knobs: Any,
+    ) -> LaunchSpec:
         llamacpp = {
             "model_path": "tiny.gguf",
             "host": "127.0.0.1",
@@ -59,9 +66,10 @@ def make_launch(llama_server_bin: Path, model_dir: Path) -> LaunchFactory:
             profile,
             Overrides(),
             files,
-            binary=None,
+            binary=probe(binary or llama_server_bin) if unix_socket else None,
             binary_path=str(binary or llama_server_bin),
             environ={},
+            unix_socket=unix_socket,
         )
 
     return factory

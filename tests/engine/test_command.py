@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from orion_llamaccp.engine.binary import BinaryInfo, _entries, parse_help, probe
 from orion_llamaccp.engine.client import LlamaClient
 from orion_llamaccp.engine.command import SECRET_FLAGS, LaunchSpec, build_launch, mask_argv
-from orion_llamaccp.engine.plan import build_plan
+from orion_llamaccp.engine.plan import build_plan, socket_path
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor
 from orion_llamaccp.errors import ConfigError, UnsupportedKnob
 from orion_llamaccp.model.paths import plan_files
@@ -162,7 +163,7 @@ def test_every_shipped_profile(binary_env: None, llama_server_bin: Path, name: s
         "--model",
         str(plan.files.model),
         "--host",
-        cfg.host,
+        f"{cfg.host},{socket_path(cfg.port)}",  # and a UNIX socket for the worker
         "--port",
         str(cfg.port),
     ]
@@ -189,13 +190,40 @@ def test_overrides_win_over_the_profile(binary_env: None, monkeypatch: pytest.Mo
     argv = list(build_plan(load_settings()).launch.argv)
     pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
     assert pairs["--model"] == "/elsewhere/m.gguf"
-    assert (pairs["--host"], pairs["--port"]) == ("10.0.0.5", "9999")
+    assert (pairs["--host"], pairs["--port"]) == (f"10.0.0.5,{socket_path(9999)}", "9999")
     assert (pairs["--ctx-size"], pairs["--n-gpu-layers"], pairs["--threads"]) == (
         "2048",
         "auto",
         "4",
     )
     assert (pairs["--parallel"], pairs["--batch-size"]) == ("3", "128")
+
+
+def test_the_worker_s_unix_socket_is_added_where_the_build_takes_one(
+    binary_env: None, llama_server_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama-server listens on a UNIX socket beside its TCP port for the worker's own
+    requests, where its ``--host`` takes one (this build's does); not for a build that
+    does not, a host list of the profile's own, or with the setting off."""
+    assert probe(llama_server_bin).unix_sockets
+    launch = build_plan(load_settings(), profile_name="gemma3-270m-cpu").launch
+    pairs = dict(zip(launch.argv[1::2], launch.argv[2::2], strict=False))
+    assert launch.unix_socket == socket_path(launch.port)
+    assert pairs["--host"] == f"{launch.host},{launch.unix_socket}"
+    plan = build_plan(load_settings(), profile_name="gemma3-270m-cpu")
+    old_build = replace(plan.binary, unix_sockets=False)
+    common = {"binary_path": "llama-server", "environ": {}, "unix_socket": "/tmp/x.sock"}
+    overrides = load_settings().overrides_for(plan.profile.name)
+    for binary, host in ((old_build, "127.0.0.1"), (plan.binary, "127.0.0.1,/run/own.sock")):
+        profile = plan.profile.model_copy(
+            update={"llamacpp": plan.profile.llamacpp.model_copy(update={"host": host})}
+        )
+        launch = build_launch(profile, overrides, plan.files, binary=binary, **common)
+        assert launch.unix_socket is None
+        assert launch.argv[launch.argv.index("--host") + 1] == host
+    monkeypatch.setenv("ORION_LLAMACPP_ENGINE_UNIX_SOCKET", "0")
+    launch = build_plan(load_settings(), profile_name="gemma3-270m-cpu").launch
+    assert launch.unix_socket is None and "," not in launch.argv[launch.argv.index("--host") + 1]
 
 
 def test_gpu_pinning_env(binary_env: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from orion_llamaccp.engine.client import LlamaClient
 from orion_llamaccp.engine.command import API_KEY_ENV
 from orion_llamaccp.engine.diagnostics import Cause
+from orion_llamaccp.engine.plan import socket_path
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState, Supervisor
 from orion_llamaccp.errors import EngineStartError
 from tests.engine.conftest import FAST, PRELUDE, LaunchFactory, assert_answers
-from tests.support.procs import pid_alive, wait_until_async
+from tests.support.procs import free_port, pid_alive, wait_until_async
 
 
 def record(supervisor: Supervisor) -> list[EngineEvent]:
@@ -523,3 +525,41 @@ async def test_kv_unified_shares_the_context_between_slots_or_slices_it(
         assert (supervisor.props.n_ctx, supervisor.props.total_slots) == (per_slot, 2)
     finally:
         await supervisor.stop()
+
+
+async def test_the_worker_talks_to_llama_server_over_its_unix_socket(
+    make_launch: LaunchFactory,
+) -> None:
+    """llama-server listens on its TCP port and on a UNIX socket. A socket file left at
+    the path by an earlier one is removed before the start (it would not bind); the
+    client talks over the socket, which a client whose URL names a port where nothing
+    listens shows (its props, a streamed chat, the spare connections of its pool); the
+    TCP port still answers everyone else; the file is gone after the stop."""
+    port = free_port()
+    path = socket_path(port)
+    with socket.socket(socket.AF_UNIX) as stale:  # bound, then closed: a file, no listener
+        stale.bind(path)
+    launch = make_launch(port=port, unix_socket=path)
+    assert launch.unix_socket == path and f"127.0.0.1,{path}" in launch.argv
+    supervisor = Supervisor(launch, environ=dict(os.environ), policy=FAST)
+    await supervisor.start()
+    try:
+        assert supervisor.state is EngineState.READY
+        nowhere = f"http://127.0.0.1:{free_port()}"
+        async with LlamaClient(nowhere, unix_socket=path) as client:
+            assert (await client.props()).total_slots == 2
+            async with client.chat_stream(
+                {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            ) as stream:
+                assert [e async for e in stream][-1].usage is not None
+            pool = client._streams
+            assert pool is not None
+            await wait_until_async(lambda: bool(pool.idle), timeout=10, what="a spare opened")
+            assert {c.transport.get_extra_info("peername") for c in pool.idle} == {path}
+        await assert_answers(supervisor)  # the supervisor's own client, over the socket too
+        assert supervisor.client.unix_socket == path
+        async with LlamaClient(launch.base_url) as tcp:  # TCP, for other hosts and tools
+            assert (await tcp.props()).total_slots == 2
+    finally:
+        await supervisor.stop()
+    assert not await asyncio.to_thread(Path(path).exists)
