@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -206,7 +207,12 @@ def _spec(
         parallel=parallel,
         ctx=65536,
         coalesce_ms=coalesce,
-        env={"BENCH_BURST": str(burst), "BENCH_TOKEN_INTERVAL_US": str(interval_us)},
+        env={
+            "BENCH_BURST": str(burst),
+            "BENCH_TOKEN_INTERVAL_US": str(interval_us),
+            # The worker's environment drops BENCH_*: passed on by name, for the upstream
+            "BENCH_KEEP_ALIVE": os.environ.get("BENCH_KEEP_ALIVE", ""),
+        },
     )
 
 

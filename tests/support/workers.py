@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from orion_llamaccp.engine.plan import socket_path
 from orion_llamaccp.engine.process import die_with_parent
 from tests.support.procs import pid_alive, wait_until, wait_until_async
 
@@ -205,6 +207,11 @@ class WorkerProc:
         self.terminate()
         wait_until(self.engines_gone, timeout=15, what=f"llama-server of {self.name} gone")
         self.redis.close()
+        port = self.env.get("LLAMACPP_PORT_OVERRIDE")
+        path = socket_path(int(port)) if port else None
+        if path:  # a worker killed in the test could not remove llama-server's socket file
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if hasattr(self, "_log"):
             self._log.close()
 
