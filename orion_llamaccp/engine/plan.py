@@ -90,9 +90,14 @@ def socket_path(port: int) -> str | None:
     """Where llama-server listens for the worker beside its TCP ``port``: named by the
     port, which no other llama-server on this host can hold, so a file left by one that
     died is ours to remove (``Supervisor``); short, as a UNIX socket's path must be.
-    None where no temporary folder can be written (a read-only root): TCP only."""
+    None where no temporary folder can be written (a read-only root), or its path is
+    too long for a socket's (a deep ``TMPDIR``): TCP only."""
     try:
         folder = tempfile.gettempdir()  # the first of TMPDIR, /tmp, ... that takes a file
     except OSError:
         return None
-    return str(Path(folder) / f"orion-llamaccp-{port}.sock")
+    path = str(Path(folder) / f"orion-llamaccp-{port}.sock")
+    return path if len(path.encode()) < _SOCKET_PATH_MAX else None
+
+
+_SOCKET_PATH_MAX = 104  # sun_path holds 108 bytes on Linux, 104 on the BSDs and macOS

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -224,6 +225,23 @@ def test_the_worker_s_unix_socket_is_added_where_the_build_takes_one(
     monkeypatch.setenv("ORION_LLAMACPP_ENGINE_UNIX_SOCKET", "0")
     launch = build_plan(load_settings(), profile_name="gemma3-270m-cpu").launch
     assert launch.unix_socket is None and "," not in launch.argv[launch.argv.index("--host") + 1]
+
+
+def test_no_unix_socket_where_no_temporary_folder_holds_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read-only root (no temporary folder takes a file), or a ``TMPDIR`` deep enough
+    that the path would not fit a socket's address: TCP only, not a llama-server that
+    cannot bind."""
+    assert socket_path(8080) == f"{tempfile.gettempdir()}/orion-llamaccp-8080.sock"
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp/" + "d" * 90)
+    assert socket_path(8080) is None
+
+    def read_only() -> str:
+        raise FileNotFoundError("No usable temporary directory found in ['/tmp']")
+
+    monkeypatch.setattr(tempfile, "gettempdir", read_only)
+    assert socket_path(8080) is None
 
 
 def test_gpu_pinning_env(binary_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
