@@ -35,7 +35,7 @@ class BinaryInfo:
     build: str
     aliases: Mapping[str, frozenset[str]] = field(default_factory=dict)
     valued: frozenset[str] = frozenset()  # flags followed by a value (``-c N``)
-    # ``--host`` also takes UNIX socket paths (``...,/run/x.sock``): newer builds
+    # ``--host`` takes a list with UNIX socket paths (``0.0.0.0,/run/x.sock``): newer builds
     unix_sockets: bool = False
 
     def accepts(self, flag: str) -> bool:
@@ -158,8 +158,21 @@ def _probe(path: str, mtime_ns: int) -> BinaryInfo:
             f"{path} --help does not look like llama-server's (no --port; exit {out.returncode}): "
             f"{text.strip()[-300:]}"
         )
-    unix = any("--host" in head and "unix socket" in desc.lower() for head, desc in _entries(text))
-    return BinaryInfo(Path(path), flags, env_of, _build_label(Path(path)), aliases, valued, unix)
+    return BinaryInfo(
+        Path(path), flags, env_of, _build_label(Path(path)), aliases, valued, host_list(text)
+    )
+
+
+def host_list(text: str) -> bool:
+    """Whether ``--help`` says ``--host`` takes a comma-separated list that may hold UNIX
+    socket paths. Older builds take one address *or* one ``.sock`` path ("ip address to
+    listen, or bind to an UNIX socket if the address ends with .sock"): given a list,
+    they bind a socket at the whole string and open no TCP port."""
+    for head, desc in _entries(text):
+        if "--host" in head:
+            desc = desc.lower()
+            return "unix socket" in desc and "comma" in desc
+    return False
 
 
 def probe(path: Path) -> BinaryInfo:

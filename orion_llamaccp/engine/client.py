@@ -104,14 +104,15 @@ class LlamaClient:
         self.read_timeout = read_timeout
         self.unix_socket = unix_socket
         own_network = transport is None
-        if own_network and unix_socket:
-            transport = httpx.AsyncHTTPTransport(uds=unix_socket)
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=64)
+        if own_network and unix_socket:  # a transport of our own: it takes the limits
+            transport = httpx.AsyncHTTPTransport(uds=unix_socket, limits=limits)
         self._http = httpx.AsyncClient(
             base_url=base_url,
             headers=headers,
             transport=transport,
             timeout=httpx.Timeout(5.0, read=read_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64),
+            limits=limits,
         )
         url = urlsplit(base_url)
         self._streams = (

@@ -68,8 +68,9 @@ _RULES: list[tuple[Cause, re.Pattern[str], str]] = [
     (
         Cause.PORT_IN_USE,
         re.compile(r"address already in use|couldn't bind|failed to bind|bind\(\) failed", re.I),
-        "llama-server's port is already taken: stop whatever listens there or set "
-        "LLAMACPP_PORT_OVERRIDE",
+        "llama-server's port (or, where the line names a .sock path, the worker's UNIX "
+        "socket beside it) is already taken: stop whatever listens there or set "
+        "LLAMACPP_PORT_OVERRIDE (for the socket, ORION_LLAMACPP_ENGINE_UNIX_SOCKET=0)",
     ),
     (
         Cause.MODEL_NOT_FOUND,

@@ -7,6 +7,8 @@ This is the one place that strings the layers together before anything runs, so 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,17 +89,22 @@ def plan_profile(
 
 
 def socket_path(port: int) -> str | None:
-    """Where llama-server listens for the worker beside its TCP ``port``: named by the
-    port, which no other llama-server on this host can hold, so a file left by one that
-    died is ours to remove (``Supervisor``); short, as a UNIX socket's path must be.
-    None where no temporary folder can be written (a read-only root), or its path is
-    too long for a socket's (a deep ``TMPDIR``): TCP only."""
+    """Where llama-server listens for the worker beside its TCP ``port``: in a folder of
+    this user's own (mode 0700, made here), so that no other user can take the name
+    first or connect; named by the port, which no other llama-server on this host can
+    hold. None, and TCP only, where that cannot be had: no temporary folder takes a file
+    (a read-only root), the folder is not ours alone, or the path is too long for a
+    socket's address or holds a comma (``--host`` is a comma-separated list)."""
     try:
-        folder = tempfile.gettempdir()  # the first of TMPDIR, /tmp, ... that takes a file
+        folder = Path(tempfile.gettempdir()) / f"orion-llamaccp-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
     except OSError:
         return None
-    path = str(Path(folder) / f"orion-llamaccp-{port}.sock")
-    return path if len(path.encode()) < _SOCKET_PATH_MAX else None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    path = str(folder / f"{port}.sock")
+    return path if len(path.encode()) < _SOCKET_PATH_MAX and "," not in path else None
 
 
 _SOCKET_PATH_MAX = 104  # sun_path holds 108 bytes on Linux, 104 on the BSDs and macOS

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import stat
 import time
 import uuid
@@ -240,7 +241,7 @@ class Supervisor:
         elif self._proc is not None:
             await self._proc.stop(self.policy.stop_grace)
         await self.client.aclose()
-        _remove_socket(self.launch.unix_socket)
+        _remove_stale_socket(self.launch.unix_socket)
         if self.state is not EngineState.FAILED:
             self._set(EngineState.STOPPED)
 
@@ -273,7 +274,7 @@ class Supervisor:
                 f"{self.launch.base_url} before llama-server was started; stop it or set "
                 "LLAMACPP_PORT_OVERRIDE"
             )
-        _remove_socket(self.launch.unix_socket)  # one that died left it: it would not bind
+        _remove_stale_socket(self.launch.unix_socket)  # one that died left it: no bind
         self._proc = proc = LlamaProcess(self.launch, environ=self._environ)
         try:
             await proc.start()
@@ -489,11 +490,21 @@ async def _listening(url: str) -> bool:
     return True
 
 
-def _remove_socket(path: str | None) -> None:
-    """Remove llama-server's UNIX socket file at ``path``, if there is one (a file of
-    another kind is left for llama-server's bind to report)."""
+def _remove_stale_socket(path: str | None) -> None:
+    """Remove the UNIX socket file at ``path`` if nothing listens there: one left by a
+    llama-server that died (a file of another kind is left for llama-server's bind to
+    report). One that answers is another worker's on the same port, whose TCP port
+    check refuses this start: its socket stays."""
     if path is None:
         return
-    with contextlib.suppress(OSError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            probe.connect(path)  # on a local socket: accepted or refused at once
+    except ConnectionRefusedError:
+        with contextlib.suppress(OSError):
             os.unlink(path)
+    except OSError:
+        return

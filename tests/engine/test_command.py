@@ -5,6 +5,7 @@ Flags are checked against the real built binary's ``--help``.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from orion_llamaccp.engine.binary import BinaryInfo, _entries, parse_help, probe
+from orion_llamaccp.engine.binary import BinaryInfo, _entries, host_list, parse_help, probe
 from orion_llamaccp.engine.client import LlamaClient
 from orion_llamaccp.engine.command import SECRET_FLAGS, LaunchSpec, build_launch, mask_argv
 from orion_llamaccp.engine.plan import build_plan, socket_path
@@ -227,21 +228,49 @@ def test_the_worker_s_unix_socket_is_added_where_the_build_takes_one(
     assert launch.unix_socket is None and "," not in launch.argv[launch.argv.index("--host") + 1]
 
 
-def test_no_unix_socket_where_no_temporary_folder_holds_one(
-    monkeypatch: pytest.MonkeyPatch,
+def test_the_unix_socket_is_in_a_folder_of_the_user_s_own_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read-only root (no temporary folder takes a file), or a ``TMPDIR`` deep enough
-    that the path would not fit a socket's address: TCP only, not a llama-server that
-    cannot bind."""
-    assert socket_path(8080) == f"{tempfile.gettempdir()}/orion-llamaccp-8080.sock"
-    monkeypatch.setattr(tempfile, "tempdir", "/tmp/" + "d" * 90)
+    """The socket lives in a folder only this user may enter (0700, made on the way), so
+    no other user can take its name first or connect. TCP only, not a llama-server that
+    cannot bind or talks to someone else: where the folder is not ours alone, where no
+    temporary folder takes a file (a read-only root), where the path would not fit a
+    socket's address (a deep ``TMPDIR``) or holds a comma (``--host`` is a list)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / f"orion-llamaccp-{os.getuid()}"
+    assert socket_path(8080) == f"{folder}/8080.sock"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    folder.chmod(0o755)  # others may enter: not ours alone
     assert socket_path(8080) is None
+    for odd in ("d" * 90, "a,b"):
+        (tmp_path / odd).mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / odd))
+        assert socket_path(8080) is None, odd
 
     def read_only() -> str:
         raise FileNotFoundError("No usable temporary directory found in ['/tmp']")
 
     monkeypatch.setattr(tempfile, "gettempdir", read_only)
     assert socket_path(8080) is None
+
+
+def test_only_builds_whose_host_takes_a_list_get_the_socket() -> None:
+    """Older builds take one address or one ``.sock`` path in ``--host``: given a list,
+    they bind a socket named after the whole string and open no TCP port."""
+    new = (
+        "--host HOST                             IP addresses to listen on, comma-separated,"
+        " or UNIX socket paths\n"
+        "                                        ending in .sock; with multiple TCP addresses\n"
+    )
+    old = (
+        "--host HOST                             ip address to listen, or bind to an UNIX"
+        " socket if the address\n"
+        "                                        ends with .sock (default: 127.0.0.1)\n"
+    )
+    plain = "--host HOST                             ip address to listen (default: 127.0.0.1)\n"
+    assert host_list(new)
+    assert not host_list(old)
+    assert not host_list(plain)
 
 
 def test_gpu_pinning_env(binary_env: None, monkeypatch: pytest.MonkeyPatch) -> None:

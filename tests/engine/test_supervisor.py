@@ -20,7 +20,12 @@ from orion_llamaccp.engine.client import LlamaClient
 from orion_llamaccp.engine.command import API_KEY_ENV
 from orion_llamaccp.engine.diagnostics import Cause
 from orion_llamaccp.engine.plan import socket_path
-from orion_llamaccp.engine.supervisor import EngineEvent, EngineState, Supervisor
+from orion_llamaccp.engine.supervisor import (
+    EngineEvent,
+    EngineState,
+    Supervisor,
+    _remove_stale_socket,
+)
 from orion_llamaccp.errors import EngineStartError
 from tests.engine.conftest import FAST, PRELUDE, LaunchFactory, assert_answers
 from tests.support.procs import free_port, pid_alive, wait_until_async
@@ -537,13 +542,14 @@ async def test_the_worker_talks_to_llama_server_over_its_unix_socket(
     TCP port still answers everyone else; the file is gone after the stop."""
     port = free_port()
     path = socket_path(port)
+    assert path is not None
     with socket.socket(socket.AF_UNIX) as stale:  # bound, then closed: a file, no listener
         stale.bind(path)
     launch = make_launch(port=port, unix_socket=path)
     assert launch.unix_socket == path and f"127.0.0.1,{path}" in launch.argv
     supervisor = Supervisor(launch, environ=dict(os.environ), policy=FAST)
-    await supervisor.start()
     try:
+        await supervisor.start()
         assert supervisor.state is EngineState.READY
         nowhere = f"http://127.0.0.1:{free_port()}"
         async with LlamaClient(nowhere, unix_socket=path) as client:
@@ -563,3 +569,21 @@ async def test_the_worker_talks_to_llama_server_over_its_unix_socket(
     finally:
         await supervisor.stop()
     assert not await asyncio.to_thread(Path(path).exists)
+
+
+def test_only_a_socket_nobody_listens_on_is_removed(tmp_path: Path) -> None:
+    """Before a start and after a stop the supervisor removes a socket file left at its
+    path only if nothing listens there: one that answers belongs to another worker on
+    the same port (whose TCP check refuses this start), and removing it would cut that
+    worker off from its llama-server. A file of another kind is left alone."""
+    path = str(tmp_path / "e.sock")
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(path)
+        live.listen()
+        _remove_stale_socket(path)
+        assert Path(path).exists()  # another worker's: kept
+    _remove_stale_socket(path)  # closed: nobody listens
+    assert not Path(path).exists()
+    Path(path).write_text("not a socket")
+    _remove_stale_socket(path)
+    assert Path(path).exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.engine.plan import socket_path
 from orion_llamaccp.engine.process import die_with_parent
+from orion_llamaccp.engine.supervisor import _remove_stale_socket
 from tests.support.procs import pid_alive, wait_until, wait_until_async
 
 
@@ -208,10 +208,8 @@ class WorkerProc:
         wait_until(self.engines_gone, timeout=15, what=f"llama-server of {self.name} gone")
         self.redis.close()
         port = self.env.get("LLAMACPP_PORT_OVERRIDE")
-        path = socket_path(int(port)) if port else None
-        if path:  # a worker killed in the test could not remove llama-server's socket file
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        if port:  # a worker killed in the test could not remove llama-server's socket file
+            _remove_stale_socket(socket_path(int(port)))
         if hasattr(self, "_log"):
             self._log.close()
 
