@@ -214,9 +214,8 @@ def test_run_reaches_health_and_stops_cleanly(
 def test_sigkill_of_the_wrapper_leaves_no_llama_server(
     subprocess_env: dict, tmp_path: Path, redis_url: str
 ) -> None:
-    worker = WorkerProc(
-        subprocess_env, name="doomed", log_dir=tmp_path, redis_url=redis_url
-    ).start()
+    env = {**subprocess_env, "LLAMACPP_PORT_OVERRIDE": str(free_port())}  # close() knows it
+    worker = WorkerProc(env, name="doomed", log_dir=tmp_path, redis_url=redis_url).start()
     try:
         worker.wait_ready()
         engine = worker.engine_pid()
