@@ -246,21 +246,21 @@ def build_launch(
     binary: BinaryInfo | None,
     binary_path: str,
     environ: Mapping[str, str],
-    unix_socket: str | None = None,
+    unix_socket: Callable[[int], str | None] | None = None,
 ) -> LaunchSpec:
     """The argv and environment for ``profile``; ``binary=None`` skips the flag check.
 
-    ``unix_socket``: a path llama-server listens on as well as its TCP port, if this
-    build's ``--host`` takes one and the host is one address (not a list of its own).
+    ``unix_socket``: gives, for the port, a path llama-server listens on as well as its
+    TCP port (or None); asked only if this build's ``--host`` takes a list and the host
+    is one address (not a list of its own).
     """
     cfg = profile.llamacpp
     host = overrides.host or cfg.host
     port = overrides.port or cfg.port
-    if unix_socket and (
-        binary is None or not binary.unix_sockets or "," in host or host.endswith(".sock")
-    ):
-        unix_socket = None
-    listen = f"{host},{unix_socket}" if unix_socket else host
+    one_address = "," not in host and not host.endswith(".sock")  # not the profile's own list
+    takes_list = binary is not None and binary.unix_sockets
+    socket_file = unix_socket(port) if unix_socket and takes_list and one_address else None
+    listen = f"{host},{socket_file}" if socket_file else host
     argv = [binary_path, "--model", str(files.model), "--host", listen, "--port", str(port)]
     if files.mmproj is not None:
         _check(binary, profile.name, "llamacpp.mmproj_filename", "--mmproj")
@@ -294,7 +294,7 @@ def build_launch(
         secret.add(name)
     flag_env = frozenset(binary.env_of.values()) if binary else frozenset()
     return LaunchSpec(
-        tuple(argv), env, host, port, frozenset(secret), api_key, flag_env, unix_socket
+        tuple(argv), env, host, port, frozenset(secret), api_key, flag_env, socket_file
     )
 
 

@@ -81,9 +81,7 @@ def plan_profile(
         binary=binary,
         binary_path=binary_path,
         environ=settings.environ(),
-        unix_socket=socket_path(overrides.port or profile.llamacpp.port)
-        if settings.engine_unix_socket
-        else None,
+        unix_socket=socket_path if settings.engine_unix_socket else None,
     )
     return ServicePlan(settings, registry, profile, files, binary, launch)
 

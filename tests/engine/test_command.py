@@ -214,7 +214,11 @@ def test_the_worker_s_unix_socket_is_added_where_the_build_takes_one(
     assert pairs["--host"] == f"{launch.host},{launch.unix_socket}"
     plan = build_plan(load_settings(), profile_name="gemma3-270m-cpu")
     old_build = replace(plan.binary, unix_sockets=False)
-    common = {"binary_path": "llama-server", "environ": {}, "unix_socket": "/tmp/x.sock"}
+    common = {
+        "binary_path": "llama-server",
+        "environ": {},
+        "unix_socket": lambda _port: "/tmp/x.sock",
+    }
     overrides = load_settings().overrides_for(plan.profile.name)
     for binary, host in ((old_build, "127.0.0.1"), (plan.binary, "127.0.0.1,/run/own.sock")):
         profile = plan.profile.model_copy(
