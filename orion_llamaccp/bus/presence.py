@@ -110,7 +110,6 @@ class Presence:
         *,
         redis: aioredis.Redis,
         outbox: Outbox,
-        service: dict[str, str | None],
         interval: float,
         announce_interval: float,
         health_channel: str,
@@ -121,7 +120,6 @@ class Presence:
     ) -> None:
         self.redis = redis
         self.outbox = outbox
-        self.service = service
         self.interval = interval
         self.announce_interval = announce_interval
         self.health_channel = health_channel
@@ -136,7 +134,7 @@ class Presence:
 
     @property
     def instance(self) -> str:
-        return str(self.service["instance"])
+        return str(self.outbox.source.instance)
 
     async def heartbeat(self) -> dict[str, Any]:
         details = await self.snapshot()
@@ -211,5 +209,5 @@ class Presence:
             return
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
-                self.redis.delete(keys.liveness(str(self.service["name"]), self.instance)), 2.0
+                self.redis.delete(keys.liveness(self.outbox.source.name, self.instance)), 2.0
             )

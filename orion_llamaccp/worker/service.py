@@ -140,7 +140,6 @@ class Worker:
         self.presence = Presence(
             redis=redis,
             outbox=self.outbox,
-            service=self.outbox.source.model_dump(),
             interval=settings.heartbeat_interval_sec,
             announce_interval=settings.announce_interval_sec,
             health_channel=settings.health_channel,
