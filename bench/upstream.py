@@ -320,7 +320,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--keep-alive",
         action="store_true",
-        default=bool(os.environ.get("BENCH_KEEP_ALIVE")),
+        default=os.environ.get("BENCH_KEEP_ALIVE", "0") not in ("", "0"),
         help="keep a connection open after a streamed response (llama-server closes it)",
     )
     args, _unknown = parser.parse_known_args(argv)  # llama-server flags we do not need
