@@ -18,6 +18,7 @@ from orion_llamaccp.engine.plan import ServicePlan, build_plan
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor, SupervisorPolicy
 from orion_llamaccp.errors import EngineStartError
 from orion_llamaccp.settings import Settings
+from orion_llamaccp.stopping import unless_stopped
 
 if TYPE_CHECKING:
     from orion_llamaccp.model.fetch import ResolvedModel
@@ -137,14 +138,7 @@ async def run_engine(
         await supervisor.wait_for(EngineState.FAILED)
         raise supervisor.failure or EngineStartError("llama-server failed")
 
-    serving = asyncio.create_task(serve(), name="engine")
-    stopped = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if serving.done():
-            serving.result()
+        await unless_stopped(stop, serve())
     finally:
-        for task in (serving, stopped):
-            task.cancel()
-        await asyncio.gather(serving, stopped, return_exceptions=True)
         await supervisor.stop()

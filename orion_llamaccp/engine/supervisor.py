@@ -39,6 +39,7 @@ from orion_llamaccp.engine.command import LaunchSpec
 from orion_llamaccp.engine.diagnostics import Cause, Diagnosis
 from orion_llamaccp.engine.process import LlamaProcess
 from orion_llamaccp.errors import EngineStartError, EngineUnavailable, UpstreamError
+from orion_llamaccp.stopping import unless_stopped
 
 log = logging.getLogger(__name__)
 _MIN_POLL_GAP = 0.01
@@ -410,7 +411,8 @@ class Supervisor:
             self._refetched = True
             self._set(EngineState.RESTARTING, f"{reason}; verifying and re-fetching the model")
             try:
-                refetched = await self._unless_stopped(self._on_corrupt())
+                # a re-fetch may hash or download gigabytes: a SIGTERM does not wait for it
+                refetched = await unless_stopped(self._stopping, self._on_corrupt())
             except Exception as exc:  # the model layer says why; that is the failure
                 return self._fail(f"{reason}; re-fetch failed: {exc}", diagnosis, crash.tail)
             return refetched and not self._draining.is_set()
@@ -435,22 +437,6 @@ class Supervisor:
             log.warning("drain began during the restart backoff: llama-server not restarted")
             return False
         return not self._stopping.is_set()
-
-    async def _unless_stopped(self, work: Awaitable[None]) -> bool:
-        """Await ``work``, or cancel it when a stop comes first (False): a re-fetch may
-        hash or download many gigabytes, and a SIGTERM must not wait for that."""
-        task = asyncio.ensure_future(work)
-        stop = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not task.done():
-                task.cancel()
-        if not task.done() or task.cancelled():
-            return False
-        task.result()
-        return True
 
     async def _backoff_wait(self, delay: float) -> None:
         """Sleep ``delay`` seconds, or less if a stop or a drain begins meanwhile."""

@@ -35,6 +35,7 @@ from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
 from orion_llamaccp.errors import DecodeError, OrionLlamaError
 from orion_llamaccp.settings import Settings
+from orion_llamaccp.stopping import unless_stopped
 from orion_llamaccp.worker.announce import WorkerView
 from orion_llamaccp.worker.handler import ChatHandler
 from orion_llamaccp.worker.inflight import InFlight, RecentCancels
@@ -179,7 +180,8 @@ class Worker:
             # Subscribed before the model check starts: its thread holds the GIL for long
             # stretches, and a request sent meanwhile should wait, not go unheard. A stop
             # (Redis down, the operator gives up) ends the wait.
-            if await self._listening_unless(stop, timeout=5.0):
+            await unless_stopped(stop, self.intake.listening(5.0))
+            if self.listener.subscribed.is_set():
                 log.info("listening on %s", ", ".join(self.listener.channels))
             if "pubsub" in transports(self.settings):  # only pub/sub messages are claimed
                 counting = every(
@@ -205,16 +207,6 @@ class Worker:
             if metrics is not None:
                 metrics.close()
         return code
-
-    async def _listening_unless(self, stop: asyncio.Event, timeout: float) -> bool:
-        listening = asyncio.create_task(self.intake.listening(timeout))
-        stopped = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait({listening, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            listening.cancel()
-        return self.listener.subscribed.is_set()
 
     async def _serve(self, stop: asyncio.Event, intake_stop: asyncio.Event) -> int:
         workers = [asyncio.create_task(self._dispatch_local(), name="dispatch")]
@@ -255,15 +247,8 @@ class Worker:
             self.view.model_ready(resolved)
             await self.supervisor.start()
 
-        starting = asyncio.create_task(start(), name="engine-start")
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if not starting.done():
-            starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
+        if not await unless_stopped(stop, start()):
             return False
-        starting.result()
         props = self.supervisor.props
         self.slots.resize(props.total_slots if props else self.slots.total)
         return True
