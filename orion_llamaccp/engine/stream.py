@@ -471,6 +471,8 @@ async def stream_batches(
                 runs.clear()
                 conn.pending = 0
                 conn.saw_done = reader.done
+                if reader.done:  # events after it are ignored: those of a sink's reads too
+                    conn.sink = None
                 if batch:
                     yield batch
                 if reader.done:

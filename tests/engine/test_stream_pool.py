@@ -262,6 +262,52 @@ async def test_tokens_read_one_at_a_time_go_to_the_sink_without_waking_the_reade
         server.close()
 
 
+async def _token_after_done(
+    seen: Seen, late: asyncio.Event, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Five tokens at a GPU's pace, the finish and ``[DONE]``, then (once told) one more
+    token event in a read of its own, before the body's end: a server that misbehaves."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    role = b'{"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant"}}]}'
+    for n, data in enumerate([role, *(TOKEN % n for n in range(5))]):
+        chunk = b"data: %b\n\n" % data
+        writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        await writer.drain()
+        await (seen.at_least(n) if n else asyncio.sleep(0.002))
+    ending = (b"data: %b\n\n" % data for data in (FINISH, b"[DONE]"))
+    writer.write(b"".join(b"%x\r\n%b\r\n" % (len(c), c) for c in ending))  # one read
+    await late.wait()
+    chunk = b"data: %b\n\n" % (TOKEN % 99)
+    writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+    await writer.drain()
+
+
+async def test_a_token_event_after_done_goes_nowhere_stand_in() -> None:
+    """Events after ``[DONE]`` are ignored (``EventReader``); a token event in a read of
+    its own then went to the reader's sink all the same, while the reader's consumer
+    still held the last batch. The sink is gone as soon as ``[DONE]`` is read."""
+    seen, late = Seen(), asyncio.Event()
+    server = await asyncio.start_server(partial(_token_after_done, seen, late), "127.0.0.1", 0)
+    pool = _pool(server.sockets[0].getsockname()[1], slots=1)
+    try:
+        conn = await pool.open(b"{}")
+        async for batch in stream_batches(conn, seen.add):
+            for delta in batch:
+                if isinstance(delta, list):
+                    seen.add(delta)
+            if conn.saw_done:  # the consumer still holds the last batch (publishing it)
+                received = conn.received
+                late.set()
+                while conn.received == received:  # the late token read meanwhile
+                    await asyncio.sleep(0.001)
+        pool.finish(conn)
+        assert seen.texts == [f"{n} " for n in range(5)]
+    finally:
+        pool.close()
+        server.close()
+
+
 async def _close_delimited(
     response: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
