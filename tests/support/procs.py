@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import signal
 import socket
@@ -16,11 +17,38 @@ import psutil
 
 from orion_llamaccp.engine.process import die_with_parent
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, for a server a test starts a moment later.
+
+    Not the kernel's pick (``bind`` to port 0): that comes from the ephemeral range, where
+    every outgoing connection (the worker's to Redis, say) also takes its own port, so one
+    of them could hold it by the time the server binds; and a port just released could be
+    picked again for the next server of the same test. So: a random port below that
+    range, free now, and never handed out twice in one run.
+    """
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(max(1024, low - 16384), low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port below {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def ipv6_loopback() -> bool:
