@@ -157,7 +157,7 @@ def decode_job(
 
 def entry_bytes(entry: StreamEntry) -> bytes | None:
     """The message a stream entry carries: its envelope field (Orion's), else a plain one."""
-    fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in entry.fields.items()}
+    fields = {_name(k): v for k, v in entry.fields.items()}
     for name in ("envelope", "data", "message", "payload"):
         if name in fields:
             value = fields[name]
@@ -165,12 +165,18 @@ def entry_bytes(entry: StreamEntry) -> bytes | None:
     return None
 
 
+def _name(field: bytes | str) -> str:
+    """A field's name as text; bytes that are not UTF-8 (anyone may XADD anything) must
+    not stop the entry from being answered and acked."""
+    return field.decode(errors="replace") if isinstance(field, bytes) else field
+
+
 def entry_job(entry: StreamEntry, raw: bytes | None, max_bytes: int) -> Job:
     """A job from a stream entry and the message it carries (``entry_bytes``, which the
     worker reads first to write the request ahead), or an error naming the fields seen."""
     if raw is not None:
         return decode_job(raw, "stream", max_bytes, entry)
-    names = sorted(k.decode() if isinstance(k, bytes) else k for k in entry.fields)
+    names = sorted(_name(k) for k in entry.fields)
     return Job(
         raw=orjson.dumps({"fields": names}),
         transport="stream",

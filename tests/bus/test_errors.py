@@ -432,11 +432,13 @@ async def test_undecodable_stream_entries_are_dead_lettered(
     try:
         await client.xadd(STREAM, {"envelope": b"{not json"})
         await client.xadd(STREAM, {"something": b"else"})
+        # A field name that is not UTF-8: the entry went unanswered and unacked for good
+        await client.xadd(STREAM, {b"\xff\xfe": b"else"})
 
-        async def two() -> bool:
-            return len(await client.xrange(STREAM + ":dlq")) == 2
+        async def three() -> bool:
+            return len(await client.xrange(STREAM + ":dlq")) == 3
 
-        await wait_until_async(two, timeout=20, what="two dead letters")
+        await wait_until_async(three, timeout=20, what="three dead letters")
         reasons = {e[1][b"reason"] for e in await client.xrange(STREAM + ":dlq")}
         assert reasons == {b"validation_failed"}
         await wait_stream_acked(client, STREAM, "llamacpp:tiny")
