@@ -96,6 +96,12 @@ class Overrides(BaseSettings):
         return value
 
 
+_CUT_SHORT = (
+    "cannot be read as a URL: percent-encode any '/', '?' or '#' in its user name or "
+    "password (for example '/' as %2F)"
+)
+
+
 def _http_url(value: Any, what: str) -> Any:
     """``value`` stripped, if it is an http(s) URL with a host; blank passes (unset)."""
     if not isinstance(value, str) or not value.strip():
@@ -104,6 +110,8 @@ def _http_url(value: Any, what: str) -> Any:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"must be the http:// or https:// URL {what}")
+    if not _readable(value):  # as the bus URL's: the rest of the password went unmasked
+        raise ValueError(_CUT_SHORT)
     return value
 
 
@@ -243,10 +251,7 @@ class Settings(BaseSettings):
         password goes unmasked, and the client fails on a "port" made of it and prints it
         in its error. Refused here, in words that show none of it."""
         if not _readable(value.get_secret_value()):
-            raise ValueError(
-                "cannot be read as a URL: percent-encode any '/', '?' or '#' in its user "
-                "name or password (for example '/' as %2F)"
-            )
+            raise ValueError(_CUT_SHORT)
         if urlsplit(value.get_secret_value()).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
@@ -360,6 +365,9 @@ def _forms(secret: str) -> set[str]:
     return {secret, repr(secret)[1:-1], ascii(secret)[1:-1], encoded} - {""}
 
 
+_URL_VARIABLES = ("HF_ENDPOINT", "ORION_LLAMACPP_ADVERTISE_URL")  # may hold a password
+
+
 def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:
     lines = []
     by_variable = {_variable_of(name, info): info for name, info in model.model_fields.items()}
@@ -369,7 +377,7 @@ def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:
         value = err.get("input")
         if info is not None and info.annotation in (SecretStr, SecretStr | None):
             value = "<hidden>"  # a secret's bad value is still the secret
-        elif variable == "HF_ENDPOINT" and "@" in str(value):
+        elif variable in _URL_VARIABLES and "@" in str(value):
             value = "<hidden: it may hold a user and password>"
         lines.append(f"{variable}={value!r}: {err['msg']}")
     return "invalid environment: " + "; ".join(lines)

@@ -207,6 +207,21 @@ def test_a_hub_endpoint_that_is_not_an_http_url_is_refused_at_start(
     assert load_settings().hf_endpoint == "https://hf-mirror.example.com"
 
 
+@pytest.mark.parametrize("variable", ["HF_ENDPOINT", "ORION_LLAMACPP_ADVERTISE_URL"])
+def test_a_hub_or_advertised_url_whose_password_cuts_it_short_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """As the bus URL's: a raw ``/`` in a mirror's password ended the host part there, so
+    the password was neither masked nor redacted, and the download failed on "Invalid
+    port: 'se'", part of it, in the error sent to the bus."""
+    monkeypatch.setenv(variable, "https://bot:se/cret9@hf-mirror.example.com")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert variable in message and "percent-encode" in message
+    assert "se/" not in message and "cret9" not in message
+
+
 def test_the_advertised_engine_url_must_be_a_url_and_its_password_is_a_secret(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
