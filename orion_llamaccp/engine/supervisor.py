@@ -148,6 +148,10 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._draining = asyncio.Event()  # for good once set; it also ends a restart backoff
         self._crashes: deque[float] = deque()
+        # Failures since a life that stayed ready for a crash window: a model that loads
+        # for two minutes and then dies never has five deaths within five minutes.
+        self._unsteady = 0
+        self._ready_at: float | None = None
         self._backoff = wait_exponential(
             multiplier=self.policy.backoff_initial,
             min=self.policy.backoff_initial,
@@ -267,6 +271,7 @@ class Supervisor:
     async def _one_life(self) -> None:
         self._set(EngineState.STARTING)
         self.life += 1
+        self._ready_at = None
         if await _listening(self.launch.base_url):
             # Ours would fail to bind, while the other answered /health and /props in its
             # name: ready, serving whatever model that one runs.
@@ -292,6 +297,7 @@ class Supervisor:
             await proc.wait()
             raise self._crash(proc, f"llama-server was healthy but /props failed: {exc}") from exc
         proc.quiet = True
+        self._ready_at = time.monotonic()
         self._set(EngineState.READY)  # stays DRAINING if a drain began meanwhile (``_set``)
         await self._watch(proc)
 
@@ -418,25 +424,32 @@ class Supervisor:
             return refetched and not self._draining.is_set()
         if diagnosis and (diagnosis.cause in FATAL or diagnosis.cause is Cause.CORRUPT_MODEL):
             return self._fail(reason, diagnosis, crash.tail)
-        now = time.monotonic()
-        self._crashes.append(now)
-        while self._crashes and now - self._crashes[0] > self.policy.crash_window:
-            self._crashes.popleft()
-        if len(self._crashes) >= self.policy.crash_limit:
-            return self._fail(
-                f"crash loop: {len(self._crashes)} failures within "
-                f"{self.policy.crash_window:.0f}s; last: {reason}",
-                diagnosis,
-                crash.tail,
-            )
+        failures, loop = self._count_crash()
+        if failures >= self.policy.crash_limit:
+            return self._fail(f"crash loop: {loop}; last: {reason}", diagnosis, crash.tail)
         self.restarts += 1
-        delay = self._backoff(_Attempt(len(self._crashes)))
+        delay = self._backoff(_Attempt(failures))
         self._set(EngineState.RESTARTING, f"{reason}; restart #{self.restarts} in {delay:.1f}s")
         await self._backoff_wait(delay)
         if self._draining.is_set():  # it began during the wait: a drain is for good
             log.warning("drain began during the restart backoff: llama-server not restarted")
             return False
         return not self._stopping.is_set()
+
+    def _count_crash(self) -> tuple[int, str]:
+        """This crash counted both ways: within the crash window, and in a row since a
+        life that stayed ready for a whole window. The larger count, and what it says."""
+        now, window = time.monotonic(), self.policy.crash_window
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > window:
+            self._crashes.popleft()
+        steady = self._ready_at is not None and now - self._ready_at >= window
+        self._unsteady = 1 if steady else self._unsteady + 1
+        if len(self._crashes) >= self._unsteady:
+            return len(self._crashes), f"{len(self._crashes)} failures within {window:.0f}s"
+        return self._unsteady, (
+            f"{self._unsteady} failures in a row, none ready for {window:.0f}s in between"
+        )
 
     async def _backoff_wait(self, delay: float) -> None:
         """Sleep ``delay`` seconds, or less if a stop or a drain begins meanwhile."""

@@ -145,6 +145,53 @@ async def test_crash_loop_ends_in_failed_with_its_cause(make_launch: LaunchFacto
     await supervisor.stop()
 
 
+async def test_a_crash_loop_slower_than_the_crash_window_still_ends_in_failed(
+    make_launch: LaunchFactory,
+) -> None:
+    """The limit was so many deaths within the crash window (five in five minutes): a
+    model that loads for two minutes and then dies never had them, and was restarted for
+    good, reloading each time and ``restarting`` on the bus forever. Here every life ends
+    outside a window made tiny; counted in a row since a life that stayed ready, the
+    failures end it all the same."""
+    policy = dataclasses.replace(FAST, crash_window=0.001)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        launch = make_launch(port=taken.getsockname()[1])
+        supervisor = Supervisor(launch, environ=dict(os.environ), policy=policy)
+        with pytest.raises(EngineStartError) as err:
+            await asyncio.wait_for(supervisor.start(), timeout=30)
+    assert "crash loop: 3 failures in a row" in str(err.value)
+    assert supervisor.restarts == FAST.crash_limit - 1
+    await supervisor.stop()
+
+
+async def test_a_life_that_stayed_ready_for_a_crash_window_starts_the_count_again(
+    make_launch: LaunchFactory,
+) -> None:
+    """Deaths apart from each other by a life ready for a whole window are not a loop:
+    with a limit of two, two such deaths are two restarts, not a failure."""
+    policy = dataclasses.replace(FAST, crash_window=0.5, crash_limit=2)
+    supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=policy)
+    await supervisor.start()
+    try:
+        for restarts in (1, 2):
+            await asyncio.sleep(0.6)  # ready for longer than the window
+            pid = supervisor.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            await wait_until_async(
+                lambda pid=pid: supervisor.pid != pid,
+                timeout=30,
+                what="restarted",
+            )
+            await supervisor.wait_for(EngineState.READY, EngineState.FAILED, timeout=30)
+            assert supervisor.state is EngineState.READY, supervisor.failure
+            assert supervisor.restarts == restarts
+    finally:
+        await supervisor.stop()
+
+
 async def test_a_llama_server_already_on_the_port_is_not_taken_for_ours(
     ready_engine: Supervisor, make_launch: LaunchFactory
 ) -> None:
