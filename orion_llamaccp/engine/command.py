@@ -111,6 +111,22 @@ class LaunchSpec:
         kept = {k: v for k, v in environ.items() if k not in dropped}
         return {**kept, **self.env}, [name for name in dropped if name not in self.env]
 
+    def replaced_gpus(self, environ: Mapping[str, str]) -> str | None:
+        """Why the GPUs llama-server sees differ from those the environment named, if they
+        do: the pin wins, but a scheduler's job or a container numbers its GPUs from 0,
+        and a pin to another one runs on someone else's card or, with none there, on the
+        CPU (llama.cpp then says "no usable GPU found" and serves all the same)."""
+        inherited = environ.get("CUDA_VISIBLE_DEVICES")
+        pinned = self.env.get("CUDA_VISIBLE_DEVICES")
+        if inherited is None or pinned is None or inherited.strip() == pinned:
+            return None
+        return (
+            f"CUDA_VISIBLE_DEVICES={inherited} from the environment is replaced by "
+            f"{pinned} (the profile's gpu.device_ids, or CUDA_VISIBLE_DEVICES_OVERRIDE): "
+            "inside a container or a scheduler's job the GPUs it was given are numbered "
+            "from 0"
+        )
+
     def masked_env(self) -> dict[str, str]:
         return {k: (MASK if k in self.secret_env else v) for k, v in self.env.items()}
 

@@ -81,6 +81,8 @@ class LlamaProcess:
 
     async def start(self) -> None:
         env, dropped = self.launch.child_env(self._environ)
+        if replaced := self.launch.replaced_gpus(self._environ):
+            log.warning("%s", replaced)
         if dropped:
             log.info(
                 "not passed on to llama-server (its settings come from the profile and "

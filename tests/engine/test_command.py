@@ -573,3 +573,16 @@ def test_llama_server_is_not_given_the_variables_it_reads_as_flags() -> None:
         "CUDA_VISIBLE_DEVICES": "0",
     }
     assert dropped == ["LLAMA_ARG_CTX_SIZE", "LLAMA_NEW_FLAG"]
+
+
+def test_a_gpu_pin_that_replaces_the_environment_s_gpus_is_said() -> None:
+    """The pin wins over an inherited ``CUDA_VISIBLE_DEVICES`` (a scheduler's job, a
+    container's one GPU), silently: llama-server then ran on another job's GPU, or on
+    the CPU when the pinned one was not there."""
+    launch = LaunchSpec(("llama-server",), {"CUDA_VISIBLE_DEVICES": "0"}, "127.0.0.1", 8080)
+    said = launch.replaced_gpus({"CUDA_VISIBLE_DEVICES": "2"})
+    assert said is not None and "CUDA_VISIBLE_DEVICES=2" in said and "replaced by 0" in said
+    assert launch.replaced_gpus({"CUDA_VISIBLE_DEVICES": "0"}) is None
+    assert launch.replaced_gpus({}) is None
+    unpinned = LaunchSpec(("llama-server",), {}, "127.0.0.1", 8080)
+    assert unpinned.replaced_gpus({"CUDA_VISIBLE_DEVICES": "2"}) is None  # left as it is
