@@ -422,7 +422,13 @@ class Supervisor:
             except Exception as exc:  # the model layer says why; that is the failure
                 return self._fail(f"{reason}; re-fetch failed: {exc}", diagnosis, crash.tail)
             return refetched and not self._draining.is_set()
-        if diagnosis and (diagnosis.cause in FATAL or diagnosis.cause is Cause.CORRUPT_MODEL):
+        # Fatal only before the life was ready: once its flags and model have worked, out of
+        # memory is a request's (a large image, another process on the card), and a line
+        # left in the tail from the load is no cause; the crash limit decides then.
+        if diagnosis and (
+            diagnosis.cause is Cause.CORRUPT_MODEL
+            or (diagnosis.cause in FATAL and self._ready_at is None)
+        ):
             return self._fail(reason, diagnosis, crash.tail)
         failures, loop = self._count_crash()
         if failures >= self.policy.crash_limit:

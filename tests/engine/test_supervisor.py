@@ -14,6 +14,7 @@ import signal
 import socket
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orion_llamaccp.engine.client import LlamaClient
@@ -188,6 +189,37 @@ async def test_a_life_that_stayed_ready_for_a_crash_window_starts_the_count_agai
             await supervisor.wait_for(EngineState.READY, EngineState.FAILED, timeout=30)
             assert supervisor.state is EngineState.READY, supervisor.failure
             assert supervisor.restarts == restarts
+    finally:
+        await supervisor.stop()
+
+
+async def test_out_of_memory_once_ready_is_restarted_not_fatal(
+    make_launch: LaunchFactory, prelude_env
+) -> None:
+    """Out of memory while loading cannot be fixed by a restart (fail at once, with the
+    advice); once the life was ready, it is a request's (a large image, another process
+    on the card) and failed the worker for good. Now it is restarted, under the crash
+    limit."""
+    supervisor = Supervisor(
+        make_launch(binary=PRELUDE),
+        environ=prelude_env(PRELUDE_LAST_WORDS="CUDA error: out of memory"),
+        policy=FAST,
+    )
+    events = record(supervisor)
+    await supervisor.start()
+    try:
+        server = psutil.Process(supervisor.pid).children()[0]  # the prelude's llama-server
+        server.kill()
+        await wait_until_async(
+            lambda: EngineState.RESTARTING in [e.state for e in events],
+            timeout=30,
+            what="a restart",
+        )
+        restarting = next(e for e in events if e.state is EngineState.RESTARTING)
+        assert "out of memory" in (restarting.reason or "")  # said, not taken for fatal
+        assert await supervisor.wait_for(EngineState.READY, EngineState.FAILED, timeout=30) is (
+            EngineState.READY
+        ), supervisor.failure
     finally:
         await supervisor.stop()
 

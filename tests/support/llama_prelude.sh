@@ -5,6 +5,8 @@
 #   PRELUDE_EXIT=CODE                print a line and exit with CODE instead of starting
 #   PRELUDE_OUTLIVE=S                run it as a child and exit S seconds after it does: a
 #                                    death that whoever watches this process sees late
+#   PRELUDE_LAST_WORDS=LINE          run it as a child and, when it ends, print LINE and
+#                                    exit with its code (a death that says why, after ready)
 #   PRELUDE_HELP_AT_ONCE=1           --help and --version (what the wrapper reads of a
 #                                    binary before it starts one) skip all of the above
 # The real binary comes from REAL_LLAMA_SERVER; all arguments pass through unchanged.
@@ -26,6 +28,15 @@ if [ -n "${PRELUDE_OUTLIVE:-}" ]; then
   code=$?
   sleep "${PRELUDE_OUTLIVE}" &
   wait $!
+  exit "${code}"
+fi
+if [ -n "${PRELUDE_LAST_WORDS:-}" ]; then
+  "${REAL_LLAMA_SERVER}" "$@" &
+  child=$!
+  trap 'kill -TERM "${child}" 2>/dev/null; wait "${child}"; exit 143' TERM INT
+  wait "${child}"
+  code=$?
+  echo "${PRELUDE_LAST_WORDS}"
   exit "${code}"
 fi
 exec "${REAL_LLAMA_SERVER}" "$@"
