@@ -100,10 +100,15 @@ class Job:
         """What the exactly-once guards key on: the request and where it is answered.
 
         Ids are unique per message, but a caller that reuses one with another reply_to
-        still gets its own answer instead of being taken for a duplicate delivery.
+        still gets its own answer instead of being taken for a duplicate delivery; and a
+        producer's retry, the same envelope with ``trace.work.attempt`` raised, is a
+        delivery of its own (a stream's redeliveries keep the entry's attempt: theirs
+        are one). The first attempt's keys are those of a message without a hint.
         """
         reply = hashlib.sha1((self.reply_to or "").encode()).hexdigest()[:12]
-        return f"{self.request_id}{self.occurrence}:{reply}"
+        hinted = self.envelope.work.get("attempt") if self.envelope else None
+        retry = f":a{hinted}" if isinstance(hinted, int) and hinted > 1 else ""
+        return f"{self.request_id}{self.occurrence}:{reply}{retry}"
 
     @property
     def first_attempt(self) -> int:

@@ -39,6 +39,30 @@ async def _results(recorder: BusRecorder, envelopes: list[dict], timeout: float 
     return [recorder.on(e["reply_to"]) for e in envelopes]
 
 
+@pytest.mark.parametrize("via", ["stream", "pubsub"])
+async def test_a_retry_with_the_next_attempt_is_answered_too(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, via: Via
+) -> None:
+    """A producer's retry of a request it had an answer to (``overloaded``, say: retryable)
+    is the same envelope with ``trace.work.attempt`` raised. The exactly-once guard keyed
+    on the id and ``reply_to`` alone took it for a repeat of the first delivery and
+    dropped its answer: the retry went unanswered. Each attempt gets its answer; this
+    one is the first's stored result (the same question, asked again)."""
+    spawn_worker()
+    first = bus.request(HI, profile="tiny", options={"max_tokens": 2}, trace={"work": {}})
+    await bus.send(first, profile="tiny", via=via)
+    await _results(recorder, [first])
+    retry = orjson.loads(orjson.dumps(first))
+    retry["trace"]["work"]["attempt"] = 2
+    await bus.send(retry, profile="tiny", via=via)
+    await wait_until_async(
+        lambda: len(recorder.on(first["reply_to"])) == 2, timeout=30, what="the retry answered"
+    )
+    answers = [m.message["payload"] for m in recorder.on(first["reply_to"])]
+    assert answers[1]["content"] == answers[0]["content"], answers
+    assert "duplicate_of_key" in answers[1]["meta"], answers[1]
+
+
 async def test_two_replicas_on_one_channel_answer_each_request_once(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
 ) -> None:
