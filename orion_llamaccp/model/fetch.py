@@ -257,6 +257,13 @@ class _Fetcher:
         expected = fetched.remote.sha256
         if expected and fetched.sha256 != expected:
             return None, f"sha256 {fetched.sha256} does not match the Hub's {expected}"
+        if not expected:  # a git file, or a mirror that does not pass the LFS digest on
+            log.warning(
+                "%s: the Hub gave no sha256 for it (ETag %r), so only its size and its "
+                "GGUF structure are checked, not its bytes",
+                fetched.remote.source.label,
+                fetched.remote.etag[:80],
+            )
         return diagnose_gguf(fetched.partial)
 
     def _give_up_if_hopeless(

@@ -85,8 +85,10 @@ class RemoteFile:
 
     @property
     def sha256(self) -> str | None:
-        """An LFS file's ETag is its sha256; a small git file's is a sha1 (no use here)."""
-        return self.etag if SHA256.fullmatch(self.etag) else None
+        """An LFS file's ETag is its sha256; a small git file's is a sha1 (no use here).
+        A mirror may write the digest in capitals."""
+        etag = self.etag.lower()
+        return etag if SHA256.fullmatch(etag) else None
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

@@ -17,7 +17,7 @@ from orion_llamaccp.model import (
     verify_model,
 )
 from orion_llamaccp.model.fetch import plan_targets
-from orion_llamaccp.model.hub import HubFile
+from orion_llamaccp.model.hub import HubFile, RemoteFile
 from orion_llamaccp.model.store import STATE_DIR, read_record
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile, make_split_gguf
@@ -52,6 +52,32 @@ def test_clean_download_lands_at_model_root_with_its_sha256(
     assert phases[0] == "checking" and phases[-1] == "ready"
     assert phases.index("downloading") < phases.index("verifying") < phases.index("ready")
     assert events[-1].bytes_done == events[-1].bytes_total == len(data)
+
+
+def test_a_file_without_a_sha256_from_the_hub_is_said_to_be_checked_less(
+    hub: LocalHub,
+    make_settings: SettingsFactory,
+    gguf_bytes: Bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A file the Hub keeps in git (not LFS), or a mirror that drops the LFS digest, has
+    no sha256 to check the bytes against: the check was skipped without a word."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0), lfs=False)
+    with caplog.at_level("WARNING", logger="orion_llamaccp.model.fetch"):
+        ensure_model(make_profile(), make_settings())
+    assert any("gave no sha256" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    hub.add(REPO_ID, "other.gguf", gguf_bytes(1))  # LFS: checked, nothing to say
+    with caplog.at_level("WARNING", logger="orion_llamaccp.model.fetch"):
+        ensure_model(make_profile(hf_filename="other.gguf"), make_settings())
+    assert not any("gave no sha256" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_sha256_etag_in_capitals_is_still_checked() -> None:
+    """A mirror may write the LFS digest in capitals: it was taken for no digest."""
+    digest = "ab12" * 16
+    remote = RemoteFile(HubFile(REPO_ID, FILENAME), "", False, None, digest.upper(), "c0")
+    assert remote.sha256 == digest
 
 
 def test_second_run_uses_the_file_and_its_record_without_network(
