@@ -32,6 +32,7 @@ from orion_llamaccp.bus.lane import Command, Lane
 from orion_llamaccp.bus.outbox import ChunkTemplate
 from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.bus.scripts import (
+    ACK_IF_ANSWERED,
     ANSWERED,
     DEATHS,
     NEXT_ATTEMPT,
@@ -62,7 +63,8 @@ class Publisher:
         self.retry_for = retry_for
         self._once = redis.register_script(PUBLISH_ONCE)
         self._ordered = redis.register_script(PUBLISH_IN_ORDER)
-        self._guards = (self._once, self._ordered)  # the scripts stages run (EVALSHA)
+        self._acked = redis.register_script(ACK_IF_ANSWERED)
+        self._guards = (self._once, self._ordered, self._acked)  # what stages run (EVALSHA)
         self._sources = {script.sha: script.script for script in self._guards}
         self._next_attempt = redis.register_script(NEXT_ATTEMPT)
         self._deaths = redis.register_script(DEATHS)
@@ -106,6 +108,14 @@ class Publisher:
             value,
             ttl,
         )
+
+    def stage_ack_if_answered(self, ack: Stage, request_id: str) -> Stage:
+        """A stream entry's ``XACK`` stage made to land only with the request's result
+        (``ACK_IF_ANSWERED``): to follow ``stage_result`` in the same round trip."""
+        command, stream, group, entry_id = ack
+        assert command == "XACK", ack
+        answered = keys.answered(request_id)
+        return ("EVALSHA", self._acked.sha, 2, stream, answered, group, entry_id)
 
     async def commit(self, what: str, stages: Sequence[Stage]) -> list[Any]:
         """Run ``stages`` in order in one round trip; every stage must be safe to repeat.

@@ -13,15 +13,32 @@ from __future__ import annotations
 # message, ttl seconds, [record, record ttl]. Returns receivers, or -1 if done before. The
 # record is stored with the result it holds, or not at all: a stalled worker whose result
 # is dropped (another answered meanwhile) must not replace the stored answer with its own.
+# The PUBLISH comes before the record: Redis does not undo a failed script's writes, and a
+# record refused (Redis out of memory) must not leave the guard set and the result unsent.
 PUBLISH_ONCE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[3])) then
+  local receivers = redis.call('PUBLISH', ARGV[1], ARGV[2])
   if KEYS[2] then
     redis.call('SET', KEYS[2], ARGV[4], 'EX', tonumber(ARGV[5]))
   end
-  return redis.call('PUBLISH', ARGV[1], ARGV[2])
+  return receivers
 end
 return -1
 """
+
+# KEYS[1] stream, KEYS[2] the request's result guard (PUBLISH_ONCE's KEYS[1]); ARGV: group,
+# entry id. Acks only an entry whose result is out (now, or before a redelivery). A plain
+# XACK after the result script runs even when the script failed: Redis at its maxmemory
+# refuses the script's writes but not XACK, which takes no memory, and the entry was gone
+# unanswered. Kept pending instead, it is answered once Redis takes writes again.
+ACK_IF_ANSWERED = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+end
+return -3
+"""
+
+UNANSWERED = -3  # ACK_IF_ANSWERED's reply when the entry has no result: left pending
 
 # KEYS[1] last seq, KEYS[2] the request's result guard (PUBLISH_ONCE's KEYS[1]); ARGV:
 # channel, seq, message, ttl. Publishes only seq > last published, and nothing once the

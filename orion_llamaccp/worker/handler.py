@@ -407,6 +407,8 @@ class ChatHandler:
         elif record is not None:  # nowhere to answer: stored for duplicates all the same
             stages.append(self.claims.stage(record))
         ack = self._stage_ack(job)
+        if ack is not None and reply_to:  # lands only if the result did (Redis out of memory)
+            ack = self.publisher.stage_ack_if_answered(ack, job.delivery_id)
         if ack is not None:
             stages.append(ack)
         if stages:

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from orion_llamaccp.bus.outbox import ChunkTemplate
 from orion_llamaccp.bus.replies import ChunkStream, Publisher, _tick_after
-from tests.support.procs import wait_until_async
+from tests.support.procs import RedisServer, wait_until_async
 from tests.support.workers import BusRecorder
 
 CHANNEL = "orion:test:reply:chunks"
@@ -220,6 +222,39 @@ async def test_after_a_script_flush_an_ack_never_lands_without_its_result_death_
     await redis.script_flush()
     with pytest.raises(RedisConnectionError):  # chunks alone still go as EVALSHA
         await publisher.commit("chunk", [publisher.stage_chunk(CHANNEL, "req-4", 1, 1, b"{}")])
+
+
+async def test_a_stream_ack_never_lands_while_redis_refuses_the_result_for_memory(
+    tmp_path: Path,
+) -> None:
+    """Redis at its ``maxmemory`` (``noeviction``) refuses the result script's writes but
+    not ``XACK``, which takes no memory: the ack after the result landed while the result
+    did not, and the entry was gone unanswered. The ack is now the result guard's: it
+    lands with a result, sent now or before, and not without one."""
+    server = RedisServer(tmp_path).start()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        await client.xgroup_create("s", "g", id="0", mkstream=True)
+        entry = (await client.xadd("s", {"envelope": "{}"})).decode()
+        await client.xreadgroup("g", "c", {"s": ">"})
+        publisher = Publisher(client, retry_for=0)
+        stages = [
+            publisher.stage_result(RESULT, "req-9", b'{"n": 9}'),
+            publisher.stage_ack_if_answered(("XACK", "s", "g", entry), "req-9"),
+        ]
+        await publisher.commit("scripts loaded", [stages[1]])  # not answered: not acked
+        await client.config_set("maxmemory-policy", "noeviction")
+        await client.config_set("maxmemory", 1)
+        with pytest.raises(ResponseError, match="maxmemory"):
+            await publisher.commit("result", stages)
+        assert (await client.xpending("s", "g"))["pending"] == 1  # left for a redelivery
+        await client.config_set("maxmemory", 0)
+        assert await publisher.commit("result", stages) == [0, 1]  # published, acked
+        assert (await client.xpending("s", "g"))["pending"] == 0
+        assert await publisher.commit("result", stages) == [-1, 0]  # a repeat: nothing new
+    finally:
+        await client.aclose()
+        server.stop()
 
 
 async def test_a_commit_cut_off_mid_round_trip_leaves_no_reply_for_the_next(
