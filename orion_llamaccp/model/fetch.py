@@ -144,7 +144,11 @@ class _Fetcher:
         )
 
     def resolve(self, files: ModelFiles, targets: Sequence[Target], deep: bool) -> ResolvedModel:
-        checked = [self.ensure(target, deep=deep) for target in targets]
+        checked: list[_Checked] = []
+        for index, target in enumerate(targets):
+            if 0 < index < len(files.parts):
+                target = self._with_first_part_s_commit(target, checked[0].path)
+            checked.append(self.ensure(target, deep=deep))
         parts = checked[: len(files.parts)]
         verify_split_set([c.info for c in parts])
         return ResolvedModel(
@@ -156,6 +160,18 @@ class _Fetcher:
             downloaded=tuple(c.path for c in checked if c.downloaded),
             moved_aside=tuple(p for c in checked for p in c.moved_aside),
         )
+
+    def _with_first_part_s_commit(self, target: Target, first: Path) -> Target:
+        """A split model's later part from the commit its first part came from: a branch
+        (``main``) looked up again for each part could give a part of a re-upload after
+        one of the model before it (a part fetched days later, say), and the parts'
+        checks (each its own sha256, the split's counts) would not tell the mix."""
+        hub = target.hub
+        record = store.read_record(self.root, first) if self.under_root(first) else None
+        commit = record.commit if record is not None else None
+        if hub is None or commit is None or _names_commit(hub.revision, commit):
+            return target
+        return dataclasses.replace(target, hub=dataclasses.replace(hub, revision=commit))
 
     def ensure(self, target: Target, *, deep: bool) -> _Checked:
         name = self.name(target.path)

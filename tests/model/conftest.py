@@ -38,9 +38,9 @@ def make_gguf(path: Path, seed: int = 0) -> Path:
     return write_random_llama(path, n_embd=32, n_layers=1, n_head=2, n_ff=64, vocab=300, seed=seed)
 
 
-def make_split_gguf(folder: Path, stem: str, parts: int) -> list[Path]:
+def make_split_gguf(folder: Path, stem: str, parts: int, seed: int = 1) -> list[Path]:
     """A GGUF split the way llama.cpp's gguf-split does it (``split.no`` etc. per part)."""
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / f"{stem}.gguf"
     writer = gguf.GGUFWriter(str(base), "llama", split_max_tensors=2)

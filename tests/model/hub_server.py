@@ -122,6 +122,18 @@ class LocalHub:
         self.blobs[sha] = data
         return sha
 
+    def push(self, repo_id: str, files: dict[str, bytes], *, revision: str = "main") -> str:
+        """A new commit on ``revision``: its files as before, ``files`` added or replaced (a
+        re-upload). Returns the new commit's id; the old one stays resolvable by its id."""
+        repo = self.repos.setdefault(repo_id, _Repo())
+        before = repo.commits.get(repo.refs.get(revision, ""), {})
+        commit = _commit_id(repo_id, f"{revision}#{len(repo.commits)}")
+        repo.commits[commit] = {**before, **{name: (data, True) for name, data in files.items()}}
+        repo.refs[revision] = commit
+        for data in files.values():
+            self.blobs[hashlib.sha256(data).hexdigest()] = data
+        return commit
+
     def gate(self, repo_id: str, token: str) -> None:
         """Make the repo gated: only ``Bearer <token>`` may resolve its files."""
         self.repos.setdefault(repo_id, _Repo()).token = token

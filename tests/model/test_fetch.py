@@ -18,7 +18,7 @@ from orion_llamaccp.model import (
 )
 from orion_llamaccp.model.fetch import plan_targets
 from orion_llamaccp.model.hub import HubFile, RemoteFile
-from orion_llamaccp.model.store import STATE_DIR, read_record
+from orion_llamaccp.model.store import STATE_DIR, forget_record, read_record
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile, make_split_gguf
 from tests.model.hub_server import LocalHub
@@ -260,6 +260,31 @@ def test_split_gguf_fetches_all_parts_and_serves_part_one(
     assert resolved.info.split_count == 3
     assert [resolved.file_sha256[p] for p in local] == shas
     assert all(len(hub.cdn_gets(sha)) == 1 for sha in shas)
+
+
+def test_a_split_model_s_parts_all_come_from_its_first_part_s_commit(
+    hub: LocalHub, make_settings: SettingsFactory, cache_dir: Path, tmp_path: Path
+) -> None:
+    """A part fetched after the repo's ``main`` moved to a re-upload (a part lost, or a
+    download resumed days later) came from the new commit beside parts of the old one:
+    each checked against its own sha256, the split's counts alike, the model loaded with
+    mixed weights. Later parts now come from the commit the first part came from."""
+    old = make_split_gguf(tmp_path / "old", "big", 2)
+    for part in old:
+        hub.add(REPO_ID, part.name, part.read_bytes())
+    profile = make_profile(hf_filename="big-00001-of-00002.gguf")
+    ensure_model(profile, make_settings())
+    second = cache_dir / old[1].name
+    second.unlink()  # lost, with its record
+    forget_record(cache_dir, second)
+    new = make_split_gguf(tmp_path / "new", "big", 2, seed=2)
+    hub.push(REPO_ID, {p.name: p.read_bytes() for p in new})  # main moves on
+
+    resolved = ensure_model(profile, make_settings())
+
+    assert second.read_bytes() == old[1].read_bytes() != new[1].read_bytes()
+    assert (cache_dir / old[0].name).read_bytes() == old[0].read_bytes()
+    assert resolved.downloaded == (second,)
 
 
 def test_split_gguf_with_a_part_missing_on_the_hub_fails_clearly(
