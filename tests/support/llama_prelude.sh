@@ -20,23 +20,17 @@ for i in $(seq 1 "${PRELUDE_LINES:-0}"); do
   echo "llama_model_load: loading tensors ... ${i}/${PRELUDE_LINES}"
   sleep "${PRELUDE_DELAY:-0.1}"
 done
-if [ -n "${PRELUDE_OUTLIVE:-}" ]; then
+if [ -n "${PRELUDE_OUTLIVE:-}${PRELUDE_LAST_WORDS:-}" ]; then
   "${REAL_LLAMA_SERVER}" "$@" &
   child=$!
   trap 'kill -TERM "${child}" 2>/dev/null; wait "${child}"; exit 143' TERM INT
   wait "${child}"
   code=$?
-  sleep "${PRELUDE_OUTLIVE}" &
-  wait $!
-  exit "${code}"
-fi
-if [ -n "${PRELUDE_LAST_WORDS:-}" ]; then
-  "${REAL_LLAMA_SERVER}" "$@" &
-  child=$!
-  trap 'kill -TERM "${child}" 2>/dev/null; wait "${child}"; exit 143' TERM INT
-  wait "${child}"
-  code=$?
-  echo "${PRELUDE_LAST_WORDS}"
+  if [ -n "${PRELUDE_LAST_WORDS:-}" ]; then echo "${PRELUDE_LAST_WORDS}"; fi
+  if [ -n "${PRELUDE_OUTLIVE:-}" ]; then
+    sleep "${PRELUDE_OUTLIVE}" &
+    wait $!
+  fi
   exit "${code}"
 fi
 exec "${REAL_LLAMA_SERVER}" "$@"
