@@ -38,8 +38,6 @@ end
 return -3
 """
 
-UNANSWERED = -3  # ACK_IF_ANSWERED's reply when the entry has no result: left pending
-
 # KEYS[1] last seq, KEYS[2] the request's result guard (PUBLISH_ONCE's KEYS[1]); ARGV:
 # channel, seq, message, ttl. Publishes only seq > last published, and nothing once the
 # result is out: a sender that outlived its request (a cancel the Redis client swallowed,
