@@ -216,11 +216,7 @@ class Worker:
             settle_gc()
             if self.consumer is not None:
                 workers += self._stream_tasks(self.consumer, intake_stop)
-            failed = asyncio.create_task(self.supervisor.wait_for(EngineState.FAILED))
-            stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            failed.cancel()
-            stopped.cancel()
+            await unless_stopped(stop, self.supervisor.wait_for(EngineState.FAILED))
         except OrionLlamaError as exc:
             return await self._fatal(exc)
         except Exception as exc:  # a bug or an error no layer translated: still a failure,
