@@ -106,17 +106,21 @@ class Job:
         are one). The first attempt's keys are those of a message without a hint.
         """
         reply = hashlib.sha1((self.reply_to or "").encode()).hexdigest()[:12]
-        hinted = self.envelope.work.get("attempt") if self.envelope else None
-        retry = f":a{hinted}" if isinstance(hinted, int) and hinted > 1 else ""
+        hinted = self.hinted_attempt
+        retry = f":a{hinted}" if hinted > 1 else ""
         return f"{self.request_id}{self.occurrence}:{reply}{retry}"
+
+    @property
+    def hinted_attempt(self) -> int:
+        """The producer's ``trace.work.attempt`` (a retry raises it); 1 without one."""
+        hinted = self.envelope.work.get("attempt") if self.envelope else None
+        return int(hinted) if isinstance(hinted, int) and hinted > 0 else 1
 
     @property
     def first_attempt(self) -> int:
         """The attempt number this delivery starts at (producer's hint or redeliveries)."""
-        hinted = self.envelope.work.get("attempt") if self.envelope else None
-        base = int(hinted) if isinstance(hinted, int) and hinted > 0 else 1
         deliveries = self.entry.deliveries if self.entry else 1
-        return base + deliveries - 1
+        return self.hinted_attempt + deliveries - 1
 
     @property
     def redelivered(self) -> bool:
