@@ -555,7 +555,14 @@ class StreamConsumer:
         reply = await self.redis.xautoclaim(
             self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, count=count
         )
-        claimed = [(eid, fields) for eid, fields in reply[1] if fields is not None]
+        # Our own entries too, after a stall past the claim idle time that the refresh did
+        # not end first: they are still being handled here, not left by anyone.
+        mine = self.in_flight.keys() | self.awaiting_slot.keys()
+        claimed = [
+            (eid, fields)
+            for eid, fields in reply[1]
+            if fields is not None and _text(eid) not in mine
+        ]
         for deleted in reply[2] if len(reply) > 2 else []:
             await self.redis.xack(self.stream, self.group, deleted)
         entries = []

@@ -301,6 +301,49 @@ async def test_a_refresh_gives_up_only_the_entries_another_consumer_took_over(
         await redis.aclose()
 
 
+async def test_a_stall_past_the_claim_idle_time_does_not_make_the_worker_take_its_own_entry(
+    redis_url: str,
+) -> None:
+    """A worker stalled past the claim idle time (frozen, paused) whose reclaim comes round
+    before its refresh: ``XAUTOCLAIM`` hands it back its own entry, still being handled.
+    Taken as one another consumer left, it was handled a second time (a second generation
+    of the same request, beside the first) and again at each reclaim after it."""
+    redis = aioredis.Redis.from_url(redis_url)
+    started: list[str] = []
+
+    async def hold(entry: StreamEntry) -> None:
+        started.append(entry.entry_id)
+        await asyncio.Event().wait()
+
+    async def ready() -> None:
+        return None
+
+    consumer = StreamConsumer(
+        redis, stream=STREAM, group="g", consumer="stalled", slots=Slots(3), handler=hold,
+        ready=ready, claim_idle_ms=100, block_ms=100,
+    )  # fmt: skip
+    await consumer.ensure_group()
+    entry_id = (await redis.xadd(STREAM, {"n": "0"})).decode()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(consumer.run(stop))
+
+    async def reclaimed_twice() -> bool:  # the reclaim after the one that took it back
+        info = await redis.xpending_range(STREAM, "g", min=entry_id, max=entry_id, count=1)
+        return bool(info) and int(info[0]["times_delivered"]) >= 3
+
+    try:
+        # No refresh runs (the worker's timer does it): every reclaim finds the entry idle.
+        await wait_until_async(reclaimed_twice, timeout=10, what="two reclaims")
+        assert started == [entry_id]
+        assert list(consumer.in_flight) == [entry_id]
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 5)
+        for task in consumer.tasks:
+            task.cancel()
+        await redis.aclose()
+
+
 async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url: str) -> None:
     """Two requests published together: both prepared before the worker takes the first
     from the inbox, each result beside its message; one whose preparation raises still
