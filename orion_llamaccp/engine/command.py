@@ -262,12 +262,12 @@ def build_launch(
     binary: BinaryInfo | None,
     binary_path: str,
     environ: Mapping[str, str],
-    unix_socket: Callable[[int], str | None] | None = None,
+    unix_socket: Callable[[str, int], str | None] | None = None,
 ) -> LaunchSpec:
     """The argv and environment for ``profile``; ``binary=None`` skips the flag check.
 
-    ``unix_socket``: gives, for the port, a path llama-server listens on as well as its
-    TCP port (or None); asked only if this build's ``--host`` takes a list and the host
+    ``unix_socket``: gives, for the host and port, a path llama-server listens on as well
+    as its TCP port (or None); asked only if this build's ``--host`` takes a list and the host
     is one address (not a list of its own).
     """
     cfg = profile.llamacpp
@@ -275,7 +275,7 @@ def build_launch(
     port = overrides.port or cfg.port
     one_address = "," not in host and not host.endswith(".sock")  # not the profile's own list
     takes_list = binary is not None and binary.unix_sockets
-    socket_file = unix_socket(port) if unix_socket and takes_list and one_address else None
+    socket_file = unix_socket(host, port) if unix_socket and takes_list and one_address else None
     listen = f"{host},{socket_file}" if socket_file else host
     argv = [binary_path, "--model", str(files.model), "--host", listen, "--port", str(port)]
     if files.mmproj is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -86,13 +87,24 @@ def plan_profile(
     return ServicePlan(settings, registry, profile, files, binary, launch)
 
 
-def socket_path(port: int) -> str | None:
-    """Where llama-server listens for the worker beside its TCP ``port``: in a folder of
-    this user's own (mode 0700, made here), so that no other user can take the name
-    first or connect; named by the port, which no other llama-server on this host can
-    hold. None, and TCP only, where that cannot be had: no temporary folder takes a file
-    (a read-only root), the folder is not ours alone, or the path is too long for a
+def socket_path(host: str, port: int) -> str | None:
+    """Where llama-server listens for the worker beside its TCP ``host:port``: in
+    ``socket_folder``, named by the address and port, which no other llama-server on this
+    host can hold (two may share a port on two addresses: ``127.0.0.1`` and a LAN one).
+    None, and TCP only, where there is no such folder or the path is too long for a
     socket's address or holds a comma (``--host`` is a comma-separated list)."""
+    folder = socket_folder()
+    if folder is None:
+        return None
+    path = str(folder / f"{_NOT_IN_A_NAME.sub('_', host)}-{port}.sock")
+    return path if len(path.encode()) < _SOCKET_PATH_MAX and "," not in path else None
+
+
+def socket_folder() -> Path | None:
+    """The folder of this user's own (mode 0700, made here) that llama-server's sockets
+    live in, so that no other user can take a name first or connect. None where that
+    cannot be had: no temporary folder takes a file (a read-only root), or the folder is
+    not ours alone."""
     try:
         folder = Path(tempfile.gettempdir()) / f"orion-llamaccp-{os.getuid()}"
         folder.mkdir(mode=0o700, exist_ok=True)
@@ -101,8 +113,9 @@ def socket_path(port: int) -> str | None:
         return None
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         return None
-    path = str(folder / f"{port}.sock")
-    return path if len(path.encode()) < _SOCKET_PATH_MAX and "," not in path else None
+    return folder
 
 
+# An IPv6 address's colons and brackets, or whatever else a host setting holds.
+_NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9.-]")
 _SOCKET_PATH_MAX = 104  # sun_path holds 108 bytes on Linux, 104 on the BSDs and macOS

@@ -69,7 +69,7 @@ def make_launch(llama_server_bin: Path, model_dir: Path) -> LaunchFactory:
             binary=probe(binary or llama_server_bin) if unix_socket else None,
             binary_path=str(binary or llama_server_bin),
             environ={},
-            unix_socket=(lambda _port: unix_socket) if unix_socket else None,
+            unix_socket=(lambda _host, _port: unix_socket) if unix_socket else None,
         )
 
     return factory

@@ -165,7 +165,7 @@ def test_every_shipped_profile(binary_env: None, llama_server_bin: Path, name: s
         "--model",
         str(plan.files.model),
         "--host",
-        f"{cfg.host},{socket_path(cfg.port)}",  # and a UNIX socket for the worker
+        f"{cfg.host},{socket_path(cfg.host, cfg.port)}",  # and a UNIX socket for the worker
         "--port",
         str(cfg.port),
     ]
@@ -192,7 +192,10 @@ def test_overrides_win_over_the_profile(binary_env: None, monkeypatch: pytest.Mo
     argv = list(build_plan(load_settings()).launch.argv)
     pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
     assert pairs["--model"] == "/elsewhere/m.gguf"
-    assert (pairs["--host"], pairs["--port"]) == (f"10.0.0.5,{socket_path(9999)}", "9999")
+    assert (pairs["--host"], pairs["--port"]) == (
+        f"10.0.0.5,{socket_path('10.0.0.5', 9999)}",
+        "9999",
+    )
     assert (pairs["--ctx-size"], pairs["--n-gpu-layers"], pairs["--threads"]) == (
         "2048",
         "auto",
@@ -210,7 +213,7 @@ def test_the_worker_s_unix_socket_is_added_where_the_build_takes_one(
     assert probe(llama_server_bin).unix_sockets
     launch = build_plan(load_settings(), profile_name="gemma3-270m-cpu").launch
     pairs = dict(zip(launch.argv[1::2], launch.argv[2::2], strict=False))
-    assert launch.unix_socket == socket_path(launch.port)
+    assert launch.unix_socket == socket_path(launch.host, launch.port)
     assert pairs["--host"] == f"{launch.host},{launch.unix_socket}"
     plan = build_plan(load_settings(), profile_name="gemma3-270m-cpu")
     old_build = replace(plan.binary, unix_sockets=False)
@@ -242,20 +245,37 @@ def test_the_unix_socket_is_in_a_folder_of_the_user_s_own_or_not_at_all(
     socket's address (a deep ``TMPDIR``) or holds a comma (``--host`` is a list)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     folder = tmp_path / f"orion-llamaccp-{os.getuid()}"
-    assert socket_path(8080) == f"{folder}/8080.sock"
+    assert socket_path("127.0.0.1", 8080) == f"{folder}/127.0.0.1-8080.sock"
     assert folder.stat().st_mode & 0o777 == 0o700
     folder.chmod(0o755)  # others may enter: not ours alone
-    assert socket_path(8080) is None
+    assert socket_path("127.0.0.1", 8080) is None
     for odd in ("d" * 90, "a,b"):
         (tmp_path / odd).mkdir()
         monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / odd))
-        assert socket_path(8080) is None, odd
+        assert socket_path("127.0.0.1", 8080) is None, odd
 
     def read_only() -> str:
         raise FileNotFoundError("No usable temporary directory found in ['/tmp']")
 
     monkeypatch.setattr(tempfile, "gettempdir", read_only)
-    assert socket_path(8080) is None
+    assert socket_path("127.0.0.1", 8080) is None
+
+
+def test_each_address_of_a_port_gets_a_socket_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two llama-servers may share a port on two addresses of one host; named by the port
+    alone, their sockets were one path, and the second could not bind it. Any host
+    setting (an IPv6 address, a name) makes a plain file name."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    hosts = ["127.0.0.1", "10.0.0.5", "0.0.0.0", "::1", "[fe80::1%eth0]", "gpu-box.lan"]
+    paths = [socket_path(host, 8080) for host in hosts]
+    assert len(set(paths)) == len(hosts)
+    folder = tmp_path / f"orion-llamaccp-{os.getuid()}"
+    for path in paths:
+        assert path is not None and Path(path).parent == folder, path
+        assert Path(path).name.endswith("-8080.sock"), path
+    assert socket_path("::1", 8080) == socket_path("::1", 8080)
 
 
 def test_only_builds_whose_host_takes_a_list_get_the_socket() -> None:

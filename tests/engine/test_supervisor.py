@@ -620,7 +620,7 @@ async def test_the_worker_talks_to_llama_server_over_its_unix_socket(
     listens shows (its props, a streamed chat, the spare connections of its pool); the
     TCP port still answers everyone else; the file is gone after the stop."""
     port = free_port()
-    path = socket_path(port)
+    path = socket_path("127.0.0.1", port)
     assert path is not None
     with socket.socket(socket.AF_UNIX) as stale:  # bound, then closed: a file, no listener
         stale.bind(path)
@@ -648,6 +648,31 @@ async def test_the_worker_talks_to_llama_server_over_its_unix_socket(
     finally:
         await supervisor.stop()
     assert not await asyncio.to_thread(Path(path).exists)
+
+
+async def test_two_llama_servers_on_one_port_of_two_addresses_each_get_their_socket(
+    make_launch: LaunchFactory,
+) -> None:
+    """Two workers of one user on one host may serve the same port on two addresses
+    (loopback and a LAN address, say). Their sockets were named by the port alone: the
+    second llama-server found the first's socket at its path and could not start."""
+    port = free_port()
+    supervisors = []
+    try:
+        for host in ("127.0.0.1", "127.0.0.2"):
+            path = socket_path(host, port)
+            assert path is not None
+            launch = make_launch(port=port, host=host, unix_socket=path)
+            supervisors.append(Supervisor(launch, environ=dict(os.environ), policy=FAST))
+            await supervisors[-1].start()
+            assert supervisors[-1].state is EngineState.READY
+        for supervisor in supervisors:
+            await assert_answers(supervisor)  # each over its own socket
+            assert supervisor.client.unix_socket == supervisor.launch.unix_socket
+        assert len({s.launch.unix_socket for s in supervisors}) == 2
+    finally:
+        for supervisor in supervisors:
+            await supervisor.stop()
 
 
 def test_only_a_socket_nobody_listens_on_is_removed(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from orion_llamaccp.engine.plan import socket_path
+from orion_llamaccp.engine.plan import socket_folder
 from orion_llamaccp.engine.process import die_with_parent
 from orion_llamaccp.engine.supervisor import _remove_stale_socket
 from tests.support.procs import pid_alive, wait_until, wait_until_async
@@ -208,8 +208,10 @@ class WorkerProc:
         wait_until(self.engines_gone, timeout=15, what=f"llama-server of {self.name} gone")
         self.redis.close()
         port = self.env.get("LLAMACPP_PORT_OVERRIDE")
-        if port:  # a worker killed in the test could not remove llama-server's socket file
-            _remove_stale_socket(socket_path(int(port)))
+        folder = socket_folder()
+        if port and folder:  # a worker killed in the test could not remove its socket file
+            for left in folder.glob(f"*-{port}.sock"):  # on whatever host its profile names
+                _remove_stale_socket(str(left))
         if hasattr(self, "_log"):
             self._log.close()
 
