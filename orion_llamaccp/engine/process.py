@@ -20,6 +20,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
+import psutil
+
 from orion_llamaccp.engine.command import LaunchSpec
 from orion_llamaccp.engine.diagnostics import Diagnosis, diagnose, diagnose_all
 
@@ -61,6 +63,8 @@ class LlamaProcess:
         self._environ = environ
         self.tail: deque[str] = deque(maxlen=tail)
         self.last_output_at = time.monotonic()
+        self.last_busy_at = self.last_output_at  # as ``look`` last saw it work
+        self._work: tuple[float, int, int] | None = None
         self.output_bytes = 0
         self.output = asyncio.Event()  # set on every read: a reason to look at /health again
         self.diagnosis: Diagnosis | None = None
@@ -101,6 +105,21 @@ class LlamaProcess:
         self.last_output_at = time.monotonic()
         self._pump = asyncio.create_task(self._read_output(), name=f"llama-server-{self.pid}")
         log.info("started llama-server pid %s: %s", self.pid, " ".join(self.launch.masked_argv()))
+
+    def look(self) -> None:
+        """Note whether llama-server worked since the last look: used CPU, read from disk
+        or mapped more of its model in. A load that prints nothing for minutes (a warm-up
+        run, a large model paged in from a slow disk through mmap) is working, not hung;
+        a hung one (blocked on a dead mount, waiting on a lock) does none of these."""
+        work = _work_done(self.pid)
+        if work is not None and self._work is not None and work != self._work:
+            self.last_busy_at = time.monotonic()
+        self._work = work
+
+    @property
+    def last_sign_of_life(self) -> float:
+        """When it last printed or worked (``look``), on the monotonic clock."""
+        return max(self.last_output_at, self.last_busy_at)
 
     async def _read_output(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
@@ -173,3 +192,20 @@ class LlamaProcess:
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
         return code
+
+
+def _work_done(pid: int | None) -> tuple[float, int, int] | None:
+    """CPU seconds, bytes read from storage and resident bytes of process ``pid`` (None if
+    they cannot be read): any of them moves while a process works. Storage reads are not
+    counted where the system does not say (``io_counters`` is missing on macOS)."""
+    if pid is None:
+        return None
+    try:
+        process = psutil.Process(pid)
+        with process.oneshot():
+            times = process.cpu_times()
+            io = getattr(process, "io_counters", None)
+            read = io().read_bytes if io is not None else 0
+            return times.user + times.system, read, process.memory_info().rss
+    except psutil.Error:
+        return None

@@ -10,7 +10,8 @@ are emitted as ``EngineEvent``s to listeners the supervisor knows nothing about:
 layer turns them into heartbeats and announcements.
 
 Readiness has no fixed timeout: while llama-server keeps printing (a 70B model loading for
-minutes), the deadline moves; a server silent for ``silence_timeout`` is declared hung.
+minutes) or working without a word (a warm-up run, a model paged in from a slow disk), the
+deadline moves; a server silent and idle for ``silence_timeout`` is declared hung.
 Once ready, it is restarted when it dies, stops answering ``/health``, or its inference
 loop stops moving while ``/health`` still says 200 (``liveness``).
 """
@@ -302,7 +303,8 @@ class Supervisor:
         await self._watch(proc)
 
     async def _until_ready(self, proc: LlamaProcess) -> None:
-        """Poll /health until 200; the deadline moves with every byte llama-server prints."""
+        """Poll /health until 200; the deadline moves with every byte llama-server prints
+        and whenever it is seen working (``LlamaProcess.look``)."""
         policy = self.policy
         while not self._stopping.is_set():
             if proc.returncode is not None:
@@ -310,14 +312,15 @@ class Supervisor:
                 raise self._crash(
                     proc, f"llama-server exited with code {proc.returncode} while loading"
                 )
-            silent = time.monotonic() - proc.last_output_at
+            proc.look()
+            silent = time.monotonic() - proc.last_sign_of_life
             if silent > policy.silence_timeout:
                 proc.kill()
                 await proc.wait()
                 raise self._crash(
                     proc,
-                    f"llama-server hung while loading: no output and no "
-                    f"health for {silent:.0f}s (silence_timeout)",
+                    f"llama-server hung while loading: no output, no health and no work "
+                    f"(CPU, disk reads, memory) for {silent:.0f}s (silence_timeout)",
                 )
             proc.output.clear()
             polled = time.monotonic()

@@ -90,6 +90,26 @@ async def test_slow_loader_that_keeps_printing_is_not_killed(
         await supervisor.stop()
 
 
+async def test_a_loader_that_works_without_a_word_is_not_killed(
+    make_launch: LaunchFactory, prelude_env
+) -> None:
+    """A warm-up run, or a large model paged in from a slow disk, can leave llama-server
+    silent for minutes while it works: it was killed as hung once ``silence_timeout``
+    passed without output (a crash loop, then ``failed``). Working on the CPU for 3 s, a
+    second's silence allowed: it loads."""
+    policy = FAST.__class__(**{**FAST.__dict__, "silence_timeout": 1.0, "crash_limit": 1})
+    supervisor = Supervisor(
+        make_launch(binary=PRELUDE), policy=policy, environ=prelude_env(PRELUDE_BUSY="3")
+    )
+    events = record(supervisor)
+    await supervisor.start()
+    try:
+        assert supervisor.state is EngineState.READY
+        assert EngineState.RESTARTING not in [e.state for e in events]
+    finally:
+        await supervisor.stop()
+
+
 async def test_silent_hung_loader_is_detected_and_killed(
     make_launch: LaunchFactory, prelude_env
 ) -> None:

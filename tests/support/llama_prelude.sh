@@ -2,6 +2,8 @@
 # Runs before the real llama-server to imitate a slow start (test-only switches):
 #   PRELUDE_LINES=N PRELUDE_DELAY=S  print N progress lines, S seconds apart, then start
 #   PRELUDE_SILENT=S                 sleep S seconds without a word first (a hung loader)
+#   PRELUDE_BUSY=S                   work on the CPU S seconds without a word first (a
+#                                    silent warm-up)
 #   PRELUDE_EXIT=CODE                print a line and exit with CODE instead of starting
 #   PRELUDE_OUTLIVE=S                run it as a child and exit S seconds after it does: a
 #                                    death that whoever watches this process sees late
@@ -16,6 +18,10 @@ if [ -n "${PRELUDE_HELP_AT_ONCE:-}" ]; then
 fi
 if [ -n "${PRELUDE_EXIT:-}" ]; then echo "prelude: exiting with ${PRELUDE_EXIT}"; exit "${PRELUDE_EXIT}"; fi
 if [ -n "${PRELUDE_SILENT:-}" ]; then sleep "${PRELUDE_SILENT}"; fi
+if [ -n "${PRELUDE_BUSY:-}" ]; then
+  busy_until=$((SECONDS + PRELUDE_BUSY))
+  while [ "${SECONDS}" -lt "${busy_until}" ]; do :; done
+fi
 for i in $(seq 1 "${PRELUDE_LINES:-0}"); do
   echo "llama_model_load: loading tensors ... ${i}/${PRELUDE_LINES}"
   sleep "${PRELUDE_DELAY:-0.1}"
