@@ -98,6 +98,9 @@ class LaunchSpec:
     # Where llama-server also listens, for the worker's own requests (``--host``); None:
     # the TCP port only. Other hosts and tools still reach it at ``base_url``.
     unix_socket: str | None = None
+    # The GPUs pinned (``gpu.device_ids``, ``CUDA_VISIBLE_DEVICES_OVERRIDE``) with layers
+    # asked on them: a llama-server that finds no usable GPU does not serve this profile.
+    gpus_required: str | None = None
 
     def child_env(self, environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
         """llama-server's environment: ``environ`` without the variables it would read as
@@ -114,8 +117,8 @@ class LaunchSpec:
     def replaced_gpus(self, environ: Mapping[str, str]) -> str | None:
         """Why the GPUs llama-server sees differ from those the environment named, if they
         do: the pin wins, but a scheduler's job or a container numbers its GPUs from 0,
-        and a pin to another one runs on someone else's card or, with none there, on the
-        CPU (llama.cpp then says "no usable GPU found" and serves all the same)."""
+        and a pin to another one runs on someone else's card or finds none (llama.cpp
+        then says "no usable GPU found", and the start fails: ``gpus_required``)."""
         inherited = environ.get("CUDA_VISIBLE_DEVICES")
         pinned = self.env.get("CUDA_VISIBLE_DEVICES")
         if inherited is None or pinned is None or inherited.strip() == pinned:
@@ -310,8 +313,18 @@ def build_launch(
         secret.add(name)
     flag_env = frozenset(binary.env_of.values()) if binary else frozenset()
     return LaunchSpec(
-        tuple(argv), env, host, port, frozenset(secret), api_key, flag_env, socket_file
-    )
+        tuple(argv), env, host, port, frozenset(secret), api_key, flag_env, socket_file,
+        _gpus_required(env, effective_knobs(cfg, overrides)["n_gpu_layers"]),
+    )  # fmt: skip
+
+
+def _gpus_required(env: Mapping[str, str], layers: Any) -> str | None:
+    """The pinned GPUs, where some layers are to run on them (not ``n_gpu_layers: 0``, and
+    not a pin to none: ``-1`` or empty, how CUDA is told to use no GPU)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not visible or visible.startswith("-") or layers == 0:
+        return None
+    return visible
 
 
 def _one_key(key: str) -> str:

@@ -18,6 +18,7 @@ class Cause(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     PORT_IN_USE = "port_in_use"
     MODEL_NOT_FOUND = "model_not_found"
+    NO_GPU = "no_gpu"  # said as a warning, and llama-server goes on: see ``no_gpu``
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,24 @@ def diagnose_all(lines: list[str]) -> Diagnosis | None:
         return None
     order = list(Cause)
     return min(found, key=lambda d: order.index(d.cause))
+
+
+# llama.cpp's warning when it has no GPU to put layers on (a CPU build, no driver, a pin
+# to a GPU that is not there): it then serves on the CPU, many times slower.
+_NO_GPU = re.compile(r"no usable GPU found", re.I)
+
+
+def no_gpu(line: str, pinned: str) -> Diagnosis | None:
+    """``line`` as the reason a profile that pins GPUs ``pinned`` is not served as asked."""
+    if not _NO_GPU.search(line):
+        return None
+    return Diagnosis(
+        Cause.NO_GPU,
+        line,
+        f"the profile runs layers on GPUs {pinned} (gpu.device_ids or "
+        "CUDA_VISIBLE_DEVICES_OVERRIDE, n_gpu_layers) but llama-server found no usable GPU "
+        "and would serve on the CPU: give the container its GPUs (compose's "
+        "deploy.resources.reservations.devices, `docker run --gpus`), check the pin "
+        "against the GPUs this host or job numbers, or use a llama-server build with GPU "
+        "support; to serve on the CPU on purpose, set LLAMACPP_N_GPU_LAYERS_OVERRIDE=0",
+    )

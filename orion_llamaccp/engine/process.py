@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 import psutil
 
 from orion_llamaccp.engine.command import LaunchSpec
-from orion_llamaccp.engine.diagnostics import Diagnosis, diagnose, diagnose_all
+from orion_llamaccp.engine.diagnostics import Diagnosis, diagnose, diagnose_all, no_gpu
 
 log = logging.getLogger("orion_llamaccp.llama_server")
 # Once llama-server serves, these still deserve INFO; its per-request lines go to DEBUG.
@@ -68,6 +68,8 @@ class LlamaProcess:
         self.output_bytes = 0
         self.output = asyncio.Event()  # set on every read: a reason to look at /health again
         self.diagnosis: Diagnosis | None = None
+        # Why it would serve a profile that pins GPUs on the CPU (``diagnostics.no_gpu``).
+        self.no_gpu: Diagnosis | None = None
         # Set once llama-server is ready: its routine per-request lines (slot launched,
         # timings, released: about ten a request) are logged at DEBUG, not INFO. Each one
         # was a write to our stderr, several percent of the worker's CPU at GPU speeds.
@@ -142,8 +144,11 @@ class LlamaProcess:
         if not line or set(line) == {"."}:
             return
         self.tail.append(line)
-        if self.diagnosis is None and not self.quiet:  # serving: a crash reads the tail
-            self.diagnosis = diagnose(line)
+        if not self.quiet:  # serving: a crash reads the tail
+            if self.diagnosis is None:
+                self.diagnosis = diagnose(line)
+            if self.no_gpu is None and (pinned := self.launch.gpus_required):
+                self.no_gpu = no_gpu(line, pinned)
         level = logging.DEBUG if self.quiet and not _NOTEWORTHY.search(line) else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "%s %s", prefix, line)

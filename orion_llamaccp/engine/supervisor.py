@@ -64,7 +64,13 @@ _ALIVE = frozenset(
 
 # Faults that a plain restart cannot fix: fail at once instead of looping.
 FATAL = frozenset(
-    {Cause.UNKNOWN_FLAG, Cause.BAD_FLAG_VALUE, Cause.OUT_OF_MEMORY, Cause.MODEL_NOT_FOUND}
+    {
+        Cause.UNKNOWN_FLAG,
+        Cause.BAD_FLAG_VALUE,
+        Cause.OUT_OF_MEMORY,
+        Cause.MODEL_NOT_FOUND,
+        Cause.NO_GPU,
+    }
 )
 
 
@@ -312,6 +318,11 @@ class Supervisor:
                 raise self._crash(
                     proc, f"llama-server exited with code {proc.returncode} while loading"
                 )
+            if proc.no_gpu is not None:  # it would serve, on the CPU: not what was asked
+                proc.kill()
+                await proc.wait()
+                reason = "llama-server found no usable GPU for a profile that pins GPUs"
+                raise _Crashed(reason, proc.no_gpu, proc.tail_text())
             proc.look()
             silent = time.monotonic() - proc.last_sign_of_life
             if silent > policy.silence_timeout:

@@ -49,6 +49,7 @@ def make_launch(llama_server_bin: Path, model_dir: Path) -> LaunchFactory:
         binary: Path | None = None,
         port: int | None = None,
         unix_socket: str | None = None,
+        gpus: list[int] | None = None,
         **knobs: Any,
     ) -> LaunchSpec:
         llamacpp = {
@@ -60,7 +61,8 @@ def make_launch(llama_server_bin: Path, model_dir: Path) -> LaunchFactory:
             "threads": 1,
             **knobs,
         }
-        profile = parse_profile("tiny", {"backend": "llamacpp", "llamacpp": llamacpp})
+        gpu = {"gpu": {"device_ids": gpus}} if gpus is not None else {}
+        profile = parse_profile("tiny", {"backend": "llamacpp", "llamacpp": llamacpp, **gpu})
         files = plan_files(profile, None, {"LLM_CACHE_DIR": str(model_dir)})
         return build_launch(
             profile,

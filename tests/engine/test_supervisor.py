@@ -110,6 +110,31 @@ async def test_a_loader_that_works_without_a_word_is_not_killed(
         await supervisor.stop()
 
 
+async def test_a_profile_that_pins_gpus_is_not_served_on_the_cpu(
+    make_launch: LaunchFactory,
+) -> None:
+    """llama.cpp that finds no usable GPU (a CPU build, as here; a container not given
+    its GPUs; a pin to a GPU the host numbers otherwise) warns and serves on the CPU, many
+    times slower: the worker said ``ready`` as if the profile were served. It fails at
+    once now, saying why, and is not restarted; asking for no layers on the GPUs (the
+    profile's ``n_gpu_layers: 0`` or its override) is serving on the CPU on purpose."""
+    pinned = Supervisor(make_launch(gpus=[0], n_gpu_layers=99), environ=dict(os.environ))
+    assert pinned.launch.gpus_required == "0"
+    with pytest.raises(EngineStartError, match="no usable GPU") as failed:
+        await pinned.start()
+    assert "LLAMACPP_N_GPU_LAYERS_OVERRIDE=0" in str(failed.value)
+    assert pinned.state is EngineState.FAILED and pinned.restarts == 0
+    await pinned.stop()
+    on_purpose = Supervisor(make_launch(gpus=[0], n_gpu_layers=0), environ=dict(os.environ))
+    assert on_purpose.launch.gpus_required is None
+    await on_purpose.start()
+    try:
+        assert on_purpose.state is EngineState.READY
+        assert any("no usable GPU" in line for line in on_purpose._proc.tail)  # said, all the same
+    finally:
+        await on_purpose.stop()
+
+
 async def test_silent_hung_loader_is_detected_and_killed(
     make_launch: LaunchFactory, prelude_env
 ) -> None:
