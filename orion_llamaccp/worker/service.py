@@ -76,7 +76,12 @@ class Worker:
         # One set of connections below redis-py's client layers for every round trip that
         # stands before a caller's answer (bus/lane.py), closed once at the end.
         self.lane = Lane(redis)
-        self.publisher = Publisher(redis, lane=self.lane, retry_for=settings.redis_retry_sec)
+        self.publisher = Publisher(
+            redis,
+            lane=self.lane,
+            retry_for=settings.redis_retry_sec,
+            request_timeout=settings.request_timeout_sec,
+        )
         self.claims = Claims(
             redis, profile=self.profile.name, dedup_ttl=settings.dedup_ttl_sec, lane=self.lane
         )

@@ -275,6 +275,24 @@ async def test_a_commit_cut_off_mid_round_trip_leaves_no_reply_for_the_next(
     await publisher.lane.aclose()
 
 
+async def test_a_chunk_s_seq_guard_is_kept_for_its_attempt_not_a_day(
+    redis: aioredis.Redis,
+) -> None:
+    """The ``seq`` guard of a streamed attempt serves while it streams (after the result
+    the answered guard refuses its chunks); kept a day like the guards a redelivery reads,
+    it held about 150 bytes a streamed request in the shared Redis for nothing. An hour,
+    or twice the worker's request timeout where that is longer; the answered guard still
+    a day."""
+    for timeout, kept in [(600.0, 3600), (7200.0, 14400)]:
+        publisher = Publisher(redis, request_timeout=timeout)
+        request = f"req-seq-{int(timeout)}"
+        chunk = publisher.stage_chunk(CHANNEL, request, 1, 0, b'{"payload": {"seq": 0}}')
+        result = publisher.stage_result(RESULT, request, b'{"n": 1}')
+        await publisher.commit("result", [chunk, result])
+        assert kept - 5 <= await redis.ttl(f"orion:llamacpp:seq:{request}:1") <= kept
+        assert await redis.ttl(f"orion:llamacpp:answered:{request}") > 23 * 3600
+
+
 async def test_a_request_s_engine_deaths_count_each_death_once_whoever_tells_it(
     redis: aioredis.Redis,
 ) -> None:
