@@ -35,6 +35,7 @@ from orion_llamaccp.settings import Settings
 log = logging.getLogger(__name__)
 
 DISK_MARGIN = 64 * 1024 * 1024
+HASHING_PARTIAL = "hashing the bytes already downloaded, to resume after them"
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,12 @@ class _Download:
     def _transfer(self, remote: RemoteFile, partial: PartialFile) -> None:
         offset = partial.size
         if remote.size is not None and offset == remote.size:
+            self._hash_partial(partial)  # complete before a restart: hashed, not fetched
             return
         if offset:
             log.info("resuming %s at byte %d of %s", self.hub.filename, offset, remote.size)
-        _check_space(partial.path.parent, (remote.size or 0) - offset, self.hub.label)
+        _check_space(partial.path.parent, (remote.size or 0) - offset, self.hub.label, self.target)
+        self._hash_partial(partial)
         with (
             self.client.stream(remote, offset) as (start, chunks),
             partial.appender(start) as write,
@@ -142,6 +145,30 @@ class _Download:
                 )
                 self._check_cancel()
 
+    def _hash_partial(self, partial: PartialFile) -> None:
+        """Hash the bytes already on disk before the GET is opened, not while it waits:
+        minutes for a 60 GB partial, that an idle connection would not survive. Progress
+        is reported and a cancel obeyed meanwhile."""
+        if not partial.behind:
+            return
+        total = partial.size
+
+        def on_bytes(done: int) -> None:
+            self.reporter.emit(
+                "verifying",
+                self.name,
+                done=done,
+                total=total,
+                attempt=self.attempt,
+                message=HASHING_PARTIAL,
+            )
+            self._check_cancel()
+
+        partial.catch_up(on_bytes)
+        # Minutes of hashing are not minutes of a network that does not move: without this,
+        # the first failed GET after a long hash would give up at once, past the deadline.
+        self.last_progress = time.monotonic()
+
     def _range_was_ignored(self, offset: int) -> None:
         self.range_ignored = True
         log.warning(
@@ -158,14 +185,41 @@ class _Download:
             )
 
 
-def _check_space(folder: Path, needed: int, label: str) -> None:
+def _check_space(folder: Path, needed: int, label: str, target: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if needed + DISK_MARGIN > free:
         raise DownloadError(
             f"not enough disk space for {label}: {needed / 1e9:.2f} GB more needed in "
             f"{folder}, {free / 1e9:.2f} GB free; free some space or move model_root"
+            + _aside_hint(target)
         )
+
+
+def _aside_hint(target: Path, shown: int = 5) -> str:
+    """The corrupt copies kept beside the model: often what fills the disk, since each
+    bad download is kept whole for inspection and never deleted by us."""
+    aside = store.aside_copies(target)
+    if not aside:
+        return ""
+    sizes = [_size_of(p) for p in aside]
+    listed = ", ".join(f"{p} ({_human(n)})" for p, n in zip(aside[:shown], sizes, strict=False))
+    more = f" and {len(aside) - shown} more" if len(aside) > shown else ""
+    return (
+        f". {len(aside)} file(s) moved aside as corrupt take {_human(sum(sizes))} there: "
+        f"{listed}{more}; they are kept only for inspection and can be deleted"
+    )
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # deleted by a human meanwhile: it takes no space any more
+        return 0
+
+
+def _human(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 100_000_000 else f"{count / 1e6:.1f} MB"
 
 
 def fetch_file(

@@ -151,3 +151,13 @@ def move_aside(path: Path, *, beside: Path | None = None) -> Path:
     # The caller has logged why (corrupt, or downloaded from another repo or revision).
     log.warning("moved %s aside to %s (inspect or delete it)", like.name, aside)
     return aside
+
+
+def aside_copies(path: Path) -> list[Path]:
+    """Files moved aside in ``path``'s folder (any model's): they hold disk space until a
+    human deletes them, which a download short of space must say."""
+    try:
+        found = [p for p in path.parent.glob("*.corrupt-*") if p.is_file()]
+    except OSError:
+        return []
+    return sorted(found)

@@ -15,7 +15,8 @@ Faults are queued per stage (``resolve`` or ``cdn``) and consumed one per reques
 connection after N body bytes, stall after N bytes, hold after N bytes until released,
 serve wrong bytes, answer a status code. Every request is recorded with the bytes sent.
 ``ignore_range`` makes it a server (or mirror, or proxy) that answers every ``Range`` with
-the whole file.
+the whole file. ``advertised_size[sha256]`` makes the Hub announce another size than the
+file's (a huge one runs the downloader's free-space check out of space, no disk faked).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class LocalHub:
     def __init__(self, *, chunk_size: int = 8192) -> None:
         self.chunk_size = chunk_size
         self.ignore_range = False
+        self.advertised_size: dict[str, int] = {}
         self.repos: dict[str, _Repo] = {}
         self.blobs: dict[str, bytes] = {}
         self.requests: list[Request] = []
@@ -249,7 +251,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         headers |= {
             "ETag": f'"{_git_sha1(b"pointer " + sha.encode())}"',
             "X-Linked-Etag": f'"{sha}"',
-            "X-Linked-Size": str(len(data)),
+            "X-Linked-Size": str(self.hub.advertised_size.get(sha, len(data))),
             "Location": f"http://localhost:{self.hub.port}/cdn/{sha}",
         }
         self._reply(req, 302, headers=headers)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from orion_llamaccp.model import ProgressEvent, ensure_model, refetch_corrupt, v
 from orion_llamaccp.model.download import DownloadPolicy, fetch_file
 from orion_llamaccp.model.hub import HubClient, HubFile
 from orion_llamaccp.model.progress import Reporter
-from orion_llamaccp.model.store import STATE_DIR
+from orion_llamaccp.model.store import STATE_DIR, partial_path
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile
 from tests.model.hub_server import Fault, LocalHub
@@ -288,6 +289,100 @@ def test_cancel_stops_the_download_and_keeps_the_partial_file(
     ensure_model(make_profile(), make_settings())  # the next run picks it up
 
     assert [r.range for r in hub.cdn_gets(sha)] == [None, f"bytes={kept}-"]
+
+
+def _left_partial(root: Path, sha: str, data: bytes) -> Path:
+    """The ``.part`` file a download cut off in an earlier run left (the Hub's ETag for an
+    LFS file is its sha256)."""
+    path = partial_path(root, root / FILENAME, sha)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    return path
+
+
+def _is_hashing(event: ProgressEvent) -> bool:
+    return event.phase == "verifying" and "hashing" in event.message
+
+
+def test_a_resume_hashes_its_partial_before_it_opens_the_request(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """Hashing a 60 GB partial takes minutes: done with the GET open, the server may close
+    the idle connection meanwhile, and the attempt is lost."""
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    _left_partial(cache_dir, sha, data[:50_000])
+    gets_while_hashing: list[int] = []
+
+    def hook(event: ProgressEvent) -> None:
+        if _is_hashing(event):
+            gets_while_hashing.append(len(hub.cdn_gets(sha)))
+
+    resolved = ensure_model(make_profile(), make_settings(), progress=hook)
+
+    assert gets_while_hashing and set(gets_while_hashing) == {0}
+    [get] = hub.cdn_gets(sha)
+    assert (get.range, get.sent) == ("bytes=50000-", len(data) - 50_000)
+    assert resolved.sha256 == sha
+
+
+def test_a_cancel_while_hashing_a_partial_stops_before_any_request(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    partial = _left_partial(cache_dir, sha, data[:50_000])
+    cancel = threading.Event()
+
+    def hook(event: ProgressEvent) -> None:
+        if _is_hashing(event):
+            cancel.set()  # a SIGTERM during a hash of minutes
+
+    with pytest.raises(DownloadError, match="cancelled"):
+        ensure_model(make_profile(), make_settings(), progress=hook, cancel=cancel)
+
+    assert hub.cdn_gets(sha) == []
+    assert partial.read_bytes() == data[:50_000]
+
+
+def test_a_long_hash_of_a_partial_does_not_use_up_the_deadline(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """The deadline bounds a network that does not move: a hash longer than it, then one
+    failed GET, gave up at once instead of trying again."""
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    _left_partial(cache_dir, sha, data[:50_000])
+    hub.fault("cdn", Fault("cut", after=0))
+
+    def hook(event: ProgressEvent) -> None:
+        if _is_hashing(event):
+            time.sleep(1.5)  # a hash of minutes, at test scale: longer than the deadline
+
+    settings = make_settings(download_deadline_sec=1.0)
+    resolved = ensure_model(make_profile(), settings, progress=hook)
+
+    assert [r.range for r in hub.cdn_gets(sha)] == ["bytes=50000-"] * 2
+    assert resolved.sha256 == sha
+
+
+def test_short_of_disk_space_names_the_corrupt_copies_kept_beside_the_model(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """Each corrupt file is kept whole for inspection: when the download that replaces it
+    finds the disk short, those copies are what to delete, and the error must say so."""
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    hub.advertised_size[sha] = 10**18  # more than any disk holds: the check must refuse
+    (cache_dir / FILENAME).write_bytes(data[:60_000])  # a copy cut short: moved aside
+
+    with pytest.raises(DownloadError, match="not enough disk space") as err:
+        ensure_model(make_profile(), make_settings())
+
+    [aside] = _aside(cache_dir)
+    assert f"{aside} (0.1 MB)" in str(err.value)
+    assert "can be deleted" in str(err.value)
+    assert hub.cdn_gets(sha) == []
 
 
 def test_wrong_bytes_twice_is_an_error_that_keeps_both_downloads(
