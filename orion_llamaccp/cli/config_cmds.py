@@ -146,12 +146,20 @@ def cmd_command(args: argparse.Namespace, settings: Settings) -> int:
     if plan.binary is None:
         print("# note: no llama-server binary found; flags were not checked against one")
     print(f"# profile {plan.profile.name}; model from {plan.files.source}")
-    exists = "present" if plan.files.model.is_file() else "not downloaded yet"
-    print(f"# model file: {plan.files.model} ({exists})")
+    print(f"# model file: {plan.files.model} ({_model_state(plan)})")
     for key, value in launch.masked_env().items():
         print(f"{key}={value} \\")
     print(" \\\n  ".join(_pairs(launch.masked_argv())))
     return 0
+
+
+def _model_state(plan: ServicePlan) -> str:
+    from orion_llamaccp.model.paths import no_download_reason
+
+    if plan.files.model.is_file():
+        return "present"
+    reason = no_download_reason(plan.profile, plan.files)  # a repo named, but not used
+    return f"missing: {reason}" if reason else "not downloaded yet"
 
 
 def _pairs(argv: list[str]) -> list[str]:
@@ -208,13 +216,7 @@ def _check_plan(settings: Settings) -> tuple[list[tuple[str, bool, str]], Servic
 def _check_model(plan: ServicePlan) -> tuple[str, bool, str]:
     path = plan.files.model
     if not path.is_file():
-        cfg = plan.profile.llamacpp
-        how = (
-            f"it will be downloaded from {cfg.hf_repo_id} on `run` (or `orion-llamaccp fetch`)"
-            if cfg.hf_repo_id
-            else "copy the GGUF there"
-        )
-        return ("model", False, f"{path} is missing: {how}")
+        return ("model", False, f"{path} is missing: {_missing_model_advice(plan)}")
     try:
         from orion_llamaccp.model.gguf_check import verify_gguf
 
@@ -224,6 +226,20 @@ def _check_model(plan: ServicePlan) -> tuple[str, bool, str]:
         return ("model", True, f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
     except OrionLlamaError as exc:
         return ("model", False, str(exc))
+
+
+def _missing_model_advice(plan: ServicePlan) -> str:
+    """What happens to a missing model file: a model path setting switches the download
+    off even when the profile names hf_repo_id, and the advice must not promise one."""
+    from orion_llamaccp.model.paths import downloads_model, no_download_reason
+
+    profile, files = plan.profile, plan.files
+    if downloads_model(profile, files):
+        return (
+            f"it will be downloaded from {profile.llamacpp.hf_repo_id} on `run` "
+            f"(or `orion-llamaccp fetch`)"
+        )
+    return no_download_reason(profile, files) or "copy the GGUF there"
 
 
 def _check_redis(settings: Settings) -> tuple[str, bool, str]:

@@ -15,7 +15,7 @@ from typing import Any
 _WHERE = {
     "DownloadPolicy": "download",
     "ResolvedModel": "fetch",
-    "Target": "fetch",
+    "Target": "sources",
     "ensure_model": "fetch",
     "refetch_corrupt": "fetch",
     "verify_model": "fetch",

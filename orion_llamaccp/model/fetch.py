@@ -8,8 +8,9 @@ For each file (every part of a split model, the mmproj, the draft model):
    ``.part`` file that only becomes the model file after its sha256 matches the Hub's and
    its header checks out. No reader ever sees a half-written model file.
 3. A file that fails is moved aside (never deleted) and downloaded again, once. A second
-   failure is an error that says what is wrong and what to do. So is a file whose download
-   record names another repo or revision than the profile does now.
+   failure is an error that says what is wrong and what to do. A file whose download
+   record names another repo or revision than the profile does now is replaced the same
+   way, unless another profile of the registry names that source for it (``sources``).
 
 ``refetch_corrupt`` is the deeper check the engine runs when llama-server reports a broken
 model: it also hashes each file against the recorded (or the Hub's) sha256.
@@ -37,8 +38,15 @@ from orion_llamaccp.model.gguf_check import (
 )
 from orion_llamaccp.model.hub import HubClient, HubFile, Transient
 from orion_llamaccp.model.lock import file_lock
-from orion_llamaccp.model.paths import ModelFiles, plan_files, repo_name, safe_join, split_parts
+from orion_llamaccp.model.paths import ModelFiles, plan_files, repo_name
 from orion_llamaccp.model.progress import ProgressHook, Reporter
+from orion_llamaccp.model.sources import (
+    Target,
+    names_commit,
+    other_source,
+    plan_targets,
+    refuse_if_shared,
+)
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.settings import Settings
 
@@ -59,15 +67,6 @@ class ResolvedModel:
 
 
 @dataclass(frozen=True)
-class Target:
-    """One file the profile needs, and the Hub file it comes from (if any)."""
-
-    path: Path
-    role: str
-    hub: HubFile | None = None
-
-
-@dataclass(frozen=True)
 class _Checked:
     path: Path
     info: GgufInfo
@@ -76,58 +75,12 @@ class _Checked:
     moved_aside: tuple[Path, ...] = ()
 
 
-def plan_targets(profile: Profile, files: ModelFiles) -> list[Target]:
-    """Every file with its Hub source; a file chosen by a path setting has none."""
-    cfg = profile.llamacpp
-    targets = _model_targets(profile, files)
-    extras = (
-        (files.mmproj, "mmproj", cfg.mmproj_repo_id),
-        (files.draft, "draft model", cfg.hf_draft_repo_id),
-    )
-    for path, role, repo in extras:
-        if path is not None:
-            targets.append(Target(path, role, _extra_source(profile, files.root, path, repo)))
-    return targets
-
-
-def _model_targets(profile: Profile, files: ModelFiles) -> list[Target]:
-    cfg, count = profile.llamacpp, len(files.parts)
-    repo = cfg.hf_repo_id if _model_from_hub(profile, files) else None
-    return [
-        Target(
-            part,
-            "model" if count == 1 else f"model part {index} of {count}",
-            HubFile(repo, repo_name(files.root, part), cfg.hf_revision) if repo else None,
-        )
-        for index, part in enumerate(files.parts, 1)
-    ]
-
-
-def _model_from_hub(profile: Profile, files: ModelFiles) -> bool:
-    """The model comes from the Hub only when it is the file at ``model_root/hf_filename``."""
-    cfg = profile.llamacpp
-    if not (cfg.hf_repo_id and cfg.hf_filename):
-        return False
-    return (
-        split_parts(safe_join(files.root, cfg.hf_filename, "llamacpp.hf_filename"))[0]
-        == files.model
-    )
-
-
-def _extra_source(profile: Profile, root: Path, path: Path, repo: str | None) -> HubFile | None:
-    cfg = profile.llamacpp
-    repo = repo or cfg.hf_repo_id
-    if not repo:
-        return None
-    revision = cfg.hf_revision if repo == cfg.hf_repo_id else None
-    return HubFile(repo, repo_name(root, path), revision)
-
-
 class _Fetcher:
     """Brings one profile's targets to a verified state; one instance per call."""
 
     def __init__(
         self,
+        profile: Profile,
         settings: Settings,
         root: Path,
         reporter: Reporter,
@@ -135,7 +88,8 @@ class _Fetcher:
         *,
         download: bool = True,
     ) -> None:
-        self.settings, self.root, self.reporter, self.cancel = settings, root, reporter, cancel
+        self.profile, self.settings, self.root = profile, settings, root
+        self.reporter, self.cancel = reporter, cancel
         self.may_download = download and not settings.hf_hub_offline
         self.policy = DownloadPolicy.from_settings(settings)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
@@ -169,7 +123,7 @@ class _Fetcher:
         hub = target.hub
         record = store.read_record(self.root, first) if self.under_root(first) else None
         commit = record.commit if record is not None else None
-        if hub is None or commit is None or _names_commit(hub.revision, commit):
+        if hub is None or commit is None or names_commit(hub.revision, commit):
             return target
         return dataclasses.replace(target, hub=dataclasses.replace(hub, revision=commit))
 
@@ -220,7 +174,9 @@ class _Fetcher:
     def _how_to_fix(self, target: Target) -> str:
         hub = target.hub
         if hub is None:
-            return "copy a good file there, or name it in the profile with hf_repo_id + hf_filename"
+            return target.no_download or (
+                "copy a good file there, or name it in the profile with hf_repo_id + hf_filename"
+            )
         if self.settings.hf_hub_offline:
             return (
                 f"HF_HUB_OFFLINE=1 forbids downloading it: copy {hub.filename} from "
@@ -237,8 +193,9 @@ class _Fetcher:
         if info is None:
             return None, problem
         record = store.read_record(self.root, path) if self.under_root(path) else None
-        stale = _other_source(record, target.hub)
+        stale = other_source(record, target.hub)
         if stale is not None:
+            refuse_if_shared(self.profile, self.settings, target, record)
             return None, stale
         sha = record.sha256 if record else None
         if deep:
@@ -348,30 +305,6 @@ class _Fetcher:
         return repo_name(self.root, path) if self.under_root(path) else path.name
 
 
-def _other_source(record: store.FileRecord | None, hub: HubFile | None) -> str | None:
-    """Why a file we downloaded is not the one the profile names now (its hf_repo_id or
-    hf_revision changed); a file without a record was put there by hand and is trusted.
-    A revision that names the commit the file came from (pinning a profile to what it
-    runs) is the same source: that file is not downloaded again."""
-    if record is None or record.repo_id is None or hub is None:
-        return None
-    had = HubFile(record.repo_id, hub.filename, record.revision)
-    if had.repo_id == hub.repo_id and (
-        (had.revision or "main") == (hub.revision or "main")
-        or _names_commit(hub.revision, record.commit)
-    ):
-        return None
-    return f"it was downloaded from {had.label}, but the profile now names {hub.label}"
-
-
-def _names_commit(revision: str | None, commit: str | None) -> bool:
-    """Whether ``revision`` is ``commit``'s hash, whole or its first 7 or more digits."""
-    if not revision or not commit or len(revision) < 7:
-        return False
-    short = revision.lower()
-    return all(c in "0123456789abcdef" for c in short) and commit.lower().startswith(short)
-
-
 def _run(
     profile: Profile,
     settings: Settings,
@@ -382,7 +315,7 @@ def _run(
     download: bool = True,
 ) -> ResolvedModel:
     files = plan_files(profile, settings.overrides_for(profile.name).model_path, settings.environ())
-    fetcher = _Fetcher(settings, files.root, Reporter(progress), cancel, download=download)
+    fetcher = _Fetcher(profile, settings, files.root, Reporter(progress), cancel, download=download)
     return fetcher.resolve(files, plan_targets(profile, files), deep)
 
 

@@ -19,6 +19,8 @@ from pathlib import Path, PurePosixPath
 from orion_llamaccp.errors import ConfigError, ModelNotFound, UnsafeModelPath
 from orion_llamaccp.profiles.models import Profile, expand_path
 
+# The settings that name the model file by path: either one switches its download off.
+PATH_SETTINGS = ("LLAMACPP_MODEL_PATH_OVERRIDE", "llamacpp.model_path")
 SPLIT_PART = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -113,6 +115,50 @@ def main_model_path(
         f"profile '{profile.name}' names no model file: set llamacpp.hf_repo_id + "
         f"llamacpp.hf_filename (downloaded into {root}), llamacpp.model_path, "
         f"or an absolute .gguf path as model_id"
+    )
+
+
+def downloads_model(profile: Profile, files: ModelFiles) -> bool:
+    """The model comes from the Hub only when it is the file at ``model_root/hf_filename``."""
+    cfg = profile.llamacpp
+    if not (cfg.hf_repo_id and cfg.hf_filename):
+        return False
+    named = safe_join(files.root, cfg.hf_filename, "llamacpp.hf_filename")
+    return split_parts(named)[0] == files.model
+
+
+def no_download_reason(profile: Profile, files: ModelFiles) -> str | None:
+    """Why the model is not downloaded though the profile names ``hf_repo_id``, and what
+    to do; ``None`` when it is downloaded, or when no repo is named.
+
+    A model path setting wins over ``hf_repo_id`` + ``hf_filename`` and switches the
+    download off: a user who set both would otherwise wait for a download that never comes.
+    """
+    repo = profile.llamacpp.hf_repo_id
+    if not repo or downloads_model(profile, files):
+        return None
+    if files.source not in PATH_SETTINGS:
+        return (
+            f"llamacpp.hf_repo_id {repo} is set without llamacpp.hf_filename, so nothing is "
+            f"downloaded: set hf_filename, or copy the GGUF to {files.model}"
+        )
+    return (
+        f"{files.source} chooses this file and wins over llamacpp.hf_repo_id {repo}, so "
+        f"nothing is downloaded: copy the GGUF to {files.model}, or {_undo_path(profile, files)}"
+    )
+
+
+def _undo_path(profile: Profile, files: ModelFiles) -> str:
+    cfg = profile.llamacpp
+    unset = ["remove llamacpp.model_path from the profile"] if cfg.model_path else []
+    if files.source == "LLAMACPP_MODEL_PATH_OVERRIDE":
+        unset.insert(0, "unset LLAMACPP_MODEL_PATH_OVERRIDE")
+    if not cfg.hf_filename:
+        unset.append("set llamacpp.hf_filename")
+        return " and ".join(unset) + f" to have it downloaded from {cfg.hf_repo_id}"
+    return (
+        " and ".join(unset)
+        + f" to have {cfg.hf_filename} downloaded from {cfg.hf_repo_id} into {files.root}"
     )
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orion_llamaccp.cli import model_cmds
+from orion_llamaccp.cli import config_cmds, model_cmds
+from orion_llamaccp.engine.plan import build_plan
 from orion_llamaccp.errors import ModelCorrupt, ModelNotFound
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_gguf
@@ -78,3 +79,32 @@ def test_verify_a_truncated_path_raises(settings: Settings, tmp_path: Path) -> N
 
     with pytest.raises(ModelCorrupt, match="truncated"):
         run(["verify", str(model)], settings)
+
+
+def test_doctor_and_command_say_a_model_path_switches_the_download_off(
+    make_settings: SettingsFactory, tmp_path: Path, cache_dir: Path, capsys: Capsys
+) -> None:
+    """Both said the file would be downloaded from hf_repo_id, which a model path prevents."""
+    registry = tmp_path / "llm_profiles.yaml"
+    block = {
+        "model_root": "${LLM_CACHE_DIR}",
+        "hf_repo_id": REPO_ID,
+        "hf_filename": FILENAME,
+        "model_path": "mine/model.gguf",
+    }
+    registry.write_text(yaml.safe_dump({"profiles": {"tiny": {"llamacpp": block}}}))
+    settings = make_settings(profiles_config_path=registry, profile_name="tiny")
+    plan = build_plan(settings, require_binary=False)
+
+    name, ok, detail = config_cmds._check_model(plan)
+    parser = argparse.ArgumentParser(prog="orion-llamaccp")
+    config_cmds.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["command"])
+    assert args.handler(args, settings) == 0
+
+    said = "llamacpp.model_path chooses this file and wins over llamacpp.hf_repo_id"
+    assert (name, ok) == ("model", False)
+    assert str(cache_dir / "mine" / "model.gguf") in detail and said in detail
+    assert "will be downloaded" not in detail
+    out = capsys.readouterr().out
+    assert said in out and "not downloaded yet" not in out

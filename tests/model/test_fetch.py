@@ -7,8 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
-from orion_llamaccp.errors import ModelCorrupt, ModelNotFound
+from orion_llamaccp.errors import ModelCorrupt, ModelError, ModelNotFound
 from orion_llamaccp.model import (
     ProgressEvent,
     ensure_model,
@@ -19,6 +20,8 @@ from orion_llamaccp.model import (
 from orion_llamaccp.model.fetch import plan_targets
 from orion_llamaccp.model.hub import HubFile, RemoteFile
 from orion_llamaccp.model.store import STATE_DIR, forget_record, read_record
+from orion_llamaccp.profiles.models import Profile
+from orion_llamaccp.profiles.registry import load_registry
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile, make_split_gguf
 from tests.model.hub_server import LocalHub
@@ -148,6 +151,35 @@ def test_missing_file_without_hub_source_says_where_to_copy_it(
     assert str(cache_dir / "mine" / "model.gguf") in str(err.value)
 
 
+@pytest.mark.parametrize("by_override", [False, True])
+def test_a_missing_model_chosen_by_a_path_says_nothing_is_downloaded(
+    hub: LocalHub,
+    make_settings: SettingsFactory,
+    gguf_bytes: Bytes,
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    by_override: bool,
+) -> None:
+    """A model path wins over hf_repo_id + hf_filename: the error said to copy a file or
+    to name the repo the profile already names, not that nothing would be downloaded."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    if by_override:
+        monkeypatch.setenv("LLAMACPP_MODEL_PATH_OVERRIDE", "mine/model.gguf")
+        profile, setting = make_profile(), "unset LLAMACPP_MODEL_PATH_OVERRIDE"
+    else:
+        profile = make_profile(model_path="mine/model.gguf")
+        setting = "remove llamacpp.model_path from the profile"
+
+    with pytest.raises(ModelNotFound) as err:
+        ensure_model(profile, make_settings(profile_name="test"))
+
+    message = str(err.value)
+    assert f"wins over llamacpp.hf_repo_id {REPO_ID}, so nothing is downloaded" in message
+    assert f"copy the GGUF to {cache_dir / 'mine' / 'model.gguf'}" in message
+    assert f"{setting} to have {FILENAME} downloaded from {REPO_ID}" in message
+    assert hub.requests == []
+
+
 def test_pinned_revision_is_downloaded(
     hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
@@ -198,6 +230,78 @@ def test_a_file_from_another_repo_or_revision_is_moved_aside_and_replaced(
     [aside] = resolved.moved_aside
     assert aside.read_bytes() == gguf_bytes(old)
     assert "the profile now names" in caplog.text
+
+
+MMPROJ = "mmproj-model-f16.gguf"
+
+
+def _registry(path: Path, profiles: dict[str, tuple[str, str]]) -> dict[str, Profile]:
+    """A registry whose profiles (name: repo, model file) share model_root and an mmproj
+    file name, each taking the mmproj from its own repo."""
+    blocks = {
+        name: {
+            "llamacpp": {
+                "model_root": "${LLM_CACHE_DIR}",
+                "hf_repo_id": repo,
+                "hf_filename": model,
+                "mmproj_filename": MMPROJ,
+            }
+        }
+        for name, (repo, model) in profiles.items()
+    }
+    path.write_text(yaml.safe_dump({"profiles": blocks}))
+    return load_registry(path).profiles
+
+
+def test_two_profiles_naming_one_file_from_two_repos_do_not_replace_each_other_s(
+    hub: LocalHub,
+    make_settings: SettingsFactory,
+    gguf_bytes: Bytes,
+    cache_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Two services sharing model_root, whose profiles take a file of one name from two
+    repos, moved each other's file aside and downloaded their own, on every start."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.add(REPO_ID, MMPROJ, gguf_bytes(1))
+    hub.add(OTHER_REPO, "other.gguf", gguf_bytes(2))
+    theirs = hub.add(OTHER_REPO, MMPROJ, gguf_bytes(3))
+    registry = tmp_path / "llm_profiles.yaml"
+    profiles = _registry(registry, {"a": (REPO_ID, FILENAME), "b": (OTHER_REPO, "other.gguf")})
+    settings = make_settings(profiles_config_path=registry)
+    ensure_model(profiles["a"], settings)
+
+    with pytest.raises(ModelError) as err:
+        ensure_model(profiles["b"], settings)
+
+    message = str(err.value)
+    assert f"{REPO_ID}/{MMPROJ}" in message and f"{OTHER_REPO}/{MMPROJ}" in message
+    assert "profile 'a'" in message and "model_root of its own" in message
+    assert (cache_dir / MMPROJ).read_bytes() == gguf_bytes(1)  # a's file, left alone
+    assert hub.cdn_gets(theirs) == []
+    assert list(cache_dir.glob("*.corrupt-*")) == []
+
+
+def test_a_profile_switched_to_another_repo_still_replaces_its_file(
+    hub: LocalHub,
+    make_settings: SettingsFactory,
+    gguf_bytes: Bytes,
+    cache_dir: Path,
+    tmp_path: Path,
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.add(REPO_ID, MMPROJ, gguf_bytes(1))
+    hub.add(OTHER_REPO, FILENAME, gguf_bytes(2))
+    hub.add(OTHER_REPO, MMPROJ, gguf_bytes(3))
+    registry = tmp_path / "llm_profiles.yaml"
+    settings = make_settings(profiles_config_path=registry)
+    ensure_model(_registry(registry, {"a": (REPO_ID, FILENAME)})["a"], settings)
+
+    switched = _registry(registry, {"a": (OTHER_REPO, FILENAME)})["a"]
+    resolved = ensure_model(switched, settings)
+
+    assert (cache_dir / MMPROJ).read_bytes() == gguf_bytes(3)
+    assert len(resolved.moved_aside) == 2
 
 
 def test_naming_the_default_revision_keeps_the_file(
