@@ -75,7 +75,9 @@ class Reporter:
         self._last: ProgressEvent | None = None
         self._last_at = 0.0
         self._rate_from: tuple[float, int] = (0.0, 0)
-        self._lock = threading.Lock()
+        # Held across every send too: a held event the timer thread took out just before
+        # the final one (``ready``, ``failed``) would otherwise reach the hook after it.
+        self._lock = threading.RLock()
         self._pending: ProgressEvent | None = None
         self._timer: threading.Timer | None = None
 
@@ -109,8 +111,8 @@ class Reporter:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-        self._last, self._last_at = event, now
-        self._send(event)
+            self._last, self._last_at = event, now
+            self._send(event)
 
     def _hold(self, event: ProgressEvent, wait: float) -> None:
         with self._lock:
@@ -123,9 +125,9 @@ class Reporter:
     def _flush(self) -> None:
         with self._lock:
             event, self._pending, self._timer = self._pending, None, None
-        if event is not None:
-            self._last, self._last_at = event, self._clock()
-            self._send(event)
+            if event is not None:
+                self._last, self._last_at = event, self._clock()
+                self._send(event)
 
     def _rate(self, now: float, done: int) -> float:
         since, base = self._rate_from

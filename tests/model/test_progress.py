@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 
 import pytest
 from rich.console import Console
@@ -97,3 +98,30 @@ def test_terminal_progress_draws_a_bar() -> None:
 
     assert "m.gguf" in out.getvalue()
     assert "1.0/1.0 MB" in out.getvalue()
+
+
+def test_a_held_event_never_reaches_the_hook_after_the_final_one() -> None:
+    """A throttled event waits for the interval on a timer thread. Taken out by that
+    thread just as the download ended, it reached the hook after ``ready``: a watcher of
+    the bus saw "downloading 50 %" after "ready", and a bar drawn on a terminal went back.
+    Here the timer's send is caught in the hook while ``ready`` is emitted: that send
+    comes first, and ``ready`` waits for it."""
+    main = threading.current_thread()
+    seen: list[str] = []
+    flushing, final_sent = threading.Event(), threading.Event()
+
+    def hook(event: ProgressEvent) -> None:
+        if event.phase == "downloading" and threading.current_thread() is not main:
+            flushing.set()
+            final_sent.wait(1.0)  # before the fix, ``ready`` went out meanwhile
+        seen.append(event.phase)
+        if event.phase == "ready":
+            final_sent.set()
+
+    reporter = Reporter(hook, interval=0.1)
+    reporter.emit("downloading", "m.gguf", done=1, total=10)  # sent at once
+    reporter.emit("downloading", "m.gguf", done=5, total=10)  # held for the timer
+    assert flushing.wait(10)
+    reporter.emit("ready", "m.gguf", done=10, total=10)
+    final_sent.wait(10)
+    assert seen == ["downloading", "downloading", "ready"]
