@@ -155,14 +155,17 @@ class LaunchSpec:
 
 
 def mask_argv(argv: tuple[str, ...] | list[str]) -> list[str]:
-    """Hide values of secret-bearing flags, in case ``extra_args`` carries one."""
+    """Hide values of secret-bearing flags, in case ``extra_args`` carries one: in every
+    form ``_extra_args`` reads (``--flag value``, ``--flag=value``, ``"--flag value"``)."""
     masked = list(argv)
     for i, arg in enumerate(masked):
-        flag, eq, _ = arg.partition("=")
-        if arg in SECRET_FLAGS and i + 1 < len(masked):
+        flag, value = _flag_and_value(arg)
+        if flag not in SECRET_FLAGS:
+            continue
+        if value is not None:
+            masked[i] = f"{flag}{arg[len(flag)]}{MASK}"  # its own separator, '=' or a space
+        elif i + 1 < len(masked):
             masked[i + 1] = MASK
-        elif eq and flag in SECRET_FLAGS:
-            masked[i] = f"{flag}={MASK}"
     return masked
 
 

@@ -484,6 +484,9 @@ def test_secrets_in_flag_equals_value_form_are_masked(llama_server_bin: Path) ->
         "--api-key=***",
         "--hf-token",
     ]
+    # ``show`` masks the profile's extra_args as written: one YAML string, flag and value.
+    as_written = ["--hf-token hf_SPACEFORM", "--api-key \tsk-TAB", "--threads-http 1"]
+    assert mask_argv(as_written) == ["--hf-token ***", "--api-key ***", "--threads-http 1"]
 
 
 def test_a_flag_and_its_value_in_one_string_become_two_arguments_and_stay_hidden(
