@@ -10,6 +10,7 @@ from orion_llamaccp.settings import Overrides, Settings
 from tests.deploy.container import (
     ENV_EXAMPLES,
     GPU_SERVICE,
+    SERVICE_ENV_EXAMPLE,
     dockerfile_env,
     load_compose,
     read_env_example,
@@ -57,3 +58,15 @@ def test_the_examples_are_the_seed_selection_and_overrides_and_shared_stack_apar
     assert not root & svc, f"listed in both env examples: {sorted(root & svc)}"
     assert "ORION_BUS_URL" in root
     assert {"LLM_PROFILE_NAME", "LLM_CACHE_DIR", "LLAMACPP_HOST_PORT"} <= svc
+
+
+def test_every_override_reaches_the_container() -> None:
+    """Compose passes on only the variables it lists: an override the README offers
+    but compose did not list (``LLAMACPP_MODEL_PATH_OVERRIDE``
+    was one) was set in ``compose/.env`` and did nothing. Host and port are fixed there."""
+    overrides = {name for name in SERVICE_READS if name.endswith("_OVERRIDE")}
+    passed = set(service(GPU_SERVICE)["environment"])
+    assert overrides - passed == set(), sorted(overrides - passed)
+    svc = set(read_env_example(SERVICE_ENV_EXAMPLE).values)
+    fixed = {"LLAMACPP_HOST_OVERRIDE", "LLAMACPP_PORT_OVERRIDE"}
+    assert overrides - fixed - svc == set(), sorted(overrides - fixed - svc)
