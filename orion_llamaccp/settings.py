@@ -8,8 +8,10 @@ startup error that names the variable.
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -389,6 +391,43 @@ def _variable_of(name: str, info: Any) -> str:
     if isinstance(alias, AliasChoices):
         return str(alias.choices[0])
     return str(alias or name)
+
+
+def _names_read() -> set[str]:
+    names: set[str] = set()
+    for model in (Settings, Overrides):
+        for name, info in model.model_fields.items():
+            alias = info.validation_alias
+            choices = alias.choices if isinstance(alias, AliasChoices) else [alias or name]
+            names.update(str(choice) for choice in choices)
+    return names
+
+
+# Named like ours, read by others: Compose (the published port), the image's build
+# arguments, and the llama-server build script's cache (``make llama-server``, the bench).
+_READ_ELSEWHERE = frozenset(
+    {"LLAMACPP_HOST_PORT", "LLAMACPP_BUILD", "LLAMACPP_VARIANT", "ORION_LLAMACPP_CACHE"}
+)
+
+
+def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """What to say of variables that look like ours but that nothing reads: a misspelt
+    override (``LLAMACPP_CTXSIZE_OVERRIDE``) or selection (``LLM_PROFILE``) did nothing,
+    without a word, and the profile's own value (or the default profile) was served.
+    Every ``LLAMACPP_*`` and ``ORION_LLAMACPP_*`` name is ours; an ``LLM_*`` name only
+    when it is close to one of ours (other services share that prefix)."""
+    environ = os.environ if environ is None else environ
+    known = _names_read()
+    said = []
+    for name in sorted(environ):
+        if name in known or name in _READ_ELSEWHERE:
+            continue
+        ours = name.startswith(("LLAMACPP_", "ORION_LLAMACPP_"))
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        if ours or (name.startswith("LLM_") and near):
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            said.append(f"{name} is set but nothing reads it{hint}: it changes nothing")
+    return said
 
 
 def load_settings(**overrides: Any) -> Settings:

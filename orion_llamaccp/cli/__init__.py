@@ -16,7 +16,9 @@ from typing import Any
 
 from orion_llamaccp import __version__
 from orion_llamaccp.errors import OrionLlamaError
-from orion_llamaccp.settings import load_settings
+from orion_llamaccp.settings import load_settings, unread_variables
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         setup_logging(settings.log_level, args.verbose)
+        for unread in unread_variables():
+            log.warning("%s", unread)
         return int(args.handler(args, settings) or 0)
     except OrionLlamaError as exc:
         print(f"error: {exc}", file=sys.stderr)

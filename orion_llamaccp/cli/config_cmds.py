@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from orion_llamaccp.errors import OrionLlamaError
-from orion_llamaccp.settings import Settings
+from orion_llamaccp.settings import Settings, unread_variables
 
 # The registry, the engine and rich are imported by the commands that use them: every
 # command builds this parser, and `run` subscribes before it reads the profile.
@@ -261,28 +261,52 @@ def _check_redis(settings: Settings) -> tuple[str, bool, str]:
 
 
 def _check_gpus(plan: ServicePlan) -> tuple[str, bool, str]:
-    wanted = plan.launch.env.get("CUDA_VISIBLE_DEVICES")
+    """The GPUs the profile runs layers on (``LaunchSpec.gpus_required``) against those
+    ``nvidia-smi -L`` lists: a pin to a GPU that is not there fails the start."""
+    pinned = plan.launch.gpus_required
+    if pinned is None:
+        said = plan.launch.env.get("CUDA_VISIBLE_DEVICES")
+        why = f"CUDA_VISIBLE_DEVICES={said}, no layers on GPUs" if said else "no GPU pinned"
+        return ("gpus", True, f"none needed ({why})")
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        if wanted:
-            return (
-                "gpus",
-                False,
-                f"profile pins CUDA_VISIBLE_DEVICES={wanted}, but no "
-                "nvidia-smi here: run on a GPU host (or set n_gpu_layers 0 for CPU)",
-            )
-        return ("gpus", True, "none visible; profile needs none")
+        detail = f"profile runs layers on GPUs {pinned}, but no nvidia-smi here: run on a GPU host"
+        return ("gpus", False, f"{detail}, or {_ON_THE_CPU}")
     out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False)
-    found = [line for line in out.stdout.splitlines() if line.startswith("GPU ")]
-    return (
-        "gpus",
-        bool(found) or not wanted,
-        f"{len(found)} visible; profile pins CUDA_VISIBLE_DEVICES={wanted or '(unset)'}",
+    found = _gpus_listed(out.stdout)
+    missing = [gpu for gpu in pinned.split(",") if gpu.strip() not in found]
+    if not missing:
+        return ("gpus", True, f"profile pins GPUs {pinned}: all listed by nvidia-smi")
+    have = ", ".join(sorted(found, key=lambda g: (len(g), g))) or "none"
+    detail = (
+        f"profile pins GPUs {pinned}, but nvidia-smi lists no {', '.join(missing)} (it "
+        f"lists {have}): fix gpu.device_ids or CUDA_VISIBLE_DEVICES_OVERRIDE"
     )
+    return ("gpus", False, f"{detail}, or {_ON_THE_CPU}")
+
+
+_ON_THE_CPU = "set LLAMACPP_N_GPU_LAYERS_OVERRIDE=0 to serve on the CPU"
+
+
+def _gpus_listed(listing: str) -> set[str]:
+    """Every name a pin may give each GPU of ``nvidia-smi -L``: its index and its UUID
+    (``GPU 0: NVIDIA H100 (UUID: GPU-...)``), and a MIG device's UUID."""
+    found: set[str] = set()
+    for line in listing.splitlines():
+        if match := re.match(r"\s*GPU (\d+):", line):
+            found.add(match.group(1))
+        found.update(re.findall(r"UUID: ((?:GPU|MIG)-[\w-]+)", line))
+    return found
+
+
+def _check_env() -> tuple[str, bool, str]:
+    unread = unread_variables()
+    return ("env", not unread, "; ".join(unread) or "every variable of ours is read")
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     lines, plan = _check_plan(settings)
+    lines.insert(0, _check_env())
     if plan is not None:
         lines.append(_check_model(plan))
     lines.append(_check_redis(settings))

@@ -34,7 +34,7 @@ def test_doctor_all_ok(subprocess_env: dict) -> None:
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout + done.stderr
     names = [line.split()[1] for line in lines]
-    assert names == ["config", "profile", "binary", "flags", "model", "redis", "gpus"]
+    assert names == ["env", "config", "profile", "binary", "flags", "model", "redis", "gpus"]
     assert all(line.startswith("ok") for line in lines)
     assert "tiny.gguf" in lines[names.index("model")]
 
@@ -54,6 +54,58 @@ def test_doctor_says_what_to_fix(subprocess_env: dict, tmp_path: Path) -> None:
     assert by_name["redis"].startswith("FAIL") and "ORION_BUS_URL" in by_name["redis"]
     assert "hunter22" not in done.stdout + done.stderr
     assert by_name["config"].startswith("ok") and by_name["profile"].startswith("ok")
+
+
+def test_doctor_checks_the_pinned_gpus_against_a_fake_nvidia_smi(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """No GPU here: ``nvidia-smi`` is a stand-in that lists one. doctor passed a pin to a
+    GPU the host does not have (it counted GPUs, not which), and failed a profile told to
+    serve on the CPU (``n_gpu_layers`` 0, or a pin to none) for want of ``nvidia-smi``."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    smi = tools / "nvidia-smi"
+    smi.write_text('#!/bin/sh\necho "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1a2b-3c)"\n')
+    smi.chmod(0o755)
+    with_smi = {**subprocess_env, "PATH": f"{tools}:{subprocess_env['PATH']}"}
+
+    def gpus(env: dict, **overrides: str) -> str:
+        done = cli({**env, **overrides}, "doctor")
+        return next(line for line in done.stdout.splitlines() if line.split()[1] == "gpus")
+
+    pin = {"LLAMACPP_N_GPU_LAYERS_OVERRIDE": "99"}
+    assert gpus(with_smi, CUDA_VISIBLE_DEVICES_OVERRIDE="0", **pin).startswith("ok")
+    assert gpus(with_smi, CUDA_VISIBLE_DEVICES_OVERRIDE="GPU-1a2b-3c", **pin).startswith("ok")
+    missing = gpus(with_smi, CUDA_VISIBLE_DEVICES_OVERRIDE="0,3", **pin)
+    assert missing.startswith("FAIL") and "lists no 3 (it lists 0, GPU-1a2b-3c)" in missing
+    nowhere = gpus(subprocess_env, CUDA_VISIBLE_DEVICES_OVERRIDE="0", **pin)
+    assert nowhere.startswith("FAIL") and "no nvidia-smi here" in nowhere
+    on_purpose = {"LLAMACPP_N_GPU_LAYERS_OVERRIDE": "0", "CUDA_VISIBLE_DEVICES_OVERRIDE": "0"}
+    assert gpus(subprocess_env, **on_purpose).startswith("ok")
+    assert gpus(subprocess_env, CUDA_VISIBLE_DEVICES_OVERRIDE="-1", **pin).startswith("ok")
+
+
+def test_a_misspelt_variable_of_ours_is_said_not_ignored(subprocess_env: dict) -> None:
+    """``LLAMACPP_CTXSIZE_OVERRIDE`` or ``LLM_PROFILE`` did nothing, without a word: the
+    profile's context, or the default profile, was served. Every ``LLAMACPP_*`` and
+    ``ORION_LLAMACPP_*`` name is ours; an ``LLM_*`` name is said only when it is close to
+    one of ours (other services use that prefix); Compose's own are left alone."""
+    env = {
+        **subprocess_env,
+        "LLAMACPP_CTXSIZE_OVERRIDE": "1024",
+        "LLM_PROFILE": "other",
+        "LLM_GATEWAY_URL": "http://gateway",
+        "LLAMACPP_HOST_PORT": "8081",
+    }
+    done = cli(env, "doctor")
+    line = next(line for line in done.stdout.splitlines() if line.split()[1] == "env")
+    assert line.startswith("FAIL") and done.returncode == 1
+    assert "LLAMACPP_CTXSIZE_OVERRIDE is set but nothing reads it (did you mean " in line
+    assert "LLAMACPP_CTX_SIZE_OVERRIDE?)" in line
+    assert "LLM_PROFILE is set but nothing reads it (did you mean LLM_PROFILE_NAME?)" in line
+    assert "LLM_GATEWAY_URL" not in line and "LLAMACPP_HOST_PORT" not in line
+    shown = cli(env, "command")  # every command says it, on stderr
+    assert shown.returncode == 0 and "LLAMACPP_CTXSIZE_OVERRIDE is set" in shown.stderr
 
 
 def test_command_json_works_before_the_model_exists(subprocess_env: dict, tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def test_doctor_with_the_cpu_service_env_and_a_real_binary_without_docker_engine
     model.parent.mkdir(parents=True)
     shutil.copy(tiny_model, model)
     code, lines = _doctor(env, tmp_path)
-    for name in ("config", "profile", "binary", "flags", "model", "redis", "gpus"):
+    for name in ("env", "config", "profile", "binary", "flags", "model", "redis", "gpus"):
         assert lines[name][0] == "ok", f"{name}: {lines[name][1]}"
     assert lines["model"][1].startswith(str(model))
     assert code == 0
