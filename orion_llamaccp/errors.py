@@ -39,6 +39,11 @@ class ProfileNotFound(ConfigError):
     """The selected profile name is not in the registry."""
 
 
+class SecretUnset(ConfigError):
+    """A variable the profile takes a secret from (``api_key_env``) is empty or unset:
+    wrong where the profile is served, expected where it is only checked."""
+
+
 class ModelError(OrionLlamaError):
     """The model file cannot be resolved, fetched or trusted."""
 

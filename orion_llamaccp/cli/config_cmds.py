@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from orion_llamaccp.errors import OrionLlamaError
+from orion_llamaccp.errors import OrionLlamaError, SecretUnset
 from orion_llamaccp.settings import Settings, unread_variables
 
 # The registry, the engine and rich are imported by the commands that use them: every
@@ -119,19 +119,31 @@ def _masked(profile: Profile) -> dict[str, Any]:
 
 
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    from orion_llamaccp.engine.plan import plan_profile
     from orion_llamaccp.profiles.registry import load_registry
 
     registry = load_registry(settings.profiles_config_path)
-    for name in registry.profiles:
-        print(f"ok       {name}")
+    problems = dict(registry.problems)
+    for name, profile in registry.profiles.items():
+        # As `run` would build its command (no binary needed): a clash of extra_args with
+        # a knob, a path out of model_root, two spellings of one flag.
+        try:
+            plan_profile(settings, registry, profile, require_binary=False)
+        except SecretUnset:
+            print(f"ok       {name} (its api_key_env variable is unset here: not checked)")
+        except OrionLlamaError as exc:
+            problems[name] = f"profiles.{name}: {exc}"
+        else:
+            print(f"ok       {name}")
     for name, other in registry.others.items():
         print(f"skipped  {name} (backend {other.backend})")
-    for problem in registry.problems.values():
+    for problem in problems.values():
         for line in problem.splitlines():
             print(f"ERROR    {line}")
     total = len(registry.profiles) + len(registry.problems)
-    print(f"{len(registry.profiles)}/{total} llama.cpp profiles valid in {registry.path}")
-    return 1 if registry.problems else 0
+    valid = total - len(problems)
+    print(f"{valid}/{total} llama.cpp profiles valid in {registry.path}")
+    return 1 if problems else 0
 
 
 def cmd_command(args: argparse.Namespace, settings: Settings) -> int:

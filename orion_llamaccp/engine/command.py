@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from orion_llamaccp.engine.binary import BinaryInfo
-from orion_llamaccp.errors import ConfigError, UnsupportedKnob
+from orion_llamaccp.errors import ConfigError, SecretUnset, UnsupportedKnob
 from orion_llamaccp.model.paths import ModelFiles
 from orion_llamaccp.profiles.models import LlamaCppConfig, Profile
 from orion_llamaccp.settings import Overrides
@@ -305,7 +305,7 @@ def build_launch(
     if cfg.api_key_env:
         api_key = environ.get(cfg.api_key_env)
         if not api_key:
-            raise ConfigError(
+            raise SecretUnset(
                 f"profile '{profile.name}' sets llamacpp.api_key_env="
                 f"{_shown_name(cfg.api_key_env)}, but that variable is empty or unset"
             )

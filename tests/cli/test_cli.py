@@ -108,6 +108,30 @@ def test_a_misspelt_variable_of_ours_is_said_not_ignored(subprocess_env: dict) -
     assert shown.returncode == 0 and "LLAMACPP_CTXSIZE_OVERRIDE is set" in shown.stderr
 
 
+def test_validate_fails_a_profile_run_would_refuse(subprocess_env: dict, tmp_path: Path) -> None:
+    """validate ran the registry's type checks only: a profile whose command line cannot
+    be built (a knob set twice, by its key and in extra_args; a file name outside
+    model_root) passed, and a CI gate on validate let it through to `run`. A profile
+    whose api_key_env is unset here is fine: that variable is the serving host's."""
+    registry = tmp_path / "profiles.yaml"
+    registry.write_text(
+        "profiles:\n"
+        "  twice:\n    llamacpp: {model_path: m.gguf, ctx_size: 2048, extra_args: [-c, '100']}\n"
+        "  outside:\n    llamacpp: {hf_repo_id: o/r, hf_filename: ../../etc/x.gguf}\n"
+        "  keyed:\n    llamacpp: {model_path: m.gguf, api_key_env: KEYED_API_KEY}\n"
+        "  fine:\n    llamacpp: {model_path: m.gguf}\n"
+    )
+    done = cli({**subprocess_env, "LLM_PROFILES_CONFIG_PATH": str(registry)}, "validate")
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "ok       fine" in lines
+    assert "ok       keyed (its api_key_env variable is unset here: not checked)" in lines
+    errors = [line for line in lines if line.startswith("ERROR")]
+    assert len(errors) == 2 and "profiles.twice:" in errors[0] and "-c" in errors[0]
+    assert "profiles.outside:" in errors[1] and "outside model_root" in errors[1]
+    assert lines[-1].startswith("2/4 llama.cpp profiles valid")
+
+
 def test_command_json_works_before_the_model_exists(subprocess_env: dict, tmp_path: Path) -> None:
     env = {
         **subprocess_env,
