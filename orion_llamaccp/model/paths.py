@@ -42,10 +42,15 @@ class ModelFiles:
 
 
 def model_root(profile: Profile, env: Mapping[str, str]) -> Path:
+    return _expanded(profile, "model_root", profile.llamacpp.model_root, env)
+
+
+def _expanded(profile: Profile, key: str, value: str, env: Mapping[str, str]) -> Path:
+    """``value`` with its ``${VAR}`` and ``~`` expanded, or an error naming the setting."""
     try:
-        return expand_path(profile.llamacpp.model_root, env)
+        return expand_path(value, env)
     except ConfigError as exc:
-        raise ConfigError(f"profile '{profile.name}': llamacpp.model_root {exc}") from None
+        raise ConfigError(f"profile '{profile.name}': llamacpp.{key} {exc}") from None
 
 
 def safe_join(root: Path, name: str, key: str) -> Path:
@@ -94,7 +99,7 @@ def main_model_path(
         source = "LLAMACPP_MODEL_PATH_OVERRIDE"
         return (path if path.is_absolute() else safe_join(root, override, source)), source
     if cfg.model_path:
-        path = Path(cfg.model_path).expanduser()
+        path = _expanded(profile, "model_path", cfg.model_path, env)
         if path.is_absolute():
             if not path.resolve().is_relative_to(root.resolve()):
                 raise UnsafeModelPath(
@@ -102,7 +107,7 @@ def main_model_path(
                     f"put the file under model_root, or set LLAMACPP_MODEL_PATH_OVERRIDE"
                 )
             return path, "llamacpp.model_path"
-        return safe_join(root, cfg.model_path, "llamacpp.model_path"), "llamacpp.model_path"
+        return safe_join(root, str(path), "llamacpp.model_path"), "llamacpp.model_path"
     if cfg.hf_filename:
         return safe_join(root, cfg.hf_filename, "llamacpp.hf_filename"), "llamacpp.hf_filename"
     if (

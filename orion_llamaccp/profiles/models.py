@@ -2,7 +2,11 @@
 
 Profile-level extras (``notes``, ``preferred_verbs``, ...) are kept; the ``gpu`` and
 ``llamacpp`` blocks forbid unknown keys, because a misspelled knob that silently does
-nothing is the worst kind of configuration bug.
+nothing is the worst kind of configuration bug. For the same reason a knob of either block
+written beside it, at the profile level, is refused, and so is a value YAML read as
+something else than what was meant (``ctx_size: on`` as ``True``, so 1).
+
+Errors raised with :func:`refuse` are complete sentences: the registry adds no "got ...".
 """
 
 from __future__ import annotations
@@ -14,23 +18,75 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from orion_llamaccp.errors import ConfigError
 
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
-NGpuLayers = int | Literal["auto", "all"]
+REFUSED = "profile_refused"  # the error type of refuse(): its message is the whole story
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+def refuse(message: str) -> PydanticCustomError:
+    """A validation error whose message needs no "got ..." after it."""
+    return PydanticCustomError(REFUSED, message)
+
+
+def _not_a_boolean(value: Any) -> Any:
+    """YAML 1.1 reads ``on``/``yes``/``true`` as True and pydantic then as 1."""
+    if isinstance(value, bool):
+        raise refuse(
+            "is a YAML boolean (yes/no/on/off/true/false are read as one), not a number: "
+            "write a number"
+        )
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+PositiveInt = Annotated[Int, Field(ge=1)]
+NonNegativeInt = Annotated[Int, Field(ge=0)]
+NGpuLayers = Annotated[int | Literal["auto", "all"], BeforeValidator(_not_a_boolean)]
+
+# A default may not hold a '$' (no nesting): ${A:-${B}} would keep '${B' as a name.
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}$]*))?\}")
+_DOLLAR = re.compile(r"\$(\{[^}]*\}?|[A-Za-z0-9_]*)")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _bad_variable(value: str) -> str | None:
+    """Why ``value`` has a ``$`` that is not a ``${NAME}`` or ``${NAME:-default}``, or None.
+    ``$NAME``, ``${NAME-x}`` or ``${NAME:/x}`` were kept as they stood, a relative path."""
+    starts = {match.start() for match in _VAR.finditer(value)}
+    for index, char in enumerate(value):
+        if char == "$" and index not in starts:
+            found = _DOLLAR.match(value, index)
+            fragment = found.group(0) if found else "$"
+            name = _NAME.match(fragment.lstrip("${"))
+            example = name.group(0) if name else "NAME"
+            return (
+                f"{value!r} has {fragment!r}, which is not expanded: write ${{{example}}} "
+                f"or ${{{example}:-default}} (with braces and ':-'); a '$' may not appear "
+                f"otherwise"
+            )
+    return None
 
 
 def expand_path(value: str, env: Mapping[str, str]) -> Path:
     """Expand ``${VAR}``, ``${VAR:-default}`` and ``~`` in a configured path. A ``${VAR}``
     unset or empty, without a default, is an error: a misspelled name made
     ``${LLM_CACHE_DIRR}/gguf`` into ``/gguf``, where models were looked for and
-    downloaded."""
+    downloaded. Any other ``$`` (``$VAR``, ``${VAR-x}``) is an error too."""
+    problem = _bad_variable(value)
+    if problem:
+        raise ConfigError(problem)
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
@@ -58,7 +114,17 @@ class GpuConfig(BaseModel):
     max_model_len: PositiveInt | None = None
     max_batch_tokens: PositiveInt | None = None
     max_concurrent_requests: PositiveInt | None = None
-    gpu_memory_fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    gpu_memory_fraction: Annotated[Float, Field(gt=0, le=1)] | None = None
+
+    @field_validator("device_ids")
+    @classmethod
+    def _distinct(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        twice = sorted({i for i in value if value.count(i) > 1})
+        if twice:
+            raise refuse(
+                f"GPU {', '.join(map(str, twice))} is listed more than once: list each GPU once"
+            )
+        return value
 
 
 class LlamaCppConfig(BaseModel):
@@ -79,7 +145,7 @@ class LlamaCppConfig(BaseModel):
 
     # Server.
     host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    port: Annotated[Int, Field(ge=1, le=65535)] = 8080
     api_key_env: str | None = None
     metrics: bool = False
     extra_args: tuple[str, ...] = ()
@@ -87,7 +153,7 @@ class LlamaCppConfig(BaseModel):
     # Capacity and hardware.
     ctx_size: NonNegativeInt | None = None
     n_gpu_layers: NGpuLayers | None = None
-    threads: Annotated[int, Field(ge=-1)] | None = None
+    threads: Annotated[Int, Field(ge=-1)] | None = None
     parallel: PositiveInt | None = Field(
         None, validation_alias=AliasChoices("parallel", "n_parallel")
     )
@@ -95,7 +161,7 @@ class LlamaCppConfig(BaseModel):
     ubatch_size: PositiveInt | None = None
     flash_attn: Literal["on", "off", "auto"] | None = None
     split_mode: Literal["none", "layer", "row"] | None = None
-    tensor_split: tuple[Annotated[float, Field(ge=0)], ...] | None = None
+    tensor_split: tuple[Annotated[Float, Field(ge=0)], ...] | None = None
     no_context_shift: bool = False
     # One KV buffer shared by all slots (true), or a slice of the context each (false);
     # unset, llama-server decides (shared only when it picks the number of slots itself).
@@ -103,7 +169,7 @@ class LlamaCppConfig(BaseModel):
 
     # Chat template and reasoning.
     chat_template_kwargs: dict[str, Any] | None = None
-    reasoning_budget: int | None = None
+    reasoning_budget: Int | None = None
     reasoning: Literal["on", "off", "auto"] | None = None
     reasoning_format: Literal["none", "deepseek", "deepseek-legacy", "auto"] | None = None
 
@@ -113,16 +179,16 @@ class LlamaCppConfig(BaseModel):
 
     # RoPE.
     rope_scaling: Literal["none", "linear", "yarn"] | None = None
-    rope_scale: Annotated[float, Field(gt=0)] | None = None
+    rope_scale: Annotated[Float, Field(gt=0)] | None = None
     yarn_orig_ctx: NonNegativeInt | None = None
 
     # Sampling defaults: fill what a request leaves out.
-    temperature: Annotated[float, Field(ge=0)] | None = None
+    temperature: Annotated[Float, Field(ge=0)] | None = None
     top_k: NonNegativeInt | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    presence_penalty: float | None = None
-    n_predict: Annotated[int, Field(ge=-2)] | None = None
+    top_p: Annotated[Float, Field(ge=0, le=1)] | None = None
+    min_p: Annotated[Float, Field(ge=0, le=1)] | None = None
+    presence_penalty: Float | None = None
+    n_predict: Annotated[Int, Field(ge=-2)] | None = None
 
     # Speculative decoding.
     spec_type: str | None = None
@@ -130,6 +196,16 @@ class LlamaCppConfig(BaseModel):
     n_gpu_layers_draft: NGpuLayers | None = None
     draft_min: NonNegativeInt | None = None
     draft_max: PositiveInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_parallel(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "parallel" in data and "n_parallel" in data:
+            raise refuse(
+                "parallel and n_parallel are one setting (n_parallel is another name for "
+                "parallel): keep only one of them"
+            )
+        return data
 
     @field_validator("flash_attn", "reasoning", mode="before")
     @classmethod
@@ -164,12 +240,39 @@ class LlamaCppConfig(BaseModel):
             )
         return value
 
+    @field_validator("model_root", "model_path")
+    @classmethod
+    def _variables(cls, value: str | None) -> str | None:
+        problem = _bad_variable(value) if value is not None else None
+        if problem:
+            raise refuse(problem)
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value.strip() or value != value.strip():
+            raise refuse(
+                "is empty or has spaces around it: write an address or host name (0.0.0.0 "
+                "for every interface), or leave host out for 127.0.0.1"
+            )
+        return value
+
     @field_validator("extra_args", mode="before")
     @classmethod
     def _args(cls, value: Any) -> Any:
-        if isinstance(value, list | tuple):
-            return [str(item) for item in value]
-        return value
+        """Strings and numbers only: a mapping (``{--api-key: sk-...}``) was made into its
+        Python text, shown by ``show`` and ``command``, and null into the word None. The
+        message names the item, never its content."""
+        if not isinstance(value, list | tuple):
+            return value
+        for number, item in enumerate(value, 1):
+            if isinstance(item, bool) or not isinstance(item, str | int | float):
+                raise refuse(
+                    f"item {number} is {_kind(item)}, not a string or a number: write each "
+                    f'flag and each value as an item of its own, as in ["--flag", "value"]'
+                )
+        return [str(item) for item in value]
 
 
 class Profile(BaseModel):
@@ -192,18 +295,41 @@ class Profile(BaseModel):
     @classmethod
     def _no_near_misses(cls, data: Any) -> Any:
         """Keys of other backends' tools may sit beside ours (``notes``), but one a letter
-        or two from ours (``gpus:``) is a typo that would silently do nothing."""
-        if isinstance(data, Mapping):
-            known = known_keys(cls)
-            for key in data:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
-                if key not in known and close:
-                    raise ValueError(f"unknown key '{key}' (did you mean '{close[0]}'?)")
+        or two from ours (``gpus:``) is a typo, and a knob of ours (``ctx_size:``) was
+        meant for its block: either would silently do nothing."""
+        if not isinstance(data, Mapping):
+            return data
+        known = known_keys(cls)
+        for key in data:
+            if key in known:
+                continue
+            word = str(key).replace("-", "_").lower()
+            for block, model in (("llamacpp", LlamaCppConfig), ("gpu", GpuConfig)):
+                if word in known_keys(model):
+                    raise refuse(
+                        f"'{key}' belongs under {block}:, not beside it, where it does nothing"
+                    )
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
+            if close:
+                raise refuse(f"unknown key '{key}' (did you mean '{close[0]}'?)")
         return data
 
     @property
     def label(self) -> str:
         return self.display_name or self.name
+
+
+def _kind(item: Any) -> str:
+    """What an ``extra_args`` item is, in words, without its content."""
+    if item is None:
+        return "empty (null)"
+    if isinstance(item, bool):
+        return "a boolean (YAML reads yes/no/on/off/true/false as one: quote it)"
+    if isinstance(item, Mapping):
+        return "a mapping"
+    if isinstance(item, list | tuple):
+        return "a list"
+    return f"a {type(item).__name__}"
 
 
 def known_keys(model: type[BaseModel]) -> list[str]:

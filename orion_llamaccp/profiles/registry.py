@@ -18,7 +18,13 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orion_llamaccp.errors import ConfigError, ProfileNotFound
-from orion_llamaccp.profiles.models import GpuConfig, LlamaCppConfig, Profile, known_keys
+from orion_llamaccp.profiles.models import (
+    REFUSED,
+    GpuConfig,
+    LlamaCppConfig,
+    Profile,
+    known_keys,
+)
 
 BACKEND = "llamacpp"
 _BLOCKS: dict[str, type[BaseModel]] = {"gpu": GpuConfig, "llamacpp": LlamaCppConfig}
@@ -84,7 +90,9 @@ def describe_errors(name: str, exc: ValidationError) -> str:
             extra = " Raw llama-server flags go in extra_args." if loc[0] == "llamacpp" else ""
             lines.append(f"{where}: unknown key{hint}.{extra}")
         else:
-            got = f" ({_got(loc, err.get('input'))})" if loc else ""  # else: the whole profile
+            # Not for the whole profile, nor after a message of ours that says it all.
+            said = not loc or err["type"] == REFUSED
+            got = "" if said else f" ({_got(loc, err.get('input'))})"
             lines.append(f"{where}: {err['msg']}{got}")
     return "\n".join(lines)
 
@@ -158,14 +166,17 @@ def read_yaml(path: Path) -> Mapping[str, Any]:
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """What is wrong and where, without the lines around it that PyYAML quotes: the
     message goes to logs and, from a worker that cannot start, onto the bus, and a line of
-    the registry may hold a secret (an ``--api-key`` in ``extra_args``)."""
+    the registry may hold a secret (an ``--api-key`` in ``extra_args``). Either mark may
+    be missing (a tab in the indentation has a context but no context mark)."""
     if not isinstance(exc, yaml.MarkedYAMLError):
         return str(exc).split("\n", 1)[0]
     said = [
-        f"{text} (line {mark.line + 1}, column {mark.column + 1})"
+        text + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
         for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark))
         if text
     ]
+    if "'\\t'" in (exc.problem or ""):
+        said.append("indent with spaces: YAML does not allow tabs there")
     return "; ".join(said) or type(exc).__name__
 
 

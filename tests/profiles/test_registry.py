@@ -62,6 +62,20 @@ def test_invalid_yaml_says_where_without_quoting_the_line(tmp_path: Path) -> Non
     assert "expected ',' or ']', but got '<scalar>' (line 4, column 5)" in said, said
 
 
+def test_a_tab_in_the_indentation_is_one_error_line_not_a_traceback(tmp_path: Path) -> None:
+    """PyYAML gives a tab a context without a context mark: reading its line crashed
+    ``validate``, ``show`` and ``command`` with an AttributeError."""
+    path = write(tmp_path, "profiles:\n  a:\n    llamacpp:\n\t  x: 1\n")
+
+    done = validate(path, "a")
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: {path} is not valid YAML: "), done.stderr
+    assert "(line 4, column 1)" in done.stderr and "tabs" in done.stderr, done.stderr
+
+
 CP1252_REGISTRY = (
     b'profiles:\n  p:\n    display_name: "DeepSeek \x96 GGUF"\n'
     b"    llamacpp: {hf_repo_id: a/b, hf_filename: x.gguf}\n"
