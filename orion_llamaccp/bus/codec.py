@@ -128,9 +128,22 @@ def salvage(raw: bytes | str) -> dict[str, Any]:
 CONTENT_KEY = "sha256:"  # a message key made from the message's bytes: it has no id
 
 
+def own_id(envelope: Envelope | None) -> str | None:
+    """The id the message names itself by: an envelope's own, not a legacy dict's, nor
+    the one made up for an envelope sent without one (``Envelope.id`` then differs at
+    each decode: two replicas, or a redelivery, would each take it for another message)."""
+    if (
+        envelope is None
+        or envelope.source.name == "legacy"
+        or "id" not in envelope.model_fields_set
+    ):
+        return None
+    return str(envelope.id)
+
+
 def message_key(raw: bytes | str, envelope: Envelope | None) -> str:
     """Identity of a message that every replica computes alike (the claim key)."""
-    if envelope is not None and envelope.source.name != "legacy":
-        return str(envelope.id)
+    if (named := own_id(envelope)) is not None:
+        return named
     data = raw.encode() if isinstance(raw, str) else raw
     return CONTENT_KEY + hashlib.sha256(data).hexdigest()[:40]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import orjson
 
-from orion_llamaccp.bus.codec import CONTENT_KEY, decode_envelope, message_key, salvage
+from orion_llamaccp.bus.codec import CONTENT_KEY, decode_envelope, message_key, own_id, salvage
 from orion_llamaccp.bus.envelope import Envelope
 from orion_llamaccp.bus.intake import SlotLease, StreamEntry
 from orion_llamaccp.bus.outbox import Outbox
@@ -89,11 +89,9 @@ class Job:
 
     @property
     def request_id(self) -> str:
-        return (
-            str(self.envelope.id)
-            if self.envelope and self.envelope.source.name != "legacy"
-            else self.key
-        )
+        """The message's own id, else its key (its stream entry's id, or its bytes' hash):
+        the same for every replica and every redelivery."""
+        return own_id(self.envelope) or self.key
 
     @property
     def delivery_id(self) -> str:

@@ -130,3 +130,26 @@ def test_a_legacy_event_that_is_not_a_string_is_no_chat_and_no_crash(event: Any)
 def test_a_time_that_has_no_utc_equivalent_is_a_decode_error(stamp: str) -> None:
     with pytest.raises(DecodeError):
         decode_envelope(orjson.dumps(_envelope(created_at=stamp)))
+
+
+def test_an_envelope_without_an_id_is_one_message_to_every_reader() -> None:
+    """Sent without an ``id``, an envelope was given a new one at each decode: two
+    replicas claimed it under two keys (both answered it), and a stream entry's
+    redelivery was not found answered (answered again). Its bytes name it, on pub/sub;
+    its entry, on a stream; an envelope's own id still names it."""
+    from orion_llamaccp.bus.intake import StreamEntry
+    from orion_llamaccp.worker.jobs import decode_job
+
+    unnamed = _envelope()
+    del unnamed["id"]
+    raw = orjson.dumps(unnamed)
+    replicas = [decode_job(raw, "pubsub", len(raw)) for _ in range(2)]
+    assert replicas[0].key == replicas[1].key and replicas[0].key.startswith("sha256:")
+    entry = StreamEntry("1-0", {b"envelope": raw}, 1)
+    redelivered = StreamEntry("1-0", {b"envelope": raw}, 2, reclaimed=True)
+    deliveries = [decode_job(raw, "stream", len(raw), e).delivery_id for e in (entry, redelivered)]
+    assert deliveries[0] == deliveries[1] and deliveries[0].startswith("1-0:")
+    named = _envelope()
+    data = orjson.dumps(named)
+    assert decode_job(data, "pubsub", len(data)).key == named["id"]
+    assert decode_job(data, "stream", len(data), entry).request_id == named["id"]
