@@ -23,11 +23,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_demo)
 
 
-def install_stop_signals(stop: asyncio.Event) -> None:
-    """Signal handlers only set an event; the serving code decides what stopping means."""
+def install_stop_signals(stop: asyncio.Event, hurry: asyncio.Event | None = None) -> None:
+    """Signal handlers only set events; the serving code decides what stopping means.
+    The first SIGTERM or Ctrl-C sets ``stop`` (a drain), the next one ``hurry`` (cut the
+    drain short: an operator who will not wait for it)."""
     loop = asyncio.get_running_loop()
+
+    def stop_or_hurry() -> None:
+        if stop.is_set() and hurry is not None:
+            hurry.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_or_hurry)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
 
 
@@ -59,9 +67,9 @@ async def _engine_only(settings: Settings) -> int:
 async def _serve(settings: Settings) -> int:
     from orion_llamaccp.worker.startup import serve
 
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    return await serve(settings, stop)
+    stop, hurry = asyncio.Event(), asyncio.Event()
+    install_stop_signals(stop, hurry)
+    return await serve(settings, stop, hurry)
 
 
 async def _demo(settings: Settings, prompt: str, max_tokens: int) -> int:

@@ -79,7 +79,9 @@ class Generator:
         # that a death during one's try is its own (``_Deaths``).
         self.suspects = asyncio.Lock()
 
-    async def _engine_ready(self, job: Job) -> None:
+    async def engine_ready(self, job: Job) -> None:
+        """Return once llama-server is ready; raise what the job must do if it will not be
+        (``LeavePending`` for a stream entry, else ``Failure``)."""
         supervisor = self.supervisor
         if supervisor.state is EngineState.READY:
             return
@@ -109,7 +111,7 @@ class Generator:
                 details={"engine_state": str(supervisor.state)},
             ) from None
         if state is not EngineState.READY:
-            await self._engine_ready(job)
+            await self.engine_ready(job)
 
     def ahead(self, data: bytes) -> Ahead | None:
         """Write a chat request to llama-server from the message's raw JSON, before pydantic
@@ -193,7 +195,7 @@ class Generator:
         Only a generation that reached llama-server counts as an attempt: llama-server may
         be dead before the supervisor has noticed, and a request that cannot reach it yet
         waits for the restart under the same attempt, as one that arrives during the
-        restart does (``_engine_ready``): nothing of it was generated or published, so
+        restart does (``engine_ready``): nothing of it was generated or published, so
         even pub/sub's single try may wait, up to ``engine_wait_sec``.
         ``sent``: the first try's request, already written (``start``).
 
@@ -224,11 +226,11 @@ class Generator:
         retry = False
         while True:
             if sent is None:
-                await self._engine_ready(job)
+                await self.engine_ready(job)
                 await deaths.check(attempt)
             async with deaths.turn(deadline, job.lease):
                 if deaths.count:  # the suspect before may have killed it meanwhile
-                    await self._engine_ready(job)
+                    await self.engine_ready(job)
                 if retry:  # the first try started in time; a retry is a new generation
                     check_expiry(envelope, tried=True)
                 written, sent = sent, None  # a retry writes its own request

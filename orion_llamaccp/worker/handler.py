@@ -32,7 +32,7 @@ from orion_llamaccp.bus.envelope import (
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import Publisher, Stage, Stored
 from orion_llamaccp.bus.retry import TRANSIENT
-from orion_llamaccp.engine.supervisor import Supervisor
+from orion_llamaccp.engine.supervisor import EngineState, Supervisor
 from orion_llamaccp.errors import DecodeError
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.settings import Settings
@@ -259,15 +259,29 @@ class ChatHandler:
         stays in Redis)."""
         lease = job.lease
         if lease is None or self.delayed >= self.settings.local_queue_size:
-            await asyncio.sleep(wait)
+            await self._sleep_in_service(job, wait)
             return
         lease.step_aside()
         self.delayed += 1
         try:
-            await asyncio.sleep(wait)
+            await self._sleep_in_service(job, wait)
         finally:
             self.delayed -= 1
         await lease.step_back()  # behind the requests that came meanwhile
+
+    async def _sleep_in_service(self, job: Job, wait: float) -> None:
+        """Sleep ``wait`` seconds, unless llama-server leaves service first (the worker
+        stops, the engine fails): then the job is told so at once (answered
+        ``engine_unavailable``, or a stream entry left pending for another worker). A stop
+        waited out its drain timeout for a request that could no longer run here."""
+        supervisor = self.generator.supervisor
+        out = asyncio.ensure_future(supervisor.wait_for(*_OUT_OF_SERVICE))
+        try:
+            await asyncio.wait({out}, timeout=wait)
+        finally:
+            out.cancel()
+        if supervisor.state in _OUT_OF_SERVICE:
+            await self.generator.engine_ready(job)  # raises what the job must do
 
     async def _own(
         self, job: Job, key: str, speculation: asyncio.Task[Any]
@@ -470,6 +484,9 @@ class ChatHandler:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.fail(job, failure))
 
+
+# llama-server will not serve a request here again: a request waiting for its time stops.
+_OUT_OF_SERVICE = (EngineState.DRAINING, EngineState.FAILED, EngineState.STOPPED)
 
 # Codes after which a stream entry can never succeed: keep a copy in the dead-letter stream.
 _DEAD_LETTER_CODES = frozenset(

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import logging
 import time
+from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -33,7 +34,7 @@ from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.engine.plan import ServicePlan
 from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
-from orion_llamaccp.errors import DecodeError, OrionLlamaError
+from orion_llamaccp.errors import ConfigError, DecodeError, OrionLlamaError
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.stopping import unless_stopped
 from orion_llamaccp.worker.announce import WorkerView
@@ -106,6 +107,8 @@ class Worker:
         )
         self.unsettled = 0  # claims sent and not yet settled
         self.stopping = False
+        self.metrics: Metrics | None = None
+        self.hurry = asyncio.Event()  # the drain's deadline, brought forward to now
         self.inflight = InFlight(RecentCancels(settings.cancel_memory_sec))
         self.channels = self.view.channels
         # ``serve`` listens before building us (see startup.py): its intake, if given.
@@ -157,29 +160,43 @@ class Worker:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _start_metrics(self) -> Metrics | None:
+    def _start_metrics(self) -> None:
+        """``/metrics``, where ``METRICS_PORT`` asks for it. A port it cannot have fails
+        the worker as a failed start does, said on the bus (it was a traceback, and the
+        fleet heard nothing of a worker restarting for ever)."""
         if self.settings.metrics_port is None:
-            return None
+            return
         metrics = Metrics(self)
-        self.view.metrics_port = metrics.serve(self.settings.metrics_port)
+        try:
+            self.view.metrics_port = metrics.serve(self.settings.metrics_port)
+        except OSError as exc:
+            raise ConfigError(
+                f"METRICS_PORT={self.settings.metrics_port} cannot be served ({exc}): "
+                "choose a free port, or leave it blank for no /metrics"
+            ) from None
+        self.metrics = metrics
         self.handler.observers.append(metrics.observe)
         log.info("metrics on :%d/metrics", self.view.metrics_port)
-        return metrics
 
-    async def run(self, stop: asyncio.Event) -> int:
+    async def run(self, stop: asyncio.Event, hurry: asyncio.Event | None = None) -> int:
+        """Serve until ``stop``, then drain: in-flight requests are waited for up to the
+        drain timeout, or until ``hurry`` (a second SIGTERM or Ctrl-C: an operator who
+        will not wait), when they are cut short and answered as at the deadline."""
+        if hurry is not None:
+            self.hurry = hurry
         # Stream reads and pub/sub requests end where the drain begins; the listener runs
         # on to the drain's end, for the cancels of the requests it waits for.
         intake_stop, presence_stop = asyncio.Event(), asyncio.Event()
         # From here a request waits for the engine instead of being told it is stopped,
         # those heard while ``serve`` built us included.
         self.supervisor.expect_start()
-        metrics = self._start_metrics()
         background = [
             self.intake.start(),
             asyncio.create_task(self._pubsub_intake(), name="pubsub-intake"),
             asyncio.create_task(self._settle_claims(), name="pubsub-claims"),
-            asyncio.create_task(self.presence.run(presence_stop), name="presence"),
         ]
+        presence = asyncio.create_task(self.presence.run(presence_stop), name="presence")
+        background.append(presence)
         code = 0
         try:
             # Subscribed before the model check starts: its thread holds the GIL for long
@@ -202,6 +219,10 @@ class Worker:
             await self._drain()
             self.intake.stop.set()
             presence_stop.set()
+            # Ended, not only told to: a beat on its way (a slow Redis) that landed after
+            # the farewell set the liveness key again, the worker shown alive and draining.
+            presence.cancel()
+            await asyncio.gather(presence, return_exceptions=True)
             # A worker that gave up keeps its last beat (``failed``, with the reason) for
             # three intervals, for ``ps`` and ``health``, as one that could not be built.
             await self.presence.farewell(keep_liveness=self.view.error is not None)
@@ -209,13 +230,14 @@ class Worker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            if metrics is not None:
-                metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
         return code
 
     async def _serve(self, stop: asyncio.Event, intake_stop: asyncio.Event) -> int:
         workers = [asyncio.create_task(self._dispatch_local(), name="dispatch")]
         try:
+            self._start_metrics()
             if not await self._start_engine(stop):
                 return 0
             settle_gc()
@@ -306,8 +328,7 @@ class Worker:
         await self.listener.leave(self.channels.intake, self.settings.discover_channel)
         while not self.inbox.empty():  # received before we unsubscribed: answer them
             await self._take(*self.inbox.get_nowait())  # stopping: none starts early
-        with contextlib.suppress(TimeoutError):  # their claims settled, and answered
-            await asyncio.wait_for(self.claiming.join(), deadline - time.monotonic())
+        await self._until_deadline(self.claiming.join(), deadline)  # settled, and answered
         unstarted = [self.local.get_nowait() for _ in range(self.local.qsize())]
         if self.held is not None:
             unstarted.append(self.held)
@@ -340,8 +361,11 @@ class Worker:
                 len(pending),
                 max(0.0, deadline - time.monotonic()),
             )
-        while (pending := self._pending()) and (left := deadline - time.monotonic()) > 0:
-            await asyncio.wait(pending, timeout=left)
+        while (pending := self._pending()) and deadline > time.monotonic():
+            await self._until_deadline(asyncio.wait(pending), deadline)
+            if self.hurry.is_set():
+                log.warning("told to stop again: cutting the drain short")
+                break
         if late := self._pending():
             for task in late:
                 task.cancel()
@@ -350,6 +374,12 @@ class Worker:
             _, stuck = await asyncio.wait(late, timeout=5.0)
             if stuck:
                 log.warning("%d requests did not stop when cancelled", len(stuck))
+
+    async def _until_deadline(self, step: Awaitable[Any], deadline: float) -> None:
+        """Await ``step`` until it is done, the ``deadline`` passes or ``hurry`` is set."""
+        left = max(0.0, deadline - time.monotonic())
+        with contextlib.suppress(TimeoutError):
+            await unless_stopped(self.hurry, asyncio.wait_for(step, left))
 
     @property
     def waiting(self) -> int:

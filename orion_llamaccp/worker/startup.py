@@ -104,7 +104,7 @@ class Intake:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> int:
+async def serve(settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | None = None) -> int:
     """``orion-llamaccp run``: listen, build the plan and the worker, serve until ``stop``."""
     redis = connect(settings)
     # The channels of the profile asked for: a profile that does not exist is found out
@@ -125,7 +125,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
             raise
         from orion_llamaccp.worker.service import Worker
 
-        return await Worker(settings, plan, redis, intake).run(stop)
+        return await Worker(settings, plan, redis, intake).run(stop, hurry)
     finally:
         await intake.close()
         await redis.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -515,6 +516,67 @@ async def test_a_request_waiting_for_its_time_leaves_its_slot_to_others(
     assert [len(a) for a in answers] == [1, 1]
     assert all("content" in a[0].message["payload"] for a in answers), answers
     assert answers[1][0].at < answers[0][0].at, "the request sent later waited for its slot"
+
+
+@pytest.mark.parametrize("via", ["pubsub", "stream"])
+async def test_a_request_waiting_for_its_time_does_not_hold_up_a_stop(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str, via: Via
+) -> None:
+    """A request due in ten minutes, and the worker told to stop: the drain waited for it
+    to the drain's deadline (ten minutes here), though llama-server would never serve it
+    again. Now the stop is heard by the wait: pub/sub answers ``engine_unavailable`` (a
+    retryable answer: another worker takes the retry), a stream entry is left pending
+    for another worker."""
+    worker = spawn_worker(parallel=1, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="600")
+    later = bus.request(
+        HI,
+        profile="tiny",
+        options={"max_tokens": TOKENS},
+        trace={"work": {"not_before_ms": int((time.time() + 600) * 1000)}},
+    )
+    await _send_until_taken(bus, redis_url, later, via)
+    assert worker.proc is not None
+    worker.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.proc.wait, 60) == 0, worker.log()[-2000:]
+    if via == "pubsub":
+        [answer] = await wait_until_async(
+            lambda: recorder.on(later["reply_to"]), timeout=10, what="its answer"
+        )
+        payload = answer.message["payload"]
+        assert payload["error"] == "engine_unavailable" and payload["details"]["retryable"]
+    else:
+        assert recorder.on(later["reply_to"]) == []
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            assert (await raw.xpending(STREAM, GROUP))["pending"] == 1
+        finally:
+            await raw.aclose()
+
+
+async def test_a_second_sigterm_cuts_the_drain_short(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """An operator who sends SIGTERM (or presses Ctrl-C) again does not want to wait out
+    the drain: it went unheard, and only SIGKILL ended the wait (no answers, no
+    farewell). Now the drain ends there: the request still running is answered as at
+    the drain's deadline, and the worker exits cleanly."""
+    worker = spawn_worker(slow=True, parallel=1, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="600")
+    options = {"stream": True, "max_tokens": 8000, "ignore_eos": True}
+    long = bus.request(HI, profile="tiny", options=options)
+    await bus.send(long, profile="tiny")
+    chunks = f"{long['reply_to']}:chunks"
+    await wait_until_async(lambda: recorder.on(chunks), timeout=30, what="its first chunk")
+    os.kill(worker.engine_pid(), signal.SIGSTOP)  # still running however fast the model
+    assert worker.proc is not None
+    worker.proc.send_signal(signal.SIGTERM)
+    await wait_until_async(lambda: worker.state() == "draining", timeout=30, what="draining")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.proc.wait, 60) == 0, worker.log()[-2000:]
+    assert "told to stop again: cutting the drain short" in worker.log()
+    [answer] = await wait_until_async(
+        lambda: recorder.on(long["reply_to"]), timeout=10, what="its answer"
+    )
+    assert answer.message["payload"]["error"] == "engine_unavailable", answer.message
 
 
 @pytest.mark.parametrize("via", ["pubsub", "stream"])

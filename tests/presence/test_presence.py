@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -562,6 +563,28 @@ def _ps(env: dict) -> list[dict]:
         check=True,
     )
     return json.loads(done.stdout)
+
+
+def test_a_metrics_port_it_cannot_have_fails_the_worker_on_the_bus(
+    spawn_worker: SpawnWorker, recorder: BusRecorder
+) -> None:
+    """``METRICS_PORT`` taken by another process: the worker died of a traceback before
+    its first beat, and the fleet never heard of it (a container restarting for ever).
+    Now it fails as a failed start does: a ``failed`` beat with the reason, a
+    ``system.error``, exit code 1."""
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", port))
+        taken.listen()
+        worker = spawn_worker(METRICS_PORT=str(port), ready=False)
+        assert worker.proc is not None
+        assert worker.proc.wait(60) == 1, worker.log()[-2000:]
+    assert "Traceback" not in worker.log(), worker.log()[-3000:]
+    said = f"METRICS_PORT={port} cannot be served"
+    failed = [b for b in beats(recorder, "w1") if b["details"]["state"] == "failed"]
+    assert failed and failed[-1]["details"]["reason"].startswith(said), failed
+    errors = [m.message["payload"]["details"]["message"] for m in recorder.kinds("system.error")]
+    assert any(e.startswith(said) for e in errors), errors
 
 
 async def test_metrics_endpoint_is_scraped(spawn_worker: SpawnWorker, bus: BusClient) -> None:
