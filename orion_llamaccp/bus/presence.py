@@ -158,7 +158,8 @@ class Presence:
         registry = keys.registry(self.profile, self.instance)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.publish(reply_to or self.announce_channel, message)
-            if reply_to:
+            if reply_to:  # a message of its own: an envelope's id is new for every message
+                message = self.outbox.encode(PROFILE_ANNOUNCE, payload, request=request)
                 pipe.publish(self.announce_channel, message)
             pipe.hset(registry, mapping={"announcement": message, "updated_at": time.time()})
             pipe.expire(registry, max(int(self.announce_interval * 3), 30))

@@ -498,6 +498,17 @@ async def test_a_discovery_reply_extends_the_requests_causality_chain(
     assert reply["causality_chain"][-1]["correlation_id"] == discover["correlation_id"]
     assert reply["causality_chain"][-1]["source"]["name"] == bus.outbox.source.name
     assert reply["trace"] == {"trace_id": "t-disc"}
+    # Its copy on the announce channel is a message of its own: ids are new per message.
+    copies = await wait_until_async(
+        lambda: [
+            a
+            for a in announcements(recorder, worker.name)
+            if a["correlation_id"] == reply["correlation_id"]
+        ],
+        what="its copy on the announce channel",
+    )
+    assert [c["id"] != reply["id"] for c in copies] == [True], copies
+    assert copies[0]["payload"] == reply["payload"]
 
 
 async def test_liveness_key_expires_after_sigkill_and_goes_on_clean_stop(
