@@ -111,11 +111,15 @@ class BusClient:
         trace: dict[str, Any] | None = None,
         ttl_ms: int | None = None,
     ) -> dict[str, Any]:
-        """A ``llm.chat.request`` envelope, as a dict."""
+        """A ``llm.chat.request`` envelope, as a dict. A ``correlation_id`` that is not a
+        UUID, or a ``ttl_ms`` that is not a whole number, is refused here: Orion's decoder
+        (and the worker's) would reject the message, and the caller wait for nothing."""
+        if ttl_ms is not None and (isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int)):
+            raise ValueError(f"ttl_ms must be a whole number of milliseconds, not {ttl_ms!r}")
         envelope = self.outbox.envelope(
             CHAT_REQUEST,
             {"messages": messages, "profile": profile, "options": options or {}},
-            correlation_id=correlation_id,
+            correlation_id=_a_uuid(correlation_id),
             reply_to=reply_to or f"orion:llamacpp:reply:{uuid.uuid4()}",
         )
         envelope["trace"] = trace or {}
@@ -233,10 +237,23 @@ class BusClient:
                     listeners.on_delta(delta)
 
     async def cancel(self, correlation_id: str, *, channel: str = "orion:llamacpp:cancel") -> None:
+        correlation_id = _a_uuid(correlation_id)
         message = self.outbox.encode(
             CHAT_CANCEL, {"correlation_id": correlation_id}, correlation_id=correlation_id
         )
         await self.redis.publish(channel, message)
+
+
+def _a_uuid(correlation_id: str | None) -> str | None:
+    """The caller's correlation id, checked: the contract rejects any but a UUID."""
+    if correlation_id is None:
+        return None
+    try:
+        return str(uuid.UUID(str(correlation_id)))
+    except ValueError:
+        raise ValueError(
+            f"correlation_id must be a UUID (Orion rejects any other), not {correlation_id!r}"
+        ) from None
 
 
 def _canonical(correlation_id: Any) -> str:

@@ -191,3 +191,19 @@ async def test_a_caller_s_own_correlation_id_is_cancelled_only_when_asked_stand_
         assert await cancelled(envelope=flow, cancel_on_give_up=True) == [flow["correlation_id"]]
         assert len(await cancelled()) == 1  # its own envelope
         await cancels.aclose()
+
+
+def test_a_request_the_contract_would_reject_is_refused_by_the_client() -> None:
+    """A caller's own correlation id that is not a UUID went out as given: Orion's decoder
+    rejects the message (and the worker answers it only as a validation failure), so
+    the caller waited for a reply it would not understand. Refused before it is sent,
+    as a ``ttl_ms`` that is not a whole number is; a UUID in another spelling is kept,
+    in its canonical one."""
+    client = BusClient("redis://127.0.0.1:1/0")  # nothing is sent: no Redis needed
+    with pytest.raises(ValueError, match="correlation_id must be a UUID"):
+        client.request([{"role": "user", "content": "hi"}], correlation_id="order-42")
+    with pytest.raises(ValueError, match="ttl_ms must be a whole number"):
+        client.request([{"role": "user", "content": "hi"}], ttl_ms=1.5)  # type: ignore[arg-type]
+    braced = "{12345678-1234-5678-1234-567812345678}"
+    made = client.request([{"role": "user", "content": "hi"}], correlation_id=braced)
+    assert made["correlation_id"] == "12345678-1234-5678-1234-567812345678"
