@@ -207,3 +207,30 @@ def test_a_request_the_contract_would_reject_is_refused_by_the_client() -> None:
     braced = "{12345678-1234-5678-1234-567812345678}"
     made = client.request([{"role": "user", "content": "hi"}], correlation_id=braced)
     assert made["correlation_id"] == "12345678-1234-5678-1234-567812345678"
+
+
+async def test_what_the_client_sends_is_what_the_contract_allows(
+    bus: BusClient, recorder: BusRecorder
+) -> None:
+    """The shipped client's requests, cancels and work-queue entries, checked by the same
+    strict models as the worker's messages (the recorder checks only the worker's)."""
+    from orion_llamaccp.client import work_queue_entry
+    from tests.support.orion_contract import check_message
+    from tests.support.procs import wait_until_async
+
+    options = {"stream": True, "max_tokens": 3, "stream_channel": "test:chunks"}
+    envelope = bus.request(
+        [{"role": "user", "content": "hi"}], profile="tiny", options=options, ttl_ms=5000
+    )
+    check_message(orjson.dumps(envelope))
+    entry = work_queue_entry(envelope)
+    assert set(entry) == {
+        "schema_version", "envelope", "enqueued_at_ms", "kind", "correlation_id",
+        "reply_to", "source",
+    }  # fmt: skip
+    check_message(entry["envelope"])
+    await bus.cancel(envelope["correlation_id"])
+    [cancel] = await wait_until_async(
+        lambda: recorder.on("orion:llamacpp:cancel"), timeout=5, what="the cancel"
+    )
+    assert check_message(cancel.data).kind == "llm.chat.cancel"

@@ -111,7 +111,35 @@ class SystemErrorPayload(BaseModel):
     details: dict[str, Any]
 
 
+class ChatMessage(BaseModel):
+    model_config = STRICT
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ChatRequestPayload(BaseModel):
+    """``ChatRequestPayload``: extra keys forbidden (``stream`` belongs in ``options``)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str | None = None
+    profile: str | None = None
+    messages: list[ChatMessage]
+    raw_user_text: str | None = None
+    route: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    attachments: list[Any] = Field(default_factory=list)
+    user_id: str | None = None
+    session_id: str | None = None
+
+
+class ChatCancelPayload(BaseModel):
+    model_config = STRICT
+    correlation_id: UUID
+
+
 PAYLOADS: dict[str, type[BaseModel]] = {
+    "llm.chat.request": ChatRequestPayload,
+    "llm.chat.cancel": ChatCancelPayload,
     "llm.chat.chunk": ChunkPayload,
     "system.health.v1": SystemHealthV1,
     "system.error": SystemErrorPayload,
