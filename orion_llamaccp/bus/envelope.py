@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA = "orion.envelope"
 SCHEMA_VERSION = "2.0.0"
@@ -168,6 +168,17 @@ class ChatRequestPayload(BaseModel):
     attachments: list[AttachmentRef] = Field(default_factory=list)
     user_id: str | None = None
     session_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw_text_alone(cls, data: Any) -> Any:
+        """A request with ``raw_user_text`` and no messages (the contract allows it: both
+        are fields of the payload) asks that text as the user: it was refused as empty."""
+        if isinstance(data, dict) and not data.get("messages"):
+            text = data.get("raw_user_text")
+            if isinstance(text, str) and text.strip():
+                return {**data, "messages": [{"role": "user", "content": text}]}
+        return data
 
 
 class SystemHealthV1(BaseModel):

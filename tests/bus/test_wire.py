@@ -153,3 +153,18 @@ def test_an_envelope_without_an_id_is_one_message_to_every_reader() -> None:
     data = orjson.dumps(named)
     assert decode_job(data, "pubsub", len(data)).key == named["id"]
     assert decode_job(data, "stream", len(data), entry).request_id == named["id"]
+
+
+def test_raw_user_text_alone_is_asked_as_the_user() -> None:
+    """The contract's request has ``raw_user_text`` beside ``messages``: a request that
+    gives the text and no messages was refused ("messages: at least 1 item")."""
+    chat = decode_chat(
+        decode_envelope(orjson.dumps(_envelope(payload={"messages": [], "raw_user_text": "hey"})))
+    )
+    assert [(m.role, m.content) for m in chat.messages] == [("user", "hey")]
+    assert chat.raw_user_text == "hey"
+    both = _envelope(payload={"messages": HI, "raw_user_text": "ignored"})
+    assert [m.content for m in decode_chat(decode_envelope(orjson.dumps(both))).messages] == ["hi"]
+    with pytest.raises(DecodeError) as empty:
+        decode_chat(decode_envelope(orjson.dumps(_envelope(payload={"messages": []}))))
+    assert [e["loc"] for e in empty.value.errors] == ["messages"], empty.value.errors
