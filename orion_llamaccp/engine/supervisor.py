@@ -39,7 +39,12 @@ from orion_llamaccp.engine.client import LlamaClient, Props
 from orion_llamaccp.engine.command import LaunchSpec
 from orion_llamaccp.engine.diagnostics import Cause, Diagnosis
 from orion_llamaccp.engine.process import LlamaProcess
-from orion_llamaccp.errors import EngineStartError, EngineUnavailable, UpstreamError
+from orion_llamaccp.errors import (
+    EngineStartError,
+    EngineUnavailable,
+    OrionLlamaError,
+    UpstreamError,
+)
 from orion_llamaccp.stopping import unless_stopped
 
 log = logging.getLogger(__name__)
@@ -144,7 +149,7 @@ class Supervisor:
         # died sees it change (``worker.generation`` counts such deaths per request).
         self.life = 0
         self.boot = uuid.uuid4().hex  # with ``life``: a llama-server no other worker's is
-        self.failure: EngineStartError | None = None
+        self.failure: OrionLlamaError | None = None
         self._environ = environ
         self._on_corrupt = on_corrupt
         self._refetched = False
@@ -231,6 +236,14 @@ class Supervisor:
         wait for readiness instead of being told that llama-server is stopped."""
         if self._task is None and self.state is EngineState.STOPPED:
             self._set(EngineState.STARTING)
+
+    def give_up(self, error: OrionLlamaError) -> None:
+        """The start will not come (the model could not be had): ``failed``, with ``error``
+        as the reason, for those waiting for readiness; they were told ``draining`` by
+        the stop that followed. Only before a start: once started, the states are its."""
+        if self._task is None and self.state is EngineState.STARTING:
+            self.failure = error
+            self._set(EngineState.FAILED, str(error))
 
     def begin_drain(self) -> None:
         """Stop being ``ready`` (no new work); llama-server keeps running for in-flight work.

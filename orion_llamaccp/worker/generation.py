@@ -88,9 +88,11 @@ class Generator:
         if supervisor.state in (EngineState.FAILED, EngineState.STOPPED, EngineState.DRAINING):
             if job.transport == "stream":
                 raise LeavePending(f"engine is {supervisor.state}")
+            failed = supervisor.state is EngineState.FAILED and supervisor.failure is not None
             raise Failure(
                 "engine_unavailable",
-                f"llama-server is {supervisor.state}",
+                f"llama-server is {supervisor.state}"
+                + (f": {self.settings.redact(str(supervisor.failure))}" if failed else ""),
                 retryable=True,
                 details={"engine_state": str(supervisor.state)},
             )

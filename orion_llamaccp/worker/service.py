@@ -307,6 +307,7 @@ class Worker:
         log.error("cannot serve profile %s: %s", self.profile.name, message)
         self.view.state = "failed"
         self.view.error = message
+        self.supervisor.give_up(OrionLlamaError(message))  # those waiting hear why
         with contextlib.suppress(Exception):
             await self.publisher.event(
                 self.settings.error_channel,

@@ -213,6 +213,56 @@ async def test_a_stop_during_a_stalled_download_exits_without_waiting_for_the_re
             hold.release.set()
 
 
+async def test_a_request_waiting_for_a_model_that_cannot_be_had_is_told_why(
+    spawn_worker: SpawnWorker,
+    recorder: BusRecorder,
+    bus: BusClient,
+    redis_url: str,
+    slow_model: Path,
+    tmp_path: Path,
+) -> None:
+    """A pub/sub request heard during the download waits for llama-server. The download
+    then fails (the Hub answers 500 from then on): the request was answered "llama-server
+    is draining", as if an operator had stopped the worker, by the stop that followed.
+    It is told the failure now."""
+    data = await asyncio.to_thread(slow_model.read_bytes)
+    registry = tmp_path / "hub-profiles.yaml"
+    await asyncio.to_thread(registry.write_text, HUB_PROFILE.format(port=free_port()))
+    with LocalHub() as hub:
+        hub.add("org/slow-random", "slow.gguf", data)
+        stall = hub.fault("cdn", Fault("stall", after=len(data) // 2))
+        worker = spawn_worker(
+            ready=False,
+            LLM_PROFILES_CONFIG_PATH=str(registry),
+            HF_HUB_OFFLINE="0",
+            HF_ENDPOINT=hub.endpoint,
+            ORION_LLAMACPP_DOWNLOAD_DEADLINE_SEC="2",
+        )
+        await downloading(recorder, worker.name)
+        request = bus.request(HI, profile="tiny", options={"max_tokens": 2})
+        await bus.send(request, profile="tiny")
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            await wait_until_async(
+                lambda: raw.exists(f"orion:llamacpp:claim:{request['id']}"), what="its claim"
+            )
+        finally:
+            await raw.aclose()
+        for stage in ("resolve", "cdn"):
+            for _ in range(100):
+                hub.fault(stage, Fault("status", status=500))
+        stall.release.set()  # the connection drops; every try after it gets a 500
+        await wait_until_async(
+            lambda: worker.proc.poll() is not None, timeout=60, what="the worker to give up"
+        )
+    [answer] = recorder.on(request["reply_to"])
+    payload = answer.message["payload"]
+    assert payload["error"] == "engine_unavailable", payload
+    message = payload["details"]["message"]
+    assert message.startswith("llama-server is failed: "), message
+    assert "draining" not in message and "slow.gguf" in message, message
+
+
 async def test_a_lock_that_cannot_be_taken_fails_the_worker_with_the_reason(
     spawn_worker: SpawnWorker, recorder: BusRecorder, tmp_path: Path, subprocess_env: dict
 ) -> None:
