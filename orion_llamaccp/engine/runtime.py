@@ -93,12 +93,18 @@ def make_supervisor(
     policy: SupervisorPolicy | None = None,
     progress: ProgressHook | None = None,
     in_use: Callable[[], bool] | None = None,
+    refetched: Callable[[ResolvedModel], None] | None = None,
 ) -> Supervisor:
-    """A supervisor whose corrupt-model reaction goes through the model layer once."""
+    """A supervisor whose corrupt-model reaction goes through the model layer once;
+    ``refetched`` hears of the model as it is after it (a new file, its sha256), as the
+    first fetch's caller did: the worker's heartbeats went on showing the re-fetch's
+    last progress, and the file from before."""
     from orion_llamaccp.model.fetch import refetch_corrupt
 
     async def on_corrupt() -> None:  # re-hashing a big GGUF takes minutes: a stop cancels it
-        await _cancellable(refetch_corrupt, plan, progress)
+        resolved = await _cancellable(refetch_corrupt, plan, progress)
+        if refetched is not None:
+            refetched(resolved)
 
     return Supervisor(
         plan.launch,

@@ -88,7 +88,10 @@ class Worker:
         )
         self.view = WorkerView(self)
         self.supervisor = make_supervisor(
-            plan, progress=self.view.on_progress, in_use=lambda: self.slots.busy > 0
+            plan,
+            progress=self.view.on_progress,
+            in_use=lambda: self.slots.busy > 0,
+            refetched=self.view.model_ready,
         )
         self.supervisor.add_listener(self._on_engine_event)
         # As launched (an override included), until llama-server says (``_start_engine``).

@@ -100,3 +100,56 @@ async def test_the_fetch_thread_hands_back_results_and_every_error() -> None:
         await _in_daemon_thread(fails)
     with pytest.raises(RuntimeError, match="StopIteration"):
         await asyncio.wait_for(_in_daemon_thread(stop_iteration), 10)
+
+
+REFETCHED_PROFILE = """\
+profiles:
+  tiny:
+    backend: llamacpp
+    model_id: tiny-random-llama
+    llamacpp:
+      model_root: "${{LLM_CACHE_DIR}}"
+      hf_repo_id: org/tiny
+      hf_filename: tiny.gguf
+      host: 127.0.0.1
+      port: {port}
+      ctx_size: 2048
+      threads: 1
+"""
+
+
+async def test_a_refetched_model_is_told_to_whoever_shows_the_model(
+    tmp_path: Path, tiny_model: Path, llama_server_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real llama-server finds the model cut in half; the re-fetch downloads it again
+    from a local Hub. The worker showed the file and sha256 from before it, and the
+    re-fetch's last progress, in every heartbeat after it: it is told the new model."""
+    from tests.model.hub_server import LocalHub
+
+    good = await asyncio.to_thread(tiny_model.read_bytes)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    await asyncio.to_thread((cache / "tiny.gguf").write_bytes, good[: len(good) // 2])
+    registry = tmp_path / "profiles.yaml"
+    await asyncio.to_thread(registry.write_text, REFETCHED_PROFILE.format(port=free_port()))
+    told: list[Any] = []
+    with LocalHub() as hub:
+        sha = hub.add("org/tiny", "tiny.gguf", good)
+        for name, value in {
+            "LLM_PROFILE_NAME": "tiny",
+            "LLM_PROFILES_CONFIG_PATH": str(registry),
+            "LLM_CACHE_DIR": str(cache),
+            "LLAMA_SERVER_BIN": str(llama_server_bin),
+            "HF_HUB_OFFLINE": "0",
+            "HF_ENDPOINT": hub.endpoint,
+        }.items():
+            monkeypatch.setenv(name, value)
+        supervisor = make_supervisor(
+            build_plan(load_settings()), policy=FAST, refetched=told.append
+        )
+        try:
+            await supervisor.start()
+            assert supervisor.state is EngineState.READY
+        finally:
+            await supervisor.stop()
+    assert [(r.sha256, r.size) for r in told] == [(sha, len(good))]
