@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_core import PydanticUseDefault
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from orion_llamaccp import __version__
 from orion_llamaccp.errors import ConfigError
@@ -66,7 +66,40 @@ def _unset_if_blank(value: Any) -> Any:
     return value
 
 
-class Overrides(BaseSettings):
+class _BlankIsUnset(PydanticBaseSettingsSource):
+    """The environment without its blank values: spaces count as unset as ``""`` does
+    (``env_ignore_empty``), so the ``.env`` file below it still applies. Dropped only in
+    the field validators, a value of spaces skipped ``.env`` for the built-in default."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._env = env
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._env.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        values = self._env()
+        return {k: v for k, v in values.items() if not (isinstance(v, str) and not v.strip())}
+
+
+class _FromTheEnvironment(BaseSettings):
+    """Settings read from the environment over a ``.env`` file, blank meaning unset."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        blankless = _BlankIsUnset(settings_cls, env_settings)
+        return init_settings, blankless, dotenv_settings, file_secret_settings
+
+
+class Overrides(_FromTheEnvironment):
     """Per-deployment overrides of the profile's llama-server knobs (``None`` = use profile)."""
 
     # The same ``.env`` as ``Settings``: an override written there must not be ignored.
@@ -117,7 +150,7 @@ def _http_url(value: Any, what: str) -> Any:
     return value
 
 
-class Settings(BaseSettings):
+class Settings(_FromTheEnvironment):
     """Everything the process reads from its environment (and an optional ``.env``)."""
 
     model_config = SettingsConfigDict(

@@ -154,6 +154,13 @@ def test_overrides_are_read_from_the_dotenv_file_too(
     assert settings.overrides.ctx_size is None  # blank still means unset
     monkeypatch.setenv("LLAMACPP_PORT_OVERRIDE", "8081")  # the environment wins
     assert load_settings().overrides.port == 8081
+    # Blank in the environment, spaces as "": unset there, so .env's value applies (spaces
+    # skipped .env for the built-in default profile and port).
+    for blank in ("", "  "):
+        monkeypatch.setenv("LLM_PROFILE_NAME", blank)
+        monkeypatch.setenv("LLAMACPP_PORT_OVERRIDE", blank)
+        settings = load_settings()
+        assert (settings.profile_name, settings.overrides.port) == ("qwen", 9999), repr(blank)
 
 
 def test_a_request_may_not_cost_as_many_crashes_as_the_worker_survives(
