@@ -5,20 +5,25 @@ the shared health channel's, only those of llama.cpp hosts), profile announcemen
 what is kept in Redis (liveness keys holding the last beat, registry hashes holding the
 last announcement), so a view that just started is complete at once. A host that missed
 three beats is down, whatever its last message said.
+
+A beat's age is the viewer's own: when it was heard, or, for one loaded from its liveness
+key, how long ago Redis stored it (the key's remaining time to live). The worker's own
+``last_seen_ts`` is another machine's clock: a worker whose clock ran half a minute
+behind was shown down while it beat, and one ahead stayed up after it died.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
-from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE, as_utc
+from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE
+from orion_llamaccp.bus.presence import liveness_ttl
 
 MISSED_BEATS = 3
 
@@ -61,9 +66,38 @@ def _llamacpp_details(details: dict[str, Any]) -> bool:
     return bool(details.get("profile")) and "slots_total" in details
 
 
-def _timestamp(value: Any) -> float:
-    """Seconds since the epoch; a naive time counts as UTC (the contract), not local."""
-    return as_utc(datetime.fromisoformat(str(value))).timestamp()
+def _stored_at(raw: bytes | str, left_ms: int) -> float:
+    """When a beat kept under its liveness key was stored, on this clock: its key lives
+    ``liveness_ttl`` of the beat's interval from then (``presence.beat``)."""
+    now = time.time()
+    if left_ms < 0:  # no time to live: not one of ours as stored; as if just heard
+        return now
+    try:
+        interval = orjson.loads(raw)["payload"]["heartbeat_interval_sec"]
+        kept = liveness_ttl(_positive(interval, 10.0))
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return now
+    return now - max(0.0, kept - left_ms / 1000)
+
+
+def _text(value: Any) -> str | None:
+    """A string of a message, or None: anyone may publish anything on these channels."""
+    return value if isinstance(value, str) and value else None
+
+
+def _count(value: Any, default: int | None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _number(value: Any, default: float | None) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return default
+
+
+def _positive(value: Any, default: float) -> float:
+    number = _number(value, None)
+    return number if number is not None and number > 0 else default
 
 
 class Fleet:
@@ -78,8 +112,10 @@ class Fleet:
             self.hosts[key] = Host(service=service, instance=instance)
         return self.hosts[key]
 
-    def ingest(self, data: bytes | str) -> None:
-        """Take a heartbeat or an announcement envelope; ignore anything else."""
+    def ingest(self, data: bytes | str, heard_at: float | None = None) -> None:
+        """Take a heartbeat or an announcement envelope; ignore anything else, a message
+        of the wrong shape included. ``heard_at``: when a beat was sent, on this clock
+        (default: now, for one just heard)."""
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -87,51 +123,52 @@ class Fleet:
         if not isinstance(message, dict) or not isinstance(message.get("payload"), dict):
             return
         if message.get("kind") == HEALTH:
-            self._beat(message["payload"])
+            self._beat(message["payload"], time.time() if heard_at is None else heard_at)
         elif message.get("kind") == PROFILE_ANNOUNCE:
             self._announcement(message["payload"])
 
-    def _beat(self, beat: dict[str, Any]) -> None:
-        key = (str(beat.get("service")), str(beat.get("instance")))
+    def _beat(self, beat: dict[str, Any], heard_at: float) -> None:
+        key = (_text(beat.get("service")) or "?", _text(beat.get("instance")) or "?")
         details = beat.get("details") if isinstance(beat.get("details"), dict) else {}
         if key not in self.hosts and not _llamacpp_details(details):
             return  # another Orion service: the health channel is everyone's
         host = self._host(*key)
-        host.node = beat.get("node") or host.node
-        host.status = beat.get("status")
-        host.interval = float(beat.get("heartbeat_interval_sec") or host.interval)
-        try:
-            host.last_beat = _timestamp(beat["last_seen_ts"])
-        except (KeyError, ValueError):
-            host.last_beat = time.time()
-        host.profile = details.get("profile", host.profile)
-        host.state = details.get("state", host.state)
-        host.slots_busy = details.get("slots_busy", host.slots_busy)
-        host.slots_total = details.get("slots_total", host.slots_total)
-        host.tokens_per_sec = details.get("tokens_per_sec_recent", host.tokens_per_sec)
-        host.requests_served = details.get("requests_served", host.requests_served)
+        if host.last_beat is not None and heard_at < host.last_beat:
+            return  # an older beat (a reload of the key behind one just heard)
+        host.last_beat = heard_at
+        host.node = _text(beat.get("node")) or host.node
+        host.status = _text(beat.get("status"))
+        host.interval = _positive(beat.get("heartbeat_interval_sec"), host.interval)
+        host.profile = _text(details.get("profile")) or host.profile
+        host.state = _text(details.get("state")) or host.state
+        host.slots_busy = _count(details.get("slots_busy"), host.slots_busy)
+        host.slots_total = _count(details.get("slots_total"), host.slots_total)
+        host.tokens_per_sec = _number(details.get("tokens_per_sec_recent"), host.tokens_per_sec)
+        host.requests_served = _count(details.get("requests_served"), host.requests_served)
 
     def _announcement(self, info: dict[str, Any]) -> None:
-        host = self._host(str(info.get("service")), str(info.get("instance")))
-        host.node = info.get("node") or host.node
-        host.profile = info.get("profile") or host.profile
-        host.model = info.get("model_id") or host.model
-        host.engine_url = info.get("engine_url") or host.engine_url
-        host.intake_channel = info.get("intake_channel") or host.intake_channel
-        host.slots_total = info.get("slots", host.slots_total)
-        host.interval = float(info.get("heartbeat_interval_sec") or host.interval)
-        host.state = info.get("state") or host.state
+        host = self._host(_text(info.get("service")) or "?", _text(info.get("instance")) or "?")
+        host.node = _text(info.get("node")) or host.node
+        host.profile = _text(info.get("profile")) or host.profile
+        host.model = _text(info.get("model_id")) or host.model
+        host.engine_url = _text(info.get("engine_url")) or host.engine_url
+        host.intake_channel = _text(info.get("intake_channel")) or host.intake_channel
+        host.slots_total = _count(info.get("slots"), host.slots_total)
+        host.interval = _positive(info.get("heartbeat_interval_sec"), host.interval)
+        host.state = _text(info.get("state")) or host.state
 
     async def load(self, redis: aioredis.Redis) -> Fleet:
-        """Fill from what Redis keeps: announcements first, then the last beats."""
+        """Fill from what Redis keeps: announcements first, then the last beats, each
+        dated by how long ago Redis stored it (its key's time to live left)."""
         async for key in redis.scan_iter(match=keys.REGISTRY_PATTERN, count=200):
             raw = await redis.hget(key, "announcement")
             if raw:
                 self.ingest(raw)
         async for key in redis.scan_iter(match=keys.LIVENESS_PATTERN, count=200):
-            raw = await redis.get(key)
+            async with redis.pipeline(transaction=False) as pipe:
+                raw, left_ms = await pipe.get(key).pttl(key).execute()
             if raw:
-                self.ingest(raw)
+                self.ingest(raw, _stored_at(raw, left_ms))
         return self
 
     def rows(self) -> list[dict[str, Any]]:

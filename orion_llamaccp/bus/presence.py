@@ -69,6 +69,11 @@ async def every(
             tick += int(behind // interval) + 1
 
 
+def liveness_ttl(interval: float) -> int:
+    """Seconds a beat is kept under its liveness key: three intervals, whole seconds."""
+    return max(int(interval * 3 + 0.999), 1)
+
+
 async def beat(
     redis: aioredis.Redis,
     outbox: Outbox,
@@ -94,7 +99,7 @@ async def beat(
         details=details,
     ).model_dump(mode="json")
     message = outbox.encode(HEALTH, payload)
-    ttl = max(int(interval * 3 + 0.999), 1)
+    ttl = liveness_ttl(interval)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.publish(channel, message)
         pipe.set(keys.liveness(service.name, str(service.instance)), message, ex=ttl)

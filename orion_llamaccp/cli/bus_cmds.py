@@ -159,12 +159,16 @@ COLUMNS = (
 
 
 def fleet_table(rows: list[dict]) -> Any:
+    """The hosts as a table. What they said is shown as text, never read as rich's
+    markup: anyone may publish on the bus, and a profile named ``p[/x]`` stopped ps."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"llama.cpp hosts on the bus ({len(rows)})")
     for column in COLUMNS:
         table.add_column(column)
-    for row in rows:
+    for said in rows:
+        row = {k: escape(v) if isinstance(v, str) else v for k, v in said.items()}
         state = "[red]down[/red]" if row["down"] else str(row["state"] or "?")
         slots = (
             f"{row['slots_busy'] if row['slots_busy'] is not None else '?'}/"

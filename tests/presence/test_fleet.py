@@ -1,0 +1,82 @@
+"""The fleet as ``ps`` and ``watch`` see it, from beats and announcements as they come and
+as Redis keeps them (a real Redis; the messages are written as workers write them)."""
+
+from __future__ import annotations
+
+import io
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from rich.console import Console
+
+from orion_llamaccp.bus import keys
+from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE
+from orion_llamaccp.cli.bus_cmds import fleet_table
+from orion_llamaccp.fleet import Fleet
+
+
+def _beat(instance: str, *, sent: datetime, **details: Any) -> bytes:
+    """A worker's ``system.health.v1`` whose ``last_seen_ts`` says ``sent`` (its clock)."""
+    payload = {
+        "service": "orion-llamaccp",
+        "instance": instance,
+        "boot_id": "b",
+        "status": "ok",
+        "last_seen_ts": sent.isoformat(),
+        "heartbeat_interval_sec": 10.0,
+        "details": {"profile": "tiny", "state": "ready", "slots_total": 2, **details},
+    }
+    return orjson.dumps({"kind": HEALTH, "payload": payload})
+
+
+def test_a_beat_is_dated_by_when_it_was_heard_not_by_the_worker_s_clock() -> None:
+    """A worker whose clock runs an hour behind beats now: it is up. One whose clock runs
+    ahead and that last beat 40 s ago (four intervals) is down. By ``last_seen_ts`` the
+    first was shown down as it beat, the second up long after it died."""
+    fleet = Fleet()
+    now = datetime.now(UTC)
+    fleet.ingest(_beat("behind", sent=now - timedelta(hours=1)))
+    fleet.ingest(_beat("ahead", sent=now + timedelta(hours=1)), heard_at=time.time() - 40)
+    down = {row["instance"]: row["down"] for row in fleet.rows()}
+    assert down == {"ahead": True, "behind": False}
+
+
+async def test_a_beat_loaded_from_redis_is_as_old_as_its_key(redis_url: str) -> None:
+    """``ps`` starts from the liveness keys: a beat's age is how long ago Redis stored it
+    (three intervals of life, less what is left), whatever its ``last_seen_ts`` says."""
+    redis = aioredis.Redis.from_url(redis_url)
+    skewed = datetime.now(UTC) - timedelta(hours=1)
+    try:
+        await redis.set(
+            keys.liveness("orion-llamaccp", "fresh"), _beat("fresh", sent=skewed), ex=30
+        )
+        await redis.set(keys.liveness("orion-llamaccp", "old"), _beat("old", sent=skewed), px=5000)
+        rows = {row["instance"]: row for row in (await Fleet().load(redis)).rows()}
+    finally:
+        await redis.aclose()
+    assert rows["fresh"]["down"] is False and rows["fresh"]["beat_age_sec"] < 5
+    assert rows["old"]["down"] is False and 24 <= rows["old"]["beat_age_sec"] <= 26
+
+
+def test_a_message_of_the_wrong_shape_is_ignored_and_shown_as_text() -> None:
+    """Anyone may publish on the health and announce channels: an interval of "ten" and
+    a profile named like rich's markup stopped ``ps`` and ``watch`` with a traceback."""
+    fleet = Fleet()
+    now = datetime.now(UTC)
+    fleet.ingest(_beat("odd", sent=now, profile="p[/x]", slots_busy="two"))
+    odd = {
+        "service": "orion-llamaccp",
+        "instance": "odd",
+        "model_id": "[bold]m[/bold]",
+        "heartbeat_interval_sec": "ten",
+        "slots": None,
+    }
+    fleet.ingest(orjson.dumps({"kind": PROFILE_ANNOUNCE, "payload": odd}))
+    [row] = fleet.rows()
+    assert (row["profile"], row["slots_busy"], row["interval"]) == ("p[/x]", None, 10.0)
+    out = io.StringIO()
+    Console(file=out, width=200).print(fleet_table(fleet.rows()))
+    assert "p[/x]" in out.getvalue() and "[bold]m[/bold]" in out.getvalue()
