@@ -65,6 +65,8 @@ def test_every_override_reaches_the_container() -> None:
     but compose did not list (``LLAMACPP_MODEL_PATH_OVERRIDE``
     was one) was set in ``compose/.env`` and did nothing. Host and port are fixed there."""
     overrides = {name for name in SERVICE_READS if name.endswith("_OVERRIDE")}
+    # And the worker's own id: two containers of one profile on one host need one each.
+    overrides.add("INSTANCE_ID")
     passed = set(service(GPU_SERVICE)["environment"])
     assert overrides - passed == set(), sorted(overrides - passed)
     svc = set(read_env_example(SERVICE_ENV_EXAMPLE).values)
