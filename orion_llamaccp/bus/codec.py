@@ -142,8 +142,12 @@ def own_id(envelope: Envelope | None) -> str | None:
 
 
 def message_key(raw: bytes | str, envelope: Envelope | None) -> str:
-    """Identity of a message that every replica computes alike (the claim key)."""
+    """Identity of a message that every replica computes alike (the claim key). A
+    producer's retry (``trace.work.attempt`` raised) is a message of its own: the first
+    attempt's claim still holds its key."""
     if (named := own_id(envelope)) is not None:
-        return named
+        assert envelope is not None
+        attempt = envelope.hinted_attempt
+        return named if attempt == 1 else f"{named}:a{attempt}"
     data = raw.encode() if isinstance(raw, str) else raw
     return CONTENT_KEY + hashlib.sha256(data).hexdigest()[:40]

@@ -127,6 +127,13 @@ class Envelope(BaseModel):
         return work if isinstance(work, dict) else {}
 
     @property
+    def hinted_attempt(self) -> int:
+        """The producer's ``trace.work.attempt`` (a retry raises it); 1 without one."""
+        hinted = self.work.get("attempt")
+        whole = isinstance(hinted, int) and not isinstance(hinted, bool)
+        return hinted if whole and hinted > 0 else 1
+
+    @property
     def trace_id(self) -> str | None:
         value = self.trace.get("trace_id")
         return str(value) if value is not None else None

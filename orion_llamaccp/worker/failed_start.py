@@ -96,7 +96,7 @@ class FailedStart:
                 job = decode_job(data, "pubsub", self.settings.max_message_bytes)
                 if not job.reply_to:
                     continue
-                if await claims.claim_message(job.key, self.settings.instance_id):
+                if await claims.claim_message(job.key, job.claimant(self.settings.instance_id)):
                     await self._answer(job, claims, publisher)
                     answered += 1
                 else:

@@ -206,7 +206,7 @@ class ChatHandler:
         finally:
             renew.cancel()
         payload = self._success_payload(generation, attempt, job)
-        record = self.claims.finished(key, job.request_id, payload)
+        record = self.claims.finished(key, job.record_owner, payload)
         await self._answer(job, payload, before=generation.tail, record=record)
         ttft = (generation.first_token_at - job.received) if generation.first_token_at else None
         tokens = int(generation.usage.get("completion_tokens", generation.tokens))
@@ -318,7 +318,7 @@ class ChatHandler:
         deadline = time.monotonic() + self.settings.request_timeout_sec
         delay, twin = 0.05, False
         while True:
-            record = await self.claims.begin(key, job.request_id)
+            record = await self.claims.begin(key, job.record_owner)
             if record.state == "new":
                 return None, twin
             if not twin:
@@ -344,7 +344,7 @@ class ChatHandler:
         if job.claim is not None and claim_outcome(job.claim) is not True:
             return
         with contextlib.suppress(Exception):
-            await asyncio.shield(self.claims.release(key, job.request_id))
+            await asyncio.shield(self.claims.release(key, job.record_owner))
 
     async def _renew(self, job: Job, key: str, generating: asyncio.Task[Any]) -> None:
         """Keep the record's lease while generating.
@@ -359,7 +359,7 @@ class ChatHandler:
             await asyncio.sleep(self.claims.lease_sec / 3)
             with contextlib.suppress(Exception):
                 if (
-                    not await self.claims.renew(key, job.request_id)
+                    not await self.claims.renew(key, job.record_owner)
                     and job.entry is not None
                     and await self.publisher.already_answered(job.delivery_id)
                 ):

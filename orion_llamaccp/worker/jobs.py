@@ -69,6 +69,9 @@ class Job:
     # key is its content's hash, which two sends of the same bytes share. This tells the
     # sends apart where each must get its own answer (``delivery_id``).
     occurrence: str = ""
+    # This job, apart from another copy of its message (the same envelope published or
+    # added to the stream twice): see ``claimant`` and ``record_owner``.
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property
     def superseded(self) -> bool:
@@ -93,6 +96,24 @@ class Job:
         the same for every replica and every redelivery."""
         return own_id(self.envelope) or self.key
 
+    def claimant(self, instance: str) -> str:
+        """What this job's pub/sub claim holds: the worker, and for a message with an id
+        the job too. A claim retried after its reply was lost finds itself; another copy
+        of the same message on this worker (published twice) found this worker's name,
+        took the claim for its own, and generated beside the first, their chunks mixed
+        under one ``seq``. A message without an id keeps the worker alone: each of its
+        sends is a request of its own (``occurrence``)."""
+        return instance if self.occurrence else f"{instance}/{self.token}"
+
+    @property
+    def record_owner(self) -> str:
+        """Who holds the request's idempotency record: the message's id, the same on every
+        replica (a replica that lost the claim may write it first, harmlessly), and for a
+        stream entry the entry too. Another entry of the same envelope (added twice) took
+        the first's running record over as its own and generated beside it; it waits for
+        the first's result now. A redelivery of the same entry still takes it over."""
+        return f"{self.request_id}@{self.entry.entry_id}" if self.entry else self.request_id
+
     @property
     def delivery_id(self) -> str:
         """What the exactly-once guards key on: the request and where it is answered.
@@ -111,8 +132,7 @@ class Job:
     @property
     def hinted_attempt(self) -> int:
         """The producer's ``trace.work.attempt`` (a retry raises it); 1 without one."""
-        hinted = self.envelope.work.get("attempt") if self.envelope else None
-        return int(hinted) if isinstance(hinted, int) and hinted > 0 else 1
+        return self.envelope.hinted_attempt if self.envelope else 1
 
     @property
     def first_attempt(self) -> int:

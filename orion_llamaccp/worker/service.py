@@ -505,7 +505,7 @@ class Worker:
         job = decode_job(data, "pubsub", self.settings.max_message_bytes)
         job.ahead = ahead
         self.view.received += 1
-        claim = self.claims.claim_message(job.key, self.settings.instance_id)
+        claim = self.claims.claim_message(job.key, job.claimant(self.settings.instance_id))
         if early and job.decode_error is None:
             self._dispatch(job)  # its first step writes the request: it runs before the claim
             job.claim = asyncio.create_task(claim)

@@ -99,6 +99,35 @@ async def test_two_replicas_on_one_channel_answer_each_request_once(
     assert sum(generated) == TOKENS * len(envelopes), generated
 
 
+@pytest.mark.parametrize("via", ["stream", "pubsub"])
+async def test_one_envelope_sent_twice_is_generated_once_and_its_chunks_are_one_stream(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, via: Via
+) -> None:
+    """A producer that adds the same envelope to the stream twice (its XADD retried after
+    a timeout), or publishes it twice: the second copy took the first's idempotency record
+    (stream) or claim (pub/sub) for its own and generated beside it, both streaming under
+    one ``seq``, so the caller's chunks mixed two texts. The copy now waits for the
+    first's answer, which is the only one; llama-server generates once."""
+    worker = spawn_worker(slow=True, parallel=2, ctx=16384, metrics=True)
+    tokens = 2000  # about 1.5 s of the slow model here: the copy is seen long before
+    async with EngineProbe(worker.announcement()["engine_url"]) as engine:
+        before = await engine.settled()
+        options = {"stream": True, "max_tokens": tokens, "ignore_eos": True}
+        envelope = bus.request(HI, profile="tiny", options=options)
+        for _ in range(2):
+            await bus.send(envelope, profile="tiny", via=via)
+        [answer] = await _results(recorder, [envelope], timeout=120)
+        generated = await engine.settled() - before
+    payload = answer[0].message["payload"]
+    chunks = [m.message["payload"] for m in recorder.on(f"{envelope['reply_to']}:chunks")]
+    assert [c["seq"] for c in chunks] == list(range(len(chunks)))
+    assert {c["attempt"] for c in chunks} == {1}
+    assert "".join(c["delta"] for c in chunks) == payload["content"]
+    # The copy may start before it learns of the first (its request is written as it is
+    # read): cut then, it generates a few tokens, not a whole answer.
+    assert tokens <= generated < tokens * 3 // 2, generated
+
+
 LOST_EARLY_CLAIM = "went to another replica after this worker had started on it"
 
 
