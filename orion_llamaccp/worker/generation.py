@@ -235,6 +235,8 @@ class Generator:
                     await self.engine_ready(job)
                 if retry:  # the first try started in time; a retry is a new generation
                     check_expiry(envelope, tried=True)
+                elif sent is None:  # not written yet: it may have waited for llama-server
+                    check_expiry(envelope)  # (a restart, a suspect's turn) past its expiry
                 written, sent = sent, None  # a retry writes its own request
                 deaths.trying()
                 try:

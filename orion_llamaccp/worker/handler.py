@@ -332,6 +332,8 @@ class ChatHandler:
                     "a duplicate of this request is still running",
                     retryable=True,
                 )
+            if job.envelope is not None:  # its caller's patience ends before the twin's run
+                check_expiry(job.envelope)
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 

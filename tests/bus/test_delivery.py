@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import orjson
 import pytest
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus import keys
 from orion_llamaccp.client import BusClient, Via
 from tests.bus.conftest import SpawnWorker
+from tests.engine.conftest import PRELUDE
 from tests.support.procs import RedisServer, pid_alive, wait_stream_acked, wait_until_async
 from tests.support.proxy import HoldingProxy
 from tests.support.workers import BusRecorder, EngineProbe, wait_replicas_counted
@@ -126,6 +128,55 @@ async def test_one_envelope_sent_twice_is_generated_once_and_its_chunks_are_one_
     # The copy may start before it learns of the first (its request is written as it is
     # read): cut then, it generates a few tokens, not a whole answer.
     assert tokens <= generated < tokens * 3 // 2, generated
+
+
+async def test_a_request_that_expires_while_llama_server_restarts_is_not_generated(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, llama_server_bin: Path
+) -> None:
+    """A request heard while llama-server reloads waits for it (up to the engine wait).
+    Its expiry was checked before that wait and not after: one that expired meanwhile was
+    generated and answered as a success, long after its caller had given up."""
+    worker = spawn_worker(
+        LLAMA_SERVER_BIN=str(PRELUDE),
+        REAL_LLAMA_SERVER=str(llama_server_bin),
+        PRELUDE_LINES="30",
+        PRELUDE_DELAY="0.1",  # every load takes 3 s
+    )
+    os.kill(worker.engine_pid(), signal.SIGKILL)
+    await wait_until_async(
+        lambda: worker.state() in ("restarting", "loading"), timeout=10, what="the restart"
+    )
+    late = bus.request(HI, profile="tiny", options={"max_tokens": TOKENS}, ttl_ms=500)
+    await bus.send(late, profile="tiny")
+    [answer] = await _results(recorder, [late])
+    payload = answer[0].message["payload"]
+    assert payload.get("error") == "expired", payload
+    assert "not generated" in payload["details"]["message"], payload
+
+
+async def test_a_duplicate_that_expires_while_its_twin_runs_is_answered_expired(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """A resend (same correlation id and question) waits for the running first one and
+    takes its result. One whose own expiry came first waited on, past it, and got the
+    twin's result long after its caller had given up (or ``upstream_failed`` at the
+    request timeout): it is answered ``expired`` at its expiry now."""
+    spawn_worker(slow=True, parallel=2, ctx=16384)
+    options = {"max_tokens": 6000, "ignore_eos": True, "stream": True}  # seconds, slow model
+    first = bus.request(HI, profile="tiny", options=options)
+    await bus.send(first, profile="tiny")
+    await wait_until_async(  # it holds the record: the resend is the duplicate
+        lambda: recorder.on(first["reply_to"] + ":chunks"), timeout=30, what="its first chunk"
+    )
+    resend = {
+        **bus.request(HI, profile="tiny", options=options, ttl_ms=1500),
+        "correlation_id": first["correlation_id"],
+    }
+    await bus.send(resend, profile="tiny")
+    [answer] = await _results(recorder, [resend])
+    assert answer[0].message["payload"].get("error") == "expired", answer[0].message
+    assert recorder.on(first["reply_to"]) == []  # the twin still runs: it came first
+    await bus.cancel(first["correlation_id"])
 
 
 LOST_EARLY_CLAIM = "went to another replica after this worker had started on it"
