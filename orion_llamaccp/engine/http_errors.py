@@ -48,12 +48,21 @@ def raise_for_response(status: int, body: bytes) -> None:
 
 
 def raise_stream_error(error: dict[str, Any]) -> None:
-    """An error that arrived inside the stream, as ``data: {"error": ...}``."""
+    """An error that arrived inside the stream (``data: {"error": ...}``, or llama.cpp's
+    own ``error: {...}`` line), by the rules of an HTTP answer of its ``code``: a 4xx
+    refused this request for good (it was retried, then dead-lettered as retryable)."""
     message = str(error.get("message", error))
     kind = str(error.get("type", ""))
     if any(marker in f"{kind} {message}".lower() for marker in _CONTEXT_MARKERS):
         raise ContextExceeded(f"prompt does not fit the context window: {message}", retryable=False)
-    raise UpstreamError(f"llama-server reported an error mid-stream: {message}")
+    code = error.get("code")
+    status = code if isinstance(code, int) and not isinstance(code, bool) else None
+    refused = status is not None and 400 <= status < 500 and status not in _NOT_THE_REQUEST
+    raise UpstreamError(
+        f"llama-server reported an error mid-stream: {message}",
+        status=status,
+        retryable=not refused,
+    )
 
 
 def parse_event(data: bytes) -> ChunkEvents:

@@ -270,10 +270,14 @@ def events_of(run: bytes) -> list[bytes]:
 def _data_of(event: bytes) -> bytes | None:
     if event.startswith(b"data: ") and b"\n" not in event:
         return event[6:]
-    parts = [
-        line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
-    ]
-    return b"\n".join(parts) if parts else None
+    lines = event.split(b"\n")
+    parts = [line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:")]
+    if parts:
+        return b"\n".join(parts)
+    # llama.cpp sends an error found after the response began as a line of its own,
+    # ``error: {...}`` (no ``data:``): read as ``{"error": {...}}``, not skipped.
+    errors = [line[6:].strip() for line in lines if line.startswith(b"error:")]
+    return b'{"error": ' + errors[0] + b"}" if errors and errors[0] else None
 
 
 @dataclass(slots=True)

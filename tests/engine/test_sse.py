@@ -21,7 +21,7 @@ from orion_llamaccp.engine.sse import (
     merge_tool_calls,
     parse_chunk,
 )
-from orion_llamaccp.errors import UpstreamError
+from orion_llamaccp.errors import ContextExceeded, UpstreamError
 
 HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 TEXTS = [
@@ -523,3 +523,25 @@ def test_what_a_break_inside_a_chunk_held_back_is_handed_over_without_its_framin
     )
     assert body == first and not decoder.complete
     assert decoder.cut_short() == finish + rest[len(finish) - 10 : -8]
+
+
+def test_llama_cpp_s_error_line_mid_stream_is_read_and_a_4xx_is_not_retried() -> None:
+    """llama.cpp sends an error found after the response began as ``error: {...}``, a
+    line of its own with no ``data:``. It was skipped, the ``[DONE]`` after it read as a
+    stream cut short (retryable): a request llama-server refused was retried to the
+    stream's limit, then dead-lettered as retryable. A 4xx refuses it for good; a
+    context-size error is ``ContextExceeded``; a 5xx may be retried."""
+    token = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    refused = b'error: {"code":400,"message":"bad grammar","type":"invalid_request_error"}\n\n'
+    decoder = SSEDecoder()
+    payloads = decoder.feed(token + refused + b"data: [DONE]\n\n")
+    with pytest.raises(UpstreamError, match="bad grammar") as error:
+        EventReader().take(payloads)
+    assert (error.value.status, error.value.retryable) == (400, False)
+    context = b'error: {"code":400,"message":"too long","type":"exceed_context_size_error"}\n\n'
+    with pytest.raises(ContextExceeded):
+        EventReader().take(SSEDecoder().feed(context))
+    crashed = b'error: {"code":500,"message":"boom","type":"server_error"}\n\n'
+    with pytest.raises(UpstreamError) as error:
+        EventReader().take(SSEDecoder().feed(crashed))
+    assert (error.value.status, error.value.retryable) == (500, True)
