@@ -252,6 +252,27 @@ async def test_an_entry_read_just_before_redis_goes_away_is_still_handled(
     assert consumer.slots.free == 3
 
 
+def _holding(
+    redis: aioredis.Redis, *, claim_idle_ms: int
+) -> tuple[StreamConsumer, list[StreamEntry]]:
+    """A consumer, "stalled", with three slots whose handler holds each entry until it is
+    cancelled (its refresh is the test's to run); the entries it started, in order."""
+    held: list[StreamEntry] = []
+
+    async def hold(entry: StreamEntry) -> None:
+        held.append(entry)
+        await asyncio.Event().wait()
+
+    async def ready() -> None:
+        return None
+
+    consumer = StreamConsumer(
+        redis, stream=STREAM, group="g", consumer="stalled", slots=Slots(3), handler=hold,
+        ready=ready, claim_idle_ms=claim_idle_ms, block_ms=100,
+    )  # fmt: skip
+    return consumer, held
+
+
 async def test_a_refresh_gives_up_only_the_entries_another_consumer_took_over(
     redis_url: str,
 ) -> None:
@@ -261,25 +282,14 @@ async def test_a_refresh_gives_up_only_the_entries_another_consumer_took_over(
     request and taking it from each other. Entries still its own stay its own; one pending
     nowhere (a restarted Redis lost it) is worked on still: its answer is the only one."""
     redis = aioredis.Redis.from_url(redis_url)
-    started: dict[int, StreamEntry] = {}
-
-    async def hold(entry: StreamEntry) -> None:
-        started[int(entry.fields[b"n"])] = entry
-        await asyncio.Event().wait()
-
-    async def ready() -> None:
-        return None
-
-    consumer = StreamConsumer(
-        redis, stream=STREAM, group="g", consumer="stalled", slots=Slots(3), handler=hold,
-        ready=ready, claim_idle_ms=60_000, block_ms=100,
-    )  # fmt: skip
+    consumer, held = _holding(redis, claim_idle_ms=60_000)
     await consumer.ensure_group()
     ids = [(await redis.xadd(STREAM, {"n": str(n)})).decode() for n in range(3)]
     stop = asyncio.Event()
     runner = asyncio.create_task(consumer.run(stop))
     try:
-        await wait_until_async(lambda: len(started) == 3, timeout=10, what="3 entries held")
+        await wait_until_async(lambda: len(held) == 3, timeout=10, what="3 entries held")
+        started = {int(entry.fields[b"n"]): entry for entry in held}
         await redis.xclaim(STREAM, "g", "rescuer", 0, [ids[0]])  # taken over
         await redis.xack(STREAM, "g", ids[1])  # pending nowhere
         await consumer.keep_claims_fresh()
@@ -309,19 +319,7 @@ async def test_a_stall_past_the_claim_idle_time_does_not_make_the_worker_take_it
     Taken as one another consumer left, it was handled a second time (a second generation
     of the same request, beside the first) and again at each reclaim after it."""
     redis = aioredis.Redis.from_url(redis_url)
-    started: list[str] = []
-
-    async def hold(entry: StreamEntry) -> None:
-        started.append(entry.entry_id)
-        await asyncio.Event().wait()
-
-    async def ready() -> None:
-        return None
-
-    consumer = StreamConsumer(
-        redis, stream=STREAM, group="g", consumer="stalled", slots=Slots(3), handler=hold,
-        ready=ready, claim_idle_ms=100, block_ms=100,
-    )  # fmt: skip
+    consumer, held = _holding(redis, claim_idle_ms=100)
     await consumer.ensure_group()
     entry_id = (await redis.xadd(STREAM, {"n": "0"})).decode()
     stop = asyncio.Event()
@@ -334,7 +332,7 @@ async def test_a_stall_past_the_claim_idle_time_does_not_make_the_worker_take_it
     try:
         # No refresh runs (the worker's timer does it): every reclaim finds the entry idle.
         await wait_until_async(reclaimed_twice, timeout=10, what="two reclaims")
-        assert started == [entry_id]
+        assert [entry.entry_id for entry in held] == [entry_id]
         assert list(consumer.in_flight) == [entry_id]
     finally:
         stop.set()
