@@ -443,6 +443,9 @@ _READ_ELSEWHERE = frozenset(
 )
 
 
+_NAMED_LIKE_OURS = ("LLAMACPP_", "ORION_LLAMACPP_", "LLM_")
+
+
 def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """What to say of variables that look like ours but that nothing reads: a misspelt
     override (``LLAMACPP_CTXSIZE_OVERRIDE``) or selection (``LLM_PROFILE``) did nothing,
@@ -453,11 +456,11 @@ def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     known = _names_read()
     said = []
     for name in sorted(environ):
-        if name in known or name in _READ_ELSEWHERE:
-            continue
+        if name in known or name in _READ_ELSEWHERE or not name.startswith(_NAMED_LIKE_OURS):
+            continue  # (difflib for every variable of a shell costs milliseconds at start)
         ours = name.startswith(("LLAMACPP_", "ORION_LLAMACPP_"))
         near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-        if ours or (name.startswith("LLM_") and near):
+        if ours or near:
             hint = f" (did you mean {near[0]}?)" if near else ""
             said.append(f"{name} is set but nothing reads it{hint}: it changes nothing")
     return said
