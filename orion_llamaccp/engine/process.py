@@ -65,6 +65,7 @@ class LlamaProcess:
         self.last_output_at = time.monotonic()
         self.last_busy_at = self.last_output_at  # as ``look`` last saw it work
         self._work: tuple[float, int, int] | None = None
+        self._looked_at = 0.0
         self.output_bytes = 0
         self.output = asyncio.Event()  # set on every read: a reason to look at /health again
         self.diagnosis: Diagnosis | None = None
@@ -112,7 +113,13 @@ class LlamaProcess:
         """Note whether llama-server worked since the last look: used CPU, read from disk
         or mapped more of its model in. A load that prints nothing for minutes (a warm-up
         run, a large model paged in from a slow disk through mmap) is working, not hung;
-        a hung one (blocked on a dead mount, waiting on a lock) does none of these."""
+        a hung one (blocked on a dead mount, waiting on a lock) does none of these. Once
+        per ``_LOOK_EVERY`` at most: the supervisor polls every few milliseconds while
+        llama-server prints, and each look reads three files of ``/proc``."""
+        now = time.monotonic()
+        if now - self._looked_at < _LOOK_EVERY:
+            return
+        self._looked_at = now
         work = _work_done(self.pid)
         if work is not None and self._work is not None and work != self._work:
             self.last_busy_at = time.monotonic()
@@ -197,6 +204,9 @@ class LlamaProcess:
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
         return code
+
+
+_LOOK_EVERY = 0.25  # seconds; far below any silence timeout worth setting
 
 
 def _work_done(pid: int | None) -> tuple[float, int, int] | None:
