@@ -20,8 +20,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
-import psutil
-
 from orion_llamaccp.engine.command import LaunchSpec
 from orion_llamaccp.engine.diagnostics import Diagnosis, diagnose, diagnose_all, no_gpu
 
@@ -215,6 +213,8 @@ def _work_done(pid: int | None) -> tuple[float, int, int] | None:
     counted where the system does not say (``io_counters`` is missing on macOS)."""
     if pid is None:
         return None
+    import psutil  # here, not at the top: tens of ms of import, off the worker's start path
+
     try:
         process = psutil.Process(pid)
         with process.oneshot():
