@@ -28,7 +28,7 @@ from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.codec import decode_envelope
 from orion_llamaccp.bus.envelope import CHAT_CANCEL, CHAT_REQUEST, Envelope, ServiceRef
 from orion_llamaccp.bus.outbox import Outbox, chunk_channel
-from orion_llamaccp.errors import NoWorker
+from orion_llamaccp.errors import DecodeError, NoWorker
 
 Via = Literal["pubsub", "stream"]
 
@@ -220,11 +220,14 @@ class BusClient:
             channel = message["channel"]
             if isinstance(channel, bytes):  # a client of ours; the caller's may decode
                 channel = channel.decode()
-            envelope = decode_envelope(message["data"])
-            if channel == reply_to:
-                done = time.monotonic()
-                text = assembler.text
-                return ChatResult(envelope, assembler.accepted, text, first_chunk, sent, done)
+            if channel != reply_to:
+                try:
+                    envelope = decode_envelope(message["data"])
+                except DecodeError:  # anyone's, on a stream_channel shared with others
+                    continue
+            else:  # the answer, whatever it is: the first message on reply_to
+                envelope = decode_envelope(message["data"])
+                return _result(envelope, assembler, first_chunk, sent)
             if str(envelope.correlation_id) != correlation_id:
                 continue  # another request's, on a stream_channel they share
             attempt = assembler.attempt
@@ -242,6 +245,21 @@ class BusClient:
             CHAT_CANCEL, {"correlation_id": correlation_id}, correlation_id=correlation_id
         )
         await self.redis.publish(channel, message)
+
+
+def _result(
+    envelope: Envelope, assembler: ChunkAssembler, first_chunk: float | None, sent: float
+) -> ChatResult:
+    """The answer, with what was streamed of it: nothing, where the chunks were another
+    attempt's than the answer's (``meta.attempt``): attempt 1 streamed part of an answer,
+    the worker retried, and attempt 2 answered without a chunk (or a stalled worker's
+    attempt 1 answered while attempt 2 streamed). Its text was shown as the answer's."""
+    done = time.monotonic()
+    meta = envelope.payload.get("meta")
+    said = meta.get("attempt") if isinstance(meta, dict) else None
+    if isinstance(said, int) and assembler.accepted and said != assembler.attempt:
+        return ChatResult(envelope, [], "", None, sent, done)
+    return ChatResult(envelope, assembler.accepted, assembler.text, first_chunk, sent, done)
 
 
 def _a_uuid(correlation_id: str | None) -> str | None:

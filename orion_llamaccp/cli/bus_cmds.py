@@ -121,8 +121,12 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 1
+    content = payload.get("content") or ""
     if not args.stream:
-        print(payload.get("content", ""), end="")
+        print(content, end="")
+    elif result.streamed_text != content:  # another attempt's chunks were shown
+        print("\n--- the text above was not the answer's; the answer: ---", file=sys.stderr)
+        print(content, end="")
     usage = payload.get("usage", {})
     timings = payload.get("meta", {}).get("timings") or {}
     print(

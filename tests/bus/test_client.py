@@ -103,6 +103,32 @@ async def test_a_retry_starts_the_answer_over_and_other_chunks_are_not_mixed_in_
     assert [(c["attempt"], c["seq"]) for c in result.chunks] == [(2, 0), (2, 1)]
 
 
+async def test_chunks_of_another_attempt_than_the_answer_s_are_not_its_text_stand_in_worker(
+    redis_url: str,
+) -> None:
+    """Attempt 1 streamed part of an answer, the worker retried, and attempt 2 answered
+    without a chunk: the client gave attempt 1's text as the answer's streamed text (and
+    ``chat --stream`` left it on the screen as the answer). A message that is not an
+    envelope on a ``stream_channel`` shared with others ended the call with a decode
+    error, and no cancel went out."""
+    shared = "ui:session7:tokens"
+
+    async def reply(request: dict, redis: aioredis.Redis) -> None:
+        mine = request["correlation_id"]
+        await _chunk(redis, shared, mine, seq=0, delta="Once", attempt=1)
+        await redis.publish(shared, b"not an envelope")  # anyone's, on a shared channel
+        payload = {"content": "", "meta": {"attempt": 2}}
+        result = OUTBOX.envelope(CHAT_RESULT, payload, correlation_id=mine, reply_to=None)
+        await redis.publish(request["reply_to"], orjson.dumps(result))
+
+    async with standing_in(redis_url, reply), BusClient(redis_url) as bus:
+        result = await bus.chat(
+            HI, profile=PROFILE, stream=True, options={"stream_channel": shared}, timeout=10
+        )
+    assert result.ok and result.content == ""
+    assert (result.streamed_text, result.chunks) == ("", [])
+
+
 async def test_a_pub_sub_request_no_worker_hears_fails_at_once(redis_url: str) -> None:
     """A profile nobody serves (a typo): ``NoWorker`` at once, naming the channel, where
     the caller used to wait out its whole timeout (300 s by default)."""
