@@ -252,11 +252,14 @@ async def test_an_entry_read_just_before_redis_goes_away_is_still_handled(
     assert consumer.slots.free == 3
 
 
-def _holding(
-    redis: aioredis.Redis, *, claim_idle_ms: int
-) -> tuple[StreamConsumer, list[StreamEntry]]:
-    """A consumer, "stalled", with three slots whose handler holds each entry until it is
-    cancelled (its refresh is the test's to run); the entries it started, in order."""
+@contextlib.asynccontextmanager
+async def _holding(
+    redis_url: str, *, claim_idle_ms: int
+) -> AsyncIterator[tuple[aioredis.Redis, StreamConsumer, list[StreamEntry]]]:
+    """A consumer, "stalled", running with three slots, whose handler holds each entry
+    until it is cancelled (its refresh is the test's to run): a client, the consumer, and
+    the entries it started, in order. Stopped, its tasks cancelled, on the way out."""
+    redis = aioredis.Redis.from_url(redis_url)
     held: list[StreamEntry] = []
 
     async def hold(entry: StreamEntry) -> None:
@@ -270,7 +273,17 @@ def _holding(
         redis, stream=STREAM, group="g", consumer="stalled", slots=Slots(3), handler=hold,
         ready=ready, claim_idle_ms=claim_idle_ms, block_ms=100,
     )  # fmt: skip
-    return consumer, held
+    await consumer.ensure_group()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(consumer.run(stop))
+    try:
+        yield redis, consumer, held
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 5)
+        for task in consumer.tasks:
+            task.cancel()
+        await redis.aclose()
 
 
 async def test_a_refresh_gives_up_only_the_entries_another_consumer_took_over(
@@ -281,13 +294,8 @@ async def test_a_refresh_gives_up_only_the_entries_another_consumer_took_over(
     answers it) instead of taking it back, which left two workers generating the same
     request and taking it from each other. Entries still its own stay its own; one pending
     nowhere (a restarted Redis lost it) is worked on still: its answer is the only one."""
-    redis = aioredis.Redis.from_url(redis_url)
-    consumer, held = _holding(redis, claim_idle_ms=60_000)
-    await consumer.ensure_group()
-    ids = [(await redis.xadd(STREAM, {"n": str(n)})).decode() for n in range(3)]
-    stop = asyncio.Event()
-    runner = asyncio.create_task(consumer.run(stop))
-    try:
+    async with _holding(redis_url, claim_idle_ms=60_000) as (redis, consumer, held):
+        ids = [(await redis.xadd(STREAM, {"n": str(n)})).decode() for n in range(3)]
         await wait_until_async(lambda: len(held) == 3, timeout=10, what="3 entries held")
         started = {int(entry.fields[b"n"]): entry for entry in held}
         await redis.xclaim(STREAM, "g", "rescuer", 0, [ids[0]])  # taken over
@@ -303,12 +311,6 @@ async def test_a_refresh_gives_up_only_the_entries_another_consumer_took_over(
             ids[0]: "rescuer",
             ids[2]: "stalled",
         }
-    finally:
-        stop.set()
-        await asyncio.wait_for(runner, 5)
-        for task in consumer.tasks:
-            task.cancel()
-        await redis.aclose()
 
 
 async def test_a_stall_past_the_claim_idle_time_does_not_make_the_worker_take_its_own_entry(
@@ -318,28 +320,17 @@ async def test_a_stall_past_the_claim_idle_time_does_not_make_the_worker_take_it
     before its refresh: ``XAUTOCLAIM`` hands it back its own entry, still being handled.
     Taken as one another consumer left, it was handled a second time (a second generation
     of the same request, beside the first) and again at each reclaim after it."""
-    redis = aioredis.Redis.from_url(redis_url)
-    consumer, held = _holding(redis, claim_idle_ms=100)
-    await consumer.ensure_group()
-    entry_id = (await redis.xadd(STREAM, {"n": "0"})).decode()
-    stop = asyncio.Event()
-    runner = asyncio.create_task(consumer.run(stop))
+    async with _holding(redis_url, claim_idle_ms=100) as (redis, consumer, held):
+        entry_id = (await redis.xadd(STREAM, {"n": "0"})).decode()
 
-    async def reclaimed_twice() -> bool:  # the reclaim after the one that took it back
-        info = await redis.xpending_range(STREAM, "g", min=entry_id, max=entry_id, count=1)
-        return bool(info) and int(info[0]["times_delivered"]) >= 3
+        async def reclaimed_twice() -> bool:  # the reclaim after the one that took it back
+            info = await redis.xpending_range(STREAM, "g", min=entry_id, max=entry_id, count=1)
+            return bool(info) and int(info[0]["times_delivered"]) >= 3
 
-    try:
         # No refresh runs (the worker's timer does it): every reclaim finds the entry idle.
         await wait_until_async(reclaimed_twice, timeout=10, what="two reclaims")
         assert [entry.entry_id for entry in held] == [entry_id]
         assert list(consumer.in_flight) == [entry_id]
-    finally:
-        stop.set()
-        await asyncio.wait_for(runner, 5)
-        for task in consumer.tasks:
-            task.cancel()
-        await redis.aclose()
 
 
 async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url: str) -> None:
