@@ -426,7 +426,8 @@ def _variable_of(name: str, info: Any) -> str:
     return str(alias or name)
 
 
-def _names_read() -> set[str]:
+def variables_read() -> set[str]:
+    """Every environment variable the settings and overrides read, aliases included."""
     names: set[str] = set()
     for model in (Settings, Overrides):
         for name, info in model.model_fields.items():
@@ -453,7 +454,7 @@ def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     Every ``LLAMACPP_*`` and ``ORION_LLAMACPP_*`` name is ours; an ``LLM_*`` name only
     when it is close to one of ours (other services share that prefix)."""
     environ = os.environ if environ is None else environ
-    known = _names_read()
+    known = variables_read()
     said = []
     for name in sorted(environ):
         if name in known or name in _READ_ELSEWHERE or not name.startswith(_NAMED_LIKE_OURS):

@@ -3,10 +3,7 @@ service reads (its settings' aliases) or Compose itself uses, so they cannot dri
 
 from __future__ import annotations
 
-from pydantic import AliasChoices
-from pydantic_settings import BaseSettings
-
-from orion_llamaccp.settings import Overrides, Settings
+from orion_llamaccp.settings import variables_read
 from tests.deploy.container import (
     ENV_EXAMPLES,
     GPU_SERVICE,
@@ -24,18 +21,7 @@ COMPOSE_ONLY = {"LLAMACPP_HOST_PORT"}
 IMAGE_ONLY = {"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
 
 
-def _aliases(model: type[BaseSettings]) -> set[str]:
-    names: set[str] = set()
-    for info in model.model_fields.values():
-        alias = info.validation_alias
-        if isinstance(alias, AliasChoices):
-            names.update(str(choice) for choice in alias.choices)
-        elif isinstance(alias, str):
-            names.add(alias)
-    return names
-
-
-SERVICE_READS = _aliases(Settings) | _aliases(Overrides)
+SERVICE_READS = variables_read()
 
 
 def test_every_example_variable_is_read_by_the_service_or_by_compose() -> None:
