@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from orion_llamaccp.bus.envelope import ChatRequestPayload
+from orion_llamaccp.errors import DecodeError
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.worker.llama_request import body_of, build_body, parse_options
 
@@ -47,3 +48,31 @@ def test_the_profile_fills_what_the_request_leaves_out() -> None:
     assert (body["temperature"], body["top_k"], body["max_tokens"]) == (0.7, 5, 512)
     assert "stream" not in body and "unknown_knob" not in body
     assert ignored == ["unknown_knob"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"seed": True},  # was seed 1
+        {"temperature": True},  # was 1.0
+        {"max_tokens": "64"},  # was 64
+        {"stream": "yes"},  # was True: the caller's ``"no"`` streamed too
+        {"top_k": 5.0},  # was 5
+    ],
+)
+def test_an_option_of_the_wrong_type_is_refused_not_converted(options: dict[str, Any]) -> None:
+    """A caller's typing slip is theirs to hear of, not a value made up for them."""
+    chat = ChatRequestPayload.model_validate({"messages": MESSAGES, "options": options})
+    with pytest.raises(DecodeError) as error:
+        parse_options(chat)
+    (key,) = options
+    assert {e["loc"] for e in error.value.errors} == {f"payload.options.{key}"}
+
+
+def test_a_whole_number_is_a_float_option_s_value() -> None:
+    """JSON has one kind of number: ``"temperature": 1`` is 1.0, as it always was."""
+    chat = ChatRequestPayload.model_validate(
+        {"messages": MESSAGES, "options": {"temperature": 1, "top_p": 1, "timeout_sec": 30}}
+    )
+    options = parse_options(chat)
+    assert (options.temperature, options.top_p, options.timeout_sec) == (1.0, 1.0, 30.0)

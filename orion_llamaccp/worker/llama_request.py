@@ -51,9 +51,12 @@ PASSTHROUGH = frozenset(
 
 
 class ChatOptions(BaseModel):
-    """``ChatRequestPayload.options``: typed where we act on a value, open otherwise."""
+    """``ChatRequestPayload.options``: typed where we act on a value, open otherwise.
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    Strict: ``"seed": true`` or ``"max_tokens": "64"`` is the caller's slip, refused
+    (lax pydantic made them 1 and 64); a whole number is still a float option's value."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
     stream: bool = False
     stream_channel: str | None = None
