@@ -141,13 +141,18 @@ def own_id(envelope: Envelope | None) -> str | None:
     return str(envelope.id)
 
 
+def attempt_suffix(attempt: int) -> str:
+    """What a producer's retry adds to the keys of its first attempt (none for that one,
+    so that a message without a hint keeps the keys it always had)."""
+    return f":a{attempt}" if attempt > 1 else ""
+
+
 def message_key(raw: bytes | str, envelope: Envelope | None) -> str:
     """Identity of a message that every replica computes alike (the claim key). A
     producer's retry (``trace.work.attempt`` raised) is a message of its own: the first
     attempt's claim still holds its key."""
     if (named := own_id(envelope)) is not None:
         assert envelope is not None
-        attempt = envelope.hinted_attempt
-        return named if attempt == 1 else f"{named}:a{attempt}"
+        return named + attempt_suffix(envelope.hinted_attempt)
     data = raw.encode() if isinstance(raw, str) else raw
     return CONTENT_KEY + hashlib.sha256(data).hexdigest()[:40]

@@ -61,6 +61,10 @@ class EngineState(StrEnum):
     FAILED = "failed"
 
 
+# States where llama-server takes no more work: a request waiting for one of them to end
+# waits for nothing.
+OUT_OF_SERVICE = (EngineState.DRAINING, EngineState.FAILED, EngineState.STOPPED)
+
 # States a drain replaces: the supervisor's own steps while llama-server runs or restarts.
 _ALIVE = frozenset(
     {EngineState.STARTING, EngineState.LOADING, EngineState.READY, EngineState.RESTARTING}

@@ -29,7 +29,7 @@ from orion_llamaccp.errors import DownloadError
 from orion_llamaccp.model import store
 from orion_llamaccp.model.hub import HubClient, HubFile, RangeNotSatisfiable, RemoteFile, Transient
 from orion_llamaccp.model.partial import PartialFile
-from orion_llamaccp.model.progress import Reporter
+from orion_llamaccp.model.progress import Reporter, size_text
 from orion_llamaccp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -203,10 +203,10 @@ def _aside_hint(target: Path, shown: int = 5) -> str:
     if not aside:
         return ""
     sizes = [_size_of(p) for p in aside]
-    listed = ", ".join(f"{p} ({_human(n)})" for p, n in zip(aside[:shown], sizes, strict=False))
+    listed = ", ".join(f"{p} ({size_text(n)})" for p, n in zip(aside[:shown], sizes, strict=False))
     more = f" and {len(aside) - shown} more" if len(aside) > shown else ""
     return (
-        f". {len(aside)} file(s) moved aside as corrupt take {_human(sum(sizes))} there: "
+        f". {len(aside)} file(s) moved aside as corrupt take {size_text(sum(sizes))} there: "
         f"{listed}{more}; they are kept only for inspection and can be deleted"
     )
 
@@ -216,10 +216,6 @@ def _size_of(path: Path) -> int:
         return path.stat().st_size
     except OSError:  # deleted by a human meanwhile: it takes no space any more
         return 0
-
-
-def _human(count: int) -> str:
-    return f"{count / 1e9:.2f} GB" if count >= 100_000_000 else f"{count / 1e6:.1f} MB"
 
 
 def fetch_file(

@@ -163,8 +163,10 @@ class LogProgress:
 
 def describe(event: ProgressEvent) -> str:
     """One human line for an event."""
-    size = f" {_mb(event.bytes_done)}" + (f"/{_mb(event.bytes_total)}" if event.bytes_total else "")
-    rate = f" at {_mb(int(event.rate_bps))}/s" if event.rate_bps > 0 else ""
+    size = f" {size_text(event.bytes_done)}" + (
+        f"/{size_text(event.bytes_total)}" if event.bytes_total else ""
+    )
+    rate = f" at {size_text(int(event.rate_bps))}/s" if event.rate_bps > 0 else ""
     retry = f" (attempt {event.attempt})" if event.attempt > 1 else ""
     note = f": {event.message}" if event.message else ""
     if event.phase in ("downloading", "verifying"):
@@ -172,8 +174,9 @@ def describe(event: ProgressEvent) -> str:
     return f"{event.phase} {event.filename}{retry}{note}"
 
 
-def _mb(count: int) -> str:
-    return f"{count / 1e6:.1f} MB"
+def size_text(count: int) -> str:
+    """A byte count for people: MB, or GB from a tenth of one."""
+    return f"{count / 1e9:.2f} GB" if count >= 100_000_000 else f"{count / 1e6:.1f} MB"
 
 
 class TerminalProgress:

@@ -26,7 +26,7 @@ from orion_llamaccp.bus.replies import ChunkStream, Publisher, Stage
 from orion_llamaccp.engine.client import Sent
 from orion_llamaccp.engine.events import ChatStream
 from orion_llamaccp.engine.sse import ChunkEvents, merge_tool_calls
-from orion_llamaccp.engine.supervisor import EngineState, Supervisor
+from orion_llamaccp.engine.supervisor import OUT_OF_SERVICE, EngineState, Supervisor
 from orion_llamaccp.errors import ContextExceeded, EngineUnavailable, UpstreamError
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.settings import Settings
@@ -85,7 +85,7 @@ class Generator:
         supervisor = self.supervisor
         if supervisor.state is EngineState.READY:
             return
-        if supervisor.state in (EngineState.FAILED, EngineState.STOPPED, EngineState.DRAINING):
+        if supervisor.state in OUT_OF_SERVICE:
             if job.transport == "stream":
                 raise LeavePending(f"engine is {supervisor.state}")
             failed = supervisor.state is EngineState.FAILED and supervisor.failure is not None
@@ -98,13 +98,7 @@ class Generator:
             )
         wait = None if job.transport == "stream" else self.settings.engine_wait_sec
         try:
-            state = await supervisor.wait_for(
-                EngineState.READY,
-                EngineState.FAILED,
-                EngineState.STOPPED,
-                EngineState.DRAINING,
-                timeout=wait,
-            )
+            state = await supervisor.wait_for(EngineState.READY, *OUT_OF_SERVICE, timeout=wait)
         except TimeoutError:
             raise Failure(
                 "engine_unavailable",

@@ -12,7 +12,14 @@ from typing import Any, Literal
 
 import orjson
 
-from orion_llamaccp.bus.codec import CONTENT_KEY, decode_envelope, message_key, own_id, salvage
+from orion_llamaccp.bus.codec import (
+    CONTENT_KEY,
+    attempt_suffix,
+    decode_envelope,
+    message_key,
+    own_id,
+    salvage,
+)
 from orion_llamaccp.bus.envelope import Envelope
 from orion_llamaccp.bus.intake import SlotLease, StreamEntry
 from orion_llamaccp.bus.outbox import Outbox
@@ -125,9 +132,7 @@ class Job:
         are one). The first attempt's keys are those of a message without a hint.
         """
         reply = hashlib.sha1((self.reply_to or "").encode()).hexdigest()[:12]
-        hinted = self.hinted_attempt
-        retry = f":a{hinted}" if hinted > 1 else ""
-        return f"{self.request_id}{self.occurrence}:{reply}{retry}"
+        return f"{self.request_id}{self.occurrence}:{reply}{attempt_suffix(self.hinted_attempt)}"
 
     @property
     def hinted_attempt(self) -> int:
