@@ -32,7 +32,7 @@ from orion_llamaccp.bus.envelope import (
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import Publisher, Stage, Stored
 from orion_llamaccp.bus.retry import TRANSIENT
-from orion_llamaccp.engine.supervisor import EngineState, Supervisor
+from orion_llamaccp.engine.supervisor import OUT_OF_SERVICE, Supervisor
 from orion_llamaccp.errors import DecodeError
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.settings import Settings
@@ -189,13 +189,14 @@ class ChatHandler:
                 meta = {**stored.get("meta", {}), "duplicate_of_key": key}
                 await self._answer(job, {**stored, "meta": meta})
                 return 0, None
+            if twin:  # ours was cancelled for a twin that then gave the request up
+                await _cancel(generating)
+                generating = self.generator.start(job, envelope, chat, options, owned)
         except BaseException:
+            # A cancel may land after our SET NX ran, or while ours restarts after a twin.
             await _cancel(generating)
-            await self._release(job, key)  # a cancel may land after our SET NX ran
+            await self._release(job, key)
             raise
-        if twin:  # ours was cancelled for a twin that then gave the request up
-            await _cancel(generating)
-            generating = self.generator.start(job, envelope, chat, options, owned)
         owned.set()
         renew = asyncio.create_task(self._renew(job, key, generating))
         try:
@@ -275,12 +276,12 @@ class ChatHandler:
         ``engine_unavailable``, or a stream entry left pending for another worker). A stop
         waited out its drain timeout for a request that could no longer run here."""
         supervisor = self.generator.supervisor
-        out = asyncio.ensure_future(supervisor.wait_for(*_OUT_OF_SERVICE))
+        out = asyncio.ensure_future(supervisor.wait_for(*OUT_OF_SERVICE))
         try:
             await asyncio.wait({out}, timeout=wait)
         finally:
             out.cancel()
-        if supervisor.state in _OUT_OF_SERVICE:
+        if supervisor.state in OUT_OF_SERVICE:
             await self.generator.engine_ready(job)  # raises what the job must do
 
     async def _own(
@@ -486,9 +487,6 @@ class ChatHandler:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.fail(job, failure))
 
-
-# llama-server will not serve a request here again: a request waiting for its time stops.
-_OUT_OF_SERVICE = (EngineState.DRAINING, EngineState.FAILED, EngineState.STOPPED)
 
 # Codes after which a stream entry can never succeed: keep a copy in the dead-letter stream.
 _DEAD_LETTER_CODES = frozenset(

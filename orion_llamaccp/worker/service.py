@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus.claims import Claims
 from orion_llamaccp.bus.codec import decode_envelope, loads_object
 from orion_llamaccp.bus.envelope import as_utc
-from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry
+from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry, not_started
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.presence import Presence, every
@@ -371,6 +371,10 @@ class Worker:
                 log.warning("told to stop again: cutting the drain short")
                 break
         if late := self._pending():
+            if any(not_started(task) for task in late):
+                # Cancelled before its first step, a task runs none of its code: its
+                # request would get no answer. One turn of the loop starts it.
+                await asyncio.sleep(0)
             for task in late:
                 task.cancel()
             # Bounded: a cancel swallowed somewhere must not hang the stop. Stopping
