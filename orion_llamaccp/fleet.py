@@ -27,6 +27,9 @@ from orion_llamaccp.bus.presence import liveness_ttl
 
 MISSED_BEATS = 3
 
+_REGISTRY_PREFIX = keys.REGISTRY_PATTERN.removesuffix("*")
+_LIVENESS_PREFIX = keys.LIVENESS_PATTERN.removesuffix("*")
+
 
 @dataclass
 class Host:
@@ -159,16 +162,38 @@ class Fleet:
 
     async def load(self, redis: aioredis.Redis) -> Fleet:
         """Fill from what Redis keeps: announcements first, then the last beats, each
-        dated by how long ago Redis stored it (its key's time to live left)."""
-        async for key in redis.scan_iter(match=keys.REGISTRY_PATTERN, count=200):
-            raw = await redis.hget(key, "announcement")
+        dated by how long ago Redis stored it (its key's time to live left). The keys
+        come from the workers' index (``keys.HOSTS_INDEX``), members whose key is gone
+        dropped from it; without an index (workers from before it), from a SCAN."""
+        names = sorted(m.decode() for m in await redis.smembers(keys.HOSTS_INDEX))
+        if not names:
+            names = [
+                key.decode()
+                for pattern in (keys.REGISTRY_PATTERN, keys.LIVENESS_PATTERN)
+                async for key in redis.scan_iter(match=pattern, count=200)
+            ]
+        announced = [n for n in names if n.startswith(_REGISTRY_PREFIX)]
+        beats = [n for n in names if n.startswith(_LIVENESS_PREFIX)]
+        async with redis.pipeline(transaction=False) as pipe:
+            for name in announced:
+                pipe.hget(name, "announcement")
+            for name in beats:
+                pipe.get(name).pttl(name)
+            found = await pipe.execute()
+        gone = []
+        for name, raw in zip(announced, found[: len(announced)], strict=True):
             if raw:
                 self.ingest(raw)
-        async for key in redis.scan_iter(match=keys.LIVENESS_PATTERN, count=200):
-            async with redis.pipeline(transaction=False) as pipe:
-                raw, left_ms = await pipe.get(key).pttl(key).execute()
+            else:
+                gone.append(name)
+        kept = found[len(announced) :]
+        for name, raw, left_ms in zip(beats, kept[::2], kept[1::2], strict=True):
             if raw:
                 self.ingest(raw, _stored_at(raw, left_ms))
+            else:
+                gone.append(name)
+        if gone:
+            await redis.srem(keys.HOSTS_INDEX, *gone)
         return self
 
     def rows(self) -> list[dict[str, Any]]:

@@ -63,6 +63,12 @@ def liveness(service: str, instance: str) -> str:
 
 LIVENESS_PATTERN = f"{PREFIX}:alive:*"
 
+# Every liveness and registry key a worker writes is also a member here, so that ``ps``
+# and ``watch`` read the fleet without a SCAN of the whole keyspace (with a day of
+# per-request guards under load, seconds per look). Readers drop members whose key is gone.
+HOSTS_INDEX = f"{PREFIX}:hosts"
+HOSTS_INDEX_TTL_SEC = 86_400  # renewed by every beat: a fleet long gone leaves nothing
+
 
 def registry(profile: str, instance: str) -> str:
     """The latest profile announcement of one instance (a hash, with expiry)."""

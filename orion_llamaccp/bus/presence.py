@@ -102,7 +102,10 @@ async def beat(
     ttl = liveness_ttl(interval)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.publish(channel, message)
-        pipe.set(keys.liveness(service.name, str(service.instance)), message, ex=ttl)
+        alive = keys.liveness(service.name, str(service.instance))
+        pipe.set(alive, message, ex=ttl)
+        pipe.sadd(keys.HOSTS_INDEX, alive)
+        pipe.expire(keys.HOSTS_INDEX, keys.HOSTS_INDEX_TTL_SEC)
         await pipe.execute()
     return payload
 
@@ -168,6 +171,7 @@ class Presence:
                 pipe.publish(self.announce_channel, message)
             pipe.hset(registry, mapping={"announcement": message, "updated_at": time.time()})
             pipe.expire(registry, max(int(self.announce_interval * 3), 30))
+            pipe.sadd(keys.HOSTS_INDEX, registry)
             await pipe.execute()
         self.announcements += 1
         return payload

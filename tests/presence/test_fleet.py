@@ -13,7 +13,9 @@ import redis.asyncio as aioredis
 from rich.console import Console
 
 from orion_llamaccp.bus import keys
-from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE
+from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE, ServiceRef
+from orion_llamaccp.bus.outbox import Outbox
+from orion_llamaccp.bus.presence import Presence
 from orion_llamaccp.cli.bus_cmds import fleet_table
 from orion_llamaccp.fleet import Fleet
 
@@ -80,3 +82,51 @@ def test_a_message_of_the_wrong_shape_is_ignored_and_shown_as_text() -> None:
     out = io.StringIO()
     Console(file=out, width=200).print(fleet_table(fleet.rows()))
     assert "p[/x]" in out.getvalue() and "[bold]m[/bold]" in out.getvalue()
+
+
+def _presence(redis: aioredis.Redis, instance: str) -> Presence:
+    """A worker's presence, its figures made up (the keys and messages are the real ones)."""
+
+    async def details() -> dict[str, Any]:
+        return {"profile": "tiny", "state": "ready", "slots_total": 2}
+
+    async def announcement() -> dict[str, Any]:
+        return {"service": "orion-llamaccp", "instance": instance, "profile": "tiny"}
+
+    return Presence(
+        redis=redis,
+        outbox=Outbox(ServiceRef(name="orion-llamaccp", instance=instance)),
+        interval=10.0,
+        announce_interval=30.0,
+        health_channel="orion:system:health",
+        announce_channel="orion:llm:profile:announce",
+        profile="tiny",
+        snapshot=details,
+        announcement=announcement,
+    )
+
+
+async def test_ps_reads_the_fleet_without_scanning_the_keyspace(redis_url: str) -> None:
+    """``ps`` and ``watch`` (every 10 s) SCANned the whole keyspace twice: with a day of
+    per-request guards under load, seconds per look. The workers' keys are found in their
+    index; a host whose keys are gone (it stopped) leaves it at the next look."""
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        for instance in ("a", "b"):
+            presence = _presence(redis, instance)
+            await presence.heartbeat()
+            await presence.announce()
+        await redis.mset({f"orion:llamacpp:answered:{n}": 1 for n in range(2000)})
+        await redis.delete(keys.liveness("orion-llamaccp", "b"), keys.registry("tiny", "b"))
+        await redis.config_resetstat()
+        rows = {row["instance"]: row for row in (await Fleet().load(redis)).rows()}
+        stats = await redis.info("commandstats")
+        indexed = await redis.smembers(keys.HOSTS_INDEX)
+    finally:
+        await redis.aclose()
+    assert "cmdstat_scan" not in stats, stats.get("cmdstat_scan")
+    assert list(rows) == ["a"] and rows["a"]["down"] is False, rows
+    assert indexed == {
+        keys.liveness("orion-llamaccp", "a").encode(),
+        keys.registry("tiny", "a").encode(),
+    }
