@@ -162,7 +162,7 @@ class BusClient:
         """Send one request and wait for its result (and its chunks, when streaming).
 
         ``timeout`` bounds the whole call, Redis included (a frozen Redis answers nothing).
-        A call that times out or is cancelled (Ctrl-C) after sending cancels the request
+        A call that times out or is cancelled (Ctrl-C) once sending began cancels the request
         by its correlation id, so that the worker does not generate on for no one; by
         default only when this call made the envelope (its correlation id is then the
         request's own: a caller's may be shared by a whole flow, and a cancel reaches
@@ -182,10 +182,12 @@ class BusClient:
             async with asyncio.timeout(timeout):
                 await pubsub.subscribe(*filter(None, (reply_to, _chunks_of(envelope))))
                 started = time.monotonic()
+                # Sent, as far as a cancel goes, from here: a PUBLISH or XADD whose reply
+                # is late may have reached Redis, and a worker.
+                sent = True
                 heard = await self.send(
                     envelope, profile=profile, via=via, channel=channel, stream=stream_name
                 )
-                sent = True
                 if heard == 0:
                     raise NoWorker(
                         f"no worker heard the request on "

@@ -24,7 +24,8 @@ from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.client import BusClient
 from orion_llamaccp.errors import NoWorker
 from tests.bus.conftest import SpawnWorker
-from tests.support.procs import RedisServer
+from tests.support.procs import RedisServer, wait_until_async
+from tests.support.proxy import HoldingProxy
 from tests.support.workers import BusRecorder
 
 HI = [{"role": "user", "content": "hello there"}]
@@ -217,6 +218,33 @@ async def test_a_caller_s_own_correlation_id_is_cancelled_only_when_asked_stand_
         assert await cancelled(envelope=flow, cancel_on_give_up=True) == [flow["correlation_id"]]
         assert len(await cancelled()) == 1  # its own envelope
         await cancels.aclose()
+
+
+async def test_a_caller_whose_send_times_out_cancels_what_may_have_landed(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, redis_server: RedisServer
+) -> None:
+    """A request's PUBLISH may reach Redis while its reply does not reach the caller (a
+    slow link; a Redis that froze after it ran the command): the call that timed out
+    there sent no cancel, and the worker generated on for no one, holding its slot."""
+    spawn_worker(slow=True, parallel=1)
+    proxy = HoldingProxy(redis_server.port).start()
+    try:
+        async with BusClient(proxy.url) as bus:
+            long = {"max_tokens": 6000, "ignore_eos": True, "stream": True}
+            envelope = bus.request(HI, profile=PROFILE, options=long)
+            proxy.arm(keys.intake_channel(PROFILE).encode())  # the PUBLISH's reply held
+            with pytest.raises(TimeoutError):
+                await bus.chat(
+                    HI, profile=PROFILE, envelope=envelope, cancel_on_give_up=True, timeout=3
+                )
+            assert proxy.held == 1
+            proxy.release()
+        answers = await wait_until_async(
+            lambda: recorder.on(envelope["reply_to"]), timeout=20, what="the answer"
+        )
+    finally:
+        proxy.close()
+    assert answers[0].message["payload"]["error"] == "cancelled", answers[0].message
 
 
 def test_a_request_the_contract_would_reject_is_refused_by_the_client() -> None:
