@@ -22,6 +22,11 @@ def dlq_stream(stream: str) -> str:
     return f"{stream}:dlq"
 
 
+def dead_lettered(stream: str, entry_id: str) -> str:
+    """Set when a stream entry's dead letter is written: it is written once."""
+    return f"{PREFIX}:dead:{stream}:{entry_id}"
+
+
 def chunk_channel(reply_to: str) -> str:
     return f"{reply_to}:chunks"
 

@@ -34,6 +34,7 @@ from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.bus.scripts import (
     ACK_IF_ANSWERED,
     ANSWERED,
+    DEAD_LETTER_ONCE,
     DEATHS,
     NEXT_ATTEMPT,
     PUBLISH_IN_ORDER,
@@ -79,6 +80,7 @@ class Publisher:
         self._sources = {script.sha: script.script for script in self._guards}
         self._next_attempt = redis.register_script(NEXT_ATTEMPT)
         self._deaths = redis.register_script(DEATHS)
+        self._dead_letter = redis.register_script(DEAD_LETTER_ONCE)
         self.lane = lane or Lane(redis)
         self.commands = 0
 
@@ -188,6 +190,22 @@ class Publisher:
                 retry_for=self.retry_for,
             )
         )
+
+    async def dead_letter(
+        self, stream: str, entry_id: str, fields: dict[str, str | bytes], maxlen: int
+    ) -> bool:
+        """Add a stream entry's dead letter to ``stream`` (at most ``maxlen`` long, 0: no
+        cap) unless it has one; safe to retry. False when it had."""
+        flat = [part for pair in fields.items() for part in pair]
+        added = await with_retry(
+            "dead-lettering a stream entry",
+            lambda: self._dead_letter(
+                keys=[stream, keys.dead_lettered(stream, entry_id)],
+                args=[GUARD_TTL_SEC, maxlen, *flat],
+            ),
+            retry_for=self.retry_for,
+        )
+        return added is not None
 
     async def already_answered(self, request_id: str) -> bool:
         return bool(await self.redis.exists(keys.answered(request_id)))

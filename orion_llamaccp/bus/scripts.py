@@ -75,3 +75,23 @@ local n = math.max(last + 1, tonumber(ARGV[1]))
 redis.call('SET', KEYS[1], n, 'EX', tonumber(ARGV[2]))
 return n
 """
+
+# KEYS[1] dead-letter stream, KEYS[2] the entry's dead-letter guard; ARGV: guard ttl,
+# max length (0: none), then the fields, name and value in turn. Adds the dead letter
+# unless this entry has one: an XADD retried after a timeout, or an entry redelivered
+# after its worker died between dead-lettering and acking it, wrote a second. Returns
+# the new entry's id, or false.
+DEAD_LETTER_ONCE = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then
+  return false
+end
+local command = {'XADD', KEYS[1]}
+if tonumber(ARGV[2]) > 0 then
+  table.insert(command, 'MAXLEN')
+  table.insert(command, '=')
+  table.insert(command, ARGV[2])
+end
+table.insert(command, '*')
+for i = 3, #ARGV do table.insert(command, ARGV[i]) end
+return redis.call(unpack(command))
+"""

@@ -437,6 +437,7 @@ class ChatHandler:
             job.ahead.drop()
         if not await job.ours():
             return
+        failure = failure.redacted(self.settings.redact)
         log.info("request %s failed: %s: %s", job.request_id, failure.code, failure.message)
         details = failure.payload_details()
         reply_to = job.reply_to

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -251,6 +252,12 @@ class Failure(Exception):
         self.retryable = retryable
         self.details = details or {}
 
+    def redacted(self, redact: Callable[[str], str]) -> Failure:
+        """This failure with ``redact`` applied to every text in it: each copy of it
+        (the answer, ``system.error``, the dead letter) goes out as this one."""
+        details = _redacted(self.details, redact)
+        return Failure(self.code, redact(self.message), retryable=self.retryable, details=details)
+
     def payload_details(self) -> dict[str, Any]:
         return {"message": self.message, "retryable": self.retryable, **self.details}
 
@@ -263,6 +270,16 @@ class Failure(Exception):
             "transport": job.transport,
         }
         return {"error": self.code, "details": self.payload_details(), "meta": meta}
+
+
+def _redacted(value: Any, redact: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _redacted(item, redact) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(item, redact) for item in value]
+    return value
 
 
 def result_message(outbox: Outbox, job: Job, payload: dict[str, Any]) -> bytes:

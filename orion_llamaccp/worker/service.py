@@ -721,16 +721,12 @@ class Worker:
             "failed_at_ms": str(int(time.time() * 1000)),
             "envelope": job.raw[: self.settings.max_message_bytes],
         }
-        await with_retry(
-            "dead-lettering a stream entry",
-            lambda: self.redis.xadd(
-                self.channels.dlq,
-                fields,
-                maxlen=self.settings.dlq_maxlen or None,
-                approximate=False,  # exact: a dead letter is rare, the cap is the cap
-            ),
-            retry_for=self.settings.redis_retry_sec,
+        # The cap is exact: a dead letter is rare, the cap is the cap.
+        added = await self.publisher.dead_letter(
+            self.channels.dlq, job.entry.entry_id, fields, self.settings.dlq_maxlen or 0
         )
+        if not added:
+            log.info("stream entry %s was dead-lettered before", job.entry.entry_id)
 
 
 def sent_at(value: Any) -> datetime | None:

@@ -112,6 +112,37 @@ async def test_unsupported_kind(
     assert answer["payload"]["error"] == "unsupported_kind"
 
 
+async def test_a_secret_in_a_failure_is_hidden_in_every_copy_of_it(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
+) -> None:
+    """A failure's words may quote what it failed on (here a kind that holds the worker's
+    ``HF_TOKEN``). Only the dead letter's copy was redacted: the caller's answer and the
+    ``system.error`` every service hears quoted the secret."""
+    secret = "hf_" + uuid.uuid4().hex
+    spawn_worker(HF_TOKEN=secret)
+    envelope = bus.request(HI, profile="tiny")
+    envelope["kind"] = f"llm.{secret}.request"
+    await bus.send(envelope, profile="tiny", via="stream")
+    answer = await _answer_on(recorder, envelope["reply_to"])
+    assert answer["payload"]["error"] == "unsupported_kind"
+    errors = await wait_until_async(
+        lambda: recorder.kinds("system.error"), timeout=10, what="the system.error"
+    )
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        letters = await wait_until_async(
+            lambda: client.xrange(STREAM + ":dlq"), timeout=10, what="the dead letter"
+        )
+    finally:
+        await client.aclose()
+    copies = [
+        orjson.dumps(answer["payload"]),
+        *(orjson.dumps(orjson.loads(e.data)["payload"]) for e in errors),
+        letters[0][1][b"error"],
+    ]
+    assert all(secret.encode() not in copy and b"***" in copy for copy in copies), copies
+
+
 async def test_expired_request_is_not_generated(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
 ) -> None:
@@ -241,6 +272,41 @@ async def test_a_stream_entry_delivered_too_often_is_settled_without_a_try(
         assert [a["error"] for a in answers] == ["upstream_failed"]
         assert answers[0]["details"]["retryable"] is False
         assert len(letters) == 1
+
+
+async def test_an_entry_whose_worker_died_after_its_dead_letter_has_one_dead_letter(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_url: str,
+    redis_server: RedisServer,
+) -> None:
+    """A worker that died between an entry's dead letter and its ack (here the reply to
+    its dead letter held back, then SIGKILL) left the entry pending: the worker that took
+    it over wrote a second dead letter beside the first. (A dead letter retried after a
+    timeout did too.) The caller is answered once, as before."""
+    proxy = HoldingProxy(redis_server.port).start()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        first = spawn_worker("first", ORION_BUS_URL=proxy.url)
+        envelope = bus.request(HI, profile="tiny")
+        envelope["kind"] = "llm.embed.request"  # never servable: dead-lettered
+        proxy.arm((STREAM + ":dlq").encode())
+        await bus.send(envelope, profile="tiny", via="stream")
+        await wait_until_async(lambda: proxy.held, timeout=20, what="the dead letter's reply held")
+        await wait_until_async(
+            lambda: client.xrange(STREAM + ":dlq"), timeout=10, what="the first dead letter"
+        )
+        first.kill()
+        spawn_worker("second", ORION_LLAMACPP_CLAIM_IDLE_MS="1000")
+        await wait_stream_acked(client, STREAM, "llamacpp:tiny")
+        letters = await client.xrange(STREAM + ":dlq")
+    finally:
+        proxy.close()
+        await client.aclose()
+    assert len(letters) == 1, letters
+    answers = [m.message["payload"]["error"] for m in recorder.on(envelope["reply_to"])]
+    assert answers == ["unsupported_kind"], answers
 
 
 async def test_a_caller_s_timeout_cannot_outlast_the_operator_s(
