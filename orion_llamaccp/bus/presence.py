@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
@@ -82,10 +83,10 @@ async def beat(
     interval: float,
     channel: str,
     details: dict[str, Any],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], bytes | None]:
     """One ``system.health.v1`` of ``outbox``'s service on ``channel``, its status from
     ``details["state"]``, also kept under the service's liveness key for three intervals
-    (``ps``, ``health``). Returns the payload."""
+    (``ps``, ``health``). Returns the payload, and the beat it replaced under that key."""
     service = outbox.source
     payload = SystemHealthV1(
         service=service.name,
@@ -103,11 +104,25 @@ async def beat(
     async with redis.pipeline(transaction=False) as pipe:
         pipe.publish(channel, message)
         alive = keys.liveness(service.name, str(service.instance))
-        pipe.set(alive, message, ex=ttl)
+        pipe.set(alive, message, ex=ttl, get=True)
         pipe.sadd(keys.HOSTS_INDEX, alive)
         pipe.expire(keys.HOSTS_INDEX, keys.HOSTS_INDEX_TTL_SEC)
-        await pipe.execute()
-    return payload
+        _, replaced, *_ = await pipe.execute()
+    return payload, replaced
+
+
+def twin_of(replaced: bytes | None, boot_id: str) -> dict[str, Any] | None:
+    """The beat of another worker under our instance id, from the one ours replaced: a
+    beat of another boot, written since our last one, that still serves (None: ours,
+    nothing, or one that is going away)."""
+    try:
+        payload = orjson.loads(replaced)["payload"] if replaced else None
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not isinstance(payload, dict) or payload.get("boot_id") in (None, boot_id):
+        return None
+    # One going away is no twin: a worker that replaces another (same id) while it drains.
+    return None if payload.get("status") == "down" else payload
 
 
 class Presence:
@@ -125,6 +140,7 @@ class Presence:
         profile: str,
         snapshot: Snapshot,
         announcement: Snapshot,
+        on_twin: Callable[[str], None] | None = None,
     ) -> None:
         self.redis = redis
         self.outbox = outbox
@@ -136,6 +152,10 @@ class Presence:
         self.snapshot = snapshot
         self.announcement = announcement
         self.boot_id = str(uuid.uuid4())
+        self.booted_at = time.time()
+        self.on_twin = on_twin
+        self.twin_seen = False  # another worker under our id: said once
+        self.gave_way: str | None = None  # why this one stops for it
         self.beats = 0
         self.announcements = 0
         self._pending_announce = asyncio.Event()
@@ -145,8 +165,8 @@ class Presence:
         return str(self.outbox.source.instance)
 
     async def heartbeat(self) -> dict[str, Any]:
-        details = await self.snapshot()
-        payload = await beat(
+        details = {**await self.snapshot(), "booted_at": self.booted_at}
+        payload, replaced = await beat(
             self.redis,
             self.outbox,
             boot_id=self.boot_id,
@@ -154,8 +174,32 @@ class Presence:
             channel=self.health_channel,
             details=details,
         )
+        # Not at the first beat: the key may hold the last beat of a worker before us.
+        if self.beats and not self.twin_seen and (twin := twin_of(replaced, self.boot_id)):
+            self._twin_found(twin)
         self.beats += 1
         return payload
+
+    def _twin_found(self, twin: dict[str, Any]) -> None:
+        """Two workers under one instance id share a liveness key (``ps`` shows one of
+        them), a registry entry and a stream consumer name. The one started later gives
+        way (both see the other, and order their starts alike)."""
+        details = twin.get("details") if isinstance(twin.get("details"), dict) else {}
+        booted = details.get("booted_at")
+        theirs = (booted if isinstance(booted, int | float) else 0.0, str(twin["boot_id"]))
+        younger = (self.booted_at, self.boot_id) > theirs
+        said = (
+            f"another worker beats under instance id {self.instance!r} "
+            f"(node {twin.get('node')!r}, boot {twin['boot_id']}): set INSTANCE_ID (or "
+            "NODE_NAME) so that each worker has its own; "
+            + ("this one started later and stops" if younger else "it started later")
+        )
+        log.error("%s", said)
+        self.twin_seen = True
+        if younger:
+            self.gave_way = said
+            if self.on_twin is not None:
+                self.on_twin(said)
 
     async def announce(self, request: Envelope | None = None) -> dict[str, Any]:
         """``request``: a discovery request, answered on its ``reply_to`` as a reply (its

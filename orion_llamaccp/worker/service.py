@@ -159,7 +159,9 @@ class Worker:
             profile=self.profile.name,
             snapshot=self.view.details,
             announcement=self.view.announcement,
+            on_twin=self._twin_found,
         )
+        self._stop: asyncio.Event | None = None  # run's, for a reason of our own to stop
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -187,6 +189,7 @@ class Worker:
         will not wait), when they are cut short and answered as at the deadline."""
         if hurry is not None:
             self.hurry = hurry
+        self._stop = stop
         # Stream reads and pub/sub requests end where the drain begins; the listener runs
         # on to the drain's end, for the cancels of the requests it waits for.
         intake_stop, presence_stop = asyncio.Event(), asyncio.Event()
@@ -217,6 +220,8 @@ class Worker:
                 )
                 background.append(asyncio.create_task(counting, name="replicas"))
             code = await self._serve(stop, intake_stop)
+            if self.presence.gave_way is not None and self.view.error is None:
+                code = await self._fatal(ConfigError(self.presence.gave_way))
         finally:
             intake_stop.set()
             await self._drain()
@@ -304,6 +309,11 @@ class Worker:
             log.debug("deleted %d acked entries from %s", trimmed, self.channels.stream)
         if gone := await self.consumer.forget_gone_consumers():
             log.info("forgot %d consumer(s) of workers gone, with nothing pending", gone)
+
+    def _twin_found(self, reason: str) -> None:
+        """Another worker serves under our instance id and started first: we stop."""
+        if self._stop is not None:
+            self._stop.set()
 
     async def _fatal(self, exc: BaseException) -> int:
         message = self.settings.redact(str(exc))

@@ -626,6 +626,31 @@ def _ps(env: dict) -> list[dict]:
     return json.loads(done.stdout)
 
 
+def test_two_workers_under_one_instance_id_the_later_one_stops_and_says_why(
+    spawn_worker: SpawnWorker, subprocess_env: dict, recorder: BusRecorder
+) -> None:
+    """Two workers under one instance id (two containers given one ``NODE_NAME``, say)
+    wrote one liveness key and one registry entry, so ``ps`` showed one host, and read
+    the stream as one consumer, without a word. The one started later sees the other's
+    beat in the key its own replaced, says so on the bus, and exits 1; the first serves
+    on, alone in ``ps``."""
+    first = spawn_worker("twin")
+    later = spawn_worker("later", INSTANCE_ID="twin", ready=False)
+    assert later.proc is not None
+    assert later.proc.wait(60) == 1, later.log()[-3000:]
+    said = "another worker beats under instance id 'twin'"
+    errors = [m.message["payload"]["details"]["message"] for m in recorder.kinds("system.error")]
+    assert any(said in e and "this one started later" in e for e in errors), errors
+    assert said in first.log() and "it started later" in first.log()
+    assert first.proc is not None and first.proc.poll() is None
+
+    def alone_and_ready() -> list[dict]:
+        found = _ps(subprocess_env)
+        return found if [(r["instance"], r["state"]) for r in found] == [("twin", "ready")] else []
+
+    wait_until(alone_and_ready, timeout=10, what="the first worker alone and ready in ps")
+
+
 def test_a_metrics_port_it_cannot_have_fails_the_worker_on_the_bus(
     spawn_worker: SpawnWorker, recorder: BusRecorder
 ) -> None:

@@ -116,7 +116,7 @@ class WorkerProc:
     """``orion-llamaccp run`` in a child process of its own session."""
 
     def __init__(self, env: dict[str, str], *, name: str, log_dir: Path, redis_url: str) -> None:
-        self.env = {**env, "INSTANCE_ID": name}
+        self.env = {"INSTANCE_ID": name, **env}  # a test may give two workers one id
         self.name = name
         self.log_path = log_dir / f"worker-{name}.log"
         self.redis = redis.Redis.from_url(redis_url)
