@@ -135,10 +135,18 @@ class BusClient:
         channel: str | None = None,
         stream: str | None = None,
     ) -> int | None:
-        """Publish or ``XADD`` the request; for pub/sub, how many subscribers heard it."""
+        """Publish or ``XADD`` the request; for pub/sub, how many subscribers of the
+        channel heard it. Pattern subscribers (a bus monitor on ``orion:*``) are not
+        counted: one of them hearing a request no worker serves made ``NoWorker`` never
+        fire, and the caller waited out its timeout."""
         data = orjson.dumps(envelope)
         if via == "pubsub":
-            return int(await self.redis.publish(channel or keys.intake_channel(profile), data))
+            channel = channel or keys.intake_channel(profile)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                heard, [(_, subscribers)] = (
+                    await pipe.publish(channel, data).pubsub_numsub(channel).execute()
+                )
+            return min(int(heard), int(subscribers))
         await self.redis.xadd(stream or keys.intake_stream(profile), work_queue_entry(envelope))
         return None
 

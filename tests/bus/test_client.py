@@ -138,6 +138,21 @@ async def test_a_pub_sub_request_no_worker_hears_fails_at_once(redis_url: str) -
             await asyncio.wait_for(bus.chat(HI, profile="tyni", timeout=300), 5)
 
 
+async def test_a_request_only_a_pattern_subscriber_hears_fails_at_once(redis_url: str) -> None:
+    """A bus monitor subscribed to ``orion:*`` hears every request: it counted as a
+    receiver, so a request no worker serves waited out the caller's timeout."""
+    monitor = aioredis.Redis.from_url(redis_url)
+    watching = monitor.pubsub()
+    await watching.psubscribe("orion:*")
+    try:
+        async with BusClient(redis_url) as bus:
+            with pytest.raises(NoWorker, match="LlamaCppHost:tyni"):
+                await asyncio.wait_for(bus.chat(HI, profile="tyni", timeout=300), 5)
+    finally:
+        await watching.aclose()
+        await monitor.aclose()
+
+
 async def test_the_timeout_bounds_a_redis_that_answers_nothing(tmp_path: Path) -> None:
     """A frozen Redis (SIGSTOP) accepts the connection and answers nothing: the call ends
     at its timeout. Subscribing and publishing used to run outside it, for ever."""
