@@ -57,7 +57,7 @@ def test_the_profile_fills_what_the_request_leaves_out() -> None:
         {"temperature": True},  # was 1.0
         {"max_tokens": "64"},  # was 64
         {"stream": "yes"},  # was True: the caller's ``"no"`` streamed too
-        {"top_k": 5.0},  # was 5
+        {"top_k": 5.5},  # was 5
     ],
 )
 def test_an_option_of_the_wrong_type_is_refused_not_converted(options: dict[str, Any]) -> None:
@@ -69,10 +69,13 @@ def test_an_option_of_the_wrong_type_is_refused_not_converted(options: dict[str,
     assert {e["loc"] for e in error.value.errors} == {f"payload.options.{key}"}
 
 
-def test_a_whole_number_is_a_float_option_s_value() -> None:
-    """JSON has one kind of number: ``"temperature": 1`` is 1.0, as it always was."""
-    chat = ChatRequestPayload.model_validate(
-        {"messages": MESSAGES, "options": {"temperature": 1, "top_p": 1, "timeout_sec": 30}}
+def test_a_whole_number_is_a_number_of_either_kind() -> None:
+    """JSON has one kind of number: ``"temperature": 1`` is 1.0 and ``"max_tokens":
+    512.0`` (``json.dumps(512.0)``) is 512, as they always were."""
+    given = {"temperature": 1, "top_p": 1, "timeout_sec": 30, "max_tokens": 512.0, "seed": 7.0}
+    options = parse_options(
+        ChatRequestPayload.model_validate({"messages": MESSAGES, "options": given})
     )
-    options = parse_options(chat)
     assert (options.temperature, options.top_p, options.timeout_sec) == (1.0, 1.0, 30.0)
+    assert (options.max_tokens, options.seed) == (512, 7)
+    assert isinstance(options.max_tokens, int)

@@ -8,9 +8,9 @@ sampling defaults fill what the request leaves out; our own switches (``stream``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from orion_llamaccp.bus.envelope import ChatRequestPayload
 from orion_llamaccp.errors import DecodeError
@@ -50,11 +50,22 @@ PASSTHROUGH = frozenset(
 )
 
 
+def _whole(value: Any) -> Any:
+    """``512.0`` is 512 (JSON has one kind of number; ``json.dumps(512.0)`` writes it so);
+    ``512.5``, a bool or a string is left to the strict check, which refuses it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Whole = Annotated[int, BeforeValidator(_whole)]
+
+
 class ChatOptions(BaseModel):
     """``ChatRequestPayload.options``: typed where we act on a value, open otherwise.
 
     Strict: ``"seed": true`` or ``"max_tokens": "64"`` is the caller's slip, refused
-    (lax pydantic made them 1 and 64); a whole number is still a float option's value."""
+    (lax pydantic made them 1 and 64); a whole number is a number of either kind."""
 
     model_config = ConfigDict(extra="allow", frozen=True, strict=True)
 
@@ -63,13 +74,13 @@ class ChatOptions(BaseModel):
     timeout_sec: float | None = Field(None, gt=0)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: Whole | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Whole | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = None
+    seed: Whole | None = None
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     return_json: bool = False
