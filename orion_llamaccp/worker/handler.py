@@ -149,7 +149,13 @@ class ChatHandler:
     async def refuse(self, job: Job, failure: Failure) -> None:
         """Answer a job that is not served (overloaded, the worker stopping, cancelled or
         expired before it had a slot, delivered too often), counted as every answer is:
-        in the heartbeat's counters and ``/metrics``, where these used to be missing."""
+        in the heartbeat's counters and ``/metrics``, where these used to be missing.
+
+        Shielded, as ``_interrupted``'s answer is: the drain's deadline (or a second
+        SIGTERM) cancels what is left, and a refusal cut off there answered no one."""
+        await asyncio.shield(self._refuse(job, failure))
+
+    async def _refuse(self, job: Job, failure: Failure) -> None:
         if await job.ours():
             self._finished(job, failure.code, 0, None)
         await self.fail(job, failure)
