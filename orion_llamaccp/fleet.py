@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE
-from orion_llamaccp.bus.presence import liveness_ttl
+from orion_llamaccp.bus.presence import liveness_ttl, prune_hosts
 
 MISSED_BEATS = 3
 
@@ -180,20 +180,15 @@ class Fleet:
             for name in beats:
                 pipe.get(name).pttl(name)
             found = await pipe.execute()
-        gone = []
-        for name, raw in zip(announced, found[: len(announced)], strict=True):
+        for raw in found[: len(announced)]:
             if raw:
                 self.ingest(raw)
-            else:
-                gone.append(name)
         kept = found[len(announced) :]
-        for name, raw, left_ms in zip(beats, kept[::2], kept[1::2], strict=True):
+        for raw, left_ms in zip(kept[::2], kept[1::2], strict=True):
             if raw:
                 self.ingest(raw, _stored_at(raw, left_ms))
-            else:
-                gone.append(name)
-        if gone:
-            await redis.srem(keys.HOSTS_INDEX, *gone)
+        if not all(found[: len(announced)] + kept[::2]):  # a member whose key is gone
+            await prune_hosts(redis)
         return self
 
     def rows(self) -> list[dict[str, Any]]:

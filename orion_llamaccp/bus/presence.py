@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE, Envelope, SystemHealthV1
 from orion_llamaccp.bus.outbox import Outbox
+from orion_llamaccp.bus.scripts import PRUNE_HOSTS
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,16 @@ async def beat(
     return payload, replaced
 
 
+async def prune_hosts(redis: aioredis.Redis) -> int:
+    """Drop the hosts index's members whose key is gone; how many it dropped. Readers
+    run it when they find one gone, and each worker once as it starts: the index of a
+    fleet whose workers come and go under new ids (container names) would only grow."""
+    return int(await redis.eval(PRUNE_HOSTS, 1, keys.HOSTS_INDEX))
+
+
 def twin_of(replaced: bytes | None, boot_id: str) -> dict[str, Any] | None:
-    """The beat of another worker under our instance id, from the one ours replaced: a
-    beat of another boot, written since our last one, that still serves (None: ours,
-    nothing, or one that is going away)."""
+    """The beat ours replaced under our instance id's key, where it is another boot's
+    that still serves (None: ours, nothing, or one that is going away)."""
     try:
         payload = orjson.loads(replaced)["payload"] if replaced else None
     except (orjson.JSONDecodeError, KeyError, TypeError):
@@ -156,6 +163,7 @@ class Presence:
         self.on_twin = on_twin
         self.twin_seen = False  # another worker under our id: said once
         self.gave_way: str | None = None  # why this one stops for it
+        self._other: tuple[str, int] = ("", 0)  # another boot, and its beats we replaced
         self.beats = 0
         self.announcements = 0
         self._pending_announce = asyncio.Event()
@@ -165,6 +173,8 @@ class Presence:
         return str(self.outbox.source.instance)
 
     async def heartbeat(self) -> dict[str, Any]:
+        if self.gave_way is not None:  # the key is the other worker's
+            return {}
         details = {**await self.snapshot(), "booted_at": self.booted_at}
         payload, replaced = await beat(
             self.redis,
@@ -174,11 +184,23 @@ class Presence:
             channel=self.health_channel,
             details=details,
         )
-        # Not at the first beat: the key may hold the last beat of a worker before us.
-        if self.beats and not self.twin_seen and (twin := twin_of(replaced, self.boot_id)):
-            self._twin_found(twin)
         self.beats += 1
+        if not self.twin_seen and (twin := self._live_other(replaced)):
+            self._twin_found(twin)
         return payload
+
+    def _live_other(self, replaced: bytes | None) -> dict[str, Any] | None:
+        """Another boot's beat, the second of its that ours replaced: a worker that beats
+        beside us. One is not enough: a worker before us leaves its last beat under the
+        key (for three intervals), and so may a Redis restored from a copy. (Its beats
+        need not alternate with ours: one that beats less often is found out too.)"""
+        other = twin_of(replaced, self.boot_id)
+        if other is None:
+            return None
+        boot = str(other["boot_id"])
+        seen = self._other[1] + 1 if self._other[0] == boot else 1
+        self._other = (boot, seen)
+        return other if seen >= 2 else None
 
     def _twin_found(self, twin: dict[str, Any]) -> None:
         """Two workers under one instance id share a liveness key (``ps`` shows one of
@@ -204,6 +226,8 @@ class Presence:
     async def announce(self, request: Envelope | None = None) -> dict[str, Any]:
         """``request``: a discovery request, answered on its ``reply_to`` as a reply (its
         correlation id, its causality chain plus a link to it) and on the announce channel."""
+        if self.gave_way is not None:  # the registry entry is the other worker's
+            return {}
         payload = await self.announcement()
         message = self.outbox.encode(PROFILE_ANNOUNCE, payload, request=request)
         reply_to = request.reply_to if request is not None else None
@@ -241,6 +265,10 @@ class Presence:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Beat, announce on change and periodically, until ``stop``."""
+        try:
+            await prune_hosts(self.redis)
+        except Exception as exc:  # housekeeping: the beats matter more
+            log.warning("could not prune the hosts index: %s", exc)
         await asyncio.gather(
             every(self.interval, self.heartbeat, stop, "heartbeat"),
             every(

@@ -95,3 +95,17 @@ table.insert(command, '*')
 for i = 3, #ARGV do table.insert(command, ARGV[i]) end
 return redis.call(unpack(command))
 """
+
+# KEYS[1] the hosts index (``keys.HOSTS_INDEX``). Drops the members whose key is gone,
+# each checked and removed in one step: a reader that saw a key missing and removed its
+# member afterwards could drop one whose worker had just written it again.
+PRUNE_HOSTS = """
+local gone = 0
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', member) == 0 then
+    redis.call('SREM', KEYS[1], member)
+    gone = gone + 1
+  end
+end
+return gone
+"""

@@ -161,7 +161,9 @@ class Worker:
             announcement=self.view.announcement,
             on_twin=self._twin_found,
         )
-        self._stop: asyncio.Event | None = None  # run's, for a reason of our own to stop
+        # Ends serving as ``run``'s stop does, for a reason of our own (a twin found): a
+        # signal then is still the operator's first, not the second that cuts a drain.
+        self._stop_serving = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -189,7 +191,8 @@ class Worker:
         will not wait), when they are cut short and answered as at the deadline."""
         if hurry is not None:
             self.hurry = hurry
-        self._stop = stop
+        relay = asyncio.create_task(_follow(stop, self._stop_serving), name="stop")
+        stop = self._stop_serving
         # Stream reads and pub/sub requests end where the drain begins; the listener runs
         # on to the drain's end, for the cancels of the requests it waits for.
         intake_stop, presence_stop = asyncio.Event(), asyncio.Event()
@@ -235,9 +238,9 @@ class Worker:
             # three intervals, for ``ps`` and ``health``, as one that could not be built.
             await self.presence.farewell(keep_liveness=self.view.error is not None)
             await self.lane.aclose()
-            for task in background:
+            for task in (*background, relay):
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*background, relay, return_exceptions=True)
             if self.metrics is not None:
                 self.metrics.close()
         return code
@@ -312,8 +315,7 @@ class Worker:
 
     def _twin_found(self, reason: str) -> None:
         """Another worker serves under our instance id and started first: we stop."""
-        if self._stop is not None:
-            self._stop.set()
+        self._stop_serving.set()
 
     async def _fatal(self, exc: BaseException) -> int:
         message = self.settings.redact(str(exc))
@@ -780,3 +782,8 @@ def settle_gc() -> None:
 
 
 __all__ = ["Worker"]
+
+
+async def _follow(stop: asyncio.Event, then: asyncio.Event) -> None:
+    await stop.wait()
+    then.set()

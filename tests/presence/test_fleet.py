@@ -3,6 +3,7 @@ as Redis keeps them (a real Redis; the messages are written as workers write the
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from datetime import UTC, datetime, timedelta
@@ -130,3 +131,58 @@ async def test_ps_reads_the_fleet_without_scanning_the_keyspace(redis_url: str) 
         keys.liveness("orion-llamaccp", "a").encode(),
         keys.registry("tiny", "a").encode(),
     }
+
+
+async def test_the_last_beat_of_a_worker_before_is_no_twin_but_one_beating_beside_is(
+    redis_url: str,
+) -> None:
+    """A worker restarted under its id finds its predecessor's last beat under the key
+    (kept three intervals; a Redis restored from a copy may hold one too): that beat is
+    replaced once, and is no twin. A worker beating beside it is replaced again and
+    again: the one started later gives way, once, and writes nothing more; the other
+    only says so. (Real Redis, real beats; the workers' figures made up.)"""
+    redis = aioredis.Redis.from_url(redis_url)
+    gave_way: list[str] = []
+    try:
+        before = _presence(redis, "w")
+        await before.heartbeat()
+        first = _presence(redis, "w")
+        await first.heartbeat()
+        await _presence(redis, "w").heartbeat()  # a restored copy's beat, mid-life
+        for _ in range(3):
+            await first.heartbeat()
+        assert not first.twin_seen and first.gave_way is None
+        later = _presence(redis, "w")
+        later.on_twin = gave_way.append
+        for _ in range(3):
+            await later.heartbeat()
+            await first.heartbeat()
+        await later.heartbeat()
+        stays = orjson.loads(await redis.get(keys.liveness("orion-llamaccp", "w")))
+    finally:
+        await redis.aclose()
+    assert len(gave_way) == 1 and "this one started later and stops" in gave_way[0]
+    assert later.gave_way == gave_way[0] and await later.heartbeat() == {}
+    assert first.twin_seen and first.gave_way is None
+    assert stays["payload"]["boot_id"] == first.boot_id
+
+
+async def test_a_worker_that_starts_drops_index_members_whose_key_is_gone(
+    redis_url: str,
+) -> None:
+    """Workers re-created under new ids (container names) leave members behind; with no
+    one running ``ps`` the index only grew. Each worker prunes it as it starts."""
+    redis = aioredis.Redis.from_url(redis_url)
+    gone = keys.liveness("orion-llamaccp", "re-created-long-ago")
+    try:
+        await redis.sadd(keys.HOSTS_INDEX, gone)
+        presence, stop = _presence(redis, "w"), asyncio.Event()
+        running = asyncio.create_task(presence.run(stop))
+        while not presence.beats:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await running
+        indexed = await redis.smembers(keys.HOSTS_INDEX)
+    finally:
+        await redis.aclose()
+    assert indexed == {keys.liveness("orion-llamaccp", "w").encode()}, indexed

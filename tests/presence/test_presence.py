@@ -643,6 +643,9 @@ def test_two_workers_under_one_instance_id_the_later_one_stops_and_says_why(
     assert any(said in e and "this one started later" in e for e in errors), errors
     assert said in first.log() and "it started later" in first.log()
     assert first.proc is not None and first.proc.poll() is None
+    # Nothing of the later one's stop under the keys they shared: its farewell wrote
+    # its "failed" over the first's registry entry, shown until the next announcement.
+    assert first.state() == "ready"
 
     def alone_and_ready() -> list[dict]:
         found = _ps(subprocess_env)
