@@ -641,7 +641,11 @@ def test_two_workers_under_one_instance_id_the_later_one_stops_and_says_why(
     said = "another worker beats under instance id 'twin'"
     errors = [m.message["payload"]["details"]["message"] for m in recorder.kinds("system.error")]
     assert any(said in e and "this one started later" in e for e in errors), errors
-    assert said in first.log() and "it started later" in first.log()
+    wait_until(
+        lambda: said in first.log() and "it started later" in first.log(),
+        timeout=10,
+        what="the first worker to say it saw the later one",
+    )
     assert first.proc is not None and first.proc.poll() is None
     # Nothing of the later one's stop under the keys they shared: its farewell wrote
     # its "failed" over the first's registry entry, shown until the next announcement.
