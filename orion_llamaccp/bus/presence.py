@@ -265,11 +265,8 @@ class Presence:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Beat, announce on change and periodically, until ``stop``."""
-        try:
-            await prune_hosts(self.redis)
-        except Exception as exc:  # housekeeping: the beats matter more
-            log.warning("could not prune the hosts index: %s", exc)
         await asyncio.gather(
+            self._prune(),
             every(self.interval, self.heartbeat, stop, "heartbeat"),
             every(
                 self.announce_interval,
@@ -280,6 +277,13 @@ class Presence:
             ),
             self._announcer(stop),
         )
+
+    async def _prune(self) -> None:
+        """Housekeeping beside the first beat, not before it."""
+        try:
+            await prune_hosts(self.redis)
+        except Exception as exc:
+            log.warning("could not prune the hosts index: %s", exc)
 
     async def farewell(self, *, keep_liveness: bool = False) -> None:
         """A last beat and announcement, then (a clean stop) remove our liveness key."""

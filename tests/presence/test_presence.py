@@ -125,7 +125,7 @@ async def test_heartbeats_keep_coming_during_a_download_and_a_generation(
         size,
     ):
         during_download = await downloading(recorder, worker.name, 8)
-        assert hold.reached.is_set()
+        assert hold.reached.wait(30)  # the first beat may come before the hold
         assert {b["status"] for b in during_download} == {"degraded"}
         progress = during_download[-1]["details"]["progress"]
         assert progress["phase"] == "downloading" and progress["filename"] == "slow.gguf"
@@ -176,7 +176,7 @@ async def test_health_is_the_worker_s_own_beat_healthy_while_downloading_and_gon
     assert health(subprocess_env, "w1").returncode == 1
     with held_download(spawn_worker, slow_model, tmp_path) as (worker, hold, _):
         await downloading(recorder, "w1")
-        assert hold.reached.is_set()
+        assert hold.reached.wait(30)  # the first beat may come before the hold
         told = health(subprocess_env, "w1")
         assert told.returncode == 0, told.stdout + told.stderr
         assert told.stdout.startswith("healthy: orion-llamaccp w1: degraded (downloading)")
@@ -204,7 +204,7 @@ async def test_a_stop_during_a_stalled_download_exits_without_waiting_for_the_re
         spawn_worker, slow_model, tmp_path, ORION_LLAMACPP_DOWNLOAD_STALL_SEC="60"
     ) as (worker, hold, _):
         await downloading(recorder, "w1")
-        assert hold.reached.is_set()
+        assert hold.reached.wait(30)  # the first beat may come before the hold
         worker.signal(signal.SIGTERM)
         try:
             # Bounds the wait only: held, the read would end when the hub lets go (30 s).
