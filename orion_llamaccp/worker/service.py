@@ -781,9 +781,10 @@ def settle_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
-__all__ = ["Worker"]
-
-
 async def _follow(stop: asyncio.Event, then: asyncio.Event) -> None:
+    """Set ``then`` once ``stop`` is."""
     await stop.wait()
     then.set()
+
+
+__all__ = ["Worker"]
