@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import orjson
@@ -26,7 +27,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.codec import decode_envelope
-from orion_llamaccp.bus.envelope import CHAT_CANCEL, CHAT_REQUEST, Envelope, ServiceRef
+from orion_llamaccp.bus.envelope import CHAT_CANCEL, CHAT_REQUEST, Envelope, ServiceRef, as_utc
 from orion_llamaccp.bus.outbox import Outbox, chunk_channel
 from orion_llamaccp.errors import DecodeError, NoWorker
 
@@ -221,6 +222,7 @@ class BusClient:
         self, pubsub: Any, request: dict[str, Any], sent: float, listeners: _Listeners
     ) -> ChatResult:
         reply_to, correlation_id = request["reply_to"], _canonical(request["correlation_id"])
+        sent_at = _created_at(request)
         assembler = ChunkAssembler()
         first_chunk = None
         while True:
@@ -238,7 +240,7 @@ class BusClient:
             else:  # the answer, whatever it is: the first message on reply_to
                 envelope = decode_envelope(message["data"])
                 return _result(envelope, assembler, first_chunk, sent)
-            if str(envelope.correlation_id) != correlation_id:
+            if str(envelope.correlation_id) != correlation_id or not _answers(envelope, sent_at):
                 continue  # another request's, on a stream_channel they share
             attempt = assembler.attempt
             delta = assembler.add(envelope.payload)
@@ -255,6 +257,24 @@ class BusClient:
             CHAT_CANCEL, {"correlation_id": correlation_id}, correlation_id=correlation_id
         )
         await self.redis.publish(channel, message)
+
+
+def _created_at(request: dict[str, Any]) -> datetime | None:
+    try:
+        return as_utc(datetime.fromisoformat(str(request.get("created_at"))))
+    except ValueError:
+        return None
+
+
+def _answers(chunk: Envelope, sent_at: datetime | None) -> bool:
+    """Whether ``chunk`` answers the request created at ``sent_at``: the last link of its
+    causality chain is the request. A flow's requests may share a correlation id, and on
+    one ``stream_channel`` their chunks were taken for each other's. A chunk without a
+    chain (another implementation's), or a request whose time cannot be read, is judged
+    by the correlation id alone."""
+    if not chunk.causality_chain or sent_at is None:
+        return True
+    return chunk.causality_chain[-1].created_at == sent_at
 
 
 def _result(

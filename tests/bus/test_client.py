@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 
 import orjson
@@ -19,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
+from orion_llamaccp.bus.codec import decode_envelope
 from orion_llamaccp.bus.envelope import CHAT_CHUNK, CHAT_RESULT, ServiceRef
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.client import BusClient
@@ -128,6 +130,32 @@ async def test_chunks_of_another_attempt_than_the_answer_s_are_not_its_text_stan
         )
     assert result.ok and result.content == ""
     assert (result.streamed_text, result.chunks) == ("", [])
+
+
+async def test_chunks_of_a_sibling_request_of_one_correlation_id_are_not_mixed_stand_in_worker(
+    redis_url: str,
+) -> None:
+    """Two requests of one flow share its correlation id and one ``stream_channel``: the
+    chunks of each are told apart by the request their causality chain links to. The
+    client took the sibling's chunks for its own, and its streamed text mixed both."""
+    shared = "ui:flow9:tokens"
+
+    async def reply(request: dict, redis: aioredis.Redis) -> None:
+        mine = decode_envelope(orjson.dumps(request))
+        sibling = mine.model_copy(update={"created_at": mine.created_at - timedelta(seconds=1)})
+        sent = ((mine, 0, "Hello"), (sibling, 0, "Bye"), (sibling, 1, " now"), (mine, 1, " there"))
+        for whose, seq, delta in sent:  # the sibling's seq 1 first: taken, ours was dropped
+            payload = {"seq": seq, "delta": delta, "attempt": 1}
+            chunk = OUTBOX.envelope(CHAT_CHUNK, payload, request=whose)
+            await redis.publish(shared, orjson.dumps(chunk))
+        result = OUTBOX.envelope(CHAT_RESULT, {"content": "Hello there"}, request=mine)
+        await redis.publish(request["reply_to"], orjson.dumps(result))
+
+    async with standing_in(redis_url, reply), BusClient(redis_url) as bus:
+        result = await bus.chat(
+            HI, profile=PROFILE, stream=True, options={"stream_channel": shared}, timeout=10
+        )
+    assert result.streamed_text == "Hello there" == result.content, result.streamed_text
 
 
 async def test_a_pub_sub_request_no_worker_hears_fails_at_once(redis_url: str) -> None:
