@@ -281,11 +281,18 @@ async def test_a_stalled_worker_s_late_result_leaves_the_stored_one_alone(
 
 async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) -> None:
     first = fault.spawn(
-        "first", slow=True, parallel=2, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="2", **RECLAIM
+        "first",
+        slow=True,
+        parallel=2,
+        ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="2",
+        # Its llama-server is frozen for the rest of its life (below): not a wedge to
+        # restart, for this test (three /health polls of 5 s).
+        ORION_LLAMACPP_HEALTH_TIMEOUT_SEC="5",
+        **RECLAIM,
     )
     long = [
         fault.ledger.add(
-            fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 6000})
+            fault.client.request(hi, profile="tiny", options={"stream": True, "max_tokens": 1500})
         )
         for _ in range(2)
     ]
@@ -297,6 +304,12 @@ async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) ->
         await fault.client.send(envelope, profile="tiny", via="stream")
     for envelope in long:
         await first_chunk(fault, envelope)
+    # llama-server frozen from here on: the long ones hold both slots, and are still
+    # running when the drain ends, however fast the machine (the worker's stop then wakes
+    # it with its SIGTERM). Frozen only before the SIGTERM, 6,000 tokens each had to
+    # outlast the steps below on a fast VM, and the second worker, which generates them
+    # again, ran past the 120 s wait on a VM three times slower.
+    os.kill(first.engine_pid(), signal.SIGSTOP)
     for envelope in short:  # wait in the stream: both slots are busy
         await fault.client.send(envelope, profile="tiny", via="stream")
     pubsub = fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 5}))
@@ -313,9 +326,6 @@ async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) ->
 
     await wait_until_async(settled, timeout=30, what="the pub/sub request queued")
     assert not fault.ledger.answers(pubsub), fault.ledger.answers(pubsub)[0]["payload"]
-    # llama-server frozen from here on: the long ones are still running when the drain
-    # ends, however fast the machine (the worker's stop then wakes it with its SIGTERM).
-    os.kill(first.engine_pid(), signal.SIGSTOP)
     first.signal(signal.SIGTERM)
     assert first.proc is not None and first.proc.wait(30) == 0
     states = [

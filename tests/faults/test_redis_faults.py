@@ -75,19 +75,24 @@ async def test_redis_killed_and_restarted(fault: Fault, hi: list, fault_appendon
     are answered exactly once, successfully. Without persistence the three unread ones
     are gone with Redis and never answered, and the one in hand is still answered, once.
     Either way the worker comes back by itself and serves both intakes."""
-    fault.spawn("w", slow=True, parallel=1)
-    # Long enough to be still generating when Redis and the recorder are back, so that
-    # the recorder hears its answer: 3,000 tokens ended before the recorder was back on
-    # a fast VM (the slow model ran them in about 1.5 s), and the test counted one lost.
+    # A frozen llama-server is noticed after three /health polls of 5 s here, far beyond
+    # the outage below; this test is not about that.
+    worker = fault.spawn("w", slow=True, parallel=1, ORION_LLAMACPP_HEALTH_TIMEOUT_SEC="5")
+    engine = worker.engine_pid()
     generating = fault.ledger.add(
         fault.client.request(
-            hi, profile="tiny", options={"stream": True, "max_tokens": 8000, "ignore_eos": True}
+            hi, profile="tiny", options={"stream": True, "max_tokens": 1000, "ignore_eos": True}
         )
     )
     await fault.client.send(generating, profile="tiny", via="stream")
     await wait_until_async(
         lambda: fault.recorder.on(generating["reply_to"] + ":chunks"), what="first chunk"
     )
+    # Still generating when Redis and the recorder are back, so that the recorder hears
+    # its answer, on any machine: llama-server is frozen through the outage. (A length
+    # did it before: 8,000 tokens outlasted the outage on a fast VM, where 3,000 did not,
+    # and ran past the 120 s wait below on a VM three times slower.)
+    os.kill(engine, signal.SIGSTOP)
     waiting = [
         fault.client.request(
             hi, profile="tiny", options={"stream": True, "max_tokens": 200, "ignore_eos": True}
@@ -105,7 +110,10 @@ async def test_redis_killed_and_restarted(fault: Fault, hi: list, fault_appendon
     await asyncio.sleep(1.5)  # the worker's calls fail meanwhile
     fault.redis.start()
     restarted = time.monotonic()
-    await wait_until_async(fault.recorder.subscribed.is_set, what="recorder back")
+    try:
+        await wait_until_async(fault.recorder.subscribed.is_set, what="recorder back")
+    finally:
+        os.kill(engine, signal.SIGCONT)
     await back_on_the_bus(fault, restarted)
     assert_exactly_once(await fault.ledger.settle(timeout=120))
     for envelope in [generating, *waiting] if fault_appendonly else [generating]:
