@@ -444,7 +444,8 @@ _READ_ELSEWHERE = frozenset(
 )
 
 
-_NAMED_LIKE_OURS = ("LLAMACPP_", "ORION_LLAMACPP_", "LLM_")
+_ALWAYS_OURS = ("LLAMACPP_", "ORION_LLAMACPP_")  # every name with these prefixes is ours
+_NAMED_LIKE_OURS = (*_ALWAYS_OURS, "LLM_")
 
 
 def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -459,7 +460,7 @@ def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     for name in sorted(environ):
         if name in known or name in _READ_ELSEWHERE or not name.startswith(_NAMED_LIKE_OURS):
             continue  # (difflib for every variable of a shell costs milliseconds at start)
-        ours = name.startswith(("LLAMACPP_", "ORION_LLAMACPP_"))
+        ours = name.startswith(_ALWAYS_OURS)
         near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
         if ours or near:
             hint = f" (did you mean {near[0]}?)" if near else ""

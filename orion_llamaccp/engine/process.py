@@ -120,7 +120,7 @@ class LlamaProcess:
         self._looked_at = now
         work = _work_done(self.pid)
         if work is not None and self._work is not None and work != self._work:
-            self.last_busy_at = time.monotonic()
+            self.last_busy_at = now
         self._work = work
 
     @property

@@ -727,7 +727,7 @@ class Worker:
         fields = {
             "original_stream": self.channels.stream,
             "original_message_id": job.entry.entry_id,
-            "error": self.settings.redact(error)[:2000],
+            "error": error[:2000],  # redacted with the failure (``Failure.redacted``)
             "reason": reason,
             "attempt": str(job.first_attempt),
             "failed_at_ms": str(int(time.time() * 1000)),
