@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import CHAT_CANCEL
+from orion_llamaccp.bus.scripts import DEAD_LETTER_ONCE
 from orion_llamaccp.client import BusClient, work_queue_entry
 from orion_llamaccp.worker.jobs import decode_job
 from tests.bus.conftest import SpawnWorker
@@ -289,6 +290,9 @@ async def test_an_entry_whose_worker_died_after_its_dead_letter_has_one_dead_let
     client = aioredis.Redis.from_url(redis_url)
     try:
         first = spawn_worker("first", ORION_BUS_URL=proxy.url)
+        # Known to Redis, as after any dead letter before: otherwise the script's first
+        # EVALSHA gets NOSCRIPT, whose reply the proxy holds, and nothing is written.
+        await client.script_load(DEAD_LETTER_ONCE)
         envelope = bus.request(HI, profile="tiny")
         envelope["kind"] = "llm.embed.request"  # never servable: dead-lettered
         proxy.arm((STREAM + ":dlq").encode())
