@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,21 @@ if v and cjson.decode(v)['owner'] == ARGV[1] and cjson.decode(v)['state'] == 'ru
 end
 return 0
 """
+
+# Compare-and-delete of answered claims (``Claims.give_back``): only those still ours.
+_GIVE_BACK = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then n = n + redis.call('DEL', key) end
+end
+return n
+"""
+# How long a message without an id stays claimed once answered. Every replica hears each
+# pub/sub message, and one whose read or claim lags (a backed-up inbox, a stalled process,
+# a claim retried through a Redis blip: up to 5 s) must still find it claimed, or it
+# answers it again. The same bytes sent again in this time go to the replica that
+# answered them (it finds its own claim), not to the others.
+ANSWERED_CLAIM_SEC = 10
 
 
 def idempotency_key(envelope: Envelope, chat: ChatRequestPayload) -> str:
@@ -83,6 +99,9 @@ class Claims:
         self.lane = lane or Lane(redis)  # the claim and the record stand before a first token
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._give_back = redis.register_script(_GIVE_BACK)
+        # Messages without an id answered here, with when their claims lapse.
+        self._answered: dict[str, float] = {}
 
     async def claim_message(self, message_key: str, instance: str) -> bool:
         """Pub/sub: True for the one replica that may serve this message.
@@ -99,15 +118,31 @@ class Claims:
 
         return await with_retry("claiming a message", claim, retry_for=5.0)
 
-    @staticmethod
-    def stage_forget(message_key: str) -> Stage:
-        """Give a message's claim up as it is answered: for a message without an id, whose
-        claim key is its content, so that the same bytes sent again (a legacy caller's
-        retry) are a new request any replica may claim. Kept, the claim held them for the
-        replica that answered, and for none if it had left (draining, say: exactly when a
-        retry comes). A replica that hears the first send after this claims it too; pub/sub
-        fan-out makes that a matter of a backed-up inbox, not of milliseconds."""
-        return ("DEL", keys.claim(message_key))
+    def stage_answered(self, message_key: str) -> Stage:
+        """Shorten a message's claim to ``ANSWERED_CLAIM_SEC`` as it is answered: for a
+        message without an id, whose claim key is its content, so that the same bytes sent
+        later (a legacy caller's retry) are a new request any replica may claim. Kept for
+        the dedup TTL, the claim held them for the replica that answered, and for none if
+        it had left (a drain, exactly when a retry comes): a worker that leaves gives its
+        answered claims back at once (``give_back``)."""
+        now = time.monotonic()
+        self._answered.pop(message_key, None)  # kept in the order of their deadlines
+        self._answered[message_key] = now + ANSWERED_CLAIM_SEC
+        while next(iter(self._answered.values())) < now:  # the one just set is not
+            del self._answered[next(iter(self._answered))]
+        return ("EXPIRE", keys.claim(message_key), ANSWERED_CLAIM_SEC)
+
+    async def give_back(self, instance: str) -> int:
+        """Leaving: release the claims of messages answered in the last
+        ``ANSWERED_CLAIM_SEC`` that ``instance`` still holds, for a resend to find a
+        replica that stays. Returns how many. A replica that hears such a message only
+        now answers it a second time: the price of not losing the resend."""
+        now = time.monotonic()
+        held = [keys.claim(k) for k, until in self._answered.items() if until > now]
+        self._answered.clear()
+        if not held:
+            return 0
+        return int(await self._give_back(keys=held, args=[instance]))
 
     async def subscribers(self, channel: str) -> int:
         """How many clients listen on ``channel`` (replicas, on an intake channel)."""

@@ -101,6 +101,7 @@ class FailedStart:
                     answered += 1
                 else:
                     log.info("request %s claimed by a replica: left to it", job.request_id)
+            await claims.give_back(self.settings.instance_id)  # exiting: a resend goes on
             return answered
         finally:
             await lane.aclose()
@@ -118,5 +119,5 @@ class FailedStart:
         message = result_message(self.outbox, job, payload)
         stages = [publisher.stage_result(reply_to, job.delivery_id, message)]
         if job.occurrence:  # a message without an id: its resend is a new request
-            stages.insert(0, claims.stage_forget(job.key))
+            stages.insert(0, claims.stage_answered(job.key))
         await publisher.commit("result", stages)

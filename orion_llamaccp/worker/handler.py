@@ -421,8 +421,8 @@ class ChatHandler:
         """
         job.answering = True
         stages = list(before or ())
-        if job.occurrence:  # a pub/sub message without an id: see Claims.stage_forget
-            stages.insert(0, self.claims.stage_forget(job.key))
+        if job.occurrence:  # a pub/sub message without an id: see Claims.stage_answered
+            stages.insert(0, self.claims.stage_answered(job.key))
         reply_to = job.reply_to
         if reply_to:
             message = result_message(self.outbox, job, payload)

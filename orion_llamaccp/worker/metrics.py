@@ -64,6 +64,13 @@ class Metrics:
             registry=reg,
         )
         tokens.labels(**labels).set_function(lambda: worker.stats.tokens)
+        lost = Gauge(
+            "orion_llamacpp_claims_lost",
+            "Pub/sub requests another replica claimed (every replica hears each one)",
+            list(labels),
+            registry=reg,
+        )
+        lost.labels(**labels).set_function(lambda: worker.view.claims_lost)
         restarts = Gauge(
             "orion_llamacpp_engine_restarts", "llama-server restarts", list(labels), registry=reg
         )

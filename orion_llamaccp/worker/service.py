@@ -21,8 +21,9 @@ from typing import Any
 from uuid import UUID
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
-from orion_llamaccp.bus.claims import Claims
+from orion_llamaccp.bus.claims import ANSWERED_CLAIM_SEC, Claims
 from orion_llamaccp.bus.codec import decode_envelope, loads_object
 from orion_llamaccp.bus.envelope import as_utc
 from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry, not_started
@@ -228,6 +229,7 @@ class Worker:
         finally:
             intake_stop.set()
             await self._drain()
+            await self._give_back_claims()
             self.intake.stop.set()
             presence_stop.set()
             # Ended, not only told to: a beat on its way (a slow Redis) that landed after
@@ -361,6 +363,20 @@ class Worker:
             )
         await self._wait_in_flight(deadline)
         await self.supervisor.stop()
+
+    async def _give_back_claims(self) -> None:
+        """Answered messages without an id stay claimed a while (``Claims.stage_answered``);
+        a worker that leaves frees them, so that a resend finds a replica that stays."""
+        if self.presence.gave_way is not None:  # its twin holds claims under the same name
+            return
+        try:
+            await asyncio.wait_for(self.claims.give_back(self.settings.instance_id), 2.0)
+        except (RedisError, TimeoutError) as exc:
+            log.warning(
+                "answered claims not given back (they lapse in %d s): %s",
+                ANSWERED_CLAIM_SEC,
+                self.settings.redact(str(exc)),
+            )
 
     def _pending(self) -> list[asyncio.Task[None]]:
         pending = self.inflight.pending()
@@ -498,6 +514,7 @@ class Worker:
         alone any more, so the next messages wait for their claims instead of each costing
         a cut-off generation until the next count."""
         if claim_outcome(claim) is False:
+            self.view.claims_lost += 1
             self.alone = False
 
     def _start_before_claim(self) -> bool:
@@ -541,6 +558,7 @@ class Worker:
         finally:
             self.unsettled -= 1
         if not won:
+            self.view.claims_lost += 1
             return  # another replica serves it
         if job.decode_error is not None:
             self.inflight.spawn(self.handler.handle(job), job)

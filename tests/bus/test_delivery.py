@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -21,7 +22,13 @@ from orion_llamaccp.bus import keys
 from orion_llamaccp.client import BusClient, Via
 from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
-from tests.support.procs import RedisServer, pid_alive, wait_stream_acked, wait_until_async
+from tests.support.procs import (
+    RedisServer,
+    free_port,
+    pid_alive,
+    wait_stream_acked,
+    wait_until_async,
+)
 from tests.support.proxy import HoldingProxy
 from tests.support.workers import BusRecorder, EngineProbe, wait_replicas_counted
 
@@ -523,6 +530,46 @@ async def test_a_legacy_dict_sent_again_after_its_replica_left_is_answered_by_an
         await raw.aclose()
     second = recorder.on(channel)[1].message["payload"]
     assert "content" in second and second["meta"]["instance"] != answered_by, second
+
+
+async def test_a_replica_that_hears_an_answered_message_late_stays_silent(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
+) -> None:
+    """A message without an id is claimed under its bytes. The replica that answered it
+    gave the claim up at once (so that the same bytes sent again are a new request), and a
+    replica whose read lagged behind the whole request (a backed-up inbox; stopped here
+    with SIGSTOP while the other answered) then won the claim and answered the same send a
+    second time (seen as a flake of the test above on a slow VM). It finds the claim held
+    now, and counts it lost."""
+    port = free_port()
+    first = spawn_worker("r1")
+    late = spawn_worker("r2", METRICS_PORT=str(port))
+    await wait_replicas_counted(recorder, redis_url, INTAKE, [first.name, late.name])
+    envelope = bus.request(HI, profile="tiny", options={"max_tokens": TOKENS})
+    del envelope["id"]
+    reply_to = envelope["reply_to"]
+    os.kill(late.pid, signal.SIGSTOP)
+    try:
+        await bus.send(envelope, profile="tiny")
+        await _results(recorder, [envelope])
+    finally:
+        os.kill(late.pid, signal.SIGCONT)
+    await wait_until_async(
+        lambda: len(recorder.on(reply_to)) > 1 or _claims_lost(port) > 0,
+        timeout=30,
+        what="the late replica's claim settled",
+    )
+    answers = [m.message["payload"] for m in recorder.on(reply_to)]
+    assert len(answers) == 1, answers
+    assert answers[0]["meta"]["instance"] == first.name, answers[0]
+    assert _claims_lost(port) == 1
+
+
+def _claims_lost(port: int) -> float:
+    """A worker's ``orion_llamacpp_claims_lost`` gauge, from its /metrics endpoint."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    line = next(x for x in text.splitlines() if x.startswith("orion_llamacpp_claims_lost{"))
+    return float(line.rsplit(" ", 1)[1])
 
 
 async def test_a_request_not_before_its_time_reaches_llama_server_only_then(
