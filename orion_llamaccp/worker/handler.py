@@ -21,6 +21,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from redis.exceptions import OutOfMemoryError
+
 from orion_llamaccp.bus.claims import Claims, idempotency_key
 from orion_llamaccp.bus.codec import decode_chat
 from orion_llamaccp.bus.envelope import (
@@ -52,6 +54,9 @@ from orion_llamaccp.worker.llama_request import ChatOptions, parse_options
 from orion_llamaccp.worker.stats import Stats
 
 log = logging.getLogger(__name__)
+# Redis away longer than our retries, or at its ``maxmemory`` (``noeviction``) refusing
+# writes: not a bug of the request's (no traceback, no ``internal_error``).
+REDIS_AWAY = (*TRANSIENT, OutOfMemoryError)
 
 StreamOp = Callable[[Job], Awaitable[None]]
 StageAck = Callable[[Job], Stage | None]
@@ -110,7 +115,7 @@ class ChatHandler:
             )
         except Failure as failure:
             outcome = failure.code
-            await self.fail(job, failure)
+            await self._fail_or_log(job, failure)
         except LeavePending as why:
             outcome = "left_pending"
             log.warning(
@@ -124,11 +129,11 @@ class ChatHandler:
             await self._interrupted(job)
             if not job.user_cancelled:
                 raise
-        except TRANSIENT as exc:  # Redis stayed away longer than our retries
+        except REDIS_AWAY as exc:  # away longer than our retries, or refusing writes
             outcome = "redis_unavailable"
             log.error("request %s: Redis unavailable (%s)", job.request_id, exc)
             if job.entry is None:
-                with contextlib.suppress(*TRANSIENT):
+                with contextlib.suppress(*REDIS_AWAY):
                     await self.fail(
                         job, Failure("engine_unavailable", "bus unavailable", retryable=True)
                     )
@@ -136,7 +141,7 @@ class ChatHandler:
         except Exception as exc:  # a bug must not take the worker down, nor lose the answer
             log.exception("request %s failed unexpectedly", job.request_id)
             outcome = "internal_error"
-            await self.fail(
+            await self._fail_or_log(
                 job, Failure("internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
             )
         finally:
@@ -145,6 +150,21 @@ class ChatHandler:
             self.stats.in_flight -= 1
             if outcome is not None:
                 self._finished(job, outcome, tokens, ttft)
+
+    async def _fail_or_log(self, job: Job, failure: Failure) -> None:
+        """``fail``, whose answer can fail too (Redis refusing writes at its ``maxmemory``,
+        or away past the retries): said in the log with the request, not raised out of
+        ``handle`` (asyncio reported it only as a task's exception never retrieved). A
+        stream entry stays pending, and its redelivery is answered."""
+        try:
+            await self.fail(job, failure)
+        except Exception as exc:
+            log.error(
+                "request %s: its answer (%s) could not be sent: %s",
+                job.request_id,
+                failure.code,
+                self.settings.redact(f"{type(exc).__name__}: {exc}"),
+            )
 
     async def refuse(self, job: Job, failure: Failure) -> None:
         """Answer a job that is not served (overloaded, the worker stopping, cancelled or

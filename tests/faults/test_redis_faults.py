@@ -268,3 +268,58 @@ async def test_a_slot_is_free_while_its_result_waits_on_redis(fault: Fault, hi: 
         await fault.raw.client_unpause()
     assert_exactly_once(await fault.ledger.settle(timeout=30))
     assert fault.ledger.answers(envelope)[0]["payload"]["usage"]["completion_tokens"] == SLOT_TOKENS
+
+
+@pytest.mark.parametrize("request_kind", ["served", "malformed"])
+async def test_a_request_redis_refuses_to_record_is_logged_and_answered_at_redelivery(
+    fault: Fault, hi: list, request_kind: str
+) -> None:
+    """Redis at its ``maxmemory`` (``noeviction``) refuses writes while the worker serves a
+    stream request it has read. A valid one: the refused idempotency record was taken for
+    a bug (a traceback, an ``internal_error``). A malformed one: its failure's answer was
+    refused too, and ``fail`` raised out of ``handle``, reported by asyncio only as a task
+    exception never retrieved, the request not named. The log names the request now,
+    without a traceback; the entry stays pending, and once Redis takes writes again its
+    redelivery is answered, once."""
+    worker = fault.spawn("w", ORION_LLAMACPP_CLAIM_IDLE_MS="1500")
+    if request_kind == "served":  # read, and then Redis refuses writes, before it is served
+        due = time.time() + 3.0
+        trace = {"work": {"not_before_ms": int(due * 1000)}}
+        request = fault.client.request(hi, profile="tiny", options={"max_tokens": 4}, trace=trace)
+    else:  # refused as it is read: read only once Redis refuses writes (XREADGROUP is let be)
+        request = fault.client.request(hi, profile="tiny", options={"max_tokens": "lots"})
+        os.kill(worker.pid, signal.SIGSTOP)
+    envelope = fault.ledger.add(request)
+    try:
+        await fault.client.send(envelope, profile="tiny", via="stream")
+        if request_kind == "served":
+            await wait_until_async(
+                lambda: _pending_is(fault, 1), timeout=10, what="the entry read by the worker"
+            )
+        await fault.raw.config_set("maxmemory-policy", "noeviction")
+        await fault.raw.config_set("maxmemory", 1)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    said = "Redis unavailable" if request_kind == "served" else "could not be sent"
+    try:
+        await wait_until_async(lambda: said in worker.log(), timeout=30, what="the refusal logged")
+        assert fault.ledger.answers(envelope) == []
+        assert await _pending_is(fault, 1)
+    finally:
+        await fault.raw.config_set("maxmemory", 0)
+    assert_exactly_once(await fault.ledger.settle(timeout=30))
+    [answer] = fault.ledger.answers(envelope)
+    if request_kind == "served":
+        assert "content" in answer["payload"], answer
+    else:
+        assert answer["payload"]["error"] == "validation_failed", answer
+        assert await fault.raw.xlen(f"{STREAM}:dlq") == 1
+    [line] = [x for x in worker.log().splitlines() if said in x]
+    assert envelope["id"] in line, line
+    log = worker.log()
+    assert "Traceback" not in log and "never retrieved" not in log, log[-3000:]
+    await wait_stream_acked(fault.raw, STREAM, GROUP)
+
+
+async def _pending_is(fault: Fault, count: int) -> bool:
+    return (await group_state(fault))[1] == count
