@@ -1,5 +1,5 @@
-"""Redis misbehaves: killed and restarted, frozen, refusing writes, and a caller that never
-reads."""
+"""Redis misbehaves: killed and restarted, frozen, refusing writes (its writes paused, or at
+its maxmemory), and a caller that never reads."""
 
 from __future__ import annotations
 
