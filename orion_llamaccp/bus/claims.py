@@ -43,6 +43,28 @@ end
 return 0
 """
 
+# A claim taken again: one this worker holds (its TTL renewed: a resend of a message
+# without an id, whose answered claim is about to lapse), or one that lapsed since the
+# ``SET NX`` failed (in the same step, or every replica could find it gone and give up).
+_CLAIM_AGAIN = """
+local v = redis.call('GET', KEYS[1])
+if v == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+  return 1
+end
+if v == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"""
+# An answered claim kept ARGV[2] seconds more, or given up (0), if it is still ours: it may
+# have lapsed and gone to another replica for a later send.
+_ANSWERED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then return redis.call('DEL', KEYS[1]) end
+return redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+"""
 # Compare-and-delete of answered claims (``Claims.give_back``): only those still ours.
 _GIVE_BACK = """
 local n = 0
@@ -57,6 +79,10 @@ return n
 # answers it again. The same bytes sent again in this time go to the replica that
 # answered them (it finds its own claim), not to the others.
 ANSWERED_CLAIM_SEC = 10
+# How long ``give_back`` remembers an answered claim: its EXPIRE may land well after the
+# answer was staged (a commit retried through a Redis outage); giving back one that
+# lapsed meanwhile is harmless.
+_ANSWERED_KEPT_SEC = 6 * ANSWERED_CLAIM_SEC
 
 
 def idempotency_key(envelope: Envelope, chat: ChatRequestPayload) -> str:
@@ -99,8 +125,11 @@ class Claims:
         self.lane = lane or Lane(redis)  # the claim and the record stand before a first token
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._claim_again = redis.register_script(_CLAIM_AGAIN)
         self._give_back = redis.register_script(_GIVE_BACK)
-        # Messages without an id answered here, with when their claims lapse.
+        self.answered_sec = min(ANSWERED_CLAIM_SEC, dedup_ttl)
+        self.leaving = False  # out of the channel: answered claims are given up at once
+        # Messages without an id answered here, with when (monotonic).
         self._answered: dict[str, float] = {}
 
     async def claim_message(self, message_key: str, instance: str) -> bool:
@@ -113,32 +142,36 @@ class Claims:
         async def claim() -> bool:
             if await self.lane.call("SET", redis_key, instance, "NX", "EX", self.dedup_ttl):
                 return True
-            holder = await self.lane.call("GET", redis_key)
-            return holder is not None and holder.decode() == instance
+            again = await self._claim_again(keys=[redis_key], args=[instance, self.dedup_ttl])
+            return bool(again)
 
         return await with_retry("claiming a message", claim, retry_for=5.0)
 
-    def stage_answered(self, message_key: str) -> Stage:
+    def stage_answered(self, message_key: str, instance: str) -> Stage:
         """Shorten a message's claim to ``ANSWERED_CLAIM_SEC`` as it is answered: for a
         message without an id, whose claim key is its content, so that the same bytes sent
         later (a legacy caller's retry) are a new request any replica may claim. Kept for
         the dedup TTL, the claim held them for the replica that answered, and for none if
-        it had left (a drain, exactly when a retry comes): a worker that leaves gives its
-        answered claims back at once (``give_back``)."""
-        now = time.monotonic()
-        self._answered.pop(message_key, None)  # kept in the order of their deadlines
-        self._answered[message_key] = now + ANSWERED_CLAIM_SEC
-        while next(iter(self._answered.values())) < now:  # the one just set is not
-            del self._answered[next(iter(self._answered))]
-        return ("EXPIRE", keys.claim(message_key), ANSWERED_CLAIM_SEC)
+        it had left (a drain, exactly when a retry comes). A worker that is ``leaving``
+        (out of the channel) gives the claim up at once, and gives back those it answered
+        before (``give_back``). Sent whole (``EVAL``): ``Publisher.commit`` reloads only
+        its own scripts."""
+        seconds = 0 if self.leaving else self.answered_sec
+        if seconds:
+            now = time.monotonic()
+            self._answered.pop(message_key, None)  # kept in the order they were answered
+            self._answered[message_key] = now
+            while next(iter(self._answered.values())) < now - _ANSWERED_KEPT_SEC:
+                del self._answered[next(iter(self._answered))]
+        return ("EVAL", _ANSWERED, 1, keys.claim(message_key), instance, seconds)
 
     async def give_back(self, instance: str) -> int:
-        """Leaving: release the claims of messages answered in the last
-        ``ANSWERED_CLAIM_SEC`` that ``instance`` still holds, for a resend to find a
-        replica that stays. Returns how many. A replica that hears such a message only
-        now answers it a second time: the price of not losing the resend."""
-        now = time.monotonic()
-        held = [keys.claim(k) for k, until in self._answered.items() if until > now]
+        """Leaving: release the claims of messages answered lately that ``instance``
+        still holds, for a resend to find a replica that stays; returns how many. A
+        replica that hears such a message only now answers it a second time: the price of
+        not losing the resend."""
+        self.leaving = True
+        held = [keys.claim(k) for k in self._answered]
         self._answered.clear()
         if not held:
             return 0

@@ -90,6 +90,7 @@ class FailedStart:
         lane = Lane(self.redis)
         try:
             claims = Claims(self.redis, profile=self.profile, dedup_ttl=60, lane=lane)
+            claims.leaving = True  # a resend must find a replica that stays
             publisher = Publisher(self.redis, retry_for=1.0, lane=lane)
             answered = 0
             for data in heard:
@@ -101,7 +102,6 @@ class FailedStart:
                     answered += 1
                 else:
                     log.info("request %s claimed by a replica: left to it", job.request_id)
-            await claims.give_back(self.settings.instance_id)  # exiting: a resend goes on
             return answered
         finally:
             await lane.aclose()
@@ -119,5 +119,6 @@ class FailedStart:
         message = result_message(self.outbox, job, payload)
         stages = [publisher.stage_result(reply_to, job.delivery_id, message)]
         if job.occurrence:  # a message without an id: its resend is a new request
-            stages.insert(0, claims.stage_answered(job.key))
+            claimant = job.claimant(self.settings.instance_id)
+            stages.insert(0, claims.stage_answered(job.key, claimant))
         await publisher.commit("result", stages)

@@ -178,7 +178,7 @@ class ChatHandler:
     async def _refuse(self, job: Job, failure: Failure) -> None:
         if await job.ours():
             self._finished(job, failure.code, 0, None)
-        await self.fail(job, failure)
+        await self._fail_or_log(job, failure)
 
     def _finished(self, job: Job, outcome: str, tokens: int, ttft: float | None) -> None:
         self.stats.finished(outcome, tokens)
@@ -442,7 +442,8 @@ class ChatHandler:
         job.answering = True
         stages = list(before or ())
         if job.occurrence:  # a pub/sub message without an id: see Claims.stage_answered
-            stages.insert(0, self.claims.stage_answered(job.key))
+            claimant = job.claimant(self.settings.instance_id)
+            stages.insert(0, self.claims.stage_answered(job.key, claimant))
         reply_to = job.reply_to
         if reply_to:
             message = result_message(self.outbox, job, payload)
@@ -505,7 +506,7 @@ class ChatHandler:
         job.answering = True  # a second cancel must not cut this answer off
         if job.user_cancelled:
             failure = Failure("cancelled", "cancelled by an llm.chat.cancel request")
-            await asyncio.shield(self.fail(job, failure))
+            await asyncio.shield(self._fail_or_log(job, failure))
             return
         if job.transport == "pubsub" and job.envelope and job.envelope.reply_to:
             failure = Failure(

@@ -66,7 +66,7 @@ class Metrics:
         tokens.labels(**labels).set_function(lambda: worker.stats.tokens)
         lost = Gauge(
             "orion_llamacpp_claims_lost",
-            "Pub/sub requests another replica claimed (every replica hears each one)",
+            "Pub/sub requests heard and left to another claimant (a replica, or another copy)",
             list(labels),
             registry=reg,
         )

@@ -21,7 +21,6 @@ from typing import Any
 from uuid import UUID
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from orion_llamaccp.bus.claims import ANSWERED_CLAIM_SEC, Claims
 from orion_llamaccp.bus.codec import decode_envelope, loads_object
@@ -229,7 +228,6 @@ class Worker:
         finally:
             intake_stop.set()
             await self._drain()
-            await self._give_back_claims()
             self.intake.stop.set()
             presence_stop.set()
             # Ended, not only told to: a beat on its way (a slow Redis) that landed after
@@ -344,6 +342,7 @@ class Worker:
         # Other replicas take new requests from here; the cancel channel stays, so that a
         # caller can still stop a request the drain waits for.
         await self.listener.leave(self.channels.intake, self.settings.discover_channel)
+        await self._give_back_claims()  # a resend now goes to a replica that stays
         while not self.inbox.empty():  # received before we unsubscribed: answer them
             await self._take(*self.inbox.get_nowait())  # stopping: none starts early
         await self._until_deadline(self.claiming.join(), deadline)  # settled, and answered
@@ -366,12 +365,13 @@ class Worker:
 
     async def _give_back_claims(self) -> None:
         """Answered messages without an id stay claimed a while (``Claims.stage_answered``);
-        a worker that leaves frees them, so that a resend finds a replica that stays."""
+        a worker out of the channel frees them, and those it answers from now on, so that
+        a resend finds a replica that stays."""
         if self.presence.gave_way is not None:  # its twin holds claims under the same name
             return
         try:
             await asyncio.wait_for(self.claims.give_back(self.settings.instance_id), 2.0)
-        except (RedisError, TimeoutError) as exc:
+        except Exception as exc:  # the drain goes on: at worst they lapse
             log.warning(
                 "answered claims not given back (they lapse in %d s): %s",
                 ANSWERED_CLAIM_SEC,

@@ -505,11 +505,11 @@ async def test_a_request_on_the_wire_when_the_drain_begins_is_answered_before_th
 async def test_a_legacy_dict_sent_again_after_its_replica_left_is_answered_by_another(
     spawn_worker: SpawnWorker, recorder: BusRecorder, redis_url: str
 ) -> None:
-    """A legacy dict has no id, so its claim is keyed on its bytes. The replica that
-    answered it gives the claim up as it answers: the same bytes sent again (a retry) are
-    a new request. It kept the claim for the dedup TTL, so after that replica left (a
-    drain, when a retry is likely) the others each lost the claim to it, and the resend
-    went unanswered."""
+    """A legacy dict has no id, so its claim is keyed on its bytes. The same bytes sent
+    again (a retry) are a new request. The replica that answered kept the claim for the
+    dedup TTL, so after it left (a drain, when a retry is likely) the others each lost the
+    claim to it, and the resend went unanswered. It keeps it 10 s now, and gives it back
+    as it leaves."""
     replicas = {name: spawn_worker(name) for name in ("r1", "r2")}
     await wait_replicas_counted(recorder, redis_url, INTAKE, list(replicas))
     channel = "test:legacy-replicas"
@@ -530,6 +530,53 @@ async def test_a_legacy_dict_sent_again_after_its_replica_left_is_answered_by_an
         await raw.aclose()
     second = recorder.on(channel)[1].message["payload"]
     assert "content" in second and second["meta"]["instance"] != answered_by, second
+
+
+async def test_a_legacy_dict_sent_again_while_its_replica_drains_is_answered_by_another(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
+) -> None:
+    """The replica that answered a legacy dict keeps its claim a while, for a replica
+    that heard it late; draining (out of the channel, a request of its own still running)
+    it held the claim to the drain's end, so a resend went unanswered: the others found it
+    claimed. It gives it back as it leaves the channel."""
+    first = spawn_worker("r1", slow=True)
+    channel = "test:legacy-drain"
+    legacy = {
+        "event": "chat",
+        "reply_channel": channel,
+        "payload": {"messages": HI, "options": {"max_tokens": TOKENS}},
+    }
+    raw = aioredis.Redis.from_url(redis_url)
+    engine = first.engine_pid()
+    try:
+        await raw.publish(INTAKE, orjson.dumps(legacy))  # r1 alone: it answers
+        await wait_until_async(lambda: recorder.on(channel), timeout=20, what="the answer")
+        long = bus.request(
+            HI, profile="tiny", options={"stream": True, "max_tokens": 4000, "ignore_eos": True}
+        )
+        await bus.send(long, profile="tiny")
+        chunks = f"{long['reply_to']}:chunks"
+        await wait_until_async(lambda: recorder.on(chunks), timeout=20, what="r1 generating")
+        os.kill(engine, signal.SIGSTOP)  # its drain waits for it (health: 3 x 5 s to notice)
+        second = spawn_worker("r2")
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGTERM)
+        await wait_until_async(
+            lambda: _subscribers_are(raw, INTAKE, 1), timeout=10, what="r1 out of the channel"
+        )
+        await raw.publish(INTAKE, orjson.dumps(legacy))
+        await wait_until_async(lambda: len(recorder.on(channel)) == 2, timeout=10, what="two")
+        assert first.proc.poll() is None, "r1 ended its drain first: nothing shown"
+    finally:
+        os.kill(engine, signal.SIGCONT)
+        await raw.aclose()
+    answer = recorder.on(channel)[1].message["payload"]
+    assert "content" in answer and answer["meta"]["instance"] == second.name, answer
+
+
+async def _subscribers_are(client: aioredis.Redis, channel: str, count: int) -> bool:
+    ((_, subscribed),) = await client.pubsub_numsub(channel)
+    return int(subscribed) == count
 
 
 async def test_a_replica_that_hears_an_answered_message_late_stays_silent(
@@ -567,7 +614,10 @@ async def test_a_replica_that_hears_an_answered_message_late_stays_silent(
 
 def _claims_lost(port: int) -> float:
     """A worker's ``orion_llamacpp_claims_lost`` gauge, from its /metrics endpoint."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:  # just resumed (SIGCONT): asked again
+        return 0.0
     line = next(x for x in text.splitlines() if x.startswith("orion_llamacpp_claims_lost{"))
     return float(line.rsplit(" ", 1)[1])
 

@@ -283,7 +283,7 @@ async def test_a_request_redis_refuses_to_record_is_logged_and_answered_at_redel
     redelivery is answered, once."""
     worker = fault.spawn("w", ORION_LLAMACPP_CLAIM_IDLE_MS="1500")
     if request_kind == "served":  # read, and then Redis refuses writes, before it is served
-        due = time.time() + 3.0
+        due = time.time() + 5.0
         trace = {"work": {"not_before_ms": int(due * 1000)}}
         request = fault.client.request(hi, profile="tiny", options={"max_tokens": 4}, trace=trace)
     else:  # refused as it is read: read only once Redis refuses writes (XREADGROUP is let be)
@@ -314,8 +314,10 @@ async def test_a_request_redis_refuses_to_record_is_logged_and_answered_at_redel
     else:
         assert answer["payload"]["error"] == "validation_failed", answer
         assert await fault.raw.xlen(f"{STREAM}:dlq") == 1
-    [line] = [x for x in worker.log().splitlines() if said in x]
-    assert envelope["id"] in line, line
+    # Each delivery refused says so (a loaded VM may reclaim the entry before the limit is
+    # lifted), naming the request.
+    lines = [x for x in worker.log().splitlines() if said in x]
+    assert lines and all(envelope["id"] in x for x in lines), lines
     log = worker.log()
     assert "Traceback" not in log and "never retrieved" not in log, log[-3000:]
     await wait_stream_acked(fault.raw, STREAM, GROUP)
