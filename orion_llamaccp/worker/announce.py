@@ -46,7 +46,7 @@ class WorkerView:
         self.engine_reason: str | None = None
         self.error: str | None = None
         self.received = 0
-        self.claims_lost = 0  # pub/sub messages another replica claimed
+        self.claims_lost = 0  # pub/sub messages heard and left to another claimant
         self.progress: dict[str, Any] | None = None
         self.model: dict[str, Any] = {}
         self.metrics_port: int | None = None

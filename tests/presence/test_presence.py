@@ -714,6 +714,16 @@ async def test_metrics_endpoint_is_scraped(spawn_worker: SpawnWorker, bus: BusCl
     assert value("orion_llamacpp_gc_frozen_objects") > 10_000
     collections = [s for s in samples if s.name == "python_gc_collections_total"]
     assert {s.labels["generation"] for s in collections} == {"0", "1", "2"}
+    assert value("orion_llamacpp_claims_lost") == 0  # alone on its channel
+    # every family served is in the operator's list (docs/deployment.md, "Metrics")
+    documented = (Path(__file__).parents[2] / "docs" / "deployment.md").read_text()
+    served = {
+        f.name
+        for f in text_string_to_metric_families(text)
+        if f.name.startswith("orion_") and not f.name.endswith("_created")  # the client's
+    }
+    missing = sorted(name for name in served if f"`{name}" not in documented)
+    assert served and not missing, missing
 
 
 def test_watch_draws_the_live_fleet(
