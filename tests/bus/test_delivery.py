@@ -539,7 +539,14 @@ async def test_a_legacy_dict_sent_again_while_its_replica_drains_is_answered_by_
     that heard it late; draining (out of the channel, a request of its own still running)
     it held the claim to the drain's end, so a resend went unanswered: the others found it
     claimed. It gives it back as it leaves the channel."""
-    first = spawn_worker("r1", slow=True)
+    # Its llama-server is frozen below, with the request of its own in it: not noticed
+    # (health), nor cut short (drain), while the test runs on a slow VM.
+    first = spawn_worker(
+        "r1",
+        slow=True,
+        ORION_LLAMACPP_HEALTH_TIMEOUT_SEC="60",
+        ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="60",
+    )
     channel = "test:legacy-drain"
     legacy = {
         "event": "chat",
@@ -557,7 +564,7 @@ async def test_a_legacy_dict_sent_again_while_its_replica_drains_is_answered_by_
         await bus.send(long, profile="tiny")
         chunks = f"{long['reply_to']}:chunks"
         await wait_until_async(lambda: recorder.on(chunks), timeout=20, what="r1 generating")
-        os.kill(engine, signal.SIGSTOP)  # its drain waits for it (health: 3 x 5 s to notice)
+        os.kill(engine, signal.SIGSTOP)  # its drain waits for it
         second = spawn_worker("r2")
         assert first.proc is not None
         first.proc.send_signal(signal.SIGTERM)
