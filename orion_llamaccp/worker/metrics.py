@@ -7,6 +7,7 @@ worker's live state when scraped, so nothing is updated on the per-token path.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -57,35 +58,34 @@ class Metrics:
             registry=reg,
         )
         self._labels = labels
-        tokens = Gauge(
-            "orion_llamacpp_tokens_generated",
-            "Completion tokens generated",
-            list(labels),
-            registry=reg,
-        )
-        tokens.labels(**labels).set_function(lambda: worker.stats.tokens)
-        lost = Gauge(
-            "orion_llamacpp_claims_lost",
-            "Pub/sub requests heard and left to another claimant (a replica, or another copy)",
-            list(labels),
-            registry=reg,
-        )
-        lost.labels(**labels).set_function(lambda: worker.view.claims_lost)
-        restarts = Gauge(
-            "orion_llamacpp_engine_restarts", "llama-server restarts", list(labels), registry=reg
-        )
-        restarts.labels(**labels).set_function(lambda: worker.supervisor.restarts)
-        queue = Gauge(
-            "orion_llamacpp_queue_depth",
-            "Requests waiting for a slot (local)",
-            list(labels),
-            registry=reg,
-        )
-        queue.labels(**labels).set_function(lambda: worker.waiting)
-        busy = Gauge("orion_llamacpp_slots_busy", "Slots in use", list(labels), registry=reg)
-        busy.labels(**labels).set_function(lambda: worker.slots.busy)
-        total = Gauge("orion_llamacpp_slots_total", "Slots", list(labels), registry=reg)
-        total.labels(**labels).set_function(lambda: worker.slots.total)
+        # Gauges that read the worker's state as they are scraped.
+        live: dict[str, tuple[str, Callable[[], float]]] = {
+            "orion_llamacpp_tokens_generated": (
+                "Completion tokens generated",
+                lambda: worker.stats.tokens,
+            ),
+            "orion_llamacpp_claims_lost": (
+                "Pub/sub requests heard and left to another claimant (a replica, or a copy)",
+                lambda: worker.view.claims_lost,
+            ),
+            "orion_llamacpp_engine_restarts": (
+                "llama-server restarts",
+                lambda: worker.supervisor.restarts,
+            ),
+            "orion_llamacpp_queue_depth": (
+                "Requests waiting for a slot (local)",
+                lambda: worker.waiting,
+            ),
+            "orion_llamacpp_slots_busy": ("Slots in use", lambda: worker.slots.busy),
+            "orion_llamacpp_slots_total": ("Slots", lambda: worker.slots.total),
+            "orion_llamacpp_gc_frozen_objects": (
+                "Objects the garbage collector no longer scans (frozen once the engine is ready)",
+                gc.get_freeze_count,
+            ),
+        }
+        for name, (text, read) in live.items():
+            gauge = Gauge(name, text, list(labels), registry=reg)
+            gauge.labels(**labels).set_function(read)
         state = Gauge(
             "orion_llamacpp_engine_state",
             "1 for the current engine state",
@@ -96,13 +96,6 @@ class Metrics:
             state.labels(state=name, **labels).set_function(
                 lambda name=name: 1.0 if worker.view.state == name else 0.0
             )
-        frozen = Gauge(
-            "orion_llamacpp_gc_frozen_objects",
-            "Objects the garbage collector no longer scans (frozen once the engine is ready)",
-            list(labels),
-            registry=reg,
-        )
-        frozen.labels(**labels).set_function(gc.get_freeze_count)
         GCCollector(registry=reg)  # python_gc_collections_total and friends, by generation
 
     def observe(self, outcome: str, ttft: float | None, duration: float) -> None:

@@ -502,6 +502,15 @@ async def test_a_request_on_the_wire_when_the_drain_begins_is_answered_before_th
         await raw.aclose()
 
 
+def _legacy_chat(reply_channel: str) -> dict:
+    """A legacy chat dict: no id, so a claim keyed on its bytes."""
+    return {
+        "event": "chat",
+        "reply_channel": reply_channel,
+        "payload": {"messages": HI, "options": {"max_tokens": TOKENS}},
+    }
+
+
 async def test_a_legacy_dict_sent_again_after_its_replica_left_is_answered_by_another(
     spawn_worker: SpawnWorker, recorder: BusRecorder, redis_url: str
 ) -> None:
@@ -513,18 +522,14 @@ async def test_a_legacy_dict_sent_again_after_its_replica_left_is_answered_by_an
     replicas = {name: spawn_worker(name) for name in ("r1", "r2")}
     await wait_replicas_counted(recorder, redis_url, INTAKE, list(replicas))
     channel = "test:legacy-replicas"
-    legacy = {
-        "event": "chat",
-        "reply_channel": channel,
-        "payload": {"messages": HI, "options": {"max_tokens": TOKENS}},
-    }
+    legacy = orjson.dumps(_legacy_chat(channel))
     raw = aioredis.Redis.from_url(redis_url)
     try:
-        await raw.publish(INTAKE, orjson.dumps(legacy))
+        await raw.publish(INTAKE, legacy)
         (first,) = await wait_until_async(lambda: recorder.on(channel), timeout=20, what="one")
         answered_by = first.message["payload"]["meta"]["instance"]
         assert replicas[answered_by].terminate() == 0
-        await raw.publish(INTAKE, orjson.dumps(legacy))
+        await raw.publish(INTAKE, legacy)
         await wait_until_async(lambda: len(recorder.on(channel)) == 2, timeout=20, what="two")
     finally:
         await raw.aclose()
@@ -548,15 +553,11 @@ async def test_a_legacy_dict_sent_again_while_its_replica_drains_is_answered_by_
         ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="60",
     )
     channel = "test:legacy-drain"
-    legacy = {
-        "event": "chat",
-        "reply_channel": channel,
-        "payload": {"messages": HI, "options": {"max_tokens": TOKENS}},
-    }
+    legacy = orjson.dumps(_legacy_chat(channel))
     raw = aioredis.Redis.from_url(redis_url)
     engine = first.engine_pid()
     try:
-        await raw.publish(INTAKE, orjson.dumps(legacy))  # r1 alone: it answers
+        await raw.publish(INTAKE, legacy)  # r1 alone: it answers
         await wait_until_async(lambda: recorder.on(channel), timeout=20, what="the answer")
         long = bus.request(
             HI, profile="tiny", options={"stream": True, "max_tokens": 4000, "ignore_eos": True}
@@ -571,7 +572,7 @@ async def test_a_legacy_dict_sent_again_while_its_replica_drains_is_answered_by_
         await wait_until_async(
             lambda: _subscribers_are(raw, INTAKE, 1), timeout=10, what="r1 out of the channel"
         )
-        await raw.publish(INTAKE, orjson.dumps(legacy))
+        await raw.publish(INTAKE, legacy)
         await wait_until_async(lambda: len(recorder.on(channel)) == 2, timeout=10, what="two")
         assert first.proc.poll() is None, "r1 ended its drain first: nothing shown"
     finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orion_llamaccp.bus.lane import Lane
 from tests.support.procs import RedisServer
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_replies_come_back_in_order_with_errors_in_their_place(

@@ -4,7 +4,6 @@ the result in one round trip, and scripts that Redis forgot."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,6 @@ from tests.support.workers import BusRecorder
 
 CHANNEL = "orion:test:reply:chunks"
 RESULT = "orion:test:reply"
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 def _stream(
