@@ -9,7 +9,9 @@ startup error that names the variable.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
+import re
 import socket
 from collections.abc import Mapping
 from functools import cached_property
@@ -388,11 +390,29 @@ def mask_url(url: str) -> str:
 
 def redact(text: str, secrets: list[str]) -> str:
     """``text`` without ``secrets``, also in the escaped form a repr of str or bytes gives
-    them (an HTTP library quotes a bad header value as ``b'...'``)."""
+    them (an HTTP library quotes a bad header value as ``b'...'``), and percent-encoded,
+    wholly or in part, as a URL quoted back in an error holds a password (httpx writes
+    ``p;ss^`` in a URL's userinfo as ``p%3Bss%5E``)."""
     for secret in secrets:
         for form in sorted(_forms(secret), key=len, reverse=True):
             text = text.replace(form, "***")
+        if "%" in text:
+            text = _percent_encoded(secret).sub("***", text)
     return text
+
+
+@functools.lru_cache(maxsize=64)
+def _percent_encoded(secret: str) -> re.Pattern[str]:
+    """``secret`` with any of its characters written as ``%XX`` (UTF-8, either case)."""
+    return re.compile("".join(_char_forms(char) for char in secret))
+
+
+def _char_forms(char: str) -> str:
+    encoded = "".join(
+        f"%[{h[0]}{h[0].lower()}][{h[1]}{h[1].lower()}]"
+        for h in (f"{b:02X}" for b in char.encode())
+    )
+    return f"(?:{re.escape(char)}|{encoded})"
 
 
 def _forms(secret: str) -> set[str]:
