@@ -83,7 +83,13 @@ def split_parts(path: Path) -> tuple[Path, ...]:
     match = SPLIT_PART.match(path.name)
     if not match:
         return (path,)
-    count = int(match.group("count"))
+    count, index = int(match.group("count")), int(match.group("index"))
+    if not 1 <= index <= count:
+        raise UnsafeModelPath(
+            f"{path.name} is named as part {index} of a split GGUF of {count} parts, which "
+            f"cannot be: a split model is named by any of its parts, "
+            f"<name>-00001-of-<count>.gguf (llama-server loads the first)"
+        )
     stem = match.group("stem")
     return tuple(path.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1))
 

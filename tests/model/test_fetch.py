@@ -402,6 +402,17 @@ def test_split_gguf_with_a_part_missing_on_the_hub_fails_clearly(
         ensure_model(make_profile(hf_filename=parts[0].name), make_settings())
 
 
+@pytest.mark.parametrize("name", ["m-00001-of-00000.gguf", "m-00005-of-00003.gguf"])
+def test_a_split_name_that_cannot_be_is_refused_with_its_reason(
+    make_settings: SettingsFactory, name: str
+) -> None:
+    """A part count of 0 gave no parts, and the worker died of an IndexError, a bug's
+    traceback, before it told the fleet (only a model or config error is told); part 5
+    of 3 was taken for part 1 of 3 without a word."""
+    with pytest.raises(ModelError, match=r"split GGUF of \d parts, which cannot be"):
+        ensure_model(make_profile(hf_filename=name), make_settings())
+
+
 def test_split_parts_from_different_models_are_refused(
     make_settings: SettingsFactory, cache_dir: Path, tmp_path: Path
 ) -> None:
