@@ -37,6 +37,8 @@ class BinaryInfo:
     valued: frozenset[str] = frozenset()  # flags followed by a value (``-c N``)
     # ``--host`` takes a list with UNIX socket paths (``0.0.0.0,/run/x.sock``): newer builds
     unix_sockets: bool = False
+    # ``--n-gpu-layers auto`` is taken (its default in newer builds): ``gpu_layers_auto``
+    gpu_layers_auto: bool = False
 
     def accepts(self, flag: str) -> bool:
         return flag in self.flags
@@ -159,7 +161,14 @@ def _probe(path: str, mtime_ns: int) -> BinaryInfo:
             f"{text.strip()[-300:]}"
         )
     return BinaryInfo(
-        Path(path), flags, env_of, _build_label(Path(path)), aliases, valued, host_list(text)
+        Path(path),
+        flags,
+        env_of,
+        _build_label(Path(path)),
+        aliases,
+        valued,
+        host_list(text),
+        gpu_layers_auto(text),
     )
 
 
@@ -172,6 +181,15 @@ def host_list(text: str) -> bool:
         if "--host" in head:
             desc = desc.lower()
             return "unix socket" in desc and "comma" in desc
+    return False
+
+
+def gpu_layers_auto(text: str) -> bool:
+    """Whether ``--help`` says ``--n-gpu-layers`` takes ``auto`` ("either an exact number,
+    'auto', or 'all'"); older builds take a number only."""
+    for head, desc in _entries(text):
+        if "--n-gpu-layers" in head:
+            return "'auto'" in desc
     return False
 
 

@@ -290,16 +290,18 @@ def build_launch(
     if files.draft is not None:
         _check(binary, profile.name, "llamacpp.hf_draft_filename", "--model-draft")
         argv += ["--model-draft", str(files.draft)]
-    argv += _knob_args(profile, effective_knobs(cfg, overrides), binary)
+    knobs = effective_knobs(cfg, overrides)
+    argv += _knob_args(profile, knobs, binary)
     # Set here, or through the environment (the API key): an extra_args flag for one of
     # them would win (llama-server takes the last), silently undoing an override, or
     # moving the port or the key away from what the worker then talks to.
     owned = {arg for arg in argv[1:] if arg.startswith("--")}
     if cfg.api_key_env:
         owned.add("--api-key")
-    argv += _extra_args(profile, binary, owned)
-
+    extra = _extra_args(profile, binary, owned)
     env = gpu_env(profile, overrides)
+    gpus = _gpus_required(env, knobs["n_gpu_layers"])
+    argv += _gpu_layers_said(gpus, knobs, extra, binary) + extra
     secret: set[str] = set()
     api_key = None
     if cfg.api_key_env:
@@ -317,7 +319,7 @@ def build_launch(
     flag_env = frozenset(binary.env_of.values()) if binary else frozenset()
     return LaunchSpec(
         tuple(argv), env, host, port, frozenset(secret), api_key, flag_env, socket_file,
-        _gpus_required(env, effective_knobs(cfg, overrides)["n_gpu_layers"]),
+        gpus,
     )  # fmt: skip
 
 
@@ -328,6 +330,21 @@ def _gpus_required(env: Mapping[str, str], layers: Any) -> str | None:
     if not visible or visible.startswith("-") or layers == 0:
         return None
     return visible
+
+
+def _gpu_layers_said(
+    gpus: str | None, knobs: Mapping[str, Any], extra: list[str], binary: BinaryInfo | None
+) -> list[str]:
+    """``--n-gpu-layers auto`` for pinned GPUs where the profile leaves the layers to
+    llama-server: the build's own default, but only its option says that no GPU can be
+    used ("no usable GPU found"), and without it a profile pinned to GPUs was served on
+    the CPU as ``ready`` (``gpus_required``)."""
+    if gpus is None or knobs["n_gpu_layers"] is not None or binary is None:
+        return []
+    names = binary.names("--n-gpu-layers")
+    if not binary.gpu_layers_auto or any(_flag_and_value(a)[0] in names for a in extra):
+        return []
+    return ["--n-gpu-layers", "auto"]
 
 
 def _one_key(key: str) -> str:

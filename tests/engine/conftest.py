@@ -50,8 +50,11 @@ def make_launch(llama_server_bin: Path, model_dir: Path) -> LaunchFactory:
         port: int | None = None,
         unix_socket: str | None = None,
         gpus: list[int] | None = None,
+        probed: bool = False,
         **knobs: Any,
     ) -> LaunchSpec:
+        """``probed``: built against the binary's ``--help`` (its flags checked, and what
+        depends on its build decided), as the worker builds it."""
         llamacpp = {
             "model_path": "tiny.gguf",
             "host": "127.0.0.1",
@@ -68,7 +71,7 @@ def make_launch(llama_server_bin: Path, model_dir: Path) -> LaunchFactory:
             profile,
             Overrides(),
             files,
-            binary=probe(binary or llama_server_bin) if unix_socket else None,
+            binary=probe(binary or llama_server_bin) if unix_socket or probed else None,
             binary_path=str(binary or llama_server_bin),
             environ={},
             unix_socket=(lambda _host, _port: unix_socket) if unix_socket else None,

@@ -110,15 +110,19 @@ async def test_a_loader_that_works_without_a_word_is_not_killed(
         await supervisor.stop()
 
 
+@pytest.mark.parametrize("layers", [99, None], ids=["layers-set", "layers-unset"])
 async def test_a_profile_that_pins_gpus_is_not_served_on_the_cpu(
-    make_launch: LaunchFactory,
+    make_launch: LaunchFactory, layers: int | None
 ) -> None:
     """llama.cpp that finds no usable GPU (a CPU build, as here; a container not given
     its GPUs; a pin to a GPU the host numbers otherwise) warns and serves on the CPU, many
     times slower: the worker said ``ready`` as if the profile were served. It fails at
     once now, saying why, and is not restarted; asking for no layers on the GPUs (the
-    profile's ``n_gpu_layers: 0`` or its override) is serving on the CPU on purpose."""
-    pinned = Supervisor(make_launch(gpus=[0], n_gpu_layers=99), environ=dict(os.environ))
+    profile's ``n_gpu_layers: 0`` or its override) is serving on the CPU on purpose.
+    A profile that leaves the layers to llama-server was still served on the CPU: only
+    its ``--n-gpu-layers`` option says "no usable GPU found", and it was not given."""
+    launch = make_launch(gpus=[0], probed=True, n_gpu_layers=layers)
+    pinned = Supervisor(launch, environ=dict(os.environ))
     assert pinned.launch.gpus_required == "0"
     with pytest.raises(EngineStartError, match="no usable GPU") as failed:
         await pinned.start()
