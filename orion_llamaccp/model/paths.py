@@ -68,7 +68,9 @@ def safe_join(root: Path, name: str, key: str) -> Path:
     if not candidate.is_relative_to(root.resolve()):
         raise UnsafeModelPath(
             f"{key} = {name!r} resolves to {candidate}, outside model_root {root} "
-            f"(through a symbolic link): refuse to use it"
+            f"(through a symbolic link): refuse to use it, since a download or a repair "
+            f"would write there too; point model_root at the folder the file is in, or "
+            f"LLAMACPP_MODEL_PATH_OVERRIDE at the file itself"
         )
     return root / pure
 

@@ -389,6 +389,30 @@ def test_traversal_in_profile_file_names_is_refused(tmp_path: Path, key: str, na
         plan_files(profile, None, {})
 
 
+def test_a_model_linked_from_outside_model_root_is_refused_with_the_way_out(
+    tmp_path: Path,
+) -> None:
+    """A GGUF symlinked onto another disk (or ``model_root`` set to a Hugging Face cache's
+    ``snapshots/<sha>``, whose files are links into ``blobs/``) was refused with no word
+    of what to do instead."""
+    elsewhere = tmp_path / "other-disk" / "big.gguf"
+    root = tmp_path / "models"
+    for folder in (elsewhere.parent, root):
+        folder.mkdir()
+    elsewhere.write_bytes(b"GGUF")
+    (root / "big.gguf").symlink_to(elsewhere)
+    path = write(
+        tmp_path,
+        "profiles:\n  p:\n    backend: llamacpp\n    model_id: m\n"
+        f"    llamacpp:\n      model_root: {root}\n      model_path: big.gguf\n",
+    )
+    profile = load_registry(path).select("p")
+    with pytest.raises(UnsafeModelPath, match="through a symbolic link") as refused:
+        plan_files(profile, None, {})
+    assert "LLAMACPP_MODEL_PATH_OVERRIDE at the file itself" in str(refused.value)
+    assert plan_files(profile, str(elsewhere), {}).model == elsewhere  # the way out
+
+
 def test_a_relative_override_that_escapes_model_root_is_blamed_on_the_override(
     tmp_path: Path,
 ) -> None:
