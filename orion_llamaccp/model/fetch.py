@@ -208,6 +208,7 @@ class _Fetcher:
     def download_verified(self, target: Target, hub: HubFile, *, tries: int) -> _Checked:
         """Download, check, move into place; bad bytes are moved aside and fetched again."""
         aside: list[Path] = []
+        digests: list[str] = []  # of the downloads that failed their check
         while True:
             fetched = fetch_file(
                 self.client,
@@ -223,7 +224,9 @@ class _Fetcher:
             if info is not None:
                 return self._install(target, fetched, info, tuple(aside))
             aside.append(store.move_aside(fetched.partial, beside=target.path))
-            self._give_up_if_hopeless(hub, fetched, problem or "", aside, last=len(aside) >= tries)
+            last = len(aside) >= tries
+            self._give_up_if_hopeless(hub, fetched, problem or "", aside, digests, last=last)
+            digests.append(fetched.sha256)
             log.warning("%s failed its check: %s; downloading it again", hub.label, problem)
 
     def _check_fetched(self, fetched: Fetched) -> tuple[GgufInfo | None, str | None]:
@@ -240,14 +243,30 @@ class _Fetcher:
         return diagnose_gguf(fetched.partial)
 
     def _give_up_if_hopeless(
-        self, hub: HubFile, fetched: Fetched, problem: str, aside: list[Path], *, last: bool
+        self,
+        hub: HubFile,
+        fetched: Fetched,
+        problem: str,
+        aside: list[Path],
+        digests: list[str],
+        *,
+        last: bool,
     ) -> None:
+        """Raise where another download cannot help: the bytes are the Hub's own (its
+        sha256, or, where it gives none, the same bytes twice), or the tries are spent."""
         kept = ", ".join(str(p) for p in aside)
         if fetched.remote.sha256 and fetched.remote.sha256 == fetched.sha256:
             raise ModelCorrupt(
                 f"{hub.label} on the Hub is not a usable GGUF: {problem}. Its sha256 matches "
                 f"the Hub's, so downloading again cannot help: pick another file or revision "
                 f"(the download is kept at {kept})"
+            )
+        if not fetched.remote.sha256 and fetched.sha256 in digests:
+            raise ModelCorrupt(
+                f"{hub.label} on the Hub is not a usable GGUF: {problem}. Two downloads gave "
+                f"the same bytes (sha256 {fetched.sha256}; the Hub gave none to compare "
+                f"with: a git file, or a mirror without LFS), so downloading again cannot "
+                f"help: pick another file or revision (the downloads are kept at {kept})"
             )
         if last:
             times = "twice" if len(aside) > 1 else "again after replacing a corrupt file"

@@ -401,6 +401,22 @@ def test_wrong_bytes_twice_is_an_error_that_keeps_both_downloads(
     assert len(hub.cdn_gets(sha)) == 2
 
 
+def test_a_broken_file_the_hub_gives_no_sha256_for_is_blamed_on_the_hub(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """A git file (or a mirror that passes no LFS digest on) has no sha256 to compare
+    with: two downloads of the same broken bytes were blamed on "something that alters
+    the bytes on the way (proxy, disk, mirror)", sending the user to the wrong place."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0)[:-4096], lfs=False)
+
+    with pytest.raises(ModelCorrupt, match="on the Hub is not a usable GGUF") as err:
+        ensure_model(make_profile(), make_settings())
+
+    assert "Two downloads gave the same bytes" in str(err.value)
+    assert "alters the bytes" not in str(err.value)
+    assert len(_aside(cache_dir)) == 2
+
+
 def test_a_broken_file_on_the_hub_is_not_downloaded_in_a_loop(
     hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
