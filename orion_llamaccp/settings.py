@@ -21,7 +21,12 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_core import PydanticUseDefault
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from orion_llamaccp import __version__
 from orion_llamaccp.errors import ConfigError
@@ -85,6 +90,12 @@ class _BlankIsUnset(PydanticBaseSettingsSource):
         return {k: v for k, v in values.items() if not (isinstance(v, str) and not v.strip())}
 
 
+# Where the ``.env`` file is read from (``.env`` in the working directory by default);
+# empty: none. The tests set it empty, so that a ``.env`` beside the repo (deployment.md
+# has one made there for compose) does not reach them.
+ENV_FILE_VARIABLE = "ORION_LLAMACPP_ENV_FILE"
+
+
 class _FromTheEnvironment(BaseSettings):
     """Settings read from the environment over a ``.env`` file, blank meaning unset."""
 
@@ -98,6 +109,10 @@ class _FromTheEnvironment(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         blankless = _BlankIsUnset(settings_cls, env_settings)
+        if ENV_FILE_VARIABLE in os.environ:  # another file, or none ("")
+            dotenv_settings = DotEnvSettingsSource(
+                settings_cls, env_file=os.environ[ENV_FILE_VARIABLE].strip() or None
+            )
         return init_settings, blankless, dotenv_settings, file_secret_settings
 
 
@@ -460,7 +475,13 @@ def variables_read() -> set[str]:
 # Named like ours, read by others: Compose (the published port), the image's build
 # arguments, and the llama-server build script's cache (``make llama-server``, the bench).
 _READ_ELSEWHERE = frozenset(
-    {"LLAMACPP_HOST_PORT", "LLAMACPP_BUILD", "LLAMACPP_VARIANT", "ORION_LLAMACPP_CACHE"}
+    {
+        "LLAMACPP_HOST_PORT",
+        "LLAMACPP_BUILD",
+        "LLAMACPP_VARIANT",
+        "ORION_LLAMACPP_CACHE",
+        ENV_FILE_VARIABLE,  # read before the settings, to find their file
+    }
 )
 
 

@@ -15,7 +15,7 @@ from orion_llamaccp.client import BusClient
 from orion_llamaccp.devtools.random_gguf import write_random_llama
 from orion_llamaccp.engine.binary import find_binary
 from orion_llamaccp.errors import BinaryNotFound
-from orion_llamaccp.settings import ENV_PREFIXES, Settings
+from orion_llamaccp.settings import ENV_FILE_VARIABLE, ENV_PREFIXES, Settings
 from tests.support.orion_contract import check_message
 from tests.support.procs import RedisServer, free_port
 from tests.support.workers import BusRecorder, WorkerProc
@@ -30,6 +30,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(_OURS):
             monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(ENV_FILE_VARIABLE, "")  # a developer's .env in the repo stays out
     monkeypatch.chdir(REPO)
 
 
@@ -114,6 +115,7 @@ def subprocess_env(tiny_env: dict) -> dict:
     """A full environment for running the CLI in a child process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
     env.update(tiny_env)
+    env[ENV_FILE_VARIABLE] = ""
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orion_llamaccp.errors import ConfigError
-from orion_llamaccp.settings import load_settings
+from orion_llamaccp.settings import ENV_FILE_VARIABLE, Settings, load_settings, unread_variables
 
 
 @pytest.mark.parametrize("blank", ["", " ", "  \t"])
@@ -148,6 +148,7 @@ def test_overrides_are_read_from_the_dotenv_file_too(
         "LLM_PROFILE_NAME=qwen\nLLAMACPP_PORT_OVERRIDE=9999\nLLAMACPP_CTX_SIZE_OVERRIDE=\n"
     )
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_FILE_VARIABLE)  # the tests' own setting: no .env at all
     settings = load_settings()
     assert settings.profile_name == "qwen"
     assert settings.overrides.port == 9999
@@ -161,6 +162,26 @@ def test_overrides_are_read_from_the_dotenv_file_too(
         monkeypatch.setenv("LLAMACPP_PORT_OVERRIDE", blank)
         settings = load_settings()
         assert (settings.profile_name, settings.overrides.port) == ("qwen", 9999), repr(blank)
+
+
+def test_the_dotenv_file_can_be_named_or_left_out(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``ORION_LLAMACPP_ENV_FILE``: another file than ``./.env``, or none (empty). The
+    tests leave it out: deployment.md has a ``.env`` made in the repo for compose, and
+    with the tests run from the repo it gave every test and worker its bus URL and node
+    name (``redis://redis:6379``: nothing answers there)."""
+    (tmp_path / ".env").write_text("LLM_PROFILE_NAME=qwen\n")
+    (tmp_path / "other.env").write_text("LLM_PROFILE_NAME=gemma\nLLAMACPP_PORT_OVERRIDE=9999\n")
+    monkeypatch.chdir(tmp_path)
+    default = Settings.model_fields["profile_name"].default
+    assert load_settings().profile_name == default  # set empty by the tests' conftest
+    monkeypatch.setenv(ENV_FILE_VARIABLE, str(tmp_path / "other.env"))
+    settings = load_settings()
+    assert (settings.profile_name, settings.overrides.port) == ("gemma", 9999)
+    monkeypatch.delenv(ENV_FILE_VARIABLE)
+    assert load_settings().profile_name == "qwen"
+    assert unread_variables({ENV_FILE_VARIABLE: ""}) == []
 
 
 def test_a_request_may_not_cost_as_many_crashes_as_the_worker_survives(
