@@ -122,6 +122,17 @@ def test_restart_policy_and_stop_grace_covers_the_drain(name: str) -> None:
     assert parse_duration(svc["stop_grace_period"]) >= needed
 
 
+@pytest.mark.parametrize("name", SERVICES)
+def test_the_image_user_s_uid_comes_from_the_env_file(name: str) -> None:
+    """The host cache must be writable by the image's user: the docs said to build with
+    ``--build-arg APP_UID``, but compose passed no build arguments, so ``up --build`` made
+    the user 1000 again."""
+    assert "ARG APP_UID=1000" in (REPO / "Dockerfile").read_text()
+    uid = service(name)["build"]["args"]["APP_UID"]
+    assert interpolate(uid, {"APP_UID": "1234"}) == "1234"
+    assert interpolate(uid, {"APP_UID": ""}) == "1000"  # blank in the env file
+
+
 def test_redis_runs_only_behind_the_standalone_profile() -> None:
     redis = service("redis")
     assert redis["profiles"] == ["standalone"]

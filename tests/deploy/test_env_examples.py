@@ -16,7 +16,7 @@ from tests.deploy.container import (
 )
 
 # Read by Compose (interpolation), never by the service.
-COMPOSE_ONLY = {"LLAMACPP_HOST_PORT"}
+COMPOSE_ONLY = {"LLAMACPP_HOST_PORT", "APP_UID"}  # the published port; the build's UID
 # Set in the image for Python itself.
 IMAGE_ONLY = {"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
 
