@@ -11,7 +11,7 @@ ORION_BUS_URL ?= redis://127.0.0.1:6379/0
 export LLM_CACHE_DIR ?= $(CACHE)/models
 export ORION_LLAMACPP_BUILD_DIR ?= $(CACHE)/llama-server
 
-.PHONY: help venv llama-server demo-model redis run demo test test-fast lint format bench clean
+.PHONY: help venv llama-server demo-model redis redis-server run demo test test-fast lint format bench clean
 
 help:
 	@echo "make run    - install, provision llama-server and the demo model, serve the default profile"
@@ -21,12 +21,16 @@ help:
 	@echo "make lint   - ruff check + format check"
 
 $(BIN)/orion-llamaccp: pyproject.toml
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/pip || $(PYTHON) -m venv --clear $(VENV)  # a half-made one (no venv module) too
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
 venv: $(BIN)/orion-llamaccp
+
+# Before the build (minutes): the tests start redis-servers of their own.
+redis-server:
+	@command -v redis-server >/dev/null || { echo "tests start their own redis-server: apt-get install -y redis-server" >&2; exit 1; }
 
 llama-server:
 	@scripts/build-llama-server.sh --prefix $(ORION_LLAMACPP_BUILD_DIR)
@@ -47,8 +51,7 @@ run: venv llama-server demo-model redis
 demo: venv llama-server demo-model redis
 	$(BIN)/orion-llamaccp demo
 
-test: venv llama-server
-	@command -v redis-server >/dev/null || { echo "tests start their own redis-server: apt-get install -y redis-server" >&2; exit 1; }
+test: redis-server venv llama-server
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest -q -ra

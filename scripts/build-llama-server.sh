@@ -34,8 +34,11 @@ FLAGS=(-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES
 # build uses it for quantized weights, but the first tile load (ldtilecfg) faults, so
 # llama-server died loading the demo model (Q4_K). AVX-512 paths are kept. GCC lets an
 # explicit -mno-* win over what -march=native implies, whatever the order.
-NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-FLAGS+=("-DCMAKE_C_FLAGS=$NO_AMX" "-DCMAKE_CXX_FLAGS=$NO_AMX")
+# x86 only: GCC for other machines (aarch64) knows no -mno-amx-* and fails CMake's check.
+if [ "$(uname -m)" = x86_64 ]; then
+  NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  FLAGS+=("-DCMAKE_C_FLAGS=$NO_AMX" "-DCMAKE_CXX_FLAGS=$NO_AMX")
+fi
 if [ -n "$CUDA_ARCH" ]; then
   FLAGS+=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH")
 fi
@@ -48,8 +51,8 @@ if [ -x "$PREFIX/bin/llama-server" ] && grep -q "\"$PIN_VERSION\"" "$PREFIX/buil
   exit 0
 fi
 
-for tool in cmake g++; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y cmake g++" >&2; exit 1; }
+for tool in cmake g++ curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y cmake g++ curl" >&2; exit 1; }
 done
 GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
 
