@@ -56,8 +56,10 @@ return taken
 """
 
 # KEYS[1] stream. Deletes the entries that every consumer group has read and acked: those
-# below the oldest entry still pending in some group, or below the last one a group read.
-# An ack alone leaves the entry (the request's whole envelope) in the stream for good.
+# below the oldest entry still pending in some group, and below the last one each group
+# read. An ack alone leaves the entry (the request's whole envelope) in the stream for
+# good. Both bounds count: ``XGROUP SETID`` (a replay) moves a group's last read back
+# below an entry still pending, and the group has the entries between to read again.
 _TRIM_ACKED = """
 local function before(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
@@ -71,7 +73,8 @@ for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   for i = 1, #flat, 2 do group[flat[i]] = flat[i + 1] end
   local bound = group['last-delivered-id']
   if tonumber(group['pending']) > 0 then
-    bound = redis.call('XPENDING', KEYS[1], group['name'])[2]
+    local oldest = redis.call('XPENDING', KEYS[1], group['name'])[2]
+    if before(oldest, bound) then bound = oldest end
   end
   if floor == nil or before(bound, floor) then floor = bound end
 end

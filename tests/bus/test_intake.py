@@ -396,6 +396,15 @@ async def test_trimming_deletes_only_what_every_group_has_acked(redis_url: str) 
         assert await consumer.trim_acked() == 2
         left = [entry_id for entry_id, _ in await redis.xrange(stream)]
         assert left == ids[3:]
+        # A replay: g reads 3-5, acks 3 and 4 (5 still pending), and is set back to read
+        # from the start. Bounded by its oldest pending entry alone (5), the trim deleted
+        # 3 and 4, which g has to read again.
+        await redis.xack(stream, "slow-reader", ids[5])
+        await redis.xreadgroup("g", "c", {stream: ">"}, count=3)
+        await redis.xack(stream, "g", ids[3], ids[4])
+        await redis.xgroup_setid(stream, "g", "0")
+        assert await consumer.trim_acked() == 0
+        assert [entry_id for entry_id, _ in await redis.xrange(stream)] == ids[3:]
     finally:
         await redis.delete(stream)
         await redis.aclose()
