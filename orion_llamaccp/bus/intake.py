@@ -427,6 +427,9 @@ class StreamConsumer:
         # Read, and waiting for a slot that a pub/sub request took while the read was out:
         # pending under this consumer, so refreshed as the entries in flight are.
         self.awaiting_slot: dict[str, StreamEntry] = {}
+        # Where the next reclaim looks on from: XAUTOCLAIM looks at ten entries per one
+        # asked for, and each look from the start saw the same live ones.
+        self._reclaim_from = "0-0"
         self.started = asyncio.Event()
         self.backoff = Backoff()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -556,8 +559,14 @@ class StreamConsumer:
     async def _autoclaim(self, count: int) -> list[StreamEntry]:
         """Entries another (dead) consumer left pending for longer than ``claim_idle_ms``."""
         reply = await self.redis.xautoclaim(
-            self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, count=count
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self.claim_idle_ms,
+            start_id=self._reclaim_from,
+            count=count,
         )
+        self._reclaim_from = _text(reply[0])  # "0-0" once it has looked at them all
         # Our own entries too, after a stall past the claim idle time that the refresh did
         # not end first: they are still being handled here, not left by anyone.
         mine = self.in_flight.keys() | self.awaiting_slot.keys()

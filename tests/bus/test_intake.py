@@ -333,6 +333,34 @@ async def test_a_stall_past_the_claim_idle_time_does_not_make_the_worker_take_it
         assert list(consumer.in_flight) == [entry_id]
 
 
+async def test_an_entry_behind_many_live_ones_is_reclaimed(redis_url: str) -> None:
+    """``XAUTOCLAIM`` looks at ten pending entries per one asked for. Each reclaim looked
+    from the start of the pending list, so a dead worker's entry behind more live ones
+    (long generations, requests waiting for their time) than that was never reached, for
+    as long as they lasted. The reclaims go on from where the last one stopped."""
+    redis = aioredis.Redis.from_url(redis_url)
+    await redis.xgroup_create(STREAM, "g", id="0", mkstream=True)
+    live = [await redis.xadd(STREAM, {"n": str(n)}) for n in range(40)]
+    await redis.xreadgroup("g", "live", {STREAM: ">"}, count=40)
+    dead = (await redis.xadd(STREAM, {"n": "40"})).decode()
+    await redis.xreadgroup("g", "dead", {STREAM: ">"}, count=1)
+
+    async def keep_live_fresh() -> None:  # the live worker's refresh
+        while True:
+            await redis.xclaim(STREAM, "g", "live", 0, live, justid=True)
+            await asyncio.sleep(0.02)
+
+    fresh = asyncio.create_task(keep_live_fresh())
+    try:
+        await asyncio.sleep(1.1)  # the dead entry idle past the claim idle time
+        async with _holding(redis_url, claim_idle_ms=1000) as (_, _consumer, held):
+            await wait_until_async(lambda: held, timeout=10, what="an entry reclaimed")
+            assert [entry.entry_id for entry in held] == [dead]
+    finally:
+        fresh.cancel()
+        await redis.aclose()
+
+
 async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url: str) -> None:
     """Two requests published together: both prepared before the worker takes the first
     from the inbox, each result beside its message; one whose preparation raises still
