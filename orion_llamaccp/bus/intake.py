@@ -55,6 +55,23 @@ end
 return taken
 """
 
+# KEYS[1] stream; ARGV: group, this consumer, entry ids. Takes again, as a new delivery
+# (counted), those of the entries this consumer still holds, with their fields; one
+# another consumer reclaimed meanwhile stays theirs (a plain XCLAIM would take it back),
+# and one deleted from the stream is dropped from the pending list by XCLAIM itself.
+_TAKE_OWN = """
+local taken = {}
+for i = 3, #ARGV do
+  local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+  if held and held[2] == ARGV[2] then
+    for _, entry in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i])) do
+      taken[#taken + 1] = entry
+    end
+  end
+end
+return taken
+"""
+
 # KEYS[1] stream. Deletes the entries that every consumer group has read and acked: those
 # below the oldest entry still pending in some group, and below the last one each group
 # read. An ack alone leaves the entry (the request's whole envelope) in the stream for
@@ -436,6 +453,7 @@ class StreamConsumer:
         self._refresh_own = redis.register_script(_REFRESH_OWN)
         self._trim_acked = redis.register_script(_TRIM_ACKED)
         self._forget_gone = redis.register_script(_FORGET_GONE)
+        self._take_own = redis.register_script(_TAKE_OWN)
 
     async def ensure_group(self) -> None:
         try:
@@ -588,26 +606,37 @@ class StreamConsumer:
         return entries
 
     async def _drain_own_pending(self, stop: asyncio.Event) -> None:
-        """On start: this consumer's own unfinished entries first (a restart's leftovers)."""
-        last = "0"
+        """On start, and after a reconnect: this consumer's own unfinished entries first
+        (a restart's leftovers, an entry left pending while Redis was away). Those still
+        handled here are left alone: read again (``XREADGROUP ... 0``), each counted one
+        more delivery, and a long generation through a few Redis blips was over the
+        delivery limit at its next redelivery, answered without a try."""
+        after = "-"
         while not stop.is_set():
             free = await self._free_slots(stop)
             if free == 0:
                 return
-            reply = await self.redis.xreadgroup(
-                self.group, self.consumer, {self.stream: last}, count=free
+            pending = await self.redis.xpending_range(
+                self.stream, self.group, after, "+", free, consumername=self.consumer
             )
-            items = [(_text(eid), f) for _, batch in reply or [] for eid, f in batch]
-            if not items:
+            if not pending:
                 return
-            last = items[-1][0]
+            after = "(" + _text(pending[-1]["message_id"])
+            mine = self.in_flight.keys() | self.awaiting_slot.keys()
+            left = [_text(p["message_id"]) for p in pending]
+            left = [entry_id for entry_id in left if entry_id not in mine]
+            if not left:
+                continue
+            taken = await self._take_own(
+                keys=[self.stream], args=[self.group, self.consumer, *left]
+            )
             entries = []
-            for entry_id, fields in items:
-                if entry_id in self.in_flight:
-                    continue
-                if not fields:  # deleted from the stream while pending
+            for eid, flat in taken:
+                entry_id = _text(eid)
+                if not flat:  # deleted from the stream while pending (Redis before 7)
                     await self.redis.xack(self.stream, self.group, entry_id)
                     continue
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
                 deliveries = await self._deliveries(entry_id)
                 entries.append(StreamEntry(entry_id, fields, deliveries, reclaimed=True))
             await self._dispatch_all(entries)

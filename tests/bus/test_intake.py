@@ -361,6 +361,30 @@ async def test_an_entry_behind_many_live_ones_is_reclaimed(redis_url: str) -> No
         await redis.aclose()
 
 
+async def test_reconnects_do_not_count_deliveries_of_entries_in_flight(redis_url: str) -> None:
+    """After each lost connection the consumer reads its own pending entries again, for a
+    restart's leftovers, with ``XREADGROUP ... 0``: every read counted one more delivery
+    of the entries it was still generating. A long generation through a few Redis blips
+    was then over the delivery limit at its next redelivery (its worker dying), and was
+    answered ``upstream_failed`` without a try."""
+    async with _holding(redis_url, claim_idle_ms=60_000) as (redis, _consumer, held):
+        ids = [(await redis.xadd(STREAM, {"n": str(n)})).decode() for n in range(2)]
+        await wait_until_async(lambda: len(held) == 2, timeout=5, what="both in flight")
+        for _ in range(3):  # three blips: the blocking read's connection cut each time
+            await wait_until_async(
+                lambda: _blocked_in_xreadgroup(redis), timeout=5, what="the read out again"
+            )
+            [reader] = [c for c in await redis.client_list() if c.get("cmd") == "xreadgroup"]
+            await redis.client_kill_filter(_id=reader["id"])
+        await wait_until_async(lambda: _blocked_in_xreadgroup(redis), timeout=5, what="reconnected")
+        pending = await redis.xpending_range(STREAM, "g", min="-", max="+", count=10)
+        assert {p["message_id"].decode(): p["times_delivered"] for p in pending} == {
+            ids[0]: 1,
+            ids[1]: 1,
+        }
+        assert [entry.entry_id for entry in held] == ids  # not started a second time
+
+
 async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url: str) -> None:
     """Two requests published together: both prepared before the worker takes the first
     from the inbox, each result beside its message; one whose preparation raises still
