@@ -16,7 +16,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -496,9 +496,22 @@ class StreamConsumer:
         return 0 if stop.is_set() else self.slots.free
 
     async def _dispatch_all(self, entries: list[StreamEntry]) -> None:
-        for entry in entries:
-            await self._take(entry)
-            self._spawn(entry)
+        with self._awaiting(entries):
+            for entry in entries:
+                await self._take(entry)
+                self._spawn(entry)
+
+    @contextlib.contextmanager
+    def _awaiting(self, entries: list[StreamEntry]) -> Iterator[None]:
+        """``entries``, read and pending under this consumer, kept fresh until each has
+        its slot (``_take``): those behind one that waits for a slot wait too, and were
+        reclaimed by an idle worker after the claim idle time, and generated twice."""
+        self.awaiting_slot.update((entry.entry_id, entry) for entry in entries)
+        try:
+            yield
+        finally:
+            for entry in entries:
+                self.awaiting_slot.pop(entry.entry_id, None)
 
     async def _take(self, entry: StreamEntry) -> None:
         """A slot and ``prepare`` for the entry; its handler is not started yet."""
@@ -506,7 +519,7 @@ class StreamConsumer:
         try:
             await self.slots.acquire()
         finally:
-            del self.awaiting_slot[entry.entry_id]
+            self.awaiting_slot.pop(entry.entry_id, None)
         if entry.taken_over:  # while it waited: the other worker answers it
             return
         if self.prepare is not None:
@@ -545,11 +558,12 @@ class StreamConsumer:
         try:
             got = await self._read_new(free)
             while got:
-                for entry in got:
-                    if self.slots.free <= 0:  # a pub/sub request took it meanwhile: the
-                        self._start(taken)  # entries held must not wait for its end
-                    await self._take(entry)
-                    taken.append(entry)
+                with self._awaiting(got):
+                    for entry in got:
+                        if self.slots.free <= 0:  # a pub/sub request took it meanwhile:
+                            self._start(taken)  # the entries held must not wait for its end
+                        await self._take(entry)
+                        taken.append(entry)
                 free = self.slots.free
                 if free <= 0:
                     break

@@ -35,6 +35,7 @@ def _consumer(
     done: asyncio.Event,
     on_prepare: Callable[[int], None] = lambda n: None,
     slots: int = 3,
+    claim_idle_ms: int = 60_000,
 ) -> StreamConsumer:
     """A consumer that logs each entry's ``prepare`` and handler start; ``done`` is set
     once ``slots`` handlers have started."""
@@ -62,7 +63,7 @@ def _consumer(
         slots=Slots(slots),
         handler=handler,
         ready=ready,
-        claim_idle_ms=60_000,
+        claim_idle_ms=claim_idle_ms,
         block_ms=100,
         prepare=prepare,
     )
@@ -333,6 +334,38 @@ async def test_a_stall_past_the_claim_idle_time_does_not_make_the_worker_take_it
         assert list(consumer.in_flight) == [entry_id]
 
 
+async def test_entries_read_together_are_kept_fresh_behind_one_waiting_for_a_slot(
+    redis_url: str,
+) -> None:
+    """Three entries read at once, two slots taken by pub/sub requests while the read was
+    out: the first entry takes the last slot, the second waits for one, kept fresh; the
+    third, behind it, was not, and an idle worker reclaimed it after the claim idle time
+    (and generated it beside this one)."""
+    async with _holding(redis_url, claim_idle_ms=1000) as (redis, consumer, held):
+        await asyncio.wait_for(consumer.started.wait(), 5)
+        await wait_until_async(
+            lambda: _blocked_in_xreadgroup(redis), timeout=5, what="the blocking read out"
+        )
+        assert consumer.slots.try_acquire() and consumer.slots.try_acquire()  # pub/sub
+        async with redis.pipeline(transaction=True) as pipe:  # one step: read together
+            for n in range(3):
+                pipe.xadd(STREAM, {"n": str(n)})
+            ids = [i.decode() for i in await pipe.execute()]
+        await wait_until_async(lambda: held, timeout=5, what="the first one started")
+        assert [entry.entry_id for entry in held] == ids[:1]
+        assert sorted(consumer.awaiting_slot) == ids[1:]
+        await asyncio.sleep(1.1)  # past the claim idle time
+        await consumer.keep_claims_fresh()
+        reclaimed = await redis.xautoclaim(STREAM, "g", "idle", min_idle_time=1000)
+        assert reclaimed[1] == []  # all fresh: nobody takes one
+        consumer.slots.release()  # a pub/sub request ends: the second one starts
+        await wait_until_async(lambda: len(held) == 2, timeout=5, what="the second one")
+        assert sorted(consumer.awaiting_slot) == ids[2:]
+        consumer.slots.release()  # the other one too: the third starts (and the read ends)
+        await wait_until_async(lambda: len(held) == 3, timeout=5, what="the third one")
+        assert not consumer.awaiting_slot
+
+
 async def test_an_entry_behind_many_live_ones_is_reclaimed(redis_url: str) -> None:
     """``XAUTOCLAIM`` looks at ten pending entries per one asked for. Each reclaim looked
     from the start of the pending list, so a dead worker's entry behind more live ones
@@ -374,7 +407,11 @@ async def test_reconnects_do_not_count_deliveries_of_entries_in_flight(redis_url
             await wait_until_async(
                 lambda: _blocked_in_xreadgroup(redis), timeout=5, what="the read out again"
             )
-            [reader] = [c for c in await redis.client_list() if c.get("cmd") == "xreadgroup"]
+            [reader] = [
+                c
+                for c in await redis.client_list()
+                if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
+            ]
             await redis.client_kill_filter(_id=reader["id"])
         await wait_until_async(lambda: _blocked_in_xreadgroup(redis), timeout=5, what="reconnected")
         pending = await redis.xpending_range(STREAM, "g", min="-", max="+", count=10)
