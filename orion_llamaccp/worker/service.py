@@ -206,6 +206,14 @@ class Worker:
         ]
         presence = asyncio.create_task(self.presence.run(presence_stop), name="presence")
         background.append(presence)
+        if self.consumer is not None:  # to the drain's end: the entries it waits for run on
+            refresh = every(
+                self.settings.stream_claim_idle_ms / 3000,
+                self.consumer.keep_claims_fresh,
+                presence_stop,
+                "stream claim refresh",
+            )
+            background.append(asyncio.create_task(refresh, name="claims"))
         code = 0
         try:
             # Subscribed before the model check starts: its thread holds the GIL for long
@@ -288,16 +296,7 @@ class Worker:
         return True
 
     def _stream_tasks(self, consumer: StreamConsumer, stop: asyncio.Event) -> list[asyncio.Task]:
-        refresh = every(
-            self.settings.stream_claim_idle_ms / 3000,
-            consumer.keep_claims_fresh,
-            stop,
-            "stream claim refresh",
-        )
-        tasks = [
-            asyncio.create_task(consumer.run(stop), name="stream"),
-            asyncio.create_task(refresh, name="claims"),
-        ]
+        tasks = [asyncio.create_task(consumer.run(stop), name="stream")]
         if self.settings.stream_trim_sec > 0:
             trim = every(self.settings.stream_trim_sec, self._trim, stop, "stream trim")
             tasks.append(asyncio.create_task(trim, name="trim"))

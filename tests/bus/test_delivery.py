@@ -738,6 +738,43 @@ async def test_a_request_waiting_for_its_time_does_not_hold_up_a_stop(
             await raw.aclose()
 
 
+async def test_a_stream_entry_the_drain_waits_for_is_kept_from_other_workers(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
+) -> None:
+    """The refresh of the worker's stream claims stopped with its intake, as the drain
+    began: an entry the drain still waited for went idle, and with a claim idle time
+    shorter than the drain another worker reclaimed it and generated it again. It runs
+    to the drain's end now."""
+    worker = spawn_worker(
+        slow=True,
+        ORION_LLAMACPP_CLAIM_IDLE_MS="1500",
+        ORION_LLAMACPP_HEALTH_TIMEOUT_SEC="60",  # its llama-server is frozen below
+        ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="60",  # the generation's end, on a loaded VM
+    )
+    envelope = bus.request(HI, profile="tiny", options={"stream": True, "max_tokens": 2000})
+    raw = aioredis.Redis.from_url(redis_url)
+    engine = worker.engine_pid()
+    try:
+        await bus.send(envelope, profile="tiny", via="stream")
+        chunks = f"{envelope['reply_to']}:chunks"
+        await wait_until_async(lambda: recorder.on(chunks), timeout=20, what="generating")
+        os.kill(engine, signal.SIGSTOP)  # the generation waits: the drain waits for it
+        assert worker.proc is not None
+        worker.proc.send_signal(signal.SIGTERM)
+        await wait_until_async(
+            lambda: _subscribers_are(raw, INTAKE, 0), timeout=10, what="the drain begun"
+        )
+        await asyncio.sleep(2.5)  # past the claim idle time (1.5 s)
+        taken = await raw.xautoclaim(STREAM, GROUP, "other-worker", min_idle_time=1500)
+        assert taken[1] == [], "another worker took the entry the drain waits for"
+        assert worker.proc.poll() is None, "the drain ended first: nothing shown"
+    finally:
+        os.kill(engine, signal.SIGCONT)
+        await raw.aclose()
+    [answer] = await _results(recorder, [envelope])
+    assert "content" in answer[0].message["payload"], answer[0].message
+
+
 async def test_a_second_sigterm_cuts_the_drain_short(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
 ) -> None:
