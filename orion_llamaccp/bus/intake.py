@@ -608,6 +608,13 @@ class StreamConsumer:
             if fields is not None and _text(eid) not in mine
         ]
         for deleted in reply[2] if len(reply) > 2 else []:
+            # Its envelope is gone (the producer's MAXLEN, an XDEL): no one to answer.
+            log.warning(
+                "stream entry %s of %s was deleted while pending: its request cannot be "
+                "answered (does the producer trim the stream with MAXLEN?)",
+                _text(deleted),
+                self.stream,
+            )
             await self.redis.xack(self.stream, self.group, deleted)
         entries = []
         for eid, fields in claimed:

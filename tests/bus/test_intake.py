@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -420,6 +421,31 @@ async def test_reconnects_do_not_count_deliveries_of_entries_in_flight(redis_url
             ids[1]: 1,
         }
         assert [entry.entry_id for entry in held] == ids  # not started a second time
+
+
+async def test_an_entry_deleted_while_pending_is_said_and_dropped(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dead worker's entry that the producer's ``MAXLEN`` deleted before it was
+    reclaimed: its envelope is gone, so no one can be answered. It was acked without a
+    word, and the caller's timeout was all anyone saw."""
+    redis = aioredis.Redis.from_url(redis_url)
+    await redis.xgroup_create(STREAM, "g", id="0", mkstream=True)
+    gone = (await redis.xadd(STREAM, {"n": "0"})).decode()
+    await redis.xreadgroup("g", "dead", {STREAM: ">"}, count=1)
+    await redis.xdel(STREAM, gone)
+    await redis.aclose()
+    await asyncio.sleep(1.1)  # idle past the claim idle time
+    with caplog.at_level(logging.WARNING, logger="orion_llamaccp.bus.intake"):
+        async with _holding(redis_url, claim_idle_ms=1000) as (client, _consumer, held):
+
+            async def dropped() -> bool:
+                return (await client.xpending(STREAM, "g"))["pending"] == 0
+
+            await wait_until_async(dropped, timeout=5, what="the deleted entry dropped")
+            assert held == []
+    said = [r.getMessage() for r in caplog.records if gone in r.getMessage()]
+    assert said and "deleted while pending" in said[0], said
 
 
 async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url: str) -> None:
