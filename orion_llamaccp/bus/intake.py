@@ -57,19 +57,24 @@ return taken
 
 # KEYS[1] stream; ARGV: group, this consumer, entry ids. Takes again, as a new delivery
 # (counted), those of the entries this consumer still holds, with their fields; one
-# another consumer reclaimed meanwhile stays theirs (a plain XCLAIM would take it back),
-# and one deleted from the stream is dropped from the pending list by XCLAIM itself.
+# another consumer reclaimed meanwhile stays theirs (a plain XCLAIM would take it back).
+# One deleted from the stream while pending (XCLAIM gives nothing, or nil before Redis
+# 7) is acked, and its id returned apart: its request cannot be answered.
 _TAKE_OWN = """
-local taken = {}
+local taken, deleted = {}, {}
 for i = 3, #ARGV do
   local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
   if held and held[2] == ARGV[2] then
-    for _, entry in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i])) do
-      taken[#taken + 1] = entry
+    local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i])[1]
+    if got then
+      taken[#taken + 1] = got
+    else
+      redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+      deleted[#deleted + 1] = ARGV[i]
     end
   end
 end
-return taken
+return {taken, deleted}
 """
 
 # KEYS[1] stream. Deletes the entries that every consumer group has read and acked: those
@@ -608,13 +613,7 @@ class StreamConsumer:
             if fields is not None and _text(eid) not in mine
         ]
         for deleted in reply[2] if len(reply) > 2 else []:
-            # Its envelope is gone (the producer's MAXLEN, an XDEL): no one to answer.
-            log.warning(
-                "stream entry %s of %s was deleted while pending: its request cannot be "
-                "answered (does the producer trim the stream with MAXLEN?)",
-                _text(deleted),
-                self.stream,
-            )
+            self._said_deleted(_text(deleted))
             await self.redis.xack(self.stream, self.group, deleted)
         entries = []
         for eid, fields in claimed:
@@ -648,19 +647,28 @@ class StreamConsumer:
             left = [entry_id for entry_id in left if entry_id not in mine]
             if not left:
                 continue
-            taken = await self._take_own(
+            taken, deleted = await self._take_own(
                 keys=[self.stream], args=[self.group, self.consumer, *left]
             )
+            for entry_id in deleted:
+                self._said_deleted(_text(entry_id))
             entries = []
             for eid, flat in taken:
                 entry_id = _text(eid)
-                if not flat:  # deleted from the stream while pending (Redis before 7)
-                    await self.redis.xack(self.stream, self.group, entry_id)
-                    continue
                 fields = dict(zip(flat[::2], flat[1::2], strict=True))
                 deliveries = await self._deliveries(entry_id)
                 entries.append(StreamEntry(entry_id, fields, deliveries, reclaimed=True))
             await self._dispatch_all(entries)
+
+    def _said_deleted(self, entry_id: str) -> None:
+        """An entry whose envelope is gone (the producer's MAXLEN, an XDEL): no one to
+        answer. It was dropped without a word, and the caller's timeout was all it saw."""
+        log.warning(
+            "stream entry %s of %s was deleted while pending: its request cannot be "
+            "answered (does the producer trim the stream with MAXLEN?)",
+            entry_id,
+            self.stream,
+        )
 
     async def _deliveries(self, entry_id: str) -> int:
         info = await self.redis.xpending_range(

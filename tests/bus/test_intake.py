@@ -336,18 +336,24 @@ async def test_a_stall_past_the_claim_idle_time_does_not_make_the_worker_take_it
 
 
 async def test_entries_read_together_are_kept_fresh_behind_one_waiting_for_a_slot(
-    redis_url: str,
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three entries read at once, two slots taken by pub/sub requests while the read was
     out: the first entry takes the last slot, the second waits for one, kept fresh; the
     third, behind it, was not, and an idle worker reclaimed it after the claim idle time
     (and generated it beside this one)."""
+    read = StreamConsumer._read_new
+
+    async def read_then_pubsub_takes_two(
+        self: StreamConsumer, count: int, block: bool = True
+    ) -> list[StreamEntry]:
+        got = await read(self, count, block)
+        if len(got) == 3:  # the two pub/sub requests came while it was out
+            assert self.slots.try_acquire() and self.slots.try_acquire()
+        return got
+
+    monkeypatch.setattr(StreamConsumer, "_read_new", read_then_pubsub_takes_two)
     async with _holding(redis_url, claim_idle_ms=1000) as (redis, consumer, held):
-        await asyncio.wait_for(consumer.started.wait(), 5)
-        await wait_until_async(
-            lambda: _blocked_in_xreadgroup(redis), timeout=5, what="the blocking read out"
-        )
-        assert consumer.slots.try_acquire() and consumer.slots.try_acquire()  # pub/sub
         async with redis.pipeline(transaction=True) as pipe:  # one step: read together
             for n in range(3):
                 pipe.xadd(STREAM, {"n": str(n)})
@@ -405,15 +411,11 @@ async def test_reconnects_do_not_count_deliveries_of_entries_in_flight(redis_url
         ids = [(await redis.xadd(STREAM, {"n": str(n)})).decode() for n in range(2)]
         await wait_until_async(lambda: len(held) == 2, timeout=5, what="both in flight")
         for _ in range(3):  # three blips: the blocking read's connection cut each time
-            await wait_until_async(
-                lambda: _blocked_in_xreadgroup(redis), timeout=5, what="the read out again"
+            readers = await wait_until_async(
+                lambda: _blocked_readers(redis), timeout=5, what="the read out again"
             )
-            [reader] = [
-                c
-                for c in await redis.client_list()
-                if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
-            ]
-            await redis.client_kill_filter(_id=reader["id"])
+            for reader in readers:
+                await redis.client_kill_filter(_id=reader)
         await wait_until_async(lambda: _blocked_in_xreadgroup(redis), timeout=5, what="reconnected")
         pending = await redis.xpending_range(STREAM, "g", min="-", max="+", count=10)
         assert {p["message_id"].decode(): p["times_delivered"] for p in pending} == {
@@ -423,16 +425,18 @@ async def test_reconnects_do_not_count_deliveries_of_entries_in_flight(redis_url
         assert [entry.entry_id for entry in held] == ids  # not started a second time
 
 
+@pytest.mark.parametrize("holder", ["dead", "stalled"], ids=["reclaimed", "own-leftover"])
 async def test_an_entry_deleted_while_pending_is_said_and_dropped(
-    redis_url: str, caplog: pytest.LogCaptureFixture
+    redis_url: str, caplog: pytest.LogCaptureFixture, holder: str
 ) -> None:
-    """A dead worker's entry that the producer's ``MAXLEN`` deleted before it was
-    reclaimed: its envelope is gone, so no one can be answered. It was acked without a
-    word, and the caller's timeout was all anyone saw."""
+    """An entry that the producer's ``MAXLEN`` deleted while it was pending: its envelope
+    is gone, so no one can be answered. A dead worker's (reclaimed) was acked without a
+    word, and the caller's timeout was all anyone saw; one of the worker's own, left from
+    before its restart (taken again as it starts), is dropped and said too."""
     redis = aioredis.Redis.from_url(redis_url)
     await redis.xgroup_create(STREAM, "g", id="0", mkstream=True)
     gone = (await redis.xadd(STREAM, {"n": "0"})).decode()
-    await redis.xreadgroup("g", "dead", {STREAM: ">"}, count=1)
+    await redis.xreadgroup("g", holder, {STREAM: ">"}, count=1)
     await redis.xdel(STREAM, gone)
     await redis.aclose()
     await asyncio.sleep(1.1)  # idle past the claim idle time
@@ -514,6 +518,7 @@ async def test_trimming_deletes_only_what_every_group_has_acked(redis_url: str) 
         # A replay: g reads 3-5, acks 3 and 4 (5 still pending), and is set back to read
         # from the start. Bounded by its oldest pending entry alone (5), the trim deleted
         # 3 and 4, which g has to read again.
+        await redis.xreadgroup("slow-reader", "s", {stream: ">"}, count=1)
         await redis.xack(stream, "slow-reader", ids[5])
         await redis.xreadgroup("g", "c", {stream: ">"}, count=3)
         await redis.xack(stream, "g", ids[3], ids[4])
@@ -713,7 +718,13 @@ async def test_a_channel_left_while_the_subscription_is_on_its_way_is_left_too(
 
 
 async def _blocked_in_xreadgroup(redis: aioredis.Redis) -> bool:
-    return any(
-        c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
+    return bool(await _blocked_readers(redis))
+
+
+async def _blocked_readers(redis: aioredis.Redis) -> list[str]:
+    """The ids of the connections blocked in ``XREADGROUP``."""
+    return [
+        c["id"]
         for c in await redis.client_list()
-    )
+        if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
+    ]
