@@ -110,9 +110,10 @@ class _FromTheEnvironment(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         blankless = _BlankIsUnset(settings_cls, env_settings)
         if ENV_FILE_VARIABLE in os.environ:  # another file, or none ("")
-            dotenv_settings = DotEnvSettingsSource(
-                settings_cls, env_file=os.environ[ENV_FILE_VARIABLE].strip() or None
-            )
+            named = os.environ[ENV_FILE_VARIABLE].strip()
+            if named and not Path(named).is_file():  # read as none: the defaults, unsaid
+                raise ConfigError(f"{ENV_FILE_VARIABLE}={named}: no such file")
+            dotenv_settings = DotEnvSettingsSource(settings_cls, env_file=named or None)
         return init_settings, blankless, dotenv_settings, file_secret_settings
 
 
