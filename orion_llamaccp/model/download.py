@@ -27,12 +27,21 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exp
 
 from orion_llamaccp.errors import DownloadError
 from orion_llamaccp.model import store
-from orion_llamaccp.model.hub import HubClient, HubFile, RangeNotSatisfiable, RemoteFile, Transient
+from orion_llamaccp.model.hub import (
+    HubClient,
+    HubFile,
+    RangeNotSatisfiable,
+    Refused,
+    RemoteFile,
+    Transient,
+)
 from orion_llamaccp.model.partial import PartialFile
 from orion_llamaccp.model.progress import Reporter, size_text
 from orion_llamaccp.settings import Settings
 
 log = logging.getLogger(__name__)
+# A link refused this many times in a row, fresh each time, is not an expired one.
+REFUSALS = 3
 
 DISK_MARGIN = 64 * 1024 * 1024
 HASHING_PARTIAL = "hashing the bytes already downloaded, to resume after them"
@@ -83,6 +92,7 @@ class _Download:
         self.client, self.hub, self.target, self.root = client, hub, target, root
         self.reporter, self.cancel = reporter, cancel
         self.attempt = 0
+        self.refusals = 0  # attempts in a row whose link the file's server refused
         self.last_progress = time.monotonic()
         self.high_water = 0  # the furthest byte of the partial file reached so far
         self.range_ignored = False
@@ -234,7 +244,13 @@ def fetch_file(
     def stop(state: RetryCallState) -> bool:
         idle = time.monotonic() - job.last_progress
         cancelled = cancel is not None and cancel.is_set()
-        return cancelled or idle + _next_wait(policy, state) >= policy.deadline_sec
+        refused = state.outcome is not None and isinstance(state.outcome.exception(), Refused)
+        job.refusals = job.refusals + 1 if refused else 0
+        return (
+            cancelled
+            or job.refusals >= REFUSALS
+            or idle + _next_wait(policy, state) >= policy.deadline_sec
+        )
 
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -252,6 +268,14 @@ def fetch_file(
     )
     try:
         return retrying(job.run_attempt)
+    except Refused as exc:
+        if job.refusals < REFUSALS:
+            raise DownloadError(_give_up(job, policy, str(exc))) from None
+        raise DownloadError(
+            f"{exc} for {hub.label}, {job.refusals} times in a row, each time with a fresh "
+            f"link from the Hub: not an expired link, but something in the way of that "
+            f"server (a proxy or firewall), or a mirror (HF_ENDPOINT) that refuses it"
+        ) from None
     except Transient as exc:
         raise DownloadError(_give_up(job, policy, str(exc))) from None
     except OSError as exc:  # the disk, not the network: free space, permissions

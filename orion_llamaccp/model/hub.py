@@ -54,6 +54,12 @@ class Transient(Exception):
     """A failure another attempt may fix: network, timeout, stall, 5xx, 429."""
 
 
+class Refused(Transient):
+    """The file's server refused a link the Hub had just given (403, 410): an expired
+    signature once, which the next attempt's fresh link fixes; every time, something in
+    the way of that server (a proxy, a firewall), which no attempt fixes."""
+
+
 class RangeNotSatisfiable(Exception):
     """The server refused the resume offset: the partial file is longer than the file."""
 
@@ -162,6 +168,8 @@ class HubClient:
     def _start(self, response: httpx2.Response, offset: int, remote: RemoteFile) -> int:
         if response.status_code == 416 and offset:
             raise RangeNotSatisfiable(f"server refused bytes {offset}- of {remote.source.label}")
+        if response.status_code in RETRY_STATUS_CDN - RETRY_STATUS:
+            raise Refused(f"HTTP {response.status_code} from {_host(remote.url)}")
         if response.status_code in RETRY_STATUS_CDN:
             raise Transient(f"HTTP {response.status_code} from {_host(remote.url)}")
         hf_raise_for_status(response)

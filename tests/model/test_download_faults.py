@@ -385,6 +385,27 @@ def test_short_of_disk_space_names_the_corrupt_copies_kept_beside_the_model(
     assert hub.cdn_gets(sha) == []
 
 
+def test_a_link_refused_once_is_fetched_again_and_every_time_is_given_up_at_once(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """A CDN's 403 (or 410) is an expired signed link once: the next attempt's fresh link
+    gets the file. Every time, it is something in the way of that server (a proxy, a
+    firewall), and the attempts went on to the download deadline (10 minutes by default)
+    ending in "no progress"; it is given up after three, saying so."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.fault("cdn", Fault("status", status=403))
+    assert ensure_model(make_profile(), make_settings()).files.model == cache_dir / FILENAME
+    assert len(hub.cdn_gets(sha)) == 2
+    (cache_dir / FILENAME).unlink()
+    hub.fault("cdn", Fault("status", status=403), times=1000)
+
+    with pytest.raises(DownloadError, match="3 times in a row") as err:
+        ensure_model(make_profile(), make_settings(download_deadline_sec=60.0))
+
+    assert "proxy or firewall" in str(err.value)
+    assert len(hub.cdn_gets(sha)) == 2 + 3
+
+
 def test_wrong_bytes_twice_is_an_error_that_keeps_both_downloads(
     hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
