@@ -264,6 +264,11 @@ class Settings(_FromTheEnvironment):
     engine_silence_timeout_sec: float = Field(
         120.0, gt=0, validation_alias="ORION_LLAMACPP_SILENCE_TIMEOUT_SEC"
     )
+    # A load still not ready after this long is hung even while it works (a spin on a GPU
+    # sync counts as CPU time, which the silence watch takes for work); 0: no limit.
+    engine_load_timeout_sec: float = Field(
+        3600.0, ge=0, validation_alias="ORION_LLAMACPP_LOAD_TIMEOUT_SEC"
+    )
     engine_health_interval_sec: float = Field(
         2.0, gt=0, validation_alias="ORION_LLAMACPP_HEALTH_INTERVAL_SEC"
     )

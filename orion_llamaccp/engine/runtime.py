@@ -118,6 +118,7 @@ def make_supervisor(
 def policy_from(settings: Settings) -> SupervisorPolicy:
     return SupervisorPolicy(
         silence_timeout=settings.engine_silence_timeout_sec,
+        load_timeout=settings.engine_load_timeout_sec,
         health_interval=settings.engine_health_interval_sec,
         health_timeout=settings.engine_health_timeout_sec,
         progress_timeout=settings.engine_progress_timeout_sec,

@@ -96,6 +96,7 @@ class EngineEvent:
 @dataclass(frozen=True)
 class SupervisorPolicy:
     silence_timeout: float = 120.0
+    load_timeout: float = 3600.0  # 0: a load that keeps working may take any time
     health_interval: float = 2.0
     health_timeout: float = 5.0
     health_failures: int = 3
@@ -329,11 +330,20 @@ class Supervisor:
         """Poll /health until 200; the deadline moves with every byte llama-server prints
         and whenever it is seen working (``LlamaProcess.look``)."""
         policy = self.policy
+        started = time.monotonic()
         while not self._stopping.is_set():
             if proc.returncode is not None:
                 await proc.wait()
                 raise self._crash(
                     proc, f"llama-server exited with code {proc.returncode} while loading"
+                )
+            if policy.load_timeout and time.monotonic() - started > policy.load_timeout:
+                proc.kill()
+                await proc.wait()
+                raise self._crash(
+                    proc,
+                    f"llama-server hung while loading: not ready after "
+                    f"{policy.load_timeout:.0f}s although it kept working (load_timeout)",
                 )
             if proc.no_gpu is not None:  # it would serve, on the CPU: not what was asked
                 proc.kill()

@@ -153,6 +153,25 @@ async def test_silent_hung_loader_is_detected_and_killed(
     await supervisor.stop()
 
 
+async def test_a_load_that_works_on_without_end_is_hung_at_the_load_timeout(
+    make_launch: LaunchFactory, prelude_env
+) -> None:
+    """A load that spins on the CPU without a word (a GPU sync that never returns) looks
+    like a silent warm-up: CPU time counts as work, so the silence watch never called it
+    hung, and the engine stayed ``loading`` for good."""
+    fields = {**FAST.__dict__, "silence_timeout": 1.0, "load_timeout": 3.0, "crash_limit": 1}
+    supervisor = Supervisor(
+        make_launch(binary=PRELUDE),
+        policy=FAST.__class__(**fields),
+        environ=prelude_env(PRELUDE_BUSY="60"),
+    )
+    with pytest.raises(EngineStartError, match="not ready after 3s although it kept working"):
+        await supervisor.start()
+    assert supervisor.state is EngineState.FAILED
+    assert supervisor._proc is not None and not pid_alive(supervisor._proc.pid)
+    await supervisor.stop()
+
+
 async def test_sigkill_while_ready_restarts_and_serves_again(ready_engine: Supervisor) -> None:
     events = record(ready_engine)
     first = ready_engine.pid
