@@ -111,9 +111,11 @@ class _FromTheEnvironment(BaseSettings):
         blankless = _BlankIsUnset(settings_cls, env_settings)
         if ENV_FILE_VARIABLE in os.environ:  # another file, or none ("")
             named = os.environ[ENV_FILE_VARIABLE].strip()
-            if named and not Path(named).is_file():  # read as none: the defaults, unsaid
-                raise ConfigError(f"{ENV_FILE_VARIABLE}={named}: no such file")
-            dotenv_settings = DotEnvSettingsSource(settings_cls, env_file=named or None)
+            path = Path(named).expanduser() if named else None
+            if path is not None and not (path.is_file() or path.is_fifo()):
+                # Read as none, it gave the defaults without a word.
+                raise ConfigError(f"{ENV_FILE_VARIABLE}={named}: not a file")
+            dotenv_settings = DotEnvSettingsSource(settings_cls, env_file=path)
         return init_settings, blankless, dotenv_settings, file_secret_settings
 
 

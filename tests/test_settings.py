@@ -180,7 +180,7 @@ def test_the_dotenv_file_can_be_named_or_left_out(
     settings = load_settings()
     assert (settings.profile_name, settings.overrides.port) == ("gemma", 9999)
     monkeypatch.setenv(ENV_FILE_VARIABLE, str(tmp_path / "missing.env"))
-    with pytest.raises(ConfigError, match=r"missing\.env: no such file"):
+    with pytest.raises(ConfigError, match=r"missing\.env: not a file"):
         load_settings()
     monkeypatch.delenv(ENV_FILE_VARIABLE)
     assert load_settings().profile_name == "qwen"

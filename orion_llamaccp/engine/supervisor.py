@@ -9,9 +9,10 @@ state or asks for a change (``begin_drain``, ``stop``). State changes
 are emitted as ``EngineEvent``s to listeners the supervisor knows nothing about: the bus
 layer turns them into heartbeats and announcements.
 
-Readiness has no fixed timeout: while llama-server keeps printing (a 70B model loading for
-minutes) or working without a word (a warm-up run, a model paged in from a slow disk), the
-deadline moves; a server silent and idle for ``silence_timeout`` is declared hung.
+Readiness has no short fixed timeout: while llama-server keeps printing (a 70B model
+loading for minutes) or working without a word (a warm-up run, a model paged in from a slow
+disk), the deadline moves; a server silent and idle for ``silence_timeout`` is declared
+hung, and one not ready after ``load_timeout`` (an hour) however it works.
 Once ready, it is restarted when it dies, stops answering ``/health``, or its inference
 loop stops moving while ``/health`` still says 200 (``liveness``).
 """
@@ -328,7 +329,8 @@ class Supervisor:
 
     async def _until_ready(self, proc: LlamaProcess) -> None:
         """Poll /health until 200; the deadline moves with every byte llama-server prints
-        and whenever it is seen working (``LlamaProcess.look``)."""
+        and whenever it is seen working (``LlamaProcess.look``), up to ``load_timeout``
+        from the start, which does not move."""
         policy = self.policy
         started = time.monotonic()
         while not self._stopping.is_set():

@@ -272,9 +272,9 @@ def fetch_file(
         if job.refusals < REFUSALS:
             raise DownloadError(_give_up(job, policy, str(exc))) from None
         raise DownloadError(
-            f"{exc} for {hub.label}, {job.refusals} times in a row, each time with a fresh "
-            f"link from the Hub: not an expired link, but something in the way of that "
-            f"server (a proxy or firewall), or a mirror (HF_ENDPOINT) that refuses it"
+            f"{exc} for {hub.label}, {job.refusals} times in a row, each time after asking "
+            f"the Hub again: not an expired link, but something in the way of that server "
+            f"(a proxy or firewall), or a mirror (HF_ENDPOINT) that refuses it"
         ) from None
     except Transient as exc:
         raise DownloadError(_give_up(job, policy, str(exc))) from None
