@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -235,23 +237,33 @@ def test_the_worker_s_unix_socket_is_added_where_the_build_takes_one(
     assert launch.unix_socket is None and "," not in launch.argv[launch.argv.index("--host") + 1]
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary folder with a short path: pytest's own (``tmp_path``) grows with the
+    count of its sessions on a machine, and from the hundredth a socket path in it no
+    longer fits a socket's address (104 bytes), which some tests here do not mean."""
+    folder = Path(tempfile.mkdtemp(prefix="oc-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_the_unix_socket_is_in_a_folder_of_the_user_s_own_or_not_at_all(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The socket lives in a folder only this user may enter (0700, made on the way), so
     no other user can take its name first or connect. TCP only, not a llama-server that
     cannot bind or talks to someone else: where the folder is not ours alone, where no
     temporary folder takes a file (a read-only root), where the path would not fit a
     socket's address (a deep ``TMPDIR``) or holds a comma (``--host`` is a list)."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    folder = tmp_path / f"orion-llamaccp-{os.getuid()}"
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
+    folder = short_tmp / f"orion-llamaccp-{os.getuid()}"
     assert socket_path("127.0.0.1", 8080) == f"{folder}/127.0.0.1-8080.sock"
     assert folder.stat().st_mode & 0o777 == 0o700
     folder.chmod(0o755)  # others may enter: not ours alone
     assert socket_path("127.0.0.1", 8080) is None
     for odd in ("d" * 90, "a,b"):
-        (tmp_path / odd).mkdir()
-        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / odd))
+        (short_tmp / odd).mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(short_tmp / odd))
         assert socket_path("127.0.0.1", 8080) is None, odd
 
     def read_only() -> str:
@@ -262,16 +274,16 @@ def test_the_unix_socket_is_in_a_folder_of_the_user_s_own_or_not_at_all(
 
 
 def test_each_address_of_a_port_gets_a_socket_of_its_own(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two llama-servers may share a port on two addresses of one host; named by the port
     alone, their sockets were one path, and the second could not bind it. Any host
     setting (an IPv6 address, a name) makes a plain file name."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
     hosts = ["127.0.0.1", "10.0.0.5", "0.0.0.0", "::1", "[fe80::1%eth0]", "gpu-box.lan"]
     paths = [socket_path(host, 8080) for host in hosts]
     assert len(set(paths)) == len(hosts)
-    folder = tmp_path / f"orion-llamaccp-{os.getuid()}"
+    folder = short_tmp / f"orion-llamaccp-{os.getuid()}"
     for path in paths:
         assert path is not None and Path(path).parent == folder, path
         assert Path(path).name.endswith("-8080.sock"), path
