@@ -643,8 +643,7 @@ class StreamConsumer:
                 return
             after = "(" + _text(pending[-1]["message_id"])
             mine = self.in_flight.keys() | self.awaiting_slot.keys()
-            left = [_text(p["message_id"]) for p in pending]
-            left = [entry_id for entry_id in left if entry_id not in mine]
+            left = [i for p in pending if (i := _text(p["message_id"])) not in mine]
             if not left:
                 continue
             taken, deleted = await self._take_own(

@@ -177,20 +177,19 @@ def host_list(text: str) -> bool:
     socket paths. Older builds take one address *or* one ``.sock`` path ("ip address to
     listen, or bind to an UNIX socket if the address ends with .sock"): given a list,
     they bind a socket at the whole string and open no TCP port."""
-    for head, desc in _entries(text):
-        if "--host" in head:
-            desc = desc.lower()
-            return "unix socket" in desc and "comma" in desc
-    return False
+    desc = _description(text, "--host").lower()
+    return "unix socket" in desc and "comma" in desc
 
 
 def gpu_layers_auto(text: str) -> bool:
     """Whether ``--help`` says ``--n-gpu-layers`` takes ``auto`` ("either an exact number,
     'auto', or 'all'"); older builds take a number only."""
-    for head, desc in _entries(text):
-        if "--n-gpu-layers" in head:
-            return "'auto'" in desc
-    return False
+    return "'auto'" in _description(text, "--n-gpu-layers")
+
+
+def _description(text: str, flag: str) -> str:
+    """What ``--help`` says of ``flag`` (its first entry naming it); "" if none does."""
+    return next((desc for head, desc in _entries(text) if flag in head), "")
 
 
 def probe(path: Path) -> BinaryInfo:

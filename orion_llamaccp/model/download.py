@@ -268,15 +268,13 @@ def fetch_file(
     )
     try:
         return retrying(job.run_attempt)
-    except Refused as exc:
-        if job.refusals < REFUSALS:
-            raise DownloadError(_give_up(job, policy, str(exc))) from None
-        raise DownloadError(
-            f"{exc} for {hub.label}, {job.refusals} times in a row, each time after asking "
-            f"the Hub again: not an expired link, but something in the way of that server "
-            f"(a proxy or firewall), or a mirror (HF_ENDPOINT) that refuses it"
-        ) from None
     except Transient as exc:
+        if isinstance(exc, Refused) and job.refusals >= REFUSALS:
+            raise DownloadError(
+                f"{exc} for {hub.label}, {job.refusals} times in a row, each time after "
+                f"asking the Hub again: not an expired link, but something in the way of "
+                f"that server (a proxy or firewall), or a mirror (HF_ENDPOINT) that refuses it"
+            ) from None
         raise DownloadError(_give_up(job, policy, str(exc))) from None
     except OSError as exc:  # the disk, not the network: free space, permissions
         raise DownloadError(
