@@ -26,11 +26,12 @@ from tests.support.procs import (
     RedisServer,
     free_port,
     pid_alive,
+    subscribers,
     wait_stream_acked,
     wait_until_async,
 )
 from tests.support.proxy import HoldingProxy
-from tests.support.workers import BusRecorder, EngineProbe, wait_replicas_counted
+from tests.support.workers import BusRecorder, EngineProbe, wait_replicas_counted, worker_gauge
 
 HI = [{"role": "user", "content": "hello there"}]
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
@@ -583,8 +584,7 @@ async def test_a_legacy_dict_sent_again_while_its_replica_drains_is_answered_by_
 
 
 async def _subscribers_are(client: aioredis.Redis, channel: str, count: int) -> bool:
-    ((_, subscribed),) = await client.pubsub_numsub(channel)
-    return int(subscribed) == count
+    return await subscribers(client, channel) == count
 
 
 async def test_a_replica_that_hears_an_answered_message_late_stays_silent(
@@ -621,13 +621,10 @@ async def test_a_replica_that_hears_an_answered_message_late_stays_silent(
 
 
 def _claims_lost(port: int) -> float:
-    """A worker's ``orion_llamacpp_claims_lost`` gauge, from its /metrics endpoint."""
     try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        return worker_gauge(port, "orion_llamacpp_claims_lost")
     except httpx.HTTPError:  # just resumed (SIGCONT): asked again
         return 0.0
-    line = next(x for x in text.splitlines() if x.startswith("orion_llamacpp_claims_lost{"))
-    return float(line.rsplit(" ", 1)[1])
 
 
 async def test_a_request_not_before_its_time_reaches_llama_server_only_then(

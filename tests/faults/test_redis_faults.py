@@ -9,12 +9,12 @@ import signal
 import socket
 import time
 
-import httpx
 import pytest
 
 from orion_llamaccp.bus import keys
 from tests.faults.conftest import Fault, assert_chunks_whole, assert_exactly_once, chunks_of
 from tests.support.procs import free_port, subscribers, wait_stream_acked, wait_until_async
+from tests.support.workers import worker_gauge
 
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
 STREAM = "orion:stream:llamacpp:tiny:request"
@@ -223,11 +223,7 @@ async def _not(check) -> bool:
 
 
 def slots_busy(port: int) -> float:
-    """The worker's ``orion_llamacpp_slots_busy`` gauge, from its /metrics endpoint (served
-    from a thread of its own, so it answers while the event loop waits on Redis)."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    line = next(x for x in text.splitlines() if x.startswith("orion_llamacpp_slots_busy{"))
-    return float(line.rsplit(" ", 1)[1])
+    return worker_gauge(port, "orion_llamacpp_slots_busy")
 
 
 SLOT_TOKENS = 3000  # about 2 s on the slow model

@@ -282,6 +282,14 @@ class EngineProbe:
         return await self.predicted()
 
 
+def worker_gauge(port: int, name: str) -> float:
+    """One gauge of a worker's ``/metrics`` (``METRICS_PORT``), served from a thread of its
+    own, so it answers while the worker's event loop waits on Redis."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    line = next(x for x in text.splitlines() if x.startswith(name + "{"))
+    return float(line.rsplit(" ", 1)[1])
+
+
 async def wait_replicas_counted(
     recorder: BusRecorder, redis_url: str, channel: str, instances: list[str], beats: int = 3
 ) -> None:
