@@ -175,15 +175,23 @@ class PubSubListener:
         self._left = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Listen until ``stop``. Nothing but our own cancellation ends it: the worker goes
+        on beating "ready" whatever happens here, so a listener that stopped on an error
+        it did not foresee (a Redis that refuses the SUBSCRIBE: an ACL without the
+        channel) would leave it deaf, silently and for good. It says why and tries again."""
         while not stop.is_set():
             try:
                 await self._session(stop)
+                continue
             except (*TRANSIENT, ConnectionAbortedError) as exc:
-                self.subscribed.clear()
-                self.reconnects += 1
-                delay = self.backoff.take()
-                log.warning("pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
-                await _pause(stop, delay)
+                level, said = logging.WARNING, f"pub/sub connection lost ({exc})"
+            except Exception as exc:
+                level, said = logging.ERROR, f"pub/sub listening failed: {_error(exc)}"
+            self.subscribed.clear()
+            self.reconnects += 1
+            delay = self.backoff.take()
+            log.log(level, "%s; reconnecting in %.1fs", said, delay)
+            await _pause(stop, delay)
 
     async def leave(self, *channels: str) -> None:
         """Stop listening on ``channels`` and keep the others (also after a reconnect). A
@@ -476,12 +484,16 @@ class StreamConsumer:
                 self.started.set()
                 self.backoff.reset()
                 await self._loop(stop)
+                continue
             except (*TRANSIENT, ResponseError) as exc:
-                delay = self.backoff.take()
-                log.warning(
-                    "stream intake on %s failed (%s); retrying in %.1fs", self.stream, exc, delay
-                )
-                await _pause(stop, delay)
+                level, said = logging.WARNING, f"({exc})"
+            except Exception as exc:  # as the listener's: nothing unforeseen stops the intake
+                level, said = logging.ERROR, f"unexpectedly ({_error(exc)})"
+            delay = self.backoff.take()
+            log.log(
+                level, "stream intake on %s failed %s; retrying in %.1fs", self.stream, said, delay
+            )
+            await _pause(stop, delay)
 
     async def _free_slots(self, stop: asyncio.Event) -> int:
         """Wait for a ready engine and a free slot; how many slots are free (none taken).
@@ -737,6 +749,10 @@ def _pairs(flat: list[Any]) -> dict[Any, Any]:
     """An entry's fields as the server sends them (name, value, name, value, ...)."""
     it = iter(flat)
     return dict(zip(it, it, strict=True))
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _text(value: bytes | str) -> str:

@@ -728,3 +728,76 @@ async def _blocked_readers(redis: aioredis.Redis) -> list[str]:
         for c in await redis.client_list()
         if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
     ]
+
+
+async def test_a_subscribe_redis_refuses_is_said_and_tried_again_until_it_is_allowed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis refuses the SUBSCRIBE (an ACL user without the intake channel). The listener
+    used to end there, without a word, and the worker beat "ready" on, deaf to pub/sub
+    for good. Now it says why, at ERROR, and once the ACL lets it, it listens."""
+    server = RedisServer(tmp_path / "redis").start()
+    admin = SyncRedis.from_url(server.url)
+    admin.acl_setuser("worker", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all"])
+    admin.execute_command("ACL", "SETUSER", "worker", "resetchannels", "&orion:test:cancel")
+    redis = aioredis.Redis.from_url(f"redis://worker:pw@127.0.0.1:{server.port}/0")
+    heard: list[bytes] = []
+    listener = PubSubListener(
+        redis, ["orion:test:intake", "orion:test:cancel"], lambda c, data: heard.append(data)
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(listener.run(stop))
+    try:
+
+        def refusals() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno == logging.ERROR and "pub/sub listening failed" in r.getMessage()
+            ]
+
+        await wait_until_async(lambda: len(refusals()) >= 2, timeout=10, what="two refusals")
+        assert "NoPermissionError" in refusals()[0], refusals()
+        assert not runner.done()
+        admin.execute_command("ACL", "SETUSER", "worker", "allchannels")
+        await wait_until_async(
+            lambda: admin.pubsub_numsub("orion:test:intake")[0][1] == 1,
+            timeout=10,
+            what="the intake subscribed",
+        )
+        admin.publish("orion:test:intake", b"hello")
+        await wait_until_async(lambda: heard == [b"hello"], timeout=5, what="the message heard")
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        await redis.aclose()
+        admin.close()
+        server.stop()
+
+
+async def test_the_stream_consumer_outlives_an_error_nobody_foresaw(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the consumer waits on fails once with an error that is no Redis error (a bug
+    in the worker's engine wait, say). The consumer used to end there, the worker beating
+    on; it says so and goes on, and the entry is handled."""
+    redis = aioredis.Redis.from_url(redis_url)
+    events: list[str] = []
+    done = asyncio.Event()
+    consumer = _consumer(redis, events, done, slots=1)
+    failures = [RuntimeError("the engine's state is one nobody expected")]
+
+    async def ready() -> None:
+        if failures:
+            raise failures.pop()
+
+    consumer.ready = ready
+    await consumer.ensure_group()
+    await redis.xadd(STREAM, {"n": "0"})
+    try:
+        await _run_until(consumer, done)
+    finally:
+        await redis.aclose()
+    assert events == ["prepare 0", "handle 0"]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(said) == 1 and "RuntimeError: the engine's state" in said[0], said

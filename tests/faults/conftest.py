@@ -8,6 +8,7 @@ and each scenario asserts ``answered twice == 0`` and ``lost == 0``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,11 +25,39 @@ from tests.support.workers import BusRecorder, WorkerProc
 REPORTS: list[str] = []
 
 
+# The end of each worker's log in a scenario that failed: printed last, where a CI excerpt
+# that keeps the end of the output still shows it (a flake on CI is otherwise a guess).
+FAILED_LOGS: list[str] = []
+LOG_TAIL_LINES = 40
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if REPORTS:
         terminalreporter.section("fault suite: every request counted")
         for line in REPORTS:
             terminalreporter.write_line(line)
+    if FAILED_LOGS:
+        terminalreporter.section("fault suite: the workers' logs of failed scenarios")
+        for line in FAILED_LOGS:
+            terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for worker in getattr(item, "fault_workers", []):
+            FAILED_LOGS.append(f"--- {item.name}: {worker.log_path.name}, last lines at INFO+")
+            FAILED_LOGS.extend(log_tail(worker.log_path))
+
+
+def log_tail(path: Path) -> list[str]:
+    with contextlib.suppress(OSError):
+        lines = path.read_text(errors="replace").splitlines()
+        said = [line[:240] for line in lines if " DEBUG " not in line[:40]]
+        return said[-LOG_TAIL_LINES:]
+    return [f"(no log at {path})"]
 
 
 @dataclass
@@ -136,6 +165,7 @@ async def fault(
             worker.wait_ready()
         return worker
 
+    request.node.fault_workers = workers  # for their logs, should the scenario fail
     raw = aioredis.Redis.from_url(server.url)
     async with BusClient(server.url) as client:
         yield Fault(server, recorder, client, Ledger(request.node.name, recorder), spawn, raw)
