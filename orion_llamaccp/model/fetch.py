@@ -91,6 +91,7 @@ class _Fetcher:
         self.profile, self.settings, self.root = profile, settings, root
         self.reporter, self.cancel = reporter, cancel
         self.may_download = download and not settings.hf_hub_offline
+        self._hashed: dict[tuple[Path, int, int], str] = {}
         self.policy = DownloadPolicy.from_settings(settings)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         self.client = HubClient(
@@ -121,7 +122,7 @@ class _Fetcher:
         one of the model before it (a part fetched days later, say), and the parts'
         checks (each its own sha256, the split's counts) would not tell the mix."""
         hub = target.hub
-        record = store.read_record(self.root, first) if self.under_root(first) else None
+        record = self.record(first)
         commit = record.commit if record is not None else None
         if hub is None or commit is None or names_commit(hub.revision, commit):
             return target
@@ -192,7 +193,7 @@ class _Fetcher:
         info, problem = diagnose_gguf(path)
         if info is None:
             return None, problem
-        record = store.read_record(self.root, path) if self.under_root(path) else None
+        record = self.record(path)
         stale = other_source(record, target.hub)
         if stale is not None:
             refuse_if_shared(self.profile, self.settings, target, record)
@@ -309,13 +310,43 @@ class _Fetcher:
             log.warning("cannot ask the Hub for %s's sha256: %s", target.hub.label, exc)
             return None
 
+    def record(self, path: Path) -> store.FileRecord | None:
+        """What we downloaded ``path`` from. A record whose file kept its size but not its
+        mtime (the model folder copied or restored without its times, a ``touch``) is
+        kept when the bytes still hash to its sha256, once, for a switch of the
+        profile's revision replaces only a file whose source is known: dropped, the
+        file would pass for one copied by hand and be kept whatever the profile names."""
+        if not self.under_root(path):
+            return None
+        record = store.read_record(self.root, path, any_time=True)
+        if record is None or record.matches(path):
+            return record
+        if record.sha256 is None:
+            return None
+        log.info("%s: its time changed since it was downloaded; hashing it", self.name(path))
+        if self.hash(path) != record.sha256:
+            return None  # other bytes of the same size: a file put there by hand
+        return store.write_record(
+            self.root,
+            path,
+            sha256=record.sha256,
+            repo_id=record.repo_id,
+            revision=record.revision,
+            commit=record.commit,
+        )
+
     def hash(self, path: Path) -> str:
-        name, total = self.name(path), path.stat().st_size
+        """The file's sha256, hashed once per call however many checks ask for it."""
+        stat = path.stat()
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashed:
+            name, total = self.name(path), stat.st_size
 
-        def on_bytes(done: int) -> None:
-            self.reporter.emit("verifying", name, done=done, total=total)
+            def on_bytes(done: int) -> None:
+                self.reporter.emit("verifying", name, done=done, total=total)
 
-        return sha256_file(path, on_bytes)
+            self._hashed[key] = sha256_file(path, on_bytes)
+        return self._hashed[key]
 
     def under_root(self, path: Path) -> bool:
         return path.is_relative_to(self.root)

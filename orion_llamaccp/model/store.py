@@ -3,8 +3,10 @@
 Everything lives in one hidden folder, ``model_root/.orion/``, mirroring the model's path:
 
 - ``records/<name>.json``: the Hub's sha256, revision and commit of a file we downloaded,
-  so a restart can report the model's sha256 without re-hashing 70 GB. A record only counts
-  while the file's size and mtime still match it (a hand-copied replacement voids it).
+  so a restart can report the model's sha256 without re-hashing 70 GB. A record counts
+  while the file's size and mtime still match it (a hand-copied replacement voids it); a
+  file whose mtime alone changed (the folder copied without its times) is hashed once,
+  and keeps its record if the bytes are still the ones downloaded.
 - ``locks/<name>.lock``: one lock per file, so two processes download it once.
 - ``partial/<name>.<etag>.part``: a download in progress; kept across failures and
   restarts so the next attempt resumes instead of starting over.
@@ -49,6 +51,12 @@ class FileRecord(BaseModel):
             return False
         return stat.st_size == self.size and stat.st_mtime_ns == self.mtime_ns
 
+    def same_size(self, path: Path) -> bool:
+        try:
+            return path.stat().st_size == self.size
+        except OSError:
+            return False
+
 
 def _state(root: Path, path: Path, kind: str, suffix: str) -> Path:
     rel = path.relative_to(root)
@@ -77,13 +85,16 @@ def stale_partials(root: Path, path: Path, keep: Path) -> list[Path]:
     return [p for p in folder.iterdir() if mine.fullmatch(p.name) and p != keep]
 
 
-def read_record(root: Path, path: Path) -> FileRecord | None:
-    """The file's record if there is one and it still describes the file on disk."""
+def read_record(root: Path, path: Path, *, any_time: bool = False) -> FileRecord | None:
+    """The file's record if there is one and it still describes the file on disk;
+    ``any_time``: also one whose mtime alone differs (for the caller to hash the file)."""
     try:
         record = FileRecord.model_validate_json(record_path(root, path).read_bytes())
     except (OSError, ValidationError):
         return None
-    return record if record.matches(path) else None
+    if record.matches(path) or (any_time and record.same_size(path)):
+        return record
+    return None
 
 
 def write_record(

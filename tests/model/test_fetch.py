@@ -536,3 +536,54 @@ def test_a_model_chosen_by_model_path_is_never_downloaded(make_settings: Setting
     [model] = plan_targets(profile, files)
 
     assert model.hub is None
+
+
+def _retimed(path: Path) -> None:
+    """The model folder copied or restored without its times (``cp -r``, a backup)."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 86_400 * 10**9))
+
+
+def test_a_downloaded_file_that_only_changed_its_time_keeps_its_source(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """Its record used to be dropped with the mtime: the file passed for one copied by
+    hand, kept whatever revision the profile named next, and without its sha256. It is
+    hashed once: the same bytes keep their record (the next start hashes nothing), and
+    a switch of revision replaces the file."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(1), revision="v1")
+    hub.add(REPO_ID, FILENAME, gguf_bytes(2), revision="v2")
+    ensure_model(make_profile(hf_revision="v1"), make_settings())
+    target = cache_dir / FILENAME
+    _retimed(target)
+    events: list[ProgressEvent] = []
+
+    kept = ensure_model(make_profile(hf_revision="v1"), make_settings(), progress=events.append)
+    again: list[ProgressEvent] = []
+    ensure_model(make_profile(hf_revision="v1"), make_settings(), progress=again.append)
+    switched = ensure_model(make_profile(hf_revision="v2"), make_settings())
+
+    assert kept.sha256 == sha and kept.downloaded == ()
+    hashed = [e.bytes_done for e in events if e.phase == "verifying"]
+    assert hashed and hashed[-1] == len(gguf_bytes(1))
+    assert not any(e.phase == "verifying" for e in again)
+    assert switched.downloaded == (target,)
+    assert target.read_bytes() == gguf_bytes(2)
+
+
+def test_other_bytes_of_the_same_size_under_a_record_pass_for_a_file_copied_by_hand(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    hub.add(REPO_ID, FILENAME, gguf_bytes(1), revision="v1")
+    hub.add(REPO_ID, FILENAME, gguf_bytes(2), revision="v2")
+    ensure_model(make_profile(hf_revision="v1"), make_settings())
+    target = cache_dir / FILENAME
+    assert len(gguf_bytes(1)) == len(gguf_bytes(3))
+    target.write_bytes(gguf_bytes(3))
+    _retimed(target)
+
+    resolved = ensure_model(make_profile(hf_revision="v2"), make_settings())
+
+    assert resolved.sha256 is None and resolved.downloaded == ()
+    assert target.read_bytes() == gguf_bytes(3)
+    assert read_record(cache_dir, target) is None
