@@ -95,7 +95,9 @@ def decode_chat(envelope: Envelope) -> ChatRequestPayload:
         ) from None
 
 
-def _uuid(value: Any) -> str | None:
+def as_uuid(value: Any) -> str | None:
+    """``value`` as a UUID in canonical form (jobs are filed under it: a sender may spell
+    one in upper case, with braces or without dashes); None if it is not one."""
     try:
         return str(UUID(str(value)))
     except (ValueError, TypeError):
@@ -115,8 +117,8 @@ def salvage(raw: bytes | str) -> dict[str, Any]:
     source = data.get("source") if isinstance(data.get("source"), dict) else {}
     return {
         "reply_to": reply_to if isinstance(reply_to, str) and reply_to else None,
-        "correlation_id": _uuid(data.get("correlation_id") or data.get("corr_id")),
-        "id": _uuid(data.get("id")),
+        "correlation_id": as_uuid(data.get("correlation_id") or data.get("corr_id")),
+        "id": as_uuid(data.get("id")),
         "kind": kind if isinstance(kind, str) and kind else "unknown",
         "source": str(source.get("name") or source.get("service") or "unknown"),
         "trace_id": str(data["trace"]["trace_id"])

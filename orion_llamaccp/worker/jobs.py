@@ -15,6 +15,7 @@ import orjson
 
 from orion_llamaccp.bus.codec import (
     CONTENT_KEY,
+    as_uuid,
     attempt_suffix,
     decode_envelope,
     message_key,
@@ -183,9 +184,37 @@ def decode_job(
         envelope=envelope,
         decode_error=error,
         entry=entry,
-        salvaged=salvage(data) if envelope is None else {},
+        salvaged=_salvaged(data, entry) if envelope is None else {},
         occurrence=f":{uuid.uuid4().hex[:12]}" if key.startswith(CONTENT_KEY) else "",
     )
+
+
+def _salvaged(data: bytes, entry: StreamEntry | None) -> dict[str, Any]:
+    """What a message that failed to decode says of itself; where it cannot say where to
+    answer, what its stream entry's own fields say (``entry_said``)."""
+    said = salvage(data)
+    if entry is not None:
+        for key, value in entry_said(entry).items():
+            if said.get(key) is None:
+                said[key] = value
+    return said
+
+
+def entry_said(entry: StreamEntry) -> dict[str, str]:
+    """The ``reply_to`` and ``correlation_id`` Orion's work queue writes in each entry
+    beside the envelope (the contract's section 4): where to answer an entry whose
+    envelope cannot be read, or is missing, rather than leave its caller waiting."""
+    fields = {_name(k): v for k, v in entry.fields.items()}
+    said: dict[str, str] = {}
+    if reply_to := _value(fields.get("reply_to")):
+        said["reply_to"] = reply_to
+    if correlation_id := as_uuid(_value(fields.get("correlation_id"))):
+        said["correlation_id"] = correlation_id
+    return said
+
+
+def _value(value: bytes | str | None) -> str | None:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def entry_bytes(entry: StreamEntry) -> bytes | None:
@@ -216,6 +245,7 @@ def entry_job(entry: StreamEntry, raw: bytes | None, max_bytes: int) -> Job:
         key=entry.entry_id,
         entry=entry,
         decode_error=DecodeError(f"stream entry has no 'envelope' field (fields: {names})"),
+        salvaged=dict(entry_said(entry)),
     )
 
 

@@ -18,12 +18,11 @@ import time
 from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any
-from uuid import UUID
 
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus.claims import ANSWERED_CLAIM_SEC, Claims
-from orion_llamaccp.bus.codec import decode_envelope, loads_object
+from orion_llamaccp.bus.codec import as_uuid, decode_envelope, loads_object
 from orion_llamaccp.bus.envelope import as_utc
 from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry, not_started
 from orion_llamaccp.bus.lane import Lane
@@ -641,7 +640,7 @@ class Worker:
         if not correlation_id:
             return
         sent = sent_at(message.get("created_at") or message.get("ts"))
-        uuid = parse_uuid(str(correlation_id))
+        uuid = as_uuid(correlation_id)
         # Only a UUID can name a request to come (a job's id always is one); anything else
         # reaches at most a job of a message that failed to decode.
         waiting = self.inflight.cancel(uuid or str(correlation_id), sent, remember=bool(uuid))
@@ -764,15 +763,6 @@ def sent_at(value: Any) -> datetime | None:
         with contextlib.suppress(ValueError):
             return as_utc(datetime.fromisoformat(value))
     return None
-
-
-def parse_uuid(value: str) -> str | None:
-    """Jobs are filed under ``str(UUID)``: a cancel may spell the same id in upper case,
-    with braces or without dashes. None if it is not a UUID."""
-    try:
-        return str(UUID(value))
-    except ValueError:
-        return None
 
 
 # Pub/sub claims on their way at once, at most: beyond, messages wait in the inbox (a

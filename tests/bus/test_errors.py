@@ -516,6 +516,38 @@ async def test_undecodable_stream_entries_are_dead_lettered(
         await client.aclose()
 
 
+@pytest.mark.parametrize("envelope", [b'{"schema": "orion.envelope", "kind": "llm.cha', None])
+async def test_a_stream_entry_with_an_unreadable_envelope_is_answered_where_its_fields_say(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    redis_url: str,
+    recorder: BusRecorder,
+    envelope: bytes | None,
+) -> None:
+    """Orion's work queue writes ``reply_to`` and ``correlation_id`` in each entry beside
+    the envelope. An envelope cut short (or missing) used to leave its caller waiting
+    for good: the error went to ``system.error`` alone, under a made-up id."""
+    spawn_worker()
+    entry = work_queue_entry(bus.request(HI, profile="tiny"))
+    if envelope is None:
+        del entry["envelope"]
+    else:
+        entry["envelope"] = envelope
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.xadd(STREAM, entry)
+        await wait_stream_acked(client, STREAM, "llamacpp:tiny")
+    finally:
+        await client.aclose()
+    answer = await _answer_on(recorder, entry["reply_to"])
+    assert answer["payload"]["error"] == "validation_failed", answer
+    assert answer["correlation_id"] == entry["correlation_id"]
+    reports = [m.message for m in recorder.kinds("system.error")]
+    assert [r["correlation_id"] for r in reports] == [entry["correlation_id"]]
+    await asyncio.sleep(0.5)  # a second answer would be out by now
+    assert len(recorder.on(entry["reply_to"])) == 1
+
+
 async def test_acked_entries_leave_the_stream_and_dead_letters_keep_the_newest(
     spawn_worker: SpawnWorker, bus: BusClient, redis_url: str
 ) -> None:
