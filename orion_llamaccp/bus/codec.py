@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from orion_llamaccp.bus.envelope import (
     CHAT_REQUEST,
-    LEGACY_CHAT_EVENTS,
+    LEGACY_CHAT_EVENT,
     LEGACY_KIND,
     SCHEMA,
     ChatRequestPayload,
@@ -48,9 +48,12 @@ def loads_object(raw: bytes | str) -> dict[str, Any]:
 
 
 def _legacy(data: dict[str, Any]) -> dict[str, Any]:
-    """Orion's wrapping of a dict without ``schema: orion.envelope``."""
-    event = data.get("event")
-    if (isinstance(event, str) and event in LEGACY_CHAT_EVENTS) or data.get("kind") == CHAT_REQUEST:
+    """Orion's wrapping of a dict without ``schema: orion.envelope``: the whole dict is
+    the payload, but for a legacy chat dict (``event: chat``), whose request is under
+    ``payload`` or ``body``. A dict of kind ``llm.chat.request`` that is no envelope is
+    refused for its extra payload keys, as Orion refuses it: served here, it would work
+    against this worker and nowhere else in the mesh."""
+    if data.get("event") == LEGACY_CHAT_EVENT:
         kind = CHAT_REQUEST
         inner = data.get("payload") or data.get("body")  # "payload": null with a body too
         payload = inner if isinstance(inner, dict) else {}
@@ -74,6 +77,8 @@ def _legacy(data: dict[str, Any]) -> dict[str, Any]:
 def decode_envelope(raw: bytes | str) -> Envelope:
     """An envelope from the wire: Orion's envelope (with input aliases) or a legacy dict."""
     data = loads_object(raw)
+    if data.get("schema_id") == SCHEMA and "schema" not in data:
+        raise DecodeError("envelope names itself with 'schema_id'; the key is 'schema'")
     try:
         return Envelope.model_validate(data if data.get("schema") == SCHEMA else _legacy(data))
     except ValidationError as exc:

@@ -26,7 +26,7 @@ SYSTEM_ERROR = "system.error"
 PROFILE_ANNOUNCE = "llm.profile.announce.v1"
 PROFILE_DISCOVER = "llm.profile.discover.v1"
 LEGACY_KIND = "legacy.message"
-LEGACY_CHAT_EVENTS = frozenset({"chat", "llm.chat", CHAT_REQUEST})
+LEGACY_CHAT_EVENT = "chat"  # the contract's only legacy chat dict
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -126,6 +126,34 @@ def test_a_legacy_event_that_is_not_a_string_is_no_chat_and_no_crash(event: Any)
     assert decode_envelope(orjson.dumps(legacy)).kind == "legacy.message"
 
 
+def test_a_dict_of_kind_chat_request_that_is_no_envelope_is_refused_as_orion_refuses_it() -> None:
+    """Orion wraps a dict without ``schema: orion.envelope`` whole as the payload, which
+    its strict chat payload refuses (extra keys). We used to take the dict's ``payload``
+    as the request: a caller's mistake that worked here and nowhere else in the mesh."""
+    mistaken = {"kind": "llm.chat.request", "reply_to": "r", "payload": {"messages": HI}}
+    envelope = decode_envelope(orjson.dumps(mistaken))
+    assert envelope.kind == "llm.chat.request" and envelope.source.name == "legacy"
+    with pytest.raises(DecodeError) as refused:
+        decode_chat(envelope)
+    extra = {e["loc"] for e in refused.value.errors if e["type"] == "extra_forbidden"}
+    assert extra == {"kind", "reply_to", "payload"}, refused.value.errors
+
+
+@pytest.mark.parametrize("event", ["llm.chat", "llm.chat.request"])
+def test_only_event_chat_makes_a_legacy_chat_dict(event: str) -> None:
+    legacy = {"event": event, "reply_to": "r", "payload": {"messages": HI}}
+    assert decode_envelope(orjson.dumps(legacy)).kind == "legacy.message"
+
+
+def test_an_envelope_keyed_schema_id_is_told_the_key_is_schema() -> None:
+    """The mistake Orion's own docs invite (the model's field is ``schema_id``): without
+    ``schema`` the dict is a legacy message, and its errors would say nothing of why."""
+    message = _envelope()
+    message["schema_id"] = message.pop("schema")
+    with pytest.raises(DecodeError, match="the key is 'schema'"):
+        decode_envelope(orjson.dumps(message))
+
+
 @pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-05:00"])
 def test_a_time_that_has_no_utc_equivalent_is_a_decode_error(stamp: str) -> None:
     with pytest.raises(DecodeError):
