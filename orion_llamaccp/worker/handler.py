@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from redis.exceptions import OutOfMemoryError
@@ -115,7 +115,7 @@ class ChatHandler:
             )
         except Failure as failure:
             outcome = failure.code
-            await self._fail_or_log(job, failure)
+            await _to_its_end(self._fail_or_log(job, failure))
         except LeavePending as why:
             outcome = "left_pending"
             log.warning(
@@ -133,17 +133,15 @@ class ChatHandler:
             outcome = "redis_unavailable"
             log.error("request %s: Redis unavailable (%s)", job.request_id, exc)
             if job.entry is None:
+                failure = Failure("engine_unavailable", "bus unavailable", retryable=True)
                 with contextlib.suppress(*REDIS_AWAY):
-                    await self.fail(
-                        job, Failure("engine_unavailable", "bus unavailable", retryable=True)
-                    )
+                    await _to_its_end(self.fail(job, failure))
             # A stream entry stays pending: it is reclaimed and answered later.
         except Exception as exc:  # a bug must not take the worker down, nor lose the answer
             log.exception("request %s failed unexpectedly", job.request_id)
             outcome = "internal_error"
-            await self._fail_or_log(
-                job, Failure("internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
-            )
+            failure = Failure("internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
+            await _to_its_end(self._fail_or_log(job, failure))
         finally:
             if job.ahead is not None:  # a no-op unless its generation never took it
                 job.ahead.drop()
@@ -520,6 +518,22 @@ class ChatHandler:
 _DEAD_LETTER_CODES = frozenset(
     {"validation_failed", "unsupported_kind", "upstream_failed", "internal_error"}
 )
+
+
+async def _to_its_end(answer: Coroutine[Any, Any, None]) -> None:
+    """Await a failure's answer to its end even when cancelled meanwhile, then let the
+    cancellation through. The drain's deadline (or a second SIGTERM) cancels what is
+    left and waits a few seconds more for it: an answer on its way is a Redis round trip
+    from sent, and cut off there it answered no one (the heartbeat counted it all the
+    same). A second cancellation still ends the wait."""
+    task = asyncio.ensure_future(answer)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what goes on from here
+        raise
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

@@ -822,3 +822,45 @@ async def test_a_request_that_expires_while_it_waits_for_a_slot_after_its_time_i
     assert answers[0][0].message["payload"].get("error") == "expired", answers[0][0].message
     assert answers[0][0].at < answers[1][0].at  # not after the long one's slot freed
     assert answers[1][0].message["payload"].get("error") == "cancelled"  # it was running
+
+
+async def test_a_failure_answer_on_its_way_when_the_drain_is_cut_short_still_goes_out(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_server: RedisServer,
+) -> None:
+    """A request that fails (here: refused, a key too many) is being answered when the
+    operator cuts the drain short (a second SIGTERM): its ``system.error`` is out, the
+    reply held back by a proxy in front of Redis, its result not sent yet. The cancel
+    of what is left used to end the answer there: the caller waited for good (and the
+    heartbeat counted it answered). The drain waits a few seconds for what it cancelled,
+    and the answer is a round trip from done."""
+    proxy = HoldingProxy(redis_server.port).start()
+    try:
+        worker = spawn_worker(
+            ORION_BUS_URL=proxy.url,
+            ORION_LLAMACPP_PUBSUB_PING_SEC="5",
+            ORION_LLAMACPP_REDIS_SOCKET_TIMEOUT_SEC="60",  # the held reply must not time out
+        )
+        envelope = bus.request(HI, profile="tiny")
+        envelope["payload"]["stream"] = True  # an extra key: validation_failed
+        proxy.arm(b"orion:system:error")
+        await bus.send(envelope, profile="tiny")
+        await wait_until_async(lambda: proxy.held >= 1, timeout=10, what="system.error held")
+        worker.signal(signal.SIGTERM)
+        await wait_until_async(
+            lambda: "draining 1 in-flight" in worker.log(), timeout=10, what="the drain"
+        )
+        worker.signal(signal.SIGTERM)
+        await wait_until_async(
+            lambda: "cutting the drain short" in worker.log(), timeout=10, what="cut short"
+        )
+        await asyncio.sleep(0.2)  # the cancel lands in the same step as the log line
+        proxy.release()
+        (answer,) = (await _results(recorder, [envelope], timeout=10))[0]
+        assert orjson.loads(answer.data)["payload"]["error"] == "validation_failed"
+        assert worker.proc is not None
+        assert await asyncio.to_thread(worker.proc.wait, 30) == 0
+    finally:
+        proxy.close()
