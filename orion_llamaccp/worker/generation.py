@@ -30,7 +30,15 @@ from orion_llamaccp.engine.supervisor import OUT_OF_SERVICE, EngineState, Superv
 from orion_llamaccp.errors import ContextExceeded, EngineUnavailable, UpstreamError
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.settings import Settings
-from orion_llamaccp.worker.jobs import Ahead, Failure, Job, LeavePending, check_expiry
+from orion_llamaccp.worker.jobs import (
+    Ahead,
+    Failure,
+    Job,
+    LeavePending,
+    by_expiry,
+    check_expiry,
+    expiry,
+)
 from orion_llamaccp.worker.llama_request import ChatOptions, body_of, build_body
 
 log = logging.getLogger(__name__)
@@ -219,14 +227,17 @@ class Generator:
             settings.engine_wait_sec if job.transport == "pubsub" else settings.request_timeout_sec
         )
         deadline = time.monotonic() + limit
+        ends = expiry(envelope)
         retry = False
         while True:
             if sent is None:
-                await self.engine_ready(job)
-                await deaths.check(attempt)
-            async with deaths.turn(deadline, job.lease):
-                if deaths.count:  # the suspect before may have killed it meanwhile
+                async with by_expiry(ends, tried=retry):
                     await self.engine_ready(job)
+                await deaths.check(attempt)
+            async with deaths.turn(deadline, job.lease, ends, tried=retry):
+                if deaths.count:  # the suspect before may have killed it meanwhile
+                    async with by_expiry(ends, tried=retry):
+                        await self.engine_ready(job)
                 if retry:  # the first try started in time; a retry is a new generation
                     check_expiry(envelope, tried=True)
                 elif sent is None:  # not written yet: it may have waited for llama-server
@@ -380,13 +391,22 @@ class _Deaths:
         self._life = 0
         self._failed_in: int | None = None  # the life a failed try reached
 
-    def turn(self, deadline: float, lease: SlotLease | None) -> AbstractAsyncContextManager[object]:
+    def turn(
+        self,
+        deadline: float,
+        lease: SlotLease | None,
+        ends: tuple[float, str] | None = None,
+        *,
+        tried: bool = False,
+    ) -> AbstractAsyncContextManager[object]:
         """A try of its own once the request was in a llama-server that died: with the
         poison among several such requests, the others are not in the next one it kills.
         (Requests on their first try still run beside it: one of them could be a second
-        poison.) Waited for until the request's deadline, the job's slot (``lease``)
-        lent to other requests meanwhile."""
-        return _Turn(self.suspects, deadline, lease) if self.count else nullcontext()
+        poison.) Waited for until the request's deadline or its expiry (``ends``), the
+        job's slot (``lease``) lent to other requests meanwhile."""
+        if not self.count:
+            return nullcontext()
+        return _Turn(self.suspects, deadline, lease, partial(by_expiry, ends, tried=tried))
 
     def trying(self) -> None:
         self._life = self.supervisor.life
@@ -443,17 +463,24 @@ class _Turn:
     until that one runs.
     """
 
-    def __init__(self, lock: asyncio.Lock, deadline: float, lease: SlotLease | None) -> None:
+    def __init__(
+        self,
+        lock: asyncio.Lock,
+        deadline: float,
+        lease: SlotLease | None,
+        expiry: Callable[[], AbstractAsyncContextManager[None]],
+    ) -> None:
         self.lock = lock
         self.deadline = deadline
         self.lease = lease
+        self.expiry = expiry
 
     async def __aenter__(self) -> None:
         lease = self.lease
         if lease is not None:
             lease.step_aside()
         try:
-            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+            async with self.expiry(), asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
                 await self.lock.acquire()
         except TimeoutError:
             raise Failure(

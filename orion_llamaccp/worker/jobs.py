@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -340,6 +341,24 @@ def expired(at: float, why: str, *, tried: bool = False) -> Failure:
     late_ms = max(0.0, (time.time() - at) * 1000)
     then = "not tried again" if tried else "not generated"
     return Failure("expired", f"request expired {late_ms:.0f} ms ago ({why}); {then}")
+
+
+@contextlib.asynccontextmanager
+async def by_expiry(ends: tuple[float, str] | None, *, tried: bool = False) -> AsyncIterator[None]:
+    """A wait (for llama-server to come back, for a turn after it died) that ends at the
+    request's expiry (``ends``, from ``expiry``), answered ``expired`` then: not once the
+    wait is over (minutes, a large model's restart), nor ``engine_unavailable`` with
+    ``retryable`` for a request that no retry can serve any more."""
+    if ends is None:
+        yield
+        return
+    try:
+        async with asyncio.timeout(max(0.0, ends[0] - time.time())) as scope:
+            yield
+    except TimeoutError:
+        if scope.expired():
+            raise expired(*ends, tried=tried) from None
+        raise
 
 
 def check_expiry(envelope: Envelope, *, tried: bool = False) -> None:

@@ -345,6 +345,33 @@ async def test_engine_unavailable_while_loading(
     assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=30)).ok
 
 
+async def test_a_request_that_expires_while_llama_server_loads_is_answered_expired_then(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, llama_server_bin
+) -> None:
+    """A request waiting for llama-server (loading here; a restart is the same wait) is
+    answered ``expired`` when it expires, while llama-server still loads. It used to wait
+    until it was ready (minutes, for a large model), or until the engine wait ran out:
+    ``engine_unavailable``, ``retryable``, for a request no retry can serve any more."""
+    worker = spawn_worker(
+        ready=False,
+        LLAMA_SERVER_BIN=str(PRELUDE),
+        REAL_LLAMA_SERVER=str(llama_server_bin),
+        PRELUDE_LINES="80",
+        PRELUDE_DELAY="0.1",
+        PRELUDE_HELP_AT_ONCE="1",
+        ORION_LLAMACPP_ENGINE_WAIT_SEC="60",
+    )
+    worker.wait_state("loading")
+    envelope = bus.request(HI, profile="tiny", ttl_ms=1000)
+    await bus.send(envelope, profile="tiny")
+    answer = await _answer_on(recorder, envelope["reply_to"], timeout=30)
+    assert worker.state() == "loading"  # answered before llama-server was ready
+    assert answer["payload"]["error"] == "expired", answer["payload"]
+    assert "not generated" in answer["payload"]["details"]["message"]
+    worker.wait_ready()
+    assert (await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=30)).ok
+
+
 async def test_upstream_failed_when_llama_server_dies_mid_stream(
     spawn_worker: SpawnWorker, bus: BusClient
 ) -> None:
