@@ -124,7 +124,13 @@ async def test_a_refetched_model_is_told_to_whoever_shows_the_model(
     """The real llama-server finds the model cut in half; the re-fetch downloads it again
     from a local Hub. The worker showed the file and sha256 from before it, and the
     re-fetch's last progress, in every heartbeat after it: it is told the new model."""
+    from huggingface_hub import constants as hf_constants
+
     from tests.model.hub_server import LocalHub
+
+    # Read at its import, which a test before may have made offline (this file's first
+    # ones do): run on its own, this file failed here.
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
 
     good = await asyncio.to_thread(tiny_model.read_bytes)
     cache = tmp_path / "cache"
