@@ -468,7 +468,7 @@ class _Turn:
         lock: asyncio.Lock,
         deadline: float,
         lease: SlotLease | None,
-        expiry: Callable[[], AbstractAsyncContextManager[None]],
+        expiry: Callable[[], AbstractAsyncContextManager[object]] = nullcontext,
     ) -> None:
         self.lock = lock
         self.deadline = deadline

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import OutOfMemoryError
 
@@ -54,6 +54,7 @@ from orion_llamaccp.worker.llama_request import ChatOptions, parse_options
 from orion_llamaccp.worker.stats import Stats
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # Redis away longer than our retries, or at its ``maxmemory`` (``noeviction``) refusing
 # writes: not a bug of the request's (no traceback, no ``internal_error``).
 REDIS_AWAY = (*TRANSIENT, OutOfMemoryError)
@@ -100,48 +101,43 @@ class ChatHandler:
     # ------------------------------------------------------------------ entry point
 
     async def handle(self, job: Job) -> None:
-        """Serve one job; never raises (except cancellation at shutdown)."""
+        """Serve one job; never raises (except cancellation at shutdown). Counted once it
+        is answered here: not a message another replica won, nor a stream entry left
+        pending (another delivery answers it, and counts it), nor an answer that could
+        not go out. Those counted as failures, twice across a fleet for some."""
         self.stats.in_flight += 1
-        outcome: str | None = "ok"
+        outcome: str | None = None
         tokens, ttft = 0, None
         try:
-            tokens, ttft = await self._serve(job)
+            if (served := await self._serve(job)) is not None:
+                outcome, (tokens, ttft) = "ok", served
         except ClaimedElsewhere:
-            outcome = None  # not ours: no answer, and nothing to count
             log.info(
                 "message %s went to another replica after this worker had started on it "
                 "(a replica joined the channel): dropped",
                 job.request_id,
             )
         except Failure as failure:
-            outcome = failure.code
-            await _to_its_end(self._fail_or_log(job, failure))
+            outcome = await self._answer_failure(job, failure)
         except LeavePending as why:
-            outcome = "left_pending"
             log.warning(
                 "leaving stream entry %s pending: %s", job.entry.entry_id if job.entry else "?", why
             )
         except asyncio.CancelledError:
-            if job.superseded:
-                outcome = None  # another worker's, as ClaimedElsewhere
+            if job.superseded:  # another worker's, as ClaimedElsewhere
                 raise
-            outcome = "cancelled" if job.user_cancelled else "interrupted"
-            await self._interrupted(job)
+            outcome = await self._interrupted(job)
             if not job.user_cancelled:
                 raise
         except REDIS_AWAY as exc:  # away longer than our retries, or refusing writes
-            outcome = "redis_unavailable"
             log.error("request %s: Redis unavailable (%s)", job.request_id, exc)
-            if job.entry is None:
+            if job.entry is None:  # a stream entry stays pending, and is answered later
                 failure = Failure("engine_unavailable", "bus unavailable", retryable=True)
-                with contextlib.suppress(*REDIS_AWAY):
-                    await _to_its_end(self.fail(job, failure))
-            # A stream entry stays pending: it is reclaimed and answered later.
+                outcome = await self._answer_failure(job, failure)
         except Exception as exc:  # a bug must not take the worker down, nor lose the answer
             log.exception("request %s failed unexpectedly", job.request_id)
-            outcome = "internal_error"
             failure = Failure("internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
-            await _to_its_end(self._fail_or_log(job, failure))
+            outcome = await self._answer_failure(job, failure)
         finally:
             if job.ahead is not None:  # a no-op unless its generation never took it
                 job.ahead.drop()
@@ -149,13 +145,17 @@ class ChatHandler:
             if outcome is not None:
                 self._finished(job, outcome, tokens, ttft)
 
-    async def _fail_or_log(self, job: Job, failure: Failure) -> None:
+    async def _answer_failure(self, job: Job, failure: Failure) -> str | None:
+        """The failure's code once answered, to its end even if cancelled meanwhile."""
+        return failure.code if await _to_its_end(self._fail_or_log(job, failure)) else None
+
+    async def _fail_or_log(self, job: Job, failure: Failure) -> bool:
         """``fail``, whose answer can fail too (Redis refusing writes at its ``maxmemory``,
         or away past the retries): said in the log with the request, not raised out of
         ``handle`` (asyncio reported it only as a task's exception never retrieved). A
         stream entry stays pending, and its redelivery is answered."""
         try:
-            await self.fail(job, failure)
+            return await self.fail(job, failure)
         except Exception as exc:
             log.error(
                 "request %s: its answer (%s) could not be sent: %s",
@@ -163,6 +163,7 @@ class ChatHandler:
                 failure.code,
                 self.settings.redact(f"{type(exc).__name__}: {exc}"),
             )
+            return False
 
     async def refuse(self, job: Job, failure: Failure) -> None:
         """Answer a job that is not served (overloaded, the worker stopping, cancelled or
@@ -174,9 +175,8 @@ class ChatHandler:
         await asyncio.shield(self._refuse(job, failure))
 
     async def _refuse(self, job: Job, failure: Failure) -> None:
-        if await job.ours():
+        if await self._fail_or_log(job, failure):
             self._finished(job, failure.code, 0, None)
-        await self._fail_or_log(job, failure)
 
     def _finished(self, job: Job, outcome: str, tokens: int, ttft: float | None) -> None:
         self.stats.finished(outcome, tokens)
@@ -185,7 +185,9 @@ class ChatHandler:
 
     # ------------------------------------------------------------------ the happy path
 
-    async def _serve(self, job: Job) -> tuple[int, float | None]:
+    async def _serve(self, job: Job) -> tuple[int, float | None] | None:
+        """Answer ``job``: the tokens generated and the time to the first; None when it was
+        answered before (its worker died between the answer and the ack)."""
         envelope, chat, options = self._validate(job)
         # First: answered already, it gets no second word (a cancel or expiry since).
         if job.redelivered and await self.publisher.already_answered(job.delivery_id):
@@ -194,7 +196,7 @@ class ChatHandler:
                 job.entry.entry_id if job.entry else "?",
             )
             await self._ack(job)
-            return 0, None
+            return None
         if job.user_cancelled:
             raise Failure("cancelled", "cancelled by an llm.chat.cancel request before it started")
         check_expiry(envelope)
@@ -456,12 +458,13 @@ class ChatHandler:
         if stages:
             await self.publisher.commit("result", stages)
 
-    async def fail(self, job: Job, failure: Failure) -> None:
+    async def fail(self, job: Job, failure: Failure) -> bool:
+        """Answer ``failure``; False if the message is another replica's (nothing sent)."""
         job.answering = True  # from here a cancel could only take the answer away
         if job.ahead is not None:  # written before it was refused: llama-server stops on it
             job.ahead.drop()
         if not await job.ours():
-            return
+            return False
         failure = failure.redacted(self.settings.redact)
         log.info("request %s failed: %s: %s", job.request_id, failure.code, failure.message)
         details = failure.payload_details()
@@ -481,6 +484,7 @@ class ChatHandler:
             await self._answer(job, payload)
         elif job.entry is not None:
             await self._ack(job)
+        return True
 
     async def _system_error(self, job: Job, code: str, details: dict[str, Any]) -> None:
         try:
@@ -499,19 +503,20 @@ class ChatHandler:
         except Exception as exc:  # the error report must not hide the error itself
             log.warning("could not publish system.error: %s", exc)
 
-    async def _interrupted(self, job: Job) -> None:
-        """Cancelled: by the caller (answer ``cancelled``) or by shutdown."""
+    async def _interrupted(self, job: Job) -> str | None:
+        """Cancelled: by the caller (answer ``cancelled``) or by shutdown (a pub/sub request
+        is answered ``engine_unavailable``; a stream entry stays pending for another
+        delivery). The code answered, if any."""
         job.answering = True  # a second cancel must not cut this answer off
         if job.user_cancelled:
             failure = Failure("cancelled", "cancelled by an llm.chat.cancel request")
-            await asyncio.shield(self._fail_or_log(job, failure))
-            return
-        if job.transport == "pubsub" and job.envelope and job.envelope.reply_to:
+        elif job.transport == "pubsub" and job.envelope and job.envelope.reply_to:
             failure = Failure(
                 "engine_unavailable", "worker stopped before finishing the request", retryable=True
             )
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.fail(job, failure))
+        else:
+            return None
+        return failure.code if await asyncio.shield(self._fail_or_log(job, failure)) else None
 
 
 # Codes after which a stream entry can never succeed: keep a copy in the dead-letter stream.
@@ -520,7 +525,7 @@ _DEAD_LETTER_CODES = frozenset(
 )
 
 
-async def _to_its_end(answer: Coroutine[Any, Any, None]) -> None:
+async def _to_its_end(answer: Coroutine[Any, Any, T]) -> T:
     """Await a failure's answer to its end even when cancelled meanwhile, then let the
     cancellation through. The drain's deadline (or a second SIGTERM) cancels what is
     left and waits a few seconds more for it: an answer on its way is a Redis round trip
@@ -528,7 +533,7 @@ async def _to_its_end(answer: Coroutine[Any, Any, None]) -> None:
     same). A second cancellation still ends the wait."""
     task = asyncio.ensure_future(answer)
     try:
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         await asyncio.wait({task})
         if not task.cancelled():

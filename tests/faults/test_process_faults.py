@@ -336,6 +336,12 @@ async def test_worker_sigterm_with_requests_in_flight(fault: Fault, hi: list) ->
     assert "draining" in states
     pending = await fault.raw.xpending("orion:stream:llamacpp:tiny:request", "llamacpp:tiny")
     assert pending["pending"] == 2  # the long ones, left for another worker
+    # Its last beat counts what it answered: the pub/sub request, refused. The two it
+    # left pending are answered (and counted) by the next worker; they were counted
+    # here too, as failures.
+    beats = [m.message["payload"] for m in fault.recorder.kinds("system.health.v1")]
+    last = [b for b in beats if b["instance"] == "first"][-1]["details"]
+    assert (last["requests_served"], last["requests_failed"]) == (0, 1), last
     fault.spawn("second", slow=True, parallel=2, **RECLAIM)
     assert_exactly_once(await fault.ledger.settle(timeout=120))
     for envelope in long:
