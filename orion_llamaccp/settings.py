@@ -56,6 +56,9 @@ DEFAULT_CACHE_DIR = "~/.cache/orion-llamaccp/models"
 NGpuLayers = int | Literal["auto", "all"]
 
 
+TRANSPORTS = ("pubsub", "stream")
+
+
 def _env(name: str) -> Any:
     return Field(default=None, validation_alias=AliasChoices(name))
 
@@ -212,7 +215,9 @@ class Settings(_FromTheEnvironment):
     heartbeat_interval_sec: float = Field(10.0, gt=0, validation_alias="HEARTBEAT_INTERVAL_SEC")
     announce_interval_sec: float = Field(60.0, gt=0, validation_alias="ANNOUNCE_INTERVAL_SEC")
     metrics_port: int | None = Field(None, ge=0, le=65535, validation_alias="METRICS_PORT")
-    log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", validation_alias="LOG_LEVEL"
+    )
 
     # Bus behaviour. Channel names default to the contract's (bus/keys.py,
     # worker/announce.py ``channels_for``).
@@ -324,6 +329,27 @@ class Settings(_FromTheEnvironment):
         return _http_url(
             value, "of the Hub or a mirror (for example https://hf-mirror.example.com)"
         )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        """Any case (``debug``); a name logging does not know (``verbose``) was run at INFO
+        without a word, and a constant of the module (``BASIC_FORMAT``) crashed."""
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("transports")
+    @classmethod
+    def _known_transports(cls, value: str) -> str:
+        """``pubsub``, ``stream`` or both, comma-separated: a misspelt one (``strem``)
+        turned that intake off without a word, while the worker announced it."""
+        named = [item.strip() for item in value.split(",") if item.strip()]
+        unknown = [item for item in named if item not in TRANSPORTS]
+        if unknown or not named:
+            raise ValueError(
+                f"each item must be one of {', '.join(TRANSPORTS)} (comma-separated, at "
+                f"least one){f'; not {unknown}' if unknown else ''}"
+            )
+        return ",".join(dict.fromkeys(named))
 
     @field_validator("engine_advertise_url", mode="before")
     @classmethod

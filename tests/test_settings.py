@@ -263,3 +263,34 @@ def test_the_advertised_engine_url_must_be_a_url_and_its_password_is_a_secret(
     settings = load_settings()
     assert settings.engine_advertise_url == "http://user:pa55word@atlas:8080"
     assert "pa55word" not in settings.redact(settings.engine_advertise_url)
+
+
+@pytest.mark.parametrize("value", ["pubsub,strem", ",", "pubsub;stream"])
+def test_a_transport_that_does_not_exist_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """A misspelt intake was dropped without a word (the worker served the other one, or
+    none, and still announced its stream)."""
+    monkeypatch.setenv("ORION_LLAMACPP_TRANSPORTS", value)
+    with pytest.raises(ConfigError, match="ORION_LLAMACPP_TRANSPORTS.*one of pubsub, stream"):
+        load_settings()
+
+
+def test_transports_are_read_with_spaces_and_repeats_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ORION_LLAMACPP_TRANSPORTS", " stream , pubsub,stream ")
+    assert load_settings().transports == "stream,pubsub"
+
+
+@pytest.mark.parametrize("value", ["verbose", "BASIC_FORMAT"])
+def test_a_log_level_logging_does_not_know_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """``verbose`` ran at INFO without a word; ``BASIC_FORMAT``, a constant of the logging
+    module, crashed the command with a traceback."""
+    monkeypatch.setenv("LOG_LEVEL", value)
+    with pytest.raises(ConfigError, match="LOG_LEVEL=.*'DEBUG', 'INFO'"):
+        load_settings()
+    monkeypatch.setenv("LOG_LEVEL", " debug ")
+    assert load_settings().log_level == "DEBUG"

@@ -55,7 +55,7 @@ def setup_logging(level: str, verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     logging.basicConfig(
-        level=logging.DEBUG if verbose else getattr(logging, level.upper(), logging.INFO),
+        level=logging.DEBUG if verbose else logging.getLevelName(level),
         handlers=[handler],
     )
     for noisy in ("httpx", "httpcore", "filelock", "huggingface_hub", "httpx2", "httpcore2"):
