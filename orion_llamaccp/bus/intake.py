@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
 
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.retry import TRANSIENT
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # replies pulls in the envelope models, which the worker need
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
+FIX_AUTH = "fix the user name or password in ORION_BUS_URL"
 
 # KEYS[1] stream; ARGV: group, consumer, entry ids. Resets the idle time of the entries
 # pending under this consumer (so nobody reclaims live work) and returns those pending
@@ -167,6 +168,7 @@ class PubSubListener:
         self.ping_timeout = ping_timeout
         self.subscribed = asyncio.Event()
         self.reconnects = 0
+        self.refused: AuthenticationError | None = None  # the credentials, last we tried
         self.backoff = Backoff()
         self._pubsub: PubSub | None = None  # the session's, while one runs
         # Channels whose UNSUBSCRIBE the session has not read the reply to yet; ``_left``
@@ -183,6 +185,9 @@ class PubSubListener:
             try:
                 await self._session(stop)
                 continue
+            except AuthenticationError as exc:  # a ConnectionError to redis-py: not a blip
+                self.refused = exc
+                level, said = logging.ERROR, f"Redis refused our credentials ({exc}): {FIX_AUTH}"
             except (*TRANSIENT, ConnectionAbortedError) as exc:
                 level, said = logging.WARNING, f"pub/sub connection lost ({exc})"
             except Exception as exc:
@@ -225,6 +230,7 @@ class PubSubListener:
             if left := [name for name in wanted if name not in self.channels]:
                 await pubsub.unsubscribe(*left)  # ``leave`` ran while we subscribed
             self.subscribed.set()
+            self.refused = None
             self.backoff.reset()
             # The first time is the owner's to report (the worker does once it is built);
             # subscribing again after a lost connection is news.

@@ -16,8 +16,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from orion_llamaccp.bus.intake import PubSubListener
-from orion_llamaccp.errors import OrionLlamaError
+from orion_llamaccp.bus.intake import FIX_AUTH, PubSubListener
+from orion_llamaccp.errors import ConfigError, OrionLlamaError
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.worker.announce import Channels, channels_for
 
@@ -114,7 +114,11 @@ async def serve(settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | 
     try:
         # Anything imported below would hold up the subscription. A Redis that is down only
         # delays the start by this much: the listener goes on trying, and the worker waits.
-        await intake.listening(timeout=1.0)
+        if not await intake.listening(timeout=1.0) and intake.listener.refused is not None:
+            raise ConfigError(
+                f"Redis at {settings.bus_url_display} refused the credentials "
+                f"({intake.listener.refused}): {FIX_AUTH}"
+            )
         from orion_llamaccp.engine.plan import plan_profile, select_profile
 
         try:

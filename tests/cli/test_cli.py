@@ -12,9 +12,10 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.engine.conftest import PRELUDE
-from tests.support.procs import free_port, pid_alive, wait_until
+from tests.support.procs import RedisServer, free_port, pid_alive, wait_until
 from tests.support.workers import WorkerProc
 
 
@@ -221,6 +222,26 @@ def test_a_run_that_cannot_start_with_redis_gone_too_exits_with_its_error(
     assert any("could not tell the fleet of the failed start" in line for line in lines), lines
     assert lines[-1].startswith("error: LLM PROFILE 'tiyn' not found in registry"), lines
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("password", ["wrong-one", None], ids=["wrong", "none"])
+def test_a_run_whose_redis_refuses_its_credentials_exits_saying_so(
+    subprocess_env: dict, tmp_path: Path, password: str | None
+) -> None:
+    """A wrong or missing password was taken for a lost connection: the worker retried
+    for good, its log saying "pub/sub connection lost", nothing naming ORION_BUS_URL."""
+    server = RedisServer(tmp_path / "redis", extra_args=("--requirepass", "right-one")).start()
+    try:
+        auth = f":{password}@" if password else ""
+        env = {**subprocess_env, "ORION_BUS_URL": f"redis://{auth}127.0.0.1:{server.port}/0"}
+        done = cli(env, "run", timeout=60)
+    finally:
+        server.stop()
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(f"error: Redis at redis://{':***@' if password else ''}127.0.0.1:")
+    assert "refused the credentials" in last and "ORION_BUS_URL" in last, last
+    assert "wrong-one" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_stop_while_redis_is_down_at_start_is_not_held_by_the_wait_to_subscribe(
