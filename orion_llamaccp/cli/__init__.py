@@ -36,6 +36,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number above 0. ``watch --refresh 0`` redrew in a busy loop,
+    ``chat --timeout -1`` gave up before the answer could come, ``--max-tokens 0`` was
+    taken for "unset"."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+
+    return parse
+
+
 class SafeFormatter(logging.Formatter):
     """Escapes control characters, so text from the bus cannot forge log lines.
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from orion_llamaccp.cli import positive
 from orion_llamaccp.settings import Settings
 
 
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the hosts as JSON")
     p.set_defaults(handler=cmd_ps)
     p = sub.add_parser("watch", help="a live table of every llama.cpp host on the bus")
-    p.add_argument("--refresh", type=float, default=1.0, help="seconds between redraws")
+    p.add_argument("--refresh", type=positive(float), default=1.0, help="seconds between redraws")
     p.set_defaults(handler=cmd_watch)
     p = sub.add_parser(
         "health",
@@ -36,9 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="pubsub",
         help="intake: pubsub (at most once) or stream (durable); default pubsub",
     )
-    p.add_argument("--max-tokens", type=int, default=None, help="default: the profile's n_predict")
     p.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds to wait for the answer (300)"
+        "--max-tokens", type=positive(int), default=None, help="default: the profile's n_predict"
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive(float),
+        default=300.0,
+        help="seconds to wait for the answer (300)",
     )
     p.add_argument("--json", action="store_true", help="print the result payload as JSON")
     p.set_defaults(handler=cmd_chat)
@@ -78,7 +84,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     from orion_llamaccp.worker.startup import connect
 
     profile = args.profile or settings.profile_name
-    options = {"max_tokens": args.max_tokens} if args.max_tokens else {}
+    options = {"max_tokens": args.max_tokens} if args.max_tokens is not None else {}
     # The selected profile's channels, overrides included (as its worker here reads them);
     # another profile's are its defaults: the overrides belong to the selected one.
     if profile == settings.profile_name:

@@ -44,24 +44,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_profiles(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from orion_llamaccp.profiles.registry import load_registry
 
     registry = load_registry(settings.profiles_config_path)
-    table = Table(title=f"profiles in {registry.path}")
+    table = Table(title=escape(f"profiles in {registry.path}"))
     for column in ("name", "backend", "model_id", "GPUs", "ctx", "slots", "status"):
         table.add_column(column)
     for name in registry.names:
-        marker = " *" if name == settings.profile_name else ""
+        # A registry's text is the operator's, not markup: "p[/x]" ended the command.
+        label = escape(name) + (" *" if name == settings.profile_name else "")
         if name in registry.profiles:
             p = registry.profiles[name]
             gpus = ",".join(map(str, p.gpu.device_ids)) or "-"
             ctx, slots = p.llamacpp.ctx_size, p.llamacpp.parallel
             table.add_row(
-                name + marker,
+                label,
                 p.backend,
-                p.model_id or "",
+                escape(p.model_id or ""),
                 gpus,
                 str(ctx or "model"),
                 str(slots or "auto"),
@@ -69,9 +71,10 @@ def cmd_profiles(args: argparse.Namespace, settings: Settings) -> int:
             )
         elif name in registry.others:
             other = registry.others[name]
-            table.add_row(name + marker, other.backend, "", "", "", "", "skipped (other backend)")
+            row = (label, escape(other.backend), "", "", "", "", "skipped (other backend)")
+            table.add_row(*row)
         else:
-            table.add_row(name + marker, "llamacpp", "", "", "", "", "[red]invalid[/red]")
+            table.add_row(label, "llamacpp", "", "", "", "", "[red]invalid[/red]")
     Console(width=200).print(table)
     print("* = selected by LLM_PROFILE_NAME")
     return 0

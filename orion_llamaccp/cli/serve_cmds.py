@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 
+from orion_llamaccp.cli import positive
 from orion_llamaccp.settings import Settings
 
 
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_run)
     p = sub.add_parser("demo", help="serve, ask one streamed question over the bus, stop")
     p.add_argument("prompt", nargs="?", default="Tell me a short story about a lighthouse.")
-    p.add_argument("--max-tokens", type=int, default=96, help="tokens to generate (96)")
+    p.add_argument("--max-tokens", type=positive(int), default=96, help="tokens to generate (96)")
     p.set_defaults(handler=cmd_demo)
 
 

@@ -446,3 +446,39 @@ def test_bus_failures_are_one_line_without_traceback_or_password(subprocess_env:
         assert done.stderr.startswith(expected), (args, done.stderr)
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
         assert secret not in done.stdout + done.stderr
+
+
+def test_profile_names_that_look_like_markup_are_listed_as_written(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """A name like ``p[/x]`` was read as a closing tag: ``profiles`` ended in a traceback."""
+    registry = tmp_path / "marked.yaml"
+    registry.write_text(
+        "profiles:\n"
+        '  "p[/x]":\n    backend: llamacpp\n    model_id: "m[bold]"\n'
+        "    llamacpp:\n      model_path: /tmp/x.gguf\n"
+        '  "o[/y]":\n    backend: "v[/llm]"\n'
+    )
+    env = {**subprocess_env, "LLM_PROFILES_CONFIG_PATH": str(registry), "LLM_PROFILE_NAME": "p[/x]"}
+    done = cli(env, "profiles", timeout=30)
+    assert done.returncode == 0, done.stderr
+    for text in ("p[/x] *", "m[bold]", "o[/y]", "v[/llm]"):
+        assert text in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("watch", "--refresh", "0"), "--refresh: must be above 0"),
+        (("chat", "hi", "--timeout", "-1"), "--timeout: must be above 0"),
+        (("chat", "hi", "--max-tokens", "0"), "--max-tokens: must be above 0"),
+        (("demo", "--max-tokens", "many"), "--max-tokens: not a number"),
+    ],
+)
+def test_numbers_on_the_command_line_are_checked(
+    subprocess_env: dict, args: tuple[str, ...], said: str
+) -> None:
+    """``watch --refresh 0`` redrew in a busy loop (a core at 100 %), ``chat --timeout -1``
+    gave up at once, ``--max-tokens 0`` was taken for "unset"."""
+    done = cli(subprocess_env, *args, timeout=30)
+    assert done.returncode == 2 and said in done.stderr, done.stderr
