@@ -54,6 +54,7 @@ DEFAULT_CONFIG_PATH = "config/llm_profiles.yaml"
 DEFAULT_CACHE_DIR = "~/.cache/orion-llamaccp/models"
 
 NGpuLayers = int | Literal["auto", "all"]
+_CUDA_DEVICE = re.compile(r"-1|\d+|(?:GPU|MIG)-[0-9A-Za-z/-]+")
 
 
 TRANSPORTS = ("pubsub", "stream")
@@ -152,6 +153,30 @@ class Overrides(_FromTheEnvironment):
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
         return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        """A host is one word (``a b`` became ``--host 'a b,...'``, llama-server's to refuse)."""
+        if value is not None and (not value.strip() or any(c.isspace() for c in value.strip())):
+            raise ValueError("a host name or address has no spaces (0.0.0.0: every interface)")
+        return value.strip() if value is not None else None
+
+    @field_validator("cuda_visible_devices")
+    @classmethod
+    def _devices(cls, value: str | None) -> str | None:
+        """What CUDA reads: indices, GPU-/MIG- UUIDs, or -1 for none, comma-separated. A
+        typo (``abc``, ``0,,1``) went to llama-server as it stood, and CUDA then hid
+        every GPU after it, or all of them: a model served on the CPU without a word."""
+        if value is None:
+            return None
+        items = [item.strip() for item in value.split(",")]
+        if not all(_CUDA_DEVICE.fullmatch(item) for item in items):
+            raise ValueError(
+                "must be GPU indices (0,1), GPU-... or MIG-... UUIDs, or -1 for none, "
+                "comma-separated"
+            )
+        return ",".join(items)
 
 
 _CUT_SHORT = (

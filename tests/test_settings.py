@@ -294,3 +294,27 @@ def test_a_log_level_logging_does_not_know_is_refused_at_start(
         load_settings()
     monkeypatch.setenv("LOG_LEVEL", " debug ")
     assert load_settings().log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CUDA_VISIBLE_DEVICES_OVERRIDE", "abc"),
+        ("CUDA_VISIBLE_DEVICES_OVERRIDE", "0,,1"),
+        ("LLAMACPP_HOST_OVERRIDE", "my host"),
+    ],
+)
+def test_an_override_llama_server_or_cuda_cannot_use_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """``abc`` went to CUDA as it stood (which then hides every GPU: the model served on
+    the CPU without a word); ``my host`` became ``--host 'my host,...'``."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"{name}="):
+        load_settings().overrides
+
+
+def test_gpu_pins_are_read_as_cuda_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, read in (("0, 1", "0,1"), ("GPU-1a2b-3c", "GPU-1a2b-3c"), ("-1", "-1")):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES_OVERRIDE", value)
+        assert load_settings().overrides.cuda_visible_devices == read

@@ -251,9 +251,9 @@ class LlamaCppConfig(BaseModel):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        if not value.strip() or value != value.strip():
+        if not value.strip() or any(char.isspace() for char in value):
             raise refuse(
-                "is empty or has spaces around it: write an address or host name (0.0.0.0 "
+                "is empty or has spaces in it: write an address or host name (0.0.0.0 "
                 "for every interface), or leave host out for 127.0.0.1"
             )
         return value

@@ -136,11 +136,11 @@ def test_parallel_and_its_alias_n_parallel_together_are_refused_clearly(
     )
 
 
-@pytest.mark.parametrize("host", ['""', '"  "', '" 0.0.0.0"'])
-def test_an_empty_host_is_refused(tmp_path: Path, host: str) -> None:
-    """``host: ""`` made ``--host ",/tmp/....sock"``."""
+@pytest.mark.parametrize("host", ['""', '"  "', '" 0.0.0.0"', '"my host"'])
+def test_an_empty_host_or_one_with_spaces_is_refused(tmp_path: Path, host: str) -> None:
+    """``host: ""`` made ``--host ",/tmp/....sock"``; ``my host`` passed as it stood."""
     said = llamacpp(tmp_path, f"host: {host}")
-    assert said.startswith("profiles.p.llamacpp.host: is empty or has spaces around it"), said
+    assert said.startswith("profiles.p.llamacpp.host: is empty or has spaces in it"), said
 
 
 def test_a_gpu_listed_twice_is_refused(tmp_path: Path) -> None:
