@@ -8,6 +8,7 @@ startup error that names the variable.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
+from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_core import PydanticUseDefault
 from pydantic_settings import (
@@ -114,10 +116,10 @@ class _FromTheEnvironment(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         blankless = _BlankIsUnset(settings_cls, env_settings)
         if ENV_FILE_VARIABLE in os.environ:  # another file, or none ("")
-            named = os.environ[ENV_FILE_VARIABLE].strip()
-            path = Path(named).expanduser() if named else None
+            path = env_file()
             if path is not None and not (path.is_file() or path.is_fifo()):
                 # Read as none, it gave the defaults without a word.
+                named = os.environ[ENV_FILE_VARIABLE].strip()
                 raise ConfigError(f"{ENV_FILE_VARIABLE}={named}: not a file")
             dotenv_settings = DotEnvSettingsSource(settings_cls, env_file=path)
         return init_settings, blankless, dotenv_settings, file_secret_settings
@@ -539,33 +541,57 @@ _READ_ELSEWHERE = frozenset(
         "LLAMACPP_BUILD",
         "LLAMACPP_VARIANT",
         "ORION_LLAMACPP_CACHE",
+        "CUDA_VISIBLE_DEVICES",  # CUDA's own, set by a container runtime
         ENV_FILE_VARIABLE,  # read before the settings, to find their file
     }
 )
 
 
 _ALWAYS_OURS = ("LLAMACPP_", "ORION_LLAMACPP_")  # every name with these prefixes is ours
-_NAMED_LIKE_OURS = (*_ALWAYS_OURS, "LLM_")
+_NAMED_LIKE_OURS = (*_ALWAYS_OURS, "LLM_", "CUDA_VISIBLE_")
 
 
 def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """What to say of variables that look like ours but that nothing reads: a misspelt
     override (``LLAMACPP_CTXSIZE_OVERRIDE``) or selection (``LLM_PROFILE``) did nothing,
     without a word, and the profile's own value (or the default profile) was served.
-    Every ``LLAMACPP_*`` and ``ORION_LLAMACPP_*`` name is ours; an ``LLM_*`` name only
-    when it is close to one of ours (other services share that prefix)."""
-    environ = os.environ if environ is None else environ
+    Every ``LLAMACPP_*`` and ``ORION_LLAMACPP_*`` name is ours; an ``LLM_*`` or
+    ``CUDA_VISIBLE_*`` name only when it is close to one of ours (other services share
+    those prefixes). The ``.env`` file's names too (the environment's given, none)."""
+    if environ is None:
+        environ, where = os.environ, {name: "" for name in _env_file_names()}
+    else:
+        where = {}
     known = variables_read()
     said = []
-    for name in sorted(environ):
+    for name in sorted({*environ, *where}):
         if name in known or name in _READ_ELSEWHERE or not name.startswith(_NAMED_LIKE_OURS):
             continue  # (difflib for every variable of a shell costs milliseconds at start)
         ours = name.startswith(_ALWAYS_OURS)
         near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
         if ours or near:
             hint = f" (did you mean {near[0]}?)" if near else ""
-            said.append(f"{name} is set but nothing reads it{hint}: it changes nothing")
+            set_in = f" in {env_file()}" if name in where and name not in environ else ""
+            said.append(f"{name} is set{set_in} but nothing reads it{hint}: it changes nothing")
     return said
+
+
+def env_file() -> Path | None:
+    """The ``.env`` file the settings read: ``ORION_LLAMACPP_ENV_FILE``'s, else ``./.env``."""
+    if ENV_FILE_VARIABLE in os.environ:
+        named = os.environ[ENV_FILE_VARIABLE].strip()
+        return Path(named).expanduser() if named else None
+    return Path(".env")
+
+
+def _env_file_names() -> list[str]:
+    """The names the ``.env`` file sets; none from a pipe (read once, by the settings)."""
+    path = env_file()
+    if path is None or not path.is_file():
+        return []
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return [name for name in dotenv_values(path) if name]
+    return []
 
 
 def load_settings(**overrides: Any) -> Settings:

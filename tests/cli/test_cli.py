@@ -109,6 +109,30 @@ def test_a_misspelt_variable_of_ours_is_said_not_ignored(subprocess_env: dict) -
     assert shown.returncode == 0 and "LLAMACPP_CTXSIZE_OVERRIDE is set" in shown.stderr
 
 
+def test_a_misspelt_variable_in_the_env_file_is_said_too(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """Only the environment's names were looked at: the same typo in ``.env``, where
+    compose deployments keep them, did nothing without a word; so did a GPU pin missing
+    a letter. CUDA's own ``CUDA_VISIBLE_DEVICES`` (a container runtime sets it) is left
+    alone."""
+    env_file = tmp_path / "service.env"
+    env_file.write_text("LLAMACPP_CTXSIZE_OVERRIDE=1234\nLLM_PROFILE=other\n")
+    env = {
+        **subprocess_env,
+        "ORION_LLAMACPP_ENV_FILE": str(env_file),
+        "CUDA_VISIBLE_DEVICE_OVERRIDE": "1",
+        "CUDA_VISIBLE_DEVICES": "0",
+    }
+    done = cli(env, "doctor")
+    line = next(line for line in done.stdout.splitlines() if line.split()[1] == "env")
+    assert line.startswith("FAIL") and done.returncode == 1
+    assert f"LLAMACPP_CTXSIZE_OVERRIDE is set in {env_file} but nothing reads it" in line
+    assert f"LLM_PROFILE is set in {env_file} but nothing reads it" in line
+    assert "CUDA_VISIBLE_DEVICE_OVERRIDE is set but nothing reads it (did you mean " in line
+    assert "CUDA_VISIBLE_DEVICES is set" not in line
+
+
 def test_validate_fails_a_profile_run_would_refuse(subprocess_env: dict, tmp_path: Path) -> None:
     """validate ran the registry's type checks only: a profile whose command line cannot
     be built (a knob set twice, by its key and in extra_args; a file name outside
