@@ -309,7 +309,8 @@ class Profile(BaseModel):
                     raise refuse(
                         f"'{key}' belongs under {block}:, not beside it, where it does nothing"
                     )
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
+            # In any case: GPU: was kept as an unknown key, and the pin dropped.
+            close = difflib.get_close_matches(word, known, n=1, cutoff=0.8)
             if close:
                 raise refuse(f"unknown key '{key}' (did you mean '{close[0]}'?)")
         return data

@@ -215,6 +215,12 @@ def load_registry(path: Path) -> Registry:
                 f"profiles.{name}.backend is empty: write backend: {BACKEND}, or leave it out"
             )
             continue
+        if backend != BACKEND and _spelt_like_ours(backend):
+            registry.problems[name] = (
+                f"profiles.{name}.backend: {backend!r} is not how this wrapper's backend is "
+                f"written: write backend: {BACKEND}, or leave it out"
+            )
+            continue
         if backend != BACKEND:
             display = raw.get("display_name") if isinstance(raw, Mapping) else None
             registry.others[name] = OtherProfile(name, str(backend), display)
@@ -224,3 +230,10 @@ def load_registry(path: Path) -> Registry:
         except ConfigError as exc:
             registry.problems[name] = str(exc)
     return registry
+
+
+def _spelt_like_ours(backend: object) -> bool:
+    """``LlamaCpp``, ``llama.cpp``, ``llama-cpp``: meant as ours, but skipped as another
+    backend's profile (``validate`` said ``0/0 profiles valid`` and passed)."""
+    word = "".join(c for c in str(backend).lower() if c.isalnum())
+    return word == BACKEND or difflib.get_close_matches(word, [BACKEND], cutoff=0.8) != []

@@ -222,7 +222,9 @@ def test_unknown_llamacpp_key_names_closest_known(
     assert "extra_args" in str(err.value)
 
 
-@pytest.mark.parametrize(("key", "meant"), [("gpus", "gpu"), ("llama_cpp", "llamacpp")])
+@pytest.mark.parametrize(
+    ("key", "meant"), [("gpus", "gpu"), ("llama_cpp", "llamacpp"), ("GPU", "gpu")]
+)
 def test_a_misspelled_profile_block_is_an_error_not_a_note(
     tmp_path: Path, key: str, meant: str
 ) -> None:
@@ -306,6 +308,22 @@ def test_one_name_written_twice_or_an_empty_backend_is_a_problem_not_a_quiet_pic
     assert "written twice" in registry.problems["1"]
     assert "backend is empty" in registry.problems["blank"]
     assert set(registry.profiles) == {"fine"} and not registry.others
+
+
+@pytest.mark.parametrize("written", ["LlamaCpp", "llama.cpp", "llama-cpp", "llamacp"])
+def test_our_backend_written_another_way_is_a_problem_not_another_backend(
+    tmp_path: Path, written: str
+) -> None:
+    """It was skipped as another backend's profile: ``validate`` said "0/0 profiles valid"
+    and passed, and ``run`` refused the profile as not ours. Other backends stay others."""
+    path = write(
+        tmp_path,
+        f"profiles:\n  p:\n    backend: {written}\n  o:\n    backend: ollama\n",
+    )
+    registry = load_registry(path)
+    assert registry.problems["p"].startswith(f"profiles.p.backend: '{written}' is not how")
+    assert "write backend: llamacpp" in registry.problems["p"]
+    assert set(registry.others) == {"o"}
 
 
 def test_shipped_registry_is_valid_and_has_the_expected_profiles() -> None:
