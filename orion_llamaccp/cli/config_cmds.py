@@ -127,17 +127,25 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
 
     registry = load_registry(settings.profiles_config_path)
     problems = dict(registry.problems)
+    unchecked = None  # why the flags were not checked against a binary
     for name, profile in registry.profiles.items():
         # As `run` would build its command (no binary needed): a clash of extra_args with
         # a knob, a path out of model_root, two spellings of one flag.
         try:
-            plan_profile(settings, registry, profile, require_binary=False)
+            plan = plan_profile(settings, registry, profile, require_binary=False)
         except SecretUnset:
             print(f"ok       {name} (its api_key_env variable is unset here: not checked)")
         except OrionLlamaError as exc:
             problems[name] = f"profiles.{name}: {exc}"
         else:
+            unchecked = unchecked or plan.binary_problem
             print(f"ok       {name}")
+    # Named, and unusable, the binary fails the check (the setup is wrong); not found, it
+    # is a machine without llama-server (a CI gate), said and passed.
+    broken_binary = bool(unchecked and settings.llama_server_bin)
+    if unchecked:
+        level = "ERROR   " if broken_binary else "note    "
+        print(f"{level} flags not checked against a llama-server binary: {unchecked}")
     for name, other in registry.others.items():
         print(f"skipped  {name} (backend {other.backend})")
     for problem in problems.values():
@@ -146,7 +154,7 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     total = len(registry.profiles) + len(registry.problems)
     valid = total - len(problems)
     print(f"{valid}/{total} llama.cpp profiles valid in {registry.path}")
-    return 1 if problems else 0
+    return 1 if problems or broken_binary else 0
 
 
 def cmd_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -159,7 +167,7 @@ def cmd_command(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     if plan.binary is None:
-        print("# note: no llama-server binary found; flags were not checked against one")
+        print(f"# note: flags not checked against a llama-server binary: {plan.binary_problem}")
     print(f"# profile {plan.profile.name}; model from {plan.files.source}")
     print(f"# model file: {plan.files.model} ({_model_state(plan)})")
     for key, value in launch.masked_env().items():

@@ -35,6 +35,7 @@ class ServicePlan:
     files: ModelFiles
     binary: BinaryInfo | None
     launch: LaunchSpec
+    binary_problem: str | None = None  # why there is no ``binary`` (require_binary=False)
 
 
 def select_profile(settings: Settings, name: str | None = None) -> tuple[Registry, Profile]:
@@ -67,13 +68,15 @@ def plan_profile(
     overrides = settings.overrides_for(profile.name)
     files = plan_files(profile, overrides.model_path, settings.environ())
     binary: BinaryInfo | None = None
+    problem = None
     try:
         path = find_binary(settings.llama_server_bin, settings.build_path)
         binary = probe(path)
         binary_path = str(path)
-    except EngineError:
+    except EngineError as exc:
         if require_binary:
             raise
+        problem = str(exc)
         binary_path = settings.llama_server_bin or "llama-server"
     launch = build_launch(
         profile,
@@ -84,7 +87,7 @@ def plan_profile(
         environ=settings.environ(),
         unix_socket=socket_path if settings.engine_unix_socket else None,
     )
-    return ServicePlan(settings, registry, profile, files, binary, launch)
+    return ServicePlan(settings, registry, profile, files, binary, launch, problem)
 
 
 def socket_path(host: str, port: int) -> str | None:

@@ -133,6 +133,28 @@ def test_a_misspelt_variable_in_the_env_file_is_said_too(
     assert "CUDA_VISIBLE_DEVICES is set" not in line
 
 
+def test_validate_fails_on_a_named_binary_that_is_not_there_and_notes_a_missing_one(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """LLAMA_SERVER_BIN naming nothing: ``validate`` said every profile ok (exit 0), its
+    flag check skipped without a word, and ``command`` said only "no binary found". No
+    binary at all (a CI gate's machine) still passes, with a note of what was not done."""
+    named = {**subprocess_env, "LLAMA_SERVER_BIN": str(tmp_path / "no-llama-server")}
+    done = cli(named, "validate")
+    assert done.returncode == 1, done.stdout
+    said = f"ERROR    flags not checked against a llama-server binary: LLAMA_SERVER_BIN={tmp_path}"
+    assert said in done.stdout and "does not exist" in done.stdout, done.stdout
+    shown = cli(named, "command")
+    assert "no-llama-server does not exist" in shown.stdout.splitlines()[0], shown.stdout
+    unset = {k: v for k, v in subprocess_env.items() if k != "LLAMA_SERVER_BIN"}
+    none = {**unset, "ORION_LLAMACPP_BUILD_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    done = cli(none, "validate")
+    assert done.returncode == 0, done.stdout
+    assert "note     flags not checked against a llama-server binary: no llama-server found" in (
+        done.stdout
+    )
+
+
 def test_validate_fails_a_profile_run_would_refuse(subprocess_env: dict, tmp_path: Path) -> None:
     """validate ran the registry's type checks only: a profile whose command line cannot
     be built (a knob set twice, by its key and in extra_args; a file name outside
