@@ -279,7 +279,12 @@ def _check_redis(settings: Settings) -> tuple[str, bool, str]:
             "redis",
             False,
             f"{settings.bus_url_display}: {type(exc).__name__}: "
-            f"{settings.redact(str(exc))}; start Redis or set ORION_BUS_URL",
+            f"{settings.redact(str(exc))}; "
+            + (
+                "fix the user name or password in ORION_BUS_URL"
+                if isinstance(exc, redis.AuthenticationError)
+                else "start Redis or set ORION_BUS_URL"
+            ),
         )
 
 

@@ -70,7 +70,8 @@ def find_binary(configured: str | None, build_dir: Path) -> Path:
         found = shutil.which(configured)
         if found:
             return Path(found)
-        raise BinaryNotFound(f"LLAMA_SERVER_BIN={configured} does not exist; fix it or unset it")
+        what = "is a folder, not the binary" if path.is_dir() else "does not exist"
+        raise BinaryNotFound(f"LLAMA_SERVER_BIN={configured} {what}; fix it or unset it")
     on_path = shutil.which("llama-server")
     if on_path:
         return Path(on_path)

@@ -184,8 +184,9 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        found = "is a folder, not a file," if path.is_dir() else "not found"
         raise ConfigError(
-            f"llm_profiles.yaml not found at {path} (resolved to {path.resolve()}). "
+            f"llm_profiles.yaml {found} at {path} (resolved to {path.resolve()}). "
             f"Set LLM_PROFILES_CONFIG_PATH to the registry file "
             f"(default config/llm_profiles.yaml; /app/config/llm_profiles.yaml in the image)."
         ) from None

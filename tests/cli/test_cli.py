@@ -146,6 +146,8 @@ def test_validate_fails_on_a_named_binary_that_is_not_there_and_notes_a_missing_
     assert said in done.stdout and "does not exist" in done.stdout, done.stdout
     shown = cli(named, "command")
     assert "no-llama-server does not exist" in shown.stdout.splitlines()[0], shown.stdout
+    shown = cli({**named, "LLAMA_SERVER_BIN": str(tmp_path)}, "command")
+    assert f"{tmp_path} is a folder, not the binary" in shown.stdout.splitlines()[0]
     unset = {k: v for k, v in subprocess_env.items() if k != "LLAMA_SERVER_BIN"}
     none = {**unset, "ORION_LLAMACPP_BUILD_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     done = cli(none, "validate")
@@ -281,6 +283,7 @@ def test_a_run_whose_redis_refuses_its_credentials_exits_saying_so(
         auth = f":{password}@" if password else ""
         env = {**subprocess_env, "ORION_BUS_URL": f"redis://{auth}127.0.0.1:{server.port}/0"}
         done = cli(env, "run", timeout=60)
+        doctor = cli(env, "doctor", timeout=60)
     finally:
         server.stop()
     assert done.returncode == 1, done.stderr
@@ -288,6 +291,8 @@ def test_a_run_whose_redis_refuses_its_credentials_exits_saying_so(
     assert last.startswith(f"error: Redis at redis://{':***@' if password else ''}127.0.0.1:")
     assert "refused the credentials" in last and "ORION_BUS_URL" in last, last
     assert "wrong-one" not in done.stderr and "Traceback" not in done.stderr
+    line = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "redis")
+    assert line.startswith("FAIL") and "fix the user name or password in ORION_BUS_URL" in line
 
 
 def test_a_stop_while_redis_is_down_at_start_is_not_held_by_the_wait_to_subscribe(

@@ -33,6 +33,8 @@ def test_missing_file_names_path_and_variable(tmp_path: Path) -> None:
     assert str(missing) in str(err.value)
     assert "LLM_PROFILES_CONFIG_PATH" in str(err.value)
     assert "llm_profiles.yaml not found" in str(err.value)
+    with pytest.raises(ConfigError, match=r"llm_profiles\.yaml is a folder, not a file, at"):
+        load_registry(tmp_path)  # it said "not found" of a path that is there
 
 
 def test_no_profiles_key(tmp_path: Path) -> None:
