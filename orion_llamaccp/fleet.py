@@ -48,6 +48,7 @@ class Host:
     interval: float = 10.0
     engine_url: str | None = None
     intake_channel: str | None = None
+    reason: str | None = None  # why it failed, or what its engine last said
 
     def beat_age(self, now: float | None = None) -> float | None:
         return None if self.last_beat is None else max(0.0, (now or time.time()) - self.last_beat)
@@ -144,6 +145,7 @@ class Fleet:
         host.interval = _positive(beat.get("heartbeat_interval_sec"), host.interval)
         host.profile = _text(details.get("profile")) or host.profile
         host.state = _text(details.get("state")) or host.state
+        host.reason = _text(details.get("reason"))  # each beat says it, or that it is gone
         host.slots_busy = _count(details.get("slots_busy"), host.slots_busy)
         host.slots_total = _count(details.get("slots_total"), host.slots_total)
         host.tokens_per_sec = _number(details.get("tokens_per_sec_recent"), host.tokens_per_sec)

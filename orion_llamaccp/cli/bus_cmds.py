@@ -179,7 +179,11 @@ def fleet_table(rows: list[dict]) -> Any:
         table.add_column(column)
     for said in rows:
         row = {k: escape(v) if isinstance(v, str) else v for k, v in said.items()}
-        state = "[red]down[/red]" if row["down"] else str(row["state"] or "?")
+        # A worker that gave up says so, and why: "down" alone hid both.
+        if row["state"] == "failed":
+            state = f"[red]failed[/red]: {row['reason'] or '?'}"
+        else:
+            state = "[red]down[/red]" if row["down"] else str(row["state"] or "?")
         slots = (
             f"{row['slots_busy'] if row['slots_busy'] is not None else '?'}/"
             f"{row['slots_total'] if row['slots_total'] is not None else '?'}"

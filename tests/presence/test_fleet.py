@@ -186,3 +186,18 @@ async def test_a_worker_that_starts_drops_index_members_whose_key_is_gone(
     finally:
         await redis.aclose()
     assert indexed == {keys.liveness("orion-llamaccp", "w").encode()}, indexed
+
+
+def test_a_worker_that_gave_up_is_listed_failed_with_its_reason() -> None:
+    """Its last beat says ``failed`` and why (kept three intervals for ``ps``): the table
+    showed "down" alone, and the JSON had no reason."""
+    fleet = Fleet()
+    now = datetime.now(UTC)
+    fleet.ingest(_beat("gone", sent=now, state="failed", reason="model file missing"))
+    fleet.ingest(_beat("fine", sent=now))
+    rows = {row["instance"]: row for row in fleet.rows()}
+    assert (rows["gone"]["state"], rows["gone"]["reason"]) == ("failed", "model file missing")
+    assert rows["fine"]["reason"] is None
+    out = io.StringIO()
+    Console(file=out, width=200).print(fleet_table(fleet.rows()))
+    assert "failed: model file missing" in out.getvalue()
