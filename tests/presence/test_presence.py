@@ -355,6 +355,25 @@ async def test_a_worker_that_cannot_start_says_failed_to_the_end(
     assert "missing.gguf" in told.stdout
 
 
+async def test_a_secret_anywhere_in_what_the_worker_publishes_is_masked(
+    spawn_worker: SpawnWorker, recorder: BusRecorder
+) -> None:
+    """A token that reached a model's file name (a path pasted with it) was masked in the
+    logs and the reason, but went out as it stood in the announcement's ``model.file``
+    and ``model.path`` fields: every text of a beat or an announcement is masked now."""
+    token = "hf_RecognizableToken0042"
+    worker = spawn_worker(
+        ready=False, HF_TOKEN=token, LLAMACPP_MODEL_PATH_OVERRIDE=f"/nonexistent/{token}.gguf"
+    )
+    await wait_until_async(
+        lambda: worker.proc.poll() is not None, timeout=30, what="the worker to exit"
+    )
+    published = [m.data for m in recorder.from_service()]
+    assert announcements(recorder, worker.name) and beats(recorder, worker.name)
+    assert not [data for data in published if token.encode() in data]
+    assert "***" in announcements(recorder, worker.name)[-1]["payload"]["model"]["file"]
+
+
 NOT_TINY = "profiles:\n  other:\n    backend: vllm\n    model_id: some/model\n"
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
 
