@@ -86,7 +86,10 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from orion_llamaccp.profiles.registry import load_registry
 
     registry = load_registry(settings.profiles_config_path)
-    profile = registry.select(args.name or settings.profile_name)
+    if args.name:
+        profile = registry.select(args.name, named_by="the command's profile")
+    else:
+        profile = registry.select(settings.profile_name)
     data = _masked(profile)
     print(settings.redact(yaml.safe_dump(data, sort_keys=False, allow_unicode=True)), end="")
     return 0

@@ -42,7 +42,9 @@ def select_profile(settings: Settings, name: str | None = None) -> tuple[Registr
     """Load the registry and pick the profile; other profiles' problems become warnings."""
     registry = load_registry(settings.profiles_config_path)
     wanted = name or settings.profile_name
-    profile = registry.select(wanted)
+    profile = registry.select(
+        wanted, named_by="the command's profile" if name else "LLM_PROFILE_NAME"
+    )
     for other, problem in registry.problems.items():
         if other != wanted:
             log.warning("ignoring broken profile %s: %s", other, problem)

@@ -52,8 +52,9 @@ class Registry:
     def names(self) -> list[str]:
         return sorted({*self.profiles, *self.others, *self.problems})
 
-    def select(self, name: str) -> Profile:
-        """The profile to serve, or the error that says why it cannot be served."""
+    def select(self, name: str, *, named_by: str = "LLM_PROFILE_NAME") -> Profile:
+        """The profile to serve, or the error that says why it cannot be served;
+        ``named_by``: where the name came from, for the way out (a command's argument)."""
         if name in self.profiles:
             return self.profiles[name]
         if name in self.problems:
@@ -65,15 +66,20 @@ class Registry:
                 f"this service only serves llama.cpp profiles "
                 f"({', '.join(sorted(self.profiles)) or 'none in this registry'})"
             )
-        raise ProfileNotFound(_not_found(name, self.names, self.path))
+        raise ProfileNotFound(_not_found(name, self.names, self.path, named_by))
 
 
-def _not_found(name: str, names: list[str], path: Path) -> str:
+def _not_found(name: str, names: list[str], path: Path, named_by: str) -> str:
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.4)
     hint = f" Did you mean '{close[0]}'?" if close else ""
+    way_out = (
+        "Set LLM_PROFILE_NAME to one of them"
+        if named_by == "LLM_PROFILE_NAME"
+        else f"Name one of them as {named_by}"
+    )
     return (
         f"LLM PROFILE '{name}' not found in registry {path}.{hint} "
-        f"Available: {', '.join(names) or '(none)'}. Set LLM_PROFILE_NAME to one of them."
+        f"Available: {', '.join(names) or '(none)'}. {way_out}."
     )
 
 

@@ -173,6 +173,14 @@ def test_profile_not_found_lists_names_and_closest_match() -> None:
     assert "Did you mean 'deepseek-70b-gguf-atlas'?" in message
     for name in registry.names:
         assert name in message
+    assert message.endswith("Set LLM_PROFILE_NAME to one of them.")
+
+
+def test_a_profile_a_command_names_is_not_blamed_on_llm_profile_name() -> None:
+    """``show nope`` said to set LLM_PROFILE_NAME: the name came from the command."""
+    with pytest.raises(ProfileNotFound) as err:
+        load_registry(SHIPPED).select("nope", named_by="the command's profile")
+    assert str(err.value).endswith("Name one of them as the command's profile.")
 
 
 def test_selected_profile_of_another_backend_is_refused() -> None:
