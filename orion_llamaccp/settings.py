@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_core import PydanticUseDefault
 from pydantic_settings import (
@@ -558,12 +558,17 @@ def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     Every ``LLAMACPP_*`` and ``ORION_LLAMACPP_*`` name is ours; an ``LLM_*`` or
     ``CUDA_VISIBLE_*`` name only when it is close to one of ours (other services share
     those prefixes). The ``.env`` file's names too (the environment's given, none)."""
+    said = []
     if environ is None:
-        environ, where = os.environ, {name: "" for name in _env_file_names()}
+        names, unparsed = _read_env_file()
+        environ, where = os.environ, dict.fromkeys(names, "")
+        said += [
+            f"{env_file()}:{line}: not NAME=value, so nothing of that line is read"
+            for line in unparsed
+        ]
     else:
         where = {}
     known = variables_read()
-    said = []
     for name in sorted({*environ, *where}):
         if name in known or name in _READ_ELSEWHERE or not name.startswith(_NAMED_LIKE_OURS):
             continue  # (difflib for every variable of a shell costs milliseconds at start)
@@ -584,14 +589,18 @@ def env_file() -> Path | None:
     return Path(".env")
 
 
-def _env_file_names() -> list[str]:
-    """The names the ``.env`` file sets; none from a pipe (read once, by the settings)."""
+def _read_env_file() -> tuple[list[str], list[int]]:
+    """The names the ``.env`` file sets, and the numbers of its lines that set nothing
+    for want of ``NAME=value`` (python-dotenv's own warning named no file, and came
+    twice); none from a pipe, which the settings read once."""
     path = env_file()
     if path is None or not path.is_file():
-        return []
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        return [name for name in dotenv_values(path) if name]
-    return []
+        return [], []
+    with contextlib.suppress(OSError, UnicodeDecodeError), path.open(encoding="utf-8") as text:
+        bindings = list(parse_stream(text))
+        names = [b.key for b in bindings if b.key]
+        return names, [b.original.line for b in bindings if b.error]
+    return [], []
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -93,6 +93,8 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # A line of .env it cannot parse: said by unread_variables, with the file's name.
+    logging.getLogger("dotenv.main").setLevel(logging.ERROR)
     try:
         settings = load_settings()
         setup_logging(settings.log_level, args.verbose)

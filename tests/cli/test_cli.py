@@ -117,7 +117,9 @@ def test_a_misspelt_variable_in_the_env_file_is_said_too(
     a letter. CUDA's own ``CUDA_VISIBLE_DEVICES`` (a container runtime sets it) is left
     alone."""
     env_file = tmp_path / "service.env"
-    env_file.write_text("LLAMACPP_CTXSIZE_OVERRIDE=1234\nLLM_PROFILE=other\n")
+    env_file.write_text(
+        "LLAMACPP_CTXSIZE_OVERRIDE=1234\nLLM_PROFILE=other\nLLAMACPP_PORT_OVERRIDE 99\n"
+    )
     env = {
         **subprocess_env,
         "ORION_LLAMACPP_ENV_FILE": str(env_file),
@@ -131,6 +133,9 @@ def test_a_misspelt_variable_in_the_env_file_is_said_too(
     assert f"LLM_PROFILE is set in {env_file} but nothing reads it" in line
     assert "CUDA_VISIBLE_DEVICE_OVERRIDE is set but nothing reads it (did you mean " in line
     assert "CUDA_VISIBLE_DEVICES is set" not in line
+    # A line without "=": python-dotenv's warning named no file (twice); ours, once.
+    assert f"{env_file}:3: not NAME=value, so nothing of that line is read" in line
+    assert "python-dotenv could not parse" not in done.stderr, done.stderr
 
 
 def test_validate_fails_on_a_named_binary_that_is_not_there_and_notes_a_missing_one(
