@@ -128,8 +128,10 @@ class Job:
     def delivery_id(self) -> str:
         """What the exactly-once guards key on: the request and where it is answered.
 
-        Ids are unique per message, but a caller that reuses one with another reply_to
-        still gets its own answer instead of being taken for a duplicate delivery; and a
+        Ids are unique per message, but a stream entry that reuses one with another
+        reply_to still gets its own answer instead of being taken for a duplicate
+        delivery (on pub/sub, the claim is the id's: the second such message is taken for
+        a copy of the first, and left to it); and a
         producer's retry, the same envelope with ``trace.work.attempt`` raised, is a
         delivery of its own (a stream's redeliveries keep the entry's attempt: theirs
         are one). The first attempt's keys are those of a message without a hint.
