@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.exceptions import OutOfMemoryError
@@ -118,7 +118,7 @@ class ChatHandler:
                 job.request_id,
             )
         except Failure as failure:
-            outcome = await self._answer_failure(job, failure)
+            await self._answer_failure(job, failure)
         except LeavePending as why:
             log.warning(
                 "leaving stream entry %s pending: %s", job.entry.entry_id if job.entry else "?", why
@@ -126,18 +126,18 @@ class ChatHandler:
         except asyncio.CancelledError:
             if job.superseded:  # another worker's, as ClaimedElsewhere
                 raise
-            outcome = await self._interrupted(job)
+            await self._interrupted(job)
             if not job.user_cancelled:
                 raise
         except REDIS_AWAY as exc:  # away longer than our retries, or refusing writes
             log.error("request %s: Redis unavailable (%s)", job.request_id, exc)
             if job.entry is None:  # a stream entry stays pending, and is answered later
                 failure = Failure("engine_unavailable", "bus unavailable", retryable=True)
-                outcome = await self._answer_failure(job, failure)
+                await self._answer_failure(job, failure)
         except Exception as exc:  # a bug must not take the worker down, nor lose the answer
             log.exception("request %s failed unexpectedly", job.request_id)
             failure = Failure("internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
-            outcome = await self._answer_failure(job, failure)
+            await self._answer_failure(job, failure)
         finally:
             if job.ahead is not None:  # a no-op unless its generation never took it
                 job.ahead.drop()
@@ -145,9 +145,17 @@ class ChatHandler:
             if outcome is not None:
                 self._finished(job, outcome, tokens, ttft)
 
-    async def _answer_failure(self, job: Job, failure: Failure) -> str | None:
-        """The failure's code once answered, to its end even if cancelled meanwhile."""
-        return failure.code if await _to_its_end(self._fail_or_log(job, failure)) else None
+    async def _answer_failure(self, job: Job, failure: Failure) -> None:
+        """Answer ``failure`` to its end even if cancelled meanwhile (``_to_its_end``), and
+        count it once sent, the cancellation that comes after included."""
+        answering = asyncio.ensure_future(self._fail_or_log(job, failure))
+
+        def count(done: asyncio.Future[bool]) -> None:
+            if not done.cancelled() and done.exception() is None and done.result():
+                self._finished(job, failure.code, 0, None)
+
+        answering.add_done_callback(count)
+        await _to_its_end(answering)
 
     async def _fail_or_log(self, job: Job, failure: Failure) -> bool:
         """``fail``, whose answer can fail too (Redis refusing writes at its ``maxmemory``,
@@ -503,10 +511,10 @@ class ChatHandler:
         except Exception as exc:  # the error report must not hide the error itself
             log.warning("could not publish system.error: %s", exc)
 
-    async def _interrupted(self, job: Job) -> str | None:
+    async def _interrupted(self, job: Job) -> None:
         """Cancelled: by the caller (answer ``cancelled``) or by shutdown (a pub/sub request
         is answered ``engine_unavailable``; a stream entry stays pending for another
-        delivery). The code answered, if any."""
+        delivery)."""
         job.answering = True  # a second cancel must not cut this answer off
         if job.user_cancelled:
             failure = Failure("cancelled", "cancelled by an llm.chat.cancel request")
@@ -515,8 +523,8 @@ class ChatHandler:
                 "engine_unavailable", "worker stopped before finishing the request", retryable=True
             )
         else:
-            return None
-        return failure.code if await asyncio.shield(self._fail_or_log(job, failure)) else None
+            return
+        await self._answer_failure(job, failure)
 
 
 # Codes after which a stream entry can never succeed: keep a copy in the dead-letter stream.
@@ -525,7 +533,7 @@ _DEAD_LETTER_CODES = frozenset(
 )
 
 
-async def _to_its_end(answer: Coroutine[Any, Any, T]) -> T:
+async def _to_its_end(answer: Awaitable[T]) -> T:
     """Await a failure's answer to its end even when cancelled meanwhile, then let the
     cancellation through. The drain's deadline (or a second SIGTERM) cancels what is
     left and waits a few seconds more for it: an answer on its way is a Redis round trip

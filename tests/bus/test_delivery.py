@@ -862,5 +862,9 @@ async def test_a_failure_answer_on_its_way_when_the_drain_is_cut_short_still_goe
         assert orjson.loads(answer.data)["payload"]["error"] == "validation_failed"
         assert worker.proc is not None
         assert await asyncio.to_thread(worker.proc.wait, 30) == 0
+        # Counted too, though the cancel came while it was on its way.
+        beats = [m.message["payload"] for m in recorder.kinds("system.health.v1")]
+        last = [b for b in beats if b["instance"] == worker.name][-1]["details"]
+        assert (last["requests_served"], last["requests_failed"]) == (0, 1), last
     finally:
         proxy.close()
