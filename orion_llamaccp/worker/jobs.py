@@ -208,16 +208,13 @@ def entry_said(entry: StreamEntry) -> dict[str, str]:
     beside the envelope (the contract's section 4): where to answer an entry whose
     envelope cannot be read, or is missing, rather than leave its caller waiting."""
     fields = {_name(k): v for k, v in entry.fields.items()}
+    reply_to, correlation_id = (fields.get(name) for name in ("reply_to", "correlation_id"))
     said: dict[str, str] = {}
-    if reply_to := _value(fields.get("reply_to")):
-        said["reply_to"] = reply_to
-    if correlation_id := as_uuid(_value(fields.get("correlation_id"))):
-        said["correlation_id"] = correlation_id
+    if reply_to:
+        said["reply_to"] = _name(reply_to)
+    if correlation_id and (canonical := as_uuid(_name(correlation_id))):
+        said["correlation_id"] = canonical
     return said
-
-
-def _value(value: bytes | str | None) -> str | None:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def entry_bytes(entry: StreamEntry) -> bytes | None:
@@ -248,7 +245,7 @@ def entry_job(entry: StreamEntry, raw: bytes | None, max_bytes: int) -> Job:
         key=entry.entry_id,
         entry=entry,
         decode_error=DecodeError(f"stream entry has no 'envelope' field (fields: {names})"),
-        salvaged=dict(entry_said(entry)),
+        salvaged=entry_said(entry),
     )
 
 
