@@ -79,3 +79,33 @@ def test_a_whole_number_is_a_number_of_either_kind() -> None:
     assert (options.temperature, options.top_p, options.timeout_sec) == (1.0, 1.0, 30.0)
     assert (options.max_tokens, options.seed) == (512, 7)
     assert isinstance(options.max_tokens, int)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"reasoning_format": "bogus"},  # llama-server: 500 "Unknown reasoning format"
+        {"tools": "x"},  # llama-server: 500 "Failed to parse tools"
+        {"tools": ["x"]},
+    ],
+)
+def test_an_option_llama_server_throws_on_is_refused_before_it_is_sent(
+    options: dict[str, Any],
+) -> None:
+    """llama-server's handler throws on these: a 500, which is retried as llama-server's
+    own failure (five tries of a stream entry, then a retryable answer)."""
+    chat = ChatRequestPayload.model_validate({"messages": MESSAGES, "options": options})
+    with pytest.raises(DecodeError) as error:
+        parse_options(chat)
+    (key,) = options
+    assert {
+        e["loc"].rsplit(".", 1)[0] if "tools." in e["loc"] else e["loc"] for e in error.value.errors
+    } == {f"payload.options.{key}"}
+
+
+def test_the_options_llama_server_checks_itself_still_reach_it() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    given = {"tools": tools, "reasoning_format": "deepseek"}
+    chat = ChatRequestPayload.model_validate({"messages": MESSAGES, "options": given})
+    body, ignored = build_body(chat, parse_options(chat), Profile(name="p"))
+    assert (body["tools"], body["reasoning_format"], ignored) == (tools, "deepseek", [])

@@ -40,12 +40,8 @@ def raise_for_response(status: int, body: bytes) -> None:
     if status == 503:
         raise EngineUnavailable(f"llama-server is not ready: {message}")
     # A 4xx refuses this request for good (a grammar it cannot parse, say), except those
-    # that say nothing of it: a wrong API key, a timeout, too many requests. So does a
-    # 500 answered before any stream began: llama-server's handler threw on this request
-    # ("Unknown reasoning format", tools that are not a list), and throws again each
-    # time (a stream request was run up to ORION_LLAMACPP_MAX_DELIVERIES times, then
-    # answered retryable). What fails later (the KV cache full) comes inside the stream.
-    retryable = status > 500 or status in _NOT_THE_REQUEST
+    # that say nothing of it: a wrong API key, a timeout, too many requests.
+    retryable = status >= 500 or status in _NOT_THE_REQUEST
     raise UpstreamError(
         f"llama-server answered {status}: {message}", status=status, retryable=retryable
     )

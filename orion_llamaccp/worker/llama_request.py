@@ -8,7 +8,7 @@ sampling defaults fill what the request leaves out; our own switches (``stream``
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -24,7 +24,6 @@ PASSTHROUGH = frozenset(
         "repeat_last_n",
         "logit_bias",
         "n_probs",
-        "tools",
         "tool_choice",
         "parallel_tool_calls",
         "grammar",
@@ -41,7 +40,6 @@ PASSTHROUGH = frozenset(
         "top_n_sigma",
         "cache_prompt",
         "n_keep",
-        "reasoning_format",
         "logprobs",
         "top_logprobs",
         "samplers",
@@ -84,6 +82,11 @@ class ChatOptions(BaseModel):
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     return_json: bool = False
+    # Passed through, but checked: llama-server's handler throws on a bad one, a 500 that
+    # is retried as llama-server's own failure (five tries of a stream entry, then a
+    # retryable answer) where no try can ever succeed.
+    tools: list[dict[str, Any]] | None = None
+    reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"] | None = None
 
 
 _OURS = {"stream", "stream_channel", "timeout_sec", "return_json"}
