@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +56,7 @@ class WorkerView:
         """Called from the download thread."""
         data = {
             "phase": event.phase,
-            "filename": event.filename,
+            "filename": self.worker.settings.redact(event.filename),
             "bytes_done": event.bytes_done,
             "bytes_total": event.bytes_total,
             "rate_bps": round(event.rate_bps or 0.0),
@@ -75,9 +74,13 @@ class WorkerView:
     def model_ready(self, resolved: Any = None) -> None:
         files = self.worker.plan.files
         path = Path(files.model)
+        # File names are the operator's free text, where a secret can land (a token in a
+        # pasted path went out as it stood); identifiers are left exact: a secret that is
+        # a common word (a password "orion") would rename channels and services.
+        redact = self.worker.settings.redact
         self.model = {
-            "file": path.name,
-            "path": str(path),
+            "file": redact(path.name),
+            "path": redact(str(path)),
             "size_bytes": getattr(resolved, "size", None) or _size(path),
             "sha256": getattr(resolved, "sha256", None),
             "parts": len(files.parts),
@@ -118,7 +121,7 @@ class WorkerView:
             details["progress"] = self.progress
         if reason := self._reason():
             details["reason"] = reason
-        return redacted(details, worker.settings.redact)
+        return details
 
     def _reason(self) -> str | None:
         """Why the worker failed, or what the engine last said of its state (redacted)."""
@@ -142,46 +145,42 @@ class WorkerView:
 
         props = worker.supervisor.props
         launch = worker.plan.launch
-        return redacted(
-            {
-                "service": worker.settings.service_name,
-                "node": worker.settings.node_name,
-                "instance": worker.settings.instance_id,
-                "version": worker.settings.service_version,
-                "boot_id": worker.presence.boot_id,
-                "profile": profile.name,
-                "display_name": profile.display_name,
-                "model_id": profile.model_id,
-                "task_type": profile.task_type,
-                "supports_tools": profile.supports_tools,
-                "supports_embeddings": profile.supports_embeddings,
-                "supports_vision": profile.supports_vision,
-                "ctx_size": effective_knobs(profile.llamacpp, worker.settings.overrides)[
-                    "ctx_size"
-                ],
-                "n_ctx_per_slot": props.n_ctx if props else None,
-                "slots": worker.slots.total,
-                "gpu_ids": _gpu_ids(launch.env.get("CUDA_VISIBLE_DEVICES"), profile.gpu.device_ids),
-                "cuda_visible_devices": launch.env.get("CUDA_VISIBLE_DEVICES"),
-                "intake_channel": self.channels.intake,
-                "intake_stream": self.channels.stream,
-                "stream_group": self.channels.group,
-                "dlq_stream": self.channels.dlq,
-                "engine_url": self._engine_url(),
-                "engine_pid": worker.supervisor.pid,
-                "metrics_port": self.metrics_port,
-                "heartbeat_interval_sec": worker.settings.heartbeat_interval_sec,
-                "model": self.model or {"file": Path(worker.plan.files.model).name},
-                "llama_server_build": (props.build_info if props else None)
-                or (worker.plan.binary.build if worker.plan.binary else None),
-                "argv": [worker.settings.redact(a) for a in launch.masked_argv()],
-                "state": self.state,
-                "reason": self._reason(),
-                "progress": self.progress,
-                "updated_at": time.time(),
-            },
-            worker.settings.redact,
-        )
+        return {
+            "service": worker.settings.service_name,
+            "node": worker.settings.node_name,
+            "instance": worker.settings.instance_id,
+            "version": worker.settings.service_version,
+            "boot_id": worker.presence.boot_id,
+            "profile": profile.name,
+            "display_name": profile.display_name,
+            "model_id": profile.model_id,
+            "task_type": profile.task_type,
+            "supports_tools": profile.supports_tools,
+            "supports_embeddings": profile.supports_embeddings,
+            "supports_vision": profile.supports_vision,
+            "ctx_size": effective_knobs(profile.llamacpp, worker.settings.overrides)["ctx_size"],
+            "n_ctx_per_slot": props.n_ctx if props else None,
+            "slots": worker.slots.total,
+            "gpu_ids": _gpu_ids(launch.env.get("CUDA_VISIBLE_DEVICES"), profile.gpu.device_ids),
+            "cuda_visible_devices": launch.env.get("CUDA_VISIBLE_DEVICES"),
+            "intake_channel": self.channels.intake,
+            "intake_stream": self.channels.stream,
+            "stream_group": self.channels.group,
+            "dlq_stream": self.channels.dlq,
+            "engine_url": self._engine_url(),
+            "engine_pid": worker.supervisor.pid,
+            "metrics_port": self.metrics_port,
+            "heartbeat_interval_sec": worker.settings.heartbeat_interval_sec,
+            "model": self.model
+            or {"file": worker.settings.redact(Path(worker.plan.files.model).name)},
+            "llama_server_build": (props.build_info if props else None)
+            or (worker.plan.binary.build if worker.plan.binary else None),
+            "argv": [worker.settings.redact(a) for a in launch.masked_argv()],
+            "state": self.state,
+            "reason": self._reason(),
+            "progress": self.progress,
+            "updated_at": time.time(),
+        }
 
 
 def _size(path: Path) -> int | None:
@@ -198,16 +197,3 @@ def _gpu_ids(visible: str | None, configured: tuple[int, ...]) -> list[int | str
         return list(configured)
     parts = [part.strip() for part in visible.split(",")]
     return [int(part) if part.isdigit() else part for part in parts if part]
-
-
-def redacted(value: Any, redact: Callable[[str], str]) -> Any:
-    """Every text of a heartbeat's details or an announcement, secrets masked: what is
-    published comes from many places (file names, progress, the engine's last words),
-    and one a secret reached (a token in a model's file name) went out as it stood."""
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {key: redacted(item, redact) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [redacted(item, redact) for item in value]
-    return value

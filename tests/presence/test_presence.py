@@ -355,12 +355,12 @@ async def test_a_worker_that_cannot_start_says_failed_to_the_end(
     assert "missing.gguf" in told.stdout
 
 
-async def test_a_secret_anywhere_in_what_the_worker_publishes_is_masked(
+async def test_a_secret_in_a_model_s_file_name_is_masked_in_what_the_worker_publishes(
     spawn_worker: SpawnWorker, recorder: BusRecorder
 ) -> None:
     """A token that reached a model's file name (a path pasted with it) was masked in the
     logs and the reason, but went out as it stood in the announcement's ``model.file``
-    and ``model.path`` fields: every text of a beat or an announcement is masked now."""
+    and ``model.path`` and the download progress's ``filename``."""
     token = "hf_RecognizableToken0042"
     worker = spawn_worker(
         ready=False, HF_TOKEN=token, LLAMACPP_MODEL_PATH_OVERRIDE=f"/nonexistent/{token}.gguf"
