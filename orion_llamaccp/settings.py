@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import logging
 import os
 import re
 import socket
@@ -242,9 +243,7 @@ class Settings(_FromTheEnvironment):
     heartbeat_interval_sec: float = Field(10.0, gt=0, validation_alias="HEARTBEAT_INTERVAL_SEC")
     announce_interval_sec: float = Field(60.0, gt=0, validation_alias="ANNOUNCE_INTERVAL_SEC")
     metrics_port: int | None = Field(None, ge=0, le=65535, validation_alias="METRICS_PORT")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
-        "INFO", validation_alias="LOG_LEVEL"
-    )
+    log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
 
     # Bus behaviour. Channel names default to the contract's (bus/keys.py,
     # worker/announce.py ``channels_for``).
@@ -357,12 +356,17 @@ class Settings(_FromTheEnvironment):
             value, "of the Hub or a mirror (for example https://hf-mirror.example.com)"
         )
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level")
     @classmethod
-    def _level(cls, value: Any) -> Any:
-        """Any case (``debug``); a name logging does not know (``verbose``) was run at INFO
-        without a word, and a constant of the module (``BASIC_FORMAT``) crashed."""
-        return value.strip().upper() if isinstance(value, str) else value
+    def _level(cls, value: str) -> str:
+        """A level logging knows, in any case, its aliases read as their names (``warn``:
+        WARNING). One it does not know (``verbose``) ran at INFO without a word, and a
+        constant of the module (``BASIC_FORMAT``) crashed."""
+        levels = logging.getLevelNamesMapping()
+        name = value.strip().upper()
+        if name not in levels:
+            raise ValueError(f"must be one of {', '.join(levels)}")
+        return logging.getLevelName(levels[name])
 
     @field_validator("transports")
     @classmethod
