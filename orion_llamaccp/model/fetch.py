@@ -323,8 +323,17 @@ class _Fetcher:
             return record
         if record.sha256 is None:
             return None
-        log.info("%s: its time changed since it was downloaded; hashing it", self.name(path))
+        name = self.name(path)
+        if not store.can_record(self.root, path):  # every start would hash it again
+            log.info(
+                "%s: its time changed, and %s is read-only: taken as copied by hand",
+                name,
+                self.root,
+            )
+            return None
+        log.info("%s: its time changed since it was downloaded; hashing it", name)
         if self.hash(path) != record.sha256:
+            store.forget_record(self.root, path)  # hashed once: the next start need not
             return None  # other bytes of the same size: a file put there by hand
         return store.write_record(
             self.root,

@@ -17,6 +17,7 @@ as ``<name>.corrupt-<timestamp>`` so a human can inspect it (and delete it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -135,7 +136,17 @@ def write_record(
 
 
 def forget_record(root: Path, path: Path) -> None:
-    record_path(root, path).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # a read-only model_root: it stays, stale
+        record_path(root, path).unlink(missing_ok=True)
+
+
+def can_record(root: Path, path: Path) -> bool:
+    """Whether a record of ``path`` can be written (``model_root`` may be mounted
+    read-only: then a record refreshed is refreshed for this run only)."""
+    folder = record_path(root, path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
 
 
 def move_aside(path: Path, *, beside: Path | None = None) -> Path:
