@@ -241,6 +241,7 @@ def load_registry(path: Path) -> Registry:
 
 def _spelt_like_ours(backend: object) -> bool:
     """``LlamaCpp``, ``llama.cpp``, ``llama-cpp``: meant as ours, but skipped as another
-    backend's profile (``validate`` said ``0/0 profiles valid`` and passed)."""
-    word = "".join(c for c in str(backend).lower() if c.isalnum())
-    return word == BACKEND or difflib.get_close_matches(word, [BACKEND], cutoff=0.8) != []
+    backend's profile (``validate`` said ``0/0 profiles valid`` and passed). Only our
+    name in another case or punctuation: ``ik_llama.cpp`` or ``llamacpp-rpc`` are other
+    tools, whose profiles share the registry."""
+    return "".join(c for c in str(backend).lower() if c.isalnum()) == BACKEND

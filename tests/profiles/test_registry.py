@@ -320,7 +320,7 @@ def test_one_name_written_twice_or_an_empty_backend_is_a_problem_not_a_quiet_pic
     assert set(registry.profiles) == {"fine"} and not registry.others
 
 
-@pytest.mark.parametrize("written", ["LlamaCpp", "llama.cpp", "llama-cpp", "llamacp"])
+@pytest.mark.parametrize("written", ["LlamaCpp", "llama.cpp", "llama-cpp", "LLAMA_CPP"])
 def test_our_backend_written_another_way_is_a_problem_not_another_backend(
     tmp_path: Path, written: str
 ) -> None:
@@ -328,12 +328,17 @@ def test_our_backend_written_another_way_is_a_problem_not_another_backend(
     and passed, and ``run`` refused the profile as not ours. Other backends stay others."""
     path = write(
         tmp_path,
-        f"profiles:\n  p:\n    backend: {written}\n  o:\n    backend: ollama\n",
+        f"profiles:\n  p:\n    backend: {written}\n"
+        + "".join(f"  {o}:\n    backend: {o}\n" for o in OTHER_TOOLS),
     )
     registry = load_registry(path)
     assert registry.problems["p"].startswith(f"profiles.p.backend: '{written}' is not how")
     assert "write backend: llamacpp" in registry.problems["p"]
-    assert set(registry.others) == {"o"}
+    assert set(registry.others) == set(OTHER_TOOLS)
+
+
+# Other tools, whose profiles share a registry: close to ours, and not ours.
+OTHER_TOOLS = ("ollama", "ik_llama.cpp", "llamacpp-rpc", "llamafile", "vllm")
 
 
 def test_shipped_registry_is_valid_and_has_the_expected_profiles() -> None:
