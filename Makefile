@@ -7,7 +7,8 @@ CACHE ?= $(HOME)/.cache/orion-llamaccp
 # The worker's bus; `make redis` checks it (and starts a local Redis for a local URL).
 ORION_BUS_URL ?= redis://127.0.0.1:6379/0
 
-export LLM_CACHE_DIR ?= $(CACHE)/models
+# Blank counts as unset, as it does for the worker (?= would keep a blank one).
+export LLM_CACHE_DIR := $(or $(strip $(LLM_CACHE_DIR)),$(CACHE)/models)
 export ORION_LLAMACPP_BUILD_DIR ?= $(CACHE)/llama-server
 # Where the default profile looks (model_root: ${LLM_CACHE_DIR}/gguf), LLM_CACHE_DIR set or not.
 DEMO_MODEL = $(LLM_CACHE_DIR)/gguf/gemma-3-270m-q4_k_m.gguf

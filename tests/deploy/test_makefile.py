@@ -13,13 +13,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
-@pytest.mark.parametrize("cache", [None, "/data/models"], ids=["default", "LLM_CACHE_DIR"])
+@pytest.mark.parametrize(
+    "cache", [None, "", "/data/models"], ids=["default", "blank", "LLM_CACHE_DIR"]
+)
 def test_make_puts_the_demo_model_where_the_default_profile_looks(cache: str | None) -> None:
     """The default profile's ``model_root`` is ``${LLM_CACHE_DIR}/gguf``; ``make demo-model``
     put the file under ``~/.cache`` whatever LLM_CACHE_DIR said, and ``make run`` then
     downloaded it from the Hub (or, offline, failed)."""
     env = {k: v for k, v in os.environ.items() if k != "LLM_CACHE_DIR"}
-    if cache:
+    if cache is not None:
         env["LLM_CACHE_DIR"] = cache
     done = subprocess.run(
         ["make", "-n", "demo-model"], cwd=REPO, env=env, capture_output=True, text=True, check=True
