@@ -564,12 +564,9 @@ def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     those prefixes). The ``.env`` file's names too (the environment's given, none)."""
     said = []
     if environ is None:
-        names, unparsed = _read_env_file()
+        names, _ = _read_env_file()
         environ, where = os.environ, dict.fromkeys(names, "")
-        said += [
-            f"{env_file()}:{line}: not NAME=value, so nothing of that line is read"
-            for line in unparsed
-        ]
+        said += env_file_unparsed()
     else:
         where = {}
     known = variables_read()
@@ -583,6 +580,14 @@ def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
             set_in = f" in {env_file()}" if name in where and name not in environ else ""
             said.append(f"{name} is set{set_in} but nothing reads it{hint}: it changes nothing")
     return said
+
+
+def env_file_unparsed() -> list[str]:
+    """What to say of the ``.env`` file's lines that are not ``NAME=value``."""
+    return [
+        f"{env_file()}:{line}: not NAME=value, so nothing of that line is read"
+        for line in _read_env_file()[1]
+    ]
 
 
 def env_file() -> Path | None:

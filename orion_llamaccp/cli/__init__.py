@@ -16,7 +16,7 @@ from typing import Any
 
 from orion_llamaccp import __version__
 from orion_llamaccp.errors import OrionLlamaError
-from orion_llamaccp.settings import load_settings, unread_variables
+from orion_llamaccp.settings import env_file_unparsed, load_settings, unread_variables
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # A line of .env it cannot parse: said by unread_variables, with the file's name.
     logging.getLogger("dotenv.main").setLevel(logging.ERROR)
+    settings = None
     try:
         settings = load_settings()
         setup_logging(settings.log_level, args.verbose)
@@ -102,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("%s", unread)
         return int(args.handler(args, settings) or 0)
     except OrionLlamaError as exc:
+        if settings is None:  # a line of .env it could not read may be why
+            for said in env_file_unparsed():
+                print(f"note: {said}", file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -162,6 +162,20 @@ def test_validate_fails_on_a_named_binary_that_is_not_there_and_notes_a_missing_
     )
 
 
+def test_a_line_of_the_env_file_it_cannot_read_is_said_when_the_settings_fail_too(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """The line that could not be read is often why the settings fail after it (a quote
+    left open takes the lines after it in): said with the error, not lost with it."""
+    env_file = tmp_path / "service.env"
+    env_file.write_text("LLAMACPP_PORT_OVERRIDE 1\nLLAMACPP_CTX_SIZE_OVERRIDE=big\n")
+    done = cli({**subprocess_env, "ORION_LLAMACPP_ENV_FILE": str(env_file)}, "command")
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"note: {env_file}:1: not NAME=value, so nothing of that line is read"
+    assert lines[-1].startswith("error: invalid environment: LLAMACPP_CTX_SIZE_OVERRIDE='big'")
+
+
 def test_validate_fails_a_profile_run_would_refuse(subprocess_env: dict, tmp_path: Path) -> None:
     """validate ran the registry's type checks only: a profile whose command line cannot
     be built (a knob set twice, by its key and in extra_args; a file name outside
