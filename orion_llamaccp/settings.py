@@ -196,8 +196,8 @@ def _http_url(value: Any, what: str) -> Any:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"must be the http:// or https:// URL {what}")
-    if not _readable(value):  # as the bus URL's: the rest of the password went unmasked
-        raise ValueError(_CUT_SHORT)
+    if problem := _unreadable(value):  # as the bus URL's: the rest of the password showed
+        raise ValueError(problem)
     return value
 
 
@@ -341,8 +341,8 @@ class Settings(_FromTheEnvironment):
         """A password with a raw ``/``, ``?`` or ``#`` ends the URL's host part early: the
         password goes unmasked, and the client fails on a "port" made of it and prints it
         in its error. Refused here, in words that show none of it."""
-        if not _readable(value.get_secret_value()):
-            raise ValueError(_CUT_SHORT)
+        if problem := _unreadable(value.get_secret_value()):
+            raise ValueError(problem)
         if urlsplit(value.get_secret_value()).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
@@ -443,17 +443,21 @@ def url_passwords(url: str) -> list[str]:
     return [value for value in found if value]
 
 
-def _readable(url: str) -> bool:
+def _unreadable(url: str) -> str | None:
+    """Why ``url`` cannot be read as written (in words that show none of it), or None."""
     parts = urlsplit(url)
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
-        return False
+        if "@" in parts.netloc:  # its user part is whole: the port itself is wrong
+            return "cannot be read as a URL: its port is not a number from 0 to 65535"
+        return _CUT_SHORT
     if "@" in parts.netloc or "://" not in url:
-        return True
+        return None
     rest = url[url.index("://") + 3 + len(parts.netloc) :]
     before, at, _ = rest.partition("@")
-    return not (at and ":" in before)  # user:password cut short by a '/', '?' or '#'
+    # user:password cut short by a '/', '?' or '#'
+    return _CUT_SHORT if at and ":" in before else None
 
 
 def mask_url(url: str) -> str:

@@ -119,6 +119,16 @@ def test_a_bus_url_whose_password_cuts_it_short_is_refused_without_showing_it(
     assert not any(part in message for part in ("Zm9v", "YmFy", "pa#ss", "9876"))
 
 
+def test_a_bus_url_whose_port_is_not_a_number_is_told_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was told to percent-encode its password, which was fine."""
+    monkeypatch.setenv("ORION_BUS_URL", "redis://:s3cret@127.0.0.1:abc/0")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert "its port is not a number" in message and "percent-encode" not in message
+    assert "s3cret" not in message
+
+
 def test_a_raw_at_sign_in_the_bus_password_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORION_BUS_URL", "redis://:p@ssw0rd@redis.internal:6379/0")
     settings = load_settings()

@@ -218,10 +218,14 @@ def _check_plan(settings: Settings) -> tuple[list[tuple[str, bool, str]], Servic
                 f"{len(registry.others)} of other backends, {len(registry.problems)} invalid",
             )
         )
-        profile = registry.select(settings.profile_name)
-        lines.append(("profile", True, f"{profile.name} ({profile.label})"))
     except OrionLlamaError as exc:
         lines.append(("config", False, str(exc)))
+        return lines, None
+    try:
+        profile = registry.select(settings.profile_name)
+        lines.append(("profile", True, f"{profile.name} ({profile.label})"))
+    except OrionLlamaError as exc:  # the registry read: its profile is what is wrong
+        lines.append(("profile", False, str(exc)))
         return lines, None
     try:
         path = find_binary(settings.llama_server_bin, settings.build_path)

@@ -57,6 +57,16 @@ def test_doctor_says_what_to_fix(subprocess_env: dict, tmp_path: Path) -> None:
     assert by_name["config"].startswith("ok") and by_name["profile"].startswith("ok")
 
 
+def test_doctor_blames_an_unknown_profile_on_the_profile_not_the_config(
+    subprocess_env: dict,
+) -> None:
+    """It said "ok config" and then "FAIL config LLM PROFILE ... not found"."""
+    done = cli({**subprocess_env, "LLM_PROFILE_NAME": "tiyn"}, "doctor")
+    by_name = {line.split()[1]: line for line in done.stdout.splitlines()}
+    assert done.returncode == 1 and by_name["config"].startswith("ok"), done.stdout
+    assert by_name["profile"].startswith("FAIL") and "'tiyn' not found" in by_name["profile"]
+
+
 def test_doctor_checks_the_pinned_gpus_against_a_fake_nvidia_smi(
     subprocess_env: dict, tmp_path: Path
 ) -> None:
