@@ -153,9 +153,15 @@ class Overrides(_FromTheEnvironment):
     @field_validator("n_gpu_layers", mode="before")
     @classmethod
     def _ngl(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        """A number, ``auto`` or ``all``; anything else said once (pydantic said why it was
+        neither an integer nor one of the words, in two halves)."""
+        if not isinstance(value, str):
+            return value
+        if value.strip().lstrip("-").isdigit():
             return int(value)
-        return value
+        if value.strip().lower() in ("auto", "all"):
+            return value.strip().lower()
+        raise ValueError("must be a number of layers, or auto, or all")
 
     @field_validator("host")
     @classmethod

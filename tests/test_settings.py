@@ -329,3 +329,17 @@ def test_gpu_pins_are_read_as_cuda_reads_them(monkeypatch: pytest.MonkeyPatch) -
     for value, read in (("0, 1", "0,1"), ("GPU-1a2b-3c", "GPU-1a2b-3c"), ("-1", "-1")):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES_OVERRIDE", value)
         assert load_settings().overrides.cuda_visible_devices == read
+
+
+def test_a_layer_count_that_is_no_number_nor_a_word_is_said_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two halves used to say why ``abc`` was neither an integer nor ``auto``/``all``."""
+    monkeypatch.setenv("LLAMACPP_N_GPU_LAYERS_OVERRIDE", "abc")
+    with pytest.raises(ConfigError) as refused:
+        assert load_settings().overrides is None  # never reached: reading them raises
+    message = str(refused.value)
+    assert message.count("LLAMACPP_N_GPU_LAYERS_OVERRIDE") == 1, message
+    assert "must be a number of layers, or auto, or all" in message
+    monkeypatch.setenv("LLAMACPP_N_GPU_LAYERS_OVERRIDE", " ALL ")
+    assert load_settings().overrides.n_gpu_layers == "all"

@@ -182,8 +182,19 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
         if text
     ]
     if "'\\t'" in (exc.problem or ""):
-        said.append("indent with spaces: YAML does not allow tabs there")
+        said.append(_tab_hint(exc.problem_mark))
     return "; ".join(said) or type(exc).__name__
+
+
+def _tab_hint(mark: yaml.Mark | None) -> str:
+    """Where the tab is: in the indentation, or after a key (``ctx_size:<tab>4096``),
+    where "indent with spaces" sent the reader to the wrong end of the line."""
+    buffer = getattr(mark, "buffer", None)
+    if mark is not None and isinstance(buffer, str):
+        start = buffer.rfind("\n", 0, mark.index) + 1
+        if buffer[start : mark.index].strip():
+            return "a tab inside the line (after a key's colon?): write a space there"
+    return "indent with spaces: YAML does not allow tabs there"
 
 
 def _read_text(path: Path) -> str:

@@ -76,6 +76,20 @@ def test_a_tab_in_the_indentation_is_one_error_line_not_a_traceback(tmp_path: Pa
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"error: {path} is not valid YAML: "), done.stderr
     assert "(line 4, column 1)" in done.stderr and "tabs" in done.stderr, done.stderr
+    assert "indent with spaces" in done.stderr, done.stderr
+
+
+def test_a_tab_after_a_key_is_not_blamed_on_the_indentation(tmp_path: Path) -> None:
+    """``ctx_size:<tab>4096`` was told to indent with spaces: the other end of the line."""
+    problem = _yaml_problem_of(tmp_path, "profiles:\n  a:\n    llamacpp:\n      ctx_size:\t4096\n")
+    assert "a tab inside the line (after a key's colon?)" in problem, problem
+    assert "indent with spaces" not in problem, problem
+
+
+def _yaml_problem_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_registry(write(tmp_path, text))
+    return str(err.value)
 
 
 CP1252_REGISTRY = (
