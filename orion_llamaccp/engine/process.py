@@ -26,6 +26,9 @@ from orion_llamaccp.engine.diagnostics import Diagnosis, diagnose, diagnose_all,
 log = logging.getLogger("orion_llamaccp.llama_server")
 # Once llama-server serves, these still deserve INFO; its per-request lines go to DEBUG.
 _NOTEWORTHY = re.compile(r"error|warn|fail|fatal|abort|exception|out of memory", re.I)
+# What llama-server prints as its load ends, before /health says ready: read, everything
+# it printed while loading has been read too (a "no usable GPU found" among it).
+_LOADED = re.compile(r"\bmodel loaded\b")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -69,6 +72,7 @@ class LlamaProcess:
         self.diagnosis: Diagnosis | None = None
         # Why it would serve a profile that pins GPUs on the CPU (``diagnostics.no_gpu``).
         self.no_gpu: Diagnosis | None = None
+        self.loaded = asyncio.Event()  # its "model loaded" line read (``_LOADED``)
         # Set once llama-server is ready: its routine per-request lines (slot launched,
         # timings, released: about ten a request) are logged at DEBUG, not INFO. Each one
         # was a write to our stderr, several percent of the worker's CPU at GPU speeds.
@@ -149,6 +153,8 @@ class LlamaProcess:
         if not line or set(line) == {"."}:
             return
         self.tail.append(line)
+        if not self.loaded.is_set() and _LOADED.search(line):
+            self.loaded.set()
         if not self.quiet:  # serving: a crash reads the tail
             if self.diagnosis is None:
                 self.diagnosis = diagnose(line)

@@ -49,6 +49,9 @@ from orion_llamaccp.errors import (
 from orion_llamaccp.stopping import unless_stopped
 
 log = logging.getLogger(__name__)
+# How long a ready llama-server's load lines may take to be read (a build that does not
+# print "model loaded" costs this much at each start, once).
+_LOAD_LINES_SEC = 2.0
 _MIN_POLL_GAP = 0.01
 
 
@@ -327,6 +330,15 @@ class Supervisor:
         self._set(EngineState.READY)  # stays DRAINING if a drain began meanwhile (``_set``)
         await self._watch(proc)
 
+    async def _refuse_the_cpu(self, proc: LlamaProcess) -> None:
+        """Raise when llama-server said it found no usable GPU for a profile pinned to
+        GPUs: it would serve, on the CPU, many times slower, which is not what was asked."""
+        if proc.no_gpu is not None:
+            proc.kill()
+            await proc.wait()
+            reason = "llama-server found no usable GPU for a profile that pins GPUs"
+            raise _Crashed(reason, proc.no_gpu, proc.tail_text())
+
     async def _until_ready(self, proc: LlamaProcess) -> None:
         """Poll /health until 200; the deadline moves with every byte llama-server prints
         and whenever it is seen working (``LlamaProcess.look``), up to ``load_timeout``
@@ -347,11 +359,7 @@ class Supervisor:
                     f"llama-server hung while loading: not ready after "
                     f"{policy.load_timeout:.0f}s although it kept working (load_timeout)",
                 )
-            if proc.no_gpu is not None:  # it would serve, on the CPU: not what was asked
-                proc.kill()
-                await proc.wait()
-                reason = "llama-server found no usable GPU for a profile that pins GPUs"
-                raise _Crashed(reason, proc.no_gpu, proc.tail_text())
+            await self._refuse_the_cpu(proc)
             proc.look()
             silent = time.monotonic() - proc.last_sign_of_life
             if silent > policy.silence_timeout:
@@ -367,6 +375,12 @@ class Supervisor:
             with contextlib.suppress(EngineUnavailable):
                 health = await self.client.health(timeout=policy.health_timeout)
                 if health.ready and proc.returncode is None:  # else not ours that answered
+                    # Its load's lines may still be in the pipe, unread: a "no usable GPU
+                    # found" among them went unseen on a busy machine, the profile served
+                    # on the CPU as ready (round 27's CI). Read up to its "model loaded".
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(proc.loaded.wait(), _LOAD_LINES_SEC)
+                    await self._refuse_the_cpu(proc)
                     return
             # llama-server says when it is done loading ("server is listening", "all slots
             # are idle"): what it prints is worth a look at once, not at the next tick, but

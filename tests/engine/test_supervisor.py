@@ -110,6 +110,23 @@ async def test_a_loader_that_works_without_a_word_is_not_killed(
         await supervisor.stop()
 
 
+async def test_a_no_gpu_warning_read_after_the_health_is_ready_still_fails_the_start(
+    make_launch: LaunchFactory, prelude_env
+) -> None:
+    """On a busy machine (round 27's CI) /health answered ready before the worker had read
+    the lines llama-server printed while loading, "no usable GPU found" among them: the
+    profile was served on the CPU as ready. Here its output reaches the reader a second
+    late; the start waits for its "model loaded" line, and fails as it should."""
+    launch = make_launch(gpus=[0], n_gpu_layers=99, binary=PRELUDE)
+    assert launch.gpus_required == "0"
+    late = Supervisor(launch, environ=prelude_env(PRELUDE_LATE_OUTPUT="1"))
+    try:
+        with pytest.raises(EngineStartError, match="no usable GPU"):
+            await late.start()
+    finally:
+        await late.stop()
+
+
 @pytest.mark.parametrize("layers", [99, None], ids=["layers-set", "layers-unset"])
 async def test_a_profile_that_pins_gpus_is_not_served_on_the_cpu(
     make_launch: LaunchFactory, layers: int | None

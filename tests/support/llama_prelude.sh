@@ -11,6 +11,9 @@
 #                                    exit with its code (a death that says why, after ready)
 #   PRELUDE_HELP_AT_ONCE=1           --help and --version (what the wrapper reads of a
 #                                    binary before it starts one) skip all of the above
+#   PRELUDE_LATE_OUTPUT=S            its output reaches the reader S seconds late (a busy
+#                                    machine, where /health can answer before the lines
+#                                    llama-server printed while loading are read)
 # The real binary comes from REAL_LLAMA_SERVER; all arguments pass through unchanged.
 set -u
 if [ -n "${PRELUDE_HELP_AT_ONCE:-}" ]; then
@@ -38,5 +41,8 @@ if [ -n "${PRELUDE_OUTLIVE:-}${PRELUDE_LAST_WORDS:-}" ]; then
     wait $!
   fi
   exit "${code}"
+fi
+if [ -n "${PRELUDE_LATE_OUTPUT:-}" ]; then
+  exec > >(sleep "${PRELUDE_LATE_OUTPUT}"; exec cat) 2>&1
 fi
 exec "${REAL_LLAMA_SERVER}" "$@"
