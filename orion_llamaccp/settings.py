@@ -574,9 +574,9 @@ def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     those prefixes). The ``.env`` file's names too (the environment's given, none)."""
     said = []
     if environ is None:
-        names, _ = _read_env_file()
+        names, unparsed = _read_env_file()
         environ, where = os.environ, dict.fromkeys(names, "")
-        said += env_file_unparsed()
+        said += _unparsed_said(unparsed)
     else:
         where = {}
     known = variables_read()
@@ -594,10 +594,12 @@ def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
 
 def env_file_unparsed() -> list[str]:
     """What to say of the ``.env`` file's lines that are not ``NAME=value``."""
-    return [
-        f"{env_file()}:{line}: not NAME=value, so nothing of that line is read"
-        for line in _read_env_file()[1]
-    ]
+    return _unparsed_said(_read_env_file()[1])
+
+
+def _unparsed_said(lines: list[int]) -> list[str]:
+    path = env_file()
+    return [f"{path}:{line}: not NAME=value, so nothing of that line is read" for line in lines]
 
 
 def env_file() -> Path | None:
