@@ -202,8 +202,20 @@ def _check_space(folder: Path, needed: int, label: str, target: Path) -> None:
         raise DownloadError(
             f"not enough disk space for {label}: {needed / 1e9:.2f} GB more needed in "
             f"{folder}, {free / 1e9:.2f} GB free; free some space or move model_root"
+            + _in_place_hint(target)
             + _aside_hint(target)
         )
+
+
+def _in_place_hint(target: Path) -> str:
+    """The file a download replaces stays until its replacement has passed its check,
+    so the two need room side by side."""
+    if not target.is_file():
+        return ""
+    return (
+        f". The file there now, {target} ({size_text(_size_of(target))}), stays until "
+        f"the new one has passed its check: deleting it first makes room"
+    )
 
 
 def _aside_hint(target: Path, shown: int = 5) -> str:

@@ -7,10 +7,12 @@ For each file (every part of a split model, the mmproj, the draft model):
 2. A missing file is downloaded (``download.fetch_file``) under a per-file lock, into a
    ``.part`` file that only becomes the model file after its sha256 matches the Hub's and
    its header checks out. No reader ever sees a half-written model file.
-3. A file that fails is moved aside (never deleted) and downloaded again, once. A second
-   failure is an error that says what is wrong and what to do. A file whose download
-   record names another repo or revision than the profile does now is replaced the same
-   way, unless another profile of the registry names that source for it (``sources``).
+3. A file that fails is downloaded again, once, and moved aside (never deleted) when its
+   replacement has passed its check. A second failure is an error that says what is
+   wrong and what to do. A file whose download record names another repo or revision
+   than the profile does now is replaced once the new one has passed its check, unless
+   another profile of the registry names that source for it (``sources``). Either way
+   the file in place stays there until then: a failed download leaves it as it was.
 
 ``refetch_corrupt`` is the deeper check the engine runs when llama-server reports a broken
 model: it also hashes each file against the recorded (or the Hub's) sha256.
@@ -67,6 +69,14 @@ class ResolvedModel:
 
 
 @dataclass(frozen=True)
+class _Unusable:
+    """Why the file at a target's path cannot be used as it is."""
+
+    problem: str
+    stale: bool = False  # sound, but from another source than the profile names now
+
+
+@dataclass(frozen=True)
 class _Checked:
     path: Path
     info: GgufInfo
@@ -91,7 +101,9 @@ class _Fetcher:
         self.profile, self.settings, self.root = profile, settings, root
         self.reporter, self.cancel = reporter, cancel
         self.may_download = download and not settings.hf_hub_offline
+        self.writes_records = download  # `verify` never touches the files nor their records
         self._hashed: dict[tuple[Path, int, int], str] = {}
+        self._changed: dict[Path, str] = {}  # downloaded files whose bytes changed since
         self.policy = DownloadPolicy.from_settings(settings)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         self.client = HubClient(
@@ -141,10 +153,10 @@ class _Fetcher:
         return checked
 
     def _ensure(self, target: Target, deep: bool) -> _Checked:
-        found, problem = self.check_existing(target, deep)
-        if found is not None:
+        found = self.check_existing(target, deep)
+        if isinstance(found, _Checked):
             return found
-        hub = self._source_or_refuse(target, problem)
+        hub = self._source_or_refuse(target, found)
         name = self.name(target.path)
 
         def on_wait() -> None:
@@ -152,25 +164,28 @@ class _Fetcher:
 
         lock = store.lock_path(self.root, target.path)
         with file_lock(lock, what=name, cancel=self.cancel, on_wait=on_wait):
-            found, problem = self.check_existing(target, deep)  # another process may have won
-            if found is not None:
+            found = self.check_existing(target, deep)  # another process may have won
+            if isinstance(found, _Checked):
                 return found
-            if not target.path.exists():
+            if found is None:
                 return self.download_verified(target, hub, tries=2)
-            log.warning("%s: %s; moving it aside and downloading it again", target.role, problem)
-            aside = store.move_aside(target.path)
-            store.forget_record(self.root, target.path)
-            checked = self.download_verified(target, hub, tries=1)
-            return dataclasses.replace(checked, moved_aside=(aside, *checked.moved_aside))
+            # The file there stays in place until its replacement has passed its check:
+            # a source that does not exist (a typo in hf_revision), a Hub out of reach or
+            # a full disk leaves it where it was, not renamed away from a working service.
+            if found.stale:
+                log.warning("%s: %s; downloading it to replace it", target.role, found.problem)
+                return self.download_verified(target, hub, tries=2)
+            log.warning("%s: %s; downloading it again", target.role, found.problem)
+            return self.download_verified(target, hub, tries=1, corrupt=True)
 
-    def _source_or_refuse(self, target: Target, problem: str | None) -> HubFile:
+    def _source_or_refuse(self, target: Target, found: _Unusable | None) -> HubFile:
         """Where to download the file from, or the error for a file we will not download."""
         if target.hub is not None and self.may_download:
             return target.hub
         what, how = f"{target.role} {target.path}", self._how_to_fix(target)
-        if problem is None:
+        if found is None:
             raise ModelNotFound(f"{what} does not exist; {how}")
-        raise ModelCorrupt(f"{what} is not usable: {problem}; {how}")
+        raise ModelCorrupt(f"{what} is not usable: {found.problem}; {how}")
 
     def _how_to_fix(self, target: Target) -> str:
         hub = target.hub
@@ -185,29 +200,45 @@ class _Fetcher:
             )
         return f"run `orion-llamaccp fetch` to download it from {hub.label}"
 
-    def check_existing(self, target: Target, deep: bool) -> tuple[_Checked | None, str | None]:
-        """A usable file already in place, or what is wrong with the one there."""
+    def check_existing(self, target: Target, deep: bool) -> _Checked | _Unusable | None:
+        """A usable file already in place, what is wrong with the one there, or None
+        where there is none."""
         path = target.path
-        if not path.is_file():
-            return None, None
-        info, problem = diagnose_gguf(path)
+        if not path.exists():
+            return None
+        if not path.is_file():  # a bind mount of a host file that did not exist, say
+            raise ModelError(
+                f"{target.role} {path} is a directory or another non-file, not a GGUF file: "
+                f"remove it, or point the profile at the file (a container's bind mount of "
+                f"a host file that does not exist makes a directory there)"
+            )
+        try:
+            info, problem = diagnose_gguf(path)
+        except ModelNotFound:  # moved away by another process since: theirs is locked
+            return None
         if info is None:
-            return None, problem
+            return _Unusable(problem or "")
         record = self.record(path)
+        if deep and path in self._changed:
+            return _Unusable(self._changed[path])
         stale = other_source(record, target.hub)
         if stale is not None:
             refuse_if_shared(self.profile, self.settings, target, record)
-            return None, stale
+            return _Unusable(stale, stale=True)
         sha = record.sha256 if record else None
         if deep:
             expected = sha or self._hub_sha256(target)
             sha = self.hash(path)
             if expected and sha != expected:
-                return None, f"its sha256 {sha} does not match the expected {expected}"
-        return _Checked(path, info, sha), None
+                return _Unusable(f"its sha256 {sha} does not match the expected {expected}")
+        return _Checked(path, info, sha)
 
-    def download_verified(self, target: Target, hub: HubFile, *, tries: int) -> _Checked:
-        """Download, check, move into place; bad bytes are moved aside and fetched again."""
+    def download_verified(
+        self, target: Target, hub: HubFile, *, tries: int, corrupt: bool = False
+    ) -> _Checked:
+        """Download, check, move into place; bad bytes are moved aside and fetched again.
+        ``corrupt``: the file in place is bad, and moved aside (not replaced) by the new
+        one, for whoever looks into what damaged it."""
         aside: list[Path] = []
         digests: list[str] = []  # of the downloads that failed their check
         while True:
@@ -223,6 +254,8 @@ class _Fetcher:
             self.reporter.emit("verifying", self.name(target.path), attempt=fetched.attempts)
             info, problem = self._check_fetched(fetched)
             if info is not None:
+                if corrupt:
+                    aside.insert(0, store.move_aside(target.path))
                 return self._install(target, fetched, info, tuple(aside))
             aside.append(store.move_aside(fetched.partial, beside=target.path))
             last = len(aside) >= tries
@@ -270,7 +303,7 @@ class _Fetcher:
                 f"help: pick another file or revision (the downloads are kept at {kept})"
             )
         if last:
-            times = "twice" if len(aside) > 1 else "again after replacing a corrupt file"
+            times = "twice" if len(aside) > 1 else "again (so had the file in place, left there)"
             raise ModelCorrupt(
                 f"{hub.label} failed its check {times}: {problem}. The downloads are kept at "
                 f"{kept}. Something alters the bytes on the way (proxy, disk, HF_ENDPOINT "
@@ -324,17 +357,20 @@ class _Fetcher:
         if record.sha256 is None:
             return None
         name = self.name(path)
-        if not store.can_record(self.root, path):  # every start would hash it again
-            log.info(
+        if self.writes_records and not store.can_record(self.root, path):
+            log.info(  # else every start would hash it again
                 "%s: its time changed, and %s is read-only: taken as copied by hand",
                 name,
                 self.root,
             )
             return None
         log.info("%s: its time changed since it was downloaded; hashing it", name)
-        if self.hash(path) != record.sha256:
-            store.forget_record(self.root, path)  # hashed once: the next start need not
-            return None  # other bytes of the same size: a file put there by hand
+        sha = self.hash(path)
+        if sha != record.sha256:
+            self._bytes_changed(path, sha, record)
+            return None
+        if not self.writes_records:
+            return record
         return store.write_record(
             self.root,
             path,
@@ -343,6 +379,21 @@ class _Fetcher:
             revision=record.revision,
             commit=record.commit,
         )
+
+    def _bytes_changed(self, path: Path, sha: str, record: store.FileRecord) -> None:
+        """A downloaded file whose bytes changed since: damage, or another file copied
+        over it by hand. A deep check says so (``verify --hash``, the engine's check
+        after llama-server failed to load it); a start takes it as copied by hand."""
+        at = f"@{record.revision}" if record.revision else ""
+        source = f" from {record.repo_id}{at}" if record.repo_id else ""
+        self._changed[path] = (
+            f"its sha256 {sha} differs from the {record.sha256} recorded when it was "
+            f"downloaded{source}: its bytes changed since (damage on disk, or another "
+            f"file copied over it)"
+        )
+        log.warning("%s: %s", self.name(path), self._changed[path])
+        if self.writes_records:
+            store.forget_record(self.root, path)  # hashed once: the next start need not
 
     def hash(self, path: Path) -> str:
         """The file's sha256, hashed once per call however many checks ask for it."""

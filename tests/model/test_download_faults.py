@@ -242,7 +242,7 @@ def test_wrong_bytes_from_the_hub_are_caught_by_sha256_and_fetched_again(
     assert resolved.moved_aside == (aside,)
 
 
-def test_a_corrupt_file_on_disk_is_replaced_by_one_download_only(
+def test_a_corrupt_file_on_disk_gets_one_download_and_stays_in_place_when_it_fails(
     hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
@@ -250,11 +250,12 @@ def test_a_corrupt_file_on_disk_is_replaced_by_one_download_only(
     (cache_dir / FILENAME).write_bytes(data[:1000])
     hub.fault("cdn", Fault("corrupt"))
 
-    with pytest.raises(ModelCorrupt, match="again after replacing a corrupt file"):
+    with pytest.raises(ModelCorrupt, match="so had the file in place, left there"):
         ensure_model(make_profile(), make_settings())
 
     assert len(hub.cdn_gets(sha)) == 1
-    assert sorted(len(p.read_bytes()) for p in _aside(cache_dir)) == [1000, len(data)]
+    assert [len(p.read_bytes()) for p in _aside(cache_dir)] == [len(data)]
+    assert (cache_dir / FILENAME).read_bytes() == data[:1000]
 
 
 def test_cancel_stops_the_download_and_keeps_the_partial_file(
@@ -366,22 +367,27 @@ def test_a_long_hash_of_a_partial_does_not_use_up_the_deadline(
     assert resolved.sha256 == sha
 
 
-def test_short_of_disk_space_names_the_corrupt_copies_kept_beside_the_model(
+def test_short_of_disk_space_names_the_copies_that_take_room_beside_the_model(
     hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
-    """Each corrupt file is kept whole for inspection: when the download that replaces it
-    finds the disk short, those copies are what to delete, and the error must say so."""
+    """Each corrupt file is kept whole for inspection, and the file a download replaces
+    stays until then: when the disk is short, those are what to delete, and the error
+    must say so."""
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
     hub.advertised_size[sha] = 10**18  # more than any disk holds: the check must refuse
-    (cache_dir / FILENAME).write_bytes(data[:60_000])  # a copy cut short: moved aside
+    earlier = cache_dir / f"{FILENAME}.corrupt-20261201T000000"
+    earlier.write_bytes(data[:30_000])
+    (cache_dir / FILENAME).write_bytes(data[:60_000])  # a copy cut short: replaced
 
     with pytest.raises(DownloadError, match="not enough disk space") as err:
         ensure_model(make_profile(), make_settings())
 
-    [aside] = _aside(cache_dir)
-    assert f"{aside} (0.1 MB)" in str(err.value)
+    assert _aside(cache_dir) == [earlier]
+    assert f"{earlier} (0.0 MB)" in str(err.value)
     assert "can be deleted" in str(err.value)
+    assert f"{cache_dir / FILENAME} (0.1 MB), stays until" in str(err.value)
+    assert (cache_dir / FILENAME).read_bytes() == data[:60_000]
     assert hub.cdn_gets(sha) == []
 
 

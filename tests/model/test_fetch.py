@@ -14,6 +14,7 @@ from orion_llamaccp.model import (
     ProgressEvent,
     ensure_model,
     plan_files,
+    refetch_corrupt,
     verify_gguf,
     verify_model,
 )
@@ -199,14 +200,14 @@ OTHER_REPO = "orion-test/other-llama"
 
 
 @pytest.mark.parametrize(
-    ("before", "after", "old", "new"),
+    ("before", "after", "new"),
     [
-        ({"hf_revision": "v1"}, {"hf_revision": "v2"}, 1, 2),
-        ({"hf_revision": "v1"}, {}, 1, 0),
-        ({}, {"hf_repo_id": OTHER_REPO}, 0, 3),
+        ({"hf_revision": "v1"}, {"hf_revision": "v2"}, 2),
+        ({"hf_revision": "v1"}, {}, 0),
+        ({}, {"hf_repo_id": OTHER_REPO}, 3),
     ],
 )
-def test_a_file_from_another_repo_or_revision_is_moved_aside_and_replaced(
+def test_a_file_from_another_repo_or_revision_is_replaced(
     hub: LocalHub,
     make_settings: SettingsFactory,
     gguf_bytes: Bytes,
@@ -214,7 +215,6 @@ def test_a_file_from_another_repo_or_revision_is_moved_aside_and_replaced(
     caplog: pytest.LogCaptureFixture,
     before: dict[str, str],
     after: dict[str, str],
-    old: int,
     new: int,
 ) -> None:
     hub.add(REPO_ID, FILENAME, gguf_bytes(0))
@@ -227,9 +227,36 @@ def test_a_file_from_another_repo_or_revision_is_moved_aside_and_replaced(
 
     assert (cache_dir / FILENAME).read_bytes() == gguf_bytes(new)
     assert resolved.downloaded == (cache_dir / FILENAME,)
-    [aside] = resolved.moved_aside
-    assert aside.read_bytes() == gguf_bytes(old)
+    assert resolved.moved_aside == ()  # not corrupt: another source's sound file
+    assert list(cache_dir.glob("*.corrupt-*")) == []
     assert "the profile now names" in caplog.text
+    assert "downloading it to replace it" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "after", [{"hf_revision": "v2-typo"}, {"hf_repo_id": "orion-test/tiny-llamaa"}]
+)
+def test_a_source_that_cannot_be_downloaded_leaves_the_file_in_place(
+    hub: LocalHub,
+    make_settings: SettingsFactory,
+    gguf_bytes: Bytes,
+    cache_dir: Path,
+    after: dict[str, str],
+) -> None:
+    """The file was renamed aside before its new source was even looked up: a typo in
+    hf_revision left a service with no model, and undoing it downloaded the model again."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+
+    with pytest.raises(ModelError, match="not found"):
+        ensure_model(make_profile(**after), make_settings())
+
+    assert (cache_dir / FILENAME).read_bytes() == gguf_bytes(0)
+    assert list(cache_dir.glob("*.corrupt-*")) == []
+    mark = hub.mark()
+    resolved = ensure_model(make_profile(), make_settings())  # the typo undone
+    assert hub.cdn_gets(sha) == [] or hub.requests[mark:] == []
+    assert resolved.downloaded == () and resolved.sha256 == sha
 
 
 MMPROJ = "mmproj-model-f16.gguf"
@@ -301,7 +328,8 @@ def test_a_profile_switched_to_another_repo_still_replaces_its_file(
     resolved = ensure_model(switched, settings)
 
     assert (cache_dir / MMPROJ).read_bytes() == gguf_bytes(3)
-    assert len(resolved.moved_aside) == 2
+    assert (cache_dir / FILENAME).read_bytes() == gguf_bytes(2)
+    assert resolved.downloaded == (cache_dir / FILENAME, cache_dir / MMPROJ)
 
 
 def test_naming_the_default_revision_keeps_the_file(
@@ -588,3 +616,34 @@ def test_other_bytes_of_the_same_size_under_a_record_pass_for_a_file_copied_by_h
     assert target.read_bytes() == gguf_bytes(3)
     # Forgotten once hashed: kept, it was hashed again at every start.
     assert read_record(cache_dir, target, any_time=True) is None
+
+
+def test_a_deep_check_says_when_the_bytes_of_a_downloaded_file_changed_since(
+    hub: LocalHub,
+    make_settings: SettingsFactory,
+    gguf_bytes: Bytes,
+    cache_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Damage written through the file system moves its mtime: ``verify --hash``
+    printed ok (and dropped the record, though it claims never to touch the files), and
+    an offline engine's check after a failed load accepted the same bytes again."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+    target = cache_dir / FILENAME
+    _flip_tensor_byte(target)
+    _retimed(target)
+
+    with pytest.raises(ModelCorrupt, match=f"differs from the {sha} recorded") as err:
+        verify_model(make_profile(), make_settings(), deep=True)
+    assert f"downloaded from {REPO_ID}" in str(err.value)
+    assert read_record(cache_dir, target, any_time=True) is not None  # verify touched nothing
+    with pytest.raises(ModelCorrupt, match="its bytes changed since"):
+        refetch_corrupt(make_profile(), make_settings(hf_hub_offline=True))
+
+    repaired = refetch_corrupt(make_profile(), make_settings())  # online: downloaded again
+
+    assert repaired.sha256 == sha and target.read_bytes() == gguf_bytes(0)
+    [aside] = repaired.moved_aside
+    assert aside.read_bytes() != gguf_bytes(0) and len(aside.read_bytes()) == len(gguf_bytes(0))
+    assert "its bytes changed since" in caplog.text  # a start would say it too
