@@ -405,7 +405,10 @@ class _Fetcher:
             def on_bytes(done: int) -> None:
                 self.reporter.emit("verifying", name, done=done, total=total)
 
-            self._hashed[key] = sha256_file(path, on_bytes)
+            try:
+                self._hashed[key] = sha256_file(path, on_bytes)
+            except OSError as exc:
+                raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
         return self._hashed[key]
 
     def under_root(self, path: Path) -> bool:

@@ -293,6 +293,8 @@ def diagnose_gguf(path: Path) -> tuple[GgufInfo | None, str | None]:
         raise ModelError(f"{path} is a directory, not a GGUF file") from None
     except PermissionError:
         raise ModelError(f"cannot read {path}: permission denied") from None
+    except OSError as exc:  # a link loop, EIO, a stale NFS handle, a mount mmap refuses
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def verify_gguf(path: Path) -> GgufInfo:

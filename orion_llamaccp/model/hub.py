@@ -45,6 +45,7 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+URL_QUERY = re.compile(r"(https?://[^\s'\"?#]+)\?[^\s'\"#]*")
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 # A signed CDN link can expire between attempts: a fresh HEAD gives a new one.
 RETRY_STATUS_CDN = RETRY_STATUS | {403, 410}
@@ -194,7 +195,10 @@ class HubClient:
             raise Transient(f"connection to {_host(remote.url)} broke off: {exc}") from None
 
     def _redact(self, text: str) -> str:
-        return redact_secrets(text, self._secrets)
+        """Without our secrets, and without any URL's query: a CDN's signed link carries
+        its signature there (``X-Amz-Signature``, ``Signature``), which huggingface_hub's
+        errors quote with the URL."""
+        return URL_QUERY.sub(r"\1?…", redact_secrets(text, self._secrets))
 
     def _translate(self, exc: Exception, hub: HubFile) -> Exception:
         """The package's error for anything huggingface_hub or httpx2 raised."""

@@ -33,6 +33,7 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 Stage = Literal["resolve", "cdn"]
+SIGNED_QUERY = "Expires=1796000000&Signature=CDN-SIGNATURE-SECRET&Key-Pair-Id=K2EXAMPLE"
 Kind = Literal["cut", "stall", "hold", "corrupt", "status"]
 
 
@@ -252,7 +253,8 @@ class _HubHandler(BaseHTTPRequestHandler):
             "ETag": f'"{_git_sha1(b"pointer " + sha.encode())}"',
             "X-Linked-Etag": f'"{sha}"',
             "X-Linked-Size": str(self.hub.advertised_size.get(sha, len(data))),
-            "Location": f"http://localhost:{self.hub.port}/cdn/{sha}",
+            # Signed, as the Hub's CDN links are: a secret that errors must not quote.
+            "Location": f"http://localhost:{self.hub.port}/cdn/{sha}?{SIGNED_QUERY}",
         }
         self._reply(req, 302, headers=headers)
 

@@ -556,3 +556,21 @@ def test_a_file_changed_on_the_hub_drops_the_old_partial_and_starts_over(
     assert resolved.sha256 == new_sha != old_sha
     assert [r.range for r in hub.cdn_gets(new_sha)] == [None]
     assert not old_partial.exists() and _partials(cache_dir) == []
+
+
+def test_a_cdn_refusal_does_not_quote_the_signed_link(
+    hub: LocalHub,
+    make_settings: SettingsFactory,
+    gguf_bytes: Bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """huggingface_hub's error quotes the URL, and the Hub's CDN links carry their
+    signature in the query: it reached the error, the logs and the bus's error channel."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.fault("cdn", Fault("status", status=404))
+
+    with pytest.raises(DownloadError, match="HTTP 404") as err:
+        ensure_model(make_profile(), make_settings())
+
+    assert f"/cdn/{sha}?…" in str(err.value)
+    assert "Signature" not in str(err.value) and "Signature" not in caplog.text

@@ -647,3 +647,20 @@ def test_a_deep_check_says_when_the_bytes_of_a_downloaded_file_changed_since(
     [aside] = repaired.moved_aside
     assert aside.read_bytes() != gguf_bytes(0) and len(aside.read_bytes()) == len(gguf_bytes(0))
     assert "its bytes changed since" in caplog.text  # a start would say it too
+
+
+def test_a_directory_at_the_model_path_is_said_and_left_alone(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """A container's bind mount of a host file that does not exist makes a directory
+    there: it was taken for a missing file (offline: "does not exist") or renamed aside
+    as a corrupt one (online), and a mount point could not be renamed at all."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    (cache_dir / FILENAME).mkdir()
+
+    for settings in (make_settings(), make_settings(hf_hub_offline=True)):
+        with pytest.raises(ModelError, match="is a directory or another non-file"):
+            ensure_model(make_profile(), settings)
+
+    assert (cache_dir / FILENAME).is_dir() and list(cache_dir.glob("*.corrupt-*")) == []
+    assert hub.cdn_gets(sha) == []

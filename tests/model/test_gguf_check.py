@@ -100,6 +100,14 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         verify_gguf(tmp_path)
 
 
+def test_a_file_that_cannot_be_read_is_a_model_error_not_a_traceback(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.gguf"
+    loop.symlink_to(loop)
+
+    with pytest.raises(ModelError, match=r"cannot read .*loop\.gguf: Too many levels"):
+        verify_gguf(loop)
+
+
 def test_split_parts_each_check_and_agree(tmp_path: Path) -> None:
     parts = make_split_gguf(tmp_path, "m", 3)
 
