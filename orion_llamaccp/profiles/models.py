@@ -207,6 +207,22 @@ class LlamaCppConfig(BaseModel):
             )
         return data
 
+    @model_validator(mode="after")
+    def _repo_with_its_file(self) -> LlamaCppConfig:
+        """A repo named for the mmproj or the draft model without the file to take from
+        it did nothing at all: no file planned, none downloaded, no flag."""
+        for repo, file in (
+            ("mmproj_repo_id", "mmproj_filename"),
+            ("hf_draft_repo_id", "hf_draft_filename"),
+        ):
+            if getattr(self, repo) and not getattr(self, file):
+                raise refuse(
+                    f"{repo} names the repo to take a file from, but {file} is not set, so "
+                    f"nothing is taken from it: set {file} (the file's name in that repo), "
+                    f"or remove {repo}"
+                )
+        return self
+
     @field_validator("flash_attn", "reasoning", mode="before")
     @classmethod
     def _on_off(cls, value: Any) -> Any:

@@ -136,6 +136,22 @@ def test_parallel_and_its_alias_n_parallel_together_are_refused_clearly(
     )
 
 
+@pytest.mark.parametrize(
+    ("repo", "file"),
+    [("mmproj_repo_id", "mmproj_filename"), ("hf_draft_repo_id", "hf_draft_filename")],
+)
+def test_a_repo_for_the_mmproj_or_the_draft_without_its_file_is_refused(
+    tmp_path: Path, repo: str, file: str
+) -> None:
+    """Nothing was planned, downloaded or passed to llama-server for it, without a word."""
+    said = llamacpp(tmp_path, f"hf_repo_id: org/m, hf_filename: m.gguf, {repo}: org/x")
+    assert said == (
+        f"profiles.p.llamacpp: {repo} names the repo to take a file from, but {file} is "
+        f"not set, so nothing is taken from it: set {file} (the file's name in that repo), "
+        f"or remove {repo}"
+    )
+
+
 @pytest.mark.parametrize("host", ['""', '"  "', '" 0.0.0.0"', '"my host"'])
 def test_an_empty_host_or_one_with_spaces_is_refused(tmp_path: Path, host: str) -> None:
     """``host: ""`` made ``--host ",/tmp/....sock"``; ``my host`` passed as it stood."""
