@@ -84,10 +84,12 @@ async def beat(
     interval: float,
     channel: str,
     details: dict[str, Any],
+    registry: str | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
     """One ``system.health.v1`` of ``outbox``'s service on ``channel``, its status from
     ``details["state"]``, also kept under the service's liveness key for three intervals
-    (``ps``, ``health``). Returns the payload, and the beat it replaced under that key."""
+    (``ps``, ``health``). Returns the payload, and the beat it replaced under that key.
+    ``registry``: the service's registry entry, kept as long as that key."""
     service = outbox.source
     payload = SystemHealthV1(
         service=service.name,
@@ -108,6 +110,8 @@ async def beat(
         pipe.set(alive, message, ex=ttl, get=True)
         pipe.sadd(keys.HOSTS_INDEX, alive)
         pipe.expire(keys.HOSTS_INDEX, keys.HOSTS_INDEX_TTL_SEC)
+        if registry is not None:
+            pipe.expire(registry, ttl)
         _, replaced, *_ = await pipe.execute()
     return payload, replaced
 
@@ -183,6 +187,7 @@ class Presence:
             interval=self.interval,
             channel=self.health_channel,
             details=details,
+            registry=keys.registry(self.profile, self.instance),
         )
         self.beats += 1
         if not self.twin_seen and (twin := self._live_other(replaced)):
@@ -238,7 +243,9 @@ class Presence:
                 message = self.outbox.encode(PROFILE_ANNOUNCE, payload, request=request)
                 pipe.publish(self.announce_channel, message)
             pipe.hset(registry, mapping={"announcement": message, "updated_at": time.time()})
-            pipe.expire(registry, max(int(self.announce_interval * 3), 30))
+            # Gone with the liveness key, not minutes later: a killed worker's entry said
+            # `ready` to whoever discovers engines for three announce intervals.
+            pipe.expire(registry, liveness_ttl(self.interval))
             pipe.sadd(keys.HOSTS_INDEX, registry)
             await pipe.execute()
         self.announcements += 1

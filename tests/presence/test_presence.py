@@ -584,25 +584,29 @@ async def test_a_discovery_reply_extends_the_requests_causality_chain(
 async def test_liveness_key_expires_after_sigkill_and_goes_on_clean_stop(
     spawn_worker: SpawnWorker, redis_url: str
 ) -> None:
-    killed = spawn_worker("killed")
+    """The killed worker's registry entry goes with its liveness key: it was kept for
+    three announce intervals (3 minutes by default), saying ``ready`` to discovery."""
+    killed = spawn_worker("killed", ANNOUNCE_INTERVAL_SEC="60")
     stopped = spawn_worker("stopped")
     client = aioredis.Redis.from_url(redis_url)
     try:
         keys = {
             name: f"orion:llamacpp:alive:orion-llamaccp:{name}" for name in ("killed", "stopped")
         }
-        for key in keys.values():
+        entry = "orion:llm:profile:registry:tiny:killed"
+        for key in (*keys.values(), entry):
             await wait_until_async(lambda key=key: client.exists(key), what=key)
             assert 0 < await client.ttl(key) <= 3  # 3 x the 1 s interval
         stopped.terminate()
         assert not await client.exists(keys["stopped"])
         killed.signal(signal.SIGKILL)
-        assert await client.exists(keys["killed"])
-        await wait_until_async(
-            lambda: _gone(client, keys["killed"]),
-            timeout=5,
-            what="the killed worker's liveness key to expire",
-        )
+        assert await client.exists(keys["killed"]) and await client.exists(entry)
+        for key in (keys["killed"], entry):
+            await wait_until_async(
+                lambda key=key: _gone(client, key),
+                timeout=5,
+                what=f"the killed worker's {key} to expire",
+            )
     finally:
         await client.aclose()
 
