@@ -84,12 +84,10 @@ async def beat(
     interval: float,
     channel: str,
     details: dict[str, Any],
-    registry: str | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
     """One ``system.health.v1`` of ``outbox``'s service on ``channel``, its status from
     ``details["state"]``, also kept under the service's liveness key for three intervals
-    (``ps``, ``health``). Returns the payload, and the beat it replaced under that key.
-    ``registry``: the service's registry entry, kept as long as that key."""
+    (``ps``, ``health``). Returns the payload, and the beat it replaced under that key."""
     service = outbox.source
     payload = SystemHealthV1(
         service=service.name,
@@ -110,8 +108,6 @@ async def beat(
         pipe.set(alive, message, ex=ttl, get=True)
         pipe.sadd(keys.HOSTS_INDEX, alive)
         pipe.expire(keys.HOSTS_INDEX, keys.HOSTS_INDEX_TTL_SEC)
-        if registry is not None:
-            pipe.expire(registry, ttl)
         _, replaced, *_ = await pipe.execute()
     return payload, replaced
 
@@ -187,12 +183,21 @@ class Presence:
             interval=self.interval,
             channel=self.health_channel,
             details=details,
-            registry=keys.registry(self.profile, self.instance),
         )
         self.beats += 1
+        await self._keep_registry_entry()
         if not self.twin_seen and (twin := self._live_other(replaced)):
             self._twin_found(twin)
         return payload
+
+    async def _keep_registry_entry(self) -> None:
+        """The registry entry lives as long as the liveness key, renewed by each beat;
+        one gone meanwhile (a Redis restarted empty, an outage longer than its TTL) is
+        announced again now, not at the next periodic announcement."""
+        registry = keys.registry(self.profile, self.instance)
+        kept = await self.redis.expire(registry, liveness_ttl(self.interval))
+        if not kept and self.announcements:
+            self.announce_soon()
 
     def _live_other(self, replaced: bytes | None) -> dict[str, Any] | None:
         """Another boot's beat, the second of its that ours replaced: a worker that beats

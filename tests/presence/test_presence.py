@@ -611,6 +611,25 @@ async def test_liveness_key_expires_after_sigkill_and_goes_on_clean_stop(
         await client.aclose()
 
 
+async def test_a_registry_entry_lost_is_announced_again_at_the_next_beat(
+    spawn_worker: SpawnWorker, redis_url: str
+) -> None:
+    """With the entry's TTL that of the liveness key, an outage longer than it (or a
+    Redis restarted empty) would leave discovery without it until the next periodic
+    announcement, a minute by default."""
+    worker = spawn_worker("w1", ANNOUNCE_INTERVAL_SEC="600")
+    client = aioredis.Redis.from_url(redis_url)
+    entry = "orion:llm:profile:registry:tiny:w1"
+    try:
+        await wait_until_async(lambda: client.exists(entry), what=entry)
+        await client.delete(entry)
+        await wait_until_async(lambda: client.exists(entry), timeout=10, what="it again")
+        assert 0 < await client.ttl(entry) <= 3
+        assert worker.state() == "ready"
+    finally:
+        await client.aclose()
+
+
 async def _gone(client: aioredis.Redis, key: str) -> bool:
     return not await client.exists(key)
 
