@@ -150,15 +150,6 @@ class LLMMessage(BaseModel):
     content: str
 
 
-class AttachmentRef(BaseModel):
-    """An image by sha256 reference. The contract names no other field, so any object with
-    a ``sha256`` is a valid attachment, kept as sent; a text-only model ignores it."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    sha256: str
-
-
 class ChatRequestPayload(BaseModel):
     """Orion's ``ChatRequestPayload``; per-request switches live in ``options``."""
 
@@ -172,7 +163,9 @@ class ChatRequestPayload(BaseModel):
     raw_user_text: str | None = None
     route: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
-    attachments: list[AttachmentRef] = Field(default_factory=list)
+    # Images by sha256 reference, in no shape the contract fixes (Orion's own model takes
+    # any list): kept as sent, and left out of the prompt, which a result says.
+    attachments: list[Any] = Field(default_factory=list)
     user_id: str | None = None
     session_id: str | None = None
 

@@ -92,20 +92,24 @@ def test_a_reply_carries_utc_times_whatever_zone_the_request_used() -> None:
     ]
 
 
-def test_an_attachment_is_any_object_with_a_sha256() -> None:
+def test_attachments_of_any_shape_orion_accepts_are_accepted() -> None:
+    """Orion's model takes any list there (the contract says "images by sha256
+    reference", in no fixed shape): a bare hash or an object without a ``sha256`` key
+    was refused as ``validation_failed``, where the worker ignores attachments anyway."""
     sha = "ab" * 32
     attachments = [
         {"sha256": sha},
         {"sha256": sha, "mime": "image/png", "caption": "a chart"},
+        sha,
+        {"type": "image", "ref": f"sha256:{sha}"},
     ]
     chat = decode_chat(decode_envelope(orjson.dumps(_envelope(payload=_chat(attachments)))))
     assert chat.model_dump(mode="json")["attachments"] == attachments
-    for broken in ([{"source_url": "http://x/a.png"}], ["not an object"]):
-        with pytest.raises(DecodeError):
-            decode_chat(decode_envelope(orjson.dumps(_envelope(payload=_chat(broken)))))
+    with pytest.raises(DecodeError):  # a list it still must be
+        decode_chat(decode_envelope(orjson.dumps(_envelope(payload=_chat({"sha256": sha})))))
 
 
-def _chat(attachments: list[Any]) -> dict[str, Any]:
+def _chat(attachments: Any) -> dict[str, Any]:
     return {"messages": HI, "attachments": attachments}
 
 
