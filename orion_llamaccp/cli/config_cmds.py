@@ -272,6 +272,27 @@ def _missing_model_advice(plan: ServicePlan) -> str:
     return no_download_reason(profile, files) or "copy the GGUF there"
 
 
+# SET ... GET (each beat's liveness key) and XAUTOCLAIM (stream redelivery) came with 6.2:
+# on an older Redis every beat fails after its PUBLISH, so the fleet hears beats while
+# `health` and `ps` find nothing.
+REDIS_MIN_VERSION = (6, 2)
+
+
+def redis_too_old(version: str) -> str | None:
+    """Why a Redis of ``version`` (INFO's ``redis_version``) cannot serve the worker."""
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None  # a fork's own numbering: not ours to judge
+    if found >= REDIS_MIN_VERSION:
+        return None
+    least = ".".join(map(str, REDIS_MIN_VERSION))
+    return (
+        f"Redis {version} is older than {least}, which the worker needs (SET ... GET for "
+        f"its liveness key, XAUTOCLAIM for the stream intake): upgrade Redis"
+    )
+
+
 def _check_redis(settings: Settings) -> tuple[str, bool, str]:
     import redis
 
@@ -279,8 +300,14 @@ def _check_redis(settings: Settings) -> tuple[str, bool, str]:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         client.ping()
+        try:
+            version = str(client.info("server").get("redis_version", "?"))
+        except redis.ResponseError:  # INFO denied by an ACL: the version goes unchecked
+            version = "?"
         client.close()
-        return ("redis", True, f"{settings.bus_url_display} answers")
+        if problem := redis_too_old(version):
+            return ("redis", False, f"{settings.bus_url_display}: {problem}")
+        return ("redis", True, f"{settings.bus_url_display} answers (Redis {version})")
     except (redis.RedisError, OSError, ValueError) as exc:
         return (
             "redis",
