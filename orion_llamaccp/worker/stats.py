@@ -10,6 +10,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+WINDOW_SEC = 60.0
+
 
 @dataclass
 class Stats:
@@ -31,16 +33,19 @@ class Stats:
         self.tokens += tokens
         now = time.monotonic()
         self._window.append((now, tokens))
-        while self._window and now - self._window[0][0] > 60:
+        while self._window and now - self._window[0][0] > WINDOW_SEC:
             self._window.popleft()
 
     def recent_tokens_per_sec(self) -> float:
         now = time.monotonic()
-        while self._window and now - self._window[0][0] > 60:
+        while self._window and now - self._window[0][0] > WINDOW_SEC:
             self._window.popleft()
         if not self._window:
             return 0.0
-        span = max(now - self._window[0][0], 1.0)
+        # Over the window itself (or the uptime, if shorter), not since the first finish
+        # in it: a long answer finished after an idle spell was its tokens over a second,
+        # 1,650 tok/s for one that ran at 30.
+        span = max(min(now - self.started_at, WINDOW_SEC), 1.0)
         return round(sum(t for _, t in self._window) / span, 1)
 
     @property
