@@ -137,6 +137,9 @@ def test_redis_runs_only_behind_the_standalone_profile() -> None:
     redis = service("redis")
     assert redis["profiles"] == ["standalone"]
     assert re.fullmatch(r"redis:\d+\.\d+(\.\d+)?-alpine", redis["image"]), "pin the tag"
+    # One per host: two projects' Redis on app-net both answered to `redis` (Docker's DNS
+    # takes turns), and the workers of one fleet were split between two buses.
+    assert redis["container_name"] == "orion-llamaccp-redis"
     assert "profiles" not in service(GPU_SERVICE), "the production service starts by default"
     # Without ORION_BUS_URL the wrapper talks to this Redis, by its service name.
     env = {k: v for k, v in example_values().items() if k != "ORION_BUS_URL"}
