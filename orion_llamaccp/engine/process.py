@@ -65,7 +65,7 @@ class LlamaProcess:
         self.tail: deque[str] = deque(maxlen=tail)
         self.last_output_at = time.monotonic()
         self.last_busy_at = self.last_output_at  # as ``look`` last saw it work
-        self._work: tuple[float, int, int] | None = None
+        self._since: tuple[float, tuple[float, int, int]] | None = None  # when, what: ``look``
         self._looked_at = 0.0
         self.output_bytes = 0
         self.output = asyncio.Event()  # set on every read: a reason to look at /health again
@@ -117,15 +117,28 @@ class LlamaProcess:
         run, a large model paged in from a slow disk through mmap) is working, not hung;
         a hung one (blocked on a dead mount, waiting on a lock) does none of these. Once
         per ``_LOOK_EVERY`` at most: the supervisor polls every few milliseconds while
-        llama-server prints, and each look reads three files of ``/proc``."""
+        llama-server prints, and each look reads three files of ``/proc``.
+
+        Work is judged over ``_LOOK_SPAN``, not from one look to the next: a hung load's
+        HTTP threads still answer our /health polls (503 "Loading model"), a few clock
+        ticks of CPU a minute, and any tick counted as work kept the silence watch from
+        ever calling it hung."""
         now = time.monotonic()
         if now - self._looked_at < _LOOK_EVERY:
             return
         self._looked_at = now
         work = _work_done(self.pid)
-        if work is not None and self._work is not None and work != self._work:
+        if work is None:
+            return
+        if self._since is None:
+            self._since = (now, work)
+            return
+        then, before = self._since
+        if _worked(before, work, now - then):
             self.last_busy_at = now
-        self._work = work
+            self._since = (now, work)
+        elif now - then >= _LOOK_SPAN:
+            self._since = (now, work)
 
     @property
     def last_sign_of_life(self) -> float:
@@ -211,6 +224,20 @@ class LlamaProcess:
 
 
 _LOOK_EVERY = 0.25  # seconds; far below any silence timeout worth setting
+_LOOK_SPAN = 2.0  # seconds of CPU, reads and memory weighed together by ``look``
+# What counts as work over that span: a twentieth of a core (answering /health polls
+# takes a few thousandths: 0.15 ms each, 20 a second), any read from storage (HTTP
+# answers read none), a mebibyte more resident (a model paged in grows by far more).
+_BUSY_CPU_SHARE = 0.05
+_BUSY_RSS_BYTES = 1 << 20
+
+
+def _worked(before: tuple[float, int, int], now: tuple[float, int, int], span: float) -> bool:
+    return (
+        now[0] - before[0] >= _BUSY_CPU_SHARE * span
+        or now[1] > before[1]
+        or now[2] - before[2] >= _BUSY_RSS_BYTES
+    )
 
 
 def _work_done(pid: int | None) -> tuple[float, int, int] | None:

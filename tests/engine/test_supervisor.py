@@ -27,7 +27,7 @@ from orion_llamaccp.engine.supervisor import (
     Supervisor,
     _remove_stale_socket,
 )
-from orion_llamaccp.errors import EngineStartError
+from orion_llamaccp.errors import EngineStartError, EngineUnavailable
 from tests.engine.conftest import FAST, PRELUDE, LaunchFactory, assert_answers
 from tests.support.procs import free_port, pid_alive, wait_until_async
 
@@ -168,6 +168,38 @@ async def test_silent_hung_loader_is_detected_and_killed(
     assert supervisor.state is EngineState.FAILED
     assert supervisor._proc is not None and not pid_alive(supervisor._proc.pid)
     await supervisor.stop()
+
+
+async def test_a_load_hung_while_its_http_threads_answer_health_is_found_silent(
+    make_launch: LaunchFactory, model_dir: Path
+) -> None:
+    """llama-server answers /health (503 "Loading model") from its HTTP threads while its
+    loader is blocked (here on a FIFO no one writes, as on a dead mount): our polls cost
+    it a few clock ticks of CPU a minute, each was counted as work, and the silence watch
+    never fired; the engine said ``loading`` up to the load timeout (an hour)."""
+    os.mkfifo(model_dir / "hung.gguf")
+    fields = {**FAST.__dict__, "silence_timeout": 6.0, "load_timeout": 120.0, "crash_limit": 1}
+    supervisor = Supervisor(
+        make_launch(model_path="hung.gguf"), policy=FAST.__class__(**fields), environ={}
+    )
+    loading = asyncio.create_task(supervisor.start())
+    try:
+        await wait_until_async(
+            lambda: _answers_loading(supervisor), timeout=30, what="503 Loading model"
+        )
+        with pytest.raises(EngineStartError, match="no output, no health and no work"):
+            await asyncio.wait_for(loading, 60)
+    finally:
+        loading.cancel()
+        await supervisor.stop()
+    assert supervisor._proc is not None and not pid_alive(supervisor._proc.pid)
+
+
+async def _answers_loading(supervisor: Supervisor) -> bool:
+    try:
+        return not (await supervisor.client.health(timeout=1.0)).ready
+    except EngineUnavailable:
+        return False
 
 
 async def test_a_load_that_works_on_without_end_is_hung_at_the_load_timeout(
