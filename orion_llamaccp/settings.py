@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
+from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_core import PydanticUseDefault
@@ -433,8 +434,10 @@ class Settings(_FromTheEnvironment):
         return redact(text, self.secrets())
 
     def environ(self) -> dict[str, str]:
-        """The variables ``${VAR}`` in the registry may use (``LLM_CACHE_DIR`` always set)."""
-        return {**os.environ, "LLM_CACHE_DIR": str(self.cache_path)}
+        """The variables ``${VAR}`` in the registry and ``api_key_env`` may name: the
+        environment over the ``.env`` file, as for the settings themselves (on a host run
+        a key set only in ``.env`` was "empty or unset"), ``LLM_CACHE_DIR`` always set."""
+        return {**env_file_values(), **os.environ, "LLM_CACHE_DIR": str(self.cache_path)}
 
 
 def url_passwords(url: str) -> list[str]:
@@ -608,6 +611,17 @@ def env_file() -> Path | None:
         named = os.environ[ENV_FILE_VARIABLE].strip()
         return Path(named).expanduser() if named else None
     return Path(".env")
+
+
+def env_file_values() -> dict[str, str]:
+    """What the ``.env`` file sets, by name (none from a pipe, read once by the settings)."""
+    path = env_file()
+    if path is None or not path.is_file():
+        return {}
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        found = dotenv_values(path, encoding="utf-8")
+        return {name: value for name, value in found.items() if value is not None}
+    return {}
 
 
 def _read_env_file() -> tuple[list[str], list[int]]:

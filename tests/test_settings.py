@@ -174,6 +174,23 @@ def test_overrides_are_read_from_the_dotenv_file_too(
         assert (settings.profile_name, settings.overrides.port) == ("qwen", 9999), repr(blank)
 
 
+def test_variables_the_registry_names_are_read_from_the_dotenv_file_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A profile's ``api_key_env`` (and a ``${VAR}`` in its model_root) set only in
+    ``.env``, as the README says a host run may: it was "empty or unset"."""
+    (tmp_path / ".env").write_text("MY_LLAMA_KEY=from-the-file\nMODELS=/srv/m\nBLANK=\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_FILE_VARIABLE)
+    monkeypatch.setenv("MODELS", "/env/wins")
+
+    environ = load_settings().environ()
+
+    assert environ["MY_LLAMA_KEY"] == "from-the-file"
+    assert environ["MODELS"] == "/env/wins"
+    assert environ["BLANK"] == ""
+
+
 def test_the_dotenv_file_can_be_named_or_left_out(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

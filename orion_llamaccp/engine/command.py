@@ -305,12 +305,7 @@ def build_launch(
     secret: set[str] = set()
     api_key = None
     if cfg.api_key_env:
-        api_key = environ.get(cfg.api_key_env)
-        if not api_key:
-            raise SecretUnset(
-                f"profile '{profile.name}' sets llamacpp.api_key_env="
-                f"{_shown_name(cfg.api_key_env)}, but that variable is empty or unset"
-            )
+        api_key = _api_key(profile.name, cfg.api_key_env, environ)
         _check(binary, profile.name, "llamacpp.api_key_env", "--api-key")
         # Through the environment, not argv: argv is visible to every user in `ps`.
         name = (binary.env_var("--api-key") if binary else None) or API_KEY_ENV
@@ -345,6 +340,22 @@ def _gpu_layers_said(
     if not binary.gpu_layers_auto or any(_flag_and_value(a)[0] in names for a in extra):
         return []
     return ["--n-gpu-layers", "auto"]
+
+
+def _api_key(profile: str, variable: str, environ: Mapping[str, str]) -> str:
+    """The key in ``variable``, without the spaces and line ends around it (a secret
+    mounted from a file ends with one, and a header cannot carry it: every /health poll
+    failed in httpx, and the engine stayed ``loading`` without a word of why)."""
+    said = f"profile '{profile}' sets llamacpp.api_key_env={_shown_name(variable)}, but "
+    key = environ.get(variable, "").strip()
+    if not key:
+        raise SecretUnset(said + "that variable is empty or unset")
+    if not all(" " <= char < "\x7f" for char in key):
+        raise ConfigError(
+            said + "the key in it holds a character an HTTP header cannot carry (a "
+            "control character inside it, or one outside ASCII): write the key alone"
+        )
+    return key
 
 
 def _one_key(key: str) -> str:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -108,7 +109,7 @@ def make_supervisor(
 
     return Supervisor(
         plan.launch,
-        environ=plan.settings.environ(),
+        environ=dict(os.environ),  # not the .env file's: its secrets are not llama-server's
         policy=policy or policy_from(plan.settings),
         on_corrupt=on_corrupt,
         in_use=in_use,

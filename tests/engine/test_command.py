@@ -389,6 +389,25 @@ def test_api_key_goes_through_env_and_is_masked(llama_server_bin: Path) -> None:
         _launch(raw, binary, {})
 
 
+def test_an_api_key_read_from_a_file_loses_its_line_end(llama_server_bin: Path) -> None:
+    """A secret mounted from a file ends with a newline: httpx refused the header, every
+    /health poll failed without a word, and the engine stayed ``loading``."""
+    binary = probe(llama_server_bin)
+    launch = _launch({"api_key_env": "MY_KEY"}, binary, {"MY_KEY": "  sekrit-value\n"})
+    assert launch.api_key == launch.env[binary.env_var("--api-key")] == "sekrit-value"
+
+
+@pytest.mark.parametrize("key", ["line\nbreak", "tab\there", "clé-€"])
+def test_an_api_key_no_header_can_carry_is_refused_without_repeating_it(
+    llama_server_bin: Path, key: str
+) -> None:
+    """A non-ASCII key ended the worker in a traceback (UnicodeEncodeError in the client);
+    one with a control character inside stayed ``loading`` for good."""
+    with pytest.raises(ConfigError, match=r"MY_KEY.*a character an HTTP header cannot") as err:
+        _launch({"api_key_env": "MY_KEY"}, probe(llama_server_bin), {"MY_KEY": key})
+    assert key not in str(err.value)
+
+
 @pytest.mark.parametrize(
     "pasted", ["sk-4f9a-live-77", "4f9a77c1", "s3cr3tKey_live", "AKIAIOSFODNN7EXAMPLE"]
 )
