@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from orion_llamaccp.engine.diagnostics import exit_said
 from orion_llamaccp.errors import BinaryNotFound, EngineError
 
 IMAGE_BINARY = Path("/app/llama-server")
@@ -136,14 +137,23 @@ def _build_label(path: Path) -> str:
             pass
     try:
         out = subprocess.run(
-            [str(path), "--version"], capture_output=True, text=True, timeout=30, check=False
+            [str(path), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=VERSION_TIMEOUT_SEC,
+            check=False,
         )
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):  # a label, not a reason to fail the start
         return "unknown"
     for line in (out.stdout + out.stderr).splitlines():
         if line.startswith("version:"):
             return line.removeprefix("version:").strip()
     return "unknown"
+
+
+# Both --version and --help initialise CUDA first, which can take long on a host with many
+# GPUs and no persistence mode.
+VERSION_TIMEOUT_SEC = 30.0
 
 
 @lru_cache(maxsize=8)
@@ -156,6 +166,8 @@ def _probe(path: str, mtime_ns: int) -> BinaryInfo:
         raise EngineError(f"could not run {path} --help: {exc}") from exc
     text = out.stdout + out.stderr
     flags, env_of, aliases, valued = parse_help(text)
+    if "--port" not in flags and out.returncode < 0:
+        raise EngineError(f"{path} --help: the binary {exit_said(out.returncode)}")
     if "--port" not in flags:
         raise EngineError(
             f"{path} --help does not look like llama-server's (no --port; exit {out.returncode}): "

@@ -7,6 +7,7 @@ an error a person can act on. Patterns are matched case-insensitively, line by l
 from __future__ import annotations
 
 import re
+import signal
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -123,3 +124,24 @@ def no_gpu(line: str, pinned: str) -> Diagnosis | None:
         "against the GPUs this host or job numbers, or use a llama-server build with GPU "
         "support; to serve on the CPU on purpose, set LLAMACPP_N_GPU_LAYERS_OVERRIDE=0",
     )
+
+
+_SIGNAL_HINTS = {
+    signal.SIGILL: "an instruction this CPU does not have: a build for another CPU; build "
+    "it on this machine (`make llama-server`)",
+    signal.SIGKILL: "not by us: most often the kernel's out-of-memory killer, which `dmesg` shows",
+    signal.SIGBUS: "a model file changed or cut short under it while mapped, or a bad disk",
+}
+
+
+def exit_said(code: int) -> str:
+    """How llama-server ended, in words: a negative code is the signal that killed it,
+    which "exited with code -4" left the reader to decode."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        sig = signal.Signals(-code)
+    except ValueError:
+        return f"was killed by signal {-code}"
+    hint = _SIGNAL_HINTS.get(sig)
+    return f"was killed by {sig.name}" + (f" ({hint})" if hint else "")

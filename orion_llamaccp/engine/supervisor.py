@@ -38,7 +38,7 @@ from tenacity import wait_exponential
 from orion_llamaccp.engine import liveness
 from orion_llamaccp.engine.client import LlamaClient, Props
 from orion_llamaccp.engine.command import LaunchSpec
-from orion_llamaccp.engine.diagnostics import Cause, Diagnosis
+from orion_llamaccp.engine.diagnostics import Cause, Diagnosis, exit_said
 from orion_llamaccp.engine.process import LlamaProcess
 from orion_llamaccp.errors import (
     EngineStartError,
@@ -348,9 +348,7 @@ class Supervisor:
         while not self._stopping.is_set():
             if proc.returncode is not None:
                 await proc.wait()
-                raise self._crash(
-                    proc, f"llama-server exited with code {proc.returncode} while loading"
-                )
+                raise self._crash(proc, f"llama-server {exit_said(proc.returncode)} while loading")
             if policy.load_timeout and time.monotonic() - started > policy.load_timeout:
                 proc.kill()
                 await proc.wait()
@@ -404,7 +402,7 @@ class Supervisor:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if exited in done:
-                    raise self._crash(proc, f"llama-server exited with code {proc.returncode}")
+                    raise self._crash(proc, f"llama-server {exit_said(proc.returncode or 0)}")
                 if self._stopping.is_set():
                     return
                 if progress in done:

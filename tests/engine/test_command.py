@@ -16,16 +16,17 @@ from pathlib import Path
 
 import pytest
 
+from orion_llamaccp.engine import binary as binary_module
 from orion_llamaccp.engine.binary import BinaryInfo, _entries, host_list, parse_help, probe
 from orion_llamaccp.engine.client import LlamaClient
 from orion_llamaccp.engine.command import SECRET_FLAGS, LaunchSpec, build_launch, mask_argv
 from orion_llamaccp.engine.plan import build_plan, socket_path
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor
-from orion_llamaccp.errors import ConfigError, UnsupportedKnob
+from orion_llamaccp.errors import ConfigError, EngineError, UnsupportedKnob
 from orion_llamaccp.model.paths import plan_files
 from orion_llamaccp.profiles.registry import parse_profile
 from orion_llamaccp.settings import Overrides, load_settings
-from tests.engine.conftest import FAST, LaunchFactory, assert_answers
+from tests.engine.conftest import FAST, PRELUDE, LaunchFactory, assert_answers
 from tests.support.procs import ipv6_loopback
 
 EXPECTED = {
@@ -640,3 +641,35 @@ def test_a_gpu_pin_that_replaces_the_environment_s_gpus_is_said() -> None:
     assert launch.replaced_gpus({}) is None
     unpinned = LaunchSpec(("llama-server",), {}, "127.0.0.1", 8080)
     assert unpinned.replaced_gpus({"CUDA_VISIBLE_DEVICES": "2"}) is None  # left as it is
+
+
+def test_a_version_that_answers_late_is_unknown_not_a_traceback(
+    llama_server_bin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--version`` past its timeout raised ``TimeoutExpired``, which nothing caught:
+    ``run``, ``command`` and ``doctor`` ended in a traceback, the fleet never told."""
+    slow = tmp_path / "llama-server"
+    shutil.copy(PRELUDE, slow)
+    monkeypatch.setenv("REAL_LLAMA_SERVER", str(llama_server_bin))
+    monkeypatch.setenv("PRELUDE_SLOW_VERSION", "5")
+    monkeypatch.setattr(binary_module, "VERSION_TIMEOUT_SEC", 0.5)
+
+    info = probe(slow)
+
+    assert info.build == "unknown" and "--port" in info.flags
+
+
+def test_a_binary_killed_by_a_signal_says_which_and_why(
+    llama_server_bin: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build for another CPU dies of SIGILL: it was "does not look like llama-server's
+    (no --port; exit -4)", with nothing after it."""
+    dying = tmp_path / "llama-server"
+    shutil.copy(PRELUDE, dying)
+    monkeypatch.setenv("REAL_LLAMA_SERVER", str(llama_server_bin))
+    monkeypatch.setenv("PRELUDE_SIGNAL", "ILL")
+
+    with pytest.raises(EngineError, match="was killed by SIGILL") as err:
+        probe(dying)
+
+    assert "an instruction this CPU does not have" in str(err.value)

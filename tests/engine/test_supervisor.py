@@ -202,6 +202,20 @@ async def _answers_loading(supervisor: Supervisor) -> bool:
         return False
 
 
+async def test_a_llama_server_killed_by_a_signal_is_said_by_its_name(
+    make_launch: LaunchFactory, prelude_env
+) -> None:
+    """It was "exited with code -4", five times over as a crash loop, for a build that
+    cannot run on this CPU."""
+    policy = FAST.__class__(**{**FAST.__dict__, "crash_limit": 1})
+    supervisor = Supervisor(
+        make_launch(binary=PRELUDE), policy=policy, environ=prelude_env(PRELUDE_SIGNAL="ILL")
+    )
+    with pytest.raises(EngineStartError, match=r"was killed by SIGILL \(an instruction this CPU"):
+        await supervisor.start()
+    await supervisor.stop()
+
+
 async def test_a_load_that_works_on_without_end_is_hung_at_the_load_timeout(
     make_launch: LaunchFactory, prelude_env
 ) -> None:
@@ -232,7 +246,7 @@ async def test_sigkill_while_ready_restarts_and_serves_again(ready_engine: Super
     await ready_engine.wait_for(EngineState.READY, timeout=30)
     assert ready_engine.restarts == 1
     assert ready_engine.pid != first
-    assert "exited with code" in (events[0].reason or "")
+    assert "was killed by SIGKILL (not by us" in (events[0].reason or "")
     await assert_answers(ready_engine, max_tokens=4)
 
 

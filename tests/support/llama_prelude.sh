@@ -14,11 +14,18 @@
 #   PRELUDE_LATE_OUTPUT=S            its output reaches the reader S seconds late (a busy
 #                                    machine, where /health can answer before the lines
 #                                    llama-server printed while loading are read)
+#   PRELUDE_SIGNAL=NAME              die of signal NAME (ILL: a build for another CPU)
+#   PRELUDE_SLOW_VERSION=S           --version answers S seconds late (CUDA initialised on
+#                                    a host with many GPUs)
 # The real binary comes from REAL_LLAMA_SERVER; all arguments pass through unchanged.
 set -u
+if [ -n "${PRELUDE_SLOW_VERSION:-}" ]; then
+  case " $* " in *" --version "*) sleep "${PRELUDE_SLOW_VERSION}" ;; esac
+fi
 if [ -n "${PRELUDE_HELP_AT_ONCE:-}" ]; then
   case " $* " in *" --help "* | *" --version "*) exec "${REAL_LLAMA_SERVER}" "$@" ;; esac
 fi
+if [ -n "${PRELUDE_SIGNAL:-}" ]; then trap - "${PRELUDE_SIGNAL}"; kill -s "${PRELUDE_SIGNAL}" $$; fi
 if [ -n "${PRELUDE_EXIT:-}" ]; then echo "prelude: exiting with ${PRELUDE_EXIT}"; exit "${PRELUDE_EXIT}"; fi
 if [ -n "${PRELUDE_SILENT:-}" ]; then sleep "${PRELUDE_SILENT}"; fi
 if [ -n "${PRELUDE_BUSY:-}" ]; then
