@@ -250,7 +250,7 @@ class LlamaCppConfig(BaseModel):
         """A key pasted here in place of its variable's name would otherwise be printed by
         every error that names the variable; the message does not repeat it."""
         if value is not None and not _NAME.fullmatch(value):
-            raise ValueError(
+            raise refuse(
                 "must be the name of an environment variable (letters, digits and '_', "
                 "not starting with a digit) that holds the key, not the key itself"
             )

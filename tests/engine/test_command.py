@@ -410,10 +410,16 @@ def test_an_api_key_no_header_can_carry_is_refused_without_repeating_it(
 
 
 @pytest.mark.parametrize(
-    "pasted", ["sk-4f9a-live-77", "4f9a77c1", "s3cr3tKey_live", "AKIAIOSFODNN7EXAMPLE"]
+    ("pasted", "said"),
+    [
+        ("sk-4f9a-live-77", "profiles.p.llamacpp.api_key_env: must be the name of"),
+        ("4f9a77c1", "profiles.p.llamacpp.api_key_env: must be the name of"),
+        ("s3cr3tKey_live", "but that variable is empty or unset"),
+        ("AKIAIOSFODNN7EXAMPLE", "but that variable is empty or unset"),
+    ],
 )
 def test_a_key_pasted_in_place_of_its_variable_name_is_never_repeated(
-    llama_server_bin: Path, pasted: str
+    llama_server_bin: Path, pasted: str, said: str
 ) -> None:
     """``api_key_env: <the key>`` is an easy slip, and every worker sharing the registry
     logs and announces the error it causes: the key must not be in it. A value no
@@ -423,7 +429,7 @@ def test_a_key_pasted_in_place_of_its_variable_name_is_never_repeated(
     with pytest.raises(ConfigError) as refused:
         _launch({"api_key_env": pasted}, binary, {})
     message = str(refused.value)
-    assert "profiles.p.llamacpp.api_key_env" in message or "empty or unset" in message
+    assert said in message, message
     assert "api_key_env" in message and pasted not in message
 
 
