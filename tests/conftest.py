@@ -18,7 +18,7 @@ from orion_llamaccp.errors import BinaryNotFound
 from orion_llamaccp.settings import ENV_FILE_VARIABLE, ENV_PREFIXES, Settings
 from tests.support.orion_contract import check_message
 from tests.support.procs import RedisServer, free_port
-from tests.support.workers import BusRecorder, WorkerProc
+from tests.support.workers import BusRecorder, WorkerProc, close_all
 
 REPO = Path(__file__).resolve().parent.parent
 # Variables of ours that must not leak from the developer's shell into a test.
@@ -187,8 +187,7 @@ def spawn_worker(
         return worker
 
     yield spawn
-    for worker in workers:
-        worker.close()
+    close_all(workers)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
-import httpx
 import orjson
 import psutil
 import pytest
@@ -27,7 +26,13 @@ from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import RedisServer, free_port, wait_stream_acked, wait_until_async
 from tests.support.proxy import HoldingProxy
-from tests.support.workers import BusRecorder, EngineProbe, WorkerProc, wait_replicas_counted
+from tests.support.workers import (
+    BusRecorder,
+    EngineProbe,
+    WorkerProc,
+    metrics_once_counted,
+    wait_replicas_counted,
+)
 
 HI = [{"role": "user", "content": "hello there"}]
 # A generation that is not cut off: LONG tokens exactly (a worker's slot holds 8,192)
@@ -189,8 +194,7 @@ async def test_overloaded_beyond_slots_and_local_queue(
     assert codes.count("overloaded") == 4, codes
     overloaded = next(a for a in answers if a["payload"].get("error") == "overloaded")
     assert overloaded["payload"]["details"]["retryable"] is True
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    text = await metrics_once_counted(port, 6)
     counted = {
         sample.labels["outcome"]: sample.value
         for family in text_string_to_metric_families(text)

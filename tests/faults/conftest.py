@@ -19,8 +19,9 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.client import BusClient
 from tests.conftest import write_tiny_registry
+from tests.support.orion_contract import check_message
 from tests.support.procs import RedisServer, free_port
-from tests.support.workers import BusRecorder, WorkerProc
+from tests.support.workers import BusRecorder, WorkerProc, close_all
 
 REPORTS: list[str] = []
 
@@ -169,11 +170,16 @@ async def fault(
     raw = aioredis.Redis.from_url(server.url)
     async with BusClient(server.url) as client:
         yield Fault(server, recorder, client, Ledger(request.node.name, recorder), spawn, raw)
-    for worker in workers:
-        worker.close()
-    recorder.close()
-    await raw.aclose()
-    server.stop()
+    try:
+        close_all(workers)
+    finally:
+        recorder.close()
+        await raw.aclose()
+        server.stop()
+    # Retries, dead letters, draining and failed states are what these scenarios publish:
+    # each held to the contract as strictly as the plain tests' messages (``recorder``).
+    for published in recorder.from_service():
+        check_message(published.data)
 
 
 async def assert_still_serving(fault: Fault) -> None:

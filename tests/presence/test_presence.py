@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import orjson
 import redis
 import redis.asyncio as aioredis
@@ -28,7 +27,7 @@ from tests.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
 from tests.model.hub_server import Fault, LocalHub
 from tests.support.procs import free_port, wait_until, wait_until_async
-from tests.support.workers import BusRecorder, WorkerProc
+from tests.support.workers import BusRecorder, WorkerProc, metrics_once_counted
 
 HI = [{"role": "user", "content": "hello there"}]
 HEALTH_KEYS = {
@@ -733,8 +732,7 @@ async def test_metrics_endpoint_is_scraped(spawn_worker: SpawnWorker, bus: BusCl
         assert (await bus.chat(HI, profile="tiny", options=options, timeout=30)).ok
     bad = bus.request(HI, profile="tiny", options={"max_tokens": -3})
     await bus.chat(HI, profile="tiny", envelope=bad, timeout=30)
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    text = await metrics_once_counted(port, 3)
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
 
     def value(name: str, **labels: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -214,6 +215,33 @@ class WorkerProc:
                 _remove_stale_socket(str(left))
         if hasattr(self, "_log"):
             self._log.close()
+
+
+async def metrics_once_counted(port: int, requests: int) -> str:
+    """The worker's ``/metrics`` once it has counted ``requests`` answers: it counts one
+    after its publish returns, which its caller may hear first."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def counted() -> str | None:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        total = sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "orion_llamacpp_requests_total"
+        )
+        return text if total >= requests else None
+
+    return str(await wait_until_async(counted, what=f"{requests} answers counted"))
+
+
+def close_all(workers: list[WorkerProc]) -> None:
+    """Close every worker, whatever one of them raises (raised at the end): one left
+    running stays subscribed to the session's Redis and answers the next tests."""
+    with contextlib.ExitStack() as stack:
+        for worker in workers:
+            stack.callback(worker.close)
 
 
 class EngineProbe:
