@@ -216,9 +216,11 @@ class Generator:
             partial(self.publisher.engine_deaths, job.delivery_id),
         )
         attempt = job.first_attempt
-        if job.redelivered:  # a worker before may have retried, or seen llama-server die
+        # A worker before may have retried, or seen llama-server die; a twin streamed
+        # under the first attempt's number, unrecorded, which the floor steps over.
+        if job.redelivered or job.after_twin:
             attempt, deaths.count = await asyncio.gather(
-                self.publisher.next_attempt(job.delivery_id, attempt),
+                self.publisher.next_attempt(job.delivery_id, attempt + job.after_twin),
                 self.publisher.engine_deaths(job.delivery_id),
             )
             await deaths.check(attempt)  # at the limit already: not after waiting for the engine

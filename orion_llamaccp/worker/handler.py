@@ -225,6 +225,7 @@ class ChatHandler:
                 return 0, None
             if twin:  # ours was cancelled for a twin that then gave the request up
                 await _cancel(generating)
+                job.after_twin = True
                 generating = self.generator.start(job, envelope, chat, options, owned)
         except BaseException:
             # A cancel may land after our SET NX ran, or while ours restarts after a twin.

@@ -82,6 +82,9 @@ class Job:
     # This job, apart from another copy of its message (the same envelope published or
     # added to the stream twice): see ``claimant`` and ``record_owner``.
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Generated after a twin (another copy of its envelope) gave the request up: the
+    # twin's chunks went out under the first attempt's number, so this one takes the next.
+    after_twin: bool = False
 
     @property
     def superseded(self) -> bool:

@@ -280,6 +280,47 @@ async def test_sigkilled_worker_entry_is_completed_by_another(
     assert result.streamed_text == result.payload["content"]
 
 
+async def test_a_copy_that_takes_over_from_its_twin_streams_under_a_new_attempt(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis: aioredis.Redis
+) -> None:
+    """One envelope added to the stream twice: the copy waits while the first runs. The
+    first's worker left it unanswered (its drain cut it off), and the copy generated
+    again under the first's attempt number: its first chunks were dropped as repeats and
+    the rest continued the first's, so the caller's text spliced two generations."""
+    first = spawn_worker(
+        "first", slow=True, parallel=1, ctx=16384, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="1"
+    )
+    envelope = bus.request(
+        HI, profile="tiny", options={"stream": True, "max_tokens": 2000, "ignore_eos": True}
+    )
+    chat = asyncio.create_task(
+        bus.chat(HI, profile="tiny", via="stream", envelope=envelope, timeout=120)
+    )
+    chunks = f"{envelope['reply_to']}:chunks"
+    await wait_until_async(lambda: len(recorder.on(chunks)) > 20, timeout=30, what="chunks")
+    os.kill(first.engine_pid(), signal.SIGSTOP)  # still running however slow the rest
+    spawn_worker("copy", slow=True, parallel=1, ctx=16384)
+    await bus.send(envelope, profile="tiny", via="stream")  # the producer's retried XADD
+
+    async def both_read() -> bool:  # the copy read too, and waits for the first's answer
+        return (await redis.xpending(STREAM, GROUP))["pending"] == 2
+
+    await wait_until_async(both_read, timeout=30, what="the copy read by the other worker")
+    first.terminate()
+
+    result = await chat
+
+    assert result.ok, result.payload
+    assert result.payload["meta"]["instance"] == "copy"
+    attempt = result.payload["meta"]["attempt"]
+    assert attempt >= 2, result.payload["meta"]
+    mine = [m.message["payload"] for m in recorder.on(chunks)]
+    mine = [c for c in mine if c["attempt"] == attempt]
+    assert [c["seq"] for c in mine] == list(range(len(mine)))
+    assert "".join(c["delta"] for c in mine) == result.payload["content"]
+    assert result.streamed_text == result.payload["content"]
+
+
 async def test_duplicate_request_generates_once(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
 ) -> None:
