@@ -293,6 +293,20 @@ def redis_too_old(version: str) -> str | None:
     )
 
 
+def evicts(info: dict[str, Any]) -> str | None:
+    """Why a Redis that evicts keys at its memory limit cannot serve: the request
+    streams (``allkeys-*``) and the exactly-once guards (``volatile-*``, they expire)
+    would be dropped, losing durable requests or answering some twice."""
+    policy = str(info.get("maxmemory_policy", "noeviction"))
+    if not info.get("maxmemory") or policy == "noeviction":
+        return None
+    return (
+        f"Redis evicts keys at its memory limit (maxmemory-policy {policy}): durable "
+        f"requests and the guards that answer each once could be dropped; set "
+        f"maxmemory-policy noeviction (or maxmemory 0)"
+    )
+
+
 def _check_redis(settings: Settings) -> tuple[str, bool, str]:
     import redis
 
@@ -301,11 +315,12 @@ def _check_redis(settings: Settings) -> tuple[str, bool, str]:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         client.ping()
         try:
-            version = str(client.info("server").get("redis_version", "?"))
-        except redis.ResponseError:  # INFO denied by an ACL: the version goes unchecked
-            version = "?"
+            info = {**client.info("server"), **client.info("memory")}
+        except redis.ResponseError:  # INFO denied by an ACL: left unchecked
+            info = {}
         client.close()
-        if problem := redis_too_old(version):
+        version = str(info.get("redis_version", "?"))
+        if problem := redis_too_old(version) or evicts(info):
             return ("redis", False, f"{settings.bus_url_display}: {problem}")
         return ("redis", True, f"{settings.bus_url_display} answers (Redis {version})")
     except (redis.RedisError, OSError, ValueError) as exc:

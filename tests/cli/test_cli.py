@@ -45,6 +45,27 @@ def test_doctor_all_ok(subprocess_env: dict) -> None:
 
 
 @pytest.mark.parametrize(
+    ("policy", "fails"),
+    [("allkeys-lru", True), ("volatile-ttl", True), ("noeviction", False)],
+)
+def test_doctor_fails_a_redis_that_evicts_keys(
+    subprocess_env: dict, tmp_path: Path, policy: str, fails: bool
+) -> None:
+    """At its memory limit such a Redis drops the request streams (allkeys-*) or the
+    guards that answer each request once (volatile-*: they all expire): doctor said ok."""
+    args = ("--maxmemory", "64mb", "--maxmemory-policy", policy)
+    server = RedisServer(tmp_path / "redis", extra_args=args).start()
+    try:
+        done = cli({**subprocess_env, "ORION_BUS_URL": server.url}, "doctor")
+    finally:
+        server.stop()
+    line = next(line for line in done.stdout.splitlines() if line.split()[1] == "redis")
+    said = f"Redis evicts keys at its memory limit (maxmemory-policy {policy})"
+    assert (line.startswith("FAIL") and said in line) == fails, line
+    assert done.returncode == (1 if fails else 0), done.stdout
+
+
+@pytest.mark.parametrize(
     ("version", "refused"),
     [("6.0.16", True), ("5.0.7", True), ("6.2.0", False), ("7.0.15", False), ("8.2", False)],
 )
