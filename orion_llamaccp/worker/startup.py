@@ -16,6 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from orion_llamaccp.bus.failover import follow_failovers
 from orion_llamaccp.bus.intake import FIX_AUTH, PubSubListener
 from orion_llamaccp.errors import ConfigError, OrionLlamaError
 from orion_llamaccp.settings import Settings
@@ -34,7 +35,7 @@ def connect(settings: Settings) -> aioredis.Redis:
     """The worker's Redis client. No silent retries inside redis-py: every retry is ours,
     and only where repeating a call is safe (see ``bus.retry``)."""
     timeout = settings.redis_socket_timeout_sec
-    return aioredis.Redis.from_url(
+    client = aioredis.Redis.from_url(
         settings.bus_url.get_secret_value(),
         socket_timeout=timeout,
         socket_connect_timeout=min(timeout, 3.0),
@@ -42,6 +43,7 @@ def connect(settings: Settings) -> aioredis.Redis:
         retry_on_timeout=False,
         max_connections=512,
     )
+    return follow_failovers(client)
 
 
 def transports(settings: Settings) -> set[str]:

@@ -8,12 +8,22 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
+from orion_llamaccp.client import BusClient
 from tests.faults.conftest import Fault, assert_chunks_whole, assert_exactly_once, chunks_of
-from tests.support.procs import free_port, subscribers, wait_stream_acked, wait_until_async
+from tests.support.procs import (
+    RedisServer,
+    free_port,
+    subscribers,
+    wait_stream_acked,
+    wait_until_async,
+)
+from tests.support.proxy import HoldingProxy
 from tests.support.workers import worker_gauge
 
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
@@ -321,3 +331,44 @@ async def test_a_request_redis_refuses_to_record_is_logged_and_answered_at_redel
 
 async def _pending_is(fault: Fault, count: int) -> bool:
     return (await group_state(fault))[1] == count
+
+
+async def _replica_of(replica: aioredis.Redis, primary: RedisServer) -> None:
+    await replica.replicaof("127.0.0.1", primary.port)
+
+    async def linked() -> bool:
+        return (await replica.info("replication")).get("master_link_status") == "up"
+
+    await wait_until_async(linked, timeout=30, what=f"a replica of {primary.port}")
+
+
+async def test_a_failover_behind_the_bus_address_is_followed(
+    fault: Fault, hi: list, tmp_path: Path
+) -> None:
+    """A managed Redis's failover: the replica is promoted and the address moves to it,
+    while the connections already open stay with the old primary, a replica now. Every
+    write on them was refused (READONLY), and redis-py kept using them: claims, results
+    and stream reads failed for good, and nothing was answered until a restart."""
+    standby = RedisServer(tmp_path / "standby").start()
+    proxy = HoldingProxy(fault.redis.port).start()  # the address: new connections follow it
+    old, new = fault.raw, aioredis.Redis.from_url(standby.url)
+    options = {"max_tokens": 2}
+    try:
+        await _replica_of(new, fault.redis)
+        fault.spawn("w", ORION_BUS_URL=proxy.url)
+        for via in ("stream", "pubsub"):
+            before = await fault.client.chat(hi, profile="tiny", via=via, options=options)
+            assert before.ok, before.payload
+
+        await new.replicaof("NO", "ONE")
+        proxy.upstream_port = standby.port
+        await _replica_of(old, standby)
+
+        async with BusClient(proxy.url) as caller:  # the callers follow the address too
+            for via in ("stream", "pubsub"):
+                after = await caller.chat(hi, profile="tiny", via=via, options=options, timeout=60)
+                assert after.ok, (via, after.payload)
+    finally:
+        proxy.close()
+        await new.aclose()
+        standby.stop()
