@@ -125,6 +125,20 @@ return gone
 """
 
 
+# KEYS[1] stream; ARGV: group, this consumer, idle ms. Marks every entry this consumer
+# still holds as idle for the claim idle time, so that another worker's next XAUTOCLAIM
+# takes it: a stopping worker's entries (its drain cut them off, or it left them for the
+# engine) otherwise waited out the claim idle time (10 minutes by default) from their
+# last refresh, in every rolling deploy. JUSTID: not counted as a delivery.
+_HAND_BACK = """
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2])
+for _, entry in ipairs(held) do
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry[1], 'IDLE', ARGV[3], 'JUSTID')
+end
+return #held
+"""
+
+
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
@@ -473,6 +487,7 @@ class StreamConsumer:
         self._trim_acked = redis.register_script(_TRIM_ACKED)
         self._forget_gone = redis.register_script(_FORGET_GONE)
         self._take_own = redis.register_script(_TAKE_OWN)
+        self._hand_back = redis.register_script(_HAND_BACK)
 
     async def ensure_group(self) -> None:
         try:
@@ -729,6 +744,12 @@ class StreamConsumer:
         entry.taken_over = True
         if not not_started(task):  # else its handler finds it taken over as it starts;
             task.cancel()  # cancelled before its first step, it would never give its slot back
+
+    async def hand_back(self) -> int:
+        """Leaving: every entry still ours made another worker's to take at once
+        (``_HAND_BACK``); how many."""
+        args = [self.group, self.consumer, self.claim_idle_ms]
+        return int(await self._hand_back(keys=[self.stream], args=args))
 
     async def trim_acked(self) -> int:
         """Delete the entries every group is done with (``_TRIM_ACKED``); how many."""

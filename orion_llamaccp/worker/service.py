@@ -235,6 +235,7 @@ class Worker:
         finally:
             intake_stop.set()
             await self._drain()
+            await self._hand_back()
             self.intake.stop.set()
             presence_stop.set()
             # Ended, not only told to: a beat on its way (a slow Redis) that landed after
@@ -300,6 +301,17 @@ class Worker:
             trim = every(self.settings.stream_trim_sec, self._trim, stop, "stream trim")
             tasks.append(asyncio.create_task(trim, name="trim"))
         return tasks
+
+    async def _hand_back(self) -> None:
+        """The stream entries this worker leaves unanswered, to another worker now. Not
+        for one that gives way to a twin: the entries under our consumer name are its."""
+        if self.consumer is None or self.presence.gave_way is not None:
+            return
+        try:
+            if left := await asyncio.wait_for(self.consumer.hand_back(), 5.0):
+                log.info("left %d stream entries to another worker, to take at once", left)
+        except Exception as exc:  # Redis away: they are taken after the claim idle time
+            log.warning("could not hand back the stream entries left: %s", exc)
 
     async def _trim(self) -> None:
         """Keep the stream and its group from growing for good (acked entries, consumers

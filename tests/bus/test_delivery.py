@@ -321,6 +321,31 @@ async def test_a_copy_that_takes_over_from_its_twin_streams_under_a_new_attempt(
     assert result.streamed_text == result.payload["content"]
 
 
+async def test_an_entry_a_stopping_worker_leaves_is_taken_by_another_at_once(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """An entry a worker's drain cut off stays pending for another delivery, but it was
+    idle only since the drain's last refresh: another worker's XAUTOCLAIM left it alone
+    for the claim idle time (10 minutes by default), in every rolling deploy."""
+    leaving = spawn_worker("leaving", slow=True, parallel=1, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="1")
+    options = {"stream": True, "max_tokens": 2000, "ignore_eos": True}
+    envelope = bus.request(HI, profile="tiny", options=options)
+    chat = asyncio.create_task(
+        bus.chat(HI, profile="tiny", via="stream", envelope=envelope, timeout=60)
+    )
+    chunks = f"{envelope['reply_to']}:chunks"
+    await wait_until_async(lambda: recorder.on(chunks), timeout=30, what="its first chunk")
+    os.kill(leaving.engine_pid(), signal.SIGSTOP)  # still running when the drain ends
+    assert leaving.terminate() == 0
+    assert "left 1 stream entries to another worker" in leaving.log()
+
+    spawn_worker("taker", slow=True, parallel=1)  # the claim idle time: 10 minutes
+    result = await chat
+
+    assert result.ok, result.payload
+    assert result.payload["meta"]["instance"] == "taker"
+
+
 async def test_duplicate_request_generates_once(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
 ) -> None:
