@@ -6,60 +6,81 @@ the old primary, now a replica. Every write on them is refused with ``READONLY``
 redis-py leaves the connection in use for: the worker would retry its claims, results and
 stream reads on the same connection for good, answering nothing. Here such a reply ends the
 connection and reads as a lost one, which every caller already retries on a new connection,
-through the address, to the new primary. The first such reply closes every connection of
-the pool, the pub/sub one included: a replica passes on what is published on its primary,
-but a caller's PUBLISH counts only the new primary's subscribers, and would find none.
+through the address, to the new primary.
+
+A refusal on a connection opened since the last reset closes every live connection of
+the client, its lanes' and the pub/sub one included: a replica passes on what is published
+on its primary, but a caller's PUBLISH counts only the new primary's subscribers, and
+would find none. (The pub/sub listener also checks, as it subscribes, that it reached a
+primary: ``intake.PubSubListener``; the address may move later than the first refusal.)
+A refusal on an older connection (one the reset missed) ends that connection alone.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import time
-from typing import Any
+import weakref
+from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MasterDownError, ReadOnlyError
+from redis.exceptions import MasterDownError, ReadOnlyError, ResponseError
 
 log = logging.getLogger(__name__)
-
-# A replica that refuses writes, or reads too while its link to the primary is down.
-_NOT_A_PRIMARY = (ReadOnlyError, MasterDownError)
 
 
 class NotAPrimary(RedisConnectionError):
     """The Redis at this address is no primary any more: the connection was closed."""
 
 
-# Replies of one failover reach many connections at once: the pool is reset once for them.
-_RESET_EVERY_SEC = 1.0
+def refuses_as_a_replica(exc: BaseException) -> bool:
+    """A reply that says the Redis is a replica: READONLY, MASTERDOWN, or either inside a
+    script's error (before Redis 7 a write refused in a script came back as ``ERR Error
+    running script ... -READONLY ...``)."""
+    if isinstance(exc, ReadOnlyError | MasterDownError):
+        return True
+    text = str(exc)
+    return isinstance(exc, ResponseError) and ("-READONLY " in text or "-MASTERDOWN " in text)
 
 
 class _FollowsFailover(AbstractConnection):
-    pool: ConnectionPool  # set per client by ``follow_failovers``
-    reset_at = -_RESET_EVERY_SEC
+    live: ClassVar[weakref.WeakSet[_FollowsFailover]]  # set per client
+    reset_at: ClassVar[float] = float("-inf")
+    connected_at = float("-inf")
+
+    async def _connect(self) -> None:
+        await super()._connect()  # type: ignore[safe-super]
+        self.connected_at = time.monotonic()
+        type(self).live.add(self)
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().read_response(*args, **kwargs)
-        except _NOT_A_PRIMARY as exc:
+        except ResponseError as exc:
+            if not refuses_as_a_replica(exc):
+                raise
+            fresh = self.connected_at > type(self).reset_at
             await self.disconnect(nowait=True)
-            await self._reset_the_pool()
+            if fresh:
+                await self._reset_all()
             raise NotAPrimary(
                 f"the Redis this connection reached is a replica now ({exc}): a failover; "
                 f"reconnecting"
             ) from exc
 
-    async def _reset_the_pool(self) -> None:
+    async def _reset_all(self) -> None:
         kind = type(self)
-        if time.monotonic() - kind.reset_at < _RESET_EVERY_SEC:
-            return
         kind.reset_at = time.monotonic()
         log.warning("Redis at the bus address was replaced (a failover): reconnecting all")
-        with contextlib.suppress(Exception):  # each connection reconnects as it is next used
-            await self.pool.disconnect(inuse_connections=True)
+        others = [conn for conn in list(kind.live) if conn is not self]
+        # Each reconnects as it is next used; a command cut off meanwhile reads as a lost
+        # connection, which its caller retries.
+        await asyncio.gather(
+            *(conn.disconnect(nowait=True) for conn in others), return_exceptions=True
+        )
 
 
 def follow_failovers(client: aioredis.Redis) -> aioredis.Redis:
@@ -68,5 +89,6 @@ def follow_failovers(client: aioredis.Redis) -> aioredis.Redis:
     pool = client.connection_pool
     kind = pool.connection_class
     if not issubclass(kind, _FollowsFailover):
-        pool.connection_class = type(kind.__name__, (_FollowsFailover, kind), {"pool": pool})
+        fields = {"live": weakref.WeakSet()}
+        pool.connection_class = type(kind.__name__, (_FollowsFailover, kind), fields)
     return client

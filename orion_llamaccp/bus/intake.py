@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
+from orion_llamaccp.bus.failover import NotAPrimary
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.retry import TRANSIENT
 
@@ -239,6 +240,7 @@ class PubSubListener:
         # message before it has been handed over.
         self._pubsub = pubsub = self.redis.pubsub()
         try:
+            await _on_a_primary(pubsub)
             wanted = list(self.channels)
             await pubsub.subscribe(*wanted)
             if left := [name for name in wanted if name not in self.channels]:
@@ -288,6 +290,25 @@ class PubSubListener:
             self.handler(channel, data if isinstance(data, bytes) else str(data).encode())
         except Exception:  # a bad message must never stop the listener
             log.exception("pub/sub handler failed on %s", channel)
+
+
+async def _on_a_primary(pubsub: PubSub) -> None:
+    """Raise ``NotAPrimary`` where the pub/sub connection reached a replica: after a
+    failover the address may still lead to the old primary for a while, and subscribed
+    there the worker would hear requests (a replica passes them on) while callers'
+    PUBLISH on the new primary counts no subscriber. ROLE before SUBSCRIBE: subscribed,
+    a connection takes no other command. Unchecked where an ACL denies ROLE."""
+    await pubsub.connect()
+    connection = pubsub.connection
+    assert connection is not None
+    try:
+        await connection.send_command("ROLE")
+        role = await connection.read_response()
+    except NoPermissionError:
+        return
+    if isinstance(role, list) and role and _text(role[0]) != "master":
+        await connection.disconnect()  # back in the pool, it would lead there again
+        raise NotAPrimary("the pub/sub connection reached a replica (a failover): again")
 
 
 def not_started(task: asyncio.Task[Any]) -> bool:

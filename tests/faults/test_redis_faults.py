@@ -348,21 +348,35 @@ async def test_a_failover_behind_the_bus_address_is_followed(
     """A managed Redis's failover: the replica is promoted and the address moves to it,
     while the connections already open stay with the old primary, a replica now. Every
     write on them was refused (READONLY), and redis-py kept using them: claims, results
-    and stream reads failed for good, and nothing was answered until a restart."""
+    and stream reads failed for good, and nothing was answered until a restart. The
+    address moves a little after the demotion here: the pub/sub connection, made again
+    meanwhile, reached the old primary, where it heard requests through the replica while
+    callers' PUBLISH on the new one counted no subscriber."""
     standby = RedisServer(tmp_path / "standby").start()
     proxy = HoldingProxy(fault.redis.port).start()  # the address: new connections follow it
     old, new = fault.raw, aioredis.Redis.from_url(standby.url)
     options = {"max_tokens": 2}
     try:
         await _replica_of(new, fault.redis)
-        fault.spawn("w", ORION_BUS_URL=proxy.url)
+        worker = fault.spawn("w", ORION_BUS_URL=proxy.url)
         for via in ("stream", "pubsub"):
             before = await fault.client.chat(hi, profile="tiny", via=via, options=options)
             assert before.ok, before.payload
 
         await new.replicaof("NO", "ONE")
-        proxy.upstream_port = standby.port
         await _replica_of(old, standby)
+        await wait_until_async(  # its next beat met the demoted primary
+            lambda: "was replaced (a failover)" in worker.log(), timeout=30, what="READONLY"
+        )
+        # The address moves a second later: the pub/sub connection made again meanwhile
+        # reached the old primary (with the fix, it tries again until a primary answers).
+        await asyncio.sleep(1.0)
+        proxy.upstream_port = standby.port
+
+        async def on_the_new_primary() -> bool:
+            return await subscribers(new, INTAKE) >= 1
+
+        await wait_until_async(on_the_new_primary, timeout=30, what="subscribed there")
 
         async with BusClient(proxy.url) as caller:  # the callers follow the address too
             for via in ("stream", "pubsub"):
