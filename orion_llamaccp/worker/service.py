@@ -304,8 +304,9 @@ class Worker:
 
     async def _hand_back(self) -> None:
         """The stream entries this worker leaves unanswered, to another worker now. Not
-        for one that gives way to a twin: the entries under our consumer name are its."""
-        if self.consumer is None or self.presence.gave_way is not None:
+        where a twin was seen (another worker under our instance id): the entries under
+        our consumer name may be its, in flight."""
+        if self.consumer is None or self.presence.twin_seen:
             return
         try:
             if left := await asyncio.wait_for(self.consumer.hand_back(), 5.0):
