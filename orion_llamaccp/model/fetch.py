@@ -103,7 +103,6 @@ class _Fetcher:
         self.may_download = download and not settings.hf_hub_offline
         self.writes_records = download  # `verify` never touches the files nor their records
         self._hashed: dict[tuple[Path, int, int], str] = {}
-        self._changed: dict[Path, str] = {}  # downloaded files whose bytes changed since
         self.policy = DownloadPolicy.from_settings(settings)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         self.client = HubClient(
@@ -219,13 +218,16 @@ class _Fetcher:
         if info is None:
             return _Unusable(problem or "")
         record = self.record(path)
-        if deep and path in self._changed:
-            return _Unusable(self._changed[path])
+        if record is not None and record.changed:
+            said = _changed_since(record)
+            if deep:
+                return _Unusable(said)
+            log.warning("%s: %s", self.name(path), said)
         stale = other_source(record, target.hub)
         if stale is not None:
             refuse_if_shared(self.profile, self.settings, target, record)
             return _Unusable(stale, stale=True)
-        sha = record.sha256 if record else None
+        sha = (record.changed or record.sha256) if record else None
         if deep:
             expected = sha or self._hub_sha256(target)
             sha = self.hash(path)
@@ -366,11 +368,12 @@ class _Fetcher:
             return None
         log.info("%s: its time changed since it was downloaded; hashing it", name)
         sha = self.hash(path)
-        if sha != record.sha256:
-            self._bytes_changed(path, sha, record)
-            return None
+        # Other bytes (damage, or another file copied over it) are kept in the record as
+        # ``changed``: hashed once, and every deep check after says so (dropped, the
+        # record left the next `verify --hash` nothing to compare with).
+        changed = sha if sha != record.sha256 else None
         if not self.writes_records:
-            return record
+            return record.model_copy(update={"changed": changed})
         return store.write_record(
             self.root,
             path,
@@ -378,22 +381,8 @@ class _Fetcher:
             repo_id=record.repo_id,
             revision=record.revision,
             commit=record.commit,
+            changed=changed,
         )
-
-    def _bytes_changed(self, path: Path, sha: str, record: store.FileRecord) -> None:
-        """A downloaded file whose bytes changed since: damage, or another file copied
-        over it by hand. A deep check says so (``verify --hash``, the engine's check
-        after llama-server failed to load it); a start takes it as copied by hand."""
-        at = f"@{record.revision}" if record.revision else ""
-        source = f" from {record.repo_id}{at}" if record.repo_id else ""
-        self._changed[path] = (
-            f"its sha256 {sha} differs from the {record.sha256} recorded when it was "
-            f"downloaded{source}: its bytes changed since (damage on disk, or another "
-            f"file copied over it)"
-        )
-        log.warning("%s: %s", self.name(path), self._changed[path])
-        if self.writes_records:
-            store.forget_record(self.root, path)  # hashed once: the next start need not
 
     def hash(self, path: Path) -> str:
         """The file's sha256, hashed once per call however many checks ask for it."""
@@ -416,6 +405,16 @@ class _Fetcher:
 
     def name(self, path: Path) -> str:
         return repo_name(self.root, path) if self.under_root(path) else path.name
+
+
+def _changed_since(record: store.FileRecord) -> str:
+    at = f"@{record.revision}" if record.revision else ""
+    source = f" from {record.repo_id}{at}" if record.repo_id else ""
+    return (
+        f"its sha256 {record.changed} differs from the {record.sha256} recorded when it "
+        f"was downloaded{source}: its bytes changed since (damage on disk, or another "
+        f"file copied over it)"
+    )
 
 
 def _run(

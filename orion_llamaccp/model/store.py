@@ -44,6 +44,8 @@ class FileRecord(BaseModel):
     repo_id: str | None = None
     revision: str | None = None
     commit: str | None = None
+    # The sha256 of other bytes found under the record since (damage, or a copy by hand)
+    changed: str | None = None
 
     def matches(self, path: Path) -> bool:
         try:
@@ -107,6 +109,7 @@ def write_record(
     revision: str | None = None,
     commit: str | None = None,
     like: Path | None = None,
+    changed: str | None = None,
 ) -> FileRecord:
     """Record the file as it is now; a read-only ``model_root`` only costs a warning.
 
@@ -123,6 +126,7 @@ def write_record(
         repo_id=repo_id,
         revision=revision,
         commit=commit,
+        changed=changed,
     )
     target = record_path(root, path)
     try:

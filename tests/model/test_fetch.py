@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -108,8 +109,12 @@ def test_record_of_a_replaced_file_is_not_trusted(
 
     resolved = ensure_model(make_profile(), make_settings())
 
-    assert resolved.sha256 is None
-    assert read_record(cache_dir, target) is None
+    copied = hashlib.sha256(gguf_bytes(1)).hexdigest()
+    record = read_record(cache_dir, target)
+    if len(gguf_bytes(1)) == len(gguf_bytes(0)):  # hashed: its own digest, remembered
+        assert resolved.sha256 == copied and record is not None and record.changed == copied
+    else:  # another size: taken for a copy by hand at once
+        assert resolved.sha256 is None and record is None
 
 
 def test_file_copied_by_hand_is_used_without_any_network(
@@ -599,9 +604,16 @@ def test_a_downloaded_file_that_only_changed_its_time_keeps_its_source(
     assert target.read_bytes() == gguf_bytes(2)
 
 
-def test_other_bytes_of_the_same_size_under_a_record_pass_for_a_file_copied_by_hand(
-    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+def test_other_bytes_of_the_same_size_under_a_record_are_served_and_remembered_as_changed(
+    hub: LocalHub,
+    make_settings: SettingsFactory,
+    gguf_bytes: Bytes,
+    cache_dir: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Hashed once, at the start after they changed: a start serves them, saying so, and
+    the record keeps both digests (dropped, it left `verify --hash` nothing to compare
+    with); the next start hashes nothing, and a switch of revision replaces them."""
     hub.add(REPO_ID, FILENAME, gguf_bytes(1), revision="v1")
     hub.add(REPO_ID, FILENAME, gguf_bytes(2), revision="v2")
     ensure_model(make_profile(hf_revision="v1"), make_settings())
@@ -610,12 +622,17 @@ def test_other_bytes_of_the_same_size_under_a_record_pass_for_a_file_copied_by_h
     target.write_bytes(gguf_bytes(3))
     _retimed(target)
 
-    resolved = ensure_model(make_profile(hf_revision="v2"), make_settings())
+    served = ensure_model(make_profile(hf_revision="v1"), make_settings())
+    again: list[ProgressEvent] = []
+    ensure_model(make_profile(hf_revision="v1"), make_settings(), progress=again.append)
+    with pytest.raises(ModelCorrupt, match="its bytes changed since"):
+        verify_model(make_profile(hf_revision="v1"), make_settings(), deep=True)
+    switched = ensure_model(make_profile(hf_revision="v2"), make_settings())
 
-    assert resolved.sha256 is None and resolved.downloaded == ()
-    assert target.read_bytes() == gguf_bytes(3)
-    # Forgotten once hashed: kept, it was hashed again at every start.
-    assert read_record(cache_dir, target, any_time=True) is None
+    assert served.downloaded == () and served.sha256 == hashlib.sha256(gguf_bytes(3)).hexdigest()
+    assert "its bytes changed since" in caplog.text
+    assert not any(e.phase == "verifying" for e in again)
+    assert switched.downloaded == (target,) and target.read_bytes() == gguf_bytes(2)
 
 
 def test_a_deep_check_says_when_the_bytes_of_a_downloaded_file_changed_since(
