@@ -157,9 +157,9 @@ class LlamaClient:
             raise_for_response(response.status_code, response.content)
         return orjson.loads(response.content)
 
-    async def props(self) -> Props:
+    async def props(self, timeout: Any = httpx.USE_CLIENT_DEFAULT) -> Props:
         """``/props``; the stream pool learns from it how many requests may start at once."""
-        props = Props.from_json(await self._get_json("/props"))
+        props = Props.from_json(await self._get_json("/props", timeout))
         if self._streams is not None:
             self._streams.slots = props.total_slots
         return props

@@ -320,7 +320,9 @@ class Supervisor:
         if self._stopping.is_set():
             return
         try:
-            self.props = await self.client.props()
+            # Bounded as /health is: the client's default is a generation's read timeout
+            # (10 minutes), for a llama-server that took the connection and said nothing.
+            self.props = await self.client.props(timeout=max(self.policy.health_timeout, 5.0))
         except (EngineUnavailable, UpstreamError) as exc:  # died or broke right after /health
             proc.kill()
             await proc.wait()
