@@ -687,7 +687,7 @@ async def test_a_bug_injected_in_the_owner_task_ends_in_failed(
     FAILED, ``start`` raises, ``stop`` returns, and llama-server is gone."""
     supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=FAST)
 
-    async def broken_props() -> None:
+    async def broken_props(**_: object) -> None:
         raise RuntimeError("injected")
 
     monkeypatch.setattr(supervisor.client, "props", broken_props)
