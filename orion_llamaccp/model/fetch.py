@@ -394,10 +394,7 @@ class _Fetcher:
             def on_bytes(done: int) -> None:
                 self.reporter.emit("verifying", name, done=done, total=total)
 
-            try:
-                self._hashed[key] = sha256_file(path, on_bytes)
-            except OSError as exc:
-                raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+            self._hashed[key] = sha256_file(path, on_bytes)
         return self._hashed[key]
 
     def under_root(self, path: Path) -> bool:

@@ -294,7 +294,12 @@ def diagnose_gguf(path: Path) -> tuple[GgufInfo | None, str | None]:
     except PermissionError:
         raise ModelError(f"cannot read {path}: permission denied") from None
     except OSError as exc:  # a link loop, EIO, a stale NFS handle, a mount mmap refuses
-        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise cannot_read(path, exc) from None
+
+
+def cannot_read(path: Path, exc: OSError) -> ModelError:
+    """A model file the system would not let us read, said as the model's error."""
+    return ModelError(f"cannot read {path}: {exc.strerror or exc}")
 
 
 def verify_gguf(path: Path) -> GgufInfo:
@@ -332,10 +337,13 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
     """The file's sha256 (reads it all); ``on_bytes`` is told the running count."""
     digest = hashlib.sha256()
     done = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-            done += len(chunk)
-            if on_bytes is not None:
-                on_bytes(done)
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(HASH_CHUNK):
+                digest.update(chunk)
+                done += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(done)
+    except OSError as exc:
+        raise cannot_read(path, exc) from None
     return digest.hexdigest()

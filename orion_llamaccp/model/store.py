@@ -17,7 +17,6 @@ as ``<name>.corrupt-<timestamp>`` so a human can inspect it (and delete it).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -137,11 +136,6 @@ def write_record(
     except OSError as exc:
         log.warning("cannot record sha256 of %s in %s: %s", path, target, exc)
     return record
-
-
-def forget_record(root: Path, path: Path) -> None:
-    with contextlib.suppress(OSError):  # a read-only model_root: it stays, stale
-        record_path(root, path).unlink(missing_ok=True)
 
 
 def can_record(root: Path, path: Path) -> bool:

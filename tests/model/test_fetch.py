@@ -21,7 +21,7 @@ from orion_llamaccp.model import (
 )
 from orion_llamaccp.model.fetch import plan_targets
 from orion_llamaccp.model.hub import HubFile, RemoteFile
-from orion_llamaccp.model.store import STATE_DIR, forget_record, read_record
+from orion_llamaccp.model.store import STATE_DIR, read_record, record_path
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.profiles.registry import load_registry
 from orion_llamaccp.settings import Settings
@@ -413,7 +413,7 @@ def test_a_split_model_s_parts_all_come_from_its_first_part_s_commit(
     ensure_model(profile, make_settings())
     second = cache_dir / old[1].name
     second.unlink()  # lost, with its record
-    forget_record(cache_dir, second)
+    record_path(cache_dir, second).unlink()
     new = make_split_gguf(tmp_path / "new", "big", 2, seed=2)
     hub.push(REPO_ID, {p.name: p.read_bytes() for p in new})  # main moves on
 
