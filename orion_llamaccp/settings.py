@@ -613,10 +613,16 @@ def env_file() -> Path | None:
     return Path(".env")
 
 
-def env_file_values() -> dict[str, str]:
-    """What the ``.env`` file sets, by name (none from a pipe, read once by the settings)."""
+def _env_file_to_read() -> Path | None:
+    """The ``.env`` file, where it can be read again: not one given as a pipe, which the
+    settings read once."""
     path = env_file()
-    if path is None or not path.is_file():
+    return path if path is not None and path.is_file() else None
+
+
+def env_file_values() -> dict[str, str]:
+    """What the ``.env`` file sets, by name."""
+    if (path := _env_file_to_read()) is None:
         return {}
     with contextlib.suppress(OSError, UnicodeDecodeError):
         found = dotenv_values(path, encoding="utf-8")
@@ -627,9 +633,8 @@ def env_file_values() -> dict[str, str]:
 def _read_env_file() -> tuple[list[str], list[int]]:
     """The names the ``.env`` file sets, and the numbers of its lines that set nothing
     for want of ``NAME=value`` (python-dotenv's own warning named no file, and came
-    twice); none from a pipe, which the settings read once."""
-    path = env_file()
-    if path is None or not path.is_file():
+    twice)."""
+    if (path := _env_file_to_read()) is None:
         return [], []
     with contextlib.suppress(OSError, UnicodeDecodeError), path.open(encoding="utf-8") as text:
         bindings = list(parse_stream(text))

@@ -166,9 +166,9 @@ def _probe(path: str, mtime_ns: int) -> BinaryInfo:
         raise EngineError(f"could not run {path} --help: {exc}") from exc
     text = out.stdout + out.stderr
     flags, env_of, aliases, valued = parse_help(text)
-    if "--port" not in flags and out.returncode < 0:
-        raise EngineError(f"{path} --help: the binary {exit_said(out.returncode)}")
     if "--port" not in flags:
+        if out.returncode < 0:
+            raise EngineError(f"{path} --help: the binary {exit_said(out.returncode)}")
         raise EngineError(
             f"{path} --help does not look like llama-server's (no --port; exit {out.returncode}): "
             f"{text.strip()[-300:]}"

@@ -127,6 +127,10 @@ class GpuConfig(BaseModel):
         return value
 
 
+# llama-server's --reasoning-format values; a request's own option takes the same.
+ReasoningFormat = Literal["none", "deepseek", "deepseek-legacy", "auto"]
+
+
 class LlamaCppConfig(BaseModel):
     """The ``llamacpp:`` block: where the model is and how llama-server runs it."""
 
@@ -171,7 +175,7 @@ class LlamaCppConfig(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_budget: Int | None = None
     reasoning: Literal["on", "off", "auto"] | None = None
-    reasoning_format: Literal["none", "deepseek", "deepseek-legacy", "auto"] | None = None
+    reasoning_format: ReasoningFormat | None = None
 
     # Vision.
     image_min_tokens: PositiveInt | None = None

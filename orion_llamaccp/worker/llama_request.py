@@ -8,13 +8,13 @@ sampling defaults fill what the request leaves out; our own switches (``stream``
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from orion_llamaccp.bus.envelope import ChatRequestPayload
 from orion_llamaccp.errors import DecodeError
-from orion_llamaccp.profiles.models import Profile
+from orion_llamaccp.profiles.models import Profile, ReasoningFormat
 
 # Passed to llama-server as they are (it validates them itself).
 PASSTHROUGH = frozenset(
@@ -86,7 +86,7 @@ class ChatOptions(BaseModel):
     # is retried as llama-server's own failure (five tries of a stream entry, then a
     # retryable answer) where no try can ever succeed.
     tools: list[dict[str, Any]] | None = None
-    reasoning_format: Literal["none", "auto", "deepseek", "deepseek-legacy"] | None = None
+    reasoning_format: ReasoningFormat | None = None
 
 
 _OURS = {"stream", "stream_channel", "timeout_sec", "return_json"}

@@ -33,13 +33,15 @@ class Stats:
         self.tokens += tokens
         now = time.monotonic()
         self._window.append((now, tokens))
-        while self._window and now - self._window[0][0] > WINDOW_SEC:
+        self._forget_before(now - WINDOW_SEC)
+
+    def _forget_before(self, since: float) -> None:
+        while self._window and self._window[0][0] < since:
             self._window.popleft()
 
     def recent_tokens_per_sec(self) -> float:
         now = time.monotonic()
-        while self._window and now - self._window[0][0] > WINDOW_SEC:
-            self._window.popleft()
+        self._forget_before(now - WINDOW_SEC)
         if not self._window:
             return 0.0
         # Over the window itself (or the uptime, if shorter), not since the first finish
