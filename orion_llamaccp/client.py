@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
@@ -28,8 +28,12 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.codec import decode_envelope
 from orion_llamaccp.bus.envelope import CHAT_CANCEL, CHAT_REQUEST, Envelope, ServiceRef, as_utc
+from orion_llamaccp.bus.failover import NotAPrimary, follow_failovers
 from orion_llamaccp.bus.outbox import Outbox, chunk_channel
 from orion_llamaccp.errors import DecodeError, NoWorker
+
+if TYPE_CHECKING:
+    from redis.asyncio.client import PubSub
 
 Via = Literal["pubsub", "stream"]
 
@@ -90,7 +94,11 @@ class BusClient:
         redis: aioredis.Redis | None = None,
         name: str = "orion-llamaccp-client",
     ) -> None:
-        self.redis = redis or aioredis.Redis.from_url(url or "redis://127.0.0.1:6379/0")
+        # Ours follows a failover behind the address (``bus.failover``); a caller's own
+        # client is left as it was made.
+        self.redis = redis or follow_failovers(
+            aioredis.Redis.from_url(url or "redis://127.0.0.1:6379/0")
+        )
         self._owns = redis is None
         self.outbox = Outbox(ServiceRef(name=name, instance=uuid.uuid4().hex[:8]))
 
@@ -139,17 +147,30 @@ class BusClient:
         """Publish or ``XADD`` the request; for pub/sub, how many subscribers of the
         channel heard it. Pattern subscribers (a bus monitor on ``orion:*``) are not
         counted: one of them hearing a request no worker serves made ``NoWorker`` never
-        fire, and the caller waited out its timeout."""
+        fire, and the caller waited out its timeout.
+
+        Heard by none, it is published once more on new connections: the first may have
+        gone out on an idle one to a Redis that a failover behind the address demoted (a
+        replica takes a PUBLISH, for its own subscribers: none). An XADD there is refused
+        (``NotAPrimary``, a ``ConnectionError``: every connection of ours is closed, and
+        the next call reaches the new primary)."""
         data = orjson.dumps(envelope)
-        if via == "pubsub":
-            channel = channel or keys.intake_channel(profile)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                heard, [(_, subscribers)] = (
-                    await pipe.publish(channel, data).pubsub_numsub(channel).execute()
-                )
-            return min(int(heard), int(subscribers))
-        await self.redis.xadd(stream or keys.intake_stream(profile), work_queue_entry(envelope))
-        return None
+        if via == "stream":
+            await self.redis.xadd(stream or keys.intake_stream(profile), work_queue_entry(envelope))
+            return None
+        channel = channel or keys.intake_channel(profile)
+        heard = await self._publish(channel, data)
+        if heard == 0:
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
+            heard = await self._publish(channel, data)
+        return heard
+
+    async def _publish(self, channel: str, data: bytes) -> int:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            heard, [(_, subscribers)] = (
+                await pipe.publish(channel, data).pubsub_numsub(channel).execute()
+            )
+        return min(int(heard), int(subscribers))
 
     async def chat(
         self,
@@ -171,8 +192,9 @@ class BusClient:
         """Send one request and wait for its result (and its chunks, when streaming).
 
         ``timeout`` bounds the whole call, Redis included (a frozen Redis answers nothing).
-        A call that times out or is cancelled (Ctrl-C) once sending began cancels the request
-        by its correlation id, so that the worker does not generate on for no one; by
+        A call that ends without its answer once sending began (a timeout, Ctrl-C, a lost
+        connection, ``on_delta`` raising: a closed pipe) cancels the request by its
+        correlation id, so that the worker does not generate on for no one; by
         default only when this call made the envelope (its correlation id is then the
         request's own: a caller's may be shared by a whole flow, and a cancel reaches
         every request under it).
@@ -184,19 +206,27 @@ class BusClient:
         if cancel_on_give_up is None:
             cancel_on_give_up = envelope is None
         envelope = envelope or self.request(messages, profile=profile, options=opts)
-        reply_to = envelope["reply_to"]
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        channels = [name for name in (envelope["reply_to"], _chunks_of(envelope)) if name]
+        pubsub: PubSub | None = None
         sent = False
         try:
             async with asyncio.timeout(timeout):
-                await pubsub.subscribe(*filter(None, (reply_to, _chunks_of(envelope))))
-                started = time.monotonic()
-                # Sent, as far as a cancel goes, from here: a PUBLISH or XADD whose reply
-                # is late may have reached Redis, and a worker.
-                sent = True
-                heard = await self.send(
-                    envelope, profile=profile, via=via, channel=channel, stream=stream_name
-                )
+                for tries_left in (1, 0):
+                    pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                    await pubsub.subscribe(*channels)
+                    started = time.monotonic()
+                    # Sent, as far as a cancel goes, from here: a PUBLISH or XADD whose
+                    # reply is late may have reached Redis, and a worker.
+                    sent = True
+                    try:
+                        heard = await self.send(
+                            envelope, profile=profile, via=via, channel=channel, stream=stream_name
+                        )
+                        break
+                    except NotAPrimary:  # the XADD was refused, and our pub/sub closed
+                        await pubsub.aclose()
+                        if not tries_left:
+                            raise
                 if heard == 0:
                     raise NoWorker(
                         f"no worker heard the request on "
@@ -206,12 +236,15 @@ class BusClient:
                 return await self._collect(
                     pubsub, envelope, started, _Listeners(on_delta, on_restart)
                 )
-        except (TimeoutError, asyncio.CancelledError):
+        except NoWorker:  # heard by no one: nothing to cancel
+            raise
+        except BaseException:  # given up: a timeout, Ctrl-C, a callback of ours that raised
             if sent and cancel_on_give_up:
                 await self._cancel_quietly(envelope, cancel_channel)
             raise
         finally:
-            await pubsub.aclose()
+            if pubsub is not None:
+                await pubsub.aclose()
 
     async def _cancel_quietly(self, envelope: dict[str, Any], channel: str) -> None:
         with contextlib.suppress(Exception):
@@ -237,15 +270,19 @@ class BusClient:
                     envelope = decode_envelope(message["data"])
                 except DecodeError:  # anyone's, on a stream_channel shared with others
                     continue
-            else:  # the answer, whatever it is: the first message on reply_to
+            else:  # the answer: the first message on reply_to that answers this request
                 envelope = decode_envelope(message["data"])
-                return _result(envelope, assembler, first_chunk, sent)
-            if str(envelope.correlation_id) != correlation_id or not _answers(envelope, sent_at):
+                if _answers(envelope, correlation_id, sent_at):
+                    return _result(envelope, assembler, first_chunk, sent)
+                continue  # a late answer to an earlier request of a reused reply_to
+            if not _answers(envelope, correlation_id, sent_at):
                 continue  # another request's, on a stream_channel they share
             attempt = assembler.attempt
             delta = assembler.add(envelope.payload)
-            if attempt and assembler.attempt > attempt and listeners.on_restart is not None:
-                listeners.on_restart(assembler.attempt)
+            if attempt and assembler.attempt > attempt:
+                first_chunk = None  # the answer's first token is the new attempt's
+                if listeners.on_restart is not None:
+                    listeners.on_restart(assembler.attempt)
             if delta is not None:
                 first_chunk = first_chunk or time.monotonic()
                 if listeners.on_delta is not None:
@@ -266,15 +303,19 @@ def _created_at(request: dict[str, Any]) -> datetime | None:
         return None
 
 
-def _answers(chunk: Envelope, sent_at: datetime | None) -> bool:
-    """Whether ``chunk`` answers the request created at ``sent_at``: the last link of its
-    causality chain is the request. A flow's requests may share a correlation id, and on
-    one ``stream_channel`` their chunks were taken for each other's. A chunk without a
-    chain (another implementation's), or a request whose time cannot be read, is judged
-    by the correlation id alone."""
-    if not chunk.causality_chain or sent_at is None:
+def _answers(reply: Envelope, correlation_id: str, sent_at: datetime | None) -> bool:
+    """Whether ``reply`` (a chunk or the result) answers the request of ``correlation_id``
+    created at ``sent_at``: the last link of its causality chain is the request. A flow's
+    requests may share a correlation id, and on one ``stream_channel`` their chunks were
+    taken for each other's; a caller's ``reply_to`` used for one request after another
+    took the first's late answer for the second's. A reply without a chain (another
+    implementation's), or a request whose time cannot be read, is judged by the
+    correlation id alone."""
+    if str(reply.correlation_id) != correlation_id:
+        return False
+    if not reply.causality_chain or sent_at is None:
         return True
-    return chunk.causality_chain[-1].created_at == sent_at
+    return reply.causality_chain[-1].created_at == sent_at
 
 
 def _result(

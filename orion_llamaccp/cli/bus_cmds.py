@@ -30,7 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="ask one question over the bus and print the answer")
     p.add_argument("prompt")
     p.add_argument("--profile", help="profile to ask (default: LLM_PROFILE_NAME)")
-    p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="print tokens as they arrive (to a terminal; to a pipe or file, the answer once done)",
+    )
     p.add_argument(
         "--via",
         choices=("pubsub", "stream"),
@@ -93,7 +97,14 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     else:
         intake, stream = keys.intake_channel(profile), keys.intake_stream(profile)
 
+    # Deltas are written as they come to a terminal only: a retry (llama-server died)
+    # starts the answer over, and text already written to a pipe or a file cannot be
+    # taken back; there the answer's text is written once, at the end.
+    live = args.stream and not args.json and sys.stdout.isatty()
+    shown: list[str] = []
+
     def show(delta: str) -> None:
+        shown.append(delta)
         sys.stdout.write(delta)
         sys.stdout.flush()
 
@@ -109,8 +120,8 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
             stream=args.stream,
             options=options,
             timeout=args.timeout,
-            on_delta=None if args.json else show,
-            on_restart=None if args.json else restarted,
+            on_delta=show if live else None,
+            on_restart=restarted if live else None,
             channel=intake,
             stream_name=stream,
             cancel_channel=settings.cancel_channel,
@@ -128,10 +139,9 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 1
     content = payload.get("content") or ""
-    if not args.stream:
-        print(content, end="")
-    elif result.streamed_text != content:  # another attempt's chunks were shown
-        print("\n--- the text above was not the answer's; the answer: ---", file=sys.stderr)
+    if "".join(shown) != content:  # nothing shown, or an attempt's the answer is not
+        if shown:
+            print("\n--- the text above was not the answer's; the answer: ---", file=sys.stderr)
         print(content, end="")
     usage = payload.get("usage", {})
     timings = payload.get("meta", {}).get("timings") or {}
@@ -182,8 +192,11 @@ def fleet_table(rows: list[dict]) -> Any:
         # A worker that gave up says so, and why: "down" alone hid both.
         if row["state"] == "failed":
             state = f"[red]failed[/red]: {row['reason'] or '?'}"
+        elif row["down"]:  # and what it said last, where that was no "ready": draining
+            said = row["state"] if row["state"] not in (None, "ready") else None
+            state = "[red]down[/red]" + (f": {said}" if said else "")
         else:
-            state = "[red]down[/red]" if row["down"] else str(row["state"] or "?")
+            state = str(row["state"] or "?")
         slots = (
             f"{row['slots_busy'] if row['slots_busy'] is not None else '?'}/"
             f"{row['slots_total'] if row['slots_total'] is not None else '?'}"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -26,7 +28,7 @@ from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.client import BusClient
 from orion_llamaccp.errors import NoWorker
 from tests.bus.conftest import SpawnWorker
-from tests.support.procs import RedisServer, wait_until_async
+from tests.support.procs import RedisServer, replica_of, wait_until_async
 from tests.support.proxy import HoldingProxy
 from tests.support.workers import BusRecorder
 
@@ -106,6 +108,47 @@ async def test_a_retry_starts_the_answer_over_and_other_chunks_are_not_mixed_in_
     assert [(c["attempt"], c["seq"]) for c in result.chunks] == [(2, 0), (2, 1)]
 
 
+async def _restarted(request: dict, redis: aioredis.Redis) -> None:
+    """Attempt 1 streams a word, attempt 2 the answer from its start."""
+    mine, chunks = request["correlation_id"], request["reply_to"] + ":chunks"
+    await _chunk(redis, chunks, mine, seq=0, delta="Once upon", attempt=1)
+    await _chunk(redis, chunks, mine, seq=0, delta="Hello", attempt=2)
+    await _chunk(redis, chunks, mine, seq=1, delta=" there", attempt=2)
+    payload = {"content": "Hello there", "meta": {"attempt": 2}}
+    result = OUTBOX.envelope(CHAT_RESULT, payload, correlation_id=mine, reply_to=None)
+    await redis.publish(request["reply_to"], orjson.dumps(result))
+
+
+@pytest.mark.parametrize("reader", ["reads_it_all", "goes_away"])
+async def test_chat_stream_writes_the_answer_alone_to_a_pipe_stand_in_worker(
+    redis_url: str, subprocess_env: dict, reader: str
+) -> None:
+    """``chat --stream`` with its output piped: a retry that started the answer over left
+    the first attempt's text in front of the answer ("Once uponHello there", exit status
+    0). Text written cannot be taken back: to a pipe, the answer is written once it is
+    known. A reader that goes away (``| head``) ends it quietly, not with a traceback."""
+    gone, stdout = os.pipe() if reader == "goes_away" else (-1, asyncio.subprocess.PIPE)
+    if gone >= 0:
+        os.close(gone)  # the reader, gone before the first byte
+    async with standing_in(redis_url, _restarted):
+        chat = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "orion_llamaccp", "chat", "hi", "--stream"),
+            *("--profile", PROFILE, "--timeout", "20"),
+            env=subprocess_env,
+            stdout=stdout,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        if gone >= 0:
+            os.close(stdout)
+        out, err = await asyncio.wait_for(chat.communicate(), 60)
+    if reader == "reads_it_all":
+        assert (out.decode(), chat.returncode) == ("Hello there", 0), err.decode()
+        assert "not the answer's" not in err.decode(), err.decode()
+    else:
+        assert chat.returncode == 1, err.decode()
+        assert "Traceback" not in err.decode(), err.decode()
+
+
 async def test_chunks_of_another_attempt_than_the_answer_s_are_not_its_text_stand_in_worker(
     redis_url: str,
 ) -> None:
@@ -158,6 +201,30 @@ async def test_chunks_of_a_sibling_request_of_one_correlation_id_are_not_mixed_s
     assert result.streamed_text == "Hello there" == result.content, result.streamed_text
 
 
+async def test_a_late_answer_on_a_reused_reply_to_is_not_taken_for_the_next_stand_in_worker(
+    redis_url: str,
+) -> None:
+    """A caller's own ``reply_to`` used for one request after another: the first timed
+    out, and its answer, late, came while the second waited, which took it for its own
+    (the first message on ``reply_to`` was the answer, whoever's it was)."""
+    inbox = f"svc:inbox:{uuid.uuid4()}"
+
+    async def late(request: dict, redis: aioredis.Redis) -> None:
+        await asyncio.sleep(1.0)
+        content = f"the answer to {request['correlation_id']}"
+        asked = decode_envelope(orjson.dumps(request))
+        result = OUTBOX.envelope(CHAT_RESULT, {"content": content}, request=asked)
+        await redis.publish(request["reply_to"], orjson.dumps(result))
+
+    async with standing_in(redis_url, late), BusClient(redis_url) as bus:
+        first = bus.request(HI, profile=PROFILE, reply_to=inbox)
+        with pytest.raises(TimeoutError):
+            await bus.chat(HI, profile=PROFILE, envelope=first, timeout=0.5)
+        second = bus.request(HI, profile=PROFILE, reply_to=inbox)
+        result = await bus.chat(HI, profile=PROFILE, envelope=second, timeout=10)
+    assert result.content == f"the answer to {second['correlation_id']}", result.content
+
+
 async def test_a_pub_sub_request_no_worker_hears_fails_at_once(redis_url: str) -> None:
     """A profile nobody serves (a typo): ``NoWorker`` at once, naming the channel, where
     the caller used to wait out its whole timeout (300 s by default)."""
@@ -181,6 +248,90 @@ async def test_a_request_only_a_pattern_subscriber_hears_fails_at_once(redis_url
         await monitor.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _reading_the_stream(redis_url: str, reply: Reply) -> AsyncIterator[None]:
+    """A reader of the tiny profile's intake stream that answers each entry with
+    ``reply`` (a plain XREAD from its start: no group)."""
+    redis = aioredis.Redis.from_url(redis_url)
+    stream = keys.intake_stream(PROFILE)
+
+    async def serve() -> None:
+        last: bytes | str = "0-0"
+        while True:
+            for _, entries in await redis.xread({stream: last}, block=1000) or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    await reply(orjson.loads(fields[b"envelope"]), redis)
+
+    task = asyncio.create_task(serve())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await redis.aclose()
+
+
+def _answering(heard: list[dict]) -> Reply:
+    async def reply(request: dict, redis: aioredis.Redis) -> None:
+        heard.append(request)
+        answer = OUTBOX.envelope(
+            CHAT_RESULT, {"content": "hi"}, correlation_id=request["correlation_id"], reply_to=None
+        )
+        await redis.publish(request["reply_to"], orjson.dumps(answer))
+
+    return reply
+
+
+async def _fail_over(proxy: HoldingProxy, old: RedisServer, new: RedisServer) -> None:
+    """What a managed Redis does: ``new``, a replica of ``old``, is promoted, ``old`` is
+    demoted under it, and the address moves; connections already open stay with ``old``."""
+    promoted, demoted = aioredis.Redis.from_url(new.url), aioredis.Redis.from_url(old.url)
+    try:
+        await promoted.replicaof("NO", "ONE")
+        await replica_of(demoted, new)
+        proxy.upstream_port = new.port
+    finally:
+        await promoted.aclose()
+        await demoted.aclose()
+
+
+async def test_a_client_follows_a_failover_behind_its_address_stand_in_worker(
+    tmp_path: Path,
+) -> None:
+    """A failover behind the address: the client's idle connections still led to the old
+    primary, now a replica, until the process restarted. A chat's PUBLISH there counted
+    no subscriber (``NoWorker``): one that no one heard now goes out once more on new
+    connections (and is heard once). An XADD there was refused (``READONLY``) at every
+    call: the refusal now closes every connection, and the chat sends again on new ones.
+    Back and forth: a failover for each."""
+    first, second = (RedisServer(tmp_path / name).start() for name in ("first", "second"))
+    proxy = HoldingProxy(first.port).start()
+    heard: list[dict] = []
+    try:
+        follower = aioredis.Redis.from_url(second.url)
+        await replica_of(follower, first)
+        await follower.aclose()
+        async with BusClient(proxy.url) as bus:
+            async with standing_in(first.url, _answering(heard)):
+                assert (await bus.chat(HI, profile=PROFILE, timeout=10)).ok
+            await _fail_over(proxy, first, second)
+            async with standing_in(second.url, _answering(heard)):  # its PUBLISH's connection
+                asked = await bus.chat(HI, profile=PROFILE, timeout=10)
+            assert asked.content == "hi" and len(heard) == 2, heard
+
+            await asyncio.gather(*(bus.redis.ping() for _ in range(3)))  # idle, to `second`
+            await _fail_over(proxy, second, first)
+            async with _reading_the_stream(first.url, _answering(heard)):  # its XADD's
+                asked = await bus.chat(HI, profile=PROFILE, via="stream", timeout=10)
+            assert asked.content == "hi" and len(heard) == 3, heard
+    finally:
+        proxy.close()
+        first.stop()
+        second.stop()
+
+
 async def test_the_timeout_bounds_a_redis_that_answers_nothing(tmp_path: Path) -> None:
     """A frozen Redis (SIGSTOP) accepts the connection and answers nothing: the call ends
     at its timeout. Subscribing and publishing used to run outside it, for ever."""
@@ -199,13 +350,25 @@ async def test_the_timeout_bounds_a_redis_that_answers_nothing(tmp_path: Path) -
         server.stop()
 
 
-@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def _pipe_closed(delta: str) -> None:
+    raise BrokenPipeError(32, "Broken pipe")
+
+
+GIVING_UP = {
+    "timeout": TimeoutError,
+    "cancel": asyncio.CancelledError,
+    "on_delta_raises": BrokenPipeError,
+}
+
+
+@pytest.mark.parametrize("how", list(GIVING_UP))
 async def test_a_caller_that_gives_up_cancels_its_request(
     spawn_worker: SpawnWorker, recorder: BusRecorder, redis_url: str, how: str
 ) -> None:
-    """A caller whose timeout passes, or who is cancelled (Ctrl-C), cancels the request:
-    the worker stops generating, and answers ``cancelled`` to no one in particular. It
-    used to generate on for nobody, holding a slot."""
+    """A caller whose timeout passes, who is cancelled (Ctrl-C), or whose ``on_delta``
+    raises (``chat --stream | head``: a closed pipe) cancels the request: the worker
+    stops generating, and answers ``cancelled`` to no one in particular. It used to
+    generate on for nobody, holding a slot (for the last, it still did)."""
     spawn_worker(slow=True, parallel=1)
     long = {"max_tokens": 6000, "ignore_eos": True}
     async with BusClient(redis_url) as bus:
@@ -217,6 +380,7 @@ async def test_a_caller_that_gives_up_cancels_its_request(
                 envelope=envelope,  # its own correlation id: cancelling it is safe
                 cancel_on_give_up=True,
                 timeout=2 if how == "timeout" else 60,
+                on_delta=_pipe_closed if how == "on_delta_raises" else None,
             )
         )
         chunks = envelope["reply_to"] + ":chunks"
@@ -224,7 +388,7 @@ async def test_a_caller_that_gives_up_cancels_its_request(
             await asyncio.sleep(0.05)
         if how == "cancel":
             call.cancel()
-        with pytest.raises(TimeoutError if how == "timeout" else asyncio.CancelledError):
+        with pytest.raises(GIVING_UP[how]):
             await call
         for _ in range(200):
             if recorder.on(envelope["reply_to"]):

@@ -19,6 +19,7 @@ from tests.faults.conftest import Fault, assert_chunks_whole, assert_exactly_onc
 from tests.support.procs import (
     RedisServer,
     free_port,
+    replica_of,
     subscribers,
     wait_stream_acked,
     wait_until_async,
@@ -333,15 +334,6 @@ async def _pending_is(fault: Fault, count: int) -> bool:
     return (await group_state(fault))[1] == count
 
 
-async def _replica_of(replica: aioredis.Redis, primary: RedisServer) -> None:
-    await replica.replicaof("127.0.0.1", primary.port)
-
-    async def linked() -> bool:
-        return (await replica.info("replication")).get("master_link_status") == "up"
-
-    await wait_until_async(linked, timeout=30, what=f"a replica of {primary.port}")
-
-
 async def test_a_failover_behind_the_bus_address_is_followed(
     fault: Fault, hi: list, tmp_path: Path
 ) -> None:
@@ -357,14 +349,14 @@ async def test_a_failover_behind_the_bus_address_is_followed(
     old, new = fault.raw, aioredis.Redis.from_url(standby.url)
     options = {"max_tokens": 2}
     try:
-        await _replica_of(new, fault.redis)
+        await replica_of(new, fault.redis)
         worker = fault.spawn("w", ORION_BUS_URL=proxy.url)
         for via in ("stream", "pubsub"):
             before = await fault.client.chat(hi, profile="tiny", via=via, options=options)
             assert before.ok, before.payload
 
         await new.replicaof("NO", "ONE")
-        await _replica_of(old, standby)
+        await replica_of(old, standby)
         await wait_until_async(  # its next beat met the demoted primary
             lambda: "was replaced (a failover)" in worker.log(), timeout=30, what="READONLY"
         )

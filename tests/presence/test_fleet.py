@@ -21,13 +21,13 @@ from orion_llamaccp.cli.bus_cmds import fleet_table
 from orion_llamaccp.fleet import Fleet
 
 
-def _beat(instance: str, *, sent: datetime, **details: Any) -> bytes:
+def _beat(instance: str, *, sent: datetime, status: str = "ok", **details: Any) -> bytes:
     """A worker's ``system.health.v1`` whose ``last_seen_ts`` says ``sent`` (its clock)."""
     payload = {
         "service": "orion-llamaccp",
         "instance": instance,
         "boot_id": "b",
-        "status": "ok",
+        "status": status,
         "last_seen_ts": sent.isoformat(),
         "heartbeat_interval_sec": 10.0,
         "details": {"profile": "tiny", "state": "ready", "slots_total": 2, **details},
@@ -201,3 +201,19 @@ def test_a_worker_that_gave_up_is_listed_failed_with_its_reason() -> None:
     out = io.StringIO()
     Console(file=out, width=200).print(fleet_table(fleet.rows()))
     assert "failed: model file missing" in out.getvalue()
+
+
+def test_a_worker_going_away_is_listed_down_with_what_it_said() -> None:
+    """A draining worker beats ``down`` and ``draining`` (it answers what it holds, takes
+    nothing new): the table showed "down" alone, as for one that died. One that went
+    silent while ready is "down", no more."""
+    fleet = Fleet()
+    now = datetime.now(UTC)
+    fleet.ingest(_beat("leaving", sent=now, status="down", state="draining"))
+    fleet.ingest(_beat("silent", sent=now), heard_at=time.time() - 40)
+    out = io.StringIO()
+    Console(file=out, width=200).print(fleet_table(fleet.rows()))
+    rows = [line.split("│") for line in out.getvalue().splitlines() if line.startswith("│")]
+    lines = {cells[3].strip(): cells[6] for cells in rows}  # instance: state
+    assert "down: draining" in lines["leaving"], out.getvalue()
+    assert "down" in lines["silent"] and "down:" not in lines["silent"], out.getvalue()

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
+import redis.asyncio as aioredis
 
 from orion_llamaccp.engine.process import die_with_parent
 
@@ -226,3 +227,13 @@ async def wait_stream_acked(client: object, stream: str, group: str, timeout: fl
         return bool(mine) and mine[0]["pending"] == 0 and not mine[0].get("lag")
 
     await wait_until_async(acked, timeout=timeout, what=f"{stream} fully acked by {group}")
+
+
+async def replica_of(replica: aioredis.Redis, primary: RedisServer) -> None:
+    """Make ``replica`` a replica of ``primary`` and wait for their link."""
+    await replica.replicaof("127.0.0.1", primary.port)
+
+    async def linked() -> bool:
+        return (await replica.info("replication")).get("master_link_status") == "up"
+
+    await wait_until_async(linked, timeout=30, what=f"a replica of {primary.port}")
