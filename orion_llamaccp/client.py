@@ -149,9 +149,9 @@ class BusClient:
         counted: one of them hearing a request no worker serves made ``NoWorker`` never
         fire, and the caller waited out its timeout.
 
-        Heard by none, it is published once more on new connections: the first may have
-        gone out on an idle one to a Redis that a failover behind the address demoted (a
-        replica takes a PUBLISH, for its own subscribers: none). An XADD there is refused
+        Heard by none on a replica, it is published once more on new connections: it went
+        out on an idle connection to a Redis that a failover behind the address demoted (a
+        replica takes a PUBLISH, for its own subscribers). An XADD there is refused
         (``NotAPrimary``, a ``ConnectionError``: every connection of ours is closed, and
         the next call reaches the new primary)."""
         data = orjson.dumps(envelope)
@@ -159,18 +159,25 @@ class BusClient:
             await self.redis.xadd(stream or keys.intake_stream(profile), work_queue_entry(envelope))
             return None
         channel = channel or keys.intake_channel(profile)
-        heard = await self._publish(channel, data)
-        if heard == 0:
+        heard, on_a_replica = await self._publish(channel, data)
+        if heard == 0 and on_a_replica:
             await self.redis.connection_pool.disconnect(inuse_connections=False)
-            heard = await self._publish(channel, data)
+            heard, _ = await self._publish(channel, data)
         return heard
 
-    async def _publish(self, channel: str, data: bytes) -> int:
+    async def _publish(self, channel: str, data: bytes) -> tuple[int, bool]:
+        """How many subscribers heard it, and whether the Redis it reached is a replica
+        (asked on the same connection; a Redis whose ACL denies ROLE counts as none)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            heard, [(_, subscribers)] = (
-                await pipe.publish(channel, data).pubsub_numsub(channel).execute()
-            )
-        return min(int(heard), int(subscribers))
+            pipe.publish(channel, data).pubsub_numsub(channel).execute_command("ROLE")
+            heard, numsub, role = await pipe.execute(raise_on_error=False)
+        for reply in (heard, numsub):
+            if isinstance(reply, Exception):
+                raise reply
+        [(_, subscribers)] = numsub
+        said = role[0] if isinstance(role, list) and role else b"master"
+        on_a_replica = (said.decode() if isinstance(said, bytes) else str(said)) != "master"
+        return min(int(heard), int(subscribers)), on_a_replica
 
     async def chat(
         self,

@@ -302,9 +302,11 @@ async def test_a_client_follows_a_failover_behind_its_address_stand_in_worker(
 ) -> None:
     """A failover behind the address: the client's idle connections still led to the old
     primary, now a replica, until the process restarted. A chat's PUBLISH there counted
-    no subscriber (``NoWorker``): one that no one heard now goes out once more on new
-    connections (and is heard once). An XADD there was refused (``READONLY``) at every
-    call: the refusal now closes every connection, and the chat sends again on new ones.
+    no subscriber (``NoWorker``): one that no one heard on a replica now goes out once
+    more on new connections (and is heard once; a request no worker hears is published
+    once: ``test_chat_asks_on_the_intake_channel_the_environment_names``). An XADD there
+    was refused (``READONLY``) at every call: the refusal now closes every connection,
+    and the chat sends again on new ones.
     Back and forth: a failover for each."""
     first, second = (RedisServer(tmp_path / name).start() for name in ("first", "second"))
     proxy = HoldingProxy(first.port).start()
