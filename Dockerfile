@@ -32,14 +32,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# Dependency layer: only pyproject.toml, so editing the source does not reinstall these.
+# Dependency layer: only pyproject.toml and the versions CI tested (constraints.txt), so
+# editing the source does not reinstall these, and the image runs what the tests ran.
 WORKDIR /opt/orion-llamaccp
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 RUN python3 -m venv /opt/venv \
  && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
 print(*p['build-system']['requires'], *p['project']['dependencies'], sep=chr(10))" \
     > /tmp/requirements.txt \
- && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 COPY orion_llamaccp/ ./orion_llamaccp/

