@@ -25,6 +25,9 @@ API_KEY_ENV = "LLAMA_API_KEY"  # what --help names for --api-key in the pinned b
 MASK = "***"
 # Flags whose value is a secret, every alias (the pinned build's --help has no others).
 SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "-hft"})
+# Keys llama-server would ask of every request, the worker's own included: only through
+# api_key_env, which the worker reads too.
+KEY_FLAGS = frozenset({"--api-key", "--api-key-file"})
 
 
 def _plain(value: Any) -> str:
@@ -226,6 +229,13 @@ def _extra_args(profile: Profile, binary: BinaryInfo | None, owned: set[str]) ->
             continue
         flag, value = _flag_and_value(arg)
         _check(binary, profile.name, f"llamacpp.extra_args ({flag})", flag)
+        if (binary.names(flag) if binary else {flag}) & KEY_FLAGS:
+            raise ConfigError(
+                f"profile '{profile.name}' sets {flag} in llamacpp.extra_args: llama-server "
+                f"would then refuse the worker's own requests (401, a crash loop), since "
+                f"the worker must send the key too. Put the key in an environment variable "
+                f"and name it in llamacpp.api_key_env (the key then stays out of `ps`)"
+            )
         if clash := (binary.names(flag) if binary else {flag}) & owned:
             raise ConfigError(
                 f"profile '{profile.name}' sets {flag} in llamacpp.extra_args, but the "

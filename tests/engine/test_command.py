@@ -434,6 +434,22 @@ def test_a_key_pasted_in_place_of_its_variable_name_is_never_repeated(
 
 
 @pytest.mark.parametrize(
+    "extra",
+    [["--api-key", "sk-SECRET123"], ["--api-key=sk-SECRET123"], ["--api-key sk-SECRET123"],
+     ["--api-key-file", "/run/secrets/sk-SECRET123"]],
+)  # fmt: skip
+def test_a_key_in_extra_args_is_refused_for_api_key_env(
+    llama_server_bin: Path, extra: list[str]
+) -> None:
+    """A key set in extra_args passed ``validate``, ``doctor`` and ``command``; llama-server
+    then refused the worker's own ``/props`` (401: the worker sends only the key it reads
+    through api_key_env), and the worker restarted it until its crash loop gave up."""
+    with pytest.raises(ConfigError, match="api_key_env") as refused:
+        _launch({"extra_args": extra}, probe(llama_server_bin), {})
+    assert "sk-SECRET123" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
     ("raw", "env", "flag"),
     [
         ({"extra_args": ["--port", "9000"]}, {}, "--port"),
@@ -513,10 +529,10 @@ def test_an_extra_args_value_that_starts_with_a_dash_is_a_value_not_a_flag(
 
 
 def test_secrets_in_flag_equals_value_form_are_masked(llama_server_bin: Path) -> None:
-    raw = {"extra_args": ["--api-key=s3cr3t", "--hf-token=hf_one", "-hft=hf_two"]}
+    raw = {"extra_args": ["--hf-token=hf_one", "-hft=hf_two"]}
     masked = " ".join(_launch(raw, probe(llama_server_bin)).masked_argv())
-    assert "s3cr3t" not in masked and "hf_one" not in masked and "hf_two" not in masked
-    assert masked.endswith("--api-key *** --hf-token *** -hft ***")
+    assert "hf_one" not in masked and "hf_two" not in masked
+    assert masked.endswith("--hf-token *** -hft ***")
     assert mask_argv(["llama-server", "--api-key=x", "--hf-token"]) == [
         "llama-server",
         "--api-key=***",
@@ -530,11 +546,11 @@ def test_secrets_in_flag_equals_value_form_are_masked(llama_server_bin: Path) ->
 def test_a_flag_and_its_value_in_one_string_become_two_arguments_and_stay_hidden(
     llama_server_bin: Path,
 ) -> None:
-    """``"--api-key sk-..."`` as one YAML string: two arguments were meant, and neither the
-    command shown nor an error about the flag may carry the key."""
+    """``"--hf-token hf_..."`` as one YAML string: two arguments were meant, and neither the
+    command shown nor an error about the flag may carry the token."""
     binary = probe(llama_server_bin)
-    raw = {"extra_args": ["--threads-http 1", "--api-key  sk-SECRET123"]}
-    assert _build(raw, binary)[-4:] == ["--threads-http", "1", "--api-key", "sk-SECRET123"]
+    raw = {"extra_args": ["--threads-http 1", "--hf-token  sk-SECRET123"]}
+    assert _build(raw, binary)[-4:] == ["--threads-http", "1", "--hf-token", "sk-SECRET123"]
     assert "sk-SECRET123" not in " ".join(_launch(raw, binary).masked_argv())
     with pytest.raises(UnsupportedKnob, match="--no-such-flag") as refused:
         _build({"extra_args": ["--no-such-flag sk-SECRET123"]}, binary)
