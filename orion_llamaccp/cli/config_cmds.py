@@ -4,9 +4,11 @@ doctor."""
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -201,13 +203,17 @@ def _pairs(argv: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- doctor
 
+# A check's outcome: ok (True), failed (False), or a note (None): not yet so, and not
+# wrong (a model `run` will download), or not checked here.
+Check = tuple[str, bool | None, str]
 
-def _check_plan(settings: Settings) -> tuple[list[tuple[str, bool, str]], ServicePlan | None]:
+
+def _check_plan(settings: Settings) -> tuple[list[Check], ServicePlan | None]:
     from orion_llamaccp.engine.binary import find_binary, probe
     from orion_llamaccp.engine.plan import build_plan
     from orion_llamaccp.profiles.registry import load_registry
 
-    lines: list[tuple[str, bool, str]] = []
+    lines: list[Check] = []
     try:
         registry = load_registry(settings.profiles_config_path)
         lines.append(
@@ -243,10 +249,19 @@ def _check_plan(settings: Settings) -> tuple[list[tuple[str, bool, str]], Servic
     return lines, plan
 
 
-def _check_model(plan: ServicePlan) -> tuple[str, bool, str]:
+def _check_model(plan: ServicePlan, settings: Settings) -> Check:
+    from orion_llamaccp.model.paths import downloads_model
+
     path = plan.files.model
     if not path.is_file():
-        return ("model", False, f"{path} is missing: {_missing_model_advice(plan)}")
+        if not downloads_model(plan.profile, plan.files):
+            return ("model", False, f"{path} is missing: {_missing_model_advice(plan)}")
+        repo = plan.profile.llamacpp.hf_repo_id
+        if settings.hf_hub_offline:
+            said = f"HF_HUB_OFFLINE forbids downloading it from {repo}: copy it there or unset it"
+            return ("model", False, f"{path} is missing, and {said}")
+        # A profile's first start, not a fault: `run` downloads it.
+        return ("model", None, f"{path} is missing: {_missing_model_advice(plan)}")
     try:
         from orion_llamaccp.model.gguf_check import verify_gguf
 
@@ -270,6 +285,31 @@ def _missing_model_advice(plan: ServicePlan) -> str:
             f"(or `orion-llamaccp fetch`)"
         )
     return no_download_reason(profile, files) or "copy the GGUF there"
+
+
+def _check_port(plan: ServicePlan) -> Check:
+    """Whether llama-server can listen where the profile says: a port taken (another
+    llama-server, this profile's worker already running) failed only at `run`, after five
+    restarts."""
+    host, port = plan.launch.host, plan.launch.port
+    where = f"{host}:{port}"
+    if "," in host or host.endswith(".sock"):
+        return ("port", None, f"{where}: an address list, not checked")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+            probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return (
+                "port",
+                False,
+                f"{where} is taken (another llama-server, or this profile's worker already "
+                f"running?): stop it or set LLAMACPP_PORT_OVERRIDE",
+            )
+        return ("port", False, f"llama-server could not listen on {where}: {exc.strerror or exc}")
+    return ("port", True, f"{where} is free for llama-server")
 
 
 # SET ... GET (each beat's liveness key) and XAUTOCLAIM (stream redelivery) came with 6.2:
@@ -307,7 +347,7 @@ def evicts(info: dict[str, Any]) -> str | None:
     )
 
 
-def _check_redis(settings: Settings) -> tuple[str, bool, str]:
+def _check_redis(settings: Settings) -> Check:
     import redis
 
     url = settings.bus_url.get_secret_value()
@@ -337,7 +377,7 @@ def _check_redis(settings: Settings) -> tuple[str, bool, str]:
         )
 
 
-def _check_gpus(plan: ServicePlan) -> tuple[str, bool, str]:
+def _check_gpus(plan: ServicePlan) -> Check:
     """The GPUs the profile runs layers on (``LaunchSpec.gpus_required``) against those
     ``nvidia-smi -L`` lists: a pin to a GPU that is not there fails the start."""
     pinned = plan.launch.gpus_required
@@ -376,7 +416,7 @@ def _gpus_listed(listing: str) -> set[str]:
     return found
 
 
-def _check_env() -> tuple[str, bool, str]:
+def _check_env() -> Check:
     unread = unread_variables()
     return ("env", not unread, "; ".join(unread) or "every variable of ours is read")
 
@@ -385,10 +425,14 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     lines, plan = _check_plan(settings)
     lines.insert(0, _check_env())
     if plan is not None:
-        lines.append(_check_model(plan))
+        lines.append(_check_model(plan, settings))
+        lines.append(_check_port(plan))
     lines.append(_check_redis(settings))
     if plan is not None:
         lines.append(_check_gpus(plan))
     for name, ok, detail in lines:
-        print(f"{'ok  ' if ok else 'FAIL'}  {name:8} {detail}")
-    return 0 if all(ok for _, ok, _ in lines) else 1
+        print(f"{_SAID[ok]}  {name:8} {detail}")
+    return 1 if any(ok is False for _, ok, _ in lines) else 0
+
+
+_SAID = {True: "ok  ", False: "FAIL", None: "note"}

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +38,54 @@ def test_doctor_all_ok(subprocess_env: dict) -> None:
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout + done.stderr
     names = [line.split()[1] for line in lines]
-    assert names == ["env", "config", "profile", "binary", "flags", "model", "redis", "gpus"]
+    assert names == [
+        *("env", "config", "profile", "binary", "flags", "model", "port", "redis", "gpus")
+    ]
     assert all(line.startswith("ok") for line in lines)
     assert "tiny.gguf" in lines[names.index("model")]
     version = redis.Redis.from_url(subprocess_env["ORION_BUS_URL"]).info()["redis_version"]
     assert lines[names.index("redis")].endswith(f"answers (Redis {version})")
+
+
+def test_doctor_fails_a_port_llama_server_cannot_listen_on(subprocess_env: dict) -> None:
+    """Another server on the profile's port (another llama-server, this profile's worker
+    already running): doctor said ok to all, and `run` failed after five restarts."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli({**subprocess_env, "LLAMACPP_PORT_OVERRIDE": str(port)}, "doctor")
+    by_name = {line.split()[1]: line for line in done.stdout.splitlines()}
+    assert done.returncode == 1, done.stdout
+    assert by_name["port"].startswith("FAIL") and f"127.0.0.1:{port} is taken" in by_name["port"]
+    assert "LLAMACPP_PORT_OVERRIDE" in by_name["port"]
+
+
+@pytest.mark.parametrize(("offline", "outcome"), [("0", "note"), ("1", "FAIL")])
+def test_doctor_notes_a_model_run_will_download(
+    subprocess_env: dict, tmp_path: Path, offline: str, outcome: str
+) -> None:
+    """A profile's first start: its model is not downloaded yet, and `run` will. Doctor
+    said FAIL and exited 1, where deployment.md offers it as the first check; with
+    HF_HUB_OFFLINE set, `run` cannot download it, and that fails."""
+    registry = tmp_path / "hub.yaml"
+    registry.write_text(
+        "profiles:\n  hub:\n    backend: llamacpp\n    model_id: org/m\n    llamacpp:\n"
+        f"      model_root: {tmp_path / 'models'}\n      hf_repo_id: org/m\n"
+        f"      hf_filename: m-q4.gguf\n      port: {free_port()}\n"
+    )
+    env = {
+        **subprocess_env,
+        "LLM_PROFILES_CONFIG_PATH": str(registry),
+        "LLM_PROFILE_NAME": "hub",
+        "HF_HUB_OFFLINE": offline,
+    }
+    done = cli(env, "doctor")
+    by_name = {line.split()[1]: line for line in done.stdout.splitlines()}
+    assert by_name["model"].startswith(outcome), done.stdout
+    said = "will be downloaded from org/m on `run`" if outcome == "note" else "HF_HUB_OFFLINE"
+    assert said in by_name["model"], done.stdout
+    assert done.returncode == (0 if outcome == "note" else 1), done.stdout
 
 
 @pytest.mark.parametrize(
