@@ -192,9 +192,11 @@ def _model_state(plan: ServicePlan) -> str:
 
 def _pairs(argv: list[str]) -> list[str]:
     """Group each flag with its value, one per line, shell-quoted."""
+    from orion_llamaccp.engine.command import is_flag
+
     lines: list[str] = [shlex.quote(argv[0])]
     for arg in argv[1:]:
-        if arg.startswith("-") or len(lines) == 1 or " " in lines[-1]:
+        if is_flag(arg) or len(lines) == 1 or " " in lines[-1]:
             lines.append(shlex.quote(arg))
         else:
             lines[-1] += " " + shlex.quote(arg)

@@ -214,7 +214,8 @@ def _knob_args(profile: Profile, values: dict[str, Any], binary: BinaryInfo | No
     return args
 
 
-def _is_flag(arg: str) -> bool:
+def is_flag(arg: str) -> bool:
+    """A flag, not a value: ``-1`` and ``-1e-3`` are numbers."""
     return arg.startswith("-") and not arg.lstrip("-").replace(".", "").isdigit()
 
 
@@ -226,7 +227,7 @@ def _extra_args(profile: Profile, binary: BinaryInfo | None, owned: set[str]) ->
     extra: list[str] = []
     value_next = False
     for arg in profile.llamacpp.extra_args:
-        if value_next or not _is_flag(arg):
+        if value_next or not is_flag(arg):
             extra.append(arg)
             value_next = False
             continue

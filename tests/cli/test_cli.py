@@ -310,6 +310,14 @@ def test_command_json_works_before_the_model_exists(subprocess_env: dict, tmp_pa
     assert "not downloaded yet" in human.stdout
 
 
+def test_command_keeps_a_negative_value_beside_its_flag(subprocess_env: dict) -> None:
+    """``--threads -1`` (llama-server's "as many as the machine has") was shown as a flag
+    of its own, on a line of its own."""
+    done = cli({**subprocess_env, "LLAMACPP_THREADS_OVERRIDE": "-1"}, "command")
+    assert done.returncode == 0, done.stderr
+    assert "  --threads -1 \\\n" in done.stdout, done.stdout
+
+
 def test_validate_profiles_and_show(subprocess_env: dict, tmp_path: Path) -> None:
     assert cli(subprocess_env, "validate").returncode == 0
     listing = cli(subprocess_env, "profiles")
