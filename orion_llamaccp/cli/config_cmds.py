@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -24,6 +24,7 @@ from orion_llamaccp.settings import Settings, unread_variables
 if TYPE_CHECKING:
     from orion_llamaccp.engine.plan import ServicePlan
     from orion_llamaccp.profiles.models import Profile
+    from orion_llamaccp.profiles.registry import Registry
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -126,23 +127,33 @@ def _masked(profile: Profile) -> dict[str, Any]:
     return data
 
 
-def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+def _planned(
+    settings: Settings, registry: Registry
+) -> Iterator[tuple[str, ServicePlan | None, OrionLlamaError | None]]:
+    """Each llama.cpp profile as `run` would build its command (no binary needed): a clash
+    of extra_args with a knob, a flag this build does not take, a path out of model_root,
+    two spellings of one flag. ``SecretUnset``: its api_key_env variable is unset here."""
     from orion_llamaccp.engine.plan import plan_profile
+
+    for name, profile in registry.profiles.items():
+        try:
+            yield name, plan_profile(settings, registry, profile, require_binary=False), None
+        except OrionLlamaError as exc:
+            yield name, None, exc
+
+
+def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     from orion_llamaccp.profiles.registry import load_registry
 
     registry = load_registry(settings.profiles_config_path)
     problems = dict(registry.problems)
     unchecked = None  # why the flags were not checked against a binary
-    for name, profile in registry.profiles.items():
-        # As `run` would build its command (no binary needed): a clash of extra_args with
-        # a knob, a path out of model_root, two spellings of one flag.
-        try:
-            plan = plan_profile(settings, registry, profile, require_binary=False)
-        except SecretUnset:
+    for name, plan, exc in _planned(settings, registry):
+        if isinstance(exc, SecretUnset):
             print(f"ok       {name} (its api_key_env variable is unset here: not checked)")
-        except OrionLlamaError as exc:
+        elif exc is not None:
             problems[name] = f"profiles.{name}: {exc}"
-        else:
+        elif plan is not None:
             unchecked = unchecked or plan.binary_problem
             print(f"ok       {name}")
     # Named, and unusable, the binary fails the check (the setup is wrong); not found, it
@@ -218,12 +229,20 @@ def _check_plan(settings: Settings) -> tuple[list[Check], ServicePlan | None]:
     lines: list[Check] = []
     try:
         registry = load_registry(settings.profiles_config_path)
+        # Counted as `validate` counts them: it found two a plain read had let through.
+        planned = _planned(settings, registry)
+        invalid = [*registry.problems, *(n for n, _, e in planned if _invalid(e))]
         lines.append(
             (
                 "config",
                 True,
                 f"{registry.path}: {len(registry.profiles)} llama.cpp profiles, "
-                f"{len(registry.others)} of other backends, {len(registry.problems)} invalid",
+                f"{len(registry.others)} of other backends, {len(invalid)} invalid"
+                + (
+                    f" ({', '.join(invalid)}: `orion-llamaccp validate` says why)"
+                    if invalid
+                    else ""
+                ),
             )
         )
     except OrionLlamaError as exc:
@@ -249,6 +268,10 @@ def _check_plan(settings: Settings) -> tuple[list[Check], ServicePlan | None]:
     if plan.binary is not None:
         lines.append(("flags", True, "every knob of the profile maps to a flag this build accepts"))
     return lines, plan
+
+
+def _invalid(exc: OrionLlamaError | None) -> bool:
+    return exc is not None and not isinstance(exc, SecretUnset)
 
 
 def _check_model(plan: ServicePlan, settings: Settings) -> Check:

@@ -292,6 +292,10 @@ def test_validate_fails_a_profile_run_would_refuse(subprocess_env: dict, tmp_pat
     assert len(errors) == 2 and "profiles.twice:" in errors[0] and "-c" in errors[0]
     assert "profiles.outside:" in errors[1] and "outside model_root" in errors[1]
     assert lines[-1].startswith("2/4 llama.cpp profiles valid")
+    # doctor counts them as validate does: it said "0 invalid" of the same registry.
+    env = {**subprocess_env, "LLM_PROFILES_CONFIG_PATH": str(registry), "LLM_PROFILE_NAME": "fine"}
+    config = cli(env, "doctor").stdout.splitlines()[1]
+    assert "4 llama.cpp profiles, 0 of other backends, 2 invalid (twice, outside:" in config
 
 
 def test_command_json_works_before_the_model_exists(subprocess_env: dict, tmp_path: Path) -> None:
