@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--stream",
         action="store_true",
-        help="print tokens as they arrive (to a terminal; to a pipe or file, the answer once done)",
+        help="print tokens as they arrive",
     )
     p.add_argument(
         "--via",
@@ -97,10 +97,7 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
     else:
         intake, stream = keys.intake_channel(profile), keys.intake_stream(profile)
 
-    # Deltas are written as they come to a terminal only: a retry (llama-server died)
-    # starts the answer over, and text already written to a pipe or a file cannot be
-    # taken back; there the answer's text is written once, at the end.
-    live = args.stream and not args.json and sys.stdout.isatty()
+    live = args.stream and not args.json
     shown: list[str] = []
 
     def show(delta: str) -> None:
@@ -139,7 +136,17 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 1
     content = payload.get("content") or ""
-    if "".join(shown) != content:  # nothing shown, or an attempt's the answer is not
+    if "".join(shown) != content:  # nothing shown, or text of an attempt the answer is not
+        if shown and not sys.stdout.isatty():
+            # A retry (llama-server died) started the answer over: text already written
+            # to a pipe or a file cannot be taken back, and appending the answer would
+            # splice the two (with exit status 0, where it used to).
+            print(
+                "\nerror: the answer was started over (llama-server restarted) after part of "
+                "it was written: the output is not the answer; ask again",
+                file=sys.stderr,
+            )
+            return 1
         if shown:
             print("\n--- the text above was not the answer's; the answer: ---", file=sys.stderr)
         print(content, end="")
