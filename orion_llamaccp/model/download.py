@@ -34,6 +34,7 @@ from orion_llamaccp.model.hub import (
     Refused,
     RemoteFile,
     Transient,
+    Unreachable,
 )
 from orion_llamaccp.model.partial import PartialFile
 from orion_llamaccp.model.progress import Reporter, size_text
@@ -266,8 +267,15 @@ def fetch_file(
 
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
+        hint = ""
+        if isinstance(error, Unreachable) and state.attempt_number == 1:
+            hint = f", for up to {policy.deadline_sec:g} s without progress. {OFFLINE_HINT}"
         log.warning(
-            "download of %s failed (attempt %d): %s; retrying", hub.label, job.attempt, error
+            "download of %s failed (attempt %d): %s; retrying%s",
+            hub.label,
+            job.attempt,
+            error,
+            hint,
         )
 
     retrying = Retrying(
@@ -287,7 +295,7 @@ def fetch_file(
                 f"asking the Hub again: not an expired link, but something in the way of "
                 f"that server (a proxy or firewall), or a mirror (HF_ENDPOINT) that refuses it"
             ) from None
-        raise DownloadError(_give_up(job, policy, str(exc))) from None
+        raise DownloadError(_give_up(job, policy, exc)) from None
     except OSError as exc:  # the disk, not the network: free space, permissions
         raise DownloadError(
             f"cannot write the download of {hub.label} under {root}: {exc.strerror or exc}; "
@@ -310,7 +318,15 @@ def _sleeper(cancel: threading.Event | None) -> Callable[[float], None]:
     return sleep
 
 
-def _give_up(job: _Download, policy: DownloadPolicy, error: str) -> str:
+# A host that never reaches the Hub (air-gapped, a DNS without it) waited the whole
+# deadline (10 minutes by default) with nothing but the network error said.
+OFFLINE_HINT = (
+    "Where this host cannot reach Hugging Face: copy the file to the model path by hand "
+    "and set HF_HUB_OFFLINE=1, or point HF_ENDPOINT at a mirror"
+)
+
+
+def _give_up(job: _Download, policy: DownloadPolicy, error: Transient) -> str:
     kept = job.partial.path if job.partial is not None and job.partial.size else None
     resume = f"; {kept} is kept and the next try resumes from it" if kept else ""
     ranges = (
@@ -324,4 +340,5 @@ def _give_up(job: _Download, policy: DownloadPolicy, error: str) -> str:
         f"gave up downloading {job.hub.label} after {job.attempt} attempts with no progress "
         f"for {policy.deadline_sec:g} s (last error: {error}){resume}.{ranges} Check the "
         f"network and HF_ENDPOINT, then run `orion-llamaccp fetch` again"
+        + (f". {OFFLINE_HINT}" if isinstance(error, Unreachable) else "")
     )

@@ -55,6 +55,11 @@ class Transient(Exception):
     """A failure another attempt may fix: network, timeout, stall, 5xx, 429."""
 
 
+class Unreachable(Transient):
+    """No connection to the Hub at all (a name that does not resolve, a refused connection,
+    no route): the network may come back, or this host never reaches the Hub."""
+
+
 class Refused(Transient):
     """The file's server refused a link the Hub had just given (403, 410): an expired
     signature once, which the next attempt's fresh link fixes; every time, something in
@@ -217,7 +222,7 @@ class HubClient:
         if isinstance(exc, httpx2.TimeoutException):
             return Transient(f"no answer within {self._timeout:g} s for {hub.label}")
         if isinstance(exc, httpx2.TransportError):
-            return Transient(self._redact(f"cannot reach the Hub for {hub.label}: {exc}"))
+            return Unreachable(self._redact(f"cannot reach the Hub for {hub.label}: {exc}"))
         if isinstance(exc, HfHubHTTPError):
             return DownloadError(
                 f"the Hub refused {hub.label} with HTTP {_status(exc)}: "

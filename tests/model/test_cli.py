@@ -96,7 +96,7 @@ def test_doctor_and_command_say_a_model_path_switches_the_download_off(
     settings = make_settings(profiles_config_path=registry, profile_name="tiny")
     plan = build_plan(settings, require_binary=False)
 
-    name, ok, detail = config_cmds._check_model(plan)
+    name, ok, detail = config_cmds._check_model(plan, settings)
     parser = argparse.ArgumentParser(prog="orion-llamaccp")
     config_cmds.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["command"])

@@ -5,6 +5,7 @@ huggingface_hub client against a local server that speaks the Hub's download pro
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from orion_llamaccp.model.store import STATE_DIR, partial_path
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile
 from tests.model.hub_server import Fault, LocalHub
+from tests.support.procs import free_port
 
 SettingsFactory = Callable[..., Settings]
 Bytes = Callable[[int], bytes]
@@ -131,6 +133,22 @@ def test_gives_up_with_a_clear_error_when_nothing_moves(
     assert "orion-llamaccp fetch" in message
     assert 2 <= len(hub.resolves(FILENAME)) < 1000
     assert not (cache_dir / FILENAME).exists()
+
+
+def test_a_hub_out_of_reach_says_what_an_offline_host_does(
+    make_settings: SettingsFactory, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No connection to the Hub at all (here, a port nothing listens on): the worker
+    retried for the whole deadline (10 minutes by default) saying only the network error,
+    where a host that never reaches the Hub needs HF_HUB_OFFLINE or HF_ENDPOINT."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    settings = make_settings(hf_endpoint=closed, download_deadline_sec=1.0)
+    with caplog.at_level(logging.WARNING), pytest.raises(DownloadError) as err:
+        ensure_model(make_profile(), settings)
+    assert "cannot reach the Hub" in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert retries and "HF_HUB_OFFLINE=1" in retries[0], retries
+    assert not any("HF_HUB_OFFLINE" in said for said in retries[1:]), retries  # said once
 
 
 def _fetch_with_a_short_deadline(hub: LocalHub, cache_dir: Path) -> None:
