@@ -79,6 +79,10 @@ return n
 # answers it again. The same bytes sent again in this time go to the replica that
 # answered them (it finds its own claim), not to the others.
 ANSWERED_CLAIM_SEC = 10
+# What a worker that cannot serve a request waits before it claims it: a replica that heard
+# the same request and can serve it claims within a few ms of reading it, and its claim goes
+# in first (a request one replica can serve is not answered with another's error).
+REPLICA_GRACE_SEC = 1.0
 # How long ``give_back`` remembers an answered claim: its EXPIRE may land well after the
 # answer was staged (a commit retried through a Redis outage); giving back one that
 # lapsed meanwhile is harmless.

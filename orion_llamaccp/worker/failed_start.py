@@ -18,7 +18,7 @@ import uuid
 
 import redis.asyncio as aioredis
 
-from orion_llamaccp.bus.claims import Claims
+from orion_llamaccp.bus.claims import REPLICA_GRACE_SEC, Claims
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.presence import beat
@@ -31,9 +31,6 @@ from orion_llamaccp.worker.startup import Intake
 log = logging.getLogger(__name__)
 
 ERROR_CODE = "engine_unavailable"  # as a worker that gives up later says it (``Worker._fatal``)
-# A replica that heard the same request claims it within a few ms of reading it; its claim
-# goes in first, so that a request one replica can serve is not answered with our error.
-REPLICA_GRACE_SEC = 1.0
 
 
 class FailedStart:

@@ -87,9 +87,10 @@ class Generator:
         # that a death during one's try is its own (``_Deaths``).
         self.suspects = asyncio.Lock()
 
-    async def engine_ready(self, job: Job) -> None:
+    async def engine_ready(self, job: Job, *, since: float | None = None) -> None:
         """Return once llama-server is ready; raise what the job must do if it will not be
-        (``LeavePending`` for a stream entry, else ``Failure``)."""
+        (``LeavePending`` for a stream entry, else ``Failure``). A pub/sub request waits
+        up to the engine wait from ``since`` (monotonic; now when None)."""
         supervisor = self.supervisor
         if supervisor.state is EngineState.READY:
             return
@@ -104,18 +105,22 @@ class Generator:
                 retryable=True,
                 details={"engine_state": str(supervisor.state)},
             )
-        wait = None if job.transport == "stream" else self.settings.engine_wait_sec
+        wait = None
+        if job.transport != "stream":
+            start = time.monotonic() if since is None else since
+            wait = max(0.0, start + self.settings.engine_wait_sec - time.monotonic())
         try:
             state = await supervisor.wait_for(EngineState.READY, *OUT_OF_SERVICE, timeout=wait)
         except TimeoutError:
             raise Failure(
                 "engine_unavailable",
-                f"llama-server not ready within {wait:.0f}s ({supervisor.state})",
+                f"llama-server not ready within {self.settings.engine_wait_sec:.0f}s "
+                f"({supervisor.state})",
                 retryable=True,
                 details={"engine_state": str(supervisor.state)},
             ) from None
         if state is not EngineState.READY:
-            await self.engine_ready(job)
+            await self.engine_ready(job, since=since)
 
     def ahead(self, data: bytes) -> Ahead | None:
         """Write a chat request to llama-server from the message's raw JSON, before pydantic
@@ -232,14 +237,19 @@ class Generator:
         ends = expiry(envelope)
         retry = False
         while True:
+            # A first try's wait is counted from the request's arrival, not from its slot:
+            # while llama-server loads, the requests queued behind those holding the slots
+            # each waited the whole engine wait again once given one (the fifth of five on
+            # one slot, five times over). A retry's, from the death it follows.
+            since = None if retry else job.received
             if sent is None:
                 async with by_expiry(ends, tried=retry):
-                    await self.engine_ready(job)
+                    await self.engine_ready(job, since=since)
                 await deaths.check(attempt)
             async with deaths.turn(deadline, job.lease, ends, tried=retry):
                 if deaths.count:  # the suspect before may have killed it meanwhile
                     async with by_expiry(ends, tried=retry):
-                        await self.engine_ready(job)
+                        await self.engine_ready(job, since=since)
                 if retry:  # the first try started in time; a retry is a new generation
                     check_expiry(envelope, tried=True)
                 elif sent is None:  # not written yet: it may have waited for llama-server

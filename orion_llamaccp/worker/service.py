@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from orion_llamaccp.bus.claims import ANSWERED_CLAIM_SEC, Claims
+from orion_llamaccp.bus.claims import ANSWERED_CLAIM_SEC, REPLICA_GRACE_SEC, Claims
 from orion_llamaccp.bus.codec import as_uuid, decode_envelope, loads_object
 from orion_llamaccp.bus.envelope import as_utc
 from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry, not_started
@@ -549,17 +549,31 @@ class Worker:
         job = decode_job(data, "pubsub", self.settings.max_message_bytes)
         job.ahead = ahead
         self.view.received += 1
-        claim = self.claims.claim_message(job.key, job.claimant(self.settings.instance_id))
+        key, claimant = job.key, job.claimant(self.settings.instance_id)
         if early and job.decode_error is None:
             self._dispatch(job)  # its first step writes the request: it runs before the claim
-            job.claim = asyncio.create_task(claim)
+            job.claim = asyncio.create_task(self.claims.claim_message(key, claimant))
             job.claim.add_done_callback(self._on_early_claim)
             return None
         if ahead is not None:  # not started before its claim after all
             ahead.drop()
             job.ahead = None
         self.unsettled += 1
-        return job, asyncio.create_task(claim)
+        if self._defers_to_replicas():
+            return job, asyncio.create_task(self._claim_after_grace(key, claimant))
+        return job, asyncio.create_task(self.claims.claim_message(key, claimant))
+
+    def _defers_to_replicas(self) -> bool:
+        """Not able to serve yet (llama-server downloading, loading, restarting), with a
+        replica on the channel: in a rolling deploy or a scale-up the newcomer, idle,
+        won most claims from the replica serving, and answered each `engine_unavailable`
+        after the engine wait while that replica sat idle. Its claim now waits a grace:
+        a replica that can serve claims within a few ms."""
+        return not self.alone and self.supervisor.state is not EngineState.READY
+
+    async def _claim_after_grace(self, key: str, claimant: str) -> bool:
+        await asyncio.sleep(REPLICA_GRACE_SEC)
+        return await self.claims.claim_message(key, claimant)
 
     async def _settle(self, job: Job, claim: asyncio.Task[bool]) -> None:
         """Once its claim is back: nothing (another replica's), or an answer now, or the

@@ -162,6 +162,65 @@ async def test_a_request_that_expires_while_llama_server_restarts_is_not_generat
     assert "not generated" in payload["details"]["message"], payload
 
 
+async def test_a_replica_still_loading_leaves_pub_sub_requests_to_one_that_serves(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_url: str,
+    llama_server_bin: Path,
+) -> None:
+    """A rolling deploy: a replica that serves, and one whose llama-server is loading. Both
+    claim every pub/sub request, and the newcomer, idle, won most of them, to answer each
+    ``engine_unavailable`` after the engine wait while the other sat idle (14 of 20 in the
+    review's run). It waits a grace before it claims now: every request is served."""
+    serving = spawn_worker("serving")
+    loading = spawn_worker(
+        "loading",
+        ready=False,
+        LLAMA_SERVER_BIN=str(PRELUDE),
+        REAL_LLAMA_SERVER=str(llama_server_bin),
+        PRELUDE_LINES="900",
+        PRELUDE_DELAY="0.1",  # loading for 90 s
+        PRELUDE_HELP_AT_ONCE="1",
+        ORION_LLAMACPP_ENGINE_WAIT_SEC="2",
+    )
+    loading.wait_state("loading")
+    await wait_replicas_counted(recorder, redis_url, INTAKE, [serving.name, loading.name])
+    answers = [
+        await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=30) for _ in range(8)
+    ]
+    assert [a.payload.get("error") for a in answers] == [None] * 8, [a.payload for a in answers]
+    assert {a.payload["meta"]["instance"] for a in answers} == {serving.name}
+
+
+async def test_requests_queued_while_llama_server_loads_wait_one_engine_wait_in_all(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, llama_server_bin: Path
+) -> None:
+    """Four requests at once to a worker with one slot whose llama-server loads for 5 s,
+    with an engine wait of 2 s. Each waited 2 s from the slot it got, not from its
+    arrival: the second was told ``engine_unavailable`` after 4 s, and the third and
+    fourth waited on into the load's end (the seventeenth with the defaults: 8.5 minutes,
+    for an answer that says "within 30s"). All four are answered within their wait now,
+    before the load ends."""
+    loading = spawn_worker(
+        parallel=1,
+        ready=False,
+        LLAMA_SERVER_BIN=str(PRELUDE),
+        REAL_LLAMA_SERVER=str(llama_server_bin),
+        PRELUDE_LINES="50",
+        PRELUDE_DELAY="0.1",  # loading for 5 s
+        PRELUDE_HELP_AT_ONCE="1",
+        ORION_LLAMACPP_ENGINE_WAIT_SEC="2",
+    )
+    loading.wait_state("loading")
+    envelopes = [bus.request(HI, profile="tiny", options={"max_tokens": 2}) for _ in range(4)]
+    for envelope in envelopes:
+        await bus.send(envelope, profile="tiny")
+    answers = [answer[0].message["payload"] for answer in await _results(recorder, envelopes)]
+    assert [a.get("error") for a in answers] == ["engine_unavailable"] * 4, answers
+    assert loading.state() == "loading"  # all of them answered before the load ended
+
+
 async def test_a_duplicate_that_expires_while_its_twin_runs_is_answered_expired(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
 ) -> None:
