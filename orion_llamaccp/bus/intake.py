@@ -770,7 +770,12 @@ class StreamConsumer:
         """Leaving: every entry still ours made another worker's to take at once
         (``_HAND_BACK``); how many."""
         args = [self.group, self.consumer, self.claim_idle_ms]
-        return int(await self._hand_back(keys=[self.stream], args=args))
+        try:
+            return int(await self._hand_back(keys=[self.stream], args=args))
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):  # no group yet (a worker that never started): none
+                return 0
+            raise
 
     async def trim_acked(self) -> int:
         """Delete the entries every group is done with (``_TRIM_ACKED``); how many."""

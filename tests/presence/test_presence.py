@@ -352,6 +352,9 @@ async def test_a_worker_that_cannot_start_says_failed_to_the_end(
     told = health(subprocess_env, worker.name)
     assert told.returncode == 1 and "down (failed)" in told.stdout, told
     assert "missing.gguf" in told.stdout
+    # Its stream group never made: nothing to hand back, and no Redis error to read as a
+    # second fault beside the real one (NOGROUP, at WARNING).
+    assert "could not hand back" not in worker.log(), worker.log()[-2000:]
 
 
 async def test_a_secret_in_a_model_s_file_name_is_masked_in_what_the_worker_publishes(
