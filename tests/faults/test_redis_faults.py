@@ -330,6 +330,44 @@ async def test_a_request_redis_refuses_to_record_is_logged_and_answered_at_redel
     await wait_stream_acked(fault.raw, STREAM, GROUP)
 
 
+async def test_a_result_redis_refuses_leaves_its_stream_entry_pending(
+    fault: Fault, hi: list
+) -> None:
+    """Redis reaches its ``maxmemory`` (``noeviction``) while a stream request generates:
+    its result is refused, and the entry must stay pending, to be answered at its
+    redelivery. An XACK is no write Redis refuses at its limit: sent beside the result
+    unconditionally, it would drop the entry unanswered (the ack goes only where the
+    result's guard says it went out, ``ACK_IF_ANSWERED``; no test held the worker to it)."""
+    port = free_port()
+    worker = fault.spawn(
+        "w", slow=True, parallel=1, METRICS_PORT=str(port), ORION_LLAMACPP_CLAIM_IDLE_MS="1500"
+    )
+    options = {"max_tokens": SLOT_TOKENS, "ignore_eos": True}  # no chunks: the result alone
+    envelope = fault.ledger.add(fault.client.request(hi, profile="tiny", options=options))
+    engine = worker.engine_pid()
+    os.kill(engine, signal.SIGSTOP)  # the generation ends after the limit, however fast
+    try:
+        await fault.client.send(envelope, profile="tiny", via="stream")
+        owned = keys.dedup("tiny", "*")  # the running marker: claimed, about to generate
+        await wait_until_async(lambda: fault.raw.keys(owned), what="the request owned")
+        await fault.raw.config_set("maxmemory-policy", "noeviction")
+        await fault.raw.config_set("maxmemory", 1)
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    try:
+        await wait_until_async(
+            lambda: "Redis unavailable" in worker.log(), timeout=45, what="the refusal logged"
+        )
+        assert fault.ledger.answers(envelope) == []
+        assert await _pending_is(fault, 1)
+    finally:
+        await fault.raw.config_set("maxmemory", 0)
+    assert_exactly_once(await fault.ledger.settle(timeout=45))
+    [answer] = fault.ledger.answers(envelope)
+    assert answer["payload"]["usage"]["completion_tokens"] == SLOT_TOKENS, answer
+    await wait_stream_acked(fault.raw, STREAM, GROUP)
+
+
 async def _pending_is(fault: Fault, count: int) -> bool:
     return (await group_state(fault))[1] == count
 
