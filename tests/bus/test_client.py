@@ -25,7 +25,7 @@ from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.codec import decode_envelope
 from orion_llamaccp.bus.envelope import CHAT_CHUNK, CHAT_RESULT, ServiceRef
 from orion_llamaccp.bus.outbox import Outbox
-from orion_llamaccp.client import BusClient
+from orion_llamaccp.client import BusClient, ChunkAssembler
 from orion_llamaccp.errors import NoWorker
 from tests.bus.conftest import SpawnWorker
 from tests.support.procs import RedisServer, replica_of, wait_until_async
@@ -349,6 +349,19 @@ async def test_the_timeout_bounds_a_redis_that_answers_nothing(tmp_path: Path) -
             assert isinstance(call.exception(), TimeoutError), call.exception()
     finally:
         server.stop()
+
+
+def test_the_assembler_takes_the_next_seq_of_the_newest_attempt_only() -> None:
+    """A gap (``seq`` 2 after 0: a chunk lost) is not text: deltas with holes went to
+    ``on_delta`` (no test held the assembler to its order)."""
+    assembler = ChunkAssembler()
+    assert assembler.add({"attempt": 1, "seq": 0, "delta": "Once"}) == "Once"
+    assert assembler.add({"attempt": 1, "seq": 2, "delta": " lost"}) is None  # a gap
+    assert assembler.add({"attempt": 1, "seq": 0, "delta": "Once"}) is None  # a repeat
+    assert assembler.add({"attempt": 1, "seq": 1, "delta": " upon"}) == " upon"
+    assert assembler.add({"attempt": 2, "seq": 0, "delta": "Hi"}) == "Hi"  # started over
+    assert assembler.add({"attempt": 1, "seq": 2, "delta": " a"}) is None  # the old one's
+    assert (assembler.text, assembler.attempt) == ("Hi", 2)
 
 
 def _pipe_closed(delta: str) -> None:

@@ -281,6 +281,18 @@ async def test_a_stream_entry_delivered_too_often_is_settled_without_a_try(
         assert len(letters) == 1
 
 
+async def test_a_stream_entry_at_its_delivery_limit_is_still_tried(
+    spawn_worker: SpawnWorker, bus: BusClient
+) -> None:
+    """``ORION_LLAMACPP_MAX_DELIVERIES`` counts the tries an entry gets: with a limit of
+    1 its one delivery is served. Only a delivery beyond the limit is refused (a limit
+    taken as "at least" refused every fresh entry at 1, and the last try at 5; no test
+    held the boundary)."""
+    spawn_worker(ORION_LLAMACPP_MAX_DELIVERIES="1")
+    result = await bus.chat(HI, profile="tiny", via="stream", options={"max_tokens": 2}, timeout=30)
+    assert result.ok, result.payload
+
+
 async def test_an_entry_whose_worker_died_after_its_dead_letter_has_one_dead_letter(
     spawn_worker: SpawnWorker,
     bus: BusClient,

@@ -76,6 +76,30 @@ def test_a_job_already_answering_is_not_marked() -> None:
     assert not answering.user_cancelled
 
 
+async def test_a_cancel_leaves_a_job_alone_that_is_sending_its_answer() -> None:
+    """A cancel that lands while a job's answer goes out (its generation done) would stop
+    the answer, not the request: the caller would get ``cancelled`` for a finished one.
+    ``file`` honoured ``answering``; nothing held ``cancel`` to it."""
+    inflight = InFlight(RecentCancels(keep_sec=60))
+    flow = str(uuid4())
+    sending = job(flow, T0)
+    task = asyncio.create_task(asyncio.sleep(10))
+    await asyncio.sleep(0)  # running: a task that has not run is only marked
+    inflight.file(sending, task)
+    sending.answering = True
+    inflight.cancel(flow, T0 + timedelta(seconds=1))
+    await asyncio.sleep(0)
+    assert not task.cancelled() and not sending.user_cancelled
+    running = job(flow, T0)
+    other = asyncio.create_task(asyncio.sleep(10))
+    await asyncio.sleep(0)
+    inflight.file(running, other)
+    inflight.cancel(flow, T0 + timedelta(seconds=2))  # not answering yet: stopped
+    await asyncio.sleep(0)
+    assert other.cancelled() and running.user_cancelled
+    task.cancel()
+
+
 def test_a_legacy_dict_is_reached_only_by_a_cancel_heard_after_it_arrived() -> None:
     """A legacy dict's ``created_at`` is the moment it was decoded, on our clock: compared
     with a cancel's, from the sender's, it would let a skew decide. Only a cancel heard
