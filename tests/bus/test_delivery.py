@@ -483,30 +483,46 @@ async def test_backlog_beyond_slots_waits_in_the_stream(
     assert max(samples) == 1 and len(samples) > 10
 
 
+@pytest.mark.parametrize("request_kind", ["served", "failing"])
 async def test_alone_on_its_channel_it_starts_before_the_claim_and_is_silent_if_it_loses(
-    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_url: str,
+    request_kind: str,
 ) -> None:
     """A worker alone on its channel sends the request to llama-server while its claim is in
     flight. If a replica that joined meanwhile won the claim, not one chunk or result of
-    ours may go out, and the worker goes on serving."""
+    ours may go out, and the worker goes on serving. Nor an error, for a request that
+    fails before its generation (an option out of range): the replica that won answers
+    it; a second answer and a second error report were held back by ``fail``'s own check
+    of the claim, which no test held it to."""
     worker = spawn_worker(parallel=1)
     await wait_replicas_counted(recorder, redis_url, INTAKE, [worker.name])  # alone
-    taken = bus.request(HI, profile="tiny", options={"max_tokens": 200, "stream": True})
+    options = {"max_tokens": 200, "stream": True}
+    if request_kind == "failing":
+        options["max_tokens"] = "lots"
+    taken = bus.request(HI, profile="tiny", options=options)
     client = aioredis.Redis.from_url(redis_url)
     try:
         await client.set(keys.claim(taken["id"]), "a-replica-that-just-joined")
     finally:
         await client.aclose()
     await bus.send(taken, profile="tiny")
-    await wait_until_async(
-        lambda: "went to another replica" in worker.log(),
-        timeout=15,
-        what="the worker started on the message, then dropped it",
-    )
-    after = await bus.chat(HI, profile="tiny", options={"max_tokens": 4}, timeout=30)
+    if request_kind == "served":
+        await wait_until_async(
+            lambda: "went to another replica" in worker.log(),
+            timeout=15,
+            what="the worker started on the message, then dropped it",
+        )
+    follow_up = bus.request(HI, profile="tiny", options={"max_tokens": 4})
+    after = await bus.chat(HI, profile="tiny", envelope=follow_up, timeout=30)
     assert after.ok, after.payload
+    await _results(recorder, [follow_up])  # the recorder has heard all before it, too
     assert recorder.on(taken["reply_to"]) == []
     assert recorder.on(taken["reply_to"] + ":chunks") == []
+    reports = [m.message for m in recorder.on("orion:system:error")]
+    assert not [r for r in reports if r["correlation_id"] == taken["correlation_id"]], reports
 
 
 async def test_an_entry_answered_before_its_worker_died_is_only_acked_even_if_cancelled(
