@@ -212,7 +212,12 @@ class BusClient:
         opts = {**(options or {}), "stream": stream} if stream else dict(options or {})
         if cancel_on_give_up is None:
             cancel_on_give_up = envelope is None
-        envelope = envelope or self.request(messages, profile=profile, options=opts)
+        # One we make lives as long as we wait for it (``ttl_ms``): a stream entry read
+        # after we gave up (no worker then, or a backlog) is answered ``expired``, not
+        # generated for no one; the cancel we send on giving up reaches only the workers
+        # running then, and they remember it ten minutes.
+        ttl_ms = max(1, int(timeout * 1000))
+        envelope = envelope or self.request(messages, profile=profile, options=opts, ttl_ms=ttl_ms)
         channels = [name for name in (envelope["reply_to"], _chunks_of(envelope)) if name]
         pubsub: PubSub | None = None
         sent = False

@@ -167,7 +167,10 @@ def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
     return run_bus(
         _chat(args, settings),
         settings,
-        waiting_for=f"a worker serving profile '{profile}' within {args.timeout:g}s",
+        waiting_for=(
+            f"a worker serving profile '{profile}' within {args.timeout:g}s (is one running "
+            f"and ready? `orion-llamaccp ps`)"
+        ),
     )
 
 

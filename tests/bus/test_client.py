@@ -412,6 +412,27 @@ async def test_a_caller_that_gives_up_cancels_its_request(
     assert answer["error"] == "cancelled", answer
 
 
+async def test_a_stream_request_given_up_before_a_worker_came_is_not_generated_later(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """``chat --via stream`` with no worker running times out; its entry waits in the
+    stream, and the cancel sent on giving up reaches no one. The worker that came eleven
+    minutes later (in the review) generated it for no one. The request lives as long as
+    its caller waits (``ttl_ms``) now: it is answered ``expired``, not generated."""
+    with pytest.raises(TimeoutError):
+        await bus.chat(HI, profile=PROFILE, via="stream", options={"max_tokens": 2}, timeout=1)
+    await asyncio.sleep(1.1)  # past the caller's wait, as the minutes were in the review
+    spawn_worker()
+    await wait_until_async(
+        lambda: [m for m in recorder.from_service() if b"llm.chat.result" in m.data],
+        timeout=30,
+        what="the entry answered",
+    )
+    [answer] = [m.message for m in recorder.from_service() if b"llm.chat.result" in m.data]
+    assert answer["payload"].get("error") == "expired", answer["payload"]
+    assert "not generated" in answer["payload"]["details"]["message"]
+
+
 async def test_a_caller_s_own_correlation_id_is_cancelled_only_when_asked_stand_in_worker(
     redis_url: str,
 ) -> None:

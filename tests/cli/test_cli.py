@@ -314,6 +314,16 @@ def test_command_json_works_before_the_model_exists(subprocess_env: dict, tmp_pa
     assert "not downloaded yet" in human.stdout
 
 
+def test_chat_on_the_stream_with_no_worker_says_where_to_look(subprocess_env: dict) -> None:
+    """Over the stream, no subscriber count tells the caller at once that no worker
+    serves the profile (as ``NoWorker`` does on pub/sub): the timeout's error now says
+    where to look."""
+    done = cli(subprocess_env, "chat", "hi", "--via", "stream", "--timeout", "1")
+    assert done.returncode == 1, done.stderr
+    said = "error: no answer from a worker serving profile 'tiny' within 1s (is one running"
+    assert said in done.stderr and "orion-llamaccp ps" in done.stderr, done.stderr
+
+
 def test_command_keeps_a_negative_value_beside_its_flag(subprocess_env: dict) -> None:
     """``--threads -1`` (llama-server's "as many as the machine has") was shown as a flag
     of its own, on a line of its own."""
