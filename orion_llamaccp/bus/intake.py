@@ -175,12 +175,15 @@ class PubSubListener:
         *,
         ping_interval: float = 2.0,
         ping_timeout: float = 6.0,
+        bus: str = "",
     ) -> None:
         self.redis = redis
         self.channels = channels
         self.handler = handler
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.bus = bus  # the URL, its password masked: said while Redis was never reached
+        self.ever_subscribed = False
         self.subscribed = asyncio.Event()
         self.reconnects = 0
         self.refused: AuthenticationError | None = None  # the credentials, last we tried
@@ -205,6 +208,9 @@ class PubSubListener:
                 level, said = logging.ERROR, f"Redis refused our credentials ({exc}): {FIX_AUTH}"
             except (*TRANSIENT, ConnectionAbortedError) as exc:
                 level, said = logging.WARNING, f"pub/sub connection lost ({exc})"
+                if not self.ever_subscribed:  # no connection lost: none was ever made
+                    at = f" at {self.bus}" if self.bus else ""
+                    said = f"cannot reach Redis{at} ({exc}): check ORION_BUS_URL"
             except Exception as exc:
                 level, said = logging.ERROR, f"pub/sub listening failed: {_error(exc)}"
             self.subscribed.clear()
@@ -246,6 +252,7 @@ class PubSubListener:
             if left := [name for name in wanted if name not in self.channels]:
                 await pubsub.unsubscribe(*left)  # ``leave`` ran while we subscribed
             self.subscribed.set()
+            self.ever_subscribed = True
             self.refused = None
             self.backoff.reset()
             # The first time is the owner's to report (the worker does once it is built);

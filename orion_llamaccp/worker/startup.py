@@ -75,6 +75,7 @@ class Intake:
             self._received,
             ping_interval=settings.pubsub_ping_sec,
             ping_timeout=3 * settings.pubsub_ping_sec,
+            bus=settings.bus_url_display,
         )
         self._task: asyncio.Task[None] | None = None
 

@@ -448,6 +448,12 @@ def test_a_stop_while_redis_is_down_at_start_is_not_held_by_the_wait_to_subscrib
             timeout=30,
             what="the worker waiting for its subscription",
         )
+        # Said as what it is, naming the setting: it said "pub/sub connection lost" for
+        # ever, of a connection that never was.
+        said = f"cannot reach Redis at {env['ORION_BUS_URL']} ("
+        wait_until(lambda: said in log.read_text(), timeout=10, what="Redis said unreachable")
+        assert "check ORION_BUS_URL" in log.read_text()
+        assert "connection lost" not in log.read_text()
         proc.send_signal(signal.SIGTERM)
         # Bounds the wait only: the old wait for the subscription alone lasted 5 s.
         assert proc.wait(4) == 0, log.read_text()[-2000:]
