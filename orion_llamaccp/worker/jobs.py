@@ -203,6 +203,10 @@ def _salvaged(data: bytes, entry: StreamEntry | None) -> dict[str, Any]:
         for key, value in entry_said(entry).items():
             if said.get(key) is None:
                 said[key] = value
+    if said.get("correlation_id") is None:
+        # Made up once, for its answer and its error report alike: each made up its own,
+        # and the two could not be matched.
+        said["correlation_id"] = str(uuid.uuid4())
     return said
 
 

@@ -106,6 +106,11 @@ async def test_validation_failed_for_extra_key_bad_uuid_and_bad_option(
         assert answer["payload"]["details"]["retryable"] is False
     errors = recorder.kinds("system.error")
     assert len(errors) >= 4
+    # A correlation id that is no UUID: the answer and the error report make up one, the
+    # same (each made up its own, and the report could not be matched with the answer).
+    made_up = (await _answer_on(recorder, bad_uuid["reply_to"]))["correlation_id"]
+    reports = [orjson.loads(e.data) for e in recorder.kinds("system.error")]
+    assert made_up in [r["correlation_id"] for r in reports], (made_up, reports)
 
 
 async def test_unsupported_kind(
