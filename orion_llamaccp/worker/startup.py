@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -20,9 +21,11 @@ from orion_llamaccp.bus.failover import follow_failovers
 from orion_llamaccp.bus.intake import FIX_AUTH, PubSubListener
 from orion_llamaccp.errors import ConfigError, OrionLlamaError
 from orion_llamaccp.settings import Settings
+from orion_llamaccp.stopping import unless_stopped
 from orion_llamaccp.worker.announce import Channels, channels_for
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Bounds on what a worker that could not be built says before it exits (a Redis that is
 # gone too must not hold the exit up): the fleet report, then the answers (leaving the
@@ -126,8 +129,17 @@ async def serve(settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | 
 
         try:
             registry, profile = select_profile(settings)
-            plan = await asyncio.to_thread(plan_profile, settings, registry, profile)
+            # llama-server's --help and --version (up to 90 s where they initialise CUDA
+            # on many GPUs), and a stop obeyed meanwhile: the first SIGTERM waited them out.
+            planning = _in_a_thread(plan_profile, settings, registry, profile)
+            if not await unless_stopped(stop, planning):
+                log.info("stopped before the worker was built")
+                return 0
+            plan = planning.result()
         except OrionLlamaError as exc:
+            if stop.is_set():  # Ctrl-C reaches the process group: the probe died of it
+                log.info("stopped before the worker was built (%s)", settings.redact(str(exc)))
+                return 0
             await tell_failed_start(settings, redis, intake, exc)
             raise
         from orion_llamaccp.worker.service import Worker
@@ -136,6 +148,32 @@ async def serve(settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | 
     finally:
         await intake.close()
         await redis.aclose()
+
+
+def _in_a_thread(function: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    """``function(*args)`` in a daemon thread of its own: a stop need not wait for it (the
+    default executor's threads are joined as the process exits, however long they take)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            outcome: tuple[T | None, BaseException | None] = (function(*args), None)
+        except BaseException as exc:  # handed to the loop, which raises it where awaited
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed: stopped meanwhile
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name=f"{function.__name__}", daemon=True).start()
+    return done
 
 
 async def tell_failed_start(

@@ -430,6 +430,56 @@ def test_a_run_whose_redis_refuses_its_credentials_exits_saying_so(
     assert line.startswith("FAIL") and "fix the user name or password in ORION_BUS_URL" in line
 
 
+SLOW_HELP = """#!/usr/bin/env bash
+# llama-server whose --help takes 30 s (CUDA initialised on a host with many GPUs)
+case " $* " in *" --help "*) sleep 30 ;; esac
+exec "$REAL_LLAMA_SERVER" "$@"
+"""
+
+
+@pytest.mark.parametrize("signal_to", ["the_worker", "the_process_group"])
+def test_a_stop_while_the_binary_is_probed_ends_the_start_at_once(
+    subprocess_env: dict, tmp_path: Path, llama_server_bin: Path, signal_to: str
+) -> None:
+    """A SIGTERM while the worker reads llama-server's --help (before the worker is built)
+    waited the probe out (up to 90 s: docs say a stop before the engine is ready ends the
+    start at once). Ctrl-C reaches the whole process group, the probe included, which
+    died of it: the stop was reported on the bus as a failed start, exit status 1."""
+    binary = tmp_path / "bin" / "llama-server"
+    binary.parent.mkdir()
+    binary.write_text(SLOW_HELP)
+    binary.chmod(0o755)
+    env = {**subprocess_env, "LLAMA_SERVER_BIN": str(binary)}
+    env["REAL_LLAMA_SERVER"] = str(llama_server_bin)
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orion_llamaccp", "run"],
+            env=env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    try:
+
+        def probing() -> bool:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            return any("--help" in child.cmdline() for child in children)
+
+        wait_until(probing, timeout=30, what="the worker reading --help")
+        if signal_to == "the_worker":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(10) == 0, log.read_text()[-2000:]  # bounds the wait only
+        assert "stopped before the worker was built" in log.read_text()
+        assert "failed" not in log.read_text().lower(), log.read_text()[-2000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the probe too, left to run out
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def test_a_stop_while_redis_is_down_at_start_is_not_held_by_the_wait_to_subscribe(
     subprocess_env: dict, tmp_path: Path
 ) -> None:
