@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from redis.asyncio.client import PubSub
 
 Via = Literal["pubsub", "stream"]
+# What a request ``chat`` makes lives beyond the caller's timeout: the worker judges its
+# expiry by its own clock, which may be ahead of ours.
+TTL_MARGIN_SEC = 10.0
 
 
 @dataclass
@@ -205,6 +209,7 @@ class BusClient:
         default only when this call made the envelope (its correlation id is then the
         request's own: a caller's may be shared by a whole flow, and a cancel reaches
         every request under it).
+        A request made here carries ``ttl_ms``: the timeout and ``TTL_MARGIN_SEC``.
         A pub/sub request that no subscriber heard raises ``NoWorker`` at once.
         ``on_restart`` is told of a retry that started the answer over (the worker
         retried after llama-server died): the deltas before it are void.
@@ -212,11 +217,12 @@ class BusClient:
         opts = {**(options or {}), "stream": stream} if stream else dict(options or {})
         if cancel_on_give_up is None:
             cancel_on_give_up = envelope is None
-        # One we make lives as long as we wait for it (``ttl_ms``): a stream entry read
-        # after we gave up (no worker then, or a backlog) is answered ``expired``, not
-        # generated for no one; the cancel we send on giving up reaches only the workers
-        # running then, and they remember it ten minutes.
-        ttl_ms = max(1, int(timeout * 1000))
+        # One we make lives as long as we wait for it (``ttl_ms``), and a margin for a
+        # worker's clock ahead of ours: a stream entry read after we gave up (no worker
+        # then, or a backlog) is answered ``expired``, not generated for no one; the
+        # cancel we send on giving up reaches only the workers running then, and they
+        # remember it ten minutes.
+        ttl_ms = int((timeout + TTL_MARGIN_SEC) * 1000) if math.isfinite(timeout) else None
         envelope = envelope or self.request(messages, profile=profile, options=opts, ttl_ms=ttl_ms)
         channels = [name for name in (envelope["reply_to"], _chunks_of(envelope)) if name]
         pubsub: PubSub | None = None
@@ -282,9 +288,11 @@ class BusClient:
                     envelope = decode_envelope(message["data"])
                 except DecodeError:  # anyone's, on a stream_channel shared with others
                     continue
-            else:  # the answer: the first message on reply_to that answers this request
+            else:  # the answer: the first message on reply_to of this request's flow
                 envelope = decode_envelope(message["data"])
-                if _answers(envelope, correlation_id, sent_at):
+                # By its correlation id alone: the answer to a request too broken to decode
+                # links a request of its own making (``Outbox.result_for_undecodable``).
+                if str(envelope.correlation_id) == correlation_id:
                     return _result(envelope, assembler, first_chunk, sent)
                 continue  # a late answer to an earlier request of a reused reply_to
             if not _answers(envelope, correlation_id, sent_at):
@@ -316,13 +324,11 @@ def _created_at(request: dict[str, Any]) -> datetime | None:
 
 
 def _answers(reply: Envelope, correlation_id: str, sent_at: datetime | None) -> bool:
-    """Whether ``reply`` (a chunk or the result) answers the request of ``correlation_id``
-    created at ``sent_at``: the last link of its causality chain is the request. A flow's
-    requests may share a correlation id, and on one ``stream_channel`` their chunks were
-    taken for each other's; a caller's ``reply_to`` used for one request after another
-    took the first's late answer for the second's. A reply without a chain (another
-    implementation's), or a request whose time cannot be read, is judged by the
-    correlation id alone."""
+    """Whether the chunk ``reply`` answers the request of ``correlation_id`` created at
+    ``sent_at``: the last link of its causality chain is the request. A flow's requests
+    may share a correlation id, and on one ``stream_channel`` their chunks were taken for
+    each other's. A chunk without a chain (another implementation's), or a request whose
+    time cannot be read, is judged by the correlation id alone."""
     if str(reply.correlation_id) != correlation_id:
         return False
     if not reply.causality_chain or sent_at is None:

@@ -25,7 +25,7 @@ from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.codec import decode_envelope
 from orion_llamaccp.bus.envelope import CHAT_CHUNK, CHAT_RESULT, ServiceRef
 from orion_llamaccp.bus.outbox import Outbox
-from orion_llamaccp.client import BusClient, ChunkAssembler
+from orion_llamaccp.client import TTL_MARGIN_SEC, BusClient, ChunkAssembler
 from orion_llamaccp.errors import NoWorker
 from tests.bus.conftest import SpawnWorker
 from tests.support.procs import RedisServer, replica_of, wait_until_async
@@ -222,6 +222,19 @@ async def test_a_late_answer_on_a_reused_reply_to_is_not_taken_for_the_next_stan
         second = bus.request(HI, profile=PROFILE, reply_to=inbox)
         result = await bus.chat(HI, profile=PROFILE, envelope=second, timeout=10)
     assert result.content == f"the answer to {second['correlation_id']}", result.content
+
+
+async def test_a_request_too_big_to_decode_gets_its_error_at_once(
+    spawn_worker: SpawnWorker, bus: BusClient
+) -> None:
+    """The answer to a request the worker cannot decode links a request of its own making
+    (it could not read the real one): matched to its request by the causality chain, it
+    was taken for another's, and the caller waited out its whole timeout."""
+    spawn_worker(ORION_LLAMACPP_MAX_MESSAGE_BYTES="2000")
+    big = [{"role": "user", "content": "x" * 4000}]
+    result = await asyncio.wait_for(bus.chat(big, profile=PROFILE, timeout=60), 30)
+    assert result.payload["error"] == "validation_failed", result.payload
+    assert "exceeds the limit of 2000" in result.payload["details"]["message"]
 
 
 async def test_a_pub_sub_request_no_worker_hears_fails_at_once(redis_url: str) -> None:
@@ -421,7 +434,7 @@ async def test_a_stream_request_given_up_before_a_worker_came_is_not_generated_l
     its caller waits (``ttl_ms``) now: it is answered ``expired``, not generated."""
     with pytest.raises(TimeoutError):
         await bus.chat(HI, profile=PROFILE, via="stream", options={"max_tokens": 2}, timeout=1)
-    await asyncio.sleep(1.1)  # past the caller's wait, as the minutes were in the review
+    await asyncio.sleep(1.1 + TTL_MARGIN_SEC)  # past its life, as the minutes in the review
     spawn_worker()
     await wait_until_async(
         lambda: [m for m in recorder.from_service() if b"llm.chat.result" in m.data],
