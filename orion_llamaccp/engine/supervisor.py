@@ -152,6 +152,9 @@ class Supervisor:
         # next request finds it so.
         self._in_use = in_use if launch.sleeps_when_idle else None
         self.state = EngineState.STOPPED
+        # When it last stopped being ready (monotonic): a request's wait for llama-server
+        # counts from then at the earliest (``Generator.engine_ready``).
+        self.unready_since = time.monotonic()
         self.props: Props | None = None
         self.restarts = 0
         # Which llama-server process this is, from 1: a request that was in one when it
@@ -201,6 +204,8 @@ class Supervisor:
         if state is self.state and reason is None:
             return
         previous, self.state = self.state, state
+        if previous is EngineState.READY:
+            self.unready_since = time.monotonic()
         event = EngineEvent(state, previous, reason, self.restarts, self.pid, time.time())
         log.info("engine %s -> %s%s", previous, state, f": {reason}" if reason else "")
         self._state_changed.set()

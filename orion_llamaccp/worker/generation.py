@@ -122,6 +122,18 @@ class Generator:
         if state is not EngineState.READY:
             await self.engine_ready(job, since=since)
 
+    def _waiting_since(self, job: Job, envelope: Envelope) -> float:
+        """When a first try's wait for llama-server began (monotonic): its arrival, the
+        time it came due (``trace.work.not_before_ms``: it waited for that, not for the
+        engine), or llama-server leaving service (a crash while it queued behind long
+        generations), whichever came last."""
+        since = max(job.received, self.supervisor.unready_since)
+        not_before = envelope.work.get("not_before_ms")
+        if isinstance(not_before, int | float):
+            late = max(0.0, time.time() - not_before / 1000)
+            since = max(since, time.monotonic() - late)
+        return since
+
     def ahead(self, data: bytes) -> Ahead | None:
         """Write a chat request to llama-server from the message's raw JSON, before pydantic
         has seen it; None when it cannot be (engine not ready, no connection open ahead, a
@@ -237,11 +249,12 @@ class Generator:
         ends = expiry(envelope)
         retry = False
         while True:
-            # A first try's wait is counted from the request's arrival, not from its slot:
-            # while llama-server loads, the requests queued behind those holding the slots
-            # each waited the whole engine wait again once given one (the fifth of five on
-            # one slot, five times over). A retry's, from the death it follows.
-            since = None if retry else job.received
+            # A first try's wait counts from the last of: the request's arrival, its due
+            # time, llama-server leaving service; not from its slot: while llama-server
+            # loads, the requests queued behind those holding the slots each waited the
+            # whole engine wait again once given one (the fifth of five on one slot, five
+            # times over). A retry's, from the death it follows.
+            since = None if retry else self._waiting_since(job, envelope)
             if sent is None:
                 async with by_expiry(ends, tried=retry):
                     await self.engine_ready(job, since=since)
