@@ -203,9 +203,14 @@ def _salvaged(data: bytes, entry: StreamEntry | None) -> dict[str, Any]:
         for key, value in entry_said(entry).items():
             if said.get(key) is None:
                 said[key] = value
+    return _with_a_correlation_id(said)
+
+
+def _with_a_correlation_id(said: dict[str, Any]) -> dict[str, Any]:
+    """``said``, its correlation id made up where none could be read: once, for the
+    answer and the error report alike (each made up its own, and the two could not be
+    matched)."""
     if said.get("correlation_id") is None:
-        # Made up once, for its answer and its error report alike: each made up its own,
-        # and the two could not be matched.
         said["correlation_id"] = str(uuid.uuid4())
     return said
 
@@ -252,7 +257,7 @@ def entry_job(entry: StreamEntry, raw: bytes | None, max_bytes: int) -> Job:
         key=entry.entry_id,
         entry=entry,
         decode_error=DecodeError(f"stream entry has no 'envelope' field (fields: {names})"),
-        salvaged=entry_said(entry),
+        salvaged=_with_a_correlation_id(dict(entry_said(entry))),
     )
 
 

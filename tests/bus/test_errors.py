@@ -599,6 +599,25 @@ async def test_a_stream_entry_with_an_unreadable_envelope_is_answered_where_its_
     assert len(recorder.on(entry["reply_to"])) == 1
 
 
+async def test_a_stream_entry_without_envelope_nor_correlation_id_gets_one_made_up_once(
+    spawn_worker: SpawnWorker, redis_url: str, recorder: BusRecorder
+) -> None:
+    """Nothing in the entry says its correlation id: the answer and the error report make
+    up one, the same (each made up its own, and the two could not be matched)."""
+    spawn_worker()
+    reply_to = f"orion:test:reply:{uuid.uuid4()}"
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.xadd(STREAM, {"reply_to": reply_to, "kind": "llm.chat.request"})
+        await wait_stream_acked(client, STREAM, "llamacpp:tiny")
+    finally:
+        await client.aclose()
+    answer = await _answer_on(recorder, reply_to)
+    assert answer["payload"]["error"] == "validation_failed", answer
+    reports = [m.message for m in recorder.kinds("system.error")]
+    assert [r["correlation_id"] for r in reports] == [answer["correlation_id"]], reports
+
+
 async def test_acked_entries_leave_the_stream_and_dead_letters_keep_the_newest(
     spawn_worker: SpawnWorker, bus: BusClient, redis_url: str
 ) -> None:
