@@ -28,8 +28,9 @@ API_KEY_ENV = "LLAMA_API_KEY"  # what --help names for --api-key in the pinned b
 MASK = "***"
 # Flags whose value is a secret, every alias (the pinned build's --help has no others).
 SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "-hft"})
-# Keys llama-server would ask of every request, the worker's own included: only through
-# api_key_env, which the worker reads too.
+# Keys llama-server would ask of every request, the worker's own included: through
+# api_key_env, which the worker reads too. A key file beside it adds keys for other
+# clients (llama-server takes both), and only then.
 KEY_FLAGS = frozenset({"--api-key", "--api-key-file"})
 
 
@@ -216,7 +217,13 @@ def _knob_args(profile: Profile, values: dict[str, Any], binary: BinaryInfo | No
 
 def is_flag(arg: str) -> bool:
     """A flag, not a value: ``-1`` and ``-1e-3`` are numbers."""
-    return arg.startswith("-") and not arg.lstrip("-").replace(".", "").isdigit()
+    if not arg.startswith("-"):
+        return False
+    try:
+        float(arg)
+    except ValueError:
+        return True
+    return False
 
 
 def _extra_args(profile: Profile, binary: BinaryInfo | None, owned: set[str]) -> list[str]:
@@ -233,7 +240,8 @@ def _extra_args(profile: Profile, binary: BinaryInfo | None, owned: set[str]) ->
             continue
         flag, value = _flag_and_value(arg)
         _check(binary, profile.name, f"llamacpp.extra_args ({flag})", flag)
-        if (binary.names(flag) if binary else {flag}) & KEY_FLAGS:
+        keys_set = (binary.names(flag) if binary else {flag}) & KEY_FLAGS
+        if keys_set and ("--api-key" in keys_set or not profile.llamacpp.api_key_env):
             raise ConfigError(
                 f"profile '{profile.name}' sets {flag} in llamacpp.extra_args: llama-server "
                 f"would then refuse the worker's own requests (401, a crash loop), since "

@@ -450,6 +450,17 @@ def test_a_key_in_extra_args_is_refused_for_api_key_env(
     assert "sk-SECRET123" not in str(refused.value)
 
 
+def test_a_key_file_beside_api_key_env_adds_keys_for_other_clients(
+    llama_server_bin: Path,
+) -> None:
+    """With the worker's own key in api_key_env, a key file in extra_args gives other
+    clients of llama-server keys of their own (llama-server takes both)."""
+    raw = {"api_key_env": "MY_KEY", "extra_args": ["--api-key-file", "/run/keys"]}
+    launch = _launch(raw, probe(llama_server_bin), {"MY_KEY": "sekrit-value"})
+    assert list(launch.argv[-2:]) == ["--api-key-file", "/run/keys"]
+    assert launch.api_key == "sekrit-value"
+
+
 @pytest.mark.parametrize(
     ("raw", "env", "flag"),
     [
