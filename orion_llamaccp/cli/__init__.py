@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # ``... | head``: the reader is gone, and nothing is wrong
+    except BrokenPipeError:  # ``... | head``: the reader is gone; exit 1, no traceback
         # Python would try to flush stdout at exit, and complain of the pipe again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -221,8 +221,10 @@ class HubClient:
             return Transient(f"HTTP {_status(exc)} from the Hub for {hub.label}")
         if isinstance(exc, httpx2.TimeoutException):
             return Transient(f"no answer within {self._timeout:g} s for {hub.label}")
-        if isinstance(exc, httpx2.TransportError):
+        if isinstance(exc, httpx2.ConnectError | httpx2.ProxyError):  # no connection at all
             return Unreachable(self._redact(f"cannot reach the Hub for {hub.label}: {exc}"))
+        if isinstance(exc, httpx2.TransportError):
+            return Transient(self._redact(f"cannot reach the Hub for {hub.label}: {exc}"))
         if isinstance(exc, HfHubHTTPError):
             return DownloadError(
                 f"the Hub refused {hub.label} with HTTP {_status(exc)}: "
