@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -327,14 +328,32 @@ def _check_port(plan: ServicePlan) -> Check:
             probe.bind(address)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            return (
-                "port",
-                False,
-                f"{where} is taken (another llama-server, or this profile's worker already "
-                f"running?): stop it or set LLAMACPP_PORT_OVERRIDE",
-            )
+            return _port_taken(plan, where)
         return ("port", False, f"llama-server could not listen on {where}: {exc.strerror or exc}")
     return ("port", True, f"{where} is free for llama-server")
+
+
+def _port_taken(plan: ServicePlan, where: str) -> Check:
+    """Taken by this profile's own llama-server (``dc exec ... doctor`` in a running
+    container, where it is as it should be), or by anything else (`run` would fail)."""
+    import httpx
+
+    host = plan.launch.host
+    ask = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host.strip("[]")
+    headers = {"Authorization": f"Bearer {plan.launch.api_key}"} if plan.launch.api_key else {}
+    try:
+        props = httpx.get(f"http://{ask}:{plan.launch.port}/props", headers=headers, timeout=3)
+        serving = props.json().get("model_path") if props.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        serving = None
+    if serving and Path(serving).resolve() == plan.files.model.resolve():
+        return ("port", None, f"{where} is this profile's llama-server, running (its worker's)")
+    by = f"a llama-server serving {serving}" if serving else "another server"
+    return (
+        "port",
+        False,
+        f"{where} is taken (by {by}): `run` would fail; stop it or set LLAMACPP_PORT_OVERRIDE",
+    )
 
 
 # SET ... GET (each beat's liveness key) and XAUTOCLAIM (stream redelivery) came with 6.2:

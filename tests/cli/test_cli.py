@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from orion_llamaccp.cli.config_cmds import redis_too_old
+from tests.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import RedisServer, free_port, pid_alive, wait_until
 from tests.support.workers import WorkerProc
@@ -58,7 +59,21 @@ def test_doctor_fails_a_port_llama_server_cannot_listen_on(subprocess_env: dict)
     by_name = {line.split()[1]: line for line in done.stdout.splitlines()}
     assert done.returncode == 1, done.stdout
     assert by_name["port"].startswith("FAIL") and f"127.0.0.1:{port} is taken" in by_name["port"]
-    assert "LLAMACPP_PORT_OVERRIDE" in by_name["port"]
+    assert "(by another server)" in by_name["port"] and "LLAMACPP_PORT_OVERRIDE" in by_name["port"]
+
+
+def test_doctor_notes_the_port_of_the_profile_s_own_running_llama_server(
+    spawn_worker: SpawnWorker, subprocess_env: dict
+) -> None:
+    """``dc exec llamaccp orion-llamaccp doctor`` in a running container: the port is the
+    worker's own llama-server's, as it should be, and was a FAIL (exit status 1)."""
+    worker = spawn_worker()
+    port = worker.announcement()["engine_url"].rsplit(":", 1)[1].strip("/")
+    done = cli({**subprocess_env, "LLAMACPP_PORT_OVERRIDE": port}, "doctor")
+    by_name = {line.split()[1]: line for line in done.stdout.splitlines()}
+    assert by_name["port"].startswith("note"), done.stdout
+    assert "this profile's llama-server, running" in by_name["port"]
+    assert done.returncode == 0, done.stdout
 
 
 @pytest.mark.parametrize(("offline", "outcome"), [("0", "note"), ("1", "FAIL")])
