@@ -98,7 +98,8 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
         intake, stream = keys.intake_channel(profile), keys.intake_stream(profile)
 
     live = args.stream and not args.json
-    shown: list[str] = []
+    shown: list[str] = []  # this attempt's text, as written
+    spliced = False  # an earlier attempt's text was written before it
 
     def show(delta: str) -> None:
         shown.append(delta)
@@ -106,6 +107,9 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.flush()
 
     def restarted(attempt: int) -> None:
+        nonlocal spliced
+        spliced = spliced or bool(shown)
+        shown.clear()
         print(f"\n--- attempt {attempt} starts the answer over ---", file=sys.stderr)
 
     redis = connect(settings)  # the worker's client: socket timeouts, no silent retries
@@ -136,20 +140,21 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 1
     content = payload.get("content") or ""
-    if "".join(shown) != content:  # nothing shown, or text of an attempt the answer is not
-        if shown and not sys.stdout.isatty():
-            # A retry (llama-server died) started the answer over: text already written
-            # to a pipe or a file cannot be taken back, and appending the answer would
-            # splice the two (with exit status 0, where it used to).
+    text = "".join(shown)
+    if spliced or not content.startswith(text):  # written text that is not the answer's
+        if not sys.stdout.isatty():
+            # Text written to a pipe or a file cannot be taken back: appending the answer
+            # spliced the two, with exit status 0.
             print(
                 "\nerror: the answer was started over (llama-server restarted) after part of "
                 "it was written: the output is not the answer; ask again",
                 file=sys.stderr,
             )
             return 1
-        if shown:
+        if not content.startswith(text):
             print("\n--- the text above was not the answer's; the answer: ---", file=sys.stderr)
-        print(content, end="")
+            text = ""
+    print(content[len(text) :], end="")  # the rest: all of it, a lost chunk's tail, or none
     usage = payload.get("usage", {})
     timings = payload.get("meta", {}).get("timings") or {}
     print(

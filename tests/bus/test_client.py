@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pty
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -146,6 +147,34 @@ async def test_chat_stream_to_a_pipe_never_splices_two_attempts_stand_in_worker(
     if reader == "reads_it_all":
         assert out.decode() == "Once uponHello there"  # as it came: nothing appended
         assert "the output is not the answer; ask again" in err.decode(), err.decode()
+
+
+async def test_chat_stream_to_a_terminal_shows_the_retry_once_stand_in_worker(
+    redis_url: str, subprocess_env: dict
+) -> None:
+    """On a terminal the retry is shown as it happens (attempt 2's text after a line
+    saying so), and the answer is not printed a second time: it was, with "the text above
+    was not the answer's", after every retry."""
+    leader, follower = pty.openpty()
+    async with standing_in(redis_url, _restarted):
+        chat = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "orion_llamaccp", "chat", "hi", "--stream"),
+            *("--profile", PROFILE, "--timeout", "20"),
+            env=subprocess_env,
+            stdout=follower,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        os.close(follower)
+        _, err = await asyncio.wait_for(chat.communicate(), 60)
+    screen = b""
+    with contextlib.suppress(OSError):  # EIO: the terminal's other end closed, all read
+        while chunk := os.read(leader, 4096):
+            screen += chunk
+    os.close(leader)
+    assert chat.returncode == 0, err.decode()
+    assert screen.decode() == "Once uponHello there", screen
+    assert "attempt 2 starts the answer over" in err.decode()
+    assert "not the answer's" not in err.decode(), err.decode()
 
 
 async def test_chunks_of_another_attempt_than_the_answer_s_are_not_its_text_stand_in_worker(
