@@ -221,6 +221,29 @@ async def test_requests_queued_while_llama_server_loads_wait_one_engine_wait_in_
     assert loading.state() == "loading"  # all of them answered before the load ended
 
 
+async def test_a_request_queued_before_llama_server_died_waits_for_its_restart(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
+) -> None:
+    """A request queued behind a long generation, longer than the engine wait, when
+    llama-server dies: its wait for the restart counts from the death, not from its
+    arrival (counted from there, it had none left and was answered ``engine_unavailable``
+    at once, with the restart a second away)."""
+    worker = spawn_worker(slow=True, parallel=1, ORION_LLAMACPP_ENGINE_WAIT_SEC="6")
+    options = {"max_tokens": 12000, "ignore_eos": True, "stream": True}
+    long = bus.request(HI, profile="tiny", options=options)  # about 8 s on the slow model
+    await bus.send(long, profile="tiny")
+    await wait_until_async(
+        lambda: recorder.on(long["reply_to"] + ":chunks"), timeout=30, what="the long one"
+    )
+    queued = bus.request(HI, profile="tiny", options={"max_tokens": 2})
+    await bus.send(queued, profile="tiny")
+    await asyncio.sleep(6.5)  # the queued one is older than the engine wait now
+    assert recorder.on(long["reply_to"]) == [], "the long one ended before the death"
+    os.kill(worker.engine_pid(), signal.SIGKILL)
+    [answer] = await _results(recorder, [queued])
+    assert "content" in answer[0].message["payload"], answer[0].message["payload"]
+
+
 async def test_a_duplicate_that_expires_while_its_twin_runs_is_answered_expired(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder
 ) -> None:
