@@ -286,6 +286,57 @@ async def test_a_stream_entry_delivered_too_often_is_settled_without_a_try(
         assert len(letters) == 1
 
 
+BUG_INJECTED = """
+# A bug in the worker, injected for one marked request: its answer's payload cannot be
+# built (the test that imports this: test_a_bug_on_a_request_is_answered_once_bug_injected).
+import orion_llamaccp.worker.handler as handler
+
+_built = handler.ChatHandler._success_payload
+
+
+def _broken(self, gen, attempt, job):
+    if "BUG-HERE" in str(job.envelope.payload if job.envelope else ""):
+        raise RuntimeError("an injected bug")
+    return _built(self, gen, attempt, job)
+
+
+handler.ChatHandler._success_payload = _broken
+"""
+
+
+async def test_a_bug_on_a_request_is_answered_once_and_dead_lettered_bug_injected(
+    spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str, tmp_path: Path
+) -> None:
+    """A bug the worker did not foresee, on one request (here a payload that cannot be
+    built, injected through ``sitecustomize``): its caller gets one ``internal_error``
+    (retryable), the fleet a ``system.error``, its stream entry a dead letter and an ack,
+    and the worker serves the next request. No test reached that path at all."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(BUG_INJECTED)
+    spawn_worker(PYTHONPATH=f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    doomed = bus.request([{"role": "user", "content": "BUG-HERE"}], profile="tiny")
+    doomed["payload"]["options"] = {"max_tokens": 2}
+    await bus.send(doomed, profile="tiny", via="stream")
+    answer = await _answer_on(recorder, doomed["reply_to"])
+    assert answer["payload"]["error"] == "internal_error", answer["payload"]
+    assert answer["payload"]["details"]["retryable"] is True
+    assert "an injected bug" in answer["payload"]["details"]["message"]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await wait_stream_acked(client, STREAM, "llamacpp:tiny")
+        letters = await client.xrange(STREAM + ":dlq")
+    finally:
+        await client.aclose()
+    assert [letter[b"reason"] for _, letter in letters] == [b"internal_error"]
+    reports = [m.message["payload"] for m in recorder.kinds("system.error")]
+    assert [r["error"] for r in reports] == ["internal_error"], reports
+    after = await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=30)
+    assert after.ok, after.payload
+    await asyncio.sleep(0.5)  # a second answer would be out by now
+    assert len(recorder.on(doomed["reply_to"])) == 1
+
+
 async def test_a_stream_entry_at_its_delivery_limit_is_still_tried(
     spawn_worker: SpawnWorker, bus: BusClient
 ) -> None:
