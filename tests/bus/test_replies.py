@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from orion_llamaccp.bus.outbox import ChunkTemplate
-from orion_llamaccp.bus.replies import ChunkStream, Publisher, _tick_after
+from orion_llamaccp.bus.replies import ChunkStream, Publisher, Stage, _tick_after
 from tests.support.procs import RedisServer, wait_until_async
 from tests.support.workers import BusRecorder
 
@@ -138,6 +138,26 @@ async def test_commit_repeats_nothing_and_survives_a_script_flush(
     await asyncio.sleep(0.2)
     assert len(recorder.on(RESULT)) == 1
     assert len(recorder.on(CHANNEL)) == 1
+
+
+async def test_a_chunk_sent_again_or_out_of_order_is_not_published(
+    redis: aioredis.Redis, recorder: BusRecorder
+) -> None:
+    """A chunk's commit retried after its reply was lost, or an older ``seq`` after a
+    newer one: dropped (-1), never published twice or behind its successor. Only the
+    freeze scenario of the fault suite caught a guard that let the same ``seq`` through,
+    in 23 s."""
+    publisher = Publisher(redis)
+
+    def chunk(seq: int) -> Stage:
+        return publisher.stage_chunk(CHANNEL, "req-7", 1, seq, b'{"payload": {"seq": %d}}' % seq)
+
+    assert await publisher.commit("chunk", [chunk(0)]) == [1]
+    assert await publisher.commit("chunk", [chunk(0)]) == [-1]  # the same again
+    assert await publisher.commit("chunk", [chunk(2), chunk(1)]) == [1, -1]  # 1 after 2
+    await wait_until_async(lambda: len(recorder.on(CHANNEL)) == 2, timeout=5, what="chunks")
+    await asyncio.sleep(0.2)
+    assert [m.message["payload"]["seq"] for m in recorder.on(CHANNEL)] == [0, 2]
 
 
 async def test_no_chunk_goes_out_after_the_result(
