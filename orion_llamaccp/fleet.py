@@ -104,6 +104,11 @@ def _positive(value: Any, default: float) -> float:
     return number if number is not None and number > 0 else default
 
 
+# A beat read back from its key is dated by the key's time to live: up to a few ms off
+# the time the same beat was heard live.
+SAME_BEAT_SEC = 0.05
+
+
 class Fleet:
     """Hosts keyed by (service, instance), updated from heartbeats and announcements."""
 
@@ -137,9 +142,11 @@ class Fleet:
         if key not in self.hosts and not _llamacpp_details(details):
             return  # another Orion service: the health channel is everyone's
         host = self._host(*key)
-        if host.last_beat is not None and heard_at < host.last_beat:
+        if host.last_beat is not None and heard_at < host.last_beat - SAME_BEAT_SEC:
             return  # an older beat (a reload of the key behind one just heard)
-        host.last_beat = heard_at
+        # The same beat read again from its key (dated by its TTL, a millisecond off) is
+        # taken again: its state stands over an announcement read before it.
+        host.last_beat = max(heard_at, host.last_beat or heard_at)
         host.node = _text(beat.get("node")) or host.node
         host.status = _text(beat.get("status"))
         host.interval = _positive(beat.get("heartbeat_interval_sec"), host.interval)
@@ -192,6 +199,15 @@ class Fleet:
         if not all(found[: len(announced)] + kept[::2]):  # a member whose key is gone
             await prune_hosts(redis)
         return self
+
+    def forget_gone(self, stored: Fleet, now: float | None = None) -> None:
+        """Drop the hosts Redis no longer keeps (``stored``: a fresh ``load``; their keys
+        expired, three beats missed) and that are down: `watch` kept every worker it ever
+        saw, the containers recreated under new ids piling up as "down", where `ps`
+        shows them no more."""
+        for key, host in list(self.hosts.items()):
+            if key not in stored.hosts and host.down(now):
+                del self.hosts[key]
 
     def rows(self) -> list[dict[str, Any]]:
         now = time.time()

@@ -217,3 +217,37 @@ def test_a_worker_going_away_is_listed_down_with_what_it_said() -> None:
     lines = {cells[3].strip(): cells[6] for cells in rows}  # instance: state
     assert "down: draining" in lines["leaving"], out.getvalue()
     assert "down" in lines["silent"] and "down:" not in lines["silent"], out.getvalue()
+
+
+async def test_watch_forgets_a_host_redis_keeps_no_more(redis_url: str) -> None:
+    """``watch`` kept every worker it ever saw: containers recreated under new ids piled
+    up as "down" rows, where ``ps`` (which reads what Redis keeps) no longer lists them.
+    A host down and gone from Redis is dropped at the next reload; one heard live stays."""
+    fleet = Fleet()
+    now = datetime.now(UTC)
+    fleet.ingest(_beat("gone", sent=now), heard_at=time.time() - 40)  # four beats missed
+    fleet.ingest(_beat("live", sent=now))
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        fleet.forget_gone(await Fleet().load(redis))  # Redis keeps neither
+    finally:
+        await redis.aclose()
+    assert [row["instance"] for row in fleet.rows()] == ["live"]
+
+
+def test_a_beat_read_back_from_its_key_is_taken_again_over_an_announcement() -> None:
+    """A reload reads the announcement, then the beat already heard live, dated by its
+    key's time to live a millisecond earlier: it was refused as older, and the row showed
+    the announcement's state ("ready") over the beat's ("failed") until the next beat."""
+    fleet = Fleet()
+    now = datetime.now(UTC)
+    heard = time.time()
+    beat = _beat("w", sent=now, state="failed", reason="model file missing")
+    fleet.ingest(beat, heard_at=heard)
+    announcement = {"service": "orion-llamaccp", "instance": "w", "state": "ready"}
+    fleet.ingest(orjson.dumps({"kind": PROFILE_ANNOUNCE, "payload": announcement}))
+    fleet.ingest(beat, heard_at=heard - 0.001)  # the same beat, from its key
+    [row] = fleet.rows()
+    assert (row["state"], row["reason"]) == ("failed", "model file missing")
+    fleet.ingest(_beat("w", sent=now, state="ready"), heard_at=heard - 10)  # an older beat
+    assert fleet.rows()[0]["state"] == "failed"
