@@ -70,6 +70,10 @@ def _llamacpp_details(details: dict[str, Any]) -> bool:
     return bool(details.get("profile")) and "slots_total" in details
 
 
+def _name(key: bytes | str) -> str:
+    return key.decode() if isinstance(key, bytes) else key
+
+
 def _stored_at(raw: bytes | str, left_ms: int) -> float:
     """When a beat kept under its liveness key was stored, on this clock: its key lives
     ``liveness_ttl`` of the beat's interval from then (``presence.beat``)."""
@@ -174,10 +178,11 @@ class Fleet:
         dated by how long ago Redis stored it (its key's time to live left). The keys
         come from the workers' index (``keys.HOSTS_INDEX``), members whose key is gone
         dropped from it; without an index (workers from before it), from a SCAN."""
-        names = sorted(m.decode() for m in await redis.smembers(keys.HOSTS_INDEX))
+        # A caller's client may decode replies (``decode_responses=True``): str, not bytes.
+        names = sorted(_name(m) for m in await redis.smembers(keys.HOSTS_INDEX))
         if not names:
             names = [
-                key.decode()
+                _name(key)
                 for pattern in (keys.REGISTRY_PATTERN, keys.LIVENESS_PATTERN)
                 async for key in redis.scan_iter(match=pattern, count=200)
             ]

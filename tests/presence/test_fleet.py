@@ -131,6 +131,13 @@ async def test_ps_reads_the_fleet_without_scanning_the_keyspace(redis_url: str) 
         keys.liveness("orion-llamaccp", "a").encode(),
         keys.registry("tiny", "a").encode(),
     }
+    # A caller's own client that decodes replies (str, not bytes) reads the same: it
+    # failed on the index's members (AttributeError: 'str' object has no attribute ...).
+    decoding = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        assert [row["instance"] for row in (await Fleet().load(decoding)).rows()] == ["a"]
+    finally:
+        await decoding.aclose()
 
 
 async def test_the_last_beat_of_a_worker_before_is_no_twin_but_one_beating_beside_is(
