@@ -58,15 +58,18 @@ class SafeFormatter(logging.Formatter):
     """Escapes control characters, so text from the bus cannot forge log lines.
 
     A request's kind or a llama-server line may hold a newline or a terminal escape;
-    logged as is, it could fake an entry or repaint an operator's terminal.
+    logged as is, it could fake an entry or repaint an operator's terminal. A newline
+    starts an indented line, which no entry does (the last lines of llama-server that a
+    failure quotes were one line of "\\x0a" to read); the rest are written as ``\\xNN``.
     """
 
-    _TABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
+    _TABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x09, 0x0A)}
+    _TABLE[0x0A] = "\n    "
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        message, sep, rest = text.partition("\nTraceback")
-        return message.translate(self._TABLE) + sep + rest
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The record's line alone: a traceback is added after it as it stands (a message
+        # holding "\nTraceback" left what followed it unescaped, where it was split there).
+        return super().formatMessage(record).translate(self._TABLE)
 
 
 def setup_logging(level: str, verbose: bool = False) -> None:
