@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import re
 import shlex
 import shutil
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from orion_llamaccp.errors import OrionLlamaError, SecretUnset
-from orion_llamaccp.settings import Settings, unread_variables
+from orion_llamaccp.settings import Settings, env_file, env_file_values, unread_variables
 
 # The registry, the engine and rich are imported by the commands that use them: every
 # command builds this parser, and `run` subscribes before it reads the profile.
@@ -395,6 +396,9 @@ def _check_redis(settings: Settings) -> Check:
     import redis
 
     url = settings.bus_url.get_secret_value()
+    where = settings.bus_url_display
+    if "ORION_BUS_URL" not in os.environ and "ORION_BUS_URL" in env_file_values():
+        where += f" (ORION_BUS_URL from {env_file()})"  # a compose .env on the host, often
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         client.ping()
@@ -405,13 +409,13 @@ def _check_redis(settings: Settings) -> Check:
         client.close()
         version = str(info.get("redis_version", "?"))
         if problem := redis_too_old(version) or evicts(info):
-            return ("redis", False, f"{settings.bus_url_display}: {problem}")
-        return ("redis", True, f"{settings.bus_url_display} answers (Redis {version})")
+            return ("redis", False, f"{where}: {problem}")
+        return ("redis", True, f"{where} answers (Redis {version})")
     except (redis.RedisError, OSError, ValueError) as exc:
         return (
             "redis",
             False,
-            f"{settings.bus_url_display}: {type(exc).__name__}: "
+            f"{where}: {type(exc).__name__}: "
             f"{settings.redact(str(exc))}; "
             + (
                 "fix the user name or password in ORION_BUS_URL"

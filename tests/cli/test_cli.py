@@ -156,6 +156,21 @@ def test_doctor_says_what_to_fix(subprocess_env: dict, tmp_path: Path) -> None:
     assert by_name["config"].startswith("ok") and by_name["profile"].startswith("ok")
 
 
+def test_doctor_says_when_the_bus_url_came_from_the_env_file(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """After ``cp .env.example .env`` on a host, the worker reads compose's
+    ``redis://redis:6379/0`` from it: doctor failed that URL without saying where it
+    came from (the environment had none)."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"ORION_BUS_URL=redis://127.0.0.1:{free_port()}/0\n")
+    env = {k: v for k, v in subprocess_env.items() if k != "ORION_BUS_URL"}
+    env["ORION_LLAMACPP_ENV_FILE"] = str(env_file)
+    done = cli(env, "doctor")
+    line = next(line for line in done.stdout.splitlines() if line.split()[1] == "redis")
+    assert line.startswith("FAIL") and f"(ORION_BUS_URL from {env_file})" in line, line
+
+
 def test_doctor_blames_an_unknown_profile_on_the_profile_not_the_config(
     subprocess_env: dict,
 ) -> None:
