@@ -171,7 +171,8 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
             print(f"ERROR    {line}")
     total = len(registry.profiles) + len(registry.problems)
     valid = total - len(problems)
-    print(f"{valid}/{total} llama.cpp profiles valid in {registry.path}")
+    unchecked_said = " (their flags not checked: see above)" if broken_binary else ""
+    print(f"{valid}/{total} llama.cpp profiles valid in {registry.path}{unchecked_said}")
     return 1 if problems or broken_binary else 0
 
 

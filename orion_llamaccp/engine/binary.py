@@ -157,6 +157,20 @@ VERSION_TIMEOUT_SEC = 30.0
 
 
 @lru_cache(maxsize=8)
+def _last_lines(text: str, count: int = 3, width: int = 160) -> str:
+    """Its last ``count`` lines, on one line, each cut at a word (where a broken binary
+    says what is wrong: a library it cannot load). The last 300 characters began
+    mid-word and ran over many lines."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()][-count:]
+    return (
+        " / ".join(
+            line if len(line) <= width else line[:width].rsplit(" ", 1)[0] + " ..."
+            for line in lines
+        )
+        or "(nothing)"
+    )
+
+
 def _probe(path: str, mtime_ns: int) -> BinaryInfo:
     try:
         out = subprocess.run(
@@ -170,8 +184,8 @@ def _probe(path: str, mtime_ns: int) -> BinaryInfo:
         if out.returncode < 0:
             raise EngineError(f"{path} --help: the binary {exit_said(out.returncode)}")
         raise EngineError(
-            f"{path} --help does not look like llama-server's (no --port; exit {out.returncode}): "
-            f"{text.strip()[-300:]}"
+            f"{path} --help does not look like llama-server's (no --port; exit {out.returncode}); "
+            f"it ended with: {_last_lines(text)}"
         )
     return BinaryInfo(
         Path(path),

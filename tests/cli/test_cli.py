@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,6 +274,19 @@ def test_validate_fails_on_a_named_binary_that_is_not_there_and_notes_a_missing_
     assert done.returncode == 1, done.stdout
     said = f"ERROR    flags not checked against a llama-server binary: LLAMA_SERVER_BIN={tmp_path}"
     assert said in done.stdout and "does not exist" in done.stdout, done.stdout
+    assert done.stdout.rstrip().endswith(
+        "valid in "
+        + subprocess_env["LLM_PROFILES_CONFIG_PATH"]
+        + " (their flags not checked: see above)"
+    ), done.stdout
+    # Another program there: what it said last, on the error's line, cut at words (the
+    # last 300 characters of its help began mid-word and ran over lines).
+    done = cli(
+        {**subprocess_env, "LLAMA_SERVER_BIN": shutil.which("true") or "/bin/true"}, "validate"
+    )
+    [error] = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert "does not look like llama-server's (no --port; exit 0); it ended with: " in error
+    assert error.rstrip().endswith("invocation'"), error
     shown = cli(named, "command")
     assert "no-llama-server does not exist" in shown.stdout.splitlines()[0], shown.stdout
     shown = cli({**named, "LLAMA_SERVER_BIN": str(tmp_path)}, "command")
