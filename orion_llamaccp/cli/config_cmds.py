@@ -187,6 +187,8 @@ def cmd_command(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if plan.binary is None:
         print(f"# note: flags not checked against a llama-server binary: {plan.binary_problem}")
+    if replaced := launch.replaced_gpus(settings.environ()):  # said at `run` too, in the log
+        print(f"# note: {replaced}")
     print(f"# profile {plan.profile.name}; model from {plan.files.source}")
     print(f"# model file: {plan.files.model} ({_model_state(plan)})")
     for key, value in launch.masked_env().items():

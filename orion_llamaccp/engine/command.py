@@ -8,7 +8,6 @@ error naming the knob, the flag and the binary, never silently dropped.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,8 +20,6 @@ from orion_llamaccp.errors import ConfigError, SecretUnset, UnsupportedKnob
 from orion_llamaccp.model.paths import ModelFiles
 from orion_llamaccp.profiles.models import LlamaCppConfig, Profile
 from orion_llamaccp.settings import Overrides
-
-log = logging.getLogger(__name__)
 
 API_KEY_ENV = "LLAMA_API_KEY"  # what --help names for --api-key in the pinned build
 MASK = "***"
@@ -282,20 +279,6 @@ def gpu_env(profile: Profile, overrides: Overrides) -> dict[str, str]:
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible}
 
 
-def _warn_of_a_plain_pin(environ: Mapping[str, str], env: Mapping[str, str]) -> None:
-    """A plain ``CUDA_VISIBLE_DEVICES`` is what a user sets to move a worker to other GPUs,
-    and the profile's pin replaced it without a word."""
-    said, pinned = environ.get("CUDA_VISIBLE_DEVICES"), env.get("CUDA_VISIBLE_DEVICES")
-    if said is not None and pinned is not None and said.strip() != pinned:
-        log.warning(
-            "CUDA_VISIBLE_DEVICES=%s in the environment is replaced by the profile's pin "
-            "(%s, from gpu.device_ids or CUDA_VISIBLE_DEVICES_OVERRIDE): to pin other GPUs, "
-            "set CUDA_VISIBLE_DEVICES_OVERRIDE",
-            said,
-            pinned,
-        )
-
-
 def build_launch(
     profile: Profile,
     overrides: Overrides,
@@ -336,7 +319,6 @@ def build_launch(
         owned.add("--api-key")
     extra = _extra_args(profile, binary, owned)
     env = gpu_env(profile, overrides)
-    _warn_of_a_plain_pin(environ, env)
     gpus = _gpus_required(env, knobs["n_gpu_layers"])
     argv += _gpu_layers_said(gpus, knobs, extra, binary) + extra
     secret: set[str] = set()

@@ -368,6 +368,20 @@ def test_chat_on_the_stream_with_no_worker_says_where_to_look(subprocess_env: di
     assert said in done.stderr and "orion-llamaccp ps" in done.stderr, done.stderr
 
 
+def test_command_says_the_gpu_pin_replaces_the_environment_s_and_it_does(
+    subprocess_env: dict,
+) -> None:
+    """``CUDA_VISIBLE_DEVICES=5`` (what a user sets to move a worker) beside a pin: the
+    pin wins, in the command's environment as in llama-server's (``child_env``), and
+    ``command`` says so, as ``run`` logs it (it said nothing)."""
+    env = {**subprocess_env, "CUDA_VISIBLE_DEVICES": "5", "CUDA_VISIBLE_DEVICES_OVERRIDE": "1,2"}
+    done = cli(env, "command")
+    assert done.returncode == 0, done.stderr
+    said = "# note: CUDA_VISIBLE_DEVICES=5 from the environment is replaced by 1,2"
+    assert done.stdout.startswith(said), done.stdout
+    assert "CUDA_VISIBLE_DEVICES=1,2 \\" in done.stdout
+
+
 def test_command_keeps_a_negative_value_beside_its_flag(subprocess_env: dict) -> None:
     """``--threads -1`` (llama-server's "as many as the machine has") was shown as a flag
     of its own, on a line of its own."""

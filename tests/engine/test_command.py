@@ -5,7 +5,6 @@ Flags are checked against the real built binary's ``--help``.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -709,25 +708,18 @@ def test_a_binary_killed_by_a_signal_says_which_and_why(
     assert "an instruction this CPU does not have" in str(err.value)
 
 
-@pytest.mark.parametrize(
-    ("environ", "warned"),
-    [({"CUDA_VISIBLE_DEVICES": "5"}, True), ({"CUDA_VISIBLE_DEVICES": "1,2"}, False), ({}, False)],
-)
-def test_a_plain_cuda_visible_devices_that_the_profile_replaces_is_said(
-    caplog: pytest.LogCaptureFixture, environ: dict[str, str], warned: bool
-) -> None:
-    """``CUDA_VISIBLE_DEVICES=5`` (what a user sets to move a worker): the profile's pin
-    replaced it without a word."""
+def test_the_gpu_pin_wins_over_the_inherited_environment() -> None:
+    """llama-server's environment is the worker's, with ours over it: a scheduler's
+    ``CUDA_VISIBLE_DEVICES`` (or ``CUDA_DEVICE_ORDER``) must not undo the pin, which
+    ``command``, the announcement and the log all say is in force."""
     profile = parse_profile(
         "p",
         {"backend": "llamacpp", "gpu": {"device_ids": [1, 2]}, "llamacpp": {"model_path": "m"}},
     )
     files = plan_files(profile, None, {"LLM_CACHE_DIR": "/c"})
-    with caplog.at_level(logging.WARNING, logger="orion_llamaccp.engine.command"):
-        launch = build_launch(
-            profile, Overrides(), files, binary=None, binary_path="x", environ=environ
-        )
-    assert launch.env["CUDA_VISIBLE_DEVICES"] == "1,2"
-    said = [r.getMessage() for r in caplog.records if "CUDA_VISIBLE_DEVICES=5" in r.getMessage()]
-    assert bool(said) == warned, caplog.text
-    assert not said or "CUDA_VISIBLE_DEVICES_OVERRIDE" in said[0]
+    launch = build_launch(profile, Overrides(), files, binary=None, binary_path="x", environ={})
+    inherited = {"CUDA_VISIBLE_DEVICES": "5", "CUDA_DEVICE_ORDER": "FASTEST_FIRST", "HOME": "/h"}
+    env, _ = launch.child_env(inherited)
+    assert (env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"]) == ("1,2", "PCI_BUS_ID")
+    assert env["HOME"] == "/h"
+    assert launch.replaced_gpus(inherited) is not None
