@@ -9,6 +9,7 @@ import pytest
 
 from orion_llamaccp.engine import events
 from orion_llamaccp.engine.events import EventReader
+from orion_llamaccp.engine.http_errors import raise_for_response
 from orion_llamaccp.engine.sse import (
     ChunkEvents,
     ProtocolError,
@@ -545,3 +546,22 @@ def test_llama_cpp_s_error_line_mid_stream_is_read_and_a_4xx_is_not_retried() ->
     with pytest.raises(UpstreamError) as error:
         EventReader().take(SSEDecoder().feed(crashed))
     assert (error.value.status, error.value.retryable) == (500, True)
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 408, 429])
+def test_an_answer_that_says_nothing_of_the_request_may_be_retried(status: int) -> None:
+    """A wrong API key (a rotation), a timeout, too many requests, a route not there yet:
+    none says the request is bad, so none is answered ``validation_failed`` for good nor
+    dead-lettered; said before the stream began or inside it. (No test sent any of these:
+    a rule taking every 4xx for a refusal survived.)"""
+    body = orjson.dumps({"error": {"code": status, "message": "not now", "type": "x"}})
+    with pytest.raises(UpstreamError) as answered:
+        raise_for_response(status, body)
+    assert (answered.value.status, answered.value.retryable) == (status, True)
+    line = b"error: " + orjson.dumps({"code": status, "message": "not now"}) + b"\n\n"
+    with pytest.raises(UpstreamError) as midstream:
+        EventReader().take(SSEDecoder().feed(line))
+    assert (midstream.value.status, midstream.value.retryable) == (status, True)
+    with pytest.raises(UpstreamError) as refused:  # a plain 4xx: refused for good
+        raise_for_response(422, body)
+    assert refused.value.retryable is False
