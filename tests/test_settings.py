@@ -156,6 +156,7 @@ def test_overrides_are_read_from_the_dotenv_file_too(
 ) -> None:
     (tmp_path / ".env").write_text(
         "LLM_PROFILE_NAME=qwen\nLLAMACPP_PORT_OVERRIDE=9999\nLLAMACPP_CTX_SIZE_OVERRIDE=\n"
+        "LLAMACPP_THREADS_OVERRIDE=\"  \"\nCUDA_VISIBLE_DEVICES_OVERRIDE=' '\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(ENV_FILE_VARIABLE)  # the tests' own setting: no .env at all
@@ -163,6 +164,8 @@ def test_overrides_are_read_from_the_dotenv_file_too(
     assert settings.profile_name == "qwen"
     assert settings.overrides.port == 9999
     assert settings.overrides.ctx_size is None  # blank still means unset
+    # ... and quoted spaces, as the README says of spaces (a number's were "unable to parse")
+    assert (settings.overrides.threads, settings.overrides.cuda_visible_devices) == (None, None)
     monkeypatch.setenv("LLAMACPP_PORT_OVERRIDE", "8081")  # the environment wins
     assert load_settings().overrides.port == 8081
     # Blank in the environment, spaces as "": unset there, so .env's value applies (spaces
