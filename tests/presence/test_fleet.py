@@ -85,11 +85,11 @@ def test_a_message_of_the_wrong_shape_is_ignored_and_shown_as_text() -> None:
     assert "p[/x]" in out.getvalue() and "[bold]m[/bold]" in out.getvalue()
 
 
-def _presence(redis: aioredis.Redis, instance: str) -> Presence:
+def _presence(redis: aioredis.Redis, instance: str, state: str = "ready") -> Presence:
     """A worker's presence, its figures made up (the keys and messages are the real ones)."""
 
     async def details() -> dict[str, Any]:
-        return {"profile": "tiny", "state": "ready", "slots_total": 2}
+        return {"profile": "tiny", "state": state, "slots_total": 2}
 
     async def announcement() -> dict[str, Any]:
         return {"service": "orion-llamaccp", "instance": instance, "profile": "tiny"}
@@ -258,3 +258,27 @@ def test_a_beat_read_back_from_its_key_is_taken_again_over_an_announcement() -> 
     assert (row["state"], row["reason"]) == ("failed", "model file missing")
     fleet.ingest(_beat("w", sent=now, state="ready"), heard_at=heard - 10)  # an older beat
     assert fleet.rows()[0]["state"] == "failed"
+
+
+async def test_a_worker_replacing_a_draining_one_under_its_id_does_not_give_way(
+    redis_url: str,
+) -> None:
+    """``INSTANCE_ID`` defaults to ``{node}:{profile}``: in a rolling deploy the new
+    container beats under the key of the old one while it drains. A draining worker
+    beats ``down``, and one going away is no twin: the new one serves on. (A draining
+    beat said anything but ``down``, or taken for a twin's, stopped the new worker with
+    "set INSTANCE_ID", and the drain then left no one serving; no test beat so.)"""
+    redis = aioredis.Redis.from_url(redis_url)
+    said: list[str] = []
+    try:
+        leaving, arriving = _presence(redis, "w", state="draining"), _presence(redis, "w")
+        arriving.on_twin = said.append
+        await leaving.heartbeat()
+        drained = orjson.loads(await redis.get(keys.liveness("orion-llamaccp", "w")))
+        for _ in range(3):
+            await arriving.heartbeat()
+            await leaving.heartbeat()
+    finally:
+        await redis.aclose()
+    assert drained["payload"]["status"] == "down", drained["payload"]
+    assert not arriving.twin_seen and arriving.gave_way is None and said == []
