@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
+
+from orion_llamaccp.engine.process import LlamaProcess
+from tests.engine.conftest import PRELUDE, LaunchFactory
+from tests.support.procs import wait_until_async
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,3 +62,34 @@ def test_llama_server_starts_when_the_wrapper_is_pid_1(llama_server_bin: Path) -
     lines = done.stdout.splitlines()
     assert lines[0] == "exit 0", done.stdout
     assert any(line.startswith("version:") for line in lines[1:]), done.stdout
+
+
+async def test_a_server_that_ignores_sigterm_is_killed_after_the_grace(
+    make_launch: LaunchFactory, prelude_env: Callable[..., dict[str, str]]
+) -> None:
+    """A llama-server whose shutdown deadlocks (SIGTERM ignored): ``stop`` kills it after
+    its grace, its whole group, and reaps it. Nothing ignored SIGTERM in any test, and a
+    stop without the SIGKILL survived them all (a worker's stop would hang for ever)."""
+    proc = LlamaProcess(make_launch(binary=PRELUDE), environ=prelude_env(PRELUDE_IGNORE_TERM="1"))
+    await proc.start()
+    pid = proc.pid
+    assert pid is not None
+    await wait_until_async(
+        lambda: len(psutil.Process(pid).children(recursive=True)) == 2,
+        timeout=10,
+        what="the server and the sleep under the prelude",
+    )
+    group = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    try:
+        code = await asyncio.wait_for(proc.stop(grace=1.0), 15)
+    finally:  # a stop that hangs leaves the test, not the processes
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    assert code == -signal.SIGKILL, code
+    await wait_until_async(
+        lambda: (
+            not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in group)
+        ),
+        timeout=10,
+        what="the whole group gone",
+    )

@@ -17,6 +17,8 @@
 #   PRELUDE_SIGNAL=NAME              die of signal NAME (ILL: a build for another CPU)
 #   PRELUDE_SLOW_VERSION=S           --version answers S seconds late (CUDA initialised on
 #                                    a host with many GPUs)
+#   PRELUDE_IGNORE_TERM=1            run it as a child and stay, ignoring SIGTERM (a
+#                                    shutdown that deadlocks): only SIGKILL ends it
 # The real binary comes from REAL_LLAMA_SERVER; all arguments pass through unchanged.
 set -u
 if [ -n "${PRELUDE_SLOW_VERSION:-}" ]; then
@@ -36,6 +38,12 @@ for i in $(seq 1 "${PRELUDE_LINES:-0}"); do
   echo "llama_model_load: loading tensors ... ${i}/${PRELUDE_LINES}"
   sleep "${PRELUDE_DELAY:-0.1}"
 done
+if [ -n "${PRELUDE_IGNORE_TERM:-}" ]; then
+  trap '' TERM
+  "${REAL_LLAMA_SERVER}" "$@" &
+  sleep 1000
+  exit 0
+fi
 if [ -n "${PRELUDE_OUTLIVE:-}${PRELUDE_LAST_WORDS:-}" ]; then
   "${REAL_LLAMA_SERVER}" "$@" &
   child=$!
