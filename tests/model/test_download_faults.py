@@ -20,7 +20,7 @@ from orion_llamaccp.model import ProgressEvent, ensure_model, refetch_corrupt, v
 from orion_llamaccp.model.download import DownloadPolicy, fetch_file
 from orion_llamaccp.model.hub import HubClient, HubFile
 from orion_llamaccp.model.progress import Reporter
-from orion_llamaccp.model.store import STATE_DIR, partial_path
+from orion_llamaccp.model.store import STATE_DIR, partial_path, record_path
 from orion_llamaccp.settings import Settings
 from tests.model.conftest import FILENAME, REPO_ID, make_profile
 from tests.model.hub_server import Fault, LocalHub
@@ -495,6 +495,28 @@ def test_refetch_corrupt_finds_damage_only_a_hash_can_see(
     assert target.read_bytes() == data
     assert resolved.sha256 == sha
     assert len(hub.cdn_gets(sha)) == 2
+
+
+def test_refetch_corrupt_asks_the_hub_for_a_file_with_no_record(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """Damage only a hash can see in a file whose record is lost (or one copied by hand
+    from the repo): the deep check compares with the Hub's sha256, as the module says
+    ("the recorded (or the Hub's) sha256"). A check of the record alone passed it."""
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    ensure_model(make_profile(), make_settings())
+    target = cache_dir / FILENAME
+    damaged = bytearray(data)
+    damaged[-100] ^= 0xFF
+    target.write_bytes(bytes(damaged))
+    record_path(cache_dir, target).unlink()
+
+    resolved = refetch_corrupt(make_profile(), make_settings())
+
+    assert resolved.downloaded == (target,)
+    assert [p.read_bytes() for p in resolved.moved_aside] == [bytes(damaged)]
+    assert target.read_bytes() == data and resolved.sha256 == sha
 
 
 def test_refetch_corrupt_leaves_a_sound_file_alone(
