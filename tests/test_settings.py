@@ -88,6 +88,8 @@ def test_bus_password_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
          "redis://redis.internal:6379/0?password=***"),
         ("redis://default:p%40ssw0rd@redis.internal:6379/0", "p@ssw0rd",
          "redis://default:***@redis.internal:6379/0"),
+        # Four characters, the shortest redacted (shorter would mask words at random):
+        ("redis://:abcd@redis.internal:6379/0", "abcd", "redis://:***@redis.internal:6379/0"),
     ],
 )  # fmt: skip
 def test_bus_password_in_the_query_or_url_encoded_is_masked_and_redacted(
