@@ -51,15 +51,23 @@ async def standing_in(redis_url: str, reply: Reply) -> AsyncIterator[None]:
             if message is not None:
                 await reply(orjson.loads(message["data"]), redis)
 
-    task = asyncio.create_task(serve())
+    try:
+        async with _in_the_background(serve()):
+            yield
+    finally:
+        await pubsub.aclose()
+        await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _in_the_background(work: Awaitable[None]) -> AsyncIterator[None]:
+    task = asyncio.ensure_future(work)
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await pubsub.aclose()
-        await redis.aclose()
 
 
 OUTBOX = Outbox(ServiceRef(name="stand-in"))
@@ -304,13 +312,10 @@ async def _reading_the_stream(redis_url: str, reply: Reply) -> AsyncIterator[Non
                     last = entry_id
                     await reply(orjson.loads(fields[b"envelope"]), redis)
 
-    task = asyncio.create_task(serve())
     try:
-        yield
+        async with _in_the_background(serve()):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         await redis.aclose()
 
 
