@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
@@ -21,7 +20,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.client import BusClient, Via
-from tests.bus.conftest import SpawnWorker
+from tests.bus.conftest import SpawnWorker, loading_worker
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import (
     RedisServer,
@@ -35,7 +34,6 @@ from tests.support.proxy import HoldingProxy
 from tests.support.workers import (
     BusRecorder,
     EngineProbe,
-    WorkerProc,
     wait_replicas_counted,
     worker_gauge,
 )
@@ -169,25 +167,6 @@ async def test_a_request_that_expires_while_llama_server_restarts_is_not_generat
     assert "not generated" in payload["details"]["message"], payload
 
 
-def _loading(
-    spawn_worker: SpawnWorker, llama_server_bin: Path, *, seconds: int, **options: Any
-) -> WorkerProc:
-    """A worker whose llama-server loads for ``seconds`` (the prelude's progress lines),
-    with an engine wait of 2 s; returned once it says ``loading``."""
-    worker = spawn_worker(
-        ready=False,
-        LLAMA_SERVER_BIN=str(PRELUDE),
-        REAL_LLAMA_SERVER=str(llama_server_bin),
-        PRELUDE_LINES=str(seconds * 10),
-        PRELUDE_DELAY="0.1",
-        PRELUDE_HELP_AT_ONCE="1",
-        ORION_LLAMACPP_ENGINE_WAIT_SEC="2",
-        **options,
-    )
-    worker.wait_state("loading")
-    return worker
-
-
 async def test_a_replica_still_loading_leaves_pub_sub_requests_to_one_that_serves(
     spawn_worker: SpawnWorker,
     bus: BusClient,
@@ -200,7 +179,9 @@ async def test_a_replica_still_loading_leaves_pub_sub_requests_to_one_that_serve
     ``engine_unavailable`` after the engine wait while the other sat idle (14 of 20 in the
     review's run). It waits a grace before it claims now: every request is served."""
     serving = spawn_worker("serving")
-    loading = _loading(spawn_worker, llama_server_bin, seconds=90, name="loading")
+    loading = loading_worker(
+        spawn_worker, llama_server_bin, seconds=90, name="loading", ENGINE_WAIT_SEC="2"
+    )
     await wait_replicas_counted(recorder, redis_url, INTAKE, [serving.name, loading.name])
     answers = [
         await bus.chat(HI, profile="tiny", options={"max_tokens": 2}, timeout=30) for _ in range(8)
@@ -218,7 +199,9 @@ async def test_requests_queued_while_llama_server_loads_wait_one_engine_wait_in_
     fourth waited on into the load's end (the seventeenth with the defaults: 8.5 minutes,
     for an answer that says "within 30s"). All four are answered within their wait now,
     before the load ends."""
-    loading = _loading(spawn_worker, llama_server_bin, seconds=5, parallel=1)
+    loading = loading_worker(
+        spawn_worker, llama_server_bin, seconds=5, parallel=1, ENGINE_WAIT_SEC="2"
+    )
     envelopes = [bus.request(HI, profile="tiny", options={"max_tokens": 2}) for _ in range(4)]
     for envelope in envelopes:
         await bus.send(envelope, profile="tiny")

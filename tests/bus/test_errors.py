@@ -22,14 +22,13 @@ from orion_llamaccp.bus.envelope import CHAT_CANCEL
 from orion_llamaccp.bus.scripts import DEAD_LETTER_ONCE
 from orion_llamaccp.client import BusClient, work_queue_entry
 from orion_llamaccp.worker.jobs import decode_job
-from tests.bus.conftest import SpawnWorker
+from tests.bus.conftest import SpawnWorker, loading_worker
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import RedisServer, free_port, wait_stream_acked, wait_until_async
 from tests.support.proxy import HoldingProxy
 from tests.support.workers import (
     BusRecorder,
     EngineProbe,
-    WorkerProc,
     metrics_once_counted,
     wait_replicas_counted,
 )
@@ -399,28 +398,10 @@ async def test_a_caller_s_timeout_cannot_outlast_the_operator_s(
     assert "exceeded 1s" in result.payload["details"]["message"], result.payload
 
 
-def _loading(
-    spawn_worker: SpawnWorker, llama_server_bin: Path, *, seconds: int, **env: str
-) -> WorkerProc:
-    """A worker whose llama-server takes ``seconds`` to load (a progress line each 0.1 s
-    first); ``env``: settings without their ``ORION_LLAMACPP_`` prefix."""
-    worker = spawn_worker(
-        ready=False,
-        LLAMA_SERVER_BIN=str(PRELUDE),
-        REAL_LLAMA_SERVER=str(llama_server_bin),
-        PRELUDE_LINES=str(seconds * 10),
-        PRELUDE_DELAY="0.1",
-        PRELUDE_HELP_AT_ONCE="1",
-        **{f"ORION_LLAMACPP_{name}": value for name, value in env.items()},
-    )
-    worker.wait_state("loading")
-    return worker
-
-
 async def test_engine_unavailable_while_loading(
     spawn_worker: SpawnWorker, bus: BusClient, llama_server_bin
 ) -> None:
-    worker = _loading(spawn_worker, llama_server_bin, seconds=6, ENGINE_WAIT_SEC="0.5")
+    worker = loading_worker(spawn_worker, llama_server_bin, seconds=6, ENGINE_WAIT_SEC="0.5")
     result = await bus.chat(HI, profile="tiny", timeout=30)
     assert result.payload["error"] == "engine_unavailable"
     assert result.payload["details"]["retryable"] is True
@@ -436,7 +417,7 @@ async def test_a_request_that_expires_while_llama_server_loads_is_answered_expir
     answered ``expired`` when it expires, while llama-server still loads. It used to wait
     until it was ready (minutes, for a large model), or until the engine wait ran out:
     ``engine_unavailable``, ``retryable``, for a request no retry can serve any more."""
-    worker = _loading(spawn_worker, llama_server_bin, seconds=8, ENGINE_WAIT_SEC="60")
+    worker = loading_worker(spawn_worker, llama_server_bin, seconds=8, ENGINE_WAIT_SEC="60")
     envelope = bus.request(HI, profile="tiny", ttl_ms=1000)
     await bus.send(envelope, profile="tiny")
     answer = await _answer_on(recorder, envelope["reply_to"], timeout=30)
