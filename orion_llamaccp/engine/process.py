@@ -204,10 +204,13 @@ class LlamaProcess:
         self._signal_group(signal.SIGCONT)
 
     async def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM to the group, wait ``grace`` seconds, then SIGKILL; always reaps."""
+        """SIGTERM to the group, wait ``grace`` seconds, then SIGKILL; always reaps. Also
+        after the process ended on its own: what is left of its group goes too."""
         if self._proc is None:
             return None
-        if self._proc.returncode is None:
+        deadline = time.monotonic() + grace
+        signalled = self._proc.returncode is None
+        if signalled:
             self._signal_group(signal.SIGTERM)
             self._signal_group(signal.SIGCONT)
             try:
@@ -218,9 +221,66 @@ class LlamaProcess:
                 )
                 self.kill()
         code = await self.wait()
+        await _clear_group(self._proc.pid, deadline, signalled=signalled)
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
         return code
+
+
+async def _clear_group(pgid: int, deadline: float, *, signalled: bool) -> None:
+    """End what is left of a process group after its leader was reaped: SIGTERM (unless
+    the stop sent it already: a second one makes llama-server quit at once, its shutdown
+    cut short), until ``deadline``, then SIGKILL. A launcher script that runs llama-server
+    as its child, not by ``exec``, can end first (or die alone), and llama-server,
+    orphaned, held the port: the stop returned with it still running, and the restart
+    found the port taken."""
+    if not _group_signal(pgid, signal.SIGCONT if signalled else signal.SIGTERM):
+        return  # the usual case: llama-server was the group, alone
+    _group_signal(pgid, signal.SIGCONT)
+    if await _group_gone(pgid, deadline):
+        return
+    log.warning("llama-server's process group %s outlived its leader: SIGKILL", pgid)
+    _group_signal(pgid, signal.SIGKILL)
+    _group_signal(pgid, signal.SIGCONT)
+    if not await _group_gone(pgid, time.monotonic() + _GROUP_KILL_WAIT):
+        log.error("llama-server's process group %s outlived SIGKILL", pgid)
+
+
+async def _group_gone(pgid: int, deadline: float) -> bool:
+    while _group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(_GROUP_POLL)
+    return True
+
+
+_GROUP_POLL = 0.05  # seconds
+_GROUP_KILL_WAIT = 2.0  # seconds: SIGKILL is not refused, only slow on a process in D state
+
+
+def _group_signal(pgid: int, sig: signal.Signals) -> bool:
+    """Signal a group; False when no process is left in it. Only called for our own
+    group while something of it remains, so its id cannot have gone to another."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member that changed its user: not ours to end
+        return True
+    return True
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live processes of a group: its orphans end as zombies of whoever adopted them
+    (the wrapper itself, where it is PID 1), which a signal no longer ends."""
+    import psutil
+
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+    return members
 
 
 _LOOK_EVERY = 0.25  # seconds; far below any silence timeout worth setting

@@ -306,6 +306,8 @@ class Supervisor:
         self._set(EngineState.STARTING)
         self.life += 1
         self._ready_at = None
+        if self._proc is not None:  # the last life's: what its death left of its group goes
+            await self._proc.stop(self.policy.stop_grace)
         if await _listening(self.launch.base_url):
             # Ours would fail to bind, while the other answered /health and /props in its
             # name: ready, serving whatever model that one runs.

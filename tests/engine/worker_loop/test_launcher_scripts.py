@@ -1,0 +1,85 @@
+"""A ``LLAMA_SERVER_BIN`` that is a site's launcher script running llama-server as its
+child, not by ``exec``: whatever the launcher does, nothing of its process group outlives a
+stop or a restart.
+
+On the event loop the worker runs, uvloop (this folder's conftest): asyncio's own loop
+reports a child's exit only once every pipe of it is closed, so there a launcher's death
+goes unseen while its orphan lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from orion_llamaccp.engine.process import LlamaProcess
+from orion_llamaccp.engine.supervisor import EngineState, Supervisor
+from tests.engine.conftest import FAST, LaunchFactory, assert_answers
+from tests.support.procs import pid_alive, wait_until_async
+
+
+async def test_stop_returns_once_nothing_of_a_launcher_s_group_is_left(
+    make_launch: LaunchFactory, prelude_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    """The binary a site's launcher script that runs llama-server as its child, not by
+    ``exec``, next to a helper of its own that ignores SIGTERM, and ends at once on one:
+    ``stop`` returned as the launcher ended, llama-server still shutting down and the
+    helper running on. It returns once the group is gone, SIGKILLed after the grace."""
+    launcher = tmp_path / "launcher.sh"
+    launcher.write_text(
+        "#!/bin/sh\ntrap '' TERM\nsleep 1000 &\ntrap 'exit 0' TERM\n"
+        '"$REAL_LLAMA_SERVER" "$@" &\nwait\n'
+    )
+    launcher.chmod(0o755)
+    proc = LlamaProcess(make_launch(binary=launcher), environ=prelude_env())
+    await proc.start()
+    pid = proc.pid
+    assert pid is not None
+    await wait_until_async(
+        lambda: len(psutil.Process(pid).children()) == 2, timeout=10, what="its two children"
+    )
+    group = psutil.Process(pid).children()
+    try:
+        await asyncio.wait_for(proc.stop(grace=1.0), 30)
+        left = [p.pid for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], [p.cmdline() for p in group if p.pid in left]
+    finally:  # a test that fails leaves nothing behind
+        for member in group:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+
+
+async def test_a_launcher_that_dies_alone_leaves_no_llama_server_on_the_port(
+    make_launch: LaunchFactory, prelude_env, tmp_path: Path
+) -> None:
+    """A site's launcher script runs llama-server as its child (not by ``exec``) and dies
+    alone, llama-server serving: the orphan kept the port, and every restart found it
+    taken (``port is already taken``) until the crash limit failed the engine. What is
+    left of a dead life's process group goes before the next life starts."""
+    launcher, orphan, die = tmp_path / "launcher.sh", tmp_path / "orphan", tmp_path / "die"
+    launcher.write_text(
+        "#!/bin/sh\n"
+        f'if [ ! -e "{orphan}" ]; then  # the first life only\n'
+        f'  "$REAL_LLAMA_SERVER" "$@" & echo $! > "{orphan}"\n'
+        f'  while [ ! -e "{die}" ]; do sleep 0.05; done\n'
+        "  exit 3\n"
+        "fi\n"
+        'exec "$REAL_LLAMA_SERVER" "$@"\n'
+    )
+    launcher.chmod(0o755)
+    supervisor = Supervisor(make_launch(binary=launcher), environ=prelude_env(), policy=FAST)
+    try:
+        await supervisor.start()
+        die.touch()
+        await wait_until_async(lambda: supervisor.restarts, timeout=30, what="a restart")
+        await supervisor.wait_for(EngineState.READY, EngineState.FAILED, timeout=60)
+        assert supervisor.state is EngineState.READY, supervisor.failure
+        assert supervisor.restarts == 1
+        assert not pid_alive(int(orphan.read_text()))
+        await assert_answers(supervisor)
+    finally:
+        await supervisor.stop()
