@@ -228,15 +228,14 @@ Check = tuple[str, bool | None, str]
 
 def _check_plan(settings: Settings) -> tuple[list[Check], ServicePlan | None]:
     from orion_llamaccp.engine.binary import find_binary, probe
-    from orion_llamaccp.engine.plan import build_plan
     from orion_llamaccp.profiles.registry import load_registry
 
     lines: list[Check] = []
     try:
         registry = load_registry(settings.profiles_config_path)
         # Counted as `validate` counts them: it found two a plain read had let through.
-        planned = _planned(settings, registry)
-        invalid = [*registry.problems, *(n for n, _, e in planned if _invalid(e))]
+        planned = {name: (plan, exc) for name, plan, exc in _planned(settings, registry)}
+        invalid = [*registry.problems, *(n for n, (_, e) in planned.items() if _invalid(e))]
         lines.append(
             (
                 "config",
@@ -265,9 +264,8 @@ def _check_plan(settings: Settings) -> tuple[list[Check], ServicePlan | None]:
         lines.append(("binary", True, f"{path} (build {info.build}, {len(info.flags)} flags)"))
     except OrionLlamaError as exc:
         lines.append(("binary", False, str(exc)))
-    try:
-        plan = build_plan(settings, require_binary=False)
-    except OrionLlamaError as exc:
+    plan, exc = planned[settings.profile_name]  # the plan `run` would build, made above
+    if plan is None:
         lines.append(("flags", False, str(exc)))
         return lines, None
     if plan.binary is not None:
