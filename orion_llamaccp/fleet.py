@@ -118,6 +118,7 @@ class Fleet:
 
     def __init__(self) -> None:
         self.hosts: dict[tuple[str, str], Host] = {}
+        self.stored: set[tuple[str, str]] = set()  # the hosts Redis kept at the last load
 
     def _host(self, service: str, instance: str) -> Host:
         key = (service, instance)
@@ -125,29 +126,30 @@ class Fleet:
             self.hosts[key] = Host(service=service, instance=instance)
         return self.hosts[key]
 
-    def ingest(self, data: bytes | str, heard_at: float | None = None) -> None:
+    def ingest(self, data: bytes | str, heard_at: float | None = None) -> tuple[str, str] | None:
         """Take a heartbeat or an announcement envelope; ignore anything else, a message
         of the wrong shape included. ``heard_at``: when a beat was sent, on this clock
-        (default: now, for one just heard)."""
+        (default: now, for one just heard). Returns the host it was about, if one of ours."""
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return
+            return None
         if not isinstance(message, dict) or not isinstance(message.get("payload"), dict):
-            return
+            return None
         if message.get("kind") == HEALTH:
-            self._beat(message["payload"], time.time() if heard_at is None else heard_at)
-        elif message.get("kind") == PROFILE_ANNOUNCE:
-            self._announcement(message["payload"])
+            return self._beat(message["payload"], time.time() if heard_at is None else heard_at)
+        if message.get("kind") == PROFILE_ANNOUNCE:
+            return self._announcement(message["payload"])
+        return None
 
-    def _beat(self, beat: dict[str, Any], heard_at: float) -> None:
+    def _beat(self, beat: dict[str, Any], heard_at: float) -> tuple[str, str] | None:
         key = (_text(beat.get("service")) or "?", _text(beat.get("instance")) or "?")
         details = beat.get("details") if isinstance(beat.get("details"), dict) else {}
         if key not in self.hosts and not _llamacpp_details(details):
-            return  # another Orion service: the health channel is everyone's
+            return None  # another Orion service: the health channel is everyone's
         host = self._host(*key)
         if host.last_beat is not None and heard_at < host.last_beat - SAME_BEAT_SEC:
-            return  # an older beat (a reload of the key behind one just heard)
+            return key  # an older beat (a reload of the key behind one just heard)
         # The same beat read again from its key (dated by its TTL, a millisecond off) is
         # taken again: its state stands over an announcement read before it.
         host.last_beat = max(heard_at, host.last_beat or heard_at)
@@ -161,9 +163,11 @@ class Fleet:
         host.slots_total = _count(details.get("slots_total"), host.slots_total)
         host.tokens_per_sec = _number(details.get("tokens_per_sec_recent"), host.tokens_per_sec)
         host.requests_served = _count(details.get("requests_served"), host.requests_served)
+        return key
 
-    def _announcement(self, info: dict[str, Any]) -> None:
-        host = self._host(_text(info.get("service")) or "?", _text(info.get("instance")) or "?")
+    def _announcement(self, info: dict[str, Any]) -> tuple[str, str]:
+        key = (_text(info.get("service")) or "?", _text(info.get("instance")) or "?")
+        host = self._host(*key)
         host.node = _text(info.get("node")) or host.node
         host.profile = _text(info.get("profile")) or host.profile
         host.model = _text(info.get("model_id")) or host.model
@@ -172,6 +176,7 @@ class Fleet:
         host.slots_total = _count(info.get("slots"), host.slots_total)
         host.interval = _positive(info.get("heartbeat_interval_sec"), host.interval)
         host.state = _text(info.get("state")) or host.state
+        return key
 
     async def load(self, redis: aioredis.Redis) -> Fleet:
         """Fill from what Redis keeps: announcements first, then the last beats, each
@@ -194,24 +199,23 @@ class Fleet:
             for name in beats:
                 pipe.get(name).pttl(name)
             found = await pipe.execute()
-        for raw in found[: len(announced)]:
-            if raw:
-                self.ingest(raw)
+        taken = [self.ingest(raw) for raw in found[: len(announced)] if raw]
         kept = found[len(announced) :]
         for raw, left_ms in zip(kept[::2], kept[1::2], strict=True):
             if raw:
-                self.ingest(raw, _stored_at(raw, left_ms))
+                taken.append(self.ingest(raw, _stored_at(raw, left_ms)))
+        self.stored = {key for key in taken if key is not None}
         if not all(found[: len(announced)] + kept[::2]):  # a member whose key is gone
             await prune_hosts(redis)
         return self
 
-    def forget_gone(self, stored: Fleet, now: float | None = None) -> None:
-        """Drop the hosts Redis no longer keeps (``stored``: a fresh ``load``; their keys
-        expired, three beats missed) and that are down: `watch` kept every worker it ever
-        saw, the containers recreated under new ids piling up as "down", where `ps`
-        shows them no more."""
+    def forget_gone(self, now: float | None = None) -> None:
+        """Drop the hosts Redis no longer kept at the last ``load`` (their keys expired,
+        three beats missed) and that are down: `watch` kept every worker it ever saw, the
+        containers recreated under new ids piling up as "down", where `ps` shows them no
+        more."""
         for key, host in list(self.hosts.items()):
-            if key not in stored.hosts and host.down(now):
+            if key not in self.stored and host.down(now):
                 del self.hosts[key]
 
     def rows(self) -> list[dict[str, Any]]:

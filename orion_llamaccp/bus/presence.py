@@ -187,7 +187,7 @@ class Presence:
         self.beats += 1
         await self._keep_registry_entry()
         if not self.twin_seen and (twin := self._live_other(replaced)):
-            self._twin_found(twin)
+            self._twin_found(twin, leaving=details.get("state") == "draining")
         return payload
 
     async def _keep_registry_entry(self) -> None:
@@ -212,10 +212,21 @@ class Presence:
         self._other = (boot, seen)
         return other if seen >= 2 else None
 
-    def _twin_found(self, twin: dict[str, Any]) -> None:
+    def _twin_found(self, twin: dict[str, Any], *, leaving: bool = False) -> None:
         """Two workers under one instance id share a liveness key (``ps`` shows one of
         them), a registry entry and a stream consumer name. The one started later gives
-        way (both see the other, and order their starts alike)."""
+        way (both see the other, and order their starts alike). ``leaving``: this one
+        drains, and the other is its replacement in a rolling deploy (the default
+        ``INSTANCE_ID`` is the node's and the profile's): no fault, said as such."""
+        self.twin_seen = True  # either way the entries under our consumer name are shared
+        if leaving:
+            log.info(
+                "the worker replacing this one beats under instance id %r (boot %s): the "
+                "stream entries left under it are its to resume",
+                self.instance,
+                twin["boot_id"],
+            )
+            return
         details = twin.get("details") if isinstance(twin.get("details"), dict) else {}
         booted = details.get("booted_at")
         theirs = (booted if isinstance(booted, int | float) else 0.0, str(twin["boot_id"]))
@@ -227,7 +238,6 @@ class Presence:
             + ("this one started later and stops" if younger else "it started later")
         )
         log.error("%s", said)
-        self.twin_seen = True
         if younger:
             self.gave_way = said
             if self.on_twin is not None:

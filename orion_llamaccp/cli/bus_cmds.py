@@ -312,7 +312,7 @@ async def _watch(args: argparse.Namespace, settings: Settings) -> int:
                 now = loop.time()
                 if now >= reload_at:  # hosts that went silent before we subscribed
                     await fleet.load(redis)
-                    fleet.forget_gone(await Fleet().load(redis))
+                    fleet.forget_gone()
                     reload_at = now + 10
                 if now >= next_draw:
                     live.update(fleet_table(fleet.rows()), refresh=True)

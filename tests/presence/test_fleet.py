@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from rich.console import Console
 
@@ -229,17 +231,28 @@ def test_a_worker_going_away_is_listed_down_with_what_it_said() -> None:
 async def test_watch_forgets_a_host_redis_keeps_no_more(redis_url: str) -> None:
     """``watch`` kept every worker it ever saw: containers recreated under new ids piled
     up as "down" rows, where ``ps`` (which reads what Redis keeps) no longer lists them.
-    A host down and gone from Redis is dropped at the next reload; one heard live stays."""
+    A host down and gone from Redis is dropped at the next reload; one heard live stays,
+    and so does one down whose announcement Redis still keeps (``ps`` lists it)."""
     fleet = Fleet()
     now = datetime.now(UTC)
     fleet.ingest(_beat("gone", sent=now), heard_at=time.time() - 40)  # four beats missed
+    fleet.ingest(_beat("kept", sent=now), heard_at=time.time() - 40)
     fleet.ingest(_beat("live", sent=now))
+    kept = keys.registry("tiny", "kept-by-redis")
+    announcement = {"service": "orion-llamaccp", "instance": "kept", "state": "ready"}
     redis = aioredis.Redis.from_url(redis_url)
     try:
-        fleet.forget_gone(await Fleet().load(redis))  # Redis keeps neither
+        await redis.hset(
+            kept, "announcement", orjson.dumps({"kind": PROFILE_ANNOUNCE, "payload": announcement})
+        )
+        await redis.sadd(keys.HOSTS_INDEX, kept)
+        await fleet.load(redis)
+        fleet.forget_gone()
     finally:
+        await redis.delete(kept)
+        await redis.srem(keys.HOSTS_INDEX, kept)
         await redis.aclose()
-    assert [row["instance"] for row in fleet.rows()] == ["live"]
+    assert [row["instance"] for row in fleet.rows()] == ["kept", "live"]
 
 
 def test_a_beat_read_back_from_its_key_is_taken_again_over_an_announcement() -> None:
@@ -261,13 +274,14 @@ def test_a_beat_read_back_from_its_key_is_taken_again_over_an_announcement() -> 
 
 
 async def test_a_worker_replacing_a_draining_one_under_its_id_does_not_give_way(
-    redis_url: str,
+    redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``INSTANCE_ID`` defaults to ``{node}:{profile}``: in a rolling deploy the new
     container beats under the key of the old one while it drains. A draining worker
     beats ``down``, and one going away is no twin: the new one serves on. (A draining
     beat said anything but ``down``, or taken for a twin's, stopped the new worker with
     "set INSTANCE_ID", and the drain then left no one serving; no test beat so.)"""
+    caplog.set_level(logging.INFO, logger="orion_llamaccp")
     redis = aioredis.Redis.from_url(redis_url)
     said: list[str] = []
     try:
@@ -282,3 +296,8 @@ async def test_a_worker_replacing_a_draining_one_under_its_id_does_not_give_way(
         await redis.aclose()
     assert drained["payload"]["status"] == "down", drained["payload"]
     assert not arriving.twin_seen and arriving.gave_way is None and said == []
+    # The one leaving saw its replacement: told every operator of a rolling deploy, as an
+    # error, to "set INSTANCE_ID". It leaves its stream entries to it, and says so.
+    assert leaving.twin_seen and leaving.gave_way is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "the worker replacing this one beats under instance id 'w'" in caplog.text
