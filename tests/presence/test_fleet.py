@@ -301,3 +301,28 @@ async def test_a_worker_replacing_a_draining_one_under_its_id_does_not_give_way(
     assert leaving.twin_seen and leaving.gave_way is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert "the worker replacing this one beats under instance id 'w'" in caplog.text
+
+
+async def test_each_beat_renews_the_registry_entry_for_as_long_as_the_liveness_key(
+    redis_url: str,
+) -> None:
+    """The registry entry lives as long as the liveness key (three intervals: 30 s here),
+    renewed by every beat, whatever the announce interval: an entry given a longer life
+    (left by an older version, or a periodic announcement far apart) is cut to it, and
+    one gone is announced again at once."""
+    redis = aioredis.Redis.from_url(redis_url)
+    presence = _presence(redis, "renewed")
+    entry = keys.registry("tiny", "renewed")
+    try:
+        await presence.announce()
+        await redis.expire(entry, 3600)
+        await presence.heartbeat()
+        renewed = await redis.ttl(entry)
+        assert not presence._pending_announce.is_set()
+        await redis.delete(entry)
+        await presence.heartbeat()
+    finally:
+        await redis.delete(entry, keys.liveness("orion-llamaccp", "renewed"))
+        await redis.aclose()
+    assert 20 < renewed <= 30, renewed
+    assert presence._pending_announce.is_set()  # the entry lost: announced at once
