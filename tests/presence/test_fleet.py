@@ -326,3 +326,20 @@ async def test_each_beat_renews_the_registry_entry_for_as_long_as_the_liveness_k
         await redis.aclose()
     assert 20 < renewed <= 30, renewed
     assert presence._pending_announce.is_set()  # the entry lost: announced at once
+
+
+def test_a_host_is_down_after_three_of_its_own_beat_intervals_missed() -> None:
+    """Down is three missed beats of the host's own interval (its beats say it), the
+    same life as its liveness key: one that beats every 2 s is down 7 s after its last
+    beat, one that beats every 10 s is up 25 s after."""
+    fleet = Fleet()
+    now = datetime.now(UTC)
+    quick = orjson.loads(_beat("quick", sent=now))
+    quick["payload"]["heartbeat_interval_sec"] = 2.0
+    heard = time.time()
+    fleet.ingest(orjson.dumps(quick), heard_at=heard - 7)
+    fleet.ingest(_beat("slow", sent=now), heard_at=heard - 25)
+    quick["payload"]["instance"] = "quick-up"
+    fleet.ingest(orjson.dumps(quick), heard_at=heard - 5)
+    down = {row["instance"]: row["down"] for row in fleet.rows()}
+    assert down == {"quick": True, "quick-up": False, "slow": False}
