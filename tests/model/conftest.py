@@ -38,15 +38,18 @@ def make_gguf(path: Path, seed: int = 0) -> Path:
     return write_random_llama(path, n_embd=32, n_layers=1, n_head=2, n_ff=64, vocab=300, seed=seed)
 
 
-def make_split_gguf(folder: Path, stem: str, parts: int, seed: int = 1) -> list[Path]:
-    """A GGUF split the way llama.cpp's gguf-split does it (``split.no`` etc. per part)."""
+def make_split_gguf(
+    folder: Path, stem: str, parts: int, seed: int = 1, per_part: int = 2
+) -> list[Path]:
+    """A GGUF split the way llama.cpp's gguf-split does it (``split.no`` etc. per part),
+    ``per_part`` tensors in each part."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / f"{stem}.gguf"
-    writer = gguf.GGUFWriter(str(base), "llama", split_max_tensors=2)
+    writer = gguf.GGUFWriter(str(base), "llama", split_max_tensors=per_part)
     writer.add_name("orion-split-test")
     writer.add_block_count(1)
-    for index in range(parts * 2):
+    for index in range(parts * per_part):
         writer.add_tensor(f"t{index}.weight", rng.standard_normal((64, 32)).astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

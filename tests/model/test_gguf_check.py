@@ -128,6 +128,18 @@ def test_split_parts_out_of_order_are_refused(tmp_path: Path) -> None:
         verify_split_set(infos[:2])
 
 
+def test_split_parts_of_two_sets_that_agree_on_count_and_order_are_refused(
+    tmp_path: Path,
+) -> None:
+    """Parts of two splits of the model (a part downloaded from another revision, say):
+    each says its place right, but the first part's announced total is not what they hold."""
+    ours = [verify_gguf(p) for p in make_split_gguf(tmp_path / "a", "m", 3)]
+    theirs = [verify_gguf(p) for p in make_split_gguf(tmp_path / "b", "m", 3, per_part=3)]
+
+    with pytest.raises(ModelCorrupt, match="announces 6 tensors across 3 parts, the parts hold 8"):
+        verify_split_set([ours[0], *theirs[1:]])
+
+
 def test_a_truncated_split_part_is_caught_on_its_own(tmp_path: Path) -> None:
     parts = make_split_gguf(tmp_path, "m", 3)
     parts[1].write_bytes(parts[1].read_bytes()[:-64])
