@@ -27,6 +27,16 @@ def _error_message(body: bytes) -> tuple[str, str]:
 
 
 _NOT_THE_REQUEST = frozenset({401, 403, 404, 408, 429})
+# llama-server's "not supported" (embeddings, infill or image input on a server started
+# without them): a 5xx that no retry on this profile can change.
+_NOT_SUPPORTED = 501
+
+
+def _refused(status: int | None) -> bool:
+    """Whether an error answer refuses this request for good."""
+    if status is None:
+        return False
+    return status == _NOT_SUPPORTED or (400 <= status < 500 and status not in _NOT_THE_REQUEST)
 
 
 def raise_for_response(status: int, body: bytes) -> None:
@@ -41,9 +51,8 @@ def raise_for_response(status: int, body: bytes) -> None:
         raise EngineUnavailable(f"llama-server is not ready: {message}")
     # A 4xx refuses this request for good (a grammar it cannot parse, say), except those
     # that say nothing of it: a wrong API key, a timeout, too many requests.
-    retryable = status >= 500 or status in _NOT_THE_REQUEST
     raise UpstreamError(
-        f"llama-server answered {status}: {message}", status=status, retryable=retryable
+        f"llama-server answered {status}: {message}", status=status, retryable=not _refused(status)
     )
 
 
@@ -57,11 +66,10 @@ def raise_stream_error(error: dict[str, Any]) -> None:
         raise ContextExceeded(f"prompt does not fit the context window: {message}", retryable=False)
     code = error.get("code")
     status = code if isinstance(code, int) and not isinstance(code, bool) else None
-    refused = status is not None and 400 <= status < 500 and status not in _NOT_THE_REQUEST
     raise UpstreamError(
         f"llama-server reported an error mid-stream: {message}",
         status=status,
-        retryable=not refused,
+        retryable=not _refused(status),
     )
 
 

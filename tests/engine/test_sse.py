@@ -565,3 +565,16 @@ def test_an_answer_that_says_nothing_of_the_request_may_be_retried(status: int) 
     with pytest.raises(UpstreamError) as refused:  # a plain 4xx: refused for good
         raise_for_response(422, body)
     assert refused.value.retryable is False
+
+
+def test_a_feature_llama_server_was_not_started_with_is_refused_not_retried() -> None:
+    """501 is llama-server's "not supported" (embeddings, infill, image input on a server
+    started without them): retried as any 5xx, it was tried again up to the delivery
+    limit, then dead-lettered as retryable, where no retry on this profile can help."""
+    said = {"code": 501, "message": "image input is not supported", "type": "not_supported_error"}
+    with pytest.raises(UpstreamError) as answered:
+        raise_for_response(501, orjson.dumps({"error": said}))
+    assert (answered.value.status, answered.value.retryable) == (501, False)
+    with pytest.raises(UpstreamError) as midstream:
+        EventReader().take(SSEDecoder().feed(b"error: " + orjson.dumps(said) + b"\n\n"))
+    assert (midstream.value.status, midstream.value.retryable) == (501, False)
