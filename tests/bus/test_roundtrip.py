@@ -44,7 +44,7 @@ async def test_pubsub_round_trip(
     ]
     assert reply.causality_chain[-1].kind == "llm.chat.request"
     assert reply.trace == {"trace_id": "t-123"}
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a second answer would be in by now
     assert len(recorder.on(envelope["reply_to"])) == 1
 
 
@@ -74,7 +74,6 @@ async def test_streamed_chunks_are_gapless_then_one_result(
         )
         result = await bus.chat(HI, profile=PROFILE, via=via, envelope=envelope, timeout=30)
         assert result.ok, result.payload
-        await asyncio.sleep(0.2)
         chunks = [m.message["payload"] for m in recorder.on(envelope["reply_to"] + ":chunks")]
         assert [c["seq"] for c in chunks] == list(range(len(chunks)))
         assert {c["attempt"] for c in chunks} == {1}
@@ -96,7 +95,6 @@ async def test_stream_channel_option_and_coalescing(
         options={"stream": True, "stream_channel": channel, "max_tokens": 400, "temperature": 0},
     )
     result = await bus.chat(HI, profile=PROFILE, envelope=envelope, timeout=30)
-    await asyncio.sleep(0.2)
     chunks = [m.message["payload"] for m in recorder.on(channel)]
     assert chunks and "".join(c["delta"] for c in chunks) == result.payload["content"]
     # 400 tokens at thousands per second in 50 ms windows: far fewer chunks than tokens.
@@ -195,7 +193,6 @@ async def test_reply_to_is_kept_exactly_as_sent(
     envelope = bus.request(HI, profile=PROFILE, options={"max_tokens": 3}, reply_to=reply_to)
     result = await bus.chat(HI, profile=PROFILE, envelope=envelope, timeout=30)
     assert result.ok, result.payload
-    await asyncio.sleep(0.2)
     assert len(recorder.on(reply_to)) == 1
     assert recorder.on(reply_to.strip()) == []
 
@@ -213,7 +210,6 @@ async def test_a_stream_channel_equal_to_reply_to_is_not_used(
     )
     result = await bus.chat(HI, profile=PROFILE, envelope=envelope, timeout=30)
     assert result.ok, result.payload
-    await asyncio.sleep(0.2)
     # Orion's rpc_request takes the first message on reply_to as the answer.
     assert [m.message["kind"] for m in recorder.on(reply_to)] == ["llm.chat.result"]
     chunks = [m.message["payload"] for m in recorder.on(reply_to + ":chunks")]

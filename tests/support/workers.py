@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import httpx
 import orjson
@@ -22,6 +23,8 @@ from orion_llamaccp.engine.plan import socket_folder
 from orion_llamaccp.engine.process import die_with_parent
 from orion_llamaccp.engine.supervisor import _remove_stale_socket
 from tests.support.procs import pid_alive, wait_until, wait_until_async
+
+CAUGHT_UP = "test:recorder:caught-up:"  # the recorder's own markers, never recorded
 
 
 @dataclass
@@ -36,7 +39,12 @@ class Published:
 
 
 class BusRecorder:
-    """Records every PUBLISH on a Redis (PSUBSCRIBE *) from a background thread."""
+    """Records every PUBLISH on a Redis (PSUBSCRIBE *) from a background thread.
+
+    Every read catches up first (``_catch_up``): the recorder reads on a connection and a
+    thread of its own, so a result the test's client holds, or a worker's exit, can be
+    ahead of what was recorded, and a test reading at once missed the last chunks.
+    """
 
     def __init__(self, url: str) -> None:
         self.client = redis.Redis.from_url(url, socket_connect_timeout=1)
@@ -44,8 +52,11 @@ class BusRecorder:
         self.pubsub.psubscribe("*")
         self.subscribed = threading.Event()
         self.subscribed.set()
-        self.messages: list[Published] = []
+        # Markers go out on a client of their own that gives up at once on a frozen Redis.
+        self._marker_client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        self._messages: list[Published] = []
         self._lock = threading.Lock()
+        self._markers: dict[str, threading.Event] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -60,10 +71,38 @@ class BusRecorder:
                 self._resubscribe()
                 continue
             if message and message["type"] == "pmessage":
-                with self._lock:
-                    self.messages.append(
-                        Published(message["channel"].decode(), message["data"], time.monotonic())
-                    )
+                self._record(message["channel"].decode(), message["data"])
+
+    def _record(self, channel: str, data: bytes) -> None:
+        with self._lock:
+            if channel.startswith(CAUGHT_UP):
+                self._markers.pop(channel, threading.Event()).set()
+            else:
+                self._messages.append(Published(channel, data, time.monotonic()))
+
+    def _catch_up(self, timeout: float = 2.0) -> None:
+        """Wait until every message Redis published before this call is recorded: Redis
+        sends a subscriber its messages in the order it ran the PUBLISHes, so once a
+        marker published now is back, everything before it is in. Where Redis is down or
+        the recorder not subscribed (a fault test), nothing is waited for."""
+        marker = f"{CAUGHT_UP}{uuid4().hex}"
+        seen = threading.Event()
+        with self._lock:
+            self._markers[marker] = seen
+        try:
+            heard = self._marker_client.publish(marker, b"")
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            heard = 0
+        if heard:
+            seen.wait(timeout)
+        with self._lock:
+            self._markers.pop(marker, None)
+
+    @property
+    def messages(self) -> list[Published]:
+        self._catch_up()
+        with self._lock:
+            return list(self._messages)
 
     def _resubscribe(self) -> None:
         """Redis went away (a fault test): subscribe again once it is back."""
@@ -80,37 +119,33 @@ class BusRecorder:
                 time.sleep(0.1)
 
     def on(self, channel: str) -> list[Published]:
-        with self._lock:
-            return [m for m in self.messages if m.channel == channel]
+        return [m for m in self.messages if m.channel == channel]
 
     def kinds(self, kind: str) -> list[Published]:
-        with self._lock:
-            found = []
-            for m in self.messages:
-                try:
-                    if orjson.loads(m.data).get("kind") == kind:
-                        found.append(m)
-                except orjson.JSONDecodeError:
-                    continue
-            return found
+        return [m for m in self.messages if (_decoded(m.data) or {}).get("kind") == kind]
 
     def from_service(self, service: str = "orion-llamaccp") -> list[Published]:
-        with self._lock:
-            mine = []
-            for m in self.messages:
-                try:
-                    data = orjson.loads(m.data)
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(data, dict) and (data.get("source") or {}).get("name") == service:
-                    mine.append(m)
-            return mine
+        return [
+            m
+            for m in self.messages
+            if ((_decoded(m.data) or {}).get("source") or {}).get("name") == service
+        ]
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
         self.pubsub.close()
         self.client.close()
+        self._marker_client.close()
+
+
+def _decoded(data: bytes) -> dict[str, Any] | None:
+    """A published message as a JSON object; None for anything else."""
+    try:
+        message = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return message if isinstance(message, dict) else None
 
 
 class WorkerProc:
