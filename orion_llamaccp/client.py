@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.codec import decode_envelope
 from orion_llamaccp.bus.envelope import CHAT_CANCEL, CHAT_REQUEST, Envelope, ServiceRef, as_utc
-from orion_llamaccp.bus.failover import NotAPrimary, follow_failovers
+from orion_llamaccp.bus.failover import NotAPrimary, follow_failovers, says_replica
 from orion_llamaccp.bus.outbox import Outbox, chunk_channel
 from orion_llamaccp.errors import DecodeError, NoWorker
 
@@ -179,9 +179,7 @@ class BusClient:
             if isinstance(reply, Exception):
                 raise reply
         [(_, subscribers)] = numsub
-        said = role[0] if isinstance(role, list) and role else b"master"
-        on_a_replica = (said.decode() if isinstance(said, bytes) else str(said)) != "master"
-        return min(int(heard), int(subscribers)), on_a_replica
+        return min(int(heard), int(subscribers)), says_replica(role)
 
     async def chat(
         self,

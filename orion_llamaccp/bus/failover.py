@@ -46,6 +46,15 @@ def refuses_as_a_replica(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and ("-READONLY " in text or "-MASTERDOWN " in text)
 
 
+def says_replica(role: object) -> bool:
+    """Whether a reply to ``ROLE`` names a replica. Anything else (an error reply, as where
+    an ACL denies ROLE) counts as a primary: the check is a hint, never a reason to stop."""
+    if not isinstance(role, list) or not role:
+        return False
+    said = role[0]
+    return (said.decode() if isinstance(said, bytes) else str(said)) != "master"
+
+
 class _FollowsFailover(AbstractConnection):
     live: ClassVar[weakref.WeakSet[_FollowsFailover]]  # set per client
     reset_at: ClassVar[float] = float("-inf")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
-from orion_llamaccp.bus.failover import NotAPrimary
+from orion_llamaccp.bus.failover import NotAPrimary, says_replica
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.retry import TRANSIENT
 
@@ -313,7 +313,7 @@ async def _on_a_primary(pubsub: PubSub) -> None:
         role = await connection.read_response()
     except NoPermissionError:
         return
-    if isinstance(role, list) and role and _text(role[0]) != "master":
+    if says_replica(role):
         await connection.disconnect()  # back in the pool, it would lead there again
         raise NotAPrimary("the pub/sub connection reached a replica (a failover): again")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
@@ -29,9 +30,9 @@ from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.client import TTL_MARGIN_SEC, BusClient, ChunkAssembler
 from orion_llamaccp.errors import NoWorker
 from tests.bus.conftest import SpawnWorker
-from tests.support.procs import RedisServer, replica_of, wait_until_async
+from tests.support.procs import RedisServer, free_port, replica_of, wait_until_async
 from tests.support.proxy import HoldingProxy
-from tests.support.workers import BusRecorder
+from tests.support.workers import BusRecorder, WorkerProc
 
 HI = [{"role": "user", "content": "hello there"}]
 PROFILE = "tiny"
@@ -577,3 +578,43 @@ async def test_what_the_client_sends_is_what_the_contract_allows(
         lambda: recorder.on("orion:llamacpp:cancel"), timeout=5, what="the cancel"
     )
     assert check_message(cancel.data).kind == "llm.chat.cancel"
+
+
+async def test_a_bus_user_denied_role_is_served_and_heard(
+    tmp_path: Path, subprocess_env: dict
+) -> None:
+    """A managed Redis's ACL may deny ``ROLE`` (a user given the pub/sub and stream
+    commands and no more). Both failover checks ask it (the worker's listener before it
+    subscribes, the client's PUBLISH on the same connection): a denial counts as a
+    primary, never as an error. Neither path was tested with a denial."""
+    server = RedisServer(tmp_path / "acl").start()
+    admin = aioredis.Redis.from_url(server.url)
+    await admin.acl_setuser(
+        "caller",
+        enabled=True,
+        passwords=["+not-role"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-role"],
+    )
+    await admin.aclose()
+    user_url = f"redis://caller:not-role@127.0.0.1:{server.port}/0"
+    env = {
+        **subprocess_env,
+        "ORION_BUS_URL": user_url,
+        "LLAMACPP_PORT_OVERRIDE": str(free_port()),
+        "HEARTBEAT_INTERVAL_SEC": "1",
+    }
+    worker = WorkerProc(env, name="acl", log_dir=tmp_path, redis_url=server.url).start()
+    try:
+        worker.wait_ready()
+        async with BusClient(user_url) as bus:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await bus.redis.execute_command("ROLE")  # the user really is denied it
+            result = await bus.chat(HI, profile=PROFILE, options={"max_tokens": 2}, timeout=30)
+        assert result.ok, result.payload
+        assert result.payload["meta"]["transport"] == "pubsub"
+    finally:
+        worker.close()
+        server.stop()
+    assert "NOPERM" not in worker.log() and "Traceback" not in worker.log(), worker.log()[-2000:]
