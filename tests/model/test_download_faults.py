@@ -476,22 +476,32 @@ def test_a_broken_file_on_the_hub_is_not_downloaded_in_a_loop(
     assert not (cache_dir / FILENAME).exists()
 
 
+def _downloaded_then_damaged(
+    make_settings: SettingsFactory, cache_dir: Path, data: bytes
+) -> tuple[Path, bytes]:
+    """The model downloaded, then one byte near its end flipped: a header still sound,
+    damage only a hash can see, and a new mtime (the download's record no longer
+    applies). Returns the file and its damaged bytes."""
+    ensure_model(make_profile(), make_settings())
+    target = cache_dir / FILENAME
+    damaged = bytearray(data)
+    damaged[-100] ^= 0xFF
+    target.write_bytes(bytes(damaged))
+    return target, bytes(damaged)
+
+
 def test_refetch_corrupt_finds_damage_only_a_hash_can_see(
     hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
-    ensure_model(make_profile(), make_settings())
-    target = cache_dir / FILENAME
-    damaged = bytearray(data)
-    damaged[-100] ^= 0xFF
-    target.write_bytes(bytes(damaged))  # a new mtime: the record no longer applies
+    target, damaged = _downloaded_then_damaged(make_settings, cache_dir, data)
 
     assert ensure_model(make_profile(), make_settings()).downloaded == ()  # header is fine
     resolved = refetch_corrupt(make_profile(), make_settings())
 
     assert resolved.downloaded == (target,)
-    assert [p.read_bytes() for p in resolved.moved_aside] == [bytes(damaged)]
+    assert [p.read_bytes() for p in resolved.moved_aside] == [damaged]
     assert target.read_bytes() == data
     assert resolved.sha256 == sha
     assert len(hub.cdn_gets(sha)) == 2
@@ -505,17 +515,13 @@ def test_refetch_corrupt_asks_the_hub_for_a_file_with_no_record(
     ("the recorded (or the Hub's) sha256"). A check of the record alone passed it."""
     data = gguf_bytes(0)
     sha = hub.add(REPO_ID, FILENAME, data)
-    ensure_model(make_profile(), make_settings())
-    target = cache_dir / FILENAME
-    damaged = bytearray(data)
-    damaged[-100] ^= 0xFF
-    target.write_bytes(bytes(damaged))
+    target, damaged = _downloaded_then_damaged(make_settings, cache_dir, data)
     record_path(cache_dir, target).unlink()
 
     resolved = refetch_corrupt(make_profile(), make_settings())
 
     assert resolved.downloaded == (target,)
-    assert [p.read_bytes() for p in resolved.moved_aside] == [bytes(damaged)]
+    assert [p.read_bytes() for p in resolved.moved_aside] == [damaged]
     assert target.read_bytes() == data and resolved.sha256 == sha
 
 
