@@ -187,7 +187,8 @@ class Presence:
         self.beats += 1
         await self._keep_registry_entry()
         if not self.twin_seen and (twin := self._live_other(replaced)):
-            self._twin_found(twin, leaving=details.get("state") == "draining")
+            # Ours says ``down`` as it drains, and in its farewell (``stopped``).
+            self._twin_found(twin, leaving=payload.get("status") == "down")
         return payload
 
     async def _keep_registry_entry(self) -> None:
@@ -216,13 +217,14 @@ class Presence:
         """Two workers under one instance id share a liveness key (``ps`` shows one of
         them), a registry entry and a stream consumer name. The one started later gives
         way (both see the other, and order their starts alike). ``leaving``: this one
-        drains, and the other is its replacement in a rolling deploy (the default
-        ``INSTANCE_ID`` is the node's and the profile's): no fault, said as such."""
+        is going away (draining, or its last beat), and the other is its replacement in
+        a rolling deploy (the default ``INSTANCE_ID`` is the node's and the profile's):
+        no fault, said as such."""
         self.twin_seen = True  # either way the entries under our consumer name are shared
         if leaving:
             log.info(
-                "the worker replacing this one beats under instance id %r (boot %s): the "
-                "stream entries left under it are its to resume",
+                "the worker replacing this one beats under instance id %r (boot %s): a "
+                "rolling deploy; what is left pending under the id is its to resume",
                 self.instance,
                 twin["boot_id"],
             )

@@ -273,8 +273,9 @@ def test_a_beat_read_back_from_its_key_is_taken_again_over_an_announcement() -> 
     assert fleet.rows()[0]["state"] == "failed"
 
 
+@pytest.mark.parametrize("state", ["draining", "stopped"])  # stopped: its farewell beat
 async def test_a_worker_replacing_a_draining_one_under_its_id_does_not_give_way(
-    redis_url: str, caplog: pytest.LogCaptureFixture
+    redis_url: str, caplog: pytest.LogCaptureFixture, state: str
 ) -> None:
     """``INSTANCE_ID`` defaults to ``{node}:{profile}``: in a rolling deploy the new
     container beats under the key of the old one while it drains. A draining worker
@@ -285,7 +286,7 @@ async def test_a_worker_replacing_a_draining_one_under_its_id_does_not_give_way(
     redis = aioredis.Redis.from_url(redis_url)
     said: list[str] = []
     try:
-        leaving, arriving = _presence(redis, "w", state="draining"), _presence(redis, "w")
+        leaving, arriving = _presence(redis, "w", state=state), _presence(redis, "w")
         arriving.on_twin = said.append
         await leaving.heartbeat()
         drained = orjson.loads(await redis.get(keys.liveness("orion-llamaccp", "w")))
@@ -297,7 +298,8 @@ async def test_a_worker_replacing_a_draining_one_under_its_id_does_not_give_way(
     assert drained["payload"]["status"] == "down", drained["payload"]
     assert not arriving.twin_seen and arriving.gave_way is None and said == []
     # The one leaving saw its replacement: told every operator of a rolling deploy, as an
-    # error, to "set INSTANCE_ID". It leaves its stream entries to it, and says so.
+    # error, to "set INSTANCE_ID" (and still did when the second sighting came with its
+    # farewell beat, its drain done). It leaves its stream entries to it, and says so.
     assert leaving.twin_seen and leaving.gave_way is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert "the worker replacing this one beats under instance id 'w'" in caplog.text
