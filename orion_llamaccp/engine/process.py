@@ -1,10 +1,11 @@
 """One llama-server child process: spawn, pump its output, stop it, leave nothing behind.
 
-The child runs in its own process group (so a stop reaches every thread and helper it has)
-and gets the parent-death signal SIGKILL, so it cannot outlive the wrapper even when the
-wrapper itself is SIGKILLed. Output is read in raw chunks, not lines: llama-server prints
-its loading progress as dots without newlines, and those bytes are what tell a slow load
-from a hung one.
+The child runs in its own process group (so a stop reaches every thread and helper it has,
+and whatever of the group outlives it goes too: a launcher script's llama-server) and gets
+the parent-death signal SIGKILL, so it cannot outlive the wrapper even when the wrapper
+itself is SIGKILLed (the child itself: a launcher's own children do not inherit it).
+Output is read in raw chunks, not lines: llama-server prints its loading progress as dots
+without newlines, and those bytes are what tell a slow load from a hung one.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class LlamaProcess:
         self.quiet = False
         self._proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
+        # Cleared once: a later stop must not signal the group id again, which may be
+        # another's by then.
+        self._group_cleared = False
 
     @property
     def pid(self) -> int | None:
@@ -221,7 +225,11 @@ class LlamaProcess:
                 )
                 self.kill()
         code = await self.wait()
-        await _clear_group(self._proc.pid, deadline, signalled=signalled)
+        if not self._group_cleared:
+            self._group_cleared = True
+            # The leftovers of a process that ended on its own get a grace of their own.
+            until = deadline if signalled else time.monotonic() + grace
+            await _clear_group(self._proc.pid, until, signalled=signalled)
         if self._pump is not None and not self._pump.done():
             self._pump.cancel()
         return code
@@ -259,8 +267,8 @@ _GROUP_KILL_WAIT = 2.0  # seconds: SIGKILL is not refused, only slow on a proces
 
 
 def _group_signal(pgid: int, sig: signal.Signals) -> bool:
-    """Signal a group; False when no process is left in it. Only called for our own
-    group while something of it remains, so its id cannot have gone to another."""
+    """Signal a group; False when no process is left in it. Called once per group, as
+    soon as its leader was reaped: while anything of it remains its id is not reused."""
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:

@@ -292,6 +292,8 @@ class Supervisor:
                 try:
                     await self._one_life()
                 except _Crashed as crash:
+                    if self._proc is not None:  # what its death left of its group goes now
+                        await self._proc.stop(self.policy.stop_grace)
                     if not await self._after_crash(crash):
                         return
         except Exception as exc:  # a surprise must still end in FAILED, never hang in LOADING
@@ -306,8 +308,6 @@ class Supervisor:
         self._set(EngineState.STARTING)
         self.life += 1
         self._ready_at = None
-        if self._proc is not None:  # the last life's: what its death left of its group goes
-            await self._proc.stop(self.policy.stop_grace)
         if await _listening(self.launch.base_url):
             # Ours would fail to bind, while the other answered /health and /props in its
             # name: ready, serving whatever model that one runs.

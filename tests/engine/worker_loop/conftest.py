@@ -1,4 +1,4 @@
-"""Engine tests on the event loop the worker runs (``cli.run_loop``: uvloop), for what
+"""Engine tests on the event loop the worker runs (``cli.run_async``: uvloop), for what
 depends on the loop itself: asyncio's own loop reports a child's exit only once every pipe
 of it is closed, uvloop as the child ends."""
 
