@@ -13,9 +13,9 @@ def test_a_read_holds_everything_published_before_it(recorder: BusRecorder, redi
     catches up with Redis first, and its own markers are never recorded."""
     client = redis.Redis.from_url(redis_url)
     try:
-        for seq in range(300):
+        for seq in range(2000):
             client.publish("test:recorder:burst", b'{"seq": %d}' % seq)
     finally:
         client.close()
-    assert [m.message["seq"] for m in recorder.on("test:recorder:burst")] == list(range(300))
+    assert [m.message["seq"] for m in recorder.on("test:recorder:burst")] == list(range(2000))
     assert not [m for m in recorder.messages if m.channel.startswith("test:recorder:caught-up")]

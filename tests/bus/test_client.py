@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.codec import decode_envelope
 from orion_llamaccp.bus.envelope import CHAT_CHUNK, CHAT_RESULT, ServiceRef
+from orion_llamaccp.bus.failover import says_replica
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.client import TTL_MARGIN_SEC, BusClient, ChunkAssembler
 from orion_llamaccp.errors import NoWorker
@@ -618,3 +619,13 @@ async def test_a_bus_user_denied_role_is_served_and_heard(
         worker.close()
         server.stop()
     assert "NOPERM" not in worker.log() and "Traceback" not in worker.log(), worker.log()[-2000:]
+
+
+def test_role_replies_read_as_a_replica_only_where_they_name_one() -> None:
+    """``ROLE``'s first element, as bytes or decoded; an error reply (an ACL's denial)
+    or anything else counts as a primary: the check must never be a reason to stop."""
+    assert says_replica([b"slave", b"10.0.0.1", 6379, b"connected", 1])
+    assert says_replica(["replica-of-a-fork"])
+    assert not says_replica([b"master", 0, []]) and not says_replica(["master", 0, []])
+    denied = redis.exceptions.NoPermissionError("NOPERM this user has no permissions to ROLE")
+    assert not says_replica(denied) and not says_replica(None) and not says_replica([])

@@ -815,19 +815,19 @@ async def test_a_request_not_before_its_time_reaches_llama_server_only_then(
 async def test_the_engine_wait_of_a_request_not_before_its_time_counts_from_then(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, llama_server_bin: Path
 ) -> None:
-    """A request due in 6 s, sent while llama-server loads for about 8, with 6 s of
+    """A request due in 10 s, sent while llama-server loads for about 14, with 10 s of
     engine wait: it waited for its time, not for the engine, so its engine wait begins
     then and llama-server is ready within it. Counted from its arrival, the wait ran out
     as it came due: ``engine_unavailable`` for a request that was never late. (The wait's
     start was computed from ``not_before_ms``; no test sent one while llama-server was
     not ready.)"""
-    worker = loading_worker(spawn_worker, llama_server_bin, seconds=8, ENGINE_WAIT_SEC="6")
+    worker = loading_worker(spawn_worker, llama_server_bin, seconds=14, ENGINE_WAIT_SEC="10")
     envelope = bus.request(
         HI,
         profile="tiny",
         options={"max_tokens": 2},
         ttl_ms=60_000,
-        trace={"work": {"not_before_ms": int((time.time() + 6.0) * 1000)}},
+        trace={"work": {"not_before_ms": int((time.time() + 10.0) * 1000)}},
     )
     await bus.send(envelope, profile="tiny")
     [answer] = await _results(recorder, [envelope], timeout=60)

@@ -80,11 +80,14 @@ class BusRecorder:
             else:
                 self._messages.append(Published(channel, data, time.monotonic()))
 
-    def _catch_up(self, timeout: float = 2.0) -> None:
+    def _catch_up(self, timeout: float = 10.0) -> None:
         """Wait until every message Redis published before this call is recorded: Redis
         sends a subscriber its messages in the order it ran the PUBLISHes, so once a
         marker published now is back, everything before it is in. Where Redis is down or
-        the recorder not subscribed (a fault test), nothing is waited for."""
+        the recorder not subscribed (a fault test), or the recorder closed, nothing is
+        waited for."""
+        if self._stop.is_set():
+            return
         marker = f"{CAUGHT_UP}{uuid4().hex}"
         seen = threading.Event()
         with self._lock:
@@ -93,10 +96,11 @@ class BusRecorder:
             heard = self._marker_client.publish(marker, b"")
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             heard = 0
-        if heard:
-            seen.wait(timeout)
+        caught_up = not heard or seen.wait(timeout)
         with self._lock:
             self._markers.pop(marker, None)
+        if not caught_up:  # heard, and not by our thread: it is dead or far behind
+            raise AssertionError(f"the bus recorder did not catch up within {timeout:.0f}s")
 
     @property
     def messages(self) -> list[Published]:
