@@ -25,7 +25,7 @@ from tests.support.procs import (
     wait_until_async,
 )
 from tests.support.proxy import HoldingProxy
-from tests.support.workers import worker_gauge
+from tests.support.workers import WorkerProc, worker_gauge
 
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
 STREAM = "orion:stream:llamacpp:tiny:request"
@@ -303,17 +303,11 @@ async def test_a_request_redis_refuses_to_record_is_logged_and_answered_at_redel
             await wait_until_async(
                 lambda: _pending_is(fault, 1), timeout=10, what="the entry read by the worker"
             )
-        await fault.raw.config_set("maxmemory-policy", "noeviction")
-        await fault.raw.config_set("maxmemory", 1)
+        await _refuse_writes(fault)
     finally:
         os.kill(worker.pid, signal.SIGCONT)
     said = "Redis unavailable" if request_kind == "served" else "could not be sent"
-    try:
-        await wait_until_async(lambda: said in worker.log(), timeout=30, what="the refusal logged")
-        assert fault.ledger.answers(envelope) == []
-        assert await _pending_is(fault, 1)
-    finally:
-        await fault.raw.config_set("maxmemory", 0)
+    await _refused_then_lifted(fault, worker, said, envelope, timeout=30)
     assert_exactly_once(await fault.ledger.settle(timeout=30))
     [answer] = fault.ledger.answers(envelope)
     if request_kind == "served":
@@ -350,18 +344,10 @@ async def test_a_result_redis_refuses_leaves_its_stream_entry_pending(
         await fault.client.send(envelope, profile="tiny", via="stream")
         owned = keys.dedup("tiny", "*")  # the running marker: claimed, about to generate
         await wait_until_async(lambda: fault.raw.keys(owned), what="the request owned")
-        await fault.raw.config_set("maxmemory-policy", "noeviction")
-        await fault.raw.config_set("maxmemory", 1)
+        await _refuse_writes(fault)
     finally:
         os.kill(engine, signal.SIGCONT)
-    try:
-        await wait_until_async(
-            lambda: "Redis unavailable" in worker.log(), timeout=45, what="the refusal logged"
-        )
-        assert fault.ledger.answers(envelope) == []
-        assert await _pending_is(fault, 1)
-    finally:
-        await fault.raw.config_set("maxmemory", 0)
+    await _refused_then_lifted(fault, worker, "Redis unavailable", envelope, timeout=45)
     assert_exactly_once(await fault.ledger.settle(timeout=45))
     [answer] = fault.ledger.answers(envelope)
     assert answer["payload"]["usage"]["completion_tokens"] == SLOT_TOKENS, answer
@@ -370,6 +356,27 @@ async def test_a_result_redis_refuses_leaves_its_stream_entry_pending(
 
 async def _pending_is(fault: Fault, count: int) -> bool:
     return (await group_state(fault))[1] == count
+
+
+async def _refuse_writes(fault: Fault) -> None:
+    """Redis at its ``maxmemory`` (``noeviction``): it refuses every write from now on."""
+    await fault.raw.config_set("maxmemory-policy", "noeviction")
+    await fault.raw.config_set("maxmemory", 1)
+
+
+async def _refused_then_lifted(
+    fault: Fault, worker: WorkerProc, said: str, envelope: dict, *, timeout: float
+) -> None:
+    """Once the worker logs ``said`` (the refusal), ``envelope`` is unanswered and its
+    entry pending; then Redis takes writes again, whatever the checks found."""
+    try:
+        await wait_until_async(
+            lambda: said in worker.log(), timeout=timeout, what="the refusal logged"
+        )
+        assert fault.ledger.answers(envelope) == []
+        assert await _pending_is(fault, 1)
+    finally:
+        await fault.raw.config_set("maxmemory", 0)
 
 
 async def test_a_failover_behind_the_bus_address_is_followed(
