@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +52,75 @@ async def test_stop_returns_once_nothing_of_a_launcher_s_group_is_left(
         for member in group:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.kill()
+
+
+def _launcher(tmp_path: Path, helper_on_term: str, then: str) -> Path:
+    """A launcher script that starts a helper of its own (a shell that runs
+    ``helper_on_term`` on SIGTERM, its log at ``tmp_path/helper.log`` as ``$0``), then runs
+    ``then``."""
+    launcher = tmp_path / "launcher.sh"
+    log = tmp_path / "helper.log"
+    on_term = helper_on_term.replace("$0", "\\$0")  # the helper's $0, not the launcher's
+    helper = f"trap '{on_term}' TERM; while :; do sleep 0.05; done"
+    launcher.write_text(f'#!/bin/sh\nsh -c "{helper}" "{log}" &\n{then}\n')
+    launcher.chmod(0o755)
+    return launcher
+
+
+async def _helper_running(proc: LlamaProcess) -> psutil.Process:
+    """The launcher's helper, once it runs its loop (its SIGTERM trap set by then)."""
+    pid = proc.pid
+    assert pid is not None
+
+    def looping() -> psutil.Process | None:  # found by its group: the launcher may be gone
+        for process in psutil.process_iter(["name"]):
+            with contextlib.suppress(psutil.Error, OSError):
+                if process.info["name"] == "sleep" and os.getpgid(process.pid) == pid:
+                    return process.parent()
+        return None
+
+    helper = await wait_until_async(looping, timeout=10, what="the helper looping")
+    assert isinstance(helper, psutil.Process)
+    return helper
+
+
+async def test_a_stop_signals_a_launcher_s_group_once_then_kills_what_stays(
+    make_launch: LaunchFactory, tmp_path: Path
+) -> None:
+    """A helper that only notes SIGTERM: it gets one, with the rest of the group, and is
+    SIGKILLed at the grace. A second SIGTERM to what a launcher leaves makes llama-server
+    quit at once, its shutdown cut short; nothing checked that a stop sends none."""
+    launcher = _launcher(tmp_path, "echo TERM >> $0", "trap 'exit 0' TERM\nwait")
+    proc = LlamaProcess(make_launch(binary=launcher), environ=dict(os.environ))
+    await proc.start()
+    helper = await _helper_running(proc)
+    try:
+        await asyncio.wait_for(proc.stop(grace=1.0), 30)
+        assert not pid_alive(helper.pid)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            helper.kill()
+    assert (tmp_path / "helper.log").read_text().split() == ["TERM"]
+
+
+async def test_what_a_launcher_that_ended_alone_left_gets_the_whole_grace(
+    make_launch: LaunchFactory, tmp_path: Path
+) -> None:
+    """The launcher ends by itself; its helper, told SIGTERM, needs 1.8 s to finish. With
+    a grace of 3 s it finishes: the grace was counted from the stop's start, and the 2 s
+    the stop waits for the output of a process whose pipe the helper holds left it 1 s."""
+    launcher = _launcher(tmp_path, "sleep 1.8; echo done >> $0; exit 0", "exit 3")
+    proc = LlamaProcess(make_launch(binary=launcher), environ=dict(os.environ))
+    await proc.start()
+    helper = await _helper_running(proc)
+    try:
+        await wait_until_async(lambda: proc.returncode is not None, what="the launcher ended")
+        await asyncio.wait_for(proc.stop(grace=3.0), 30)
+        assert not pid_alive(helper.pid)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            helper.kill()
+    assert (tmp_path / "helper.log").read_text().split() == ["done"]
 
 
 async def test_a_launcher_that_dies_alone_leaves_no_llama_server_on_the_port(
