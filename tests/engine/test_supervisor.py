@@ -261,6 +261,35 @@ async def test_wedged_server_is_detected_and_restarted(ready_engine: Supervisor)
     assert ready_engine.pid != first and not pid_alive(first)
 
 
+async def test_health_failures_apart_from_each_other_restart_nothing(
+    make_launch: LaunchFactory,
+) -> None:
+    """``/health`` is given up on after so many failures in a row, not in all: here a
+    llama-server paused for 0.9 s (a check or two of 0.5 s time out) and then let run for a
+    second, five times over, with a limit of three. A count kept across the successes in
+    between restarted a server that was answering (a mutant that never reset it
+    survived every test)."""
+    policy = dataclasses.replace(FAST, health_failures=3)
+    supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=policy)
+    await supervisor.start()
+    try:
+        pid = supervisor.pid
+        assert pid is not None
+        for _ in range(5):
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(0.9)
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(1.0)
+        assert (supervisor.state, supervisor.restarts, supervisor.pid) == (
+            EngineState.READY,
+            0,
+            pid,
+        )
+        await assert_answers(supervisor)
+    finally:
+        await supervisor.stop()
+
+
 async def test_crash_loop_ends_in_failed_with_its_cause(make_launch: LaunchFactory) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
