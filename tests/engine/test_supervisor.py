@@ -353,6 +353,37 @@ async def test_a_life_that_stayed_ready_for_a_crash_window_starts_the_count_agai
         await supervisor.stop()
 
 
+async def test_lives_ready_for_less_than_a_crash_window_count_in_a_row(
+    make_launch: LaunchFactory,
+) -> None:
+    """Deaths farther apart than the crash window (a restart backoff longer than it), each
+    after a life ready for less than it: a loop all the same, failed at the limit of two.
+    A life merely ready, however briefly, started the count again (a mutant that dropped
+    the "for a whole window" survived every test), and such a loop restarted for good."""
+    policy = dataclasses.replace(
+        FAST, crash_window=1.0, crash_limit=2, backoff_initial=1.5, backoff_max=1.5
+    )
+    supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=policy)
+    await supervisor.start()
+    try:
+        for _ in range(2):
+            await supervisor.wait_for(EngineState.READY, timeout=30)
+            await asyncio.sleep(0.2)  # ready, for far less than the window
+            pid = supervisor.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            await wait_until_async(
+                lambda p=pid: supervisor.pid != p or supervisor.failure,
+                timeout=30,
+                what="the death seen",
+            )
+        await supervisor.wait_for(EngineState.FAILED, timeout=30)
+    finally:
+        await supervisor.stop()
+    assert supervisor.restarts == 1
+    assert "crash loop: 2 failures in a row" in str(supervisor.failure), supervisor.failure
+
+
 async def test_out_of_memory_once_ready_is_restarted_not_fatal(
     make_launch: LaunchFactory, prelude_env
 ) -> None:
