@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,6 +85,12 @@ async def _helper_running(proc: LlamaProcess) -> psutil.Process:
     return helper
 
 
+def _kill_the_group(proc: LlamaProcess) -> None:
+    """A test that fails leaves nothing of the launcher's group behind."""
+    with contextlib.suppress(ProcessLookupError, TypeError):
+        os.killpg(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+
+
 async def test_a_stop_signals_a_launcher_s_group_once_then_kills_what_stays(
     make_launch: LaunchFactory, tmp_path: Path
 ) -> None:
@@ -93,13 +100,12 @@ async def test_a_stop_signals_a_launcher_s_group_once_then_kills_what_stays(
     launcher = _launcher(tmp_path, "echo TERM >> $0", "trap 'exit 0' TERM\nwait")
     proc = LlamaProcess(make_launch(binary=launcher), environ=dict(os.environ))
     await proc.start()
-    helper = await _helper_running(proc)
     try:
+        helper = await _helper_running(proc)
         await asyncio.wait_for(proc.stop(grace=1.0), 30)
         assert not pid_alive(helper.pid)
     finally:
-        with contextlib.suppress(psutil.Error):
-            helper.kill()
+        _kill_the_group(proc)
     assert (tmp_path / "helper.log").read_text().split() == ["TERM"]
 
 
@@ -112,14 +118,13 @@ async def test_what_a_launcher_that_ended_alone_left_gets_the_whole_grace(
     launcher = _launcher(tmp_path, "sleep 1.8; echo done >> $0; exit 0", "exit 3")
     proc = LlamaProcess(make_launch(binary=launcher), environ=dict(os.environ))
     await proc.start()
-    helper = await _helper_running(proc)
     try:
+        helper = await _helper_running(proc)
         await wait_until_async(lambda: proc.returncode is not None, what="the launcher ended")
         await asyncio.wait_for(proc.stop(grace=3.0), 30)
         assert not pid_alive(helper.pid)
     finally:
-        with contextlib.suppress(psutil.Error):
-            helper.kill()
+        _kill_the_group(proc)
     assert (tmp_path / "helper.log").read_text().split() == ["done"]
 
 
