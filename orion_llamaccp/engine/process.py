@@ -196,10 +196,8 @@ class LlamaProcess:
         return code
 
     def _signal_group(self, sig: signal.Signals) -> None:
-        if self._proc is None or self._proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)
+        if self._proc is not None and self._proc.returncode is None:
+            _group_signal(self._proc.pid, sig)
 
     def kill(self) -> None:
         """SIGKILL the whole group now (a wedged server ignores SIGTERM)."""
@@ -242,9 +240,10 @@ async def _clear_group(pgid: int, deadline: float, *, signalled: bool) -> None:
     as its child, not by ``exec``, can end first (or die alone), and llama-server,
     orphaned, held the port: the stop returned with it still running, and the restart
     found the port taken."""
-    if not _group_signal(pgid, signal.SIGCONT if signalled else signal.SIGTERM):
+    if not signalled:
+        _group_signal(pgid, signal.SIGTERM)
+    if not _group_signal(pgid, signal.SIGCONT):
         return  # the usual case: llama-server was the group, alone
-    _group_signal(pgid, signal.SIGCONT)
     if await _group_gone(pgid, deadline):
         return
     log.warning("llama-server's process group %s outlived its leader: SIGKILL", pgid)

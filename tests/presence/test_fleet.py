@@ -238,19 +238,13 @@ async def test_watch_forgets_a_host_redis_keeps_no_more(redis_url: str) -> None:
     fleet.ingest(_beat("gone", sent=now), heard_at=time.time() - 40)  # four beats missed
     fleet.ingest(_beat("kept", sent=now), heard_at=time.time() - 40)
     fleet.ingest(_beat("live", sent=now))
-    kept = keys.registry("tiny", "kept-by-redis")
-    announcement = {"service": "orion-llamaccp", "instance": "kept", "state": "ready"}
     redis = aioredis.Redis.from_url(redis_url)
     try:
-        await redis.hset(
-            kept, "announcement", orjson.dumps({"kind": PROFILE_ANNOUNCE, "payload": announcement})
-        )
-        await redis.sadd(keys.HOSTS_INDEX, kept)
+        await _presence(redis, "kept").announce()  # its registry entry, in the index
         await fleet.load(redis)
         fleet.forget_gone()
     finally:
-        await redis.delete(kept)
-        await redis.srem(keys.HOSTS_INDEX, kept)
+        await redis.delete(keys.registry("tiny", "kept"))
         await redis.aclose()
     assert [row["instance"] for row in fleet.rows()] == ["kept", "live"]
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import psutil
@@ -85,10 +85,19 @@ async def _helper_running(proc: LlamaProcess) -> psutil.Process:
     return helper
 
 
-def _kill_the_group(proc: LlamaProcess) -> None:
-    """A test that fails leaves nothing of the launcher's group behind."""
-    with contextlib.suppress(ProcessLookupError, TypeError):
-        os.killpg(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+@contextlib.asynccontextmanager
+async def _launched(
+    make_launch: LaunchFactory, launcher: Path
+) -> AsyncIterator[tuple[LlamaProcess, psutil.Process]]:
+    """``launcher`` started as llama-server's binary, with its helper looping; whatever
+    the test does, nothing of the launcher's group is left behind."""
+    proc = LlamaProcess(make_launch(binary=launcher), environ=dict(os.environ))
+    await proc.start()
+    try:
+        yield proc, await _helper_running(proc)
+    finally:
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.killpg(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
 
 
 async def test_a_stop_signals_a_launcher_s_group_once_then_kills_what_stays(
@@ -98,14 +107,9 @@ async def test_a_stop_signals_a_launcher_s_group_once_then_kills_what_stays(
     SIGKILLed at the grace. A second SIGTERM to what a launcher leaves makes llama-server
     quit at once, its shutdown cut short; nothing checked that a stop sends none."""
     launcher = _launcher(tmp_path, "echo TERM >> $0", "trap 'exit 0' TERM\nwait")
-    proc = LlamaProcess(make_launch(binary=launcher), environ=dict(os.environ))
-    await proc.start()
-    try:
-        helper = await _helper_running(proc)
+    async with _launched(make_launch, launcher) as (proc, helper):
         await asyncio.wait_for(proc.stop(grace=1.0), 30)
         assert not pid_alive(helper.pid)
-    finally:
-        _kill_the_group(proc)
     assert (tmp_path / "helper.log").read_text().split() == ["TERM"]
 
 
@@ -116,15 +120,10 @@ async def test_what_a_launcher_that_ended_alone_left_gets_the_whole_grace(
     a grace of 3 s it finishes: the grace was counted from the stop's start, and the 2 s
     the stop waits for the output of a process whose pipe the helper holds left it 1 s."""
     launcher = _launcher(tmp_path, "sleep 1.8; echo done >> $0; exit 0", "exit 3")
-    proc = LlamaProcess(make_launch(binary=launcher), environ=dict(os.environ))
-    await proc.start()
-    try:
-        helper = await _helper_running(proc)
+    async with _launched(make_launch, launcher) as (proc, helper):
         await wait_until_async(lambda: proc.returncode is not None, what="the launcher ended")
         await asyncio.wait_for(proc.stop(grace=3.0), 30)
         assert not pid_alive(helper.pid)
-    finally:
-        _kill_the_group(proc)
     assert (tmp_path / "helper.log").read_text().split() == ["done"]
 
 
