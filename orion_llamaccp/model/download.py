@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
-from orion_llamaccp.errors import DownloadError
+from orion_llamaccp.errors import DownloadError, ModelError
 from orion_llamaccp.model import store
 from orion_llamaccp.model.hub import (
     HubClient,
@@ -194,6 +194,33 @@ class _Download:
                 f"download of {self.hub.label} cancelled; the partial file is kept and resumed "
                 f"next time"
             )
+
+
+def check_room_for_all(client: HubClient, files: list[tuple[HubFile, Path]], root: Path) -> None:
+    """Room for every file still to download, before the first of them is fetched.
+
+    Each download checks the room its own file needs; a split model's parts (and an
+    mmproj or a draft beside it) were checked one at a time, so a disk with room for two
+    parts of four filled up after hours of downloading them. Asks the Hub for each
+    file's size (the HEAD its download makes anyway); the bytes of a partial download
+    already on disk count as fetched. Raises ``DownloadError`` when the files together
+    do not fit. A HEAD that fails leaves the check undone: each file's download retries
+    it, or reports the error with that file.
+    """
+    needed = 0
+    for hub, target in files:
+        try:
+            remote = client.describe(hub)
+        except (Transient, ModelError) as exc:
+            log.debug("room for every file not checked up front: %s", exc)
+            return
+        partial = store.partial_path(root, target, remote.etag)
+        have = partial.stat().st_size if partial.is_file() else 0
+        needed += max(0, (remote.size or 0) - have)
+    # Every partial download lies under model_root's state folder, on one file system.
+    folder = store.partial_path(root, files[0][1], "x").parent
+    names = ", ".join(hub.label for hub, _ in files)
+    _check_space(folder, needed, f"the {len(files)} files still to download ({names})", files[0][1])
 
 
 def _check_space(folder: Path, needed: int, label: str, target: Path) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from orion_llamaccp.errors import ModelCorrupt, ModelError, ModelNotFound
 from orion_llamaccp.model import store
-from orion_llamaccp.model.download import DownloadPolicy, Fetched, fetch_file
+from orion_llamaccp.model.download import DownloadPolicy, Fetched, check_room_for_all, fetch_file
 from orion_llamaccp.model.gguf_check import (
     GgufInfo,
     diagnose_gguf,
@@ -110,6 +110,7 @@ class _Fetcher:
         )
 
     def resolve(self, files: ModelFiles, targets: Sequence[Target], deep: bool) -> ResolvedModel:
+        self._room_for_missing(targets)
         checked: list[_Checked] = []
         for index, target in enumerate(targets):
             if 0 < index < len(files.parts):
@@ -126,6 +127,13 @@ class _Fetcher:
             downloaded=tuple(c.path for c in checked if c.downloaded),
             moved_aside=tuple(p for c in checked for p in c.moved_aside),
         )
+
+    def _room_for_missing(self, targets: Sequence[Target]) -> None:
+        """Refuse at once when the files not on disk yet will not fit together."""
+        missing = [(t.hub, t.path) for t in targets if t.hub is not None and not t.path.exists()]
+        if not self.may_download or len(missing) < 2:
+            return
+        check_room_for_all(self.client, missing, self.root)
 
     def _with_first_part_s_commit(self, target: Target, first: Path) -> Target:
         """A split model's later part from the commit its first part came from: a branch

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,12 +18,12 @@ import pytest
 
 from orion_llamaccp.errors import DownloadError, ModelCorrupt
 from orion_llamaccp.model import ProgressEvent, ensure_model, refetch_corrupt, verify_gguf
-from orion_llamaccp.model.download import DownloadPolicy, fetch_file
+from orion_llamaccp.model.download import DownloadPolicy, check_room_for_all, fetch_file
 from orion_llamaccp.model.hub import HubClient, HubFile
 from orion_llamaccp.model.progress import Reporter
 from orion_llamaccp.model.store import STATE_DIR, partial_path, record_path
 from orion_llamaccp.settings import Settings
-from tests.model.conftest import FILENAME, REPO_ID, make_profile
+from tests.model.conftest import FILENAME, REPO_ID, make_profile, make_split_gguf
 from tests.model.hub_server import Fault, LocalHub
 from tests.support.procs import free_port
 
@@ -407,6 +408,49 @@ def test_short_of_disk_space_names_the_copies_that_take_room_beside_the_model(
     assert f"{cache_dir / FILENAME} (0.1 MB), stays until" in str(err.value)
     assert (cache_dir / FILENAME).read_bytes() == data[:60_000]
     assert hub.cdn_gets(sha) == []
+
+
+def test_parts_that_fit_one_by_one_but_not_together_are_refused_before_any_byte(
+    hub: LocalHub, make_settings: SettingsFactory, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Each part's download checked the room for itself alone: a disk with room for two
+    parts of three filled up hours into the download. The files not on disk yet are
+    sized together first, and none of them is fetched."""
+    parts = make_split_gguf(tmp_path, "big", 3)
+    shas = [hub.add(REPO_ID, p.name, p.read_bytes()) for p in parts]
+    for sha in shas:  # each alone fits, the three together do not
+        hub.advertised_size[sha] = shutil.disk_usage(cache_dir).free // 2
+
+    with pytest.raises(DownloadError, match="not enough disk space") as err:
+        ensure_model(make_profile(hf_filename=parts[0].name), make_settings())
+
+    assert "the 3 files still to download" in str(err.value)
+    assert all(p.name in str(err.value) for p in parts)
+    assert [hub.cdn_gets(sha) for sha in shas] == [[], [], []]
+
+
+def test_the_bytes_of_a_partial_download_count_as_room_taken_already(
+    hub: LocalHub, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Two files of 0.6 of the free space each do not fit together, unless most of one is
+    on disk already (a download resumed): a sparse partial file, so that its size costs
+    no disk here."""
+    parts = make_split_gguf(tmp_path, "big", 2)
+    shas = [hub.add(REPO_ID, p.name, p.read_bytes()) for p in parts]
+    size = shutil.disk_usage(cache_dir).free * 6 // 10
+    for sha in shas:
+        hub.advertised_size[sha] = size
+    client = HubClient(endpoint=hub.endpoint, token=None, timeout=3.0)
+    files = [(HubFile(REPO_ID, p.name), cache_dir / p.name) for p in parts]
+    with pytest.raises(DownloadError, match="the 2 files still to download"):
+        check_room_for_all(client, files, cache_dir)
+
+    partial = partial_path(cache_dir, cache_dir / parts[0].name, shas[0])
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with partial.open("wb") as sparse:
+        sparse.truncate(size - 1000)
+
+    check_room_for_all(client, files, cache_dir)  # 1000 bytes and one file to come: room
 
 
 def test_a_link_refused_once_is_fetched_again_and_every_time_is_given_up_at_once(
