@@ -102,7 +102,7 @@ class _Download:
 
     def run_attempt(self) -> Fetched:
         self.attempt += 1
-        self._check_cancel()
+        self.check_cancel()
         remote = self.client.describe(self.hub)
         partial = self._partial_for(remote)
         self.reporter.emit(
@@ -154,7 +154,7 @@ class _Download:
                 self.reporter.emit(
                     "downloading", self.name, done=done, total=remote.size, attempt=self.attempt
                 )
-                self._check_cancel()
+                self.check_cancel()
 
     def _hash_partial(self, partial: PartialFile) -> None:
         """Hash the bytes already on disk before the GET is opened, not while it waits:
@@ -173,7 +173,7 @@ class _Download:
                 attempt=self.attempt,
                 message=HASHING_PARTIAL,
             )
-            self._check_cancel()
+            self.check_cancel()
 
         partial.catch_up(on_bytes)
         # Minutes of hashing are not minutes of a network that does not move: without this,
@@ -188,7 +188,7 @@ class _Download:
             offset,
         )
 
-    def _check_cancel(self) -> None:
+    def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise DownloadError(
                 f"download of {self.hub.label} cancelled; the partial file is kept and resumed "
@@ -316,6 +316,7 @@ def fetch_file(
     try:
         return retrying(job.run_attempt)
     except Transient as exc:
+        job.check_cancel()  # the attempt failed as it was cancelled: that is what to say
         if isinstance(exc, Refused) and job.refusals >= REFUSALS:
             raise DownloadError(
                 f"{exc} for {hub.label}, {job.refusals} times in a row, each time after "

@@ -346,6 +346,33 @@ def test_a_resume_hashes_its_partial_before_it_opens_the_request(
     assert resolved.sha256 == sha
 
 
+def test_a_cancel_during_a_stalled_read_says_cancelled_not_check_the_network(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    """A SIGTERM while the file's server said nothing: the read's timeout ended the
+    attempt, the cancel ended the retries, and the error was the stall's ("gave up ...
+    check the network"), in the log of a worker that was only being stopped."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    stall = hub.fault("cdn", Fault("stall", after=30_000))
+    cancel = threading.Event()
+
+    def hook(event: ProgressEvent) -> None:
+        if event.phase == "downloading" and event.bytes_done >= 30_000 and not cancel.is_set():
+            # every byte before the stall taken: the next read waits, for a second
+            threading.Timer(0.3, cancel.set).start()
+
+    try:
+        with pytest.raises(DownloadError) as err:
+            settings = make_settings(download_stall_sec=1.0)
+            ensure_model(make_profile(), settings, progress=hook, cancel=cancel)
+    finally:
+        stall.release.set()
+
+    error = err.value
+    assert isinstance(error, DownloadError)
+    assert "cancelled" in str(error) and "network" not in str(error)
+
+
 def test_a_cancel_while_hashing_a_partial_stops_before_any_request(
     hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
