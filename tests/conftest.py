@@ -56,10 +56,40 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
-    client = redis.Redis.from_url(redis_server.url)
+    return _flushed(redis_server)
+
+
+def _flushed(server: RedisServer) -> str:
+    client = redis.Redis.from_url(server.url)
     client.flushall()
     client.close()
-    return redis_server.url
+    return server.url
+
+
+# Redis 6.2, the oldest the worker supports (README), built by `make redis-oldest`.
+OLDEST_REDIS = Path(
+    os.environ.get("ORION_TEST_REDIS_OLDEST")
+    or Path.home() / ".cache/orion-llamaccp/redis-6.2/redis-server"
+)
+
+
+@pytest.fixture(scope="session")
+def oldest_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if not OLDEST_REDIS.is_file():
+        pytest.fail(f"no Redis 6.2 at {OLDEST_REDIS} (make test builds it: make redis-oldest)")
+    workdir = tmp_path_factory.mktemp("redis-6.2")
+    server = RedisServer(workdir, binary=str(OLDEST_REDIS)).start()
+    client = redis.Redis.from_url(server.url)
+    version = client.info("server")["redis_version"]
+    client.close()
+    assert version.startswith("6.2."), version
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def oldest_redis_url(oldest_redis_server: RedisServer) -> str:
+    return _flushed(oldest_redis_server)
 
 
 TINY_PROFILE = """\

@@ -673,9 +673,13 @@ class StreamConsumer:
             for eid, fields in reply[1]
             if fields is not None and _text(eid) not in mine
         ]
-        for deleted in reply[2] if len(reply) > 2 else []:
-            self._said_deleted(_text(deleted))
-            await self.redis.xack(self.stream, self.group, deleted)
+        # Redis 7 drops a deleted entry from the pending list and names it in a third
+        # element; 6.2 claims it for us with no fields, and leaves it pending for good
+        # unless acked, reclaimed by every worker in turn.
+        deleted = [eid for eid, fields in reply[1] if fields is None]
+        for entry_id in [*deleted, *(reply[2] if len(reply) > 2 else [])]:
+            self._said_deleted(_text(entry_id))
+            await self.redis.xack(self.stream, self.group, entry_id)
         entries = []
         for eid, fields in claimed:
             entry_id = _text(eid)
