@@ -83,6 +83,8 @@ class LlamaProcess:
         # Cleared once: a later stop must not signal the group id again, which may be
         # another's by then.
         self._group_cleared = False
+        self._kill_sent = False
+        self.stuck = False  # alive after SIGKILL (``_reaped``)
 
     @property
     def pid(self) -> int | None:
@@ -201,18 +203,49 @@ class LlamaProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole group now (a wedged server ignores SIGTERM)."""
+        self._kill_sent = True
         self._signal_group(signal.SIGKILL)
         # A SIGSTOPped process still dies of SIGKILL; SIGCONT is for the rest of its group.
         self._signal_group(signal.SIGCONT)
 
+    async def killed(self) -> int | None:
+        """SIGKILL the group now and reap its leader: its exit code, or None if it is
+        stuck (``_reaped``)."""
+        self.kill()
+        return await self._reaped()
+
+    async def _reaped(self) -> int | None:
+        """The exit code once the leader is reaped, or None while it lives on
+        ``_KILL_WAIT`` s after SIGKILL: a process stuck in the kernel (a hung GPU driver,
+        a network file system gone) dies only when the kernel lets it, and a stop or a
+        restart that waited for it hung with it, saying nothing."""
+        assert self._proc is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._proc.wait()), _KILL_WAIT)
+        except TimeoutError:
+            if not self.stuck:
+                log.error(
+                    "llama-server pid %s is still there %.0f s after SIGKILL: stuck in the "
+                    "kernel (a hung GPU driver or file system, state D in ps); going on "
+                    "without it, and it may hold its port and its GPU memory until it dies",
+                    self.pid,
+                    _KILL_WAIT,
+                )
+            self.stuck = True
+            return None
+        return await self.wait()
+
     async def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM to the group, wait ``grace`` seconds, then SIGKILL; always reaps. Also
-        after the process ended on its own: what is left of its group goes too."""
+        """SIGTERM to the group, wait ``grace`` seconds, then SIGKILL, and reap (None for
+        a process stuck after SIGKILL). Also after the process ended on its own: what is
+        left of its group goes too."""
         if self._proc is None:
             return None
         deadline = time.monotonic() + grace
         signalled = self._proc.returncode is None
-        if signalled:
+        if signalled and self._kill_sent:  # stuck, or as good as dead: no grace again
+            self.kill()
+        elif signalled:
             self._signal_group(signal.SIGTERM)
             self._signal_group(signal.SIGCONT)
             try:
@@ -222,7 +255,9 @@ class LlamaProcess:
                     "llama-server pid %s ignored SIGTERM for %.0fs: SIGKILL", self.pid, grace
                 )
                 self.kill()
-        code = await self.wait()
+        code = await self._reaped()
+        if code is None:
+            return None  # its group is left with it: the id is not free while it lives
         if not self._group_cleared:
             self._group_cleared = True
             # The leftovers of a process that ended on its own get a grace of their own.
@@ -262,6 +297,7 @@ async def _group_gone(pgid: int, deadline: float) -> bool:
 
 
 _GROUP_POLL = 0.05  # seconds
+_KILL_WAIT = 5.0  # seconds, for a leader to be reaped after SIGKILL
 _GROUP_KILL_WAIT = 2.0  # seconds: SIGKILL is not refused, only slow on a process in D state
 
 

@@ -331,9 +331,9 @@ class Supervisor:
             # (10 minutes), for a llama-server that took the connection and said nothing.
             self.props = await self.client.props(timeout=max(self.policy.health_timeout, 5.0))
         except (EngineUnavailable, UpstreamError) as exc:  # died or broke right after /health
-            proc.kill()
-            await proc.wait()
-            raise self._crash(proc, f"llama-server was healthy but /props failed: {exc}") from exc
+            raise await self._killed(
+                proc, f"llama-server was healthy but /props failed: {exc}"
+            ) from exc
         proc.quiet = True
         self._ready_at = time.monotonic()
         self._set(EngineState.READY)  # stays DRAINING if a drain began meanwhile (``_set``)
@@ -343,8 +343,7 @@ class Supervisor:
         """Raise when llama-server said it found no usable GPU for a profile pinned to
         GPUs: it would serve, on the CPU, many times slower, which is not what was asked."""
         if proc.no_gpu is not None:
-            proc.kill()
-            await proc.wait()
+            await proc.killed()
             reason = "llama-server found no usable GPU for a profile that pins GPUs"
             raise _Crashed(reason, proc.no_gpu, proc.tail_text())
 
@@ -359,9 +358,7 @@ class Supervisor:
                 await proc.wait()
                 raise self._crash(proc, f"llama-server {exit_said(proc.returncode)} while loading")
             if policy.load_timeout and time.monotonic() - started > policy.load_timeout:
-                proc.kill()
-                await proc.wait()
-                raise self._crash(
+                raise await self._killed(
                     proc,
                     f"llama-server hung while loading: not ready after "
                     f"{policy.load_timeout:.0f}s although it kept working (load_timeout)",
@@ -370,9 +367,7 @@ class Supervisor:
             proc.look()
             silent = time.monotonic() - proc.last_sign_of_life
             if silent > policy.silence_timeout:
-                proc.kill()
-                await proc.wait()
-                raise self._crash(
+                raise await self._killed(
                     proc,
                     f"llama-server hung while loading: no output, no health and no work "
                     f"(CPU, disk reads, memory) for {silent:.0f}s (silence_timeout)",
@@ -449,8 +444,7 @@ class Supervisor:
         return progress.result()
 
     async def _killed(self, proc: LlamaProcess, reason: str) -> _Crashed:
-        proc.kill()
-        await proc.wait()
+        await proc.killed()
         return self._crash(proc, reason)
 
     async def _healthy(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -10,7 +11,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -105,6 +106,36 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+FREEZER = Path("/sys/fs/cgroup/freezer")  # cgroup v1's freezer, where it is mounted
+
+
+def can_freeze() -> bool:
+    return (FREEZER / "tasks").is_file() and os.access(FREEZER, os.W_OK)
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """``pid`` frozen by cgroup v1's freezer: in state D, where a SIGKILL waits until it is
+    thawed, as for a process stuck in the kernel (a hung GPU driver, a network file
+    system gone). Thawed and its cgroup removed on the way out."""
+    group = FREEZER / f"orion-test-{os.getpid()}-{pid}"
+    group.mkdir()
+    try:
+        (group / "tasks").write_text(str(pid))
+        (group / "freezer.state").write_text("FROZEN")
+        wait_until(
+            lambda: (group / "freezer.state").read_text().strip() == "FROZEN",
+            what=f"pid {pid} frozen",
+        )
+        yield
+    finally:
+        (group / "freezer.state").write_text("THAWED")
+        for task in (group / "tasks").read_text().split():  # still alive: back to the top
+            with contextlib.suppress(OSError):
+                (FREEZER / "tasks").write_text(task)
+        group.rmdir()
+
+
 def llama_servers_under(pid: int) -> list[int]:
     """llama-server processes descended from ``pid`` (including reparented ones by name)."""
     try:
@@ -131,8 +162,9 @@ class RedisServer:
         appendonly: bool = False,
         port: int | None = None,
         extra_args: tuple[str, ...] = (),
+        binary: str | None = None,
     ) -> None:
-        binary = shutil.which("redis-server")
+        binary = binary or shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.binary = binary

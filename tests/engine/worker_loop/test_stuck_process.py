@@ -1,0 +1,45 @@
+"""A llama-server stuck in the kernel (state D: a hung GPU driver, a network file system
+gone) outlives SIGKILL until the kernel lets it go: here a process frozen by cgroup v1's
+freezer, the same state, for real."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orion_llamaccp.engine.process import LlamaProcess
+from tests.engine.conftest import LaunchFactory
+from tests.support.procs import can_freeze, frozen, pid_alive, wait_until_async
+
+
+@pytest.mark.skipif(not can_freeze(), reason="no writable cgroup v1 freezer on this machine")
+async def test_a_stop_goes_on_when_llama_server_is_stuck_in_the_kernel(
+    make_launch: LaunchFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A llama-server stuck in the kernel (a hung GPU driver: state D) outlives SIGKILL
+    until the kernel lets it go, and the stop (or a crash's restart) that waited for its
+    exit hung with it, for ever and without a word. It now gives up on it a few seconds
+    after the SIGKILL, says so, and reaps it if it ever dies."""
+    server = tmp_path / "server.sh"
+    server.write_text("#!/bin/sh\nexec sleep 600\n")
+    server.chmod(0o755)
+    proc = LlamaProcess(make_launch(binary=server), environ=dict(os.environ))
+    await proc.start()
+    pid = proc.pid
+    assert pid is not None
+    await wait_until_async(lambda: psutil.Process(pid).name() == "sleep", what="the exec")
+    try:
+        with frozen(pid):
+            assert await asyncio.wait_for(proc.stop(grace=0.5), 30) is None
+            assert proc.stuck and pid_alive(pid)
+        assert "stuck in the kernel" in caplog.text
+        assert await asyncio.wait_for(proc.wait(), 10) < 0  # thawed: dead of its signals
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
