@@ -5,6 +5,8 @@ did (XAUTOCLAIM's deleted entries: ``test_intake.py``'s ``redis-6.2`` cases)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -70,3 +72,18 @@ async def test_a_worker_on_redis_6_2_serves_streams_both_ways_and_says_so(
         check_message(message.data)
     log = worker.log()
     assert "ERR" not in log and "Traceback" not in log and "unknown command" not in log, log[-3000:]
+
+
+def test_doctor_says_redis_6_2_will_do(oldest_redis_url: str, subprocess_env: dict) -> None:
+    """``doctor`` refuses a Redis older than 6.2 (no ``SET ... GET``, no XAUTOCLAIM); the
+    oldest it accepts must pass whole."""
+    done = subprocess.run(
+        [sys.executable, "-m", "orion_llamaccp", "doctor"],
+        env={**subprocess_env, "ORION_BUS_URL": oldest_redis_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    [line] = [line for line in done.stdout.splitlines() if line.split()[1:2] == ["redis"]]
+    assert line.startswith("ok") and line.endswith("answers (Redis 6.2.14)"), line
