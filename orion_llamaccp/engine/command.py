@@ -134,6 +134,14 @@ class LaunchSpec:
             "from 0"
         )
 
+    def __repr__(self) -> str:
+        """Masked: a traceback's locals, a debugger or a log of the spec showed the API
+        key, through ``env``, though ``api_key`` itself was kept out of the repr."""
+        return (
+            f"LaunchSpec(argv={self.masked_argv()!r}, env={self.masked_env()!r}, "
+            f"host={self.host!r}, port={self.port!r}, unix_socket={self.unix_socket!r})"
+        )
+
     def masked_env(self) -> dict[str, str]:
         return {k: (MASK if k in self.secret_env else v) for k, v in self.env.items()}
 

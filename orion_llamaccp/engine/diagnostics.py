@@ -38,7 +38,8 @@ _RULES: list[tuple[Cause, re.Pattern[str], str]] = [
         re.compile(
             r"missing tensor|wrong number of tensors|not within the file bounds|"
             r"tensor .* data is not within|failed to read magic|invalid magic|"
-            r"gguf_init_from_file.*failed|unexpectedly reached end of file",
+            r"bad GGUF version|gguf_init_from_\w+: (failed to read|duplicate)|"
+            r"unexpectedly reached end of file",
             re.I,
         ),
         "the model file is corrupt, truncated or not the expected file: verify it with "

@@ -75,6 +75,10 @@ _ALIVE = frozenset(
 )
 
 
+# Faults of the model file that fetching it again may fix, once: a copy cut short or
+# damaged, or one that went away (a cache cleaned under a running worker).
+_REFETCH = frozenset({Cause.CORRUPT_MODEL, Cause.MODEL_NOT_FOUND})
+
 # Faults that a plain restart cannot fix: fail at once instead of looping.
 FATAL = frozenset(
     {
@@ -466,12 +470,7 @@ class Supervisor:
         diagnosis = crash.diagnosis
         reason = f"{crash.reason}: {diagnosis}" if diagnosis else crash.reason
         log.error("%s\n--- last lines of llama-server ---\n%s", reason, crash.tail)
-        if (
-            diagnosis
-            and diagnosis.cause is Cause.CORRUPT_MODEL
-            and self._on_corrupt
-            and not self._refetched
-        ):
+        if diagnosis and diagnosis.cause in _REFETCH and self._on_corrupt and not self._refetched:
             self._refetched = True
             self._set(EngineState.RESTARTING, f"{reason}; verifying and re-fetching the model")
             try:

@@ -386,6 +386,8 @@ def test_api_key_goes_through_env_and_is_masked(llama_server_bin: Path) -> None:
     assert "sekrit-value" not in launch.argv
     assert launch.env[binary.env_var("--api-key")] == "sekrit-value"
     assert "sekrit-value" not in str(launch.masked_env())
+    assert "sekrit-value" not in repr(launch) and "MY_KEY" not in repr(launch)
+    assert binary.env_var("--api-key") in repr(launch)
     with pytest.raises(ConfigError, match="MY_KEY"):
         _launch(raw, binary, {})
 

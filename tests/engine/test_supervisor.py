@@ -542,10 +542,37 @@ async def test_missing_model_fails_without_restart_storm(
 ) -> None:
     (model_dir / "tiny.gguf").unlink()
     supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=FAST)
-    with pytest.raises(EngineStartError):
+    with pytest.raises(EngineStartError) as err:
         await supervisor.start()
     assert supervisor.restarts == 0
+    # Said as what it is: llama-server's "failed to open GGUF file" read as a corrupt file.
+    assert "cannot open the model file" in str(err.value), err.value
+    assert "corrupt" not in str(err.value)
     await supervisor.stop()
+
+
+async def test_a_model_gone_from_under_llama_server_is_fetched_again_once(
+    make_launch: LaunchFactory, model_dir: Path
+) -> None:
+    """A model file removed after the worker checked it (a cache cleaned under a running
+    worker, a volume remounted): fetched again, as a corrupt one is, then served."""
+    good = (model_dir / "tiny.gguf").read_bytes()
+    (model_dir / "tiny.gguf").unlink()
+    calls: list[int] = []
+
+    async def refetch() -> None:
+        calls.append(1)
+        (model_dir / "tiny.gguf").write_bytes(good)
+
+    supervisor = Supervisor(
+        make_launch(), environ=dict(os.environ), policy=FAST, on_corrupt=refetch
+    )
+    await supervisor.start()
+    try:
+        assert calls == [1]
+        assert supervisor.state is EngineState.READY
+    finally:
+        await supervisor.stop()
 
 
 async def test_drain_then_stop(ready_engine: Supervisor) -> None:
@@ -626,6 +653,11 @@ def test_known_fatal_messages_are_diagnosed() -> None:
         "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000 MiB on device 0: "
         "cudaMalloc failed: out of memory": Cause.OUT_OF_MEMORY,
         "start: couldn't bind HTTP server socket, port: 8080": Cause.PORT_IN_USE,
+        "bind: Address already in use": Cause.PORT_IN_USE,
+        "gguf_init_from_file: failed to open '/m.gguf': No such file or directory": (
+            Cause.MODEL_NOT_FOUND
+        ),
+        "ERROR: Invalid Argument: --n-parallel": Cause.UNKNOWN_FLAG,  # any case
     }
     for line, cause in cases.items():
         diagnosis = diagnose(line)
@@ -633,6 +665,34 @@ def test_known_fatal_messages_are_diagnosed() -> None:
     assert diagnose("srv  load_model: loading model '/m.gguf'") is None
     oom = diagnose("cudaMalloc failed: out of memory")
     assert oom is not None and "n_gpu_layers" in oom.advice and "ctx_size" in oom.advice
+
+
+def test_the_most_specific_cause_in_a_tail_wins_whatever_its_place() -> None:
+    """A corrupt model's load ends in lines that read like other failures too (an
+    allocation that failed, a generic error); the corrupt model must win, since it is
+    what gets the file checked and fetched again, in whichever order the lines came."""
+    from orion_llamaccp.engine.diagnostics import diagnose_all
+
+    tail = [
+        "error: invalid argument: --x",
+        "cudaMalloc failed: out of memory",
+        "error loading model: missing tensor 'blk.0.attn_q.weight'",
+    ]
+    for lines in (tail, tail[::-1], tail[1:] + tail[:1]):
+        found = diagnose_all(lines)
+        assert found is not None and found.cause is Cause.CORRUPT_MODEL, lines
+    found = diagnose_all(["cudaMalloc failed: out of memory", "error: invalid argument: --x"])
+    assert found is not None and found.cause is Cause.UNKNOWN_FLAG
+
+
+def test_an_exit_is_said_by_its_code_or_by_the_signal_that_ended_it() -> None:
+    from orion_llamaccp.engine.diagnostics import exit_said
+
+    assert exit_said(0) == "exited with code 0"
+    assert exit_said(3) == "exited with code 3"
+    assert exit_said(-200) == "was killed by signal 200"  # none the system names
+    assert exit_said(-15) == "was killed by SIGTERM"
+    assert exit_said(-9).startswith("was killed by SIGKILL (not by us")
 
 
 @pytest.mark.parametrize("key", ["k-123456", "sk-Secr,et456", '"quoted",and"more'])
