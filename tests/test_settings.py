@@ -88,6 +88,8 @@ def test_bus_password_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
          "redis://redis.internal:6379/0?password=***"),
         ("redis://default:p%40ssw0rd@redis.internal:6379/0", "p@ssw0rd",
          "redis://default:***@redis.internal:6379/0"),
+        # As redis-py decodes a query's value: what it sends, and may quote, is "p@ss w0rd".
+        ("redis://h:6379/0?password=p%40ss+w0rd", "p@ss w0rd", "redis://h:6379/0?password=***"),
         # Four characters, the shortest redacted (shorter would mask words at random):
         ("redis://:abcd@redis.internal:6379/0", "abcd", "redis://:***@redis.internal:6379/0"),
     ],
@@ -252,6 +254,7 @@ def test_spaces_around_an_override_are_dropped(monkeypatch: pytest.MonkeyPatch) 
     [
         ("hf-mirror.example.com", "'hf-mirror.example.com'"),
         ("ftp://hf-mirror.example.com", "'ftp://hf-mirror.example.com'"),
+        ("https:///mirror", "'https:///mirror'"),  # no host
         ("user:s3cretpw@hf-mirror.example.com", "'<hidden"),
     ],
 )
@@ -334,6 +337,9 @@ def test_a_log_level_logging_does_not_know_is_refused_at_start(
     [
         ("CUDA_VISIBLE_DEVICES_OVERRIDE", "abc"),
         ("CUDA_VISIBLE_DEVICES_OVERRIDE", "0,,1"),
+        ("CUDA_VISIBLE_DEVICES_OVERRIDE", "0;1"),
+        ("CUDA_VISIBLE_DEVICES_OVERRIDE", "1x"),
+        ("CUDA_VISIBLE_DEVICES_OVERRIDE", "-2"),
         ("LLAMACPP_HOST_OVERRIDE", "my host"),
     ],
 )

@@ -392,6 +392,26 @@ def test_api_key_goes_through_env_and_is_masked(llama_server_bin: Path) -> None:
         _launch(raw, binary, {})
 
 
+def test_a_key_that_starts_with_a_quote_reaches_llama_server_whole(
+    llama_server_bin: Path,
+) -> None:
+    """llama-server reads its key variable as CSV: a key opening with ``"`` and holding no
+    comma was read as a quoted field, another key than the one the worker sends (401 on
+    every request: a crash loop)."""
+    binary = probe(llama_server_bin)
+    launch = _launch({"api_key_env": "MY_KEY"}, binary, {"MY_KEY": '"abc'})
+    assert launch.env[binary.env_var("--api-key")] == '"""abc"'
+    assert launch.api_key == '"abc'
+
+
+def test_a_draft_model_is_passed_to_llama_server(llama_server_bin: Path) -> None:
+    """Downloaded and checked, the draft was never on the command line (speculative
+    decoding silently off) where this line went missing."""
+    raw = {"hf_draft_repo_id": "org/draft", "hf_draft_filename": "draft.gguf"}
+    argv = _build(raw, probe(llama_server_bin))
+    assert argv[argv.index("--model-draft") + 1] == "/c/draft.gguf"
+
+
 def test_an_api_key_read_from_a_file_loses_its_line_end(llama_server_bin: Path) -> None:
     """A secret mounted from a file ends with a newline: httpx refused the header, every
     /health poll failed without a word, and the engine stayed ``loading``."""
@@ -470,6 +490,8 @@ def test_a_key_file_beside_api_key_env_adds_keys_for_other_clients(
         ({"extra_args": ["-np 8"]}, {"LLAMACPP_PARALLEL_OVERRIDE": "2"}, "--parallel"),
         ({"api_key_env": "MY_KEY", "extra_args": ["--api-key", "inline"]}, {}, "--api-key"),
         ({"kv_unified": False, "extra_args": ["-kvu"]}, {}, "--no-kv-unified"),
+        ({"extra_args": ["--host", "0.0.0.0"]}, {}, "--host"),  # its socket and port lost
+        ({"extra_args": ["-m", "other.gguf"]}, {}, "--model"),  # not the model checked
     ],
 )
 def test_extra_args_may_not_set_what_the_wrapper_sets(

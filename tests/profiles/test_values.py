@@ -125,6 +125,34 @@ def test_a_boolean_still_switches_flash_attn(tmp_path: Path) -> None:
     assert load_registry(path).select("p").llamacpp.flash_attn == "on"
 
 
+def test_off_written_bare_switches_off(tmp_path: Path) -> None:
+    """YAML reads a bare ``off`` or ``no`` as false: a feature turned off must stay off,
+    not come back as llama-server's ``on``."""
+    path = tmp_path / "llm_profiles.yaml"
+    path.write_text("profiles:\n  p:\n    llamacpp: {flash_attn: off, reasoning: no}\n")
+    knobs = load_registry(path).select("p").llamacpp
+    assert (knobs.flash_attn, knobs.reasoning) == ("off", "off")
+
+
+@pytest.mark.parametrize("written", ['"3,1"', '"3/1"', '"3 1"', "[3, 1]"])
+def test_tensor_split_is_read_in_each_form_llama_cpp_takes(tmp_path: Path, written: str) -> None:
+    path = tmp_path / "llm_profiles.yaml"
+    path.write_text(f"profiles:\n  p:\n    llamacpp: {{tensor_split: {written}}}\n")
+    assert load_registry(path).select("p").llamacpp.tensor_split == (3.0, 1.0)
+
+
+def test_a_negative_gpu_id_is_refused(tmp_path: Path) -> None:
+    """``device_ids: [-1]`` became CUDA_VISIBLE_DEVICES=-1, which hides every GPU: the GPU
+    profile served on the CPU, many times slower, without a word."""
+    said = problem(tmp_path, "    gpu: {device_ids: [-1]}\n")
+    assert said.startswith("profiles.p.gpu.device_ids"), said
+
+
+def test_a_sampling_value_out_of_its_range_is_refused(tmp_path: Path) -> None:
+    said = llamacpp(tmp_path, "top_p: 1.5")
+    assert said.startswith("profiles.p.llamacpp.top_p"), said
+
+
 def test_parallel_and_its_alias_n_parallel_together_are_refused_clearly(
     tmp_path: Path,
 ) -> None:
@@ -163,3 +191,15 @@ def test_a_gpu_listed_twice_is_refused(tmp_path: Path) -> None:
     """``device_ids: [0, 0]`` made CUDA_VISIBLE_DEVICES=0,0."""
     said = problem(tmp_path, "    gpu: {device_ids: [1, 0, 1]}\n")
     assert said == "profiles.p.gpu.device_ids: GPU 1 is listed more than once: list each GPU once"
+
+
+@pytest.mark.parametrize("pasted", ["123456789012", "[sk-live-4f9a77]"])
+def test_a_key_pasted_as_a_number_or_a_list_is_refused_unrepeated(
+    tmp_path: Path, pasted: str
+) -> None:
+    """``api_key_env`` given the key itself, which YAML read as a number or a list: the
+    type error quoted it, in every log of every worker sharing the registry."""
+    said = llamacpp(tmp_path, f"api_key_env: {pasted}")
+    assert said.startswith("profiles.p.llamacpp.api_key_env"), said
+    assert "not repeated" in said
+    assert "123456789012" not in said and "4f9a77" not in said
