@@ -691,3 +691,21 @@ def test_a_cdn_refusal_does_not_quote_the_signed_link(
 
     assert f"/cdn/{sha}?…" in str(err.value)
     assert "Signature" not in str(err.value) and "Signature" not in caplog.text
+
+
+def test_a_complete_partial_left_by_an_earlier_run_is_installed_without_a_download(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """A crash or cancel after the last byte arrived, before the install: the whole file
+    was thrown away (or its end asked for again, refused, and started over) and every
+    byte downloaded a second time."""
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    _left_partial(cache_dir, sha, data)
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    assert hub.cdn_gets(sha) == []
+    assert resolved.sha256 == sha
+    assert (cache_dir / FILENAME).read_bytes() == data
+    assert _partials(cache_dir) == []
