@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants as hf_constants
 
 from orion_llamaccp.errors import DownloadError, ModelCorrupt, ModelNotFound, UnsafeModelPath
 from orion_llamaccp.model import ensure_model, plan_files
@@ -124,6 +125,33 @@ def test_valid_token_downloads_and_stays_off_the_cdn(
     assert [r.authorization for r in hub.cdn_gets(gated)] == [None]
     captured = capsys.readouterr()
     assert TOKEN not in caplog.text + captured.out + captured.err
+
+
+def test_a_login_token_stored_under_hf_home_is_never_sent_without_hf_token(
+    hub: LocalHub,
+    make_settings: SettingsFactory,
+    gguf_bytes: Bytes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no HF_TOKEN configured, huggingface_hub falls back to the token of a
+    `hf auth login` stored under HF_HOME, and sent it to the Hub or to whatever mirror
+    HF_ENDPOINT names. huggingface_hub reads HF_HOME / HF_TOKEN_PATH once, at import, into
+    ``constants.HF_TOKEN_PATH``: the module constant is set too, not only the variables."""
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    (home / "token").write_text("hf_STOREDlogin1234567890abcd\n")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+
+    assert ensure_model(make_profile(), make_settings()).sha256 == sha
+
+    assert {r.authorization for r in hub.requests} == {None}
 
 
 def test_unknown_repo_is_a_clear_error(make_settings: SettingsFactory) -> None:
