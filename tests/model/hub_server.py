@@ -58,6 +58,8 @@ class Request:
     authorization: str | None
     status: int = 0
     sent: int = 0
+    # The request line's target as sent: http.server collapses a leading "//" in ``path``
+    target: str = ""
 
 
 @dataclass
@@ -213,6 +215,7 @@ class _HubHandler(BaseHTTPRequestHandler):
                 unquote(path),
                 self.headers.get("Range"),
                 self.headers.get("Authorization"),
+                target=self.raw_requestline.split()[1].decode("latin-1"),
             )
         )
         with suppress(BrokenPipeError, ConnectionResetError):

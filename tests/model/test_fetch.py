@@ -59,6 +59,20 @@ def test_clean_download_lands_at_model_root_with_its_sha256(
     assert events[-1].bytes_done == events[-1].bytes_total == len(data)
 
 
+def test_an_endpoint_with_a_trailing_slash_downloads(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """HF_ENDPOINT written with a final "/" (as copied from a browser) made every URL
+    "//org/repo/resolve/...", which a Hub or mirror that does not merge slashes answers
+    with "not found" (Python's http.server merges them: the raw request line is checked)."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+
+    resolved = ensure_model(make_profile(), make_settings(hf_endpoint=hub.endpoint + "/"))
+
+    assert resolved.sha256 == sha
+    assert [r.target for r in hub.resolves(FILENAME)] == [f"/{REPO_ID}/resolve/main/{FILENAME}"]
+
+
 def test_a_file_without_a_sha256_from_the_hub_is_said_to_be_checked_less(
     hub: LocalHub,
     make_settings: SettingsFactory,
