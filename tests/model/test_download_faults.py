@@ -105,17 +105,20 @@ def test_stalled_download_is_aborted_and_resumed(
     assert max(e.attempt for e in events if e.phase == "downloading") == 2
 
 
+@pytest.mark.parametrize(("at_hub", "at_cdn"), [(500, 503), (429, 429)])
 def test_server_errors_are_retried_with_backoff(
-    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, at_hub: int, at_cdn: int
 ) -> None:
+    """A 5xx, or a 429 (too many requests: the Hub's rate limit), says "later", not "no":
+    taken for a final refusal, a busy Hub failed the download at once."""
     sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
-    hub.fault("resolve", Fault("status", status=500), times=2)
-    hub.fault("cdn", Fault("status", status=503))
+    hub.fault("resolve", Fault("status", status=at_hub), times=2)
+    hub.fault("cdn", Fault("status", status=at_cdn))
 
     resolved = ensure_model(make_profile(), make_settings())
 
-    assert [r.status for r in hub.resolves(FILENAME)] == [500, 500, 302, 302]
-    assert [r.status for r in hub.cdn_gets(sha)] == [503, 200]
+    assert [r.status for r in hub.resolves(FILENAME)] == [at_hub, at_hub, 302, 302]
+    assert [r.status for r in hub.cdn_gets(sha)] == [at_cdn, 200]
     assert resolved.sha256 == sha
 
 
@@ -480,19 +483,20 @@ def test_the_bytes_of_a_partial_download_count_as_room_taken_already(
     check_room_for_all(client, files, cache_dir)  # 1000 bytes and one file to come: room
 
 
+@pytest.mark.parametrize("status", [403, 410])
 def test_a_link_refused_once_is_fetched_again_and_every_time_is_given_up_at_once(
-    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path, status: int
 ) -> None:
     """A CDN's 403 (or 410) is an expired signed link once: the next attempt's fresh link
     gets the file. Every time, it is something in the way of that server (a proxy, a
     firewall), and the attempts went on to the download deadline (10 minutes by default)
     ending in "no progress"; it is given up after three, saying so."""
     sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
-    hub.fault("cdn", Fault("status", status=403))
+    hub.fault("cdn", Fault("status", status=status))
     assert ensure_model(make_profile(), make_settings()).files.model == cache_dir / FILENAME
     assert len(hub.cdn_gets(sha)) == 2
     (cache_dir / FILENAME).unlink()
-    hub.fault("cdn", Fault("status", status=403), times=1000)
+    hub.fault("cdn", Fault("status", status=status), times=1000)
 
     with pytest.raises(DownloadError, match="3 times in a row") as err:
         ensure_model(make_profile(), make_settings(download_deadline_sec=60.0))
