@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orion_llamaccp.devtools.random_gguf import write_random_llama
 from orion_llamaccp.errors import ModelCorrupt, ModelError, ModelNotFound
 from orion_llamaccp.model import (
     ProgressEvent,
@@ -129,6 +130,27 @@ def test_record_of_a_replaced_file_is_not_trusted(
         assert resolved.sha256 == copied and record is not None and record.changed == copied
     else:  # another size: taken for a copy by hand at once
         assert resolved.sha256 is None and record is None
+
+
+def test_a_file_of_another_size_copied_over_a_download_loses_its_record_unhashed(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """Another size is another file, copied by hand: served as such, with no sha256 and
+    no source. Taken for the download with its time changed, it was hashed (minutes for
+    70 GB) and kept the old record, source and all, so that a switch of revision replaced
+    the operator's own file."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+    target = cache_dir / FILENAME
+    write_random_llama(target, n_embd=32, n_layers=1, n_head=2, n_ff=128, vocab=300)
+    assert target.stat().st_size != len(gguf_bytes(0))
+    events: list[ProgressEvent] = []
+
+    resolved = ensure_model(make_profile(), make_settings(), progress=events.append)
+
+    assert resolved.sha256 is None and resolved.downloaded == ()
+    assert read_record(cache_dir, target, any_time=True) is None
+    assert not any(e.phase == "verifying" for e in events)
 
 
 def test_file_copied_by_hand_is_used_without_any_network(
