@@ -274,6 +274,25 @@ def test_a_file_from_another_repo_or_revision_is_replaced(
     assert "downloading it to replace it" in caplog.text
 
 
+def test_a_file_replaced_for_another_revision_is_recorded_as_the_new_one(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """The record of a replacement must describe the downloaded file, not the one it
+    replaced: written with the old file's size and time, it never matched, and the next
+    start hashed the new file (minutes for 70 GB) to find it "changed since"."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(1), revision="v1")
+    new_sha = hub.add(REPO_ID, FILENAME, gguf_bytes(2), revision="v2")
+    ensure_model(make_profile(hf_revision="v1"), make_settings())
+    ensure_model(make_profile(hf_revision="v2"), make_settings())
+
+    record = read_record(cache_dir, cache_dir / FILENAME)
+    assert record is not None and record.sha256 == new_sha and record.revision == "v2"
+    events: list[ProgressEvent] = []
+    again = ensure_model(make_profile(hf_revision="v2"), make_settings(), progress=events.append)
+    assert again.sha256 == new_sha and again.downloaded == ()
+    assert not any(e.phase == "verifying" for e in events)
+
+
 @pytest.mark.parametrize(
     "after", [{"hf_revision": "v2-typo"}, {"hf_repo_id": "orion-test/tiny-llamaa"}]
 )
