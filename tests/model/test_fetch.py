@@ -153,6 +153,24 @@ def test_a_file_of_another_size_copied_over_a_download_loses_its_record_unhashed
     assert not any(e.phase == "verifying" for e in events)
 
 
+def test_a_corrupt_record_is_ignored_and_the_file_still_served(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """A record cut short (a full disk, a crash mid-write of an older version, a hand
+    edit) is not JSON: its parse error reached the caller, and the worker could not start
+    with a sound model in place. It counts as no record."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+    target = cache_dir / FILENAME
+    record_path(cache_dir, target).write_text("{")
+
+    assert read_record(cache_dir, target) is None
+    resolved = ensure_model(make_profile(), make_settings())
+
+    assert resolved.files.model == target and resolved.downloaded == ()
+    assert target.read_bytes() == gguf_bytes(0)
+
+
 def test_file_copied_by_hand_is_used_without_any_network(
     hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
