@@ -79,6 +79,53 @@ def test_unsupported_version(model: Path, tmp_path: Path) -> None:
         verify_gguf(_write(tmp_path / "v7.gguf", bytes(data)))
 
 
+def test_version_1_is_refused(model: Path, tmp_path: Path) -> None:
+    """GGUF v1 (32-bit counts and lengths) is read by no llama-server of today: taken for
+    v2/v3, its header parsed as garbage, or as a wrong model."""
+    data = bytearray(model.read_bytes())
+    data[4:8] = struct.pack("<I", 1)
+
+    with pytest.raises(ModelCorrupt, match="version 1 is not supported"):
+        verify_gguf(_write(tmp_path / "v1.gguf", bytes(data)))
+
+
+def test_a_header_cut_anywhere_is_a_model_corrupt_never_a_crash(
+    model: Path, tmp_path: Path
+) -> None:
+    """A download or copy cut inside the header, at whatever byte: each read must stop at
+    the file's end with "truncated", not a struct.error or IndexError from a read past it
+    (a traceback instead of "download it again")."""
+    data = model.read_bytes()
+    end = verify_gguf(model).data_offset
+    cut = tmp_path / "cut.gguf"
+    for size in range(24, end):
+        cut.write_bytes(data[:size])
+        with pytest.raises(ModelCorrupt):
+            verify_gguf(cut)
+
+
+def _first_tensor_n_dims(model: Path) -> int:
+    """Where the first tensor's dimension count lies: after its name's length and name."""
+    name = b"token_embd.weight"
+    at = model.read_bytes().index(struct.pack("<Q", len(name)) + name)
+    return at + 8 + len(name)
+
+
+@pytest.mark.parametrize("n_dims", [0, 5])
+def test_a_tensor_with_no_or_too_many_dimensions_is_refused(
+    model: Path, tmp_path: Path, n_dims: int
+) -> None:
+    """ggml tensors have 1 to 4 dimensions: 0 crashed the size computation (no first
+    dimension), 5 read the rest of the header out of step."""
+    data = bytearray(model.read_bytes())
+    at = _first_tensor_n_dims(model)
+    assert struct.unpack_from("<I", data, at)[0] == 2  # the embedding: a matrix
+    data[at : at + 4] = struct.pack("<I", n_dims)
+
+    with pytest.raises(ModelCorrupt, match=f"has {n_dims} dimensions"):
+        verify_gguf(_write(tmp_path / "dims.gguf", bytes(data)))
+
+
 def test_garbage_counts_do_not_allocate_or_hang(model: Path, tmp_path: Path) -> None:
     data = bytearray(model.read_bytes())
     data[16:24] = struct.pack("<Q", 2**62)  # kv_count
