@@ -139,6 +139,23 @@ def test_gives_up_with_a_clear_error_when_nothing_moves(
     assert not (cache_dir / FILENAME).exists()
 
 
+def test_a_fresh_download_that_gives_up_blames_neither_range_nor_a_partial_file(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    """Every attempt cut before its first byte: nothing was resumed, so the server was
+    never asked for a Range it could ignore, and no byte is on disk to resume from. The
+    error said the server "ignores Range requests" (sending the user after the mirror)
+    and that an empty partial file "is kept"."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.fault("cdn", Fault("cut", after=0), times=1000)
+
+    with pytest.raises(DownloadError, match="gave up downloading") as err:
+        ensure_model(make_profile(), make_settings(download_deadline_sec=0.5))
+
+    assert "Range" not in str(err.value)
+    assert "kept" not in str(err.value) and "resumes" not in str(err.value)
+
+
 def test_a_hub_out_of_reach_says_what_an_offline_host_does(
     make_settings: SettingsFactory, cache_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
