@@ -17,6 +17,7 @@ serve wrong bytes, answer a status code. Every request is recorded with the byte
 ``ignore_range`` makes it a server (or mirror, or proxy) that answers every ``Range`` with
 the whole file. ``advertised_size[sha256]`` makes the Hub announce another size than the
 file's (a huge one runs the downloader's free-space check out of space, no disk faked).
+``drop_headers`` leaves those headers out of every answer (a mirror that lacks them).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class LocalHub:
         self.chunk_size = chunk_size
         self.ignore_range = False
         self.advertised_size: dict[str, int] = {}
+        self.drop_headers: set[str] = set()  # left out of every answer: a Hub that lacks them
         self.repos: dict[str, _Repo] = {}
         self.blobs: dict[str, bytes] = {}
         self.requests: list[Request] = []
@@ -333,7 +335,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         req.status = status
         self.send_response(status)
         for name, value in headers.items():
-            self.send_header(name, value)
+            if name not in self.hub.drop_headers:
+                self.send_header(name, value)
         self.end_headers()
 
 

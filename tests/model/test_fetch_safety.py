@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socketserver
 import subprocess
 import sys
@@ -152,6 +153,42 @@ def test_a_login_token_stored_under_hf_home_is_never_sent_without_hf_token(
     assert ensure_model(make_profile(), make_settings()).sha256 == sha
 
     assert {r.authorization for r in hub.requests} == {None}
+
+
+@pytest.mark.parametrize(
+    ("status", "hint"),
+    [(401, "not found or not accessible: check hf_repo_id; if it is private, set HF_TOKEN"),
+     (403, "the Hub forbids orion-test/tiny-llama/tiny-llama-f32.gguf (HTTP 403): check HF_TOKEN")],
+    ids=["401", "403"],
+)  # fmt: skip
+def test_a_plain_401_or_403_from_the_hub_says_to_check_hf_token(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, status: int, hint: str
+) -> None:
+    """A mirror or proxy answers 401/403 without the Hub's X-Error-Code, which
+    huggingface_hub turns into no typed error: the message was a bare "refused with HTTP
+    401", with nothing said of the token that is the usual cause."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.fault("resolve", Fault("status", status=status))
+
+    with pytest.raises(DownloadError, match=re.escape(hint)):
+        ensure_model(make_profile(), make_settings())
+
+    assert [r.status for r in hub.resolves(FILENAME)] == [status]  # final: not retried
+
+
+def test_a_hub_answer_without_x_repo_commit_says_hf_endpoint_is_no_hub(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes
+) -> None:
+    """A plain file server or a mirror that drops the Hub's headers: without the commit
+    the file came from, the record cannot say its source (nor pin a split model's parts
+    to one commit), and the download went on as if from a Hub."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.drop_headers.add("X-Repo-Commit")
+
+    with pytest.raises(DownloadError, match="has no ETag or X-Repo-Commit: check that HF_ENDPOINT"):
+        ensure_model(make_profile(), make_settings())
+
+    assert hub.cdn_gets(sha) == []
 
 
 def test_unknown_repo_is_a_clear_error(make_settings: SettingsFactory) -> None:
