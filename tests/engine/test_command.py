@@ -310,6 +310,29 @@ def test_only_builds_whose_host_takes_a_list_get_the_socket() -> None:
     assert not host_list(plain)
 
 
+@pytest.mark.parametrize("host", ["/run/llama/own.sock", "127.0.0.1,::1"])
+def test_a_host_that_is_a_socket_or_a_list_of_its_own_gets_no_socket_of_ours(
+    llama_server_bin: Path, host: str
+) -> None:
+    """The worker's own socket is added beside one address; a profile whose ``host`` is
+    already a socket path (or a list) keeps it as written: ``own.sock,ours.sock`` would
+    have llama-server listen where the operator did not ask."""
+    profile = parse_profile(
+        "p", {"backend": "llamacpp", "llamacpp": {"model_path": "m.gguf", "host": host}}
+    )
+    launch = build_launch(
+        profile,
+        Overrides(),
+        plan_files(profile, None, {"LLM_CACHE_DIR": "/c"}),
+        binary=probe(llama_server_bin),
+        binary_path="llama-server",
+        environ={},
+        unix_socket=lambda _host, _port: "/tmp/ours.sock",
+    )
+    assert launch.argv[launch.argv.index("--host") + 1] == host
+    assert launch.unix_socket is None
+
+
 def test_gpu_pinning_env(binary_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     launch = build_plan(load_settings(), profile_name="qwen3-30b-a3b-q4km-2gpu-think").launch
     assert launch.env["CUDA_VISIBLE_DEVICES"] == "1,2"

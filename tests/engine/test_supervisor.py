@@ -144,6 +144,7 @@ async def test_a_profile_that_pins_gpus_is_not_served_on_the_cpu(
     with pytest.raises(EngineStartError, match="no usable GPU") as failed:
         await pinned.start()
     assert "LLAMACPP_N_GPU_LAYERS_OVERRIDE=0" in str(failed.value)
+    assert "runs layers on GPUs 0 " in str(failed.value)  # which pin it was
     assert pinned.state is EngineState.FAILED and pinned.restarts == 0
     await pinned.stop()
     on_purpose = Supervisor(make_launch(gpus=[0], n_gpu_layers=0), environ=dict(os.environ))
