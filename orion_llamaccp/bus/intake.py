@@ -508,6 +508,7 @@ class StreamConsumer:
         # Where the next reclaim looks on from: XAUTOCLAIM looks at ten entries per one
         # asked for, and each look from the start saw the same live ones.
         self._reclaim_from = "0-0"
+        self._unnamed_deleted = False  # Redis 6.2 claimed us deleted entries (``_autoclaim``)
         self.started = asyncio.Event()
         self.backoff = Backoff()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -606,7 +607,10 @@ class StreamConsumer:
                 entries = await self._autoclaim(free)
             if entries:
                 await self._dispatch_all(entries)
-            else:
+            if self._unnamed_deleted:  # Redis 6.2's (``_autoclaim``): ours, pending
+                self._unnamed_deleted = False
+                await self._drain_own_pending(stop)  # acked and said there (``_TAKE_OWN``)
+            elif not entries:
                 await self._read_together(free)
 
     async def _read_together(self, free: int) -> None:
@@ -674,12 +678,12 @@ class StreamConsumer:
             if fields is not None and _text(eid) not in mine
         ]
         # Redis 7 drops a deleted entry from the pending list and names it in a third
-        # element; 6.2 claims it for us with no fields, and leaves it pending for good
-        # unless acked, reclaimed by every worker in turn.
-        deleted = [eid for eid, fields in reply[1] if fields is None]
-        for entry_id in [*deleted, *(reply[2] if len(reply) > 2 else [])]:
-            self._said_deleted(_text(entry_id))
-            await self.redis.xack(self.stream, self.group, entry_id)
+        # element. 6.2 gives it as a nil, its id lost, and leaves it pending, ours now:
+        # unacked, every worker reclaimed it in turn for good. ``_loop`` looks for it.
+        self._unnamed_deleted |= any(eid is None for eid, _ in reply[1])
+        for deleted in reply[2] if len(reply) > 2 else []:
+            self._said_deleted(_text(deleted))
+            await self.redis.xack(self.stream, self.group, deleted)
         entries = []
         for eid, fields in claimed:
             entry_id = _text(eid)
