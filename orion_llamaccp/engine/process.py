@@ -225,7 +225,7 @@ class LlamaProcess:
         except TimeoutError:
             if not self.stuck:
                 log.error(
-                    "llama-server pid %s is still there %.0f s after SIGKILL: stuck in the "
+                    "llama-server pid %s is still there %g s after SIGKILL: stuck in the "
                     "kernel (a hung GPU driver or file system, state D in ps); going on "
                     "without it, and it may hold its port and its GPU memory until it dies",
                     self.pid,

@@ -312,6 +312,13 @@ class Supervisor:
         self._set(EngineState.STARTING)
         self.life += 1
         self._ready_at = None
+        if (last := self._proc) is not None and last.stuck and last.returncode is None:
+            # Its socket still takes connections: "port taken" would blame someone else.
+            raise _Crashed(
+                f"llama-server pid {last.pid} of the last start is still stuck in the kernel "
+                "(state D: a hung GPU driver or file system), holding its port and its GPU "
+                "memory: see dmesg and nvidia-smi"
+            )
         if await _listening(self.launch.base_url):
             # Ours would fail to bind, while the other answered /health and /props in its
             # name: ready, serving whatever model that one runs.

@@ -121,7 +121,7 @@ def frozen(pid: int) -> Iterator[None]:
     group = FREEZER / f"orion-test-{os.getpid()}-{pid}"
     group.mkdir()
     try:
-        (group / "tasks").write_text(str(pid))
+        (group / "cgroup.procs").write_text(str(pid))  # every thread ("tasks": one)
         (group / "freezer.state").write_text("FROZEN")
         wait_until(
             lambda: (group / "freezer.state").read_text().strip() == "FROZEN",
@@ -130,9 +130,9 @@ def frozen(pid: int) -> Iterator[None]:
         yield
     finally:
         (group / "freezer.state").write_text("THAWED")
-        for task in (group / "tasks").read_text().split():  # still alive: back to the top
+        for proc in (group / "cgroup.procs").read_text().split():  # alive: back to the top
             with contextlib.suppress(OSError):
-                (FREEZER / "tasks").write_text(task)
+                (FREEZER / "cgroup.procs").write_text(proc)
         group.rmdir()
 
 

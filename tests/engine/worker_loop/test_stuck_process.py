@@ -13,8 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orion_llamaccp.engine import process
 from orion_llamaccp.engine.process import LlamaProcess
-from tests.engine.conftest import LaunchFactory
+from orion_llamaccp.engine.supervisor import EngineState, Supervisor
+from tests.engine.conftest import FAST, LaunchFactory
 from tests.support.procs import can_freeze, frozen, pid_alive, wait_until_async
 
 
@@ -41,5 +43,30 @@ async def test_a_stop_goes_on_when_llama_server_is_stuck_in_the_kernel(
         assert "stuck in the kernel" in caplog.text
         assert await asyncio.wait_for(proc.wait(), 10) < 0  # thawed: dead of its signals
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not can_freeze(), reason="no writable cgroup v1 freezer on this machine")
+async def test_a_supervisor_says_its_llama_server_is_stuck_not_that_the_port_is_taken(
+    make_launch: LaunchFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama-server frozen while serving: /health fails, the SIGKILL does not end it. Each
+    restart found its port taking connections (the kernel still accepts them for the
+    frozen process) and said "port is already taken: stop it", another's fault, until
+    the crash limit; it now names the stuck process of its own last start."""
+    monkeypatch.setattr(process, "_KILL_WAIT", 0.5)  # the test's scale, not 5 s a restart
+    supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=FAST)
+    await supervisor.start()
+    pid = supervisor.pid
+    assert pid is not None
+    try:
+        with frozen(pid):
+            await supervisor.wait_for(EngineState.FAILED, timeout=60)
+            failure = str(supervisor.failure)
+            assert f"pid {pid} of the last start is still stuck in the kernel" in failure
+            assert "port is already taken" not in failure
+    finally:
+        await asyncio.wait_for(supervisor.stop(), 30)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
