@@ -57,8 +57,8 @@ lock:
 redis-server:
 	@command -v redis-server >/dev/null || { echo "tests start their own redis-server: apt-get install -y redis-server" >&2; exit 1; }
 
-redis-oldest: venv
-	@PYTHON=$(BIN)/python scripts/build-redis-oldest.sh $(dir $(ORION_TEST_REDIS_OLDEST))
+redis-oldest:
+	@scripts/build-redis-oldest.sh "$(ORION_TEST_REDIS_OLDEST)"
 
 llama-server:
 	@scripts/build-llama-server.sh --prefix $(ORION_LLAMACPP_BUILD_DIR)

@@ -297,7 +297,9 @@ async def _group_gone(pgid: int, deadline: float) -> bool:
 
 
 _GROUP_POLL = 0.05  # seconds
-_KILL_WAIT = 5.0  # seconds, for a leader to be reaped after SIGKILL
+# Seconds for a leader to be reaped after SIGKILL: freeing tens of GB of pinned memory and
+# a CUDA context takes seconds, and "stuck in the kernel" must not be said of that.
+_KILL_WAIT = 30.0
 _GROUP_KILL_WAIT = 2.0  # seconds: SIGKILL is not refused, only slow on a process in D state
 
 

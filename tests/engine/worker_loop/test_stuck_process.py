@@ -22,12 +22,16 @@ from tests.support.procs import can_freeze, frozen, pid_alive, wait_until_async
 
 @pytest.mark.skipif(not can_freeze(), reason="no writable cgroup v1 freezer on this machine")
 async def test_a_stop_goes_on_when_llama_server_is_stuck_in_the_kernel(
-    make_launch: LaunchFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    make_launch: LaunchFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A llama-server stuck in the kernel (a hung GPU driver: state D) outlives SIGKILL
     until the kernel lets it go, and the stop (or a crash's restart) that waited for its
     exit hung with it, for ever and without a word. It now gives up on it a few seconds
     after the SIGKILL, says so, and reaps it if it ever dies."""
+    monkeypatch.setattr(process, "_KILL_WAIT", 1.0)  # the test's scale, not 30 s
     server = tmp_path / "server.sh"
     server.write_text("#!/bin/sh\nexec sleep 600\n")
     server.chmod(0o755)
@@ -55,7 +59,7 @@ async def test_a_supervisor_says_its_llama_server_is_stuck_not_that_the_port_is_
     restart found its port taking connections (the kernel still accepts them for the
     frozen process) and said "port is already taken: stop it", another's fault, until
     the crash limit; it now names the stuck process of its own last start."""
-    monkeypatch.setattr(process, "_KILL_WAIT", 0.5)  # the test's scale, not 5 s a restart
+    monkeypatch.setattr(process, "_KILL_WAIT", 0.5)  # the test's scale, not 30 s a restart
     supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=FAST)
     await supervisor.start()
     pid = supervisor.pid
