@@ -99,11 +99,15 @@ def diagnose(line: str) -> Diagnosis | None:
 
 def diagnose_all(lines: list[str]) -> Diagnosis | None:
     """The most specific diagnosis in a tail of output (corrupt beats a generic failure)."""
-    found = [d for d in (diagnose(line) for line in lines) if d is not None]
-    if not found:
-        return None
+    return most_specific(*(diagnose(line) for line in lines))
+
+
+def most_specific(*found: Diagnosis | None) -> Diagnosis | None:
+    """The one whose cause comes first in ``Cause``; the first of those, on a tie."""
     order = list(Cause)
-    return min(found, key=lambda d: order.index(d.cause))
+    return min(
+        (d for d in found if d is not None), key=lambda d: order.index(d.cause), default=None
+    )
 
 
 # llama.cpp's warning when it has no GPU to put layers on (a CPU build, no driver, a pin

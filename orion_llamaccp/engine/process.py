@@ -22,7 +22,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from orion_llamaccp.engine.command import LaunchSpec
-from orion_llamaccp.engine.diagnostics import Diagnosis, diagnose, diagnose_all, no_gpu
+from orion_llamaccp.engine.diagnostics import (
+    Diagnosis,
+    diagnose,
+    diagnose_all,
+    most_specific,
+    no_gpu,
+)
 
 log = logging.getLogger("orion_llamaccp.llama_server")
 # Once llama-server serves, these still deserve INFO; its per-request lines go to DEBUG.
@@ -175,8 +181,10 @@ class LlamaProcess:
         if not self.loaded.is_set() and _LOADED.search(line):
             self.loaded.set()
         if not self.quiet:  # serving: a crash reads the tail
-            if self.diagnosis is None:
-                self.diagnosis = diagnose(line)
+            # The most specific so far: a corrupt model's load may say "unable to allocate"
+            # first, and that alone would fail the start instead of fetching the file again.
+            if found := diagnose(line):
+                self.diagnosis = most_specific(self.diagnosis, found)
             if self.no_gpu is None and (pinned := self.launch.gpus_required):
                 self.no_gpu = no_gpu(line, pinned)
         level = logging.DEBUG if self.quiet and not _NOTEWORTHY.search(line) else logging.INFO

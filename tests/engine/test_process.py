@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orion_llamaccp.engine.diagnostics import Cause
 from orion_llamaccp.engine.process import LlamaProcess
 from tests.engine.conftest import PRELUDE, LaunchFactory
 from tests.support.procs import wait_until_async
@@ -26,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 _AS_PID1 = """
 import asyncio, os, sys
 from orion_llamaccp.engine.command import LaunchSpec
+from orion_llamaccp.engine.diagnostics import Cause
 from orion_llamaccp.engine.process import LlamaProcess
 
 async def main() -> None:
@@ -93,3 +95,24 @@ async def test_a_server_that_ignores_sigterm_is_killed_after_the_grace(
         timeout=10,
         what="the whole group gone",
     )
+
+
+async def test_the_most_specific_cause_printed_wins_whatever_came_first(
+    make_launch: LaunchFactory, tmp_path: Path
+) -> None:
+    """A corrupt model's load may say "unable to allocate" before "missing tensor": the
+    first line read decided, out of memory, which fails the start at once, where a
+    corrupt file is fetched again."""
+    server = tmp_path / "server.sh"
+    server.write_text(
+        "#!/bin/sh\n"
+        "echo 'llama_model_load: unable to allocate CPU buffer'\n"
+        "echo \"llama_model_load: error loading model: missing tensor 'blk.0.attn_q.weight'\"\n"
+        "exit 1\n"
+    )
+    server.chmod(0o755)
+    proc = LlamaProcess(make_launch(binary=server), environ=dict(os.environ))
+    await proc.start()
+    assert await asyncio.wait_for(proc.wait(), 30) == 1
+    found = proc.final_diagnosis()
+    assert found is not None and found.cause is Cause.CORRUPT_MODEL, found
