@@ -202,10 +202,10 @@ def check_room_for_all(client: HubClient, files: list[tuple[HubFile, Path]], roo
     Each download checks the room its own file needs; a split model's parts (and an
     mmproj or a draft beside it) were checked one at a time, so a disk with room for two
     parts of four filled up after hours of downloading them. Asks the Hub for each
-    file's size (the HEAD its download makes anyway); the bytes of a partial download
-    already on disk count as fetched. Raises ``DownloadError`` when the files together
-    do not fit. A HEAD that fails leaves the check undone: each file's download retries
-    it, or reports the error with that file.
+    file's size: a HEAD more per file, only where two or more are missing. The bytes of
+    a partial download already on disk count as fetched. Raises ``DownloadError`` when
+    the files together do not fit. A HEAD that fails leaves the check undone: each
+    file's download retries it, or reports the error with that file.
     """
     needed = 0
     for hub, target in files:
@@ -214,11 +214,10 @@ def check_room_for_all(client: HubClient, files: list[tuple[HubFile, Path]], roo
         except (Transient, ModelError) as exc:
             log.debug("room for every file not checked up front: %s", exc)
             return
-        partial = store.partial_path(root, target, remote.etag)
-        have = partial.stat().st_size if partial.is_file() else 0
+        have = _size_of(store.partial_path(root, target, remote.etag))  # 0: none (or gone)
         needed += max(0, (remote.size or 0) - have)
     # Every partial download lies under model_root's state folder, on one file system.
-    folder = store.partial_path(root, files[0][1], "x").parent
+    folder = store.partial_folder(root, files[0][1])
     names = ", ".join(hub.label for hub, _ in files)
     _check_space(folder, needed, f"the {len(files)} files still to download ({names})", files[0][1])
 

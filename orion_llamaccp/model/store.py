@@ -78,9 +78,14 @@ def partial_path(root: Path, path: Path, etag: str) -> Path:
     return _state(root, path, "partial", f".{tag}.part")
 
 
+def partial_folder(root: Path, path: Path) -> Path:
+    """Where ``path``'s partial downloads lie, whatever their etag."""
+    return _state(root, path, "partial", "").parent
+
+
 def stale_partials(root: Path, path: Path, keep: Path) -> list[Path]:
     """Partial downloads of ``path`` for another etag: the Hub's file changed since."""
-    folder = _state(root, path, "partial", "").parent
+    folder = partial_folder(root, path)
     if not folder.is_dir():
         return []
     mine = re.compile(re.escape(path.name) + r"\.[0-9a-zA-Z]{1,16}\.part")
