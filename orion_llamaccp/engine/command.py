@@ -9,15 +9,16 @@ error naming the knob, the flag and the binary, never silently dropped.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from orion_llamaccp.engine.binary import BinaryInfo
 from orion_llamaccp.errors import ConfigError, SecretUnset, UnsupportedKnob
-from orion_llamaccp.model.paths import ModelFiles
+from orion_llamaccp.model.paths import ModelFiles, split_parts
 from orion_llamaccp.profiles.models import LlamaCppConfig, Profile
 from orion_llamaccp.settings import Overrides
 
@@ -285,6 +286,16 @@ def gpu_env(profile: Profile, overrides: Overrides) -> dict[str, str]:
     else:
         return {}
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible}
+
+
+# The flags that name the files the model layer fetches and checks.
+MODEL_FLAGS = ("--model", "--mmproj", "--model-draft")
+
+
+def model_files(argv: Sequence[str]) -> list[str]:
+    """The files ``argv`` names by ``MODEL_FLAGS``, a split model's every part included."""
+    named = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in MODEL_FLAGS]
+    return [str(part) for path in named for part in split_parts(Path(path))]
 
 
 def build_launch(

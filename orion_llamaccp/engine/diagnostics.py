@@ -38,7 +38,7 @@ _RULES: list[tuple[Cause, re.Pattern[str], str]] = [
         re.compile(
             r"missing tensor|wrong number of tensors|not within the file bounds|"
             r"tensor .* data is not within|failed to read magic|invalid magic|"
-            r"bad GGUF version|gguf_init_from_\w+: (failed to read|duplicate)|"
+            r"bad GGUF version|gguf_init_from_\w+: (failed to (read|seek)|duplicate)|"
             r"unexpectedly reached end of file",
             re.I,
         ),

@@ -37,7 +37,7 @@ from tenacity import wait_exponential
 
 from orion_llamaccp.engine import liveness
 from orion_llamaccp.engine.client import LlamaClient, Props
-from orion_llamaccp.engine.command import LaunchSpec
+from orion_llamaccp.engine.command import LaunchSpec, model_files
 from orion_llamaccp.engine.diagnostics import Cause, Diagnosis, exit_said
 from orion_llamaccp.engine.process import LlamaProcess
 from orion_llamaccp.errors import (
@@ -74,10 +74,6 @@ _ALIVE = frozenset(
     {EngineState.STARTING, EngineState.LOADING, EngineState.READY, EngineState.RESTARTING}
 )
 
-
-# Faults of the model file that fetching it again may fix, once: a copy cut short or
-# damaged, or one that went away (a cache cleaned under a running worker).
-_REFETCH = frozenset({Cause.CORRUPT_MODEL, Cause.MODEL_NOT_FOUND})
 
 # Faults that a plain restart cannot fix: fail at once instead of looping.
 FATAL = frozenset(
@@ -464,6 +460,19 @@ class Supervisor:
         except EngineUnavailable:
             return False
 
+    def _refetch_may_fix(self, diagnosis: Diagnosis) -> bool:
+        """A model file cut short or damaged, or gone (a cache cleaned under a running
+        worker): fetched again, once. A file llama-server cannot open that is none of the
+        model's (a LoRA in extra_args) is not: its re-fetch hashed every model file first,
+        minutes at 70 GB, on every start, before the same failure."""
+        if self._on_corrupt is None:
+            return False
+        if diagnosis.cause is Cause.CORRUPT_MODEL:
+            return True
+        return diagnosis.cause is Cause.MODEL_NOT_FOUND and any(
+            not os.path.exists(path) for path in model_files(self.launch.argv)
+        )
+
     def _crash(self, proc: LlamaProcess, reason: str) -> _Crashed:
         return _Crashed(reason, proc.final_diagnosis(), proc.tail_text())
 
@@ -477,7 +486,7 @@ class Supervisor:
         diagnosis = crash.diagnosis
         reason = f"{crash.reason}: {diagnosis}" if diagnosis else crash.reason
         log.error("%s\n--- last lines of llama-server ---\n%s", reason, crash.tail)
-        if diagnosis and diagnosis.cause in _REFETCH and self._on_corrupt and not self._refetched:
+        if diagnosis and self._refetch_may_fix(diagnosis) and not self._refetched:
             self._refetched = True
             self._set(EngineState.RESTARTING, f"{reason}; verifying and re-fetching the model")
             try:

@@ -576,6 +576,25 @@ async def test_a_model_gone_from_under_llama_server_is_fetched_again_once(
         await supervisor.stop()
 
 
+async def test_a_file_llama_server_cannot_open_that_is_not_the_model_s_is_not_refetched(
+    make_launch: LaunchFactory, model_dir: Path
+) -> None:
+    """A LoRA in extra_args that is not there: fetching the model again cannot help, and
+    it hashed every model file first (minutes at 70 GB) on every start before failing."""
+    calls: list[int] = []
+
+    async def refetch() -> None:
+        calls.append(1)
+
+    launch = make_launch(extra_args=["--lora", str(model_dir / "missing-lora.gguf")])
+    supervisor = Supervisor(launch, environ=dict(os.environ), policy=FAST, on_corrupt=refetch)
+    with pytest.raises(EngineStartError) as err:
+        await supervisor.start()
+    assert calls == [] and supervisor.restarts == 0
+    assert "missing-lora.gguf" in str(err.value)
+    await supervisor.stop()
+
+
 async def test_drain_then_stop(ready_engine: Supervisor) -> None:
     events = record(ready_engine)
     ready_engine.begin_drain()
@@ -655,6 +674,9 @@ def test_known_fatal_messages_are_diagnosed() -> None:
         "cudaMalloc failed: out of memory": Cause.OUT_OF_MEMORY,
         "start: couldn't bind HTTP server socket, port: 8080": Cause.PORT_IN_USE,
         "bind: Address already in use": Cause.PORT_IN_USE,
+        "gguf_init_from_reader: failed to read key-value pairs": Cause.CORRUPT_MODEL,
+        "gguf_init_from_file_impl: failed to seek to beginning of data": Cause.CORRUPT_MODEL,
+        "gguf_init_from_reader: bad GGUF version: 7": Cause.CORRUPT_MODEL,
         "gguf_init_from_file: failed to open '/m.gguf': No such file or directory": (
             Cause.MODEL_NOT_FOUND
         ),
