@@ -339,3 +339,22 @@ def test_a_host_is_down_after_three_of_its_own_beat_intervals_missed() -> None:
     fleet.ingest(orjson.dumps(quick), heard_at=heard - 5)
     down = {row["instance"]: row["down"] for row in fleet.rows()}
     assert down == {"quick": True, "quick-up": False, "slow": False}
+
+
+async def test_an_entry_written_anew_by_an_announcement_expires_with_the_liveness_key(
+    redis_url: str,
+) -> None:
+    """A worker whose registry entry Redis lost (restarted empty) and that then stops
+    writes the entry anew in its farewell announcement, after its last beat renewed
+    nothing. Without a time to live of its own that entry stayed for good: ``ps`` listed
+    the stopped worker, down, forever."""
+    redis = aioredis.Redis.from_url(redis_url)
+    presence = _presence(redis, "leaving")
+    entry = keys.registry("tiny", "leaving")
+    try:
+        await presence.farewell()
+        left = await redis.ttl(entry)
+    finally:
+        await redis.delete(entry)
+        await redis.aclose()
+    assert 0 < left <= 30, left
