@@ -358,3 +358,27 @@ async def test_an_entry_written_anew_by_an_announcement_expires_with_the_livenes
         await redis.delete(entry)
         await redis.aclose()
     assert 0 < left <= 30, left
+
+
+def test_a_host_only_announced_and_never_heard_beating_is_down() -> None:
+    """An announcement says ``ready`` but is no sign of life: a killed worker's entry
+    can outlive its last beat, and ``watch`` hears announcements too. A host with no
+    beat is down ("last beat: never"), not listed up on its announcement's word."""
+    fleet = Fleet()
+    announcement = {"service": "orion-llamaccp", "instance": "mute", "state": "ready"}
+    fleet.ingest(orjson.dumps({"kind": PROFILE_ANNOUNCE, "payload": announcement}))
+    [row] = fleet.rows()
+    assert (row["state"], row["beat_age_sec"], row["down"]) == ("ready", None, True)
+
+
+def test_a_reason_a_host_no_longer_gives_is_not_shown_after_it_recovered() -> None:
+    """Each beat gives what the engine last said, or nothing once it is over: a host
+    whose llama-server restarted and serves again was listed by ``ps --json`` with the
+    crash as its reason for as long as it lived, had the old reason been kept."""
+    fleet = Fleet()
+    now = datetime.now(UTC)
+    fleet.ingest(_beat("w", sent=now, state="restarting", reason="llama-server exited 139"))
+    assert fleet.rows()[0]["reason"] == "llama-server exited 139"
+    fleet.ingest(_beat("w", sent=now, state="ready"))
+    [row] = fleet.rows()
+    assert (row["state"], row["reason"]) == ("ready", None)
