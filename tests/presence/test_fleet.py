@@ -382,3 +382,25 @@ def test_a_reason_a_host_no_longer_gives_is_not_shown_after_it_recovered() -> No
     fleet.ingest(_beat("w", sent=now, state="ready"))
     [row] = fleet.rows()
     assert (row["state"], row["reason"]) == ("ready", None)
+
+
+async def test_ps_takes_a_host_s_state_from_its_last_beat_over_its_announcement(
+    redis_url: str,
+) -> None:
+    """The registry entry keeps the last announcement, which may be older than the last
+    beat (an announcement that failed, a periodic one a minute apart): ``ps`` showed a
+    host that beats ``failed`` as ``ready`` had it read the announcement last."""
+    redis = aioredis.Redis.from_url(redis_url)
+    announced = {"service": "orion-llamaccp", "instance": "w", "profile": "tiny", "state": "ready"}
+    beat = _beat("w", sent=datetime.now(UTC), state="failed", reason="model file missing")
+    try:
+        await redis.hset(
+            keys.registry("tiny", "w"),
+            "announcement",
+            orjson.dumps({"kind": PROFILE_ANNOUNCE, "payload": announced}),
+        )
+        await redis.set(keys.liveness("orion-llamaccp", "w"), beat, ex=30)
+        [row] = (await Fleet().load(redis)).rows()
+    finally:
+        await redis.aclose()
+    assert (row["state"], row["reason"]) == ("failed", "model file missing")
