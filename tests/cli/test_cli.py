@@ -782,3 +782,19 @@ def test_numbers_on_the_command_line_are_checked(
     gave up at once, ``--max-tokens 0`` was taken for "unset"."""
     done = cli(subprocess_env, *args, timeout=30)
     assert done.returncode == 2 and said in done.stderr, done.stderr
+
+
+def test_chat_exits_1_when_the_worker_answers_an_error_json_or_not(
+    spawn_worker: SpawnWorker, subprocess_env: dict
+) -> None:
+    """A prompt longer than the worker's context is answered ``context_exceeded``: a
+    script that runs ``chat`` (``--json`` or not) must see it fail by its exit status,
+    not read exit status 0 as an answer."""
+    spawn_worker(ctx=512, parallel=1)
+    long = "word " * 2000
+    plain = cli(subprocess_env, "chat", long, "--timeout", "30")
+    assert plain.returncode == 1, plain.stderr
+    assert "error: context_exceeded" in plain.stderr, plain.stderr
+    as_json = cli(subprocess_env, "chat", long, "--timeout", "30", "--json")
+    assert as_json.returncode == 1, as_json.stderr
+    assert json.loads(as_json.stdout)["error"] == "context_exceeded", as_json.stdout
