@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from orion_llamaccp.cli.config_cmds import redis_too_old
-from tests.conftest import SpawnWorker
+from tests.conftest import SpawnWorker, write_tiny_registry
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import RedisServer, free_port, pid_alive, wait_until
 from tests.support.workers import WorkerProc
@@ -798,3 +798,51 @@ def test_chat_exits_1_when_the_worker_answers_an_error_json_or_not(
     as_json = cli(subprocess_env, "chat", long, "--timeout", "30", "--json")
     assert as_json.returncode == 1, as_json.stderr
     assert json.loads(as_json.stdout)["error"] == "context_exceeded", as_json.stdout
+
+
+def test_show_hides_secrets_in_lists_and_under_a_key_named_password(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """Another tool's settings beside ours may hold a list of entries, each with its own
+    credentials (``tools: [{password: ...}]``): a secret one level down a list, or under
+    a plain ``password`` key, was printed by ``show`` as written."""
+    registry = tmp_path / "listed.yaml"
+    registry.write_text(
+        "profiles:\n"
+        "  tiny:\n"
+        "    backend: llamacpp\n"
+        "    tools:\n"
+        "      - {name: search, apiKey: sk-listed-secret}\n"
+        "      - {name: db, password: hunter2-listed}\n"
+        "    llamacpp:\n"
+        "      model_path: tiny.gguf\n"
+    )
+    shown = cli({**subprocess_env, "LLM_PROFILES_CONFIG_PATH": str(registry)}, "show")
+    assert shown.returncode == 0, shown.stderr
+    assert "sk-listed" not in shown.stdout and "hunter2" not in shown.stdout, shown.stdout
+    assert "name: search" in shown.stdout and "name: db" in shown.stdout, shown.stdout
+
+
+def test_command_masks_the_api_key_in_its_json_and_its_shell_form(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """``command`` is what an operator pastes into a ticket: the API key llama-server is
+    given (through its environment) and a token in ``extra_args`` are shown masked, in
+    ``--json`` as in the shell form."""
+    registry = write_tiny_registry(
+        tmp_path / "keyed.yaml",
+        port=free_port(),
+        extra="      api_key_env: MY_LLAMA_KEY\n      extra_args: ['--hf-token', 'hf_argSECRET']",
+    )
+    env = {
+        **subprocess_env,
+        "LLM_PROFILES_CONFIG_PATH": str(registry),
+        "MY_LLAMA_KEY": "sk-envSECRET-123",
+    }
+    as_json = cli(env, "command", "--json")
+    human = cli(env, "command")
+    for done in (as_json, human):
+        assert done.returncode == 0, done.stderr
+        assert "sk-envSECRET" not in done.stdout and "hf_argSECRET" not in done.stdout
+    out = json.loads(as_json.stdout)
+    assert "LLAMA_API_KEY" in out["env"] and "--hf-token" in out["argv"], out
