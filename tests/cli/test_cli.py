@@ -846,3 +846,28 @@ def test_command_masks_the_api_key_in_its_json_and_its_shell_form(
         assert "sk-envSECRET" not in done.stdout and "hf_argSECRET" not in done.stdout
     out = json.loads(as_json.stdout)
     assert "LLAMA_API_KEY" in out["env"] and "--hf-token" in out["argv"], out
+
+
+def test_show_hides_the_bus_password_written_out_in_another_tool_s_settings(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """Another tool's settings beside ours may spell out the bus URL under a key named
+    like no secret (``redis_url``): ``show`` printed the bus password in it."""
+    secret = "pw-bus-SECRET9"
+    registry = tmp_path / "bus.yaml"
+    registry.write_text(
+        "profiles:\n"
+        "  tiny:\n"
+        "    backend: llamacpp\n"
+        f"    queue: {{redis_url: 'redis://:{secret}@redis:6379/0'}}\n"
+        "    llamacpp:\n"
+        "      model_path: tiny.gguf\n"
+    )
+    env = {
+        **subprocess_env,
+        "LLM_PROFILES_CONFIG_PATH": str(registry),
+        "ORION_BUS_URL": f"redis://:{secret}@127.0.0.1:{free_port()}/0",
+    }
+    shown = cli(env, "show")
+    assert shown.returncode == 0, shown.stderr
+    assert secret not in shown.stdout and "redis://:***@redis:6379/0" in shown.stdout
