@@ -116,3 +116,24 @@ async def test_the_most_specific_cause_printed_wins_whatever_came_first(
     assert await asyncio.wait_for(proc.wait(), 30) == 1
     found = proc.final_diagnosis()
     assert found is not None and found.cause is Cause.CORRUPT_MODEL, found
+
+
+async def test_a_stop_wakes_a_paused_llama_server_so_that_it_hears_its_sigterm(
+    make_launch: LaunchFactory,
+) -> None:
+    """A llama-server paused by SIGSTOP (a debugger, a job-control stop, a hang the watch
+    has not called yet) acts on no SIGTERM until it is continued: a stop without the
+    SIGCONT that follows waited out its whole grace, then SIGKILLed it, its shutdown never
+    run. Continued, it ends of the SIGTERM, long before a grace made long here."""
+    proc = LlamaProcess(make_launch(), environ=dict(os.environ))
+    await proc.start()
+    pid = proc.pid
+    assert pid is not None
+    try:
+        await asyncio.wait_for(proc.loaded.wait(), 60)
+        os.kill(pid, signal.SIGSTOP)
+        code = await asyncio.wait_for(proc.stop(grace=20.0), 60)
+    finally:  # a stop that fails leaves the test, not the process
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    assert code != -signal.SIGKILL, code
