@@ -30,7 +30,9 @@ async def test_a_stop_goes_on_when_llama_server_is_stuck_in_the_kernel(
     """A llama-server stuck in the kernel (a hung GPU driver: state D) outlives SIGKILL
     until the kernel lets it go, and the stop (or a crash's restart) that waited for its
     exit hung with it, for ever and without a word. It now gives up on it a few seconds
-    after the SIGKILL, says so, and reaps it if it ever dies."""
+    after the SIGKILL, says so, and reaps it if it ever dies. A later stop (a restart's,
+    then the worker's own) SIGKILLs it again at once: another SIGTERM and grace waited
+    for a shutdown a process in state D cannot run."""
     monkeypatch.setattr(process, "_KILL_WAIT", 1.0)  # the test's scale, not 30 s
     server = tmp_path / "server.sh"
     server.write_text("#!/bin/sh\nexec sleep 600\n")
@@ -44,6 +46,9 @@ async def test_a_stop_goes_on_when_llama_server_is_stuck_in_the_kernel(
         with frozen(pid):
             assert await asyncio.wait_for(proc.stop(grace=0.5), 30) is None
             assert proc.stuck and pid_alive(pid)
+            assert await asyncio.wait_for(proc.stop(grace=0.5), 30) is None
+        graces = [r for r in caplog.records if "ignored SIGTERM" in r.getMessage()]
+        assert len(graces) == 1, [r.getMessage() for r in graces]
         assert "stuck in the kernel" in caplog.text
         assert await asyncio.wait_for(proc.wait(), 10) < 0  # thawed: dead of its signals
     finally:
