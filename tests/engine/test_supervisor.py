@@ -10,8 +10,10 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import signal
 import socket
+import time
 from pathlib import Path
 
 import psutil
@@ -252,6 +254,9 @@ async def test_sigkill_while_ready_restarts_and_serves_again(ready_engine: Super
 
 
 async def test_wedged_server_is_detected_and_restarted(ready_engine: Supervisor) -> None:
+    """Restarted at ``health_failures`` checks failed in a row, not one later (each check
+    one more health interval and timeout of requests sent to a server that hangs)."""
+    events = record(ready_engine)
     first = ready_engine.pid
     assert first is not None
     os.kill(first, signal.SIGSTOP)
@@ -260,6 +265,8 @@ async def test_wedged_server_is_detected_and_restarted(ready_engine: Supervisor)
     )
     await ready_engine.wait_for(EngineState.READY, timeout=30)
     assert ready_engine.pid != first and not pid_alive(first)
+    said = f"stopped answering /health ({FAST.health_failures} checks failed): wedged"
+    assert said in (events[0].reason or ""), events[0]
 
 
 async def test_health_failures_apart_from_each_other_restart_nothing(
@@ -305,6 +312,28 @@ async def test_crash_loop_ends_in_failed_with_its_cause(make_launch: LaunchFacto
     assert "port is already taken" in str(err.value)
     assert [e.state for e in events].count(EngineState.RESTARTING) == FAST.crash_limit - 1
     await supervisor.stop()
+
+
+async def test_each_restart_of_a_crash_loop_waits_longer_up_to_the_backoff_cap(
+    make_launch: LaunchFactory,
+) -> None:
+    """Failures in a row wait longer and longer before the next start, up to
+    ``backoff_max``: a backoff stuck at its first delay started a broken llama-server
+    again and again at once (its model read from disk, its GPU taken each time) until
+    the crash limit. The wait each restart announces is the one it waits."""
+    policy = dataclasses.replace(FAST, backoff_initial=0.1, backoff_max=0.3, crash_limit=5)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        launch = make_launch(port=taken.getsockname()[1])
+        supervisor = Supervisor(launch, environ=dict(os.environ), policy=policy)
+        events = record(supervisor)
+        with pytest.raises(EngineStartError, match="crash loop: 5 failures"):
+            await asyncio.wait_for(supervisor.start(), timeout=60)
+    await supervisor.stop()
+    said = [e.reason or "" for e in events if e.state is EngineState.RESTARTING]
+    delays = [re.findall(r"restart #\d+ in ([0-9.]+)s$", reason) for reason in said]
+    assert delays == [["0.1"], ["0.2"], ["0.3"], ["0.3"]], said
 
 
 async def test_a_crash_loop_slower_than_the_crash_window_still_ends_in_failed(
@@ -621,6 +650,79 @@ async def test_llama_server_dying_during_a_drain_is_not_restarted_nor_announced_
     assert [e.state for e in events] == [EngineState.DRAINING, EngineState.STOPPED]
 
 
+async def test_a_drain_begun_while_the_model_loads_is_never_announced_ready(
+    make_launch: LaunchFactory, prelude_env
+) -> None:
+    """A worker told to stop while llama-server loads: the load goes on, but the engine
+    stays ``draining``. Announced ``ready`` as the load ended, the leaving worker was
+    offered new requests, and its start returned as if it served."""
+    supervisor = Supervisor(
+        make_launch(binary=PRELUDE),
+        policy=FAST,
+        environ=prelude_env(PRELUDE_LINES="10", PRELUDE_DELAY="0.1"),
+    )
+    events = record(supervisor)
+    starting = asyncio.create_task(supervisor.start())
+    try:
+        await wait_until_async(lambda: supervisor.state is EngineState.LOADING, what="loading")
+        supervisor.begin_drain()
+        await wait_until_async(lambda: supervisor.props is not None, timeout=60, what="loaded")
+        assert supervisor.state is EngineState.DRAINING
+    finally:
+        await supervisor.stop()
+    with pytest.raises(EngineStartError, match="stopped before it was ready"):
+        await starting
+    assert EngineState.READY not in [e.state for e in events], events
+
+
+async def test_a_drain_after_the_engine_failed_leaves_it_failed_with_its_cause(
+    make_launch: LaunchFactory,
+) -> None:
+    """A worker whose llama-server failed to start still drains when told to stop. The
+    drain is for a running engine only: one that made ``failed`` into ``draining`` and then
+    ``stopped`` announced a clean stop, and the cause (here a flag llama-server does not
+    know) was gone from the worker's last word."""
+    supervisor = Supervisor(
+        make_launch(extra_args=["--n-parallel", "2"]), environ=dict(os.environ), policy=FAST
+    )
+    with pytest.raises(EngineStartError):
+        await supervisor.start()
+    events = record(supervisor)
+    supervisor.begin_drain()
+    await supervisor.stop()
+    assert supervisor.state is EngineState.FAILED and events == []
+    assert "--n-parallel" in str(supervisor.failure)
+
+
+async def test_a_request_in_a_dead_llama_server_is_let_go_at_its_death_not_the_next_start(
+    make_launch: LaunchFactory,
+) -> None:
+    """``left``: a request that broke off waits until the llama-server it was in is no
+    longer the one serving, then is retried. The death itself lets it go (the engine is
+    no longer ready), not the next life's start, which a restart backoff and a model load
+    put seconds or minutes later; and the next life is told from the one that died. The
+    engine left service at the death, which is when a request waiting for it counts its
+    patience from (``unready_since``), not from when the engine was built."""
+    policy = dataclasses.replace(FAST, backoff_initial=3.0, backoff_max=3.0)
+    supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=policy)
+    await supervisor.start()
+    try:
+        life, pid = supervisor.life, supervisor.pid
+        assert pid is not None
+        waiting = asyncio.create_task(supervisor.left(life, timeout=60))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()  # its llama-server still serves
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        await waiting
+        assert (supervisor.state, supervisor.life) == (EngineState.RESTARTING, life)
+        assert supervisor.unready_since >= killed_at
+        await supervisor.wait_for(EngineState.READY, timeout=30)
+        assert supervisor.life == life + 1
+    finally:
+        await supervisor.stop()
+
+
 def test_diagnosis_order_prefers_corrupt() -> None:
     from orion_llamaccp.engine.diagnostics import diagnose_all
 
@@ -821,6 +923,34 @@ async def test_props_refused_after_health_is_a_crash_not_a_hang(
     await supervisor.stop()
     pids = {e.pid for e in events if e.pid is not None}
     assert len(pids) == FAST.crash_limit and not any(pid_alive(pid) for pid in pids)
+
+
+async def test_a_llama_server_that_hangs_right_after_its_first_200_is_not_waited_for(
+    make_launch: LaunchFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/props`` is bounded as ``/health`` is: a llama-server that stops answering right
+    after its first 200 (really paused, by SIGSTOP, as that answer comes back) left the
+    engine ``loading`` for the client's read timeout, ten minutes, before a restart. Here
+    it is killed and the start fails (a crash limit of one) saying what hung."""
+    supervisor = Supervisor(
+        make_launch(), environ=dict(os.environ), policy=dataclasses.replace(FAST, crash_limit=1)
+    )
+    health, paused = supervisor.client.health, []
+
+    async def then_pause(timeout: float = 5.0):  # the real /health; then the real signal
+        answer = await health(timeout=timeout)
+        if answer.ready and not paused and supervisor.pid is not None:
+            os.kill(supervisor.pid, signal.SIGSTOP)
+            paused.append(supervisor.pid)
+        return answer
+
+    monkeypatch.setattr(supervisor.client, "health", then_pause)
+    try:
+        with pytest.raises(EngineStartError, match="healthy but /props failed"):
+            await asyncio.wait_for(supervisor.start(), timeout=60)
+    finally:
+        await supervisor.stop()
+    assert len(paused) == 1 and not pid_alive(paused[0])
 
 
 async def test_a_bug_injected_in_the_owner_task_ends_in_failed(
