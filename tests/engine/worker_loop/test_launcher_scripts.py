@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import psutil
+import pytest
 
 from orion_llamaccp.engine.process import LlamaProcess
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor
+from orion_llamaccp.errors import EngineStartError
 from tests.engine.conftest import FAST, LaunchFactory, assert_answers
 from tests.support.procs import pid_alive, wait_until_async
 
@@ -157,3 +159,28 @@ async def test_a_launcher_that_dies_alone_leaves_no_llama_server_on_the_port(
         await assert_answers(supervisor)
     finally:
         await supervisor.stop()
+
+
+async def test_why_llama_server_failed_is_read_even_when_its_launcher_s_output_comes_late(
+    make_launch: LaunchFactory, prelude_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    """A launcher that sends llama-server's output through a filter of its own (a logger,
+    a timestamper): its last lines reach the pipe after it has died, and uvloop reports
+    the exit at once. Judged without them, a flag it does not know was no known cause:
+    restarted up to the crash limit, then "crash loop: exited with code 1", the reason
+    llama-server printed lost."""
+    launcher = tmp_path / "launcher.sh"
+    launcher.write_text(
+        '#!/bin/bash\nexec > >(sleep 1; exec cat) 2>&1\nexec "$REAL_LLAMA_SERVER" "$@"\n'
+    )
+    launcher.chmod(0o755)
+    launch = make_launch(binary=launcher, extra_args=["--n-parallel", "2"])
+    supervisor = Supervisor(launch, environ=prelude_env(), policy=FAST)
+    try:
+        with pytest.raises(EngineStartError) as failed:
+            await asyncio.wait_for(supervisor.start(), 60)
+    finally:
+        await supervisor.stop()
+    error = str(failed.value)
+    assert "does not know a flag" in error and "--n-parallel" in error, error
+    assert supervisor.restarts == 0
