@@ -129,10 +129,13 @@ async def test_a_long_prompt_and_generation_are_not_taken_for_a_stuck_one(
     make_launch: LaunchFactory, model_dir: Path, slow_model: Path
 ) -> None:
     """Busy for several progress timeouts in a row, reading a long prompt batch by batch,
-    then generating, but moving: left alone. Read for ``3.5 x`` the timeout whatever this
-    CPU's pace, then left (which cancels the generation). Batches of 256 tokens: one
-    decode must stay well under the timeout (a 2,048-token batch of this model takes
-    about as long as the 1 s timeout here, and would rightly count as a stall)."""
+    then generating, but moving: left alone. Its generation is read for ``3.5 x`` the
+    timeout from its first token, whatever this CPU's pace, then left (which cancels it):
+    counted from the request, the prompt alone filled the read here, and a watch blind
+    to the tokens generated (killing every generation longer than the timeout) passed.
+    Batches of 256 tokens: one decode must stay well under the timeout (a 2,048-token
+    batch of this model takes about as long as the 1 s timeout here, and would rightly
+    count as a stall)."""
     shutil.copy(slow_model, model_dir / "slow.gguf")
     supervisor = await _started(
         make_launch, model_path="slow.gguf", ctx_size=32768, batch_size=256, ubatch_size=256
@@ -144,11 +147,13 @@ async def test_a_long_prompt_and_generation_are_not_taken_for_a_stuck_one(
     }
     loop = asyncio.get_running_loop()
     left_running = False
+    started: float | None = None
     try:
-        started = loop.time()
         async with supervisor.client.chat_stream(body) as stream:
             async for _ in stream:
-                if loop.time() - started > 3.5 * WATCHED.progress_timeout:
+                if started is None:  # the prompt is read: generating from here
+                    started = loop.time()
+                elif loop.time() - started > 3.5 * WATCHED.progress_timeout:
                     left_running = True
                     break
         assert left_running, "the generation ended before it was read for long enough"
