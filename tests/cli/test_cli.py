@@ -35,6 +35,14 @@ def cli(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProce
     )
 
 
+def shown_profiles(env: dict, registry: Path, text: str) -> str:
+    """What ``show`` prints of a registry written as ``text`` (it must exit 0)."""
+    registry.write_text(text)
+    shown = cli({**env, "LLM_PROFILES_CONFIG_PATH": str(registry)}, "show")
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout
+
+
 def test_doctor_all_ok(subprocess_env: dict) -> None:
     done = cli(subprocess_env, "doctor")
     lines = done.stdout.splitlines()
@@ -410,8 +418,9 @@ def test_show_hides_secrets_in_extra_args_and_keys_of_other_tools(
 ) -> None:
     """``show`` printed ``extra_args`` as written, where ``command`` hides a key or token
     given there, and a secret under another tool's key beside ours."""
-    registry = tmp_path / "secrets.yaml"
-    registry.write_text(
+    shown = shown_profiles(
+        subprocess_env,
+        tmp_path / "secrets.yaml",
         "profiles:\n"
         "  tiny:\n"
         "    backend: llamacpp\n"
@@ -422,14 +431,12 @@ def test_show_hides_secrets_in_extra_args_and_keys_of_other_tools(
         "    llamacpp:\n"
         "      model_path: tiny.gguf\n"
         "      api_key_env: MY_KEY\n"
-        "      extra_args: ['--api-key', 'sk-SUPERSECRET123', '--hf-token=hf_abcSECRET']\n"
+        "      extra_args: ['--api-key', 'sk-SUPERSECRET123', '--hf-token=hf_abcSECRET']\n",
     )
-    shown = cli({**subprocess_env, "LLM_PROFILES_CONFIG_PATH": str(registry)}, "show")
-    assert shown.returncode == 0, shown.stderr
     for secret in ("sk-other", "sk-camel", "hf_nested", "SUPERSECRET", "hf_abcSECRET"):
-        assert secret not in shown.stdout, shown.stdout
-    assert "- --hf-token=***" in shown.stdout and "api_key: '***'" in shown.stdout
-    assert "api_key_env: MY_KEY" in shown.stdout and "max_tokens: 512" in shown.stdout
+        assert secret not in shown, shown
+    assert "- --hf-token=***" in shown and "api_key: '***'" in shown
+    assert "api_key_env: MY_KEY" in shown and "max_tokens: 512" in shown
 
 
 def test_user_errors_are_one_line_without_traceback(subprocess_env: dict) -> None:
@@ -806,8 +813,9 @@ def test_show_hides_secrets_in_lists_and_under_a_key_named_password(
     """Another tool's settings beside ours may hold a list of entries, each with its own
     credentials (``tools: [{password: ...}]``): a secret one level down a list, or under
     a plain ``password`` key, was printed by ``show`` as written."""
-    registry = tmp_path / "listed.yaml"
-    registry.write_text(
+    shown = shown_profiles(
+        subprocess_env,
+        tmp_path / "listed.yaml",
         "profiles:\n"
         "  tiny:\n"
         "    backend: llamacpp\n"
@@ -815,12 +823,10 @@ def test_show_hides_secrets_in_lists_and_under_a_key_named_password(
         "      - {name: search, apiKey: sk-listed-secret}\n"
         "      - {name: db, password: hunter2-listed}\n"
         "    llamacpp:\n"
-        "      model_path: tiny.gguf\n"
+        "      model_path: tiny.gguf\n",
     )
-    shown = cli({**subprocess_env, "LLM_PROFILES_CONFIG_PATH": str(registry)}, "show")
-    assert shown.returncode == 0, shown.stderr
-    assert "sk-listed" not in shown.stdout and "hunter2" not in shown.stdout, shown.stdout
-    assert "name: search" in shown.stdout and "name: db" in shown.stdout, shown.stdout
+    assert "sk-listed" not in shown and "hunter2" not in shown, shown
+    assert "name: search" in shown and "name: db" in shown, shown
 
 
 def test_command_masks_the_api_key_in_its_json_and_its_shell_form(
@@ -854,20 +860,14 @@ def test_show_hides_the_bus_password_written_out_in_another_tool_s_settings(
     """Another tool's settings beside ours may spell out the bus URL under a key named
     like no secret (``redis_url``): ``show`` printed the bus password in it."""
     secret = "pw-bus-SECRET9"
-    registry = tmp_path / "bus.yaml"
-    registry.write_text(
+    shown = shown_profiles(
+        {**subprocess_env, "ORION_BUS_URL": f"redis://:{secret}@127.0.0.1:{free_port()}/0"},
+        tmp_path / "bus.yaml",
         "profiles:\n"
         "  tiny:\n"
         "    backend: llamacpp\n"
         f"    queue: {{redis_url: 'redis://:{secret}@redis:6379/0'}}\n"
         "    llamacpp:\n"
-        "      model_path: tiny.gguf\n"
+        "      model_path: tiny.gguf\n",
     )
-    env = {
-        **subprocess_env,
-        "LLM_PROFILES_CONFIG_PATH": str(registry),
-        "ORION_BUS_URL": f"redis://:{secret}@127.0.0.1:{free_port()}/0",
-    }
-    shown = cli(env, "show")
-    assert shown.returncode == 0, shown.stderr
-    assert secret not in shown.stdout and "redis://:***@redis:6379/0" in shown.stdout
+    assert secret not in shown and "redis://:***@redis:6379/0" in shown
