@@ -733,3 +733,52 @@ def test_a_complete_partial_left_by_an_earlier_run_is_installed_without_a_downlo
     assert resolved.sha256 == sha
     assert (cache_dir / FILENAME).read_bytes() == data
     assert _partials(cache_dir) == []
+
+
+def _fetch(
+    hub: LocalHub, cache_dir: Path, policy: DownloadPolicy, cancel: threading.Event | None = None
+) -> None:
+    """``fetch_file`` of the test file under ``policy``, cancelled by ``cancel``."""
+    fetch_file(
+        HubClient(endpoint=hub.endpoint, token=None, timeout=policy.stall_sec),
+        HubFile(REPO_ID, FILENAME),
+        target=cache_dir / FILENAME,
+        root=cache_dir,
+        policy=policy,
+        reporter=Reporter(None),
+        cancel=cancel,
+    )
+
+
+class _SignalledInBackoff(threading.Event):
+    """The worker's cancel event, set by a SIGTERM that lands as the downloader begins to
+    wait out a retry's backoff on it; ``waits`` are the backoffs it was waited for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        self.set()
+        return super().wait(timeout)
+
+
+def test_a_cancel_during_a_retry_backoff_ends_the_wait_and_no_attempt_follows(
+    hub: LocalHub, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """The backoff between attempts (up to 30 s) was a plain sleep: a SIGTERM during it
+    was seen only when it had run out, so a worker being stopped sat out the whole
+    backoff. It waits on the cancel event, and the cancel ends the download there."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    # Then the file: a download that never saw the cancel succeeds.
+    hub.fault("cdn", Fault("status", status=503), times=3)
+    cancel = _SignalledInBackoff()
+    policy = DownloadPolicy(stall_sec=3.0, deadline_sec=60.0, backoff_max_sec=30.0)
+
+    with pytest.raises(DownloadError, match="cancelled") as err:
+        _fetch(hub, cache_dir, policy, cancel)
+
+    assert "partial file is kept" in str(err.value)
+    assert cancel.waits == [policy.backoff_initial_sec]  # the first backoff, waited on the event
+    assert [r.status for r in hub.cdn_gets(sha)] == [503]  # no attempt after the cancel
