@@ -4,14 +4,17 @@ huggingface_hub client against a local server that speaks the Hub's download pro
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from orion_llamaccp.errors import DownloadError, ModelCorrupt
 from orion_llamaccp.model import ProgressEvent, ensure_model, refetch_corrupt, verify_gguf
 from orion_llamaccp.model.download import DownloadPolicy, check_room_for_all, fetch_file
 from orion_llamaccp.model.hub import HubClient, HubFile
+from orion_llamaccp.model.partial import PartialFile
 from orion_llamaccp.model.progress import Reporter
 from orion_llamaccp.model.store import STATE_DIR, partial_path, record_path
 from orion_llamaccp.settings import Settings
@@ -782,3 +786,37 @@ def test_a_cancel_during_a_retry_backoff_ends_the_wait_and_no_attempt_follows(
     assert "partial file is kept" in str(err.value)
     assert cancel.waits == [policy.backoff_initial_sec]  # the first backoff, waited on the event
     assert [r.status for r in hub.cdn_gets(sha)] == [503]  # no attempt after the cancel
+
+
+def test_a_full_disk_while_writing_the_download_is_said_as_such_with_fake_enospc(
+    hub: LocalHub,
+    make_settings: SettingsFactory,
+    gguf_bytes: Bytes,
+    cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk filling up under the download (another process wrote to it after the
+    free-space check) raised a bare OSError out of the fetch, not a DownloadError
+    saying which download failed and to check free space. No real disk fills up here:
+    the partial file's writes fail with ENOSPC."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    appender = PartialFile.appender
+
+    @contextmanager
+    def full_disk(self: PartialFile, start: int) -> Iterator[Callable[[bytes], None]]:
+        with appender(self, start):
+
+            def write(chunk: bytes) -> None:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            yield write
+
+    monkeypatch.setattr(PartialFile, "appender", full_disk)
+
+    with pytest.raises(DownloadError, match="cannot write the download") as err:
+        ensure_model(make_profile(), make_settings())
+
+    assert "free space" in str(err.value)
+    assert os.strerror(errno.ENOSPC) in str(err.value)
+    assert f"{REPO_ID}/{FILENAME}" in str(err.value)
+    assert len(hub.cdn_gets(sha)) == 1  # the disk, not the network: not retried
