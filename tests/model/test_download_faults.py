@@ -820,3 +820,21 @@ def test_a_full_disk_while_writing_the_download_is_said_as_such_with_fake_enospc
     assert os.strerror(errno.ENOSPC) in str(err.value)
     assert f"{REPO_ID}/{FILENAME}" in str(err.value)
     assert len(hub.cdn_gets(sha)) == 1  # the disk, not the network: not retried
+
+
+def test_a_download_that_would_leave_less_than_the_margin_free_is_refused(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """A file that fits, but leaves the disk all but full: the download took the last
+    bytes of the disk, and everything else writing there (the records, the logs, the
+    other downloads) failed with it. It is refused while it would leave less than the
+    64 MiB margin free; here it would leave half of it (half: what other writers change
+    on this disk while the test runs, under 32 MiB, turns the answer neither way)."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    hub.advertised_size[sha] = shutil.disk_usage(cache_dir).free - 32 * 1024 * 1024
+
+    with pytest.raises(DownloadError, match="not enough disk space") as err:
+        ensure_model(make_profile(), make_settings(download_deadline_sec=0.5))
+
+    assert f"{REPO_ID}/{FILENAME}" in str(err.value)
+    assert hub.cdn_gets(sha) == []
