@@ -21,7 +21,12 @@ import pytest
 
 from orion_llamaccp.errors import DownloadError, ModelCorrupt
 from orion_llamaccp.model import ProgressEvent, ensure_model, refetch_corrupt, verify_gguf
-from orion_llamaccp.model.download import DownloadPolicy, check_room_for_all, fetch_file
+from orion_llamaccp.model.download import (
+    DownloadPolicy,
+    Fetched,
+    check_room_for_all,
+    fetch_file,
+)
 from orion_llamaccp.model.hub import HubClient, HubFile
 from orion_llamaccp.model.partial import PartialFile
 from orion_llamaccp.model.progress import Reporter
@@ -741,9 +746,9 @@ def test_a_complete_partial_left_by_an_earlier_run_is_installed_without_a_downlo
 
 def _fetch(
     hub: LocalHub, cache_dir: Path, policy: DownloadPolicy, cancel: threading.Event | None = None
-) -> None:
+) -> Fetched:
     """``fetch_file`` of the test file under ``policy``, cancelled by ``cancel``."""
-    fetch_file(
+    return fetch_file(
         HubClient(endpoint=hub.endpoint, token=None, timeout=policy.stall_sec),
         HubFile(REPO_ID, FILENAME),
         target=cache_dir / FILENAME,
@@ -838,3 +843,21 @@ def test_a_download_that_would_leave_less_than_the_margin_free_is_refused(
 
     assert f"{REPO_ID}/{FILENAME}" in str(err.value)
     assert hub.cdn_gets(sha) == []
+
+
+def test_refusals_apart_are_not_refusals_in_a_row(
+    hub: LocalHub, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """Only a link refused three times in a row is given up as something in the way of
+    the file's server: refusals with another error between them (an expired link, a 503,
+    the next one expired again) are a flaky CDN, which a later attempt gets the file
+    from. Counted apart as in a row, the download gave up, blaming a proxy or firewall."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    for status in (403, 503, 403, 503, 403):
+        hub.fault("cdn", Fault("status", status=status))
+    policy = DownloadPolicy(stall_sec=3.0, deadline_sec=60.0, backoff_max_sec=0.05)
+
+    fetched = _fetch(hub, cache_dir, policy)
+
+    assert [r.status for r in hub.cdn_gets(sha)] == [403, 503, 403, 503, 403, 200]
+    assert fetched.sha256 == sha and fetched.attempts == 6
