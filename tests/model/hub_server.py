@@ -13,7 +13,8 @@ No Xet headers are ever sent, so the plain HTTP path is used.
 
 Faults are queued per stage (``resolve`` or ``cdn``) and consumed one per request: cut the
 connection after N body bytes, stall after N bytes, hold after N bytes until released,
-serve wrong bytes, answer a status code. Every request is recorded with the bytes sent.
+serve wrong bytes, answer a status code. Every request is recorded with its headers and
+the bytes sent.
 ``ignore_range`` makes it a server (or mirror, or proxy) that answers every ``Range`` with
 the whole file. ``advertised_size[sha256]`` makes the Hub announce another size than the
 file's (a huge one runs the downloader's free-space check out of space, no disk faked).
@@ -61,6 +62,8 @@ class Request:
     sent: int = 0
     # The request line's target as sent: http.server collapses a leading "//" in ``path``
     target: str = ""
+    # Every header as sent, by its name in lower case
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -218,6 +221,7 @@ class _HubHandler(BaseHTTPRequestHandler):
                 self.headers.get("Range"),
                 self.headers.get("Authorization"),
                 target=self.raw_requestline.split()[1].decode("latin-1"),
+                headers={name.lower(): value for name, value in self.headers.items()},
             )
         )
         with suppress(BrokenPipeError, ConnectionResetError):

@@ -861,3 +861,20 @@ def test_refusals_apart_are_not_refusals_in_a_row(
 
     assert [r.status for r in hub.cdn_gets(sha)] == [403, 503, 403, 503, 403, 200]
     assert fetched.sha256 == sha and fetched.attempts == 6
+
+
+def test_the_bytes_are_asked_for_without_compression(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """httpx asks for gzip by default: a CDN or proxy that compresses its answer makes
+    the byte offsets of the body (resume points, Content-Range) those of the compressed
+    stream, not of the file, and a resume appends at the wrong place."""
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    hub.fault("cdn", Fault("cut", after=40_000))
+
+    ensure_model(make_profile(), make_settings())
+
+    gets = hub.cdn_gets(sha)
+    assert [r.range for r in gets] == [None, "bytes=40000-"]
+    assert [r.headers.get("accept-encoding") for r in gets] == ["identity", "identity"]
