@@ -19,6 +19,8 @@ the bytes sent.
 the whole file. ``advertised_size[sha256]`` makes the Hub announce another size than the
 file's (a huge one runs the downloader's free-space check out of space, no disk faked).
 ``drop_headers`` leaves those headers out of every answer (a mirror that lacks them).
+``late_range = N`` makes the next 206 answer start N bytes past the asked offset, saying so
+in its ``Content-Range`` (a proxy that mangles ranges), once.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class LocalHub:
         self.ignore_range = False
         self.advertised_size: dict[str, int] = {}
         self.drop_headers: set[str] = set()  # left out of every answer: a Hub that lacks them
+        self.late_range = 0  # the next 206 starts this many bytes past the asked offset
         self.repos: dict[str, _Repo] = {}
         self.blobs: dict[str, bytes] = {}
         self.requests: list[Request] = []
@@ -288,6 +291,8 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._reply(req, 416, headers=headers)
         status = 200 if start is None else 206
         start = start or 0
+        if status == 206 and self.hub.late_range:
+            start, self.hub.late_range = start + self.hub.late_range, 0
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         headers |= {"Accept-Ranges": "bytes", "Content-Length": str(len(data) - start)}

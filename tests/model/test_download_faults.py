@@ -878,3 +878,21 @@ def test_the_bytes_are_asked_for_without_compression(
     gets = hub.cdn_gets(sha)
     assert [r.range for r in gets] == [None, "bytes=40000-"]
     assert [r.headers.get("accept-encoding") for r in gets] == ["identity", "identity"]
+
+
+def test_a_resume_answered_from_a_later_byte_than_asked_is_tried_again(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """A 206 whose Content-Range starts past the offset asked for (a proxy that mangles
+    ranges) leaves a hole in the file: its bytes cannot be appended, and taking them
+    crashed the download with a ValueError instead of trying again."""
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    _left_partial(cache_dir, sha, data[:50_000])
+    hub.late_range = 4096
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    assert [(r.range, r.status) for r in hub.cdn_gets(sha)] == [("bytes=50000-", 206)] * 2
+    assert resolved.sha256 == sha
+    assert (cache_dir / FILENAME).read_bytes() == data
