@@ -896,3 +896,25 @@ def test_a_resume_answered_from_a_later_byte_than_asked_is_tried_again(
     assert [(r.range, r.status) for r in hub.cdn_gets(sha)] == [("bytes=50000-", 206)] * 2
     assert resolved.sha256 == sha
     assert (cache_dir / FILENAME).read_bytes() == data
+
+
+def test_a_resume_offset_the_server_refuses_starts_the_file_over(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """A 416 says the partial file's bytes are no place to resume from (the file it
+    came from is shorter): kept, every attempt asked for the same refused offset again
+    until the deadline. They are thrown away and the file fetched from its first byte."""
+    data = gguf_bytes(0)
+    sha = hub.add(REPO_ID, FILENAME, data)
+    _left_partial(cache_dir, sha, data[:50_000])
+    hub.fault("cdn", Fault("status", status=416))
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    assert [(r.range, r.status) for r in hub.cdn_gets(sha)] == [
+        ("bytes=50000-", 416),
+        (None, 200),
+    ]
+    assert hub.cdn_gets(sha)[1].sent == len(data)
+    assert resolved.sha256 == sha
+    assert (cache_dir / FILENAME).read_bytes() == data
