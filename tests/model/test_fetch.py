@@ -754,3 +754,24 @@ def test_a_directory_at_the_model_path_is_said_and_left_alone(
 
     assert (cache_dir / FILENAME).is_dir() and list(cache_dir.glob("*.corrupt-*")) == []
     assert hub.cdn_gets(sha) == []
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_verify_of_a_file_that_only_changed_its_time_leaves_its_record_as_it_was(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path, deep: bool
+) -> None:
+    """`verify` says it never touches the files nor their records: a retimed file's
+    record was rewritten to the new time by it (a check that changed what the next
+    start trusts without hashing), as a start does."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+    target = cache_dir / FILENAME
+    record = record_path(cache_dir, target)
+    before = record.read_bytes()
+    _retimed(target)
+    mark = hub.mark()
+
+    assert verify_model(make_profile(), make_settings(), deep=deep).sha256 == sha
+
+    assert record.read_bytes() == before
+    assert hub.requests[mark:] == []
