@@ -186,20 +186,11 @@ def _fetch_with_a_short_deadline(hub: LocalHub, cache_dir: Path) -> None:
     production (30 s against 600 s); a download that never gives up is cancelled after
     30 s (``DownloadError`` too, but not "gave up")."""
     policy = DownloadPolicy(stall_sec=3.0, deadline_sec=1.0, backoff_max_sec=0.05)
-    client = HubClient(endpoint=hub.endpoint, token=None, timeout=policy.stall_sec)
     cancel = threading.Event()
     bound = threading.Timer(30, cancel.set)
     bound.start()
     try:
-        fetch_file(
-            client,
-            HubFile(REPO_ID, FILENAME),
-            target=cache_dir / FILENAME,
-            root=cache_dir,
-            policy=policy,
-            reporter=Reporter(None),
-            cancel=cancel,
-        )
+        _fetch(hub, cache_dir, policy, cancel)
     finally:
         bound.cancel()
 
