@@ -9,16 +9,15 @@ error naming the knob, the flag and the binary, never silently dropped.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from orion_llamaccp.engine.binary import BinaryInfo
 from orion_llamaccp.errors import ConfigError, SecretUnset, UnsupportedKnob
-from orion_llamaccp.model.paths import ModelFiles, split_parts
+from orion_llamaccp.model.paths import ModelFiles
 from orion_llamaccp.profiles.models import LlamaCppConfig, Profile
 from orion_llamaccp.settings import Overrides
 
@@ -106,6 +105,9 @@ class LaunchSpec:
     # The GPUs pinned (``gpu.device_ids``, ``CUDA_VISIBLE_DEVICES_OVERRIDE``) with layers
     # asked on them: a llama-server that finds no usable GPU does not serve this profile.
     gpus_required: str | None = None
+    # The files the model layer fetched and checked for it (``ModelFiles.all``): a split
+    # model's later parts are not on the command line.
+    model_files: tuple[str, ...] = ()
 
     def child_env(self, environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
         """llama-server's environment: ``environ`` without the variables it would read as
@@ -288,16 +290,6 @@ def gpu_env(profile: Profile, overrides: Overrides) -> dict[str, str]:
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible}
 
 
-# The flags that name the files the model layer fetches and checks.
-MODEL_FLAGS = ("--model", "--mmproj", "--model-draft")
-
-
-def model_files(argv: Sequence[str]) -> list[str]:
-    """The files ``argv`` names by ``MODEL_FLAGS``, a split model's every part included."""
-    named = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in MODEL_FLAGS]
-    return [str(part) for path in named for part in split_parts(Path(path))]
-
-
 def build_launch(
     profile: Profile,
     overrides: Overrides,
@@ -352,7 +344,7 @@ def build_launch(
     flag_env = frozenset(binary.env_of.values()) if binary else frozenset()
     return LaunchSpec(
         tuple(argv), env, host, port, frozenset(secret), api_key, flag_env, socket_file,
-        gpus,
+        gpus, tuple(str(path) for path in files.all),
     )  # fmt: skip
 
 

@@ -37,7 +37,7 @@ from tenacity import wait_exponential
 
 from orion_llamaccp.engine import liveness
 from orion_llamaccp.engine.client import LlamaClient, Props
-from orion_llamaccp.engine.command import LaunchSpec, model_files
+from orion_llamaccp.engine.command import LaunchSpec
 from orion_llamaccp.engine.diagnostics import Cause, Diagnosis, exit_said
 from orion_llamaccp.engine.process import LlamaProcess
 from orion_llamaccp.errors import (
@@ -470,7 +470,7 @@ class Supervisor:
         if diagnosis.cause is Cause.CORRUPT_MODEL:
             return True
         return diagnosis.cause is Cause.MODEL_NOT_FOUND and any(
-            not os.path.exists(path) for path in model_files(self.launch.argv)
+            not os.path.exists(path) for path in self.launch.model_files
         )
 
     def _crash(self, proc: LlamaProcess, reason: str) -> _Crashed:

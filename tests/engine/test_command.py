@@ -19,13 +19,7 @@ import pytest
 from orion_llamaccp.engine import binary as binary_module
 from orion_llamaccp.engine.binary import BinaryInfo, _entries, host_list, parse_help, probe
 from orion_llamaccp.engine.client import LlamaClient
-from orion_llamaccp.engine.command import (
-    SECRET_FLAGS,
-    LaunchSpec,
-    build_launch,
-    mask_argv,
-    model_files,
-)
+from orion_llamaccp.engine.command import SECRET_FLAGS, LaunchSpec, build_launch, mask_argv
 from orion_llamaccp.engine.plan import build_plan, socket_path
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor
 from orion_llamaccp.errors import ConfigError, EngineError, UnsupportedKnob
@@ -778,14 +772,19 @@ def test_the_gpu_pin_wins_over_the_inherited_environment() -> None:
     assert launch.replaced_gpus(inherited) is not None
 
 
-def test_the_model_files_of_a_command_line_are_every_part_and_extra() -> None:
+def test_a_launch_names_every_part_and_extra_of_its_model() -> None:
     """What the supervisor checks for a file gone from disk before fetching the model
-    again: a split model's later parts are not on the command line."""
-    argv = ["llama-server", "--model", "/m/x-00001-of-00002.gguf", "--port", "1"]
-    argv += ["--mmproj", "/m/p.gguf", "--lora", "/m/l.gguf", "--model-draft", "/m/d.gguf"]
-    assert model_files(argv) == [
-        "/m/x-00001-of-00002.gguf",
-        "/m/x-00002-of-00002.gguf",
-        "/m/p.gguf",
-        "/m/d.gguf",
-    ]
+    again: a split model's later parts are not on the command line, a LoRA is none."""
+    raw = {
+        "model_path": "x-00001-of-00002.gguf",
+        "mmproj_filename": "p.gguf",
+        "hf_draft_repo_id": "org/draft",
+        "hf_draft_filename": "d.gguf",
+        "extra_args": ["--lora", "/m/l.gguf"],
+    }
+    assert _launch(raw, None).model_files == (
+        "/c/x-00001-of-00002.gguf",
+        "/c/x-00002-of-00002.gguf",
+        "/c/p.gguf",
+        "/c/d.gguf",
+    )
