@@ -196,7 +196,12 @@ class _Download:
             )
 
 
-def check_room_for_all(client: HubClient, files: list[tuple[HubFile, Path]], root: Path) -> None:
+def check_room_for_all(
+    client: HubClient,
+    files: list[tuple[HubFile, Path]],
+    root: Path,
+    cancel: threading.Event | None = None,
+) -> None:
     """Room for every file still to download, before the first of them is fetched.
 
     Each download checks the room its own file needs; a split model's parts (and an
@@ -205,10 +210,13 @@ def check_room_for_all(client: HubClient, files: list[tuple[HubFile, Path]], roo
     file's size: a HEAD more per file, only where two or more are missing. The bytes of
     a partial download already on disk count as fetched. Raises ``DownloadError`` when
     the files together do not fit. A HEAD that fails leaves the check undone: each
-    file's download retries it, or reports the error with that file.
+    file's download retries it, or reports the error with that file. A ``cancel`` is
+    heard between HEADs (each may take its whole timeout on a slow Hub).
     """
     needed = 0
     for hub, target in files:
+        if cancel is not None and cancel.is_set():
+            raise DownloadError(f"download of {hub.label} cancelled before it began")
         try:
             remote = client.describe(hub)
         except (Transient, ModelError) as exc:

@@ -133,7 +133,12 @@ class _Fetcher:
         missing = [(t.hub, t.path) for t in targets if t.hub is not None and not t.path.exists()]
         if not self.may_download or len(missing) < 2:
             return
-        check_room_for_all(self.client, missing, self.root)
+        try:
+            check_room_for_all(self.client, missing, self.root, self.cancel)
+        except ModelError as exc:  # a watcher of the progress events must hear it too
+            for _, path in missing:
+                self.reporter.emit("failed", self.name(path), message=str(exc))
+            raise
 
     def _with_first_part_s_commit(self, target: Target, first: Path) -> Target:
         """A split model's later part from the commit its first part came from: a branch

@@ -468,12 +468,36 @@ def test_parts_that_fit_one_by_one_but_not_together_are_refused_before_any_byte(
     for sha in shas:  # each alone fits, the three together do not
         hub.advertised_size[sha] = shutil.disk_usage(cache_dir).free // 2
 
+    events: list[ProgressEvent] = []
     with pytest.raises(DownloadError, match="not enough disk space") as err:
-        ensure_model(make_profile(hf_filename=parts[0].name), make_settings())
+        ensure_model(
+            make_profile(hf_filename=parts[0].name), make_settings(), progress=events.append
+        )
 
     assert "the 3 files still to download" in str(err.value)
     assert all(p.name in str(err.value) for p in parts)
     assert [hub.cdn_gets(sha) for sha in shas] == [[], [], []]
+    # A dashboard following the progress events is told too, file by file.
+    assert [(e.phase, e.filename) for e in events] == [("failed", p.name) for p in parts]
+    assert all(e.message == str(err.value) for e in events)
+
+
+def test_a_cancel_before_the_room_check_asks_the_hub_nothing(
+    hub: LocalHub, make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    """The room check sizes every missing file with a HEAD of its own, each up to the
+    Hub's whole timeout when it is slow: a SIGTERM set the cancel and waited for all of
+    them before the first download heard it."""
+    parts = make_split_gguf(tmp_path, "big", 3)
+    for part in parts:
+        hub.add(REPO_ID, part.name, part.read_bytes())
+    cancel = threading.Event()
+    cancel.set()
+
+    with pytest.raises(DownloadError, match="cancelled"):
+        ensure_model(make_profile(hf_filename=parts[0].name), make_settings(), cancel=cancel)
+
+    assert [hub.resolves(p.name) for p in parts] == [[], [], []]
 
 
 def test_the_bytes_of_a_partial_download_count_as_room_taken_already(
