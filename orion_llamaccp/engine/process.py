@@ -228,8 +228,10 @@ class LlamaProcess:
         a network file system gone) dies only when the kernel lets it, and a stop or a
         restart that waited for it hung with it, saying nothing."""
         assert self._proc is not None
+        # Known stuck: a glance, not another wait (each restart's stop waited it again).
+        wait = _STUCK_GLANCE if self.stuck else _KILL_WAIT
         try:
-            await asyncio.wait_for(asyncio.shield(self._proc.wait()), _KILL_WAIT)
+            await asyncio.wait_for(asyncio.shield(self._proc.wait()), wait)
         except TimeoutError:
             if not self.stuck:
                 log.error(
@@ -308,6 +310,7 @@ _GROUP_POLL = 0.05  # seconds
 # Seconds for a leader to be reaped after SIGKILL: freeing tens of GB of pinned memory and
 # a CUDA context takes seconds, and "stuck in the kernel" must not be said of that.
 _KILL_WAIT = 30.0
+_STUCK_GLANCE = 1.0  # seconds: a process found stuck before, SIGKILLed again
 _GROUP_KILL_WAIT = 2.0  # seconds: SIGKILL is not refused, only slow on a process in D state
 
 

@@ -31,8 +31,9 @@ async def test_a_stop_goes_on_when_llama_server_is_stuck_in_the_kernel(
     until the kernel lets it go, and the stop (or a crash's restart) that waited for its
     exit hung with it, for ever and without a word. It now gives up on it a few seconds
     after the SIGKILL, says so, and reaps it if it ever dies. A later stop (a restart's,
-    then the worker's own) SIGKILLs it again at once: another SIGTERM and grace waited
-    for a shutdown a process in state D cannot run."""
+    then the worker's own) SIGKILLs it again at once and only glances at it: another
+    SIGTERM and grace waited for a shutdown a process in state D cannot run, and another
+    whole wait after the SIGKILL made each restart 30 s longer."""
     monkeypatch.setattr(process, "_KILL_WAIT", 1.0)  # the test's scale, not 30 s
     server = tmp_path / "server.sh"
     server.write_text("#!/bin/sh\nexec sleep 600\n")
@@ -46,6 +47,8 @@ async def test_a_stop_goes_on_when_llama_server_is_stuck_in_the_kernel(
         with frozen(pid):
             assert await asyncio.wait_for(proc.stop(grace=0.5), 30) is None
             assert proc.stuck and pid_alive(pid)
+            # Known stuck: a glance, not the whole wait again (each restart waited it).
+            monkeypatch.setattr(process, "_KILL_WAIT", 600.0)
             assert await asyncio.wait_for(proc.stop(grace=0.5), 30) is None
         graces = [r for r in caplog.records if "ignored SIGTERM" in r.getMessage()]
         assert len(graces) == 1, [r.getMessage() for r in graces]
@@ -67,10 +70,13 @@ async def test_a_supervisor_says_its_llama_server_is_stuck_not_that_the_port_is_
     monkeypatch.setattr(process, "_KILL_WAIT", 0.5)  # the test's scale, not 30 s a restart
     supervisor = Supervisor(make_launch(), environ=dict(os.environ), policy=FAST)
     await supervisor.start()
-    pid = supervisor.pid
-    assert pid is not None
+    pid, proc = supervisor.pid, supervisor._proc
+    assert pid is not None and proc is not None
     try:
         with frozen(pid):
+            await wait_until_async(lambda: proc.stuck, what="the first stop to give up")
+            # Each restart's stop SIGKILLs it again: a glance, not the whole wait again.
+            monkeypatch.setattr(process, "_KILL_WAIT", 600.0)
             await supervisor.wait_for(EngineState.FAILED, timeout=60)
             failure = str(supervisor.failure)
             assert f"pid {pid} of the last start is still stuck in the kernel" in failure
