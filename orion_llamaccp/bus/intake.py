@@ -80,10 +80,12 @@ return {taken, deleted}
 """
 
 # KEYS[1] stream. Deletes the entries that every consumer group has read and acked: those
-# below the oldest entry still pending in some group, and below the last one each group
+# below the oldest entry still pending in some group, and up to the last one each group
 # read. An ack alone leaves the entry (the request's whole envelope) in the stream for
 # good. Both bounds count: ``XGROUP SETID`` (a replay) moves a group's last read back
 # below an entry still pending, and the group has the entries between to read again.
+# MINID keeps its bound, so a group's bound is the id just above its last read: the last
+# request stayed in an idle stream otherwise.
 _TRIM_ACKED = """
 local function before(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
@@ -91,11 +93,16 @@ local function before(a, b)
   am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
   return am < bm or (am == bm and as < bs)
 end
+local function above(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  if #seq > 15 then return id end -- past a double's exact integers: keep that entry
+  return ms .. '-' .. string.format('%d', tonumber(seq) + 1)
+end
 local floor = nil
 for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local group = {}
   for i = 1, #flat, 2 do group[flat[i]] = flat[i + 1] end
-  local bound = group['last-delivered-id']
+  local bound = above(group['last-delivered-id'])
   if tonumber(group['pending']) > 0 then
     local oldest = redis.call('XPENDING', KEYS[1], group['name'])[2]
     if before(oldest, bound) then bound = oldest end

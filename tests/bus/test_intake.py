@@ -498,10 +498,32 @@ async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url
     ]
 
 
+async def test_trimming_after_an_id_past_a_doubles_integers_keeps_it(redis_url: str) -> None:
+    """Lua's numbers are doubles: the id just above a sequence number past 2^53 cannot be
+    computed exactly, so the trim keeps that last read entry rather than guess."""
+    redis = aioredis.Redis.from_url(redis_url)
+    stream = "orion:test:trim-big-seq"
+    await redis.delete(stream)
+    consumer = _consumer(redis, [], asyncio.Event())
+    consumer.stream = stream
+    try:
+        first = await redis.xadd(stream, {"n": 0}, id="5-1")
+        last = await redis.xadd(stream, {"n": 1}, id="5-18446744073709551615")
+        await consumer.ensure_group()
+        await redis.xreadgroup("g", "c", {stream: ">"}, count=2)
+        await redis.xack(stream, "g", first, last)
+        assert await consumer.trim_acked() == 1
+        assert [entry_id for entry_id, _ in await redis.xrange(stream)] == [last]
+    finally:
+        await redis.delete(stream)
+        await redis.aclose()
+
+
 async def test_trimming_deletes_only_what_every_group_has_acked(redis_url: str) -> None:
     """An ack leaves the entry, the request's whole envelope, in the stream for good:
-    trimming deletes those below every group's oldest pending entry and last read one,
-    never an entry still pending, nor one a group has yet to read."""
+    trimming deletes those below every group's oldest pending entry and up to its last
+    read one (that one stayed, the last request kept in an idle stream), never an entry
+    still pending, nor one a group has yet to read."""
     redis = aioredis.Redis.from_url(redis_url)
     stream = "orion:test:trim"
     await redis.delete(stream)
@@ -518,21 +540,21 @@ async def test_trimming_deletes_only_what_every_group_has_acked(redis_url: str) 
         await redis.xack(stream, "g", ids[0], ids[2])  # 1 and 3 still pending in g
         assert await consumer.trim_acked() == 1  # 0: acked by both, below g's oldest (1)
         await redis.xack(stream, "g", ids[1], ids[3])
-        # g: nothing pending, read up to 3; slow-reader: up to 4. Below 3 go (1, 2); 3,
-        # the last g read, stays until g reads on; 4 and 5 were never read by g.
-        assert await consumer.trim_acked() == 2
+        # g: nothing pending, read up to 3; slow-reader: up to 4. Up to 3 go (1, 2, 3: the
+        # last g read too); 4 and 5 were never read by g.
+        assert await consumer.trim_acked() == 3
         left = [entry_id for entry_id, _ in await redis.xrange(stream)]
-        assert left == ids[3:]
-        # A replay: g reads 3-5, acks 3 and 4 (5 still pending), and is set back to read
+        assert left == ids[4:]
+        # A replay: g reads 4 and 5, acks 4 (5 still pending), and is set back to read
         # from the start. Bounded by its oldest pending entry alone (5), the trim deleted
-        # 3 and 4, which g has to read again.
+        # 4, which g has to read again.
         await redis.xreadgroup("slow-reader", "s", {stream: ">"}, count=1)
         await redis.xack(stream, "slow-reader", ids[5])
-        await redis.xreadgroup("g", "c", {stream: ">"}, count=3)
-        await redis.xack(stream, "g", ids[3], ids[4])
+        await redis.xreadgroup("g", "c", {stream: ">"}, count=2)
+        await redis.xack(stream, "g", ids[4])
         await redis.xgroup_setid(stream, "g", "0")
         assert await consumer.trim_acked() == 0
-        assert [entry_id for entry_id, _ in await redis.xrange(stream)] == ids[3:]
+        assert [entry_id for entry_id, _ in await redis.xrange(stream)] == ids[4:]
     finally:
         await redis.delete(stream)
         await redis.aclose()
