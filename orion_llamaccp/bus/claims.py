@@ -43,6 +43,20 @@ end
 return 0
 """
 
+# A running marker of this very message taken over (a redelivery: its worker died or
+# stalled), in one step. A GET and then a SET could land on the result its first worker
+# stored meanwhile and put a lease in its place: the answer was lost to later resends.
+_TAKE_OVER = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  local r = cjson.decode(v)
+  if r['state'] == 'running' and r['owner'] == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+  end
+end
+return v
+"""
+
 # A claim taken again: one this worker holds (its TTL renewed: a resend of a message
 # without an id, whose answered claim is about to lapse), or one that lapsed since the
 # ``SET NX`` failed (in the same step, or every replica could find it gone and give up).
@@ -129,6 +143,7 @@ class Claims:
         self.lane = lane or Lane(redis)  # the claim and the record stand before a first token
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._take_over = redis.register_script(_TAKE_OVER)
         self._claim_again = redis.register_script(_CLAIM_AGAIN)
         self._give_back = redis.register_script(_GIVE_BACK)
         self.answered_sec = min(ANSWERED_CLAIM_SEC, dedup_ttl)
@@ -203,14 +218,13 @@ class Claims:
         marker = orjson.dumps({"state": "running", "owner": owner})
         if await self.lane.call("SET", redis_key, marker, "NX", "EX", self.lease_sec):
             return Record("new", owner)
-        raw = await self.lane.call("GET", redis_key)
+        raw = await self._take_over(keys=[redis_key], args=[owner, marker, self.lease_sec])
         if raw is None:  # expired between the two calls
             return await self._begin(key, owner)
         record = orjson.loads(raw)
         if record.get("state") == "done":
             return Record("done", record.get("owner"), record.get("payload"))
-        if record.get("owner") == owner:
-            await self.lane.call("SET", redis_key, marker, "EX", self.lease_sec)
+        if record.get("owner") == owner:  # taken over by the script
             return Record("new", owner)
         return Record("running", record.get("owner"))
 

@@ -1,13 +1,17 @@
-"""Pub/sub claims against a real Redis: what a worker that leaves gives back."""
+"""Claims and idempotency records against a real Redis: what a worker that leaves
+gives back, what a redelivery takes over."""
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.claims import ANSWERED_CLAIM_SEC, Claims
+from orion_llamaccp.bus.lane import Lane
 
 
 async def test_an_answered_claim_is_kept_a_while_if_still_ours_and_given_back_on_leaving(
@@ -54,3 +58,44 @@ async def test_a_claim_taken_again_by_its_holder_is_renewed(redis: aioredis.Redi
         assert await redis.ttl(keys.claim(key)) > ANSWERED_CLAIM_SEC
     finally:
         await redis.delete(keys.claim(key))
+
+
+class _ResultLandsAfterEachRead(Lane):
+    """A Lane that stores a request's result right after each GET it sends: the result
+    commit of a stalled first worker landing between a take-over's read and its write."""
+
+    def __init__(self, redis: aioredis.Redis, stored: tuple[str, bytes]) -> None:
+        super().__init__(redis)
+        self.redis, self.stored, self.landed = redis, stored, 0
+
+    async def call(self, *args: Any, alone: bool = False) -> Any:
+        reply = await super().call(*args, alone=alone)
+        if args[0] == "GET":
+            await self.redis.set(*self.stored)
+            self.landed += 1
+        return reply
+
+
+async def test_a_take_over_never_replaces_the_result_stored_meanwhile(
+    redis: aioredis.Redis,
+) -> None:
+    """A redelivered entry's worker takes over its running record (same owner: the entry).
+    Read then written in two steps, a result its first worker stored in between was
+    replaced by a running lease, which lapsed: the answer was gone for later resends, and
+    the second worker, renewing its own lease, never learned the request was answered."""
+    key, owner = f"key:test-{uuid.uuid4().hex}", "req@1-0"
+    redis_key = keys.dedup("tiny", key)
+    done = orjson.dumps({"state": "done", "owner": owner, "payload": {"content": "42"}})
+    lane = _ResultLandsAfterEachRead(redis, (redis_key, done))
+    claims = Claims(redis, profile="tiny", dedup_ttl=600, lane=lane)
+    try:
+        await redis.set(redis_key, orjson.dumps({"state": "running", "owner": owner}), ex=30)
+        record = await claims.begin(key, owner)
+        stored = orjson.loads(await redis.get(redis_key))
+        if lane.landed:  # a read apart from the write: the result must have stayed
+            assert stored["state"] == "done"
+        else:  # read and written in one step: nothing lands between
+            assert record.state == "new" and stored == {"state": "running", "owner": owner}
+            assert await redis.ttl(redis_key) > 0
+    finally:
+        await redis.delete(redis_key)
