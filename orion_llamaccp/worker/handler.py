@@ -378,8 +378,9 @@ class ChatHandler:
         resend runs at once instead of waiting out the lease. Shielded: a second cancel
         must not leave it behind. Not while a pub/sub claim is lost or unsettled: the
         record (its owner is the message's id, the same on every replica) may then be the
-        winning replica's."""
-        if job.claim is not None and claim_outcome(job.claim) is not True:
+        winning replica's. Nor once superseded: a stream entry's owner is the entry, the
+        same for the worker that reclaimed it, whose record it is now."""
+        if job.superseded or (job.claim is not None and claim_outcome(job.claim) is not True):
             return
         with contextlib.suppress(Exception):
             await asyncio.shield(self.claims.release(key, job.record_owner))
