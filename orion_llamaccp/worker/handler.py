@@ -376,14 +376,21 @@ class ChatHandler:
     async def _release(self, job: Job, key: str) -> None:
         """Give up our running record (the request failed, or was cancelled), so that a
         resend runs at once instead of waiting out the lease. Shielded: a second cancel
-        must not leave it behind. Not while a pub/sub claim is lost or unsettled: the
-        record (its owner is the message's id, the same on every replica) may then be the
-        winning replica's. Nor once superseded: a stream entry's owner is the entry, the
-        same for the worker that reclaimed it, whose record it is now."""
+        must not leave it behind."""
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._release_if_ours(job, key))
+
+    async def _release_if_ours(self, job: Job, key: str) -> None:
+        """Not when a pub/sub claim is lost: the record (its owner is the message's id, the
+        same on every replica) is then the winning replica's. One still in flight (a worker
+        alone on its channel sends the record beside it) is waited for: kept, the record
+        outlived the request by its lease. Nor once superseded: a stream entry's owner is
+        the entry, the same for the worker that reclaimed it, whose record it is now."""
+        if job.claim is not None and not job.claim.done():
+            await asyncio.wait({job.claim}, timeout=_CLAIM_SETTLING_SEC)
         if job.superseded or (job.claim is not None and claim_outcome(job.claim) is not True):
             return
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self.claims.release(key, job.record_owner))
+        await self.claims.release(key, job.record_owner)
 
     async def _renew(self, job: Job, key: str, generating: asyncio.Task[Any]) -> None:
         """Keep the record's lease while generating.
@@ -528,6 +535,10 @@ class ChatHandler:
             return
         await self._answer_failure(job, failure)
 
+
+# Seconds a release waits for a claim still in flight: a claim is retried for 5 s through a
+# Redis blip, and its outcome decides whose the record is.
+_CLAIM_SETTLING_SEC = 10.0
 
 # Codes after which a stream entry can never succeed: keep a copy in the dead-letter stream.
 _DEAD_LETTER_CODES = frozenset(

@@ -959,6 +959,51 @@ async def test_a_cancel_landing_before_the_record_s_reply_gives_the_record_back(
         await raw.aclose()
 
 
+async def test_a_cancel_before_a_lone_worker_s_claim_is_back_gives_the_record_back(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    """A worker alone on its channel starts a pub/sub request before its claim is back,
+    and sends the idempotency record beside the claim. A proxy holds the claim's reply
+    (the record is in Redis by then) and the cancel lands right there: the release saw
+    the claim unsettled and kept the record, which then ran out its lease (30 s) while a
+    resend of the question waited for an answer that never came."""
+    proxy = HoldingProxy(redis_server.port).start()
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        spawn_worker(slow=True, parallel=1, ORION_BUS_URL=proxy.url)
+        warm = bus.request(HI, profile="tiny", options={"max_tokens": 2})  # scripts loaded
+        await bus.send(warm, profile="tiny")
+        await _answer_on(recorder, warm["reply_to"])
+        before = set(await raw.keys("orion:llamacpp:dedup:*"))  # the first one's, stored
+        envelope = bus.request(HI, profile="tiny", options={"max_tokens": 4000})
+        proxy.arm(b"orion:llamacpp:claim:" + envelope["id"].encode())
+        await bus.send(envelope, profile="tiny")
+
+        async def record() -> list[bytes]:
+            return [k for k in await raw.keys("orion:llamacpp:dedup:*") if k not in before]
+
+        (key,) = await wait_until_async(record, timeout=20, what="the record set in Redis")
+        assert proxy.held >= 1 and orjson.loads(await raw.get(key))["state"] == "running"
+        await bus.cancel(envelope["correlation_id"])
+        await asyncio.sleep(0.5)  # heard: the pub/sub connection is not held
+        proxy.release()
+        answer = await _answer_on(recorder, envelope["reply_to"])
+        assert answer["payload"]["error"] == "cancelled", answer
+
+        async def given_back() -> bool:
+            return not await raw.exists(key)
+
+        # Bounds the wait only: left running, the record would outlive it (its lease is 30 s).
+        await wait_until_async(given_back, timeout=10, what="the record given back")
+    finally:
+        proxy.close()
+        await raw.aclose()
+
+
 async def test_a_cancel_read_with_its_request_gets_one_answer_and_frees_the_slot(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
 ) -> None:
