@@ -324,19 +324,21 @@ class Generator:
         # A caller may ask for less time than the operator's cap, not more.
         timeout = min(options.timeout_sec or math.inf, self.settings.request_timeout_sec)
         try:
-            async with asyncio.timeout(timeout):
-                async with self.supervisor.client.chat_stream(body, sent) as stream:
-                    await self._relay(stream, generation, chunks)
-                if job.lease is not None:  # llama-server is done with it: the next may start
-                    job.lease.generation_ended()
-                if chunks is not None:
-                    generation.tail = await chunks.finish()
-        except TimeoutError:
+            try:
+                async with asyncio.timeout(timeout):
+                    async with self.supervisor.client.chat_stream(body, sent) as stream:
+                        await self._relay(stream, generation, chunks)
+            except TimeoutError:
+                raise Failure(
+                    "upstream_failed", f"generation exceeded {timeout:.0f}s", retryable=True
+                ) from None
+            if job.lease is not None:  # llama-server is done with it: the next may start
+                job.lease.generation_ended()
+            # Outside the timeout: the last chunks wait for the claim and the record, which
+            # a Redis blip may hold up past the caller's timeout_sec once generated in time.
+            # ``_serve`` settles the ownership either way (owned, or this task cancelled).
             if chunks is not None:
-                await chunks.abort()
-            raise Failure(
-                "upstream_failed", f"generation exceeded {timeout:.0f}s", retryable=True
-            ) from None
+                generation.tail = await chunks.finish()
         except BaseException:
             if chunks is not None:
                 await chunks.abort()

@@ -1004,6 +1004,39 @@ async def test_a_cancel_before_a_lone_worker_s_claim_is_back_gives_the_record_ba
         await raw.aclose()
 
 
+async def test_a_generation_done_in_time_is_answered_though_its_record_s_reply_came_late(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_server: RedisServer,
+) -> None:
+    """A streamed request's chunks wait for the claim and the record (its ownership); a
+    proxy holds the record's reply longer than the caller's ``timeout_sec`` while
+    llama-server finishes well within it. The wait for the last chunks ran inside the
+    generation's timeout: a finished generation was answered ``upstream_failed``,
+    "generation exceeded 1s" (and dead-lettered, for a stream entry)."""
+    proxy = HoldingProxy(redis_server.port).start()
+    try:
+        spawn_worker(ORION_BUS_URL=proxy.url)
+        warm = bus.request(HI, profile="tiny", options={"max_tokens": 2})  # scripts loaded
+        await bus.send(warm, profile="tiny", via="stream")
+        await _answer_on(recorder, warm["reply_to"])
+        envelope = bus.request(
+            HI, profile="tiny", options={"stream": True, "max_tokens": 8, "timeout_sec": 1}
+        )
+        proxy.arm(b"orion:llamacpp:dedup:")
+        await bus.send(envelope, profile="tiny", via="stream")
+        await wait_until_async(lambda: proxy.held, timeout=10, what="the record's reply held")
+        await asyncio.sleep(2.5)  # past the caller's second: the 8 tokens are long done
+        proxy.release()
+        answer = await _answer_on(recorder, envelope["reply_to"])
+        assert "content" in answer["payload"], answer
+        chunks = [m.message["payload"] for m in recorder.on(envelope["reply_to"] + ":chunks")]
+        assert "".join(c["delta"] for c in chunks) == answer["payload"]["content"]
+    finally:
+        proxy.close()
+
+
 async def test_a_cancel_read_with_its_request_gets_one_answer_and_frees_the_slot(
     spawn_worker: SpawnWorker, bus: BusClient, recorder: BusRecorder, redis_url: str
 ) -> None:
