@@ -461,7 +461,15 @@ def _unreadable(url: str) -> str | None:
         if "@" in parts.netloc:  # its user part is whole: the port itself is wrong
             return "cannot be read as a URL: its port is not a number from 0 to 65535"
         return _CUT_SHORT
-    if "@" in parts.netloc or "://" not in url:
+    if "@" in parts.netloc:
+        # A raw '@' in the password, then a raw '/', '?' or '#': the host part ends at the
+        # cut with a user part of its own (":p@ss"), and the rest of the password and the
+        # real host land in the path, query or fragment, where no '@' belongs.
+        keys = [pair.partition("=")[0] for pair in parts.query.split("&")]
+        if "@" in parts.path or "@" in parts.fragment or any("@" in key for key in keys):
+            return _CUT_SHORT
+        return None
+    if "://" not in url:
         return None
     rest = url[url.index("://") + 3 + len(parts.netloc) :]
     before, at, _ = rest.partition("@")

@@ -123,6 +123,22 @@ def test_a_bus_url_whose_password_cuts_it_short_is_refused_without_showing_it(
     assert not any(part in message for part in ("Zm9v", "YmFy", "pa#ss", "9876"))
 
 
+@pytest.mark.parametrize("cut", ["/", "?", "#"])
+def test_a_bus_password_with_a_raw_at_sign_and_a_cut_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, cut: str
+) -> None:
+    """A raw ``@`` before the raw ``/``, ``?`` or ``#`` left a user part in the host part
+    (``:p@ss``), so the URL was taken as readable: the password's first piece (``p``) was
+    masked and the rest (``ss/word9876``) shown after the mask and in redis-py's error
+    ("Error -2 connecting to ss:6379")."""
+    monkeypatch.setenv("ORION_BUS_URL", f"redis://:p@ss{cut}word9876@127.0.0.1:6399/0")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert "ORION_BUS_URL" in message and "percent-encode" in message
+    assert "word9876" not in message and "ss" + cut not in message
+
+
 def test_a_bus_url_whose_port_is_not_a_number_is_told_so(monkeypatch: pytest.MonkeyPatch) -> None:
     """It was told to percent-encode its password, which was fine."""
     monkeypatch.setenv("ORION_BUS_URL", "redis://:s3cret@127.0.0.1:abc/0")
