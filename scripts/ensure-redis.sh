@@ -2,7 +2,8 @@
 # Make sure a Redis answers at the bus URL; start a local one if we can, else say how.
 set -euo pipefail
 URL="${1:-redis://127.0.0.1:6379/0}"
-HOSTPORT="${URL#*://}"; HOSTPORT="${HOSTPORT#*@}"; HOSTPORT="${HOSTPORT%%/*}"
+# The host part ends at the first /, ? or # (redis://h:6379?password=... has no /db).
+HOSTPORT="${URL#*://}"; HOSTPORT="${HOSTPORT#*@}"; HOSTPORT="${HOSTPORT%%[/?#]*}"
 HOST="${HOSTPORT%%:*}"; PORT="${HOSTPORT##*:}"; [ "$PORT" = "$HOST" ] && PORT=6379
 if command -v redis-cli >/dev/null && redis-cli -h "$HOST" -p "$PORT" ping 2>/dev/null | grep -q PONG; then
   echo "redis answers at $HOST:$PORT"; exit 0

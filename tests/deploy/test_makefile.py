@@ -6,12 +6,13 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.support.procs import free_port
+from tests.support.procs import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,3 +84,31 @@ def test_make_redis_says_how_to_stop_the_redis_it_started(tmp_path: Path) -> Non
         for proc in psutil.process_iter(["cmdline"]):
             if f"127.0.0.1:{port}" in " ".join(proc.info["cmdline"] or []):
                 proc.kill()
+
+
+@pytest.fixture(scope="module")
+def redis_with_a_password(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(
+        tmp_path_factory.mktemp("redis-pw"), extra_args=("--requirepass", "s3cret")
+    ).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("rest", ["?password=***", "#x", "/0?password=***"])
+def test_ensure_redis_finds_a_redis_with_a_password_at_a_url_with_no_database(
+    redis_with_a_password: RedisServer, tmp_path: Path, rest: str
+) -> None:
+    """``redis://host:port?password=...`` (the password in the query, no ``/db``) read as
+    port ``6379?password=***``: the Redis there, which answers PING only after AUTH, was
+    not found, and ``make run`` tried to start a redis-server on that "port", and failed."""
+    port = redis_with_a_password.port
+    done = subprocess.run(
+        [str(REPO / "scripts/ensure-redis.sh"), f"redis://127.0.0.1:{port}{rest}"],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"redis port 127.0.0.1:{port} is open" in done.stdout, done.stdout
