@@ -53,13 +53,22 @@ async def _cancellable(
     file next time, and the OS drops the file's lock with the process.
     """
     cancel = threading.Event()
+    fetched = _in_daemon_thread(
+        fetch, plan.profile, plan.settings, progress=progress, cancel=cancel
+    )
     try:
-        return await asyncio.shield(
-            _in_daemon_thread(fetch, plan.profile, plan.settings, progress=progress, cancel=cancel)
-        )
+        return await asyncio.shield(fetched)
     except asyncio.CancelledError:
         cancel.set()
+        # Nobody awaits the thread's outcome now: its "cancelled" error, had asyncio to
+        # drop it unread, was logged as "Future exception was never retrieved".
+        fetched.add_done_callback(_read_and_dropped)
         raise
+
+
+def _read_and_dropped(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _in_daemon_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:

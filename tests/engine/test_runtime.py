@@ -102,6 +102,45 @@ async def test_the_fetch_thread_hands_back_results_and_every_error() -> None:
         await asyncio.wait_for(_in_daemon_thread(stop_iteration), 10)
 
 
+async def test_a_fetch_cancelled_by_a_stop_raises_its_error_to_no_one_s_log() -> None:
+    """SIGTERM during a download waiting out a retry's backoff (the Hub unreachable): the
+    cancel ends the wait, the thread raises its "download ... cancelled" into a future that
+    nobody awaits any more, and asyncio logged it at ERROR, as "Future exception was
+    never retrieved" and a 40-line traceback, into every such stop's log."""
+    import gc
+    from types import SimpleNamespace
+
+    from orion_llamaccp.engine.runtime import _cancellable
+    from orion_llamaccp.errors import DownloadError
+
+    loop = asyncio.get_running_loop()
+    told: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: told.append(context))
+    entered, left = threading.Event(), threading.Event()
+
+    def fetch(*_: Any, cancel: threading.Event, **__: Any) -> None:
+        entered.set()
+        try:
+            cancel.wait(10)
+            raise DownloadError("download of org/tiny/tiny.gguf cancelled")
+        finally:
+            left.set()
+
+    plan = SimpleNamespace(profile=None, settings=None)
+    task = asyncio.create_task(_cancellable(fetch, plan, None))  # type: ignore[arg-type]
+    assert await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(left.wait, 10)
+    for _ in range(20):  # the thread's outcome reaches the loop a step or two later
+        await asyncio.sleep(0.01)
+    del task
+    gc.collect()
+    await asyncio.sleep(0.01)
+    assert not told, told
+
+
 REFETCHED_PROFILE = """\
 profiles:
   tiny:
