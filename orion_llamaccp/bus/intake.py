@@ -256,6 +256,10 @@ class PubSubListener:
             await _on_a_primary(pubsub)
             wanted = list(self.channels)
             await pubsub.subscribe(*wanted)
+            # Its first reply: a refusal (an ACL without one of the channels) is raised
+            # here, before the session counts as going. It used to come at the first read,
+            # after the pause was reset: ten tries a second, for good.
+            first = await self._first_reply(pubsub)
             if left := [name for name in wanted if name not in self.channels]:
                 await pubsub.unsubscribe(*left)  # ``leave`` ran while we subscribed
             self.subscribed.set()
@@ -266,16 +270,14 @@ class PubSubListener:
             # subscribing again after a lost connection is news.
             level = logging.INFO if self.reconnects else logging.DEBUG
             log.log(level, "subscribed to %s", ", ".join(self.channels))
+            self._take(first)
             last_pong = last_ping = time.monotonic()
             while not stop.is_set():
                 message = await pubsub.get_message(timeout=min(1.0, self.ping_interval))
                 now = time.monotonic()
                 if message is not None:
                     last_pong = now  # any traffic proves the connection alive
-                    if message["type"] == "message":
-                        self._dispatch(message)
-                    elif message["type"] == "unsubscribe":
-                        self._unsubscribed(message["channel"])
+                    self._take(message)
                 if now - last_pong > self.ping_timeout:
                     raise ConnectionAbortedError(
                         f"no answer to PING on the pub/sub connection for {now - last_pong:.1f}s"
@@ -290,6 +292,20 @@ class PubSubListener:
             self._left.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pubsub.aclose(), 1.0)
+
+    async def _first_reply(self, pubsub: PubSub) -> dict:
+        """The session's first message (its SUBSCRIBE's reply, or Redis's refusal of it,
+        raised), within the PING timeout."""
+        async with asyncio.timeout(self.ping_timeout):
+            while True:
+                if (message := await pubsub.get_message(timeout=1.0)) is not None:
+                    return message
+
+    def _take(self, message: dict) -> None:
+        if message["type"] == "message":
+            self._dispatch(message)
+        elif message["type"] == "unsubscribe":
+            self._unsubscribed(message["channel"])
 
     def _unsubscribed(self, channel: bytes | str) -> None:
         self._leaving.discard(channel.decode() if isinstance(channel, bytes) else channel)

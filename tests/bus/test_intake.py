@@ -805,6 +805,36 @@ async def test_a_subscribe_redis_refuses_is_said_and_tried_again_until_it_is_all
         server.stop()
 
 
+async def test_a_subscribe_redis_refuses_backs_off_and_is_not_said_to_be_subscribed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SUBSCRIBE's refusal arrives as its reply, after the session had counted as
+    going: "subscribed to ..." was logged and the pause reset to 0.1 s, so a worker whose
+    ACL lacks a channel tried ten times a second for good, two log lines each (186 ERROR
+    lines in 20 s). The pause now doubles as for any other failure, and no line says it
+    subscribed."""
+    caplog.set_level(logging.DEBUG, logger="orion_llamaccp.bus.intake")
+    server = RedisServer(tmp_path / "redis").start()
+    admin = SyncRedis.from_url(server.url)
+    admin.acl_setuser("worker", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all"])
+    admin.execute_command("ACL", "SETUSER", "worker", "resetchannels")
+    redis = aioredis.Redis.from_url(f"redis://worker:pw@127.0.0.1:{server.port}/0")
+    listener = PubSubListener(redis, ["orion:test:intake"], lambda c, data: None)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(listener.run(stop))
+    try:
+        await asyncio.sleep(2.0)
+        assert not listener.subscribed.is_set()
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        await redis.aclose()
+        admin.close()
+        server.stop()
+    assert _pauses(caplog, "pub/sub listening failed")[:4] == ["0.1s", "0.2s", "0.4s", "0.8s"]
+    assert not [r for r in caplog.records if "subscribed to" in r.getMessage()]
+
+
 async def test_the_stream_consumer_outlives_an_error_nobody_foresaw(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
