@@ -170,6 +170,11 @@ class Overrides(_FromTheEnvironment):
         """A host is one word (``a b`` became ``--host 'a b,...'``, llama-server's to refuse)."""
         if value is not None and (not value.strip() or any(c.isspace() for c in value.strip())):
             raise ValueError("a host name or address has no spaces (0.0.0.0: every interface)")
+        if value is not None:
+            from orion_llamaccp.profiles.models import host_problem
+
+            if problem := host_problem(value.strip(), "LLAMACPP_PORT_OVERRIDE"):
+                raise ValueError(problem)
         return value.strip() if value is not None else None
 
     @field_validator("cuda_visible_devices")

@@ -369,6 +369,26 @@ def test_an_override_llama_server_or_cuda_cannot_use_is_refused_at_start(
         assert load_settings().overrides is None  # never reached: reading them raises
 
 
+@pytest.mark.parametrize("value", ["127.0.0.1:8080", "http://0.0.0.0", "localhost:8081"])
+def test_a_host_override_with_a_port_or_a_scheme_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """``127.0.0.1:8080`` passed, `validate` said ok, `command` showed ``--host
+    127.0.0.1:8080,...``, and `run` ended in a traceback (httpx.InvalidURL: Invalid IPv6
+    address '[127.0.0.1:8080]'), before it said anything on the bus."""
+    monkeypatch.setenv("LLAMACPP_HOST_OVERRIDE", value)
+    with pytest.raises(ConfigError, match=r"LLAMACPP_HOST_OVERRIDE=.*LLAMACPP_PORT_OVERRIDE"):
+        assert load_settings().overrides is None  # never reached: reading them raises
+
+
+@pytest.mark.parametrize("value", ["::1", "[::1]", "0.0.0.0", "llama.internal", "::"])
+def test_a_host_override_of_an_ipv6_address_or_a_name_is_taken(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("LLAMACPP_HOST_OVERRIDE", value)
+    assert load_settings().overrides.host == value
+
+
 def test_gpu_pins_are_read_as_cuda_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
     for value, read in (("0, 1", "0,1"), ("GPU-1a2b-3c", "GPU-1a2b-3c"), ("-1", "-1")):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES_OVERRIDE", value)

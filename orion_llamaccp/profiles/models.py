@@ -12,6 +12,7 @@ Errors raised with :func:`refuse` are complete sentences: the registry adds no "
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -37,6 +38,29 @@ REFUSED = "profile_refused"  # the error type of refuse(): its message is the wh
 def refuse(message: str) -> PydanticCustomError:
     """A validation error whose message needs no "got ..." after it."""
     return PydanticCustomError(REFUSED, message)
+
+
+def host_problem(host: str, port_is: str) -> str | None:
+    """Why ``host`` is no host name or address (one with a port, a URL), or None. The
+    worker makes its URL of it: ``127.0.0.1:8080`` read as an IPv6 address ended `run` in
+    a traceback. ``port_is``: where the port goes instead."""
+    for item in (part.strip() for part in host.split(",")):
+        if item.endswith(".sock"):  # a UNIX socket path, in llama-server's list
+            continue
+        if "/" in item or (":" in item and not _ipv6(item)):
+            return (
+                f"'{item}' is not a host name or address (a port or a URL?): write the "
+                f"host alone, such as 0.0.0.0 or 127.0.0.1; the port goes in {port_is}"
+            )
+    return None
+
+
+def _ipv6(item: str) -> bool:
+    try:
+        ipaddress.IPv6Address(item.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _not_a_boolean(value: Any) -> Any:
@@ -276,6 +300,8 @@ class LlamaCppConfig(BaseModel):
                 "is empty or has spaces in it: write an address or host name (0.0.0.0 "
                 "for every interface), or leave host out for 127.0.0.1"
             )
+        if problem := host_problem(value, "port"):
+            raise refuse(problem)
         return value
 
     @field_validator("extra_args", mode="before")

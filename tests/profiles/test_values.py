@@ -187,6 +187,22 @@ def test_an_empty_host_or_one_with_spaces_is_refused(tmp_path: Path, host: str) 
     assert said.startswith("profiles.p.llamacpp.host: is empty or has spaces in it"), said
 
 
+@pytest.mark.parametrize("host", ['"127.0.0.1:8080"', '"http://0.0.0.0"'])
+def test_a_host_with_a_port_or_a_scheme_is_refused(tmp_path: Path, host: str) -> None:
+    """``host: "127.0.0.1:8080"`` was valid; `run` then ended in a traceback (httpx's
+    "Invalid IPv6 address: '[127.0.0.1:8080]'")."""
+    said = llamacpp(tmp_path, f"host: {host}")
+    assert said.startswith("profiles.p.llamacpp.host: "), said
+    assert "the port goes in port" in said, said
+
+
+@pytest.mark.parametrize("host", ['"::1"', '"0.0.0.0"', '"llama.internal"'])
+def test_a_host_of_an_ipv6_address_or_a_name_is_taken(tmp_path: Path, host: str) -> None:
+    path = tmp_path / "llm_profiles.yaml"
+    path.write_text(f"profiles:\n  p:\n    llamacpp: {{host: {host}}}\n")
+    assert load_registry(path).select("p").llamacpp.host == host.strip('"')
+
+
 def test_a_gpu_listed_twice_is_refused(tmp_path: Path) -> None:
     """``device_ids: [0, 0]`` made CUDA_VISIBLE_DEVICES=0,0."""
     said = problem(tmp_path, "    gpu: {device_ids: [1, 0, 1]}\n")
