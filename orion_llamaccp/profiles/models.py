@@ -300,7 +300,7 @@ class LlamaCppConfig(BaseModel):
                 "is empty or has spaces in it: write an address or host name (0.0.0.0 "
                 "for every interface), or leave host out for 127.0.0.1"
             )
-        if problem := host_problem(value, "port"):
+        if problem := host_problem(value, "llamacpp.port"):
             raise refuse(problem)
         return value
 

@@ -193,7 +193,7 @@ def test_a_host_with_a_port_or_a_scheme_is_refused(tmp_path: Path, host: str) ->
     "Invalid IPv6 address: '[127.0.0.1:8080]'")."""
     said = llamacpp(tmp_path, f"host: {host}")
     assert said.startswith("profiles.p.llamacpp.host: "), said
-    assert "the port goes in port" in said, said
+    assert "the port goes in llamacpp.port" in said, said
 
 
 @pytest.mark.parametrize("host", ['"::1"', '"0.0.0.0"', '"llama.internal"'])
