@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from orion_llamaccp.errors import OrionLlamaError, SecretUnset
+from orion_llamaccp.errors import OrionLlamaError, SecretUnset, UnsupportedKnob
 from orion_llamaccp.settings import Settings, env_file, env_file_values, unread_variables
 
 # The registry, the engine and rich are imported by the commands that use them: every
@@ -254,19 +254,27 @@ def _check_plan(settings: Settings) -> tuple[list[Check], ServicePlan | None]:
         return lines, None
     try:
         profile = registry.select(settings.profile_name)
-        lines.append(("profile", True, f"{profile.name} ({profile.label})"))
     except OrionLlamaError as exc:  # the registry read: its profile is what is wrong
         lines.append(("profile", False, str(exc)))
         return lines, None
+    plan, unplanned = planned[settings.profile_name]  # the plan `run` would build
+    # A flag the binary lacks is the flags' line; anything else that stops the plan (a
+    # model_path out of model_root, no model file named, api_key_env unset) is the
+    # profile's: it said "ok profile" and then "FAIL flags" with no flag wrong.
+    flags_wrong = plan is None and isinstance(unplanned, UnsupportedKnob)
+    if plan is None and not flags_wrong:
+        lines.append(("profile", False, str(unplanned)))
+    else:
+        lines.append(("profile", True, f"{profile.name} ({profile.label})"))
     try:
         path = find_binary(settings.llama_server_bin, settings.build_path)
         info = probe(path)
         lines.append(("binary", True, f"{path} (build {info.build}, {len(info.flags)} flags)"))
     except OrionLlamaError as exc:
         lines.append(("binary", False, str(exc)))
-    plan, exc = planned[settings.profile_name]  # the plan `run` would build, made above
     if plan is None:
-        lines.append(("flags", False, str(exc)))
+        if flags_wrong:
+            lines.append(("flags", False, str(unplanned)))
         return lines, None
     if plan.binary is not None:
         lines.append(("flags", True, "every knob of the profile maps to a flag this build accepts"))

@@ -190,6 +190,22 @@ def test_doctor_blames_an_unknown_profile_on_the_profile_not_the_config(
     assert by_name["profile"].startswith("FAIL") and "'tiyn' not found" in by_name["profile"]
 
 
+def test_doctor_blames_a_profile_that_names_no_usable_model_file_on_the_profile(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """A selected profile that cannot be planned for a reason of its own (its model_path
+    out of model_root) said "ok profile", then "FAIL flags" with that reason: no flag
+    was wrong."""
+    registry = tmp_path / "profiles.yaml"
+    text = Path(subprocess_env["LLM_PROFILES_CONFIG_PATH"]).read_text()
+    registry.write_text(text.replace("model_path: tiny.gguf", "model_path: /elsewhere/m.gguf"))
+    done = cli({**subprocess_env, "LLM_PROFILES_CONFIG_PATH": str(registry)}, "doctor")
+    by_name = {line.split()[1]: line for line in done.stdout.splitlines()}
+    assert done.returncode == 1, done.stdout
+    assert by_name["profile"].startswith("FAIL") and "outside model_root" in by_name["profile"]
+    assert "flags" not in by_name, done.stdout
+
+
 def test_doctor_checks_the_pinned_gpus_against_a_fake_nvidia_smi(
     subprocess_env: dict, tmp_path: Path
 ) -> None:
