@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from orion_llamaccp.engine.devices import LIST_DEVICES, no_gpu_listed
 from orion_llamaccp.engine.plan import ServicePlan, build_plan
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor, SupervisorPolicy
 from orion_llamaccp.errors import EngineStartError
@@ -34,11 +35,35 @@ async def prepare_model(plan: ServicePlan, progress: ProgressHook | None = None)
     """Download (if needed) and verify the profile's files, off the event loop.
 
     Cancelling this coroutine stops the download thread at its next chunk, so a SIGTERM
-    during a 40 GB download does not wait for it to finish.
+    during a 40 GB download does not wait for it to finish. A profile pinned to GPUs on a
+    host where llama-server sees none fails as soon as it says so (``engine.devices``),
+    not after the download.
     """
     from orion_llamaccp.model.fetch import ensure_model
 
-    return await _cancellable(ensure_model, plan, progress)
+    fetch = asyncio.ensure_future(_cancellable(ensure_model, plan, progress))
+    if plan.launch.gpus_required is None or not _lists_devices(plan):
+        return await fetch
+    check = asyncio.ensure_future(no_gpu_listed(plan.launch, os.environ))
+    try:
+        await asyncio.wait({fetch, check}, return_when=asyncio.FIRST_COMPLETED)
+        if check.done() and _said(check) and (diagnosis := check.result()):
+            reason = "llama-server found no usable GPU for a profile that pins GPUs"
+            raise EngineStartError(f"{reason}: {diagnosis}", diagnosis=str(diagnosis))
+        return await fetch
+    finally:
+        for task in (fetch, check):
+            task.cancel()  # a no-op once done
+        await asyncio.gather(fetch, check, return_exceptions=True)
+
+
+def _said(check: asyncio.Future[Any]) -> bool:
+    """Whether the check ended with an answer (None included), not an error of its own."""
+    return not check.cancelled() and check.exception() is None
+
+
+def _lists_devices(plan: ServicePlan) -> bool:
+    return plan.binary is not None and plan.binary.accepts(LIST_DEVICES)
 
 
 async def _cancellable(

@@ -213,6 +213,43 @@ async def test_a_stop_during_a_stalled_download_exits_without_waiting_for_the_re
             hold.release.set()
 
 
+async def test_a_profile_pinned_to_gpus_on_a_host_without_one_fails_before_its_download(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, slow_model: Path, tmp_path: Path
+) -> None:
+    """A GPU profile started where llama-server sees no GPU (a CPU build, as here; a
+    container started without its GPUs): llama-server said "no usable GPU found" only as
+    it loaded the model, after the whole download, hours for a big one. Its
+    ``--list-devices`` answers at once: the worker fails while the download is held
+    half-way, saying why, on the bus too."""
+    data = await asyncio.to_thread(slow_model.read_bytes)
+    registry = tmp_path / "hub-profiles.yaml"
+    profile = HUB_PROFILE.format(port=free_port()) + "      n_gpu_layers: 99\n"
+    profile = profile.replace("    model_id:", "    gpu: {device_ids: [0]}\n    model_id:")
+    await asyncio.to_thread(registry.write_text, profile)
+    with LocalHub() as hub:
+        sha = hub.add("org/slow-random", "slow.gguf", data)
+        hold = hub.fault("cdn", Fault("hold", after=len(data) // 2))
+        try:
+            worker = spawn_worker(
+                ready=False,
+                LLM_PROFILES_CONFIG_PATH=str(registry),
+                HF_HUB_OFFLINE="0",
+                HF_ENDPOINT=hub.endpoint,
+            )
+            await wait_until_async(
+                lambda: worker.proc.poll() is not None, timeout=90, what="the worker to fail"
+            )
+            # Failed during the download: the hub (which holds it 30 s) sent half the file.
+            assert hub.bytes_sent(sha) < len(data)
+        finally:
+            hold.release.set()
+    assert worker.proc.returncode == 1, worker.log()[-2000:]
+    assert "no usable GPU" in worker.log()
+    [error] = [m.message["payload"] for m in recorder.kinds("system.error")]
+    assert "no usable GPU" in error["details"]["message"], error
+    assert "LLAMACPP_N_GPU_LAYERS_OVERRIDE=0" in error["details"]["message"], error
+
+
 async def test_a_request_waiting_for_a_model_that_cannot_be_had_is_told_why(
     spawn_worker: SpawnWorker,
     recorder: BusRecorder,
