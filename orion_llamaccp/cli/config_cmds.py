@@ -366,43 +366,10 @@ def _port_taken(plan: ServicePlan, where: str) -> Check:
     )
 
 
-# SET ... GET (each beat's liveness key) and XAUTOCLAIM (stream redelivery) came with 6.2:
-# on an older Redis every beat fails after its PUBLISH, so the fleet hears beats while
-# `health` and `ps` find nothing.
-REDIS_MIN_VERSION = (6, 2)
-
-
-def redis_too_old(version: str) -> str | None:
-    """Why a Redis of ``version`` (INFO's ``redis_version``) cannot serve the worker."""
-    try:
-        found = tuple(int(part) for part in version.split(".")[:2])
-    except ValueError:
-        return None  # a fork's own numbering: not ours to judge
-    if found >= REDIS_MIN_VERSION:
-        return None
-    least = ".".join(map(str, REDIS_MIN_VERSION))
-    return (
-        f"Redis {version} is older than {least}, which the worker needs (SET ... GET for "
-        f"its liveness key, XAUTOCLAIM for the stream intake): upgrade Redis"
-    )
-
-
-def evicts(info: dict[str, Any]) -> str | None:
-    """Why a Redis that evicts keys at its memory limit cannot serve: the request
-    streams (``allkeys-*``) and the exactly-once guards (``volatile-*``, they expire)
-    would be dropped, losing durable requests or answering some twice."""
-    policy = str(info.get("maxmemory_policy", "noeviction"))
-    if not info.get("maxmemory") or policy == "noeviction":
-        return None
-    return (
-        f"Redis evicts keys at its memory limit (maxmemory-policy {policy}): durable "
-        f"requests and the guards that answer each once could be dropped; set "
-        f"maxmemory-policy noeviction (or maxmemory 0)"
-    )
-
-
 def _check_redis(settings: Settings) -> Check:
     import redis
+
+    from orion_llamaccp.bus.server import unfit
 
     url = settings.bus_url.get_secret_value()
     where = settings.bus_url_display
@@ -417,7 +384,7 @@ def _check_redis(settings: Settings) -> Check:
             info = {}
         client.close()
         version = str(info.get("redis_version", "?"))
-        if problem := redis_too_old(version) or evicts(info):
+        if problem := next(iter(unfit(info)), None):
             return ("redis", False, f"{where}: {problem}")
         return ("redis", True, f"{where} answers (Redis {version})")
     except (redis.RedisError, OSError, ValueError) as exc:

@@ -30,6 +30,7 @@ from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.presence import Presence, every
 from orion_llamaccp.bus.replies import Publisher, Stage
 from orion_llamaccp.bus.retry import with_retry
+from orion_llamaccp.bus.server import warn_if_unfit
 from orion_llamaccp.engine.plan import ServicePlan
 from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
@@ -221,6 +222,9 @@ class Worker:
             await unless_stopped(stop, self.intake.listening(5.0))
             if self.listener.subscribed.is_set():
                 log.info("listening on %s", ", ".join(self.listener.channels))
+            # Said, not refused: a fork may number its versions otherwise, and an operator
+            # may accept the risk; ``doctor`` fails on it.
+            background.append(asyncio.create_task(warn_if_unfit(self.redis), name="redis-check"))
             if "pubsub" in transports(self.settings):  # only pub/sub messages are claimed
                 counting = every(
                     self.settings.heartbeat_interval_sec,

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
-from tests.support.procs import free_port, subscribers, wait_until_async
+from tests.support.procs import RedisServer, free_port, subscribers, wait_until_async
 
 HI = [{"role": "user", "content": "hello there"}]
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
@@ -87,3 +87,24 @@ def test_subscribing_imports_nothing_the_worker_needs_only_later() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert found == "[]", found
+
+
+async def test_a_worker_on_a_redis_that_evicts_keys_says_so_and_serves(
+    spawn_worker: SpawnWorker, tmp_path: Path
+) -> None:
+    """``doctor`` failed such a Redis; ``run`` served it without a word, and at its memory
+    limit it would drop request streams or the guards that answer each request once.
+    The worker now says so in its log at the start, and serves on (an operator may
+    accept the risk)."""
+    args = ("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+    server = RedisServer(tmp_path / "redis", extra_args=args).start()
+    try:
+        worker = spawn_worker(ready=False, ORION_BUS_URL=server.url)  # heard on its Redis
+        said = "Redis evicts keys at its memory limit (maxmemory-policy allkeys-lru)"
+        await wait_until_async(lambda: said in worker.log(), timeout=30, what="the warning")
+        await wait_until_async(
+            lambda: "engine loading -> ready" in worker.log(), timeout=60, what="ready"
+        )
+        assert worker.proc.poll() is None
+    finally:
+        server.stop()

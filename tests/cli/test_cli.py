@@ -17,7 +17,7 @@ import psutil
 import pytest
 import redis
 
-from orion_llamaccp.cli.config_cmds import redis_too_old
+from orion_llamaccp.bus.server import redis_too_old
 from tests.conftest import SpawnWorker, write_tiny_registry
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import RedisServer, free_port, pid_alive, wait_until
