@@ -251,8 +251,22 @@ def load_registry(path: Path) -> Registry:
 
 
 def _spelt_like_ours(backend: object) -> bool:
-    """``LlamaCpp``, ``llama.cpp``, ``llama-cpp``: meant as ours, but skipped as another
-    backend's profile (``validate`` said ``0/0 profiles valid`` and passed). Only our
-    name in another case or punctuation: ``ik_llama.cpp`` or ``llamacpp-rpc`` are other
-    tools, whose profiles share the registry."""
-    return "".join(c for c in str(backend).lower() if c.isalnum()) == BACKEND
+    """``LlamaCpp``, ``llama.cpp``, ``llama-cpp``, ``llamacp``: meant as ours, but skipped
+    as another backend's profile (``validate`` said ``0/0 profiles valid`` and passed).
+    Only our name in another case or punctuation, or one letter off: ``ik_llama.cpp``,
+    ``llamacpp-rpc`` or ``llamacpp2`` are other tools, whose profiles share the registry."""
+    word = "".join(c for c in str(backend).lower() if c.isalnum())
+    return word == BACKEND or (word.isalpha() and _one_letter_off(word, BACKEND))
+
+
+def _one_letter_off(word: str, target: str) -> bool:
+    """One letter left out, added, changed, or two beside each other swapped."""
+    if word == target or abs(len(word) - len(target)) > 1:
+        return False
+    at = next(i for i, (a, b) in enumerate(zip(word + " ", target + " ", strict=False)) if a != b)
+    swapped = word[at : at + 2][::-1] == target[at : at + 2] and word[at + 2 :] == target[at + 2 :]
+    return (
+        swapped
+        or word[at + 1 :] in {target[at:], target[at + 1 :]}
+        or word[at:] == target[at + 1 :]
+    )

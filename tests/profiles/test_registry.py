@@ -334,12 +334,25 @@ def test_one_name_written_twice_or_an_empty_backend_is_a_problem_not_a_quiet_pic
     assert set(registry.profiles) == {"fine"} and not registry.others
 
 
-@pytest.mark.parametrize("written", ["LlamaCpp", "llama.cpp", "llama-cpp", "LLAMA_CPP"])
+@pytest.mark.parametrize(
+    "written",
+    [
+        "LlamaCpp",
+        "llama.cpp",
+        "llama-cpp",
+        "LLAMA_CPP",
+        "llamacp",
+        "lamacpp",
+        "llamcapp",
+        "llamacpq",
+    ],
+)
 def test_our_backend_written_another_way_is_a_problem_not_another_backend(
     tmp_path: Path, written: str
 ) -> None:
     """It was skipped as another backend's profile: ``validate`` said "0/0 profiles valid"
-    and passed, and ``run`` refused the profile as not ours. Other backends stay others."""
+    and passed, and ``run`` refused the profile as not ours; a letter off (a typo) too.
+    Other backends stay others."""
     path = write(
         tmp_path,
         f"profiles:\n  p:\n    backend: {written}\n"
@@ -352,7 +365,16 @@ def test_our_backend_written_another_way_is_a_problem_not_another_backend(
 
 
 # Other tools, whose profiles share a registry: close to ours, and not ours.
-OTHER_TOOLS = ("ollama", "ik_llama.cpp", "llamacpp-rpc", "llamafile", "vllm")
+OTHER_TOOLS = (
+    "ollama",
+    "ik_llama.cpp",
+    "llamacpp-rpc",
+    "llamacpp2",
+    "xllamacpp-rpc",
+    "llama-cola",
+    "llamafile",
+    "vllm",
+)
 
 
 def test_shipped_registry_is_valid_and_has_the_expected_profiles() -> None:
