@@ -37,6 +37,12 @@ Command = tuple[Any, ...]
 """One Redis command, as its arguments (str, bytes, int or float)."""
 
 
+class CutOffByAnother(RedisConnectionError):
+    """The caller that sent a shared round trip was cancelled (a request cancelled, timed
+    out or failed) before its replies were read: Redis is fine, and the commands of the
+    others who shared it are repeated at once (``bus.retry``), with no warning."""
+
+
 class _Batch:
     """The command lists of one loop step: the first caller's, then those that joined."""
 
@@ -64,7 +70,7 @@ class _Batch:
     def fail(self, exc: BaseException) -> None:
         """The shared round trip broke: every rider retries (its commands are safe to repeat)."""
         if isinstance(exc, asyncio.CancelledError):  # the first caller's own cancellation
-            exc = RedisConnectionError("a shared round trip was cut off")
+            exc = CutOffByAnother("a shared round trip was cut off by its sender's cancel")
         for _, _, rider in self.riders:
             if not rider.done():
                 rider.set_exception(exc)

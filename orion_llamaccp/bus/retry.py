@@ -15,6 +15,8 @@ from typing import TypeVar
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from orion_llamaccp.bus.lane import CutOffByAnother
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -27,6 +29,10 @@ async def with_retry(what: str, call: Callable[[], Awaitable[T]], *, retry_for: 
     while True:
         try:
             return await call()
+        except CutOffByAnother as exc:  # another request's cancel, not an outage: at once
+            if time.monotonic() > deadline:
+                raise
+            log.debug("%s: %s; repeating it", what, exc)
         except TRANSIENT as exc:
             if time.monotonic() > deadline:
                 raise

@@ -5,6 +5,7 @@ one loop step sharing one write."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orion_llamaccp.bus.lane import Lane
+from orion_llamaccp.bus.retry import with_retry
 from tests.support.procs import RedisServer
 
 
@@ -105,6 +107,34 @@ async def test_callers_sharing_a_cut_off_round_trip_get_a_retryable_error(
     with pytest.raises(RedisConnectionError):
         await asyncio.wait_for(rider, 1.0)
     assert await lane.call("SET", key + ":rider", "w", "EX", 30) == b"OK"  # the retry
+    await lane.aclose()
+
+
+async def test_a_rider_cut_off_by_its_sender_s_cancel_is_repeated_quietly(
+    redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request cancelled (by its caller, a timeout, a failure) while it had sent a
+    round trip that other requests' chunks and results shared: each of those logged a
+    WARNING as for a Redis outage and waited 50 ms before its repeat. Redis is fine:
+    the repeat goes at once, said at DEBUG only."""
+    lane = Lane(redis)
+    key = f"orion:test:lane:{os.getpid()}:quiet"
+    first = asyncio.create_task(lane.call("BLPOP", key, "2"))  # holds the shared exchange
+    calls = 0
+
+    async def rider() -> bytes:
+        nonlocal calls
+        calls += 1
+        return await lane.call("SET", key + ":rider", calls, "EX", 30)
+
+    riding = asyncio.create_task(with_retry("a chunk", rider, retry_for=5.0))
+    await asyncio.sleep(0.05)
+    with caplog.at_level(logging.DEBUG, logger="orion_llamaccp.bus.retry"):
+        first.cancel()
+        assert await asyncio.wait_for(riding, 5.0) == b"OK"
+    assert calls == 2 and await redis.get(key + ":rider") == b"2"
+    retried = [r for r in caplog.records if r.name == "orion_llamaccp.bus.retry"]
+    assert [r.levelno for r in retried] == [logging.DEBUG], [r.getMessage() for r in retried]
     await lane.aclose()
 
 
