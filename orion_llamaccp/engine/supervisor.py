@@ -485,7 +485,9 @@ class Supervisor:
             return False
         diagnosis = crash.diagnosis
         reason = f"{crash.reason}: {diagnosis}" if diagnosis else crash.reason
-        log.error("%s\n--- last lines of llama-server ---\n%s", reason, crash.tail)
+        # No block for a llama-server that printed nothing (a port taken before its start)
+        said = f"\n--- last lines of llama-server ---\n{crash.tail}" if crash.tail.strip() else ""
+        log.error("%s%s", reason, said)
         if diagnosis and self._refetch_may_fix(diagnosis) and not self._refetched:
             self._refetched = True
             self._set(EngineState.RESTARTING, f"{reason}; verifying and re-fetching the model")
