@@ -183,8 +183,30 @@ class ChatHandler:
         await asyncio.shield(self._refuse(job, failure))
 
     async def _refuse(self, job: Job, failure: Failure) -> None:
+        if failure.retryable and await self._durable_copy_served(job):
+            log.info(
+                "request %s: its stream copy is being served; this pub/sub copy is not "
+                "refused (%s), the stream copy answers it",
+                job.request_id,
+                failure.code,
+            )
+            return
         if await self._fail_or_log(job, failure):
             self._finished(job, failure.code, 0, None)
+
+    async def _durable_copy_served(self, job: Job) -> bool:
+        """A pub/sub copy of a request whose stream copy (the same envelope added to the
+        stream too) holds its running record: they share the request's answer (its
+        ``delivery_id``, its reply_to), so a refusal here ("worker is stopping",
+        ``overloaded``) became the durable request's answer, and cut its generation off."""
+        if job.entry is not None or job.envelope is None or job.decode_error is not None:
+            return False
+        try:
+            chat = decode_chat(job.envelope)
+            holder = await self.claims.holder(idempotency_key(job.envelope, chat))
+        except Exception:  # a copy that does not decode, Redis away: refused as before
+            return False
+        return holder is not None and holder.startswith(f"{job.request_id}@")
 
     def _finished(self, job: Job, outcome: str, tokens: int, ttft: float | None) -> None:
         self.stats.finished(outcome, tokens)

@@ -47,11 +47,6 @@ async def test_a_replacement_under_a_draining_worker_s_id_does_not_generate_its_
     assert_chunks_whole(fault, envelope, answer)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="soak finding: Job.delivery_id is shared by both intakes, and the pub/sub "
-    "copy's refusal takes the result guard of the durable stream copy",
-)
 async def test_a_stream_request_is_not_answered_by_the_refusal_of_its_pubsub_copy(
     fault: Fault, hi: list
 ) -> None:
