@@ -511,6 +511,7 @@ class StreamConsumer:
         block_ms: int = 1000,
         lane: Lane | None = None,
         prepare: EntryPreparer | None = None,
+        defer_own: Callable[[], bool] | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -522,6 +523,10 @@ class StreamConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
         self.prepare = prepare
+        # True while a worker before us under our consumer name drains: our own pending
+        # entries are then its, in flight, except those it handed back (``_HAND_BACK``).
+        self.defer_own = defer_own or (lambda: False)
+        self._own_deferred = False
         # The read that wakes on a new entry stands before its first token.
         self.lane = lane or Lane(redis)
         self.in_flight: dict[str, tuple[StreamEntry, asyncio.Task[None]]] = {}
@@ -619,12 +624,15 @@ class StreamConsumer:
                 log.exception("preparing stream entry %s failed", entry.entry_id)
 
     async def _loop(self, stop: asyncio.Event) -> None:
-        next_claim = 0.0
+        next_claim = next_own = 0.0
         while not stop.is_set():
             free = await self._free_slots(stop)
             if free == 0:
                 return
             entries: list[StreamEntry] = []
+            if self._own_deferred and time.monotonic() >= next_own:  # a predecessor drains
+                next_own = time.monotonic() + 1.0
+                await self._drain_own_pending(stop)
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + max(self.claim_idle_ms / 4000, 0.2)
                 entries = await self._autoclaim(free)
@@ -722,14 +730,21 @@ class StreamConsumer:
         (a restart's leftovers, an entry left pending while Redis was away). Those still
         handled here are left alone: read again (``XREADGROUP ... 0``), each counted one
         more delivery, and a long generation through a few Redis blips was over the
-        delivery limit at its next redelivery, answered without a try."""
+        delivery limit at its next redelivery, answered without a try.
+
+        While a worker before us under our name drains (a rolling deploy: ``defer_own``),
+        those it still generates are its: taken here, they were generated twice. Only
+        those it handed back (idle past the claim idle time) are taken, and this pass runs
+        again each second until it is gone (``_loop``)."""
         after = "-"
+        self._own_deferred = deferring = self.defer_own()
+        idle = self.claim_idle_ms if deferring else None
         while not stop.is_set():
             free = await self._free_slots(stop)
             if free == 0:
                 return
             pending = await self.redis.xpending_range(
-                self.stream, self.group, after, "+", free, consumername=self.consumer
+                self.stream, self.group, after, "+", free, consumername=self.consumer, idle=idle
             )
             if not pending:
                 return

@@ -164,6 +164,8 @@ class Presence:
         self.twin_seen = False  # another worker under our id: said once
         self.gave_way: str | None = None  # why this one stops for it
         self._other: tuple[str, int] = ("", 0)  # another boot, and its beats we replaced
+        # Until when a worker before us under our id is known to be draining (its beats)
+        self._predecessor_until = 0.0
         self.beats = 0
         self.announcements = 0
         self._pending_announce = asyncio.Event()
@@ -185,11 +187,32 @@ class Presence:
             details=details,
         )
         self.beats += 1
+        self._note_predecessor(replaced)
         await self._keep_registry_entry()
         if not self.twin_seen and (twin := self._live_other(replaced)):
             # Ours says ``down`` as it drains, and in its farewell (``stopped``).
             self._twin_found(twin, leaving=payload.get("status") == "down")
         return payload
+
+    def predecessor_draining(self) -> bool:
+        """Whether a worker that this one replaces under its instance id (a rolling
+        deploy) still drains: the entries pending under the consumer name they share
+        are its to finish, or to hand back (``StreamConsumer.defer_own``)."""
+        return time.monotonic() < self._predecessor_until
+
+    def _note_predecessor(self, replaced: bytes | None) -> None:
+        """Each beat of ours replaces the one before under the key: a draining worker's
+        beat between two of ours says it drains on (it beats as often as we do); its
+        farewell, or three intervals without a beat of its, that it is gone."""
+        try:
+            payload = orjson.loads(replaced)["payload"] if replaced else None
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        if not isinstance(payload, dict) or payload.get("boot_id") in (None, self.boot_id):
+            return
+        details = payload.get("details")
+        draining = isinstance(details, dict) and details.get("state") == "draining"
+        self._predecessor_until = time.monotonic() + 3 * self.interval if draining else 0.0
 
     async def _keep_registry_entry(self) -> None:
         """The registry entry lives as long as the liveness key, renewed by each beat;

@@ -145,6 +145,7 @@ class Worker:
                 block_ms=int(min(1000, settings.redis_socket_timeout_sec * 500)),
                 lane=self.lane,
                 prepare=self._prepare_entry,
+                defer_own=lambda: self.presence.predecessor_draining(),
             )
             if "stream" in transports(settings)
             else None
@@ -354,6 +355,11 @@ class Worker:
         deadline = time.monotonic() + self.settings.drain_timeout_sec
         self.stopping = True
         self.supervisor.begin_drain()
+        # Said at once, not at the next beat: a replacement under our id that starts now
+        # must find us draining, or it takes the entries we still generate for leftovers
+        # of its own (``Presence.predecessor_draining``); dashboards see it at once too.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.presence.heartbeat(), 2.0)
         # Other replicas take new requests from here; the cancel channel stays, so that a
         # caller can still stop a request the drain waits for.
         await self.listener.leave(self.channels.intake, self.settings.discover_channel)

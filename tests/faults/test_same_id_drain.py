@@ -7,17 +7,10 @@ from __future__ import annotations
 import asyncio
 import signal
 
-import pytest
-
 from tests.faults.conftest import Fault, assert_chunks_whole, assert_exactly_once, chunks_of
 from tests.support.procs import wait_until_async
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="soak finding: the replacement's _drain_own_pending (bus/intake.py) takes the "
-    "entries the draining worker still generates under the shared consumer name",
-)
 async def test_a_replacement_under_a_draining_worker_s_id_does_not_generate_its_entries_again(
     fault: Fault, hi: list
 ) -> None:
