@@ -578,7 +578,11 @@ _READ_ELSEWHERE = frozenset(
 
 
 _ALWAYS_OURS = ("LLAMACPP_", "ORION_LLAMACPP_")  # every name with these prefixes is ours
-_NAMED_LIKE_OURS = (*_ALWAYS_OURS, "LLM_", "CUDA_VISIBLE_")
+_NAMED_LIKE_OURS = (*_ALWAYS_OURS, "LLM_", "CUDA_VISIBLE_", "ORION_", "HF_")
+# Orion's other services and huggingface_hub read many names of these prefixes
+# (``HF_TOKEN_PATH``, ``HF_HOME``): only a near-twin of ours counts (``ORION_BUS_URI``,
+# ``HF_TOKN``), or the worker talked to the default Redis, or the Hub without the token.
+_SHARED_PREFIXES = ("ORION_", "HF_")
 
 
 def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -587,7 +591,8 @@ def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     without a word, and the profile's own value (or the default profile) was served.
     Every ``LLAMACPP_*`` and ``ORION_LLAMACPP_*`` name is ours; an ``LLM_*`` or
     ``CUDA_VISIBLE_*`` name only when it is close to one of ours (other services share
-    those prefixes). The ``.env`` file's names too (the environment's given, none)."""
+    those prefixes), an ``ORION_*`` or ``HF_*`` one only when it is one of ours mistyped.
+    The ``.env`` file's names too (the environment's given, none)."""
     said = []
     if environ is None:
         names, unparsed = _read_env_file()
@@ -600,7 +605,8 @@ def unread_variables(environ: Mapping[str, str] | None = None) -> list[str]:
         if name in known or name in _READ_ELSEWHERE or not name.startswith(_NAMED_LIKE_OURS):
             continue  # (difflib for every variable of a shell costs milliseconds at start)
         ours = name.startswith(_ALWAYS_OURS)
-        near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        shared = not ours and name.startswith(_SHARED_PREFIXES)
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.9 if shared else 0.75)
         if ours or near:
             hint = f" (did you mean {near[0]}?)" if near else ""
             set_in = f" in {env_file()}" if name in where and name not in environ else ""

@@ -407,3 +407,30 @@ def test_a_layer_count_that_is_no_number_nor_a_word_is_said_once(
     assert "must be a number of layers, or auto, or all" in message
     monkeypatch.setenv("LLAMACPP_N_GPU_LAYERS_OVERRIDE", " ALL ")
     assert load_settings().overrides.n_gpu_layers == "all"
+
+
+def test_a_mistyped_bus_url_or_hub_token_is_said_and_their_neighbours_are_not() -> None:
+    """``ORION_BUS_URI`` or ``HF_TOKN`` changed nothing without a word: the worker talked
+    to the default Redis, or to the Hub without the token. Other services read names of
+    those prefixes (Orion's, huggingface_hub's ``HF_TOKEN_PATH``): only a near-twin of
+    ours is said."""
+    typos = {
+        "ORION_BUS_URI": "ORION_BUS_URL",
+        "HF_TOKN": "HF_TOKEN",
+        "HF_HUB_OFFLIN": "HF_HUB_OFFLINE",
+    }
+    neighbours = [
+        "HF_TOKEN_PATH",
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HF_HUB_DISABLE_TELEMETRY",
+        "HF_DATASETS_OFFLINE",
+        "ORION_BUS_ENABLED",
+        "ORION_SERVICE_NAME",
+        "ORION_REDIS_URL",
+    ]
+    said = unread_variables(dict.fromkeys([*typos, *neighbours], "x"))
+    assert said == [
+        f"{typo} is set but nothing reads it (did you mean {meant}?): it changes nothing"
+        for typo, meant in sorted(typos.items())
+    ]
