@@ -498,15 +498,27 @@ async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url
     ]
 
 
-async def test_trimming_after_an_id_past_a_doubles_integers_keeps_it(redis_url: str) -> None:
-    """Lua's numbers are doubles: the id just above a sequence number past 2^53 cannot be
-    computed exactly, so the trim keeps that last read entry rather than guess."""
+@contextlib.asynccontextmanager
+async def _trimming(
+    redis_url: str, stream: str
+) -> AsyncIterator[tuple[aioredis.Redis, StreamConsumer]]:
+    """A consumer of group ``g`` on ``stream`` (empty), for its trim; the stream goes after."""
     redis = aioredis.Redis.from_url(redis_url)
-    stream = "orion:test:trim-big-seq"
     await redis.delete(stream)
     consumer = _consumer(redis, [], asyncio.Event())
     consumer.stream = stream
     try:
+        yield redis, consumer
+    finally:
+        await redis.delete(stream)
+        await redis.aclose()
+
+
+async def test_trimming_after_an_id_past_a_doubles_integers_keeps_it(redis_url: str) -> None:
+    """Lua's numbers are doubles: the id just above a sequence number past 2^53 cannot be
+    computed exactly, so the trim keeps that last read entry rather than guess."""
+    stream = "orion:test:trim-big-seq"
+    async with _trimming(redis_url, stream) as (redis, consumer):
         first = await redis.xadd(stream, {"n": 0}, id="5-1")
         last = await redis.xadd(stream, {"n": 1}, id="5-18446744073709551615")
         await consumer.ensure_group()
@@ -514,9 +526,6 @@ async def test_trimming_after_an_id_past_a_doubles_integers_keeps_it(redis_url: 
         await redis.xack(stream, "g", first, last)
         assert await consumer.trim_acked() == 1
         assert [entry_id for entry_id, _ in await redis.xrange(stream)] == [last]
-    finally:
-        await redis.delete(stream)
-        await redis.aclose()
 
 
 async def test_trimming_deletes_only_what_every_group_has_acked(redis_url: str) -> None:
@@ -524,12 +533,8 @@ async def test_trimming_deletes_only_what_every_group_has_acked(redis_url: str) 
     trimming deletes those below every group's oldest pending entry and up to its last
     read one (that one stayed, the last request kept in an idle stream), never an entry
     still pending, nor one a group has yet to read."""
-    redis = aioredis.Redis.from_url(redis_url)
     stream = "orion:test:trim"
-    await redis.delete(stream)
-    consumer = _consumer(redis, [], asyncio.Event())
-    consumer.stream = stream
-    try:
+    async with _trimming(redis_url, stream) as (redis, consumer):
         ids = [await redis.xadd(stream, {"n": n}) for n in range(6)]
         await consumer.ensure_group()
         await redis.xgroup_create(stream, "slow-reader", id="0")
@@ -555,9 +560,6 @@ async def test_trimming_deletes_only_what_every_group_has_acked(redis_url: str) 
         await redis.xgroup_setid(stream, "g", "0")
         assert await consumer.trim_acked() == 0
         assert [entry_id for entry_id, _ in await redis.xrange(stream)] == ids[4:]
-    finally:
-        await redis.delete(stream)
-        await redis.aclose()
 
 
 async def test_consumers_of_workers_gone_are_forgotten_unless_they_hold_entries(
