@@ -119,17 +119,16 @@ async def prune_hosts(redis: aioredis.Redis) -> int:
     return int(await redis.eval(PRUNE_HOSTS, 1, keys.HOSTS_INDEX))
 
 
-def twin_of(replaced: bytes | None, boot_id: str) -> dict[str, Any] | None:
+def other_boot(replaced: bytes | None, boot_id: str) -> dict[str, Any] | None:
     """The beat ours replaced under our instance id's key, where it is another boot's
-    that still serves (None: ours, nothing, or one that is going away)."""
+    (None: ours, nothing, or not a beat)."""
     try:
         payload = orjson.loads(replaced)["payload"] if replaced else None
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return None
     if not isinstance(payload, dict) or payload.get("boot_id") in (None, boot_id):
         return None
-    # One going away is no twin: a worker that replaces another (same id) while it drains.
-    return None if payload.get("status") == "down" else payload
+    return payload
 
 
 class Presence:
@@ -187,9 +186,10 @@ class Presence:
             details=details,
         )
         self.beats += 1
-        self._note_predecessor(replaced)
+        other = other_boot(replaced, self.boot_id)
+        self._note_predecessor(other)
         await self._keep_registry_entry()
-        if not self.twin_seen and (twin := self._live_other(replaced)):
+        if not self.twin_seen and (twin := self._live_other(other)):
             # Ours says ``down`` as it drains, and in its farewell (``stopped``).
             self._twin_found(twin, leaving=payload.get("status") == "down")
         return payload
@@ -200,17 +200,13 @@ class Presence:
         are its to finish, or to hand back (``StreamConsumer.defer_own``)."""
         return time.monotonic() < self._predecessor_until
 
-    def _note_predecessor(self, replaced: bytes | None) -> None:
+    def _note_predecessor(self, other: dict[str, Any] | None) -> None:
         """Each beat of ours replaces the one before under the key: a draining worker's
-        beat between two of ours says it drains on (it beats as often as we do); its
-        farewell, or three intervals without a beat of its, that it is gone."""
-        try:
-            payload = orjson.loads(replaced)["payload"] if replaced else None
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        beat between two of ours (``other``) says it drains on (it beats as often as we
+        do); its farewell, or three intervals without a beat of its, that it is gone."""
+        if other is None:
             return
-        if not isinstance(payload, dict) or payload.get("boot_id") in (None, self.boot_id):
-            return
-        details = payload.get("details")
+        details = other.get("details")
         draining = isinstance(details, dict) and details.get("state") == "draining"
         self._predecessor_until = time.monotonic() + 3 * self.interval if draining else 0.0
 
@@ -223,13 +219,13 @@ class Presence:
         if not kept and self.announcements:
             self.announce_soon()
 
-    def _live_other(self, replaced: bytes | None) -> dict[str, Any] | None:
+    def _live_other(self, other: dict[str, Any] | None) -> dict[str, Any] | None:
         """Another boot's beat, the second of its that ours replaced: a worker that beats
         beside us. One is not enough: a worker before us leaves its last beat under the
         key (for three intervals), and so may a Redis restored from a copy. (Its beats
-        need not alternate with ours: one that beats less often is found out too.)"""
-        other = twin_of(replaced, self.boot_id)
-        if other is None:
+        need not alternate with ours: one that beats less often is found out too.) One
+        going away is no twin: a worker that replaces another (same id) while it drains."""
+        if other is None or other.get("status") == "down":
             return None
         boot = str(other["boot_id"])
         seen = self._other[1] + 1 if self._other[0] == boot else 1
