@@ -9,6 +9,20 @@ import signal
 
 from tests.faults.conftest import Fault, assert_chunks_whole, assert_exactly_once, chunks_of
 from tests.support.procs import wait_until_async
+from tests.support.workers import WorkerProc
+
+
+async def _streaming_on_w(fault: Fault, hi: list, drain_sec: int) -> tuple[WorkerProc, dict]:
+    """Worker ``w`` on one slot of the slow model, a long stream request streaming on it."""
+    old = fault.spawn("w", slow=True, parallel=1, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC=str(drain_sec))
+    envelope = fault.ledger.add(
+        fault.client.request(
+            hi, profile="tiny", options={"stream": True, "max_tokens": 12000, "ignore_eos": True}
+        )
+    )
+    await fault.client.send(envelope, profile="tiny", via="stream")
+    await wait_until_async(lambda: chunks_of(fault, envelope), timeout=30, what="a chunk")
+    return old, envelope
 
 
 async def test_a_replacement_under_a_draining_worker_s_id_does_not_generate_its_entries_again(
@@ -18,16 +32,7 @@ async def test_a_replacement_under_a_draining_worker_s_id_does_not_generate_its_
     replacement, which shares its consumer name, must not take it as a leftover of its
     own and generate it a second time (a second attempt's chunks interleaved with the
     first's on the caller's channel, and twice the work)."""
-    old = fault.spawn("w", slow=True, parallel=1, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="60")
-    envelope = fault.ledger.add(
-        fault.client.request(
-            hi, profile="tiny", options={"stream": True, "max_tokens": 12000, "ignore_eos": True}
-        )
-    )
-    await fault.client.send(envelope, profile="tiny", via="stream")
-    await wait_until_async(
-        lambda: fault.recorder.on(envelope["reply_to"] + ":chunks"), timeout=30, what="a chunk"
-    )
+    old, envelope = await _streaming_on_w(fault, hi, drain_sec=60)
     old.signal(signal.SIGTERM)
     new = fault.spawn("w", slow=True, parallel=1, ready=False)  # same INSTANCE_ID: "w"
     assert_exactly_once(await fault.ledger.settle(timeout=120))
@@ -47,16 +52,7 @@ async def test_a_stream_request_is_not_answered_by_the_refusal_of_its_pubsub_cop
     the work queue, say) is one request (``Job.delivery_id``). Its pub/sub copy, refused
     by a worker that stops, must not be the durable request's answer: the stream entry
     is served by the next worker, and that answer is the one its caller waits for."""
-    old = fault.spawn("w", slow=True, parallel=1, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="3")
-    envelope = fault.ledger.add(
-        fault.client.request(
-            hi, profile="tiny", options={"stream": True, "max_tokens": 12000, "ignore_eos": True}
-        )
-    )
-    await fault.client.send(envelope, profile="tiny", via="stream")
-    await wait_until_async(
-        lambda: fault.recorder.on(envelope["reply_to"] + ":chunks"), timeout=30, what="a chunk"
-    )
+    old, envelope = await _streaming_on_w(fault, hi, drain_sec=3)
     assert await fault.client.send(envelope, profile="tiny", via="pubsub") == 1
     await asyncio.sleep(0.5)  # queued behind the stream copy (one slot)
     old.signal(signal.SIGTERM)
