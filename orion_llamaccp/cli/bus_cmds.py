@@ -154,11 +154,14 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
         if not content.startswith(text):
             print("\n--- the text above was not the answer's; the answer: ---", file=sys.stderr)
             text = ""
-    print(content[len(text) :], end="")  # the rest: all of it, a lost chunk's tail, or none
+    rest = content[len(text) :]  # all of it, a lost chunk's tail, or none
+    # Ended by a newline, as a line of text is: the shell's prompt, or the next line of
+    # a log it is appended to, came right after the answer's last word.
+    print(rest, end="" if (text + rest).endswith("\n") else "\n")
     usage = payload.get("usage", {})
     timings = payload.get("meta", {}).get("timings") or {}
     print(
-        f"\n--- {payload.get('model_used')} via {args.via}: "
+        f"--- {payload.get('model_used')} via {args.via}: "
         f"{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion "
         f"tokens; {timings.get('predicted_per_second', 0):.1f} tok/s; "
         f"{(result.done_at - result.sent_at) * 1000:.0f} ms",

@@ -182,9 +182,40 @@ async def test_chat_stream_to_a_terminal_shows_the_retry_once_stand_in_worker(
             screen += chunk
     os.close(leader)
     assert chat.returncode == 0, err.decode()
-    assert screen.decode() == "Once uponHello there", screen
+    assert screen.decode() == "Once uponHello there\r\n", screen  # a tty's newline
     assert "attempt 2 starts the answer over" in err.decode()
     assert "not the answer's" not in err.decode(), err.decode()
+
+
+async def _answered(request: dict, redis: aioredis.Redis) -> None:
+    """The answer in two chunks, its last without a newline (as a model's most often is)."""
+    mine, chunks = request["correlation_id"], request["reply_to"] + ":chunks"
+    await _chunk(redis, chunks, mine, seq=0, delta="Hello", attempt=1)
+    await _chunk(redis, chunks, mine, seq=1, delta=" there", attempt=1)
+    result = OUTBOX.envelope(
+        CHAT_RESULT, {"content": "Hello there"}, correlation_id=mine, reply_to=None
+    )
+    await redis.publish(request["reply_to"], orjson.dumps(result))
+
+
+@pytest.mark.parametrize("args", [(), ("--stream",)], ids=["whole", "streamed"])
+async def test_chat_ends_the_answer_with_a_newline_stand_in_worker(
+    redis_url: str, subprocess_env: dict, args: tuple[str, ...]
+) -> None:
+    """The answer was written without a final newline: the shell's prompt came right
+    after its last word, and ``chat ... >> answers.txt`` ran two answers into one line."""
+    async with standing_in(redis_url, _answered):
+        chat = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "orion_llamaccp", "chat", "hi", *args),
+            *("--profile", PROFILE, "--timeout", "20"),
+            env=subprocess_env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(chat.communicate(), 60)
+    assert chat.returncode == 0, err.decode()
+    assert out.decode() == "Hello there\n"
+    assert err.decode().startswith("--- "), err.decode()  # the newline is stdout's now
 
 
 async def test_chunks_of_another_attempt_than_the_answer_s_are_not_its_text_stand_in_worker(
