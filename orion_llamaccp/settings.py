@@ -540,8 +540,20 @@ def _explain(exc: ValidationError, model: type[BaseSettings]) -> str:
             value = "<hidden>"  # a secret's bad value is still the secret
         elif variable in _URL_VARIABLES and "@" in str(value):
             value = "<hidden: it may hold a user and password>"
-        lines.append(f"{variable}={value!r}: {err['msg']}")
+        lines.append(f"{variable}={value!r}{set_in(variable)}: {err['msg']}")
     return "invalid environment: " + "; ".join(lines)
+
+
+def set_in(name: str) -> str:
+    """`` (set in FILE)`` where ``name``'s value came from the ``.env`` file, else ``""``.
+
+    A bad value there was said as if the environment held it: the operator looked for it
+    in the shell, the compose file, the unit, and not in the file that set it."""
+    if (os.environ.get(name) or "").strip():  # the environment's wins over the file's
+        return ""
+    if name.upper() in {found.upper() for found in env_file_values()}:  # as pydantic reads it
+        return f" (set in {env_file()})"
+    return ""
 
 
 def _variable_of(name: str, info: Any) -> str:
@@ -672,9 +684,10 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(_explain(exc, model)) from None
     # (A crash limit of 1 fails the worker at the first death: nothing to keep below it.)
     if 1 < settings.engine_crash_limit <= settings.request_crash_limit:
+        request, engine = "ORION_LLAMACPP_REQUEST_CRASH_LIMIT", "ORION_LLAMACPP_CRASH_LIMIT"
         raise ConfigError(
-            f"ORION_LLAMACPP_REQUEST_CRASH_LIMIT ({settings.request_crash_limit}) must be "
-            f"below ORION_LLAMACPP_CRASH_LIMIT ({settings.engine_crash_limit}): a request "
+            f"{request} ({settings.request_crash_limit}){set_in(request)} must be below "
+            f"{engine} ({settings.engine_crash_limit}){set_in(engine)}: a request "
             "llama-server dies on would otherwise take the worker down before it is given up"
         )
     return settings

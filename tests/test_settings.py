@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -434,3 +435,27 @@ def test_a_mistyped_bus_url_or_hub_token_is_said_and_their_neighbours_are_not() 
         f"{typo} is set but nothing reads it (did you mean {meant}?): it changes nothing"
         for typo, meant in sorted(typos.items())
     ]
+
+
+def test_a_bad_value_from_the_dotenv_file_names_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A value that does not parse was said as the environment's: the operator looked for
+    it in the shell, the unit, the compose file, not in the file that set it. One the
+    environment set says no file (it wins over the file's)."""
+    env_file = tmp_path / "service.env"
+    env_file.write_text("LLAMACPP_CTX_SIZE_OVERRIDE=big\nORION_LLAMACPP_REQUEST_CRASH_LIMIT=9\n")
+    monkeypatch.setenv(ENV_FILE_VARIABLE, str(env_file))
+    said = f"LLAMACPP_CTX_SIZE_OVERRIDE='big' (set in {env_file}): "
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_settings()
+    monkeypatch.setenv("LLAMACPP_CTX_SIZE_OVERRIDE", "1024x")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "LLAMACPP_CTX_SIZE_OVERRIDE='1024x': " in str(err.value), err.value
+    assert "set in" not in str(err.value), err.value
+    monkeypatch.setenv("LLAMACPP_CTX_SIZE_OVERRIDE", "1024")
+    # A check of two values together names the file of the one it set.
+    said = f"ORION_LLAMACPP_REQUEST_CRASH_LIMIT (9) (set in {env_file}) must be below "
+    with pytest.raises(ConfigError, match=re.escape(said + "ORION_LLAMACPP_CRASH_LIMIT (5):")):
+        load_settings()
