@@ -198,10 +198,14 @@ def cmd_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _model_state(plan: ServicePlan) -> str:
-    from orion_llamaccp.model.paths import no_download_reason
+    from orion_llamaccp.model.paths import no_download_reason, not_a_file
 
     if plan.files.model.is_file():
         return "present"
+    if plan.files.model.exists():  # a folder: it is there, and it is not the file
+        return not_a_file(plan.files.model, plan.files.source).removeprefix(
+            f"{plan.files.model} is "
+        )
     reason = no_download_reason(plan.profile, plan.files)  # a repo named, but not used
     return f"missing: {reason}" if reason else "not downloaded yet"
 
@@ -286,9 +290,11 @@ def _invalid(exc: OrionLlamaError | None) -> bool:
 
 
 def _check_model(plan: ServicePlan, settings: Settings) -> Check:
-    from orion_llamaccp.model.paths import downloads_model
+    from orion_llamaccp.model.paths import downloads_model, not_a_file
 
     path = plan.files.model
+    if path.exists() and not path.is_file():  # said to be "missing", a folder given
+        return ("model", False, not_a_file(path, plan.files.source))
     if not path.is_file():
         if not downloads_model(plan.profile, plan.files):
             return ("model", False, f"{path} is missing: {_missing_model_advice(plan)}")

@@ -40,7 +40,7 @@ from orion_llamaccp.model.gguf_check import (
 )
 from orion_llamaccp.model.hub import HubClient, HubFile, Transient
 from orion_llamaccp.model.lock import file_lock
-from orion_llamaccp.model.paths import ModelFiles, plan_files, repo_name
+from orion_llamaccp.model.paths import ModelFiles, not_a_file, plan_files, repo_name
 from orion_llamaccp.model.progress import ProgressHook, Reporter
 from orion_llamaccp.model.sources import (
     Target,
@@ -218,12 +218,8 @@ class _Fetcher:
         path = target.path
         if not path.exists():
             return None
-        if not path.is_file():  # a bind mount of a host file that did not exist, say
-            raise ModelError(
-                f"{target.role} {path} is a directory or another non-file, not a GGUF file: "
-                f"remove it, or point the profile at the file (a container's bind mount of "
-                f"a host file that does not exist makes a directory there)"
-            )
+        if not path.is_file():  # a folder given as the model, a bind mount's, say
+            raise ModelError(f"{target.role} {not_a_file(path, target.named_by)}")
         try:
             info, problem = diagnose_gguf(path)
         except ModelNotFound:  # moved away by another process since: theirs is locked

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from orion_llamaccp.errors import ConfigError, ModelNotFound, UnsafeModelPath
 from orion_llamaccp.profiles.models import Profile, expand_path
+from orion_llamaccp.settings import set_in
 
 # The settings that name the model file by path: either one switches its download off.
 PATH_SETTINGS = ("LLAMACPP_MODEL_PATH_OVERRIDE", "llamacpp.model_path")
@@ -103,9 +104,14 @@ def main_model_path(
     root = model_root(profile, env)
     cfg = profile.llamacpp
     if override:
-        path = Path(override).expanduser()
         source = "LLAMACPP_MODEL_PATH_OVERRIDE"
-        return (path if path.is_absolute() else safe_join(root, override, source)), source
+        # Expanded as model_root is: ``$HOME/m.gguf`` (from a file no shell read: .env,
+        # an env_file, a pod spec) was taken for a file named so under model_root.
+        try:
+            path = expand_path(override, env)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}{set_in(source)}: {exc}") from None
+        return (path if path.is_absolute() else safe_join(root, str(path), source)), source
     if cfg.model_path:
         path = _expanded(profile, "model_path", cfg.model_path, env)
         if path.is_absolute():
@@ -128,6 +134,25 @@ def main_model_path(
         f"profile '{profile.name}' names no model file: set llamacpp.hf_repo_id + "
         f"llamacpp.hf_filename (downloaded into {root}), llamacpp.model_path, "
         f"or an absolute .gguf path as model_id"
+    )
+
+
+def not_a_file(path: Path, source: str | None) -> str:
+    """What to say of ``path``, chosen by ``source`` (a setting), where something that is
+    not a file stands: a folder given as the model path was said to be "missing"."""
+    if not path.is_dir():
+        return f"{path} is not a regular file: {source or 'the profile'} must name a GGUF file"
+    if source in PATH_SETTINGS:
+        found = sorted(child.name for child in path.glob("*.gguf"))
+        held = f"it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}"
+        return (
+            f"{path} is a folder, not a GGUF file ({held if found else 'no .gguf in it'}): "
+            f"{source} names the model file itself (of a split model, its first part, "
+            f"<name>-00001-of-<count>.gguf)"
+        )
+    return (
+        f"{path} is a folder, not a GGUF file: remove it, or point the profile at the file "
+        f"(a container's bind mount of a host file that does not exist makes a folder there)"
     )
 
 

@@ -43,6 +43,7 @@ class Target:
     role: str
     hub: HubFile | None = None
     no_download: str | None = None
+    named_by: str | None = None  # the setting that chose the model file
 
 
 def plan_targets(profile: Profile, files: ModelFiles) -> list[Target]:
@@ -69,6 +70,7 @@ def _model_targets(profile: Profile, files: ModelFiles) -> list[Target]:
             "model" if count == 1 else f"model part {index} of {count}",
             HubFile(repo, repo_name(files.root, part), cfg.hf_revision) if repo else None,
             why,
+            files.source,
         )
         for index, part in enumerate(files.parts, 1)
     ]

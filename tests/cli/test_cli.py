@@ -887,3 +887,54 @@ def test_show_hides_the_bus_password_written_out_in_another_tool_s_settings(
         "      model_path: tiny.gguf\n",
     )
     assert secret not in shown and "redis://:***@redis:6379/0" in shown
+
+
+def test_a_folder_given_as_the_model_path_is_said_to_be_one(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """``LLAMACPP_MODEL_PATH_OVERRIDE=/models``, the folder the GGUF is in: doctor said it
+    was "missing" (and to copy the GGUF "to /models"), ``run`` and ``fetch`` to remove
+    it. It is a folder; the variable names the file itself, and what the folder holds
+    says which."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "tiny.gguf").touch()
+    env = {**subprocess_env, "LLAMACPP_MODEL_PATH_OVERRIDE": str(folder)}
+    doctor = cli(env, "doctor")
+    line = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "model")
+    said = f"{folder} is a folder, not a GGUF file (it holds tiny.gguf): "
+    assert line.startswith("FAIL") and said in line, line
+    assert "LLAMACPP_MODEL_PATH_OVERRIDE names the model file itself" in line, line
+    assert "missing" not in line and doctor.returncode == 1, line
+    shown = cli(env, "command")
+    assert "(a folder, not a GGUF file (it holds tiny.gguf)" in shown.stdout, shown.stdout
+    fetched = cli(env, "fetch")
+    assert fetched.returncode == 1, fetched.stderr
+    last = fetched.stderr.splitlines()[-1]
+    assert last.startswith(f"error: model {said}") and "remove it" not in last, last
+
+
+def test_the_model_path_override_expands_home_and_variables_as_model_root_does(
+    subprocess_env: dict, tmp_path: Path, tiny_model: Path
+) -> None:
+    """``~`` was expanded in ``LLAMACPP_MODEL_PATH_OVERRIDE``, ``${HOME}`` was not: from
+    a file no shell reads (``.env``, compose's env_file) the worker looked for a file
+    named ``${HOME}/...`` under model_root. Both are expanded, as in a profile's
+    model_root; ``$HOME`` is refused there and here alike, saying how to write it."""
+    home = tmp_path / "home"
+    (home / "m").mkdir(parents=True)
+    shutil.copy(tiny_model, home / "m" / "tiny.gguf")
+    env = {**subprocess_env, "HOME": str(home), "MODELS": str(home / "m")}
+    for written in ("~/m/tiny.gguf", "${HOME}/m/tiny.gguf", "${MODELS}/tiny.gguf"):
+        done = cli({**env, "LLAMACPP_MODEL_PATH_OVERRIDE": written}, "command", "--json")
+        assert done.returncode == 0, done.stderr
+        argv = json.loads(done.stdout)["argv"]
+        assert argv[1:3] == ["--model", str(home / "m" / "tiny.gguf")], (written, argv)
+    env_file = tmp_path / "service.env"
+    env_file.write_text("LLAMACPP_MODEL_PATH_OVERRIDE=$HOME/m/tiny.gguf\n")
+    done = cli({**env, "ORION_LLAMACPP_ENV_FILE": str(env_file)}, "command")
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.startswith(
+        f"error: LLAMACPP_MODEL_PATH_OVERRIDE (set in {env_file}): '$HOME/m/tiny.gguf' has "
+        "'$HOME', which is not expanded: write ${HOME}"
+    ), done.stderr

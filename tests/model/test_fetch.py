@@ -749,7 +749,9 @@ def test_a_directory_at_the_model_path_is_said_and_left_alone(
     (cache_dir / FILENAME).mkdir()
 
     for settings in (make_settings(), make_settings(hf_hub_offline=True)):
-        with pytest.raises(ModelError, match="is a directory or another non-file"):
+        with pytest.raises(
+            ModelError, match="is a folder, not a GGUF file: remove it, or point the profile"
+        ):
             ensure_model(make_profile(), settings)
 
     assert (cache_dir / FILENAME).is_dir() and list(cache_dir.glob("*.corrupt-*")) == []
