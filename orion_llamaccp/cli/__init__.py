@@ -11,9 +11,12 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
+
+import orjson
 
 from orion_llamaccp import __version__
 from orion_llamaccp.errors import OrionLlamaError
@@ -95,6 +98,24 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
+def error_code(exc: BaseException) -> str:
+    """A short code for an error, as the bus's own failures carry one: ``ModelCorrupt``
+    is ``model_corrupt``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+def fail(message: str, code: str, *, as_json: bool = False) -> int:
+    """Say a command's failure; exit status 1. With ``--json``, as JSON on stdout, shaped
+    as a failed chat's result (``{"error": code, "details": {"message": ...}}``): a script
+    that reads the command's JSON got text on stderr and nothing on stdout to parse."""
+    if as_json:
+        said = {"error": code, "details": {"message": message}}
+        sys.stdout.write(orjson.dumps(said, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # A line of .env it cannot parse: said by unread_variables, with the file's name.
@@ -110,8 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings is None:  # a line of .env it could not read may be why
             for said in env_file_unparsed():
                 print(f"note: {said}", file=sys.stderr)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc), error_code(exc), as_json=getattr(args, "json", False))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # ``... | head``: the reader is gone; exit 1, no traceback

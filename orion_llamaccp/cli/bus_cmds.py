@@ -55,30 +55,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bus(
-    coro: Coroutine[Any, Any, int], settings: Settings, *, waiting_for: str = "Redis in time"
+    coro: Coroutine[Any, Any, int],
+    settings: Settings,
+    *,
+    waiting_for: str = "Redis in time",
+    as_json: bool = False,
 ) -> int:
     """Run a command that talks to the bus. A Redis that is down or refuses us, or no
-    answer in time, is an ordinary failure: one ``error:`` line and exit status 1, no
-    traceback, and never the bus password."""
+    answer in time, is an ordinary failure: one ``error:`` line (with ``--json``, its
+    JSON) and exit status 1, no traceback, and never the bus password."""
     from redis.exceptions import AuthenticationError, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    from orion_llamaccp.cli import run_async
+    from orion_llamaccp.cli import fail, run_async
 
     bus = settings.bus_url_display
     try:
         return run_async(coro)
     except AuthenticationError as exc:
-        problem = f"Redis at {bus} refused the credentials: {exc}"
+        problem, code = f"Redis at {bus} refused the credentials: {exc}", "redis_auth"
     except (RedisConnectionError, RedisTimeoutError) as exc:
-        problem = f"cannot reach Redis at {bus}: {exc}"
+        problem, code = f"cannot reach Redis at {bus}: {exc}", "redis_unreachable"
     except ResponseError as exc:  # a database index out of range, an ACL's NOPERM
-        problem = f"Redis at {bus} refused a command: {exc}"
+        problem, code = f"Redis at {bus} refused a command: {exc}", "redis_refused"
     except TimeoutError:
-        problem = f"no answer from {waiting_for} (bus {bus})"
-    print(f"error: {settings.redact(problem)}", file=sys.stderr)
-    return 1
+        problem, code = f"no answer from {waiting_for} (bus {bus})", "timeout"
+    return fail(settings.redact(problem), code, as_json=as_json)
 
 
 async def _chat(args: argparse.Namespace, settings: Settings) -> int:
@@ -175,6 +178,7 @@ def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:
     return run_bus(
         _chat(args, settings),
         settings,
+        as_json=args.json,
         waiting_for=(
             f"a worker serving profile '{profile}' within {args.timeout:g}s (is one running "
             f"and ready? `orion-llamaccp ps`)"
@@ -254,7 +258,7 @@ async def _ps(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
-    return run_bus(_ps(args, settings), settings)
+    return run_bus(_ps(args, settings), settings, as_json=args.json)
 
 
 async def _health(args: argparse.Namespace, settings: Settings) -> int:

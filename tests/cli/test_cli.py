@@ -938,3 +938,36 @@ def test_the_model_path_override_expands_home_and_variables_as_model_root_does(
         f"error: LLAMACPP_MODEL_PATH_OVERRIDE (set in {env_file}): '$HOME/m/tiny.gguf' has "
         "'$HOME', which is not expanded: write ${HOME}"
     ), done.stderr
+
+
+def test_json_commands_fail_in_json_on_stdout(
+    subprocess_env: dict, tmp_path: Path, tiny_model: Path
+) -> None:
+    """``verify --json`` printed its rows as JSON, and its errors as an ``error:`` line on
+    stderr, nothing on stdout: a script parsing stdout choked on an empty document. An
+    error with ``--json`` is JSON on stdout now (a failed chat result's shape: an
+    ``error`` code and ``details.message``), with exit status 1; without it, text still."""
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_model.read_bytes()[:4096])
+    ok = cli(subprocess_env, "verify", str(tiny_model), "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)[0]["path"] == str(tiny_model)
+    down = {**subprocess_env, "ORION_BUS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    for env, args, code, said in (
+        (subprocess_env, ("verify", str(cut)), "model_corrupt", f"{cut} is not a usable GGUF"),
+        (subprocess_env, ("verify", "tiyn"), "profile_not_found", "LLM PROFILE 'tiyn'"),
+        (
+            {**subprocess_env, "LLAMACPP_CTX_SIZE_OVERRIDE": "big"},
+            ("verify",),
+            "config_error",
+            "invalid environment: LLAMACPP_CTX_SIZE_OVERRIDE='big'",
+        ),
+        (down, ("ps",), "redis_unreachable", "cannot reach Redis at redis://127.0.0.1:"),
+    ):
+        done = cli(env, *args, "--json", timeout=30)
+        assert done.returncode == 1, (args, done.stdout, done.stderr)
+        out = json.loads(done.stdout)
+        assert out["error"] == code and said in out["details"]["message"], (args, out)
+        assert done.stderr == "", (args, done.stderr)
+        plain = cli(env, *args, timeout=30)
+        assert plain.returncode == 1 and plain.stdout == "", (args, plain.stdout)
+        assert plain.stderr.startswith("error: ") and said in plain.stderr, plain.stderr
