@@ -75,12 +75,14 @@ _ALIVE = frozenset(
 )
 
 
-# Faults that a plain restart cannot fix: fail at once instead of looping.
+# Faults that a plain restart cannot fix: fail at once instead of looping. A port taken
+# by another server is one: the worker tried five times (8 s) before the same message.
 FATAL = frozenset(
     {
         Cause.UNKNOWN_FLAG,
         Cause.BAD_FLAG_VALUE,
         Cause.OUT_OF_MEMORY,
+        Cause.PORT_IN_USE,
         Cause.MODEL_NOT_FOUND,
         Cause.NO_GPU,
     }
@@ -119,11 +121,22 @@ CorruptHandler = Callable[[], Awaitable[None]]
 
 
 class _Crashed(Exception):
-    def __init__(self, reason: str, diagnosis: Diagnosis | None = None, tail: str = "") -> None:
+    """A life that ended; ``fatal``: for a reason of ours that no restart fixes, with no
+    line of llama-server's to diagnose (it was never started)."""
+
+    def __init__(
+        self,
+        reason: str,
+        diagnosis: Diagnosis | None = None,
+        tail: str = "",
+        *,
+        fatal: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.diagnosis = diagnosis
         self.tail = tail
+        self.fatal = fatal
 
 
 class Supervisor:
@@ -317,11 +330,14 @@ class Supervisor:
             )
         if await _listening(self.launch.base_url):
             # Ours would fail to bind, while the other answered /health and /props in its
-            # name: ready, serving whatever model that one runs.
+            # name: ready, serving whatever model that one runs. The previous life's group
+            # is gone by now (``_run``): another server holds it. One that binds between
+            # this look and llama-server's own bind is told by llama-server (PORT_IN_USE).
             raise _Crashed(
                 f"llama-server's port is already taken: something answers at "
                 f"{self.launch.base_url} before llama-server was started; stop it or set "
-                "LLAMACPP_PORT_OVERRIDE"
+                "LLAMACPP_PORT_OVERRIDE",
+                fatal=True,
             )
         _remove_stale_socket(self.launch.unix_socket)  # one that died left it: no bind
         self._proc = proc = LlamaProcess(self.launch, environ=self._environ)
@@ -500,9 +516,12 @@ class Supervisor:
         # Fatal only before the life was ready: once its flags and model have worked, out of
         # memory is a request's (a large image, another process on the card), and a line
         # left in the tail from the load is no cause; the crash limit decides then.
-        if diagnosis and (
-            diagnosis.cause is Cause.CORRUPT_MODEL
-            or (diagnosis.cause in FATAL and self._ready_at is None)
+        if crash.fatal or (
+            diagnosis
+            and (
+                diagnosis.cause is Cause.CORRUPT_MODEL
+                or (diagnosis.cause in FATAL and self._ready_at is None)
+            )
         ):
             return self._fail(reason, diagnosis, crash.tail)
         failures, loop = self._count_crash()

@@ -71,6 +71,27 @@ def test_doctor_fails_a_port_llama_server_cannot_listen_on(subprocess_env: dict)
     assert "(by another server)" in by_name["port"] and "LLAMACPP_PORT_OVERRIDE" in by_name["port"]
 
 
+def test_run_on_a_port_another_server_holds_fails_at_once_saying_so(
+    subprocess_env: dict,
+) -> None:
+    """What doctor says of such a port, `run` found out after five starts (8 s of
+    backoff, "restart #4" in its log) and a "crash loop" error: no restart frees a port
+    another server holds. It fails at the first start now, saying what to do."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli({**subprocess_env, "LLAMACPP_PORT_OVERRIDE": str(port)}, "run")
+    assert done.returncode == 1, done.stderr[-2000:]
+    said = (
+        "cannot serve profile tiny: llama-server's port is already taken: something "
+        f"answers at http://127.0.0.1:{port}"
+    )
+    [line] = [line for line in done.stderr.splitlines() if said in line]
+    assert "LLAMACPP_PORT_OVERRIDE" in line, line
+    assert "restart #" not in done.stderr and "crash loop" not in done.stderr, done.stderr
+
+
 def test_doctor_notes_the_port_of_the_profile_s_own_running_llama_server(
     spawn_worker: SpawnWorker, subprocess_env: dict
 ) -> None:

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from orion_llamaccp.engine.client import LlamaClient
-from orion_llamaccp.engine.command import API_KEY_ENV
+from orion_llamaccp.engine.command import API_KEY_ENV, LaunchSpec
 from orion_llamaccp.engine.diagnostics import Cause
 from orion_llamaccp.engine.plan import socket_path
 from orion_llamaccp.engine.supervisor import (
@@ -298,11 +298,38 @@ async def test_health_failures_apart_from_each_other_restart_nothing(
         await supervisor.stop()
 
 
+def never_starting(make_launch: LaunchFactory, tmp_path: Path, **knobs: object) -> LaunchSpec:
+    """A launch whose llama-server cannot be started (no binary there), at every try: a
+    crash loop of lives that printed nothing, for no reason a restart is spared for."""
+    return make_launch(binary=tmp_path / "no-llama-server", **knobs)
+
+
 async def test_crash_loop_ends_in_failed_with_its_cause(
-    make_launch: LaunchFactory, caplog: pytest.LogCaptureFixture
+    make_launch: LaunchFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Each try is logged with its cause; the block of llama-server's last lines only
     where it printed some (here it was never started: an empty block each try)."""
+    launch = never_starting(make_launch, tmp_path)
+    supervisor = Supervisor(launch, environ=dict(os.environ), policy=FAST)
+    events = record(supervisor)
+    with pytest.raises(EngineStartError) as err:
+        await supervisor.start()
+    assert supervisor.state is EngineState.FAILED
+    assert "crash loop: 3 failures" in str(err.value)
+    assert "llama-server could not be started" in str(err.value)
+    assert [e.state for e in events].count(EngineState.RESTARTING) == FAST.crash_limit - 1
+    said = "could not be started"
+    tries = [r.getMessage() for r in caplog.records if said in r.getMessage()]
+    assert len(tries) >= FAST.crash_limit and not any("last lines" in t for t in tries), tries
+    await supervisor.stop()
+
+
+async def test_a_port_another_server_listens_on_fails_the_start_at_once(
+    make_launch: LaunchFactory,
+) -> None:
+    """Something already listens on the profile's port: the start was tried five times
+    (about 8 s of backoff in a worker) before "crash loop: ... port is already taken".
+    No restart frees another's port: it fails at the first look, saying what to do."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -310,32 +337,50 @@ async def test_crash_loop_ends_in_failed_with_its_cause(
         supervisor = Supervisor(make_launch(port=port), environ=dict(os.environ), policy=FAST)
         events = record(supervisor)
         with pytest.raises(EngineStartError) as err:
-            await supervisor.start()
-    assert supervisor.state is EngineState.FAILED
-    assert "crash loop: 3 failures" in str(err.value)
-    assert "port is already taken" in str(err.value)
-    assert [e.state for e in events].count(EngineState.RESTARTING) == FAST.crash_limit - 1
-    tries = [r.getMessage() for r in caplog.records if "port is already taken" in r.getMessage()]
-    assert len(tries) >= FAST.crash_limit and not any("last lines" in t for t in tries), tries
+            await asyncio.wait_for(supervisor.start(), timeout=30)
+    assert str(err.value).startswith("llama-server's port is already taken: "), err.value
+    assert f"127.0.0.1:{port}" in str(err.value) and "LLAMACPP_PORT_OVERRIDE" in str(err.value)
+    assert EngineState.RESTARTING not in [e.state for e in events], events
+    assert supervisor.restarts == 0 and supervisor.state is EngineState.FAILED
+    await supervisor.stop()
+
+
+async def test_a_port_taken_after_the_look_is_told_by_llama_server_and_fails_at_once(
+    make_launch: LaunchFactory,
+) -> None:
+    """The port is free when looked at and taken when llama-server binds it (another
+    server started between the two; here one bound and not yet listening, which a
+    connect does not find): llama-server's own "couldn't bind" is the diagnosis, and
+    the start fails at once, not after the crash limit."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: the look finds nothing
+        port = taken.getsockname()[1]
+        supervisor = Supervisor(make_launch(port=port), environ=dict(os.environ), policy=FAST)
+        events = record(supervisor)
+        with pytest.raises(EngineStartError) as err:
+            await asyncio.wait_for(supervisor.start(), timeout=30)
+    assert EngineState.RESTARTING not in [e.state for e in events], events
+    assert "crash loop" not in str(err.value), err.value
+    assert err.value.diagnosis and "is already taken" in err.value.diagnosis, err.value
+    assert f"couldn't bind HTTP server socket, hostname: 127.0.0.1, port: {port}" in str(
+        err.value.diagnosis
+    )
     await supervisor.stop()
 
 
 async def test_each_restart_of_a_crash_loop_waits_longer_up_to_the_backoff_cap(
-    make_launch: LaunchFactory,
+    make_launch: LaunchFactory, tmp_path: Path
 ) -> None:
     """Failures in a row wait longer and longer before the next start, up to
     ``backoff_max``: a backoff stuck at its first delay started a broken llama-server
     again and again at once (its model read from disk, its GPU taken each time) until
     the crash limit. The wait each restart announces is the one it waits."""
     policy = dataclasses.replace(FAST, backoff_initial=0.1, backoff_max=0.3, crash_limit=5)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        launch = make_launch(port=taken.getsockname()[1])
-        supervisor = Supervisor(launch, environ=dict(os.environ), policy=policy)
-        events = record(supervisor)
-        with pytest.raises(EngineStartError, match="crash loop: 5 failures"):
-            await asyncio.wait_for(supervisor.start(), timeout=60)
+    launch = never_starting(make_launch, tmp_path)
+    supervisor = Supervisor(launch, environ=dict(os.environ), policy=policy)
+    events = record(supervisor)
+    with pytest.raises(EngineStartError, match="crash loop: 5 failures"):
+        await asyncio.wait_for(supervisor.start(), timeout=60)
     await supervisor.stop()
     said = [e.reason or "" for e in events if e.state is EngineState.RESTARTING]
     delays = [re.findall(r"restart #\d+ in ([0-9.]+)s$", reason) for reason in said]
@@ -343,7 +388,7 @@ async def test_each_restart_of_a_crash_loop_waits_longer_up_to_the_backoff_cap(
 
 
 async def test_a_crash_loop_slower_than_the_crash_window_still_ends_in_failed(
-    make_launch: LaunchFactory,
+    make_launch: LaunchFactory, tmp_path: Path
 ) -> None:
     """The limit was so many deaths within the crash window (five in five minutes): a
     model that loads for two minutes and then dies never had them, and was restarted for
@@ -351,13 +396,10 @@ async def test_a_crash_loop_slower_than_the_crash_window_still_ends_in_failed(
     outside a window made tiny; counted in a row since a life that stayed ready, the
     failures end it all the same."""
     policy = dataclasses.replace(FAST, crash_window=0.001)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        launch = make_launch(port=taken.getsockname()[1])
-        supervisor = Supervisor(launch, environ=dict(os.environ), policy=policy)
-        with pytest.raises(EngineStartError) as err:
-            await asyncio.wait_for(supervisor.start(), timeout=30)
+    launch = never_starting(make_launch, tmp_path)
+    supervisor = Supervisor(launch, environ=dict(os.environ), policy=policy)
+    with pytest.raises(EngineStartError) as err:
+        await asyncio.wait_for(supervisor.start(), timeout=30)
     assert "crash loop: 3 failures in a row" in str(err.value)
     assert supervisor.restarts == FAST.crash_limit - 1
     await supervisor.stop()
