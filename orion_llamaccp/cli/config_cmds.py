@@ -388,10 +388,11 @@ def _check_redis(settings: Settings) -> Check:
             info = {**client.info("server"), **client.info("memory")}
         except redis.ResponseError:  # INFO denied by an ACL: left unchecked
             info = {}
-        client.close()
         version = str(info.get("redis_version", "?"))
-        if problem := next(iter(unfit(info)), None):
-            return ("redis", False, f"{where}: {problem}")
+        problem = next(iter(unfit(info)), None) or _refused_channels(settings, client, url)
+        client.close()
+        if problem:
+            return ("redis", False, f"{where}: {settings.redact(problem)}")
         return ("redis", True, f"{where} answers (Redis {version})")
     except (redis.RedisError, OSError, ValueError) as exc:
         return (
@@ -405,6 +406,28 @@ def _check_redis(settings: Settings) -> Check:
                 else "start Redis or set ORION_BUS_URL"
             ),
         )
+
+
+def _refused_channels(settings: Settings, client: Any, url: str) -> str | None:
+    """What the bus user may not do on the channels `run` uses (an ACL): doctor said ok,
+    and `run` found out at its SUBSCRIBE, or its first heartbeat."""
+    from orion_llamaccp.bus.permissions import refused, user_of
+    from orion_llamaccp.worker.announce import channels_for
+    from orion_llamaccp.worker.startup import transports
+
+    subscribe = {
+        settings.cancel_channel: "cancels",
+        settings.discover_channel: "discovery requests",
+    }
+    if "pubsub" in transports(settings):
+        intake = channels_for(settings, settings.profile_name).intake
+        subscribe = {intake: "the pub/sub intake", **subscribe}
+    publish = {
+        settings.health_channel: "heartbeats",
+        settings.announce_channel: "announcements",
+        settings.error_channel: "error reports",
+    }
+    return refused(client, user_of(client, url), publish=publish, subscribe=subscribe)
 
 
 def _check_gpus(plan: ServicePlan) -> Check:

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from orion_llamaccp.bus.server import redis_too_old
-from tests.conftest import SpawnWorker, write_tiny_registry
+from tests.conftest import OLDEST_REDIS, SpawnWorker, write_tiny_registry
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import RedisServer, free_port, pid_alive, wait_until
 from tests.support.workers import WorkerProc
@@ -167,6 +167,58 @@ def test_doctor_refuses_a_redis_older_than_6_2(version: str, refused: bool) -> N
         f"liveness key, XAUTOCLAIM for the stream intake): upgrade Redis"
     )
     assert redis_too_old(version) == (said if refused else None)
+
+
+# ACL rules of a user beside ``on >pw ~* +@all``, and what doctor must say of it: with
+# ``ACL`` allowed it asks ``ACL DRYRUN`` (Redis 7); without (``-acl``, or 6.2), it tries.
+_ACL_CASES = [
+    (
+        ("resetchannels", "&orion:system:*", "&orion:llm:*", "&orion:llamacpp:*"),
+        "may not SUBSCRIBE to orion:exec:request:LlamaCppHost:tiny (the pub/sub intake; ",
+    ),
+    (
+        ("-acl", "resetchannels", "&orion:exec:*", "&orion:llamacpp:*", "&orion:llm:*"),
+        "may not PUBLISH to orion:system:health (heartbeats; ",
+    ),
+    (("-publish", "allchannels"), "may not run PUBLISH ("),
+    (("-acl", "-publish", "allchannels"), "may not run PUBLISH ("),
+    (("-acl", "-subscribe", "allchannels"), "may not run SUBSCRIBE ("),
+    (("-acl", "allchannels"), None),
+]
+
+
+@pytest.mark.parametrize("version", ["7", "6.2"])
+def test_doctor_fails_a_redis_user_the_acl_keeps_off_the_worker_s_channels(
+    subprocess_env: dict, tmp_path: Path, version: str
+) -> None:
+    """An ACL user that may not SUBSCRIBE to the intake, or PUBLISH heartbeats: doctor
+    said ok, and `run` failed at its SUBSCRIBE ("No permissions to access a channel",
+    which one unsaid). Doctor names the user, the command and the channel now."""
+    binary = None
+    if version == "6.2":
+        if not OLDEST_REDIS.is_file():
+            pytest.fail(f"no Redis 6.2 at {OLDEST_REDIS} (make test builds it)")
+        binary = str(OLDEST_REDIS)
+    server = RedisServer(tmp_path / "redis", binary=binary).start()
+    admin = redis.Redis.from_url(server.url)
+    try:
+        for index, (rules, said) in enumerate(_ACL_CASES):
+            user = f"u{index}"
+            admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "+@all", *rules)
+            url = f"redis://{user}:pw@127.0.0.1:{server.port}/0"
+            done = cli({**subprocess_env, "ORION_BUS_URL": url}, "doctor")
+            line = next(line for line in done.stdout.splitlines() if line.split()[1] == "redis")
+            if said is None:
+                assert line.startswith("ok") and done.returncode == 0, (rules, line)
+                continue
+            assert line.startswith("FAIL") and done.returncode == 1, (rules, line)
+            assert f"Redis user '{user}' {said}" in line and "grant it in Redis's ACL" in line
+            assert "pw@" not in line, line
+        # Tried, not sent: no one heard a thing, and nothing stays subscribed.
+        assert admin.pubsub_channels() == [], admin.pubsub_channels()
+    finally:
+        admin.close()
+        server.stop()
 
 
 def test_doctor_says_what_to_fix(subprocess_env: dict, tmp_path: Path) -> None:
