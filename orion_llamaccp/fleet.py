@@ -48,6 +48,8 @@ class Host:
     interval: float = 10.0
     engine_url: str | None = None
     intake_channel: str | None = None
+    intake_stream: str | None = None
+    intakes: list[str] | None = None  # what it reads (pubsub, stream); None: not said
     reason: str | None = None  # why it failed, or what its engine last said
 
     def beat_age(self, now: float | None = None) -> float | None:
@@ -56,6 +58,12 @@ class Host:
     def down(self, now: float | None = None) -> bool:
         age = self.beat_age(now)
         return age is None or age > MISSED_BEATS * self.interval or self.status == "down"
+
+    def reads(self, stream: str) -> bool:
+        """Whether it may read a request put on ``stream``: yes, where it did not say."""
+        if self.intakes is None:  # a worker from before ``intakes``
+            return True
+        return "stream" in self.intakes and self.intake_stream in (None, stream)
 
     def row(self, now: float | None = None) -> dict[str, Any]:
         return {**asdict(self), "beat_age_sec": _round(self.beat_age(now)), "down": self.down(now)}
@@ -173,6 +181,10 @@ class Fleet:
         host.model = _text(info.get("model_id")) or host.model
         host.engine_url = _text(info.get("engine_url")) or host.engine_url
         host.intake_channel = _text(info.get("intake_channel")) or host.intake_channel
+        host.intake_stream = _text(info.get("intake_stream")) or host.intake_stream
+        intakes = info.get("intakes")
+        if isinstance(intakes, list) and all(isinstance(i, str) for i in intakes):
+            host.intakes = intakes
         host.slots_total = _count(info.get("slots"), host.slots_total)
         host.interval = _positive(info.get("heartbeat_interval_sec"), host.interval)
         host.state = _text(info.get("state")) or host.state
@@ -217,6 +229,24 @@ class Fleet:
         for key, host in list(self.hosts.items()):
             if key not in self.stored and host.down(now):
                 del self.hosts[key]
+
+    def no_stream_reader(self, profile: str, stream: str) -> str | None:
+        """Why no worker of ``profile`` on the bus would read a request put on ``stream``,
+        where each one up says what it reads; None when one may, or none is up (a durable
+        request waits for a worker to come)."""
+        now = time.time()
+        live = [
+            h for _, h in sorted(self.hosts.items()) if h.profile == profile and not h.down(now)
+        ]
+        if not live or any(host.reads(stream) for host in live):
+            return None
+        read = [
+            f"{host.instance} reads the stream {host.intake_stream}"
+            if "stream" in (host.intakes or ())
+            else f"{host.instance} serves {', '.join(host.intakes or ()) or 'no intake'} only"
+            for host in live
+        ]
+        return f"no worker of profile '{profile}' reads the stream {stream} ({'; '.join(read)})"
 
     def rows(self) -> list[dict[str, Any]]:
         now = time.time()

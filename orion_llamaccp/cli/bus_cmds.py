@@ -117,6 +117,8 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
 
     redis = connect(settings)  # the worker's client: socket timeouts, no silent retries
     try:
+        if args.via == "stream":
+            await _stream_read(redis, profile, stream)
         result = await BusClient(redis=redis).chat(
             [{"role": "user", "content": args.prompt}],
             profile=profile,
@@ -171,6 +173,20 @@ async def _chat(args: argparse.Namespace, settings: Settings) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+async def _stream_read(redis: Any, profile: str, stream: str) -> None:
+    """Raise ``NoWorker`` where the workers of ``profile`` up on the bus all say they do
+    not read ``stream`` (pub/sub only, or another stream): the request would wait there,
+    and ``chat`` its whole timeout, for a worker to come."""
+    from orion_llamaccp.errors import NoWorker
+    from orion_llamaccp.fleet import Fleet
+
+    if problem := (await Fleet().load(redis)).no_stream_reader(profile, stream):
+        raise NoWorker(
+            f"{problem}: ask with --via pubsub, or have a worker serve the stream "
+            "(ORION_LLAMACPP_TRANSPORTS, ORION_LLAMACPP_INTAKE_STREAM)"
+        )
 
 
 def cmd_chat(args: argparse.Namespace, settings: Settings) -> int:

@@ -412,8 +412,7 @@ def _refused_channels(settings: Settings, client: Any, url: str) -> str | None:
     """What the bus user may not do on the channels `run` uses (an ACL): doctor said ok,
     and `run` found out at its SUBSCRIBE, or its first heartbeat."""
     from orion_llamaccp.bus.permissions import refused, user_of
-    from orion_llamaccp.worker.announce import channels_for
-    from orion_llamaccp.worker.startup import transports
+    from orion_llamaccp.worker.announce import channels_for, transports
 
     subscribe = {
         settings.cancel_channel: "cancels",

@@ -38,6 +38,11 @@ def channels_for(settings: Any, profile: str) -> Channels:
     )
 
 
+def transports(settings: Any) -> set[str]:
+    """The intakes the worker serves (``ORION_LLAMACPP_TRANSPORTS``): ``pubsub``, ``stream``."""
+    return {t.strip() for t in settings.transports.split(",")}
+
+
 class WorkerView:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -163,6 +168,8 @@ class WorkerView:
             "slots": worker.slots.total,
             "gpu_ids": _gpu_ids(launch.env.get("CUDA_VISIBLE_DEVICES"), profile.gpu.device_ids),
             "cuda_visible_devices": launch.env.get("CUDA_VISIBLE_DEVICES"),
+            # Which of the two it reads: a caller of the other one waited its whole timeout.
+            "intakes": sorted(transports(worker.settings)),
             "intake_channel": self.channels.intake,
             "intake_stream": self.channels.stream,
             "stream_group": self.channels.group,

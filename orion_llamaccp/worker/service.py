@@ -37,7 +37,7 @@ from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
 from orion_llamaccp.errors import ConfigError, DecodeError, OrionLlamaError
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.stopping import unless_stopped
-from orion_llamaccp.worker.announce import WorkerView
+from orion_llamaccp.worker.announce import WorkerView, transports
 from orion_llamaccp.worker.handler import ChatHandler
 from orion_llamaccp.worker.inflight import InFlight, RecentCancels
 from orion_llamaccp.worker.jobs import (
@@ -52,7 +52,7 @@ from orion_llamaccp.worker.jobs import (
     expiry,
 )
 from orion_llamaccp.worker.metrics import Metrics
-from orion_llamaccp.worker.startup import Intake, transports
+from orion_llamaccp.worker.startup import Intake
 from orion_llamaccp.worker.stats import Stats
 
 log = logging.getLogger(__name__)

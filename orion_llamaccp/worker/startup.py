@@ -22,7 +22,7 @@ from orion_llamaccp.bus.intake import FIX_AUTH, PubSubListener
 from orion_llamaccp.errors import ConfigError, OrionLlamaError
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.stopping import unless_stopped
-from orion_llamaccp.worker.announce import Channels, channels_for
+from orion_llamaccp.worker.announce import Channels, channels_for, transports
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,10 +47,6 @@ def connect(settings: Settings) -> aioredis.Redis:
         max_connections=512,
     )
     return follow_failovers(client)
-
-
-def transports(settings: Settings) -> set[str]:
-    return {t.strip() for t in settings.transports.split(",")}
 
 
 class Intake:

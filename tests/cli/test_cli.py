@@ -465,6 +465,25 @@ def test_chat_on_the_stream_with_no_worker_says_where_to_look(subprocess_env: di
     assert said in done.stderr and "orion-llamaccp ps" in done.stderr, done.stderr
 
 
+def test_chat_on_the_stream_of_workers_serving_pub_sub_only_fails_at_once(
+    spawn_worker: SpawnWorker, subprocess_env: dict
+) -> None:
+    """The worker serves pub/sub only (``ORION_LLAMACPP_TRANSPORTS=pubsub``), and says so
+    in its announcement: ``chat --via stream`` waited its whole timeout (300 s by
+    default) for an answer no worker would give. It fails at once, saying what to do."""
+    spawn_worker(ORION_LLAMACPP_TRANSPORTS="pubsub")
+    # The wait it used to do outlasts the command's own limit here (60 s).
+    done = cli(subprocess_env, "chat", "hi", "--via", "stream", "--timeout", "600")
+    assert done.returncode == 1, done.stderr
+    said = (
+        "error: no worker of profile 'tiny' reads the stream orion:stream:llamacpp:tiny:request "
+        "(w1 serves pubsub only): ask with --via pubsub"
+    )
+    assert done.stderr.startswith(said), done.stderr
+    asked = cli(subprocess_env, "chat", "hi", "--max-tokens", "2", "--timeout", "60")
+    assert asked.returncode == 0, asked.stderr
+
+
 def test_command_says_the_gpu_pin_replaces_the_environment_s_and_it_does(
     subprocess_env: dict,
 ) -> None:

@@ -404,3 +404,34 @@ async def test_ps_takes_a_host_s_state_from_its_last_beat_over_its_announcement(
     finally:
         await redis.aclose()
     assert (row["state"], row["reason"]) == ("failed", "model file missing")
+
+
+def _announced(instance: str, **said: Any) -> bytes:
+    payload = {"service": "orion-llamaccp", "instance": instance, "profile": "tiny", **said}
+    return orjson.dumps({"kind": PROFILE_ANNOUNCE, "payload": payload})
+
+
+def test_a_stream_no_worker_up_reads_is_said_from_what_they_announce() -> None:
+    """Workers of a profile that all say they do not read a stream (pub/sub only, or
+    another stream): a request put there waits for one to come, and ``chat --via stream``
+    waited its whole timeout. One that says nothing of it (a worker from before
+    ``intakes``), or none up at all, is no reason to refuse."""
+    ours = keys.intake_stream("tiny")
+    fleet = Fleet()
+    assert fleet.no_stream_reader("tiny", ours) is None  # none up: the request may wait
+    now = datetime.now(UTC)
+    fleet.ingest(_beat("w1", sent=now))
+    fleet.ingest(_announced("w1", intakes=["pubsub"], intake_stream=ours))
+    fleet.ingest(_beat("w2", sent=now))
+    fleet.ingest(_announced("w2", intakes=["pubsub", "stream"], intake_stream="orion:other"))
+    fleet.ingest(_beat("gone", sent=now), heard_at=time.time() - 60)  # down: not counted
+    fleet.ingest(_announced("gone", intakes=["pubsub", "stream"], intake_stream=ours))
+    assert fleet.no_stream_reader("tiny", ours) == (
+        f"no worker of profile 'tiny' reads the stream {ours} "
+        "(w1 serves pubsub only; w2 reads the stream orion:other)"
+    )
+    assert fleet.no_stream_reader("tiny", "orion:other") is None
+    assert fleet.no_stream_reader("other", ours) is None
+    fleet.ingest(_beat("old", sent=now))
+    fleet.ingest(_announced("old", intake_stream=ours))  # says nothing of its intakes
+    assert fleet.no_stream_reader("tiny", ours) is None
