@@ -1063,3 +1063,25 @@ def test_json_commands_fail_in_json_on_stdout(
         plain = cli(env, *args, timeout=30)
         assert plain.returncode == 1 and plain.stdout == "", (args, plain.stdout)
         assert plain.stderr.startswith("error: ") and said in plain.stderr, plain.stderr
+
+
+def test_a_redis_that_quotes_the_password_back_has_it_hidden_in_the_error(
+    subprocess_env: dict, tmp_path: Path
+) -> None:
+    """A real Redis with AUTH renamed away (hardening) answers our AUTH "unknown command
+    'AUTH', with args beginning with: '<password>'": the bus password inside the error
+    text itself, not only in the URL the line names. ``run_bus`` prints that text, and
+    only its redaction keeps the password (as written and percent-decoded) out of it."""
+    server = RedisServer(tmp_path / "redis", extra_args=("--rename-command", "AUTH", "")).start()
+    try:
+        url = f"redis://:s3cret%3Bpass@127.0.0.1:{server.port}/0"
+        env = {**subprocess_env, "ORION_BUS_URL": url}
+        runs = [cli(env, *args, timeout=30) for args in (("ps",), ("chat", "hi"), ("watch",))]
+    finally:
+        server.stop()
+    for done in runs:
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("error: Redis at redis://:***@127.0.0.1:"), done.stderr
+        assert "unknown command 'AUTH', with args beginning with: '***'" in done.stderr
+        said = done.stdout + done.stderr
+        assert "s3cret" not in said and "Traceback" not in said, said
