@@ -695,6 +695,41 @@ async def test_a_request_llama_server_dies_on_is_given_up_before_it_takes_the_wo
     assert worker.state() == "ready"
 
 
+async def test_a_stream_request_broken_off_each_try_gets_max_deliveries_tries_not_one_more(
+    fault: Fault,
+) -> None:
+    """``ORION_LLAMACPP_MAX_DELIVERIES`` (2 here) counts a stream request's tries: its
+    stream broken off mid-way each time (llama-server killed under it; its death limit set
+    out of the way), it is tried twice and then answered ``upstream_failed`` with the
+    second attempt's number. A limit taken as "more than" (a third try, a third kill)
+    passed every test: no test ran a request to the end of its tries."""
+    worker = fault.spawn(
+        "w",
+        slow=True,
+        ORION_LLAMACPP_MAX_DELIVERIES="2",
+        ORION_LLAMACPP_REQUEST_CRASH_LIMIT="5",
+        ORION_LLAMACPP_CRASH_LIMIT="9",
+    )
+    doomed = fault.ledger.add(
+        fault.client.request(
+            [{"role": "user", "content": "hi"}],
+            profile="tiny",
+            options={"stream": True, "max_tokens": POISON_TOKENS, "ignore_eos": True},
+        )
+    )
+    killer = asyncio.create_task(
+        kill_while_busy(worker, decoding=True, most=4, until=lambda: fault.ledger.answers(doomed))
+    )
+    await fault.client.send(doomed, profile="tiny", via="stream")
+    kills = await killer
+    assert_exactly_once(await fault.ledger.settle(timeout=60))
+    answer = fault.ledger.answers(doomed)[0]["payload"]
+    assert (kills, answer["error"], answer["details"]["attempt"]) == (2, "upstream_failed", 2)
+    assert "engine_deaths" not in answer["details"], answer
+    assert {c["attempt"] for c in chunks_of(fault, doomed)} == {1, 2}
+    await assert_still_serving(fault)
+
+
 def first_on(fault: Fault, channel: str, attempt: int | None = None) -> int | None:
     """Where the first message on ``channel`` (of ``attempt``, for chunks) stands among
     everything the recorder saw; None before there is one."""
