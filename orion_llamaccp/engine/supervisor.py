@@ -27,7 +27,6 @@ import socket
 import stat
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -184,9 +183,9 @@ class Supervisor:
         self._state_changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._draining = asyncio.Event()  # for good once set; it also ends a restart backoff
-        self._crashes: deque[float] = deque()
         # Failures since a life that stayed ready for a crash window: a model that loads
-        # for two minutes and then dies never has five deaths within five minutes.
+        # for two minutes and then dies never has five deaths within five minutes, and
+        # five quick deaths are five in a row all the same.
         self._unsteady = 0
         self._ready_at: float | None = None
         self._backoff = wait_exponential(
@@ -537,16 +536,13 @@ class Supervisor:
         return not self._stopping.is_set()
 
     def _count_crash(self) -> tuple[int, str]:
-        """This crash counted both ways: within the crash window, and in a row since a
-        life that stayed ready for a whole window. The larger count, and what it says."""
-        now, window = time.monotonic(), self.policy.crash_window
-        self._crashes.append(now)
-        while self._crashes and now - self._crashes[0] > window:
-            self._crashes.popleft()
-        steady = self._ready_at is not None and now - self._ready_at >= window
+        """This crash counted in a row since a life that stayed ready for a whole crash
+        window, and what the count says. (Deaths within the window were counted apart
+        too, once: every one of them is also in a row since such a life, so that count
+        was never the larger and decided nothing.)"""
+        window = self.policy.crash_window
+        steady = self._ready_at is not None and time.monotonic() - self._ready_at >= window
         self._unsteady = 1 if steady else self._unsteady + 1
-        if len(self._crashes) >= self._unsteady:
-            return len(self._crashes), f"{len(self._crashes)} failures within {window:.0f}s"
         return self._unsteady, (
             f"{self._unsteady} failures in a row, none ready for {window:.0f}s in between"
         )
