@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -510,6 +511,67 @@ async def test_a_llama_server_already_on_the_port_is_not_taken_for_ours(
     assert f":{port}" in str(err.value), err.value
     await supervisor.stop()
     await assert_answers(ready_engine)  # the other one was left alone
+
+
+# Not llama-server: a stand-in for whatever else may answer on the port, slow to answer
+# /health (3 s), so that the answer comes after ours has exited.
+_OTHER_SERVER = """
+import http.server, os, sys, time
+
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/health":
+            time.sleep(3)
+        body = b'{"status": "ok"}' if self.path == "/health" else b"{}"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+open(sys.argv[2], "w").write(str(os.getpid()))
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Answer).serve_forever()
+"""
+
+# A launcher that hands its port to another process (in a session of its own: not in our
+# process group) and exits once that one listens.
+_HANDS_OVER = """#!/usr/bin/env bash
+while [ "$#" -gt 0 ] && [ "$1" != --port ]; do shift; done
+port="$2"
+setsid "{python}" "{other}" "$port" "{pidfile}" &
+until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.05; done
+sleep 1
+exit 0
+"""
+
+
+async def test_health_answered_by_another_process_after_ours_exited_is_not_ready(
+    make_launch: LaunchFactory, tmp_path: Path
+) -> None:
+    """Ours exited while loading, and a 200 on ``/health`` came from whatever else took
+    the port (here a launcher that handed it over, then exited): not ours, so not ready.
+    The 200 was asked for while ours still ran and answered after it exited; without the
+    check of ours still running at the answer (a mutant that dropped it passed every
+    test), the engine went ``ready`` on the other's ``/props``."""
+    other, pidfile = tmp_path / "other.py", tmp_path / "other.pid"
+    other.write_text(_OTHER_SERVER)
+    launcher = tmp_path / "launcher.sh"
+    launcher.write_text(_HANDS_OVER.format(python=sys.executable, other=other, pidfile=pidfile))
+    launcher.chmod(0o755)
+    policy = dataclasses.replace(FAST, health_timeout=10.0, crash_limit=1)
+    supervisor = Supervisor(make_launch(binary=launcher), environ=dict(os.environ), policy=policy)
+    events = record(supervisor)
+    try:
+        with pytest.raises(EngineStartError) as err:
+            await asyncio.wait_for(supervisor.start(), 60)
+    finally:
+        await supervisor.stop()
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    assert EngineState.READY not in [e.state for e in events], events
+    assert "llama-server exited with code 0 while loading" in str(err.value), err.value
 
 
 async def test_llama_server_settings_in_the_environment_are_not_inherited(
