@@ -212,9 +212,9 @@ class LlamaProcess:
     def kill(self) -> None:
         """SIGKILL the whole group now (a wedged server ignores SIGTERM)."""
         self._kill_sent = True
+        # SIGKILL ends a SIGSTOPped process too, without a SIGCONT (one after it, here
+        # once, changed nothing: the whole group had the SIGKILL).
         self._signal_group(signal.SIGKILL)
-        # A SIGSTOPped process still dies of SIGKILL; SIGCONT is for the rest of its group.
-        self._signal_group(signal.SIGCONT)
 
     async def killed(self) -> int | None:
         """SIGKILL the group now and reap its leader: its exit code, or None if it is
@@ -292,8 +292,7 @@ async def _clear_group(pgid: int, deadline: float, *, signalled: bool) -> None:
     if await _group_gone(pgid, deadline):
         return
     log.warning("llama-server's process group %s outlived its leader: SIGKILL", pgid)
-    _group_signal(pgid, signal.SIGKILL)
-    _group_signal(pgid, signal.SIGCONT)
+    _group_signal(pgid, signal.SIGKILL)  # stopped or not: no SIGCONT needed
     if not await _group_gone(pgid, time.monotonic() + _GROUP_KILL_WAIT):
         log.error("llama-server's process group %s outlived SIGKILL", pgid)
 

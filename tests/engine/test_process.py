@@ -137,3 +137,52 @@ async def test_a_stop_wakes_a_paused_llama_server_so_that_it_hears_its_sigterm(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
     assert code != -signal.SIGKILL, code
+
+
+async def test_a_paused_group_dies_of_sigkill_alone(
+    make_launch: LaunchFactory,
+    prelude_env: Callable[..., dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every process of llama-server's group SIGSTOPped (a launcher, llama-server under
+    it, a sleep): ``killed`` ends them all and reaps the leader with SIGKILL alone. A
+    SIGCONT sent after the SIGKILL (for "the rest of the group", which had the SIGKILL
+    too) was dead code, and a mutant without it passed every test."""
+    proc = LlamaProcess(make_launch(binary=PRELUDE), environ=prelude_env(PRELUDE_IGNORE_TERM="1"))
+    await proc.start()
+    pid = proc.pid
+    assert pid is not None
+    try:
+        await wait_until_async(
+            lambda: len(psutil.Process(pid).children(recursive=True)) == 2,
+            timeout=10,
+            what="the server and the sleep under the prelude",
+        )
+        group = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+        os.killpg(pid, signal.SIGSTOP)
+        await wait_until_async(
+            lambda: all(psutil.Process(p).status() == psutil.STATUS_STOPPED for p in group),
+            timeout=10,
+            what="the whole group stopped",
+        )
+        sent: list[signal.Signals] = []
+        real = os.killpg
+
+        def spy(pgid: int, sig: int) -> None:  # sees which signals go out, sends each
+            sent.append(signal.Signals(sig))
+            real(pgid, sig)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "killpg", spy)
+            code = await asyncio.wait_for(proc.killed(), 15)
+    finally:  # a kill that fails leaves the test, not the processes
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    assert code == -signal.SIGKILL and signal.SIGCONT not in sent, (code, sent)
+    await wait_until_async(
+        lambda: (
+            not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in group)
+        ),
+        timeout=10,
+        what="the whole group gone",
+    )
