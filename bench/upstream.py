@@ -6,7 +6,7 @@ binary (``LLAMA_SERVER_BIN`` points at a two-line script that execs this module)
 answers ``--help`` with llama-server-style lines, takes ``--host``/``--port``/``--parallel``
 and ``--ctx-size``, and serves:
 
-- ``GET /health`` 200, ``GET /props`` (``n_ctx``, ``total_slots``), ``GET /slots``;
+- ``GET /health`` 200, ``GET /props`` (``total_slots``, a slot's ``n_ctx``), ``GET /slots``;
 - ``POST /v1/chat/completions``: ``max_tokens`` content chunks in llama-server's exact
   framing (chunked transfer encoding, one HTTP chunk per ``data:`` event, the first chunk
   carrying the role, then ``finish_reason``, the usage chunk with ``timings``, ``[DONE]``),
@@ -160,12 +160,14 @@ class Server:
         self.connections = 0
 
     def props(self) -> dict:
+        # As llama-server's: the context of one slot, under the default generation
+        # settings only.
+        per_slot = self.args.ctx_size // max(self.args.parallel, 1)
         return {
-            "n_ctx": self.args.ctx_size // max(self.args.parallel, 1),
             "total_slots": self.args.parallel,
             "model_path": self.args.model,
             "build_info": "bench-synthetic-upstream",
-            "default_generation_settings": {"n_ctx": self.args.ctx_size},
+            "default_generation_settings": {"n_ctx": per_slot},
         }
 
 

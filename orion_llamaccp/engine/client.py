@@ -49,9 +49,12 @@ class Props:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Props:
+        # Per slot, in the default generation settings: llama-server's /props has no
+        # n_ctx of its own (one read there first was never found, a mutant of the order
+        # survived every test).
         settings = data.get("default_generation_settings") or {}
         return cls(
-            n_ctx=int(data.get("n_ctx") or settings.get("n_ctx") or 0),
+            n_ctx=int(settings.get("n_ctx") or 0),
             total_slots=int(data.get("total_slots") or 1),
             model_path=str(data.get("model_path") or ""),
             build_info=str(data.get("build_info") or ""),
