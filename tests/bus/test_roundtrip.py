@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -17,6 +18,7 @@ from tests.support.workers import BusRecorder
 
 HI = [{"role": "user", "content": "hello there"}]
 PROFILE = "tiny"
+CUTTING_LAUNCHER = Path(__file__).parent.parent / "support" / "cutting_launcher.py"
 
 
 async def test_pubsub_round_trip(
@@ -306,3 +308,29 @@ def test_chat_asks_on_the_intake_channel_the_environment_names(
     assert other.returncode == 1, other.stderr
     assert len(recorder.on("orion:exec:request:LlamaCppHost:other")) == 1
     assert len(recorder.on("orion:custom:in")) == asked
+
+
+async def test_an_answer_that_lost_its_usage_is_whole_and_says_its_usage_is_estimated(
+    spawn_worker: SpawnWorker, bus: BusClient, llama_server_bin
+) -> None:
+    """llama-server reached through a network that breaks right after an answer's finish
+    event (``tests/support/cutting_launcher.py``: a proxy cuts answers to the marked
+    requests there): the answer is whole, its usage the tokens relayed with the prompt's
+    unknown (0), and ``meta.usage_estimated`` says so; an answer with llama-server's own
+    usage has no such flag. No test looked at the flag: a worker that never set it, or
+    set it on every answer, passed them all."""
+    spawn_worker(
+        LLAMA_SERVER_BIN=str(CUTTING_LAUNCHER),
+        REAL_LLAMA_SERVER=str(llama_server_bin),
+        ORION_LLAMACPP_ENGINE_UNIX_SOCKET="0",  # through the proxy on the port
+    )
+    options = {"max_tokens": 6, "seed": 3}
+    whole = await bus.chat(HI, profile=PROFILE, options=options, timeout=30)
+    cut_off = [{"role": "user", "content": "CUT-AFTER-FINISH hello"}]
+    cut = await bus.chat(cut_off, profile=PROFILE, options=options, timeout=30)
+    assert whole.ok and cut.ok, (whole.payload, cut.payload)
+    assert "usage_estimated" not in whole.payload["meta"], whole.payload["meta"]
+    assert whole.payload["usage"]["prompt_tokens"] > 0, whole.payload
+    assert cut.payload["meta"]["usage_estimated"] is True, cut.payload["meta"]
+    assert cut.payload["meta"]["finish_reason"] == "length"
+    assert cut.payload["usage"] == {"prompt_tokens": 0, "completion_tokens": 6, "total_tokens": 6}
