@@ -197,6 +197,26 @@ async def test_a_worker_that_starts_drops_index_members_whose_key_is_gone(
     assert indexed == {keys.liveness("orion-llamaccp", "w").encode()}, indexed
 
 
+async def test_the_hosts_index_expires_a_day_after_the_last_beat(redis_url: str) -> None:
+    """The hosts index lives a day past the fleet's last beat, each beat setting that day
+    again: a fleet long gone leaves nothing behind, a running one never loses its index.
+    No test read its time to live: a worker that never set it (an index kept for ever),
+    or set it once, passed them all."""
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        presence = _presence(redis, "w")
+        await presence.heartbeat()
+        first = await redis.ttl(keys.HOSTS_INDEX)
+        await redis.expire(keys.HOSTS_INDEX, 5)  # as if its day were nearly over
+        await presence.heartbeat()
+        renewed = await redis.ttl(keys.HOSTS_INDEX)
+    finally:
+        await redis.aclose()
+    day = keys.HOSTS_INDEX_TTL_SEC
+    assert day == 86_400 and day - 5 < first <= day, first
+    assert day - 5 < renewed <= day, renewed
+
+
 def test_a_worker_that_gave_up_is_listed_failed_with_its_reason() -> None:
     """Its last beat says ``failed`` and why (kept three intervals for ``ps``): the table
     showed "down" alone, and the JSON had no reason."""
