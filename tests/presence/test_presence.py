@@ -860,6 +860,44 @@ def _beat(service: str, instance: str, details: dict) -> bytes:
     return Outbox(ServiceRef(name=service, instance=instance)).encode("system.health.v1", payload)
 
 
+def test_watch_drops_a_host_that_said_goodbye_and_that_redis_keeps_no_more(
+    subprocess_env: dict, redis_url: str
+) -> None:
+    """A worker's farewell beat (``down``) heard live, and nothing of it in Redis: at its
+    next reload of the fleet (every 10 s) ``watch`` drops its row; a host heard live and
+    well stays. ``Fleet.forget_gone`` was tested alone: a ``watch`` that never called it
+    (every container ever recreated piling up as "down") passed every test."""
+    details = {"profile": "tiny", "slots_total": 1, "state": "stopped"}
+    farewell = orjson.loads(_beat("orion-llamaccp", "said-goodbye", details))
+    farewell["payload"]["status"] = "down"
+    live = _beat("orion-llamaccp", "still-here", {"profile": "tiny", "slots_total": 1})
+    client = redis.Redis.from_url(redis_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orion_llamaccp", "watch", "--refresh", "0.2"],
+        env={**subprocess_env, "COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: dict(client.pubsub_numsub("orion:system:health"))[b"orion:system:health"],
+            timeout=20,
+            what="watch subscribed",
+        )
+        client.publish("orion:system:health", orjson.dumps(farewell))
+        client.publish("orion:system:health", live)
+        time.sleep(11)  # past its next reload, whenever in its 10 s that came
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "still-here" in out and "said-goodbye" not in out, out
+
+
 def test_watch_shows_only_llama_cpp_hosts_and_reads_naive_times_as_utc(
     subprocess_env: dict, redis_url: str
 ) -> None:
