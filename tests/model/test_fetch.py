@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -675,6 +680,63 @@ def test_a_downloaded_file_that_only_changed_its_time_keeps_its_source(
     assert not any(e.phase == "verifying" for e in again)
     assert switched.downloaded == (target,)
     assert target.read_bytes() == gguf_bytes(2)
+
+
+# Run in a mount namespace of its own, with model_root bind-mounted read-only over itself:
+# a retimed file's start, as on a read-only volume (as root, a folder chmod'ed read-only
+# is still writable: only a read-only mount says no).
+_START_ON_A_READ_ONLY_ROOT = """
+import json, sys
+from orion_llamaccp.model import ensure_model
+from orion_llamaccp.settings import Settings
+from tests.model.conftest import make_profile
+
+root, endpoint = sys.argv[1], sys.argv[2]
+settings = Settings(cache_dir=root, hf_endpoint=endpoint, hf_hub_offline=False)
+events = []
+resolved = ensure_model(make_profile(hf_revision="v1"), settings, progress=events.append)
+hashed = [e.bytes_done for e in events if e.phase == "verifying"]
+print(json.dumps({"sha256": resolved.sha256, "hashed": hashed}))
+"""
+
+
+def _read_only_mounts_allowed() -> bool:
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return False
+    mount = "mount --bind /tmp /tmp && mount -o remount,ro,bind /tmp /tmp"
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", mount], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(
+    not _read_only_mounts_allowed(), reason="this machine permits no read-only bind mount"
+)
+def test_a_retimed_download_on_a_read_only_root_is_not_hashed_at_every_start(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """Its record cannot be refreshed there, so a hash would be thrown away and done again
+    at the next start (minutes for 70 GB, each time): the file is taken as copied by hand
+    instead, unhashed, with no sha256. Only a chmod'ed folder was ever tried, which root
+    may write: a ``can_record`` that said yes to every folder passed every test."""
+    hub.add(REPO_ID, FILENAME, gguf_bytes(1), revision="v1")
+    ensure_model(make_profile(hf_revision="v1"), make_settings())
+    _retimed(cache_dir / FILENAME)
+    root = shlex.quote(str(cache_dir))
+    script = (
+        f"mount --bind {root} {root} && mount -o remount,ro,bind {root} {root} && "
+        f'exec "$0" -c "$1" {root} {shlex.quote(hub.endpoint)}'
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, sys.executable, _START_ON_A_READ_ONLY_ROOT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"sha256": None, "hashed": []}, done.stdout
+    assert read_record(cache_dir, cache_dir / FILENAME, any_time=True) is not None  # untouched
 
 
 def test_other_bytes_of_the_same_size_under_a_record_are_served_and_remembered_as_changed(
