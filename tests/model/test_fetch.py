@@ -176,6 +176,26 @@ def test_a_corrupt_record_is_ignored_and_the_file_still_served(
     assert target.read_bytes() == gguf_bytes(0)
 
 
+def test_a_record_with_fields_of_a_later_version_still_counts(
+    hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """A record written by a later version, with a field this one does not know, keeps
+    the file's source: refused, it passed for a copy by hand (no sha256, kept whatever
+    revision the profile names), after a mere downgrade. A record model that forbade
+    extra fields passed every test."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(0))
+    ensure_model(make_profile(), make_settings())
+    target = cache_dir / FILENAME
+    written = json.loads(record_path(cache_dir, target).read_text())
+    record_path(cache_dir, target).write_text(json.dumps({**written, "verified_at": 1.5}))
+
+    resolved = ensure_model(make_profile(), make_settings())
+
+    assert resolved.sha256 == sha and resolved.downloaded == ()
+    record = read_record(cache_dir, target)
+    assert record is not None and record.repo_id == REPO_ID
+
+
 def test_file_copied_by_hand_is_used_without_any_network(
     hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
@@ -682,10 +702,10 @@ def test_a_downloaded_file_that_only_changed_its_time_keeps_its_source(
     assert target.read_bytes() == gguf_bytes(2)
 
 
-# Run in a mount namespace of its own, with model_root bind-mounted read-only over itself:
-# a retimed file's start, as on a read-only volume (as root, a folder chmod'ed read-only
-# is still writable: only a read-only mount says no).
-_START_ON_A_READ_ONLY_ROOT = """
+# A start (``ensure_model``) in a mount namespace of its own, with one folder bind-mounted
+# read-only over itself, as on a read-only volume (as root, a folder chmod'ed read-only is
+# still writable: only a read-only mount says no).
+_START_IN_A_MOUNT_NAMESPACE = """
 import json, sys
 from orion_llamaccp.model import ensure_model
 from orion_llamaccp.settings import Settings
@@ -708,9 +728,31 @@ def _read_only_mounts_allowed() -> bool:
     return done.returncode == 0
 
 
-@pytest.mark.skipif(
+needs_read_only_mounts = pytest.mark.skipif(
     not _read_only_mounts_allowed(), reason="this machine permits no read-only bind mount"
 )
+
+
+def _start_with_read_only(
+    read_only: Path, cache_dir: Path, hub: LocalHub
+) -> subprocess.CompletedProcess[str]:
+    folder = shlex.quote(str(read_only))
+    script = (
+        f"mount --bind {folder} {folder} && mount -o remount,ro,bind {folder} {folder} && "
+        f'exec "$0" -c "$1" {shlex.quote(str(cache_dir))} {shlex.quote(hub.endpoint)}'
+    )
+    repo = Path(__file__).parents[2]
+    return subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, sys.executable, _START_IN_A_MOUNT_NAMESPACE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+
+
+@needs_read_only_mounts
 def test_a_retimed_download_on_a_read_only_root_is_not_hashed_at_every_start(
     hub: LocalHub, make_settings: SettingsFactory, gguf_bytes: Bytes, cache_dir: Path
 ) -> None:
@@ -721,22 +763,33 @@ def test_a_retimed_download_on_a_read_only_root_is_not_hashed_at_every_start(
     hub.add(REPO_ID, FILENAME, gguf_bytes(1), revision="v1")
     ensure_model(make_profile(hf_revision="v1"), make_settings())
     _retimed(cache_dir / FILENAME)
-    root = shlex.quote(str(cache_dir))
-    script = (
-        f"mount --bind {root} {root} && mount -o remount,ro,bind {root} {root} && "
-        f'exec "$0" -c "$1" {root} {shlex.quote(hub.endpoint)}'
-    )
-    done = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", script, sys.executable, _START_ON_A_READ_ONLY_ROOT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).parents[2],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
-    )
+
+    done = _start_with_read_only(cache_dir, cache_dir, hub)
+
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"sha256": None, "hashed": []}, done.stdout
     assert read_record(cache_dir, cache_dir / FILENAME, any_time=True) is not None  # untouched
+
+
+@needs_read_only_mounts
+def test_a_download_whose_record_cannot_be_written_is_served_and_says_so(
+    hub: LocalHub, gguf_bytes: Bytes, cache_dir: Path
+) -> None:
+    """The records' folder read-only (or a disk full after the download): the download
+    is installed and served all the same, with its sha256, and a warning says its record
+    is missing. Nothing made that write fail, and a ``write_record`` that let its error
+    through (a good download thrown away as a failed start) passed every test."""
+    sha = hub.add(REPO_ID, FILENAME, gguf_bytes(1), revision="v1")
+    records = cache_dir / STATE_DIR / "records"
+    records.mkdir(parents=True)
+
+    done = _start_with_read_only(records, cache_dir, hub)
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sha256"] == sha, done.stdout
+    assert "cannot record sha256 of" in done.stderr and "Read-only file system" in done.stderr
+    assert (cache_dir / FILENAME).read_bytes() == gguf_bytes(1)
+    assert not any(records.iterdir())
 
 
 def test_other_bytes_of_the_same_size_under_a_record_are_served_and_remembered_as_changed(
