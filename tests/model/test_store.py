@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from orion_llamaccp.model import store
@@ -63,3 +65,45 @@ def test_a_record_written_for_the_partial_holds_once_it_is_renamed(tmp_path: Pat
     partial.rename(model)
     record = store.read_record(tmp_path, model)
     assert record is not None and record.sha256 == "f" * 64 and record.size == len(b"downloaded")
+
+
+_REWRITES = """
+import sys, time
+from pathlib import Path
+from orion_llamaccp.model import store
+
+root = Path(sys.argv[1])
+until = time.monotonic() + float(sys.argv[2])
+print("writing", flush=True)
+while time.monotonic() < until:
+    store.write_record(root, root / "m.gguf", sha256="f" * 64, repo_id="o/r")
+"""
+
+
+def test_a_record_rewritten_while_another_process_reads_it_is_never_seen_torn(
+    tmp_path: Path,
+) -> None:
+    """A record is written beside itself and renamed over the old one: another worker
+    starting on the same model_root (two profiles of one model, a ``verify`` beside a
+    worker) reads the old record or the new one, never a half-written one, which counts
+    as none (the file taken for a copy by hand: no sha256, no source). Written in place,
+    it was seen empty or cut short, and no test read one while it was written."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"downloaded")
+    store.write_record(tmp_path, model, sha256="f" * 64, repo_id="o/r")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _REWRITES, str(tmp_path), "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+        reads, torn = 0, 0
+        while writer.poll() is None:
+            reads += 1
+            torn += store.read_record(tmp_path, model) is None
+    finally:
+        writer.kill()
+        writer.wait()
+    assert reads > 100 and torn == 0, (reads, torn)
