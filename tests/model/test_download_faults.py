@@ -181,6 +181,23 @@ def test_a_hub_out_of_reach_says_what_an_offline_host_does(
     assert not any("HF_HUB_OFFLINE" in said for said in retries[1:]), retries  # said once
 
 
+def test_a_download_that_cannot_progress_gives_up_within_its_deadline_not_a_wait_after(
+    make_settings: SettingsFactory, cache_dir: Path
+) -> None:
+    """No progress for ``ORION_LLAMACPP_DOWNLOAD_DEADLINE_SEC`` (3 s here) ends the download
+    when the next retry's wait would run past it, not after that wait: its backoff then
+    doubles past 30 s, and a worker kept waiting for nothing up to half a minute past the
+    deadline. (Retries at 0, 0.15, 0.45, 1.05 and 2.25 s here, then a wait of 2.4 s: the
+    deadline's next-wait term, whose mutant, gone, gave up at 4.65 s, passed every test.)"""
+    closed = f"http://127.0.0.1:{free_port()}"
+    settings = make_settings(hf_endpoint=closed, download_deadline_sec=3.0)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="cannot reach the Hub"):
+        ensure_model(make_profile(), settings)
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0, elapsed
+
+
 def _fetch_with_a_short_deadline(hub: LocalHub, cache_dir: Path) -> None:
     """``fetch_file`` with a 1 s deadline, its backoff capped well below it as in
     production (30 s against 600 s); a download that never gives up is cancelled after
