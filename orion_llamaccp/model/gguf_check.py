@@ -151,9 +151,8 @@ def _skip_array(cur: _Cursor, key: str) -> None:
             raise _Bad(f"array {key!r} of {count} strings runs past the end (truncated?)")
         for _ in range(count):
             cur.skip(cur.u64(), f"a string of array {key!r}")
-    elif elem_type == _ARRAY:
-        for _ in range(count):
-            _skip_array(cur, key)
+    elif elem_type == _ARRAY:  # llama.cpp's reader refuses them: the model never loads
+        raise _Bad(f"array {key!r} holds arrays, which llama.cpp cannot read")
     else:
         raise _Bad(f"array {key!r} has unknown element type {elem_type}")
 

@@ -221,3 +221,75 @@ def test_an_unknown_tensor_type_has_no_size(ggml_type: int) -> None:
 def test_tensor_sizes_follow_the_block_table() -> None:
     assert _nbytes(_Tensor("f32", (64, 3), 0, 0)) == 64 * 3 * 4
     assert _nbytes(_Tensor("q4_k", (512, 2), 12, 0)) == 2 * 2 * 144
+
+
+def _tiny(
+    path: Path,
+    *,
+    nested: bool = False,
+    q8_0: bool = False,
+    alignment: int | None = None,
+) -> Path:
+    """A GGUF of two small tensors written by the gguf package (as llama.cpp's tools write
+    them): arrays of arrays in its metadata, Q8_0 tensors, an alignment of its own."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if nested:
+        writer.add_array("orion.test.nested", [[1, 2, 3], [4, 5]])
+    writer.add_name("tiny")
+    if alignment is not None:  # the package refuses one that is no power of two
+        writer.add_uint32("general.alignment", alignment)
+        writer.data_alignment = alignment
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        data = rng.standard_normal((2, 64)).astype(np.float32)
+        if q8_0:
+            kind = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(f"t{index}.weight", quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(f"t{index}.weight", data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _patch_first_tensor(path: Path, *, row: int | None = None, offset: int | None = None) -> Path:
+    """Rewrite the first tensor's first dimension or data offset in its header."""
+    import gguf
+
+    tensor = gguf.GGUFReader(str(path)).tensors[0]
+    dims_at = tensor.field.offset + 8 + len(tensor.name.encode()) + 4
+    offset_at = dims_at + 8 * len(tensor.shape) + 4
+    data = bytearray(path.read_bytes())
+    if row is not None:
+        struct.pack_into("<Q", data, dims_at, row)
+    if offset is not None:
+        struct.pack_into("<Q", data, offset_at, offset)
+    path.write_bytes(data)
+    return path
+
+
+# Each of these files llama-server (the pinned build) refuses to load, saying so in its
+# own words (gguf_init_from_reader): "key 'orion.test.nested' has invalid GGUF type 9",
+# "has 48 elements per row, not a multiple of block size (32)", "has offset 1, expected
+# 0", "alignment 48 is not a power of 2". No test wrote one: each check, dropped, passed
+# them all, and arrays of arrays were skipped over as if llama.cpp read them.
+def test_what_llama_cpp_refuses_to_load_is_refused_here(tmp_path: Path) -> None:
+    assert verify_gguf(_tiny(tmp_path / "sound.gguf", q8_0=True)).tensor_count == 2
+    assert verify_gguf(_tiny(tmp_path / "aligned-64.gguf", alignment=64)).alignment == 64
+    refused = {
+        "holds arrays, which llama.cpp cannot read": _tiny(tmp_path / "n.gguf", nested=True),
+        "row of 48 is not a whole block": _patch_first_tensor(
+            _tiny(tmp_path / "q.gguf", q8_0=True), row=48
+        ),
+        "offset 1 is not 32-aligned": _patch_first_tensor(_tiny(tmp_path / "o.gguf"), offset=1),
+        "general.alignment = 48 is not a power of two": _tiny(tmp_path / "a.gguf", alignment=48),
+    }
+    for said, path in refused.items():
+        with pytest.raises(ModelCorrupt, match=said):
+            verify_gguf(path)
