@@ -9,6 +9,7 @@ with a clock the test moves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -18,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from orion_llamaccp.engine import liveness
+from orion_llamaccp.engine.client import LlamaClient
 from orion_llamaccp.engine.liveness import AwakeClock, Stall
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState, Supervisor
 from tests.engine.conftest import FAST, LaunchFactory, assert_answers
@@ -232,3 +235,74 @@ async def test_an_idle_llama_server_is_not_looked_at_so_it_may_sleep(
         assert supervisor.state is EngineState.READY and supervisor.restarts == 0
     finally:
         await supervisor.stop()
+
+
+class _FailingSlots:
+    """In front of llama-server: its first ``/slots`` answered 500 by this proxy, the
+    second 200 with a body that is not JSON (a proxy's or a load balancer's page), every
+    other request passed through. llama-server itself fails ``/slots`` no such way on
+    demand; a gateway between a worker and a remote llama-server does."""
+
+    FAULTS = (
+        (b"500 Internal Server Error", b'{"error": {"code": 500, "message": "a hiccup"}}'),
+        (b"200 OK", b"<html>a gateway's page</html>"),
+    )
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.faults = list(self.FAULTS)
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /slots") and self.faults:
+            status, body = self.faults.pop(0)
+            writer.write(
+                b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (status, len(body), body)
+            )
+            await writer.drain()
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        up_writer.write(head)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_slots_that_fails_for_a_while_leaves_the_loop_watched(
+    ready_engine: Supervisor,
+) -> None:
+    """``/slots`` answered 500, then a page that is not JSON: passing faults, which
+    neither turn the watch off (only ``--no-slots``, a 501, does) nor count as a stuck
+    loop; the loop frozen after them is found wedged all the same. No test made
+    ``/slots`` fail so: a watch that went off at the first failure (a stuck loop unseen
+    for the rest of the process's life) passed every test."""
+    pid = ready_engine.pid
+    assert pid is not None
+    proxy = _FailingSlots(ready_engine.launch.port)
+    async with proxy as url, LlamaClient(url) as client:
+        watch = asyncio.create_task(liveness.wedged(client, interval=0.2, timeout=1.0))
+        await wait_until_async(
+            lambda: not proxy.faults or watch.done(), timeout=10, what="both faults served"
+        )
+        await asyncio.sleep(0.5)  # answered as it is once more: a look past the faults
+        assert not watch.done(), watch
+        with FrozenThread(pid):
+            verdict = await asyncio.wait_for(watch, 20)
+    assert verdict is not None and "did not answer /slots within 1s" in verdict, verdict
