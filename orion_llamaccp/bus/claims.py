@@ -228,13 +228,6 @@ class Claims:
             return Record("new", owner)
         return Record("running", record.get("owner"))
 
-    async def holder(self, key: str) -> str | None:
-        """The owner of ``key``'s running record, if one runs."""
-        raw = await self.redis.get(keys.dedup(self.profile, key))
-        record = orjson.loads(raw) if raw else None
-        running = isinstance(record, dict) and record.get("state") == "running"
-        return str(record.get("owner")) if running else None
-
     async def renew(self, key: str, owner: str) -> bool:
         """Extend ``owner``'s running marker; False when it holds none (expired, taken over
         by a twin after it expired, or finished: the message was answered)."""

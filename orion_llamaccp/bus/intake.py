@@ -147,6 +147,67 @@ return #held
 """
 
 
+# KEYS[1] stream; ARGV: group, lowest id, most entries looked at, then the texts to look
+# for. The values of the entries from the lowest id on (newest first, at most that many)
+# that hold one of the texts and that the group has not acked: still unread (above its
+# ``last-delivered-id``; all of them where it has no group yet), or pending.
+_UNACKED_COPIES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local last = '0-0'
+for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local group = {}
+  for i = 1, #flat, 2 do group[flat[i]] = flat[i + 1] end
+  if group['name'] == ARGV[1] then last = group['last-delivered-id'] end
+end
+local found = {}
+for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', ARGV[2], 'COUNT', ARGV[3])) do
+  local id, fields = entry[1], entry[2]
+  for i = 2, #fields, 2 do
+    local hit = false
+    for n = 4, #ARGV do
+      if string.find(fields[i], ARGV[n], 1, true) then hit = true break end
+    end
+    if hit then
+      if before(last, id) or #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1) > 0 then
+        found[#found + 1] = fields[i]
+      end
+      break
+    end
+  end
+end
+return found
+"""
+
+# How far before a request's ``created_at`` its copies in the stream are looked for (the
+# sender's clock against Redis's, which numbers the entries), and how many entries at
+# most: a refusal must not cost Redis a scan of a long backlog.
+COPIES_SKEW_MS = 30_000
+COPIES_LOOKED_AT = 1000
+
+
+class StreamCopies:
+    """Entries of the intake stream not yet answered that carry a given message: the
+    durable copy of a request sent on both intakes (``ChatHandler.fail``)."""
+
+    def __init__(self, redis: aioredis.Redis, *, stream: str, group: str) -> None:
+        self.stream = stream
+        self.group = group
+        self._script = redis.register_script(_UNACKED_COPIES)
+
+    async def unacked(self, texts: list[str], since_ms: int) -> list[bytes]:
+        """The values holding one of ``texts`` of the entries added from ``since_ms`` on
+        (Redis's clock, less ``COPIES_SKEW_MS``) that the group has not acked."""
+        lowest = max(0, since_ms - COPIES_SKEW_MS)
+        args = [self.group, str(lowest), COPIES_LOOKED_AT, *texts]
+        return list(await self._script(keys=[self.stream], args=args))
+
+
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)

@@ -341,6 +341,7 @@ class Generator:
                 generation.tail = await chunks.finish()
         except BaseException:
             if chunks is not None:
+                job.streamed |= chunks.seq > 0
                 await chunks.abort()
             raise
         return generation

@@ -21,16 +21,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import orjson
 from redis.exceptions import OutOfMemoryError
 
 from orion_llamaccp.bus.claims import Claims, idempotency_key
-from orion_llamaccp.bus.codec import decode_chat
+from orion_llamaccp.bus.codec import decode_chat, own_id
 from orion_llamaccp.bus.envelope import (
     CHAT_REQUEST,
     ChatRequestPayload,
     Envelope,
     seconds_until_due,
 )
+from orion_llamaccp.bus.intake import StreamCopies
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import Publisher, Stage, Stored
 from orion_llamaccp.bus.retry import TRANSIENT
@@ -46,6 +48,7 @@ from orion_llamaccp.worker.jobs import (
     LeavePending,
     check_expiry,
     claim_outcome,
+    decode_job,
     expired,
     expiry,
     result_message,
@@ -78,6 +81,7 @@ class ChatHandler:
         ack: StreamOp,
         stage_ack: StageAck,
         dead_letter: DeadLetter,
+        copies: StreamCopies | None = None,
     ) -> None:
         self.settings = settings
         self.profile = profile
@@ -95,6 +99,7 @@ class ChatHandler:
         self._ack = ack
         self._stage_ack = stage_ack
         self._dead_letter = dead_letter
+        self.copies = copies  # the intake stream's entries, for a pub/sub copy's (``fail``)
         self.observers: list[Callable[[str, float | None, float], None]] = []
         self.delayed = 0  # requests waiting for their ``not_before_ms`` without a slot
 
@@ -183,30 +188,39 @@ class ChatHandler:
         await asyncio.shield(self._refuse(job, failure))
 
     async def _refuse(self, job: Job, failure: Failure) -> None:
-        if failure.retryable and await self._durable_copy_served(job):
-            log.info(
-                "request %s: its stream copy is being served; this pub/sub copy is not "
-                "refused (%s), the stream copy answers it",
-                job.request_id,
-                failure.code,
-            )
-            return
         if await self._fail_or_log(job, failure):
             self._finished(job, failure.code, 0, None)
 
-    async def _durable_copy_served(self, job: Job) -> bool:
-        """A pub/sub copy of a request whose stream copy (the same envelope added to the
-        stream too) holds its running record: they share the request's answer (its
-        ``delivery_id``, its reply_to), so a refusal here ("worker is stopping",
-        ``overloaded``) became the durable request's answer, and cut its generation off."""
-        if job.entry is not None or job.envelope is None or job.decode_error is not None:
+    async def _answered_by_its_stream_copy(self, job: Job) -> bool:
+        """A pub/sub copy of a request that was added to the stream too (one envelope on
+        both intakes: one request, one ``delivery_id``, one answer), whose stream copy
+        the group has not acked: unread in the backlog, or pending (served, or waiting
+        for another delivery). A retryable failure of this copy ("worker is stopping",
+        ``overloaded``, llama-server gone) was the durable request's one answer, and its
+        entry was generated for nothing later (or cut off, when the stream copy held the
+        record). The stream copy answers it, from the start: so only where no chunk of
+        this copy went out (its attempt's ``seq`` would be taken).
+
+        One round trip (``StreamCopies``), on the way to a retryable error only. A copy
+        added to the stream after this one's answer gets that answer (its own generation
+        is dropped, and the entry acked)."""
+        envelope = job.envelope
+        if self.copies is None or job.entry is not None or job.streamed or envelope is None:
             return False
+        if own_id(envelope) is None:  # without an id, each send is a request of its own
+            return False
+        texts = {job.request_id}  # the id as it is spelled in the message, too
+        with contextlib.suppress(Exception):
+            if isinstance(said := orjson.loads(job.raw).get("id"), str):
+                texts.add(said)
         try:
-            chat = decode_chat(job.envelope)
-            holder = await self.claims.holder(idempotency_key(job.envelope, chat))
-        except Exception:  # a copy that does not decode, Redis away: refused as before
+            since = int(envelope.created_at.timestamp() * 1000)
+            found = await self.copies.unacked(sorted(texts), since)
+        except Exception as exc:  # Redis away: answered as before
+            log.debug("request %s: its stream copies not looked for: %s", job.request_id, exc)
             return False
-        return holder is not None and holder.startswith(f"{job.request_id}@")
+        limit = self.settings.max_message_bytes
+        return any(decode_job(raw, "stream", limit).delivery_id == job.delivery_id for raw in found)
 
     def _finished(self, job: Job, outcome: str, tokens: int, ttft: float | None) -> None:
         self.stats.finished(outcome, tokens)
@@ -503,6 +517,14 @@ class ChatHandler:
         if job.ahead is not None:  # written before it was refused: llama-server stops on it
             job.ahead.drop()
         if not await job.ours():
+            return False
+        if failure.retryable and await self._answered_by_its_stream_copy(job):
+            log.info(
+                "request %s: its copy in the stream answers it; this pub/sub copy's "
+                "retryable %s is not its answer",
+                job.request_id,
+                failure.code,
+            )
             return False
         failure = failure.redacted(self.settings.redact)
         log.info("request %s failed: %s: %s", job.request_id, failure.code, failure.message)

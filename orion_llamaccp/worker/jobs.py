@@ -85,6 +85,9 @@ class Job:
     # Generated after a twin (another copy of its envelope) gave the request up: the
     # twin's chunks went out under the first attempt's number, so this one takes the next.
     after_twin: bool = False
+    # A chunk of it may have gone out (a stage was made for one): its attempt's ``seq``
+    # is taken, and a copy that answers it instead must take the next (``ChatHandler.fail``).
+    streamed: bool = False
 
     @property
     def superseded(self) -> bool:

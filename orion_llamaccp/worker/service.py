@@ -24,7 +24,14 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus.claims import ANSWERED_CLAIM_SEC, REPLICA_GRACE_SEC, Claims
 from orion_llamaccp.bus.codec import as_uuid, decode_envelope, loads_object
 from orion_llamaccp.bus.envelope import as_utc
-from orion_llamaccp.bus.intake import SlotLease, Slots, StreamConsumer, StreamEntry, not_started
+from orion_llamaccp.bus.intake import (
+    SlotLease,
+    Slots,
+    StreamConsumer,
+    StreamCopies,
+    StreamEntry,
+    not_started,
+)
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.presence import Presence, every
@@ -129,6 +136,7 @@ class Worker:
             ack=self._ack,
             stage_ack=self._stage_ack,
             dead_letter=self._dead_letter,
+            copies=StreamCopies(redis, stream=self.channels.stream, group=self.channels.group),
         )
         self.intake.prepare = self._write_ahead
         self.consumer = (

@@ -17,9 +17,12 @@ import redis.asyncio as aioredis
 from redis import Redis as SyncRedis
 
 from orion_llamaccp.bus.intake import (
+    COPIES_LOOKED_AT,
+    COPIES_SKEW_MS,
     PubSubListener,
     Slots,
     StreamConsumer,
+    StreamCopies,
     StreamEntry,
 )
 from orion_llamaccp.settings import Settings
@@ -458,6 +461,42 @@ async def test_an_entry_deleted_while_pending_is_said_and_dropped(
     # failed XACK, and only the intake's restart took the entry up again).
     assert len(said) == 1, said
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == said
+
+
+@pytest.mark.parametrize("bus", ["redis_url", "oldest_redis_url"], ids=["redis-7", "redis-6.2"])
+async def test_copies_of_a_message_are_found_while_the_group_has_not_acked_them(
+    request: pytest.FixtureRequest, bus: str
+) -> None:
+    """``StreamCopies``: the entries carrying a text (a request's id) that the group has
+    not acked, unread or pending; not one acked, nor one added before the lowest id
+    looked at (``since_ms`` less the skew), nor one beyond the newest looked at."""
+    redis = aioredis.Redis.from_url(request.getfixturevalue(bus))
+    copies = StreamCopies(redis, stream=STREAM, group="g")
+    try:
+        assert await copies.unacked(["x"], 0) == []  # no stream yet
+        old = await redis.xadd(STREAM, {"envelope": "id-old"})
+        old_ms = int(old.decode().split("-")[0])
+        assert await copies.unacked(["id-old"], 0) == [b"id-old"]  # no group yet: unread
+        await redis.xgroup_create(STREAM, "g", id="0")
+        acked = await redis.xadd(STREAM, {"envelope": "id-a"})
+        await redis.xadd(STREAM, {"envelope": "id-p"})  # read, and left pending
+        await redis.xreadgroup("g", "c", {STREAM: ">"})
+        await redis.xack(STREAM, "g", old, acked)
+        await redis.xadd(STREAM, {"kind": "k", "envelope": "{id-unread}"})
+        assert await copies.unacked(["id-a"], 0) == []
+        assert await copies.unacked(["id-p"], 0) == [b"id-p"]
+        assert await copies.unacked(["nope", "id-unread"], 0) == [b"{id-unread}"]
+        assert await copies.unacked(["id-"], 0) == [b"{id-unread}", b"id-p"]  # newest first
+        # Added before ``since_ms`` by more than the skew: not looked at.
+        await redis.xgroup_setid(STREAM, "g", "0")  # every entry unread again
+        far = old_ms + COPIES_SKEW_MS + 1_000
+        assert b"id-old" in await copies.unacked(["id-old"], old_ms + COPIES_SKEW_MS)
+        assert await copies.unacked(["id-old"], far) == []
+        for n in range(COPIES_LOOKED_AT):
+            await redis.xadd(STREAM, {"envelope": f"filler {n}"})
+        assert await copies.unacked(["id-p"], 0) == []  # beyond the newest looked at
+    finally:
+        await redis.aclose()
 
 
 async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url: str) -> None:

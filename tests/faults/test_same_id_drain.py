@@ -7,19 +7,22 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import pytest
+
 from tests.faults.conftest import Fault, assert_chunks_whole, assert_exactly_once, chunks_of
-from tests.support.procs import wait_until_async
+from tests.support.procs import wait_stream_acked, wait_until_async
 from tests.support.workers import WorkerProc
 
 
-async def _streaming_on_w(fault: Fault, hi: list, drain_sec: int) -> tuple[WorkerProc, dict]:
+async def _streaming_on_w(
+    fault: Fault, hi: list, drain_sec: int, tokens: int = 12000, **env: str
+) -> tuple[WorkerProc, dict]:
     """Worker ``w`` on one slot of the slow model, a long stream request streaming on it."""
-    old = fault.spawn("w", slow=True, parallel=1, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC=str(drain_sec))
-    envelope = fault.ledger.add(
-        fault.client.request(
-            hi, profile="tiny", options={"stream": True, "max_tokens": 12000, "ignore_eos": True}
-        )
+    old = fault.spawn(
+        "w", slow=True, parallel=1, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC=str(drain_sec), **env
     )
+    options = {"stream": True, "max_tokens": tokens, "ignore_eos": True}
+    envelope = fault.ledger.add(fault.client.request(hi, profile="tiny", options=options))
     await fault.client.send(envelope, profile="tiny", via="stream")
     await wait_until_async(lambda: chunks_of(fault, envelope), timeout=30, what="a chunk")
     return old, envelope
@@ -61,3 +64,32 @@ async def test_a_stream_request_is_not_answered_by_the_refusal_of_its_pubsub_cop
     assert_exactly_once(await fault.ledger.settle(timeout=120))
     answer = fault.ledger.answers(envelope)[0]["payload"]
     assert "error" not in answer, answer
+
+
+STREAM, GROUP = "orion:stream:llamacpp:tiny:request", "llamacpp:tiny"
+
+
+@pytest.mark.parametrize("refusal", ["overloaded", "stopping"])
+async def test_a_stream_request_still_unread_is_not_answered_by_the_refusal_of_its_pubsub_copy(
+    fault: Fault, hi: list, refusal: str
+) -> None:
+    """As above, with the stream copy still waiting in the backlog (not read yet: nothing
+    of it in Redis but its entry). The pub/sub copy is refused, ``overloaded`` (one slot,
+    no local queue) or "worker is stopping" (queued as the drain begins): that retryable
+    error was the durable request's one answer, and its generation, later, was dropped
+    as a repeat. The stream copy answers it now, with its generation."""
+    overloaded = refusal == "overloaded"
+    env = {"ORION_LLAMACPP_LOCAL_QUEUE": "0"} if overloaded else {}
+    old, _ = await _streaming_on_w(fault, hi, drain_sec=3, tokens=4000, **env)
+    envelope = fault.ledger.add(fault.client.request(hi, profile="tiny", options={"max_tokens": 8}))
+    await fault.client.send(envelope, profile="tiny", via="stream")  # unread: no slot free
+    assert await fault.client.send(envelope, profile="tiny", via="pubsub") == 1
+    if not overloaded:
+        await asyncio.sleep(0.5)  # queued behind the stream request (one slot)
+        old.signal(signal.SIGTERM)
+        assert old.proc is not None and old.proc.wait(60) == 0
+        fault.spawn("w2", slow=True, parallel=1)
+    assert_exactly_once(await fault.ledger.settle(timeout=120))
+    answer = fault.ledger.answers(envelope)[0]["payload"]
+    assert "error" not in answer, answer
+    await wait_stream_acked(fault.raw, STREAM, GROUP)
