@@ -123,7 +123,11 @@ class ChatHandler:
                 job.request_id,
             )
         except Failure as failure:
-            await self._answer_failure(job, failure)
+            try:
+                await self._answer_failure(job, failure)
+            finally:
+                if job.record_key is not None:  # after the answer: see ``_serve``
+                    await self._release(job, job.record_key)
         except LeavePending as why:
             log.warning(
                 "leaving stream entry %s pending: %s", job.entry.entry_id if job.entry else "?", why
@@ -261,6 +265,9 @@ class ChatHandler:
                 return 0, None
             if twin:  # ours was cancelled for a twin that then gave the request up
                 await _cancel(generating)
+                if await self.publisher.already_answered(job.delivery_id):
+                    await self._twin_answered(job, key)  # with a failure: the only answer
+                    return None
                 job.after_twin = True
                 generating = self.generator.start(job, envelope, chat, options, owned)
         except BaseException:
@@ -272,6 +279,11 @@ class ChatHandler:
         renew = asyncio.create_task(self._renew(job, key, generating))
         try:
             generation, attempt = await generating
+        except Failure:
+            # Given up once the failure is answered (``handle``): a copy of the request
+            # waiting on it that took it over now would generate again, beside the answer.
+            job.record_key = key
+            raise
         except BaseException:
             await self._release(job, key)
             raise
@@ -283,6 +295,23 @@ class ChatHandler:
         ttft = (generation.first_token_at - job.received) if generation.first_token_at else None
         tokens = int(generation.usage.get("completion_tokens", generation.tokens))
         return tokens, ttft
+
+    async def _twin_answered(self, job: Job, key: str) -> None:
+        """A copy of the request (its envelope sent twice) ran while this one waited, and
+        answered it with a failure: that is its one answer. This one took the record over
+        from it; it gives it back (a failure is not stored) and only acks its entry. It
+        used to generate the request again (its chunks dropped as those of an answered
+        request, its entry left pending for another delivery), or to be dead-lettered
+        beside the first."""
+        log.info(
+            "request %s: answered by its copy (the same envelope sent twice) while this "
+            "one waited for it: %s",
+            job.request_id,
+            "ack only" if job.entry is not None else "nothing to send",
+        )
+        await self._release(job, key)
+        if job.entry is not None:
+            await self._ack(job)
 
     def _validate(self, job: Job) -> tuple[Envelope, ChatRequestPayload, ChatOptions]:
         if job.decode_error is not None or job.envelope is None:

@@ -1,17 +1,19 @@
-"""A rolling deploy under one instance id: the replacement starts while the old worker
-drains (``INSTANCE_ID`` defaults to ``{node}:{profile}``; docs/guarantees.md says the
-draining worker leaves its entries to it)."""
+"""One request, two of it at once: a rolling deploy under one instance id (the
+replacement starts while the old worker drains: ``INSTANCE_ID`` defaults to
+``{node}:{profile}``; docs/guarantees.md says the draining worker leaves its entries to
+it), and one envelope sent twice (on both intakes, or twice to the stream)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 
 import pytest
 
 from tests.faults.conftest import Fault, assert_chunks_whole, assert_exactly_once, chunks_of
 from tests.support.procs import wait_stream_acked, wait_until_async
-from tests.support.workers import WorkerProc
+from tests.support.workers import EngineProbe, WorkerProc
 
 
 async def _streaming_on_w(
@@ -93,3 +95,35 @@ async def test_a_stream_request_still_unread_is_not_answered_by_the_refusal_of_i
     answer = fault.ledger.answers(envelope)[0]["payload"]
     assert "error" not in answer, answer
     await wait_stream_acked(fault.raw, STREAM, GROUP)
+
+
+@pytest.mark.parametrize(
+    "limit",
+    ["ORION_LLAMACPP_MAX_DELIVERIES", "ORION_LLAMACPP_REQUEST_CRASH_LIMIT"],
+    ids=["tries", "engine_deaths"],
+)
+async def test_a_copy_whose_twin_fails_takes_the_twin_s_answer_and_is_acked(
+    fault: Fault, hi: list, limit: str
+) -> None:
+    """One envelope added to the stream twice: the copy waits while the first generates.
+    llama-server dies, and the first gives the request up with a failure, its one answer
+    (``upstream_failed`` after its one try, or after one engine death with it inside).
+    The copy took that for a twin leaving it unanswered: it generated the request again,
+    its chunks dropped as those of an answered request and its entry left pending until
+    another delivery, or, at the engine-death limit, it was dead-lettered a second time.
+    It only acks its entry now."""
+    worker = fault.spawn("w", slow=True, parallel=2, **{limit: "1"})
+    options = {"stream": True, "max_tokens": 3000, "ignore_eos": True}
+    envelope = fault.ledger.add(fault.client.request(hi, profile="tiny", options=options))
+    for _ in range(2):
+        await fault.client.send(envelope, profile="tiny", via="stream")
+    await wait_until_async(lambda: len(chunks_of(fault, envelope)) > 5, timeout=30, what="chunks")
+    os.kill(worker.engine_pid(), signal.SIGKILL)
+    assert_exactly_once(await fault.ledger.settle(timeout=60))
+    answer = fault.ledger.answers(envelope)[0]["payload"]
+    assert answer.get("error") == "upstream_failed", answer
+    await wait_stream_acked(fault.raw, STREAM, GROUP)
+    assert await fault.raw.xlen(f"{STREAM}:dlq") == 1
+    worker.wait_ready()
+    async with EngineProbe(worker.announcement()["engine_url"]) as engine:
+        assert await engine.settled() == 0, "the copy generated the request again"
