@@ -134,6 +134,8 @@ class ChatHandler:
             )
         except asyncio.CancelledError:
             if job.superseded:  # another worker's, as ClaimedElsewhere
+                if job.answered_elsewhere:
+                    await self._ack_answered(job)
                 raise
             await self._interrupted(job)
             if not job.user_cancelled:
@@ -312,6 +314,21 @@ class ChatHandler:
         await self._release(job, key)
         if job.entry is not None:
             await self._ack(job)
+
+    async def _ack_answered(self, job: Job) -> None:
+        """A stream entry whose request Redis says is answered (a chunk dropped as one of
+        an answered request, or the lease renewal found it so): acked if it is (a script),
+        as its redelivery would, instead of left pending until then (the claim idle time,
+        10 minutes by default): a stream copy added after its pub/sub copy's answer, or
+        a worker stalled while another took its entry over and answered it."""
+        stage = self._stage_ack(job)
+        if stage is None:
+            return
+        try:
+            ack = self.publisher.stage_ack_if_answered(stage, job.delivery_id)
+            await self.publisher.commit("ack", [ack])
+        except Exception as exc:  # left pending: its redelivery acks it
+            log.warning("request %s: its answered entry not acked: %s", job.request_id, exc)
 
     def _validate(self, job: Job) -> tuple[Envelope, ChatRequestPayload, ChatOptions]:
         if job.decode_error is not None or job.envelope is None:

@@ -127,3 +127,23 @@ async def test_a_copy_whose_twin_fails_takes_the_twin_s_answer_and_is_acked(
     worker.wait_ready()
     async with EngineProbe(worker.announcement()["engine_url"]) as engine:
         assert await engine.settled() == 0, "the copy generated the request again"
+
+
+async def test_a_stream_copy_added_after_its_pubsub_copy_was_answered_is_acked_at_once(
+    fault: Fault, hi: list
+) -> None:
+    """The pub/sub copy is refused (``overloaded``) before the stream copy is added: no
+    copy to leave its answer to, so that is the request's answer, and the stream copy's
+    generation is stopped at its first chunk, dropped by Redis as one of an answered
+    request. Its entry stayed pending until another delivery (the claim idle time, 10
+    minutes by default), only to be acked then: it is acked at once."""
+    await _streaming_on_w(fault, hi, drain_sec=3, tokens=2000, ORION_LLAMACPP_LOCAL_QUEUE="0")
+    options = {"stream": True, "max_tokens": 2000, "ignore_eos": True}
+    envelope = fault.ledger.add(fault.client.request(hi, profile="tiny", options=options))
+    assert await fault.client.send(envelope, profile="tiny", via="pubsub") == 1
+    await wait_until_async(lambda: fault.ledger.answers(envelope), timeout=30, what="refused")
+    await fault.client.send(envelope, profile="tiny", via="stream")
+    assert_exactly_once(await fault.ledger.settle(timeout=120))
+    assert fault.ledger.answers(envelope)[0]["payload"]["error"] == "overloaded"
+    await wait_stream_acked(fault.raw, STREAM, GROUP, timeout=60)
+    assert chunks_of(fault, envelope) == []
