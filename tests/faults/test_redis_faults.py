@@ -423,3 +423,56 @@ async def test_a_failover_behind_the_bus_address_is_followed(
         proxy.close()
         await new.aclose()
         standby.stop()
+
+
+@pytest.mark.parametrize("fault_appendonly", [True], ids=["aof"])
+@pytest.mark.parametrize("back", [False, True], ids=["redis-away", "redis-back-in-the-drain"])
+async def test_a_sigterm_while_the_listener_reconnects_stops_in_time_and_loses_no_entry(
+    fault: Fault, hi: list, fault_appendonly: bool, back: bool
+) -> None:
+    """Redis goes away (killed) with a stream entry and a pub/sub request generating, and
+    the worker is told to stop while its listener tries to reconnect. It drains within
+    its drain timeout and the bounded steps after it, and exits 0, without a traceback.
+    The stream entry is left pending, not lost: with Redis back in the drain, handed back
+    (another worker takes it at once, the claim idle time being 10 minutes), else taken
+    by the next worker under its name as it starts. The pub/sub request may go
+    unanswered (Redis was away), never answered twice. Back in the drain, the listener
+    subscribes to the cancel channel again, not to the intake the drain has left."""
+    drain = 4
+    worker = fault.spawn("w", slow=True, parallel=2, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC=str(drain))
+    options = {"stream": True, "max_tokens": 12000, "ignore_eos": True}
+    entry = fault.ledger.add(fault.client.request(hi, profile="tiny", options=options))
+    heard = fault.client.request(hi, profile="tiny", options=options)
+    await fault.client.send(entry, profile="tiny", via="stream")
+    assert await fault.client.send(heard, profile="tiny", via="pubsub") == 1
+    for envelope in (entry, heard):
+        await wait_until_async(lambda e=envelope: chunks_of(fault, e), what="a chunk of each")
+    fault.redis.kill()
+    await wait_until_async(
+        lambda: "pub/sub connection lost" in worker.log(), timeout=15, what="the listener away"
+    )
+    told = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    if back:
+        await asyncio.sleep(1.0)
+        fault.redis.start()
+    assert worker.proc is not None
+    code = await asyncio.to_thread(worker.proc.wait, 60)
+    took = time.monotonic() - told
+    log = worker.log()
+    assert code == 0, log[-3000:]
+    assert took < drain + 10, f"stopped {took:.1f}s after the SIGTERM"
+    assert "Traceback" not in log, log
+    if back:
+        resubscribed = [line for line in log.splitlines() if "subscribed to" in line][-1]
+        assert INTAKE not in resubscribed and "orion:llamacpp:cancel" in resubscribed, log
+        assert "left 1 stream entries to another worker" in log, log
+    else:
+        fault.redis.start()
+    await wait_until_async(fault.recorder.subscribed.is_set, what="the recorder back")
+    fault.spawn("w2" if back else "w", slow=True, parallel=2)
+    assert_exactly_once(await fault.ledger.settle(timeout=180))
+    answer = fault.ledger.answers(entry)[0]["payload"]
+    assert "error" not in answer, answer
+    assert len(fault.ledger.answers(heard)) <= 1
+    await wait_stream_acked(fault.raw, STREAM, GROUP)
