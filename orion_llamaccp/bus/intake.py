@@ -150,7 +150,7 @@ return #held
 # KEYS[1] stream; ARGV: group, lowest id, most entries looked at, then the texts to look
 # for. The values of the entries from the lowest id on (newest first, at most that many)
 # that hold one of the texts and that the group has not acked: still unread (above its
-# ``last-delivered-id``; all of them where it has no group yet), or pending.
+# ``last-delivered-id``), or pending. None without the group: no worker reads the stream.
 _UNACKED_COPIES = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 local function before(a, b)
@@ -159,12 +159,13 @@ local function before(a, b)
   am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
   return am < bm or (am == bm and as < bs)
 end
-local last = '0-0'
+local last = nil
 for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local group = {}
   for i = 1, #flat, 2 do group[flat[i]] = flat[i + 1] end
   if group['name'] == ARGV[1] then last = group['last-delivered-id'] end
 end
+if last == nil then return {} end
 local found = {}
 for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', ARGV[2], 'COUNT', ARGV[3])) do
   local id, fields = entry[1], entry[2]
