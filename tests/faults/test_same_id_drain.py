@@ -17,7 +17,7 @@ from tests.support.workers import EngineProbe, WorkerProc
 
 
 async def _streaming_on_w(
-    fault: Fault, hi: list, drain_sec: int, tokens: int = 12000, **env: str
+    fault: Fault, hi: list, drain_sec: int, tokens: int = 6000, **env: str
 ) -> tuple[WorkerProc, dict]:
     """Worker ``w`` on one slot of the slow model, a long stream request streaming on it."""
     old = fault.spawn(
