@@ -79,6 +79,17 @@ end
 return {taken, deleted}
 """
 
+# Whether stream id ``a`` comes before ``b``: by number (a string compare puts
+# "9-0" after "10-0"), in Lua, for the scripts below.
+_BEFORE = """
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+"""
+
 # KEYS[1] stream. Deletes the entries that every consumer group has read and acked: those
 # below the oldest entry still pending in some group, and up to the last one each group
 # read. An ack alone leaves the entry (the request's whole envelope) in the stream for
@@ -86,13 +97,9 @@ return {taken, deleted}
 # below an entry still pending, and the group has the entries between to read again.
 # MINID keeps its bound, so a group's bound is the id just above its last read: the last
 # request stayed in an idle stream otherwise.
-_TRIM_ACKED = """
-local function before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as < bs)
-end
+_TRIM_ACKED = (
+    _BEFORE
+    + """
 local function above(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   if #seq > 15 then return id end -- past a double's exact integers: keep that entry
@@ -112,6 +119,7 @@ end
 if floor == nil then return 0 end
 return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 """
+)
 
 # KEYS[1] stream; ARGV: group, idle ms, this consumer. Forgets the group's consumers with
 # nothing pending that have not read for longer than the claim idle time: workers gone
@@ -151,14 +159,10 @@ return #held
 # for. The values of the entries from the lowest id on (newest first, at most that many)
 # that hold one of the texts and that the group has not acked: still unread (above its
 # ``last-delivered-id``), or pending. None without the group: no worker reads the stream.
-_UNACKED_COPIES = """
+_UNACKED_COPIES = (
+    _BEFORE
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
-local function before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as < bs)
-end
 local last = nil
 for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local group = {}
@@ -184,6 +188,7 @@ for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', ARGV[2], 'COUNT', A
 end
 return found
 """
+)
 
 # How far before a request's ``created_at`` its copies in the stream are looked for (the
 # sender's clock against Redis's, which numbers the entries), and how many entries at
