@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -809,20 +809,27 @@ async def test_metrics_endpoint_is_scraped(spawn_worker: SpawnWorker, bus: BusCl
     assert served and not missing, missing
 
 
-def test_watch_draws_the_live_fleet(
-    spawn_worker: SpawnWorker, subprocess_env: dict, recorder: BusRecorder, redis_url: str
-) -> None:
-    """Off a terminal, ``watch`` draws its table once, as it stops: so it is stopped once
-    it has subscribed (its fleet loaded) and taken in two heartbeats of the host, however
-    long it takes to start here, not after a fixed sleep."""
-    spawn_worker("watched")
+@contextlib.contextmanager
+def _watching(
+    subprocess_env: dict, redis_url: str, **env: str
+) -> Iterator[tuple[redis.Redis, Callable[[], str]]]:
+    """``watch`` off a terminal, once it has subscribed to the heartbeats (however long it
+    takes to start here): a client of the bus, and ``stop`` (SIGINT), which gives what it
+    drew; off a terminal it draws its table once, as it stops."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "orion_llamaccp", "watch", "--refresh", "0.2"],
-        env={**subprocess_env, "COLUMNS": "200"},
+        env={**subprocess_env, "COLUMNS": "200", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+    def stop() -> str:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        return out
+
     client = redis.Redis.from_url(redis_url)
     try:
         wait_until(
@@ -830,19 +837,27 @@ def test_watch_draws_the_live_fleet(
             timeout=30,
             what="watch subscribed to heartbeats",
         )
+        yield client, stop
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_watch_draws_the_live_fleet(
+    spawn_worker: SpawnWorker, subprocess_env: dict, recorder: BusRecorder, redis_url: str
+) -> None:
+    """``watch`` is stopped once it has subscribed (its fleet loaded) and taken in two
+    heartbeats of the host, not after a fixed sleep."""
+    spawn_worker("watched")
+    with _watching(subprocess_env, redis_url) as (_, stop):
         seen = len(beats(recorder, "watched"))
         wait_until(
             lambda: len(beats(recorder, "watched")) >= seen + 2,
             timeout=30,
             what="two heartbeats of the host since",
         )
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+        out = stop()
     assert "watched" in out and "tiny-random-llama" in out and "ready" in out
 
 
@@ -871,30 +886,11 @@ def test_watch_drops_a_host_that_said_goodbye_and_that_redis_keeps_no_more(
     farewell = orjson.loads(_beat("orion-llamaccp", "said-goodbye", details))
     farewell["payload"]["status"] = "down"
     live = _beat("orion-llamaccp", "still-here", {"profile": "tiny", "slots_total": 1})
-    client = redis.Redis.from_url(redis_url)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orion_llamaccp", "watch", "--refresh", "0.2"],
-        env={**subprocess_env, "COLUMNS": "200"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until(
-            lambda: dict(client.pubsub_numsub("orion:system:health"))[b"orion:system:health"],
-            timeout=20,
-            what="watch subscribed",
-        )
+    with _watching(subprocess_env, redis_url) as (client, stop):
         client.publish("orion:system:health", orjson.dumps(farewell))
         client.publish("orion:system:health", live)
         time.sleep(11)  # past its next reload, whenever in its 10 s that came
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+        out = stop()
     assert "still-here" in out and "said-goodbye" not in out, out
 
 
@@ -903,31 +899,13 @@ def test_watch_shows_only_llama_cpp_hosts_and_reads_naive_times_as_utc(
 ) -> None:
     ours = _beat("orion-llamaccp", "naive-host", {"profile": "tiny", "slots_total": 1})
     theirs = _beat("orion-gateway", "gateway-1", {"routes": 3})
-    client = redis.Redis.from_url(redis_url)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orion_llamaccp", "watch", "--refresh", "0.2"],
-        env={**subprocess_env, "COLUMNS": "200", "TZ": "Asia/Tokyo"},  # 9 h east of UTC
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until(
-            lambda: dict(client.pubsub_numsub("orion:system:health"))[b"orion:system:health"],
-            timeout=20,
-            what="watch subscribed",
-        )
+    # 9 h east of UTC
+    with _watching(subprocess_env, redis_url, TZ="Asia/Tokyo") as (client, stop):
         for _ in range(5):
             client.publish("orion:system:health", theirs)
             client.publish("orion:system:health", ours)
             time.sleep(0.2)  # a redraw between beats; nothing here is timed
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+        out = stop()
     assert "gateway" not in out
     rows = [line for line in out.splitlines() if "naive-host" in line]
     assert rows and "down" not in rows[-1], rows[-1:]
