@@ -22,6 +22,7 @@ from orion_llamaccp.engine.supervisor import Supervisor
 from orion_llamaccp.errors import ContextExceeded, EngineUnavailable, UpstreamError
 from tests.support.freeze import FrozenThread
 from tests.support.procs import free_port, wait_until_async
+from tests.support.proxy import InLoopServer
 from tests.support.workers import EngineProbe
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -289,7 +290,7 @@ async def test_a_request_llama_server_took_and_died_with_is_told_from_one_it_nev
     assert not never.value.reached, never.value
 
 
-class _CuttingProxy:
+class _CuttingProxy(InLoopServer):
     """In front of llama-server: passes its answer through up to the first ``end`` after
     ``marker`` (``\\n\\n``: the event's end; ``\\n\\n\\r\\n``: its HTTP chunk's), then
     resets the connection, as a llama-server killed there would. Nothing real cuts an
@@ -298,15 +299,6 @@ class _CuttingProxy:
     def __init__(self, upstream_port: int, marker: bytes, end: bytes = b"\n\n\r\n") -> None:
         self.upstream_port, self.marker, self.end = upstream_port, marker, end
         self.cuts = 0
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)

@@ -26,6 +26,7 @@ from orion_llamaccp.engine.supervisor import EngineEvent, EngineState, Superviso
 from tests.engine.conftest import FAST, LaunchFactory, assert_answers
 from tests.support.freeze import FrozenThread
 from tests.support.procs import pid_alive, wait_until_async
+from tests.support.proxy import InLoopServer
 
 WATCHED = dataclasses.replace(FAST, progress_timeout=1.0)
 
@@ -237,7 +238,7 @@ async def test_an_idle_llama_server_is_not_looked_at_so_it_may_sleep(
         await supervisor.stop()
 
 
-class _FailingSlots:
+class _FailingSlots(InLoopServer):
     """In front of llama-server: its first ``/slots`` answered 500 by this proxy, the
     second 200 with a body that is not JSON (a proxy's or a load balancer's page), every
     other request passed through. llama-server itself fails ``/slots`` no such way on
@@ -251,15 +252,6 @@ class _FailingSlots:
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.faults = list(self.FAULTS)
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")

@@ -125,3 +125,22 @@ class HoldingProxy:
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
+
+
+class InLoopServer:
+    """A TCP server on a free local port for an ``async with`` block, in the test's own
+    event loop (a proxy in front of llama-server, say); the block gets its ``http://``
+    URL. A subclass answers each connection (``_connection``)."""
+
+    server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
