@@ -59,16 +59,27 @@ async def test_a_stream_request_is_not_answered_by_the_refusal_of_its_pubsub_cop
     is served by the next worker, and that answer is the one its caller waits for."""
     old, envelope = await _streaming_on_w(fault, hi, drain_sec=3)
     assert await fault.client.send(envelope, profile="tiny", via="pubsub") == 1
-    await asyncio.sleep(0.5)  # queued behind the stream copy (one slot)
-    old.signal(signal.SIGTERM)
-    assert old.proc is not None and old.proc.wait(60) == 0
-    fault.spawn("w2", slow=True, parallel=1)
-    assert_exactly_once(await fault.ledger.settle(timeout=120))
-    answer = fault.ledger.answers(envelope)[0]["payload"]
-    assert "error" not in answer, answer
+    await _stopped_with_one_queued(fault, old)
+    await _answered_by_its_generation(fault, envelope)
 
 
 STREAM, GROUP = "orion:stream:llamacpp:tiny:request", "llamacpp:tiny"
+
+
+async def _stopped_with_one_queued(fault: Fault, old: WorkerProc) -> None:
+    """``old`` told to stop (SIGTERM) with the pub/sub copy just sent queued behind its
+    streamed request (one slot), and stopped; a worker ``w2`` started after it."""
+    await asyncio.sleep(0.5)
+    old.signal(signal.SIGTERM)
+    assert old.proc is not None and old.proc.wait(60) == 0
+    fault.spawn("w2", slow=True, parallel=1)
+
+
+async def _answered_by_its_generation(fault: Fault, envelope: dict) -> None:
+    """Every request answered once, ``envelope``'s with a generation, not an error."""
+    assert_exactly_once(await fault.ledger.settle(timeout=120))
+    answer = fault.ledger.answers(envelope)[0]["payload"]
+    assert "error" not in answer, answer
 
 
 @pytest.mark.parametrize("refusal", ["overloaded", "stopping"])
@@ -87,13 +98,8 @@ async def test_a_stream_request_still_unread_is_not_answered_by_the_refusal_of_i
     await fault.client.send(envelope, profile="tiny", via="stream")  # unread: no slot free
     assert await fault.client.send(envelope, profile="tiny", via="pubsub") == 1
     if not overloaded:
-        await asyncio.sleep(0.5)  # queued behind the stream request (one slot)
-        old.signal(signal.SIGTERM)
-        assert old.proc is not None and old.proc.wait(60) == 0
-        fault.spawn("w2", slow=True, parallel=1)
-    assert_exactly_once(await fault.ledger.settle(timeout=120))
-    answer = fault.ledger.answers(envelope)[0]["payload"]
-    assert "error" not in answer, answer
+        await _stopped_with_one_queued(fault, old)
+    await _answered_by_its_generation(fault, envelope)
     await wait_stream_acked(fault.raw, STREAM, GROUP)
 
 
