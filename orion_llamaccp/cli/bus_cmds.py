@@ -314,6 +314,7 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _watch(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
+    import signal
 
     from rich.live import Live
 
@@ -325,10 +326,14 @@ async def _watch(args: argparse.Namespace, settings: Settings) -> int:
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(settings.health_channel, settings.announce_channel)
     loop = asyncio.get_running_loop()
+    # A SIGTERM (a supervisor's, ``timeout``'s) ends it as Ctrl-C does: off a terminal the
+    # table is drawn once, as Live stops, and the default action drew nothing.
+    stopped = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stopped.set)
     next_draw = reload_at = 0.0
     try:
         with Live(fleet_table(fleet.rows()), auto_refresh=False) as live:
-            while True:
+            while not stopped.is_set():
                 message = await pubsub.get_message(timeout=args.refresh)
                 if message is not None:
                     fleet.ingest(message["data"])
@@ -340,6 +345,7 @@ async def _watch(args: argparse.Namespace, settings: Settings) -> int:
                 if now >= next_draw:
                     live.update(fleet_table(fleet.rows()), refresh=True)
                     next_draw = now + args.refresh
+        return 0
     finally:
         await pubsub.aclose()
         await redis.aclose()

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -812,10 +813,10 @@ async def test_metrics_endpoint_is_scraped(spawn_worker: SpawnWorker, bus: BusCl
 @contextlib.contextmanager
 def _watching(
     subprocess_env: dict, redis_url: str, **env: str
-) -> Iterator[tuple[redis.Redis, Callable[[], str]]]:
+) -> Iterator[tuple[redis.Redis, Callable[..., str]]]:
     """``watch`` off a terminal, once it has subscribed to the heartbeats (however long it
-    takes to start here): a client of the bus, and ``stop`` (SIGINT), which gives what it
-    drew; off a terminal it draws its table once, as it stops."""
+    takes to start here): a client of the bus, and ``stop`` (SIGINT, or the signal given),
+    which gives what it drew; off a terminal it draws its table once, as it stops."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "orion_llamaccp", "watch", "--refresh", "0.2"],
         env={**subprocess_env, "COLUMNS": "200", **env},
@@ -824,8 +825,8 @@ def _watching(
         text=True,
     )
 
-    def stop() -> str:
-        proc.send_signal(signal.SIGINT)
+    def stop(sig: signal.Signals = signal.SIGINT) -> str:
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err
         return out
@@ -844,11 +845,17 @@ def _watching(
             proc.kill()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_watch_draws_the_live_fleet(
-    spawn_worker: SpawnWorker, subprocess_env: dict, recorder: BusRecorder, redis_url: str
+    spawn_worker: SpawnWorker,
+    subprocess_env: dict,
+    recorder: BusRecorder,
+    redis_url: str,
+    sig: signal.Signals,
 ) -> None:
     """``watch`` is stopped once it has subscribed (its fleet loaded) and taken in two
-    heartbeats of the host, not after a fixed sleep."""
+    heartbeats of the host, not after a fixed sleep. A SIGTERM (a supervisor's,
+    ``timeout``'s) ends it as Ctrl-C does: it was killed, exit 143, nothing drawn."""
     spawn_worker("watched")
     with _watching(subprocess_env, redis_url) as (_, stop):
         seen = len(beats(recorder, "watched"))
@@ -857,7 +864,7 @@ def test_watch_draws_the_live_fleet(
             timeout=30,
             what="two heartbeats of the host since",
         )
-        out = stop()
+        out = stop(sig)
     assert "watched" in out and "tiny-random-llama" in out and "ready" in out
 
 
