@@ -65,6 +65,10 @@ def _tried(client: redis.Redis, user: str, wanted: list[tuple[str, str, str]]) -
             try:
                 pubsub.subscribe(channel)
                 pubsub.get_message(timeout=2.0)  # its reply: a refusal is raised here
+                # Left at once: while subscribed, a request published on the intake
+                # counts a listener here, and its caller waits for an answer.
+                pubsub.unsubscribe(channel)
+                pubsub.get_message(timeout=2.0)  # its reply, before the next one's
             except redis.ResponseError as exc:
                 if _of_the_command(str(exc)):
                     return _said(user, "SUBSCRIBE", "", "", str(exc))
