@@ -3,7 +3,11 @@ scheduler injects faults; the bus contract's promises checked after each episode
 
 Not part of ``make test`` (its name is no ``test_*.py``): run it by its path, about four
 minutes an episode. Round 32 ran seeds 101-135 (5,625 requests, 594 faults); what it found
-is ``test_same_id_drain.py``.
+is ``test_same_id_drain.py``. Round 33 added the ``twins`` fault (one envelope on both
+intakes, or twice in the stream, as a burst overloads pub/sub, a worker stops, or every
+llama-server dies) and tight episodes (a pub/sub queue of 0 or 1, a request given up at
+its first or second engine death); a durable request answered by its pub/sub copy's
+retryable error, its stream copy added 3 s before, no chunk out, Redis steady, fails.
 
     SOAK_SEEDS=1,2,3 SOAK_FAULT_SEC=70 .venv/bin/python -m pytest tests/faults/soak.py -s
 
@@ -63,7 +67,7 @@ class Req:
     via: str
     reply_to: str | None
     correlation_id: str | None
-    kind: str  # plain, cancel, short_ttl, dup_corr, dup_key, same_env, malformed_*
+    kind: str  # plain, cancel, short_ttl, dup_corr, dup_key, same_env, twins, burst, malformed_*
     sent_at: float
     chunk_channel: str | None = None
     stream: bool = False
@@ -73,6 +77,7 @@ class Req:
     ttl_ms: int | None = None
     fields: dict[str, Any] | None = None  # a raw stream entry
     raw: bytes | None = None
+    added_at: float | None = None  # its send returned
 
 
 @dataclass
@@ -86,6 +91,7 @@ class Workers:
     busy: set[str] = field(default_factory=set)  # names under a fault now
     n: int = 0
     stopped_pids: set[int] = field(default_factory=set)
+    env: dict[str, str] = field(default_factory=dict)  # the episode's own settings
 
     def say(self, what: str) -> None:
         line = f"{now() - self.t0:7.2f}s {what}"
@@ -97,7 +103,7 @@ class Workers:
             self.n += 1
             name = f"w{self.n}"
         extra = {"INSTANCE_ID": instance} if instance else {}
-        w = self.fault.spawn(name, slow=True, ready=False, **ENV, **extra)
+        w = self.fault.spawn(name, slow=True, ready=False, **{**ENV, **self.env, **extra})
         self.live.append(w)
         self.all.append(w)
         self.say(f"spawned worker {name} pid {w.pid}")
@@ -168,6 +174,7 @@ class Load:
                 req.heard = await client.redis.publish(INTAKE, req.raw)
             else:
                 req.heard = await client.send(req.envelope, profile="tiny", via=req.via)
+            req.added_at = now()
         except Exception as exc:
             req.send_error = f"{type(exc).__name__}: {exc}"
 
@@ -306,6 +313,7 @@ class Chaos:
         self.tasks: set[asyncio.Task] = set()
         self.counts: Counter[str] = Counter()
         self.recorder_gaps: list[tuple[float, float]] = []  # Redis down: (from, to)
+        self.freezes: list[tuple[float, float]] = []  # Redis frozen: (from, to)
 
     def say(self, what: str) -> None:
         self.w.say(what)
@@ -322,6 +330,7 @@ class Chaos:
             (self.term_then_kill, 1),
             (self.redis_freeze, 2),
             (self.redis_kill, 2),
+            (self.twins, 3),
         ]
         names, weights = zip(*faults, strict=True)
         while now() < until:
@@ -471,6 +480,50 @@ class Chaos:
             w.kill()
             self.say(f"worker {w.name} exited {w.proc.poll()}")
 
+    async def twins(self) -> None:
+        """One envelope on both intakes, or twice in the stream, as a fault lands on it:
+        a burst of pub/sub requests that overloads a worker (``local_queue`` 0 or 1 in a
+        tight episode), a worker told to stop right after (its queued pub/sub copies
+        refused "worker is stopping"), or every llama-server killed mid-generation (the
+        first copy gives it up: after its last try, or its engine deaths in a tight
+        episode; the other copy waits on it)."""
+        load, rng, client = self.load, self.rng, self.fault.client
+        if load.paused.is_set():
+            return
+        how = rng.choice(["overload", "stop", "engine"])
+        sent = []
+        async with asyncio.timeout(20):
+            if how in ("overload", "stop"):
+                for _ in range(rng.randrange(3, 9)):
+                    opts = {"max_tokens": rng.choice([1000, 2500]), "ignore_eos": True}
+                    env = client.request(load._hi(), profile="tiny", options=opts)
+                    await load._send(load._req(env, "pubsub", "burst", False))
+            for _ in range(rng.randrange(1, 4)):
+                stream = rng.random() < 0.6
+                opts = load._opts(stream)
+                if how == "engine":
+                    opts["max_tokens"] = rng.choice([1000, 2500])
+                env = client.request(load._hi(), profile="tiny", options=opts)
+                both = rng.random() < (0.35 if how == "engine" else 0.85)
+                vias = rng.sample(["stream", "pubsub"], 2) if both else ["stream", "stream"]
+                for v in vias:
+                    await load._send(load._req(env, v, "twins", stream))
+                    await asyncio.sleep(rng.uniform(0, 0.3))
+                sent.append("+".join(vias))
+        self.counts[f"twins_{how}"] += 1
+        self.say(f"twins ({how}): {', '.join(sent)}")
+        if how == "stop":
+            await asyncio.sleep(rng.uniform(0, 0.4))
+            await self.worker_term()
+        elif how == "engine":
+            await asyncio.sleep(rng.uniform(0.5, 3.0))
+            for w in list(self.w.live):
+                pid = engine_of(w) if w.name not in self.w.busy else None
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    self.say(f"SIGKILL llama-server {pid} of {w.name} (twins)")
+
     async def redis_freeze(self) -> None:
         if self.redis_lock.locked():
             return
@@ -478,11 +531,13 @@ class Chaos:
             d = self.rng.choice([0.3, 1.0, 2.5, 4.0, 7.0])
             self.load.paused.set()
             await asyncio.sleep(0.05)
+            frozen = now()
             self.fault.redis.freeze()
             self.counts["redis_freeze"] += 1
             self.say(f"SIGSTOP redis for {d}s")
             await asyncio.sleep(d)
             self.fault.redis.thaw()
+            self.freezes.append((frozen, now()))
             self.say("SIGCONT redis")
             self.load.paused.clear()
 
@@ -523,6 +578,7 @@ def check(
     messages: list[Any],
     gaps: list[tuple[float, float]],
     end: float,
+    freezes: list[tuple[float, float]],
 ) -> tuple[list[dict], list[dict], Counter]:
     """Violations, inconclusive findings and counts over everything recorded."""
     by_channel: dict[str, list[tuple[int, Any]]] = {}
@@ -625,7 +681,7 @@ def check(
                 allowed.add("expired")
             if any(k.startswith("malformed") for k in kinds_here):
                 allowed.add("validation_failed")
-            if "dup_key" in kinds_here or "dup_corr" in kinds_here or "same_env" in kinds_here:
+            if kinds_here & {"dup_key", "dup_corr", "same_env", "twins"}:
                 allowed |= {"cancelled", "expired"}  # a stored answer of a twin
             if isinstance(details.get("attempt"), int) and details["attempt"] >= 5:
                 allowed.add("upstream_failed")  # ORION_LLAMACPP_MAX_DELIVERIES
@@ -635,8 +691,21 @@ def check(
                 and mixed
                 and error in {"engine_unavailable", "overloaded", "upstream_failed"}
             ):
-                flag(unsure, f"durable request answered by its pub/sub copy: {error}", group,
-                     messages=brief)  # fmt: skip
+                # Its answer where the stream copy was added well before, no chunk out
+                # and Redis steady: the stream copy answers it (``StreamCopies``).
+                added = [r.added_at for r in group if r.via == "stream" and r.added_at]
+                ahead = answered_at - min(added) if added else 0.0
+                chunked = any(
+                    i < results[0][0]
+                    for r in group
+                    if r.chunk_channel
+                    for i, _ in by_channel.get(r.chunk_channel, [])
+                )
+                steady = not _in_gap([*gaps, *freezes], start, answered_at)
+                where = violations if ahead > 3 and not chunked and steady else unsure
+                flag(where, f"durable request answered by its pub/sub copy: {error}", group,
+                     messages=brief, stream_copy_ahead_s=round(ahead, 2),
+                     chunked=chunked)  # fmt: skip
                 allowed.add(error)
             if error not in allowed:
                 flag(
@@ -713,6 +782,12 @@ async def test_soak(fault: Fault, seed: int, fault_appendonly: bool, tmp_path: P
     log: list[str] = []
     workers = Workers(fault, random.Random(seed * 7919 + 1), log, t0)
     n_workers = rng.choice([2, 2, 3])
+    if rng.random() < 0.5:  # tight: pub/sub refused soon, a request given up at one death
+        workers.env = {
+            "ORION_LLAMACPP_LOCAL_QUEUE": rng.choice(["0", "1"]),
+            "ORION_LLAMACPP_REQUEST_CRASH_LIMIT": rng.choice(["1", "2"]),
+        }
+    workers.say(f"episode settings: {workers.env or 'as ever'}")
     for _ in range(n_workers):
         workers.spawn()
     for w in list(workers.live):
@@ -749,7 +824,7 @@ async def test_soak(fault: Fault, seed: int, fault_appendonly: bool, tmp_path: P
     workers.say(f"settled: group {info}")
     end = now()
     messages = fault.recorder.messages
-    violations, unsure, counts = check(load.reqs, messages, chaos.recorder_gaps, end)
+    violations, unsure, counts = check(load.reqs, messages, chaos.recorder_gaps, end, chaos.freezes)
     # Unanswered as far as the recorder heard: did the worker publish it (its guard)?
     for u in unsure:
         if u["what"].startswith("durable unanswered"):
@@ -770,6 +845,7 @@ async def test_soak(fault: Fault, seed: int, fault_appendonly: bool, tmp_path: P
     report = {
         "seed": seed,
         "fault_sec": FAULT_SEC,
+        "settings": workers.env,
         "faults": dict(chaos.counts),
         "counts": dict(counts),
         "violations": violations,
