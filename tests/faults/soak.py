@@ -504,8 +504,10 @@ class Chaos:
                 if how == "engine":
                     opts["max_tokens"] = rng.choice([1000, 2500])
                 env = client.request(load._hi(), profile="tiny", options=opts)
-                both = rng.random() < (0.35 if how == "engine" else 0.85)
-                vias = rng.sample(["stream", "pubsub"], 2) if both else ["stream", "stream"]
+                both = rng.random() < (0.3 if how == "engine" else 0.85)
+                # Mostly the stream copy first: the pub/sub copy's refusal then yields to it.
+                vias = ["stream", "pubsub"] if rng.random() < 0.75 else ["pubsub", "stream"]
+                vias = vias if both else ["stream", "stream"]
                 for v in vias:
                     await load._send(load._req(env, v, "twins", stream))
                     await asyncio.sleep(rng.uniform(0, 0.3))
