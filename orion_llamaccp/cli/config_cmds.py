@@ -203,9 +203,7 @@ def _model_state(plan: ServicePlan) -> str:
     if plan.files.model.is_file():
         return "present"
     if plan.files.model.exists():  # a folder: it is there, and it is not the file
-        return not_a_file(plan.files.model, plan.files.source).removeprefix(
-            f"{plan.files.model} is "
-        )
+        return not_a_file(plan.files.model, plan.files.source)
     reason = no_download_reason(plan.profile, plan.files)  # a repo named, but not used
     return f"missing: {reason}" if reason else "not downloaded yet"
 
@@ -294,7 +292,7 @@ def _check_model(plan: ServicePlan, settings: Settings) -> Check:
 
     path = plan.files.model
     if path.exists() and not path.is_file():  # said to be "missing", a folder given
-        return ("model", False, not_a_file(path, plan.files.source))
+        return ("model", False, f"{path} is {not_a_file(path, plan.files.source)}")
     if not path.is_file():
         if not downloads_model(plan.profile, plan.files):
             return ("model", False, f"{path} is missing: {_missing_model_advice(plan)}")

@@ -219,7 +219,7 @@ class _Fetcher:
         if not path.exists():
             return None
         if not path.is_file():  # a folder given as the model, a bind mount's, say
-            raise ModelError(f"{target.role} {not_a_file(path, target.named_by)}")
+            raise ModelError(f"{target.role} {path} is {not_a_file(path, target.named_by)}")
         try:
             info, problem = diagnose_gguf(path)
         except ModelNotFound:  # moved away by another process since: theirs is locked

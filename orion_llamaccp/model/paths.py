@@ -138,21 +138,22 @@ def main_model_path(
 
 
 def not_a_file(path: Path, source: str | None) -> str:
-    """What to say of ``path``, chosen by ``source`` (a setting), where something that is
-    not a file stands: a folder given as the model path was said to be "missing"."""
+    """What stands at ``path`` where a file was wanted, and what to do, chosen by ``source``
+    (a setting): said after "``path`` is" (a folder given as the model path was said to be
+    "missing")."""
     if not path.is_dir():
-        return f"{path} is not a regular file: {source or 'the profile'} must name a GGUF file"
+        return f"not a regular file: {source or 'the profile'} must name a GGUF file"
     if source in PATH_SETTINGS:
         found = sorted(child.name for child in path.glob("*.gguf"))
         held = f"it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}"
         return (
-            f"{path} is a folder, not a GGUF file ({held if found else 'no .gguf in it'}): "
+            f"a folder, not a GGUF file ({held if found else 'no .gguf in it'}): "
             f"{source} names the model file itself (of a split model, its first part, "
             f"<name>-00001-of-<count>.gguf)"
         )
     return (
-        f"{path} is a folder, not a GGUF file: remove it, or point the profile at the file "
-        f"(a container's bind mount of a host file that does not exist makes a folder there)"
+        "a folder, not a GGUF file: remove it, or point the profile at the file "
+        "(a container's bind mount of a host file that does not exist makes a folder there)"
     )
 
 
