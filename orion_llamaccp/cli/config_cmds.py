@@ -410,15 +410,9 @@ def _refused_channels(settings: Settings, client: Any, url: str) -> str | None:
     """What the bus user may not do on the channels `run` uses (an ACL): doctor said ok,
     and `run` found out at its SUBSCRIBE, or its first heartbeat."""
     from orion_llamaccp.bus.permissions import refused, user_of
-    from orion_llamaccp.worker.announce import channels_for, transports
+    from orion_llamaccp.worker.announce import channels_for, listened
 
-    subscribe = {
-        settings.cancel_channel: "cancels",
-        settings.discover_channel: "discovery requests",
-    }
-    if "pubsub" in transports(settings):
-        intake = channels_for(settings, settings.profile_name).intake
-        subscribe = {intake: "the pub/sub intake", **subscribe}
+    subscribe = listened(settings, channels_for(settings, settings.profile_name))
     publish = {
         settings.health_channel: "heartbeats",
         settings.announce_channel: "announcements",

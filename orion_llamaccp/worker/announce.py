@@ -43,6 +43,18 @@ def transports(settings: Any) -> set[str]:
     return {t.strip() for t in settings.transports.split(",")}
 
 
+def listened(settings: Any, channels: Channels) -> dict[str, str]:
+    """The channels the worker subscribes to, each with what it hears there (for
+    ``doctor``'s permission check, which names it): the pub/sub intake where it serves
+    one, cancels, discovery requests."""
+    heard = {channels.intake: "the pub/sub intake"} if "pubsub" in transports(settings) else {}
+    return {
+        **heard,
+        settings.cancel_channel: "cancels",
+        settings.discover_channel: "discovery requests",
+    }
+
+
 class WorkerView:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker

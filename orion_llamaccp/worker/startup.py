@@ -22,7 +22,7 @@ from orion_llamaccp.bus.intake import FIX_AUTH, PubSubListener
 from orion_llamaccp.errors import ConfigError, OrionLlamaError
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.stopping import unless_stopped
-from orion_llamaccp.worker.announce import Channels, channels_for, transports
+from orion_llamaccp.worker.announce import Channels, channels_for, listened
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,14 +63,9 @@ class Intake:
         self.inbox: asyncio.Queue[tuple[str, bytes, Any]] = asyncio.Queue()
         self.prepare: Callable[[str, bytes], Any] | None = None
         self.stop = asyncio.Event()
-        names = (
-            channels.intake if "pubsub" in transports(settings) else None,
-            settings.cancel_channel,
-            settings.discover_channel,
-        )
         self.listener = PubSubListener(
             redis,
-            [name for name in names if name],
+            [name for name in listened(settings, channels) if name],
             self._received,
             ping_interval=settings.pubsub_ping_sec,
             ping_timeout=3 * settings.pubsub_ping_sec,
