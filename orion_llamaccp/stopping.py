@@ -3,13 +3,22 @@
 A download, a model check, a re-fetch or llama-server's load can take minutes, and a
 SIGTERM must not wait for them. The step is cancelled and waited for, not abandoned:
 what it holds (a lock file, a half-started process) is released before the caller
-goes on with its own shutdown.
+goes on with its own shutdown. ``Budget`` bounds the steps of the stop itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# The worker's goodbyes on the bus as it stops, all together (``Budget``): a few ms each
+# where Redis answers; after the drain and llama-server's stop, within a container's stop
+# grace period (docs/deployment.md).
+GOODBYES_SEC = 5.0
 
 
 async def unless_stopped(stop: asyncio.Event, step: Awaitable[object]) -> bool:
@@ -29,3 +38,45 @@ async def unless_stopped(stop: asyncio.Event, step: Awaitable[object]) -> bool:
         return False
     task.result()
     return True
+
+
+class Budget:
+    """One bound on the time of several steps together, each run within what the steps
+    before it left; one that finds nothing left is not started.
+
+    The worker's goodbyes on the bus (its draining beat, the entries handed back, its
+    last beat) were bounded one by one: a Redis that hangs (alive, answering nothing)
+    cost each its bound in turn, after the drain (10 s measured with 2 s socket
+    timeouts, up to 21 s with the defaults), and more with each step added. Bounded
+    together, a hung Redis costs the budget once; a healthy one answers each step in a
+    millisecond, and every step runs. ``given_up`` names the steps cut off or never
+    started, in order.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.spent = 0.0
+        self.given_up: list[str] = []
+
+    @property
+    def left(self) -> float:
+        return self.seconds - self.spent
+
+    async def spend(self, what: str, step: Coroutine[Any, Any, T]) -> T:
+        """``step``'s result; TimeoutError where it was cut off, or not started."""
+        if self.left <= 0:
+            step.close()  # never started: nothing of it ran
+            self.given_up.append(what)
+            raise TimeoutError(f"not tried, the {self.seconds:g} s for it spent")
+        began = time.monotonic()
+        bound = asyncio.timeout(self.left)
+        try:
+            async with bound:
+                return await step
+        except TimeoutError:
+            if not bound.expired():  # the step's own
+                raise
+            self.given_up.append(what)
+            raise TimeoutError(f"cut off, the {self.seconds:g} s for it spent") from None
+        finally:
+            self.spent += time.monotonic() - began

@@ -1,4 +1,5 @@
-"""``unless_stopped``: a stop ends a long step at once, and the step is ended, not left."""
+"""``unless_stopped``: a stop ends a long step at once, and the step is ended, not left;
+``Budget``: the steps of a stop bounded together."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from orion_llamaccp.stopping import unless_stopped
+from orion_llamaccp.stopping import Budget, unless_stopped
 
 
 async def test_a_stop_cancels_the_step_and_waits_for_its_cleanup() -> None:
@@ -64,3 +65,35 @@ async def test_cancelling_the_caller_ends_the_step_too() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert ended.is_set()
+
+
+async def test_a_budget_cuts_off_the_step_that_outlasts_it_and_starts_none_after() -> None:
+    """Steps bounded together: a healthy one runs whole, the one that outlasts what is
+    left is cut off, and those after it are not started at all (nothing of them runs)."""
+    budget = Budget(0.2)
+    ran: list[str] = []
+
+    async def step(name: str, hangs: bool = False) -> str:
+        ran.append(name)
+        if hangs:
+            await asyncio.Event().wait()  # a Redis that never answers
+        return name
+
+    assert await budget.spend("the draining beat", step("beat")) == "beat"
+    with pytest.raises(TimeoutError, match="cut off"):
+        await budget.spend("handing back", step("hand back", hangs=True))
+    with pytest.raises(TimeoutError, match="not tried"):
+        await budget.spend("the last beat", step("last beat"))
+    assert ran == ["beat", "hand back"]
+    assert budget.given_up == ["handing back", "the last beat"]
+
+
+async def test_a_budget_leaves_a_steps_own_timeout_its_own() -> None:
+    budget = Budget(3600)
+
+    async def times_out() -> None:
+        raise TimeoutError("its own bound")
+
+    with pytest.raises(TimeoutError, match="its own bound"):
+        await budget.spend("leaving the intake channel", times_out())
+    assert budget.given_up == []

@@ -293,6 +293,11 @@ class PubSubListener:
             log.log(level, "%s; reconnecting in %.1fs", said, delay)
             await _pause(stop, delay)
 
+    def drop(self, *channels: str) -> None:
+        """Not to be subscribed to again (a reconnect), whether or not a ``leave``
+        reaches Redis: the part of it a stop that gives up on Redis still needs."""
+        self.channels = [name for name in self.channels if name not in channels]
+
     async def leave(self, *channels: str) -> None:
         """Stop listening on ``channels`` and keep the others (also after a reconnect). A
         draining worker leaves its intake but keeps hearing cancels.
@@ -304,7 +309,7 @@ class PubSubListener:
         connection do not get in each other's way. Should it fail, the connection is
         broken, and the session subscribes again without them.
         """
-        self.channels = [name for name in self.channels if name not in channels]
+        self.drop(*channels)
         pubsub = self._pubsub
         if pubsub is None or not self.subscribed.is_set():
             return

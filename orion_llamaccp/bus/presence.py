@@ -24,6 +24,7 @@ from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE, Envelope, SystemHealthV1
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.scripts import PRUNE_HOSTS
+from orion_llamaccp.stopping import GOODBYES_SEC, Budget
 
 log = logging.getLogger(__name__)
 
@@ -328,15 +329,16 @@ class Presence:
         except Exception as exc:
             log.warning("could not prune the hosts index: %s", exc)
 
-    async def farewell(self, *, keep_liveness: bool = False) -> None:
-        """A last beat and announcement, then (a clean stop) remove our liveness key."""
+    async def farewell(self, *, keep_liveness: bool = False, budget: Budget | None = None) -> None:
+        """A last beat and announcement, then (a clean stop) remove our liveness key, all
+        within ``budget`` (the stop's, where the worker has spent some already)."""
+        budget = budget or Budget(GOODBYES_SEC)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.heartbeat(), 2.0)
+            await budget.spend("the last beat", self.heartbeat())
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.announce(), 2.0)
+            await budget.spend("the last announcement", self.announce())
         if keep_liveness:
             return
+        alive = keys.liveness(self.outbox.source.name, self.instance)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self.redis.delete(keys.liveness(self.outbox.source.name, self.instance)), 2.0
-            )
+            await budget.spend("removing the liveness key", self.redis.delete(alive))

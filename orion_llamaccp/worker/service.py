@@ -43,7 +43,7 @@ from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
 from orion_llamaccp.errors import ConfigError, DecodeError, OrionLlamaError
 from orion_llamaccp.settings import Settings
-from orion_llamaccp.stopping import unless_stopped
+from orion_llamaccp.stopping import GOODBYES_SEC, Budget, unless_stopped
 from orion_llamaccp.worker.announce import WorkerView, transports
 from orion_llamaccp.worker.handler import ChatHandler
 from orion_llamaccp.worker.inflight import InFlight, RecentCancels
@@ -117,6 +117,8 @@ class Worker:
         )
         self.unsettled = 0  # claims sent and not yet settled
         self.stopping = False
+        # The stop's round trips to Redis, all of them together (``Budget``).
+        self.goodbyes = Budget(GOODBYES_SEC)
         self.metrics: Metrics | None = None
         self.hurry = asyncio.Event()  # the drain's deadline, brought forward to now
         self.inflight = InFlight(RecentCancels(settings.cancel_memory_sec))
@@ -257,7 +259,10 @@ class Worker:
             await asyncio.gather(presence, return_exceptions=True)
             # A worker that gave up keeps its last beat (``failed``, with the reason) for
             # three intervals, for ``ps`` and ``health``, as one that could not be built.
-            await self.presence.farewell(keep_liveness=self.view.error is not None)
+            await self.presence.farewell(
+                keep_liveness=self.view.error is not None, budget=self.goodbyes
+            )
+            self._say_given_up()
             await self.lane.aclose()
             for task in (*background, relay):
                 task.cancel()
@@ -322,10 +327,22 @@ class Worker:
         if self.consumer is None or self.presence.twin_seen:
             return
         try:
-            if left := await asyncio.wait_for(self.consumer.hand_back(), 5.0):
+            handing = self.consumer.hand_back()
+            if left := await self.goodbyes.spend("handing back the stream entries", handing):
                 log.info("left %d stream entries to another worker, to take at once", left)
         except Exception as exc:  # Redis away: they are taken after the claim idle time
             log.warning("could not hand back the stream entries left: %s", exc)
+
+    def _say_given_up(self) -> None:
+        """Which goodbyes Redis took too long for: what the fleet may not have heard (a
+        stale ``draining`` beat, entries taken only after the claim idle time)."""
+        if given_up := self.goodbyes.given_up:
+            log.warning(
+                "Redis did not answer the stop's steps within %.0f s: gave up %d (%s)",
+                self.goodbyes.seconds,
+                len(given_up),
+                ", ".join(given_up),
+            )
 
     async def _trim(self) -> None:
         """Keep the stream and its group from growing for good (acked entries, consumers
@@ -347,14 +364,13 @@ class Worker:
         self.view.state = "failed"
         self.view.error = message
         self.supervisor.give_up(OrionLlamaError(message))  # those waiting hear why
+        said = self.outbox.system_error(
+            "engine_unavailable",
+            {"message": message, "profile": self.profile.name, "retryable": False},
+        )
         with contextlib.suppress(Exception):
-            await self.publisher.event(
-                self.settings.error_channel,
-                self.outbox.system_error(
-                    "engine_unavailable",
-                    {"message": message, "profile": self.profile.name, "retryable": False},
-                ),
-            )
+            published = self.publisher.event(self.settings.error_channel, said)
+            await self.goodbyes.spend("telling the fleet the worker failed", published)
         return 1
 
     async def _drain(self) -> None:
@@ -367,10 +383,14 @@ class Worker:
         # must find us draining, or it takes the entries we still generate for leftovers
         # of its own (``Presence.predecessor_draining``); dashboards see it at once too.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.presence.heartbeat(), 2.0)
+            await self.goodbyes.spend("the draining beat", self.presence.heartbeat())
         # Other replicas take new requests from here; the cancel channel stays, so that a
-        # caller can still stop a request the drain waits for.
-        await self.listener.leave(self.channels.intake, self.settings.discover_channel)
+        # caller can still stop a request the drain waits for. Not subscribed again after
+        # a reconnect, whether or not Redis answers the UNSUBSCRIBE.
+        leaving = (self.channels.intake, self.settings.discover_channel)
+        self.listener.drop(*leaving)
+        with contextlib.suppress(TimeoutError):
+            await self.goodbyes.spend("leaving the intake channel", self.listener.leave(*leaving))
         await self._give_back_claims()  # a resend now goes to a replica that stays
         while not self.inbox.empty():  # received before we unsubscribed: answer them
             await self._take(*self.inbox.get_nowait())  # stopping: none starts early
@@ -398,8 +418,10 @@ class Worker:
         a resend finds a replica that stays."""
         if self.presence.gave_way is not None:  # its twin holds claims under the same name
             return
+        self.claims.leaving = True  # those answered from now on, whether or not Redis answers
         try:
-            await asyncio.wait_for(self.claims.give_back(self.settings.instance_id), 2.0)
+            giving = self.claims.give_back(self.settings.instance_id)
+            await self.goodbyes.spend("giving back the answered claims", giving)
         except Exception as exc:  # the drain goes on: at worst they lapse
             log.warning(
                 "answered claims not given back (they lapse in %d s): %s",
@@ -435,9 +457,12 @@ class Worker:
             for task in late:
                 task.cancel()
             # Bounded: a cancel swallowed somewhere must not hang the stop. Stopping
-            # llama-server below ends any request that is still running anyway.
-            _, stuck = await asyncio.wait(late, timeout=5.0)
-            if stuck:
+            # llama-server below ends any request that is still running anyway. Their
+            # answers and released records are round trips to Redis: the goodbyes' time.
+            ending = asyncio.wait(late, timeout=5.0)
+            with contextlib.suppress(TimeoutError):
+                await self.goodbyes.spend("the answers of the requests cut off", ending)
+            if stuck := [task for task in late if not task.done()]:
                 log.warning("%d requests did not stop when cancelled", len(stuck))
 
     async def _until_deadline(self, step: Awaitable[Any], deadline: float) -> None:

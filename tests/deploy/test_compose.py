@@ -13,6 +13,7 @@ from orion_llamaccp.engine.supervisor import SupervisorPolicy
 from orion_llamaccp.profiles.models import expand_path
 from orion_llamaccp.profiles.registry import load_registry
 from orion_llamaccp.settings import Settings
+from orion_llamaccp.stopping import GOODBYES_SEC
 from tests.deploy.container import (
     COMPOSE,
     CPU_SERVICE,
@@ -118,7 +119,7 @@ def test_restart_policy_and_stop_grace_covers_the_drain(name: str) -> None:
     drain = container_env(name).get("ORION_LLAMACPP_DRAIN_TIMEOUT_SEC") or (
         Settings.model_fields["drain_timeout_sec"].default
     )
-    needed = float(drain) + SupervisorPolicy().stop_grace
+    needed = float(drain) + SupervisorPolicy().stop_grace + GOODBYES_SEC
     assert parse_duration(svc["stop_grace_period"]) >= needed
 
 

@@ -476,3 +476,41 @@ async def test_a_sigterm_while_the_listener_reconnects_stops_in_time_and_loses_n
     assert "error" not in answer, answer
     assert len(fault.ledger.answers(heard)) <= 1
     await wait_stream_acked(fault.raw, STREAM, GROUP)
+
+
+async def test_a_stop_with_redis_hung_gives_up_its_goodbyes_within_one_budget(
+    fault: Fault, hi: list
+) -> None:
+    """Redis frozen (alive, answering nothing) as the worker stops with a stream entry in
+    flight. Each of the stop's round trips to Redis (the draining beat, the hand-back,
+    the last beat and announcement, the liveness key) waited out its own bound in turn:
+    10 s more than the drain here, up to 21 s with the defaults. Bounded together now, the
+    stop gives up what the budget does not cover, and its log says which. Nothing is
+    lost: the entry, not handed back, stays pending under the worker's name and another
+    worker takes it after the claim idle time. A stop on a healthy Redis gives up none."""
+    worker = fault.spawn("w", slow=True, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="2")
+    options = {"stream": True, "max_tokens": 6000, "ignore_eos": True}
+    entry = fault.ledger.add(fault.client.request(hi, profile="tiny", options=options))
+    await fault.client.send(entry, profile="tiny", via="stream")
+    await wait_until_async(lambda: chunks_of(fault, entry), what="a chunk")
+    fault.redis.freeze()
+    worker.signal(signal.SIGTERM)
+    assert worker.proc is not None
+    code = await asyncio.to_thread(worker.proc.wait, 60)  # a safety net, not under test
+    fault.redis.thaw()
+    log = worker.log()
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log, log
+    gave_up = [line for line in log.splitlines() if "Redis did not answer the stop's" in line]
+    assert len(gave_up) == 1, log[-3000:]
+    # The last of them, whatever Redis took the budget on before it.
+    assert gave_up[0].endswith("removing the liveness key)"), gave_up
+    pending = await fault.raw.xpending(STREAM, GROUP)
+    assert pending["pending"] == 1 and pending["consumers"][0]["name"] == b"w", pending
+    other = fault.spawn("w2", slow=True, ORION_LLAMACPP_CLAIM_IDLE_MS="1500")
+    assert_exactly_once(await fault.ledger.settle(timeout=120))
+    assert "error" not in fault.ledger.answers(entry)[0]["payload"]
+    await wait_stream_acked(fault.raw, STREAM, GROUP)
+    assert other.terminate() == 0
+    assert "Redis did not answer the stop's" not in other.log(), other.log()[-3000:]
+    assert not await fault.raw.exists(keys.liveness("orion-llamaccp", "w2"))  # its farewell
