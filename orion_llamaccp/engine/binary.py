@@ -6,10 +6,15 @@ every flag we are about to pass is checked against it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -136,13 +141,7 @@ def _build_label(path: Path) -> str:
         except (OSError, ValueError):
             pass
     try:
-        out = subprocess.run(
-            [str(path), "--version"],
-            capture_output=True,
-            text=True,
-            timeout=VERSION_TIMEOUT_SEC,
-            check=False,
-        )
+        out = _children().run([str(path), "--version"], VERSION_TIMEOUT_SEC)
     except (OSError, subprocess.TimeoutExpired):  # a label, not a reason to fail the start
         return "unknown"
     for line in (out.stdout + out.stderr).splitlines():
@@ -154,6 +153,78 @@ def _build_label(path: Path) -> str:
 # Both --version and --help initialise CUDA first, which can take long on a host with many
 # GPUs and no persistence mode.
 VERSION_TIMEOUT_SEC = 30.0
+HELP_TIMEOUT_SEC = 60.0
+
+
+class Children:
+    """The probe's child processes (``--help``, ``--version``) while they run, for a stop
+    to end at once.
+
+    The worker probes in a thread that a stop does not wait for (``startup.serve``), and
+    a SIGTERM to the worker alone (a container's stop) left the child running after the
+    worker had gone: up to a minute where it initialises CUDA. Each child leads a process
+    group of its own, killed whole: a launcher script's own children go with it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen[str]] = set()
+        self.killed = False
+
+    def run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        """``subprocess.run(args, capture_output=True, text=True, timeout=timeout)``,
+        killed with ``kill``; refused once that was called."""
+        with self._lock:  # started and noted at once: a kill between them would miss it
+            if self.killed:
+                raise EngineError(f"not running {' '.join(args)}: stopping")
+            proc = subprocess.Popen(
+                args,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            self._running.add(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
+            raise
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+    def kill(self) -> None:
+        """Kill the children running now, and refuse those asked for later."""
+        with self._lock:
+            self.killed = True
+            for proc in self._running:
+                _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:  # not reaped: its group id is not anyone else's yet
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+_CHILDREN: contextvars.ContextVar[Children | None] = contextvars.ContextVar(
+    "probe_children", default=None
+)
+
+
+def _children() -> Children:
+    return _CHILDREN.get() or Children()
+
+
+def probing_with(children: Children) -> contextvars.Context:
+    """A context (for ``Context.run``, in the probe's thread) in which the probe's
+    children are ``children``'s, for its caller to kill."""
+    context = contextvars.copy_context()
+    context.run(_CHILDREN.set, children)
+    return context
 
 
 @lru_cache(maxsize=8)
@@ -173,9 +244,7 @@ def _last_lines(text: str, count: int = 3, width: int = 160) -> str:
 
 def _probe(path: str, mtime_ns: int) -> BinaryInfo:
     try:
-        out = subprocess.run(
-            [path, "--help"], capture_output=True, text=True, timeout=60, check=False
-        )
+        out = _children().run([path, "--help"], HELP_TIMEOUT_SEC)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EngineError(f"could not run {path} --help: {exc}") from exc
     text = out.stdout + out.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
@@ -116,19 +117,24 @@ async def serve(settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | 
                 f"Redis at {settings.bus_url_display} refused the credentials "
                 f"({intake.listener.refused}): {FIX_AUTH}"
             )
+        from orion_llamaccp.engine.binary import Children, probing_with
         from orion_llamaccp.engine.plan import plan_profile, select_profile
 
         try:
             registry, profile = select_profile(settings)
             # llama-server's --help and --version (up to 90 s where they initialise CUDA
             # on many GPUs), and a stop obeyed meanwhile: the first SIGTERM waited them out.
-            planning = _in_a_thread(plan_profile, settings, registry, profile)
+            # The thread is left behind; the processes it runs are not.
+            children = Children()
+            in_context = probing_with(children)
+            planning = _in_a_thread(plan_profile, settings, registry, profile, context=in_context)
             if not await unless_stopped(stop, planning):
+                children.kill()
                 log.info("stopped before the worker was built")
                 return 0
             plan = planning.result()
         except OrionLlamaError as exc:
-            if stop.is_set():  # Ctrl-C reaches the process group: the probe died of it
+            if stop.is_set():  # the probe failed as the stop came
                 log.info("stopped before the worker was built (%s)", settings.redact(str(exc)))
                 return 0
             await tell_failed_start(settings, redis, intake, exc)
@@ -141,9 +147,13 @@ async def serve(settings: Settings, stop: asyncio.Event, hurry: asyncio.Event | 
         await redis.aclose()
 
 
-def _in_a_thread(function: Callable[..., T], *args: object) -> asyncio.Future[T]:
+def _in_a_thread(
+    function: Callable[..., T], *args: object, context: contextvars.Context | None = None
+) -> asyncio.Future[T]:
     """``function(*args)`` in a daemon thread of its own: a stop need not wait for it (the
-    default executor's threads are joined as the process exits, however long they take)."""
+    default executor's threads are joined as the process exits, however long they take).
+    Run in ``context``, or a copy of the caller's."""
+    context = context or contextvars.copy_context()
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
@@ -157,7 +167,7 @@ def _in_a_thread(function: Callable[..., T], *args: object) -> asyncio.Future[T]
 
     def work() -> None:
         try:
-            outcome: tuple[T | None, BaseException | None] = (function(*args), None)
+            outcome: tuple[T | None, BaseException | None] = (context.run(function, *args), None)
         except BaseException as exc:  # handed to the loop, which raises it where awaited
             outcome = (None, exc)
         with contextlib.suppress(RuntimeError):  # the loop closed: stopped meanwhile

@@ -611,13 +611,16 @@ exec "$REAL_LLAMA_SERVER" "$@"
 
 
 @pytest.mark.parametrize("signal_to", ["the_worker", "the_process_group"])
-def test_a_stop_while_the_binary_is_probed_ends_the_start_at_once(
+def test_a_stop_while_the_binary_is_probed_ends_the_start_and_the_probe_with_a_fake_slow_binary(
     subprocess_env: dict, tmp_path: Path, llama_server_bin: Path, signal_to: str
 ) -> None:
     """A SIGTERM while the worker reads llama-server's --help (before the worker is built)
     waited the probe out (up to 90 s: docs say a stop before the engine is ready ends the
     start at once). Ctrl-C reaches the whole process group, the probe included, which
-    died of it: the stop was reported on the bus as a failed start, exit status 1."""
+    died of it: the stop was reported on the bus as a failed start, exit status 1. The
+    probe's thread is not waited for, and its child was left running after the worker
+    had gone (a minute where --help initialises CUDA): killed now, its own children
+    too. A script stands in for a slow GPU host's llama-server, which cannot run here."""
     binary = tmp_path / "bin" / "llama-server"
     binary.parent.mkdir()
     binary.write_text(SLOW_HELP)
@@ -633,11 +636,13 @@ def test_a_stop_while_the_binary_is_probed_ends_the_start_at_once(
             stderr=out,
             start_new_session=True,
         )
+    probe: list[psutil.Process] = []
     try:
 
-        def probing() -> bool:
-            children = psutil.Process(proc.pid).children(recursive=True)
-            return any("--help" in child.cmdline() for child in children)
+        def probing() -> bool:  # the script, and the sleep it runs
+            probe[:] = psutil.Process(proc.pid).children(recursive=True)
+            lines = [child.cmdline() for child in probe]
+            return any("--help" in line for line in lines) and ["sleep", "30"] in lines
 
         wait_until(probing, timeout=30, what="the worker reading --help")
         if signal_to == "the_worker":
@@ -647,8 +652,18 @@ def test_a_stop_while_the_binary_is_probed_ends_the_start_at_once(
         assert proc.wait(10) == 0, log.read_text()[-2000:]  # bounds the wait only
         assert "stopped before the worker was built" in log.read_text()
         assert "failed" not in log.read_text().lower(), log.read_text()[-2000:]
+        # Bounds the wait only: killed before the worker's exit, reaped by whoever adopted
+        # them since.
+        wait_until(
+            lambda: not any(pid_alive(child.pid) for child in probe),
+            timeout=10,
+            what="the probe's processes gone",
+        )
     finally:
-        with contextlib.suppress(ProcessLookupError):  # the probe too, left to run out
+        for child in probe:  # left to run out, where the stop missed them
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
 

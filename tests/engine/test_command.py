@@ -8,12 +8,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orion_llamaccp.engine import binary as binary_module
@@ -27,7 +30,7 @@ from orion_llamaccp.model.paths import plan_files
 from orion_llamaccp.profiles.registry import parse_profile
 from orion_llamaccp.settings import Overrides, load_settings
 from tests.engine.conftest import FAST, PRELUDE, LaunchFactory, assert_answers
-from tests.support.procs import ipv6_loopback
+from tests.support.procs import ipv6_loopback, pid_alive, wait_until
 
 EXPECTED = {
     "gemma3-270m-cpu": (
@@ -788,3 +791,25 @@ def test_a_launch_names_every_part_and_extra_of_its_model() -> None:
         "/c/p.gguf",
         "/c/d.gguf",
     )
+
+
+def test_the_probe_s_children_are_killed_with_their_own_and_none_start_after() -> None:
+    """A stop kills the child a probe runs, and what that child runs (a launcher script's
+    llama-server), and refuses those the probe's thread would start after it."""
+    children = binary_module.Children()
+    done: list[subprocess.CompletedProcess[str]] = []
+    script = ["sh", "-c", "sleep 3600; echo never"]  # sh waits for its own child
+    thread = threading.Thread(target=lambda: done.append(children.run(script, 3600)))
+    thread.start()
+
+    def running() -> list[psutil.Process]:
+        found = psutil.Process().children(recursive=True)
+        return found if any(p.cmdline() == ["sleep", "3600"] for p in found) else []
+
+    started = wait_until(running, timeout=10, what="the child and its own")
+    children.kill()
+    thread.join(10)  # bounds the wait only
+    assert [d.returncode for d in done] == [-signal.SIGKILL]
+    assert not any(pid_alive(p.pid) for p in started)
+    with pytest.raises(EngineError, match="stopping"):
+        children.run(["true"], 10)
