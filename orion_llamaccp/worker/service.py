@@ -450,6 +450,7 @@ class Worker:
                 log.warning("told to stop again: cutting the drain short")
                 break
         if late := self._pending():
+            log.warning("the drain's time is up: cutting off %d requests", len(late))
             if any(not_started(task) for task in late):
                 # Cancelled before its first step, a task runs none of its code: its
                 # request would get no answer. One turn of the loop starts it.

@@ -451,17 +451,17 @@ async def test_a_sigterm_while_the_listener_reconnects_stops_in_time_and_loses_n
     await wait_until_async(
         lambda: "pub/sub connection lost" in worker.log(), timeout=15, what="the listener away"
     )
-    told = time.monotonic()
     worker.signal(signal.SIGTERM)
     if back:
         await asyncio.sleep(1.0)
         fault.redis.start()
     assert worker.proc is not None
+    # Stopped by the drain's deadline, not by the end of the requests (12,000 tokens
+    # each, some 17 s at the slow model's pace); the wait's bound is a safety net only.
     code = await asyncio.to_thread(worker.proc.wait, 60)
-    took = time.monotonic() - told
     log = worker.log()
     assert code == 0, log[-3000:]
-    assert took < drain + 10, f"stopped {took:.1f}s after the SIGTERM"
+    assert "the drain's time is up: cutting off 2 requests" in log, log[-3000:]
     assert "Traceback" not in log, log
     if back:
         resubscribed = [line for line in log.splitlines() if "subscribed to" in line][-1]
