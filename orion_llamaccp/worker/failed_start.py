@@ -81,6 +81,8 @@ class FailedStart:
         inbox = self.intake.inbox
         drained = [inbox.get_nowait() for _ in range(inbox.qsize())]
         heard = [data for channel, data, _ in drained if channel == self.channel]
+        heard += self.intake.overflow  # those beyond the inbox's bound: the same answer
+        self.intake.overflow.clear()
         if not heard:
             return 0
         await asyncio.sleep(REPLICA_GRACE_SEC)

@@ -68,6 +68,11 @@ class Metrics:
                 "Pub/sub requests heard and left to another claimant (a replica, or a copy)",
                 lambda: worker.view.claims_lost,
             ),
+            "orion_llamacpp_pubsub_dropped": (
+                "Pub/sub requests dropped unanswered: heard with the inbox and its "
+                "overflow full (ORION_LLAMACPP_INBOX_SIZE each)",
+                lambda: worker.intake.dropped,
+            ),
             "orion_llamacpp_engine_restarts": (
                 "llama-server restarts",
                 lambda: worker.supervisor.restarts,

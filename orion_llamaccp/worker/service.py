@@ -116,6 +116,8 @@ class Worker:
             CLAIMS_IN_FLIGHT
         )
         self.unsettled = 0  # claims sent and not yet settled
+        # Requests heard beyond the inbox's bound whose refusals are on their way, at most.
+        self.refusing = asyncio.Semaphore(CLAIMS_IN_FLIGHT)
         self.stopping = False
         # The stop's round trips to Redis, all of them together (``Budget``).
         self.goodbyes = Budget(GOODBYES_SEC)
@@ -214,6 +216,7 @@ class Worker:
             self.intake.start(),
             asyncio.create_task(self._pubsub_intake(), name="pubsub-intake"),
             asyncio.create_task(self._settle_claims(), name="pubsub-claims"),
+            asyncio.create_task(self._refuse_overflow(), name="pubsub-overflow"),
         ]
         presence = asyncio.create_task(self.presence.run(presence_stop), name="presence")
         background.append(presence)
@@ -394,6 +397,8 @@ class Worker:
         await self._give_back_claims()  # a resend now goes to a replica that stays
         while not self.inbox.empty():  # received before we unsubscribed: answer them
             await self._take(*self.inbox.get_nowait())  # stopping: none starts early
+        while self.intake.overflow:  # their answers are waited for with the rest in flight
+            await self._refuse_next()
         await self._until_deadline(self.claiming.join(), deadline)  # settled, and answered
         unstarted = [self.local.get_nowait() for _ in range(self.local.qsize())]
         if self.held is not None:
@@ -602,10 +607,15 @@ class Worker:
         if ahead is not None:  # not started before its claim after all
             ahead.drop()
             job.ahead = None
+        return job, self._claim(job)
+
+    def _claim(self, job: Job) -> asyncio.Task[bool]:
+        """``job``'s claim on its way, to be settled (``_settle``)."""
+        key, claimant = job.key, job.claimant(self.settings.instance_id)
         self.unsettled += 1
         if self._defers_to_replicas():
-            return job, asyncio.create_task(self._claim_after_grace(key, claimant))
-        return job, asyncio.create_task(self.claims.claim_message(key, claimant))
+            return asyncio.create_task(self._claim_after_grace(key, claimant))
+        return asyncio.create_task(self.claims.claim_message(key, claimant))
 
     def _defers_to_replicas(self) -> bool:
         """Not able to serve yet (llama-server downloading, loading, restarting), with a
@@ -619,9 +629,9 @@ class Worker:
         await asyncio.sleep(REPLICA_GRACE_SEC)
         return await self.claims.claim_message(key, claimant)
 
-    async def _settle(self, job: Job, claim: asyncio.Task[bool]) -> None:
+    async def _settle(self, job: Job, claim: asyncio.Task[bool], beyond: bool = False) -> None:
         """Once its claim is back: nothing (another replica's), or an answer now, or the
-        job dispatched."""
+        job dispatched. ``beyond``: heard beyond the inbox's bound, never dispatched."""
         try:
             won = await claim
         finally:
@@ -636,21 +646,43 @@ class Worker:
         elif self.stopping:
             stopping = Failure("engine_unavailable", "worker is stopping", retryable=True)
             self.inflight.spawn(self.handler.refuse(job, stopping), job)
+        elif beyond:
+            waited = f"{self.intake.limit} messages waiting in the worker's inbox"
+            self.inflight.spawn(self.handler.refuse(job, _overloaded(waited)), job)
         elif self.waiting - self.slots.free >= self.settings.local_queue_size:
-            self.inflight.spawn(
-                self.handler.refuse(
-                    job,
-                    Failure(
-                        "overloaded",
-                        f"{self.slots.total} slots busy and {self.waiting} requests "
-                        f"waiting; try again later",
-                        retryable=True,
-                    ),
-                ),
-                job,
-            )
+            busy = f"{self.slots.total} slots busy and {self.waiting} requests waiting"
+            self.inflight.spawn(self.handler.refuse(job, _overloaded(busy)), job)
         else:
             self._dispatch(job)
+
+    async def _refuse_overflow(self) -> None:
+        """The requests heard beyond the inbox's bound (``Intake.overflow``), refused as they
+        come, their claims side by side, however long the inbox: a caller learns at once
+        that this worker will not take it. Before the worker was built they waited."""
+        while True:
+            await self.intake.overflowing.wait()
+            self.intake.overflowing.clear()
+            while self.intake.overflow:
+                await self._refuse_next()
+
+    async def _refuse_next(self) -> None:
+        """The next request of ``Intake.overflow`` on its way to its answer (here and in
+        the drain), once fewer than ``CLAIMS_IN_FLIGHT`` are."""
+        await self.refusing.acquire()
+        if not self.intake.overflow:  # the drain or the overflow task took the last one
+            self.refusing.release()
+            return
+        job = decode_job(self.intake.overflow.popleft(), "pubsub", self.settings.max_message_bytes)
+        self.view.received += 1
+        self.inflight.spawn(self._refuse_beyond(job, self._claim(job)))
+
+    async def _refuse_beyond(self, job: Job, claim: asyncio.Task[bool]) -> None:
+        try:
+            await self._settle(job, claim, beyond=True)
+        except Exception:
+            log.exception("pub/sub request %s could not be refused", job.request_id)
+        finally:
+            self.refusing.release()
 
     def _dispatch(self, job: Job) -> None:
         """Straight to its handler when a slot is free and nothing waits (no queue hop
@@ -826,6 +858,10 @@ class Worker:
         )
         if not added:
             log.info("stream entry %s was dead-lettered before", job.entry.entry_id)
+
+
+def _overloaded(why: str) -> Failure:
+    return Failure("overloaded", f"{why}; try again later", retryable=True)
 
 
 def sent_at(value: Any) -> datetime | None:

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -58,10 +59,24 @@ class Intake:
     listener's own step, and what it returns waits in the inbox beside the message (the
     worker writes the request to llama-server there: a hop through the inbox and a step of
     the worker's intake task sooner).
+
+    The listener reads whatever Redis sends (left unread, Redis would drop the connection,
+    cancels and all), and before the worker is built, or under a flood, nothing takes the
+    messages as fast. So a request heard while ``ORION_LLAMACPP_INBOX_SIZE`` messages wait
+    in the inbox waits in ``overflow`` instead, to be answered ``overloaded`` as soon as
+    the worker can (``Worker._refuse_beyond``), and as many again at most: a request
+    beyond both is dropped (counted in ``dropped``, said in the log), so that the worker's
+    memory stays bounded. Cancels and discovery requests always reach the inbox.
     """
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, channels: Channels) -> None:
         self.inbox: asyncio.Queue[tuple[str, bytes, Any]] = asyncio.Queue()
+        self.limit = settings.inbox_size
+        self.overflow: deque[bytes] = deque()
+        self.overflowing = asyncio.Event()  # set when a request joins ``overflow``
+        self.dropped = 0
+        self._dropping = False  # said in the log once for each time ``overflow`` is full
+        self._requests = channels.intake
         self.prepare: Callable[[str, bytes], Any] | None = None
         self.stop = asyncio.Event()
         self.listener = PubSubListener(
@@ -75,6 +90,9 @@ class Intake:
         self._task: asyncio.Task[None] | None = None
 
     def _received(self, channel: str, data: bytes) -> None:
+        if channel == self._requests and self.inbox.qsize() >= self.limit:
+            self._beyond(data)
+            return
         prepared = None
         if self.prepare is not None:
             try:
@@ -82,6 +100,23 @@ class Intake:
             except Exception:  # the message itself must still reach the worker
                 log.exception("preparing a message on %s failed", channel)
         self.inbox.put_nowait((channel, data, prepared))
+
+    def _beyond(self, data: bytes) -> None:
+        if len(self.overflow) < self.limit:
+            self._dropping = False
+            self.overflow.append(data)
+            self.overflowing.set()
+            return
+        self.dropped += 1
+        if not self._dropping:
+            self._dropping = True
+            log.warning(
+                "%d pub/sub requests wait in the inbox and %d more for their overloaded "
+                "answer: further requests are dropped unanswered until those go "
+                "(ORION_LLAMACPP_INBOX_SIZE; orion_llamacpp_pubsub_dropped counts them)",
+                self.inbox.qsize(),
+                len(self.overflow),
+            )
 
     async def listening(self, timeout: float) -> bool:
         """Subscribed yet? Waits up to ``timeout``; the listener goes on trying after it."""

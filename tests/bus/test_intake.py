@@ -538,6 +538,38 @@ async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url
     ]
 
 
+async def test_requests_beyond_the_inbox_s_bound_wait_apart_and_beyond_twice_are_dropped(
+    redis_url: str,
+) -> None:
+    """Nobody takes the inbox (the worker being built): ``ORION_LLAMACPP_INBOX_SIZE``
+    messages wait there, the next requests as many again in ``overflow`` (for their
+    ``overloaded`` answer), and the rest are dropped and counted. A cancel still reaches
+    the inbox, over the bound. The inbox had no bound: a flood filled memory."""
+    redis = aioredis.Redis.from_url(redis_url)
+    settings = Settings(
+        ORION_BUS_URL=redis_url, LLM_PROFILE_NAME="tiny", ORION_LLAMACPP_INBOX_SIZE=3
+    )
+    channels = channels_for(settings, "tiny")
+    intake = Intake(settings, redis, channels)
+    intake.start()
+    try:
+        assert await intake.listening(timeout=5)
+        async with redis.pipeline(transaction=False) as pipe:
+            for n in range(9):
+                pipe.publish(channels.intake, f"request {n}".encode())
+            pipe.publish(settings.cancel_channel, b"a cancel")
+            await pipe.execute()
+        await wait_until_async(lambda: intake.inbox.qsize() == 4, timeout=5, what="4 queued")
+        await wait_until_async(lambda: intake.dropped == 3, timeout=5, what="3 dropped")
+        inbox = [intake.inbox.get_nowait()[1] for _ in range(4)]
+    finally:
+        await intake.close()
+        await redis.aclose()
+    assert inbox == [b"request 0", b"request 1", b"request 2", b"a cancel"]
+    assert list(intake.overflow) == [b"request 3", b"request 4", b"request 5"]
+    assert intake.overflowing.is_set()
+
+
 @contextlib.asynccontextmanager
 async def _trimming(
     redis_url: str, stream: str

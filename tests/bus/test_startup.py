@@ -12,6 +12,7 @@ from orion_llamaccp.client import BusClient
 from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import RedisServer, free_port, subscribers, wait_until_async
+from tests.support.workers import BusRecorder, metrics_once_counted, worker_gauge
 
 HI = [{"role": "user", "content": "hello there"}]
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
@@ -45,6 +46,51 @@ async def test_request_sent_while_the_worker_is_built_is_served(
 
     assert result.ok, result.payload
     assert result.payload["usage"]["completion_tokens"] == 2
+
+
+async def test_requests_beyond_the_inbox_while_the_worker_is_built_are_refused_overloaded(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_url: str,
+    llama_server_bin: Path,
+) -> None:
+    """Nothing takes the inbox while the worker is built (seconds; a minute and more where
+    llama-server's probes initialise CUDA), and it had no bound: every request heard then
+    waited in memory, unanswered. Now ``ORION_LLAMACPP_INBOX_SIZE`` (3) wait and are
+    served; the next 3 are answered ``overloaded`` (retryable) as soon as the worker is
+    built, while llama-server still loads; the 2 beyond twice the bound are dropped and
+    counted, and nothing else goes unanswered."""
+    port = free_port()
+    worker = spawn_worker(
+        ready=False,
+        parallel=1,
+        LLAMA_SERVER_BIN=str(PRELUDE),
+        REAL_LLAMA_SERVER=str(llama_server_bin),
+        PRELUDE_SILENT="4",  # each run of the binary: the plan's probes, then the load
+        ORION_LLAMACPP_INBOX_SIZE="3",
+        METRICS_PORT=str(port),
+    )
+    await wait_until_async(
+        lambda: _subscribers(redis_url, INTAKE), timeout=30, what="the intake subscribed"
+    )
+    options = {"max_tokens": 2}
+    envelopes = [bus.request(HI, profile="tiny", options=options) for _ in range(8)]
+    for envelope in envelopes:
+        await bus.send(envelope, profile="tiny")
+    assert worker.announcement() is None  # all sent before the worker was built
+
+    worker.wait_ready()
+    await metrics_once_counted(port, 6)
+    replies = {envelope["reply_to"]: n for n, envelope in enumerate(envelopes)}
+    answers = [(replies[m.channel], m.message) for m in recorder.messages if m.channel in replies]
+    codes = {n: answer["payload"].get("error", "ok") for n, answer in answers}
+    assert codes == {0: "ok", 1: "ok", 2: "ok", 3: "overloaded", 4: "overloaded", 5: "overloaded"}
+    assert [codes[n] for n, _ in answers][:3] == ["overloaded"] * 3  # not behind the load
+    details = answers[0][1]["payload"]["details"]
+    assert details["retryable"] is True
+    assert "3 messages waiting in the worker's inbox" in details["message"], details
+    assert worker_gauge(port, "orion_llamacpp_pubsub_dropped") == 2
 
 
 def test_a_missing_binary_still_fails_the_run_at_once(subprocess_env: dict, tmp_path: Path) -> None:

@@ -418,13 +418,13 @@ NOT_TINY = "profiles:\n  other:\n    backend: vllm\n    model_id: some/model\n"
 INTAKE = "orion:exec:request:LlamaCppHost:tiny"
 
 
-def unbuildable_worker(spawn_worker: SpawnWorker, tmp_path: Path, name: str) -> tuple:
+def unbuildable_worker(spawn_worker: SpawnWorker, tmp_path: Path, name: str, **env: str) -> tuple:
     """A worker asked for ``tiny`` whose registry is a FIFO: it listens, then waits at the
     registry until ``give_registry`` writes one without ``tiny`` into it. Start-up
     subscribes before it reads the profile, so a request sent meanwhile is heard first."""
     fifo = tmp_path / f"registry-{name}.fifo"
     os.mkfifo(fifo)
-    worker = spawn_worker(name, ready=False, LLM_PROFILES_CONFIG_PATH=str(fifo))
+    worker = spawn_worker(name, ready=False, LLM_PROFILES_CONFIG_PATH=str(fifo), **env)
 
     async def give_registry() -> None:
         await asyncio.to_thread(fifo.write_text, NOT_TINY)
@@ -486,6 +486,26 @@ async def test_a_worker_that_cannot_be_built_answers_what_it_heard_and_says_why(
     assert told.stdout.startswith("unhealthy: orion-llamaccp broken: down (failed): LLM PROFILE")
     (row,) = _ps(subprocess_env)
     assert (row["instance"], row["state"], row["down"]) == ("broken", "failed", True), row
+
+
+async def test_a_worker_that_cannot_be_built_answers_those_heard_beyond_its_inbox_too(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, bus: BusClient, tmp_path: Path, redis_url: str
+) -> None:
+    """A request heard with the inbox full (``ORION_LLAMACPP_INBOX_SIZE``) waits apart for
+    its ``overloaded``; a worker that cannot be built answers it as it answers the others:
+    with the reason it could not start."""
+    _, give_registry = unbuildable_worker(
+        spawn_worker, tmp_path, "broken", ORION_LLAMACPP_INBOX_SIZE="1"
+    )
+    await subscribers(redis_url, INTAKE, 1)
+    first = await send_when_heard(bus, recorder)
+    second = asyncio.create_task(bus.chat(HI, profile="tiny", timeout=60))
+    await wait_until_async(lambda: len(recorder.on(INTAKE)) == 2, what="both requests sent")
+    await give_registry()
+    for result in await asyncio.gather(first, second):
+        assert result.payload["error"] == "engine_unavailable", result.payload
+        assert "LLM PROFILE 'tiny' not found" in result.payload["details"]["message"]
+    assert len(recorder.kinds("llm.chat.result")) == 2
 
 
 async def test_a_worker_that_cannot_be_built_leaves_what_it_heard_to_a_replica(
