@@ -218,84 +218,130 @@ def _burst_rows(
     return rows
 
 
-async def flood(ws: Workspace, size: int) -> dict[str, Any]:
-    """``size`` pub/sub requests sent at once to a worker whose one slot is busy: the local
-    queue takes ``ORION_LLAMACPP_LOCAL_QUEUE`` (16) of them, the rest are answered
-    ``overloaded``. How fast those answers go out is how fast the worker empties its
-    pub/sub inbox under a flood (the inbox itself has no bound), and its peak resident
-    memory is what that inbox costs."""
+async def flood(
+    ws: Workspace, size: int, rounds: int = 1, inbox: int | None = None
+) -> dict[str, Any]:
+    """``size`` pub/sub requests sent at once to a worker whose one slot is busy, ``rounds``
+    times: the local queue takes ``ORION_LLAMACPP_LOCAL_QUEUE`` (16) of them, the rest are
+    answered ``overloaded``. How fast those answers go out is how fast the worker empties
+    its pub/sub inbox under a flood; its peak resident memory is what the inbox holds
+    (``ORION_LLAMACPP_INBOX_SIZE``, ``inbox``: beyond it a request waits apart for its
+    refusal, beyond twice it is dropped, "unanswered" here); its CPU time from the first
+    send to the last refusal, less what relaying the occupant's tokens took at that pace
+    just before, divided by the refusals, is what a refusal costs it."""
+    env = {"BENCH_TOKEN_INTERVAL_US": "1000"}  # the slot's occupant: a token a ms
+    if inbox is not None:
+        env["ORION_LLAMACPP_INBOX_SIZE"] = str(inbox)
     spec = WorkerSpec(
-        model=ws.tiny_model(),
-        binary=ws.synthetic_launcher(),
-        parallel=1,
-        ctx=2048,
-        env={"BENCH_TOKEN_INTERVAL_US": "1000"},  # the slot's occupant: a token a ms
+        model=ws.tiny_model(), binary=ws.synthetic_launcher(), parallel=1, ctx=2048, env=env
     )
     async with _serving(ws, spec, "intake-flood") as (worker, bus, _):
         process = psutil.Process(worker.pid)
         idle_mb = process.memory_info().rss / 2**20
-        occupant = _flood_request(bus, max(3000, size))  # about as many ms
-        occupying = asyncio.create_task(bus.chat(occupant, keep_text=False))
-        await asyncio.sleep(0.5)  # generating: the slot is taken
-        requests = [_flood_request(bus, 1) for _ in range(size)]
-        peak = [idle_mb]
-        sampling = asyncio.create_task(_sample_rss(process, peak))
-        started = time.perf_counter()
-        outcomes = await asyncio.gather(*(bus.chat(r, keep_text=False) for r in requests))
-        sampling.cancel()
-        occupying.cancel()
-    refused = sorted(o.done - started for o in outcomes if o.error and "overloaded" in o.error)
-    served = sum(1 for o in outcomes if not o.error)
+        found = [await _flood_round(bus, process, size, idle_mb) for _ in range(rounds)]
+    per_refusal = summary(r["cpu_us_per_refusal"] for r in found)
+    return {"rounds": found, "cpu_us_per_refusal_p50": per_refusal.get("p50")}
+
+
+async def _flood_round(
+    bus: BusCaller, process: psutil.Process, size: int, idle_mb: float
+) -> dict[str, Any]:
+    occupant = _flood_request(bus, max(3000, size))  # about as many ms
+    occupying = asyncio.create_task(bus.chat(occupant, keep_text=False))
+    await asyncio.sleep(0.2)  # generating: the slot is taken
+    before, relaying = _cpu(process), time.perf_counter()
+    await asyncio.sleep(0.5)
+    relay_rate = (_cpu(process) - before) / (time.perf_counter() - relaying)
+    requests = [_flood_request(bus, 1) for _ in range(size)]
+    samples: list[tuple[float, float, float]] = []
+    sampling = asyncio.create_task(_sample(process, samples))
+    started, cpu = time.perf_counter(), _cpu(process)
+    outcomes = await asyncio.gather(*(_answered(bus, r) for r in requests))
+    sampling.cancel()
+    await occupying
+    answered = [o for o in outcomes if o is not None]
+    refused = sorted(o.done - started for o in answered if o.error and "overloaded" in o.error)
+    served = sum(1 for o in answered if not o.error)
+    last = refused[-1] if refused else 0.0
+    # The first sample taken after the last refusal went out (10 ms apart).
+    at_last = next((c for t, _, c in samples if t - started >= last), _cpu(process))
+    worked = at_last - cpu - relay_rate * last
     return {
         "size": size,
         "overloaded": len(refused),
         "served": served,
-        "other": size - len(refused) - served,
+        "other": len(answered) - len(refused) - served,
+        "unanswered": size - len(answered),
         "last_overloaded_s": refused[-1] if refused else None,
-        "overloaded_per_s": len(refused) / refused[-1] if refused else None,
+        "overloaded_per_s": len(refused) / last if refused else None,
         "worker_rss_idle_mb": idle_mb,
-        "worker_rss_peak_mb": max(peak),
+        "worker_rss_peak_mb": max([idle_mb, *(rss for _, rss, _ in samples)]),
+        "cpu_us_per_refusal": worked / len(refused) * 1e6 if refused else None,
     }
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+async def _answered(bus: BusCaller, request: dict[str, Any]) -> Any:
+    """Its outcome, or None: one dropped beyond twice the inbox's bound gets no answer."""
+    with contextlib.suppress(TimeoutError):
+        return await asyncio.wait_for(bus.chat(request, keep_text=False), FLOOD_ANSWER_S)
+    return None
+
+
+FLOOD_ANSWER_S = 30.0  # the occupant's 3-5 s, then the local queue's turns
 
 
 def _flood_request(bus: BusCaller, tokens: int) -> dict[str, Any]:
     return bus.envelope([{"role": "user", "content": "flood"}], {"max_tokens": tokens})
 
 
-async def _sample_rss(process: psutil.Process, peak: list[float]) -> None:
+async def _sample(process: psutil.Process, samples: list[tuple[float, float, float]]) -> None:
+    """Every 10 ms: when, the resident memory (MB) and the CPU time so far (s)."""
     while True:
-        peak.append(process.memory_info().rss / 2**20)
+        samples.append((time.perf_counter(), process.memory_info().rss / 2**20, _cpu(process)))
         await asyncio.sleep(0.01)
 
 
 def flood_table(found: dict[str, Any]) -> str:
     rows = [
         (
-            found["size"],
-            found["overloaded"],
-            found["served"],
-            found["other"],
-            found["last_overloaded_s"],
-            found["overloaded_per_s"],
-            found["worker_rss_idle_mb"],
-            found["worker_rss_peak_mb"],
-        ),
+            r["size"],
+            r["overloaded"],
+            r["served"],
+            r["other"],
+            r["unanswered"],
+            r["last_overloaded_s"],
+            r["overloaded_per_s"],
+            r["worker_rss_idle_mb"],
+            r["worker_rss_peak_mb"],
+            r["cpu_us_per_refusal"],
+        )
+        for r in found["rounds"]
     ]
-    return table(
+    text = table(
         "Pub/sub flood: requests sent at once to a worker with its one slot busy "
-        "(synthetic upstream)",
+        "(synthetic upstream), a round a row",
         [
             "sent",
             "overloaded",
             "served",
             "other",
+            "unanswered",
             "last overloaded (s)",
             "overloaded / s",
             "RSS idle MB",
             "RSS peak MB",
+            "worker CPU µs / refusal",
         ],
         rows,
     )
+    p50 = found["cpu_us_per_refusal_p50"]
+    median = "-" if p50 is None else f"{p50:.0f} µs"
+    return f"{text}\nworker CPU per refusal, median of {len(rows)} rounds: {median}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,12 +354,16 @@ def main(argv: list[str] | None = None) -> int:
         "--replica", action="store_true", help="with --burst: a silent second subscriber"
     )
     parser.add_argument("--flood", type=int, default=0, help="N pub/sub requests, one slot busy")
+    parser.add_argument("--rounds", type=int, default=1, help="with --flood: floods in a row")
+    parser.add_argument(
+        "--inbox", type=int, default=None, help="with --flood: ORION_LLAMACPP_INBOX_SIZE"
+    )
     args = parser.parse_args(argv)
 
     async def go() -> None:
         with Workspace() as ws:
             if args.flood:
-                print(flood_table(await flood(ws, args.flood)))
+                print(flood_table(await flood(ws, args.flood, args.rounds, args.inbox)))
                 return
             if args.burst:
                 rounds = args.requests // args.burst
