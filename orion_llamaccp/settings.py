@@ -277,8 +277,8 @@ class Settings(_FromTheEnvironment):
     transports: str = Field("pubsub,stream", validation_alias="ORION_LLAMACPP_TRANSPORTS")
     local_queue_size: int = Field(16, ge=0, validation_alias="ORION_LLAMACPP_LOCAL_QUEUE")
     # Pub/sub messages heard and not yet taken (the worker being built, or a flood); a
-    # request beyond is answered ``overloaded``, and beyond twice as many, dropped
-    # (``worker/startup.py``, ``Intake``). About a kilobyte each for a short chat.
+    # request beyond is answered ``overloaded``, and beyond ten times as many more,
+    # dropped (``worker/startup.py``, ``Intake``). About a kilobyte each for a short chat.
     inbox_size: int = Field(1000, ge=1, validation_alias="ORION_LLAMACPP_INBOX_SIZE")
     # The worker's own traffic to llama-server over a UNIX socket beside its TCP port,
     # where the build takes one (``--host``): a token read costs less (docs/benchmarks.md)

@@ -70,7 +70,7 @@ class Metrics:
             ),
             "orion_llamacpp_pubsub_dropped": (
                 "Pub/sub requests dropped unanswered: heard with the inbox and its "
-                "overflow full (ORION_LLAMACPP_INBOX_SIZE each)",
+                "overflow full (ORION_LLAMACPP_INBOX_SIZE, and ten times as many)",
                 lambda: worker.intake.dropped,
             ),
             "orion_llamacpp_engine_restarts": (

@@ -116,7 +116,10 @@ class Worker:
             CLAIMS_IN_FLIGHT
         )
         self.unsettled = 0  # claims sent and not yet settled
-        # Requests heard beyond the inbox's bound whose refusals are on their way, at most.
+        # The claims of requests heard beyond the inbox's bound on their way, and the
+        # ``overloaded`` answers on theirs, at most: under a flood the rest wait as the
+        # messages they are, in the inbox and its overflow (both bounded), not as tasks.
+        self.beyond_claims = asyncio.Semaphore(CLAIMS_IN_FLIGHT)
         self.refusing = asyncio.Semaphore(CLAIMS_IN_FLIGHT)
         self.stopping = False
         # The stop's round trips to Redis, all of them together (``Budget``).
@@ -647,11 +650,13 @@ class Worker:
             stopping = Failure("engine_unavailable", "worker is stopping", retryable=True)
             self.inflight.spawn(self.handler.refuse(job, stopping), job)
         elif beyond:
-            waited = f"{self.intake.limit} messages waiting in the worker's inbox"
-            self.inflight.spawn(self.handler.refuse(job, _overloaded(waited)), job)
+            await self._refuse_overloaded(
+                job, f"{self.intake.limit} messages waiting in the worker's inbox"
+            )
         elif self.waiting - self.slots.free >= self.settings.local_queue_size:
-            busy = f"{self.slots.total} slots busy and {self.waiting} requests waiting"
-            self.inflight.spawn(self.handler.refuse(job, _overloaded(busy)), job)
+            await self._refuse_overloaded(
+                job, f"{self.slots.total} slots busy and {self.waiting} requests waiting"
+            )
         else:
             self._dispatch(job)
 
@@ -668,9 +673,9 @@ class Worker:
     async def _refuse_next(self) -> None:
         """The next request of ``Intake.overflow`` on its way to its answer (here and in
         the drain), once fewer than ``CLAIMS_IN_FLIGHT`` are."""
-        await self.refusing.acquire()
+        await self.beyond_claims.acquire()
         if not self.intake.overflow:  # the drain or the overflow task took the last one
-            self.refusing.release()
+            self.beyond_claims.release()
             return
         job = decode_job(self.intake.overflow.popleft(), "pubsub", self.settings.max_message_bytes)
         self.view.received += 1
@@ -682,7 +687,14 @@ class Worker:
         except Exception:
             log.exception("pub/sub request %s could not be refused", job.request_id)
         finally:
-            self.refusing.release()
+            self.beyond_claims.release()
+
+    async def _refuse_overloaded(self, job: Job, why: str) -> None:
+        """Answer ``job`` ``overloaded`` once fewer than ``CLAIMS_IN_FLIGHT`` such answers
+        are on their way (the flood's next messages wait meanwhile)."""
+        await self.refusing.acquire()
+        refusal = self.inflight.spawn(self.handler.refuse(job, _overloaded(why)), job)
+        refusal.add_done_callback(lambda _: self.refusing.release())
 
     def _dispatch(self, job: Job) -> None:
         """Straight to its handler when a slot is free and nothing waits (no queue hop

@@ -35,6 +35,12 @@ T = TypeVar("T")
 FLEET_REPORT_SEC = 3.0
 ANSWERS_SEC = 10.0
 
+# Requests heard beyond the inbox that wait for their ``overloaded`` answer, at most, for
+# each message the inbox holds: a burst of thousands at once is still answered (the
+# worker refuses a few thousand a second), a flood that outruns the refusals for longer
+# is dropped (the caller's wait would have run out first).
+OVERFLOW_PER_INBOX = 10
+
 
 def connect(settings: Settings) -> aioredis.Redis:
     """The worker's Redis client. No silent retries inside redis-py: every retry is ours,
@@ -64,15 +70,17 @@ class Intake:
     cancels and all), and before the worker is built, or under a flood, nothing takes the
     messages as fast. So a request heard while ``ORION_LLAMACPP_INBOX_SIZE`` messages wait
     in the inbox waits in ``overflow`` instead, to be answered ``overloaded`` as soon as
-    the worker can (``Worker._refuse_beyond``), and as many again at most: a request
-    beyond both is dropped (counted in ``dropped``, said in the log), so that the worker's
-    memory stays bounded. Cancels and discovery requests always reach the inbox.
+    the worker can (``Worker._refuse_overflow``), up to ``OVERFLOW_PER_INBOX`` times as
+    many: a request beyond both is dropped (counted in ``dropped``, said in the log), so
+    that the worker's memory stays bounded. Cancels and discovery requests always reach
+    the inbox.
     """
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, channels: Channels) -> None:
         self.inbox: asyncio.Queue[tuple[str, bytes, Any]] = asyncio.Queue()
         self.limit = settings.inbox_size
         self.overflow: deque[bytes] = deque()
+        self.overflow_limit = OVERFLOW_PER_INBOX * self.limit
         self.overflowing = asyncio.Event()  # set when a request joins ``overflow``
         self.dropped = 0
         self._dropping = False  # said in the log once for each time ``overflow`` is full
@@ -102,7 +110,7 @@ class Intake:
         self.inbox.put_nowait((channel, data, prepared))
 
     def _beyond(self, data: bytes) -> None:
-        if len(self.overflow) < self.limit:
+        if len(self.overflow) < self.overflow_limit:
             self._dropping = False
             self.overflow.append(data)
             self.overflowing.set()

@@ -538,13 +538,13 @@ async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url
     ]
 
 
-async def test_requests_beyond_the_inbox_s_bound_wait_apart_and_beyond_twice_are_dropped(
+async def test_requests_beyond_the_inbox_wait_apart_and_beyond_its_overflow_are_dropped(
     redis_url: str,
 ) -> None:
-    """Nobody takes the inbox (the worker being built): ``ORION_LLAMACPP_INBOX_SIZE``
-    messages wait there, the next requests as many again in ``overflow`` (for their
-    ``overloaded`` answer), and the rest are dropped and counted. A cancel still reaches
-    the inbox, over the bound. The inbox had no bound: a flood filled memory."""
+    """Nobody takes the inbox (the worker being built): ``ORION_LLAMACPP_INBOX_SIZE`` (3)
+    messages wait there, the next 30 requests in ``overflow`` (for their ``overloaded``
+    answer), and the rest are dropped and counted. A cancel still reaches the inbox, over
+    the bound. The inbox had no bound: a flood filled memory."""
     redis = aioredis.Redis.from_url(redis_url)
     settings = Settings(
         ORION_BUS_URL=redis_url, LLM_PROFILE_NAME="tiny", ORION_LLAMACPP_INBOX_SIZE=3
@@ -555,7 +555,7 @@ async def test_requests_beyond_the_inbox_s_bound_wait_apart_and_beyond_twice_are
     try:
         assert await intake.listening(timeout=5)
         async with redis.pipeline(transaction=False) as pipe:
-            for n in range(9):
+            for n in range(36):
                 pipe.publish(channels.intake, f"request {n}".encode())
             pipe.publish(settings.cancel_channel, b"a cancel")
             await pipe.execute()
@@ -566,7 +566,7 @@ async def test_requests_beyond_the_inbox_s_bound_wait_apart_and_beyond_twice_are
         await intake.close()
         await redis.aclose()
     assert inbox == [b"request 0", b"request 1", b"request 2", b"a cancel"]
-    assert list(intake.overflow) == [b"request 3", b"request 4", b"request 5"]
+    assert list(intake.overflow) == [f"request {n}".encode() for n in range(3, 33)]
     assert intake.overflowing.is_set()
 
 
