@@ -662,8 +662,8 @@ class Worker:
 
     async def _refuse_overflow(self) -> None:
         """The requests heard beyond the inbox's bound (``Intake.overflow``), refused as they
-        come, their claims side by side, however long the inbox: a caller learns at once
-        that this worker will not take it. Before the worker was built they waited."""
+        come, their claims side by side, however long the inbox: their callers learn at
+        once that this worker will not take them. Before the worker was built they waited."""
         while True:
             await self.intake.overflowing.wait()
             self.intake.overflowing.clear()

@@ -83,7 +83,7 @@ class Intake:
         self.overflow_limit = OVERFLOW_PER_INBOX * self.limit
         self.overflowing = asyncio.Event()  # set when a request joins ``overflow``
         self.dropped = 0
-        self._dropping = False  # said in the log once for each time ``overflow`` is full
+        self._dropping = False  # said in the log once a flood: until ``overflow`` empties
         self._requests = channels.intake
         self.prepare: Callable[[str, bytes], Any] | None = None
         self.stop = asyncio.Event()
@@ -111,7 +111,8 @@ class Intake:
 
     def _beyond(self, data: bytes) -> None:
         if len(self.overflow) < self.overflow_limit:
-            self._dropping = False
+            if not self.overflow:  # under a flood it stays about full: one line, not one a drop
+                self._dropping = False
             self.overflow.append(data)
             self.overflowing.set()
             return
@@ -119,7 +120,7 @@ class Intake:
         if not self._dropping:
             self._dropping = True
             log.warning(
-                "%d pub/sub requests wait in the inbox and %d more for their overloaded "
+                "%d pub/sub messages wait in the inbox and %d requests for their overloaded "
                 "answer: further requests are dropped unanswered until those go "
                 "(ORION_LLAMACPP_INBOX_SIZE; orion_llamacpp_pubsub_dropped counts them)",
                 self.inbox.qsize(),

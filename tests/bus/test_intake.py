@@ -539,12 +539,13 @@ async def test_pubsub_messages_are_prepared_as_the_listener_reads_them(redis_url
 
 
 async def test_requests_beyond_the_inbox_wait_apart_and_beyond_its_overflow_are_dropped(
-    redis_url: str,
+    redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Nobody takes the inbox (the worker being built): ``ORION_LLAMACPP_INBOX_SIZE`` (3)
     messages wait there, the next 30 requests in ``overflow`` (for their ``overloaded``
-    answer), and the rest are dropped and counted. A cancel still reaches the inbox, over
-    the bound. The inbox had no bound: a flood filled memory."""
+    answer), and the rest are dropped and counted, said in the log once a flood, however
+    often a refusal makes room for one more. A cancel still reaches the inbox, over the
+    bound. The inbox had no bound: a flood filled memory."""
     redis = aioredis.Redis.from_url(redis_url)
     settings = Settings(
         ORION_BUS_URL=redis_url, LLM_PROFILE_NAME="tiny", ORION_LLAMACPP_INBOX_SIZE=3
@@ -552,22 +553,31 @@ async def test_requests_beyond_the_inbox_wait_apart_and_beyond_its_overflow_are_
     channels = channels_for(settings, "tiny")
     intake = Intake(settings, redis, channels)
     intake.start()
+
+    async def publish(*messages: tuple[str, bytes]) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            for channel, data in messages:
+                pipe.publish(channel, data)
+            await pipe.execute()
+
     try:
         assert await intake.listening(timeout=5)
-        async with redis.pipeline(transaction=False) as pipe:
-            for n in range(36):
-                pipe.publish(channels.intake, f"request {n}".encode())
-            pipe.publish(settings.cancel_channel, b"a cancel")
-            await pipe.execute()
+        flood = [(channels.intake, f"request {n}".encode()) for n in range(36)]
+        await publish(*flood, (settings.cancel_channel, b"a cancel"))
         await wait_until_async(lambda: intake.inbox.qsize() == 4, timeout=5, what="4 queued")
         await wait_until_async(lambda: intake.dropped == 3, timeout=5, what="3 dropped")
+        intake.overflow.popleft()  # one refused: room for one more
+        await publish((channels.intake, b"request 36"), (channels.intake, b"request 37"))
+        await wait_until_async(lambda: intake.dropped == 4, timeout=5, what="4 dropped")
         inbox = [intake.inbox.get_nowait()[1] for _ in range(4)]
     finally:
         await intake.close()
         await redis.aclose()
     assert inbox == [b"request 0", b"request 1", b"request 2", b"a cancel"]
-    assert list(intake.overflow) == [f"request {n}".encode() for n in range(3, 33)]
+    assert list(intake.overflow) == [f"request {n}".encode() for n in (*range(4, 33), 36)]
     assert intake.overflowing.is_set()
+    said = [r for r in caplog.records if "dropped unanswered" in r.getMessage()]
+    assert len(said) == 1, said
 
 
 @contextlib.asynccontextmanager
