@@ -6,7 +6,9 @@
   plus a digest of what it asks) holds first a running marker, leased and renewed by the
   worker generating it, then the stored result. A duplicate gets the stored result or
   waits for the running one; it never generates again. A marker whose owner died expires
-  with its lease; a redelivery of the same message takes its own marker over at once.
+  with its lease; a redelivery of the same message takes its own marker over at once. A
+  pub/sub copy that streamed and then failed hands its marker over to the request's
+  stream copy (``hand_over``), which takes it at once, under a new attempt.
 """
 
 from __future__ import annotations
@@ -44,17 +46,26 @@ return 0
 """
 
 # A running marker of this very message taken over (a redelivery: its worker died or
-# stalled), in one step. A GET and then a SET could land on the result its first worker
-# stored meanwhile and put a lease in its place: the answer was lost to later resends.
+# stalled), or a request a copy handed over (``hand_over``), in one step. A GET and then
+# a SET could land on the result its first worker stored meanwhile and put a lease in its
+# place: the answer was lost to later resends.
 _TAKE_OVER = """
 local v = redis.call('GET', KEYS[1])
 if v then
   local r = cjson.decode(v)
-  if r['state'] == 'running' and r['owner'] == ARGV[1] then
+  if (r['state'] == 'running' and r['owner'] == ARGV[1]) or r['state'] == 'handed' then
     redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
   end
 end
 return v
+"""
+# The owner's running marker made a handed-over one (``Claims.hand_over``).
+_HAND_OVER = """
+local v = redis.call('GET', KEYS[1])
+if v and cjson.decode(v)['owner'] == ARGV[1] and cjson.decode(v)['state'] == 'running' then
+  return redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+end
+return false
 """
 
 # A claim taken again: one this worker holds (its TTL renewed: a resend of a message
@@ -122,6 +133,9 @@ class Record:
     state: str  # "new" (we own it now), "running" (someone else), "done"
     owner: str | None = None
     payload: dict[str, Any] | None = None
+    # "new" from a handed-over marker: the delivery whose copy streamed before it gave
+    # the request up (``Claims.hand_over``).
+    handed_by: str | None = None
 
 
 class Claims:
@@ -144,6 +158,7 @@ class Claims:
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._take_over = redis.register_script(_TAKE_OVER)
+        self._hand_over = redis.register_script(_HAND_OVER)
         self._claim_again = redis.register_script(_CLAIM_AGAIN)
         self._give_back = redis.register_script(_GIVE_BACK)
         self.answered_sec = min(ANSWERED_CLAIM_SEC, dedup_ttl)
@@ -224,6 +239,8 @@ class Claims:
         record = orjson.loads(raw)
         if record.get("state") == "done":
             return Record("done", record.get("owner"), record.get("payload"))
+        if record.get("state") == "handed":  # taken over by the script
+            return Record("new", owner, handed_by=record.get("delivery"))
         if record.get("owner") == owner:  # taken over by the script
             return Record("new", owner)
         return Record("running", record.get("owner"))
@@ -245,6 +262,17 @@ class Claims:
     def stage(record: Stored) -> Stage:
         redis_key, value, ttl = record
         return ("SET", redis_key, value, "EX", ttl)
+
+    async def hand_over(self, key: str, owner: str, delivery: str, ttl: int) -> bool:
+        """Give ``owner``'s running marker up to the next copy of ``delivery`` to come,
+        which must generate under a new attempt: this one's chunks went out under its
+        attempt's number, and under that number the copy's first chunks were dropped as
+        repeats and the rest continued this one's text. Kept ``ttl`` seconds (what an
+        attempt's ``seq`` guard is kept: the time such a copy could come in), taken over
+        by the first request to ``begin`` on it. False when ``owner`` held none."""
+        marker = orjson.dumps({"state": "handed", "owner": owner, "delivery": delivery})
+        redis_key = keys.dedup(self.profile, key)
+        return bool(await self._hand_over(keys=[redis_key], args=[owner, marker, ttl]))
 
     async def release(self, key: str, owner: str) -> None:
         """Give up a running marker (the request failed): a resend may run again."""

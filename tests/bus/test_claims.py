@@ -99,3 +99,30 @@ async def test_a_take_over_never_replaces_the_result_stored_meanwhile(
             assert await redis.ttl(redis_key) > 0
     finally:
         await redis.delete(redis_key)
+
+
+async def test_a_marker_handed_over_goes_to_the_next_request_that_begins_on_it(
+    redis: aioredis.Redis,
+) -> None:
+    """A pub/sub copy that streamed and then failed hands its running marker over to its
+    stream copy (``Claims.hand_over``), which takes it at once and learns whose delivery
+    streamed before it: released instead, the copy generated under the attempt whose
+    chunks had gone out. Only the marker's owner hands it over; handed over, it is no
+    longer the owner's to renew or release, and it is kept while an attempt's ``seq``
+    guard is (the lease would have let a copy still in the backlog in after it)."""
+    claims = Claims(redis, profile="tiny", dedup_ttl=600)
+    key = f"key:test-{uuid.uuid4().hex}"
+    redis_key = keys.dedup("tiny", key)
+    try:
+        assert (await claims.begin(key, "req")).state == "new"
+        assert not await claims.hand_over(key, "another", "req:d", 3600)
+        assert await claims.hand_over(key, "req", "req:d", 3600)
+        assert claims.lease_sec < await redis.ttl(redis_key) <= 3600
+        assert not await claims.renew(key, "req")
+        await claims.release(key, "req")
+        record = await claims.begin(key, "req@1-0")
+        assert (record.state, record.handed_by) == ("new", "req:d")
+        assert orjson.loads(await redis.get(redis_key))["owner"] == "req@1-0"
+        assert (await claims.begin(key, "req@2-0")).state == "running"  # the first's now
+    finally:
+        await redis.delete(redis_key)
