@@ -330,7 +330,10 @@ class Generator:
                         await self._relay(stream, generation, chunks)
             except TimeoutError:
                 raise Failure(
-                    "upstream_failed", f"generation exceeded {timeout:.0f}s", retryable=True
+                    "upstream_failed",
+                    f"generation exceeded {timeout:.0f}s",
+                    retryable=True,
+                    timed_out=True,
                 ) from None
             if job.lease is not None:  # llama-server is done with it: the next may start
                 job.lease.generation_ended()

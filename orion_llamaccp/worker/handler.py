@@ -123,11 +123,7 @@ class ChatHandler:
                 job.request_id,
             )
         except Failure as failure:
-            try:
-                await self._answer_failure(job, failure)
-            finally:
-                if job.record_key is not None:  # after the answer: see ``_serve``
-                    await self._release(job, job.record_key)
+            await self._answer_failure(job, failure)
         except LeavePending as why:
             log.warning(
                 "leaving stream entry %s pending: %s", job.entry.entry_id if job.entry else "?", why
@@ -155,6 +151,8 @@ class ChatHandler:
             self.stats.in_flight -= 1
             if outcome is not None:
                 self._finished(job, outcome, tokens, ttft)
+            if job.record_key is not None:  # after the answer: see ``_serve``
+                await self._release(job, job.record_key)
 
     async def _answer_failure(self, job: Job, failure: Failure) -> None:
         """Answer ``failure`` to its end even if cancelled meanwhile (``_to_its_end``), and
@@ -204,14 +202,16 @@ class ChatHandler:
         for another delivery). A retryable failure of this copy ("worker is stopping",
         ``overloaded``, llama-server gone) was the durable request's one answer, and its
         entry was generated for nothing later (or cut off, when the stream copy held the
-        record). The stream copy answers it, from the start: so only where no chunk of
-        this copy went out (its attempt's ``seq`` would be taken).
+        record). The stream copy answers it, from the start; where chunks of this copy
+        went out (llama-server died mid-way, the worker stopped), under the next attempt
+        (``_hand_over``). Not a generation past its time limit (``Failure.timed_out``):
+        the stream copy's would run as long, and a stream entry's is not tried again.
 
-        One round trip (``StreamCopies``), on the way to a retryable error only. A copy
-        added to the stream after this one's answer gets that answer (its own generation
-        is dropped, and the entry acked)."""
+        One round trip (``StreamCopies``), two where chunks went out, on the way to a
+        retryable error only. A copy added to the stream after this one's answer gets
+        that answer (its own generation is dropped, and the entry acked)."""
         envelope = job.envelope
-        if self.copies is None or job.entry is not None or job.streamed or envelope is None:
+        if self.copies is None or job.entry is not None or envelope is None:
             return False
         if own_id(envelope) is None:  # without an id, each send is a request of its own
             return False
@@ -225,8 +225,28 @@ class ChatHandler:
         except Exception as exc:  # Redis away: answered as before
             log.debug("request %s: its stream copies not looked for: %s", job.request_id, exc)
             return False
-        limit = self.settings.max_message_bytes
-        return any(decode_job(raw, "stream", limit).delivery_id == job.delivery_id for raw in found)
+        limit, delivery = self.settings.max_message_bytes, job.delivery_id
+        if not any(decode_job(raw, "stream", limit).delivery_id == delivery for raw in found):
+            return False
+        return not job.streamed or await self._hand_over(job)
+
+    async def _hand_over(self, job: Job) -> bool:
+        """This copy streamed under its attempt's number: its record is handed over, not
+        released, and the stream copy that takes it generates under the next attempt
+        (``Record.handed_by``), whose chunks tell the caller to drop this one's. Released,
+        a stream copy that came to it afterwards (unread until then, or waiting for a
+        slot) generated under this one's number: its first chunks dropped as repeats, the
+        rest continuing this one's text. False where the record is not this copy's (it
+        never held it, or its lease ran out): it answers then."""
+        if job.record_key is None:
+            return False
+        try:
+            return await self.claims.hand_over(
+                job.record_key, job.record_owner, job.delivery_id, self.publisher.seq_ttl
+            )
+        except Exception as exc:  # Redis away: answered as before
+            log.debug("request %s: not handed over to its stream copy: %s", job.request_id, exc)
+            return False
 
     def _finished(self, job: Job, outcome: str, tokens: int, ttft: float | None) -> None:
         self.stats.finished(outcome, tokens)
@@ -281,13 +301,12 @@ class ChatHandler:
         renew = asyncio.create_task(self._renew(job, key, generating))
         try:
             generation, attempt = await generating
-        except Failure:
-            # Given up once the failure is answered (``handle``): a copy of the request
-            # waiting on it that took it over now would generate again, beside the answer.
-            job.record_key = key
-            raise
         except BaseException:
-            await self._release(job, key)
+            # Given up once the request is answered (``handle``): a copy of it waiting on
+            # it that took it over now would generate again, beside the answer; or handed
+            # over to its stream copy (``_hand_over``), which a release let in under this
+            # one's attempt.
+            job.record_key = key
             raise
         finally:
             renew.cancel()
@@ -437,8 +456,8 @@ class ChatHandler:
         delay, twin = 0.05, False
         while True:
             record = await self.claims.begin(key, job.record_owner)
-            if record.state == "new":
-                return None, twin
+            if record.state == "new":  # handed over by a copy that streamed: as a twin's
+                return None, twin or record.handed_by == job.delivery_id
             if not twin:
                 twin = True
                 speculation.cancel()
@@ -564,11 +583,16 @@ class ChatHandler:
             job.ahead.drop()
         if not await job.ours():
             return False
-        if failure.retryable and await self._answered_by_its_stream_copy(job):
+        if (
+            failure.retryable
+            and not failure.timed_out
+            and await self._answered_by_its_stream_copy(job)
+        ):
             log.info(
-                "request %s: its copy in the stream answers it; this pub/sub copy's "
+                "request %s: its copy in the stream answers it%s; this pub/sub copy's "
                 "retryable %s is not its answer",
                 job.request_id,
+                " under the next attempt (chunks of this one went out)" if job.streamed else "",
                 failure.code,
             )
             return False

@@ -293,18 +293,28 @@ class Failure(Exception):
         *,
         retryable: bool = False,
         details: dict[str, Any] | None = None,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retryable = retryable
         self.details = details or {}
+        # A generation past its time limit: another copy of the request, given the same
+        # limit, would run as long (``ChatHandler.fail`` does not leave it to one).
+        self.timed_out = timed_out
 
     def redacted(self, redact: Callable[[str], str]) -> Failure:
         """This failure with ``redact`` applied to every text in it: each copy of it
         (the answer, ``system.error``, the dead letter) goes out as this one."""
         details = _redacted(self.details, redact)
-        return Failure(self.code, redact(self.message), retryable=self.retryable, details=details)
+        return Failure(
+            self.code,
+            redact(self.message),
+            retryable=self.retryable,
+            details=details,
+            timed_out=self.timed_out,
+        )
 
     def payload_details(self) -> dict[str, Any]:
         return {"message": self.message, "retryable": self.retryable, **self.details}

@@ -153,3 +153,85 @@ async def test_a_stream_copy_added_after_its_pubsub_copy_was_answered_is_acked_a
     assert fault.ledger.answers(envelope)[0]["payload"]["error"] == "overloaded"
     await wait_stream_acked(fault.raw, STREAM, GROUP, timeout=60)
     assert chunks_of(fault, envelope) == []
+
+
+async def _pubsub_copy_streaming(fault: Fault, hi: list, parallel: int, **env: str) -> tuple:
+    """Worker ``w``: an envelope's pub/sub copy streaming on it, then its stream copy
+    added: read, and waiting on the pub/sub copy (a slot free), or unread (none free)."""
+    worker = fault.spawn("w", slow=True, parallel=parallel, **env)
+    options = {"stream": True, "max_tokens": 6000, "ignore_eos": True}
+    envelope = fault.ledger.add(fault.client.request(hi, profile="tiny", options=options))
+    assert await fault.client.send(envelope, profile="tiny", via="pubsub") == 1
+    await wait_until_async(lambda: len(chunks_of(fault, envelope)) > 5, timeout=30, what="chunks")
+    await fault.client.send(envelope, profile="tiny", via="stream")
+    if parallel > 1:
+
+        async def read() -> bool:
+            return (await fault.raw.xpending(STREAM, GROUP))["pending"] == 1
+
+        await wait_until_async(read, timeout=30, what="the stream copy read")
+    return worker, envelope
+
+
+async def _answered_by_its_stream_copy_anew(fault: Fault, envelope: dict) -> None:
+    """``envelope`` answered once, by its stream copy's generation, under an attempt above
+    the pub/sub copy's (its chunks, from ``seq`` 0, are the answer's text), its entry
+    acked."""
+    await _answered_by_its_generation(fault, envelope)
+    answer = fault.ledger.answers(envelope)[0]["payload"]
+    assert answer["meta"]["transport"] == "stream", answer["meta"]
+    attempts = sorted({c["attempt"] for c in chunks_of(fault, envelope)})
+    assert attempts == [1, answer["meta"]["attempt"]], attempts
+    assert_chunks_whole(fault, envelope, answer)
+    await wait_stream_acked(fault.raw, STREAM, GROUP, timeout=30)
+
+
+@pytest.mark.parametrize("parallel", [2, 1], ids=["waiting", "unread"])
+async def test_a_pubsub_copy_that_streamed_then_failed_leaves_the_request_to_its_stream_copy(
+    fault: Fault, hi: list, parallel: int
+) -> None:
+    """One envelope on both intakes, its pub/sub copy generating, its chunks out, when
+    llama-server dies: that copy's ``upstream_failed`` (retryable) was the durable
+    request's one answer, its stream copy only acked. The stream copy takes the request
+    over now and generates it under the next attempt (its chunks tell the caller to drop
+    the first's): read and waiting on the pub/sub copy, or still in the backlog (handed
+    over, not released: it generated under the first's attempt, its first chunks dropped
+    as repeats and the rest spliced onto the first's text)."""
+    worker, envelope = await _pubsub_copy_streaming(fault, hi, parallel)
+    os.kill(worker.engine_pid(), signal.SIGKILL)
+    await _answered_by_its_stream_copy_anew(fault, envelope)
+
+
+async def test_a_pubsub_copy_a_drain_cut_off_leaves_the_request_to_its_stream_copy(
+    fault: Fault, hi: list
+) -> None:
+    """As above, the pub/sub copy cut off by its worker's drain ("worker stopped before
+    finishing the request"), its stream copy unread: the next worker answers it."""
+    old, envelope = await _pubsub_copy_streaming(fault, hi, 1, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="3")
+    old.signal(signal.SIGTERM)
+    assert old.proc is not None and old.proc.wait(60) == 0
+    fault.spawn("w2", slow=True, parallel=1)
+    await _answered_by_its_stream_copy_anew(fault, envelope)
+
+
+async def test_a_pubsub_copy_past_its_time_limit_answers_for_its_stream_copy(
+    fault: Fault, hi: list
+) -> None:
+    """A pub/sub copy whose generation ran past the request's ``timeout_sec`` is not
+    left to its stream copy: under the same limit that would run as long, and a stream
+    entry's generation past its limit is not tried again. Its ``upstream_failed`` is the
+    request's answer, the stream copy only acked (not generated, nor dead-lettered)."""
+    fault.spawn("w", slow=True, parallel=2)
+    options = {"stream": True, "max_tokens": 6000, "ignore_eos": True, "timeout_sec": 2}
+    envelope = fault.ledger.add(fault.client.request(hi, profile="tiny", options=options))
+    assert await fault.client.send(envelope, profile="tiny", via="pubsub") == 1
+    await wait_until_async(lambda: chunks_of(fault, envelope), timeout=30, what="a chunk")
+    await fault.client.send(envelope, profile="tiny", via="stream")
+    assert_exactly_once(await fault.ledger.settle(timeout=60))
+    answer = fault.ledger.answers(envelope)[0]["payload"]
+    assert answer.get("error") == "upstream_failed", answer
+    assert "exceeded" in answer["details"]["message"], answer
+    assert answer["meta"]["transport"] == "pubsub", answer["meta"]
+    await wait_stream_acked(fault.raw, STREAM, GROUP, timeout=30)
+    assert {c["attempt"] for c in chunks_of(fault, envelope)} == {1}
+    assert await fault.raw.xlen(f"{STREAM}:dlq") == 0
