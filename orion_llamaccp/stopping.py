@@ -9,6 +9,7 @@ goes on with its own shutdown. ``Budget`` bounds the steps of the stop itself.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
@@ -62,14 +63,23 @@ class Budget:
     def left(self) -> float:
         return self.seconds - self.spent
 
-    async def spend(self, what: str, step: Coroutine[Any, Any, T]) -> T:
-        """``step``'s result; TimeoutError where it was cut off, or not started."""
-        if self.left <= 0:
+    async def spend(
+        self, what: str, step: Coroutine[Any, Any, T], *, free_until: float = -math.inf
+    ) -> T:
+        """``step``'s result; TimeoutError where it was cut off, or not started.
+
+        The time before ``free_until`` (monotonic) is not counted: a step at the drain's
+        start runs on the drain's time. Counted, a Redis that hung there for the budget
+        and answered again right after cost every step that came after the drain: the
+        requests its deadline cut off were not waited for, nor the entries left handed
+        back, with Redis answering each in a millisecond."""
+        left = self.left + max(0.0, free_until - time.monotonic())
+        if left <= 0:
             step.close()  # never started: nothing of it ran
             self.given_up.append(what)
             raise TimeoutError(f"not tried, the {self.seconds:g} s for it spent")
         began = time.monotonic()
-        bound = asyncio.timeout(self.left)
+        bound = asyncio.timeout(left)
         try:
             async with bound:
                 return await step
@@ -79,4 +89,4 @@ class Budget:
             self.given_up.append(what)
             raise TimeoutError(f"cut off, the {self.seconds:g} s for it spent") from None
         finally:
-            self.spent += time.monotonic() - began
+            self.spent += max(0.0, time.monotonic() - max(began, free_until))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -96,4 +97,20 @@ async def test_a_budget_leaves_a_steps_own_timeout_its_own() -> None:
 
     with pytest.raises(TimeoutError, match="its own bound"):
         await budget.spend("leaving the intake channel", times_out())
+    assert budget.given_up == []
+
+
+async def test_a_budget_does_not_count_a_step_s_time_before_its_free_until() -> None:
+    """A step at the drain's start runs on the drain's time: a Redis that hung there for
+    longer than the budget, then answered again, left nothing for the steps after the
+    drain, and they were given up with Redis answering."""
+    budget = Budget(0.1)
+    deadline = time.monotonic() + 3600
+
+    async def hangs_a_while() -> str:
+        await asyncio.sleep(0.2)  # longer than the budget, well within the drain
+        return "beat"
+
+    assert await budget.spend("the draining beat", hangs_a_while(), free_until=deadline) == "beat"
+    assert await budget.spend("handing back", asyncio.sleep(0, "handed")) == "handed"
     assert budget.given_up == []

@@ -388,16 +388,19 @@ class Worker:
         # Said at once, not at the next beat: a replacement under our id that starts now
         # must find us draining, or it takes the entries we still generate for leftovers
         # of its own (``Presence.predecessor_draining``); dashboards see it at once too.
+        # These first steps run on the drain's time (``free_until``), not the goodbyes'.
         with contextlib.suppress(Exception):
-            await self.goodbyes.spend("the draining beat", self.presence.heartbeat())
+            beat = self.presence.heartbeat()
+            await self.goodbyes.spend("the draining beat", beat, free_until=deadline)
         # Other replicas take new requests from here; the cancel channel stays, so that a
         # caller can still stop a request the drain waits for. Not subscribed again after
         # a reconnect, whether or not Redis answers the UNSUBSCRIBE.
         leaving = (self.channels.intake, self.settings.discover_channel)
         self.listener.drop(*leaving)
         with contextlib.suppress(TimeoutError):
-            await self.goodbyes.spend("leaving the intake channel", self.listener.leave(*leaving))
-        await self._give_back_claims()  # a resend now goes to a replica that stays
+            leave = self.listener.leave(*leaving)
+            await self.goodbyes.spend("leaving the intake channel", leave, free_until=deadline)
+        await self._give_back_claims(deadline)  # a resend now goes to a replica that stays
         while not self.inbox.empty():  # received before we unsubscribed: answer them
             await self._take(*self.inbox.get_nowait())  # stopping: none starts early
         while self.intake.overflow:  # their answers are waited for with the rest in flight
@@ -420,7 +423,7 @@ class Worker:
         await self._wait_in_flight(deadline)
         await self.supervisor.stop()
 
-    async def _give_back_claims(self) -> None:
+    async def _give_back_claims(self, deadline: float) -> None:
         """Answered messages without an id stay claimed a while (``Claims.stage_answered``);
         a worker out of the channel frees them, and those it answers from now on, so that
         a resend finds a replica that stays."""
@@ -429,7 +432,9 @@ class Worker:
         self.claims.leaving = True  # those answered from now on, whether or not Redis answers
         try:
             giving = self.claims.give_back(self.settings.instance_id)
-            await self.goodbyes.spend("giving back the answered claims", giving)
+            await self.goodbyes.spend(
+                "giving back the answered claims", giving, free_until=deadline
+            )
         except Exception as exc:  # the drain goes on: at worst they lapse
             log.warning(
                 "answered claims not given back (they lapse in %d s): %s",

@@ -514,3 +514,49 @@ async def test_a_stop_with_redis_hung_gives_up_its_goodbyes_within_one_budget(
     assert other.terminate() == 0
     assert "Redis did not answer the stop's" not in other.log(), other.log()[-3000:]
     assert not await fault.raw.exists(keys.liveness("orion-llamaccp", "w2"))  # its farewell
+
+
+async def test_redis_hung_as_the_drain_begins_and_back_before_its_deadline_costs_no_goodbye(
+    fault: Fault, hi: list
+) -> None:
+    """Redis frozen as the worker is told to stop, for longer than the stop's goodbyes'
+    5 s, and back well before the drain's deadline. The draining beat waited on it at the
+    drain's start, on the drain's own time: it used to spend the whole budget there, and
+    everything after was given up with Redis answering again: the requests the deadline
+    cut off were not waited for (said "did not stop when cancelled"), and the stream
+    entry, not handed back, waited out the claim idle time (10 minutes) for another
+    worker. Now the drain's time is the drain's: the budget is for what comes past it."""
+    drain = 10
+    worker = fault.spawn(
+        "w",
+        slow=True,
+        parallel=2,
+        ORION_LLAMACPP_DRAIN_TIMEOUT_SEC=str(drain),
+        # Above the budget: the beat waits on the frozen Redis until the budget, not its
+        # socket, gives up (the default, 5 s, is the budget's to the millisecond).
+        ORION_LLAMACPP_REDIS_SOCKET_TIMEOUT_SEC="8",
+    )
+    options = {"stream": True, "max_tokens": 12000, "ignore_eos": True}
+    entry = fault.ledger.add(fault.client.request(hi, profile="tiny", options=options))
+    heard = fault.ledger.add(fault.client.request(hi, profile="tiny", options=options))
+    await fault.client.send(entry, profile="tiny", via="stream")
+    assert await fault.client.send(heard, profile="tiny", via="pubsub") == 1
+    for envelope in (entry, heard):
+        await wait_until_async(lambda e=envelope: chunks_of(fault, e), what="a chunk of each")
+    fault.redis.freeze()
+    worker.signal(signal.SIGTERM)
+    await asyncio.sleep(6.5)  # past the 5 s budget, well before the drain's deadline
+    fault.redis.thaw()
+    assert worker.proc is not None
+    code = await asyncio.to_thread(worker.proc.wait, 60)  # a safety net, not under test
+    log = worker.log()
+    assert code == 0, log[-3000:]
+    assert "the drain's time is up: cutting off 2 requests" in log, log[-3000:]
+    assert "did not stop when cancelled" not in log, log[-3000:]
+    assert "Redis did not answer the stop's" not in log, log[-3000:]
+    assert "left 1 stream entries to another worker" in log, log[-3000:]
+    fault.spawn("w2", slow=True, parallel=2)  # the claim idle time: 10 minutes
+    assert_exactly_once(await fault.ledger.settle(timeout=120))
+    assert "error" not in fault.ledger.answers(entry)[0]["payload"]
+    assert fault.ledger.answers(heard)[0]["payload"]["error"] == "engine_unavailable"
+    await wait_stream_acked(fault.raw, STREAM, GROUP)
