@@ -48,13 +48,19 @@ return 0
 # A running marker of this very message taken over (a redelivery: its worker died or
 # stalled), or a request a copy handed over (``hand_over``), in one step. A GET and then
 # a SET could land on the result its first worker stored meanwhile and put a lease in its
-# place: the answer was lost to later resends.
+# place: the answer was lost to later resends. A handed marker's delivery stays in the
+# running one it becomes (``handed_by``): a ``begin`` retried after its reply was lost
+# finds its own marker, and must still learn it.
 _TAKE_OVER = """
 local v = redis.call('GET', KEYS[1])
 if v then
   local r = cjson.decode(v)
-  if (r['state'] == 'running' and r['owner'] == ARGV[1]) or r['state'] == 'handed' then
-    redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+  if r['state'] == 'handed' then
+    local m = cjson.decode(ARGV[2])
+    m['handed_by'] = r['delivery']
+    redis.call('SET', KEYS[1], cjson.encode(m), 'EX', tonumber(ARGV[3]))
+  elseif r['state'] == 'running' and r['owner'] == ARGV[1] then
+    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
   end
 end
 return v
@@ -242,7 +248,7 @@ class Claims:
         if record.get("state") == "handed":  # taken over by the script
             return Record("new", owner, handed_by=record.get("delivery"))
         if record.get("owner") == owner:  # taken over by the script
-            return Record("new", owner)
+            return Record("new", owner, handed_by=record.get("handed_by"))
         return Record("running", record.get("owner"))
 
     async def renew(self, key: str, owner: str) -> bool:

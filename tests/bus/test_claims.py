@@ -3,6 +3,7 @@ gives back, what a redelivery takes over."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -10,8 +11,10 @@ import orjson
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
-from orion_llamaccp.bus.claims import ANSWERED_CLAIM_SEC, Claims
+from orion_llamaccp.bus.claims import _TAKE_OVER, ANSWERED_CLAIM_SEC, Claims
 from orion_llamaccp.bus.lane import Lane
+from tests.support.procs import RedisServer, wait_until_async
+from tests.support.proxy import HoldingProxy
 
 
 async def test_an_answered_claim_is_kept_a_while_if_still_ours_and_given_back_on_leaving(
@@ -126,3 +129,33 @@ async def test_a_marker_handed_over_goes_to_the_next_request_that_begins_on_it(
         assert (await claims.begin(key, "req@2-0")).state == "running"  # the first's now
     finally:
         await redis.delete(redis_key)
+
+
+async def test_a_begin_retried_after_it_took_a_handed_marker_over_still_learns_who_handed_it(
+    redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    """The take-over of a handed marker ran in Redis, and its reply was lost (a socket
+    timeout: a proxy holds it back here). ``begin`` retries, and finds the marker its own
+    running one: it must still say whose delivery streamed before it, or the stream copy
+    generates under the attempt whose chunks went out (its first chunks dropped as
+    repeats, the rest spliced onto the pub/sub copy's text), as if released."""
+    key = f"key:test-{uuid.uuid4().hex}"
+    handing = Claims(redis, profile="tiny", dedup_ttl=600)
+    assert (await handing.begin(key, "req")).state == "new"
+    assert await handing.hand_over(key, "req", "req:d", 3600)
+    proxy = HoldingProxy(redis_server.port).start()
+    held = aioredis.Redis.from_url(proxy.url, socket_timeout=0.5)
+    try:
+        claims = Claims(held, profile="tiny", dedup_ttl=600, retry_for=30)
+        await redis.script_load(_TAKE_OVER)  # EVALSHA: the script's digest on the wire
+        proxy.arm(claims._take_over.sha.encode())
+        beginning = asyncio.create_task(claims.begin(key, "req@1-0"))
+        await wait_until_async(lambda: proxy.held == 1, timeout=10, what="the reply held")
+        proxy.arm(b"no such bytes")  # the retry's new connection goes through
+        record = await beginning
+        assert (record.state, record.handed_by) == ("new", "req:d")
+        assert (await claims.begin(key, "req@1-0")).handed_by == "req:d"  # once more
+    finally:
+        proxy.close()
+        await held.aclose()
+        await redis.delete(keys.dedup("tiny", key))
