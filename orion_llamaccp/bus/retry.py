@@ -30,10 +30,12 @@ async def with_retry(what: str, call: Callable[[], Awaitable[T]], *, retry_for: 
         try:
             return await call()
         except CutOffByAnother as exc:  # another request's cancel, not an outage: at once
+            _unless_cancelled(exc)
             if time.monotonic() > deadline:
                 raise
             log.debug("%s: %s; repeating it", what, exc)
         except TRANSIENT as exc:
+            _unless_cancelled(exc)
             if time.monotonic() > deadline:
                 raise
             log.warning(
@@ -41,3 +43,15 @@ async def with_retry(what: str, call: Callable[[], Awaitable[T]], *, retry_for: 
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def _unless_cancelled(exc: BaseException) -> None:
+    """Raise CancelledError where this task was told to stop (cancelled) and the call
+    raised an error instead: a cancel that reaches a Redis read as its timeout runs out
+    comes back as the timeout's error. Retried, a worker stopping with Redis hung went
+    on answering a request its drain cut off until the retries ran out (a minute and
+    more after its goodbyes), and did not exit meanwhile. A task that caught a cancel
+    and goes on stops retrying too: its Redis calls are given up at the first error."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc

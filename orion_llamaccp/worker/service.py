@@ -474,9 +474,12 @@ class Worker:
             # llama-server below ends any request that is still running anyway. Their
             # answers and released records are round trips to Redis: the goodbyes' time.
             ending = asyncio.wait(late, timeout=5.0)
-            with contextlib.suppress(TimeoutError):
+            budget_spent = False
+            try:
                 await self.goodbyes.spend("the answers of the requests cut off", ending)
-            if stuck := [task for task in late if not task.done()]:
+            except TimeoutError:  # Redis, not the requests: they wait on their answers
+                budget_spent = True
+            if (stuck := [task for task in late if not task.done()]) and not budget_spent:
                 log.warning("%d requests did not stop when cancelled", len(stuck))
 
     async def _until_deadline(self, step: Awaitable[Any], deadline: float) -> None:

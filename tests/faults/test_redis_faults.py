@@ -487,12 +487,19 @@ async def test_a_stop_with_redis_hung_gives_up_its_goodbyes_within_one_budget(
     10 s more than the drain here, up to 21 s with the defaults. Bounded together now, the
     stop gives up what the budget does not cover, and its log says which. Nothing is
     lost: the entry, not handed back, stays pending under the worker's name and another
-    worker takes it after the claim idle time. A stop on a healthy Redis gives up none."""
+    worker takes it after the claim idle time. A stop on a healthy Redis gives up none.
+    A pub/sub request cut off beside it: its answer, cut off too, is not said to be a
+    request that ignored its cancel, and does not hold the exit (its publish retried as
+    long as an outage is, since the cancel came back as the read's timeout)."""
     worker = fault.spawn("w", slow=True, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="2")
     options = {"stream": True, "max_tokens": 6000, "ignore_eos": True}
     entry = fault.ledger.add(fault.client.request(hi, profile="tiny", options=options))
     await fault.client.send(entry, profile="tiny", via="stream")
-    await wait_until_async(lambda: chunks_of(fault, entry), what="a chunk")
+    # Beside it, one whose cut-off answer is a round trip the budget cannot cover.
+    heard = fault.client.request(hi, profile="tiny", options=options)
+    assert await fault.client.send(heard, profile="tiny", via="pubsub") == 1
+    for envelope in (entry, heard):
+        await wait_until_async(lambda e=envelope: chunks_of(fault, e), what="a chunk of each")
     fault.redis.freeze()
     worker.signal(signal.SIGTERM)
     assert worker.proc is not None
@@ -505,6 +512,9 @@ async def test_a_stop_with_redis_hung_gives_up_its_goodbyes_within_one_budget(
     assert len(gave_up) == 1, log[-3000:]
     # The last of them, whatever Redis took the budget on before it.
     assert gave_up[0].endswith("removing the liveness key)"), gave_up
+    # Their answers waited on Redis, not on requests that ignored their cancel.
+    assert "the answers of the requests cut off" in gave_up[0], gave_up
+    assert "did not stop when cancelled" not in log, log[-3000:]
     pending = await fault.raw.xpending(STREAM, GROUP)
     assert pending["pending"] == 1 and pending["consumers"][0]["name"] == b"w", pending
     other = fault.spawn("w2", slow=True, ORION_LLAMACPP_CLAIM_IDLE_MS="1500")
