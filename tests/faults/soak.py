@@ -13,7 +13,10 @@ violation; a pub/sub copy with chunks out still answers with its error (4 times)
 Round 34 hands such a request over to its stream copy (``Claims.hand_over``), and the
 check holds a chunked pub/sub copy's error to it as well (not one past its time limit);
 seeds 201-214 again: 2,274 requests, 225 faults (28 twins), no violation; 5 unsure, each
-a stream copy added after its pub/sub copy's ``overloaded``.
+a stream copy added after its pub/sub copy's ``overloaded``. Round 34, later (the stop's Redis
+steps on one budget, the pub/sub inbox bounded) ran seeds 215-226: 2,055 requests, 190
+faults (24 twins), no violation; 7 unsure: 3 a stream copy added after its pub/sub copy's
+``overloaded``, 4 (two requests) one chunk the recorder missed across a Redis restart.
 
     SOAK_SEEDS=1,2,3 SOAK_FAULT_SEC=70 .venv/bin/python -m pytest tests/faults/soak.py -s
 
