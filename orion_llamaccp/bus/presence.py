@@ -62,10 +62,13 @@ async def every(
                 await asyncio.wait_for(stop.wait(), wait)
             if stop.is_set():
                 return
+        bound = max(interval, 1.0)
         try:
-            await asyncio.wait_for(job(), timeout=max(interval, 1.0))
+            await asyncio.wait_for(job(), timeout=bound)
+        except TimeoutError:  # its own text is empty: "heartbeat failed: " said nothing
+            log.warning("%s failed: no answer within %g s", name, bound)
         except Exception as exc:
-            log.warning("%s failed: %s", name, exc)
+            log.warning("%s failed: %s", name, str(exc) or type(exc).__name__)
         tick += 1
         behind = loop.time() - (start + tick * interval)
         if behind > interval:  # skip missed ticks instead of bursting to catch up

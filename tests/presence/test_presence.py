@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -936,3 +937,23 @@ def test_watch_shows_only_llama_cpp_hosts_and_reads_naive_times_as_utc(
     assert "gateway" not in out
     rows = [line for line in out.splitlines() if "naive-host" in line]
     assert rows and "down" not in rows[-1], rows[-1:]
+
+
+async def test_a_periodic_job_that_gets_no_answer_says_so_in_its_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A job cut off by its bound (Redis frozen: a beat never answered) raised a
+    TimeoutError without text, and the log said "heartbeat failed: " and no more."""
+    from orion_llamaccp.bus.presence import every
+
+    stop = asyncio.Event()
+
+    async def unanswered() -> None:
+        await asyncio.sleep(3600)
+
+    with caplog.at_level(logging.WARNING, logger="orion_llamaccp.bus.presence"):
+        running = asyncio.create_task(every(0.1, unanswered, stop, "heartbeat"))
+        await wait_until_async(lambda: caplog.records, what="a warning")
+        stop.set()
+        await running
+    assert caplog.records[0].getMessage() == "heartbeat failed: no answer within 1 s"
