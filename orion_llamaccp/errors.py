@@ -31,6 +31,14 @@ class OrionLlamaError(Exception):
     """Base of every error this package raises on purpose."""
 
 
+def describe(exc: BaseException) -> str:
+    """``exc`` for a log line or an error message: its type, then its text where it has
+    one. A ``TimeoutError`` (Redis frozen, a bound run out) has none, and "failed: " with
+    nothing after it said nothing."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class ConfigError(OrionLlamaError):
     """The environment, the settings or the profile registry are wrong."""
 

@@ -26,6 +26,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from orion_llamaccp.bus.failover import NotAPrimary, says_replica
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.retry import TRANSIENT
+from orion_llamaccp.errors import describe
 
 if TYPE_CHECKING:  # replies pulls in the envelope models, which the worker needs only later
     from redis.asyncio.client import PubSub
@@ -286,7 +287,7 @@ class PubSubListener:
                     at = f" at {self.bus}" if self.bus else ""
                     said = f"cannot reach Redis{at} ({exc}): check ORION_BUS_URL"
             except Exception as exc:
-                level, said = logging.ERROR, f"pub/sub listening failed: {_error(exc)}"
+                level, said = logging.ERROR, f"pub/sub listening failed: {describe(exc)}"
             self.subscribed.clear()
             self.reconnects += 1
             delay = self.backoff.take()
@@ -638,7 +639,7 @@ class StreamConsumer:
             except (*TRANSIENT, ResponseError) as exc:
                 level, said = logging.WARNING, f"({exc})"
             except Exception as exc:  # as the listener's: nothing unforeseen stops the intake
-                level, said = logging.ERROR, f"unexpectedly ({_error(exc)})"
+                level, said = logging.ERROR, f"unexpectedly ({describe(exc)})"
             delay = self.backoff.take()
             log.log(
                 level, "stream intake on %s failed %s; retrying in %.1fs", self.stream, said, delay
@@ -927,10 +928,6 @@ def _pairs(flat: list[Any]) -> dict[Any, Any]:
     """An entry's fields as the server sends them (name, value, name, value, ...)."""
     it = iter(flat)
     return dict(zip(it, it, strict=True))
-
-
-def _error(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _text(value: bytes | str) -> str:

@@ -24,6 +24,7 @@ from orion_llamaccp.bus import keys
 from orion_llamaccp.bus.envelope import HEALTH, PROFILE_ANNOUNCE, Envelope, SystemHealthV1
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.scripts import PRUNE_HOSTS
+from orion_llamaccp.errors import describe
 from orion_llamaccp.stopping import GOODBYES_SEC, Budget
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ async def every(
         except TimeoutError:  # its own text is empty: "heartbeat failed: " said nothing
             log.warning("%s failed: no answer within %g s", name, bound)
         except Exception as exc:
-            log.warning("%s failed: %s", name, str(exc) or type(exc).__name__)
+            log.warning("%s failed: %s", name, describe(exc))
         tick += 1
         behind = loop.time() - (start + tick * interval)
         if behind > interval:  # skip missed ticks instead of bursting to catch up

@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orion_llamaccp.bus.lane import CutOffByAnother
+from orion_llamaccp.errors import describe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,9 +39,7 @@ async def with_retry(what: str, call: Callable[[], Awaitable[T]], *, retry_for: 
             _unless_cancelled(exc)
             if time.monotonic() > deadline:
                 raise
-            log.warning(
-                "%s failed (%s: %s); retrying in %.2fs", what, type(exc).__name__, exc, delay
-            )
+            log.warning("%s failed (%s); retrying in %.2fs", what, describe(exc), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 

@@ -26,7 +26,7 @@ from orion_llamaccp.engine.events import ChatStream, Delta, EventReader
 from orion_llamaccp.engine.http_errors import raise_for_response
 from orion_llamaccp.engine.sse import SSEDecoder
 from orion_llamaccp.engine.stream import StreamConnection, StreamPool, stream_batches
-from orion_llamaccp.errors import EngineUnavailable, UpstreamError
+from orion_llamaccp.errors import EngineUnavailable, UpstreamError, describe
 
 
 @dataclass(frozen=True)
@@ -148,14 +148,14 @@ class LlamaClient:
         try:
             response = await self._http.get("/health", timeout=timeout)
         except httpx.HTTPError as exc:
-            raise EngineUnavailable(f"llama-server /health: {type(exc).__name__}: {exc}") from exc
+            raise EngineUnavailable(f"llama-server /health: {describe(exc)}") from exc
         return Health(response.status_code, response.text[:200])
 
     async def _get_json(self, path: str, timeout: Any = httpx.USE_CLIENT_DEFAULT) -> Any:
         try:
             response = await self._http.get(path, timeout=timeout)
         except httpx.HTTPError as exc:
-            raise EngineUnavailable(f"llama-server {path}: {type(exc).__name__}: {exc}") from exc
+            raise EngineUnavailable(f"llama-server {path}: {describe(exc)}") from exc
         if response.status_code != 200:
             raise_for_response(response.status_code, response.content)
         return orjson.loads(response.content)
@@ -217,7 +217,7 @@ class LlamaClient:
             response = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise EngineUnavailable(
-                f"cannot reach llama-server: {type(exc).__name__}: {exc}",
+                f"cannot reach llama-server: {describe(exc)}",
                 reached=not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout),
             ) from exc
         try:
@@ -246,7 +246,7 @@ async def _batches(response: httpx.Response) -> AsyncIterator[list[Delta]]:
         if reader.finished:  # the answer was whole: [DONE] (or usage) was lost
             return
         raise UpstreamError(
-            f"stream from llama-server broke off: {type(exc).__name__}: {exc}", broken=True
+            f"stream from llama-server broke off: {describe(exc)}", broken=True
         ) from exc
     rest = reader.end(decoder.flush())
     if rest:

@@ -16,7 +16,7 @@ from typing import Any
 from orion_llamaccp.engine.events import Delta, EventReader, TextSink
 from orion_llamaccp.engine.http_errors import raise_for_response
 from orion_llamaccp.engine.sse import ProtocolError, ResponseDecoder, SSEDecoder, lone_token
-from orion_llamaccp.errors import EngineUnavailable, UpstreamError
+from orion_llamaccp.errors import EngineUnavailable, UpstreamError, describe
 
 _HIGH_WATER = 256 * 1024  # bytes of events waiting for the reader: stop reading the socket
 _LOW_WATER = 32 * 1024  # ... and read again once the reader is down to this many
@@ -298,9 +298,7 @@ class StreamPool:
                         lambda: StreamConnection(loop), self.host, self.port
                     )
         except (OSError, TimeoutError) as exc:
-            raise EngineUnavailable(
-                f"cannot reach llama-server: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise EngineUnavailable(f"cannot reach llama-server: {describe(exc)}") from exc
         return conn
 
     def send(self, payload: bytes) -> StreamConnection | None:

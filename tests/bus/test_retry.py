@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -51,3 +52,24 @@ async def test_an_outage_is_retried_while_no_one_stops_the_task() -> None:
 
     assert await with_retry("publishing result", flaky, retry_for=5.0) == "ok"
     assert calls == 3
+
+
+async def test_a_retried_error_without_text_is_named_by_its_type(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bound run out (``asyncio.timeout``) raises a TimeoutError without text: the
+    warning said "(TimeoutError: )", a colon and nothing after it."""
+    calls = 0
+
+    async def bounded() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TimeoutError
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="orion_llamaccp.bus.retry"):
+        assert await with_retry("publishing result", bounded, retry_for=5.0) == "ok"
+    assert [r.getMessage() for r in caplog.records] == [
+        "publishing result failed (TimeoutError); retrying in 0.05s"
+    ]
