@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus import keys
 from orion_llamaccp.devtools.random_gguf import write_random_llama
 from orion_llamaccp.engine.binary import find_binary
-from orion_llamaccp.engine.process import die_with_parent
+from orion_llamaccp.engine.lifeline import die_with_parent
 from orion_llamaccp.settings import ENV_PREFIXES
 from tests.support.procs import RedisServer, free_port
 

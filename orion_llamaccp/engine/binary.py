@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from orion_llamaccp.engine.diagnostics import exit_said
+from orion_llamaccp.engine.lifeline import die_with_parent
 from orion_llamaccp.errors import BinaryNotFound, EngineError
 
 IMAGE_BINARY = Path("/app/llama-server")
@@ -163,7 +164,9 @@ class Children:
     The worker probes in a thread that a stop does not wait for (``startup.serve``), and
     a SIGTERM to the worker alone (a container's stop) left the child running after the
     worker had gone: up to a minute where it initialises CUDA. Each child leads a process
-    group of its own, killed whole: a launcher script's own children go with it.
+    group of its own, killed whole: a launcher script's own children go with it. A worker
+    SIGKILLed cannot do that: the child itself gets the parent-death signal (its own
+    children do not, as with llama-server's).
     """
 
     def __init__(self) -> None:
@@ -183,6 +186,9 @@ class Children:
                 stderr=subprocess.PIPE,
                 text=True,
                 start_new_session=True,
+                # A SIGKILLed worker cannot kill the group: the child goes with it. The
+                # thread that starts it waits for it, so it lives as long as the child.
+                preexec_fn=die_with_parent(),
             )
             self._running.add(proc)
         try:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import re
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from orion_llamaccp.engine.command import LaunchSpec
 from orion_llamaccp.engine.diagnostics import (
@@ -29,6 +28,7 @@ from orion_llamaccp.engine.diagnostics import (
     most_specific,
     no_gpu,
 )
+from orion_llamaccp.engine.lifeline import die_with_parent
 
 log = logging.getLogger("orion_llamaccp.llama_server")
 # Once llama-server serves, these still deserve INFO; its per-request lines go to DEBUG.
@@ -36,31 +36,6 @@ _NOTEWORTHY = re.compile(r"error|warn|fail|fatal|abort|exception|out of memory",
 # What llama-server prints as its load ends, before /health says ready: read, everything
 # it printed while loading has been read too (a "no usable GPU found" among it).
 _LOADED = re.compile(r"\bmodel loaded\b")
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> Callable[[], None]:
-    """A hook for ``preexec_fn`` that SIGKILLs the child when its parent dies.
-
-    Here llama-server goes with the wrapper; the tests and benchmarks use it too, so that a
-    run cut off by a signal leaves no worker or Redis behind. The kernel ties this to the
-    thread that started the child: start it from one that lives as long as the parent.
-    Call it in the parent: the parent's pid is taken now, before the fork, since the
-    wrapper may itself be PID 1 (a container entrypoint), where "the parent is PID 1"
-    would not mean that it died.
-    """
-    parent = os.getpid()
-
-    def hook() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # not Linux: the process group still covers stop()
-            pass
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return hook
 
 
 class LlamaProcess:

@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from orion_llamaccp.engine import binary as binary_module
 from orion_llamaccp.engine.binary import BinaryInfo, _entries, host_list, parse_help, probe
 from orion_llamaccp.engine.client import LlamaClient
 from orion_llamaccp.engine.command import SECRET_FLAGS, LaunchSpec, build_launch, mask_argv
+from orion_llamaccp.engine.lifeline import die_with_parent
 from orion_llamaccp.engine.plan import build_plan, socket_path
 from orion_llamaccp.engine.supervisor import EngineState, Supervisor
 from orion_llamaccp.errors import ConfigError, EngineError, UnsupportedKnob
@@ -792,6 +794,35 @@ def test_a_launch_names_every_part_and_extra_of_its_model() -> None:
         "/c/p.gguf",
         "/c/d.gguf",
     )
+
+
+def test_the_probe_s_child_dies_with_a_worker_that_is_sigkilled() -> None:
+    """A stop kills the probe's process group; a SIGKILLed worker cannot, and its child
+    (a ``--help`` that may initialise CUDA for a minute) lived on after it. Probed from a
+    thread, as the worker does: the parent-death signal follows the thread that forks."""
+    script = (
+        "import threading\n"
+        "from orion_llamaccp.engine.binary import Children\n"
+        "threading.Thread(target=Children().run, args=(['sleep', '3601'], 3600)).start()\n"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", script], preexec_fn=die_with_parent())
+    probed: list[psutil.Process] = []
+    try:
+
+        def probing() -> bool:
+            with contextlib.suppress(psutil.Error):
+                probed[:] = psutil.Process(worker.pid).children()
+            return any(p.cmdline() == ["sleep", "3601"] for p in probed)
+
+        wait_until(probing, timeout=30, what="the probe's child")
+        worker.kill()
+        worker.wait()
+        wait_until(lambda: not pid_alive(probed[0].pid), timeout=10, what="the child gone")
+    finally:
+        worker.kill()
+        for proc in probed:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 def test_the_probe_s_children_are_killed_with_their_own_and_none_start_after() -> None:

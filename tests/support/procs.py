@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import redis.asyncio as aioredis
 
-from orion_llamaccp.engine.process import die_with_parent
+from orion_llamaccp.engine.lifeline import die_with_parent
 
 _HANDED_OUT: set[int] = set()
 

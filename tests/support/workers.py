@@ -19,8 +19,8 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from orion_llamaccp.engine.lifeline import die_with_parent
 from orion_llamaccp.engine.plan import socket_folder
-from orion_llamaccp.engine.process import die_with_parent
 from orion_llamaccp.engine.supervisor import _remove_stale_socket
 from tests.support.procs import pid_alive, wait_until, wait_until_async
 
