@@ -280,6 +280,14 @@ class Settings(_FromTheEnvironment):
     # request beyond is answered ``overloaded``, and beyond ten times as many more,
     # dropped (``worker/startup.py``, ``Intake``). About a kilobyte each for a short chat.
     inbox_size: int = Field(1000, ge=1, validation_alias="ORION_LLAMACPP_INBOX_SIZE")
+    # Their bytes, the same way, with as many bytes more waiting for ``overloaded``: the
+    # count alone let a flood of large requests (up to ``max_message_bytes`` each) hold
+    # gigabytes. Eight of the largest, or tens of thousands of short chats. One message
+    # always waits in an inbox that holds none, so a bound below ``max_message_bytes``
+    # takes a larger request alone rather than never.
+    inbox_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, validation_alias="ORION_LLAMACPP_INBOX_BYTES"
+    )
     # The worker's own traffic to llama-server over a UNIX socket beside its TCP port,
     # where the build takes one (``--host``): a token read costs less (docs/benchmarks.md)
     engine_unix_socket: bool = Field(True, validation_alias="ORION_LLAMACPP_ENGINE_UNIX_SOCKET")

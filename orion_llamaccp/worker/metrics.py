@@ -70,7 +70,9 @@ class Metrics:
             ),
             "orion_llamacpp_pubsub_dropped": (
                 "Pub/sub requests dropped unanswered: heard with the inbox and its "
-                "overflow full (ORION_LLAMACPP_INBOX_SIZE, and ten times as many)",
+                "overflow full (ORION_LLAMACPP_INBOX_SIZE messages or "
+                "ORION_LLAMACPP_INBOX_BYTES bytes; ten times as many messages and as "
+                "many bytes)",
                 lambda: worker.intake.dropped,
             ),
             "orion_llamacpp_engine_restarts": (

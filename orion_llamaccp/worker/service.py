@@ -658,8 +658,11 @@ class Worker:
             stopping = Failure("engine_unavailable", "worker is stopping", retryable=True)
             self.inflight.spawn(self.handler.refuse(job, stopping), job)
         elif beyond:
+            intake = self.intake
             await self._refuse_overloaded(
-                job, f"{self.intake.limit} messages waiting in the worker's inbox"
+                job,
+                f"{intake.limit} messages or {intake.byte_limit} bytes waiting in the worker's "
+                "inbox",
             )
         elif self.waiting - self.slots.free >= self.settings.local_queue_size:
             await self._refuse_overloaded(

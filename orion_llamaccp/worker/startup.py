@@ -14,7 +14,7 @@ import contextvars
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -40,6 +40,62 @@ ANSWERS_SEC = 10.0
 # worker refuses a few thousand a second), a flood that outruns the refusals for longer
 # is dropped (the caller's wait would have run out first).
 OVERFLOW_PER_INBOX = 10
+# Their bytes, at most, for each byte the inbox holds: as many, not ten times. The count's
+# ratio is for bursts of short requests, a kilobyte each; bytes add up only where requests
+# are large, and those are few, so that ``ORION_LLAMACPP_INBOX_BYTES`` of them still wait
+# for their answer, and the worker holds about twice that in all (beyond it only a single
+# larger request in each, and cancels).
+OVERFLOW_BYTES_PER_INBOX_BYTE = 1
+
+
+class Inbox(asyncio.Queue[tuple[str, bytes, Any]]):
+    """The pub/sub messages heard and not yet taken, with their bytes (``nbytes``).
+
+    Counted in ``_put`` and ``_get``, the hooks every way in and out of an
+    ``asyncio.Queue`` goes through (as ``LifoQueue`` overrides them): the worker's intake,
+    its drain and a failed start take messages out each its own way, and none of them
+    need keep the count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+    def _put(self, item: tuple[str, bytes, Any]) -> None:
+        super()._put(item)
+        self.nbytes += len(item[1])
+
+    def _get(self) -> tuple[str, bytes, Any]:
+        item: tuple[str, bytes, Any] = super()._get()
+        self.nbytes -= len(item[1])
+        return item
+
+
+class Overflow:
+    """The requests heard beyond the inbox, as their messages, with their bytes
+    (``nbytes``): a ``deque`` that only appends, pops from the left and clears."""
+
+    def __init__(self) -> None:
+        self._messages: deque[bytes] = deque()
+        self.nbytes = 0
+
+    def append(self, data: bytes) -> None:
+        self._messages.append(data)
+        self.nbytes += len(data)
+
+    def popleft(self) -> bytes:
+        data = self._messages.popleft()
+        self.nbytes -= len(data)
+        return data
+
+    def clear(self) -> None:
+        self._messages.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._messages)
 
 
 def connect(settings: Settings) -> aioredis.Redis:
@@ -69,18 +125,25 @@ class Intake:
     The listener reads whatever Redis sends (left unread, Redis would drop the connection,
     cancels and all), and before the worker is built, or under a flood, nothing takes the
     messages as fast. So a request heard while ``ORION_LLAMACPP_INBOX_SIZE`` messages wait
-    in the inbox waits in ``overflow`` instead, to be answered ``overloaded`` as soon as
-    the worker can (``Worker._refuse_overflow``), up to ``OVERFLOW_PER_INBOX`` times as
-    many: a request beyond both is dropped (counted in ``dropped``, said in the log), so
-    that the worker's memory stays bounded. Cancels and discovery requests always reach
-    the inbox.
+    in the inbox, or that would put more than ``ORION_LLAMACPP_INBOX_BYTES`` there, waits
+    in ``overflow`` instead, to be answered ``overloaded`` as soon as the worker can
+    (``Worker._refuse_overflow``), up to ``OVERFLOW_PER_INBOX`` times as many and
+    ``OVERFLOW_BYTES_PER_INBOX_BYTE`` times as many bytes: a request beyond both is
+    dropped (counted in ``dropped``, said in the log), so that the worker's memory stays
+    bounded, by bytes too (a flood of 8 MiB requests held gigabytes within the counts).
+    Each takes one message whatever its size when it holds none: a request larger than
+    the byte bound still waits, alone. Cancels and discovery requests always reach the
+    inbox: they count in its messages and bytes (a request after them may find it full),
+    and are never refused.
     """
 
     def __init__(self, settings: Settings, redis: aioredis.Redis, channels: Channels) -> None:
-        self.inbox: asyncio.Queue[tuple[str, bytes, Any]] = asyncio.Queue()
+        self.inbox = Inbox()
         self.limit = settings.inbox_size
-        self.overflow: deque[bytes] = deque()
+        self.byte_limit = settings.inbox_bytes
+        self.overflow = Overflow()
         self.overflow_limit = OVERFLOW_PER_INBOX * self.limit
+        self.overflow_byte_limit = OVERFLOW_BYTES_PER_INBOX_BYTE * self.byte_limit
         self.overflowing = asyncio.Event()  # set when a request joins ``overflow``
         self.dropped = 0
         self._dropping = False  # said in the log once a flood: until ``overflow`` empties
@@ -98,7 +161,7 @@ class Intake:
         self._task: asyncio.Task[None] | None = None
 
     def _received(self, channel: str, data: bytes) -> None:
-        if channel == self._requests and self.inbox.qsize() >= self.limit:
+        if channel == self._requests and not self._room_in_inbox(len(data)):
             self._beyond(data)
             return
         prepared = None
@@ -109,8 +172,23 @@ class Intake:
                 log.exception("preparing a message on %s failed", channel)
         self.inbox.put_nowait((channel, data, prepared))
 
+    def _room_in_inbox(self, size: int) -> bool:
+        inbox = self.inbox
+        if inbox.empty():
+            return True
+        return inbox.qsize() < self.limit and inbox.nbytes + size <= self.byte_limit
+
+    def _room_in_overflow(self, size: int) -> bool:
+        overflow = self.overflow
+        if not overflow:
+            return True
+        return (
+            len(overflow) < self.overflow_limit
+            and overflow.nbytes + size <= self.overflow_byte_limit
+        )
+
     def _beyond(self, data: bytes) -> None:
-        if len(self.overflow) < self.overflow_limit:
+        if self._room_in_overflow(len(data)):
             if not self.overflow:  # under a flood it stays about full: one line, not one a drop
                 self._dropping = False
             self.overflow.append(data)
@@ -120,11 +198,14 @@ class Intake:
         if not self._dropping:
             self._dropping = True
             log.warning(
-                "%d pub/sub messages wait in the inbox and %d requests for their overloaded "
-                "answer: further requests are dropped unanswered until those go "
-                "(ORION_LLAMACPP_INBOX_SIZE; orion_llamacpp_pubsub_dropped counts them)",
+                "%d pub/sub messages (%d bytes) wait in the inbox and %d requests (%d bytes) "
+                "for their overloaded answer: further requests are dropped unanswered until "
+                "those go (ORION_LLAMACPP_INBOX_SIZE, ORION_LLAMACPP_INBOX_BYTES; "
+                "orion_llamacpp_pubsub_dropped counts them)",
                 self.inbox.qsize(),
+                self.inbox.nbytes,
                 len(self.overflow),
+                self.overflow.nbytes,
             )
 
     async def listening(self, timeout: float) -> bool:
@@ -243,4 +324,4 @@ async def tell_failed_start(
         log.debug("failed start: %d request(s) heard answered", answered)
 
 
-__all__ = ["Intake", "connect", "serve", "tell_failed_start"]
+__all__ = ["Inbox", "Intake", "Overflow", "connect", "serve", "tell_failed_start"]

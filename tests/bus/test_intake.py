@@ -580,6 +580,90 @@ async def test_requests_beyond_the_inbox_wait_apart_and_beyond_its_overflow_are_
     assert len(said) == 1, said
 
 
+def _sized(n: int, size: int = 1000) -> bytes:
+    """Request ``n``'s message, ``size`` bytes long."""
+    return f"request {n} ".encode().ljust(size, b".")
+
+
+async def test_requests_beyond_the_inbox_bytes_wait_apart_and_beyond_its_overflow_bytes_are_dropped(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The inbox was bounded by count only, and each message may be 8 MiB: a flood of
+    large requests held gigabytes. Now ``ORION_LLAMACPP_INBOX_BYTES`` (4,096) bounds its
+    bytes too: of requests of 1,000 bytes, well within ``ORION_LLAMACPP_INBOX_SIZE``
+    (1,000), 4 wait in the inbox, the next 4 in ``overflow`` (as many bytes), and the rest
+    are dropped and counted, said in the log once, naming the setting. A cancel still
+    reaches the inbox, over the bytes."""
+    redis = aioredis.Redis.from_url(redis_url)
+    settings = Settings(
+        ORION_BUS_URL=redis_url, LLM_PROFILE_NAME="tiny", ORION_LLAMACPP_INBOX_BYTES=4096
+    )
+    channels = channels_for(settings, "tiny")
+    intake = Intake(settings, redis, channels)
+    intake.start()
+    try:
+        assert await intake.listening(timeout=5)
+        async with redis.pipeline(transaction=False) as pipe:
+            for n in range(11):
+                pipe.publish(channels.intake, _sized(n))
+            pipe.publish(settings.cancel_channel, _sized(99))
+            await pipe.execute()
+        await wait_until_async(lambda: intake.inbox.qsize() == 5, timeout=5, what="5 queued")
+        await wait_until_async(lambda: intake.dropped == 3, timeout=5, what="3 dropped")
+        assert (intake.inbox.nbytes, intake.overflow.nbytes) == (5000, 4000)
+        inbox = [intake.inbox.get_nowait()[1] for _ in range(5)]
+    finally:
+        await intake.close()
+        await redis.aclose()
+    assert inbox == [_sized(n) for n in (0, 1, 2, 3, 99)]
+    assert list(intake.overflow) == [_sized(n) for n in range(4, 8)]
+    said = [r.getMessage() for r in caplog.records if "dropped unanswered" in r.getMessage()]
+    assert len(said) == 1 and "ORION_LLAMACPP_INBOX_BYTES" in said[0], said
+
+
+async def test_the_inbox_bytes_return_to_zero_as_its_messages_are_taken(redis_url: str) -> None:
+    """The bytes counted leave with each message, however it is taken (the worker's
+    ``get``, the drain's ``get_nowait``, a refusal's ``popleft``): a second burst as large
+    as the first, once that is taken, waits as the first did (4 in the inbox, 2 in
+    ``overflow``) instead of finding them full of what left. And a request larger than
+    ``ORION_LLAMACPP_INBOX_BYTES`` still waits, alone, in an empty inbox."""
+    redis = aioredis.Redis.from_url(redis_url)
+    settings = Settings(
+        ORION_BUS_URL=redis_url, LLM_PROFILE_NAME="tiny", ORION_LLAMACPP_INBOX_BYTES=4096
+    )
+    channels = channels_for(settings, "tiny")
+    intake = Intake(settings, redis, channels)
+    intake.start()
+
+    async def burst(*messages: bytes) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            for data in messages:
+                pipe.publish(channels.intake, data)
+            await pipe.execute()
+        await wait_until_async(
+            lambda: intake.inbox.qsize() + len(intake.overflow) == len(messages),
+            timeout=5,
+            what=f"{len(messages)} heard",
+        )
+
+    try:
+        assert await intake.listening(timeout=5)
+        for first in (0, 6):
+            await burst(*(_sized(n) for n in range(first, first + 6)))
+            assert (intake.inbox.qsize(), len(intake.overflow)) == (4, 2), first
+            taken = [(await intake.inbox.get())[1] for _ in range(2)]
+            taken += [intake.inbox.get_nowait()[1] for _ in range(2)]
+            taken += [intake.overflow.popleft() for _ in range(2)]
+            assert taken == [_sized(n) for n in range(first, first + 6)]
+            assert (intake.inbox.nbytes, intake.overflow.nbytes) == (0, 0)
+        await burst(_sized(12, 10_000), _sized(13))
+        assert (intake.inbox.qsize(), len(intake.overflow)) == (1, 1)
+    finally:
+        await intake.close()
+        await redis.aclose()
+    assert intake.dropped == 0
+
+
 @contextlib.asynccontextmanager
 async def _trimming(
     redis_url: str, stream: str

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import redis.asyncio as aioredis
 
 from orion_llamaccp.client import BusClient
@@ -89,7 +90,54 @@ async def test_requests_beyond_the_inbox_while_the_worker_is_built_are_refused_o
     assert [codes[n] for n, _ in answers][:30] == ["overloaded"] * 30  # not behind the load
     details = answers[0][1]["payload"]["details"]
     assert details["retryable"] is True
-    assert "3 messages waiting in the worker's inbox" in details["message"], details
+    assert "3 messages or 67108864 bytes waiting in the worker's inbox" in details["message"]
+    assert worker_gauge(port, "orion_llamacpp_pubsub_dropped") == 2
+
+
+async def test_requests_beyond_the_inbox_bytes_while_the_worker_is_built_are_refused_overloaded(
+    spawn_worker: SpawnWorker,
+    bus: BusClient,
+    recorder: BusRecorder,
+    redis_url: str,
+    llama_server_bin: Path,
+) -> None:
+    """The inbox was bounded by count only, and a message may be 8 MiB: large requests
+    heard while the worker is built held gigabytes. Now ``ORION_LLAMACPP_INBOX_BYTES``
+    holds 3 of these (3 kB each, far within ``ORION_LLAMACPP_INBOX_SIZE``): those 3 are
+    served; the next 3 (as many bytes) are answered ``overloaded`` as soon as the worker
+    is built, while llama-server still loads; the 2 beyond those are dropped and
+    counted, and nothing else goes unanswered."""
+    options = {"max_tokens": 2}
+    pad = {"pad": "x" * 3000}  # read by nobody: the prompt stays short
+    envelopes = [bus.request(HI, profile="tiny", options=options, trace=pad) for _ in range(8)]
+    size = max(len(orjson.dumps(envelope)) for envelope in envelopes)
+    port = free_port()
+    worker = spawn_worker(
+        ready=False,
+        parallel=1,
+        LLAMA_SERVER_BIN=str(PRELUDE),
+        REAL_LLAMA_SERVER=str(llama_server_bin),
+        PRELUDE_SILENT="4",  # each run of the binary: the plan's probes, then the load
+        ORION_LLAMACPP_INBOX_BYTES=str(3 * size),
+        METRICS_PORT=str(port),
+    )
+    await wait_until_async(
+        lambda: _subscribers(redis_url, INTAKE), timeout=30, what="the intake subscribed"
+    )
+    for envelope in envelopes:
+        await bus.send(envelope, profile="tiny")
+    assert worker.announcement() is None  # all sent before the worker was built
+
+    worker.wait_ready()
+    await metrics_once_counted(port, 6)
+    replies = {envelope["reply_to"]: n for n, envelope in enumerate(envelopes)}
+    answers = [(replies[m.channel], m.message) for m in recorder.messages if m.channel in replies]
+    codes = {n: answer["payload"].get("error", "ok") for n, answer in answers}
+    assert codes == {n: "ok" if n < 3 else "overloaded" for n in range(6)}
+    assert [codes[n] for n, _ in answers][:3] == ["overloaded"] * 3  # not behind the load
+    details = answers[0][1]["payload"]["details"]
+    assert details["retryable"] is True
+    assert f"{3 * size} bytes waiting in the worker's inbox" in details["message"], details
     assert worker_gauge(port, "orion_llamacpp_pubsub_dropped") == 2
 
 

@@ -509,6 +509,37 @@ async def test_a_worker_that_cannot_be_built_answers_those_heard_beyond_its_inbo
     assert len(recorder.kinds("llm.chat.result")) == 2
 
 
+async def test_a_worker_that_cannot_be_built_answers_those_heard_beyond_its_inbox_bytes_too(
+    spawn_worker: SpawnWorker, recorder: BusRecorder, bus: BusClient, tmp_path: Path, redis_url: str
+) -> None:
+    """Large requests (2 kB each): ``ORION_LLAMACPP_INBOX_BYTES`` holds one in the inbox
+    and as many bytes wait apart for their ``overloaded``, so that a worker that cannot be
+    built answers those two with the reason it could not start, and the third, beyond
+    both, is dropped unanswered: bounded by count only, all three were held."""
+    pad = {"pad": "x" * 2000}
+    envelopes = [bus.request(HI, profile="tiny", trace=pad) for _ in range(3)]
+    size = max(len(orjson.dumps(envelope)) for envelope in envelopes)
+    worker, give_registry = unbuildable_worker(
+        spawn_worker, tmp_path, "broken", ORION_LLAMACPP_INBOX_BYTES=str(size + size // 2)
+    )
+    await subscribers(redis_url, INTAKE, 1)
+    asking = []
+    for n, envelope in enumerate(envelopes[:2], start=1):  # in this order: the first waits
+        asking.append(
+            asyncio.create_task(bus.chat(HI, profile="tiny", envelope=envelope, timeout=60))
+        )
+        await wait_until_async(lambda n=n: len(recorder.on(INTAKE)) == n, what=f"request {n}")
+    await bus.send(envelopes[2], profile="tiny")
+    await wait_until_async(lambda: len(recorder.on(INTAKE)) == 3, what="the third request sent")
+    await give_registry()
+    for result in await asyncio.gather(*asking):
+        assert result.payload["error"] == "engine_unavailable", result.payload
+        assert "LLM PROFILE 'tiny' not found" in result.payload["details"]["message"]
+    await wait_until_async(lambda: worker.proc.poll() is not None, what="the worker to exit")
+    answered = {m.channel for m in recorder.kinds("llm.chat.result")}
+    assert answered == {envelope["reply_to"] for envelope in envelopes[:2]}
+
+
 async def test_a_worker_that_cannot_be_built_leaves_what_it_heard_to_a_replica(
     spawn_worker: SpawnWorker, recorder: BusRecorder, bus: BusClient, tmp_path: Path, redis_url: str
 ) -> None:
