@@ -15,9 +15,9 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -63,6 +63,8 @@ from orion_llamaccp.worker.startup import Intake
 from orion_llamaccp.worker.stats import Stats
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Worker:
@@ -126,6 +128,7 @@ class Worker:
         self.goodbyes = Budget(GOODBYES_SEC)
         self.metrics: Metrics | None = None
         self.hurry = asyncio.Event()  # the drain's deadline, brought forward to now
+        self._said_hurry = False
         self.inflight = InFlight(RecentCancels(settings.cancel_memory_sec))
         self.channels = self.view.channels
         # ``serve`` listens before building us (see startup.py): its intake, if given.
@@ -388,10 +391,9 @@ class Worker:
         # Said at once, not at the next beat: a replacement under our id that starts now
         # must find us draining, or it takes the entries we still generate for leftovers
         # of its own (``Presence.predecessor_draining``); dashboards see it at once too.
-        # These first steps run on the drain's time (``free_until``), not the goodbyes'.
+        # These first steps run on the drain's time, then the goodbyes' (``_drain_step``).
         with contextlib.suppress(Exception):
-            beat = self.presence.heartbeat()
-            await self.goodbyes.spend("the draining beat", beat, free_until=deadline)
+            await self._drain_step(self.presence.heartbeat(), deadline, "the draining beat")
         # Other replicas take new requests from here; the cancel channel stays, so that a
         # caller can still stop a request the drain waits for. Not subscribed again after
         # a reconnect, whether or not Redis answers the UNSUBSCRIBE.
@@ -399,7 +401,7 @@ class Worker:
         self.listener.drop(*leaving)
         with contextlib.suppress(TimeoutError):
             leave = self.listener.leave(*leaving)
-            await self.goodbyes.spend("leaving the intake channel", leave, free_until=deadline)
+            await self._drain_step(leave, deadline, "leaving the intake channel")
         await self._give_back_claims(deadline)  # a resend now goes to a replica that stays
         while not self.inbox.empty():  # received before we unsubscribed: answer them
             await self._take(*self.inbox.get_nowait())  # stopping: none starts early
@@ -432,9 +434,7 @@ class Worker:
         self.claims.leaving = True  # those answered from now on, whether or not Redis answers
         try:
             giving = self.claims.give_back(self.settings.instance_id)
-            await self.goodbyes.spend(
-                "giving back the answered claims", giving, free_until=deadline
-            )
+            await self._drain_step(giving, deadline, "giving back the answered claims")
         except Exception as exc:  # the drain goes on: at worst they lapse
             log.warning(
                 "answered claims not given back (they lapse in %d s): %s",
@@ -459,8 +459,7 @@ class Worker:
             )
         while (pending := self._pending()) and deadline > time.monotonic():
             await self._until_deadline(asyncio.wait(pending), deadline)
-            if self.hurry.is_set():
-                log.warning("told to stop again: cutting the drain short")
+            if self._hurried():
                 break
         if late := self._pending():
             log.warning("the drain's time is up: cutting off %d requests", len(late))
@@ -482,11 +481,40 @@ class Worker:
             if (stuck := [task for task in late if not task.done()]) and not budget_spent:
                 log.warning("%d requests did not stop when cancelled", len(stuck))
 
-    async def _until_deadline(self, step: Awaitable[Any], deadline: float) -> None:
+    async def _until_deadline(self, step: Coroutine[Any, Any, Any], deadline: float) -> None:
         """Await ``step`` until it is done, the ``deadline`` passes or ``hurry`` is set."""
-        left = max(0.0, deadline - time.monotonic())
         with contextlib.suppress(TimeoutError):
-            await unless_stopped(self.hurry, asyncio.wait_for(step, left))
+            await self._drain_step(step, deadline)
+
+    async def _drain_step(
+        self, step: Coroutine[Any, Any, T], deadline: float, goodbye: str | None = None
+    ) -> T:
+        """``step``'s result, awaited until the drain's ``deadline`` or ``hurry``, whichever
+        comes first (TimeoutError then): the one place that says how long a step of the
+        drain may run. A ``goodbye`` (a round trip the fleet should hear: the draining
+        beat, say) may run on past the deadline on the goodbyes' budget (``Budget.spend``).
+        A second signal cut the requests short but not these: with Redis hung, each
+        waited out its own bound (about 16 s for the first three with the defaults)
+        before the worker went on."""
+        if self._hurried():
+            step.close()  # never started
+            raise TimeoutError("told to stop again")
+        if goodbye is None:
+            timed = asyncio.wait_for(step, max(0.0, deadline - time.monotonic()))
+        else:
+            timed = self.goodbyes.spend(goodbye, step, free_until=deadline)
+        running = asyncio.ensure_future(timed)
+        if not await unless_stopped(self.hurry, running):
+            self._hurried()
+            raise TimeoutError("told to stop again")
+        return running.result()
+
+    def _hurried(self) -> bool:
+        """Told to stop again (``hurry``), said once: by the step of the drain it cuts."""
+        if self.hurry.is_set() and not self._said_hurry:
+            self._said_hurry = True
+            log.warning("told to stop again: cutting the drain short")
+        return self.hurry.is_set()
 
     @property
     def waiting(self) -> int:

@@ -570,3 +570,44 @@ async def test_redis_hung_as_the_drain_begins_and_back_before_its_deadline_costs
     assert "error" not in fault.ledger.answers(entry)[0]["payload"]
     assert fault.ledger.answers(heard)[0]["payload"]["error"] == "engine_unavailable"
     await wait_stream_acked(fault.raw, STREAM, GROUP)
+
+
+async def test_a_second_sigterm_cuts_the_drain_s_goodbyes_short_with_redis_hung(
+    fault: Fault, hi: list
+) -> None:
+    """Redis frozen as a worker is told to stop, then told again while its draining beat
+    waits on Redis. The second signal cut short the requests the drain waited for, not
+    the drain's first round trips to Redis (the draining beat, leaving the intake channel,
+    giving back the answered claims): each waited out its own bound before the worker
+    went on, here the beat's socket timeout, two minutes. They are cut off at once now;
+    the stop's goodbyes after the drain keep their budget."""
+    worker = fault.spawn(
+        "w",
+        ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="600",
+        ORION_LLAMACPP_REDIS_SOCKET_TIMEOUT_SEC="120",  # the beat's own bound
+    )
+    assert worker.proc is not None
+    fault.redis.freeze()
+    try:
+        worker.signal(signal.SIGTERM)
+        # Logged by the drain in the step that sends its draining beat.
+        await wait_until_async(
+            lambda: "-> draining" in worker.log(), timeout=30, what="the drain begun"
+        )
+        worker.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(worker.proc.wait, 60)  # a safety net, not under test
+    finally:
+        fault.redis.thaw()
+    log = worker.log()
+    assert code == 0, log[-3000:]
+    lines = log.splitlines()
+
+    def first(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    assert log.count("told to stop again: cutting the drain short") == 1, log[-3000:]
+    cut, not_given = first("cutting the drain short"), first("answered claims not given back")
+    assert first("-> draining") < cut < not_given, log[-3000:]
+    assert lines[not_given].endswith("told to stop again"), lines[not_given]
+    # Cut by the operator, not given up on Redis: the log does not blame it.
+    assert "the draining beat" not in log and "leaving the intake" not in log, log[-3000:]
