@@ -403,10 +403,19 @@ class Worker:
             leave = self.listener.leave(*leaving)
             await self._drain_step(leave, deadline, "leaving the intake channel")
         await self._give_back_claims(deadline)  # a resend now goes to a replica that stays
-        while not self.inbox.empty():  # received before we unsubscribed: answer them
-            await self._take(*self.inbox.get_nowait())  # stopping: none starts early
-        while self.intake.overflow:  # their answers are waited for with the rest in flight
-            await self._refuse_next()
+        # With Redis hung, each claim waits out its timeouts: a full inbox and overflow took
+        # minutes past the deadline. Those left when it comes go unanswered, as the bus
+        # answers nothing anyway.
+        try:
+            await self._drain_step(self._answer_inbox(), deadline)
+        except TimeoutError:
+            if (unread := self.inbox.qsize()) or self.intake.overflow:
+                log.warning(
+                    "the drain's time is up: %d pub/sub messages left unanswered in the "
+                    "inbox and %d in its overflow",
+                    unread,
+                    len(self.intake.overflow),
+                )
         await self._until_deadline(self.claiming.join(), deadline)  # settled, and answered
         unstarted = [self.local.get_nowait() for _ in range(self.local.qsize())]
         if self.held is not None:
@@ -441,6 +450,14 @@ class Worker:
                 ANSWERED_CLAIM_SEC,
                 self.settings.redact(str(exc)),
             )
+
+    async def _answer_inbox(self) -> None:
+        """The messages received before we unsubscribed, and the requests beyond the
+        inbox's bound: their answers are waited for with the rest in flight."""
+        while not self.inbox.empty():
+            await self._take(*self.inbox.get_nowait())  # stopping: none starts early
+        while self.intake.overflow:
+            await self._refuse_next()
 
     def _pending(self) -> list[asyncio.Task[None]]:
         pending = self.inflight.pending()
@@ -556,7 +573,12 @@ class Worker:
             elif channel == self.settings.discover_channel:
                 self.inflight.spawn(self._on_discover(data))
             elif (claimed := self._receive(data, ahead)) is not None:
-                await self.claiming.put(claimed)  # full: the rest wait in the inbox
+                try:
+                    await self.claiming.put(claimed)  # full: the rest wait in the inbox
+                except asyncio.CancelledError:  # the drain's end: a claim none would settle
+                    claimed[1].cancel()
+                    self.unsettled -= 1
+                    raise
                 # Two turns, the claim's task and then the lane's (which waits one for
                 # company): the claim is written before the next message is decoded.
                 await asyncio.sleep(0)

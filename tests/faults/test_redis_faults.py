@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import time
@@ -570,6 +571,60 @@ async def test_redis_hung_as_the_drain_begins_and_back_before_its_deadline_costs
     assert "error" not in fault.ledger.answers(entry)[0]["payload"]
     assert fault.ledger.answers(heard)[0]["payload"]["error"] == "engine_unavailable"
     await wait_stream_acked(fault.raw, STREAM, GROUP)
+
+
+async def written_to_subscribers(fault: Fault) -> bool:
+    """Every pub/sub message Redis took is on its subscribers' sockets, none in its own
+    output buffers (where a frozen Redis would keep it)."""
+    clients = await fault.raw.client_list(_type="pubsub")
+    return all(int(client["omem"]) == 0 for client in clients)
+
+
+async def test_a_stop_with_redis_hung_cuts_off_a_full_inbox_at_the_drain_s_deadline(
+    fault: Fault, hi: list
+) -> None:
+    """Redis frozen as a worker stops with hundreds of pub/sub requests in its inbox and
+    its overflow. The drain went through all of them whatever its deadline, each claim
+    waiting out its socket timeout and retries on the hung Redis, 128 at a time: minutes
+    past the deadline with a full inbox (a platform's grace period is sized for the
+    deadline). They are cut off at the deadline now, unanswered (the bus answers nothing
+    anyway), and the log says how many."""
+    worker = fault.spawn(
+        "w",
+        ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="2",
+        ORION_LLAMACPP_INBOX_SIZE="300",
+        # Claims hung on Redis until the worker is gone: the inbox is not emptied by
+        # claims failing one round after the other before the drain gets to it.
+        ORION_LLAMACPP_REDIS_SOCKET_TIMEOUT_SEC="30",
+        # Stopped a while, it reads on where a PING timeout would have dropped the
+        # connection and the messages waiting on it.
+        ORION_LLAMACPP_PUBSUB_PING_SEC="5",
+    )
+    assert worker.proc is not None
+    os.kill(worker.pid, signal.SIGSTOP)  # the requests wait on its socket, unread
+    try:
+        for _ in range(1000):  # 300 for the inbox, the rest for its overflow
+            envelope = fault.client.request(hi, profile="tiny", options={"max_tokens": 1})
+            assert await fault.client.send(envelope, profile="tiny") == 1
+        await wait_until_async(lambda: written_to_subscribers(fault), what="all on its socket")
+        fault.redis.freeze()
+        worker.signal(signal.SIGTERM)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    try:
+        code = await asyncio.to_thread(worker.proc.wait, 60)  # a safety net, not under test
+    finally:
+        fault.redis.thaw()
+    log = worker.log()
+    assert code == 0, log[-3000:]
+    cut = re.findall(
+        r"the drain's time is up: (\d+) pub/sub messages left unanswered in the inbox "
+        r"and (\d+) in its overflow",
+        log,
+    )
+    assert len(cut) == 1, log[-3000:]
+    unread, overflow = map(int, cut[0])
+    assert unread > 0 and overflow > 0, cut
 
 
 async def test_a_second_sigterm_cuts_the_drain_s_goodbyes_short_with_redis_hung(
