@@ -592,7 +592,8 @@ async def test_a_stop_with_redis_hung_cuts_off_a_full_inbox_at_the_drain_s_deadl
     worker = fault.spawn(
         "w",
         ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="2",
-        ORION_LLAMACPP_INBOX_SIZE="300",
+        # Over the 128 claims on their way at once, where the drain's loop waits.
+        ORION_LLAMACPP_INBOX_SIZE="200",
         # Claims hung on Redis until the worker is gone: the inbox is not emptied by
         # claims failing one round after the other before the drain gets to it.
         ORION_LLAMACPP_REDIS_SOCKET_TIMEOUT_SEC="30",
@@ -603,7 +604,9 @@ async def test_a_stop_with_redis_hung_cuts_off_a_full_inbox_at_the_drain_s_deadl
     assert worker.proc is not None
     os.kill(worker.pid, signal.SIGSTOP)  # the requests wait on its socket, unread
     try:
-        for _ in range(1000):  # 300 for the inbox, the rest for its overflow
+        # 200 for the inbox, the rest for its overflow: about 400 kB that wait on the
+        # socket of a stopped worker (1.9 MB fitted on the VMs here).
+        for _ in range(600):
             envelope = fault.client.request(hi, profile="tiny", options={"max_tokens": 1})
             assert await fault.client.send(envelope, profile="tiny") == 1
         await wait_until_async(lambda: written_to_subscribers(fault), what="all on its socket")
