@@ -312,13 +312,17 @@ class PubSubListener:
         """
         self.drop(*channels)
         pubsub = self._pubsub
-        if pubsub is None or not self.subscribed.is_set():
+        if pubsub is None:  # between sessions: the next one subscribes without them
             return
         self._leaving.update(channels)
         self._left.clear()
         with contextlib.suppress(*TRANSIENT, TimeoutError):
             async with asyncio.timeout(self.ping_timeout):
-                await pubsub.unsubscribe(*channels)
+                # A session still subscribing unsubscribes them itself once its SUBSCRIBE
+                # is answered (``_session``): what Redis sent on them meanwhile is waited
+                # for too. Returning at once, the drain went on past its inbox.
+                if self.subscribed.is_set():
+                    await pubsub.unsubscribe(*channels)
                 await self._left.wait()
 
     async def _session(self, stop: asyncio.Event) -> None:
@@ -335,6 +339,11 @@ class PubSubListener:
             first = await self._first_reply(pubsub)
             if left := [name for name in wanted if name not in self.channels]:
                 await pubsub.unsubscribe(*left)  # ``leave`` ran while we subscribed
+            # ``leave`` waits for the replies of those; the others it named were never
+            # subscribed in this session (dropped before it took its list): none comes.
+            self._leaving.intersection_update(left)
+            if not self._leaving:
+                self._left.set()
             self.subscribed.set()
             self.ever_subscribed = True
             self.refused = None

@@ -11,6 +11,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -901,9 +902,12 @@ async def test_a_channel_left_while_the_subscription_is_on_its_way_is_left_too(
             )
             await asyncio.sleep(0.1)  # in the handshake, which Redis cannot answer
             assert not listener.subscribed.is_set()
-            await listener.leave("orion:test:intake")
+            # It waits for the session, which waits for Redis.
+            leaving = asyncio.create_task(listener.leave("orion:test:intake"))
+            await asyncio.sleep(0)
         finally:
             os.kill(server_pid, signal.SIGCONT)
+        await asyncio.wait_for(leaving, 10)
         await asyncio.wait_for(listener.subscribed.wait(), 10)
         counts = [(b"orion:test:intake", 0), (b"orion:test:cancel", 1)]
         await wait_until_async(
@@ -913,6 +917,57 @@ async def test_a_channel_left_while_the_subscription_is_on_its_way_is_left_too(
         )
         stop.set()
         await asyncio.wait_for(runner, 10)
+
+
+class _HeldAtItsFirstReply(PubSubListener):
+    """A listener whose session stops after its SUBSCRIBE's first reply (Redis has it
+    subscribed), before it looks for channels left meanwhile: a drain that begins there."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def _first_reply(self, pubsub: Any) -> dict:
+        first = await super()._first_reply(pubsub)
+        self.held.set()
+        await self.go_on.wait()
+        return first
+
+
+async def test_leaving_while_the_subscription_is_on_its_way_waits_for_what_was_sent_before(
+    redis_url: str,
+) -> None:
+    """``leave`` while a session subscribes (a drain that begins during a reconnect): a
+    request Redis sent on the channel before the session's UNSUBSCRIBE is handed over
+    before ``leave`` returns, as while subscribed. ``leave`` returned at once: the drain
+    went on past its inbox and could end before such a request was read, claimed by this
+    worker and never answered."""
+    heard: list[tuple[str, bytes]] = []
+    redis = aioredis.Redis.from_url(redis_url)
+    stop = asyncio.Event()
+    listener = _HeldAtItsFirstReply(
+        redis, ["orion:test:intake", "orion:test:cancel"], lambda c, d: heard.append((c, d))
+    )
+    runner = asyncio.create_task(listener.run(stop))
+    try:
+        await asyncio.wait_for(listener.held.wait(), 10)
+        assert await redis.publish("orion:test:intake", b"on the wire") == 1
+
+        async def leave() -> list[tuple[str, bytes]]:
+            await listener.leave("orion:test:intake")
+            return list(heard)  # what was handed over by the time it returned
+
+        leaving = asyncio.create_task(leave())
+        await asyncio.sleep(0)  # ``leave`` as far as it goes before the session goes on
+        listener.go_on.set()
+        assert await asyncio.wait_for(leaving, 10) == [("orion:test:intake", b"on the wire")]
+        assert await redis.publish("orion:test:intake", b"after") == 0
+        assert await redis.publish("orion:test:cancel", b"kept") == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        await redis.aclose()
 
 
 async def _blocked_in_xreadgroup(redis: aioredis.Redis) -> bool:
