@@ -8,7 +8,8 @@
   waits for the running one; it never generates again. A marker whose owner died expires
   with its lease; a redelivery of the same message takes its own marker over at once. A
   pub/sub copy that streamed and then failed hands its marker over to the request's
-  stream copy (``hand_over``), which takes it at once, under a new attempt.
+  stream copy (``hand_over``), which takes it at once, under a new attempt; so does a
+  stream entry left unanswered after it streamed, for a copy of it read later.
 """
 
 from __future__ import annotations

@@ -113,6 +113,7 @@ class ChatHandler:
         self.stats.in_flight += 1
         outcome: str | None = None
         tokens, ttft = 0, None
+        unanswered = False  # a stream entry left pending: its next delivery answers it
         try:
             if (served := await self._serve(job)) is not None:
                 outcome, (tokens, ttft) = "ok", served
@@ -125,6 +126,7 @@ class ChatHandler:
         except Failure as failure:
             await self._answer_failure(job, failure)
         except LeavePending as why:
+            unanswered = True
             log.warning(
                 "leaving stream entry %s pending: %s", job.entry.entry_id if job.entry else "?", why
             )
@@ -134,10 +136,12 @@ class ChatHandler:
                     await self._ack_answered(job)
                 raise
             await self._interrupted(job)
+            unanswered = job.entry is not None and not job.user_cancelled
             if not job.user_cancelled:
                 raise
         except REDIS_AWAY as exc:  # away longer than our retries, or refusing writes
             log.error("request %s: Redis unavailable (%s)", job.request_id, exc)
+            unanswered = job.entry is not None
             if job.entry is None:  # a stream entry stays pending, and is answered later
                 failure = Failure("engine_unavailable", "bus unavailable", retryable=True)
                 await self._answer_failure(job, failure)
@@ -152,7 +156,7 @@ class ChatHandler:
             if outcome is not None:
                 self._finished(job, outcome, tokens, ttft)
             if job.record_key is not None:  # after the answer: see ``_serve``
-                await self._release(job, job.record_key)
+                await self._release(job, job.record_key, unanswered=unanswered)
 
     async def _answer_failure(self, job: Job, failure: Failure) -> None:
         """Answer ``failure`` to its end even if cancelled meanwhile (``_to_its_end``), and
@@ -456,8 +460,10 @@ class ChatHandler:
         delay, twin = 0.05, False
         while True:
             record = await self.claims.begin(key, job.record_owner)
-            if record.state == "new":  # handed over by a copy that streamed: as a twin's
-                return None, twin or record.handed_by == job.delivery_id
+            if record.state == "new":  # handed over by a copy that streamed: as a twin's,
+                # but for a redelivery, which numbers its attempt above those before anyway
+                handed = record.handed_by == job.delivery_id and not job.redelivered
+                return None, twin or handed
             if not twin:
                 twin = True
                 speculation.cancel()
@@ -474,14 +480,14 @@ class ChatHandler:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 
-    async def _release(self, job: Job, key: str) -> None:
+    async def _release(self, job: Job, key: str, *, unanswered: bool = False) -> None:
         """Give up our running record (the request failed, or was cancelled), so that a
         resend runs at once instead of waiting out the lease. Shielded: a second cancel
-        must not leave it behind."""
+        must not leave it behind. ``unanswered``: a stream entry left pending."""
         with contextlib.suppress(Exception):
-            await asyncio.shield(self._release_if_ours(job, key))
+            await asyncio.shield(self._release_if_ours(job, key, unanswered))
 
-    async def _release_if_ours(self, job: Job, key: str) -> None:
+    async def _release_if_ours(self, job: Job, key: str, unanswered: bool = False) -> None:
         """Not when a pub/sub claim is lost: the record (its owner is the message's id, the
         same on every replica) is then the winning replica's. One still in flight (a worker
         alone on its channel sends the record beside it) is waited for: kept, the record
@@ -490,6 +496,16 @@ class ChatHandler:
         if job.claim is not None and not job.claim.done():
             await asyncio.wait({job.claim}, timeout=_CLAIM_SETTLING_SEC)
         if job.superseded or (job.claim is not None and claim_outcome(job.claim) is not True):
+            return
+        if unanswered and (job.streamed or job.after_twin):
+            # Left unanswered after an attempt of it streamed (this one's, or a copy's
+            # that handed it over): handed on, as a pub/sub copy's is (``_hand_over``).
+            # Released, a copy of the envelope read only now (an XADD retried) began
+            # afresh under the first attempt's number: its first chunks dropped as
+            # repeats, the rest spliced onto the text that streamed. The entry's own
+            # redelivery numbers its attempt above those before anyway.
+            ttl = self.publisher.seq_ttl
+            await self.claims.hand_over(key, job.record_owner, job.delivery_id, ttl)
             return
         await self.claims.release(key, job.record_owner)
 

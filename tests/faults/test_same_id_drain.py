@@ -9,8 +9,10 @@ import asyncio
 import os
 import signal
 
+import orjson
 import pytest
 
+from orion_llamaccp.bus import keys
 from tests.faults.conftest import Fault, assert_chunks_whole, assert_exactly_once, chunks_of
 from tests.support.procs import wait_stream_acked, wait_until_async
 from tests.support.workers import EngineProbe, WorkerProc
@@ -235,3 +237,45 @@ async def test_a_pubsub_copy_past_its_time_limit_answers_for_its_stream_copy(
     await wait_stream_acked(fault.raw, STREAM, GROUP, timeout=30)
     assert {c["attempt"] for c in chunks_of(fault, envelope)} == {1}
     assert await fault.raw.xlen(f"{STREAM}:dlq") == 0
+
+
+async def _record(fault: Fault) -> dict | None:
+    """The one idempotency record in the scenario's Redis, if any."""
+    found = [key async for key in fault.raw.scan_iter(match=keys.dedup("tiny", "*"))]
+    assert len(found) <= 1, found
+    value = await fault.raw.get(found[0]) if found else None
+    return orjson.loads(value) if value else None
+
+
+async def test_a_stream_copy_left_unanswered_after_a_hand_over_hands_the_request_on(
+    fault: Fault, hi: list
+) -> None:
+    """The pub/sub copy streamed and failed (llama-server died) and handed the request
+    over to its stream copy, which took it over and was then left unanswered itself (its
+    worker's drain cut it off). Released, the record let the envelope's next copy in the
+    stream (the producer's XADD retried), read only after that, begin afresh: it generated
+    under the pub/sub copy's attempt, its first chunks dropped as repeats and the rest
+    spliced onto the pub/sub copy's text. Handed on, the copy generates under the next
+    attempt, its chunks from ``seq`` 0. (The first entry's own redelivery was never at
+    risk: a redelivery always numbers its attempt above those before.)"""
+    worker, envelope = await _pubsub_copy_streaming(
+        fault, hi, 2, ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="1", ORION_LLAMACPP_CLAIM_IDLE_MS="60000"
+    )
+    os.kill(worker.engine_pid(), signal.SIGKILL)
+
+    async def taken_over() -> bool:
+        record = await _record(fault)
+        return record is not None and "handed_by" in record
+
+    await wait_until_async(taken_over, timeout=30, what="the stream copy took the request over")
+    worker.signal(signal.SIGTERM)
+    assert worker.proc is not None and worker.proc.wait(60) == 0
+    # Handed back as the drain ended, the first entry is idle 60 s, not the 10 minutes
+    # the next worker's XAUTOCLAIM waits for: the copy below is all it reads.
+    await fault.client.send(envelope, profile="tiny", via="stream")
+    fault.spawn("w2", slow=True, parallel=1)
+    assert_exactly_once(await fault.ledger.settle(timeout=120))
+    answer = fault.ledger.answers(envelope)[0]["payload"]
+    assert "error" not in answer, answer
+    assert answer["meta"]["attempt"] > 1, answer["meta"]
+    assert_chunks_whole(fault, envelope, answer)
