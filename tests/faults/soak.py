@@ -17,6 +17,10 @@ a stream copy added after its pub/sub copy's ``overloaded``. Round 34, later (th
 steps on one budget, the pub/sub inbox bounded) ran seeds 215-226: 2,055 requests, 190
 faults (24 twins), no violation; 7 unsure: 3 a stream copy added after its pub/sub copy's
 ``overloaded``, 4 (two requests) one chunk the recorder missed across a Redis restart.
+Round 35 (the drain's inbox and overflow on its deadline, a second SIGTERM cutting its
+Redis steps short) ran seeds 227-238 on d5dfeae: 2,063 requests, 180 faults (31 twins), no
+violation; 8 unsure: 7 a stream copy added after its pub/sub copy's ``overloaded``, 1 a
+durable answer the recorder missed across a Redis restart (its answered guard set).
 
     SOAK_SEEDS=1,2,3 SOAK_FAULT_SEC=70 .venv/bin/python -m pytest tests/faults/soak.py -s
 
