@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
+import uvloop
 
 from orion_llamaccp.stopping import Budget, unless_stopped
 
@@ -114,3 +116,36 @@ async def test_a_budget_does_not_count_a_step_s_time_before_its_free_until() -> 
     assert await budget.spend("the draining beat", hangs_a_while(), free_until=deadline) == "beat"
     assert await budget.spend("handing back", asyncio.sleep(0, "handed")) == "handed"
     assert budget.given_up == []
+
+
+def test_a_step_cut_off_leaves_nothing_for_the_next_on_uvloop_s_clock() -> None:
+    """The worker's loop (uvloop) reads its clock in whole milliseconds: a step cut off
+    at the budget's end was counted up to a millisecond short of it, and the next step
+    started with that sliver left. On Python 3.11 a cancel that lands as a write to Redis
+    completes is lost (``asyncio.wait_for`` in redis-py), and such a step ran on its own
+    bound: leaving the intake channel then held a stop with Redis hung 8 s past the
+    budget, one run in three. Cut off, a step has spent all that was left: the next is not
+    started. Each try begins late in a millisecond, on a busy loop (the drain's), where
+    the sliver came almost every time."""
+
+    async def busy() -> None:  # a loop with other work (the drain's): it never sleeps
+        while True:
+            await asyncio.sleep(0)
+
+    async def tries() -> list[int]:
+        started: list[int] = []
+        spinning = asyncio.create_task(busy())
+        for n in range(20):
+            budget = Budget(0.003)
+            while time.monotonic() * 1000 % 1 < 0.9:  # late in a millisecond of its clock
+                pass
+            with pytest.raises(TimeoutError, match="cut off"):
+                await budget.spend("the draining beat", asyncio.Event().wait())
+            with contextlib.suppress(TimeoutError):
+                await budget.spend("leaving the intake channel", asyncio.sleep(0, n))
+                started.append(n)
+        spinning.cancel()
+        return started
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(tries()) == []
