@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus.failover import follow_failovers
 from orion_llamaccp.bus.intake import FIX_AUTH, PubSubListener
-from orion_llamaccp.errors import ConfigError, OrionLlamaError
+from orion_llamaccp.errors import ConfigError, OrionLlamaError, describe
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.stopping import unless_stopped
 from orion_llamaccp.worker.announce import Channels, channels_for, listened
@@ -314,12 +314,12 @@ async def tell_failed_start(
     try:
         await failed.tell_fleet(timeout=FLEET_REPORT_SEC)
     except Exception as exc:
-        log.warning("could not tell the fleet of the failed start: %s", exc or type(exc).__name__)
+        log.warning("could not tell the fleet of the failed start: %s", describe(exc))
     try:
         async with asyncio.timeout(ANSWERS_SEC):
             answered = await failed.answer_heard()
     except Exception as exc:
-        log.warning("could not answer the requests heard: %s", exc or type(exc).__name__)
+        log.warning("could not answer the requests heard: %s", describe(exc))
     else:
         log.debug("failed start: %d request(s) heard answered", answered)
 

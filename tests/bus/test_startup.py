@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from orion_llamaccp.client import BusClient
+from orion_llamaccp.errors import ConfigError
+from orion_llamaccp.settings import Settings
+from orion_llamaccp.worker.announce import channels_for
+from orion_llamaccp.worker.startup import Intake, connect, tell_failed_start
 from tests.bus.conftest import SpawnWorker
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import RedisServer, free_port, subscribers, wait_until_async
@@ -202,3 +208,27 @@ async def test_a_worker_on_a_redis_that_evicts_keys_says_so_and_serves(
         assert worker.proc.poll() is None
     finally:
         server.stop()
+
+
+async def test_a_failed_start_on_a_hung_redis_names_the_timeout_in_its_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that cannot be built, on a Redis that hangs: telling the fleet runs out of
+    its bound (3 s, within the socket timeout), a TimeoutError without text, and the
+    warning said "could not tell the fleet of the failed start: " with nothing after it
+    (an exception is always true: ``exc or type(exc).__name__`` never reached its name)."""
+    server = RedisServer(tmp_path / "redis").start()
+    settings = Settings(ORION_BUS_URL=server.url, LLM_PROFILE_NAME="tiyn")
+    redis = connect(settings)
+    intake = Intake(settings, redis, channels_for(settings, "tiyn"))  # nothing heard
+    server.freeze()
+    try:
+        with caplog.at_level(logging.WARNING, logger="orion_llamaccp.worker.startup"):
+            await tell_failed_start(settings, redis, intake, ConfigError("no profile 'tiyn'"))
+    finally:
+        server.thaw()
+        await intake.close()
+        await redis.aclose()
+        server.stop()
+    said = [r.getMessage() for r in caplog.records if r.name == "orion_llamaccp.worker.startup"]
+    assert said == ["could not tell the fleet of the failed start: TimeoutError"], said
