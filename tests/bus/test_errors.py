@@ -189,7 +189,9 @@ async def test_overloaded_beyond_slots_and_local_queue(
     those answers in ``/metrics`` as it counts the others (they were missing there)."""
     port = free_port()
     spawn_worker(slow=True, parallel=1, ORION_LLAMACPP_LOCAL_QUEUE="1", METRICS_PORT=str(port))
-    envelopes = [bus.request(HI, profile="tiny", options={"max_tokens": 300}) for _ in range(6)]
+    # Two seconds a generation or so: a first one that ended before the sixth send (the
+    # test process descheduled on a loaded machine) let a third in (seen once, 300 tokens).
+    envelopes = [bus.request(HI, profile="tiny", options={"max_tokens": 3000}) for _ in range(6)]
     for envelope in envelopes:
         await bus.send(envelope, profile="tiny")
     answers = [await _answer_on(recorder, e["reply_to"], timeout=60) for e in envelopes]
