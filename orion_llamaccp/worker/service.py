@@ -41,11 +41,11 @@ from orion_llamaccp.bus.server import warn_if_unfit
 from orion_llamaccp.engine.plan import ServicePlan
 from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
-from orion_llamaccp.errors import ConfigError, DecodeError, OrionLlamaError
+from orion_llamaccp.errors import ConfigError, DecodeError, OrionLlamaError, describe
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.stopping import GOODBYES_SEC, Budget, unless_stopped
 from orion_llamaccp.worker.announce import WorkerView, transports
-from orion_llamaccp.worker.handler import ChatHandler
+from orion_llamaccp.worker.handler import REDIS_AWAY, ChatHandler
 from orion_llamaccp.worker.inflight import InFlight, RecentCancels
 from orion_llamaccp.worker.jobs import (
     Ahead,
@@ -599,6 +599,8 @@ class Worker:
             job, claim = await self.claiming.get()
             try:
                 await self._settle(job, claim)
+            except REDIS_AWAY as exc:
+                _unclaimed(job, exc)
             except Exception:
                 log.exception("pub/sub request %s could not be handled", job.request_id)
             finally:
@@ -745,6 +747,8 @@ class Worker:
     async def _refuse_beyond(self, job: Job, claim: asyncio.Task[bool]) -> None:
         try:
             await self._settle(job, claim, beyond=True)
+        except REDIS_AWAY as exc:
+            _unclaimed(job, exc)
         except Exception:
             log.exception("pub/sub request %s could not be refused", job.request_id)
         finally:
@@ -931,6 +935,17 @@ class Worker:
         )
         if not added:
             log.info("stream entry %s was dead-lettered before", job.entry.entry_id)
+
+
+def _unclaimed(job: Job, exc: BaseException) -> None:
+    """A claim Redis did not answer within its retries: the request stays unanswered (an
+    answer without the claim could be a second one, a replica's), said in one line, not a
+    traceback a request (hundreds of them in a flood with Redis hung)."""
+    log.warning(
+        "pub/sub request %s not claimed, left unanswered: Redis unavailable (%s)",
+        job.request_id,
+        describe(exc),
+    )
 
 
 def _overloaded(why: str) -> Failure:

@@ -16,7 +16,13 @@ import redis.asyncio as aioredis
 
 from orion_llamaccp.bus import keys
 from orion_llamaccp.client import BusClient
-from tests.faults.conftest import Fault, assert_chunks_whole, assert_exactly_once, chunks_of
+from tests.faults.conftest import (
+    Fault,
+    assert_chunks_whole,
+    assert_exactly_once,
+    assert_still_serving,
+    chunks_of,
+)
 from tests.support.procs import (
     RedisServer,
     free_port,
@@ -669,3 +675,42 @@ async def test_a_second_sigterm_cuts_the_drain_s_goodbyes_short_with_redis_hung(
     assert lines[not_given].endswith("told to stop again"), lines[not_given]
     # Cut by the operator, not given up on Redis: the log does not blame it.
     assert "the draining beat" not in log and "leaving the intake" not in log, log[-3000:]
+
+
+async def test_a_claim_redis_never_answers_is_one_warning_and_the_worker_serves_on(
+    fault: Fault, hi: list
+) -> None:
+    """A pub/sub request read while Redis hangs: its claim gives up after its retries and
+    the request stays unanswered (an answer without the claim could be a replica's
+    second). That was logged as a traceback a request, hundreds in a flood; now one
+    line that says why, and the worker serves on once Redis is back. The first request
+    takes the one slot before its claim (alone on the channel); the second waits for its
+    claim, the path under test."""
+    worker = fault.spawn("w", parallel=1)
+    assert worker.proc is not None
+    os.kill(worker.pid, signal.SIGSTOP)  # the requests wait on its socket, unread
+    try:
+        sent = [fault.client.request(hi, profile="tiny", options={"max_tokens": 1}) for _ in "ab"]
+        for envelope in sent:
+            assert await fault.client.send(envelope, profile="tiny") == 1
+        await wait_until_async(lambda: written_to_subscribers(fault), what="on its socket")
+        fault.redis.freeze()
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    try:
+        await wait_until_async(
+            lambda: "not claimed" in worker.log() or "could not be handled" in worker.log(),
+            timeout=60,
+            what="the claim given up",
+        )
+    finally:
+        thawed = time.monotonic()
+        fault.redis.thaw()
+    await back_on_the_bus(fault, thawed)
+    await assert_still_serving(fault)
+    log = worker.log()
+    said = "not claimed, left unanswered: Redis unavailable (TimeoutError: Timeout reading"
+    assert log.count(said) == 1, log[-3000:]
+    assert f"pub/sub request {sent[1]['id']} {said}" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert fault.ledger.answers(sent[1]) == []
