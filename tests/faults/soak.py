@@ -21,6 +21,10 @@ Round 35 (the drain's inbox and overflow on its deadline, a second SIGTERM cutti
 Redis steps short) ran seeds 227-238 on d5dfeae: 2,063 requests, 180 faults (31 twins), no
 violation; 8 unsure: 7 a stream copy added after its pub/sub copy's ``overloaded``, 1 a
 durable answer the recorder missed across a Redis restart (its answered guard set).
+Round 35, later (``leave`` waiting for the UNSUBSCRIBE reply of a session still
+subscribing, a stream entry unanswered after it streamed handing its record on) ran seeds
+239-250 on 2df9df7: 1,964 requests, 183 faults (22 twins), no violation; 3 unsure, each a
+stream copy added after its pub/sub copy's ``overloaded``.
 
     SOAK_SEEDS=1,2,3 SOAK_FAULT_SEC=70 .venv/bin/python -m pytest tests/faults/soak.py -s
 
