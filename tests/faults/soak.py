@@ -1,30 +1,30 @@
 """A randomized soak: two or three workers under a steady mixed load while a seeded
 scheduler injects faults; the bus contract's promises checked after each episode.
 
-Not part of ``make test`` (its name is no ``test_*.py``): run it by its path, about four
-minutes an episode. Round 32 ran seeds 101-135 (5,625 requests, 594 faults); what it found
-is ``test_same_id_drain.py``. Round 33 added the ``twins`` fault (one envelope on both
-intakes, or twice in the stream, as a burst overloads pub/sub, a worker stops, or every
-llama-server dies) and tight episodes (a pub/sub queue of 0 or 1, a request given up at
-its first or second engine death); a durable request answered by its pub/sub copy's
-retryable error, its stream copy added 3 s before, no chunk out, Redis steady, fails.
-Round 33 ran seeds 201-214 (2,190 requests, 208 faults, 21 of them twins): no
-violation; a pub/sub copy with chunks out still answers with its error (4 times).
-Round 34 hands such a request over to its stream copy (``Claims.hand_over``), and the
-check holds a chunked pub/sub copy's error to it as well (not one past its time limit);
-seeds 201-214 again: 2,274 requests, 225 faults (28 twins), no violation; 5 unsure, each
-a stream copy added after its pub/sub copy's ``overloaded``. Round 34, later (the stop's Redis
-steps on one budget, the pub/sub inbox bounded) ran seeds 215-226: 2,055 requests, 190
-faults (24 twins), no violation; 7 unsure: 3 a stream copy added after its pub/sub copy's
-``overloaded``, 4 (two requests) one chunk the recorder missed across a Redis restart.
-Round 35 (the drain's inbox and overflow on its deadline, a second SIGTERM cutting its
-Redis steps short) ran seeds 227-238 on d5dfeae: 2,063 requests, 180 faults (31 twins), no
-violation; 8 unsure: 7 a stream copy added after its pub/sub copy's ``overloaded``, 1 a
-durable answer the recorder missed across a Redis restart (its answered guard set).
-Round 35, later (``leave`` waiting for the UNSUBSCRIBE reply of a session still
-subscribing, a stream entry unanswered after it streamed handing its record on) ran seeds
-239-250 on 2df9df7: 1,964 requests, 183 faults (22 twins), no violation; 3 unsure, each a
-stream copy added after its pub/sub copy's ``overloaded``.
+Not part of ``make test`` (its name is no ``test_*.py``): run it by its path, 90 s to four
+minutes an episode (90 s on round 35's VMs). Round 32 ran seeds 101-135 (5,625 requests,
+594 faults); what it found is ``test_same_id_drain.py``. Round 33 added the ``twins``
+fault (one envelope on both intakes, or twice in the stream, as a burst overloads pub/sub,
+a worker stops, or every llama-server dies) and tight episodes (a pub/sub queue of 0 or 1,
+a request given up at its first or second engine death); a durable request answered by its
+pub/sub copy's retryable error, its stream copy added 3 s before, no chunk out, Redis
+steady, fails. Round 33 ran seeds 201-214 (2,190 requests, 208 faults, 21 of them twins):
+no violation; a pub/sub copy with chunks out still answers with its error (4 times). Round
+34 hands such a request over to its stream copy (``Claims.hand_over``), and the check
+holds a chunked pub/sub copy's error to it as well (not one past its time limit); seeds
+201-214 again: 2,274 requests, 225 faults (28 twins), no violation; 5 unsure, each a
+stream copy added after its pub/sub copy's ``overloaded``. Round 34, later (the stop's
+Redis steps on one budget, the pub/sub inbox bounded) ran seeds 215-226: 2,055 requests,
+190 faults (24 twins), no violation; 7 unsure: 3 a stream copy added after its pub/sub
+copy's ``overloaded``, 4 (two requests) one chunk the recorder missed across a Redis
+restart. Round 35 (the drain's inbox and overflow on its deadline, a second SIGTERM
+cutting its Redis steps short) ran seeds 227-238 on d5dfeae: 2,063 requests, 180 faults
+(31 twins), no violation; 8 unsure: 7 a stream copy added after its pub/sub copy's
+``overloaded``, 1 a durable answer the recorder missed across a Redis restart (its
+answered guard set). Round 35, later (``leave`` waiting for the UNSUBSCRIBE reply of a
+session still subscribing, a stream entry unanswered after it streamed handing its record
+on) ran seeds 239-250 on 2df9df7: 1,964 requests, 183 faults (22 twins), no violation; 3
+unsure, each a stream copy added after its pub/sub copy's ``overloaded``.
 
     SOAK_SEEDS=1,2,3 SOAK_FAULT_SEC=70 .venv/bin/python -m pytest tests/faults/soak.py -s
 
