@@ -497,13 +497,14 @@ class ChatHandler:
             await asyncio.wait({job.claim}, timeout=_CLAIM_SETTLING_SEC)
         if job.superseded or (job.claim is not None and claim_outcome(job.claim) is not True):
             return
-        if unanswered and (job.streamed or job.after_twin):
-            # Left unanswered after an attempt of it streamed (this one's, or a copy's
-            # that handed it over): handed on, as a pub/sub copy's is (``_hand_over``).
-            # Released, a copy of the envelope read only now (an XADD retried) began
-            # afresh under the first attempt's number: its first chunks dropped as
-            # repeats, the rest spliced onto the text that streamed. The entry's own
-            # redelivery numbers its attempt above those before anyway.
+        if unanswered and (job.streamed or job.after_twin or job.redelivered):
+            # Left unanswered after an attempt of it streamed (this one's, a copy's that
+            # handed it over, or, a redelivery, one on the worker it came from: it cannot
+            # tell): handed on, as a pub/sub copy's is (``_hand_over``). Released, a copy
+            # of the envelope read only now (an XADD retried) began afresh under the
+            # first attempt's number: its first chunks dropped as repeats, the rest
+            # spliced onto the text that streamed. The entry's own redelivery numbers its
+            # attempt above those before anyway.
             ttl = self.publisher.seq_ttl
             await self.claims.hand_over(key, job.record_owner, job.delivery_id, ttl)
             return

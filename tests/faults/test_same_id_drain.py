@@ -279,3 +279,58 @@ async def test_a_stream_copy_left_unanswered_after_a_hand_over_hands_the_request
     assert "error" not in answer, answer
     assert answer["meta"]["attempt"] > 1, answer["meta"]
     assert_chunks_whole(fault, envelope, answer)
+
+
+async def test_a_redelivery_left_unanswered_before_it_streamed_still_hands_the_request_on(
+    fault: Fault, hi: list
+) -> None:
+    """The entry streamed on ``w`` and was cut off by its drain (handed on). Its
+    redelivery on ``w2`` took the record over and was cut off too, before a chunk of its
+    own went out (``w2``'s llama-server frozen). Released then, the record let the
+    envelope's next copy in the stream (the producer's XADD retried) begin afresh under
+    the first attempt's number: its first chunks dropped as repeats of ``w``'s and the
+    rest spliced onto that text. A redelivery hands it on as well: an attempt of it may
+    have streamed before, on the worker it came from."""
+    idle = {"ORION_LLAMACPP_CLAIM_IDLE_MS": "60000"}  # the hand-back's idle: w2 takes it
+    old, envelope = await _streaming_on_w(fault, hi, drain_sec=1, **idle)
+    # Its frozen llama-server not taken for hung while the test needs it so.
+    w2 = fault.spawn(
+        "w2",
+        slow=True,
+        parallel=1,
+        ORION_LLAMACPP_DRAIN_TIMEOUT_SEC="1",
+        ORION_LLAMACPP_HEALTH_TIMEOUT_SEC="120",
+        ORION_LLAMACPP_PROGRESS_TIMEOUT_SEC="0",
+        **idle,
+    )
+    engine = w2.engine_pid()
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        old.signal(signal.SIGTERM)
+        assert old.proc is not None and old.proc.wait(60) == 0
+
+        async def redelivered() -> bool:
+            record = await _record(fault)
+            return record is not None and record["state"] == "running" and "handed_by" in record
+
+        await wait_until_async(redelivered, timeout=60, what="the redelivery took the record")
+        w2.signal(signal.SIGTERM)
+
+        async def given_up() -> bool:
+            record = await _record(fault)
+            return record is None or record["state"] != "running"
+
+        await wait_until_async(given_up, timeout=30, what="w2's drain gave the record up")
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    assert w2.proc is not None and w2.proc.wait(60) == 0
+    assert {c["attempt"] for c in chunks_of(fault, envelope)} == {1}  # none of w2's
+    # Handed back idle 60 s, not the 10 minutes w3's XAUTOCLAIM waits for: the copy
+    # below is all it reads.
+    await fault.client.send(envelope, profile="tiny", via="stream")
+    fault.spawn("w3", slow=True, parallel=1)
+    assert_exactly_once(await fault.ledger.settle(timeout=120))
+    answer = fault.ledger.answers(envelope)[0]["payload"]
+    assert "error" not in answer, answer
+    assert answer["meta"]["attempt"] > 1, answer["meta"]
+    assert_chunks_whole(fault, envelope, answer)
