@@ -505,8 +505,7 @@ class ChatHandler:
             # first attempt's number: its first chunks dropped as repeats, the rest
             # spliced onto the text that streamed. The entry's own redelivery numbers its
             # attempt above those before anyway.
-            ttl = self.publisher.seq_ttl
-            await self.claims.hand_over(key, job.record_owner, job.delivery_id, ttl)
+            await self._hand_over(job)
             return
         await self.claims.release(key, job.record_owner)
 
