@@ -12,7 +12,7 @@ A refusal on a connection opened since the last reset closes every live connecti
 the client, its lanes' and the pub/sub one included: a replica passes on what is published
 on its primary, but a caller's PUBLISH counts only the new primary's subscribers, and
 would find none. (The pub/sub listener also checks, as it subscribes, that it reached a
-primary: ``intake.PubSubListener``; the address may move later than the first refusal.)
+primary: ``pubsub.PubSubListener``; the address may move later than the first refusal.)
 A refusal on an older connection (one the reset missed) ends that connection alone.
 """
 

@@ -2,11 +2,14 @@
 
 Only idempotent operations go through here (guarded publishes, SET NX claims, XACK, ...):
 a call that timed out may still have happened, and a repeat must change nothing.
+
+Both intakes reconnect through an outage too, pausing between tries (``Backoff``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -54,3 +57,27 @@ def _unless_cancelled(exc: BaseException) -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError from exc
+
+
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+class Backoff:
+    """The pause before reconnecting: doubling while Redis stays away, back to the first
+    once a session got going. Otherwise the ceiling that one outage reached would stand
+    for every blip after it, for the life of the process (pub/sub messages sent during
+    that pause are not heard)."""
+
+    def __init__(self, first: float = 0.1, ceiling: float = 5.0) -> None:
+        self.first = first
+        self.ceiling = ceiling
+        self.next = first
+
+    def reset(self) -> None:
+        self.next = self.first
+
+    def take(self) -> float:
+        pause, self.next = self.next, min(self.next * 2, self.ceiling)
+        return pause

@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 
 from orion_llamaccp.bus.envelope import ChatRequestPayload, Envelope, seconds_until_due
-from orion_llamaccp.bus.intake import SlotLease
 from orion_llamaccp.bus.outbox import Outbox, chunk_channel
 from orion_llamaccp.bus.replies import ChunkStream, Publisher, Stage
+from orion_llamaccp.bus.slots import SlotLease
 from orion_llamaccp.engine.client import Sent
 from orion_llamaccp.engine.events import ChatStream
 from orion_llamaccp.engine.sse import ChunkEvents, merge_tool_calls

@@ -32,10 +32,10 @@ from orion_llamaccp.bus.envelope import (
     Envelope,
     seconds_until_due,
 )
-from orion_llamaccp.bus.intake import StreamCopies
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import Publisher, Stage, Stored
 from orion_llamaccp.bus.retry import TRANSIENT
+from orion_llamaccp.bus.streams import StreamCopies
 from orion_llamaccp.engine.supervisor import OUT_OF_SERVICE, Supervisor
 from orion_llamaccp.errors import DecodeError
 from orion_llamaccp.profiles.models import Profile

@@ -24,8 +24,9 @@ from orion_llamaccp.bus.codec import (
     salvage,
 )
 from orion_llamaccp.bus.envelope import Envelope
-from orion_llamaccp.bus.intake import SlotLease, StreamEntry
 from orion_llamaccp.bus.outbox import Outbox
+from orion_llamaccp.bus.slots import SlotLease
+from orion_llamaccp.bus.streams import StreamEntry
 from orion_llamaccp.engine.client import Sent
 from orion_llamaccp.errors import DecodeError
 

@@ -24,20 +24,14 @@ import redis.asyncio as aioredis
 from orion_llamaccp.bus.claims import ANSWERED_CLAIM_SEC, REPLICA_GRACE_SEC, Claims
 from orion_llamaccp.bus.codec import as_uuid, decode_envelope, loads_object
 from orion_llamaccp.bus.envelope import as_utc
-from orion_llamaccp.bus.intake import (
-    SlotLease,
-    Slots,
-    StreamConsumer,
-    StreamCopies,
-    StreamEntry,
-    not_started,
-)
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.presence import Presence, every
 from orion_llamaccp.bus.replies import Publisher, Stage
 from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.bus.server import warn_if_unfit
+from orion_llamaccp.bus.slots import SlotLease, Slots
+from orion_llamaccp.bus.streams import StreamConsumer, StreamCopies, StreamEntry, not_started
 from orion_llamaccp.engine.plan import ServicePlan
 from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState

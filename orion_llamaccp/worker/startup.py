@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 
 from orion_llamaccp.bus.failover import follow_failovers
-from orion_llamaccp.bus.intake import FIX_AUTH, PubSubListener
+from orion_llamaccp.bus.pubsub import FIX_AUTH, PubSubListener
 from orion_llamaccp.errors import ConfigError, OrionLlamaError, describe
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.stopping import unless_stopped

@@ -17,11 +17,11 @@ import pytest
 import redis.asyncio as aioredis
 from redis import Redis as SyncRedis
 
-from orion_llamaccp.bus.intake import (
+from orion_llamaccp.bus.pubsub import PubSubListener
+from orion_llamaccp.bus.slots import Slots
+from orion_llamaccp.bus.streams import (
     COPIES_LOOKED_AT,
     COPIES_SKEW_MS,
-    PubSubListener,
-    Slots,
     StreamConsumer,
     StreamCopies,
     StreamEntry,
@@ -448,7 +448,7 @@ async def test_an_entry_deleted_while_pending_is_said_and_dropped(
     await redis.xdel(STREAM, gone)
     await redis.aclose()
     await asyncio.sleep(1.1)  # idle past the claim idle time
-    with caplog.at_level(logging.WARNING, logger="orion_llamaccp.bus.intake"):
+    with caplog.at_level(logging.WARNING, logger="orion_llamaccp.bus.streams"):
         async with _holding(redis_url, claim_idle_ms=1000) as (client, _consumer, held):
 
             async def dropped() -> bool:
@@ -1036,7 +1036,7 @@ async def test_a_subscribe_redis_refuses_backs_off_and_is_not_said_to_be_subscri
     ACL lacks a channel tried ten times a second for good, two log lines each (186 ERROR
     lines in 20 s). The pause now doubles as for any other failure, and no line says it
     subscribed."""
-    caplog.set_level(logging.DEBUG, logger="orion_llamaccp.bus.intake")
+    caplog.set_level(logging.DEBUG, logger="orion_llamaccp.bus.pubsub")
     server = RedisServer(tmp_path / "redis").start()
     admin = SyncRedis.from_url(server.url)
     admin.acl_setuser("worker", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all"])

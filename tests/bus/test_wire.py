@@ -169,7 +169,7 @@ def test_an_envelope_without_an_id_is_one_message_to_every_reader() -> None:
     replicas claimed it under two keys (both answered it), and a stream entry's
     redelivery was not found answered (answered again). Its bytes name it, on pub/sub;
     its entry, on a stream; an envelope's own id still names it."""
-    from orion_llamaccp.bus.intake import StreamEntry
+    from orion_llamaccp.bus.streams import StreamEntry
     from orion_llamaccp.worker.jobs import decode_job
 
     unnamed = _envelope()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from orion_llamaccp.bus.intake import SlotLease, Slots
+from orion_llamaccp.bus.slots import SlotLease, Slots
 from orion_llamaccp.worker.generation import _Turn
 
 

@@ -1,12 +1,9 @@
-"""Messages in: one pub/sub connection for all our channels, and a Streams consumer.
+"""Messages in over Redis Streams: a consumer-group reader, and a look-up of the copies
+of a request still unanswered in the stream (``StreamCopies``).
 
-Both survive their broker. The pub/sub listener pings on its own connection and, when no
-pong comes back in time (a frozen or half-dead Redis that redis-py would keep waiting on),
-tears the connection down, reconnects and subscribes again. The stream consumer recreates
-its consumer group when a restarted Redis lost it.
-
-The stream consumer never holds more entries than it has free slots for: it reserves slots
-first and reads at most that many, so the backlog waits in Redis, not in our memory.
+It survives its broker: the consumer recreates its consumer group when a restarted Redis
+lost it. It never holds more entries than it has free slots for: it reads at most as many
+as are free, so the backlog waits in Redis, not in our memory.
 """
 
 from __future__ import annotations
@@ -18,25 +15,20 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+from redis.exceptions import ResponseError
 
-from orion_llamaccp.bus.failover import NotAPrimary, says_replica
 from orion_llamaccp.bus.lane import Lane
-from orion_llamaccp.bus.retry import TRANSIENT
+from orion_llamaccp.bus.retry import TRANSIENT, Backoff, sleep_unless_stopped
+from orion_llamaccp.bus.slots import Slots
 from orion_llamaccp.errors import describe
 
 if TYPE_CHECKING:  # replies pulls in the envelope models, which the worker needs only later
-    from redis.asyncio.client import PubSub
-
     from orion_llamaccp.bus.replies import Stage
 
 log = logging.getLogger(__name__)
-
-MessageHandler = Callable[[str, bytes], None]
-FIX_AUTH = "fix the user name or password in ORION_BUS_URL"
 
 # KEYS[1] stream; ARGV: group, consumer, entry ids. Resets the idle time of the entries
 # pending under this consumer (so nobody reclaims live work) and returns those pending
@@ -215,344 +207,11 @@ class StreamCopies:
         return list(await self._script(keys=[self.stream], args=args))
 
 
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-
-
-class Backoff:
-    """The pause before reconnecting: doubling while Redis stays away, back to the first
-    once a session got going. Otherwise the ceiling that one outage reached would stand
-    for every blip after it, for the life of the process (pub/sub messages sent during
-    that pause are not heard)."""
-
-    def __init__(self, first: float = 0.1, ceiling: float = 5.0) -> None:
-        self.first = first
-        self.ceiling = ceiling
-        self.next = first
-
-    def reset(self) -> None:
-        self.next = self.first
-
-    def take(self) -> float:
-        pause, self.next = self.next, min(self.next * 2, self.ceiling)
-        return pause
-
-
-class PubSubListener:
-    """Subscribes ``channels`` and hands each message to ``handler(channel, data)``."""
-
-    def __init__(
-        self,
-        redis: aioredis.Redis,
-        channels: list[str],
-        handler: MessageHandler,
-        *,
-        ping_interval: float = 2.0,
-        ping_timeout: float = 6.0,
-        bus: str = "",
-    ) -> None:
-        self.redis = redis
-        self.channels = channels
-        self.handler = handler
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.bus = bus  # the URL, its password masked: said while Redis was never reached
-        self.ever_subscribed = False
-        self.subscribed = asyncio.Event()
-        self.reconnects = 0
-        self.refused: AuthenticationError | None = None  # the credentials, last we tried
-        self.backoff = Backoff()
-        self._pubsub: PubSub | None = None  # the session's, while one runs
-        # Channels whose UNSUBSCRIBE the session has not read the reply to yet; ``_left``
-        # is set once there are none (or the session ended: its connection is gone).
-        self._leaving: set[str] = set()
-        self._left = asyncio.Event()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Listen until ``stop``. Nothing but our own cancellation ends it: the worker goes
-        on beating "ready" whatever happens here, so a listener that stopped on an error
-        it did not foresee (a Redis that refuses the SUBSCRIBE: an ACL without the
-        channel) would leave it deaf, silently and for good. It says why and tries again."""
-        while not stop.is_set():
-            try:
-                await self._session(stop)
-                continue
-            except AuthenticationError as exc:  # a ConnectionError to redis-py: not a blip
-                self.refused = exc
-                level, said = logging.ERROR, f"Redis refused our credentials ({exc}): {FIX_AUTH}"
-            except (*TRANSIENT, ConnectionAbortedError) as exc:
-                level, said = logging.WARNING, f"pub/sub connection lost ({exc})"
-                if not self.ever_subscribed:  # no connection lost: none was ever made
-                    at = f" at {self.bus}" if self.bus else ""
-                    said = f"cannot reach Redis{at} ({exc}): check ORION_BUS_URL"
-            except Exception as exc:
-                level, said = logging.ERROR, f"pub/sub listening failed: {describe(exc)}"
-            self.subscribed.clear()
-            self.reconnects += 1
-            delay = self.backoff.take()
-            log.log(level, "%s; reconnecting in %.1fs", said, delay)
-            await _pause(stop, delay)
-
-    def drop(self, *channels: str) -> None:
-        """Not to be subscribed to again (a reconnect), whether or not a ``leave``
-        reaches Redis: the part of it a stop that gives up on Redis still needs."""
-        self.channels = [name for name in self.channels if name not in channels]
-
-    async def leave(self, *channels: str) -> None:
-        """Stop listening on ``channels`` and keep the others (also after a reconnect). A
-        draining worker leaves its intake but keeps hearing cancels.
-
-        Returns once the session has read the UNSUBSCRIBE's reply, so every message Redis
-        sent on those channels before it has been handed over: a draining worker answers
-        them all, where it used to stop while the last ones were still on the wire. The
-        UNSUBSCRIBE goes out beside the session's read: a write and a read of one
-        connection do not get in each other's way. Should it fail, the connection is
-        broken, and the session subscribes again without them.
-        """
-        self.drop(*channels)
-        pubsub = self._pubsub
-        if pubsub is None:  # between sessions: the next one subscribes without them
-            return
-        self._leaving.update(channels)
-        self._left.clear()
-        with contextlib.suppress(*TRANSIENT, TimeoutError):
-            async with asyncio.timeout(self.ping_timeout):
-                # A session still subscribing unsubscribes them itself once its SUBSCRIBE
-                # is answered (``_session``): what Redis sent on them meanwhile is waited
-                # for too. Returning at once, the drain went on past its inbox.
-                if self.subscribed.is_set():
-                    await pubsub.unsubscribe(*channels)
-                await self._left.wait()
-
-    async def _session(self, stop: asyncio.Event) -> None:
-        # Subscription replies come through: an UNSUBSCRIBE's tells ``leave`` that every
-        # message before it has been handed over.
-        self._pubsub = pubsub = self.redis.pubsub()
-        try:
-            await _on_a_primary(pubsub)
-            wanted = list(self.channels)
-            await pubsub.subscribe(*wanted)
-            # Its first reply: a refusal (an ACL without one of the channels) is raised
-            # here, before the session counts as going. It used to come at the first read,
-            # after the pause was reset: ten tries a second, for good.
-            first = await self._first_reply(pubsub)
-            if left := [name for name in wanted if name not in self.channels]:
-                await pubsub.unsubscribe(*left)  # ``leave`` ran while we subscribed
-            # ``leave`` waits for the replies of those; the others it named were never
-            # subscribed in this session (dropped before it took its list): none comes.
-            self._leaving.intersection_update(left)
-            if not self._leaving:
-                self._left.set()
-            self.subscribed.set()
-            self.ever_subscribed = True
-            self.refused = None
-            self.backoff.reset()
-            # The first time is the owner's to report (the worker does once it is built);
-            # subscribing again after a lost connection is news.
-            level = logging.INFO if self.reconnects else logging.DEBUG
-            log.log(level, "subscribed to %s", ", ".join(self.channels))
-            self._take(first)
-            last_pong = last_ping = time.monotonic()
-            while not stop.is_set():
-                message = await pubsub.get_message(timeout=min(1.0, self.ping_interval))
-                now = time.monotonic()
-                if message is not None:
-                    last_pong = now  # any traffic proves the connection alive
-                    self._take(message)
-                if now - last_pong > self.ping_timeout:
-                    raise ConnectionAbortedError(
-                        f"no answer to PING on the pub/sub connection for {now - last_pong:.1f}s"
-                    )
-                if now - last_ping >= self.ping_interval:
-                    last_ping = now
-                    await asyncio.wait_for(pubsub.ping(), self.ping_timeout)
-        finally:
-            self.subscribed.clear()
-            self._pubsub = None
-            self._leaving.clear()  # the next session subscribes without them
-            self._left.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.aclose(), 1.0)
-
-    async def _first_reply(self, pubsub: PubSub) -> dict:
-        """The session's first message (its SUBSCRIBE's reply, or Redis's refusal of it,
-        raised), within the PING timeout."""
-        async with asyncio.timeout(self.ping_timeout):
-            while True:
-                if (message := await pubsub.get_message(timeout=1.0)) is not None:
-                    return message
-
-    def _take(self, message: dict) -> None:
-        if message["type"] == "message":
-            self._dispatch(message)
-        elif message["type"] == "unsubscribe":
-            self._unsubscribed(message["channel"])
-
-    def _unsubscribed(self, channel: bytes | str) -> None:
-        self._leaving.discard(channel.decode() if isinstance(channel, bytes) else channel)
-        if not self._leaving:
-            self._left.set()
-
-    def _dispatch(self, message: dict) -> None:
-        channel = message["channel"]
-        channel = channel.decode() if isinstance(channel, bytes) else channel
-        data = message["data"]
-        try:
-            self.handler(channel, data if isinstance(data, bytes) else str(data).encode())
-        except Exception:  # a bad message must never stop the listener
-            log.exception("pub/sub handler failed on %s", channel)
-
-
-async def _on_a_primary(pubsub: PubSub) -> None:
-    """Raise ``NotAPrimary`` where the pub/sub connection reached a replica: after a
-    failover the address may still lead to the old primary for a while, and subscribed
-    there the worker would hear requests (a replica passes them on) while callers'
-    PUBLISH on the new primary counts no subscriber. ROLE before SUBSCRIBE: subscribed,
-    a connection takes no other command. Unchecked where an ACL denies ROLE."""
-    await pubsub.connect()
-    connection = pubsub.connection
-    assert connection is not None
-    try:
-        await connection.send_command("ROLE")
-        role = await connection.read_response()
-    except NoPermissionError:
-        return
-    if says_replica(role):
-        await connection.disconnect()  # back in the pool, it would lead there again
-        raise NotAPrimary("the pub/sub connection reached a replica (a failover): again")
-
-
 def not_started(task: asyncio.Task[Any]) -> bool:
     """Created and not yet run: a cancel now closes its coroutine before any of its code,
     ``finally`` clauses included, has run."""
     coro = task.get_coro()
     return inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
-
-
-class Slots:
-    """The engine's free slots: how much work may be in flight right now.
-
-    Giving slots back (``release``) and taking one without waiting are plain code, never
-    a point where a cancel can land: a slot given back from a ``finally`` of a cancelled
-    task is given back (with an ``asyncio.Condition``, a release waited for its lock, and
-    a cancel there lost the slot for the life of the worker).
-    """
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self._free = total
-        self._waiters: list[asyncio.Future[None]] = []  # in acquire() or wait_free()
-
-    @property
-    def free(self) -> int:
-        return self._free
-
-    @property
-    def busy(self) -> int:
-        return self.total - self._free
-
-    async def wait_free(self) -> None:
-        while self._free <= 0:
-            await self._wait()
-
-    async def acquire(self) -> None:
-        await self.wait_free()
-        self._free -= 1
-
-    def try_acquire(self) -> bool:
-        """Take a slot without waiting, if one is free and no one is queued for one."""
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return True
-        return False
-
-    def take(self) -> None:
-        """Take a slot at once, over the count if none is free (``SlotLease.take_back``)."""
-        self._free -= 1
-
-    def release(self, count: int = 1) -> None:
-        self._free += count
-        self._wake()
-
-    def resize(self, total: int) -> None:
-        self._free += total - self.total
-        self.total = total
-        self._wake()
-
-    async def _wait(self) -> None:
-        """Until slots were given back; every waiter wakes, the first to run takes one."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            self._waiters.remove(waiter)
-
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-
-class SlotLease:
-    """One taken slot, given back once: a pub/sub job's when its generation ends
-    (``early``: llama-server's slot is free from then on, while the result still travels
-    to Redis), else when its job ends.
-
-    Held until the result was committed, a pub/sub job's slot stayed busy for a Redis round
-    trip after llama-server had let it go: a queued request started that much later, and a
-    caller that sends its next request as soon as it has an answer could find every slot
-    busy and be told ``overloaded``. A stream entry keeps its slot until it is acked, so
-    that a worker holds no more entries than slots, but for those that wait: for their
-    turn after a llama-server died with them in it, or for their ``not_before_ms``. Such a
-    job steps aside (``step_aside``), so that llama-server's slots do not sit idle
-    meanwhile, and takes a slot again when it goes on (``take_back``, ``step_back``). Its
-    entry stays this worker's, kept fresh like any entry in flight.
-    """
-
-    __slots__ = ("_slots", "_state", "early")
-
-    def __init__(self, slots: Slots, *, early: bool = False) -> None:
-        self._slots = slots
-        self._state: Literal["held", "aside", "given back"] = "held"
-        self.early = early
-
-    @property
-    def held(self) -> bool:
-        return self._state == "held"
-
-    def release(self) -> None:
-        """Give the slot back for good, unless it was."""
-        if self._state == "held":
-            self._slots.release()
-        self._state = "given back"
-
-    def generation_ended(self) -> None:
-        """llama-server is done with the job's request: an ``early`` lease is given back."""
-        if self.early:
-            self.release()
-
-    def step_aside(self) -> None:
-        """Free the slot for others while the job waits, to take one again later."""
-        if self._state == "held":
-            self._slots.release()
-            self._state = "aside"
-
-    def take_back(self) -> None:
-        """Take a slot again after ``step_aside`` at once, over the count if the others
-        took every one meanwhile (llama-server queues a request beyond its slots until
-        one frees): for a job that must not wait for the requests beside it."""
-        if self._state == "aside":
-            self._slots.take()
-            self._state = "held"
-
-    async def step_back(self) -> None:
-        """Take a slot again after ``step_aside``, waiting for one to be free. A cancel
-        while it waits leaves none taken."""
-        if self._state == "aside":
-            await self._slots.acquire()
-            self._state = "held"
 
 
 @dataclass
@@ -653,7 +312,7 @@ class StreamConsumer:
             log.log(
                 level, "stream intake on %s failed %s; retrying in %.1fs", self.stream, said, delay
             )
-            await _pause(stop, delay)
+            await sleep_unless_stopped(stop, delay)
 
     async def _free_slots(self, stop: asyncio.Event) -> int:
         """Wait for a ready engine and a free slot; how many slots are free (none taken).
