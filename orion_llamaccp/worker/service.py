@@ -49,12 +49,11 @@ from orion_llamaccp.worker.jobs import (
     decode_job,
     entry_bytes,
     entry_job,
-    expired,
-    expiry,
 )
 from orion_llamaccp.worker.metrics import Metrics
 from orion_llamaccp.worker.startup import Intake
 from orion_llamaccp.worker.stats import Stats
+from orion_llamaccp.worker.waiting import LocalQueue
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +98,8 @@ class Worker:
         self.supervisor.add_listener(self._on_engine_event)
         # As launched (an override included), until llama-server says (``_start_engine``).
         self.slots = Slots(settings.overrides.parallel or self.profile.llamacpp.parallel or 1)
-        self.local: asyncio.Queue[Job] = asyncio.Queue()
-        # Accepted pub/sub jobs that do not hold a slot yet and are not answered, with the
-        # timer of their expiry: one cancelled or expired while queued leaves at once,
-        # though it stays in ``local`` until its turn.
-        self.queued: dict[Job, asyncio.TimerHandle | None] = {}
         self.aheads_queued = 0  # messages in the inbox whose requests are written already
         self.alone = False  # the only subscriber of the intake channel, last we counted
-        self.held: Job | None = None
         # Pub/sub jobs whose claims are on their way, in the order their messages came.
         self.claiming: asyncio.Queue[tuple[Job, asyncio.Task[bool]]] = asyncio.Queue(
             CLAIMS_IN_FLIGHT
@@ -142,6 +135,7 @@ class Worker:
             dead_letter=self._dead_letter,
             copies=StreamCopies(redis, stream=self.channels.stream, group=self.channels.group),
         )
+        self.local_queue = LocalQueue(self.slots, self.inflight, self.handler)
         self.intake.prepare = self._write_ahead
         self.consumer = (
             StreamConsumer(
@@ -275,7 +269,7 @@ class Worker:
         return code
 
     async def _serve(self, stop: asyncio.Event, intake_stop: asyncio.Event) -> int:
-        workers = [asyncio.create_task(self._dispatch_local(), name="dispatch")]
+        workers = [asyncio.create_task(self.local_queue.run(), name="dispatch")]
         try:
             self._start_metrics()
             if not await self._start_engine(stop):
@@ -411,20 +405,7 @@ class Worker:
                     len(self.intake.overflow),
                 )
         await self._until_deadline(self.claiming.join(), deadline)  # settled, and answered
-        unstarted = [self.local.get_nowait() for _ in range(self.local.qsize())]
-        if self.held is not None:
-            unstarted.append(self.held)
-            self.held = None
-        for job in unstarted:
-            self._unqueue(job)
-            if job.answering:  # cancelled while queued: answered already
-                continue
-            self.inflight.spawn(
-                self.handler.refuse(
-                    job, Failure("engine_unavailable", "worker is stopping", retryable=True)
-                ),
-                job,
-            )
+        self.local_queue.refuse_all()
         await self._wait_in_flight(deadline)
         await self.supervisor.stop()
 
@@ -529,7 +510,8 @@ class Worker:
 
     @property
     def waiting(self) -> int:
-        return len(self.queued)
+        """Pub/sub jobs accepted that wait for a slot (``LocalQueue``)."""
+        return self.local_queue.waiting
 
     # ------------------------------------------------------------------ engine and slots
 
@@ -542,14 +524,6 @@ class Worker:
 
     async def _engine_ready(self) -> None:
         await self.supervisor.wait_for(EngineState.READY)
-
-    async def _with_slot(self, job: Job) -> None:
-        """Called with a slot taken for ``job``; it is given back by the time the job ends."""
-        job.lease = lease = SlotLease(self.slots, early=True)
-        try:
-            await self.handler.handle(job)
-        finally:
-            lease.release()
 
     # ------------------------------------------------------------------ pub/sub intake
 
@@ -657,7 +631,8 @@ class Worker:
         self.view.received += 1
         key, claimant = job.key, job.claimant(self.settings.instance_id)
         if early and job.decode_error is None:
-            self._dispatch(job)  # its first step writes the request: it runs before the claim
+            # Its first step writes the request: it runs before the claim.
+            self.local_queue.dispatch(job)
             job.claim = asyncio.create_task(self.claims.claim_message(key, claimant))
             job.claim.add_done_callback(self._on_early_claim)
             return None
@@ -699,7 +674,7 @@ class Worker:
         if job.decode_error is not None:
             self.inflight.spawn(self.handler.handle(job), job)
         elif self.inflight.recent.cancels(job):  # heard during its claim: that is its answer
-            self._answer_cancelled_unstarted(job)
+            self.local_queue.answer_cancelled_unstarted(job)
         elif self.stopping:
             stopping = Failure("engine_unavailable", "worker is stopping", retryable=True)
             self.inflight.spawn(self.handler.refuse(job, stopping), job)
@@ -715,7 +690,7 @@ class Worker:
                 job, f"{self.slots.total} slots busy and {self.waiting} requests waiting"
             )
         else:
-            self._dispatch(job)
+            self.local_queue.dispatch(job)
 
     async def _refuse_overflow(self) -> None:
         """The requests heard beyond the inbox's bound (``Intake.overflow``), refused as they
@@ -755,55 +730,6 @@ class Worker:
         refusal = self.inflight.spawn(self.handler.refuse(job, _overloaded(why)), job)
         refusal.add_done_callback(lambda _: self.refusing.release())
 
-    def _dispatch(self, job: Job) -> None:
-        """Straight to its handler when a slot is free and nothing waits (no queue hop
-        before the request reaches llama-server), else into the local queue."""
-        if self.waiting == 0 and self.slots.try_acquire():
-            self.inflight.spawn(self._with_slot(job), job)
-        else:
-            self._queue(job)
-
-    def _queue(self, job: Job) -> None:
-        self.inflight.file(job)
-        if job.user_cancelled:  # its cancel came first (RecentCancels): no place in the queue
-            self._answer_cancelled_unstarted(job)
-            return
-        self.local.put_nowait(job)
-        self.queued[job] = self._expire_when_due(job)
-
-    def _expire_when_due(self, job: Job) -> asyncio.TimerHandle | None:
-        """A queued job whose expiry comes before its slot is answered ``expired`` then,
-        not once a slot frees: its caller learns it at once, and its place in the queue
-        goes to a request still worth serving instead of an ``overloaded``."""
-        ends = expiry(job.envelope) if job.envelope is not None else None
-        if ends is None:
-            return None
-        at, why = ends
-        loop = asyncio.get_running_loop()
-        return loop.call_later(max(0.0, at - time.time()), self._expire_queued, job, at, why)
-
-    def _expire_queued(self, job: Job, at: float, why: str) -> None:
-        if job in self.queued and not job.answering:
-            self._answer_unstarted(job, expired(at, why))
-
-    def _unqueue(self, job: Job) -> None:
-        timer = self.queued.pop(job, None)
-        if timer is not None:
-            timer.cancel()
-
-    async def _dispatch_local(self) -> None:
-        while True:
-            job = await self.local.get()
-            if not job.answering:  # else cancelled while queued, and answered at once
-                self.held = job  # waiting for a slot: not in the queue, not running
-                await self.slots.acquire()
-                self.held = None
-                if job.answering:  # ... or while it waited for the slot
-                    self.slots.release()
-            self._unqueue(job)
-            if not job.answering:
-                self.inflight.spawn(self._with_slot(job), job)
-
     def _on_cancel(self, data: bytes) -> None:
         try:
             message = loads_object(data)
@@ -819,22 +745,7 @@ class Worker:
         # reaches at most a job of a message that failed to decode.
         waiting = self.inflight.cancel(uuid or str(correlation_id), sent, remember=bool(uuid))
         for job in waiting:  # pub/sub jobs queued for a slot: answered now, not once one frees
-            self._answer_cancelled_unstarted(job)
-
-    def _answer_cancelled_unstarted(self, job: Job) -> None:
-        cancelled = Failure(
-            "cancelled", "cancelled by an llm.chat.cancel request before it started"
-        )
-        self._answer_unstarted(job, cancelled)
-
-    def _answer_unstarted(self, job: Job, failure: Failure) -> None:
-        """Answer a job that holds no slot (queued, or on its way to the queue) now."""
-        job.answering = True
-        self._unqueue(job)  # its place is free for the next request
-        if job.ahead is not None:  # else llama-server generates on for nobody
-            job.ahead.drop()
-            job.ahead = None
-        self.inflight.spawn(self.handler.refuse(job, failure), job)
+            self.local_queue.answer_cancelled_unstarted(job)
 
     async def _on_discover(self, data: bytes) -> None:
         try:
