@@ -92,11 +92,11 @@ def _time_collections() -> None:
 def install() -> None:
     from orion_llamaccp.bus import claims, lane, pubsub, replies, streams
     from orion_llamaccp.engine import stream
-    from orion_llamaccp.worker import generation, handler, service
+    from orion_llamaccp.worker import generation, handler, pubsub_requests, service
 
     _wrap_sync(pubsub.PubSubListener, "_dispatch", "pubsub message read")
     _wrap_async(streams.StreamConsumer, "_read_new", None, "stream entry read")
-    _wrap_sync(service.Worker, "_receive", "accept (decode) starts")
+    _wrap_sync(pubsub_requests.PubSubRequests, "_receive", "accept (decode) starts")
     _wrap_async(claims.Claims, "claim_message", None, "message claimed (SET NX)")
     _wrap_async(service.Worker, "_on_entry", "stream entry handed over", None)
     _wrap_async(handler.ChatHandler, "handle", "handler starts", None)

@@ -6,6 +6,10 @@ stream work. Stop order (SIGTERM): stop taking work (leave the intake channel, k
 cancel channel), announce ``draining``, let in-flight requests finish within the drain
 timeout, leave unfinished stream entries pending for another worker, stop llama-server,
 say goodbye on the bus.
+
+The pub/sub request path (claims, refusals, cancels) is ``PubSubRequests``
+(pubsub_requests.py), the jobs it accepted that wait for a slot ``LocalQueue``
+(waiting.py); the worker builds them, starts their tasks and drains them.
 """
 
 from __future__ import annotations
@@ -16,14 +20,12 @@ import gc
 import logging
 import time
 from collections.abc import Coroutine
-from datetime import datetime
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from orion_llamaccp.bus.claims import ANSWERED_CLAIM_SEC, REPLICA_GRACE_SEC, Claims
-from orion_llamaccp.bus.codec import as_uuid, decode_envelope, loads_object
-from orion_llamaccp.bus.envelope import as_utc
+from orion_llamaccp.bus.claims import ANSWERED_CLAIM_SEC, Claims
+from orion_llamaccp.bus.codec import decode_envelope
 from orion_llamaccp.bus.lane import Lane
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.presence import Presence, every
@@ -35,22 +37,20 @@ from orion_llamaccp.bus.streams import StreamConsumer, StreamCopies, StreamEntry
 from orion_llamaccp.engine.plan import ServicePlan
 from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
-from orion_llamaccp.errors import ConfigError, DecodeError, OrionLlamaError, describe
+from orion_llamaccp.errors import ConfigError, DecodeError, OrionLlamaError
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.stopping import GOODBYES_SEC, Budget, unless_stopped
 from orion_llamaccp.worker.announce import WorkerView, transports
-from orion_llamaccp.worker.handler import REDIS_AWAY, ChatHandler
+from orion_llamaccp.worker.handler import ChatHandler
 from orion_llamaccp.worker.inflight import InFlight, RecentCancels
 from orion_llamaccp.worker.jobs import (
-    Ahead,
     Failure,
     Job,
-    claim_outcome,
-    decode_job,
     entry_bytes,
     entry_job,
 )
 from orion_llamaccp.worker.metrics import Metrics
+from orion_llamaccp.worker.pubsub_requests import PubSubRequests
 from orion_llamaccp.worker.startup import Intake
 from orion_llamaccp.worker.stats import Stats
 from orion_llamaccp.worker.waiting import LocalQueue
@@ -98,19 +98,6 @@ class Worker:
         self.supervisor.add_listener(self._on_engine_event)
         # As launched (an override included), until llama-server says (``_start_engine``).
         self.slots = Slots(settings.overrides.parallel or self.profile.llamacpp.parallel or 1)
-        self.aheads_queued = 0  # messages in the inbox whose requests are written already
-        self.alone = False  # the only subscriber of the intake channel, last we counted
-        # Pub/sub jobs whose claims are on their way, in the order their messages came.
-        self.claiming: asyncio.Queue[tuple[Job, asyncio.Task[bool]]] = asyncio.Queue(
-            CLAIMS_IN_FLIGHT
-        )
-        self.unsettled = 0  # claims sent and not yet settled
-        # The claims of requests heard beyond the inbox's bound on their way, and the
-        # ``overloaded`` answers on theirs, at most: under a flood the rest wait as the
-        # messages they are, in the inbox and its overflow (both bounded), not as tasks.
-        self.beyond_claims = asyncio.Semaphore(CLAIMS_IN_FLIGHT)
-        self.refusing = asyncio.Semaphore(CLAIMS_IN_FLIGHT)
-        self.stopping = False
         # The stop's round trips to Redis, all of them together (``Budget``).
         self.goodbyes = Budget(GOODBYES_SEC)
         self.metrics: Metrics | None = None
@@ -136,7 +123,20 @@ class Worker:
             copies=StreamCopies(redis, stream=self.channels.stream, group=self.channels.group),
         )
         self.local_queue = LocalQueue(self.slots, self.inflight, self.handler)
-        self.intake.prepare = self._write_ahead
+        self.pubsub = PubSubRequests(
+            settings,
+            channel=self.channels.intake,
+            intake=self.intake,
+            slots=self.slots,
+            claims=self.claims,
+            supervisor=self.supervisor,
+            handler=self.handler,
+            inflight=self.inflight,
+            local_queue=self.local_queue,
+            view=self.view,
+            discover=self._on_discover,
+        )
+        self.intake.prepare = self.pubsub.write_ahead
         self.consumer = (
             StreamConsumer(
                 redis,
@@ -208,9 +208,9 @@ class Worker:
         self.supervisor.expect_start()
         background = [
             self.intake.start(),
-            asyncio.create_task(self._pubsub_intake(), name="pubsub-intake"),
-            asyncio.create_task(self._settle_claims(), name="pubsub-claims"),
-            asyncio.create_task(self._refuse_overflow(), name="pubsub-overflow"),
+            asyncio.create_task(self.pubsub.run(), name="pubsub-intake"),
+            asyncio.create_task(self.pubsub.settle_claims(), name="pubsub-claims"),
+            asyncio.create_task(self.pubsub.refuse_overflow(), name="pubsub-overflow"),
         ]
         presence = asyncio.create_task(self.presence.run(presence_stop), name="presence")
         background.append(presence)
@@ -236,7 +236,7 @@ class Worker:
             if "pubsub" in transports(self.settings):  # only pub/sub messages are claimed
                 counting = every(
                     self.settings.heartbeat_interval_sec,
-                    self._count_replicas,
+                    self.pubsub.count_replicas,
                     presence_stop,
                     "counting replicas",
                 )
@@ -374,7 +374,7 @@ class Worker:
         # One deadline for all of it: a platform that kills at the drain timeout (a
         # container's stop grace period) must not find the worker still answering.
         deadline = time.monotonic() + self.settings.drain_timeout_sec
-        self.stopping = True
+        self.pubsub.stopping = True  # pub/sub requests settled from here are refused
         self.supervisor.begin_drain()
         # Said at once, not at the next beat: a replacement under our id that starts now
         # must find us draining, or it takes the entries we still generate for leftovers
@@ -395,7 +395,7 @@ class Worker:
         # minutes past the deadline. Those left when it comes go unanswered, as the bus
         # answers nothing anyway.
         try:
-            await self._drain_step(self._answer_inbox(), deadline)
+            await self._drain_step(self.pubsub.answer_inbox(), deadline)
         except TimeoutError:
             if (unread := self.inbox.qsize()) or self.intake.overflow:
                 log.warning(
@@ -404,7 +404,7 @@ class Worker:
                     unread,
                     len(self.intake.overflow),
                 )
-        await self._until_deadline(self.claiming.join(), deadline)  # settled, and answered
+        await self._until_deadline(self.pubsub.claiming.join(), deadline)  # settled, and answered
         self.local_queue.refuse_all()
         await self._wait_in_flight(deadline)
         await self.supervisor.stop()
@@ -425,14 +425,6 @@ class Worker:
                 ANSWERED_CLAIM_SEC,
                 self.settings.redact(str(exc)),
             )
-
-    async def _answer_inbox(self) -> None:
-        """The messages received before we unsubscribed, and the requests beyond the
-        inbox's bound: their answers are waited for with the rest in flight."""
-        while not self.inbox.empty():
-            await self._take(*self.inbox.get_nowait())  # stopping: none starts early
-        while self.intake.overflow:
-            await self._refuse_next()
 
     def _pending(self) -> list[asyncio.Task[None]]:
         pending = self.inflight.pending()
@@ -525,229 +517,10 @@ class Worker:
     async def _engine_ready(self) -> None:
         await self.supervisor.wait_for(EngineState.READY)
 
-    # ------------------------------------------------------------------ pub/sub intake
-
-    async def _pubsub_intake(self) -> None:
-        while True:
-            await self._take(*await self.inbox.get())
-
-    async def _take(self, channel: str, data: bytes, ahead: Ahead | None) -> None:
-        """One message from the inbox, by its channel (here and in the drain)."""
-        if ahead is not None:
-            self.aheads_queued -= 1
-        try:
-            if channel == self.settings.cancel_channel:
-                self._on_cancel(data)
-            elif channel == self.settings.discover_channel:
-                self.inflight.spawn(self._on_discover(data))
-            elif (claimed := self._receive(data, ahead)) is not None:
-                try:
-                    await self.claiming.put(claimed)  # full: the rest wait in the inbox
-                except asyncio.CancelledError:  # the drain's end: a claim none would settle
-                    claimed[1].cancel()
-                    self.unsettled -= 1
-                    raise
-                # Two turns, the claim's task and then the lane's (which waits one for
-                # company): the claim is written before the next message is decoded.
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
-        except Exception:
-            log.exception("pub/sub message on %s could not be handled", channel)
-            if ahead is not None:  # else llama-server generates on for nobody
-                ahead.drop()
-
-    async def _settle_claims(self) -> None:
-        """Claims leave for Redis as their messages are read, side by side (a burst's
-        share one write, ``bus/lane.py``), and are settled here in the order the messages
-        came, so that the local queue keeps that order. One claim after the other, the
-        last of a burst of four behind a replica reached llama-server 3.1-3.7 ms after the
-        first send, against 2.6-2.7 ms side by side, the first at parity
-        (``bench.intake --burst 4 --replica``, ``docs/benchmarks-history.md`` item 65)."""
-        while True:
-            job, claim = await self.claiming.get()
-            try:
-                await self._settle(job, claim)
-            except REDIS_AWAY as exc:
-                _unclaimed(job, exc)
-            except Exception:
-                log.exception("pub/sub request %s could not be handled", job.request_id)
-            finally:
-                self.claiming.task_done()
-
-    def _write_ahead(self, channel: str, data: bytes) -> Ahead | None:
-        """A request's message, as the listener reads it (``Intake.prepare``): written to
-        llama-server now if it will start before its claim, as far as slots are free.
-
-        In the listener's step the request leaves as soon as its message is parsed, without
-        the hop through the inbox into the intake task (read to write 0.14 → 0.07 ms in
-        the two-in-flight trace, ``docs/benchmarks-history.md`` item 31).
-        """
-        if channel != self.channels.intake or self.aheads_queued >= self.slots.free:
-            return None
-        ahead = self.handler.generator.ahead(data) if self._early(data) else None
-        if ahead is not None:
-            self.aheads_queued += 1
-        return ahead
-
-    def _early(self, data: bytes) -> bool:
-        return self._start_before_claim() and len(data) <= self.settings.max_message_bytes
-
-    async def _count_replicas(self) -> None:
-        # Our own subscription is among those counted: without it (reconnecting, or
-        # draining, which leaves the intake channel) a count says nothing, and the one
-        # before stands. The first count comes once we are subscribed (``run``), not a
-        # heartbeat interval later.
-        if self.listener.subscribed.is_set() and not self.stopping:
-            self.alone = await self.claims.subscribers(self.channels.intake) == 1
-
-    def _on_early_claim(self, claim: asyncio.Task[bool]) -> None:
-        """A claim lost while starting before it: a replica joined since we counted. Not
-        alone any more, so the next messages wait for their claims instead of each costing
-        a cut-off generation until the next count."""
-        if claim_outcome(claim) is False:
-            self.view.claims_lost += 1
-            self.alone = False
-
-    def _start_before_claim(self) -> bool:
-        """Alone on the channel, with a slot free and nothing waiting: the claim is a round
-        trip no other replica contests, so the job starts while it is in flight. A replica
-        that joined since we counted costs a cut-off prompt, never a second answer."""
-        return (
-            self.alone
-            and not self.stopping
-            and self.waiting == 0
-            and self.unsettled == 0
-            and self.slots.free > 0
-            and self.supervisor.state is EngineState.READY
-        )
-
-    def _receive(self, data: bytes, ahead: Ahead | None) -> tuple[Job, asyncio.Task[bool]] | None:
-        """A request's message: its job started before its claim (None), or its job and
-        its claim on the way, to be settled (``_settle``). ``ahead``: its request, already
-        written (``_write_ahead``); dropped unless the job starts before its claim."""
-        early = self._early(data)
-        job = decode_job(data, "pubsub", self.settings.max_message_bytes)
-        job.ahead = ahead
-        self.view.received += 1
-        key, claimant = job.key, job.claimant(self.settings.instance_id)
-        if early and job.decode_error is None:
-            # Its first step writes the request: it runs before the claim.
-            self.local_queue.dispatch(job)
-            job.claim = asyncio.create_task(self.claims.claim_message(key, claimant))
-            job.claim.add_done_callback(self._on_early_claim)
-            return None
-        if ahead is not None:  # not started before its claim after all
-            ahead.drop()
-            job.ahead = None
-        return job, self._claim(job)
-
-    def _claim(self, job: Job) -> asyncio.Task[bool]:
-        """``job``'s claim on its way, to be settled (``_settle``)."""
-        key, claimant = job.key, job.claimant(self.settings.instance_id)
-        self.unsettled += 1
-        if self._defers_to_replicas():
-            return asyncio.create_task(self._claim_after_grace(key, claimant))
-        return asyncio.create_task(self.claims.claim_message(key, claimant))
-
-    def _defers_to_replicas(self) -> bool:
-        """Not able to serve yet (llama-server downloading, loading, restarting), with a
-        replica on the channel: in a rolling deploy or a scale-up the newcomer, idle,
-        won most claims from the replica serving, and answered each `engine_unavailable`
-        after the engine wait while that replica sat idle. Its claim now waits a grace:
-        a replica that can serve claims within a few ms."""
-        return not self.alone and self.supervisor.state is not EngineState.READY
-
-    async def _claim_after_grace(self, key: str, claimant: str) -> bool:
-        await asyncio.sleep(REPLICA_GRACE_SEC)
-        return await self.claims.claim_message(key, claimant)
-
-    async def _settle(self, job: Job, claim: asyncio.Task[bool], beyond: bool = False) -> None:
-        """Once its claim is back: nothing (another replica's), or an answer now, or the
-        job dispatched. ``beyond``: heard beyond the inbox's bound, never dispatched."""
-        try:
-            won = await claim
-        finally:
-            self.unsettled -= 1
-        if not won:
-            self.view.claims_lost += 1
-            return  # another replica serves it
-        if job.decode_error is not None:
-            self.inflight.spawn(self.handler.handle(job), job)
-        elif self.inflight.recent.cancels(job):  # heard during its claim: that is its answer
-            self.local_queue.answer_cancelled_unstarted(job)
-        elif self.stopping:
-            stopping = Failure("engine_unavailable", "worker is stopping", retryable=True)
-            self.inflight.spawn(self.handler.refuse(job, stopping), job)
-        elif beyond:
-            intake = self.intake
-            await self._refuse_overloaded(
-                job,
-                f"{intake.limit} messages or {intake.byte_limit} bytes waiting in the worker's "
-                "inbox",
-            )
-        elif self.waiting - self.slots.free >= self.settings.local_queue_size:
-            await self._refuse_overloaded(
-                job, f"{self.slots.total} slots busy and {self.waiting} requests waiting"
-            )
-        else:
-            self.local_queue.dispatch(job)
-
-    async def _refuse_overflow(self) -> None:
-        """The requests heard beyond the inbox's bound (``Intake.overflow``), refused as they
-        come, their claims side by side, however long the inbox: their callers learn at
-        once that this worker will not take them. Before the worker was built they waited."""
-        while True:
-            await self.intake.overflowing.wait()
-            self.intake.overflowing.clear()
-            while self.intake.overflow:
-                await self._refuse_next()
-
-    async def _refuse_next(self) -> None:
-        """The next request of ``Intake.overflow`` on its way to its answer (here and in
-        the drain), once fewer than ``CLAIMS_IN_FLIGHT`` are."""
-        await self.beyond_claims.acquire()
-        if not self.intake.overflow:  # the drain or the overflow task took the last one
-            self.beyond_claims.release()
-            return
-        job = decode_job(self.intake.overflow.popleft(), "pubsub", self.settings.max_message_bytes)
-        self.view.received += 1
-        self.inflight.spawn(self._refuse_beyond(job, self._claim(job)))
-
-    async def _refuse_beyond(self, job: Job, claim: asyncio.Task[bool]) -> None:
-        try:
-            await self._settle(job, claim, beyond=True)
-        except REDIS_AWAY as exc:
-            _unclaimed(job, exc)
-        except Exception:
-            log.exception("pub/sub request %s could not be refused", job.request_id)
-        finally:
-            self.beyond_claims.release()
-
-    async def _refuse_overloaded(self, job: Job, why: str) -> None:
-        """Answer ``job`` ``overloaded`` once fewer than ``CLAIMS_IN_FLIGHT`` such answers
-        are on their way (the flood's next messages wait meanwhile)."""
-        await self.refusing.acquire()
-        refusal = self.inflight.spawn(self.handler.refuse(job, _overloaded(why)), job)
-        refusal.add_done_callback(lambda _: self.refusing.release())
-
-    def _on_cancel(self, data: bytes) -> None:
-        try:
-            message = loads_object(data)
-        except DecodeError:
-            return
-        payload = message.get("payload") if isinstance(message.get("payload"), dict) else {}
-        correlation_id = payload.get("correlation_id") or message.get("correlation_id")
-        if not correlation_id:
-            return
-        sent = sent_at(message.get("created_at") or message.get("ts"))
-        uuid = as_uuid(correlation_id)
-        # Only a UUID can name a request to come (a job's id always is one); anything else
-        # reaches at most a job of a message that failed to decode.
-        waiting = self.inflight.cancel(uuid or str(correlation_id), sent, remember=bool(uuid))
-        for job in waiting:  # pub/sub jobs queued for a slot: answered now, not once one frees
-            self.local_queue.answer_cancelled_unstarted(job)
+    # ------------------------------------------------------------------ discovery
 
     async def _on_discover(self, data: bytes) -> None:
+        """A discovery request (``PubSubRequests`` hands it over): our announcement."""
         try:
             request = decode_envelope(data)
         except DecodeError:
@@ -758,7 +531,8 @@ class Worker:
 
     def _prepare_entry(self, entry: StreamEntry) -> None:
         """A first delivery's request, written to llama-server before any entry of the same
-        read is validated (``StreamConsumer.prepare``; as ``_write_ahead`` for pub/sub)."""
+        read is validated (``StreamConsumer.prepare``; as ``PubSubRequests.write_ahead`` for
+        pub/sub)."""
         raw = entry_bytes(entry)
         fresh = entry.deliveries == 1 and not entry.reclaimed
         ahead = self.handler.generator.ahead(raw) if raw is not None and fresh else None
@@ -841,33 +615,6 @@ class Worker:
         if not added:
             log.info("stream entry %s was dead-lettered before", job.entry.entry_id)
 
-
-def _unclaimed(job: Job, exc: BaseException) -> None:
-    """A claim Redis did not answer within its retries: the request stays unanswered (an
-    answer without the claim could be a second one, a replica's), said in one line, not a
-    traceback a request (hundreds of them in a flood with Redis hung)."""
-    log.warning(
-        "pub/sub request %s not claimed, left unanswered: Redis unavailable (%s)",
-        job.request_id,
-        describe(exc),
-    )
-
-
-def _overloaded(why: str) -> Failure:
-    return Failure("overloaded", f"{why}; try again later", retryable=True)
-
-
-def sent_at(value: Any) -> datetime | None:
-    """When a cancel was sent: its ``created_at`` (or ``ts``); None if it does not say."""
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return as_utc(datetime.fromisoformat(value))
-    return None
-
-
-# Pub/sub claims on their way at once, at most: beyond, messages wait in the inbox (a
-# flood must not become as many tasks).
-CLAIMS_IN_FLIGHT = 128
 
 GC_YOUNG_THRESHOLD = 10_000
 

@@ -127,7 +127,7 @@ class Intake:
     messages as fast. So a request heard while ``ORION_LLAMACPP_INBOX_SIZE`` messages wait
     in the inbox, or that would put more than ``ORION_LLAMACPP_INBOX_BYTES`` there, waits
     in ``overflow`` instead, to be answered ``overloaded`` as soon as the worker can
-    (``Worker._refuse_overflow``), up to ``OVERFLOW_PER_INBOX`` times as many and
+    (``PubSubRequests.refuse_overflow``), up to ``OVERFLOW_PER_INBOX`` times as many and
     ``OVERFLOW_BYTES_PER_INBOX_BYTE`` times as many bytes: a request beyond both is
     dropped (counted in ``dropped``, said in the log), so that the worker's memory stays
     bounded, by bytes too (a flood of 8 MiB requests held gigabytes within the counts).
