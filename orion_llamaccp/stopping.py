@@ -9,6 +9,8 @@ goes on with its own shutdown. ``Budget`` bounds the steps of the stop itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import math
 import time
 from collections.abc import Awaitable, Coroutine
@@ -96,3 +98,16 @@ class Budget:
             # lost (Python 3.11's ``wait_for`` in redis-py): it ran on its own bound.
             if bound.expired():
                 self.spent = max(self.spent, self.seconds)
+
+
+async def sleep_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less where ``stop`` comes first (a pause between tries)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def not_started(task: asyncio.Task[Any]) -> bool:
+    """Created and not yet run: a cancel now closes its coroutine before any of its code,
+    ``finally`` clauses included, has run."""
+    coro = task.get_coro()
+    return inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED

@@ -21,8 +21,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError
 
 from orion_llamaccp.bus.failover import NotAPrimary, says_replica
-from orion_llamaccp.bus.retry import TRANSIENT, Backoff, sleep_unless_stopped
+from orion_llamaccp.bus.retry import TRANSIENT, Backoff
 from orion_llamaccp.errors import describe
+from orion_llamaccp.stopping import sleep_unless_stopped
 
 if TYPE_CHECKING:
     from redis.asyncio.client import PubSub

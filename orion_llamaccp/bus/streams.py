@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,9 +20,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from orion_llamaccp.bus.lane import Lane
-from orion_llamaccp.bus.retry import TRANSIENT, Backoff, sleep_unless_stopped
+from orion_llamaccp.bus.retry import TRANSIENT, Backoff
 from orion_llamaccp.bus.slots import Slots
 from orion_llamaccp.errors import describe
+from orion_llamaccp.stopping import not_started, sleep_unless_stopped
 
 if TYPE_CHECKING:  # replies pulls in the envelope models, which the worker needs only later
     from orion_llamaccp.bus.replies import Stage
@@ -205,13 +205,6 @@ class StreamCopies:
         lowest = max(0, since_ms - COPIES_SKEW_MS)
         args = [self.group, str(lowest), COPIES_LOOKED_AT, *texts]
         return list(await self._script(keys=[self.stream], args=args))
-
-
-def not_started(task: asyncio.Task[Any]) -> bool:
-    """Created and not yet run: a cancel now closes its coroutine before any of its code,
-    ``finally`` clauses included, has run."""
-    coro = task.get_coro()
-    return inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
 
 
 @dataclass

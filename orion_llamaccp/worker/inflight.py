@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from orion_llamaccp.bus.envelope import utcnow
-from orion_llamaccp.bus.streams import not_started
+from orion_llamaccp.stopping import not_started
 from orion_llamaccp.worker.jobs import Job
 
 log = logging.getLogger(__name__)

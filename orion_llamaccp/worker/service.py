@@ -33,13 +33,13 @@ from orion_llamaccp.bus.replies import Publisher, Stage
 from orion_llamaccp.bus.retry import with_retry
 from orion_llamaccp.bus.server import warn_if_unfit
 from orion_llamaccp.bus.slots import SlotLease, Slots
-from orion_llamaccp.bus.streams import StreamConsumer, StreamCopies, StreamEntry, not_started
+from orion_llamaccp.bus.streams import StreamConsumer, StreamCopies, StreamEntry
 from orion_llamaccp.engine.plan import ServicePlan
 from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
 from orion_llamaccp.errors import ConfigError, DecodeError, OrionLlamaError
 from orion_llamaccp.settings import Settings
-from orion_llamaccp.stopping import GOODBYES_SEC, Budget, unless_stopped
+from orion_llamaccp.stopping import GOODBYES_SEC, Budget, not_started, unless_stopped
 from orion_llamaccp.worker.announce import WorkerView, transports
 from orion_llamaccp.worker.handler import ChatHandler
 from orion_llamaccp.worker.inflight import InFlight, RecentCancels
