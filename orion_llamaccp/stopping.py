@@ -3,7 +3,9 @@
 A download, a model check, a re-fetch or llama-server's load can take minutes, and a
 SIGTERM must not wait for them. The step is cancelled and waited for, not abandoned:
 what it holds (a lock file, a half-started process) is released before the caller
-goes on with its own shutdown. ``Budget`` bounds the steps of the stop itself.
+goes on with its own shutdown. ``Budget`` bounds the steps of the stop itself. Two
+helpers for tasks of any layer: a pause a stop cuts short (``sleep_unless_stopped``), and
+whether a task has run yet (``not_started``).
 """
 
 from __future__ import annotations

@@ -331,6 +331,12 @@ class Failure(Exception):
         return {"error": self.code, "details": self.payload_details(), "meta": meta}
 
 
+def stopping_failure() -> Failure:
+    """The answer to a request the worker accepted and will not start: it is stopping.
+    Retryable: another replica, or this one's replacement, serves it."""
+    return Failure("engine_unavailable", "worker is stopping", retryable=True)
+
+
 def _redacted(value: Any, redact: Callable[[str], str]) -> Any:
     if isinstance(value, str):
         return redact(value)

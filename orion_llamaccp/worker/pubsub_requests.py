@@ -25,7 +25,14 @@ from orion_llamaccp.bus.envelope import as_utc
 from orion_llamaccp.engine.supervisor import EngineState
 from orion_llamaccp.errors import DecodeError, describe
 from orion_llamaccp.worker.handler import REDIS_AWAY
-from orion_llamaccp.worker.jobs import Ahead, Failure, Job, claim_outcome, decode_job
+from orion_llamaccp.worker.jobs import (
+    Ahead,
+    Failure,
+    Job,
+    claim_outcome,
+    decode_job,
+    stopping_failure,
+)
 
 if TYPE_CHECKING:
     from orion_llamaccp.bus.claims import Claims
@@ -35,8 +42,8 @@ if TYPE_CHECKING:
     from orion_llamaccp.worker.announce import WorkerView
     from orion_llamaccp.worker.handler import ChatHandler
     from orion_llamaccp.worker.inflight import InFlight
+    from orion_llamaccp.worker.local_queue import LocalQueue
     from orion_llamaccp.worker.startup import Intake
-    from orion_llamaccp.worker.waiting import LocalQueue
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,15 @@ class PubSubRequests:
     async def run(self) -> None:
         while True:
             await self._take(*await self.inbox.get())
+
+    def begin_drain(self) -> None:
+        """From now on a request settled is refused ("worker is stopping"), none starts
+        before its claim."""
+        self.stopping = True
+
+    async def settled(self) -> None:
+        """Every claim on its way settled, and each request answered or dispatched."""
+        await self.claiming.join()
 
     async def answer_inbox(self) -> None:
         """The messages received before we unsubscribed, and the requests beyond the
@@ -249,8 +265,7 @@ class PubSubRequests:
         elif self.inflight.recent.cancels(job):  # heard during its claim: that is its answer
             self.local_queue.answer_cancelled_unstarted(job)
         elif self.stopping:
-            stopping = Failure("engine_unavailable", "worker is stopping", retryable=True)
-            self.inflight.spawn(self.handler.refuse(job, stopping), job)
+            self.inflight.spawn(self.handler.refuse(job, stopping_failure()), job)
         elif beyond:
             intake = self.intake
             await self._refuse_overloaded(

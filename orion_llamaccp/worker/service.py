@@ -9,7 +9,7 @@ say goodbye on the bus.
 
 The pub/sub request path (claims, refusals, cancels) is ``PubSubRequests``
 (pubsub_requests.py), the jobs it accepted that wait for a slot ``LocalQueue``
-(waiting.py); the worker builds them, starts their tasks and drains them.
+(local_queue.py); the worker builds them, starts their tasks and drains them.
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ from orion_llamaccp.worker.jobs import (
     entry_bytes,
     entry_job,
 )
+from orion_llamaccp.worker.local_queue import LocalQueue
 from orion_llamaccp.worker.metrics import Metrics
 from orion_llamaccp.worker.pubsub_requests import PubSubRequests
 from orion_llamaccp.worker.startup import Intake
 from orion_llamaccp.worker.stats import Stats
-from orion_llamaccp.worker.waiting import LocalQueue
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ class Worker:
         # One deadline for all of it: a platform that kills at the drain timeout (a
         # container's stop grace period) must not find the worker still answering.
         deadline = time.monotonic() + self.settings.drain_timeout_sec
-        self.pubsub.stopping = True  # pub/sub requests settled from here are refused
+        self.pubsub.begin_drain()
         self.supervisor.begin_drain()
         # Said at once, not at the next beat: a replacement under our id that starts now
         # must find us draining, or it takes the entries we still generate for leftovers
@@ -404,7 +404,7 @@ class Worker:
                     unread,
                     len(self.intake.overflow),
                 )
-        await self._until_deadline(self.pubsub.claiming.join(), deadline)  # settled, and answered
+        await self._until_deadline(self.pubsub.settled(), deadline)
         self.local_queue.refuse_all()
         await self._wait_in_flight(deadline)
         await self.supervisor.stop()

@@ -177,6 +177,8 @@ def test_subscribing_imports_nothing_the_worker_needs_only_later() -> None:
         "orion_llamaccp.engine.command",
         "orion_llamaccp.engine.supervisor",
         "orion_llamaccp.worker.service",
+        "orion_llamaccp.worker.pubsub_requests",
+        "orion_llamaccp.bus.streams",
         "httpx",
     ]
     probe = (

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from orion_llamaccp.bus.slots import SlotLease
-from orion_llamaccp.worker.jobs import Failure, Job, expired, expiry
+from orion_llamaccp.worker.jobs import Failure, Job, expired, expiry, stopping_failure
 
 if TYPE_CHECKING:
     from orion_llamaccp.bus.slots import Slots
@@ -112,9 +112,7 @@ class LocalQueue:
             if job.answering:  # cancelled while queued: answered already
                 continue
             self.inflight.spawn(
-                self.handler.refuse(
-                    job, Failure("engine_unavailable", "worker is stopping", retryable=True)
-                ),
+                self.handler.refuse(job, stopping_failure()),
                 job,
             )
 
