@@ -46,6 +46,7 @@ from orion_llamaccp.worker.jobs import (
     Failure,
     Job,
     LeavePending,
+    cancelled_unstarted,
     check_expiry,
     claim_outcome,
     decode_job,
@@ -272,7 +273,7 @@ class ChatHandler:
             await self._ack(job)
             return None
         if job.user_cancelled:
-            raise Failure("cancelled", "cancelled by an llm.chat.cancel request before it started")
+            raise cancelled_unstarted()
         check_expiry(envelope)
         await self._not_before(job, envelope)
         owned = asyncio.Event()

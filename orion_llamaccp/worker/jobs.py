@@ -331,6 +331,11 @@ class Failure(Exception):
         return {"error": self.code, "details": self.payload_details(), "meta": meta}
 
 
+def cancelled_unstarted() -> Failure:
+    """The answer to a request its caller cancelled (``llm.chat.cancel``) before it began."""
+    return Failure("cancelled", "cancelled by an llm.chat.cancel request before it started")
+
+
 def stopping_failure() -> Failure:
     """The answer to a request the worker accepted and will not start: it is stopping.
     Retryable: another replica, or this one's replacement, serves it."""

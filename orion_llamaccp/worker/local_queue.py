@@ -16,7 +16,14 @@ import time
 from typing import TYPE_CHECKING
 
 from orion_llamaccp.bus.slots import SlotLease
-from orion_llamaccp.worker.jobs import Failure, Job, expired, expiry, stopping_failure
+from orion_llamaccp.worker.jobs import (
+    Failure,
+    Job,
+    cancelled_unstarted,
+    expired,
+    expiry,
+    stopping_failure,
+)
 
 if TYPE_CHECKING:
     from orion_llamaccp.bus.slots import Slots
@@ -111,16 +118,10 @@ class LocalQueue:
             self._unqueue(job)
             if job.answering:  # cancelled while queued: answered already
                 continue
-            self.inflight.spawn(
-                self.handler.refuse(job, stopping_failure()),
-                job,
-            )
+            self.inflight.spawn(self.handler.refuse(job, stopping_failure()), job)
 
     def answer_cancelled_unstarted(self, job: Job) -> None:
-        cancelled = Failure(
-            "cancelled", "cancelled by an llm.chat.cancel request before it started"
-        )
-        self._answer_unstarted(job, cancelled)
+        self._answer_unstarted(job, cancelled_unstarted())
 
     def _answer_unstarted(self, job: Job, failure: Failure) -> None:
         """Answer a job that holds no slot (queued, or on its way to the queue) now."""

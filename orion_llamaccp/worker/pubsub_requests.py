@@ -155,11 +155,7 @@ class PubSubRequests:
         while True:
             job, claim = await self.claiming.get()
             try:
-                await self._settle(job, claim)
-            except REDIS_AWAY as exc:
-                _unclaimed(job, exc)
-            except Exception:
-                log.exception("pub/sub request %s could not be handled", job.request_id)
+                await self._settle_logged(job, claim)
             finally:
                 self.claiming.task_done()
 
@@ -218,10 +214,10 @@ class PubSubRequests:
         job = decode_job(data, "pubsub", self.settings.max_message_bytes)
         job.ahead = ahead
         self.view.received += 1
-        key, claimant = job.key, job.claimant(self.settings.instance_id)
         if early and job.decode_error is None:
             # Its first step writes the request: it runs before the claim.
             self.local_queue.dispatch(job)
+            key, claimant = job.key, job.claimant(self.settings.instance_id)
             job.claim = asyncio.create_task(self.claims.claim_message(key, claimant))
             job.claim.add_done_callback(self._on_early_claim)
             return None
@@ -281,6 +277,18 @@ class PubSubRequests:
         else:
             self.local_queue.dispatch(job)
 
+    async def _settle_logged(
+        self, job: Job, claim: asyncio.Task[bool], beyond: bool = False
+    ) -> None:
+        """``_settle``, what it raises logged: the worker's tasks that settle go on."""
+        try:
+            await self._settle(job, claim, beyond)
+        except REDIS_AWAY as exc:
+            _unclaimed(job, exc)
+        except Exception:
+            what = "refused" if beyond else "handled"
+            log.exception("pub/sub request %s could not be %s", job.request_id, what)
+
     async def refuse_overflow(self) -> None:
         """The requests heard beyond the inbox's bound (``Intake.overflow``), refused as they
         come, their claims side by side, however long the inbox: their callers learn at
@@ -304,11 +312,7 @@ class PubSubRequests:
 
     async def _refuse_beyond(self, job: Job, claim: asyncio.Task[bool]) -> None:
         try:
-            await self._settle(job, claim, beyond=True)
-        except REDIS_AWAY as exc:
-            _unclaimed(job, exc)
-        except Exception:
-            log.exception("pub/sub request %s could not be refused", job.request_id)
+            await self._settle_logged(job, claim, beyond=True)
         finally:
             self.beyond_claims.release()
 
@@ -328,7 +332,7 @@ class PubSubRequests:
         correlation_id = payload.get("correlation_id") or message.get("correlation_id")
         if not correlation_id:
             return
-        sent = sent_at(message.get("created_at") or message.get("ts"))
+        sent = _sent_at(message.get("created_at") or message.get("ts"))
         uuid = as_uuid(correlation_id)
         # Only a UUID can name a request to come (a job's id always is one); anything else
         # reaches at most a job of a message that failed to decode.
@@ -352,7 +356,7 @@ def _overloaded(why: str) -> Failure:
     return Failure("overloaded", f"{why}; try again later", retryable=True)
 
 
-def sent_at(value: Any) -> datetime | None:
+def _sent_at(value: Any) -> datetime | None:
     """When a cancel was sent: its ``created_at`` (or ``ts``); None if it does not say."""
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
