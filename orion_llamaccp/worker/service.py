@@ -37,7 +37,7 @@ from orion_llamaccp.bus.streams import StreamConsumer, StreamCopies, StreamEntry
 from orion_llamaccp.engine.plan import ServicePlan
 from orion_llamaccp.engine.runtime import make_supervisor, prepare_model
 from orion_llamaccp.engine.supervisor import EngineEvent, EngineState
-from orion_llamaccp.errors import ConfigError, DecodeError, OrionLlamaError
+from orion_llamaccp.errors import ConfigError, DecodeError, OrionLlamaError, describe
 from orion_llamaccp.settings import Settings
 from orion_llamaccp.stopping import GOODBYES_SEC, Budget, not_started, unless_stopped
 from orion_llamaccp.worker.announce import WorkerView, transports
@@ -423,7 +423,7 @@ class Worker:
             log.warning(
                 "answered claims not given back (they lapse in %d s): %s",
                 ANSWERED_CLAIM_SEC,
-                self.settings.redact(str(exc)),
+                self.settings.redact(describe(exc)),
             )
 
     def _pending(self) -> list[asyncio.Task[None]]:
