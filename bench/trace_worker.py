@@ -92,7 +92,7 @@ def _time_collections() -> None:
 def install() -> None:
     from orion_llamaccp.bus import claims, lane, pubsub, replies, streams
     from orion_llamaccp.engine import stream
-    from orion_llamaccp.worker import generation, handler, pubsub_requests, service
+    from orion_llamaccp.worker import generation, handler, pubsub_requests, records, service
 
     _wrap_sync(pubsub.PubSubListener, "_dispatch", "pubsub message read")
     _wrap_async(streams.StreamConsumer, "_read_new", None, "stream entry read")
@@ -104,7 +104,7 @@ def install() -> None:
     _wrap_sync(stream.StreamConnection, "start", "HTTP request written")
     _wrap_sync(generation, "_take", "non-token event (role, finish)")
     _number_reads(stream.StreamConnection)
-    _wrap_async(handler.ChatHandler, "_own", None, "request owned (claim and record)")
+    _wrap_async(records.Records, "own", None, "request owned (claim and record)")
     _wrap_async(claims.Claims, "begin", "idempotency record sent", "idempotency record (SET NX)")
     _wrap_async(stream.StreamPool, "_open_spare", "spare connection opening", None)
     _wrap_sync(replies.ChunkStream, "_template", "chunk template")

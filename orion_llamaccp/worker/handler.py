@@ -10,37 +10,34 @@ request ends in exactly one of three ways:
 - reported: every failure goes to ``orion:system:error`` as well; one with nothing to
   reply to goes there only, and, a stream entry, to the dead-letter stream too (unless
   ``trace.work.reply_optional``) before it is acked.
+
+The handler says what happens when; two of its steps live apart, each in its own module:
+the idempotency record it owns, renews and gives up (``Records``, records.py), and the
+wait for ``trace.work.not_before_ms`` (``NotBefore``, not_before.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import orjson
 from redis.exceptions import OutOfMemoryError
 
 from orion_llamaccp.bus.claims import Claims, idempotency_key
-from orion_llamaccp.bus.codec import decode_chat, own_id
-from orion_llamaccp.bus.envelope import (
-    CHAT_REQUEST,
-    ChatRequestPayload,
-    Envelope,
-    seconds_until_due,
-)
+from orion_llamaccp.bus.codec import decode_chat
+from orion_llamaccp.bus.envelope import CHAT_REQUEST, ChatRequestPayload, Envelope
 from orion_llamaccp.bus.outbox import Outbox
 from orion_llamaccp.bus.replies import Publisher, Stage, Stored
 from orion_llamaccp.bus.retry import TRANSIENT
 from orion_llamaccp.bus.streams import StreamCopies
-from orion_llamaccp.engine.supervisor import OUT_OF_SERVICE, Supervisor
+from orion_llamaccp.engine.supervisor import Supervisor
 from orion_llamaccp.errors import DecodeError
 from orion_llamaccp.profiles.models import Profile
 from orion_llamaccp.settings import Settings
-from orion_llamaccp.worker.generation import Generation, Generator, stop_answered_elsewhere
+from orion_llamaccp.worker.generation import Generation, Generator
 from orion_llamaccp.worker.jobs import (
     ClaimedElsewhere,
     Failure,
@@ -48,13 +45,11 @@ from orion_llamaccp.worker.jobs import (
     LeavePending,
     cancelled_unstarted,
     check_expiry,
-    claim_outcome,
-    decode_job,
-    expired,
-    expiry,
     result_message,
 )
 from orion_llamaccp.worker.llama_request import ChatOptions, parse_options
+from orion_llamaccp.worker.not_before import NotBefore
+from orion_llamaccp.worker.records import Records
 from orion_llamaccp.worker.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -96,13 +91,13 @@ class ChatHandler:
             publisher=publisher,
         )
         self.claims = claims
+        self.records = Records(settings=settings, claims=claims, publisher=publisher, copies=copies)
+        self.not_before = NotBefore(settings, self.generator)
         self.stats = stats
         self._ack = ack
         self._stage_ack = stage_ack
         self._dead_letter = dead_letter
-        self.copies = copies  # the intake stream's entries, for a pub/sub copy's (``fail``)
         self.observers: list[Callable[[str, float | None, float], None]] = []
-        self.delayed = 0  # requests waiting for their ``not_before_ms`` without a slot
 
     # ------------------------------------------------------------------ entry point
 
@@ -157,7 +152,7 @@ class ChatHandler:
             if outcome is not None:
                 self._finished(job, outcome, tokens, ttft)
             if job.record_key is not None:  # after the answer: see ``_serve``
-                await self._release(job, job.record_key, unanswered=unanswered)
+                await self.records.release(job, job.record_key, unanswered=unanswered)
 
     async def _answer_failure(self, job: Job, failure: Failure) -> None:
         """Answer ``failure`` to its end even if cancelled meanwhile (``_to_its_end``), and
@@ -200,59 +195,6 @@ class ChatHandler:
         if await self._fail_or_log(job, failure):
             self._finished(job, failure.code, 0, None)
 
-    async def _answered_by_its_stream_copy(self, job: Job) -> bool:
-        """A pub/sub copy of a request that was added to the stream too (one envelope on
-        both intakes: one request, one ``delivery_id``, one answer), whose stream copy
-        the group has not acked: unread in the backlog, or pending (served, or waiting
-        for another delivery). A retryable failure of this copy ("worker is stopping",
-        ``overloaded``, llama-server gone) was the durable request's one answer, and its
-        entry was generated for nothing later (or cut off, when the stream copy held the
-        record). The stream copy answers it, from the start; where chunks of this copy
-        went out (llama-server died mid-way, the worker stopped), under the next attempt
-        (``_hand_over``). Not a generation past its time limit (``Failure.timed_out``):
-        the stream copy's would run as long, and a stream entry's is not tried again.
-
-        One round trip (``StreamCopies``), two where chunks went out, on the way to a
-        retryable error only. A copy added to the stream after this one's answer gets
-        that answer (its own generation is dropped, and the entry acked)."""
-        envelope = job.envelope
-        if self.copies is None or job.entry is not None or envelope is None:
-            return False
-        if own_id(envelope) is None:  # without an id, each send is a request of its own
-            return False
-        texts = {job.request_id}  # the id as it is spelled in the message, too
-        with contextlib.suppress(Exception):
-            if isinstance(said := orjson.loads(job.raw).get("id"), str):
-                texts.add(said)
-        try:
-            since = int(envelope.created_at.timestamp() * 1000)
-            found = await self.copies.unacked(sorted(texts), since)
-        except Exception as exc:  # Redis away: answered as before
-            log.debug("request %s: its stream copies not looked for: %s", job.request_id, exc)
-            return False
-        limit, delivery = self.settings.max_message_bytes, job.delivery_id
-        if not any(decode_job(raw, "stream", limit).delivery_id == delivery for raw in found):
-            return False
-        return not job.streamed or await self._hand_over(job)
-
-    async def _hand_over(self, job: Job) -> bool:
-        """This copy streamed under its attempt's number: its record is handed over, not
-        released, and the stream copy that takes it generates under the next attempt
-        (``Record.handed_by``), whose chunks tell the caller to drop this one's. Released,
-        a stream copy that came to it afterwards (unread until then, or waiting for a
-        slot) generated under this one's number: its first chunks dropped as repeats, the
-        rest continuing this one's text. False where the record is not this copy's (it
-        never held it, or its lease ran out): it answers then."""
-        if job.record_key is None:
-            return False
-        try:
-            return await self.claims.hand_over(
-                job.record_key, job.record_owner, job.delivery_id, self.publisher.seq_ttl
-            )
-        except Exception as exc:  # Redis away: answered as before
-            log.debug("request %s: not handed over to its stream copy: %s", job.request_id, exc)
-            return False
-
     def _finished(self, job: Job, outcome: str, tokens: int, ttft: float | None) -> None:
         self.stats.finished(outcome, tokens)
         for observe in self.observers:
@@ -275,7 +217,7 @@ class ChatHandler:
         if job.user_cancelled:
             raise cancelled_unstarted()
         check_expiry(envelope)
-        await self._not_before(job, envelope)
+        await self.not_before.wait(job, envelope)
         owned = asyncio.Event()
         # The request is on its way to llama-server (``start``) before any Redis command:
         # a lane holds the first command of a step back a turn of the loop, and the record
@@ -283,7 +225,7 @@ class ChatHandler:
         generating = self.generator.start(job, envelope, chat, options, owned)
         key = idempotency_key(envelope, chat)
         try:
-            stored, twin = await self._own(job, key, generating)
+            stored, twin = await self.records.own(job, key, generating)
             if stored is not None:
                 await _cancel(generating)
                 self.stats.duplicates += 1
@@ -300,16 +242,16 @@ class ChatHandler:
         except BaseException:
             # A cancel may land after our SET NX ran, or while ours restarts after a twin.
             await _cancel(generating)
-            await self._release(job, key)
+            await self.records.release(job, key)
             raise
         owned.set()
-        renew = asyncio.create_task(self._renew(job, key, generating))
+        renew = asyncio.create_task(self.records.renew(job, key, generating))
         try:
             generation, attempt = await generating
         except BaseException:
             # Given up once the request is answered (``handle``): a copy of it waiting on
             # it that took it over now would generate again, beside the answer; or handed
-            # over to its stream copy (``_hand_over``), which a release let in under this
+            # over to its stream copy (``Records.hand_over``), which a release let in under this
             # one's attempt.
             job.record_key = key
             raise
@@ -335,7 +277,7 @@ class ChatHandler:
             job.request_id,
             "ack only" if job.entry is not None else "nothing to send",
         )
-        await self._release(job, key)
+        await self.records.release(job, key)
         if job.entry is not None:
             await self._ack(job)
 
@@ -377,158 +319,6 @@ class ChatHandler:
                 details={"errors": [{"loc": "reply_to", "msg": "required"}]},
             )
         return envelope, chat, options
-
-    async def _not_before(self, job: Job, envelope: Envelope) -> None:
-        """Wait for ``trace.work.not_before_ms`` (Orion's work queue delays a retry with
-        it), and then for a slot, no later than the request's expiry: one that expires
-        meanwhile is answered ``expired`` then, not generated."""
-        wait = min(seconds_until_due(envelope.work), self.settings.request_timeout_sec)
-        if wait <= 0:
-            return
-        ends = expiry(envelope)
-        try:
-            async with asyncio.timeout(None if ends is None else max(0.0, ends[0] - time.time())):
-                await self._wait_until_due(job, wait)
-        except TimeoutError:
-            assert ends is not None  # no timeout without an expiry
-            raise expired(*ends) from None
-
-    async def _wait_until_due(self, job: Job, wait: float) -> None:
-        """The job's slot free for others meanwhile: with one slot, a request delayed by a
-        minute would hold up every other for that minute. Up to ``local_queue_size``
-        requests wait so at once; those beyond wait in their slots, so that a flood of
-        delayed requests does not make the worker take them all in (a stream's backlog
-        stays in Redis)."""
-        lease = job.lease
-        if lease is None or self.delayed >= self.settings.local_queue_size:
-            await self._sleep_in_service(job, wait)
-            return
-        lease.step_aside()
-        self.delayed += 1
-        try:
-            await self._sleep_in_service(job, wait)
-        finally:
-            self.delayed -= 1
-        await lease.step_back()  # behind the requests that came meanwhile
-
-    async def _sleep_in_service(self, job: Job, wait: float) -> None:
-        """Sleep ``wait`` seconds, unless llama-server leaves service first (the worker
-        stops, the engine fails): then the job is told so at once (answered
-        ``engine_unavailable``, or a stream entry left pending for another worker). A stop
-        waited out its drain timeout for a request that could no longer run here."""
-        supervisor = self.generator.supervisor
-        out = asyncio.ensure_future(supervisor.wait_for(*OUT_OF_SERVICE))
-        try:
-            await asyncio.wait({out}, timeout=wait)
-        finally:
-            out.cancel()
-        if supervisor.state in OUT_OF_SERVICE:
-            await self.generator.engine_ready(job)  # raises what the job must do
-
-    async def _own(
-        self, job: Job, key: str, speculation: asyncio.Task[Any]
-    ) -> tuple[dict[str, Any] | None, bool]:
-        """The pub/sub claim and the idempotency record: both ours, or ``ClaimedElsewhere``.
-
-        A claim still in flight (a worker alone on its channel) and the record go to Redis
-        side by side, not one after the other. A replica that loses the claim may have
-        written the record too, harmlessly: the record's owner is the message's request id,
-        the same on every replica, so the winner finds it its own.
-        """
-        if job.claim is None or job.claim.done():
-            if not await job.ours():
-                raise ClaimedElsewhere
-            return await self._claim_or_wait(job, key, speculation)
-        recording = asyncio.create_task(self._claim_or_wait(job, key, speculation))
-        try:
-            if not await job.ours():
-                raise ClaimedElsewhere
-            return await recording
-        finally:
-            recording.cancel()  # a no-op once it is done; awaiting it collects its error
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await recording
-
-    async def _claim_or_wait(
-        self, job: Job, key: str, speculation: asyncio.Task[Any]
-    ) -> tuple[dict[str, Any] | None, bool]:
-        """Own the idempotency record, or get the stored result of a twin.
-
-        Returns (stored result or None when we own the record, whether a twin was seen).
-        While a twin runs, ours must not: the speculative generation is cancelled.
-        """
-        deadline = time.monotonic() + self.settings.request_timeout_sec
-        delay, twin = 0.05, False
-        while True:
-            record = await self.claims.begin(key, job.record_owner)
-            if record.state == "new":  # handed over by a copy that streamed: as a twin's,
-                # but for a redelivery, which numbers its attempt above those before anyway
-                handed = record.handed_by == job.delivery_id and not job.redelivered
-                return None, twin or handed
-            if not twin:
-                twin = True
-                speculation.cancel()
-            if record.state == "done" and record.payload is not None:
-                return record.payload, twin
-            if time.monotonic() > deadline:
-                raise Failure(
-                    "upstream_failed",
-                    "a duplicate of this request is still running",
-                    retryable=True,
-                )
-            if job.envelope is not None:  # its caller's patience ends before the twin's run
-                check_expiry(job.envelope)
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
-
-    async def _release(self, job: Job, key: str, *, unanswered: bool = False) -> None:
-        """Give up our running record (the request failed, or was cancelled), so that a
-        resend runs at once instead of waiting out the lease. Shielded: a second cancel
-        must not leave it behind. ``unanswered``: a stream entry left pending."""
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._release_if_ours(job, key, unanswered))
-
-    async def _release_if_ours(self, job: Job, key: str, unanswered: bool = False) -> None:
-        """Not when a pub/sub claim is lost: the record (its owner is the message's id, the
-        same on every replica) is then the winning replica's. One still in flight (a worker
-        alone on its channel sends the record beside it) is waited for: kept, the record
-        outlived the request by its lease. Nor once superseded: a stream entry's owner is
-        the entry, the same for the worker that reclaimed it, whose record it is now."""
-        if job.claim is not None and not job.claim.done():
-            await asyncio.wait({job.claim}, timeout=_CLAIM_SETTLING_SEC)
-        if job.superseded or (job.claim is not None and claim_outcome(job.claim) is not True):
-            return
-        if unanswered and (job.streamed or job.after_twin or job.redelivered):
-            # Left unanswered after an attempt of it streamed (this one's, a copy's that
-            # handed it over, or, a redelivery, one on the worker it came from: it cannot
-            # tell): handed on, as a pub/sub copy's is (``_hand_over``). Released, a copy
-            # of the envelope read only now (an XADD retried) began afresh under the
-            # first attempt's number: its first chunks dropped as repeats, the rest
-            # spliced onto the text that streamed. The entry's own redelivery numbers its
-            # attempt above those before anyway.
-            await self._hand_over(job)
-            return
-        await self.claims.release(key, job.record_owner)
-
-    async def _renew(self, job: Job, key: str, generating: asyncio.Task[Any]) -> None:
-        """Keep the record's lease while generating.
-
-        A stream entry's worker that finds its lease gone may have been stalled (SIGSTOP, a
-        paused container) while another worker reclaimed the entry and answered it. Without
-        a chunk for Redis to drop (``ChunkStream``'s ``on_answered``), this is where it
-        learns so: it stops instead of generating to the end and then overwriting the
-        stored result with its own.
-        """
-        while True:
-            await asyncio.sleep(self.claims.lease_sec / 3)
-            with contextlib.suppress(Exception):
-                if (
-                    not await self.claims.renew(key, job.record_owner)
-                    and job.entry is not None
-                    and await self.publisher.already_answered(job.delivery_id)
-                ):
-                    stop_answered_elsewhere(job, generating)
-                    return
 
     def _success_payload(self, gen: Generation, attempt: int, job: Job) -> dict[str, Any]:
         reasoning = "".join(gen.reasoning)
@@ -603,7 +393,7 @@ class ChatHandler:
         if (
             failure.retryable
             and not failure.timed_out
-            and await self._answered_by_its_stream_copy(job)
+            and await self.records.answered_by_its_stream_copy(job)
         ):
             log.info(
                 "request %s: its copy in the stream answers it%s; this pub/sub copy's "
@@ -666,10 +456,6 @@ class ChatHandler:
             return
         await self._answer_failure(job, failure)
 
-
-# Seconds a release waits for a claim still in flight: a claim is retried for 5 s through a
-# Redis blip, and its outcome decides whose the record is.
-_CLAIM_SETTLING_SEC = 10.0
 
 # Codes after which a stream entry can never succeed: keep a copy in the dead-letter stream.
 _DEAD_LETTER_CODES = frozenset(
