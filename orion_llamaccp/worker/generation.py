@@ -489,7 +489,7 @@ class _Turn:
     comes it takes its slot back at once, over the count if the requests beside it took
     every one (llama-server queues it until one of its own frees): had it waited for a
     slot holding the lock, a request waiting on a suspect behind it (its duplicate, in
-    ``_claim_or_wait``) could hold the last slot, and neither would move. It steps aside
+    ``Records.own``) could hold the last slot, and neither would move. It steps aside
     even when the lock looks free: a lock just released is not taken by its next waiter
     until that one runs.
     """

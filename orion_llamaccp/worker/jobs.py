@@ -90,7 +90,7 @@ class Job:
     # is taken, and a copy that answers it instead must take the next (``ChatHandler.fail``).
     streamed: bool = False
     # The idempotency record it holds while its failure is answered: given up after the
-    # answer, so that a copy waiting on it (``_claim_or_wait``) finds the request answered.
+    # answer, so that a copy waiting on it (``Records.own``) finds the request answered.
     record_key: str | None = None
 
     @property
