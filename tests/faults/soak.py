@@ -24,7 +24,10 @@ cutting its Redis steps short) ran seeds 227-238 on d5dfeae: 2,063 requests, 180
 answered guard set). Round 35, later (``leave`` waiting for the UNSUBSCRIBE reply of a
 session still subscribing, a stream entry unanswered after it streamed handing its record
 on) ran seeds 239-250 on 2df9df7: 1,964 requests, 183 faults (22 twins), no violation; 3
-unsure, each a stream copy added after its pub/sub copy's ``overloaded``.
+unsure, each a stream copy added after its pub/sub copy's ``overloaded``. Round 37 (the
+split of ``worker/handler.py`` into ``records.py`` and ``not_before.py``) ran seeds
+371-373 on f50ebb1 and 374-377 on fcc6388: 1,150 requests, 102 faults (11 twins), no
+violation; 3 unsure, each a stream copy added after its pub/sub copy's ``overloaded``.
 
     SOAK_SEEDS=1,2,3 SOAK_FAULT_SEC=70 .venv/bin/python -m pytest tests/faults/soak.py -s
 
