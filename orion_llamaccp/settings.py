@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
@@ -34,6 +33,7 @@ from pydantic_settings import (
 
 from orion_llamaccp import __version__
 from orion_llamaccp.errors import ConfigError
+from orion_llamaccp.redaction import mask_url, redact, url_passwords
 
 # Every variable this service reads starts with one of these. Tests and benchmarks clear
 # them, so that a developer's shell cannot leak into a worker under test.
@@ -457,18 +457,6 @@ class Settings(_FromTheEnvironment):
         return {**env_file_values(), **os.environ, "LLM_CACHE_DIR": str(self.cache_path)}
 
 
-def url_passwords(url: str) -> list[str]:
-    """Every password a client reads from ``url``: userinfo (as written and decoded) and
-    redis-py's ``?password=``."""
-    parts = urlsplit(url)
-    found = [parts.password, unquote(parts.password)] if parts.password else []
-    for pair in parts.query.split("&"):
-        key, _, value = pair.partition("=")
-        if unquote(key) == "password":
-            found += [value, unquote(value.replace("+", " "))]
-    return [value for value in found if value]
-
-
 def _unreadable(url: str) -> str | None:
     """Why ``url`` cannot be read as written (in words that show none of it), or None."""
     parts = urlsplit(url)
@@ -492,50 +480,6 @@ def _unreadable(url: str) -> str | None:
     before, at, _ = rest.partition("@")
     # user:password cut short by a '/', '?' or '#'
     return _CUT_SHORT if at and ":" in before else None
-
-
-def mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        parts = parts._replace(netloc=netloc)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if any(key == "password" for key, _ in query):
-        masked = [(key, "***" if key == "password" else value) for key, value in query]
-        parts = parts._replace(query=urlencode(masked, safe="*", quote_via=quote))
-    return urlunsplit(parts)
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """``text`` without ``secrets``, also in the escaped form a repr of str or bytes gives
-    them (an HTTP library quotes a bad header value as ``b'...'``), and percent-encoded,
-    wholly or in part, as a URL quoted back in an error holds a password (httpx writes
-    ``p;ss^`` in a URL's userinfo as ``p%3Bss%5E``)."""
-    for secret in secrets:
-        for form in sorted(_forms(secret), key=len, reverse=True):
-            text = text.replace(form, "***")
-        if "%" in text:
-            text = _percent_encoded(secret).sub("***", text)
-    return text
-
-
-@functools.lru_cache(maxsize=64)
-def _percent_encoded(secret: str) -> re.Pattern[str]:
-    """``secret`` with any of its characters written as ``%XX`` (UTF-8, either case)."""
-    return re.compile("".join(_char_forms(char) for char in secret))
-
-
-def _char_forms(char: str) -> str:
-    encoded = "".join(
-        f"%[{h[0]}{h[0].lower()}][{h[1]}{h[1].lower()}]"
-        for h in (f"{b:02X}" for b in char.encode())
-    )
-    return f"(?:{re.escape(char)}|{encoded})"
-
-
-def _forms(secret: str) -> set[str]:
-    encoded = repr(secret.encode("utf-8", "backslashreplace"))[2:-1]
-    return {secret, repr(secret)[1:-1], ascii(secret)[1:-1], encoded} - {""}
 
 
 _URL_VARIABLES = ("HF_ENDPOINT", "ORION_LLAMACPP_ADVERTISE_URL")  # may hold a password

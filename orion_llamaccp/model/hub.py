@@ -35,8 +35,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
 from orion_llamaccp.errors import DownloadError, ModelError, ModelNotFound
-from orion_llamaccp.settings import mask_url, url_passwords
-from orion_llamaccp.settings import redact as redact_secrets
+from orion_llamaccp.redaction import mask_url, url_passwords
+from orion_llamaccp.redaction import redact as redact_secrets
 
 # huggingface_hub's own default. We always pass an endpoint: left to itself, the library
 # uses HF_ENDPOINT as read at import, and a blank one (compose's default) makes every URL
