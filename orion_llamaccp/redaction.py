@@ -1,8 +1,10 @@
 """Secrets kept out of what the service says: logs, announcements, errors, CLI output.
 
 What is said passes through ``redact`` with the secrets it may hold: ``Settings.redact``
-with those the settings know (``Settings.secrets``: the Hugging Face token and every
-password a URL carries, found by ``url_passwords``), the Hub client with its own. A
+with those the settings know (``Settings.secrets``: the Hugging Face token and the
+passwords of the bus URL, the Hub endpoint and the advertised URL, found by
+``url_passwords``; values under 4 characters are left, as they would star out common
+text), the Hub client with its own. A
 secret is also replaced in the forms it takes once a library quotes it back (the escapes
 of a ``repr``, percent-encoding). ``mask_url`` writes a URL for display with its password
 starred. (llama-server's API key is masked where its command line is shown:

@@ -92,7 +92,7 @@ class ChatHandler:
         )
         self.claims = claims
         self.records = Records(settings=settings, claims=claims, publisher=publisher, copies=copies)
-        self.not_before = NotBefore(settings, self.generator)
+        self.not_before = NotBefore(settings=settings, generator=self.generator)
         self.stats = stats
         self._ack = ack
         self._stage_ack = stage_ack

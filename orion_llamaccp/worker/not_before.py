@@ -28,7 +28,7 @@ class NotBefore:
     """``wait``: until the request is due, for ``ChatHandler`` before it generates.
     ``delayed`` counts the requests waiting so without a slot."""
 
-    def __init__(self, settings: Settings, generator: Generator) -> None:
+    def __init__(self, *, settings: Settings, generator: Generator) -> None:
         self.settings = settings
         self.generator = generator
         self.delayed = 0  # requests waiting for their ``not_before_ms`` without a slot

@@ -4,9 +4,10 @@ handed over once the request ends.
 One record per request (``Claims``, keyed by ``idempotency_key``) answers a duplicate
 with the stored result, makes a copy of the request wait while another runs it, and,
 handed over, has the next copy generate under the next attempt's number. Apart from
-``ChatHandler`` so that whose the record is, at each step of a request's life, reads in
-one place; the handler says when (``own`` before it generates, ``renew`` while it does,
-``release`` once it is answered), this module how.
+``ChatHandler`` so that taking the record, keeping it and giving it up read in one place;
+the handler says when (``own`` while its speculative generation starts, ``renew`` while
+it generates, ``release`` once a failure or a cancel ends it) and stores the result in
+the record with the answer itself (``ChatHandler._answer``, one round trip).
 """
 
 from __future__ import annotations
