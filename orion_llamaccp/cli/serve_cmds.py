@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import signal
 
 from orion_llamaccp.cli import positive
@@ -38,10 +39,14 @@ def install_stop_signals(stop: asyncio.Event, hurry: asyncio.Event | None = None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_or_hurry)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
+    # SIGUSR1's dump is run by the event loop, so a loop that is stuck never gives it; the
+    # interpreter writes this one to stderr from its own signal handler, stuck or not.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 
 def dump_tasks() -> None:
-    """SIGUSR1: log every asyncio task and where it waits (for a worker that seems stuck)."""
+    """SIGUSR1: log every asyncio task and where it waits (for a worker that seems stuck;
+    SIGUSR2 gives every thread's stack, for one whose event loop is stuck itself)."""
     import io
     import logging
 

@@ -1100,3 +1100,23 @@ def test_a_redis_that_quotes_the_password_back_has_it_hidden_in_the_error(
         assert "unknown command 'AUTH', with args beginning with: '***'" in done.stderr
         said = done.stdout + done.stderr
         assert "s3cret" not in said and "Traceback" not in said, said
+
+
+def test_sigusr1_logs_the_asyncio_tasks_and_sigusr2_writes_every_thread_s_stack(
+    spawn_worker: SpawnWorker,
+) -> None:
+    """What an operator has to look inside a worker that seems stuck, without stopping it:
+    SIGUSR1 logs every asyncio task and where it waits (the event loop runs that dump);
+    SIGUSR2 has the interpreter write every thread's stack from its own signal handler,
+    which comes where the loop itself is stuck. (SIGUSR2's default is to end the process:
+    a worker that had not registered it died of it.)"""
+    worker = spawn_worker()
+    worker.signal(signal.SIGUSR1)
+    wait_until(lambda: "asyncio tasks:" in worker.log(), timeout=30, what="the task dump")
+    assert "--- " in worker.log().split("asyncio tasks:", 1)[1]
+    worker.signal(signal.SIGUSR2)
+    wait_until(lambda: "most recent call first" in worker.log(), timeout=30, what="the stacks")
+    stacks = worker.log().split("most recent call first", 1)[1]
+    assert "orion_llamaccp" in stacks, stacks[:2000]  # the main thread, in the worker's loop
+    assert worker.proc is not None and worker.proc.poll() is None
+    assert worker.wait_ready()["state"] == "ready"

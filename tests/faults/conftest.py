@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ REPORTS: list[str] = []
 # that keeps the end of the output still shows it (a flake on CI is otherwise a guess).
 FAILED_LOGS: list[str] = []
 LOG_TAIL_LINES = 40
+STACK_LINES = 400  # the threads' stacks, then the asyncio tasks', as many as fit
+STACKS_WAIT_SEC = 1.0  # for a loop that runs to log its tasks
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -49,16 +52,40 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     report = outcome.get_result()
     if report.when == "call" and report.failed:
         for worker in getattr(item, "fault_workers", []):
+            stacks = stacks_of(worker)
             FAILED_LOGS.append(f"--- {item.name}: {worker.log_path.name}, last lines at INFO+")
-            FAILED_LOGS.extend(log_tail(worker.log_path))
+            FAILED_LOGS.extend(log_tail(worker.log_path, before=stacks[0]))
+            if stacks[1]:
+                FAILED_LOGS.append(f"--- {item.name}: {worker.name}'s stacks, as it failed")
+                FAILED_LOGS.extend(stacks[1][:STACK_LINES])
 
 
-def log_tail(path: Path) -> list[str]:
+def log_tail(path: Path, *, before: int | None = None) -> list[str]:
+    """The last lines at INFO and above, of the log's first ``before`` bytes if given."""
     with contextlib.suppress(OSError):
-        lines = path.read_text(errors="replace").splitlines()
+        lines = path.read_bytes()[:before].decode(errors="replace").splitlines()
         said = [line[:240] for line in lines if " DEBUG " not in line[:40]]
         return said[-LOG_TAIL_LINES:]
     return [f"(no log at {path})"]
+
+
+def stacks_of(worker: WorkerProc) -> tuple[int | None, list[str]]:
+    """Where a worker still running stands as its scenario failed: every thread's stack
+    (SIGUSR2, written by the interpreter, even where the event loop is stuck) and, where
+    the loop runs, its asyncio tasks (SIGUSR1). A request left unanswered in a scenario
+    that passed everywhere else (a CI run under load) leaves a log that stops mid-way,
+    and no clue whether the worker waited on something or was stuck. Returns the log's
+    size before the signals, and the lines they added."""
+    if worker.proc is None or worker.proc.poll() is not None:
+        return None, []
+    with contextlib.suppress(OSError):
+        size = worker.log_path.stat().st_size
+        worker.signal(signal.SIGUSR2)
+        worker.signal(signal.SIGUSR1)
+        time.sleep(STACKS_WAIT_SEC)
+        added = worker.log_path.read_bytes()[size:].decode(errors="replace").splitlines()
+        return size, [line[:240] for line in added if " DEBUG " not in line[:40]]
+    return None, []
 
 
 @dataclass
