@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import faulthandler
 import signal
 
@@ -41,7 +42,8 @@ def install_stop_signals(stop: asyncio.Event, hurry: asyncio.Event | None = None
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     # SIGUSR1's dump is run by the event loop, so a loop that is stuck never gives it; the
     # interpreter writes this one to stderr from its own signal handler, stuck or not.
-    faulthandler.register(signal.SIGUSR2, all_threads=True)
+    with contextlib.suppress(RuntimeError, OSError):  # a stderr without a file descriptor
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
 
 
 def dump_tasks() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 import redis
 
 from orion_llamaccp.bus.server import redis_too_old
+from orion_llamaccp.cli.serve_cmds import install_stop_signals
 from tests.conftest import OLDEST_REDIS, SpawnWorker, write_tiny_registry
 from tests.engine.conftest import PRELUDE
 from tests.support.procs import RedisServer, free_port, pid_alive, wait_until
@@ -1120,3 +1122,20 @@ def test_sigusr1_logs_the_asyncio_tasks_and_sigusr2_writes_every_thread_s_stack(
     assert "orion_llamaccp" in stacks, stacks[:2000]  # the main thread, in the worker's loop
     assert worker.proc is not None and worker.proc.poll() is None
     assert worker.wait_ready()["state"] == "ready"
+
+
+async def test_the_stop_signals_are_installed_where_stderr_has_no_file_descriptor(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In the same process as something that replaced ``sys.stderr`` (here pytest's
+    capture: an object without a file descriptor) SIGUSR2's stack dump cannot be
+    registered; that must not fail the start: the stop signals are installed anyway."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(stop.wait(), 10)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)
