@@ -52,21 +52,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     report = outcome.get_result()
     if report.when == "call" and report.failed:
         for worker in getattr(item, "fault_workers", []):
-            stacks = stacks_of(worker)
+            size, stacks = stacks_of(worker)
             FAILED_LOGS.append(f"--- {item.name}: {worker.log_path.name}, last lines at INFO+")
-            FAILED_LOGS.extend(log_tail(worker.log_path, before=stacks[0]))
-            if stacks[1]:
+            FAILED_LOGS.extend(log_tail(worker.log_path, before=size))
+            if stacks:
                 FAILED_LOGS.append(f"--- {item.name}: {worker.name}'s stacks, as it failed")
-                FAILED_LOGS.extend(stacks[1][:STACK_LINES])
+                FAILED_LOGS.extend(stacks[:STACK_LINES])
 
 
 def log_tail(path: Path, *, before: int | None = None) -> list[str]:
     """The last lines at INFO and above, of the log's first ``before`` bytes if given."""
     with contextlib.suppress(OSError):
-        lines = path.read_bytes()[:before].decode(errors="replace").splitlines()
-        said = [line[:240] for line in lines if " DEBUG " not in line[:40]]
-        return said[-LOG_TAIL_LINES:]
+        return _above_debug(path.read_bytes()[:before])[-LOG_TAIL_LINES:]
     return [f"(no log at {path})"]
+
+
+def _above_debug(log: bytes) -> list[str]:
+    """A worker log's lines at INFO and above (and those without a level), cut to 240."""
+    lines = log.decode(errors="replace").splitlines()
+    return [line[:240] for line in lines if " DEBUG " not in line[:40]]
 
 
 def stacks_of(worker: WorkerProc) -> tuple[int | None, list[str]]:
@@ -83,8 +87,7 @@ def stacks_of(worker: WorkerProc) -> tuple[int | None, list[str]]:
         worker.signal(signal.SIGUSR2)
         worker.signal(signal.SIGUSR1)
         time.sleep(STACKS_WAIT_SEC)
-        added = worker.log_path.read_bytes()[size:].decode(errors="replace").splitlines()
-        return size, [line[:240] for line in added if " DEBUG " not in line[:40]]
+        return size, _above_debug(worker.log_path.read_bytes()[size:])
     return None, []
 
 
